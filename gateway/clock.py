@@ -1,0 +1,38 @@
+"""Injectable time, so a simulation can run a store day in seconds and tests never sleep."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Seconds since the epoch (UTC)."""
+        ...
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.time()
+
+
+class VirtualClock:
+    """A clock that only moves when told to."""
+
+    def __init__(self, start: float = 1_767_261_600.0) -> None:  # 2026-01-01 10:00 UTC
+        self._now = float(start)
+
+    def now(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> float:
+        if seconds < 0:
+            raise ValueError("a virtual clock does not run backwards")
+        self._now += seconds
+        return self._now
+
+    def set(self, t: float) -> None:
+        if t < self._now:
+            raise ValueError("a virtual clock does not run backwards")
+        self._now = float(t)
