@@ -1,0 +1,76 @@
+"""Delivery channels behind one interface; the live stream (SSE) is the first.
+
+A channel takes a committed notification's message and tries to hand it over. The stream hub
+keeps one bounded queue per connected client: a slow client is cut off (it reconnects and
+replays from the outbox with Last-Event-ID) instead of stalling everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any, Protocol
+
+Message = dict[str, Any]
+
+DELIVERED_LIVE = "streamed"
+NO_LISTENER = "no_listener"
+
+
+class Channel(Protocol):
+    name: str
+
+    async def deliver(self, profile_id: int, message: Message) -> str:
+        """Try one delivery; return an outcome word recorded in the deliveries table."""
+        ...
+
+
+class StreamHub:
+    """In-process fan-out to the live streams (SSE now, WebSocket later) of each profile."""
+
+    name = "sse"
+
+    def __init__(self, queue_size: int = 256) -> None:
+        self.queue_size = queue_size
+        self._subs: dict[int, set[asyncio.Queue[Message | None]]] = defaultdict(set)
+        self.dropped_clients = 0
+
+    def subscribe(self, profile_id: int) -> asyncio.Queue[Message | None]:
+        q: asyncio.Queue[Message | None] = asyncio.Queue(self.queue_size)
+        self._subs[profile_id].add(q)
+        return q
+
+    def unsubscribe(self, profile_id: int, q: asyncio.Queue[Message | None]) -> None:
+        subs = self._subs.get(profile_id)
+        if subs is not None:
+            subs.discard(q)
+            if not subs:
+                del self._subs[profile_id]
+
+    def listeners(self, profile_id: int) -> int:
+        return len(self._subs.get(profile_id, ()))
+
+    def publish(self, profile_id: int, message: Message) -> int:
+        delivered = 0
+        for q in list(self._subs.get(profile_id, ())):
+            try:
+                q.put_nowait(message)
+                delivered += 1
+            except asyncio.QueueFull:
+                self.dropped_clients += 1
+                self.unsubscribe(profile_id, q)
+                q._queue.clear()  # type: ignore[attr-defined]  # make room for the close marker
+                q.put_nowait(None)  # tells the stream to end; the client resumes by Last-Event-ID
+        return delivered
+
+    async def deliver(self, profile_id: int, message: Message) -> str:
+        return DELIVERED_LIVE if self.publish(profile_id, message) else NO_LISTENER
+
+    def close_all(self) -> None:
+        for subs in self._subs.values():
+            for q in subs:
+                try:
+                    q.put_nowait(None)
+                except asyncio.QueueFull:
+                    pass
+        self._subs.clear()

@@ -1,0 +1,57 @@
+"""Identifier -> profile lookups, in memory: the hot path asks for every sighting.
+
+The index is loaded from storage at start and kept in step by the service that writes
+identifiers. A sighting never creates or merges anything here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gateway.storage.models import Identifier
+
+KINDS = ("beacon", "device", "app_install", "email_sha256")
+
+
+def hash_email(email: str) -> str:
+    return hashlib.sha256(email.strip().lower().encode()).hexdigest()
+
+
+def normalize(kind: str, value: str) -> str:
+    """Beacon keys and hashes compare case-insensitively; app install ids are kept as given."""
+    if kind == "email_sha256" and "@" in value:
+        return hash_email(value)
+    return value.strip().lower() if kind in ("beacon", "email_sha256", "device") else value.strip()
+
+
+class IdentityIndex:
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, str], int] = {}
+        self._beacons: dict[str, int] = {}
+
+    def load(self, session: Session) -> None:
+        self._by_key.clear()
+        self._beacons.clear()
+        for kind, value, pid in session.execute(select(Identifier.kind, Identifier.value, Identifier.profile_id)):
+            self.add(kind, value, pid)
+
+    def add(self, kind: str, value: str, profile_id: int) -> None:
+        self._by_key[(kind, value)] = profile_id
+        if kind == "beacon":
+            self._beacons[value] = profile_id
+
+    def remove_profile(self, profile_id: int) -> None:
+        self._by_key = {k: v for k, v in self._by_key.items() if v != profile_id}
+        self._beacons = {k: v for k, v in self._beacons.items() if v != profile_id}
+
+    def beacon(self, key: str) -> int | None:
+        return self._beacons.get(key)
+
+    def lookup(self, kind: str, value: str) -> int | None:
+        return self._by_key.get((kind, normalize(kind, value)))
+
+    def __len__(self) -> int:
+        return len(self._by_key)
