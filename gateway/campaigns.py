@@ -32,6 +32,8 @@ class Trigger:
     zone: str | None = None
     min_dwell_s: float = 0.0
     metric: str | None = None
+    above: float | None = None  # telemetry: fire when the metric crosses up through this value
+    below: float | None = None  # telemetry: fire when the metric crosses down through this value
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,11 +176,18 @@ def parse_campaign(data: Any, source: str = "campaign") -> Campaign:
     trig = data.get("trigger")
     if not isinstance(trig, Mapping) or trig.get("type") not in TRIGGERS:
         raise CampaignError(f"{where}: 'trigger.type' must be one of {', '.join(TRIGGERS)}")
-    unknown = set(trig) - {"type", "zone", "min_dwell_s", "metric"}
+    unknown = set(trig) - {"type", "zone", "min_dwell_s", "metric", "above", "below"}
     if unknown:
         raise CampaignError(f"{where}: unknown trigger field(s) {', '.join(sorted(unknown))}")
-    trigger = Trigger(type=trig["type"], zone=trig.get("zone"), min_dwell_s=float(trig.get("min_dwell_s", 0)),
-                      metric=trig.get("metric"))
+    if ("above" in trig or "below" in trig) and not trig.get("metric"):
+        raise CampaignError(f"{where}: a threshold ('above'/'below') needs a 'metric'")
+    try:
+        trigger = Trigger(type=trig["type"], zone=trig.get("zone"), min_dwell_s=float(trig.get("min_dwell_s", 0)),
+                          metric=trig.get("metric"),
+                          above=None if trig.get("above") is None else float(trig["above"]),
+                          below=None if trig.get("below") is None else float(trig["below"]))
+    except (TypeError, ValueError):
+        raise CampaignError(f"{where}: min_dwell_s, above and below are numbers") from None
     act = data.get("action")
     if not isinstance(act, Mapping) or not isinstance(act.get("title"), str) or not isinstance(
         act.get("body"), str

@@ -46,6 +46,7 @@ class Outcome:
     reason: str
     detail: str | None = None
     notification_id: int | None = None
+    who: str = ""  # the profile's external id, for logs
 
 
 def cart_facts(session: Session, profile_id: int, now: float, abandon_after_s: float) -> dict[str, Any]:
@@ -98,10 +99,39 @@ class Engine:
         self.abandon_after_s = abandon_after_s
         self.counts: Counter[str] = Counter()  # decisions by reason, for /metrics and summaries
         self.fired_by_campaign: Counter[str] = Counter()
+        self._last_value: dict[tuple[str, str], float] = {}  # (device, metric) -> previous reading
+        # Occurrences already judged, per profile: a zone stay gets one verdict per campaign, not one
+        # per dwell tick. Forgotten when the visit ends; the outbox's dedup key is the durable guard.
+        self._judged: dict[int, set[tuple[str, str]]] = {}
+
+    def _crossed(self, c: Campaign, event: EngineEvent) -> bool:
+        """Thresholds fire on the crossing, not on every reading past it (no re-sends, no noise)."""
+        t = c.trigger
+        if t.metric is None or (t.above is None and t.below is None):
+            return True
+        value = event.facts.get("reading", {}).get(t.metric)
+        if value is None:
+            return False
+        prev = self._last_value.get((str(event.facts.get("device", {}).get("id")), t.metric))
+        if t.above is not None and value >= t.above and (prev is None or prev < t.above):
+            return True
+        return t.below is not None and value <= t.below and (prev is None or prev > t.below)
+
+    def _remember_readings(self, event: EngineEvent) -> None:
+        device = str(event.facts.get("device", {}).get("id"))
+        for metric, value in event.facts.get("reading", {}).items():
+            self._last_value[(device, metric)] = value
 
     def handle(self, session: Session, event: EngineEvent) -> list[Outcome]:
         metrics = event.facts.get("reading", {}).keys() if event.kind == "telemetry" else ()
         candidates = self.campaigns.candidates(event.kind, event.zone, event.dwell_s, metrics)
+        if event.kind == "telemetry":
+            candidates = [c for c in candidates if self._crossed(c, event)]
+            self._remember_readings(event)
+        judged = self._judged.setdefault(event.profile_id, set())
+        candidates = [c for c in candidates if (c.id, event.key) not in judged]
+        if event.kind == "visit_end":
+            self._judged.pop(event.profile_id, None)
         if not candidates:
             return []
         profile = session.get(Profile, event.profile_id)
@@ -117,6 +147,7 @@ class Engine:
         if any(c.purpose == "cart_reminders" or "cart" in str(c.conditions) for c in candidates):
             facts["cart"] = cart_facts(session, profile.id, event.time, self.abandon_after_s)
 
+        who = profile.external_id or f"#{profile.id}"
         outcomes: list[Outcome] = []
         winner: Campaign | None = None
         for c in candidates:  # highest priority first
@@ -124,10 +155,11 @@ class Engine:
             if reason is None and winner is not None:
                 reason, detail = LOST_ARBITRATION, f"{winner.id} has higher priority"
             if reason is not None:
-                outcomes.append(Outcome(c.id, profile.id, False, reason, detail))
+                outcomes.append(Outcome(c.id, profile.id, False, reason, detail, None, who))
                 continue
             winner = c
-            outcomes.append(self._fire(session, c, event, facts))
+            outcomes.append(self._fire(session, c, event, facts, who))
+        judged.update((o.campaign_id, event.key) for o in outcomes)
         for o in outcomes:
             session.add(Decision(at=event.time, profile_id=o.profile_id, campaign_id=o.campaign_id,
                                  event_kind=event.kind, event_key=event.key, fired=o.fired,
@@ -157,7 +189,8 @@ class Engine:
     def dedup_key(c: Campaign, event: EngineEvent) -> str:
         return f"{c.id}:{event.profile_id}:{event.key}"
 
-    def _fire(self, session: Session, c: Campaign, event: EngineEvent, facts: dict[str, Any]) -> Outcome:
+    def _fire(self, session: Session, c: Campaign, event: EngineEvent, facts: dict[str, Any],
+              who: str) -> Outcome:
         scope = {**facts, **c.action.data}
         data: dict[str, Any] = {"campaign": c.id, "purpose": c.purpose, "trigger": event.kind,
                                 "zone": event.zone, **c.action.data}
@@ -171,4 +204,4 @@ class Engine:
                          status="pending")
         session.add(n)
         session.flush()  # assigns the monotonic id the stream uses
-        return Outcome(c.id, event.profile_id, True, FIRED, None, n.id)
+        return Outcome(c.id, event.profile_id, True, FIRED, None, n.id, who)

@@ -1,0 +1,60 @@
+"""The FastAPI application: routers per resource, problem+json errors, no business rules."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.deps import ApiContext
+from api.routers import carts, health, me, profiles
+from gateway.service import Conflict, Invalid, NotFound
+
+PROBLEM = "application/problem+json"
+
+
+def problem(status: int, detail: str, headers: dict[str, str] | None = None, **extra: object) -> JSONResponse:
+    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    app = FastAPI(title="Engagement gateway", version="0.1.0",
+                  description="Profiles, carts and the customer notification stream of one store's gateway.")
+    app.state.context = ctx
+    if ctx.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=ctx.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["*"])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        detail = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+        return problem(422, detail, errors=errors)
+
+    @app.exception_handler(NotFound)
+    async def not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return problem(404, str(exc))
+
+    @app.exception_handler(Conflict)
+    async def conflict(_: Request, exc: Conflict) -> JSONResponse:
+        return problem(409, str(exc))
+
+    @app.exception_handler(Invalid)
+    async def invalid(_: Request, exc: Invalid) -> JSONResponse:
+        return problem(422, str(exc))
+
+    app.include_router(health.router)
+    app.include_router(profiles.router, prefix="/v1")
+    app.include_router(carts.router, prefix="/v1")
+    app.include_router(me.router, prefix="/v1")
+    return app

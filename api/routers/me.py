@@ -1,0 +1,78 @@
+"""The customer's own door: their live stream, their notifications, their acks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Query
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from api.deps import Context, Customer
+from api.schemas import NotificationOut
+
+router = APIRouter(prefix="/me", tags=["customer"])
+
+
+def sse(msg: dict[str, Any]) -> str:
+    return f"id: {msg['id']}\nevent: notification\ndata: {json.dumps(msg, separators=(',', ':'))}\n\n"
+
+
+@router.get("/stream", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "Server-sent events; `id` is the notification id"}})
+async def stream(ctx: Context, claims: Customer,
+                 last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+                 after: Annotated[int | None, Query(ge=0, description="Same as Last-Event-ID")] = None
+                 ) -> StreamingResponse:
+    """Live notifications. Unacked ones after Last-Event-ID are replayed first, so nothing is missed."""
+    try:
+        start = int(last_event_id) if last_event_id else (after or 0)
+    except ValueError:
+        raise HTTPException(400, "Last-Event-ID must be a notification id") from None
+    pid = claims.profile_id
+    queue = ctx.hub.subscribe(pid)  # before the replay query, so nothing falls between the two
+    try:
+        backlog = await run_in_threadpool(ctx.service.replay, pid, start)
+    except BaseException:
+        ctx.hub.unsubscribe(pid, queue)
+        raise
+
+    async def events() -> AsyncIterator[str]:
+        last = start
+        try:
+            yield f"retry: 2000\n: stream for profile {pid}\n\n"
+            for msg in backlog:
+                last = msg["id"]
+                yield sse(msg)
+            while True:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), ctx.heartbeat_s)
+                except TimeoutError:
+                    yield ": heartbeat\n\n"
+                    continue
+                if msg is None:
+                    return
+                if msg["id"] > last:
+                    last = msg["id"]
+                    yield sse(msg)
+        finally:
+            ctx.hub.unsubscribe(pid, queue)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/notifications", response_model=list[NotificationOut])
+def my_notifications(ctx: Context, claims: Customer, after: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
+    """Unacked notifications after an id: the polling fallback for apps without a stream."""
+    return ctx.service.replay(claims.profile_id, after)
+
+
+@router.post("/notifications/{notification_id}/ack", response_model=NotificationOut)
+def ack(notification_id: int, ctx: Context, claims: Customer) -> dict[str, Any]:
+    """The app has it: recorded as delivered, and never replayed again."""
+    return ctx.service.ack(claims.profile_id, notification_id)

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from api.deps import Admin, Context
+from api.schemas import ConsentsIn, ProfileIn, ProfileOut, TokenOut
+from gateway.service import NewProfile
+
+router = APIRouter(prefix="/profiles", tags=["profiles"], dependencies=[Admin])
+
+
+@router.post("", response_model=ProfileOut, status_code=status.HTTP_201_CREATED)
+def create_profile(body: ProfileIn, ctx: Context) -> dict[str, object]:
+    """Enrol a customer with their identifiers and consents. Identifiers are unique across profiles."""
+    return ctx.service.create_profile(NewProfile(
+        external_id=body.external_id, name=body.name, attributes=body.attributes,
+        identifiers=[(i.kind, i.value) for i in body.identifiers], consents=dict(body.consents)))
+
+
+@router.get("/{profile_id}", response_model=ProfileOut)
+def get_profile(profile_id: int, ctx: Context) -> dict[str, object]:
+    return ctx.service.get_profile(profile_id)
+
+
+@router.put("/{profile_id}/consents", response_model=ProfileOut)
+def set_consents(profile_id: int, body: ConsentsIn, ctx: Context) -> dict[str, object]:
+    """Grant or withdraw consent per purpose; withdrawal takes effect for the next decision."""
+    return ctx.service.set_consents(profile_id, dict(body.consents))
+
+
+@router.post("/{profile_id}/tokens", response_model=TokenOut, status_code=status.HTTP_201_CREATED)
+def issue_token(profile_id: int, ctx: Context) -> TokenOut:
+    """A signed, expiring app token that reaches only this customer's stream and notifications."""
+    token, claims = ctx.service.issue_token(profile_id)
+    return TokenOut(token=token, profile_id=claims.profile_id, expires_at=claims.expires_at)

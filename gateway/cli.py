@@ -1,0 +1,189 @@
+"""The `gateway` command: demo, run, simulate, decode, db upgrade."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("amqtt", "transitions", "uvicorn.error", "httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from beacons.decode import DecodeError, decode_hex
+
+    try:
+        frames = decode_hex(args.hex)
+    except DecodeError as exc:
+        print(f"gateway decode: {exc}", file=sys.stderr)
+        return 2
+    for f in frames:
+        print(json.dumps(f))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulators.scenario import ScenarioError, load_scenario
+
+    from gateway.campaigns import CampaignError
+    from gateway.simulate import parse_duration, progress_bar, simulate
+
+    try:
+        duration = parse_duration(args.duration)
+        scenario = load_scenario(args.scenario)
+        summary = simulate(scenario, duration, campaigns_dir=args.campaigns, seed=args.seed,
+                           progress=None if args.quiet else progress_bar())
+    except (ValueError, ScenarioError, CampaignError, OSError) as exc:
+        print(f"gateway simulate: {exc}", file=sys.stderr)
+        return 2
+    print(f"\n{scenario.store.name}: {duration / 3600:g} h simulated in {summary.wall_s:.1f} s\n")
+    print(summary.table())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _setup_logging(args.verbose)
+    from gateway.demo import run_demo
+
+    try:
+        asyncio.run(run_demo(port=args.port, scenario_path=args.scenario, campaigns_dir=args.campaigns,
+                             data_dir=args.data_dir, mqtt_port=args.mqtt_port))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"gateway demo: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from beacons.scanner import BleakSource, ScannerUnavailable
+    from devices.mqtt import MqttIntake
+    from devices.mqtt import MqttSettings as IntakeSettings
+
+    from gateway.config import load_settings
+    from gateway.runtime import Runtime
+
+    settings = load_settings(args.config)
+    if args.adapter:
+        settings.ble.adapter = args.adapter
+    if args.no_ble:
+        settings.ble.enabled = False
+    scanner = BleakSource(settings.ble.adapter, settings.ble.scanning_mode) if settings.ble.enabled else None
+    mqtt = None
+    if settings.mqtt.enabled:
+        m = settings.mqtt
+        mqtt = MqttIntake(IntakeSettings(
+            host=m.host, port=m.port, client_id=m.client_id or f"gateway-{settings.store.id}",
+            store_id=settings.store.id, protocol="3.1.1" if m.protocol == "3.1.1" else "5",
+            username=m.username or None, password=m.password or None, tls=m.tls, ca_file=m.ca_file or None,
+            keepalive=m.keepalive, topic_prefix=m.topic_prefix))
+    runtime = Runtime(settings, scanner=scanner, mqtt=mqtt)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runtime.start()
+    except ScannerUnavailable as exc:
+        await runtime.stop()
+        print(f"gateway run: {exc}", file=sys.stderr)
+        return 3
+    print(f"gateway running: API on http://{settings.api.host}:{settings.api.port} (docs at /docs)")
+    if not settings.api.admin_key:
+        print(f"admin key (generated, set [api] admin_key to keep one): {runtime.admin_key}")
+    await stop.wait()
+    await runtime.stop()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _setup_logging(args.verbose)
+    from gateway.campaigns import CampaignError
+    from gateway.config import ConfigError
+
+    try:
+        return asyncio.run(_run(args))
+    except (ConfigError, CampaignError) as exc:
+        print(f"gateway run: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from gateway.config import ConfigError, load_settings
+    from gateway.storage.db import Database
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"gateway db upgrade: {exc}", file=sys.stderr)
+        return 2
+    url = args.url or settings.database.url
+    db = Database(url)
+    db.upgrade()
+    db.dispose()
+    print(f"database at {url.split('@')[-1]} is at the latest schema")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gateway", description="Proximity and wearable engagement gateway")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="a simulated store on real parts, with the API on --port")
+    d.add_argument("--port", type=int, default=8000)
+    d.add_argument("--mqtt-port", type=int, default=1883)
+    d.add_argument("--scenario", default="examples/store.yaml")
+    d.add_argument("--campaigns", default="examples/campaigns")
+    d.add_argument("--data-dir", default="data/demo")
+    d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("run", help="the production gateway: BLE scanner, MQTT, API, storage")
+    r.add_argument("--config", default=None, help="gateway.toml (see examples/gateway.toml)")
+    r.add_argument("--adapter", default=None, help="Bluetooth adapter, e.g. hci0")
+    r.add_argument("--no-ble", action="store_true", help="run without a Bluetooth adapter")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("simulate", help="a store day in virtual time, then a summary")
+    s.add_argument("--scenario", default="examples/store.yaml")
+    s.add_argument("--campaigns", default="examples/campaigns")
+    s.add_argument("--duration", default="8h")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_simulate)
+
+    c = sub.add_parser("decode", help="decode one raw advertising payload (AD structures as hex)")
+    c.add_argument("hex")
+    c.set_defaults(func=cmd_decode)
+
+    db = sub.add_parser("db", help="database maintenance")
+    dbs = db.add_subparsers(dest="db_command", required=True)
+    up = dbs.add_parser("upgrade", help="apply schema migrations")
+    up.add_argument("--config", default=None)
+    up.add_argument("--url", default=None)
+    up.set_defaults(func=cmd_db_upgrade)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False) is None:
+        args.verbose = False
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

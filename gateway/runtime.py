@@ -1,0 +1,359 @@
+"""The wiring: the one place that knows tasks, queues, the MQTT thread and the HTTP server.
+
+``Pipeline`` composes the stages synchronously (adverts -> sightings -> presence -> identity
+-> engine -> outbox); the virtual-time simulation drives it directly. ``Runtime`` runs the
+same pipeline live: scanner callbacks and MQTT batches are drained on the event loop, and
+committed notifications are dispatched to the channels afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from beacons.parse import ParseStats, parse_advertisement
+from beacons.scanner import Scanner
+from beacons.types import Advertisement, Sighting
+from devices.payloads import Reading
+from gateway.campaigns import CampaignIndex, load_campaigns
+from gateway.channels import Channel, StreamHub
+from gateway.clock import Clock, SystemClock
+from gateway.config import Settings
+from gateway.engine import Engine, EngineEvent, Outcome
+from gateway.identity import IdentityIndex
+from gateway.outbox import Dispatcher
+from gateway.presence import PresenceEvent, PresenceTracker
+from gateway.service import GatewayService
+from gateway.storage.db import Database
+from gateway.storage.models import Device, Visit
+from gateway.tokens import TokenSigner
+
+log = logging.getLogger("gateway")
+decision_log = logging.getLogger("gateway.decisions")
+
+OutcomeHook = Callable[[Outcome, EngineEvent], None]
+
+
+def log_outcome(o: Outcome, ev: EngineEvent) -> None:
+    where = f" in {ev.zone}" if ev.zone else ""
+    if o.fired:
+        decision_log.info("%s  %s  FIRED on %s%s -> notification %s", o.who, o.campaign_id, ev.kind, where,
+                          o.notification_id)
+    else:
+        decision_log.info("%s  %s  not sent: %s (%s)", o.who, o.campaign_id, o.reason, o.detail)
+
+
+class Pipeline:
+    """Stages composed in one direction; returns the ids of notifications it committed."""
+
+    def __init__(self, settings: Settings, db: Database, campaigns: CampaignIndex,
+                 identities: IdentityIndex, on_outcome: OutcomeHook | None = None) -> None:
+        self.settings = settings
+        self.db = db
+        self.identities = identities
+        self.parse_stats = ParseStats()
+        self.presence = PresenceTracker(settings.presence, settings.receivers)
+        self.engine = Engine(campaigns, abandon_after_s=settings.carts.abandon_after_s)
+        self.on_outcome = on_outcome
+        self.figures: Counter[str] = Counter()
+        self._open_visits: dict[int, int] = {}
+
+    # ------------------------------------------------------------ BLE
+
+    def ingest_adverts(self, adverts: Iterable[Advertisement]) -> list[int]:
+        events: list[PresenceEvent] = []
+        observe = self.presence.observe
+        stats = self.parse_stats
+        n = 0
+        for adv in adverts:
+            n += 1
+            for frame in parse_advertisement(adv, stats):
+                key = frame.key
+                if key is None:
+                    continue
+                evs = observe(Sighting(key, adv.receiver, adv.rssi, adv.time, getattr(frame, "tx_power", None)))
+                if evs:
+                    events.extend(evs)
+        self.figures["adverts"] += n
+        return self.handle_presence(events) if events else []
+
+    def tick(self, now: float) -> list[int]:
+        events = self.presence.tick(now)
+        return self.handle_presence(events) if events else []
+
+    def handle_presence(self, events: Sequence[PresenceEvent]) -> list[int]:
+        known: list[tuple[PresenceEvent, int]] = []
+        for ev in events:
+            pid = self.identities.beacon(ev.key)
+            if pid is not None:
+                known.append((ev, pid))
+            elif ev.kind == "visit_start":
+                self.figures["anonymous_visits"] += 1  # footfall only: nothing about them is stored
+        if not known:
+            return []
+        created: list[int] = []
+        with self.db.session() as s:
+            for ev, pid in known:
+                self._record_visit(s, ev, pid)
+                stay = f"visit:{ev.visit_since:.3f}" if ev.kind.startswith("visit") else f"stay:{ev.zone}:{ev.zone_since:.3f}"
+                created += self._decide(s, EngineEvent(ev.kind, pid, ev.time, stay, ev.zone, ev.dwell_s))
+        return created
+
+    def _record_visit(self, s: Session, ev: PresenceEvent, pid: int) -> None:
+        if ev.kind == "visit_start":
+            before = s.scalar(select(func.count()).select_from(Visit).where(Visit.profile_id == pid)) or 0
+            self.figures["visits_returning" if before else "visits_new"] += 1
+            v = Visit(profile_id=pid, started_at=ev.time, zones=[])
+            s.add(v)
+            s.flush()
+            self._open_visits[pid] = v.id
+        elif ev.kind == "enter":
+            vid = self._open_visits.get(pid)
+            v = s.get(Visit, vid) if vid is not None else None
+            if v is not None and ev.zone and (not v.zones or v.zones[-1] != ev.zone):
+                v.zones = [*v.zones, ev.zone]
+        elif ev.kind == "visit_end":
+            vid = self._open_visits.pop(pid, None)
+            v = s.get(Visit, vid) if vid is not None else None
+            if v is not None:
+                v.ended_at = ev.time
+
+    def _decide(self, s: Session, ev: EngineEvent) -> list[int]:
+        outcomes = self.engine.handle(s, ev)
+        created = []
+        for o in outcomes:
+            if self.on_outcome is not None:
+                self.on_outcome(o, ev)
+            if o.notification_id is not None:
+                created.append(o.notification_id)
+        return created
+
+    # ------------------------------------------------------------ telemetry
+
+    def ingest_readings(self, readings: Iterable[Reading]) -> list[int]:
+        """One transaction per batch; each device's row is written once with its latest state."""
+        batch = sorted(readings, key=lambda r: r.time)
+        if not batch:
+            return []
+        created: list[int] = []
+        with self.db.session() as s, s.no_autoflush:
+            devices: dict[str, Device] = {}
+            for r in batch:
+                self.figures["readings"] += 1
+                d = devices.get(r.device_id)
+                if d is None:
+                    d = s.get(Device, r.device_id)
+                    if d is None:  # accepted and registered unowned; the device issue adds policies
+                        d = Device(id=r.device_id, state={})
+                        s.add(d)
+                        self.figures["unknown_devices"] += 1
+                    devices[r.device_id] = d
+                    d.state = dict(d.state or {})
+                d.state.update(r.metrics)
+                d.last_seen = r.time
+                if d.profile_id is not None:
+                    facts = {"device": {"id": d.id, "kind": d.kind}, "reading": dict(r.metrics)}
+                    created += self._decide(s, EngineEvent("telemetry", d.profile_id, r.time,
+                                                           f"reading:{d.id}:{r.time:.3f}", facts=facts))
+            for d in devices.values():
+                d.state = dict(d.state)  # a new object, so the JSON column is seen as changed
+        return created
+
+
+def token_secret(settings: Settings) -> bytes:
+    """The configured secret, or one generated once and kept in the data dir (mode 0600)."""
+    if settings.api.token_secret:
+        return hashlib.sha256(settings.api.token_secret.encode()).digest()
+    path = Path(settings.data_dir) / "token.secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(secrets.token_bytes(32))
+        path.chmod(0o600)
+    return path.read_bytes()
+
+
+class _QuietServer:
+    """uvicorn without its own signal handling: the CLI owns Ctrl-C and stops everything in order."""
+
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        self.server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                            timeout_graceful_shutdown=2))
+
+    async def serve(self) -> None:
+        await self.server.serve()
+
+    @property
+    def started(self) -> bool:
+        return bool(self.server.started)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+
+
+class Runtime:
+    """Runs the pipeline live: scanner, MQTT intake, ticker, dispatcher and API server."""
+
+    def __init__(self, settings: Settings, *, clock: Clock | None = None, scanner: Scanner | None = None,
+                 mqtt: Any = None, serve_api: bool = True, channels: Sequence[Channel] = (),
+                 on_outcome: OutcomeHook | None = log_outcome, tick_s: float = 0.5) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.scanner = scanner
+        self.mqtt = mqtt
+        self.serve_api = serve_api
+        self.tick_s = tick_s
+        self.db = Database(settings.database.url)
+        self.identities = IdentityIndex()
+        self.campaigns = CampaignIndex(load_campaigns(settings.campaigns.dir))
+        self.pipeline = Pipeline(settings, self.db, self.campaigns, self.identities, on_outcome)
+        self.hub = StreamHub()
+        self.dispatcher = Dispatcher(self.db, [self.hub, *channels])
+        self.admin_key = settings.api.admin_key or secrets.token_urlsafe(24)
+        self.service = GatewayService(self.db, self.identities, self.clock, TokenSigner(token_secret(settings)),
+                                      settings.api.token_ttl_s)
+        self._adverts: list[Advertisement] = []
+        self._drain_scheduled = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._dispatches: set[asyncio.Task[Any]] = set()
+        self._server: _QuietServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.scanner_error: str | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.db.upgrade)
+        with self.db.session() as s:
+            self.identities.load(s)
+        if self.serve_api:
+            from api.app import create_app
+            from api.deps import ApiContext
+
+            app = create_app(ApiContext(service=self.service, hub=self.hub, admin_key=self.admin_key,
+                                        health=self.health, heartbeat_s=self.settings.api.heartbeat_s,
+                                        cors_origins=self.settings.api.cors_origins))
+            self._server = _QuietServer(app, self.settings.api.host, self.settings.api.port)
+            self._tasks.append(asyncio.create_task(self._server.serve(), name="api"))
+            for _ in range(200):  # the port is bound within milliseconds; fail loudly if not
+                if self._server.started:
+                    break
+                if self._tasks[-1].done():
+                    self._tasks[-1].result()
+                await asyncio.sleep(0.01)
+        if self.mqtt is not None:
+            await self.mqtt.start(self._loop)
+            self._tasks.append(asyncio.create_task(self._consume_readings(), name="readings"))
+        if self.scanner is not None:
+            await self.scanner.start(self.on_advert)
+        self._tasks.append(asyncio.create_task(self._ticker(), name="ticker"))
+
+    async def stop(self) -> None:
+        if self.scanner is not None:
+            await self.scanner.stop()
+        if self.mqtt is not None:
+            await self.mqtt.stop()
+        self.hub.close_all()
+        if self._server is not None:
+            self._server.stop()
+        for t in self._tasks:
+            if t.get_name() != "api":
+                t.cancel()
+        if self._dispatches:
+            await asyncio.gather(*self._dispatches, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self.db.dispose()
+
+    # ------------------------------------------------------------ inputs
+
+    def on_advert(self, adv: Advertisement) -> None:
+        """Scanner callback: collect, and drain once per loop iteration so a burst is one batch."""
+        self._adverts.append(adv)
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._drain_adverts)
+
+    def inject(self, adverts: Iterable[Advertisement]) -> None:
+        for adv in adverts:
+            self.on_advert(adv)
+
+    def _drain_adverts(self) -> None:
+        self._drain_scheduled = False
+        batch, self._adverts = self._adverts, []
+        try:
+            ids = self.pipeline.ingest_adverts(batch)
+        except Exception:
+            log.exception("advertisement batch of %d failed", len(batch))
+            return
+        self._dispatch(ids)
+
+    def _dispatch(self, ids: list[int]) -> None:
+        if ids:
+            t = asyncio.create_task(self.dispatcher.dispatch(ids, self.clock.now()))
+            self._dispatches.add(t)
+            t.add_done_callback(self._dispatches.discard)
+
+    async def _consume_readings(self) -> None:
+        queue = self.mqtt.readings
+        while True:
+            first = await queue.get()
+            batch: list[Reading] = list(first) if isinstance(first, list) else [first]
+            while not queue.empty():
+                more = queue.get_nowait()
+                batch.extend(more if isinstance(more, list) else [more])
+            try:
+                self._dispatch(self.pipeline.ingest_readings(batch))
+            except Exception:
+                log.exception("telemetry batch of %d failed", len(batch))
+
+    def ingest_readings(self, readings: Iterable[Reading]) -> None:
+        self._dispatch(self.pipeline.ingest_readings(readings))
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                self._dispatch(self.pipeline.tick(self.clock.now()))
+            except Exception:
+                log.exception("presence tick failed")
+
+    async def flush(self) -> None:
+        """Wait for pending advert batches and dispatches (tests, shutdown)."""
+        for _ in range(100):
+            if not self._drain_scheduled and not self._dispatches:
+                return
+            await asyncio.sleep(0)
+            if self._dispatches:
+                await asyncio.gather(*list(self._dispatches), return_exceptions=True)
+
+    # ------------------------------------------------------------ health
+
+    def health(self) -> dict[str, Any]:
+        db_ok = self.db.ping()
+        components: dict[str, Any] = {"db": "ok" if db_ok else "down"}
+        components["mqtt"] = self.mqtt.state() if self.mqtt is not None else "disabled"
+        if self.scanner is not None:
+            components["scanner"] = self.scanner.state()
+        else:
+            components["scanner"] = f"disabled ({self.scanner_error})" if self.scanner_error else "disabled"
+        ok = db_ok and components["mqtt"] in ("connected", "disabled")
+        return {"status": "ok" if ok else "degraded", "components": components}

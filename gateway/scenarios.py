@@ -1,0 +1,42 @@
+"""Bringing a simulated store's people, products and layout into a gateway.
+
+Enrolment goes through the same service the admin API uses; nothing here bypasses consent
+or identity rules.
+"""
+
+from __future__ import annotations
+
+from simulators.scenario import Scenario
+
+from gateway.config import ReceiverSettings, Settings, ZoneBand
+from gateway.service import GatewayService, NewProfile
+
+
+def apply_scenario(settings: Settings, scenario: Scenario) -> Settings:
+    settings.store.id = scenario.store.id
+    settings.store.name = scenario.store.name
+    settings.store.timezone = scenario.store.timezone
+    settings.receivers = [
+        ReceiverSettings(id=r.id, zones=[ZoneBand(z.name, z.max_m) for z in r.zones],
+                         measured_power=r.measured_power, path_loss_exponent=r.path_loss_exponent)
+        for r in scenario.receivers
+    ]
+    return settings
+
+
+def enrol(service: GatewayService, scenario: Scenario) -> dict[str, int]:
+    """Profiles (with beacon, email and consents), owned devices and the catalogue; returns person -> profile id."""
+    ids: dict[str, int] = {}
+    for p in scenario.people:
+        identifiers = [("beacon", p.beacon.key)]
+        if p.email:
+            identifiers.append(("email_sha256", p.email))
+        view = service.create_profile(NewProfile(
+            external_id=p.id, name=p.name, attributes=dict(p.attributes), identifiers=identifiers,
+            consents={purpose: True for purpose in p.consents}), source="scenario")
+        ids[p.id] = view["id"]
+    for d in scenario.devices:
+        service.register_device(d.id, d.kind, ids.get(d.owner))
+    service.upsert_catalogue({"sku": c.sku, "name": c.name, "price": c.price, "zone": c.zone, "aisle": c.aisle}
+                             for c in scenario.catalogue)
+    return ids
