@@ -116,15 +116,19 @@ class BleakSource:
                 await self._scanner.start()
             except Exception as exc:
                 last = exc
-                log.warning("scanning %s on %s failed: %s", mode, self.adapter, exc)
+                log.debug("scanning %s on %s failed: %r", mode, self.adapter, exc)
                 continue
             self._state = f"running ({mode})"
             log.info("scanning on %s, %s mode", self.adapter, mode)
             return
         self._state = "unavailable"
+        if isinstance(last, FileNotFoundError):
+            cause = "BlueZ is not reachable (no D-Bus system bus: is bluetoothd running?)"
+        else:
+            cause = f"{type(last).__name__}: {last}"
         raise ScannerUnavailable(
-            f"no usable Bluetooth adapter {self.adapter!r} ({type(last).__name__}: {last}); "
-            "check `bluetoothctl list` and the --adapter option, or run with --no-ble"
+            f"Bluetooth adapter {self.adapter!r} cannot scan: {cause}; "
+            "check `bluetoothctl list`, choose another with --adapter hciN, or run without BLE using --no-ble"
         )
 
     async def stop(self) -> None:

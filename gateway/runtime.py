@@ -328,11 +328,15 @@ class Runtime:
     def ingest_readings(self, readings: Iterable[Reading]) -> None:
         self._dispatch(self.pipeline.ingest_readings(readings))
 
+    def tick(self) -> None:
+        """Presence timers (exits, visit ends) at the clock's now; the ticker task calls it."""
+        self._dispatch(self.pipeline.tick(self.clock.now()))
+
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
             try:
-                self._dispatch(self.pipeline.tick(self.clock.now()))
+                self.tick()
             except Exception:
                 log.exception("presence tick failed")
 
