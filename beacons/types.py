@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +35,11 @@ class IBeacon:
     minor: int
     tx_power: int
     format: ClassVar[str] = "ibeacon"
+    # Computed once: the parser caches frames, and the hot path reads the key for every advert.
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        return f"ibeacon:{self.uuid}:{self.major}:{self.minor}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"ibeacon:{self.uuid}:{self.major}:{self.minor}")
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": self.format, "uuid": self.uuid, "major": self.major,
@@ -58,3 +59,118 @@ class Sighting:
     rssi: int
     time: float
     tx_power: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AltBeacon:
+    """AltBeacon: manufacturer data with beacon code 0xBEAC, any company id.
+
+    The 20-byte id is conventionally split 16+2+2 (uuid, major, minor), like iBeacon;
+    ``mfg_reserved`` is None for beacons that omit that last byte.
+    """
+
+    beacon_id: str
+    tx_power: int
+    mfg_reserved: int | None
+    company_id: int
+    format: ClassVar[str] = "altbeacon"
+
+    @property
+    def key(self) -> str:
+        return f"altbeacon:{self.beacon_id}"
+
+    @property
+    def uuid(self) -> str:
+        h = self.beacon_id
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+    @property
+    def major(self) -> int:
+        return int(self.beacon_id[32:36], 16)
+
+    @property
+    def minor(self) -> int:
+        return int(self.beacon_id[36:40], 16)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "beacon_id": self.beacon_id, "tx_power": self.tx_power,
+                "mfg_reserved": self.mfg_reserved, "uuid": self.uuid, "major": self.major,
+                "minor": self.minor}
+
+
+@dataclass(frozen=True, slots=True)
+class EddystoneUID:
+    """Eddystone-UID: 10-byte namespace + 6-byte instance; ``tx_power`` is at 0 m, not 1 m."""
+
+    namespace: str
+    instance: str
+    tx_power: int
+    format: ClassVar[str] = "eddystone_uid"
+
+    @property
+    def key(self) -> str:
+        return f"eddystone_uid:{self.namespace}:{self.instance}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "namespace": self.namespace, "instance": self.instance,
+                "tx_power": self.tx_power}
+
+
+@dataclass(frozen=True, slots=True)
+class EddystoneURL:
+    """Eddystone-URL, expanded to the full URL; ``tx_power`` is at 0 m."""
+
+    url: str
+    tx_power: int
+    format: ClassVar[str] = "eddystone_url"
+
+    @property
+    def key(self) -> str:
+        return f"eddystone_url:{self.url}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "url": self.url, "tx_power": self.tx_power}
+
+
+@dataclass(frozen=True, slots=True)
+class EddystoneTLM:
+    """Unencrypted Eddystone-TLM (version 0): telemetry without identity, so ``key`` is None.
+
+    None marks a value the beacon says it does not measure (voltage 0, temperature 0x8000).
+    """
+
+    voltage_mv: int | None
+    temperature_c: float | None
+    advertising_count: int
+    uptime_s: float
+    format: ClassVar[str] = "eddystone_tlm"
+    tx_power: ClassVar[None] = None
+
+    @property
+    def key(self) -> None:
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "voltage_mv": self.voltage_mv,
+                "temperature_c": self.temperature_c, "advertising_count": self.advertising_count,
+                "uptime_s": self.uptime_s}
+
+
+@dataclass(frozen=True, slots=True)
+class EddystoneEID:
+    """Eddystone-EID: an 8-byte rotating identifier the gateway may resolve; ``tx_power`` at 0 m."""
+
+    eid: str
+    tx_power: int
+    format: ClassVar[str] = "eddystone_eid"
+
+    @property
+    def key(self) -> str:
+        return f"eddystone_eid:{self.eid}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "eid": self.eid, "tx_power": self.tx_power}
+
+
+Frame: TypeAlias = IBeacon | AltBeacon | EddystoneUID | EddystoneURL | EddystoneTLM | EddystoneEID
+"""Any beacon frame the parsers return."""

@@ -1,0 +1,396 @@
+"""Parse BLE advertisements into beacon frames: pure functions, bytes in, frames out.
+
+Every call either returns frames or counts why it did not (``ParseStats.rejected``); no
+input bytes make a parser raise, because the radio hears anything and a bad advert must
+cost a counter, never the scan loop. Non-bytes arguments may raise TypeError.
+
+This is the hot path: every advert in the shop goes through it. The shapes that repeat
+(the same beacon advertising the same bytes many times a second) are answered from small
+bounded caches of immutable frames, so the common case is one dict lookup.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from beacons.types import (
+    Advertisement,
+    AltBeacon,
+    EddystoneEID,
+    EddystoneTLM,
+    EddystoneUID,
+    EddystoneURL,
+    Frame,
+    IBeacon,
+)
+
+__all__ = [
+    "EDDYSTONE_SERVICE_UUID",
+    "FORMATS",
+    "MAX_PAYLOAD",
+    "MalformedAD",
+    "ParseStats",
+    "iter_ad_structures",
+    "parse_ad_structure",
+    "parse_advertisement",
+    "parse_bleak",
+    "parse_manufacturer",
+    "parse_payload",
+    "parse_service_data",
+]
+
+MAX_PAYLOAD = 1650
+"""Largest advertising data a controller reports (Bluetooth 5 extended advertising)."""
+
+AD_MANUFACTURER_DATA = 0xFF
+AD_SERVICE_DATA_16 = 0x16
+APPLE_COMPANY_ID = 0x004C
+EDDYSTONE_SERVICE_UUID = "0000feaa-0000-1000-8000-00805f9b34fb"
+_EDDYSTONE_UUID_SPELLINGS = frozenset({EDDYSTONE_SERVICE_UUID, "feaa", "0xfeaa", "0000feaa"})
+
+FORMATS = tuple(cls.format for cls in (IBeacon, AltBeacon, EddystoneUID, EddystoneURL, EddystoneTLM,
+                                     EddystoneEID))
+_CACHE_MAX = 16384  # distinct beacons remembered; a few MB at most
+_SIGNED8 = tuple(range(128)) + tuple(range(-128, 0))
+
+# Eddystone-URL: scheme prefix byte, then printable ASCII with 0x00-0x0d as expansions.
+_URL_SCHEMES = ("http://www.", "https://www.", "http://", "https://")
+_URL_EXPANSIONS = (".com/", ".org/", ".edu/", ".net/", ".info/", ".biz/", ".gov/",
+                   ".com", ".org", ".edu", ".net", ".info", ".biz", ".gov")
+_URL_CODES: tuple[str | None, ...] = tuple(
+    _URL_EXPANSIONS[b] if b < len(_URL_EXPANSIONS) else chr(b) if 0x20 < b < 0x7F else None
+    for b in range(256)
+)
+
+_PAYLOAD_CACHE: dict[bytes, Frame] = {}
+_IBEACON_CACHE: dict[bytes, IBeacon] = {}
+_UUID_CACHE: dict[bytes, str] = {}
+
+
+class ParseStats:
+    """Accepted frames per format and rejected inputs per reason code.
+
+    Each parse call adds at least one count, so ``total`` tells how much was looked at.
+    Reasons: ``empty``, ``oversized``, ``truncated_ad`` (framing, whole advert dropped),
+    ``not_a_beacon`` (well formed, no beacon in it), and per format ``ibeacon_length``,
+    ``altbeacon_length``, ``eddystone_empty``, ``eddystone_unknown_frame``,
+    ``eddystone_{uid,url,tlm,eid}_length``, ``eddystone_url_scheme``,
+    ``eddystone_url_reserved_code``, ``eddystone_tlm_version``.
+    The counts live in plain dicts (a Counter subclass doubles the cost of an increment,
+    which shows at half a million adverts a second); ``accepted`` and ``rejected`` hand
+    out Counter snapshots for reading.
+    """
+
+    __slots__ = ("_accepted", "_rejected")
+
+    def __init__(self) -> None:
+        # Pre-filled so the hot path can `+= 1` without a lookup default.
+        self._accepted: dict[str, int] = dict.fromkeys(FORMATS, 0)
+        self._rejected: dict[str, int] = {}
+
+    @property
+    def accepted(self) -> Counter[str]:
+        return Counter({fmt: n for fmt, n in self._accepted.items() if n})
+
+    @property
+    def rejected(self) -> Counter[str]:
+        return Counter(self._rejected)
+
+    @property
+    def total(self) -> int:
+        return sum(self._accepted.values()) + sum(self._rejected.values())
+
+    def reject(self, reason: str) -> None:
+        self._rejected[reason] = self._rejected.get(reason, 0) + 1
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {"accepted": dict(self.accepted), "rejected": dict(self._rejected)}
+
+    def __repr__(self) -> str:
+        return f"ParseStats(accepted={dict(self.accepted)}, rejected={self._rejected})"
+
+
+class MalformedAD(ValueError):
+    """An AD structure whose length runs past the end of the payload."""
+
+    def __init__(self, offset: int, length: int, size: int) -> None:
+        self.offset = offset
+        self.reason = "truncated_ad"
+        super().__init__(
+            f"truncated AD structure at offset {offset}: length {length} needs {length + 1} bytes, "
+            f"{size - offset} left in the {size}-byte payload"
+        )
+
+
+def iter_ad_structures(payload: bytes) -> Iterator[tuple[int, bytes]]:
+    """Yield (ad_type, data) per AD structure; a zero length ends the data (padding).
+
+    Raises MalformedAD when a structure runs past the end; structures before it have
+    already been yielded, so callers wanting all-or-nothing should collect first.
+    """
+    i, n = 0, len(payload)
+    while i < n:
+        length = payload[i]
+        if length == 0:
+            return
+        end = i + 1 + length
+        if end > n:
+            raise MalformedAD(i, length, n)
+        yield payload[i + 1], payload[i + 2:end]
+        i = end
+
+
+def _remember(cache: dict[bytes, Any], key: bytes, value: Any) -> None:
+    """Bounded insert: clearing when full keeps memory flat under a flood of distinct adverts."""
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    cache[key] = value
+
+
+def _uuid_str(raw: bytes) -> str:
+    text = _UUID_CACHE.get(raw)
+    if text is None:
+        h = raw.hex()
+        text = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        _remember(_UUID_CACHE, raw, text)
+    return text
+
+
+def _ibeacon(data: bytes) -> IBeacon | str:
+    """Apple manufacturer data of subtype 0x02: 0x02 0x15 uuid(16) major minor tx."""
+    if len(data) != 23 or data[1] != 0x15:
+        return "ibeacon_length"
+    frame = IBeacon(_uuid_str(data[2:18]), data[18] << 8 | data[19], data[20] << 8 | data[21],
+                    _SIGNED8[data[22]])
+    _remember(_IBEACON_CACHE, data, frame)
+    return frame
+
+
+def _altbeacon(company_id: int, data: bytes) -> AltBeacon | str:
+    """0xBEAC id(20) ref_rssi [mfg_reserved]; beacons that omit the last byte are common."""
+    n = len(data)
+    if n == 24:
+        reserved: int | None = data[23]
+    elif n == 23:
+        reserved = None
+    else:
+        return "altbeacon_length"
+    return AltBeacon(data[2:22].hex(), _SIGNED8[data[22]], reserved, company_id)
+
+
+def _manufacturer(company_id: int, data: bytes) -> Frame | str | None:
+    """A frame, a reject reason, or None when the data is not a beacon format at all."""
+    if company_id == APPLE_COMPANY_ID:
+        frame = _IBEACON_CACHE.get(data)
+        if frame is not None:
+            return frame
+        if data[:1] == b"\x02":
+            return _ibeacon(data)
+    if data[:2] == b"\xbe\xac":
+        return _altbeacon(company_id, data)
+    return None
+
+
+def _eddystone_url(data: bytes) -> EddystoneURL | str:
+    n = len(data)
+    if n < 3 or n > 20:
+        return "eddystone_url_length"
+    if data[2] >= len(_URL_SCHEMES):
+        return "eddystone_url_scheme"
+    parts = [_URL_SCHEMES[data[2]]]
+    for b in data[3:]:
+        text = _URL_CODES[b]
+        if text is None:
+            return "eddystone_url_reserved_code"
+        parts.append(text)
+    return EddystoneURL("".join(parts), _SIGNED8[data[1]])
+
+
+def _eddystone_tlm(data: bytes) -> EddystoneTLM | str:
+    if len(data) >= 2 and data[1] != 0:
+        return "eddystone_tlm_version"  # 0x01 is encrypted TLM: no key, nothing to read
+    if len(data) != 14:
+        return "eddystone_tlm_length"
+    temp = int.from_bytes(data[4:6], "big", signed=True)  # 8.8 fixed point
+    return EddystoneTLM(
+        voltage_mv=(data[2] << 8 | data[3]) or None,
+        temperature_c=None if temp == -0x8000 else temp / 256,
+        advertising_count=int.from_bytes(data[6:10], "big"),
+        uptime_s=int.from_bytes(data[10:14], "big") / 10,
+    )
+
+
+def _eddystone(data: bytes) -> Frame | str:
+    """Eddystone service data (after the 0xFEAA UUID): frame type byte, then the frame."""
+    if not data:
+        return "eddystone_empty"
+    kind = data[0]
+    if kind == 0x00:
+        if len(data) != 20 and len(data) != 18:  # 18: older UIDs omit the two RFU bytes
+            return "eddystone_uid_length"
+        return EddystoneUID(data[2:12].hex(), data[12:18].hex(), _SIGNED8[data[1]])
+    if kind == 0x10:
+        return _eddystone_url(data)
+    if kind == 0x20:
+        return _eddystone_tlm(data)
+    if kind == 0x30:
+        if len(data) != 10:
+            return "eddystone_eid_length"
+        return EddystoneEID(data[2:10].hex(), _SIGNED8[data[1]])
+    return "eddystone_unknown_frame"
+
+
+def _is_eddystone_uuid(uuid: str) -> bool:
+    return uuid == EDDYSTONE_SERVICE_UUID or uuid.lower() in _EDDYSTONE_UUID_SPELLINGS
+
+
+def _structure(ad_type: int, data: bytes) -> Frame | str | None:
+    if ad_type == AD_MANUFACTURER_DATA:
+        if len(data) >= 2:
+            return _manufacturer(data[0] | data[1] << 8, data[2:])
+    elif ad_type == AD_SERVICE_DATA_16 and data[:2] == b"\xaa\xfe":
+        return _eddystone(data[2:])
+    return None
+
+
+def _reject(stats: ParseStats | None, reason: str) -> list[Frame]:
+    if stats is not None:
+        stats.reject(reason)
+    return []
+
+
+def _count_one(result: Frame | str | None, stats: ParseStats | None) -> Frame | None:
+    if result is None or isinstance(result, str):
+        if stats is not None:
+            stats.reject(result or "not_a_beacon")
+        return None
+    if stats is not None:
+        stats._accepted[result.format] += 1
+    return result
+
+
+def _add(reasons: list[str] | None, reason: str) -> list[str]:
+    """Rejects are rare, so their list is only made when one happens."""
+    if reasons is None:
+        return [reason]
+    reasons.append(reason)
+    return reasons
+
+
+def _finish(frames: list[Frame], reasons: list[str] | None, stats: ParseStats | None) -> list[Frame]:
+    """Count the outcome of one advert: its frames, its rejects, or 'not_a_beacon'."""
+    if stats is not None:
+        accepted = stats._accepted
+        for frame in frames:
+            accepted[frame.format] += 1
+        if reasons:
+            for reason in reasons:
+                stats.reject(reason)
+        elif not frames:
+            rejected = stats._rejected
+            rejected["not_a_beacon"] = rejected.get("not_a_beacon", 0) + 1
+    return frames
+
+
+def parse_ad_structure(ad_type: int, data: bytes, stats: ParseStats | None = None) -> Frame | None:
+    """Parse one AD structure's type and data (for receivers that forward structures)."""
+    return _count_one(_structure(ad_type, data), stats)
+
+
+def parse_payload(payload: bytes, stats: ParseStats | None = None) -> list[Frame]:
+    """Parse raw advertising data (AD structures) into beacon frames.
+
+    All or nothing: a truncated structure or an oversized payload rejects the whole
+    advert, since bytes after a framing error cannot be trusted. bytearray and
+    memoryview are copied to bytes first.
+    """
+    if type(payload) is not bytes and isinstance(payload, bytearray | memoryview):
+        payload = bytes(payload)  # unhashable or mutable: the caches need real bytes
+    frame = _PAYLOAD_CACHE.get(payload)
+    if frame is not None:
+        if stats is not None:
+            stats._accepted[frame.format] += 1
+        return [frame]
+    n = len(payload)
+    if n == 0:
+        return _reject(stats, "empty")
+    if n > MAX_PAYLOAD:
+        return _reject(stats, "oversized")
+    frames: list[Frame] = []
+    reasons: list[str] | None = None
+    i = 0
+    while i < n:
+        length = payload[i]
+        if length == 0:
+            break
+        end = i + 1 + length
+        if end > n:
+            return _reject(stats, "truncated_ad")
+        ad_type = payload[i + 1]
+        if ad_type in (AD_MANUFACTURER_DATA, AD_SERVICE_DATA_16):
+            result = _structure(ad_type, payload[i + 2:end])
+            if isinstance(result, str):
+                reasons = _add(reasons, result)
+            elif result is not None:
+                frames.append(result)
+        i = end
+    if len(frames) == 1 and not reasons and frames[0].key is not None:
+        _remember(_PAYLOAD_CACHE, payload, frames[0])  # TLM churns; identity frames repeat
+    return _finish(frames, reasons, stats)
+
+
+def parse_manufacturer(company_id: int, data: bytes, stats: ParseStats | None = None) -> Frame | None:
+    """Parse one manufacturer-data entry as bleak gives it: company id, bytes after the id."""
+    return _count_one(_manufacturer(company_id, data), stats)
+
+
+def parse_service_data(uuid: str, data: bytes, stats: ParseStats | None = None) -> Frame | None:
+    """Parse one service-data entry keyed by its (bleak: full 128-bit) UUID string."""
+    return _count_one(_eddystone(data) if _is_eddystone_uuid(uuid) else None, stats)
+
+
+def _parse_maps(manufacturer_data: Mapping[int, bytes], service_data: Mapping[str, bytes],
+                stats: ParseStats | None) -> list[Frame]:
+    if not service_data and len(manufacturer_data) == 1:  # the usual shape: one iBeacon seen before
+        frame = _IBEACON_CACHE.get(manufacturer_data.get(APPLE_COMPANY_ID, b""))
+        if frame is not None:
+            if stats is not None:
+                stats._accepted["ibeacon"] += 1
+            return [frame]
+    frames: list[Frame] = []
+    reasons: list[str] | None = None
+    if manufacturer_data:
+        for company_id, data in manufacturer_data.items():
+            result = _manufacturer(company_id, data)
+            if result is None:
+                continue
+            if isinstance(result, str):
+                reasons = _add(reasons, result)
+            else:
+                frames.append(result)
+    elif not service_data:
+        return _reject(stats, "empty")
+    if service_data:
+        for uuid, data in service_data.items():
+            if _is_eddystone_uuid(uuid):
+                found = _eddystone(data)
+                if isinstance(found, str):
+                    reasons = _add(reasons, found)
+                else:
+                    frames.append(found)
+    return _finish(frames, reasons, stats)
+
+
+def parse_advertisement(adv: Advertisement, stats: ParseStats | None = None) -> list[Frame]:
+    """Parse an Advertisement: its raw payload when it has one, else bleak's dictionaries."""
+    if adv.payload:
+        return parse_payload(adv.payload, stats)
+    return _parse_maps(adv.manufacturer_data, adv.service_data, stats)
+
+
+def parse_bleak(advertisement_data: Any, stats: ParseStats | None = None) -> list[Frame]:
+    """Parse a bleak AdvertisementData (duck-typed: .manufacturer_data, .service_data)."""
+    return _parse_maps(getattr(advertisement_data, "manufacturer_data", None) or {},
+                       getattr(advertisement_data, "service_data", None) or {}, stats)

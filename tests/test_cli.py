@@ -1,0 +1,86 @@
+"""The `gateway` command as a user runs it: exit codes, one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GATEWAY = [sys.executable, "-m", "gateway.cli"]
+
+# iBeacon advert from Home Assistant's ibeacon-ble test suite (tests/test_parser.py,
+# "BLUECHARM_BEACON_SERVICE_INFO"): uuid 426c7565-4368-6172-6d42-6561636f6e73, major 3838, minor 4949, -59 dBm.
+BLUECHARM = "0201061aff4c000215426c7565436861726d426561636f6e730efe1355c5"
+
+
+def gateway(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*GATEWAY, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_decode_prints_one_json_object_per_beacon():
+    r = gateway("decode", BLUECHARM)
+    assert r.returncode == 0, r.stderr
+    [line] = r.stdout.splitlines()
+    assert json.loads(line) == {"format": "ibeacon", "uuid": "426c7565-4368-6172-6d42-6561636f6e73",
+                                "major": 3838, "minor": 4949, "tx_power": -59}
+
+
+@pytest.mark.parametrize("arg, words", [
+    ("not-hex", "malformed hex"),
+    ("0201061aff4c000215426c75", "truncated"),
+    ("020106", "no beacon"),
+])
+def test_decode_rejects_bad_input_with_one_line_and_exit_2(arg, words):
+    r = gateway("decode", arg)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_simulate_prints_a_summary_table():
+    r = gateway("simulate", "--duration", "20m", "--quiet")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for row in ("visits (footfall)", "enrolled, first visit (new)", "enrolled, returning", "anonymous",
+                "notifications: shoes-dwell-offer", "suppressed: no_consent"):
+        assert row in out, out
+
+
+def test_simulate_rejects_a_bad_duration():
+    r = gateway("simulate", "--duration", "soon")
+    assert r.returncode == 2 and "bad duration" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_without_an_adapter_says_so_in_one_line(tmp_path):
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(f'data_dir = "{tmp_path}"\n[database]\nurl = "sqlite:///{tmp_path}/gw.db"\n'
+                   '[api]\nport = 0\n[mqtt]\nenabled = false\n'
+                   f'[campaigns]\ndir = "{ROOT / "examples/campaigns"}"\n')
+    r = gateway("run", "--config", str(cfg), "--adapter", "hci99")
+    assert r.returncode == 3
+    assert "Traceback" not in r.stderr
+    [line] = [ln for ln in r.stderr.splitlines() if "hci99" in ln]
+    assert "--no-ble" in line
+
+
+def test_run_rejects_a_bad_config_file(tmp_path):
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text("[api]\nprot = 1\n")
+    r = gateway("run", "--config", str(cfg))
+    assert r.returncode == 2 and "unknown setting(s) prot" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_db_upgrade_creates_the_schema(tmp_path):
+    url = f"sqlite:///{tmp_path / 'gw.db'}"
+    r = gateway("db", "upgrade", "--url", url)
+    assert r.returncode == 0, r.stderr
+    import sqlite3
+
+    tables = {row[0] for row in sqlite3.connect(tmp_path / "gw.db").execute(
+        "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"profiles", "identifiers", "consents", "notifications", "decisions", "alembic_version"} <= tables
