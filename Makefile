@@ -1,0 +1,55 @@
+# Developer and CI entry points. Everything runs from a local .venv that these targets create;
+# stamp files keep a repeated `make test` from reinstalling unless pyproject.toml changed.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint bench ensure-mosquitto
+
+demo: $(VENV)/.installed
+	$(BIN)/gateway demo $(ARGS)
+
+test: $(VENV)/.installed-dev ensure-mosquitto
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: $(VENV)/.installed-bench
+	@set -e; for f in benchmarks/*.py; do \
+		[ -e "$$f" ] || continue; \
+		echo "== $$f"; \
+		$(BIN)/python "$$f"; \
+	done
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $@ $(VENV)/.installed-dev $(VENV)/.installed
+
+# The tests start their own Mosquitto from the binary (Debian puts it in /usr/sbin).
+# Installing the Debian package also starts a system broker on 1883; the tests don't use it.
+ensure-mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing mosquitto (needed by the tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	else \
+		echo "mosquitto is needed for the tests: sudo apt-get install mosquitto" >&2; \
+		exit 1; \
+	fi
