@@ -8,6 +8,7 @@ replays from the outbox with Last-Event-ID) instead of stalling everyone else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
 from typing import Any, Protocol
 
@@ -69,8 +70,6 @@ class StreamHub:
     def close_all(self) -> None:
         for subs in self._subs.values():
             for q in subs:
-                try:
+                with contextlib.suppress(asyncio.QueueFull):
                     q.put_nowait(None)
-                except asyncio.QueueFull:
-                    pass
         self._subs.clear()

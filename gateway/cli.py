@@ -32,10 +32,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulators.scenario import ScenarioError, load_scenario
-
     from gateway.campaigns import CampaignError
     from gateway.simulate import parse_duration, progress_bar, simulate
+    from simulators.scenario import ScenarioError, load_scenario
 
     try:
         duration = parse_duration(args.duration)
@@ -69,7 +68,6 @@ async def _run(args: argparse.Namespace) -> int:
     from beacons.scanner import BleakSource, ScannerUnavailable
     from devices.mqtt import MqttIntake
     from devices.mqtt import MqttSettings as IntakeSettings
-
     from gateway.config import load_settings
     from gateway.runtime import Runtime
 

@@ -7,6 +7,7 @@ wearables publish over real MQTT; carts arrive over the real HTTP API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import signal
@@ -18,15 +19,14 @@ from beacons.scanner import InjectionScanner
 from devices.broker import ensure_broker
 from devices.mqtt import MqttIntake
 from devices.mqtt import MqttSettings as IntakeSettings
+from gateway.config import Settings
+from gateway.runtime import Runtime
+from gateway.scenarios import apply_scenario, enrol
 from simulators.carts import cart_upserts
 from simulators.scenario import load_scenario
 from simulators.store_sim import StoreSimulator
 from simulators.wearables import MqttPublisher, TelemetryModel, topic_for
 from simulators.wearables import payload as telemetry_payload
-
-from gateway.config import Settings
-from gateway.runtime import Runtime
-from gateway.scenarios import apply_scenario, enrol
 
 log = logging.getLogger("gateway.demo")
 
@@ -49,10 +49,8 @@ async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yam
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
 
     broker = await ensure_broker("127.0.0.1", mqtt_port)
     print(f"MQTT: {broker.description}")
@@ -98,10 +96,8 @@ async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yam
                 for device_id, ts, metrics in rows:
                     topic = topic_for(scenario.store.id, device_id)
                     await asyncio.to_thread(publisher.publish, topic, telemetry_payload(ts, metrics))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
-            except TimeoutError:
-                pass
     finally:
         print("\nstopping...", flush=True)
         if publisher is not None:

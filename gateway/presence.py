@@ -70,7 +70,7 @@ class PresenceTracker:
         self.settings = settings
         self.receivers = {r.id: r for r in receivers}
         self._bands = {
-            r.id: sorted(((z.max_m, z.name) for z in r.zones)) for r in self.receivers.values()
+            r.id: sorted((z.max_m, z.name) for z in r.zones) for r in self.receivers.values()
         }
         self.enter_samples = enter_samples
         self.tracks: dict[str, _Track] = {}

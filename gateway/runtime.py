@@ -105,7 +105,10 @@ class Pipeline:
         with self.db.session() as s:
             for ev, pid in known:
                 self._record_visit(s, ev, pid)
-                stay = f"visit:{ev.visit_since:.3f}" if ev.kind.startswith("visit") else f"stay:{ev.zone}:{ev.zone_since:.3f}"
+                if ev.kind.startswith("visit"):
+                    stay = f"visit:{ev.visit_since:.3f}"
+                else:
+                    stay = f"stay:{ev.zone}:{ev.zone_since:.3f}"
                 created += self._decide(s, EngineEvent(ev.kind, pid, ev.time, stay, ev.zone, ev.dwell_s))
         return created
 
@@ -119,14 +122,14 @@ class Pipeline:
             self._open_visits[pid] = v.id
         elif ev.kind == "enter":
             vid = self._open_visits.get(pid)
-            v = s.get(Visit, vid) if vid is not None else None
-            if v is not None and ev.zone and (not v.zones or v.zones[-1] != ev.zone):
-                v.zones = [*v.zones, ev.zone]
+            current = s.get(Visit, vid) if vid is not None else None
+            if current is not None and ev.zone and (not current.zones or current.zones[-1] != ev.zone):
+                current.zones = [*current.zones, ev.zone]
         elif ev.kind == "visit_end":
             vid = self._open_visits.pop(pid, None)
-            v = s.get(Visit, vid) if vid is not None else None
-            if v is not None:
-                v.ended_at = ev.time
+            ended = s.get(Visit, vid) if vid is not None else None
+            if ended is not None:
+                ended.ended_at = ev.time
 
     def _decide(self, s: Session, ev: EngineEvent) -> list[int]:
         outcomes = self.engine.handle(s, ev)

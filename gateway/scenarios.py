@@ -6,10 +6,9 @@ or identity rules.
 
 from __future__ import annotations
 
-from simulators.scenario import Scenario
-
 from gateway.config import ReceiverSettings, Settings, ZoneBand
 from gateway.service import GatewayService, NewProfile
+from simulators.scenario import Scenario
 
 
 def apply_scenario(settings: Settings, scenario: Scenario) -> Settings:

@@ -12,14 +12,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 from zoneinfo import ZoneInfo
 
 from devices.payloads import Reading
-from simulators.carts import cart_upserts
-from simulators.scenario import Scenario
-from simulators.store_sim import StoreSimulator
-from simulators.wearables import TelemetryModel
-
 from gateway.campaigns import CampaignIndex, load_campaigns
 from gateway.clock import VirtualClock
 from gateway.config import Settings
@@ -30,6 +26,10 @@ from gateway.scenarios import apply_scenario, enrol
 from gateway.service import GatewayService
 from gateway.storage.db import Database
 from gateway.tokens import TokenSigner
+from simulators.carts import cart_upserts
+from simulators.scenario import Scenario
+from simulators.store_sim import StoreSimulator
+from simulators.wearables import TelemetryModel
 
 
 @dataclass
@@ -158,8 +158,8 @@ def simulate(scenario: Scenario, duration_s: float, *, campaigns_dir: str, seed:
             tmp.cleanup()
 
 
-def progress_bar(stream=sys.stderr, width: int = 40) -> Callable[[float], None]:  # type: ignore[no-untyped-def]
-    state = {"last": -1}
+def progress_bar(stream: TextIO = sys.stderr, width: int = 40) -> Callable[[float], None]:
+    state: dict[str, int] = {"last": -1}
 
     def show(fraction: float) -> None:
         pct = int(fraction * 100)

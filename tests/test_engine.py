@@ -138,7 +138,8 @@ def test_telemetry_threshold_fires_on_the_crossing_only(world):
     engine = Engine(CampaignIndex([c]))
 
     def reading(t: float, v: float) -> EngineEvent:
-        return EngineEvent("telemetry", ids["ann"], t, f"r:{t}", facts={"device": {"id": "m1"}, "reading": {"hours": v}})
+        facts = {"device": {"id": "m1"}, "reading": {"hours": v}}
+        return EngineEvent("telemetry", ids["ann"], t, f"r:{t}", facts=facts)
 
     assert run(db, engine, reading(T0, 49.0)) == []
     [o] = run(db, engine, reading(T0 + 1, 50.5))

@@ -45,12 +45,12 @@ async def stream(ctx: Context, claims: Customer,
         last = start
         try:
             yield f"retry: 2000\n: stream for profile {pid}\n\n"
-            for msg in backlog:
-                last = msg["id"]
-                yield sse(msg)
+            for old in backlog:
+                last = old["id"]
+                yield sse(old)
             while True:
                 try:
-                    msg = await asyncio.wait_for(queue.get(), ctx.heartbeat_s)
+                    msg: dict[str, Any] | None = await asyncio.wait_for(queue.get(), ctx.heartbeat_s)
                 except TimeoutError:
                     yield ": heartbeat\n\n"
                     continue

@@ -14,7 +14,8 @@ def create_profile(body: ProfileIn, ctx: Context) -> dict[str, object]:
     """Enrol a customer with their identifiers and consents. Identifiers are unique across profiles."""
     return ctx.service.create_profile(NewProfile(
         external_id=body.external_id, name=body.name, attributes=body.attributes,
-        identifiers=[(i.kind, i.value) for i in body.identifiers], consents=dict(body.consents)))
+        identifiers=[(i.kind, i.value) for i in body.identifiers],
+        consents={str(k): v for k, v in body.consents.items()}))
 
 
 @router.get("/{profile_id}", response_model=ProfileOut)
@@ -25,7 +26,7 @@ def get_profile(profile_id: int, ctx: Context) -> dict[str, object]:
 @router.put("/{profile_id}/consents", response_model=ProfileOut)
 def set_consents(profile_id: int, body: ConsentsIn, ctx: Context) -> dict[str, object]:
     """Grant or withdraw consent per purpose; withdrawal takes effect for the next decision."""
-    return ctx.service.set_consents(profile_id, dict(body.consents))
+    return ctx.service.set_consents(profile_id, {str(k): v for k, v in body.consents.items()})
 
 
 @router.post("/{profile_id}/tokens", response_model=TokenOut, status_code=status.HTTP_201_CREATED)
