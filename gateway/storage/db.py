@@ -33,7 +33,7 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "heads") -> None:
     """Apply Alembic migrations; run at every start so a new version migrates itself."""
     from alembic import command
     from alembic.config import Config
