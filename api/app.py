@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.deps import ApiContext
-from api.routers import carts, health, me, profiles
+from api.routers import campaigns, carts, health, insights, interactions, me, privacy, profiles, push, sightings, ws
 from gateway.service import Conflict, Invalid, NotFound
 
 PROBLEM = "application/problem+json"
@@ -57,4 +57,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(profiles.router, prefix="/v1")
     app.include_router(carts.router, prefix="/v1")
     app.include_router(me.router, prefix="/v1")
+    app.include_router(ws.router, prefix="/v1")
+    app.include_router(sightings.router, prefix="/v1")
+    app.include_router(push.router, prefix="/v1")
+    app.include_router(interactions.router, prefix="/v1")
+    app.include_router(privacy.router, prefix="/v1")
+    app.include_router(insights.router, prefix="/v1")
+    app.include_router(campaigns.router, prefix="/v1")
     return app

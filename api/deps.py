@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from beacons.remote import AppReport
 from gateway.channels import StreamHub
 from gateway.service import GatewayService
 from gateway.tokens import Claims, TokenError
@@ -23,6 +24,8 @@ class ApiContext:
     health: Callable[[], dict[str, Any]]
     heartbeat_s: float = 15.0
     cors_origins: list[str] = field(default_factory=list)
+    report_sightings: Callable[[int, list[AppReport]], dict[str, Any]] | None = None
+    """The gateway's door for app-reported sightings: (profile id, reports) -> counts; raises Invalid."""
 
 
 def get_context(request: Request) -> ApiContext:

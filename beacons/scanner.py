@@ -1,13 +1,20 @@
 """Where advertisements come from: one interface, several sources (as bleak has backends).
 
 - ``InjectionScanner``: the simulator or a test hands advertisements in directly.
-- ``BleakSource``: a real adapter through bleak (BlueZ on a Pi), passive with or_patterns.
+- ``BleakSource``: a real adapter through bleak (BlueZ on a Pi), passive with or_patterns, kept
+  alive by a watchdog and restarts with backoff; any bleak backend, e.g. ``beacons.bleak_virtual``.
+- ``ScannerGroup``: several sources (one per adapter) behind one interface.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Iterable
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from beacons.types import Advertisement
@@ -71,77 +78,229 @@ def _or_patterns() -> list[Any]:
     ]
 
 
-class BleakSource:
-    """The gateway's own adapter through bleak.
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with downward jitter, capped.
 
-    Passive scanning needs BlueZ's experimental AdvertisementMonitor (BlueZ >= 5.56 with
-    ``--experimental``); when it is refused we fall back to active scanning and say so.
+    Delay n lies in [b * (1 - jitter), b] with b = min(max_s, initial_s * factor**n).
+
+    Jitter keeps several gateways (or adapters) that lost the radio together from retrying in step;
+    jittering downwards keeps the cap a hard cap.
+    """
+
+    initial_s: float = 1.0
+    factor: float = 2.0
+    max_s: float = 60.0
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.initial_s <= 0 or self.factor < 1 or self.max_s < self.initial_s or not 0 <= self.jitter < 1:
+            raise ValueError("retry policy needs initial_s > 0, factor >= 1, max_s >= initial_s, 0 <= jitter < 1")
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        base = min(self.max_s, self.initial_s * self.factor ** min(attempt, 64))
+        return base * (1.0 - self.jitter * rand())
+
+
+Sleep = Callable[[float], Awaitable[Any]]
+
+
+class BleakSource:
+    """The gateway's own adapter through bleak, kept alive.
+
+    - Passive scanning with ``or_patterns`` needs BlueZ's AdvertisementMonitor (BlueZ >= 5.56 with
+      ``--experimental``, kernel >= 5.10); when it is refused we scan actively and say so at start.
+    - A watchdog restarts the scan when nothing arrives for ``watchdog_s`` (BlueZ can stop delivering
+      without any error); a restart that fails (adapter gone, busy, resetting) is retried with
+      exponential backoff + jitter, capped, until it works or the source is stopped.
+    - ``sleep`` and ``clock`` are injectable so tests drive the watchdog and backoff without waiting.
+
+    Only the first start fails loudly (``ScannerUnavailable``), so ``gateway run`` exits with a clear
+    message on a box without a usable adapter instead of retrying forever in silence.
     """
 
     name = "bleak"
 
     def __init__(self, adapter: str = "hci0", scanning_mode: str = "passive",
-                 backend: type[Any] | None = None) -> None:
+                 backend: type[Any] | None = None, *, receiver: str | None = None, watchdog_s: float = 30.0,
+                 retry: RetryPolicy | None = None, sleep: Sleep | None = None,
+                 clock: Callable[[], float] | None = None, rand: Callable[[], float] | None = None) -> None:
+        if scanning_mode not in ("passive", "active"):
+            raise ValueError(f"scanning_mode must be 'passive' or 'active', not {scanning_mode!r}")
+        if watchdog_s <= 0:
+            raise ValueError("watchdog_s must be > 0")
         self.adapter = adapter
+        self.receiver = receiver or adapter
         self.scanning_mode = scanning_mode
         self.backend = backend
+        self.watchdog_s = float(watchdog_s)
+        self.retry = retry or RetryPolicy()
+        self._sleep: Sleep = sleep or asyncio.sleep
+        self._clock = clock or time.time
+        self._rand = rand or random.random
         self._scanner: Any = None
+        self._sink: Sink | None = None
+        self._supervisor: asyncio.Task[None] | None = None
         self._state = "stopped"
+        self.mode: str | None = None  # the mode actually scanning: "passive" or "active"
+        self._last_seen = 0.0
+        self.received = 0
+        self.watchdog_trips = 0
+        self.restarts = 0
+        self.start_failures = 0
+        self.delays: list[float] = []  # backoff delays slept, most recent last (bounded)
 
     def state(self) -> str:
         return self._state
 
-    def _make(self, sink: Sink, mode: str) -> Any:
+    def _make(self, mode: str) -> Any:
         from bleak import BleakScanner
-
-        def on_advert(device: Any, data: Any) -> None:
-            sink(Advertisement(address=device.address, rssi=int(data.rssi), time=_now(),
-                               receiver=self.adapter, manufacturer_data=dict(data.manufacturer_data),
-                               service_data=dict(data.service_data)))
 
         bluez: dict[str, Any] = {"adapter": self.adapter}
         if mode == "passive":
             bluez["or_patterns"] = _or_patterns()
+        else:
+            # BlueZ signals ManufacturerData/ServiceData (and so a fresh RSSI) for every advert only with
+            # DuplicateData=True; bleak's default (False) reports a beacon's unchanging bytes once.
+            bluez["filters"] = {"DuplicateData": True}
         kwargs: dict[str, Any] = {"scanning_mode": mode, "bluez": bluez}
         if self.backend is not None:
             kwargs["backend"] = self.backend
-        return BleakScanner(on_advert, **kwargs)
+        return BleakScanner(self._on_advert, **kwargs)
 
-    async def start(self, sink: Sink) -> None:
+    def _on_advert(self, device: Any, data: Any) -> None:
+        sink = self._sink
+        if sink is None:
+            return
+        now = self._clock()
+        self._last_seen = now
+        self.received += 1
+        sink(Advertisement(address=device.address, rssi=int(data.rssi), time=now, receiver=self.receiver,
+                           manufacturer_data=dict(data.manufacturer_data), service_data=dict(data.service_data)))
+
+    async def _open(self) -> str:
+        """Start scanning in the preferred mode, falling back to active; the mode used, or raise the last error."""
         modes = [self.scanning_mode] + (["active"] if self.scanning_mode == "passive" else [])
         last: BaseException | None = None
         for mode in modes:
+            scanner = None
             try:
-                self._scanner = self._make(sink, mode)
-                await self._scanner.start()
+                scanner = self._make(mode)
+                await scanner.start()
             except Exception as exc:
                 last = exc
                 log.debug("scanning %s on %s failed: %r", mode, self.adapter, exc)
+                if scanner is not None:
+                    with contextlib.suppress(Exception):
+                        await scanner.stop()
                 continue
+            self._scanner = scanner
+            if mode != self.mode:
+                if mode == "passive":
+                    log.info("scanning on %s: passive mode (BlueZ advertisement monitor with or_patterns)",
+                             self.adapter)
+                elif self.scanning_mode == "passive":
+                    log.warning("scanning on %s: active mode, because passive was refused (%s)", self.adapter, last)
+                else:
+                    log.info("scanning on %s: active mode", self.adapter)
+            self.mode = mode
+            self._last_seen = self._clock()
             self._state = f"running ({mode})"
-            log.info("scanning on %s, %s mode", self.adapter, mode)
+            return mode
+        assert last is not None
+        raise last
+
+    async def start(self, sink: Sink) -> None:
+        self._sink = sink
+        try:
+            await self._open()
+        except Exception as last:
+            self._state = "unavailable"
+            self._sink = None
+            if isinstance(last, FileNotFoundError):
+                cause = "BlueZ is not reachable (no D-Bus system bus: is bluetoothd running?)"
+            else:
+                cause = f"{type(last).__name__}: {last}"
+            raise ScannerUnavailable(
+                f"Bluetooth adapter {self.adapter!r} cannot scan: {cause}; check `bluetoothctl list`, "
+                "choose another with --adapter hciN, or run without BLE using --no-ble"
+            ) from last
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"scanner-{self.adapter}")
+
+    async def _close_scanner(self) -> None:
+        scanner, self._scanner = self._scanner, None
+        if scanner is not None:
+            try:
+                await scanner.stop()
+            except Exception as exc:  # a vanished adapter cannot be stopped cleanly; we start afresh anyway
+                log.debug("stopping the scanner on %s: %s", self.adapter, exc)
+
+    async def _supervise(self) -> None:
+        """The watchdog: restart the scan after ``watchdog_s`` of silence."""
+        check = self.watchdog_s / 4.0
+        while True:
+            await self._sleep(check)
+            idle = self._clock() - self._last_seen
+            if idle >= self.watchdog_s:
+                self.watchdog_trips += 1
+                log.warning("nothing received on %s for %.0f s: restarting the scan", self.adapter, idle)
+                await self.restart()
+
+    async def restart(self) -> None:
+        """Stop and start the scan again, retrying with backoff until it works (or we are cancelled)."""
+        self._state = "restarting"
+        await self._close_scanner()
+        attempt = 0
+        while True:
+            try:
+                await self._open()
+            except Exception as exc:
+                self.start_failures += 1
+                delay = self.retry.delay(attempt, self._rand)
+                attempt += 1
+                self.delays = [*self.delays[-31:], delay]
+                self._state = f"retrying ({type(exc).__name__}: {exc})"
+                log.warning("adapter %s cannot scan (%s: %s): retry %d in %.1f s",
+                            self.adapter, type(exc).__name__, exc, attempt, delay)
+                await self._sleep(delay)
+                continue
+            self.restarts += 1
+            log.info("scan restarted on %s after %d failed attempt(s)", self.adapter, attempt)
             return
-        self._state = "unavailable"
-        if isinstance(last, FileNotFoundError):
-            cause = "BlueZ is not reachable (no D-Bus system bus: is bluetoothd running?)"
-        else:
-            cause = f"{type(last).__name__}: {last}"
-        raise ScannerUnavailable(
-            f"Bluetooth adapter {self.adapter!r} cannot scan: {cause}; "
-            "check `bluetoothctl list`, choose another with --adapter hciN, or run without BLE using --no-ble"
-        )
 
     async def stop(self) -> None:
-        if self._scanner is not None:
-            try:
-                await self._scanner.stop()
-            except Exception as exc:
-                log.debug("stopping the scanner: %s", exc)
-        self._scanner = None
+        task, self._supervisor = self._supervisor, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._close_scanner()
+        self._sink = None
         self._state = "stopped"
 
 
-def _now() -> float:
-    import time
+class ScannerGroup:
+    """Several scanners behind one ``Scanner``: e.g. one ``BleakSource`` per adapter."""
 
-    return time.time()
+    name = "group"
+
+    def __init__(self, scanners: Iterable[Scanner]) -> None:
+        self.scanners = list(scanners)
+        self._started: list[Scanner] = []
+
+    async def start(self, sink: Sink) -> None:
+        try:
+            for s in self.scanners:
+                await s.start(sink)
+                self._started.append(s)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        started, self._started = self._started, []
+        for s in reversed(started):
+            await s.stop()
+
+    def state(self) -> str:
+        return ", ".join(f"{getattr(s, 'receiver', s.name)}: {s.state()}" for s in self.scanners)

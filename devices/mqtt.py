@@ -9,6 +9,10 @@ one event-loop wake-up instead of N.
 Bad input never stops the stream: a malformed payload is counted in ``stats`` by reason code and
 logged with its topic (rate-limited, never more than a short prefix of the payload).
 
+Other publishers on the same broker (ESPresense nodes reporting BLE sightings) ride on the same
+connection through :class:`ExtraSubscription`: one more filter, its own parser and queue, its
+rejects counted in ``stats`` as ``<name>:<reason>``.
+
 The session is persistent by default (clean start off, with a session expiry on MQTT 5): while the
 gateway is away the broker keeps its subscription and queues QoS 1 telemetry for it. paho
 acknowledges a QoS 1 message when ``on_message`` returns, that is once the reading is queued in
@@ -89,6 +93,22 @@ class MqttSettings:
     reconnect_max_delay: int = 30
 
 
+@dataclass(frozen=True, slots=True)
+class ExtraSubscription:
+    """Another topic filter on the same connection, e.g. remote BLE receivers' sightings.
+
+    ``parse(topic, payload, received_at)`` runs on paho's thread and returns the item for ``queue``;
+    an exception of ``errors`` is a reject: counted as ``<name>:<reason_code>`` and logged with its
+    topic, unless it says it is ``quiet`` (expected traffic we ignore), which is only counted.
+    """
+
+    name: str
+    topic_filter: str
+    parse: Callable[[str, bytes, float], Any]
+    queue: asyncio.Queue[Any]
+    errors: tuple[type[Exception], ...] = (ValueError,)
+
+
 class MqttIntake:
     """Subscribe to device telemetry and put each valid :class:`Reading` on ``readings``.
 
@@ -126,6 +146,18 @@ class MqttIntake:
         self._drain_scheduled = False
         self._connected_event: asyncio.Event | None = None
         self._subscribe_mid: int | None = None
+        self._extra: list[ExtraSubscription] = []
+        self._pending_extra: list[tuple[asyncio.Queue[Any], Any]] = []
+        self.extra_accepted: Counter[str] = Counter()
+        """Accepted messages per extra subscription name."""
+
+    def add_subscription(self, extra: ExtraSubscription) -> None:
+        """Subscribe to one more filter (before ``start``); its items go to ``extra.queue``."""
+        if self._client is not None:
+            raise RuntimeError("add subscriptions before start()")
+        if extra.queue.maxsize:
+            raise ValueError("the queue must be unbounded; the consumer owns backpressure")
+        self._extra.append(extra)
 
     # -- status -------------------------------------------------------------------------------
 
@@ -259,7 +291,11 @@ class MqttIntake:
             return
         # Subscribe on every connect: cheap, and correct even if the broker lost our session.
         # We count as connected only once the SUBACK is back (see _on_subscribe).
-        _, self._subscribe_mid = client.subscribe(self._filter, qos=self.settings.qos)
+        if self._extra:  # one SUBSCRIBE for all filters: one SUBACK says we are connected
+            filters = [(self._filter, self.settings.qos), *((e.topic_filter, self.settings.qos) for e in self._extra)]
+            _, self._subscribe_mid = client.subscribe(filters)
+        else:
+            _, self._subscribe_mid = client.subscribe(self._filter, qos=self.settings.qos)
         client.publish(self._status_topic, ONLINE, qos=1, retain=True)
         log.info(
             "MQTT connected to %s:%d (session present: %s)",
@@ -318,6 +354,10 @@ class MqttIntake:
             except UnicodeDecodeError:
                 self._reject(BAD_TOPIC, repr(message._topic[:80]), message.payload, "topic is not UTF-8")
                 return
+            for extra in self._extra:
+                if mqtt.topic_matches_sub(extra.topic_filter, topic):
+                    self._on_extra(extra, topic, bytes(message.payload))
+                    return
             parts = parse_topic(topic, self.settings.topic_prefix)
             if parts is None or parts.kind != "telemetry":
                 self._reject(BAD_TOPIC, topic, message.payload, "not a device telemetry topic")
@@ -337,6 +377,24 @@ class MqttIntake:
         except Exception:
             self.stats[INTERNAL_ERROR] += 1
             log.exception("MQTT intake failed on a message; continuing")
+
+    def _on_extra(self, extra: ExtraSubscription, topic: str, payload: bytes) -> None:
+        try:
+            item = extra.parse(topic, payload, self._clock())
+        except extra.errors as exc:
+            reason = f"{extra.name}:{getattr(exc, 'reason_code', 'rejected')}"
+            if getattr(exc, "quiet", False):
+                self.stats[reason] += 1
+            else:
+                self._reject(reason, topic, payload, str(getattr(exc, "message", exc)))
+            return
+        self.extra_accepted[extra.name] += 1
+        with self._lock:
+            self._pending_extra.append((extra.queue, item))
+            if self._drain_scheduled:
+                return
+            self._drain_scheduled = True
+        self._call_in_loop(self._drain)
 
     def _reject(self, reason: str, topic: str, payload: bytes | bytearray, detail: str) -> None:
         self.stats[reason] += 1
@@ -364,10 +422,13 @@ class MqttIntake:
     def _drain(self) -> None:
         with self._lock:
             batch, self._pending = self._pending, []
+            extras, self._pending_extra = self._pending_extra, []
             self._drain_scheduled = False
         put = self.readings.put_nowait
         for reading in batch:
             put(reading)
+        for queue, item in extras:
+            queue.put_nowait(item)
 
     def _set_connected_event(self) -> None:
         if self._connected_event is not None:

@@ -6,6 +6,8 @@ substitute ``{dotted.fact}`` paths, so a campaign file can never run code.
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 import math
 import re
@@ -17,7 +19,8 @@ from typing import Any
 import yaml
 
 PURPOSES = ("offers", "cart_reminders", "maintenance", "analytics")
-TRIGGERS = ("visit_start", "enter", "dwell", "exit", "visit_end", "telemetry", "cart_abandoned")
+TRIGGERS = ("visit_start", "enter", "dwell", "exit", "visit_end", "telemetry", "cart_abandoned", "purchase")
+LIMITS = ("cooldown_s", "max_per_profile", "budget", "quiet_hours", "ttl_s")
 OPS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "exists", "contains")
 _MISSING = object()
 
@@ -44,6 +47,33 @@ class Action:
 
 
 @dataclass(frozen=True, slots=True)
+class QuietHours:
+    """Local times in the store's timezone; ``start > end`` spans midnight. ``hold`` sends at the end."""
+
+    start: dt.time
+    end: dt.time
+    mode: str = "hold"  # hold | drop
+
+    def contains(self, local: dt.time) -> bool:
+        if self.start <= self.end:
+            return self.start <= local < self.end
+        return local >= self.start or local < self.end
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    name: str
+    weight: float = 1.0
+    action: Action | None = None  # None: the campaign's own action
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    variants: tuple[Variant, ...]
+    holdout: float = 0.0  # share of profiles that never receive it, to measure lift against
+
+
+@dataclass(frozen=True, slots=True)
 class Campaign:
     id: str
     name: str
@@ -54,6 +84,13 @@ class Campaign:
     cooldown_s: float = 0.0
     priority: int = 0
     enabled: bool = True
+    max_per_profile: int = 0  # re-eligibility: at most N sends per profile, ever (0: no limit)
+    budget_sends: int = 0  # campaign-wide send budget (0: no limit)
+    quiet_hours: QuietHours | None = None
+    delay_s: float = 0.0  # send this long after the trigger, unless a cancel event comes first
+    ttl_s: float = 0.0  # a held or delayed send older than this is dropped as expired (0: never)
+    cancel_on: tuple[str, ...] = ()  # event kinds that cancel a pending send (e.g. purchase, exit)
+    experiment: Experiment | None = None
 
 
 # ---------------------------------------------------------------- conditions
@@ -113,6 +150,10 @@ def evaluate(cond: Mapping[str, Any] | None, facts: Mapping[str, Any]) -> str | 
     if "not" in cond:
         return "not(...)" if evaluate(cond["not"], facts) is None else None
     fact, op, value = cond["fact"], cond["op"], cond.get("value")
+    if "value_fact" in cond:  # compare two facts, e.g. cart.zones contains event.zone
+        value = lookup(facts, cond["value_fact"])
+        if value is _MISSING:
+            return f"{cond['value_fact']} is missing"
     left = lookup(facts, fact)
     if _compare(op, left, value):
         return None
@@ -138,7 +179,9 @@ def _validate_condition(cond: Any, where: str) -> None:
         raise CampaignError(f"{where}: needs a 'fact' (a dotted path like profile.attributes.tier)")
     if cond.get("op") not in OPS:
         raise CampaignError(f"{where}: 'op' must be one of {', '.join(OPS)}")
-    if cond["op"] in ("in", "not_in") and not isinstance(cond.get("value"), list):
+    if "value_fact" in cond and not isinstance(cond["value_fact"], str):
+        raise CampaignError(f"{where}: 'value_fact' is a dotted path")
+    if cond["op"] in ("in", "not_in") and "value_fact" not in cond and not isinstance(cond.get("value"), list):
         raise CampaignError(f"{where}: '{cond['op']}' needs a list value")
 
 
@@ -193,28 +236,164 @@ def parse_campaign(data: Any, source: str = "campaign") -> Campaign:
         act.get("body"), str
     ):
         raise CampaignError(f"{where}: 'action' needs a 'title' and a 'body' (text templates)")
+    unknown = set(data) - {"id", "name", "purpose", "trigger", "conditions", "action", "limits", "priority",
+                           "enabled", "cancel_on", "experiment", "description"}
+    if unknown:
+        raise CampaignError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     cond = data.get("conditions")
     if cond is not None:
         _validate_condition(cond, f"{where}: conditions")
     limits = data.get("limits") or {}
     if not isinstance(limits, Mapping):
         raise CampaignError(f"{where}: 'limits' is a mapping")
+    unknown = set(limits) - set(LIMITS)
+    if unknown:
+        raise CampaignError(f"{where}: unknown limit(s) {', '.join(sorted(unknown))}; known: {', '.join(LIMITS)}")
+    budget = limits.get("budget") or {}
+    if not isinstance(budget, Mapping) or set(budget) - {"max_sends"}:
+        raise CampaignError(f"{where}: 'limits.budget' takes max_sends")
+    cancel_on = data.get("cancel_on") or []
+    if not isinstance(cancel_on, list) or any(c not in TRIGGERS for c in cancel_on):
+        raise CampaignError(f"{where}: 'cancel_on' is a list of event kinds from {', '.join(TRIGGERS)}")
     try:
         cooldown = float(limits.get("cooldown_s", 0))
         priority = int(data.get("priority", 0))
+        max_per_profile = int(limits.get("max_per_profile", 0))
+        budget_sends = int(budget.get("max_sends", 0))
+        ttl = float(limits.get("ttl_s", 0))
+        delay = float(act.get("delay_s", 0))
     except (TypeError, ValueError):
-        raise CampaignError(f"{where}: cooldown_s and priority are numbers") from None
+        raise CampaignError(f"{where}: cooldown_s, max_per_profile, max_sends, ttl_s, delay_s and priority "
+                            "are numbers") from None
+    if min(cooldown, max_per_profile, budget_sends, ttl, delay) < 0:
+        raise CampaignError(f"{where}: limits and delays cannot be negative")
     return Campaign(
         id=cid,
         name=str(data.get("name", cid)),
         purpose=purpose,
         trigger=trigger,
-        action=Action(title=act["title"], body=act["body"], data=dict(act.get("data") or {})),
+        action=_action(act, where),
         conditions=cond,
         cooldown_s=cooldown,
         priority=priority,
         enabled=bool(data.get("enabled", True)),
+        max_per_profile=max_per_profile,
+        budget_sends=budget_sends,
+        quiet_hours=_quiet_hours(limits.get("quiet_hours"), where),
+        delay_s=delay,
+        ttl_s=ttl,
+        cancel_on=tuple(cancel_on),
+        experiment=_experiment(data.get("experiment"), where),
     )
+
+
+def _action(act: Mapping[str, Any], where: str) -> Action:
+    unknown = set(act) - {"title", "body", "data", "delay_s"}
+    if unknown:
+        raise CampaignError(f"{where}: unknown action field(s) {', '.join(sorted(unknown))}")
+    if not isinstance(act.get("title"), str) or not isinstance(act.get("body"), str):
+        raise CampaignError(f"{where}: an action needs a 'title' and a 'body' (text templates)")
+    data = act.get("data") or {}
+    if not isinstance(data, Mapping):
+        raise CampaignError(f"{where}: 'action.data' is a mapping")
+    return Action(title=act["title"], body=act["body"], data=dict(data))
+
+
+def _clock_time(value: Any, where: str) -> dt.time:
+    try:
+        hh, mm = str(value).split(":")
+        return dt.time(int(hh), int(mm))
+    except ValueError:
+        raise CampaignError(f"{where}: times are 'HH:MM', got {value!r}") from None
+
+
+def _quiet_hours(value: Any, where: str) -> QuietHours | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or "start" not in value or "end" not in value:
+        raise CampaignError(f"{where}: 'quiet_hours' needs start and end ('HH:MM', store time)")
+    mode = value.get("mode", "hold")
+    if mode not in ("hold", "drop"):
+        raise CampaignError(f"{where}: quiet_hours.mode is hold or drop")
+    return QuietHours(_clock_time(value["start"], where), _clock_time(value["end"], where), mode)
+
+
+def _experiment(value: Any, where: str) -> Experiment | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise CampaignError(f"{where}: 'experiment' is a mapping with variants and holdout")
+    try:
+        holdout = float(value.get("holdout", 0))
+    except (TypeError, ValueError):
+        raise CampaignError(f"{where}: experiment.holdout is a share between 0 and 1") from None
+    if not 0 <= holdout < 1:
+        raise CampaignError(f"{where}: experiment.holdout is a share between 0 and 1")
+    raw = value.get("variants") or [{"name": "control"}]
+    if not isinstance(raw, list):
+        raise CampaignError(f"{where}: experiment.variants is a list")
+    variants = []
+    for i, v in enumerate(raw):
+        if not isinstance(v, Mapping) or not isinstance(v.get("name"), str):
+            raise CampaignError(f"{where}: experiment.variants[{i}] needs a name")
+        try:
+            weight = float(v.get("weight", 1))
+        except (TypeError, ValueError):
+            weight = -1
+        if weight <= 0:
+            raise CampaignError(f"{where}: experiment.variants[{i}].weight must be positive")
+        action = _action(v["action"], f"{where}: variant {v['name']}") if v.get("action") else None
+        variants.append(Variant(v["name"], weight, action))
+    if len({v.name for v in variants}) != len(variants) or any(v.name == "holdout" for v in variants):
+        raise CampaignError(f"{where}: variant names are unique and 'holdout' is reserved")
+    return Experiment(tuple(variants), holdout)
+
+
+def assign_variant(experiment: Experiment, campaign_id: str, profile_id: int) -> Variant | None:
+    """Sticky and deterministic: the same profile always lands in the same arm; None is the holdout."""
+    digest = hashlib.sha256(f"{campaign_id}:{profile_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < experiment.holdout:
+        return None
+    u = (u - experiment.holdout) / (1 - experiment.holdout)
+    total = sum(v.weight for v in experiment.variants)
+    acc = 0.0
+    for v in experiment.variants:
+        acc += v.weight / total
+        if u < acc:
+            return v
+    return experiment.variants[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A live, declarative group of profiles (e.g. frequent visitors), usable as ``segments`` in conditions."""
+
+    id: str
+    conditions: Mapping[str, Any]
+
+
+SEGMENTS_FILE = "segments.yaml"
+
+
+def load_segments(directory: str | Path) -> list[Segment]:
+    """``segments.yaml`` beside the campaigns: a list of {id, conditions}."""
+    path = Path(directory) / SEGMENTS_FILE
+    if not path.is_file():
+        return []
+    try:
+        data = yaml.safe_load(path.read_text()) or []
+    except yaml.YAMLError as exc:
+        raise CampaignError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, list):
+        raise CampaignError(f"{path}: a list of segments")
+    out = []
+    for i, item in enumerate(data):
+        if not isinstance(item, Mapping) or not isinstance(item.get("id"), str) or "conditions" not in item:
+            raise CampaignError(f"{path}[{i}]: a segment needs an id and conditions")
+        _validate_condition(item["conditions"], f"{path} ({item['id']})")
+        out.append(Segment(item["id"], item["conditions"]))
+    return out
 
 
 def load_campaign_file(path: Path) -> list[Campaign]:
@@ -233,7 +412,7 @@ def load_campaigns(directory: str | Path) -> list[Campaign]:
         raise CampaignError(f"campaign directory not found: {d}")
     campaigns: list[Campaign] = []
     for path in sorted(d.iterdir()):
-        if path.suffix in (".yaml", ".yml", ".json"):
+        if path.suffix in (".yaml", ".yml", ".json") and path.name != SEGMENTS_FILE:
             campaigns.extend(load_campaign_file(path))
     seen: set[str] = set()
     for c in campaigns:

@@ -14,20 +14,30 @@ from typing import Any, Protocol
 
 Message = dict[str, Any]
 
-DELIVERED_LIVE = "streamed"
-NO_LISTENER = "no_listener"
+# The outcome words a channel returns (and the deliveries table records). The dispatcher maps
+# them to a per-channel state: delivered, waiting (nothing to retry), retry later, or dead.
+DELIVERED_LIVE = "streamed"  # handed to at least one open stream (SSE or WebSocket) of the profile
+DELIVERED = frozenset({DELIVERED_LIVE, "delivered"})  # "delivered": a remote service accepted it
+NO_LISTENER = "no_listener"  # no stream open: not a failure, the stream replays on connect
+RETRY = "retry"  # a transient failure (timeout, 5xx, 429): try again after a backoff
+ERROR = "error"  # the channel raised: treated as transient
+DEAD = "dead"  # a permanent failure (bad request, disabled endpoint): never retried
+GONE = "gone"  # the endpoint no longer exists (HTTP 404/410): never retried
 
 
 class Channel(Protocol):
     name: str
 
     async def deliver(self, profile_id: int, message: Message) -> str:
-        """Try one delivery; return an outcome word recorded in the deliveries table."""
+        """Try one delivery; return an outcome word (above) recorded in the deliveries table.
+
+        Raising is allowed and counts as a transient failure (``error``), retried with backoff.
+        """
         ...
 
 
 class StreamHub:
-    """In-process fan-out to the live streams (SSE now, WebSocket later) of each profile."""
+    """In-process fan-out to the live streams (SSE and WebSocket) of each profile."""
 
     name = "sse"
 

@@ -55,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(run_demo(port=args.port, scenario_path=args.scenario, campaigns_dir=args.campaigns,
-                             data_dir=args.data_dir, mqtt_port=args.mqtt_port))
+                             data_dir=args.data_dir, mqtt_port=args.mqtt_port, radio=args.radio))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
@@ -118,6 +118,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_catalogue_import(args: argparse.Namespace) -> int:
+    from gateway.clock import SystemClock
+    from gateway.config import ConfigError, load_settings
+    from gateway.identity import IdentityIndex
+    from gateway.runtime import token_secret
+    from gateway.service import GatewayService, Invalid
+    from gateway.storage.db import Database
+    from gateway.tokens import TokenSigner
+
+    try:
+        settings = load_settings(args.config)
+        text = open(args.file, encoding="utf-8-sig").read()  # noqa: SIM115  (Excel writes a BOM)
+    except (ConfigError, OSError) as exc:
+        print(f"gateway catalogue import: {exc}", file=sys.stderr)
+        return 2
+    db = Database(args.url or settings.database.url)
+    try:
+        db.upgrade()
+        service = GatewayService(db, IdentityIndex(), SystemClock(), TokenSigner(token_secret(settings)))
+        n = service.import_catalogue_csv(text)
+    except Invalid as exc:
+        print(f"gateway catalogue import: {args.file}: {exc}; nothing was imported", file=sys.stderr)
+        return 2
+    finally:
+        db.dispose()
+    print(f"imported {n} product(s)")
+    return 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from gateway.config import ConfigError, load_settings
     from gateway.storage.db import Database
@@ -146,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--scenario", default="examples/store.yaml")
     d.add_argument("--campaigns", default="examples/campaigns")
     d.add_argument("--data-dir", default="data/demo")
+    d.add_argument("--radio", choices=("inject", "virtual"), default="inject",
+                   help="inject: adverts enter at the scanner boundary; virtual: bumble beacons heard "
+                        "through the gateway's bleak scanner (one virtual adapter per receiver)")
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("run", help="the production gateway: BLE scanner, MQTT, API, storage")
@@ -172,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--config", default=None)
     up.add_argument("--url", default=None)
     up.set_defaults(func=cmd_db_upgrade)
+    cat = sub.add_parser("catalogue", help="the product catalogue (where each item is in the shop)")
+    cats = cat.add_subparsers(dest="catalogue_command", required=True)
+    imp = cats.add_parser("import", help="import a CSV: sku,name[,price,zone,aisle] with a header row")
+    imp.add_argument("file")
+    imp.add_argument("--config", default=None)
+    imp.add_argument("--url", default=None, help="database URL (default: from the config)")
+    imp.set_defaults(func=cmd_catalogue_import)
     return p
 
 

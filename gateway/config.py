@@ -81,8 +81,17 @@ class ReceiverSettings:
 class PresenceSettings:
     exit_after_s: float = 10.0  # silence before an identity has left (CLBeacon semantics)
     dwell_every_s: float = 15.0  # a dwell event every N s inside a zone
-    smoothing: float = 0.3  # EMA weight of a new RSSI sample
+    smoothing: float = 0.3  # rssi_filter "ema": weight a sample gets after 1 s without one (time-aware)
     visit_end_after_s: float = 300.0  # silence after which the visit (not just the zone) ends
+    rssi_filter: str = "kalman"  # per identity-receiver RSSI filter: "kalman" (time-aware) or "ema"
+    rssi_noise_db: float = 5.0  # Kalman: RSSI noise of one advert (shadowing sigma)
+    rssi_drift_db_s: float = 1.5  # Kalman: how fast the true RSSI may drift (dB per sqrt(s))
+    enter_hold_s: float = 1.0  # a new zone must be seen this long before it is entered
+    band_margin_db: float = 3.0  # between two bands of one receiver: be this far inside the new one
+    exit_band_factor: float = 2.0  # leave a zone still heard beyond this x its band (below 1: never)
+    exit_band_hold_s: float = 5.0  # ... for this long
+    owner_margin_db: float = 4.0  # another receiver takes an identity over when this much stronger
+    owner_hold_s: float = 1.5  # ... for this long (deadband)
 
 
 @dataclass
@@ -96,6 +105,84 @@ class CampaignSettings:
 
 
 @dataclass
+class CapSettings:
+    window_s: float
+    max: int
+    purposes: list[str] = field(default_factory=lambda: ["offers", "cart_reminders"])
+
+
+@dataclass
+class TierSettings:
+    name: str
+    min_points: int
+
+
+@dataclass
+class LoyaltySettings:
+    points_per_visit: int = 10  # earned once per visit, at its start
+    tiers: list[TierSettings] = field(default_factory=lambda: [
+        TierSettings("bronze", 0), TierSettings("silver", 50), TierSettings("gold", 150)])
+
+
+@dataclass
+class EngineSettings:
+    # Rolling frequency caps per profile across campaigns (marketing purposes by default).
+    caps: list[CapSettings] = field(default_factory=lambda: [CapSettings(3600, 3), CapSettings(86400, 6)])
+
+
+@dataclass
+class RemoteSettings:
+    """Receivers other than our own adapter: ESPresense nodes over MQTT, the shop's app over HTTP.
+
+    Each is a receiver id like any other, so it needs a ``[[receivers]]`` entry with zones:
+    ``espresense:<room>`` (or the id ``rooms`` maps the room to) and ``beacon:<store beacon key>``.
+    """
+
+    espresense: bool = True
+    espresense_prefix: str = "espresense"
+    rooms: dict[str, str] = field(default_factory=dict)  # ESPresense room -> receiver id
+    app_max_age_s: float = 30.0  # app-reported sightings older than this are refused
+    app_max_ahead_s: float = 5.0  # ...and so are those further in the future (clock skew allowance)
+
+
+@dataclass
+class WebhookSettings:
+    """The brand's own push backend: every notification is POSTed to it, signed (see docs/delivery.md)."""
+
+    enabled: bool = False
+    url: list[str] = field(default_factory=list)  # one URL or several; each gets every notification
+    secret: str = ""  # HMAC-SHA256 key shared with the receiver; required when enabled, never logged
+    timeout: float = 5.0  # seconds per attempt
+    max_attempts: int = 3  # attempts within one delivery (5xx, 429, timeouts); the outbox retries later
+    backoff_base_s: float = 0.5  # first wait between attempts; doubles each time, with jitter
+    backoff_max_s: float = 8.0
+    disable_after_gone: int = 3  # consecutive 410 Gone answers before a URL is disabled (kept in the db)
+
+
+@dataclass
+class WebPushSettings:
+    """Web Push (RFC 8030/8291/8292) to the browsers customers subscribed with."""
+
+    enabled: bool = False
+    vapid_private_key: str = ""  # a PEM file path or the PEM itself; empty: data_dir/vapid_private.pem
+    subject: str = ""  # "mailto:ops@brand.example" or an https URL: whom push services contact
+    ttl_s: int = 3600  # default TTL header: how long a push service keeps an undelivered message
+    urgency: str = "normal"  # default Urgency header: very-low | low | normal | high
+    timeout: float = 10.0  # seconds per request to a push service
+
+
+@dataclass
+class DeliverySettings:
+    """The outbox dispatcher's retries per notification and channel (kept in the db, survive restarts)."""
+
+    max_attempts: int = 8  # failed attempts before a channel is dead-lettered for that notification
+    backoff_base_s: float = 2.0  # wait after the first failure; doubles after each one...
+    backoff_max_s: float = 600.0  # ...up to this
+    jitter: float = 0.5  # share of each wait taken off at random (0..1), so retries do not stampede
+    retry_poll_s: float = 1.0  # how often the retry loop looks for due retries
+
+
+@dataclass
 class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -105,6 +192,12 @@ class Settings:
     presence: PresenceSettings = field(default_factory=PresenceSettings)
     carts: CartSettings = field(default_factory=CartSettings)
     campaigns: CampaignSettings = field(default_factory=CampaignSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    loyalty: LoyaltySettings = field(default_factory=LoyaltySettings)
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    webpush: WebPushSettings = field(default_factory=WebPushSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    remote: RemoteSettings = field(default_factory=RemoteSettings)
     receivers: list[ReceiverSettings] = field(default_factory=list)
     data_dir: str = "data"
 
@@ -122,6 +215,16 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:  # a TOML table, or "a=b, c=d" from the environment
+        key_t, val_t = typ.__args__
+        if isinstance(value, str):
+            pairs = [p.partition("=") for p in value.split(",") if p.strip()]
+            if any(not sep for _, sep, _ in pairs):
+                raise ConfigError(f"{where}: expected key=value pairs, got {value!r}")
+            value = {k.strip(): v.strip() for k, _, v in pairs}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a table")
+        return {_coerce(k, key_t, where): _coerce(v, val_t, f"{where}.{k}") for k, v in value.items()}
     if typ is bool:
         if isinstance(value, str):
             if value.lower() in ("1", "true", "yes", "on"):

@@ -15,16 +15,18 @@ from pathlib import Path
 
 import httpx
 
-from beacons.scanner import InjectionScanner
+from beacons.scanner import BleakSource, InjectionScanner, ScannerGroup
 from devices.broker import ensure_broker
 from devices.mqtt import MqttIntake
 from devices.mqtt import MqttSettings as IntakeSettings
+from gateway.clock import SystemClock
 from gateway.config import Settings
 from gateway.runtime import Runtime
 from gateway.scenarios import apply_scenario, enrol
 from simulators.carts import cart_upserts
 from simulators.scenario import load_scenario
 from simulators.store_sim import StoreSimulator
+from simulators.virtual_radio import VirtualStore
 from simulators.wearables import MqttPublisher, TelemetryModel, topic_for
 from simulators.wearables import payload as telemetry_payload
 
@@ -33,7 +35,12 @@ log = logging.getLogger("gateway.demo")
 
 async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yaml",
                    campaigns_dir: str = "examples/campaigns", data_dir: str = "data/demo",
-                   mqtt_port: int = 1883, stop: asyncio.Event | None = None, seed: int = 1) -> None:
+                   mqtt_port: int = 1883, stop: asyncio.Event | None = None, seed: int = 1,
+                   radio: str = "inject") -> None:
+    """``radio``: "inject" hands the simulator's adverts to the runtime; "virtual" puts the tags on
+    bumble's virtual air and hears them through the gateway's own bleak scanner, one adapter per receiver."""
+    if radio not in ("inject", "virtual"):
+        raise ValueError(f"radio must be 'inject' or 'virtual', not {radio!r}")
     scenario = load_scenario(scenario_path)
     settings = apply_scenario(Settings(), scenario)
     data = Path(data_dir)
@@ -56,10 +63,24 @@ async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yam
     print(f"MQTT: {broker.description}")
     intake = MqttIntake(IntakeSettings(host="127.0.0.1", port=mqtt_port, client_id=f"gateway-{scenario.store.id}",
                                        store_id=scenario.store.id, protocol=broker.protocol))
-    scanner = InjectionScanner()
-    runtime = Runtime(settings, scanner=scanner, mqtt=intake)
+    clock = SystemClock()
+    virtual: VirtualStore | None = None
+    sources: list[BleakSource] = []
+    scanner: InjectionScanner | ScannerGroup
+    if radio == "virtual":
+        virtual = VirtualStore(StoreSimulator(scenario, start=clock.now(), seed=seed, duration_s=8 * 3600),
+                               clock=clock.now)
+        sources = virtual.sources(clock=clock.now)
+        scanner = ScannerGroup(sources)
+    else:
+        scanner = InjectionScanner()
+    runtime = Runtime(settings, clock=clock, scanner=scanner, mqtt=intake)
     publisher = None
     try:
+        if virtual is not None:
+            await virtual.start()
+            print(f"Radio:  virtual (bumble tags on a LocalLink, heard through bleak on "
+                  f"{', '.join(f'{a} = {rx}' for rx, a in virtual.adapter_of.items())})")
         await runtime.start()
         enrol(runtime.service, scenario)
         base = f"http://127.0.0.1:{port}"
@@ -81,14 +102,18 @@ async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yam
         print(f"  curl -N -H 'Authorization: Bearer {token}' {base}/v1/me/stream")
         print("Decisions follow, one line each. Ctrl-C stops.\n", flush=True)
 
-        sim = StoreSimulator(scenario, start=now, seed=seed, duration_s=8 * 3600)
+        sim = virtual.sim if virtual is not None else StoreSimulator(scenario, start=now, seed=seed,
+                                                                     duration_s=8 * 3600)
         telemetry = TelemetryModel(scenario, start=now, seed=seed)
         publisher = MqttPublisher("127.0.0.1", mqtt_port, protocol=broker.protocol)
         await asyncio.to_thread(publisher.connect)
         last_adv = last_tel = now
         while not stop.is_set():
             t = runtime.clock.now()
-            runtime.inject(sim.advertisements(last_adv, t))
+            if virtual is not None:
+                await virtual.sync()
+            else:
+                runtime.inject(sim.advertisements(last_adv, t))
             last_adv = t
             if t - last_tel >= 1.0:
                 rows = telemetry.readings(last_tel, t)
@@ -103,5 +128,9 @@ async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yam
         if publisher is not None:
             await asyncio.to_thread(publisher.close)
         await runtime.stop()
+        if virtual is not None:
+            await virtual.close()
+            heard = sum(s.received for s in sources)
+            print(f"virtual radio: the gateway heard {heard} adverts")
         await broker.stop()
         print("stopped.")

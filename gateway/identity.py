@@ -11,6 +11,7 @@ import hashlib
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from beacons.remote import app_key
 from gateway.storage.models import Identifier
 
 KINDS = ("beacon", "device", "app_install", "email_sha256")
@@ -31,6 +32,7 @@ class IdentityIndex:
     def __init__(self) -> None:
         self._by_key: dict[tuple[str, str], int] = {}
         self._beacons: dict[str, int] = {}
+        self._apps: dict[str, int] = {}  # app:<profile id> -> profile, for app-reported sightings
 
     def load(self, session: Session) -> None:
         self._by_key.clear()
@@ -46,8 +48,18 @@ class IdentityIndex:
     def remove_profile(self, profile_id: int) -> None:
         self._by_key = {k: v for k, v in self._by_key.items() if v != profile_id}
         self._beacons = {k: v for k, v in self._beacons.items() if v != profile_id}
+        self._apps.pop(app_key(profile_id), None)
+
+    def allow_app(self, profile_id: int) -> str:
+        """The presence key for a customer whose app (token verified) reports sightings; it resolves
+        to that profile from now until the profile is removed. Never a stored identifier."""
+        key = app_key(profile_id)
+        self._apps[key] = profile_id
+        return key
 
     def beacon(self, key: str) -> int | None:
+        if key.startswith("app:"):  # checked first: a registered beacon value can never claim an app key
+            return self._apps.get(key)
         return self._beacons.get(key)
 
     def lookup(self, kind: str, value: str) -> int | None:

@@ -1,10 +1,23 @@
 """Sightings in, presence events out: which zone each identity is in, and for how long.
 
-Per identity and receiver the RSSI is smoothed (EMA with an outlier clamp) and turned into a
-distance by the log-distance model; the strongest receiver heard recently owns the identity,
-and its distance bands name the zone. Entering a zone needs ``enter_samples`` agreeing
-observations; staying needs none (hysteresis), so noise does not make people flap.
-Exit comes from silence, found by ``tick``: the tracker never looks at a wall clock.
+The model (docs/presence.md has the figures behind each default):
+
+- **Filter**, per identity and receiver (a *link*): a scalar Kalman filter on RSSI whose process
+  noise grows with the time since the last advert, so it is correct for irregular adverts: dense
+  adverts are averaged by count, and after a loss burst the estimate is uncertain and catches up
+  fast. Innovations beyond ``GATE_SIGMAS`` are clamped (outliers). ``rssi_filter = "ema"`` selects
+  a time-aware EMA with an outlier clamp instead.
+- **Distance**: log-distance path loss, per-receiver calibration (measured power at 1 m, exponent),
+  defaulting to the beacon's advertised tx power. Bands are precomputed as RSSI thresholds, so the
+  hot path never takes a logarithm.
+- **Ownership**: the strongest receiver (RSSI above its own 1 m reference) owns an identity; once
+  the identity is in a zone, another receiver takes over only when stronger by ``owner_margin_db``
+  for ``owner_hold_s`` (a deadband), so two receivers of similar strength do not flap.
+- **Zones** with hysteresis: entering needs ``enter_samples`` observations over ``enter_hold_s``
+  agreeing on the owner's band; staying needs none. Moving between two bands of one receiver
+  needs the estimate ``band_margin_db`` inside the new band. Leaving without a new zone needs the zone's
+  receiver to hear the identity beyond ``exit_band_factor`` x the band for ``exit_band_hold_s``, or
+  silence for ``exit_after_s`` (found by ``tick``: the tracker never looks at a wall clock).
 """
 
 from __future__ import annotations
@@ -21,7 +34,13 @@ from gateway.config import PresenceSettings, ReceiverSettings
 EventKind = Literal["visit_start", "enter", "dwell", "exit", "visit_end"]
 
 DEFAULT_MEASURED_POWER = -59
-OUTLIER_CLAMP_DB = 12.0  # a single sample may move the estimate by at most this much
+OUTLIER_CLAMP_DB = 12.0  # EMA: a single sample may move the estimate by at most this much
+GATE_SIGMAS = 2.5  # Kalman: innovations clamped at this many predicted standard deviations
+REORDER_S = 2.0  # sightings this much older than an identity's newest are a clock step back
+RSSI_UNAVAILABLE = 127  # what HCI reports when the controller has no RSSI
+
+#: (enter threshold dBm, zone name, exit threshold dBm), nearest band first
+Bands = tuple[tuple[float, str, float], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +59,20 @@ def distance_m(rssi: float, measured_power: float, exponent: float) -> float:
     return float(10.0 ** ((measured_power - rssi) / (10.0 * exponent)))
 
 
+def rssi_at(distance: float, measured_power: float, exponent: float) -> float:
+    """The model forward: the RSSI expected at ``distance`` metres."""
+    return measured_power - 10.0 * exponent * math.log10(distance)
+
+
 @dataclass(slots=True)
 class _Link:
-    rssi: float
-    last: float
+    """One receiver's filtered view of one identity."""
+
+    rssi: float  # filtered estimate
+    var: float  # its variance (Kalman)
+    last: float  # newest sample time
+    ref: float  # calibrated RSSI at 1 m: strength = rssi - ref
+    bands: Bands
 
 
 @dataclass(slots=True)
@@ -51,12 +80,18 @@ class _Track:
     links: dict[str, _Link] = field(default_factory=dict)
     last_seen: float = 0.0
     zone: str | None = None
+    zone_rx: str | None = None  # the receiver whose band named the zone
     zone_since: float = 0.0
     last_dwell: float = 0.0
     candidate: str | None = None
     candidate_count: int = 0
+    candidate_since: float = 0.0
     visit_since: float | None = None
     tx_power: int | None = None
+    owner: str | None = None
+    challenger: str | None = None
+    challenger_since: float = 0.0
+    out_since: float | None = None  # when the zone's receiver first heard it beyond the exit band
 
 
 class PresenceTracker:
@@ -67,92 +102,259 @@ class PresenceTracker:
         *,
         enter_samples: int = 2,
     ) -> None:
+        if settings.rssi_filter not in ("kalman", "ema"):
+            raise ValueError(f"presence.rssi_filter: expected 'kalman' or 'ema', got {settings.rssi_filter!r}")
         self.settings = settings
         self.receivers = {r.id: r for r in receivers}
         self._bands = {
             r.id: sorted((z.max_m, z.name) for z in r.zones) for r in self.receivers.values()
         }
+        self._band_cache: dict[tuple[str, float], Bands] = {}
         self.enter_samples = enter_samples
         self.tracks: dict[str, _Track] = {}
         self.dropped: Counter[str] = Counter()
+        self._kalman = settings.rssi_filter == "kalman"
+        self._r = settings.rssi_noise_db ** 2
+        self._q = settings.rssi_drift_db_s ** 2
+        self._link_timeout = settings.exit_after_s / 2
+        self._exit_after = settings.exit_after_s  # settings are read once, here
+        self._dwell_every = settings.dwell_every_s
+
+    # ------------------------------------------------------------ calibration
+
+    def _ref(self, rx: ReceiverSettings, tx_power: int | None) -> float:
+        if rx.measured_power is not None:
+            return float(rx.measured_power)
+        return float(tx_power if tx_power is not None else DEFAULT_MEASURED_POWER)
+
+    def _bands_for(self, rx: ReceiverSettings, ref: float) -> Bands:
+        """Distance bands as RSSI thresholds for one calibration, computed once."""
+        cached = self._band_cache.get((rx.id, ref))
+        if cached is None:
+            n, factor = rx.path_loss_exponent, self.settings.exit_band_factor
+            cached = tuple(
+                (rssi_at(max_m, ref, n), name, rssi_at(max_m * factor, ref, n) if factor >= 1.0 else -math.inf)
+                for max_m, name in self._bands[rx.id]
+            )
+            self._band_cache[(rx.id, ref)] = cached
+        return cached
 
     def zone_for(self, receiver: str, rssi: float, tx_power: int | None) -> str | None:
+        """The band ``receiver`` puts a (filtered) RSSI in; None outside every band."""
         rx = self.receivers.get(receiver)
         if rx is None:
             return None
-        power = rx.measured_power if rx.measured_power is not None else (tx_power or DEFAULT_MEASURED_POWER)
-        d = distance_m(rssi, power, rx.path_loss_exponent)
-        for max_m, name in self._bands[receiver]:
-            if d <= max_m:
+        for thr, name, _ in self._bands_for(rx, self._ref(rx, tx_power)):
+            if rssi >= thr:
                 return name
         return None
 
+    # ------------------------------------------------------------ sightings
+
+    def _reject(self, s: Sighting) -> str | None:
+        """Why a sighting cannot be used, or None. Called only off the fast path."""
+        rssi, t = s.rssi, s.time
+        if not isinstance(t, int | float) or not math.isfinite(t):
+            return "bad_time"
+        if not isinstance(rssi, int | float) or rssi != rssi:
+            return "rssi_out_of_range"
+        if rssi == RSSI_UNAVAILABLE:
+            return "rssi_unavailable"
+        if rssi >= 0:
+            return "rssi_not_negative"
+        if rssi < -127:
+            return "rssi_out_of_range"
+        return None
+
     def observe(self, s: Sighting) -> list[PresenceEvent]:
-        if s.receiver not in self.receivers:
+        rx = self.receivers.get(s.receiver)
+        if rx is None:
             self.dropped["unknown_receiver"] += 1
             return []
-        if not -127 < s.rssi < 0 or not math.isfinite(s.time):
-            self.dropped["bad_rssi"] += 1
+        rssi, t = s.rssi, s.time
+        try:
+            ok = -127 <= rssi < 0 and t - t == 0.0  # t - t is nan for nan and inf
+        except TypeError:
+            ok = False
+        if not ok:
+            self.dropped[self._reject(s) or "bad_input"] += 1
             return []
         tr = self.tracks.get(s.key)
         if tr is None:
-            tr = self.tracks[s.key] = _Track()
-        elif s.time < tr.last_seen - 2.0:
+            tr = self.tracks[s.key] = _Track(last_seen=t)
+        elif t < tr.last_seen - REORDER_S:
             self.dropped["clock_backwards"] += 1
             return []
-        alpha = self.settings.smoothing
-        link = tr.links.get(s.receiver)
-        if link is None or s.time - link.last > self.settings.exit_after_s:
-            link = tr.links[s.receiver] = _Link(float(s.rssi), s.time)
+        tx = s.tx_power
+        if tx is not None and tx != tr.tx_power and isinstance(tx, int) and -127 < tx < 0:
+            tr.tx_power = tx
+            if rx.measured_power is None:  # links that use the advertised power recalibrate
+                for rid, lk in tr.links.items():
+                    r = self.receivers[rid]
+                    if r.measured_power is None:
+                        lk.ref = float(tx)
+                        lk.bands = self._bands_for(r, lk.ref)
+        rx_id = rx.id
+        link = tr.links.get(rx_id)
+        if link is None or t - link.last > self._exit_after:
+            ref = self._ref(rx, tr.tx_power)
+            link = tr.links[rx_id] = _Link(float(rssi), self._r, t, ref, self._bands_for(rx, ref))
         else:
-            delta = max(-OUTLIER_CLAMP_DB, min(OUTLIER_CLAMP_DB, s.rssi - link.rssi))
-            link.rssi += alpha * delta
-            link.last = max(link.last, s.time)
-        tr.last_seen = max(tr.last_seen, s.time)
-        if s.tx_power is not None:
-            tr.tx_power = s.tx_power
-        return self._update_zone(s.key, tr, s.time)
+            dt = t - link.last
+            if dt < 0.0:
+                dt = 0.0
+            else:
+                link.last = t
+            innov = rssi - link.rssi
+            if self._kalman:
+                p = link.var + self._q * dt
+                s2 = p + self._r
+                gate2 = GATE_SIGMAS * GATE_SIGMAS * s2
+                if innov * innov > gate2:
+                    innov = math.copysign(math.sqrt(gate2), innov)
+                k = p / s2
+                link.rssi += k * innov
+                link.var = (1.0 - k) * p
+            else:
+                alpha = 1.0 - (1.0 - self.settings.smoothing) ** max(dt, 0.05)
+                link.rssi += alpha * max(-OUTLIER_CLAMP_DB, min(OUTLIER_CLAMP_DB, innov))
+        if t > tr.last_seen:
+            tr.last_seen = t
+        owner = tr.owner
+        if owner != rx_id or tr.challenger is not None:
+            self._update_owner(tr, rx_id, link, t)
+        if (tr.owner == owner and tr.zone is not None and tr.candidate is None and tr.out_since is None
+                and t - tr.last_dwell < self._dwell_every):
+            # Fast path, most adverts: settled in a zone, no dwell due. Another receiver's advert
+            # cannot change the owner's zone; the owner's own must still name it.
+            if rx_id != owner:
+                return []
+            for thr, name, _ in link.bands:
+                if link.rssi >= thr:
+                    if name == tr.zone:
+                        return []
+                    break
+        return self._update_zone(s.key, tr, t)
 
-    def _owner(self, tr: _Track, now: float) -> tuple[str, float] | None:
-        best: tuple[str, float] | None = None
-        horizon = self.settings.exit_after_s / 2
-        for rx, link in tr.links.items():
-            if now - link.last <= horizon and (best is None or link.rssi > best[1]):
-                best = (rx, link.rssi)
-        return best
+    def _update_owner(self, tr: _Track, rx_id: str, link: _Link, now: float) -> None:
+        """The strongest receiver owns the identity; inside a zone, only past a deadband."""
+        owner = tr.owner
+        if owner == rx_id:
+            ch = tr.challenger
+            if ch is not None:
+                cl = tr.links.get(ch)
+                if cl is None or cl.rssi - cl.ref <= link.rssi - link.ref + self.settings.owner_margin_db:
+                    tr.challenger = None
+            return
+        ol = tr.links.get(owner) if owner is not None else None
+        if ol is None or now - ol.last > self._link_timeout:
+            tr.owner, tr.challenger = rx_id, None
+            return
+        lead = (link.rssi - link.ref) - (ol.rssi - ol.ref)
+        if tr.zone is None:  # nothing to protect yet: plain strongest
+            if lead > 0.0:
+                tr.owner, tr.challenger = rx_id, None
+            return
+        if lead > self.settings.owner_margin_db:
+            ch = tr.challenger
+            if ch is None:
+                tr.challenger, tr.challenger_since = rx_id, now
+            elif ch != rx_id:
+                # Several receivers beat the owner: the strongest is the challenger, and the time
+                # the owner has been beaten keeps running.
+                cl = tr.links.get(ch)
+                if cl is None or link.rssi - link.ref > cl.rssi - cl.ref:
+                    tr.challenger = rx_id
+            elif now - tr.challenger_since >= self.settings.owner_hold_s:
+                # The deadband was sustained evidence already: a zone the new owner named all
+                # along needs no second hold before it is entered.
+                for thr, name, _ in link.bands:
+                    if link.rssi >= thr:
+                        if name != tr.zone:
+                            tr.candidate, tr.candidate_count = name, self.enter_samples
+                            tr.candidate_since = tr.challenger_since
+                        break
+                tr.owner, tr.challenger = rx_id, None
+        elif tr.challenger == rx_id:
+            tr.challenger = None
 
     def _update_zone(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:
-        owner = self._owner(tr, now)
-        zone = self.zone_for(owner[0], owner[1], tr.tx_power) if owner else None
-        events: list[PresenceEvent] = []
-        if zone == tr.zone:
-            tr.candidate, tr.candidate_count = None, 0
-            if zone is not None and now - tr.last_dwell >= self.settings.dwell_every_s:
+        owner = tr.owner
+        ol = tr.links[owner] if owner is not None else None
+        zone: str | None = None
+        if ol is not None:
+            x = ol.rssi
+            for thr, name, _ in ol.bands:
+                if x >= thr:
+                    zone = name
+                    break
+        if zone is not None and zone != tr.zone and owner == tr.zone_rx and ol is not None:
+            zone = self._clear_band(ol, zone)  # between two bands of one receiver: a dB margin
+        if zone is not None and zone == tr.zone:
+            tr.candidate, tr.candidate_count, tr.out_since = None, 0, None
+            if now - tr.last_dwell >= self._dwell_every:
                 tr.last_dwell = now
-                events.append(PresenceEvent("dwell", key, now, zone, tr.zone_since, tr.visit_since,
-                                            now - tr.zone_since))
-            return events
+                return [PresenceEvent("dwell", key, now, zone, tr.zone_since, tr.visit_since, now - tr.zone_since)]
+            return []
         if zone is None:
-            # Out of every band but still heard: leave the zone only after silence or a new zone.
-            return events
+            tr.candidate, tr.candidate_count = None, 0
+            return self._check_exit_band(key, tr, now) if tr.zone is not None else []
         if zone != tr.candidate:
-            tr.candidate, tr.candidate_count = zone, 0
+            tr.candidate, tr.candidate_count, tr.candidate_since = zone, 0, now
         tr.candidate_count += 1
-        if tr.candidate_count < self.enter_samples:
-            return events
+        if tr.candidate_count < self.enter_samples or now - tr.candidate_since < self.settings.enter_hold_s:
+            return []
+        events: list[PresenceEvent] = []
         if tr.visit_since is None:
             tr.visit_since = now
             events.append(PresenceEvent("visit_start", key, now, zone, now, now))
         if tr.zone is not None:
             events.append(PresenceEvent("exit", key, now, tr.zone, tr.zone_since, tr.visit_since,
                                         now - tr.zone_since))
-        tr.zone, tr.zone_since, tr.last_dwell = zone, now, now
-        tr.candidate, tr.candidate_count = None, 0
+        tr.zone, tr.zone_rx, tr.zone_since, tr.last_dwell = zone, owner, now, now
+        tr.candidate, tr.candidate_count, tr.out_since = None, 0, None
         events.append(PresenceEvent("enter", key, now, zone, now, tr.visit_since))
         return events
 
+    def _clear_band(self, link: _Link, zone: str) -> str | None:
+        """``zone`` if the estimate is inside its band by ``band_margin_db`` on both sides, else None."""
+        m = self.settings.band_margin_db
+        hi = lo = None
+        for thr, name, _ in link.bands:
+            if hi is None and link.rssi - m >= thr:
+                hi = name
+            if lo is None and link.rssi + m >= thr:
+                lo = name
+        return zone if hi == zone and lo == zone else None
+
+    def _check_exit_band(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:
+        """Still heard, but out of every band: leave once the zone's receiver puts it beyond the exit band."""
+        zl = tr.links.get(tr.zone_rx) if tr.zone_rx is not None else None
+        exit_thr = -math.inf
+        if zl is not None:
+            for _, name, thr in zl.bands:
+                if name == tr.zone:
+                    exit_thr = thr
+                    break
+        outside = zl is None or now - zl.last > self._link_timeout or zl.rssi < exit_thr
+        if not outside:
+            tr.out_since = None
+            return []
+        if tr.out_since is None:
+            tr.out_since = now
+        if now - tr.out_since < self.settings.exit_band_hold_s:
+            return []
+        ev = PresenceEvent("exit", key, now, tr.zone, tr.zone_since, tr.visit_since, now - tr.zone_since)
+        tr.zone, tr.zone_rx, tr.out_since = None, None, None
+        return [ev]
+
+    # ------------------------------------------------------------ time
+
     def tick(self, now: float) -> list[PresenceEvent]:
         """Exits on silence, visit ends, and forgetting identities nobody hears any more."""
+        if not isinstance(now, int | float) or not math.isfinite(now):
+            self.dropped["bad_tick_time"] += 1
+            return []
         events: list[PresenceEvent] = []
         gone: list[str] = []
         exit_after = self.settings.exit_after_s
@@ -160,12 +362,12 @@ class PresenceTracker:
             silent = now - tr.last_seen
             if tr.zone is not None and silent > exit_after:
                 events.append(PresenceEvent("exit", key, tr.last_seen, tr.zone, tr.zone_since,
-                                            tr.visit_since, tr.last_seen - tr.zone_since))
-                tr.zone, tr.candidate, tr.candidate_count = None, None, 0
+                                            tr.visit_since, max(0.0, tr.last_seen - tr.zone_since)))
+                tr.zone, tr.zone_rx, tr.candidate, tr.candidate_count, tr.out_since = None, None, None, 0, None
             if silent > self.settings.visit_end_after_s:
                 if tr.visit_since is not None:
                     events.append(PresenceEvent("visit_end", key, tr.last_seen, None, None,
-                                                tr.visit_since, tr.last_seen - tr.visit_since))
+                                                tr.visit_since, max(0.0, tr.last_seen - tr.visit_since)))
                 gone.append(key)
         for key in gone:
             del self.tracks[key]

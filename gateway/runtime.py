@@ -10,45 +10,53 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import functools
 import hashlib
 import logging
 import secrets
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from beacons.guard import Guard, GuardSettings
 from beacons.parse import ParseStats, parse_advertisement
+from beacons.remote import AppReport, RemoteError, app_sightings, parse_espresense
 from beacons.scanner import Scanner
 from beacons.types import Advertisement, Sighting
 from devices.payloads import Reading
-from gateway.campaigns import CampaignIndex, load_campaigns
+from gateway.campaigns import CampaignIndex, Segment, load_campaigns, load_segments
 from gateway.channels import Channel, StreamHub
 from gateway.clock import Clock, SystemClock
 from gateway.config import Settings
-from gateway.engine import Engine, EngineEvent, Outcome
+from gateway.delivery import build_channels, close_channels
+from gateway.engine import Engine, EngineEvent, FrequencyCap, Outcome
+from gateway.explain import dry_run
 from gateway.identity import IdentityIndex
-from gateway.outbox import Dispatcher
+from gateway.outbox import Backoff, Dispatcher
 from gateway.presence import PresenceEvent, PresenceTracker
-from gateway.service import GatewayService
+from gateway.service import GatewayService, Invalid
 from gateway.storage.db import Database
-from gateway.storage.models import Device, Visit
+from gateway.storage.models import Cart, Device, FootfallCount, Profile, Visit, ZoneStay
 from gateway.tokens import TokenSigner
 
 log = logging.getLogger("gateway")
 decision_log = logging.getLogger("gateway.decisions")
 
 OutcomeHook = Callable[[Outcome, EngineEvent], None]
+CART_SCAN_S = 5.0  # how often (clock time) carts are checked for abandonment and purchases
 
 
 def log_outcome(o: Outcome, ev: EngineEvent) -> None:
     where = f" in {ev.zone}" if ev.zone else ""
     if o.fired:
-        decision_log.info("%s  %s  FIRED on %s%s -> notification %s", o.who, o.campaign_id, ev.kind, where,
-                          o.notification_id)
+        decision_log.info("%s  %s  FIRED on %s%s -> notification %s%s", o.who, o.campaign_id, ev.kind, where,
+                          o.notification_id, f" ({o.detail})" if o.detail else "")
     else:
         decision_log.info("%s  %s  not sent: %s (%s)", o.who, o.campaign_id, o.reason, o.detail)
 
@@ -57,15 +65,26 @@ class Pipeline:
     """Stages composed in one direction; returns the ids of notifications it committed."""
 
     def __init__(self, settings: Settings, db: Database, campaigns: CampaignIndex,
-                 identities: IdentityIndex, on_outcome: OutcomeHook | None = None) -> None:
+                 identities: IdentityIndex, on_outcome: OutcomeHook | None = None,
+                 guard: GuardSettings | None = None, segments: Sequence[Segment] = ()) -> None:
         self.settings = settings
         self.db = db
         self.identities = identities
         self.parse_stats = ParseStats()
+        # Floods, rotating addresses and passers-by stop here; enrolled identities skip the uuid rule.
+        self.guard = Guard(guard, trusted=lambda key: identities.beacon(key) is not None)
         self.presence = PresenceTracker(settings.presence, settings.receivers)
-        self.engine = Engine(campaigns, abandon_after_s=settings.carts.abandon_after_s)
+        self.engine = Engine(campaigns, abandon_after_s=settings.carts.abandon_after_s,
+                             timezone=settings.store.timezone,
+                             caps=[FrequencyCap(c.window_s, c.max, tuple(c.purposes)) for c in settings.engine.caps],
+                             segments=segments,
+                             tiers=[(t.name, t.min_points) for t in settings.loyalty.tiers])
         self.on_outcome = on_outcome
         self.figures: Counter[str] = Counter()
+        self._tz = ZoneInfo(settings.store.timezone)
+        self._anonymous: defaultdict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
+        self._open_stays: dict[tuple[int, str], int] = {}
+        self._last_cart_scan = float("-inf")
         self._open_visits: dict[int, int] = {}
 
     # ------------------------------------------------------------ BLE
@@ -73,23 +92,66 @@ class Pipeline:
     def ingest_adverts(self, adverts: Iterable[Advertisement]) -> list[int]:
         events: list[PresenceEvent] = []
         observe = self.presence.observe
+        admit = self.guard.admit
         stats = self.parse_stats
         n = 0
         for adv in adverts:
             n += 1
             for frame in parse_advertisement(adv, stats):
                 key = frame.key
-                if key is None:
+                if key is None or not admit(adv.address, frame, adv.time):
                     continue
-                evs = observe(Sighting(key, adv.receiver, adv.rssi, adv.time, getattr(frame, "tx_power", None)))
+                evs = observe(Sighting(key, adv.receiver, adv.rssi, adv.time, frame.tx_power))
                 if evs:
                     events.extend(evs)
         self.figures["adverts"] += n
         return self.handle_presence(events) if events else []
 
-    def tick(self, now: float) -> list[int]:
-        events = self.presence.tick(now)
+    def stats(self) -> dict[str, Any]:
+        """Counters for /metrics: figures, the parser's accepts/rejects, the guard's drops."""
+        return {"figures": dict(self.figures), "parse": self.parse_stats.as_dict(), "guard": self.guard.stats()}
+
+    def ingest_sightings(self, sightings: Iterable[Sighting]) -> list[int]:
+        """Sightings other receivers resolved (ESPresense nodes, the shop's app): the advert path
+        from presence on. No guard: they carry no address, and unmapped ids never got this far."""
+        events: list[PresenceEvent] = []
+        observe = self.presence.observe
+        n = 0
+        for s in sightings:
+            n += 1
+            evs = observe(s)
+            if evs:
+                events.extend(evs)
+        self.figures["remote_sightings"] += n
         return self.handle_presence(events) if events else []
+
+    def tick(self, now: float) -> list[int]:
+        """Timers: presence exits and visit ends, then delayed or held sends that are now due."""
+        events = self.presence.tick(now)
+        created = self.handle_presence(events) if events else []
+        with self.db.session() as s:
+            created += self.engine.release_due(s, now)
+        if now - self._last_cart_scan >= CART_SCAN_S:
+            self._last_cart_scan = now
+            created += self.cart_events(now)
+        self.flush_footfall()
+        return created
+
+    def cart_events(self, now: float) -> list[int]:
+        """Raise each cart's lifecycle events once: abandoned (idle past the limit) and purchase."""
+        created: list[int] = []
+        cutoff = now - self.settings.carts.abandon_after_s
+        with self.db.session() as s:
+            for cart in s.scalars(select(Cart).where(Cart.status == "open", Cart.abandoned_at.is_(None),
+                                                     Cart.updated_at <= cutoff).limit(500)):
+                cart.abandoned_at = now
+                created += self._decide(s, EngineEvent("cart_abandoned", cart.profile_id, now,
+                                                       f"cart:{cart.id}:{cart.updated_at:.3f}"))
+            for cart in s.scalars(select(Cart).where(Cart.checked_out_at.is_not(None),
+                                                     Cart.purchase_handled_at.is_(None)).limit(500)):
+                cart.purchase_handled_at = now
+                created += self._decide(s, EngineEvent("purchase", cart.profile_id, now, f"purchase:{cart.id}"))
+        return created
 
     def handle_presence(self, events: Sequence[PresenceEvent]) -> list[int]:
         known: list[tuple[PresenceEvent, int]] = []
@@ -97,8 +159,8 @@ class Pipeline:
             pid = self.identities.beacon(ev.key)
             if pid is not None:
                 known.append((ev, pid))
-            elif ev.kind == "visit_start":
-                self.figures["anonymous_visits"] += 1  # footfall only: nothing about them is stored
+            elif ev.kind in ("visit_start", "exit"):
+                self._count_anonymous(ev)  # footfall only: counts per day and zone, no identity
         if not known:
             return []
         created: list[int] = []
@@ -118,6 +180,8 @@ class Pipeline:
             self.figures["visits_returning" if before else "visits_new"] += 1
             v = Visit(profile_id=pid, started_at=ev.time, zones=[])
             s.add(v)
+            s.execute(update(Profile).where(Profile.id == pid)
+                      .values(points=Profile.points + self.settings.loyalty.points_per_visit))
             s.flush()
             self._open_visits[pid] = v.id
         elif ev.kind == "enter":
@@ -125,11 +189,46 @@ class Pipeline:
             current = s.get(Visit, vid) if vid is not None else None
             if current is not None and ev.zone and (not current.zones or current.zones[-1] != ev.zone):
                 current.zones = [*current.zones, ev.zone]
+            if ev.zone:
+                stay = ZoneStay(profile_id=pid, visit_id=vid if current is not None else None, zone=ev.zone,
+                                entered_at=ev.time)
+                s.add(stay)
+                s.flush()
+                self._open_stays[(pid, ev.zone)] = stay.id
+        elif ev.kind == "exit":
+            sid = self._open_stays.pop((pid, ev.zone or ""), None)
+            closed = s.get(ZoneStay, sid) if sid is not None else None
+            if closed is not None:
+                closed.exited_at = ev.time
         elif ev.kind == "visit_end":
             vid = self._open_visits.pop(pid, None)
             ended = s.get(Visit, vid) if vid is not None else None
             if ended is not None:
                 ended.ended_at = ev.time
+
+    def _count_anonymous(self, ev: PresenceEvent) -> None:
+        day = dt.datetime.fromtimestamp(ev.time, self._tz).date().isoformat()
+        if ev.kind == "visit_start":
+            self.figures["anonymous_visits"] += 1
+            self._anonymous[(day, "")][0] += 1
+        elif ev.zone:
+            acc = self._anonymous[(day, ev.zone)]
+            acc[0] += 1
+            acc[1] += ev.dwell_s
+
+    def flush_footfall(self) -> None:
+        """Anonymous counts go to the database in one small transaction per tick, not per advert."""
+        if not self._anonymous:
+            return
+        pending, self._anonymous = self._anonymous, defaultdict(lambda: [0, 0.0])
+        with self.db.session() as s:
+            for (day, zone), (visits, dwell) in pending.items():
+                row = s.get(FootfallCount, (day, zone))
+                if row is None:
+                    s.add(FootfallCount(day=day, zone=zone, anonymous_visits=int(visits), anonymous_dwell_s=dwell))
+                else:
+                    row.anonymous_visits += int(visits)
+                    row.anonymous_dwell_s += dwell
 
     def _decide(self, s: Session, ev: EngineEvent) -> list[int]:
         outcomes = self.engine.handle(s, ev)
@@ -137,7 +236,7 @@ class Pipeline:
         for o in outcomes:
             if self.on_outcome is not None:
                 self.on_outcome(o, ev)
-            if o.notification_id is not None:
+            if o.sends_now and o.notification_id is not None:
                 created.append(o.notification_id)
         return created
 
@@ -225,12 +324,26 @@ class Runtime:
         self.db = Database(settings.database.url)
         self.identities = IdentityIndex()
         self.campaigns = CampaignIndex(load_campaigns(settings.campaigns.dir))
-        self.pipeline = Pipeline(settings, self.db, self.campaigns, self.identities, on_outcome)
+        self.pipeline = Pipeline(settings, self.db, self.campaigns, self.identities, on_outcome,
+                                 segments=load_segments(settings.campaigns.dir))
         self.hub = StreamHub()
-        self.dispatcher = Dispatcher(self.db, [self.hub, *channels])
+        d = settings.delivery
+        self.remote_channels = build_channels(settings, self.db, self.clock)  # webhook, Web Push, as enabled
+        self.dispatcher = Dispatcher(self.db, [self.hub, *channels, *self.remote_channels],
+                                     Backoff(d.backoff_base_s, d.backoff_max_s, jitter=d.jitter,
+                                             max_attempts=d.max_attempts))
         self.admin_key = settings.api.admin_key or secrets.token_urlsafe(24)
         self.service = GatewayService(self.db, self.identities, self.clock, TokenSigner(token_secret(settings)),
-                                      settings.api.token_ttl_s)
+                                      settings.api.token_ttl_s, timezone=settings.store.timezone)
+        engine = self.pipeline.engine
+        self.service.file_campaigns = dict(self.campaigns.by_id)
+        self.service.on_campaigns_changed = self.reload_campaigns
+
+        def runner(session: Session, event: EngineEvent) -> list[dict[str, Any]]:
+            return dry_run(session, event, campaigns=engine.campaigns, abandon_after_s=engine.abandon_after_s,
+                           timezone=settings.store.timezone, caps=list(engine.caps))
+
+        self.service.dry_runner = runner
         self._adverts: list[Advertisement] = []
         self._drain_scheduled = False
         self._tasks: list[asyncio.Task[Any]] = []
@@ -238,6 +351,7 @@ class Runtime:
         self._server: _QuietServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.scanner_error: str | None = None
+        self.sightings: asyncio.Queue[Sighting] = asyncio.Queue()  # ESPresense nodes, via the MQTT thread
 
     # ------------------------------------------------------------ lifecycle
 
@@ -246,13 +360,17 @@ class Runtime:
         await asyncio.to_thread(self.db.upgrade)
         with self.db.session() as s:
             self.identities.load(s)
+        self.reload_campaigns()
         if self.serve_api:
             from api.app import create_app
             from api.deps import ApiContext
 
             app = create_app(ApiContext(service=self.service, hub=self.hub, admin_key=self.admin_key,
                                         health=self.health, heartbeat_s=self.settings.api.heartbeat_s,
-                                        cors_origins=self.settings.api.cors_origins))
+                                        cors_origins=self.settings.api.cors_origins,
+                                        report_sightings=self.report_sightings))
+            app.state.vapid_public_key = next(  # for GET /v1/me/push-subscriptions/vapid-public-key
+                (getattr(c, "public_key", None) for c in self.remote_channels if c.name == "webpush"), None)
             self._server = _QuietServer(app, self.settings.api.host, self.settings.api.port)
             self._tasks.append(asyncio.create_task(self._server.serve(), name="api"))
             for _ in range(200):  # the port is bound within milliseconds; fail loudly if not
@@ -262,11 +380,14 @@ class Runtime:
                     self._tasks[-1].result()
                 await asyncio.sleep(0.01)
         if self.mqtt is not None:
+            self._subscribe_remote()
             await self.mqtt.start(self._loop)
             self._tasks.append(asyncio.create_task(self._consume_readings(), name="readings"))
+            self._tasks.append(asyncio.create_task(self._consume_sightings(), name="sightings"))
         if self.scanner is not None:
             await self.scanner.start(self.on_advert)
         self._tasks.append(asyncio.create_task(self._ticker(), name="ticker"))
+        self._tasks.append(asyncio.create_task(self._retrier(), name="retrier"))
 
     async def stop(self) -> None:
         if self.scanner is not None:
@@ -283,6 +404,7 @@ class Runtime:
             await asyncio.gather(*self._dispatches, return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await close_channels(self.remote_channels)
         self.db.dispose()
 
     # ------------------------------------------------------------ inputs
@@ -315,6 +437,50 @@ class Runtime:
             self._dispatches.add(t)
             t.add_done_callback(self._dispatches.discard)
 
+    def _subscribe_remote(self) -> None:
+        """ESPresense nodes publish on the same broker: one more filter on the intake's connection."""
+        r = self.settings.remote
+        if not r.espresense or not hasattr(self.mqtt, "add_subscription"):
+            return
+        from devices.mqtt import ExtraSubscription
+
+        parse = functools.partial(parse_espresense, prefix=r.espresense_prefix, rooms=dict(r.rooms))
+        self.mqtt.add_subscription(ExtraSubscription("espresense", f"{r.espresense_prefix}/devices/#", parse,
+                                                     self.sightings, (RemoteError,)))
+
+    async def _consume_sightings(self) -> None:
+        queue = self.sightings
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            try:
+                self._dispatch(self.pipeline.ingest_sightings(batch))
+            except Exception:
+                log.exception("remote sighting batch of %d failed", len(batch))
+
+    def report_sightings(self, profile_id: int, reports: list[AppReport]) -> dict[str, Any]:
+        """The app's door (called from the API's worker threads): validate all, then hand the batch to
+        the event loop. Reports of store beacons no receiver is configured for are counted, not used."""
+        try:
+            batch = app_sightings(profile_id, reports, self.clock.now(), max_age_s=self.settings.remote.app_max_age_s,
+                                  max_ahead_s=self.settings.remote.app_max_ahead_s)
+        except RemoteError as exc:
+            raise Invalid(exc.message) from None
+        known = self.pipeline.presence.receivers
+        usable = [s for s in batch if s.receiver in known]
+        if usable:
+            self.identities.allow_app(profile_id)
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._ingest_sightings_now, usable)
+        return {"received": len(batch), "accepted": len(usable), "unknown_beacon": len(batch) - len(usable)}
+
+    def _ingest_sightings_now(self, batch: list[Sighting]) -> None:
+        try:
+            self._dispatch(self.pipeline.ingest_sightings(batch))
+        except Exception:
+            log.exception("app sighting batch of %d failed", len(batch))
+
     async def _consume_readings(self) -> None:
         queue = self.mqtt.readings
         while True:
@@ -331,6 +497,13 @@ class Runtime:
     def ingest_readings(self, readings: Iterable[Reading]) -> None:
         self._dispatch(self.pipeline.ingest_readings(readings))
 
+    def reload_campaigns(self) -> None:
+        """Files (loaded at start) plus API campaigns (from the database); an API id never shadows a file's."""
+        merged = dict(self.service.file_campaigns)
+        merged.update((c.id, c) for c in self.service.api_campaigns() if c.id not in merged)
+        self.campaigns = CampaignIndex(merged.values())
+        self.pipeline.engine.set_campaigns(self.campaigns)
+
     def tick(self) -> None:
         """Presence timers (exits, visit ends) at the clock's now; the ticker task calls it."""
         self._dispatch(self.pipeline.tick(self.clock.now()))
@@ -342,6 +515,21 @@ class Runtime:
                 self.tick()
             except Exception:
                 log.exception("presence tick failed")
+
+    async def _retrier(self) -> None:
+        """Due retries come from the database, so they survive a restart; so do notifications a crash
+        left committed but never dispatched, which go out first."""
+        try:
+            if recovered := await self.dispatcher.recover(self.clock.now()):
+                log.info("dispatched %d notification(s) left undispatched by the last run", recovered)
+        except Exception:
+            log.exception("recovering undispatched notifications failed")
+        while True:
+            await asyncio.sleep(self.settings.delivery.retry_poll_s)
+            try:
+                await self.dispatcher.retry_due(self.clock.now())
+            except Exception:
+                log.exception("delivery retries failed")
 
     async def flush(self) -> None:
         """Wait for pending advert batches and dispatches (tests, shutdown)."""

@@ -6,7 +6,8 @@ rules. Errors are typed so the API can map them to 404, 409 and 422 with a messa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,12 +16,25 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gateway import outbox
-from gateway.campaigns import PURPOSES
+from gateway.campaigns import PURPOSES, Campaign, CampaignError, parse_campaign
 from gateway.clock import Clock
+from gateway.engine import EngineEvent
 from gateway.identity import KINDS, IdentityIndex, normalize
 from gateway.storage.db import Database
-from gateway.storage.models import Cart, CatalogItem, Consent, Device, Identifier, Profile
-from gateway.tokens import Claims, TokenSigner
+from gateway.storage.models import (
+    CampaignRecord,
+    Cart,
+    CatalogItem,
+    Consent,
+    Device,
+    Identifier,
+    Interaction,
+    Notification,
+    Profile,
+)
+from gateway.tokens import Claims, TokenError, TokenSigner
+
+INTERACTIONS = ("opened", "clicked", "dismissed")  # what the app reports; redemption is confirmed by staff
 
 
 class NotFound(LookupError):
@@ -56,12 +70,18 @@ def profile_view(p: Profile) -> dict[str, Any]:
 
 class GatewayService:
     def __init__(self, db: Database, identities: IdentityIndex, clock: Clock, signer: TokenSigner,
-                 token_ttl_s: float = 30 * 86400) -> None:
+                 token_ttl_s: float = 30 * 86400, timezone: str = "UTC") -> None:
         self.db = db
         self.identities = identities
         self.clock = clock
         self.signer = signer
         self.token_ttl_s = token_ttl_s
+        self.timezone = timezone
+        # Set by the runtime: the campaigns defined in files (read-only here) and a hook to reload.
+        self.file_campaigns: dict[str, Campaign] = {}
+        self.on_campaigns_changed: Callable[[], None] | None = None
+        # Set by the runtime: evaluates an event against the live campaigns and rolls back.
+        self.dry_runner: Callable[[Session, EngineEvent], list[dict[str, Any]]] | None = None
 
     # ------------------------------------------------------------ profiles
 
@@ -165,9 +185,37 @@ class GatewayService:
             else:
                 if cart.profile_id != p.id:
                     raise Conflict(f"cart {cart_id} belongs to another profile")
+                if cart.status == "checked_out" and status == "open":
+                    raise Conflict(f"cart {cart_id} is checked out; a new cart needs a new id")
                 cart.items, cart.status, cart.updated_at = [dict(i) for i in items], status, ts
+                cart.abandoned_at = None  # touched again: it can be abandoned (and reminded) anew
+            if status == "checked_out" and cart.checked_out_at is None:
+                cart.checked_out_at = ts  # the pipeline raises one purchase event for it
             return {"id": cart.id, "profile_id": p.id, "status": cart.status, "items": cart.items,
                     "updated_at": cart.updated_at}
+
+    def import_catalogue_csv(self, text: str) -> int:
+        """Columns sku,name[,price,zone,aisle] with a header row; any bad line rejects the whole file."""
+        import csv
+        import io
+
+        reader = csv.DictReader(io.StringIO(text))
+        if reader.fieldnames is None or not {"sku", "name"} <= {f.strip().lower() for f in reader.fieldnames}:
+            raise Invalid("the CSV needs a header row with at least sku and name")
+        rows = []
+        for line, raw in enumerate(reader, start=2):
+            row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
+            if not row.get("sku") or not row.get("name"):
+                raise Invalid(f"line {line}: sku and name are required")
+            try:
+                price = float(row["price"]) if row.get("price") else None
+            except ValueError:
+                raise Invalid(f"line {line}: price {row['price']!r} is not a number") from None
+            if price is not None and price < 0:
+                raise Invalid(f"line {line}: price cannot be negative")
+            rows.append({"sku": row["sku"], "name": row["name"], "price": price,
+                         "zone": row.get("zone") or None, "aisle": row.get("aisle") or None})
+        return self.upsert_catalogue(rows)
 
     def register_device(self, device_id: str, kind: str | None, owner_profile_id: int | None) -> None:
         with self.db.session() as s:
@@ -185,7 +233,11 @@ class GatewayService:
         return self.signer.issue(profile_id, self.clock.now(), self.token_ttl_s)
 
     def verify_token(self, token: str) -> Claims:
-        return self.signer.verify(token, self.clock.now())
+        claims = self.signer.verify(token, self.clock.now())
+        with self.db.session() as s:  # an erased customer's tokens die with the profile
+            if s.get(Profile, claims.profile_id) is None:
+                raise TokenError("token for a profile that no longer exists")
+        return claims
 
     def replay(self, profile_id: int, after_id: int) -> list[dict[str, Any]]:
         with self.db.session() as s:
@@ -198,3 +250,151 @@ class GatewayService:
             except outbox.AckError as exc:
                 raise NotFound(str(exc)) from None
             return outbox.message(n)
+
+    # ------------------------------------------------------------ interactions
+
+    def record_interaction(self, profile_id: int, notification_id: int, kind: str) -> dict[str, Any]:
+        """Opened, clicked or dismissed, from the customer's own app; repeated reports count once."""
+        if kind not in INTERACTIONS:
+            raise Invalid(f"kind must be one of {', '.join(INTERACTIONS)}")
+        now = self.clock.now()
+        with self.db.session() as s:
+            n = s.get(Notification, notification_id)
+            if n is None or n.profile_id != profile_id:
+                raise NotFound(f"notification {notification_id} not found")
+            seen = s.scalar(select(Interaction.id).where(Interaction.notification_id == n.id, Interaction.kind == kind))
+            if seen is None:
+                s.add(Interaction(notification_id=n.id, kind=kind, at=now))
+            return {"notification_id": n.id, "kind": kind, "recorded": seen is None}
+
+    def redeem(self, code: str) -> dict[str, Any]:
+        """Staff at the till confirm an offer's code: once per code, never for a withdrawn notification."""
+        now = self.clock.now()
+        with self.db.session() as s:
+            n = s.scalars(select(Notification).where(Notification.redemption_code == code.strip().upper())).first()
+            if n is None:
+                raise NotFound("no offer with this code")
+            if n.status in ("cancelled", "expired", "scheduled"):
+                raise Conflict(f"this offer was never sent ({n.status})")
+            if s.scalar(select(Interaction.id).where(Interaction.notification_id == n.id,
+                                                     Interaction.kind == "redeemed")) is not None:
+                raise Conflict("this code was already redeemed")
+            s.add(Interaction(notification_id=n.id, kind="redeemed", at=now))
+            return {"notification_id": n.id, "campaign": n.campaign_id, "profile_id": n.profile_id,
+                    "offer": n.data.get("offer"), "redeemed_at": now}
+
+    # ------------------------------------------------------------ privacy and explanations
+
+    def export_profile(self, profile_id: int) -> dict[str, Any]:
+        from gateway.privacy import export_profile
+
+        with self.db.session() as s:
+            data = export_profile(s, profile_id)
+        if data is None:
+            raise NotFound(f"profile {profile_id} not found")
+        return data
+
+    def erase_profile(self, profile_id: int) -> None:
+        from gateway.privacy import erase_profile
+
+        with self.db.session() as s:
+            if not erase_profile(s, profile_id):
+                raise NotFound(f"profile {profile_id} not found")
+        self.identities.remove_profile(profile_id)
+
+    def decisions(self, profile_id: int, campaign_id: str | None, limit: int) -> list[dict[str, Any]]:
+        from gateway.explain import why
+
+        with self.db.session() as s:
+            self._profile(s, profile_id)
+            return why(s, profile_id, campaign_id, limit)
+
+    def figures(self, day_from: str, day_to: str, timezone: str) -> dict[str, Any]:
+        from gateway.figures import figures
+
+        try:
+            with self.db.session() as s:
+                return figures(s, day_from, day_to, timezone)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+
+    def dry_run(self, profile_id: int, kind: str, zone: str | None, dwell_s: float,
+                facts: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """What the engine would decide for a synthetic event now; nothing is sent or stored."""
+        if self.dry_runner is None:
+            raise Invalid("dry runs need the running gateway's campaigns")
+        with self.db.session() as s:
+            self._profile(s, profile_id)
+            event = EngineEvent(kind, profile_id, self.clock.now(), f"dry-run:{secrets.token_hex(6)}", zone,
+                                dwell_s, dict(facts))
+            return self.dry_runner(s, event)
+
+    # ------------------------------------------------------------ campaigns over the API
+
+    def api_campaigns(self) -> list[Campaign]:
+        with self.db.session() as s:
+            return [parse_campaign(r.definition, f"campaign {r.id}") for r in s.scalars(select(CampaignRecord))]
+
+    def list_campaigns(self) -> list[dict[str, Any]]:
+        out = [{**_summary(c), "source": "file"} for c in self.file_campaigns.values()]
+        out += [{**_summary(c), "source": "api"} for c in self.api_campaigns()]
+        return sorted(out, key=lambda c: c["id"])
+
+    def get_campaign(self, campaign_id: str) -> dict[str, Any]:
+        if campaign_id in self.file_campaigns:
+            return {**_summary(self.file_campaigns[campaign_id]), "source": "file"}
+        with self.db.session() as s:
+            r = s.get(CampaignRecord, campaign_id)
+            if r is None:
+                raise NotFound(f"campaign {campaign_id!r} not found")
+            return {"id": r.id, "source": "api", "updated_at": r.updated_at, "definition": r.definition}
+
+    @staticmethod
+    def validate_campaign(definition: Mapping[str, Any]) -> Campaign:
+        try:
+            return parse_campaign(dict(definition), "campaign")
+        except (CampaignError, TypeError, ValueError, KeyError) as exc:
+            raise Invalid(str(exc)) from None
+
+    def put_campaign(self, campaign_id: str, definition: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Create or replace an API campaign; returns (its view, created)."""
+        if campaign_id in self.file_campaigns:
+            raise Conflict(f"campaign {campaign_id!r} is defined in a file; edit the file instead")
+        body = {**definition, "id": definition.get("id", campaign_id)}
+        if body["id"] != campaign_id:
+            raise Invalid("the id in the body differs from the id in the path")
+        self.validate_campaign(body)
+        with self.db.session() as s:
+            r = s.get(CampaignRecord, campaign_id)
+            created = r is None
+            if r is None:
+                s.add(CampaignRecord(id=campaign_id, definition=body, updated_at=self.clock.now()))
+            else:
+                r.definition, r.updated_at = body, self.clock.now()
+        self._campaigns_changed()
+        return self.get_campaign(campaign_id), created
+
+    def set_campaign_enabled(self, campaign_id: str, enabled: bool) -> dict[str, Any]:
+        view = self.get_campaign(campaign_id)
+        if view["source"] == "file":
+            raise Conflict(f"campaign {campaign_id!r} is defined in a file; set enabled there")
+        return self.put_campaign(campaign_id, {**view["definition"], "enabled": enabled})[0]
+
+    def delete_campaign(self, campaign_id: str) -> None:
+        if campaign_id in self.file_campaigns:
+            raise Conflict(f"campaign {campaign_id!r} is defined in a file; remove the file instead")
+        with self.db.session() as s:
+            r = s.get(CampaignRecord, campaign_id)
+            if r is None:
+                raise NotFound(f"campaign {campaign_id!r} not found")
+            s.delete(r)
+        self._campaigns_changed()
+
+    def _campaigns_changed(self) -> None:
+        if self.on_campaigns_changed is not None:
+            self.on_campaigns_changed()
+
+
+def _summary(c: Campaign) -> dict[str, Any]:
+    return {"id": c.id, "name": c.name, "purpose": c.purpose, "trigger": c.trigger.type, "zone": c.trigger.zone,
+            "priority": c.priority, "enabled": c.enabled}

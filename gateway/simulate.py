@@ -16,7 +16,7 @@ from typing import TextIO
 from zoneinfo import ZoneInfo
 
 from devices.payloads import Reading
-from gateway.campaigns import CampaignIndex, load_campaigns
+from gateway.campaigns import CampaignIndex, load_campaigns, load_segments
 from gateway.clock import VirtualClock
 from gateway.config import Settings
 from gateway.engine import FIRED, EngineEvent, Outcome
@@ -121,7 +121,8 @@ def simulate(scenario: Scenario, duration_s: float, *, campaigns_dir: str, seed:
             else:
                 summary.suppressions[o.reason] += 1
 
-        pipeline = Pipeline(settings, db, CampaignIndex(load_campaigns(campaigns_dir)), identities, on_outcome)
+        pipeline = Pipeline(settings, db, CampaignIndex(load_campaigns(campaigns_dir)), identities, on_outcome,
+                            segments=load_segments(campaigns_dir))
         sim = StoreSimulator(scenario, start=start, seed=seed, duration_s=duration_s)
         telemetry = TelemetryModel(scenario, start=start, seed=seed)
         store_id = scenario.store.id

@@ -53,7 +53,7 @@ class TokenSigner:
         if len(parts) != 3 or parts[0] != "v1":
             raise TokenError("malformed token")
         _, body, sig = parts
-        if not hmac.compare_digest(sig, self._sign(body)):
+        if not hmac.compare_digest(sig.encode(), self._sign(body).encode()):  # bytes: any text is refused, not a crash
             raise TokenError("bad token signature")
         try:
             data = json.loads(_unb64(body))

@@ -198,3 +198,176 @@ def test_example_campaigns_load():
 
     cs = load_campaigns(Path(__file__).resolve().parents[1] / "examples/campaigns")
     assert {c.purpose for c in cs} == {"offers", "cart_reminders", "maintenance"}
+
+
+# ---------------------------------------------------------------- issue 5 controls
+
+from gateway.campaigns import assign_variant  # noqa: E402
+from gateway.engine import FrequencyCap  # noqa: E402
+
+
+def test_frequency_cap_across_campaigns(world):
+    db, _, ids = world
+    cs = [parse_campaign(campaign(id=f"c{i}", trigger={"type": "enter", "zone": f"z{i}"}, limits={}))
+          for i in range(3)]
+    engine = Engine(CampaignIndex(cs), caps=[FrequencyCap(3600, 2)])
+    got = [run(db, engine, EngineEvent("enter", ids["ann"], T0 + i, f"s{i}", f"z{i}"))[0] for i in range(3)]
+    assert [o.reason for o in got] == ["fired", "fired", "capped"]
+    later = run(db, engine, EngineEvent("enter", ids["ann"], T0 + 3700, "s9", "z2"))[0]
+    assert later.fired  # the window rolled
+
+
+def test_caps_leave_service_messages_alone(world):
+    db, svc, ids = world
+    svc.set_consents(ids["ann"], {"maintenance": True})
+    c = parse_campaign(campaign(purpose="maintenance", trigger={"type": "enter", "zone": "z"}, limits={}))
+    engine = Engine(CampaignIndex([c]), caps=[FrequencyCap(3600, 0)])
+    assert run(db, engine, EngineEvent("enter", ids["ann"], T0, "s1", "z"))[0].fired
+
+
+def test_re_eligibility_and_budget(world):
+    db, svc, ids = world
+    c = parse_campaign(campaign(trigger={"type": "enter", "zone": "z"}, limits={"max_per_profile": 1}))
+    engine = Engine(CampaignIndex([c]))
+    assert run(db, engine, EngineEvent("enter", ids["ann"], T0, "s1", "z"))[0].fired
+    assert run(db, engine, EngineEvent("enter", ids["ann"], T0 + 9e5, "s2", "z"))[0].reason == "not_reeligible"
+
+    other = svc.create_profile(NewProfile(external_id="cy", name="Cy", consents={"offers": True}))["id"]
+    b = parse_campaign(campaign(id="b", trigger={"type": "enter", "zone": "y"}, limits={"budget": {"max_sends": 1}}))
+    engine = Engine(CampaignIndex([b]))
+    assert run(db, engine, EngineEvent("enter", ids["ann"], T0, "s1", "y"))[0].fired
+    assert run(db, engine, EngineEvent("enter", other, T0, "s1", "y"))[0].reason == "budget_exhausted"
+
+
+def _local(hhmm: str, tz: str = "Europe/Paris") -> float:
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    hh, mm = map(int, hhmm.split(":"))
+    return dt.datetime(2026, 6, 1, hh, mm, tzinfo=ZoneInfo(tz)).timestamp()
+
+
+def test_quiet_hours_drop_uses_the_store_timezone(world):
+    db, _, ids = world
+    c = parse_campaign(campaign(trigger={"type": "enter", "zone": "z"},
+                                limits={"quiet_hours": {"start": "21:00", "end": "08:00", "mode": "drop"}}))
+    engine = Engine(CampaignIndex([c]), timezone="Europe/Paris")
+    # 06:30 UTC is 08:30 in Paris (summer): outside quiet hours there, inside them in UTC.
+    assert run(db, engine, EngineEvent("enter", ids["ann"], _local("08:30"), "s1", "z"))[0].fired
+    night = run(db, engine, EngineEvent("enter", ids["ann"], _local("22:15") + 86400, "s2", "z"))[0]
+    assert night.reason == "quiet_hours"
+
+
+def test_quiet_hours_hold_then_release_at_the_end(world):
+    db, _, ids = world
+    c = parse_campaign(campaign(trigger={"type": "enter", "zone": "z"},
+                                limits={"quiet_hours": {"start": "21:00", "end": "08:00"}}))
+    engine = Engine(CampaignIndex([c]), timezone="Europe/Paris")
+    [o] = run(db, engine, EngineEvent("enter", ids["ann"], _local("23:00"), "s1", "z"))
+    assert o.fired and "held for quiet hours until 08:00" in (o.detail or "")
+    with db.session() as s:
+        assert engine.release_due(s, _local("07:59") + 86400) == []
+        n = s.get(Notification, o.notification_id)
+        assert n is not None and n.status == "scheduled"
+    with db.session() as s:
+        assert engine.release_due(s, _local("08:00") + 86400) == [o.notification_id]
+        assert s.get(Notification, o.notification_id).status == "pending"
+
+
+def test_delay_cancelled_by_a_purchase(world):
+    db, _, ids = world
+    c = parse_campaign({**campaign(trigger={"type": "visit_start"}, limits={}), "cancel_on": ["purchase"],
+                        "action": {"title": "t", "body": "b", "delay_s": 600}})
+    engine = Engine(CampaignIndex([c]))
+    [o] = run(db, engine, EngineEvent("visit_start", ids["ann"], T0, "v1"))
+    assert o.fired and o.detail == "delayed 600 s"
+    [cancel] = run(db, engine, EngineEvent("purchase", ids["ann"], T0 + 60, "p1"))
+    assert cancel.reason == "cancelled"
+    with db.session() as s:
+        assert engine.release_due(s, T0 + 601) == []
+        assert s.get(Notification, o.notification_id).status == "cancelled"
+
+
+def test_a_held_send_expires_after_its_ttl_and_consent_is_rechecked(world):
+    db, svc, ids = world
+    c = parse_campaign({**campaign(trigger={"type": "visit_start"}, limits={"ttl_s": 300}),
+                        "action": {"title": "t", "body": "b", "delay_s": 600}})
+    engine = Engine(CampaignIndex([c]))
+    [late] = run(db, engine, EngineEvent("visit_start", ids["ann"], T0, "v1"))
+    c2 = parse_campaign({**campaign(id="c2", trigger={"type": "visit_start"}, limits={}),
+                         "action": {"title": "t", "body": "b", "delay_s": 60}})
+    engine2 = Engine(CampaignIndex([c2]))
+    [withdrawn] = run(db, engine2, EngineEvent("visit_start", ids["ann"], T0, "v1"))
+    svc.set_consents(ids["ann"], {"offers": False})
+    with db.session() as s:
+        assert engine.release_due(s, T0 + 700) == []
+        assert s.get(Notification, late.notification_id).status == "expired"
+        assert s.get(Notification, withdrawn.notification_id).status == "cancelled"
+        reasons = {d.reason for d in s.scalars(select(Decision).where(Decision.event_kind == "release"))}
+    assert reasons == {"expired", "no_consent"}
+
+
+def test_experiment_arms_are_sticky_weighted_and_hold_out_a_share():
+    from gateway.campaigns import Experiment, Variant
+
+    exp = Experiment((Variant("a", 3), Variant("b", 1)), holdout=0.2)
+    arms = [assign_variant(exp, "camp", pid) for pid in range(4000)]
+    assert arms == [assign_variant(exp, "camp", pid) for pid in range(4000)]  # deterministic
+    holdout = sum(a is None for a in arms) / 4000
+    a_share = sum(a is not None and a.name == "a" for a in arms) / sum(a is not None for a in arms)
+    assert 0.17 < holdout < 0.23 and 0.71 < a_share < 0.79
+
+
+def test_holdout_profiles_get_nothing_and_block_lower_priority(world):
+    db, _, ids = world
+    exp = {"holdout": 0.999999, "variants": [{"name": "a"}]}
+    hi = parse_campaign({**campaign(id="hi", priority=9, limits={}), "experiment": exp})
+    lo = parse_campaign(campaign(id="lo", priority=1, limits={}))
+    outcomes = {o.campaign_id: o for o in run(db, Engine(CampaignIndex([hi, lo])), dwell(ids["ann"], T0))}
+    assert outcomes["hi"].reason == "holdout" and outcomes["hi"].variant == "holdout"
+    assert outcomes["lo"].reason == "lost_arbitration"
+
+
+def test_variant_action_is_sent_and_recorded(world):
+    db, _, ids = world
+    exp = {"holdout": 0, "variants": [{"name": "b", "action": {"title": "B {profile.first_name}", "body": "b"}}]}
+    [o] = run(db, Engine(CampaignIndex([parse_campaign({**campaign(limits={}), "experiment": exp})])),
+              dwell(ids["ann"], T0))
+    assert o.fired and o.variant == "b"
+    with db.session() as s:
+        n = s.get(Notification, o.notification_id)
+        assert n.title == "B Ann" and n.variant == "b" and n.data["variant"] == "b"
+
+
+def test_segments_from_behaviour_and_loyalty_tiers(world):
+    from gateway.campaigns import Segment
+    from gateway.storage.models import Profile, Visit
+
+    db, svc, ids = world
+    with db.session() as s:
+        for day in range(1, 6):  # Ann came five times this month
+            s.add(Visit(profile_id=ids["ann"], started_at=T0 - day * 86400, ended_at=T0 - day * 86400 + 900, zones=[]))
+        s.get(Profile, ids["ann"]).points = 60
+    frequent = Segment("frequent", {"all": [{"fact": "behaviour.visits_30d", "op": "gte", "value": 4}]})
+    c = parse_campaign(campaign(conditions={"all": [
+        {"fact": "segments", "op": "contains", "value": "frequent"},
+        {"fact": "loyalty.tier", "op": "eq", "value": "silver"}]}, limits={}))
+    engine = Engine(CampaignIndex([c]), segments=[frequent], tiers=[("bronze", 0), ("silver", 50), ("gold", 150)])
+    assert run(db, engine, dwell(ids["ann"], T0))[0].fired
+    cy = svc.create_profile(NewProfile(external_id="cy", name="Cy", consents={"offers": True}))["id"]
+    with db.session() as s:  # as many points, but no visit history: not frequent
+        s.get(Profile, cy).points = 60
+    [o] = run(db, engine, dwell(cy, T0))
+    assert o.reason == "condition_false" and "segments" in (o.detail or "")
+
+
+def test_a_condition_can_compare_two_facts(world):
+    db, svc, ids = world
+    svc.upsert_catalogue([{"sku": "A", "name": "Boots", "zone": "shoes", "aisle": "S4"}])
+    svc.upsert_cart("c1", profile_id=ids["ann"], external_id=None, items=[{"sku": "A"}], updated_at=T0 - 7200)
+    c = parse_campaign({"id": "here", "purpose": "cart_reminders", "trigger": {"type": "enter"},
+                        "conditions": {"all": [{"fact": "cart.zones", "op": "contains", "value_fact": "event.zone"}]},
+                        "action": {"title": "t", "body": "b"}})
+    engine = Engine(CampaignIndex([c]))
+    assert run(db, engine, EngineEvent("enter", ids["ann"], T0, "s1", "apparel"))[0].reason == "condition_false"
+    assert run(db, engine, EngineEvent("enter", ids["ann"], T0, "s2", "shoes"))[0].fired

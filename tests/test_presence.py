@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from beacons.types import Sighting
 from gateway.config import PresenceSettings, ReceiverSettings, ZoneBand
 from gateway.presence import PresenceTracker, distance_m
@@ -85,14 +92,30 @@ def test_moving_between_zones_exits_the_old_one():
     assert ("exit", "a-near") in kinds(events) and ("enter", "a-far") in kinds(events)
 
 
-def test_bad_input_is_counted_and_dropped():
+def test_bad_input_is_counted_by_reason_and_changes_nothing():
+    # Changed deliberately: one "bad_rssi" reason became one reason per kind of bad input.
     t = tracker()
-    assert see(t, T0, 127) == [] and see(t, T0, 0) == [] and see(t, T0, 5) == []
+    assert see(t, T0, 127) == []  # HCI's "RSSI not available"
+    assert see(t, T0, 0) == [] and see(t, T0, 5) == []
+    assert see(t, T0, -200) == []
+    assert t.observe(Sighting(KEY, "rx-a", -60, math.nan, -59)) == []
+    assert t.observe(Sighting(KEY, "rx-a", -60, math.inf, -59)) == []
     assert see(t, T0, -60, rx="rx-unknown") == []
-    assert t.dropped["bad_rssi"] == 3 and t.dropped["unknown_receiver"] == 1
+    assert t.dropped == {"rssi_unavailable": 1, "rssi_not_negative": 2, "rssi_out_of_range": 1,
+                         "bad_time": 2, "unknown_receiver": 1}
+    assert t.tracks == {}
+    assert t.tick(math.nan) == [] and t.dropped["bad_tick_time"] == 1
+
+
+def test_a_clock_that_steps_back_is_counted_and_small_reordering_is_not():
+    t = tracker()
     see(t, T0 + 100, -60)
     assert see(t, T0 + 50, -60) == []  # the clock stepped back
     assert t.dropped["clock_backwards"] == 1
+    see(t, T0 + 99.5, -60)  # two receivers' streams merged slightly out of order: fine
+    assert t.dropped["clock_backwards"] == 1
+    assert kinds(see(t, T0 + 101.5, -60)) == [("visit_start", "a-near"), ("enter", "a-near")]
+    assert t.tick(T0 + 50) == []  # a tick from before the identity was heard ends nothing
 
 
 def test_occupancy_counts_people_per_zone():
@@ -101,3 +124,164 @@ def test_occupancy_counts_people_per_zone():
         see(t, T0, -60, key=key)
         see(t, T0 + 1, -60, key=key)
     assert t.occupancy() == {"a-near": 2}
+
+
+def stream(t, start, seconds, mean, *, rx="rx-a", sigma=0.0, hz=10.0, rng=None, key=KEY):
+    """Adverts at ``hz`` for ``seconds`` around ``mean`` dBm; the events they produce."""
+    rng = rng or random.Random(1)
+    out = []
+    for i in range(int(seconds * hz)):
+        rssi = round(mean + (rng.gauss(0.0, sigma) if sigma else 0.0))
+        out += see(t, start + i / hz, max(-126, min(-1, rssi)), rx, key)
+    return out
+
+
+def test_noisy_adverts_at_10_hz_do_not_flap():
+    t = tracker(dwell_every_s=1000)
+    events = stream(t, T0, 300, -66, sigma=5.0, rng=random.Random(3))  # ~2.2 m: a-far, near a-near's edge
+    assert kinds(events) == [("visit_start", "a-far"), ("enter", "a-far")]
+
+
+def test_enter_needs_the_zone_held_for_a_while_not_just_two_adverts():
+    t = tracker()
+    events = stream(t, T0, 3, -60)
+    enter = next(e for e in events if e.kind == "enter")
+    assert T0 + 0.9 <= enter.time <= T0 + 1.5  # enter_hold_s = 1 s, at 10 Hz
+
+
+def test_after_a_loss_burst_the_filter_catches_up_quickly():
+    t = tracker()
+    stream(t, T0, 10, -60)  # settled in a-near
+    # Walked away during 4 s of loss; heard again at ~3.5 m (a-far).
+    events = stream(t, T0 + 14, 5, -70)
+    enter = next(e for e in events if e.kind == "enter")
+    assert enter.zone == "a-far" and enter.time - (T0 + 14) <= 2.5
+
+
+def test_ownership_does_not_flap_between_similar_receivers():
+    rx = [ReceiverSettings("rx-a", [ZoneBand("a", 4.0)], measured_power=-59),
+          ReceiverSettings("rx-b", [ZoneBand("b", 4.0)], measured_power=-59)]
+    t = PresenceTracker(PresenceSettings(dwell_every_s=1000), rx)
+    events = []
+    for i in range(600):  # 60 s; each receiver leads by 2 dB in turn, below the 3 dB margin
+        lead = 1 if (i // 20) % 2 else -1
+        events += see(t, T0 + i / 10, -65 + lead, "rx-a")
+        events += see(t, T0 + i / 10 + 0.05, -65 - lead, "rx-b")
+    assert [e.kind for e in events] == ["visit_start", "enter"]
+
+
+def test_ownership_moves_when_another_receiver_is_clearly_stronger_for_a_while():
+    rx = [ReceiverSettings("rx-a", [ZoneBand("a", 4.0)], measured_power=-59),
+          ReceiverSettings("rx-b", [ZoneBand("b", 4.0)], measured_power=-59)]
+    t = PresenceTracker(PresenceSettings(dwell_every_s=1000), rx)
+    for i in range(50):
+        see(t, T0 + i / 10, -62, "rx-a")
+        see(t, T0 + i / 10 + 0.05, -68, "rx-b")
+    assert t.tracks[KEY].zone == "a"
+    for i in range(50, 55):  # b much stronger for only half a second: not enough
+        see(t, T0 + i / 10, -68, "rx-a")
+        see(t, T0 + i / 10 + 0.05, -58, "rx-b")
+    for i in range(55, 60):
+        see(t, T0 + i / 10, -62, "rx-a")
+        see(t, T0 + i / 10 + 0.05, -68, "rx-b")
+    assert t.tracks[KEY].zone == "a"
+    events = []
+    for i in range(60, 120):
+        events += see(t, T0 + i / 10, -68, "rx-a")
+        events += see(t, T0 + i / 10 + 0.05, -58, "rx-b")
+    assert kinds(events) == [("exit", "a"), ("enter", "b")]
+    assert events[1].time - (T0 + 6) <= 3.0
+
+
+def test_ownership_moves_even_when_several_receivers_beat_the_owner():
+    # Walking away from a: b and c both hear it much louder, and interleave their adverts.
+    rx = [ReceiverSettings(n, [ZoneBand(n, 4.0)], measured_power=-59) for n in ("a", "b", "c")]
+    t = PresenceTracker(PresenceSettings(dwell_every_s=1000, exit_band_factor=0.0), rx)
+    for i in range(30):
+        see(t, T0 + i / 10, -62, "a")
+    events = []
+    for i in range(30, 80):
+        events += see(t, T0 + i / 10, -75, "a")
+        events += see(t, T0 + i / 10 + 0.03, -61 if i % 2 else -64, "b")
+        events += see(t, T0 + i / 10 + 0.06, -64 if i % 2 else -61, "c")
+    assert kinds(events)[:1] == [("exit", "a")] and events[1].kind == "enter"
+    assert events[1].time - (T0 + 3) <= 3.0
+
+
+def test_heard_far_beyond_the_band_leaves_the_zone_but_not_the_visit():
+    t = tracker(dwell_every_s=1000)
+    stream(t, T0, 5, -70)  # a-far
+    events = stream(t, T0 + 5, 2, -75)  # ~6.3 m: out of the 6 m band, inside the 9 m exit band: stay
+    assert events == []
+    visit = t.tracks[KEY].visit_since
+    events = stream(t, T0 + 7, 10, -85)  # ~20 m away (beyond 2 x 6 m), still heard
+    assert kinds(events) == [("exit", "a-far")]
+    assert kinds(stream(t, T0 + 17, 5, -70)) == [("enter", "a-far")]  # back: same visit, no visit_start
+    assert t.tracks[KEY].visit_since == visit
+
+
+def test_a_visit_runs_from_first_enter_to_final_exit_with_its_duration():
+    t = tracker()
+    events = stream(t, T0, 20, -60, hz=1) + stream(t, T0 + 20, 20, -70, hz=1)
+    events += t.tick(T0 + 40 + 11) + t.tick(T0 + 40 + 61)
+    starts = [e for e in events if e.kind == "visit_start"]
+    ends = [e for e in events if e.kind == "visit_end"]
+    assert len(starts) == 1 and len(ends) == 1
+    assert ends[0].visit_since == starts[0].time and ends[0].dwell_s == T0 + 39 - starts[0].time
+
+
+def test_calibration_defaults_to_the_advertised_tx_power():
+    rx = [ReceiverSettings("rx-a", [ZoneBand("near", 2.0), ZoneBand("far", 8.0)])]  # no measured power
+    t = PresenceTracker(PresenceSettings(), rx)
+    assert t.zone_for("rx-a", -72, -70) == "near"  # a weak beacon: -70 dBm at 1 m, so -72 is ~1.3 m
+    assert t.zone_for("rx-a", -72, None) == "far"  # unknown: the iBeacon default of -59 dBm at 1 m
+    calibrated = PresenceTracker(PresenceSettings(), [ReceiverSettings("rx-a", rx[0].zones, measured_power=-65,
+                                                                       path_loss_exponent=3.0)])
+    assert calibrated.zone_for("rx-a", -72, -59) == "near"  # the receiver's own calibration wins
+
+
+def test_the_ema_filter_is_still_available():
+    t = tracker(rssi_filter="ema")
+    assert kinds(stream(t, T0, 3, -60)) == [("visit_start", "a-near"), ("enter", "a-near")]
+    with pytest.raises(ValueError, match="rssi_filter"):
+        tracker(rssi_filter="median")
+
+
+# Mostly a clock moving forward by small steps (so zones are entered), sometimes absurd jumps.
+_times = st.one_of(st.floats(0, 3), st.floats(-50, 0), st.sampled_from([math.nan, math.inf, -math.inf, 1e12]))
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("see"), st.sampled_from(["k1", "k2"]), st.sampled_from(["rx-a", "rx-b", "rx-x"]),
+              st.one_of(st.integers(-300, 300), st.sampled_from([127, 0, -127, -59, -70]),
+                        st.floats(allow_nan=True)), _times),
+    st.tuples(st.just("tick"), st.just(""), st.just(""), st.just(0), _times),
+), max_size=80)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_ops)
+def test_any_sightings_and_ticks_in_any_order_never_raise_nor_exit_without_enter(ops):
+    # Short timings, so a few dozen operations go through enters, moves, exits and visit ends.
+    t = tracker(enter_hold_s=0.5, exit_after_s=3, visit_end_after_s=8, owner_hold_s=0.5, exit_band_hold_s=1)
+    zone: dict[str, str | None] = {}
+    visit: dict[str, bool] = {}
+    clock = T0
+    for op, key, rx, rssi, step in ops:
+        now = clock + step if math.isfinite(step) and step < 1e6 else step  # a step, or an absurd time
+        if math.isfinite(now):
+            clock = now
+        events = see(t, now, rssi, rx, key) if op == "see" else t.tick(now)
+        for e in events:
+            if e.kind == "visit_start":
+                assert not visit.get(e.key)
+                visit[e.key] = True
+            elif e.kind == "enter":
+                assert visit.get(e.key) and zone.get(e.key) is None
+                zone[e.key] = e.zone
+            elif e.kind in ("exit", "dwell"):
+                assert zone.get(e.key) == e.zone is not None, (e, zone)
+                if e.kind == "exit":
+                    zone[e.key] = None
+            else:  # visit_end
+                assert visit.get(e.key) and zone.get(e.key) is None
+                visit[e.key] = False
+    assert sum(t.occupancy().values()) == sum(z is not None for z in zone.values())

@@ -7,12 +7,12 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query
+from fastapi import APIRouter, Header, HTTPException, Path, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api.deps import Context, Customer
-from api.schemas import NotificationOut
+from api.schemas import DB_ID_MAX, NotificationOut
 
 router = APIRouter(prefix="/me", tags=["customer"])
 
@@ -26,13 +26,15 @@ def sse(msg: dict[str, Any]) -> str:
                              "description": "Server-sent events; `id` is the notification id"}})
 async def stream(ctx: Context, claims: Customer,
                  last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-                 after: Annotated[int | None, Query(ge=0, description="Same as Last-Event-ID")] = None
+                 after: Annotated[int | None, Query(ge=0, le=DB_ID_MAX, description="Same as Last-Event-ID")] = None
                  ) -> StreamingResponse:
     """Live notifications. Unacked ones after Last-Event-ID are replayed first, so nothing is missed."""
     try:
         start = int(last_event_id) if last_event_id else (after or 0)
     except ValueError:
-        raise HTTPException(400, "Last-Event-ID must be a notification id") from None
+        start = -1
+    if not 0 <= start <= DB_ID_MAX:
+        raise HTTPException(400, "Last-Event-ID must be a notification id")
     pid = claims.profile_id
     queue = ctx.hub.subscribe(pid)  # before the replay query, so nothing falls between the two
     try:
@@ -43,6 +45,7 @@ async def stream(ctx: Context, claims: Customer,
 
     async def events() -> AsyncIterator[str]:
         last = start
+        replayed = {old["id"] for old in backlog}
         try:
             yield f"retry: 2000\n: stream for profile {pid}\n\n"
             for old in backlog:
@@ -50,15 +53,20 @@ async def stream(ctx: Context, claims: Customer,
                 yield sse(old)
             while True:
                 try:
-                    msg: dict[str, Any] | None = await asyncio.wait_for(queue.get(), ctx.heartbeat_s)
+                    async with asyncio.timeout(ctx.heartbeat_s):  # no task per message, unlike wait_for
+                        msg: dict[str, Any] | None = await queue.get()
                 except TimeoutError:
                     yield ": heartbeat\n\n"
                     continue
                 if msg is None:
                     return
+                if msg["id"] in replayed:  # committed between subscribe and replay: sent once
+                    continue
                 if msg["id"] > last:
                     last = msg["id"]
                     yield sse(msg)
+                else:  # an older id released late (a scheduled send): no `id:`, so Last-Event-ID stays put
+                    yield sse(msg).split("\n", 1)[1]
         finally:
             ctx.hub.unsubscribe(pid, queue)
 
@@ -67,12 +75,13 @@ async def stream(ctx: Context, claims: Customer,
 
 
 @router.get("/notifications", response_model=list[NotificationOut])
-def my_notifications(ctx: Context, claims: Customer, after: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
+def my_notifications(ctx: Context, claims: Customer,
+                     after: Annotated[int, Query(ge=0, le=DB_ID_MAX)] = 0) -> list[dict[str, Any]]:
     """Unacked notifications after an id: the polling fallback for apps without a stream."""
     return ctx.service.replay(claims.profile_id, after)
 
 
 @router.post("/notifications/{notification_id}/ack", response_model=NotificationOut)
-def ack(notification_id: int, ctx: Context, claims: Customer) -> dict[str, Any]:
+def ack(notification_id: Annotated[int, Path(ge=1, le=DB_ID_MAX)], ctx: Context, claims: Customer) -> dict[str, Any]:
     """The app has it: recorded as delivered, and never replayed again."""
     return ctx.service.ack(claims.profile_id, notification_id)

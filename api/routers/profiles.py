@@ -1,12 +1,16 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Path, status
 
 from api.deps import Admin, Context
-from api.schemas import ConsentsIn, ProfileIn, ProfileOut, TokenOut
+from api.schemas import DB_ID_MAX, ConsentsIn, ProfileIn, ProfileOut, TokenOut
 from gateway.service import NewProfile
 
 router = APIRouter(prefix="/profiles", tags=["profiles"], dependencies=[Admin])
+
+ProfileId = Annotated[int, Path(ge=1, le=DB_ID_MAX)]
 
 
 @router.post("", response_model=ProfileOut, status_code=status.HTTP_201_CREATED)
@@ -19,18 +23,18 @@ def create_profile(body: ProfileIn, ctx: Context) -> dict[str, object]:
 
 
 @router.get("/{profile_id}", response_model=ProfileOut)
-def get_profile(profile_id: int, ctx: Context) -> dict[str, object]:
+def get_profile(profile_id: ProfileId, ctx: Context) -> dict[str, object]:
     return ctx.service.get_profile(profile_id)
 
 
 @router.put("/{profile_id}/consents", response_model=ProfileOut)
-def set_consents(profile_id: int, body: ConsentsIn, ctx: Context) -> dict[str, object]:
+def set_consents(profile_id: ProfileId, body: ConsentsIn, ctx: Context) -> dict[str, object]:
     """Grant or withdraw consent per purpose; withdrawal takes effect for the next decision."""
     return ctx.service.set_consents(profile_id, {str(k): v for k, v in body.consents.items()})
 
 
 @router.post("/{profile_id}/tokens", response_model=TokenOut, status_code=status.HTTP_201_CREATED)
-def issue_token(profile_id: int, ctx: Context) -> TokenOut:
+def issue_token(profile_id: ProfileId, ctx: Context) -> TokenOut:
     """A signed, expiring app token that reaches only this customer's stream and notifications."""
     token, claims = ctx.service.issue_token(profile_id)
     return TokenOut(token=token, profile_id=claims.profile_id, expires_at=claims.expires_at)

@@ -34,6 +34,7 @@ class Profile(Base):
     name: Mapped[str | None] = mapped_column(String(200))
     attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float)
+    points: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # loyalty, earned per visit
 
     identifiers: Mapped[list[Identifier]] = relationship(
         back_populates="profile", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin"
@@ -100,6 +101,10 @@ class Cart(Base):
     status: Mapped[str] = mapped_column(String(16), default="open")  # open | checked_out
     items: Mapped[list[Any]] = mapped_column(JSON, default=list)
     updated_at: Mapped[float] = mapped_column(Float)
+    # Lifecycle events the engine has seen, so each is raised once, durably (restart-safe).
+    abandoned_at: Mapped[float | None] = mapped_column(Float)
+    checked_out_at: Mapped[float | None] = mapped_column(Float)
+    purchase_handled_at: Mapped[float | None] = mapped_column(Float)
 
 
 class Visit(Base):
@@ -127,6 +132,7 @@ class Decision(Base):
     fired: Mapped[bool] = mapped_column(Boolean)
     reason: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str | None] = mapped_column(Text)
+    variant: Mapped[str | None] = mapped_column(String(64))  # experiment arm, "holdout" included
 
 
 class Notification(Base):
@@ -148,8 +154,13 @@ class Notification(Base):
     body: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | sent | acked
+    # scheduled (delayed or held for quiet hours) | pending | sent | acked | cancelled | expired
+    status: Mapped[str] = mapped_column(String(16), default="pending")
     acked_at: Mapped[float | None] = mapped_column(Float)
+    deliver_at: Mapped[float | None] = mapped_column(Float, index=True)  # set while scheduled
+    expires_at: Mapped[float | None] = mapped_column(Float)
+    variant: Mapped[str | None] = mapped_column(String(64))  # the experiment arm it was sent under
+    redemption_code: Mapped[str | None] = mapped_column(String(32), unique=True)  # offers: shown at the till
 
 
 class Delivery(Base):
@@ -173,3 +184,92 @@ class Interaction(Base):
     )
     kind: Mapped[str] = mapped_column(String(16))  # delivered | opened | clicked | redeemed | dismissed
     at: Mapped[float] = mapped_column(Float)
+
+
+class DeliveryState(Base):
+    """Where one notification stands on one channel: the dispatcher's durable retry schedule.
+
+    ``state`` is ``pending`` (retried at ``next_attempt_at``; NULL: nothing scheduled, e.g. a stream
+    with no listener, which replays on connect), ``delivered`` or ``dead`` (gave up: dead-lettered).
+    Kept in the database so retries survive a restart.
+    """
+
+    __tablename__ = "delivery_states"
+    __table_args__ = (Index("ix_delivery_states_due", "state", "next_attempt_at"),)
+
+    notification_id: Mapped[int] = mapped_column(
+        ForeignKey("notifications.id", ondelete="CASCADE"), primary_key=True
+    )
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))  # pending | delivered | dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float | None] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class PushSubscription(Base):
+    """A browser's Web Push subscription (RFC 8030): where to POST and the keys to encrypt to (RFC 8291).
+
+    The endpoint is unique: a browser that logs into another account moves its subscription along.
+    A 404/410 from the push service deletes the row, so stale subscriptions never pile up.
+    """
+
+    __tablename__ = "push_subscriptions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    profile_id: Mapped[int] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)
+    endpoint: Mapped[str] = mapped_column(String(1024), unique=True)
+    p256dh: Mapped[str] = mapped_column(String(128))
+    auth: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    last_success_at: Mapped[float | None] = mapped_column(Float)
+    failures: Mapped[int] = mapped_column(Integer, default=0)  # consecutive transient failures
+
+
+class WebhookEndpoint(Base):
+    """What the webhook channel remembers about each configured URL, so a restart keeps a disabled one off."""
+
+    __tablename__ = "webhook_endpoints"
+
+    url: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    consecutive_gone: Mapped[int] = mapped_column(Integer, default=0)
+    disabled_at: Mapped[float | None] = mapped_column(Float)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_attempt_at: Mapped[float | None] = mapped_column(Float)
+    last_success_at: Mapped[float | None] = mapped_column(Float)
+
+
+class ZoneStay(Base):
+    """One enrolled customer's time in one zone: dwell per zone and bounce rate come from here."""
+
+    __tablename__ = "zone_stays"
+    __table_args__ = (Index("ix_zone_stays_zone_entered", "zone", "entered_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    profile_id: Mapped[int] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)
+    visit_id: Mapped[int | None] = mapped_column(ForeignKey("visits.id", ondelete="CASCADE"), index=True)
+    zone: Mapped[str] = mapped_column(String(64))
+    entered_at: Mapped[float] = mapped_column(Float)
+    exited_at: Mapped[float | None] = mapped_column(Float)
+
+
+class FootfallCount(Base):
+    """Anonymous visits per local day and zone: counts only, no identity and no address."""
+
+    __tablename__ = "footfall_counts"
+
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)  # YYYY-MM-DD, store time
+    zone: Mapped[str] = mapped_column(String(64), primary_key=True)  # "" for the store as a whole
+    anonymous_visits: Mapped[int] = mapped_column(Integer, default=0)
+    anonymous_dwell_s: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class CampaignRecord(Base):
+    """A campaign managed over the API (file campaigns live in the campaigns directory)."""
+
+    __tablename__ = "campaigns"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    definition: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,38 @@
+"""Staff-facing reads: why a campaign did or did not fire, what would happen, and the figures."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from api.deps import Admin, Context
+from api.schemas import DecisionOut, DryRunIn, DryRunOutcome
+
+router = APIRouter(tags=["insights"], dependencies=[Admin])
+
+
+@router.get("/profiles/{profile_id}/decisions", response_model=list[DecisionOut])
+def decisions(profile_id: int, ctx: Context,
+              campaign: Annotated[str | None, Query(max_length=128)] = None,
+              limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[dict[str, Any]]:
+    """Why: every evaluation of a campaign for this customer, newest first, with its reason code."""
+    return ctx.service.decisions(profile_id, campaign, limit)
+
+
+@router.post("/decisions/dry-run", response_model=list[DryRunOutcome])
+def dry_run(body: DryRunIn, ctx: Context) -> list[dict[str, Any]]:
+    """What the engine would decide for a synthetic event, now. Nothing is sent or stored."""
+    return ctx.service.dry_run(body.profile_id, body.event.kind, body.event.zone, body.event.dwell_s,
+                               body.event.facts)
+
+
+@router.get("/figures")
+def figures(ctx: Context,
+            day_from: Annotated[dt.date, Query(alias="from", description="First local day, YYYY-MM-DD")],
+            day_to: Annotated[dt.date | None, Query(alias="to", description="Last local day; default: from")] = None,
+            ) -> dict[str, Any]:
+    """Footfall, new vs returning, dwell per zone, bounce, engagement, CTR, redemption and conversion."""
+    last = day_to or day_from
+    return ctx.service.figures(day_from.isoformat(), last.isoformat(), ctx.service.timezone)

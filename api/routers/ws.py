@@ -1,0 +1,151 @@
+"""The customer's live stream over a WebSocket: the SSE stream's semantics, plus acks on the socket.
+
+Same outbox, same hub: unacked notifications after the client's last id are replayed, then new
+ones are pushed live; ids are the outbox ids, so they only go up and the app dedups by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi.concurrency import run_in_threadpool
+
+from api.deps import ApiContext
+from api.schemas import DB_ID_MAX
+from gateway.service import NotFound
+from gateway.tokens import Claims, TokenError
+
+router = APIRouter(prefix="/me", tags=["customer"])
+
+WS_UNAUTHORIZED = 4401  # the 4xxx range is the application's; 4401 mirrors HTTP 401
+WS_BAD_REQUEST = 4400
+WS_TRY_AGAIN = 1013  # the client fell behind and was cut off: reconnect with after=<last id>
+AUTH_TIMEOUT_S = 10.0
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def _compact(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+async def _ws_auth(ws: WebSocket, ctx: ApiContext, token: str | None, after: int) -> tuple[Claims, int] | None:
+    """The token from the query, the Authorization header or the first message ``{"token", "after"}``."""
+    if token is None:
+        auth = ws.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            token = auth[7:].strip()
+    if token is None:  # browsers cannot set headers on a WebSocket: the first message carries it
+        try:
+            first = json.loads(await asyncio.wait_for(ws.receive_text(), AUTH_TIMEOUT_S))
+            token = first.get("token") if isinstance(first, dict) else None
+            after = int(first.get("after", after) or 0)
+        except (TimeoutError, ValueError, TypeError, KeyError):
+            token = None
+    if not isinstance(token, str) or not token:
+        await ws.close(WS_UNAUTHORIZED, "a customer app token is required")
+        return None
+    if not 0 <= after <= DB_ID_MAX:
+        await ws.close(WS_BAD_REQUEST, "after must be a notification id")
+        return None
+    try:
+        return ctx.service.verify_token(token), after
+    except TokenError as exc:
+        await ws.close(WS_UNAUTHORIZED, str(exc)[:120])
+        return None
+
+
+async def _ws_push(ws_send: Send, queue: asyncio.Queue[dict[str, Any] | None], backlog: list[dict[str, Any]],
+                   heartbeat_s: float) -> None:
+    """Replay, then live; a message both replayed and published (committed meanwhile) is sent once.
+
+    Live messages are filtered by the replayed ids, not by "greater than the last id": a scheduled
+    send released later carries an older id and must still go out.
+    """
+    replayed = {old["id"] for old in backlog}
+    for old in backlog:
+        await ws_send({"type": "notification", "id": old["id"], "notification": old})
+    while True:
+        try:
+            async with asyncio.timeout(heartbeat_s):
+                msg = await queue.get()
+        except TimeoutError:
+            await ws_send({"type": "ping"})
+            continue
+        if msg is None:  # too slow: the hub dropped us
+            return
+        if msg["id"] not in replayed:
+            await ws_send({"type": "notification", "id": msg["id"], "notification": msg})
+
+
+async def _ws_acks(ws: WebSocket, ws_send: Send, ctx: ApiContext, profile_id: int) -> None:
+    """``{"ack": <id>}`` is POST .../ack over the socket; ``{"type": "ping"}`` gets a pong."""
+    while True:
+        text = await ws.receive_text()
+        try:
+            req = json.loads(text)
+        except ValueError:
+            await ws_send({"type": "error", "detail": "messages are JSON objects, e.g. {\"ack\": 12}"})
+            continue
+        if isinstance(req, dict) and req.get("type") == "ping":
+            await ws_send({"type": "pong"})
+            continue
+        nid = req.get("ack") if isinstance(req, dict) else None
+        if not isinstance(nid, int) or isinstance(nid, bool) or not 1 <= nid <= DB_ID_MAX:
+            await ws_send({"type": "error", "detail": "expected {\"ack\": <notification id>}"})
+            continue
+        try:
+            acked = await run_in_threadpool(ctx.service.ack, profile_id, nid)
+        except NotFound as exc:
+            await ws_send({"type": "error", "ack": nid, "detail": str(exc)})
+            continue
+        await ws_send({"type": "acked", "id": nid, "status": acked["status"]})
+
+
+@router.websocket("/ws")
+async def ws_stream(ws: WebSocket, access_token: str | None = None, after: int = 0) -> None:
+    """The live stream over a WebSocket, with acks on the same socket.
+
+    Auth: ``?access_token=``, ``Authorization: Bearer``, or a first message ``{"token": ..., "after": N}``;
+    a bad or missing token closes with 4401. Unacked notifications after ``after`` are replayed, then
+    new ones are pushed as ``{"type": "notification", "id": N, "notification": {...}}``; an idle
+    socket gets ``{"type": "ping"}`` every heartbeat. The client sends ``{"ack": N}`` and gets
+    ``{"type": "acked", "id": N}``. A client too slow to keep up is closed with 1013 and resumes
+    with ``after`` = the last id it saw.
+    """
+    ctx: ApiContext = ws.app.state.context
+    await ws.accept()
+    auth = await _ws_auth(ws, ctx, access_token, after)
+    if auth is None:
+        return
+    claims, start = auth
+    pid = claims.profile_id
+    queue = ctx.hub.subscribe(pid)  # before the replay query, so nothing falls between the two
+    lock = asyncio.Lock()
+
+    async def send(obj: dict[str, Any]) -> None:
+        async with lock:  # the pusher and the ack replies share the socket
+            await ws.send_text(_compact(obj))
+
+    tasks: set[asyncio.Task[None]] = set()
+    try:
+        backlog = await run_in_threadpool(ctx.service.replay, pid, start)
+        pusher = asyncio.create_task(_ws_push(send, queue, backlog, ctx.heartbeat_s))
+        tasks = {pusher, asyncio.create_task(_ws_acks(ws, send, ctx, pid))}
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if pusher in done and pusher.exception() is None:
+            await ws.close(WS_TRY_AGAIN, "too slow: reconnect with after=<last id>")
+    except WebSocketDisconnect:
+        pass
+    finally:
+        ctx.hub.unsubscribe(pid, queue)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t

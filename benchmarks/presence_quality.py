@@ -1,0 +1,503 @@
+"""Presence quality against the simulator's ground truth, and against two published baselines.
+
+One trace (the example store's floor plan and receivers; a busier crowd that lingers; shadowing
+sigma 5 dB; 10 Hz adverts; random loss plus loss bursts) runs through the gateway's
+``PresenceTracker`` (and a few variants of it, to justify the chosen filter and settings) and
+through two baselines written from their published descriptions:
+
+- ``altbeacon_running_average``: AltBeacon's RunningAverageRssiFilter, the samples of the last
+  20 s, sorted, 10 % trimmed at each end, averaged.
+- ``espresense_tukey``: ESPresense-style, the samples of the last 15 s, mean of those inside the
+  Tukey fences [Q1 - 1.5 IQR, Q3 + 1.5 IQR].
+
+The baselines get the same zone logic as the tracker minus its hysteresis: the strongest
+receiver (RSSI above its 1 m reference) owns the identity, its distance bands name the zone,
+a new zone is entered at once, and a zone is left on a new zone or on ``exit_after_s`` silence.
+
+Figures (see docs/presence.md for the exact scoring rules):
+
+- ``zone_accuracy``: fraction of person-seconds, sampled every second from each arrival to
+  ``POST_S`` after leaving, where the tracker's zone matches the truth (None = not in any zone /
+  not in the store). A change of true zone allows the old or the new zone for ``SETTLE_S``; walking
+  between zones allows the zone just left or the next one; after leaving the store the old zone is
+  allowed for ``exit_after_s + SETTLE_S`` (exit on silence is the contract).
+- ``false_exits_per_person_hour``: exit events emitted while the person is really in that zone.
+- ``enter_latency_p90_s``: for each route stop, from the moment the person really enters the zone
+  to the tracker's enter event for it (0 if already there; a stop never entered counts its whole
+  length, and is also counted in ``missed_enters``).
+
+Usage: ``.venv/bin/python benchmarks/presence_quality.py [--quick] [--seed N]``; the last line
+printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from beacons.types import Sighting  # noqa: E402
+from gateway.config import PresenceSettings, ReceiverSettings, ZoneBand  # noqa: E402
+from gateway.presence import PresenceTracker, rssi_at  # noqa: E402
+from simulators.people import VisitPath, Walker  # noqa: E402
+from simulators.scenario import Receiver, Scenario, Zone, load_scenario  # noqa: E402
+from simulators.scenario import ZoneBand as SimBand  # noqa: E402
+from simulators.store_sim import StoreSimulator  # noqa: E402
+
+START = 1_700_000_000.0
+STEP_S = 1.0  # the runtime ticks presence about once a second; so does this replay
+SETTLE_S = 3.0  # grace after a true zone change (the enter-latency goal)
+POST_S = 30.0  # after leaving, "not in the store" is scored this long
+# Loss: a small random loss per receiver (in the radio model), plus bursts per tag that silence
+# it for every receiver (a body between tag and receivers, the phone in a pocket, Wi-Fi).
+RANDOM_LOSS = 0.05
+BURSTS_PER_MIN = 2.0
+BURST_MEAN_S = 1.5
+BURST_MAX_S = 6.0
+# Shadowing of about 5 dB in all: the radio model's independent per-advert noise, plus a slow
+# fade per tag and receiver (people and shelves in between change over seconds, not adverts).
+# Independent noise alone averages away at 10 Hz; slow fades are what make zones flap.
+FAST_SIGMA_DB = 3.0
+SLOW_SIGMA_DB = 4.0
+SLOW_TAU_S = 3.0
+
+Event = tuple[str, str, str | None, float]  # kind, key, zone, emission time
+
+
+class Tracker(Protocol):
+    def observe(self, key: str, rx: str, rssi: int, t: float) -> list[Event]: ...
+    def tick(self, now: float) -> list[Event]: ...
+
+
+# ---------------------------------------------------------------------------------------
+# The trace
+
+
+def bench_scenario(quick: bool) -> Scenario:
+    """The example store with a lingering crowd, noisy 10 Hz radio; no enrolled people needed."""
+    sc = load_scenario(ROOT / "examples/store.yaml")
+    radio = dataclasses.replace(sc.radio, shadowing_sigma_db=FAST_SIGMA_DB, advert_interval_s=0.1, loss=RANDOM_LOSS)
+    crowd = dataclasses.replace(sc.crowd, count=30 if quick else 60, first_wave=6 if quick else 12,
+                                arrivals_per_hour=60 if quick else 90, dwell_s=(20.0, 180.0))
+    return dataclasses.replace(sc, radio=radio, crowd=crowd, people=())
+
+
+def dense_scenario(quick: bool) -> Scenario:
+    """A harder floor plan: six 6 x 6 m zones in a 3 x 2 grid, 1 m apart, a receiver over each.
+
+    Neighbouring zones are so close that a shopper at a shelf near the edge is almost as loud
+    on the next receiver: this is where filters and ownership rules flap.
+    """
+    base = bench_scenario(quick)
+    names = [["entrance", "shoes", "apparel"], ["outdoor", "camping", "checkout"]]
+    zones, receivers = [], []
+    for row, line in enumerate(names):
+        for col, name in enumerate(line):
+            x0, y0 = col * 7.0, row * 7.0
+            zones.append(Zone(name, (x0, y0, x0 + 6.0, y0 + 6.0)))
+            receivers.append(Receiver(f"rx-{name}", (x0 + 3.0, y0 + 3.0), (SimBand(name, 4.0),),
+                                      measured_power=base.radio.tx_power,
+                                      rssi_offset=(-2.0, 0.0, 2.0)[(row + col) % 3]))
+    crowd = dataclasses.replace(base.crowd, route_zones=tuple(n for line in names for n in line))
+    return dataclasses.replace(base, zones=tuple(zones), receivers=tuple(receivers), crowd=crowd)
+
+
+def burst_windows(key: str, seed: int, t0: float, t1: float) -> list[tuple[float, float]]:
+    rng = random.Random(f"{seed}/burst/{key}")
+    out: list[tuple[float, float]] = []
+    t = t0
+    while True:
+        t += rng.expovariate(BURSTS_PER_MIN / 60.0)
+        if t >= t1:
+            return out
+        out.append((t, t + min(BURST_MAX_S, rng.expovariate(1.0 / BURST_MEAN_S))))
+
+
+Trace = list[tuple[float, list[tuple[str, str, int, float]]]]
+
+
+def build_trace(sim: StoreSimulator, duration_s: float, seed: int) -> Trace:
+    """Per 1 s step: (step end, [(key, receiver, rssi, time)]) after burst loss."""
+    by_address = {v.address: w.key for w in sim.walkers for v in w.visits}
+    bursts = {w.key: burst_windows(w.key, seed, START, START + duration_s + 600) for w in sim.walkers}
+    starts = {k: [b[0] for b in v] for k, v in bursts.items()}
+    fades: dict[tuple[str, str], list[float]] = {}  # (key, rx) -> [value, time]
+    fade_rng = random.Random(f"{seed}/fade")
+    steps = []
+    t = START
+    kept = lost = 0
+    while t < START + duration_s + POST_S:
+        t1 = t + STEP_S
+        rows = []
+        for adv in sim.advertisements(t, t1):
+            key = by_address[adv.address]
+            i = bisect.bisect_right(starts[key], adv.time) - 1
+            if i >= 0 and adv.time < bursts[key][i][1]:
+                lost += 1
+                continue
+            kept += 1
+            f = fades.get((key, adv.receiver))
+            if f is None:
+                f = fades[(key, adv.receiver)] = [fade_rng.gauss(0.0, SLOW_SIGMA_DB), adv.time]
+            else:
+                rho = math.exp(-(adv.time - f[1]) / SLOW_TAU_S)
+                f[0] = rho * f[0] + math.sqrt(1.0 - rho * rho) * fade_rng.gauss(0.0, SLOW_SIGMA_DB)
+                f[1] = adv.time
+            rows.append((key, adv.receiver, max(-127, min(-1, round(adv.rssi + f[0]))), adv.time))
+        steps.append((t1, rows))
+        t = t1
+    steps_info.update(adverts=kept, burst_lost=lost)
+    return steps
+
+
+steps_info: dict[str, int] = {}
+
+
+def receivers_of(sc: Scenario) -> list[ReceiverSettings]:
+    """The gateway's configuration as a site survey would set it.
+
+    Measured power includes each receiver's offset (calibration), and each zone's band reaches
+    the farthest corner of the zone's floor rect, so "in the zone" means the same thing to the
+    ground truth and to every tracker scored here.
+    """
+    out = []
+    for r in sc.receivers:
+        bands = []
+        for z in r.zones:
+            x0, y0, x1, y1 = sc.zone(z.name).rect
+            far = max(math.hypot(x - r.position[0], y - r.position[1]) for x in (x0, x1) for y in (y0, y1))
+            bands.append(ZoneBand(z.name, round(far, 1)))
+        out.append(ReceiverSettings(r.id, bands, measured_power=round(r.measured_power + r.rssi_offset),
+                                    path_loss_exponent=r.path_loss_exponent))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Trackers
+
+
+class Ours:
+    def __init__(self, settings: PresenceSettings, receivers: list[ReceiverSettings], tx_power: int) -> None:
+        self.t = PresenceTracker(settings, receivers)
+        self.tx = tx_power
+
+    def observe(self, key: str, rx: str, rssi: int, t: float) -> list[Event]:
+        evs = self.t.observe(Sighting(key, rx, rssi, t, self.tx))
+        return [(e.kind, e.key, e.zone, t) for e in evs] if evs else []
+
+    def tick(self, now: float) -> list[Event]:
+        return [(e.kind, e.key, e.zone, now) for e in self.t.tick(now)]
+
+
+def altbeacon_running_average(v: list[int]) -> float:
+    """RunningAverageRssiFilter on the window's samples (``v`` sorted): drop 10 % at each end, average."""
+    cut = len(v) // 10
+    kept = v[cut:len(v) - cut] if len(v) - 2 * cut > 0 else v
+    return sum(kept) / len(kept)
+
+
+def espresense_tukey(v: list[int]) -> float:
+    """Mean of the window's samples (``v`` sorted) inside the Tukey fences (1.5 IQR beyond the quartiles)."""
+    n = len(v)
+    if n < 4:
+        return sum(v) / n
+    q1, q3 = v[n // 4], v[(3 * n) // 4]
+    lo, hi = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
+    kept = v[bisect.bisect_left(v, lo):bisect.bisect_right(v, hi)]
+    return sum(kept) / len(kept)
+
+
+class WindowBaseline:
+    """A windowed RSSI filter + strongest receiver + distance bands, no hysteresis, exit on silence."""
+
+    def __init__(self, window_s: float, estimate: Callable[[list[int]], float],
+                 receivers: list[ReceiverSettings], exit_after_s: float) -> None:
+        self.window_s, self.estimate, self.exit_after_s = window_s, estimate, exit_after_s
+        self.ref = {r.id: float(r.measured_power or -59) for r in receivers}
+        self.bands = {r.id: [(rssi_at(z.max_m, self.ref[r.id], r.path_loss_exponent), z.name)
+                             for z in sorted(r.zones, key=lambda z: z.max_m)] for r in receivers}
+        self.samples: dict[tuple[str, str], deque[tuple[float, int]]] = defaultdict(deque)
+        self.sorted: dict[tuple[str, str], list[int]] = defaultdict(list)  # the window's samples, sorted
+        self.value: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)  # key -> rx -> (est, last)
+        self.zone: dict[str, str | None] = {}
+        self.last: dict[str, float] = {}
+
+    def observe(self, key: str, rx: str, rssi: int, t: float) -> list[Event]:
+        q, v = self.samples[(key, rx)], self.sorted[(key, rx)]
+        q.append((t, rssi))
+        bisect.insort(v, rssi)
+        while q[0][0] < t - self.window_s:
+            del v[bisect.bisect_left(v, q.popleft()[1])]
+        est = self.estimate(v)
+        links = self.value[key]
+        links[rx] = (est - self.ref[rx], t)
+        self.last[key] = t
+        best, strength = None, -math.inf
+        for r, (s, last) in links.items():
+            if t - last <= self.exit_after_s / 2 and s > strength:
+                best, strength = r, s
+        if best is None:
+            return []
+        zone = None
+        for thr, name in self.bands[best]:
+            if strength + self.ref[best] >= thr:
+                zone = name
+                break
+        cur = self.zone.get(key)
+        if zone is None or zone == cur:
+            return []
+        out: list[Event] = [("exit", key, cur, t)] if cur is not None else []
+        self.zone[key] = zone
+        out.append(("enter", key, zone, t))
+        return out
+
+    def tick(self, now: float) -> list[Event]:
+        out: list[Event] = []
+        for key, last in list(self.last.items()):
+            if now - last > self.exit_after_s:
+                cur = self.zone.pop(key, None)
+                if cur is not None:
+                    out.append(("exit", key, cur, now))
+                del self.last[key]
+                self.value.pop(key, None)
+                for rx in self.ref:
+                    self.samples.pop((key, rx), None)
+                    self.sorted.pop((key, rx), None)
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring
+
+
+def replay(tracker: Tracker, steps: Iterable[tuple[float, list[tuple[str, str, int, float]]]]) -> tuple[
+        list[Event], float]:
+    events: list[Event] = []
+    observe, tick = tracker.observe, tracker.tick
+    n = 0
+    t0 = time.process_time()  # CPU time: other jobs on the machine do not inflate it
+    for t1, rows in steps:
+        for key, rx, rssi, t in rows:
+            n += 1
+            evs = observe(key, rx, rssi, t)
+            if evs:
+                events.extend(evs)
+        events.extend(tick(t1))
+    return events, (time.process_time() - t0) / max(n, 1)
+
+
+def timelines(events: list[Event]) -> dict[str, tuple[list[float], list[str | None]]]:
+    """Per key: the tracker's zone as a step function of emission time."""
+    out: dict[str, tuple[list[float], list[str | None]]] = {}
+    cur: dict[str, str | None] = {}
+    for kind, key, zone, t in events:
+        if kind == "enter":
+            cur[key] = zone
+        elif kind == "exit" and cur.get(key) == zone:
+            cur[key] = None
+        else:
+            continue
+        ts, zs = out.setdefault(key, ([], []))
+        ts.append(t)
+        zs.append(cur[key])
+    return out
+
+
+def state_at(line: tuple[list[float], list[str | None]] | None, t: float) -> str | None:
+    if line is None:
+        return None
+    i = bisect.bisect_right(line[0], t) - 1
+    return line[1][i] if i >= 0 else None
+
+
+def truth(v: VisitPath, r: float) -> str | None:
+    return v.zone(r)
+
+
+def neighbours(v: VisitPath, r: float) -> set[str | None]:
+    """In transit: the zone just left and the next one reached."""
+    seg = v.segment_at(r)
+    if seg is None:
+        return set()
+    i = v.segments.index(seg)
+    out: set[str | None] = set()
+    for j in range(i - 1, -1, -1):
+        if v.segments[j].zone is not None:
+            out.add(v.segments[j].zone)
+            break
+    for j in range(i + 1, len(v.segments)):
+        if v.segments[j].zone is not None:
+            out.add(v.segments[j].zone)
+            break
+    return out
+
+
+def score(events: list[Event], walkers: list[Walker], exit_after_s: float, duration_s: float) -> dict[str, Any]:
+    lines = timelines(events)
+    ok = total = 0
+    person_s = 0.0
+    latencies: list[float] = []
+    missed = 0
+    for w in walkers:
+        line = lines.get(w.key)
+        for v in w.visits:
+            if v.start >= duration_s:
+                continue
+            person_s += v.end - v.start
+            # zone accuracy, one sample per second
+            r = math.ceil(v.start)
+            while r < v.end + POST_S:
+                t = START + r
+                got = state_at(line, t)
+                if r < v.end:
+                    allowed = {truth(v, r - k) if r - k >= v.start else truth(v, v.start)
+                               for k in range(int(SETTLE_S) + 1)}
+                    if truth(v, r) is None:
+                        allowed |= neighbours(v, r) | {None}
+                else:
+                    allowed = {None}
+                    if r < v.end + exit_after_s + SETTLE_S:
+                        allowed.add(v.segments[-1].zone)
+                    if r - SETTLE_S < v.end:
+                        allowed |= {truth(v, r - k) for k in range(int(SETTLE_S) + 1) if r - k < v.end}
+                ok += got in allowed
+                total += 1
+                r += 1
+            # enter latency per route stop
+            for (s0, _s1), stop in zip(v.stops, v.route, strict=True):
+                i = bisect.bisect_right([s.t0 for s in v.segments], s0) - 1
+                j = i
+                while i > 0 and v.segments[i - 1].zone == stop.zone:
+                    i -= 1
+                while j + 1 < len(v.segments) and v.segments[j + 1].zone == stop.zone:
+                    j += 1
+                entry, leave = START + v.segments[i].t0, START + v.segments[j].t1
+                if state_at(line, entry) == stop.zone:
+                    latencies.append(0.0)
+                    continue
+                first = None
+                if line is not None:
+                    k = bisect.bisect_left(line[0], entry)
+                    while k < len(line[0]) and line[0][k] <= leave:
+                        if line[1][k] == stop.zone:
+                            first = line[0][k]
+                            break
+                        k += 1
+                if first is None:
+                    missed += 1
+                    latencies.append(leave - entry)
+                else:
+                    latencies.append(first - entry)
+    # false exits: an exit emitted while the person is really in that zone
+    by_key = {w.key: w for w in walkers}
+    false_exits = 0
+    for kind, key, zone, t in events:
+        if kind != "exit":
+            continue
+        vis = by_key[key].visit_at(t - START)
+        if vis is not None and truth(vis, t - START) == zone:
+            false_exits += 1
+    latencies.sort()
+    p90 = latencies[min(len(latencies) - 1, math.ceil(0.9 * len(latencies)) - 1)] if latencies else math.nan
+    return {
+        "zone_accuracy": round(ok / total, 4) if total else math.nan,
+        "false_exits_per_person_hour": round(false_exits / (person_s / 3600.0), 3),
+        "enter_latency_p90_s": round(p90, 2),
+        "false_exits": false_exits,
+        "missed_enters": missed,
+        "stops": len(latencies),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def variants() -> dict[str, PresenceSettings]:
+    """The chosen defaults, and the alternatives that justify them."""
+    d = PresenceSettings()
+    return {
+        "chosen (kalman)": d,
+        "ema (time-aware, smoothing 0.3/s)": dataclasses.replace(d, rssi_filter="ema"),
+        "ema (smoothing 0.6/s)": dataclasses.replace(d, rssi_filter="ema", smoothing=0.6),
+        "kalman, no ownership deadband": dataclasses.replace(d, owner_margin_db=0.0, owner_hold_s=0.0),
+        "kalman, deadband 5 dB / 2 s": dataclasses.replace(d, owner_margin_db=5.0, owner_hold_s=2.0),
+        "kalman, no enter hold": dataclasses.replace(d, enter_hold_s=0.0),
+        "kalman, no exit band": dataclasses.replace(d, exit_band_factor=0.0),
+        "kalman, exit band 1.5x / 3 s": dataclasses.replace(d, exit_band_factor=1.5, exit_band_hold_s=3.0),
+        "kalman, drift 1 dB/sqrt(s)": dataclasses.replace(d, rssi_drift_db_s=1.0),
+        "kalman, drift 4 dB/sqrt(s)": dataclasses.replace(d, rssi_drift_db_s=4.0),
+    }
+
+
+KEYS = ("zone_accuracy", "false_exits_per_person_hour", "enter_latency_p90_s")
+
+
+def run_layout(label: str, sc: Scenario, args: argparse.Namespace, duration: float) -> dict[str, Any]:
+    """One trace through our tracker (and its variants if asked) and both baselines."""
+    sim = StoreSimulator(sc, start=START, seed=args.seed, duration_s=duration)
+    t0 = time.perf_counter()
+    horizon = duration + 400.0  # let the last visits finish
+    steps = build_trace(sim, horizon, args.seed)
+    info = dict(steps_info, tags=len(sim.walkers))
+    print(f"[{label}] trace: {info['adverts']} adverts ({info['burst_lost']} lost in bursts), "
+          f"{len(sim.walkers)} tags, {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    receivers = receivers_of(sc)
+    walkers = list(sim.walkers)
+    exit_after = PresenceSettings().exit_after_s
+    results: dict[str, dict[str, Any]] = {}
+    for name, s in variants().items():
+        if not args.variants and name != "chosen (kalman)":
+            continue
+        events, per = replay(Ours(s, receivers, sc.radio.tx_power), steps)
+        results[name] = score(events, walkers, exit_after, horizon)
+        results[name]["replay_us_per_advert"] = round(per * 1e6, 2)
+        print(f"[{label}] {name:36s} {results[name]}", file=sys.stderr)
+    baselines: dict[str, dict[str, Any]] = {}
+    for name, window, fn in (("altbeacon_running_average", 20.0, altbeacon_running_average),
+                             ("espresense_tukey", 15.0, espresense_tukey)):
+        events, _ = replay(WindowBaseline(window, fn, receivers, exit_after), steps)
+        baselines[name] = score(events, walkers, exit_after, horizon)
+        print(f"[{label}] {name:36s} {baselines[name]}", file=sys.stderr)
+    ours = results.pop("chosen (kalman)")
+    return {"ours": ours, "baselines": baselines, "variants": results, **info}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a small run (a few seconds)")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--duration", type=float, default=None, help="simulated seconds of arrivals")
+    ap.add_argument("--variants", action="store_true",
+                    help="also score the alternative filters and settings (docs/presence.md)")
+    args = ap.parse_args(argv)
+    duration = args.duration or (300.0 if args.quick else 1800.0)
+    store = run_layout("store", bench_scenario(args.quick), args, duration)
+    dense = run_layout("dense", dense_scenario(args.quick), args, duration)
+    ours = store["ours"]
+    out = {
+        **{k: ours[k] for k in KEYS},
+        "baselines": {name: {k: v[k] for k in KEYS} for name, v in store["baselines"].items()},
+        "dense": {"ours": {k: dense["ours"][k] for k in KEYS},
+                  "baselines": {name: {k: v[k] for k in KEYS} for name, v in dense["baselines"].items()}},
+        "observe_us_per_advert": ours["replay_us_per_advert"],
+        "details": {"store": store, "dense": dense, "seed": args.seed, "duration_s": duration,
+                    "quick": args.quick},
+    }
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

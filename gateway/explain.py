@@ -1,0 +1,39 @@
+"""Why a campaign did or did not fire, and what would happen for a synthetic event.
+
+A dry run uses a fresh engine (no in-memory history) inside a transaction that is rolled back,
+so it sees the same durable state (consents, cooldowns, caps, budgets) and changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gateway.campaigns import CampaignIndex
+from gateway.engine import Engine, EngineEvent, FrequencyCap
+from gateway.storage.models import Decision
+
+
+def why(session: Session, profile_id: int, campaign_id: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """The most recent decisions for a profile (and a campaign), newest first."""
+    q = select(Decision).where(Decision.profile_id == profile_id)
+    if campaign_id is not None:
+        q = q.where(Decision.campaign_id == campaign_id)
+    rows = session.scalars(q.order_by(Decision.id.desc()).limit(limit))
+    return [{"id": d.id, "at": d.at, "campaign": d.campaign_id, "event": d.event_kind, "event_key": d.event_key,
+             "fired": d.fired, "reason": d.reason, "detail": d.detail, "variant": d.variant} for d in rows]
+
+
+def dry_run(session: Session, event: EngineEvent, *, campaigns: CampaignIndex, abandon_after_s: float,
+            timezone: str, caps: list[FrequencyCap]) -> list[dict[str, Any]]:
+    """Evaluate ``event`` as the engine would, then roll everything back: nothing is sent or stored."""
+    engine = Engine(campaigns, abandon_after_s=abandon_after_s, timezone=timezone, caps=caps)
+    nested = session.begin_nested()
+    try:
+        outcomes = engine.handle(session, event)
+        return [{k: v for k, v in asdict(o).items() if k not in ("notification_id", "who")} for o in outcomes]
+    finally:
+        nested.rollback()

@@ -1,0 +1,69 @@
+"""A customer's data: export all of it, erase all of it, and forget presence data past retention.
+
+Erasure is one DELETE of the profile row: every table that holds a profile's data references it
+with ON DELETE CASCADE (devices keep existing, unowned). The in-memory identity index is updated by
+the caller, so a sighting of the erased customer's beacon is anonymous from then on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete, inspect, select
+from sqlalchemy.orm import Session
+
+from gateway.storage.models import (
+    Base,
+    Cart,
+    Consent,
+    Decision,
+    Delivery,
+    Device,
+    Identifier,
+    Interaction,
+    Notification,
+    Profile,
+    Visit,
+)
+
+
+def _row(obj: Any) -> dict[str, Any]:
+    return {c.key: getattr(obj, c.key) for c in inspect(obj).mapper.column_attrs}
+
+
+def export_profile(session: Session, profile_id: int) -> dict[str, Any] | None:
+    """Everything stored about one profile, table by table (GDPR art. 15/20)."""
+    p = session.get(Profile, profile_id)
+    if p is None:
+        return None
+    out: dict[str, Any] = {"profile": _row(p)}
+    for name, model in (("identifiers", Identifier), ("consents", Consent), ("carts", Cart),
+                        ("visits", Visit), ("decisions", Decision), ("notifications", Notification),
+                        ("devices", Device)):
+        out[name] = [_row(r) for r in session.scalars(select(model).where(model.profile_id == profile_id))]
+    nids = [n["id"] for n in out["notifications"]]
+    out["deliveries"] = [_row(r) for r in session.scalars(select(Delivery).where(Delivery.notification_id.in_(nids)))]
+    out["interactions"] = [_row(r) for r in session.scalars(
+        select(Interaction).where(Interaction.notification_id.in_(nids)))]
+    # Tables added later that reference profiles (push subscriptions, ...) are exported too.
+    known = {"profiles", "identifiers", "consents", "carts", "visits", "decisions", "notifications", "devices",
+             "deliveries", "interactions"}
+    for table in Base.metadata.sorted_tables:
+        if table.name in known or "profile_id" not in table.c:
+            continue
+        rows = session.execute(select(table).where(table.c.profile_id == profile_id)).mappings()
+        out[table.name] = [dict(r) for r in rows]
+    return out
+
+
+def erase_profile(session: Session, profile_id: int) -> bool:
+    """Delete the profile and, by cascade, everything that was its data. True if it existed."""
+    result = session.execute(delete(Profile).where(Profile.id == profile_id))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def purge_presence(session: Session, before: float) -> dict[str, int]:
+    """Retention: visits and decisions older than ``before`` go; notifications stay (they are receipts)."""
+    visits = session.execute(delete(Visit).where(Visit.started_at < before, Visit.ended_at.is_not(None)))
+    decisions = session.execute(delete(Decision).where(Decision.at < before))
+    return {"visits": visits.rowcount, "decisions": decisions.rowcount}  # type: ignore[attr-defined]

@@ -1,0 +1,36 @@
+"""Each benchmark runs end to end with --quick and ends with one JSON object holding its keys.
+
+Only the shape is checked, never the figures: speed lives in the benchmarks themselves.
+Add a benchmark as one more (script, keys) row.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BENCHMARKS = [
+    ("ble_pipeline.py", {"adverts_per_s", "anchor_adverts_per_s", "ratio", "adverts", "identities", "campaigns",
+                         "profiles", "decisions", "notifications"}),
+    ("notify_latency.py", {"p50_ms", "p99_ms", "people"}),
+    ("sse_fanout.py", {"clients", "fanout_s"}),
+]
+
+
+@pytest.mark.parametrize(("script", "keys"), BENCHMARKS, ids=[s for s, _ in BENCHMARKS])
+def test_benchmark_quick_run_ends_with_json_holding_its_keys(script: str, keys: set[str]) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines, "the benchmark printed nothing"
+    result = json.loads(lines[-1])
+    assert isinstance(result, dict)
+    missing = keys - result.keys()
+    assert not missing, f"{script} lacks {sorted(missing)}"
