@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
 
 
+#: Eddystone frames advertise their power at 0 m; the distance model wants it at 1 m. The
+#: Eddystone spec's own conversion: "add 41 dBm" to the 1 m RSSI to get the 0 m value.
+EDDYSTONE_0M_TO_1M_DB = 41
+
+
 @dataclass(frozen=True, slots=True)
 class Advertisement:
     """One BLE advertisement as received.
@@ -40,6 +45,11 @@ class IBeacon:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", f"ibeacon:{self.uuid}:{self.major}:{self.minor}")
+
+    @property
+    def ref_power(self) -> int:
+        """Measured power at 1 m, what the distance model uses."""
+        return self.tx_power
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": self.format, "uuid": self.uuid, "major": self.major,
@@ -92,6 +102,11 @@ class AltBeacon:
     def minor(self) -> int:
         return int(self.beacon_id[36:40], 16)
 
+    @property
+    def ref_power(self) -> int:
+        """Measured power at 1 m (AltBeacon advertises it at 1 m)."""
+        return self.tx_power
+
     def as_dict(self) -> dict[str, Any]:
         return {"format": self.format, "beacon_id": self.beacon_id, "tx_power": self.tx_power,
                 "mfg_reserved": self.mfg_reserved, "uuid": self.uuid, "major": self.major,
@@ -111,6 +126,11 @@ class EddystoneUID:
     def key(self) -> str:
         return f"eddystone_uid:{self.namespace}:{self.instance}"
 
+    @property
+    def ref_power(self) -> int:
+        """The advertised power at 0 m, brought to the 1 m reference the distance model uses."""
+        return self.tx_power - EDDYSTONE_0M_TO_1M_DB
+
     def as_dict(self) -> dict[str, Any]:
         return {"format": self.format, "namespace": self.namespace, "instance": self.instance,
                 "tx_power": self.tx_power}
@@ -127,6 +147,11 @@ class EddystoneURL:
     @property
     def key(self) -> str:
         return f"eddystone_url:{self.url}"
+
+    @property
+    def ref_power(self) -> int:
+        """The advertised power at 0 m, brought to the 1 m reference the distance model uses."""
+        return self.tx_power - EDDYSTONE_0M_TO_1M_DB
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": self.format, "url": self.url, "tx_power": self.tx_power}
@@ -150,6 +175,11 @@ class EddystoneTLM:
     def key(self) -> None:
         return None
 
+    @property
+    def ref_power(self) -> None:
+        """TLM carries no power: no reference."""
+        return None
+
     def as_dict(self) -> dict[str, Any]:
         return {"format": self.format, "voltage_mv": self.voltage_mv,
                 "temperature_c": self.temperature_c, "advertising_count": self.advertising_count,
@@ -167,6 +197,11 @@ class EddystoneEID:
     @property
     def key(self) -> str:
         return f"eddystone_eid:{self.eid}"
+
+    @property
+    def ref_power(self) -> int:
+        """The advertised power at 0 m, brought to the 1 m reference the distance model uses."""
+        return self.tx_power - EDDYSTONE_0M_TO_1M_DB
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": self.format, "eid": self.eid, "tx_power": self.tx_power}

@@ -11,13 +11,20 @@ The model (docs/presence.md has the figures behind each default):
   defaulting to the beacon's advertised tx power. Bands are precomputed as RSSI thresholds, so the
   hot path never takes a logarithm.
 - **Ownership**: the strongest receiver (RSSI above its own 1 m reference) owns an identity; once
-  the identity is in a zone, another receiver takes over only when stronger by ``owner_margin_db``
-  for ``owner_hold_s`` (a deadband), so two receivers of similar strength do not flap.
+  the identity is in a zone, a challenger takes over by a sequential test (CUSUM) on its lead over the
+  owner: evidence grows by ``(lead - k) x dt`` and the switch happens at ``owner_evidence_db_s``, so a
+  large lead switches in a fraction of a second and a marginal one (a fade) rarely. ``k`` is
+  ``owner_margin_db`` while the owner still puts the identity inside its zone's band, and 0 once it
+  puts it ``owner_out_margin_db`` beyond the band (the person has left: only the direction matters).
 - **Zones** with hysteresis: entering needs ``enter_samples`` observations over ``enter_hold_s``
   agreeing on the owner's band; staying needs none. Moving between two bands of one receiver
   needs the estimate ``band_margin_db`` inside the new band. Leaving without a new zone needs the zone's
   receiver to hear the identity beyond ``exit_band_factor`` x the band for ``exit_band_hold_s``, or
   silence for ``exit_after_s`` (found by ``tick``: the tracker never looks at a wall clock).
+- **Time**: the tracker keeps its own monotonic time base. A ``tick`` more than ``REORDER_S`` before
+  the newest tick or sighting is a clock step back (NTP on a Pi without an RTC): it is counted in ``clock_steps``
+  and the base shifts by the step, so silence keeps counting and nobody is frozen in a zone. Event
+  times are in that base; it returns to the caller's clock once no identity is tracked.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ DEFAULT_MEASURED_POWER = -59
 OUTLIER_CLAMP_DB = 12.0  # EMA: a single sample may move the estimate by at most this much
 GATE_SIGMAS = 2.5  # Kalman: innovations clamped at this many predicted standard deviations
 REORDER_S = 2.0  # sightings this much older than an identity's newest are a clock step back
+EVIDENCE_DT_MAX_S = 0.5  # one advert adds at most this much time to the ownership test (loss gaps)
 RSSI_UNAVAILABLE = 127  # what HCI reports when the controller has no RSSI
 
 #: (enter threshold dBm, zone name, exit threshold dBm), nearest band first
@@ -73,6 +81,8 @@ class _Link:
     last: float  # newest sample time
     ref: float  # calibrated RSSI at 1 m: strength = rssi - ref
     bands: Bands
+    evidence: float = 0.0  # CUSUM of this receiver's lead over the owner (dB x s)
+    evidence_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -89,8 +99,8 @@ class _Track:
     visit_since: float | None = None
     tx_power: int | None = None
     owner: str | None = None
-    challenger: str | None = None
-    challenger_since: float = 0.0
+    challenger: str | None = None  # the receiver whose evidence against the owner is growing
+    prev_seen: float = 0.0  # last_seen before the current sighting
     out_since: float | None = None  # when the zone's receiver first heard it beyond the exit band
 
 
@@ -119,6 +129,10 @@ class PresenceTracker:
         self._link_timeout = settings.exit_after_s / 2
         self._exit_after = settings.exit_after_s  # settings are read once, here
         self._dwell_every = settings.dwell_every_s
+        self._offset = 0.0  # added to every input time: the monotonic base (see the module docstring)
+        self._high = -math.inf  # newest tick or sighting time, in the base
+        self._last_step = 0.0
+        self.clock_steps = 0
 
     # ------------------------------------------------------------ calibration
 
@@ -179,12 +193,19 @@ class PresenceTracker:
         if not ok:
             self.dropped[self._reject(s) or "bad_input"] += 1
             return []
+        if self._offset:
+            t += self._offset
+            if t > self._high + self._last_step / 2:  # stamped before the step, delivered after it
+                self.dropped["clock_backwards"] += 1
+                return []
         tr = self.tracks.get(s.key)
         if tr is None:
-            tr = self.tracks[s.key] = _Track(last_seen=t)
+            tr = self.tracks[s.key] = _Track(last_seen=t, prev_seen=t)
         elif t < tr.last_seen - REORDER_S:
             self.dropped["clock_backwards"] += 1
             return []
+        else:
+            tr.prev_seen = tr.last_seen
         tx = s.tx_power
         if tx is not None and tx != tr.tx_power and isinstance(tx, int) and -127 < tx < 0:
             tr.tx_power = tx
@@ -220,8 +241,10 @@ class PresenceTracker:
                 link.rssi += alpha * max(-OUTLIER_CLAMP_DB, min(OUTLIER_CLAMP_DB, innov))
         if t > tr.last_seen:
             tr.last_seen = t
+            if t > self._high:
+                self._high = t
         owner = tr.owner
-        if owner != rx_id or tr.challenger is not None:
+        if owner != rx_id:
             self._update_owner(tr, rx_id, link, t)
         if (tr.owner == owner and tr.zone is not None and tr.candidate is None and tr.out_since is None
                 and t - tr.last_dwell < self._dwell_every):
@@ -237,46 +260,49 @@ class PresenceTracker:
         return self._update_zone(s.key, tr, t)
 
     def _update_owner(self, tr: _Track, rx_id: str, link: _Link, now: float) -> None:
-        """The strongest receiver owns the identity; inside a zone, only past a deadband."""
+        """The strongest receiver owns the identity; inside a zone, a CUSUM on the lead decides a takeover."""
         owner = tr.owner
-        if owner == rx_id:
-            ch = tr.challenger
-            if ch is not None:
-                cl = tr.links.get(ch)
-                if cl is None or cl.rssi - cl.ref <= link.rssi - link.ref + self.settings.owner_margin_db:
-                    tr.challenger = None
-            return
         ol = tr.links.get(owner) if owner is not None else None
-        if ol is None or now - ol.last > self._link_timeout:
-            tr.owner, tr.challenger = rx_id, None
+        # The owner is gone only if others kept hearing the identity while it did not: after a loss
+        # burst that silenced every receiver, the first receiver heard again must not win by default.
+        if ol is None or (now - ol.last > self._link_timeout and tr.prev_seen - ol.last > self._link_timeout):
+            self._set_owner(tr, rx_id, now)
             return
         lead = (link.rssi - link.ref) - (ol.rssi - ol.ref)
         if tr.zone is None:  # nothing to protect yet: plain strongest
             if lead > 0.0:
-                tr.owner, tr.challenger = rx_id, None
+                self._set_owner(tr, rx_id, now)
             return
-        if lead > self.settings.owner_margin_db:
-            ch = tr.challenger
-            if ch is None:
-                tr.challenger, tr.challenger_since = rx_id, now
-            elif ch != rx_id:
-                # Several receivers beat the owner: the strongest is the challenger, and the time
-                # the owner has been beaten keeps running.
-                cl = tr.links.get(ch)
-                if cl is None or link.rssi - link.ref > cl.rssi - cl.ref:
-                    tr.challenger = rx_id
-            elif now - tr.challenger_since >= self.settings.owner_hold_s:
-                # The deadband was sustained evidence already: a zone the new owner named all
-                # along needs no second hold before it is entered.
-                for thr, name, _ in link.bands:
-                    if link.rssi >= thr:
-                        if name != tr.zone:
-                            tr.candidate, tr.candidate_count = name, self.enter_samples
-                            tr.candidate_since = tr.challenger_since
-                        break
-                tr.owner, tr.challenger = rx_id, None
-        elif tr.challenger == rx_id:
-            tr.challenger = None
+        k = self.settings.owner_margin_db
+        for thr, name, _ in ol.bands:
+            if name == tr.zone:
+                if ol.rssi < thr - self.settings.owner_out_margin_db:
+                    k = 0.0  # the owner itself says the identity has left its zone
+                break
+        dt = now - link.evidence_at
+        dt = 0.0 if dt < 0.0 else EVIDENCE_DT_MAX_S if dt > EVIDENCE_DT_MAX_S else dt
+        ev = link.evidence + (lead - k) * dt
+        link.evidence, link.evidence_at = (ev if ev > 0.0 else 0.0), now
+        if ev <= 0.0:
+            if tr.challenger == rx_id:
+                tr.challenger = None
+            return
+        tr.challenger = rx_id
+        if ev >= self.settings.owner_evidence_db_s:
+            # The test was sustained evidence already: a zone the new owner names is entered at once.
+            for thr, name, _ in link.bands:
+                if link.rssi >= thr:
+                    if name != tr.zone:
+                        tr.candidate, tr.candidate_count = name, self.enter_samples
+                        tr.candidate_since = now - self.settings.enter_hold_s
+                    break
+            self._set_owner(tr, rx_id, now)
+
+    @staticmethod
+    def _set_owner(tr: _Track, rx_id: str, now: float) -> None:
+        tr.owner, tr.challenger = rx_id, None
+        for lk in tr.links.values():
+            lk.evidence, lk.evidence_at = 0.0, now
 
     def _update_zone(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:
         owner = tr.owner
@@ -355,6 +381,17 @@ class PresenceTracker:
         if not isinstance(now, int | float) or not math.isfinite(now):
             self.dropped["bad_tick_time"] += 1
             return []
+        if not self.tracks and self._offset:  # nobody tracked: back to the caller's clock
+            self._offset, self._high, self._last_step = 0.0, -math.inf, 0.0
+        now += self._offset
+        if now < self._high - REORDER_S:
+            step = self._high - now
+            self.clock_steps += 1
+            self._offset += step
+            self._last_step = step
+            now = self._high
+        elif now > self._high:
+            self._high = now
         events: list[PresenceEvent] = []
         gone: list[str] = []
         exit_after = self.settings.exit_after_s

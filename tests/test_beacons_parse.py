@@ -604,3 +604,32 @@ def test_decode_hex_several_frames() -> None:
 def test_decode_hex_errors(text: str, message: str) -> None:
     with pytest.raises(DecodeError, match=message):
         decode_hex(text)
+
+
+def test_eddystone_power_is_brought_from_0_m_to_the_1_m_reference() -> None:
+    """Eddystone advertises power at 0 m; the Eddystone spec's conversion is 41 dB down to 1 m."""
+    uid, _ = only(BT_UID)  # beacontools vector: tx -29 dBm at 0 m
+    url, _ = only(BT_URL)  # beacontools vector: tx -8 dBm at 0 m
+    eid, _ = only(BT_EID)  # beacontools vector: tx -29 dBm at 0 m
+    assert (uid.tx_power, uid.ref_power) == (-29, -70)
+    assert (url.tx_power, url.ref_power) == (-8, -49)
+    assert eid.ref_power == -70
+    ib = encode.ibeacon_payload("8f3c0a52-6d1e-4b7a-9c2d-5e4f3a2b1c00", 1, 2, -59)
+    assert only(ib)[0].ref_power == -59  # iBeacon's measured power is already at 1 m
+
+
+def test_an_eddystone_beacon_heard_at_2_m_lands_in_the_near_zone() -> None:
+    """The audit's case: -20 dBm at 0 m is -61 dBm at 1 m, so -67 dBm is about 2 m away."""
+    from beacons.types import Sighting
+    from gateway.config import PresenceSettings, ReceiverSettings, ZoneBand
+    from gateway.presence import PresenceTracker
+
+    frame = parse_service_data(EDDYSTONE_SERVICE_UUID, encode.eddystone_uid_frame("8b0ca750095477cb3e77",
+                                                                                    "000000000001", -20))
+    assert frame is not None and frame.ref_power == -61
+    t = PresenceTracker(PresenceSettings(enter_hold_s=0.0),
+                        [ReceiverSettings("rx", [ZoneBand("near", 3.0)])])  # no measured power: the beacon's
+    events = []
+    for i in range(5):
+        events += t.observe(Sighting(frame.key, "rx", -67, 1000.0 + i * 0.1, frame.ref_power))
+    assert ("enter", "near") in [(e.kind, e.zone) for e in events]

@@ -261,7 +261,7 @@ _ops = st.lists(st.one_of(
 @given(_ops)
 def test_any_sightings_and_ticks_in_any_order_never_raise_nor_exit_without_enter(ops):
     # Short timings, so a few dozen operations go through enters, moves, exits and visit ends.
-    t = tracker(enter_hold_s=0.5, exit_after_s=3, visit_end_after_s=8, owner_hold_s=0.5, exit_band_hold_s=1)
+    t = tracker(enter_hold_s=0.5, exit_after_s=3, visit_end_after_s=8, owner_evidence_db_s=2.0, exit_band_hold_s=1)
     zone: dict[str, str | None] = {}
     visit: dict[str, bool] = {}
     clock = T0
@@ -285,3 +285,44 @@ def test_any_sightings_and_ticks_in_any_order_never_raise_nor_exit_without_enter
                 assert visit.get(e.key) and zone.get(e.key) is None
                 visit[e.key] = False
     assert sum(t.occupancy().values()) == sum(z is not None for z in zone.values())
+
+
+def test_a_wall_clock_stepping_back_an_hour_does_not_freeze_presence():
+    """NTP steps a Pi's clock back: the tracker rebases, keeps the person, and still exits on silence."""
+    t = tracker()
+    for i in range(30):  # 15 s in a-near, ticked every second as the runtime does
+        see(t, T0 + i * 0.5, -60)
+        if i % 2:
+            t.tick(T0 + i * 0.5)
+    assert t.tracks[KEY].zone == "a-near"
+    back = T0 + 15 - 3600  # the clock now reads an hour earlier
+    events = []
+    for i in range(120):  # the person keeps standing there for 60 s (adverts stamped by the stepped clock)
+        events += see(t, back + i * 0.5, -60)
+        if i % 2:
+            events += t.tick(back + i * 0.5)
+    assert t.clock_steps == 1
+    assert kinds(events) == [("dwell", "a-near")] * len([e for e in events if e.kind == "dwell"])
+    assert t.tracks[KEY].zone == "a-near"  # still there: the adverts after the step were used
+    assert t.dropped["clock_backwards"] <= 2  # only adverts stamped before the ticker saw the step
+    # the person leaves: silence ends the stay about exit_after_s later, not an hour later
+    left = back + 60
+    for s in range(1, 30):
+        events += t.tick(left + s)
+    exits = [e for e in events if e.kind == "exit"]
+    assert len(exits) == 1 and t.tracks[KEY].zone is None
+    # event times stay on one monotonic base: the exit carries the last advert's time in it
+    assert exits[0].time > exits[0].zone_since
+
+
+def test_an_advert_stamped_before_a_step_back_and_delivered_after_it_is_dropped():
+    t = tracker()
+    see(t, T0, -60)
+    see(t, T0 + 1, -60)
+    t.tick(T0 + 1)
+    t.tick(T0 + 2 - 3600)  # the step is seen by the ticker first
+    assert t.clock_steps == 1
+    assert see(t, T0 + 1.8, -60) == []  # an advert stamped by the old clock, still in flight
+    assert t.dropped["clock_backwards"] == 1
+    assert t.tracks[KEY].last_seen < T0 + 3  # it did not push the identity an hour into the future
+    assert kinds(t.tick(T0 + 2 - 3600 + 12)) == [("exit", "a-near")]  # silence still counts
