@@ -38,7 +38,15 @@ class ApiSettings:
     token_secret: str = ""  # empty: derived per data dir and kept in it
     token_ttl_s: int = 30 * 24 * 3600
     cors_origins: list[str] = field(default_factory=list)
+    cors_methods: list[str] = field(default_factory=lambda: ["GET", "POST", "PUT", "DELETE"])
+    cors_headers: list[str] = field(default_factory=lambda: [
+        "Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "X-API-Key"])
     heartbeat_s: float = 15.0
+    rate_limit_per_s: float = 10.0  # per customer app token, on average; 0: no limit
+    rate_limit_burst: int = 60  # ...and at once
+    admin_rate_limit_per_s: float = 50.0  # per admin API key; 0: no limit
+    admin_rate_limit_burst: int = 200
+    idempotency_ttl_s: float = 86400.0  # how long the answer to a POST with an Idempotency-Key is replayed
 
 
 @dataclass
@@ -54,6 +62,29 @@ class MqttSettings:
     ca_file: str = ""
     topic_prefix: str = "stores"
     keepalive: int = 30
+    tls_verify: bool = True  # verify the broker's certificate and host name (false only for a lab broker)
+    client_cert: str = ""  # TLS client certificate (PEM), if the broker asks for one
+    client_key: str = ""
+    session_expiry: int = 3600  # MQTT 5: seconds the broker keeps our session (and queues for us) while away
+    reconnect_min_delay: int = 1  # reconnect backoff, doubling from min to max seconds
+    reconnect_max_delay: int = 30
+    receive_maximum: int = 1000  # MQTT 5: unacknowledged QoS 1 messages in flight to us (batch size limit)
+    share_group: str = ""  # non-empty: subscribe as $share/<group>/... so several workers split the load
+
+
+@dataclass
+class DevicesSettings:
+    """The device registry and telemetry storage (docs/telemetry.md)."""
+
+    profiles_dir: str = "examples/device-profiles"  # device profiles (*.yaml): metrics, units, ranges, interval
+    unknown_policy: str = "accept"  # a device id never seen: reject | quarantine | accept
+    default_profile: str = ""  # profile for devices whose kind names none; empty: their metrics are not checked
+    require_profile: bool = False  # true: readings of a device with no profile are dead-lettered
+    offline_after_s: float = 300.0  # silence before a device without a profile counts as offline
+    raw_retention_days: float = 30.0  # raw readings are purged after this
+    minute_retention_days: float = 7.0  # per-minute rollups
+    hour_retention_days: float = 400.0  # per-hour rollups
+    dead_letter_retention_days: float = 14.0
 
 
 @dataclass
@@ -61,12 +92,26 @@ class BleSettings:
     enabled: bool = True
     adapter: str = "hci0"
     scanning_mode: str = "passive"  # passive | active
+    receiver: str = ""  # the receiver id this adapter's sightings carry ([[receivers]] id); empty: the adapter name
+    stale_after_s: float = 4.0  # passive mode: restart the scan when tracked tags go this long unheard (0: never)
+
+    def __post_init__(self) -> None:
+        if self.scanning_mode not in ("passive", "active"):
+            raise ConfigError(f"ble.scanning_mode: expected passive or active, got {self.scanning_mode!r}")
+        if not self.adapter:
+            raise ConfigError("ble.adapter: must not be empty")
+        if not self.stale_after_s >= 0:
+            raise ConfigError(f"ble.stale_after_s: must not be negative, got {self.stale_after_s!r}")
 
 
 @dataclass
 class ZoneBand:
     name: str
     max_m: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_m, int | float) or not self.max_m > 0:
+            raise ConfigError(f"receivers.zones: zone {self.name!r} max_m must be positive, got {self.max_m!r}")
 
 
 @dataclass
@@ -75,6 +120,14 @@ class ReceiverSettings:
     zones: list[ZoneBand] = field(default_factory=list)
     measured_power: int | None = None  # RSSI at 1 m; None: use the beacon's advertised tx power
     path_loss_exponent: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path_loss_exponent, int | float) or not self.path_loss_exponent > 0:
+            raise ConfigError(f"receivers: {self.id!r} path_loss_exponent must be positive, "
+                              f"got {self.path_loss_exponent!r}")
+        if self.measured_power is not None and not -127 < self.measured_power < 0:
+            raise ConfigError(f"receivers: {self.id!r} measured_power must be in (-127, 0) dBm, "
+                              f"got {self.measured_power!r}")
 
 
 @dataclass
@@ -90,8 +143,24 @@ class PresenceSettings:
     band_margin_db: float = 3.0  # between two bands of one receiver: be this far inside the new one
     exit_band_factor: float = 2.0  # leave a zone still heard beyond this x its band (below 1: never)
     exit_band_hold_s: float = 5.0  # ... for this long
-    owner_margin_db: float = 4.0  # another receiver takes an identity over when this much stronger
-    owner_hold_s: float = 1.5  # ... for this long (deadband)
+    owner_margin_db: float = 4.0  # ownership test: a lead below this counts against a challenger (dB)
+    owner_evidence_db_s: float = 6.0  # ... which takes the identity over once (lead - margin) x time reaches this
+    owner_out_margin_db: float = 4.0  # the owner puts it this far beyond its zone's band: margin 0 (it left)
+
+    def __post_init__(self) -> None:
+        if self.rssi_filter not in ("kalman", "ema"):
+            raise ConfigError(f"presence.rssi_filter: expected kalman or ema, got {self.rssi_filter!r}")
+        for name in ("exit_after_s", "dwell_every_s", "visit_end_after_s", "rssi_noise_db"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"presence.{name}: must be positive, got {getattr(self, name)!r}")
+        for name in ("rssi_drift_db_s", "enter_hold_s", "band_margin_db", "exit_band_hold_s", "owner_margin_db",
+                     "owner_evidence_db_s", "owner_out_margin_db"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"presence.{name}: must not be negative, got {getattr(self, name)!r}")
+        if not 0 < self.smoothing <= 1:
+            raise ConfigError(f"presence.smoothing: must be in (0, 1], got {self.smoothing!r}")
+        if self.visit_end_after_s < self.exit_after_s:
+            raise ConfigError("presence.visit_end_after_s: must not be shorter than exit_after_s")
 
 
 @dataclass
@@ -180,6 +249,26 @@ class DeliverySettings:
     backoff_max_s: float = 600.0  # ...up to this
     jitter: float = 0.5  # share of each wait taken off at random (0..1), so retries do not stampede
     retry_poll_s: float = 1.0  # how often the retry loop looks for due retries
+    concurrency: int = 16  # remote sends (webhook, Web Push) in flight at once, per channel
+
+
+@dataclass
+class LoggingSettings:
+    format: str = "text"  # text | json (one JSON object per line, for a log shipper)
+    level: str = "INFO"
+
+
+@dataclass
+class DeviceRuleSettings:
+    """Device rules and their alarms (docs/device-rules.md)."""
+
+    dir: str = "examples/device-rules"  # rule files (*.yaml); empty: no device rules
+    staff_alerts_mqtt: bool = True  # active alarms retained on <topic_prefix>/<store>/alerts/<device>/<rule>
+
+
+@dataclass
+class InteractionSettings:
+    conversion_window_s: float = 7 * 86400.0  # a purchase this soon after a notification converts it (last touch)
 
 
 @dataclass
@@ -188,6 +277,8 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
+    devices: DevicesSettings = field(default_factory=DevicesSettings)
+    device_rules: DeviceRuleSettings = field(default_factory=DeviceRuleSettings)
     ble: BleSettings = field(default_factory=BleSettings)
     presence: PresenceSettings = field(default_factory=PresenceSettings)
     carts: CartSettings = field(default_factory=CartSettings)
@@ -197,6 +288,8 @@ class Settings:
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     webpush: WebPushSettings = field(default_factory=WebPushSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    interactions: InteractionSettings = field(default_factory=InteractionSettings)
     remote: RemoteSettings = field(default_factory=RemoteSettings)
     receivers: list[ReceiverSettings] = field(default_factory=list)
     data_dir: str = "data"

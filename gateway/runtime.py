@@ -15,6 +15,7 @@ import functools
 import hashlib
 import logging
 import secrets
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -30,15 +31,22 @@ from beacons.remote import AppReport, RemoteError, app_sightings, parse_espresen
 from beacons.scanner import Scanner
 from beacons.types import Advertisement, Sighting
 from devices.payloads import Reading
+from devices.profiles import load_profiles
+from devices.registry import DeviceRegistry
+from devices.rules import load_rules
+from devices.telemetry import POLICIES, Rejected, TelemetryBatch, TelemetrySettings, TelemetryStore
+from gateway.alarms import AlarmDesk, DeviceRules, mqtt_alert_sender
 from gateway.campaigns import CampaignIndex, Segment, load_campaigns, load_segments
 from gateway.channels import Channel, StreamHub
 from gateway.clock import Clock, SystemClock
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings
 from gateway.delivery import build_channels, close_channels
 from gateway.engine import Engine, EngineEvent, FrequencyCap, Outcome
 from gateway.explain import dry_run
 from gateway.identity import IdentityIndex
+from gateway.metrics import Histogram, gateway_families, render
 from gateway.outbox import Backoff, Dispatcher
+from gateway.outbox import depths as outbox_depths
 from gateway.presence import PresenceEvent, PresenceTracker
 from gateway.service import GatewayService, Invalid
 from gateway.storage.db import Database
@@ -50,6 +58,8 @@ decision_log = logging.getLogger("gateway.decisions")
 
 OutcomeHook = Callable[[Outcome, EngineEvent], None]
 CART_SCAN_S = 5.0  # how often (clock time) carts are checked for abandonment and purchases
+OFFLINE_SCAN_S = 5.0  # how often devices are checked for missed reporting intervals
+PURGE_EVERY_S = 3600.0  # how often telemetry retention runs
 
 
 def log_outcome(o: Outcome, ev: EngineEvent) -> None:
@@ -59,6 +69,22 @@ def log_outcome(o: Outcome, ev: EngineEvent) -> None:
                           o.notification_id, f" ({o.detail})" if o.detail else "")
     else:
         decision_log.info("%s  %s  not sent: %s (%s)", o.who, o.campaign_id, o.reason, o.detail)
+
+
+def build_telemetry_store(settings: Settings, identities: IdentityIndex) -> TelemetryStore:
+    """The registry/storage stage from ``[devices]``; a device's owner comes from its enrolled identifier."""
+    d = settings.devices
+    if d.unknown_policy not in POLICIES:
+        raise ConfigError(f"devices.unknown_policy: expected one of {', '.join(POLICIES)}, got {d.unknown_policy!r}")
+    day = 86400.0
+    ts = TelemetrySettings(unknown_policy=d.unknown_policy,  # type: ignore[arg-type]  # checked just above
+                           default_profile=d.default_profile or None, require_profile=d.require_profile,
+                           offline_after_s=d.offline_after_s, raw_retention_s=d.raw_retention_days * day,
+                           minute_retention_s=d.minute_retention_days * day,
+                           hour_retention_s=d.hour_retention_days * day,
+                           dead_letter_retention_s=d.dead_letter_retention_days * day)
+    return TelemetryStore(ts, load_profiles(d.profiles_dir), owner_of=lambda device_id: identities.lookup("device",
+                                                                                                           device_id))
 
 
 class Pipeline:
@@ -86,6 +112,13 @@ class Pipeline:
         self._open_stays: dict[tuple[int, str], int] = {}
         self._last_cart_scan = float("-inf")
         self._open_visits: dict[int, int] = {}
+        self.telemetry = build_telemetry_store(settings, identities)
+        # Device rules (alarms) see accepted telemetry in its transaction; prompts go through the engine.
+        self.rules = DeviceRules(load_rules(settings.device_rules.dir) if settings.device_rules.dir else [],
+                                 timezone=settings.store.timezone, decide=self._decide)
+        self.mqtt_stats: Callable[[], dict[str, Any]] | None = None  # set by the Runtime: the intake's counters
+        self._last_offline_scan = float("-inf")
+        self._last_purge = float("-inf")
 
     # ------------------------------------------------------------ BLE
 
@@ -101,7 +134,7 @@ class Pipeline:
                 key = frame.key
                 if key is None or not admit(adv.address, frame, adv.time):
                     continue
-                evs = observe(Sighting(key, adv.receiver, adv.rssi, adv.time, frame.tx_power))
+                evs = observe(Sighting(key, adv.receiver, adv.rssi, adv.time, frame.ref_power))
                 if evs:
                     events.extend(evs)
         self.figures["adverts"] += n
@@ -109,7 +142,11 @@ class Pipeline:
 
     def stats(self) -> dict[str, Any]:
         """Counters for /metrics: figures, the parser's accepts/rejects, the guard's drops."""
-        return {"figures": dict(self.figures), "parse": self.parse_stats.as_dict(), "guard": self.guard.stats()}
+        out = {"figures": dict(self.figures), "parse": self.parse_stats.as_dict(), "guard": self.guard.stats(),
+               "telemetry": self.telemetry.stats()}
+        if self.mqtt_stats is not None:
+            out["mqtt"] = self.mqtt_stats()
+        return out
 
     def ingest_sightings(self, sightings: Iterable[Sighting]) -> list[int]:
         """Sightings other receivers resolved (ESPresense nodes, the shop's app): the advert path
@@ -130,11 +167,13 @@ class Pipeline:
         events = self.presence.tick(now)
         created = self.handle_presence(events) if events else []
         with self.db.session() as s:
+            created += self.rules.tick(s, now)  # device rules' due timers: for_s durations, did-not-recur clears
             created += self.engine.release_due(s, now)
         if now - self._last_cart_scan >= CART_SCAN_S:
             self._last_cart_scan = now
             created += self.cart_events(now)
         self.flush_footfall()
+        self.telemetry_timers(now)
         return created
 
     def cart_events(self, now: float) -> list[int]:
@@ -242,34 +281,44 @@ class Pipeline:
 
     # ------------------------------------------------------------ telemetry
 
-    def ingest_readings(self, readings: Iterable[Reading]) -> list[int]:
-        """One transaction per batch; each device's row is written once with its latest state."""
-        batch = sorted(readings, key=lambda r: r.time)
-        if not batch:
+    def ingest_readings(self, readings: Iterable[Reading] = (), now: float | None = None,
+                        batch: TelemetryBatch | None = None) -> list[int]:
+        """One transaction per batch: registry, readings, rollups, events, dead letters (devices/telemetry.py),
+        then the rules and the engine on the readings that are new and valid. The MQTT intake acknowledges
+        the batch to the broker only after this returns (the commit)."""
+        if batch is None:
+            batch = TelemetryBatch(readings=list(readings))
+        if not len(batch):
             return []
+        if now is None:  # virtual time: the batch's own latest time
+            now = max((r.time for r in batch.readings), default=None) or time.time()
+        self.figures["readings"] += len(batch.readings)
         created: list[int] = []
         with self.db.session() as s, s.no_autoflush:
-            devices: dict[str, Device] = {}
-            for r in batch:
-                self.figures["readings"] += 1
-                d = devices.get(r.device_id)
-                if d is None:
-                    d = s.get(Device, r.device_id)
-                    if d is None:  # accepted and registered unowned; the device issue adds policies
-                        d = Device(id=r.device_id, state={})
-                        s.add(d)
-                        self.figures["unknown_devices"] += 1
-                    devices[r.device_id] = d
-                    d.state = dict(d.state or {})
-                d.state.update(r.metrics)
-                d.last_seen = r.time
-                if d.profile_id is not None:
+            accepted = self.telemetry.write(s, batch, now)
+            # -- device rules hook: the rules see `accepted` (stored once, profile-valid, time order) here.
+            created += self.rules.on_batch(s, accepted, batch.events)
+            for r in accepted:
+                d = s.get(Device, r.device_id)  # in the session already: no query
+                if d is not None and d.profile_id is not None:
                     facts = {"device": {"id": d.id, "kind": d.kind}, "reading": dict(r.metrics)}
                     created += self._decide(s, EngineEvent("telemetry", d.profile_id, r.time,
-                                                           f"reading:{d.id}:{r.time:.3f}", facts=facts))
-            for d in devices.values():
-                d.state = dict(d.state)  # a new object, so the JSON column is seen as changed
+                                                           f"reading:{d.id}:{r.key}", facts=facts))
         return created
+
+    def telemetry_timers(self, now: float) -> list[str]:
+        """Devices gone silent past their profile's missed intervals go offline; retention purges.
+        Returns the ids of devices that went offline now."""
+        gone: list[str] = []
+        if now - self._last_offline_scan >= OFFLINE_SCAN_S:
+            self._last_offline_scan = now
+            with self.db.session() as s:
+                gone = self.telemetry.sweep_offline(s, now)
+        if now - self._last_purge >= PURGE_EVERY_S:
+            self._last_purge = now
+            with self.db.session() as s:
+                self.telemetry.purge(s, now)
+        return gone
 
 
 def token_secret(settings: Settings) -> bytes:
@@ -295,8 +344,9 @@ class _QuietServer:
             def capture_signals(self) -> Iterator[None]:
                 yield
 
+        # log_config=None: uvicorn's records go through the gateway's handlers ([logging], secrets masked).
         self.server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
-                                            timeout_graceful_shutdown=2))
+                                            timeout_graceful_shutdown=2, log_config=None))
 
     async def serve(self) -> None:
         await self.server.serve()
@@ -331,12 +381,16 @@ class Runtime:
         self.remote_channels = build_channels(settings, self.db, self.clock)  # webhook, Web Push, as enabled
         self.dispatcher = Dispatcher(self.db, [self.hub, *channels, *self.remote_channels],
                                      Backoff(d.backoff_base_s, d.backoff_max_s, jitter=d.jitter,
-                                             max_attempts=d.max_attempts))
+                                             max_attempts=d.max_attempts), concurrency=d.concurrency)
+        self.advert_latency = Histogram("gateway_advert_to_commit_seconds",
+                                        "From an advertisement's arrival to the commit of the notifications it caused")
+        self._batch_t0 = 0.0
         self.admin_key = settings.api.admin_key or secrets.token_urlsafe(24)
         self.service = GatewayService(self.db, self.identities, self.clock, TokenSigner(token_secret(settings)),
                                       settings.api.token_ttl_s, timezone=settings.store.timezone)
         engine = self.pipeline.engine
         self.service.file_campaigns = dict(self.campaigns.by_id)
+        self.service.conversion_window_s = settings.interactions.conversion_window_s
         self.service.on_campaigns_changed = self.reload_campaigns
 
         def runner(session: Session, event: EngineEvent) -> list[dict[str, Any]]:
@@ -352,6 +406,9 @@ class Runtime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.scanner_error: str | None = None
         self.sightings: asyncio.Queue[Sighting] = asyncio.Queue()  # ESPresense nodes, via the MQTT thread
+        self.telemetry_failures = 0  # telemetry batches whose first commit failed (then retried)
+        self.devices = DeviceRegistry(self.db, self.identities, self.clock, self.pipeline.telemetry.profiles)
+        self.alarms = AlarmDesk(self.db, self.clock, self.pipeline.rules)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -364,11 +421,17 @@ class Runtime:
         if self.serve_api:
             from api.app import create_app
             from api.deps import ApiContext
+            from gateway.auth import AuthPolicy
 
             app = create_app(ApiContext(service=self.service, hub=self.hub, admin_key=self.admin_key,
                                         health=self.health, heartbeat_s=self.settings.api.heartbeat_s,
                                         cors_origins=self.settings.api.cors_origins,
-                                        report_sightings=self.report_sightings))
+                                        cors_methods=self.settings.api.cors_methods,
+                                        cors_headers=self.settings.api.cors_headers,
+                                        auth_policy=AuthPolicy.from_settings(self.settings.api),
+                                        report_sightings=self.report_sightings,
+                                        ready=self.readiness, metrics=self.metrics_text, presence=self.presence_now,
+                                        alarms=self.alarms, devices=self.devices))
             app.state.vapid_public_key = next(  # for GET /v1/me/push-subscriptions/vapid-public-key
                 (getattr(c, "public_key", None) for c in self.remote_channels if c.name == "webpush"), None)
             self._server = _QuietServer(app, self.settings.api.host, self.settings.api.port)
@@ -382,17 +445,30 @@ class Runtime:
         if self.mqtt is not None:
             self._subscribe_remote()
             await self.mqtt.start(self._loop)
-            self._tasks.append(asyncio.create_task(self._consume_readings(), name="readings"))
+            if hasattr(self.mqtt, "stats"):
+                self.pipeline.mqtt_stats = self.mqtt.stats
+            self._wire_device_rules()
+            self._tasks.append(asyncio.create_task(self._consume_telemetry(), name="telemetry"))
             self._tasks.append(asyncio.create_task(self._consume_sightings(), name="sightings"))
         if self.scanner is not None:
             await self.scanner.start(self.on_advert)
         self._tasks.append(asyncio.create_task(self._ticker(), name="ticker"))
         self._tasks.append(asyncio.create_task(self._retrier(), name="retrier"))
 
+    def _wire_device_rules(self) -> None:
+        """Alarm actions that leave over MQTT: commands to devices, retained staff alerts."""
+        rules = self.pipeline.rules
+        if hasattr(self.mqtt, "publish_command"):
+            rules.publish_command = self.mqtt.publish_command
+        if self.settings.device_rules.staff_alerts_mqtt and hasattr(self.mqtt, "publish"):
+            rules.publish_alert = mqtt_alert_sender(self.mqtt.publish, self.settings.mqtt.topic_prefix,
+                                                    self.settings.store.id)
+
     async def stop(self) -> None:
         if self.scanner is not None:
             await self.scanner.stop()
         if self.mqtt is not None:
+            await self._flush_telemetry()  # committed and acked while we are still connected
             await self.mqtt.stop()
         self.hub.close_all()
         if self._server is not None:
@@ -414,6 +490,7 @@ class Runtime:
         self._adverts.append(adv)
         if not self._drain_scheduled:
             self._drain_scheduled = True
+            self._batch_t0 = time.perf_counter()  # the batch's first advert: advert-to-commit starts here
             assert self._loop is not None
             self._loop.call_soon(self._drain_adverts)
 
@@ -429,11 +506,13 @@ class Runtime:
         except Exception:
             log.exception("advertisement batch of %d failed", len(batch))
             return
+        if ids:
+            self.advert_latency.observe(time.perf_counter() - self._batch_t0)
         self._dispatch(ids)
 
     def _dispatch(self, ids: list[int]) -> None:
         if ids:
-            t = asyncio.create_task(self.dispatcher.dispatch(ids, self.clock.now()))
+            t = asyncio.create_task(self.dispatcher.dispatch(ids, self.clock.now(), time.perf_counter()))
             self._dispatches.add(t)
             t.add_done_callback(self._dispatches.discard)
 
@@ -481,21 +560,76 @@ class Runtime:
         except Exception:
             log.exception("app sighting batch of %d failed", len(batch))
 
-    async def _consume_readings(self) -> None:
-        queue = self.mqtt.readings
+    async def _consume_telemetry(self) -> None:
+        """Everything queued is one batch: one transaction, then one round of PUBACKs."""
+        queue = self.mqtt.batches
         while True:
-            first = await queue.get()
-            batch: list[Reading] = list(first) if isinstance(first, list) else [first]
+            batch: TelemetryBatch = await queue.get()
             while not queue.empty():
-                more = queue.get_nowait()
-                batch.extend(more if isinstance(more, list) else [more])
+                batch.extend(queue.get_nowait())
+            await self.commit_telemetry(batch)
+
+    async def commit_telemetry(self, batch: TelemetryBatch) -> None:
+        """Commit, then acknowledge. Nothing is acknowledged that is not in the database: a failing batch
+        is retried message by message; a message that still fails is dead-lettered (``ingest_failed``);
+        if even that cannot be written (the database is down) the whole batch waits and is retried, and
+        a message committed on an earlier pass comes back as a counted duplicate."""
+        delay = 0.1
+        while True:
             try:
-                self._dispatch(self.pipeline.ingest_readings(batch))
+                ids = self.pipeline.ingest_readings(batch=batch, now=self.clock.now())
             except Exception:
-                log.exception("telemetry batch of %d failed", len(batch))
+                self.telemetry_failures += 1
+                log.exception("telemetry batch of %d failed; retrying its messages one by one", len(batch))
+                ids = []
+                if not self._commit_one_by_one(batch, ids):
+                    log.warning("telemetry store unavailable; %d message(s) held unacknowledged, retry in %.1f s",
+                                len(batch), delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+            self.mqtt.ack(batch)
+            self._dispatch(ids)
+            return
+
+    def _commit_one_by_one(self, batch: TelemetryBatch, ids: list[int]) -> bool:
+        """False if some message could be neither stored nor dead-lettered."""
+        now = self.clock.now()
+        singles = [*(("telemetry", TelemetryBatch(readings=[r], prefix=batch.prefix)) for r in batch.readings),
+                   *(("status", TelemetryBatch(statuses=[x], prefix=batch.prefix)) for x in batch.statuses),
+                   *(("events", TelemetryBatch(events=[e], prefix=batch.prefix)) for e in batch.events),
+                   *(("", TelemetryBatch(rejects=[j], prefix=batch.prefix)) for j in batch.rejects)]
+        for kind, one in singles:
+            try:
+                ids += self.pipeline.ingest_readings(batch=one, now=now)
+                continue
+            except Exception as exc:
+                detail = f"{type(exc).__name__}: {exc}"[:500]
+            item = (one.readings or one.statuses or one.events or [None])[0]
+            if item is None:  # a reject that cannot be dead-lettered: the database is down
+                return False
+            topic = f"{batch.prefix}/{item.store_id}/devices/{item.device_id}/{kind}"
+            try:
+                self.pipeline.ingest_readings(batch=TelemetryBatch(rejects=[Rejected(
+                    topic, "ingest_failed", detail, repr(item).encode()[:1024], now, item.device_id)]), now=now)
+            except Exception:
+                return False
+        return True
+
+    async def _flush_telemetry(self) -> None:
+        queue = getattr(self.mqtt, "batches", None)
+        if queue is None or queue.empty():
+            return
+        batch: TelemetryBatch = queue.get_nowait()
+        while not queue.empty():
+            batch.extend(queue.get_nowait())
+        try:
+            await asyncio.wait_for(self.commit_telemetry(batch), 5.0)
+        except TimeoutError:  # never acknowledged: the broker redelivers them to the next run
+            log.warning("stopping with %d telemetry message(s) uncommitted; the broker keeps them", len(batch))
 
     def ingest_readings(self, readings: Iterable[Reading]) -> None:
-        self._dispatch(self.pipeline.ingest_readings(readings))
+        self._dispatch(self.pipeline.ingest_readings(readings, now=self.clock.now()))
 
     def reload_campaigns(self) -> None:
         """Files (loaded at start) plus API campaigns (from the database); an API id never shadows a file's."""
@@ -541,6 +675,44 @@ class Runtime:
                 await asyncio.gather(*list(self._dispatches), return_exceptions=True)
 
     # ------------------------------------------------------------ health
+
+    def readiness(self) -> dict[str, Any]:
+        """Ready to serve: the database answers and its schema is at this version's migrations."""
+        db_ok = self.db.ping()
+        schema = self.db.schema_state() if db_ok else "unknown"
+        return {"status": "ready" if db_ok and schema == "current" else "not_ready",
+                "components": {"db": "ok" if db_ok else "down", "migrations": schema}}
+
+    async def metrics_text(self) -> str:
+        """/metrics: counters read on the loop (where they change), outbox depths read off it."""
+        depths = await asyncio.to_thread(self._outbox_depths)
+        return render(gateway_families(self, depths))
+
+    def _outbox_depths(self) -> dict[str, int]:
+        try:
+            with self.db.session() as s:
+                return outbox_depths(s)
+        except Exception:  # the database is down: /health/ready says so; /metrics still answers
+            return {}
+
+    def presence_now(self) -> dict[str, Any]:
+        """Who is in which zone now: enrolled identities by profile id, unknown ones only counted."""
+        zones: dict[str, dict[str, Any]] = {}
+        for key, track in self.pipeline.presence.tracks.items():
+            zone = track.zone
+            if zone is None:
+                continue
+            z = zones.setdefault(zone, {"zone": zone, "profiles": set(), "anonymous": 0})
+            pid = self.identities.beacon(key)
+            if pid is None:
+                z["anonymous"] += 1
+            else:
+                z["profiles"].add(pid)
+        out = [{"zone": z["zone"], "profiles": sorted(z["profiles"]), "enrolled": len(z["profiles"]),
+                "anonymous": z["anonymous"], "total": len(z["profiles"]) + z["anonymous"]}
+               for _, z in sorted(zones.items())]
+        return {"at": self.clock.now(), "zones": out, "enrolled": sum(z["enrolled"] for z in out),
+                "anonymous": sum(z["anonymous"] for z in out)}
 
     def health(self) -> dict[str, Any]:
         db_ok = self.db.ping()
