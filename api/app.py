@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -10,9 +11,28 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import openapi
 from api.deps import ApiContext
-from api.routers import campaigns, carts, health, insights, interactions, me, privacy, profiles, push, sightings, ws
+from api.routers import (
+    campaigns,
+    carts,
+    deliveries,
+    health,
+    identifiers,
+    insights,
+    interactions,
+    me,
+    notifications,
+    presence,
+    privacy,
+    profiles,
+    push,
+    sightings,
+    ws,
+)
 from gateway.service import Conflict, Invalid, NotFound
+
+log = logging.getLogger("api")
 
 PROBLEM = "application/problem+json"
 
@@ -53,6 +73,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def invalid(_: Request, exc: Invalid) -> JSONResponse:
         return problem(422, str(exc))
 
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        """A bug is still an RFC 9457 answer; the details go to the log, not to the caller."""
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        return problem(500, "the gateway failed to handle this request; it has been logged")
+
     app.include_router(health.router)
     app.include_router(profiles.router, prefix="/v1")
     app.include_router(carts.router, prefix="/v1")
@@ -64,4 +90,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(privacy.router, prefix="/v1")
     app.include_router(insights.router, prefix="/v1")
     app.include_router(campaigns.router, prefix="/v1")
+    app.include_router(identifiers.router, prefix="/v1")
+    app.include_router(presence.router, prefix="/v1")
+    app.include_router(notifications.router, prefix="/v1")
+    app.include_router(deliveries.router, prefix="/v1")
+    openapi.install(app)  # errors documented as problem+json, as the handlers above send them
     return app

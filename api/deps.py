@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -26,6 +26,12 @@ class ApiContext:
     cors_origins: list[str] = field(default_factory=list)
     report_sightings: Callable[[int, list[AppReport]], dict[str, Any]] | None = None
     """The gateway's door for app-reported sightings: (profile id, reports) -> counts; raises Invalid."""
+    ready: Callable[[], dict[str, Any]] | None = None
+    """Readiness (db reachable, migrations current) for /health/ready; None: derived from ``health``."""
+    metrics: Callable[[], Awaitable[str]] | None = None
+    """The Prometheus exposition text for /metrics (the runtime's counters); None: the API's own streams only."""
+    presence: Callable[[], dict[str, Any]] | None = None
+    """Who is in which zone now (called on the event loop, where the tracker lives); None: 503."""
 
 
 def get_context(request: Request) -> ApiContext:

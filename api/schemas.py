@@ -98,11 +98,20 @@ class CartIn(BaseModel):
 
 
 class CartOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "cart-1001", "profile_id": 7, "status": "open", "updated_at": 1780300800.0, "abandoned_at": None,
+        "checked_out_at": None, "items": [{"sku": "SH-100", "name": "Trail runner shoes", "price": 89.9,
+                                           "quantity": 1}]}]})
     id: str
     profile_id: int
     status: str
     items: list[dict[str, Any]]
     updated_at: float
+
+
+class CartView(CartOut):
+    abandoned_at: float | None = Field(description="When the gateway saw it abandoned (idle past the limit)")
+    checked_out_at: float | None
 
 
 class CatalogItemIn(BaseModel):
@@ -201,10 +210,386 @@ class DryRunOutcome(BaseModel):
 
 
 class InteractionIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"kind": "opened"}]})
     kind: Literal["opened", "clicked", "dismissed"]
 
 
 class RedemptionIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"code": "AB12CD34"}]})
     code: str = Field(min_length=4, max_length=32, pattern=r"^[A-Za-z0-9]+$")
+
+
+class InteractionRecorded(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"notification_id": 12, "kind": "opened",
+                                                               "recorded": True}]})
+    notification_id: int
+    kind: str
+    recorded: bool = Field(description="False when this kind was already recorded (it counts once)")
+
+
+class RedemptionOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "notification_id": 12, "campaign": "shoes-dwell-offer", "profile_id": 7, "offer": {"code": "SHOES10"},
+        "redeemed_at": 1780300900.0}]})
+    notification_id: int
+    campaign: str
+    profile_id: int
+    offer: Any = Field(description="The offer the notification carried (its data.offer)")
+    redeemed_at: float
+
+
+# ------------------------------------------------------------------ operations and admin resources (issue 6)
+
+PAGE_MAX = 500  # no list returns more than this at once; page on with offset
+Limit = Annotated[int, Field(ge=1, le=PAGE_MAX)]
+NotificationStatus = Literal["scheduled", "pending", "sent", "acked", "cancelled", "expired"]
+DeliveryStateName = Literal["pending", "delivered", "dead"]
+ChannelName = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-9_-]+$")]
+
+
+class Problem(BaseModel):
+    """An error (RFC 9457, ``application/problem+json``)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "type": "about:blank", "title": "Not Found", "status": 404, "detail": "profile 42 not found"}]})
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+
+
+class ValidationProblem(Problem):
+    """A request the gateway cannot accept (422): ``detail`` names the first problem, ``errors`` all."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "type": "about:blank", "title": "Unprocessable Content", "status": 422,
+        "detail": "query.limit: Input should be less than or equal to 500",
+        "errors": [{"loc": ["query", "limit"], "msg": "Input should be less than or equal to 500"}]}]})
+    errors: list[FieldError] = Field(default_factory=list)
+
+
+class LiveOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "alive"}]})
+    status: Literal["alive"]
+
+
+class ReadyOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"status": "ready", "components": {"db": "ok", "migrations": "current"}},
+        {"status": "not_ready", "components": {"db": "ok", "migrations": "behind"}}]})
+    status: Literal["ready", "not_ready"]
+    components: dict[str, str]
+
+
+class PageMeta(BaseModel):
+    total: int = Field(description="How many match the filters, over all pages")
+    limit: int
+    offset: int
+    next_offset: int | None = Field(description="Pass as offset for the next page; null on the last one")
+
+
+class ZonePresence(BaseModel):
+    zone: str
+    profiles: list[int] = Field(description="Enrolled customers in the zone now, by profile id")
+    enrolled: int
+    anonymous: int = Field(description="Unknown identities in the zone: counted, never identified")
+    total: int
+
+
+class PresenceOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "at": 1780300800.0, "enrolled": 1, "anonymous": 2,
+        "zones": [{"zone": "shoes", "profiles": [7], "enrolled": 1, "anonymous": 2, "total": 3}]}]})
+    at: float
+    zones: list[ZonePresence]
+    enrolled: int
+    anonymous: int
+
+
+class AdminNotificationOut(NotificationOut):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": 12, "profile_id": 7, "campaign": "shoes-dwell-offer", "purpose": "offers", "title": "10% off shoes",
+        "body": "Show code AB12CD34 at the till", "data": {"zone": "shoes"}, "created_at": 1780300800.0,
+        "status": "sent", "acked_at": None, "deliver_at": None, "expires_at": None, "variant": None,
+        "redemption_code": "AB12CD34"}]})
+    profile_id: int
+    acked_at: float | None
+    deliver_at: float | None
+    expires_at: float | None
+    variant: str | None
+    redemption_code: str | None
+
+
+class ChannelStateOut(BaseModel):
+    channel: str
+    state: str
+    attempts: int
+    next_attempt_at: float | None
+    last_error: str | None
+
+
+class AttemptOut(BaseModel):
+    channel: str
+    at: float
+    outcome: str
+
+
+class InteractionOut(BaseModel):
+    kind: str
+    at: float
+
+
+class NotificationDetailOut(AdminNotificationOut):
+    channels: list[ChannelStateOut] = Field(description="Where it stands on each channel")
+    attempts: list[AttemptOut] = Field(description="Every delivery attempt, oldest first")
+    interactions: list[InteractionOut]
+
+
+class NotificationPage(PageMeta):
+    items: list[AdminNotificationOut]
+
+
+class DeliveryStateOut(ChannelStateOut):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "notification_id": 12, "channel": "webhook", "state": "dead", "attempts": 8, "next_attempt_at": None,
+        "last_error": "HTTP 500", "updated_at": 1780300900.0, "profile_id": 7, "campaign": "shoes-dwell-offer",
+        "notification_status": "sent"}]})
+    notification_id: int
+    updated_at: float
+    profile_id: int
+    campaign: str
+    notification_status: str
+
+
+class DeliveryPage(PageMeta):
+    items: list[DeliveryStateOut]
+
+
+class ReplayIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"channel": "webhook"}]})
+    channel: ChannelName
+    notification_id: DbId | None = Field(default=None, description="One dead letter; omit for all of the channel")
+
+
+class ReplayOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"channel": "webhook", "requeued": [12, 15]}]})
+    channel: str
+    requeued: list[int] = Field(description="Notifications put back on the retry schedule, due now")
+
+
+class WebhookEndpointOut(BaseModel):
+    url: str = Field(description="Without credentials or query")
+    disabled_at: float | None
+    consecutive_gone: int
+    last_status: int | None
+    last_attempt_at: float | None
+    last_success_at: float | None
+
+
+class WebhookEnableIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "url": "https://push.brand.example/gateway", "replay": True}]})
+    url: str = Field(min_length=8, max_length=1024)
+    replay: bool = Field(default=True, description="Also requeue the webhook's dead letters")
+
+
+class WebhookEnableOut(BaseModel):
+    url: str
+    was_disabled: bool
+    requeued: list[int]
+
+
+class ProfilePage(PageMeta):
+    items: list[ProfileOut]
+
+
+class IdentifierOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "kind": "app_install", "value": "3f2c9a7e-1b4d-4e8f-9a6b-0c5d7e8f9a1b", "created_at": 1780300800.0}]})
+    kind: str
+    value: str
+    created_at: float
+
+
+class IdentifierCreate(IdentifierIn):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "kind": "app_install", "value": "3f2c9a7e-1b4d-4e8f-9a6b-0c5d7e8f9a1b"}]})
+
+
+class CartPage(PageMeta):
+    items: list[CartView]
+
+
+class CatalogItemOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "sku": "SH-100", "name": "Trail runner shoes", "price": 89.9, "zone": "shoes", "aisle": "A3"}]})
+    sku: str
+    name: str
+    price: float | None
+    zone: str | None
+    aisle: str | None
+
+
+class CataloguePage(PageMeta):
+    items: list[CatalogItemOut]
+
+
+# -- devices (api/routers/devices.py) ------------------------------------------------------------
+
+DeviceStatus = Literal["online", "offline", "unknown", "quarantined"]
+
+
+class DeviceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "id": "mower-alice", "kind": "robot_mower", "device_profile": "robot_mower", "owner_profile_id": 1,
+        "firmware": "2.4.1"}]})
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[^/+#\x00]+$")
+    kind: str | None = Field(default=None, max_length=64)
+    device_profile: str | None = Field(default=None, max_length=64)
+    owner_profile_id: DbId | None = None
+    firmware: str | None = Field(default=None, max_length=64)
+    store_id: str | None = Field(default=None, max_length=64, pattern=r"^[^/+#\x00]+$")
+
+
+class DevicePatch(BaseModel):
+    """Only the fields given change; ``owner_profile_id: null`` unsets the owner, ``quarantined: false``
+    accepts a quarantined device."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"quarantined": False,
+                                                                               "device_profile": "robot_mower"}]})
+    kind: str | None = Field(default=None, max_length=64)
+    device_profile: str | None = Field(default=None, max_length=64)
+    owner_profile_id: DbId | None = None
+    firmware: str | None = Field(default=None, max_length=64)
+    quarantined: bool | None = None
+
+
+class DeviceOut(BaseModel):
+    id: str
+    kind: str | None
+    device_profile: str | None
+    owner_profile_id: int | None
+    store_id: str | None
+    firmware: str | None
+    status: DeviceStatus
+    status_at: float | None
+    last_seen: float | None
+    registered_at: float | None
+    state: dict[str, Any]
+
+
+class ReadingOut(BaseModel):
+    ts: float
+    key: str
+    metrics: dict[str, float]
+    received_at: float
+
+
+class RollupOut(BaseModel):
+    start: float
+    period_s: int
+    metric: str
+    count: int
+    min: float
+    max: float
+    mean: float | None
+    last: float
+
+
+class DeadLetterOut(BaseModel):
+    id: int
+    received_at: float
+    topic: str
+    device_id: str | None
+    reason: str
+    detail: str | None
+    payload: str
+
+
+
+# ------------------------------------------------------------------ device alarms and the maintenance loop (issue 4)
+
+AlarmStatus = Literal["active", "cleared", "resolved"]
+
+
+class AlarmOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": 3, "device_id": "bike-bruno", "profile_id": 2, "rule": "ebike-chain-service",
+        "name": "E-bike chain service due", "severity": "warning", "status": "active", "created_at": 1780300800.0,
+        "updated_at": 1780304400.0, "count": 12, "last_value": 1012.0,
+        "detail": "km_since_service 1012 gte 1000.0", "cleared_at": None, "clear_reason": None,
+        "prompted_at": 1780300800.0, "notification_id": 41, "acknowledged_at": None, "booked_at": None,
+        "booked_for": None, "resolved_at": None, "service_event_id": None}]})
+    id: int
+    device_id: str
+    profile_id: int | None
+    rule: str
+    name: str
+    severity: Literal["info", "warning", "major", "critical"]
+    status: AlarmStatus
+    created_at: float
+    updated_at: float
+    count: int = Field(description="Readings that met the create condition while it was raised")
+    last_value: float | None
+    detail: str | None
+    cleared_at: float | None
+    clear_reason: str | None
+    prompted_at: float | None = Field(description="When the owner's prompt (a notification) was created")
+    notification_id: int | None
+    acknowledged_at: float | None
+    booked_at: float | None
+    booked_for: float | None = Field(description="The service slot the owner asked for (epoch s)")
+    resolved_at: float | None = Field(description="When a service event resolved it")
+    service_event_id: int | None
+
+
+class BookingIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"slot": 1780387200.0}]})
+    slot: float | None = Field(default=None, allow_inf_nan=False, gt=0,
+                               description="The service slot the owner asks for (epoch s); omitted: any time")
+
+
+class ServiceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"note": "chain and sprocket"}]})
+    note: str | None = Field(default=None, max_length=2000)
+
+
+class ServiceOut(BaseModel):
+    id: int
+    device_id: str
+    at: float
+    note: str | None
+    counters_reset: dict[str, dict[str, float]] = Field(description="Per rule, the counters before the reset")
+    alarms_resolved: list[int]
+
+
+class DeviceRuleOut(BaseModel):
+    rule: str
+    name: str
+    active: str | None = Field(description="The raised alarm's severity, if any")
+    counters: dict[str, float]
+    pending: dict[str, float] = Field(description="Per severity, since when its condition holds (for timers)")
+    due_at: float | None = Field(description="When a timer fires if no reading comes first")
+
+
+class Durations(BaseModel):
+    count: int
+    mean: float | None
+    p90: float | None
+
+
+class MaintenanceFiguresOut(BaseModel):
+    alarms: int
+    active: int
+    cleared: int
+    resolved: int
+    prompted: int
+    acknowledged: int
+    booked: int
+    prompt_to_resolution_s: Durations = Field(description="From the owner's prompt to the service that resolved it")
+    prompt_to_ack_s: Durations

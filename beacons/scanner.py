@@ -105,6 +105,23 @@ class RetryPolicy:
 Sleep = Callable[[float], Awaitable[Any]]
 
 
+def receiver_check(receiver: str, configured: Iterable[str]) -> str | None:
+    """A warning when an adapter's receiver id matches no ``[[receivers]]`` entry, else None.
+
+    Presence drops sightings from unknown receivers (``unknown_receiver``), so a mismatch would
+    silently make the gateway blind; say so once, at start.
+    """
+    ids = sorted(set(configured))
+    if not ids or receiver in ids:
+        return None
+    return (f"BLE receiver id {receiver!r} matches no [[receivers]] entry ({', '.join(ids)}): its sightings "
+            "will be dropped; set [ble] receiver to one of them")
+
+
+STALE_TRACK_S = 30.0  # staleness check: tags reported within this long count as being tracked
+HEARD_MAX = 4096  # ... at most this many addresses
+
+
 class BleakSource:
     """The gateway's own adapter through bleak, kept alive.
 
@@ -124,11 +141,18 @@ class BleakSource:
     def __init__(self, adapter: str = "hci0", scanning_mode: str = "passive",
                  backend: type[Any] | None = None, *, receiver: str | None = None, watchdog_s: float = 30.0,
                  retry: RetryPolicy | None = None, sleep: Sleep | None = None,
-                 clock: Callable[[], float] | None = None, rand: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, rand: Callable[[], float] | None = None,
+                 stale_after_s: float = 0.0) -> None:
         if scanning_mode not in ("passive", "active"):
             raise ValueError(f"scanning_mode must be 'passive' or 'active', not {scanning_mode!r}")
         if watchdog_s <= 0:
             raise ValueError("watchdog_s must be > 0")
+        if stale_after_s < 0:
+            raise ValueError("stale_after_s must be >= 0")
+        self.stale_after_s = float(stale_after_s)
+        self._heard: dict[str, float] = {}  # address -> last report (passive staleness check), bounded
+        self._opened_at = 0.0
+        self.stale_restarts = 0
         self.adapter = adapter
         self.receiver = receiver or adapter
         self.scanning_mode = scanning_mode
@@ -175,6 +199,10 @@ class BleakSource:
         now = self._clock()
         self._last_seen = now
         self.received += 1
+        if self.stale_after_s:
+            heard = self._heard
+            if len(heard) < HEARD_MAX or device.address in heard:
+                heard[device.address] = now
         sink(Advertisement(address=device.address, rssi=int(data.rssi), time=now, receiver=self.receiver,
                            manufacturer_data=dict(data.manufacturer_data), service_data=dict(data.service_data)))
 
@@ -204,7 +232,7 @@ class BleakSource:
                 else:
                     log.info("scanning on %s: active mode", self.adapter)
             self.mode = mode
-            self._last_seen = self._clock()
+            self._last_seen = self._opened_at = self._clock()
             self._state = f"running ({mode})"
             return mode
         assert last is not None
@@ -236,8 +264,10 @@ class BleakSource:
                 log.debug("stopping the scanner on %s: %s", self.adapter, exc)
 
     async def _supervise(self) -> None:
-        """The watchdog: restart the scan after ``watchdog_s`` of silence."""
+        """The watchdog: restart the scan after ``watchdog_s`` of silence, or when tags go stale (passive)."""
         check = self.watchdog_s / 4.0
+        if self.stale_after_s:
+            check = min(check, self.stale_after_s / 2.0)
         while True:
             await self._sleep(check)
             idle = self._clock() - self._last_seen
@@ -245,6 +275,29 @@ class BleakSource:
                 self.watchdog_trips += 1
                 log.warning("nothing received on %s for %.0f s: restarting the scan", self.adapter, idle)
                 await self.restart()
+            elif self._stale():
+                self.stale_restarts += 1
+                log.info("most tags on %s went quiet for %.0f s (the controller's duplicate filter?): restarting "
+                         "the scan", self.adapter, self.stale_after_s)
+                await self.restart()
+
+    def _stale(self) -> bool:
+        """Passive scans on Linux filter duplicates in the controller: each tag is reported once per scan.
+
+        The sign is tags heard recently that stopped being reported while the scan runs. When at
+        least half of those heard in the last ``STALE_TRACK_S`` have been quiet for ``stale_after_s``,
+        a restart (which clears the filter) is cheaper than letting presence exit them all.
+        """
+        if not self.stale_after_s or self.mode != "passive" or self._scanner is None:
+            return False
+        now = self._clock()
+        heard = self._heard
+        for address in [a for a, t in heard.items() if now - t > STALE_TRACK_S]:
+            del heard[address]
+        if not heard or now - self._opened_at < self.stale_after_s:
+            return False
+        quiet = sum(1 for t in heard.values() if now - t >= self.stale_after_s)
+        return quiet * 2 >= len(heard)
 
     async def restart(self) -> None:
         """Stop and start the scan again, retrying with backoff until it works (or we are cancelled)."""

@@ -26,6 +26,10 @@ GONE = "gone"  # the endpoint no longer exists (HTTP 404/410): never retried
 
 
 class Channel(Protocol):
+    """One way to reach a customer. ``inline = True`` (class attribute) marks an in-process channel
+    the dispatcher feeds in commit order and never awaits for long (the stream hub); any other
+    channel is remote: sent concurrently, bounded, so a slow one never holds the streams back."""
+
     name: str
 
     async def deliver(self, profile_id: int, message: Message) -> str:
@@ -40,6 +44,7 @@ class StreamHub:
     """In-process fan-out to the live streams (SSE and WebSocket) of each profile."""
 
     name = "sse"
+    inline = True  # publish is a put_nowait per open stream: fed in commit order, never blocks
 
     def __init__(self, queue_size: int = 256) -> None:
         self.queue_size = queue_size
@@ -60,6 +65,10 @@ class StreamHub:
 
     def listeners(self, profile_id: int) -> int:
         return len(self._subs.get(profile_id, ()))
+
+    def open_streams(self) -> int:
+        """Open SSE and WebSocket streams, all profiles together (a gauge for /metrics)."""
+        return sum(len(subs) for subs in self._subs.values())
 
     def publish(self, profile_id: int, message: Message) -> int:
         delivered = 0

@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -64,6 +65,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def ble_scanner(settings: Any, source: Any) -> Any:
+    """The adapter's scanner with its receiver id ([ble] receiver, default the adapter name); warns on a mismatch."""
+    if not settings.ble.enabled:
+        return None
+    from beacons.scanner import receiver_check
+
+    receiver = settings.ble.receiver or settings.ble.adapter
+    warning = receiver_check(receiver, [r.id for r in settings.receivers])
+    if warning:
+        print(f"gateway run: warning: {warning}", file=sys.stderr)
+    return source(settings.ble.adapter, settings.ble.scanning_mode, receiver=receiver,
+                  stale_after_s=settings.ble.stale_after_s)
+
+
 async def _run(args: argparse.Namespace) -> int:
     from beacons.scanner import BleakSource, ScannerUnavailable
     from devices.mqtt import MqttIntake
@@ -72,11 +87,14 @@ async def _run(args: argparse.Namespace) -> int:
     from gateway.runtime import Runtime
 
     settings = load_settings(args.config)
+    from gateway.logs import secrets_of, setup_logging
+
+    setup_logging(settings.logging, secrets_of(settings), verbose=args.verbose)  # [logging]: text or JSON lines
     if args.adapter:
         settings.ble.adapter = args.adapter
     if args.no_ble:
         settings.ble.enabled = False
-    scanner = BleakSource(settings.ble.adapter, settings.ble.scanning_mode) if settings.ble.enabled else None
+    scanner = ble_scanner(settings, BleakSource)
     mqtt = None
     if settings.mqtt.enabled:
         m = settings.mqtt

@@ -376,6 +376,8 @@ class Engine:
         released: list[int] = []
         for n in due:
             reason: str | None = None
+        # Its stream position: it goes live after every id committed so far, so replay must not skip it.
+        top = session.scalar(select(func.max(Notification.id))) if due else None
             if n.expires_at is not None and now > n.expires_at:
                 n.status, reason = EXPIRED, EXPIRED
             elif n.purpose not in self._consents(session, n.profile_id):
@@ -384,6 +386,7 @@ class Engine:
                 n.status = "pending"
                 released.append(n.id)
                 continue
+                n.released_after = top
             session.add(Decision(at=now, profile_id=n.profile_id, campaign_id=n.campaign_id,
                                  event_kind="release", event_key=f"notification:{n.id}", fired=False,
                                  reason=reason, detail=f"notification {n.id} not sent", variant=n.variant))

@@ -10,9 +10,10 @@ Definitions (all rates in percent):
 - engagement rate: notifications with an open, click or redemption / notified.
 - CTR: notifications clicked / notifications delivered (acked by the app).
 - redemption rate: notifications redeemed / notified.
-- conversion: notified profiles who purchased (a cart checked out) within ``conversion_window_s``
-  after the notification / notified; per experiment arm, lift is against the holdout's conversion
-  after its holdout decision.
+- conversion: notifications credited with a purchase / notified. A purchase (a cart's checkout
+  time) is credited to the last notification its buyer got before it, at most ``conversion_window_s``
+  earlier (last touch), and only once; per experiment arm, lift is against the holdout's conversion
+  (any purchase within the window after its holdout decision).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ RELEASED = ("pending", "sent", "acked")
 
 def day_bounds(day: str, timezone: str) -> tuple[float, float]:
     d = dt.date.fromisoformat(day)
+    if d >= dt.date.max:
+        raise ValueError(f"{day} is past the last day the calendar can end")
     tz = ZoneInfo(timezone)
     start = dt.datetime.combine(d, dt.time(0), tz)
     return start.timestamp(), (start + dt.timedelta(days=1)).timestamp()
@@ -72,6 +75,29 @@ def visit_figures(session: Session, start: float, end: float, days: list[str], b
     }
 
 
+def attribute(session: Session, purchases: dict[int, list[float]], window_s: float) -> dict[int, int]:
+    """Last touch: each purchase credits the latest released notification to its buyer that came at most
+    ``window_s`` before it (ties: the higher id), once. Returns notification id -> purchases credited."""
+    if not purchases:
+        return {}
+    first = min(min(ts) for ts in purchases.values()) - window_s
+    last = max(max(ts) for ts in purchases.values())
+    touches: dict[int, list[tuple[float, int]]] = defaultdict(list)
+    for nid, pid, at in session.execute(select(Notification.id, Notification.profile_id, Notification.created_at)
+                                        .where(Notification.profile_id.in_(list(purchases)),
+                                               Notification.status.in_(RELEASED),
+                                               Notification.created_at >= first, Notification.created_at <= last)):
+        touches[pid].append((at, nid))
+    credited: dict[int, int] = defaultdict(int)
+    for pid, times in purchases.items():
+        mine = sorted(touches.get(pid, ()))
+        for t in times:
+            before = [x for x in mine if t - window_s <= x[0] <= t]
+            if before:
+                credited[before[-1][1]] += 1
+    return dict(credited)
+
+
 def notification_figures(session: Session, start: float, end: float, conversion_window_s: float = 7 * 86400
                          ) -> dict[str, Any]:
     notes = session.execute(select(Notification.id, Notification.profile_id, Notification.campaign_id,
@@ -83,13 +109,15 @@ def notification_figures(session: Session, start: float, end: float, conversion_
     for nid, kind in session.execute(select(Interaction.notification_id, Interaction.kind)
                                      .where(Interaction.notification_id.in_(ids))):
         kinds[nid].add(kind)
-    purchases: dict[int, list[float]] = defaultdict(list)
-    for pid, at in session.execute(select(Cart.profile_id, Cart.updated_at).where(
-            Cart.status == "checked_out", Cart.updated_at >= start, Cart.updated_at < end + conversion_window_s)):
-        purchases[pid].append(at)
+    window = conversion_window_s
+    purchases: dict[int, list[float]] = defaultdict(list)  # profile -> checkout times (the purchase's own time)
+    for pid, at in session.execute(select(Cart.profile_id, Cart.checked_out_at).where(
+            Cart.checked_out_at.is_not(None), Cart.checked_out_at >= start, Cart.checked_out_at < end + window)):
+        purchases[pid].append(float(at))
+    credited = attribute(session, purchases, window)
 
-    def converted(pid: int, t: float) -> bool:
-        return any(t <= p <= t + conversion_window_s for p in purchases.get(pid, ()))
+    def converted(pid: int, t: float) -> bool:  # the holdout's side: any purchase within the window
+        return any(t <= p <= t + window for p in purchases.get(pid, ()))
 
     def summarize(rows: list[Any]) -> dict[str, Any]:
         n = len(rows)
@@ -97,9 +125,10 @@ def notification_figures(session: Session, start: float, end: float, conversion_
         opened = sum(1 for r in rows if kinds[r.id] & {"opened", "clicked", "redeemed"})
         clicked = sum(1 for r in rows if "clicked" in kinds[r.id])
         redeemed = sum(1 for r in rows if "redeemed" in kinds[r.id])
-        conversions = sum(1 for r in rows if converted(r.profile_id, r.created_at))
+        conversions = sum(1 for r in rows if r.id in credited)
         return {"notified": n, "delivered": delivered, "opened": opened, "clicked": clicked, "redeemed": redeemed,
                 "dismissed": sum(1 for r in rows if "dismissed" in kinds[r.id]),
+                "conversions": conversions, "purchases_credited": sum(credited.get(r.id, 0) for r in rows),
                 "engagement_rate": _pct(opened, n), "ctr": _pct(clicked, delivered),
                 "redemption_rate": _pct(redeemed, n), "conversion_rate": _pct(conversions, n)}
 

@@ -45,6 +45,12 @@ class IdentityIndex:
         if kind == "beacon":
             self._beacons[value] = profile_id
 
+    def remove(self, kind: str, value: str) -> None:
+        """One identifier detached from its profile (the API's DELETE .../identifiers)."""
+        self._by_key.pop((kind, value), None)
+        if kind == "beacon":
+            self._beacons.pop(value, None)
+
     def remove_profile(self, profile_id: int) -> None:
         self._by_key = {k: v for k, v in self._by_key.items() if v != profile_id}
         self._beacons = {k: v for k, v in self._beacons.items() if v != profile_id}

@@ -82,6 +82,8 @@ class GatewayService:
         self.on_campaigns_changed: Callable[[], None] | None = None
         # Set by the runtime: evaluates an event against the live campaigns and rolls back.
         self.dry_runner: Callable[[Session, EngineEvent], list[dict[str, Any]]] | None = None
+        # Set by the runtime from [interactions]: how long after a notification a checkout converts it.
+        self.conversion_window_s = 7 * 86400.0
 
     # ------------------------------------------------------------ profiles
 
@@ -314,8 +316,8 @@ class GatewayService:
 
         try:
             with self.db.session() as s:
-                return figures(s, day_from, day_to, timezone)
-        except ValueError as exc:
+                return figures(s, day_from, day_to, timezone, conversion_window_s=self.conversion_window_s)
+        except (ValueError, OverflowError) as exc:  # 9999-12-31 has no next day
             raise Invalid(str(exc)) from None
 
     def dry_run(self, profile_id: int, kind: str, zone: str | None, dwell_s: float,

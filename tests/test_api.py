@@ -39,7 +39,7 @@ T0 = 1_767_261_600.0
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
 SECRET = b"api-test-token-secret-0123456789"
 DOC_PATHS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-PUBLIC_PATHS = {"/health"}
+PUBLIC_PATHS = {"/health", "/health/live", "/health/ready", "/metrics"}  # operations: no data, no key
 ALICE_BEACON = "ibeacon:8f3c0a52-6d1e-4b7a-9c2d-5e4f3a2b1c00:100:1"
 
 

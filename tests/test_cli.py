@@ -84,3 +84,59 @@ def test_db_upgrade_creates_the_schema(tmp_path):
     tables = {row[0] for row in sqlite3.connect(tmp_path / "gw.db").execute(
         "SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"profiles", "identifiers", "consents", "notifications", "decisions", "alembic_version"} <= tables
+
+
+def _run_config(tmp_path, extra: str) -> Path:
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(f'data_dir = "{tmp_path}"\n[database]\nurl = "sqlite:///{tmp_path}/gw.db"\n'
+                   '[api]\nport = 0\n[mqtt]\nenabled = false\n'
+                   f'[campaigns]\ndir = "{ROOT / "examples/campaigns"}"\n' + extra)
+    return cfg
+
+
+RECEIVERS = '[[receivers]]\nid = "hci0"\nzones = [{name = "entrance", max_m = 3.0}]\n'
+
+
+def test_run_on_another_adapter_warns_that_its_receiver_id_matches_no_receiver(tmp_path):
+    r = gateway("run", "--config", str(_run_config(tmp_path, RECEIVERS)), "--adapter", "hci1")
+    assert "Traceback" not in r.stderr
+    [line] = [ln for ln in r.stderr.splitlines() if "matches no [[receivers]]" in ln]
+    assert "'hci1'" in line and "hci0" in line and "[ble] receiver" in line
+
+
+def test_run_on_another_adapter_with_its_receiver_id_configured_does_not_warn(tmp_path):
+    cfg = _run_config(tmp_path, '[ble]\nreceiver = "hci0"\n' + RECEIVERS)
+    r = gateway("run", "--config", str(cfg), "--adapter", "hci1")
+    assert "Traceback" not in r.stderr
+    assert "matches no [[receivers]]" not in r.stderr
+
+
+def test_the_scanner_carries_the_configured_receiver_id():
+    from beacons.scanner import BleakSource
+    from gateway.cli import ble_scanner
+    from gateway.config import Settings
+
+    s = Settings()
+    s.ble.adapter, s.ble.receiver = "hci1", "rx-door"
+    scanner = ble_scanner(s, BleakSource)
+    assert (scanner.adapter, scanner.receiver, scanner.stale_after_s) == ("hci1", "rx-door", 4.0)
+    s.ble.receiver = ""
+    assert ble_scanner(s, BleakSource).receiver == "hci1"  # default: the adapter name
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    ('[ble]\nscanning_mode = "aggressive"\n', "ble.scanning_mode: expected passive or active"),
+    ('[presence]\nrssi_filter = "median"\n', "presence.rssi_filter: expected kalman or ema"),
+    ("[presence]\nexit_after_s = -5\n", "presence.exit_after_s: must be positive"),
+    ("[presence]\nowner_evidence_db_s = -1\n", "presence.owner_evidence_db_s: must not be negative"),
+    ("[presence]\nsmoothing = 2\n", "presence.smoothing"),
+    ("[ble]\nstale_after_s = -1\n", "ble.stale_after_s"),
+    ('[[receivers]]\nid = "rx"\npath_loss_exponent = 0\n', "path_loss_exponent must be positive"),
+    ('[[receivers]]\nid = "rx"\nmeasured_power = 5\n', "measured_power must be in"),
+    ('[[receivers]]\nid = "rx"\nzones = [{name = "z", max_m = -1}]\n', "max_m must be positive"),
+])
+def test_run_rejects_bad_config_values_with_one_line(tmp_path, extra, words):
+    r = gateway("run", "--config", str(_run_config(tmp_path, extra)), "--no-ble")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr

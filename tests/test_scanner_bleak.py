@@ -355,3 +355,47 @@ async def test_virtual_store_walkers_are_heard_per_receiver_through_bleak() -> N
         await store.close()
     assert set(_by_identity(got)) == present
     assert {a.receiver for a in got} <= {rx.id for rx in scenario.receivers}
+
+
+async def test_passive_scan_with_the_duplicate_filter_keeps_a_lingering_customer_present() -> None:
+    """Linux's controller reports each tag once per passive scan; the staleness check restarts the scan,
+    so presence keeps the customer in the zone instead of exiting everyone after exit_after_s."""
+    from beacons.types import Sighting
+    from gateway.config import PresenceSettings, ReceiverSettings, ZoneBand
+    from gateway.presence import PresenceTracker
+
+    async def lingering(stale_after_s: float) -> tuple[list[tuple[str, str | None]], BleakSource]:
+        air, prop, _ = await _air(duplicate_filter=True)
+        await _beacon(air, prop, ibeacon_payload(UUID, 1, 1), (1.0, 0.0))
+        fake = FakeTime()
+        got: list[Advertisement] = []
+        source = _source(air, sleep=fake.sleep, clock=fake.clock, stale_after_s=stale_after_s)
+        tracker = PresenceTracker(PresenceSettings(enter_hold_s=0.0),
+                                  [ReceiverSettings("rx-test", [ZoneBand("till", 3.0)], measured_power=-56)])
+        tracker.enter_samples = 1
+        events = []
+        fed = 0
+        try:
+            await source.start(got.append)
+            await until(lambda: len(got) == 1, "the first report")
+            for _ in range(15):  # 30 s of (fake) time with the customer standing still at 1 m
+                fake.advance(2.0)
+                await until(lambda: fake.sleeping == 1, "the supervisor asleep again")
+                await until(lambda: len(got) == 1 + source.stale_restarts, "a report after each restart")
+                for adv in got[fed:]:
+                    for frame in parse_advertisement(adv):
+                        events += tracker.observe(Sighting(frame.key, adv.receiver, adv.rssi, adv.time,
+                                                           frame.ref_power))
+                fed = len(got)
+                events += tracker.tick(fake.now)
+        finally:
+            await source.stop()
+            await air.close()
+        return [(e.kind, e.zone) for e in events if e.kind in ("enter", "exit")], source
+
+    kept, source = await lingering(4.0)
+    assert source.mode == "passive" and source.stale_restarts >= 5
+    assert kept == [("enter", "till")]  # entered once, never exited while standing there
+    lost, source = await lingering(0.0)  # no staleness check: the one report, then silence
+    assert source.stale_restarts == 0
+    assert lost == [("enter", "till"), ("exit", "till")]

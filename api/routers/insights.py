@@ -5,16 +5,16 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 
 from api.deps import Admin, Context
-from api.schemas import DecisionOut, DryRunIn, DryRunOutcome
+from api.schemas import DB_ID_MAX, DecisionOut, DryRunIn, DryRunOutcome
 
 router = APIRouter(tags=["insights"], dependencies=[Admin])
 
 
 @router.get("/profiles/{profile_id}/decisions", response_model=list[DecisionOut])
-def decisions(profile_id: int, ctx: Context,
+def decisions(profile_id: Annotated[int, Path(ge=1, le=DB_ID_MAX)], ctx: Context,
               campaign: Annotated[str | None, Query(max_length=128)] = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[dict[str, Any]]:
     """Why: every evaluation of a campaign for this customer, newest first, with its reason code."""

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Path, Response, status
 
 from api.deps import Admin, Context
+from api.schemas import DB_ID_MAX
 
 router = APIRouter(prefix="/profiles", tags=["privacy"], dependencies=[Admin])
 
+ProfileId = Annotated[int, Path(ge=1, le=DB_ID_MAX)]
+
 
 @router.get("/{profile_id}/export")
-def export(profile_id: int, ctx: Context) -> dict[str, Any]:
+def export(profile_id: ProfileId, ctx: Context) -> dict[str, Any]:
     """Every row stored about this customer, table by table."""
     return ctx.service.export_profile(profile_id)
 
 
 @router.delete("/{profile_id}", status_code=status.HTTP_204_NO_CONTENT)
-def erase(profile_id: int, ctx: Context) -> Response:
+def erase(profile_id: ProfileId, ctx: Context) -> Response:
     """Erase the profile and all its data; its tokens stop working and its beacon becomes anonymous."""
     ctx.service.erase_profile(profile_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -2,10 +2,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, Path, Query, status
 
 from api.deps import Admin, Context
-from api.schemas import DB_ID_MAX, ConsentsIn, ProfileIn, ProfileOut, TokenOut
+from api.schemas import (
+    DB_ID_MAX,
+    PAGE_MAX,
+    ConsentsIn,
+    IdentifierKind,
+    ProfileIn,
+    ProfileOut,
+    ProfilePage,
+    Purpose,
+    TokenOut,
+)
+from gateway import resources
 from gateway.service import NewProfile
 
 router = APIRouter(prefix="/profiles", tags=["profiles"], dependencies=[Admin])
@@ -20,6 +31,22 @@ def create_profile(body: ProfileIn, ctx: Context) -> dict[str, object]:
         external_id=body.external_id, name=body.name, attributes=body.attributes,
         identifiers=[(i.kind, i.value) for i in body.identifiers],
         consents={str(k): v for k, v in body.consents.items()}))
+
+
+@router.get("", response_model=ProfilePage)
+def list_profiles(ctx: Context,
+                  q: Annotated[str | None, Query(min_length=1, max_length=128,
+                                                 description="Part of the name or external id")] = None,
+                  external_id: Annotated[str | None, Query(max_length=128)] = None,
+                  identifier_kind: IdentifierKind | None = None,
+                  consent: Annotated[Purpose | None, Query(description="Granted this purpose")] = None,
+                  limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 50,
+                  offset: Annotated[int, Query(ge=0, le=DB_ID_MAX)] = 0) -> dict[str, object]:
+    """Enrolled customers, newest first, filtered; one page at a time (``next_offset`` continues)."""
+    items, total = resources.list_profiles(ctx.service, q=q, external_id=external_id,
+                                           identifier_kind=identifier_kind, consent=consent, limit=limit,
+                                           offset=offset)
+    return resources.page(items, total, limit, offset)
 
 
 @router.get("/{profile_id}", response_model=ProfileOut)

@@ -62,6 +62,20 @@ class Database:
         with self.sessions() as s, s.begin():
             yield s
 
+    def schema_state(self) -> str:
+        """``current`` when the database is at every migration head this version ships, else ``behind``
+        (or ``unknown`` when it cannot be read): readiness, so traffic waits for an upgrade."""
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        try:
+            with self.engine.connect() as conn:
+                applied = set(MigrationContext.configure(conn).get_current_heads())
+        except Exception:
+            return "unknown"
+        heads = set(ScriptDirectory(str(MIGRATIONS)).get_heads())
+        return "current" if applied == heads else "behind"
+
     def ping(self) -> bool:
         try:
             with self.engine.connect() as conn:

@@ -172,6 +172,9 @@ class Delivery(Base):
     )
     channel: Mapped[str] = mapped_column(String(32))
     at: Mapped[float] = mapped_column(Float)
+    # A delayed or held send, when released: the highest notification id committed at that moment. A stream
+    # resuming after Last-Event-ID L replays it when this is >= L, though its own id is older (see outbox.replay).
+    released_after: Mapped[int | None] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(String(32))
 
 

@@ -1,0 +1,88 @@
+"""The OpenAPI document as the API really behaves: every error is RFC 9457 problem+json.
+
+FastAPI documents its validation errors as ``HTTPValidationError`` in ``application/json``; this
+gateway answers 422 with ``application/problem+json`` (see api/app.py), so the document is
+rewritten to say so, and the refusals every route can give (401/403 for a protected route, 404 for
+a route that names a resource, 409 for one that changes state, 500) are documented with the same
+schema. Schemathesis checks responses against this document, so it must not promise less.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from api.schemas import Problem, ValidationProblem
+
+PROBLEM = "application/problem+json"
+PUBLIC = ("/health", "/metrics")
+_REF = "#/components/schemas/"
+_DESCRIPTIONS = {
+    "400": "Bad request (problem+json)",
+    "401": "No credential, or an unknown, expired or revoked one (problem+json)",
+    "403": "A valid credential that may not call this (problem+json)",
+    "404": "No such resource, or not yours (problem+json)",
+    "409": "Conflicts with the current state (problem+json)",
+    "422": "The request is malformed or its values are not acceptable (problem+json)",
+    "429": "Rate limit exceeded; see Retry-After (problem+json)",
+    "500": "An unexpected error; nothing was changed that was not committed (problem+json)",
+}
+
+
+def _problem(code: str, schema: str = "Problem") -> dict[str, Any]:
+    return {"description": _DESCRIPTIONS[code], "content": {PROBLEM: {"schema": {"$ref": _REF + schema}}}}
+
+
+def _is_public(path: str) -> bool:
+    return path.startswith(PUBLIC)
+
+
+def rewrite(doc: dict[str, Any]) -> dict[str, Any]:
+    """Errors as problem+json on every operation; FastAPI's own validation schemas removed."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for model in (Problem, ValidationProblem):
+        schemas[model.__name__] = model.model_json_schema(ref_template=_REF + "{model}")
+        for name, sub in schemas[model.__name__].pop("$defs", {}).items():
+            schemas.setdefault(name, sub)
+    for path, ops in doc.get("paths", {}).items():
+        for method, op in ops.items():
+            if not isinstance(op, dict) or "responses" not in op:
+                continue
+            responses: dict[str, Any] = op["responses"]
+            has_input = bool(op.get("parameters")) or "requestBody" in op
+            if has_input or "422" in responses:
+                responses["422"] = _problem("422", "ValidationProblem")
+            codes = ["500"]
+            if not _is_public(path):
+                codes += ["401", "403", "429"]
+            if "{" in path or method in ("post", "put", "delete", "patch"):
+                codes.append("404")
+            if method in ("post", "put", "delete", "patch"):
+                codes.append("409")
+            if path.startswith("/v1/me/stream"):
+                codes.append("400")
+            for code in codes:
+                current = responses.get(code)
+                if current is None or "content" not in current or "application/json" in current.get("content", {}):
+                    desc = (current or {}).get("description")
+                    responses[code] = _problem(code)
+                    if desc and desc not in ("Validation Error", "Successful Response"):
+                        responses[code]["description"] = desc
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    return doc
+
+
+def install(app: FastAPI) -> None:
+    """Replace ``app.openapi`` with a cached, rewritten document."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
+                              tags=app.openapi_tags, servers=app.servers)
+            app.openapi_schema = rewrite(doc)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,207 @@
+"""Prometheus text exposition (format 0.0.4) without a client library: counters, gauges, histograms.
+
+The gateway already counts what it does (``Pipeline.stats()``, ``Engine.counts``, the dispatcher's
+outcomes); this module only renders those numbers, plus two latency histograms observed on the hot
+path. ``flatten_stats`` walks ``Pipeline.stats()`` generically, so a counter another stage adds to
+that dict shows up in ``/metrics`` without touching this file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Seconds: from a tenth of a millisecond (a batch committed on the loop) to 10 s (a slow webhook).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+_NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
+Labels = tuple[tuple[str, str], ...]
+
+
+def metric_name(*parts: str) -> str:
+    """A valid metric name from free-form parts ("guard", "dropped", "flood" -> guard_dropped_flood)."""
+    name = "_".join(_NAME_BAD.sub("_", p).strip("_") for p in parts if p)
+    name = re.sub(r"_+", "_", name)
+    return name if name and not name[0].isdigit() else f"_{name}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: Labels) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels) + "}"
+
+
+def _number(v: float) -> str:
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    if float(v).is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return repr(float(v))
+
+
+@dataclass
+class Family:
+    """One metric family: a name, its type and help, and its samples (labels -> value)."""
+
+    name: str
+    type: str  # counter | gauge
+    help: str
+    samples: dict[Labels, float] = field(default_factory=dict)
+
+    def add(self, value: float, **labels: str) -> Family:
+        key = tuple(sorted(labels.items()))
+        self.samples[key] = self.samples.get(key, 0.0) + float(value)
+        return self
+
+    def render(self) -> Iterator[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} {self.type}"
+        for labels, value in sorted(self.samples.items()):
+            yield f"{self.name}{_labels(labels)} {_number(value)}"
+
+
+class Histogram:
+    """A cumulative histogram with optional labels; ``observe`` is O(log buckets), no allocation per call."""
+
+    def __init__(self, name: str, help: str, buckets: Sequence[float] = LATENCY_BUCKETS,
+                 labelnames: Sequence[str] = ()) -> None:
+        if list(buckets) != sorted(buckets) or not buckets:
+            raise ValueError("histogram buckets must be sorted and non-empty")
+        self.name, self.help = name, help
+        self.buckets = tuple(float(b) for b in buckets)
+        self.labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], list[float]] = {}  # counts per bucket (+Inf last), then sum
+
+    def observe(self, value: float, *labelvalues: str) -> None:
+        if len(labelvalues) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}")
+        series = self._series.get(labelvalues)
+        if series is None:
+            series = self._series[labelvalues] = [0.0] * (len(self.buckets) + 2)
+        series[bisect.bisect_left(self.buckets, value)] += 1
+        series[-1] += value
+
+    def count(self, *labelvalues: str) -> int:
+        series = self._series.get(labelvalues)
+        return int(sum(series[:-1])) if series else 0
+
+    def render(self) -> Iterator[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} histogram"
+        for values, series in sorted(self._series.items()):
+            base = tuple(zip(self.labelnames, values, strict=True))
+            running = 0.0
+            for bound, n in zip((*self.buckets, math.inf), series[:-1], strict=True):
+                running += n
+                yield f"{self.name}_bucket{_labels((*base, ('le', _number(bound))))} {_number(running)}"
+            yield f"{self.name}_sum{_labels(base)} {_number(series[-1])}"
+            yield f"{self.name}_count{_labels(base)} {_number(running)}"
+
+
+def flatten_stats(stats: Mapping[str, Any], prefix: str = "gateway") -> Iterator[tuple[str, float]]:
+    """(metric name, value) for every number in a nested dict, depth first, in key order.
+
+    Counts of things (the stages' stats) are monotonic, so they are exported as counters named
+    ``<path>_total``; a key ending in ``_size``, ``_depth`` or ``state`` (a current size) is a gauge.
+    """
+    for key in sorted(stats, key=str):
+        value = stats[key]
+        name = metric_name(prefix, str(key))
+        if isinstance(value, Mapping):
+            yield from flatten_stats(value, name)
+        elif isinstance(value, int | float):  # bool is an int: a flag exports as 0 or 1
+            yield name, float(value)
+
+
+def is_gauge(name: str) -> bool:
+    return name.endswith(("_size", "_depth", "_state", "_open", "_tracked", "_clients", "_now"))
+
+
+def stats_families(stats: Mapping[str, Any], prefix: str = "gateway") -> list[Family]:
+    """The generic part of /metrics: every number in ``Pipeline.stats()`` as its own family."""
+    out: list[Family] = []
+    for name, value in flatten_stats(stats, prefix):
+        if is_gauge(name):
+            out.append(Family(name, "gauge", f"Current {name[len(prefix) + 1:].replace('_', ' ')}").add(value))
+        else:
+            total = name if name.endswith("_total") else f"{name}_total"
+            out.append(Family(total, "counter", f"Count of {name[len(prefix) + 1:].replace('_', ' ')}").add(value))
+    return out
+
+
+def render(families: Iterable[Family | Histogram]) -> str:
+    """The exposition text; a name seen twice keeps its first family (a fixed one wins over a generic one)."""
+    seen: set[str] = set()
+    lines: list[str] = []
+    for fam in families:
+        if fam.name in seen:
+            continue
+        seen.add(fam.name)
+        lines.extend(fam.render())
+    return "\n".join(lines) + "\n"
+
+
+def hub_families(hub: Any) -> list[Family]:
+    """The live streams: how many are open, how many were cut off for falling behind."""
+    return [Family("gateway_stream_clients", "gauge", "Open SSE and WebSocket streams").add(hub.open_streams()),
+            Family("gateway_stream_dropped_clients_total", "counter", "Streams cut off for falling behind")
+            .add(hub.dropped_clients)]
+
+
+def gateway_families(rt: Any, depths: Mapping[str, int]) -> list[Family | Histogram]:
+    """Everything /metrics shows for a running gateway; ``rt`` is the Runtime (read only, on its loop).
+
+    ``depths`` are the outbox's database-held queue sizes (``outbox.depths``), read off the loop.
+    """
+    pipeline, dispatcher = rt.pipeline, rt.dispatcher
+    figures = pipeline.figures
+    fams: list[Family | Histogram] = [
+        Family("gateway_adverts_total", "counter", "BLE advertisements received").add(figures.get("adverts", 0)),
+        Family("gateway_readings_total", "counter", "Telemetry readings received").add(figures.get("readings", 0)),
+        Family("gateway_remote_sightings_total", "counter", "Sightings from remote receivers and the app")
+        .add(figures.get("remote_sightings", 0)),
+    ]
+    decisions = Family("gateway_decisions_total", "counter", "Engine decisions by reason (fired or why not)")
+    for reason, n in sorted(pipeline.engine.counts.items()):
+        decisions.add(n, reason=reason)
+    deliveries = Family("gateway_deliveries_total", "counter", "Delivery attempts by channel and outcome")
+    for (channel, outcome), n in sorted(dispatcher.outcomes.items()):
+        deliveries.add(n, channel=channel, outcome=outcome)
+    dead = Family("gateway_dead_letters_total", "counter", "Deliveries given up (dead-lettered) by channel")
+    for channel, n in sorted(dispatcher.dead_lettered.items()):
+        dead.add(n, channel=channel)
+    in_flight = Family("gateway_remote_sends_in_flight", "gauge", "Remote channel sends awaiting an answer")
+    for ch in dispatcher.remote:
+        in_flight.add(dispatcher.in_flight.get(ch.name, 0), channel=ch.name)
+    queues = Family("gateway_queue_depth", "gauge", "Items waiting in the gateway's queues")
+    queues.add(len(getattr(rt, "_adverts", ())), queue="adverts")
+    readings = getattr(rt.mqtt, "readings", None) if rt.mqtt is not None else None
+    queues.add(readings.qsize() if readings is not None else 0, queue="readings")
+    queues.add(rt.sightings.qsize(), queue="sightings")
+    for name, n in sorted(depths.items()):
+        queues.add(n, queue=name)
+    fams += [decisions, deliveries, dead, in_flight, queues,
+             Family("gateway_outbox_pending", "gauge", "Notifications committed and not yet taken by a channel")
+             .add(depths.get("outbox_pending", 0)),
+             *hub_families(rt.hub),
+             Family("gateway_present", "gauge", "Tracked identities in a zone now")
+             .add(sum(pipeline.presence.occupancy().values())),
+             rt.advert_latency, dispatcher.latency]
+    stats = dict(pipeline.stats())
+    extra = getattr(rt, "stats", None)
+    if callable(extra):  # counters the runtime itself keeps (intake rejects and the like)
+        stats["runtime"] = extra()
+    fams += stats_families(stats)
+    return fams
