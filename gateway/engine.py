@@ -336,6 +336,8 @@ class Engine:
             data["cart"] = {k: facts["cart"][k] for k in ("id", "items", "zones")}
         if "device" in facts:
             data["device"] = facts["device"]
+        if "alarm" in facts:  # the app acks or books the alarm by this id (POST /v1/me/alarms/{id}/...)
+            data["alarm"] = {k: facts["alarm"].get(k) for k in ("id", "rule", "severity")}
         deliver_at = event.time + c.delay_s if c.delay_s else None
         detail = f"delayed {c.delay_s:.0f} s" if c.delay_s else None
         if c.quiet_hours is not None and c.quiet_hours.mode == "hold" and self._quiet(c, deliver_at or event.time):
@@ -374,19 +376,19 @@ class Engine:
         due = list(session.scalars(select(Notification).where(
             Notification.status == SCHEDULED, Notification.deliver_at <= now).order_by(Notification.id)))
         released: list[int] = []
-        for n in due:
-            reason: str | None = None
         # Its stream position: it goes live after every id committed so far, so replay must not skip it.
         top = session.scalar(select(func.max(Notification.id))) if due else None
+        for n in due:
+            reason: str | None = None
             if n.expires_at is not None and now > n.expires_at:
                 n.status, reason = EXPIRED, EXPIRED
             elif n.purpose not in self._consents(session, n.profile_id):
                 n.status, reason = CANCELLED, NO_CONSENT  # consent withdrawn while it waited
             else:
                 n.status = "pending"
+                n.released_after = top
                 released.append(n.id)
                 continue
-                n.released_after = top
             session.add(Decision(at=now, profile_id=n.profile_id, campaign_id=n.campaign_id,
                                  event_kind="release", event_key=f"notification:{n.id}", fired=False,
                                  reason=reason, detail=f"notification {n.id} not sent", variant=n.variant))
