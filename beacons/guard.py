@@ -15,8 +15,10 @@ The rules follow Home Assistant's iBeacon integration (homeassistant/components/
   may give every customer tag the same uuid).
 - HA holds back "transient" devices until seen ``MIN_SEEN_TRANSIENT_NEW`` times (16 polls of
   60 s, for a home). A shop needs seconds, not minutes: an identity passes once heard
-  ``stable_after`` times within ``stable_window_s``, so someone walking past the window is
-  ignored.
+  ``stable_after`` times within ``stable_window_s`` (a phone or tag at 1 Hz or faster), or once
+  heard for ``stable_window_s`` without a gap longer than twice that (a slow tag, every 5-20 s),
+  so someone walking past the window is ignored. Enrolled identities (``trusted``) pass at once:
+  presence's own hysteresis decides whether they are in a zone.
 
 State is in memory only, bounded (``max_addresses``, ``max_identities``) and expiring
 (``forget_after_s`` of silence, by the advertisements' own timestamps, never a wall clock):
@@ -69,13 +71,14 @@ class _Address:
 class _Identity:
     """One identity. ``addresses`` is None once it is known to rotate (tracked by identity alone)."""
 
-    __slots__ = ("address", "addresses", "count", "last", "stable", "uuid", "window_start")
+    __slots__ = ("address", "addresses", "count", "last", "run_start", "stable", "uuid", "window_start")
 
     def __init__(self, address: str, now: float, uuid: str | None) -> None:
         self.address = address
         self.addresses: set[str] | None = {address}
         self.count = 0  # the first sighting is counted by Guard._prove
         self.window_start = now
+        self.run_start = now  # since when it has been heard without a long gap
         self.last = now
         self.stable = False
         self.uuid = uuid
@@ -85,7 +88,7 @@ class Guard:
     """``admit(address, frame, time)`` says whether a parsed frame may go on to presence.
 
     ``trusted(key)`` is True for the identities of enrolled customers: they are exempt from
-    the uuid flood rule, and nothing else. Read ``dropped`` and ``figures`` (or ``stats()``)
+    the uuid flood rule and from the transient rule, and nothing else. Read ``dropped`` and ``figures`` (or ``stats()``)
     for the counters.
     """
 
@@ -129,14 +132,15 @@ class Guard:
             if i is None:
                 self.dropped["uuid_flood"] += 1
                 return False
+            prev = now
         else:
             if i.address != address:
                 self._identity_heard_from(i, address)
-            i.last = now
+            prev, i.last = i.last, now
         if i.stable:
             self.figures["admitted"] += 1
             return True
-        return self._prove(i, now)
+        return self._prove(i, key, now, prev)
 
     def _address_sends(self, a: _Address, key: str, now: float) -> bool:
         """A second identity from one address: fine up to the cap, a flood after it."""
@@ -165,12 +169,15 @@ class Guard:
             i.addresses = None  # rotating: tracked by identity alone, its addresses no longer kept
             self.figures["rotating_identities"] += 1
 
-    def _prove(self, i: _Identity, now: float) -> bool:
+    def _prove(self, i: _Identity, key: str, now: float, prev: float) -> bool:
+        if now - prev > 2.0 * self._window:
+            i.run_start = now
         if now - i.window_start > self._window:
             i.window_start, i.count = now, 1
         else:
             i.count += 1
-        if i.count >= self._stable_after:
+        if (i.count >= self._stable_after or now - i.run_start >= self._window
+                or (self.trusted is not None and self.trusted(key))):
             i.stable = True
             self.figures["stable_identities"] += 1
             self.figures["admitted"] += 1
