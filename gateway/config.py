@@ -145,7 +145,7 @@ class PresenceSettings:
     exit_band_hold_s: float = 5.0  # ... for this long
     owner_margin_db: float = 4.0  # ownership test: a lead below this counts against a challenger (dB)
     owner_evidence_db_s: float = 6.0  # ... which takes the identity over once (lead - margin) x time reaches this
-    owner_out_margin_db: float = 4.0  # the owner puts it this far beyond its zone's band: margin 0 (it left)
+    owner_out_margin_db: float = -1.0  # >= 0: owner hears it this far beyond its zone's band -> margin 0 (off: < 0)
 
     def __post_init__(self) -> None:
         if self.rssi_filter not in ("kalman", "ema"):
@@ -154,7 +154,7 @@ class PresenceSettings:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"presence.{name}: must be positive, got {getattr(self, name)!r}")
         for name in ("rssi_drift_db_s", "enter_hold_s", "band_margin_db", "exit_band_hold_s", "owner_margin_db",
-                     "owner_evidence_db_s", "owner_out_margin_db"):
+                     "owner_evidence_db_s"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"presence.{name}: must not be negative, got {getattr(self, name)!r}")
         if not 0 < self.smoothing <= 1:

@@ -14,8 +14,8 @@ The model (docs/presence.md has the figures behind each default):
   the identity is in a zone, a challenger takes over by a sequential test (CUSUM) on its lead over the
   owner: evidence grows by ``(lead - k) x dt`` and the switch happens at ``owner_evidence_db_s``, so a
   large lead switches in a fraction of a second and a marginal one (a fade) rarely. ``k`` is
-  ``owner_margin_db`` while the owner still puts the identity inside its zone's band, and 0 once it
-  puts it ``owner_out_margin_db`` beyond the band (the person has left: only the direction matters).
+  ``owner_margin_db``; optionally (``owner_out_margin_db >= 0``, off by default: the benchmark found
+  it adds false exits) 0 once the owner puts the identity that far beyond its zone's band.
 - **Zones** with hysteresis: entering needs ``enter_samples`` observations over ``enter_hold_s``
   agreeing on the owner's band; staying needs none. Moving between two bands of one receiver
   needs the estimate ``band_margin_db`` inside the new band. Leaving without a new zone needs the zone's
@@ -33,7 +33,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from beacons.types import Sighting
 from gateway.config import PresenceSettings, ReceiverSettings
@@ -274,11 +274,13 @@ class PresenceTracker:
                 self._set_owner(tr, rx_id, now)
             return
         k = self.settings.owner_margin_db
-        for thr, name, _ in ol.bands:
-            if name == tr.zone:
-                if ol.rssi < thr - self.settings.owner_out_margin_db:
-                    k = 0.0  # the owner itself says the identity has left its zone
-                break
+        out = self.settings.owner_out_margin_db
+        if out >= 0.0:
+            for thr, name, _ in ol.bands:
+                if name == tr.zone:
+                    if ol.rssi < thr - out:
+                        k = 0.0  # the owner itself says the identity has left its zone
+                    break
         dt = now - link.evidence_at
         dt = 0.0 if dt < 0.0 else EVIDENCE_DT_MAX_S if dt > EVIDENCE_DT_MAX_S else dt
         ev = link.evidence + (lead - k) * dt
@@ -409,6 +411,11 @@ class PresenceTracker:
         for key in gone:
             del self.tracks[key]
         return events
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for operations: drops by reason, clock steps, identities tracked and in a zone."""
+        return {"dropped": dict(self.dropped), "clock_steps": self.clock_steps, "tracked": len(self.tracks),
+                "in_zone": sum(1 for tr in self.tracks.values() if tr.zone is not None)}
 
     def occupancy(self) -> dict[str, int]:
         counts: Counter[str] = Counter()

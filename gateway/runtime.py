@@ -44,7 +44,7 @@ from gateway.delivery import build_channels, close_channels
 from gateway.engine import Engine, EngineEvent, FrequencyCap, Outcome
 from gateway.explain import dry_run
 from gateway.identity import IdentityIndex
-from gateway.metrics import Histogram, gateway_families, render
+from gateway.metrics import Histogram, gateway_families, readiness, render
 from gateway.outbox import Backoff, Dispatcher
 from gateway.outbox import depths as outbox_depths
 from gateway.presence import PresenceEvent, PresenceTracker
@@ -141,9 +141,9 @@ class Pipeline:
         return self.handle_presence(events) if events else []
 
     def stats(self) -> dict[str, Any]:
-        """Counters for /metrics: figures, the parser's accepts/rejects, the guard's drops."""
+        """Counters for /metrics: figures, the parser's accepts/rejects, the guard's and presence's drops."""
         out = {"figures": dict(self.figures), "parse": self.parse_stats.as_dict(), "guard": self.guard.stats(),
-               "telemetry": self.telemetry.stats()}
+               "presence": self.presence.stats(), "telemetry": self.telemetry.stats()}
         if self.mqtt_stats is not None:
             out["mqtt"] = self.mqtt_stats()
         return out
@@ -678,10 +678,7 @@ class Runtime:
 
     def readiness(self) -> dict[str, Any]:
         """Ready to serve: the database answers and its schema is at this version's migrations."""
-        db_ok = self.db.ping()
-        schema = self.db.schema_state() if db_ok else "unknown"
-        return {"status": "ready" if db_ok and schema == "current" else "not_ready",
-                "components": {"db": "ok" if db_ok else "down", "migrations": schema}}
+        return readiness(self.db)
 
     async def metrics_text(self) -> str:
         """/metrics: counters read on the loop (where they change), outbox depths read off it."""

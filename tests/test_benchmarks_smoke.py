@@ -19,6 +19,7 @@ BENCHMARKS = [
     ("ble_pipeline.py", {"adverts_per_s", "anchor_adverts_per_s", "ratio", "adverts", "identities", "campaigns",
                          "profiles", "decisions", "notifications"}),
     ("notify_latency.py", {"p50_ms", "p99_ms", "people"}),
+    ("presence_quality.py", {"zone_accuracy", "false_exits_per_person_hour", "enter_latency_p90_s", "baselines"}),
     ("sse_fanout.py", {"clients", "fanout_s"}),
 ]
 

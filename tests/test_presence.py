@@ -326,3 +326,29 @@ def test_an_advert_stamped_before_a_step_back_and_delivered_after_it_is_dropped(
     assert t.dropped["clock_backwards"] == 1
     assert t.tracks[KEY].last_seen < T0 + 3  # it did not push the identity an hour into the future
     assert kinds(t.tick(T0 + 2 - 3600 + 12)) == [("exit", "a-near")]  # silence still counts
+
+
+def test_pipeline_stats_expose_parse_guard_and_presence_drops():
+    """The operations helper builds /metrics from Pipeline.stats(): every drop counter must be in it."""
+    from beacons.encode import ibeacon_payload
+    from beacons.types import Advertisement
+    from gateway.config import Settings
+    from gateway.campaigns import CampaignIndex
+    from gateway.identity import IdentityIndex
+    from gateway.runtime import Pipeline
+
+    s = Settings()
+    s.receivers = [ReceiverSettings("rx", [ZoneBand("z", 3.0)], measured_power=-59)]
+    # No event reaches the database in this stream (nobody enters a zone), so no database is needed.
+    p = Pipeline(s, db=None, campaigns=CampaignIndex([]), identities=IdentityIndex())  # type: ignore[arg-type]
+    good = ibeacon_payload("8f3c0a52-6d1e-4b7a-9c2d-5e4f3a2b1c00", 1, 2, -59)
+    adverts = [Advertisement("aa:bb", -60, T0 + i * 0.1, "rx", good) for i in range(5)]
+    adverts += [Advertisement("aa:bb", 127, T0 + 1, "rx", good),  # RSSI not available
+                Advertisement("aa:bb", -60, T0 + 1, "rx-unknown", good),
+                Advertisement("aa:cc", -60, T0 + 1, "rx", b"\x02\x01")]  # truncated AD
+    p.ingest_adverts(adverts)
+    stats = p.stats()
+    assert stats["parse"]["rejected"]["truncated_ad"] == 1
+    assert stats["guard"]["dropped"]["transient"] >= 1
+    assert stats["presence"]["dropped"] == {"rssi_unavailable": 1, "unknown_receiver": 1}
+    assert stats["presence"]["clock_steps"] == 0 and stats["presence"]["tracked"] == 1
