@@ -332,8 +332,8 @@ def test_pipeline_stats_expose_parse_guard_and_presence_drops():
     """The operations helper builds /metrics from Pipeline.stats(): every drop counter must be in it."""
     from beacons.encode import ibeacon_payload
     from beacons.types import Advertisement
-    from gateway.config import Settings
     from gateway.campaigns import CampaignIndex
+    from gateway.config import Settings
     from gateway.identity import IdentityIndex
     from gateway.runtime import Pipeline
 
