@@ -105,7 +105,8 @@ class Histogram:
             running = 0.0
             for bound, n in zip((*self.buckets, math.inf), series[:-1], strict=True):
                 running += n
-                yield f"{self.name}_bucket{_labels((*base, ('le', _number(bound))))} {_number(running)}"
+                le = "+Inf" if math.isinf(bound) else repr(bound)  # 1.0, not 1: as the official clients write it
+                yield f"{self.name}_bucket{_labels((*base, ('le', le)))} {_number(running)}"
             yield f"{self.name}_sum{_labels(base)} {_number(series[-1])}"
             yield f"{self.name}_count{_labels(base)} {_number(running)}"
 
@@ -205,3 +206,11 @@ def gateway_families(rt: Any, depths: Mapping[str, int]) -> list[Family | Histog
         stats["runtime"] = extra()
     fams += stats_families(stats)
     return fams
+
+
+def readiness(db: Any) -> dict[str, Any]:
+    """Ready for traffic: the database answers and its schema is at this version's migrations."""
+    db_ok = db.ping()
+    schema = db.schema_state() if db_ok else "unknown"
+    return {"status": "ready" if db_ok and schema == "current" else "not_ready",
+            "components": {"db": "ok" if db_ok else "down", "migrations": schema}}
