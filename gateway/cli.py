@@ -81,8 +81,7 @@ def ble_scanner(settings: Any, source: Any) -> Any:
 
 async def _run(args: argparse.Namespace) -> int:
     from beacons.scanner import BleakSource, ScannerUnavailable
-    from devices.mqtt import MqttIntake
-    from devices.mqtt import MqttSettings as IntakeSettings
+    from devices.mqtt import MqttIntake, settings_from_config
     from gateway.config import load_settings
     from gateway.runtime import Runtime
 
@@ -97,12 +96,7 @@ async def _run(args: argparse.Namespace) -> int:
     scanner = ble_scanner(settings, BleakSource)
     mqtt = None
     if settings.mqtt.enabled:
-        m = settings.mqtt
-        mqtt = MqttIntake(IntakeSettings(
-            host=m.host, port=m.port, client_id=m.client_id or f"gateway-{settings.store.id}",
-            store_id=settings.store.id, protocol="3.1.1" if m.protocol == "3.1.1" else "5",
-            username=m.username or None, password=m.password or None, tls=m.tls, ca_file=m.ca_file or None,
-            keepalive=m.keepalive, topic_prefix=m.topic_prefix))
+        mqtt = MqttIntake(settings_from_config(settings.mqtt, settings.store.id))
     runtime = Runtime(settings, scanner=scanner, mqtt=mqtt)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -115,6 +115,10 @@ class GatewayService:
                               for purpose, g in new.consents.items()]
                 s.add(p)
                 s.flush()
+                # A device enrolled as an identifier is owned from now on, if it is already registered
+                # (if not, the registry sets the owner when it first reports).
+                for value in (v for k, v in ids if k == "device"):  # ids compare case-insensitively
+                    s.execute(update(Device).where(func.lower(Device.id) == value).values(profile_id=p.id))
                 view = profile_view(p)
         except IntegrityError:
             raise Conflict("profile or identifier already exists") from None

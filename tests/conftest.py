@@ -71,6 +71,8 @@ class MosquittoServer:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
+    extra: str = ""
+    """More mosquitto.conf lines; a later line overrides an earlier one (``persistence true``...)."""
 
     @property
     def config_file(self) -> Path:
@@ -87,6 +89,7 @@ class MosquittoServer:
             "persistence false\n"
             "max_queued_messages 100000\n"
             "log_dest stderr\n"
+            f"{self.extra}\n"
         )
         # Logging to an inherited fd: mosquitto may drop root to its own user and could not open a file.
         self._log = self.log_file.open("ab")
