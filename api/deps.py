@@ -32,6 +32,8 @@ class ApiContext:
     """The Prometheus exposition text for /metrics (the runtime's counters); None: the API's own streams only."""
     presence: Callable[[], dict[str, Any]] | None = None
     """Who is in which zone now (called on the event loop, where the tracker lives); None: 503."""
+    devices: Any = None
+    """The device registry (devices.registry.DeviceRegistry) for /v1/devices; None: 503."""
 
 
 def get_context(request: Request) -> ApiContext:

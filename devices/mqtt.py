@@ -1,30 +1,37 @@
-"""MQTT telemetry intake: a paho-mqtt 2.x client feeding validated Readings to asyncio.
+"""MQTT telemetry intake: a paho-mqtt 2.x client feeding device messages to asyncio in batches.
 
 paho runs its network loop in its own thread (``loop_start``); this module is the only place
 that crosses from that thread into the event loop. Messages are parsed on the paho thread (cheap,
-pure) and handed over in batches: the first reading of a burst schedules one drain callback with
-``call_soon_threadsafe`` and the rest just join the pending list, so a burst of N messages costs
-one event-loop wake-up instead of N.
+pure) and handed over in batches: the first message of a burst schedules one drain callback with
+``call_soon_threadsafe`` and the rest just join the pending :class:`TelemetryBatch`, so a burst of
+N messages costs one event-loop wake-up instead of N.
 
-Bad input never stops the stream: a malformed payload is counted in ``stats`` by reason code and
-logged with its topic (rate-limited, never more than a short prefix of the payload).
+**Nothing lost.** The client runs with ``manual_ack=True``: paho does not acknowledge a QoS 1
+message when ``on_message`` returns. The consumer commits the batch to the database and only then
+calls :meth:`MqttIntake.ack`, which sends the PUBACKs. A crash, a failed commit or a lost connection
+before that leaves the messages unacknowledged, and the broker (persistent session) redelivers them;
+the storage's unique (device, key) turns a redelivery into a counted duplicate. Acks of a previous
+connection are dropped rather than sent (their packet ids mean nothing on the new one). The broker's
+in-flight window (our Receive Maximum) bounds how many unacknowledged messages we hold: that is the
+backpressure, so the queue here never grows past it.
+
+Bad input never stops the stream: a malformed payload is counted by reason code, logged with its
+topic (rate-limited, a short prefix of the payload) and passed on as a :class:`Rejected` so that it
+lands in the dead-letter table, and is acknowledged only once it is there.
 
 Other publishers on the same broker (ESPresense nodes reporting BLE sightings) ride on the same
 connection through :class:`ExtraSubscription`: one more filter, its own parser and queue, its
-rejects counted in ``stats`` as ``<name>:<reason>``.
-
-The session is persistent by default (clean start off, with a session expiry on MQTT 5): while the
-gateway is away the broker keeps its subscription and queues QoS 1 telemetry for it. paho
-acknowledges a QoS 1 message when ``on_message`` returns, that is once the reading is queued in
-memory, not once it is persisted: a crash loses what is still in ``readings``.
+rejects counted as ``<name>:<reason>``. Sightings are ephemeral: they are acknowledged on arrival.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -36,8 +43,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from devices.payloads import PayloadError, Reading, parse_telemetry
-from devices.topics import DEFAULT_PREFIX, gateway_status_topic, parse_topic, telemetry_filter
+from devices.payloads import PayloadError, parse_event, parse_status, parse_telemetry
+from devices.telemetry import Rejected, TelemetryBatch
+from devices.topics import DEFAULT_PREFIX, command_topic, device_filter, gateway_status_topic, parse_topic
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +99,17 @@ class MqttSettings:
     making ``clean_start=False`` useless). MQTT 3.1.1 sessions last until the broker drops them."""
     reconnect_min_delay: int = 1
     reconnect_max_delay: int = 30
+    ca_cert_reqs: bool = True
+    """TLS: verify the broker's certificate (and host name) against ``ca_file`` or the system store."""
+    client_cert: str | None = None
+    client_key: str | None = None
+    receive_maximum: int = 1000
+    """MQTT 5: at most this many unacknowledged QoS 1 messages in flight to us. With acks sent only
+    after the commit, this is the batch size limit and the backpressure (Mosquitto's own
+    ``max_inflight_messages`` caps it too)."""
+    share_group: str | None = None
+    """Subscribe as ``$share/<group>/...``: workers of one group split the messages between them.
+    Each worker needs its own ``client_id``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,31 +128,46 @@ class ExtraSubscription:
     errors: tuple[type[Exception], ...] = (ValueError,)
 
 
+_PARSERS = {"telemetry": parse_telemetry, "status": parse_status, "events": parse_event}
+
+
 class MqttIntake:
-    """Subscribe to device telemetry and put each valid :class:`Reading` on ``readings``.
+    """Subscribe to device telemetry, status and events; put each :class:`TelemetryBatch` on ``batches``.
 
     Lifecycle: ``await start()`` (returns at once; the connection is made, and remade after any
-    loss, by paho's thread with exponential backoff), then ``await stop()``.
+    loss, by paho's thread with exponential backoff), then ``await stop()``. Whoever takes a batch
+    must call :meth:`ack` once it is committed (or dead-lettered): until then the broker holds it.
     """
 
     def __init__(
         self,
         settings: MqttSettings,
-        readings: asyncio.Queue[Reading] | None = None,
+        batches: asyncio.Queue[TelemetryBatch] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if readings is not None and readings.maxsize:
-            # By the time a reading is here paho has acknowledged it: a full queue could only drop it.
-            raise ValueError("the readings queue must be unbounded; the consumer owns backpressure")
+        if batches is not None and batches.maxsize:
+            # Backpressure is the broker's in-flight window (receive_maximum), not a bounded queue here.
+            raise ValueError("the batch queue must be unbounded; the broker's in-flight window bounds it")
+        if settings.share_group is not None:
+            for bad in "/+#":
+                if bad in settings.share_group or not settings.share_group:
+                    raise ValueError(f"share_group {settings.share_group!r} must be one topic level")
         self.settings = settings
-        self.readings: asyncio.Queue[Reading] = readings if readings is not None else asyncio.Queue()
-        self.stats: Counter[str] = Counter()
-        """Dropped messages by reason code (PayloadError codes, ``bad_topic``, ``internal_error``)."""
+        self.batches: asyncio.Queue[TelemetryBatch] = batches if batches is not None else asyncio.Queue()
+        self.rejected: Counter[str] = Counter()
+        """Refused messages by reason code (PayloadError codes, ``bad_topic``, ``internal_error``)."""
         self.received = 0
         self.accepted = 0
+        self.acked = 0
+        self.stale_acks = 0
+        self.unacked = 0
+        self.connects = 0
         self.last_error: str | None = None
+        self.last_connected_at: float | None = None
         self._clock = clock
-        self._filter = telemetry_filter(settings.topic_prefix)
+        share = f"$share/{settings.share_group}/" if settings.share_group else ""
+        self._filters = [share + device_filter(kind, settings.topic_prefix) for kind in _PARSERS]  # type: ignore[arg-type]
+        self._filter = self._filters[0]
         self._status_topic = gateway_status_topic(
             settings.store_id, settings.client_id, settings.topic_prefix
         )
@@ -142,7 +176,8 @@ class MqttIntake:
         self._state: State = "disconnected"
         self._stopping = False
         self._lock = threading.Lock()
-        self._pending: list[Reading] = []
+        self._generation = 0  # one per connection: acks of an older one are never sent
+        self._pending = TelemetryBatch(prefix=settings.topic_prefix)
         self._drain_scheduled = False
         self._connected_event: asyncio.Event | None = None
         self._subscribe_mid: int | None = None
@@ -177,7 +212,21 @@ class MqttIntake:
 
     @property
     def subscription(self) -> str:
+        """The telemetry filter (with its ``$share/<group>/`` prefix when shared)."""
         return self._filter
+
+    @property
+    def subscriptions(self) -> list[str]:
+        return list(self._filters)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for /metrics and /health. ``unacked``: messages taken from the broker and not yet
+        acknowledged (in a batch queued or being committed); ``queue_depth``: batches waiting."""
+        return {"state": self._state, "received": self.received, "accepted": self.accepted,
+                "rejected": dict(self.rejected), "rejected_total": sum(self.rejected.values()),
+                "acked": self.acked, "stale_acks": self.stale_acks, "unacked": self.unacked,
+                "queue_depth": self.batches.qsize(), "connects": self.connects,
+                "extra_accepted": dict(self.extra_accepted)}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -193,6 +242,7 @@ class MqttIntake:
         if s.protocol == "5":
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = s.session_expiry
+            props.ReceiveMaximum = max(1, min(65535, s.receive_maximum))
             client.connect_async(s.host, s.port, s.keepalive, clean_start=s.clean_start, properties=props)
         else:
             client.connect_async(s.host, s.port, s.keepalive)
@@ -227,8 +277,40 @@ class MqttIntake:
         await asyncio.to_thread(client.loop_stop)
         self._client = None
         self._state = "disconnected"
-        self._drain()  # readings parsed before the stop are delivered, not lost
-        log.info("MQTT intake stopped (%d accepted, %d dropped)", self.accepted, sum(self.stats.values()))
+        # Parsed but unacknowledged: the broker redelivers them to our session; a consumer still
+        # draining may commit them first, and the redelivery is then a counted duplicate.
+        self._drain()
+        log.info("MQTT intake stopped (%d accepted, %d refused, %d acknowledged)", self.accepted,
+                 sum(self.rejected.values()), self.acked)
+
+    def ack(self, batch: TelemetryBatch) -> int:
+        """Acknowledge a committed batch to the broker (any thread). Returns the PUBACKs sent; acks of
+        an earlier connection are dropped, as the broker redelivers those messages anyway."""
+        client = self._client
+        sent = 0
+        with self._lock:
+            generation = self._generation
+            self.unacked -= len(batch.acks)
+        for gen, mid, qos in batch.acks:
+            if client is None or gen != generation:
+                self.stale_acks += 1
+                continue
+            client.ack(mid, qos)
+            sent += 1
+        batch.acks.clear()
+        self.acked += sent
+        return sent
+
+    def publish_command(self, device_id: str, payload: bytes | str | dict[str, Any],
+                        store_id: str | None = None) -> mqtt.MQTTMessageInfo:
+        """Send a command to one device on ``{prefix}/{store}/devices/{id}/commands`` at QoS 1.
+
+        A dict is sent as JSON. The device should subscribe with a persistent session so a command
+        sent while it is away waits at the broker. Any thread; returns paho's message info.
+        """
+        body = json.dumps(payload, separators=(",", ":")) if isinstance(payload, dict) else payload
+        topic = command_topic(store_id or self.settings.store_id, device_id, self.settings.topic_prefix)
+        return self.publish(topic, body, qos=1)
 
     def publish(
         self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False
@@ -247,6 +329,7 @@ class MqttIntake:
                 callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                 client_id=s.client_id,
                 protocol=mqtt.MQTTv5,
+                manual_ack=True,
             )
         else:
             client = mqtt.Client(
@@ -254,13 +337,16 @@ class MqttIntake:
                 client_id=s.client_id,
                 protocol=mqtt.MQTTv311,
                 clean_session=s.clean_start,
+                manual_ack=True,
             )
         client.enable_logger(_paho_log)
         client.suppress_exceptions = True  # a bug in a callback must not end the network thread
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         if s.tls:
-            client.tls_set(ca_certs=s.ca_file)
+            client.tls_set(ca_certs=s.ca_file, certfile=s.client_cert, keyfile=s.client_key,
+                           cert_reqs=ssl.CERT_REQUIRED if s.ca_cert_reqs else ssl.CERT_NONE)
+            client.tls_insecure_set(not s.ca_cert_reqs)
         client.reconnect_delay_set(s.reconnect_min_delay, s.reconnect_max_delay)
         client.will_set(self._status_topic, OFFLINE, qos=1, retain=True)
         client.on_socket_open = self._on_socket_open
@@ -289,13 +375,15 @@ class MqttIntake:
             self.last_error = f"broker refused connection: {reason_code}"
             log.warning("MQTT broker %s:%d refused us: %s", client.host, client.port, reason_code)
             return
+        with self._lock:
+            self._generation += 1
+        self.connects += 1
         # Subscribe on every connect: cheap, and correct even if the broker lost our session.
-        # We count as connected only once the SUBACK is back (see _on_subscribe).
-        if self._extra:  # one SUBSCRIBE for all filters: one SUBACK says we are connected
-            filters = [(self._filter, self.settings.qos), *((e.topic_filter, self.settings.qos) for e in self._extra)]
-            _, self._subscribe_mid = client.subscribe(filters)
-        else:
-            _, self._subscribe_mid = client.subscribe(self._filter, qos=self.settings.qos)
+        # We count as connected only once the SUBACK is back (see _on_subscribe). One SUBSCRIBE for
+        # all filters: one SUBACK says we are connected.
+        qos = self.settings.qos
+        filters = [*((f, qos) for f in self._filters), *((e.topic_filter, qos) for e in self._extra)]
+        _, self._subscribe_mid = client.subscribe(filters)
         client.publish(self._status_topic, ONLINE, qos=1, retain=True)
         log.info(
             "MQTT connected to %s:%d (session present: %s)",
@@ -321,7 +409,8 @@ class MqttIntake:
             return
         self._state = "connected"
         self.last_error = None
-        log.info("MQTT subscribed to %s", self._filter)
+        self.last_connected_at = time.monotonic()
+        log.info("MQTT subscribed to %s", ", ".join(self._filters))
         self._call_in_loop(self._set_connected_event)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
@@ -342,41 +431,59 @@ class MqttIntake:
             self._state = "disconnected"
             return
         self._state = "connecting"
+        if self.last_error is not None and self.last_error.startswith("broker refused"):
+            return  # the CONNACK said why (bad credentials...); the disconnect that follows says nothing new
         self.last_error = f"connection lost: {reason_code}"
         log.warning("MQTT connection lost (%s); reconnecting", reason_code)
         self._call_in_loop(self._clear_connected_event)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self.received += 1
+        token = (self._generation, message.mid, message.qos)
         try:
             try:
                 topic = message.topic
             except UnicodeDecodeError:
-                self._reject(BAD_TOPIC, repr(message._topic[:80]), message.payload, "topic is not UTF-8")
+                self._reject(token, BAD_TOPIC, repr(message._topic[:80]), message.payload, "topic is not UTF-8")
                 return
             for extra in self._extra:
                 if mqtt.topic_matches_sub(extra.topic_filter, topic):
                     self._on_extra(extra, topic, bytes(message.payload))
+                    if self._client is not None:
+                        self._client.ack(message.mid, message.qos)  # sightings are ephemeral: taken is done
                     return
             parts = parse_topic(topic, self.settings.topic_prefix)
-            if parts is None or parts.kind != "telemetry":
-                self._reject(BAD_TOPIC, topic, message.payload, "not a device telemetry topic")
+            if parts is None or parts.kind == "commands":
+                self._reject(token, BAD_TOPIC, topic, message.payload, "not a device telemetry, status or events topic")
                 return
             try:
-                reading = parse_telemetry(parts, message.payload, self._clock())
+                item = _PARSERS[parts.kind](parts, message.payload, self._clock())
             except PayloadError as exc:
-                self._reject(exc.reason_code, topic, message.payload, exc.message)
+                self._reject(token, exc.reason_code, topic, message.payload, exc.message, parts.device_id)
                 return
             self.accepted += 1
             with self._lock:
-                self._pending.append(reading)
-                if self._drain_scheduled:
-                    return
-                self._drain_scheduled = True
+                pending = self._pending
+                if parts.kind == "telemetry":
+                    pending.readings.append(item)  # type: ignore[arg-type]
+                elif parts.kind == "status":
+                    pending.statuses.append(item)  # type: ignore[arg-type]
+                else:
+                    pending.events.append(item)  # type: ignore[arg-type]
+                self._hold(token)
+        except Exception as exc:
+            log.exception("MQTT intake failed on a message; dead-lettering it and continuing")
+            with contextlib.suppress(Exception):
+                self._reject(token, INTERNAL_ERROR, str(getattr(message, "topic", "?")), message.payload,
+                             f"{type(exc).__name__}: {exc}"[:200])
+
+    def _hold(self, token: tuple[int, int, int]) -> None:
+        """Under the lock: remember the message's ack, and wake the loop once per burst."""
+        self._pending.acks.append(token)
+        self.unacked += 1
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
             self._call_in_loop(self._drain)
-        except Exception:
-            self.stats[INTERNAL_ERROR] += 1
-            log.exception("MQTT intake failed on a message; continuing")
 
     def _on_extra(self, extra: ExtraSubscription, topic: str, payload: bytes) -> None:
         try:
@@ -384,9 +491,9 @@ class MqttIntake:
         except extra.errors as exc:
             reason = f"{extra.name}:{getattr(exc, 'reason_code', 'rejected')}"
             if getattr(exc, "quiet", False):
-                self.stats[reason] += 1
+                self.rejected[reason] += 1
             else:
-                self._reject(reason, topic, payload, str(getattr(exc, "message", exc)))
+                self._count_reject(reason, topic, payload, str(getattr(exc, "message", exc)))
             return
         self.extra_accepted[extra.name] += 1
         with self._lock:
@@ -396,9 +503,24 @@ class MqttIntake:
             self._drain_scheduled = True
         self._call_in_loop(self._drain)
 
-    def _reject(self, reason: str, topic: str, payload: bytes | bytearray, detail: str) -> None:
-        self.stats[reason] += 1
-        count = self.stats[reason]
+    def _reject(self, token: tuple[int, int, int], reason: str, topic: str, payload: bytes | bytearray,
+                detail: str, device_id: str | None = None) -> None:
+        """Count and log it, and pass it on for the dead-letter table; acked once that is committed."""
+        with self._lock:
+            self._pending.rejects.append(Rejected(topic, reason, detail, bytes(payload[:1024]), self._safe_now(),
+                                                  device_id))
+            self._hold(token)
+        self._count_reject(reason, topic, payload, detail)
+
+    def _safe_now(self) -> float:
+        try:
+            return self._clock()
+        except Exception:
+            return time.time()
+
+    def _count_reject(self, reason: str, topic: str, payload: bytes | bytearray, detail: str) -> None:
+        self.rejected[reason] += 1
+        count = self.rejected[reason]
         if count <= LOG_FIRST or count % LOG_EVERY == 0:
             log.warning(
                 "dropped MQTT message on %s: %s (%s); payload starts %r; %d dropped for this reason",
@@ -421,12 +543,11 @@ class MqttIntake:
 
     def _drain(self) -> None:
         with self._lock:
-            batch, self._pending = self._pending, []
+            batch, self._pending = self._pending, TelemetryBatch(prefix=self.settings.topic_prefix)
             extras, self._pending_extra = self._pending_extra, []
             self._drain_scheduled = False
-        put = self.readings.put_nowait
-        for reading in batch:
-            put(reading)
+        if batch.acks:
+            self.batches.put_nowait(batch)
         for queue, item in extras:
             queue.put_nowait(item)
 
@@ -437,3 +558,14 @@ class MqttIntake:
     def _clear_connected_event(self) -> None:
         if self._connected_event is not None:
             self._connected_event.clear()
+
+
+def settings_from_config(m: Any, store_id: str) -> MqttSettings:
+    """The intake's settings from ``[mqtt]`` of gateway.toml (gateway.config.MqttSettings)."""
+    return MqttSettings(
+        host=m.host, port=m.port, client_id=m.client_id or f"gateway-{store_id}", store_id=store_id,
+        protocol="3.1.1" if m.protocol == "3.1.1" else "5", username=m.username or None,
+        password=m.password or None, tls=m.tls, ca_file=m.ca_file or None, keepalive=m.keepalive,
+        topic_prefix=m.topic_prefix, session_expiry=m.session_expiry, reconnect_min_delay=m.reconnect_min_delay,
+        reconnect_max_delay=m.reconnect_max_delay, ca_cert_reqs=m.tls_verify, client_cert=m.client_cert or None,
+        client_key=m.client_key or None, receive_maximum=m.receive_maximum, share_group=m.share_group or None)

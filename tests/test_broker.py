@@ -72,7 +72,11 @@ async def test_intake_runs_over_the_embedded_broker(mqtt_client: ClientFactory) 
         publisher = mqtt_client(handle.host, handle.port, protocol="3.1.1")
         for i in range(5):
             publisher.publish(telemetry_topic("s1", f"d{i}"), json.dumps({"metrics": {"i": i}}))
-        readings = [await asyncio.wait_for(intake.readings.get(), 10) for _ in range(5)]
+        readings = []
+        while len(readings) < 5:
+            batch = await asyncio.wait_for(intake.batches.get(), 10)
+            intake.ack(batch)  # manual acks: what the runtime does once the batch is committed
+            readings += batch.readings
         assert sorted(r.device_id for r in readings) == [f"d{i}" for i in range(5)]
     finally:
         await intake.stop()

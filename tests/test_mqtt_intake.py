@@ -1,25 +1,33 @@
-"""MqttIntake against a real Mosquitto: delivery, bad input, status flag, reconnects, sessions."""
+"""MqttIntake against a real Mosquitto: delivery in batches, ack only after commit, bad input, status
+flag and will, reconnects, sessions, shared subscriptions, commands, username/password and TLS."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import ipaddress
 import json
 import logging
 import secrets
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from devices.mqtt import BAD_TOPIC, INTERNAL_ERROR, MqttIntake, MqttSettings
-from devices.payloads import BAD_METRIC, MISSING_METRICS, NOT_JSON, NOT_OBJECT, Reading
-from devices.topics import telemetry_topic
-from tests.conftest import MosquittoServer, PahoTestClient, free_port
+from devices.payloads import BAD_METRIC, BAD_STATUS, MISSING_METRICS, NOT_JSON, NOT_OBJECT, Reading
+from devices.telemetry import TelemetryBatch
+from devices.topics import device_topic
+from tests.conftest import MosquittoServer, PahoTestClient, _mosquitto_binary, free_port
 
 ClientFactory = Callable[..., PahoTestClient]
 
@@ -40,19 +48,27 @@ def settings_for(mosquitto: MosquittoServer, **overrides: Any) -> MqttSettings:
     return MqttSettings(**values)
 
 
-async def collect(queue: asyncio.Queue[Reading], count: int, timeout: float = 10.0) -> list[Reading]:
-    """Take ``count`` readings off the queue, failing if they have not all come within ``timeout``."""
-    got: list[Reading] = []
+async def collect_batch(intake: MqttIntake, count: int, timeout: float = 10.0, ack: bool = True) -> TelemetryBatch:
+    """Merge batches until ``count`` messages came (acking each, as a committing consumer does)."""
+    got = TelemetryBatch()
     deadline = time.monotonic() + timeout
     while len(got) < count:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            pytest.fail(f"only {len(got)} of {count} readings arrived within {timeout} s")
+            pytest.fail(f"only {len(got)} of {count} messages arrived within {timeout} s")
         try:
-            got.append(await asyncio.wait_for(queue.get(), remaining))
+            batch = await asyncio.wait_for(intake.batches.get(), remaining)
         except TimeoutError:
             continue
+        acks = len(batch.acks)
+        if ack:
+            assert intake.ack(batch) == acks
+        got.extend(batch)
     return got
+
+
+async def collect(intake: MqttIntake, count: int, timeout: float = 10.0) -> list[Reading]:
+    return (await collect_batch(intake, count, timeout)).readings
 
 
 def no_paho_thread(client_id: str) -> bool:
@@ -68,11 +84,11 @@ async def intake(mosquitto: MosquittoServer) -> AsyncIterator[MqttIntake]:
     await gateway.stop()
 
 
-def topic_of(gateway: MqttIntake, device_id: str) -> str:
-    return telemetry_topic(gateway.settings.store_id, device_id, gateway.settings.topic_prefix)
+def topic_of(gateway: MqttIntake, device_id: str, kind: str = "telemetry") -> str:
+    return device_topic(gateway.settings.store_id, device_id, kind, gateway.settings.topic_prefix)  # type: ignore[arg-type]
 
 
-async def test_all_qos1_readings_arrive(
+async def test_all_qos1_readings_arrive_in_few_batches(
     intake: MqttIntake, mosquitto: MosquittoServer, mqtt_client: ClientFactory
 ) -> None:
     publisher = mqtt_client(mosquitto.host, mosquitto.port)
@@ -81,25 +97,42 @@ async def test_all_qos1_readings_arrive(
     infos = [
         publisher.publish(
             topic_of(intake, devices[i % len(devices)]),
-            json.dumps({"ts": 1767261600.0 + i, "metrics": {"seq": i, "battery_pct": 50 + i % 50}}),
+            json.dumps({"ts": 1767261600.0 + i, "seq": i, "metrics": {"battery_pct": 50 + i % 50}}),
         )
         for i in range(n)
     ]
-    readings = await collect(intake.readings, n)
+    readings = await collect(intake, n)
     await asyncio.to_thread(infos[-1].wait_for_publish, 5.0)
 
-    assert sorted(int(r.metrics["seq"]) for r in readings) == list(range(n))
+    assert sorted(r.seq for r in readings if r.seq is not None) == list(range(n))
     for r in readings:
-        seq = int(r.metrics["seq"])
-        assert r.device_id == devices[seq % len(devices)]
+        assert r.seq is not None
+        assert r.device_id == devices[r.seq % len(devices)]
         assert r.store_id == "s1"
-        assert r.time == 1767261600.0 + seq
-        assert r.metrics["battery_pct"] == 50 + seq % 50
-    assert intake.accepted == n
-    assert not intake.stats
+        assert r.time == 1767261600.0 + r.seq
+        assert r.metrics["battery_pct"] == 50 + r.seq % 50
+    stats = intake.stats()
+    assert stats["accepted"] == n and stats["acked"] == n and stats["unacked"] == 0
+    assert stats["rejected_total"] == 0
 
 
-async def test_malformed_payloads_are_counted_and_the_stream_goes_on(
+async def test_status_and_events_topics_are_parsed(
+    intake: MqttIntake, mosquitto: MosquittoServer, mqtt_client: ClientFactory
+) -> None:
+    publisher = mqtt_client(mosquitto.host, mosquitto.port)
+    publisher.publish(topic_of(intake, "mower-1", "status"), b'{"state": "offline", "firmware": "2.4.1"}')
+    publisher.publish(topic_of(intake, "mower-1", "events"), b'{"ts": 5, "type": "error", "code": "E42"}')
+    publisher.publish(topic_of(intake, "mower-1", "status"), b"sleeping")
+    got = await collect_batch(intake, 3)
+    [status] = got.statuses
+    assert (status.device_id, status.online, status.firmware) == ("mower-1", False, "2.4.1")
+    [ev] = got.events
+    assert (ev.time, ev.type, ev.code) == (5.0, "error", "E42")
+    [bad] = got.rejects
+    assert bad.reason == BAD_STATUS and bad.topic == topic_of(intake, "mower-1", "status")
+
+
+async def test_malformed_payloads_are_counted_logged_passed_on_for_dead_letters_and_the_stream_goes_on(
     intake: MqttIntake,
     mosquitto: MosquittoServer,
     mqtt_client: ClientFactory,
@@ -114,14 +147,66 @@ async def test_malformed_payloads_are_counted_and_the_stream_goes_on(
     # Same topic and publisher, so it is delivered after the bad ones.
     publisher.publish(topic, b'{"metrics": {"blade_hours": 49.6}}')
 
-    [reading] = await collect(intake.readings, 1)
+    got = await collect_batch(intake, len(bad) + 1)
+    [reading] = got.readings
     assert reading.device_id == "mower-1"
     assert reading.metrics == {"blade_hours": 49.6}
-    assert intake.stats == {NOT_JSON: 1, NOT_OBJECT: 1, MISSING_METRICS: 1, BAD_METRIC: 2}
+    assert intake.rejected == {NOT_JSON: 1, NOT_OBJECT: 1, MISSING_METRICS: 1, BAD_METRIC: 2}
+    assert [r.payload for r in got.rejects] == bad  # kept for the dead-letter table, acked with the batch
+    assert {r.topic for r in got.rejects} == {topic} and {r.device_id for r in got.rejects} == {"mower-1"}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == len(bad)
     assert all(topic in message for message in warnings)
     assert any("not_json" in message for message in warnings)
+
+
+async def test_nothing_is_acknowledged_before_the_consumer_says_so(
+    mosquitto: MosquittoServer, mqtt_client: ClientFactory
+) -> None:
+    """Messages taken but not acked (the gateway died before its commit) come back to the next run;
+    acked ones do not."""
+    settings = settings_for(mosquitto)
+    first = MqttIntake(settings)
+    await first.start()
+    assert await first.wait_connected(10)
+    publisher = mqtt_client(mosquitto.host, mosquitto.port)
+    for i in range(10):
+        publisher.publish(topic_of(first, "d1"), json.dumps({"seq": i, "metrics": {"x": i}}))
+    taken = await collect_batch(first, 10, ack=False)
+    assert first.stats()["unacked"] == 10
+    await first.stop()  # "crash": never acked
+
+    second = MqttIntake(settings)
+    await second.start()
+    try:
+        again = await collect(second, 10)  # acked this time
+        assert sorted(r.seq for r in again) == sorted(r.seq for r in taken.readings) == list(range(10))
+    finally:
+        await second.stop()
+
+    third = MqttIntake(settings)
+    await third.start()
+    try:
+        assert await third.wait_connected(10)
+        publisher.publish(topic_of(third, "d1"), json.dumps({"seq": 99, "metrics": {"x": 1}}))
+        [last] = await collect(third, 1)
+        assert last.seq == 99  # nothing acked came back
+    finally:
+        await third.stop()
+
+
+async def test_acks_of_an_earlier_connection_are_dropped_and_the_broker_redelivers(
+    intake: MqttIntake, mosquitto: MosquittoServer, mqtt_client: ClientFactory
+) -> None:
+    publisher = mqtt_client(mosquitto.host, mosquitto.port)
+    for i in range(5):
+        publisher.publish(topic_of(intake, "d1"), json.dumps({"seq": i, "metrics": {"x": i}}))
+    held = await collect_batch(intake, 5, ack=False)
+    assert intake._client is not None
+    cast(socket.socket, intake._client.socket()).shutdown(socket.SHUT_RDWR)  # connection lost mid-commit
+    redelivered = await collect_batch(intake, 5, timeout=15)  # acked on the new connection
+    assert sorted(r.seq for r in redelivered.readings) == list(range(5))
+    assert intake.ack(held) == 0 and intake.stats()["stale_acks"] == 5
 
 
 async def test_status_is_online_while_running_and_offline_after(
@@ -174,7 +259,7 @@ async def test_unclean_disconnect_publishes_the_will_then_reconnects(
 
     publisher = mqtt_client(mosquitto.host, mosquitto.port)
     publisher.publish(topic_of(intake, "d1"), b'{"metrics": {"x": 1}}')
-    [reading] = await collect(intake.readings, 1)
+    [reading] = await collect(intake, 1)
     assert reading.metrics == {"x": 1.0}
 
 
@@ -188,13 +273,13 @@ async def test_reconnects_after_broker_restart(
     publisher = mqtt_client(mosquitto.host, mosquitto.port)
     deadline = time.monotonic() + 15
     seq = 0
-    reading: Reading | None = None
-    while reading is None and time.monotonic() < deadline:
+    batch: TelemetryBatch | None = None
+    while batch is None and time.monotonic() < deadline:
         seq += 1
         publisher.publish(topic_of(intake, "d1"), json.dumps({"metrics": {"seq": seq}}))
         with contextlib.suppress(TimeoutError):
-            reading = await asyncio.wait_for(intake.readings.get(), 0.5)
-    assert reading is not None, f"no reading after the restart; state={intake.state()} ({intake.last_error})"
+            batch = await asyncio.wait_for(intake.batches.get(), 0.5)
+    assert batch is not None, f"no reading after the restart; state={intake.state()} ({intake.last_error})"
     assert intake.state() == "connected"
 
 
@@ -214,10 +299,58 @@ async def test_persistent_session_keeps_messages_sent_while_away(
     second = MqttIntake(settings)  # same client id: the broker hands over the queued messages
     await second.start()
     try:
-        readings = await collect(second.readings, 20)
+        readings = await collect(second, 20)
     finally:
         await second.stop()
     assert sorted(int(r.metrics["seq"]) for r in readings) == list(range(20))
+
+
+async def test_two_workers_of_a_share_group_split_the_messages(
+    mosquitto: MosquittoServer, mqtt_client: ClientFactory
+) -> None:
+    base = settings_for(mosquitto, share_group="gw")
+    workers = [MqttIntake(MqttSettings(**{**_fields(base), "client_id": f"{base.client_id}-{i}"})) for i in (1, 2)]
+    for w in workers:
+        await w.start()
+        assert await w.wait_connected(10)
+        assert w.subscription.startswith("$share/gw/")
+    try:
+        publisher = mqtt_client(mosquitto.host, mosquitto.port)
+        n = 200
+        for i in range(n):
+            publisher.publish(topic_of(workers[0], f"d{i % 7}"), json.dumps({"seq": i, "metrics": {"x": i}}))
+        seen: list[int] = []
+        deadline = time.monotonic() + 10
+        while len(seen) < n and time.monotonic() < deadline:
+            for w in workers:
+                while not w.batches.empty():
+                    b = w.batches.get_nowait()
+                    w.ack(b)
+                    seen += [r.seq for r in b.readings if r.seq is not None]
+            await asyncio.sleep(0.02)
+        assert sorted(seen) == list(range(n))  # each message went to exactly one worker
+        assert all(w.accepted > 0 for w in workers), [w.accepted for w in workers]
+        assert sum(w.accepted for w in workers) == n
+    finally:
+        for w in workers:
+            await w.stop()
+
+
+def _fields(s: MqttSettings) -> dict[str, Any]:
+    return {name: getattr(s, name) for name in MqttSettings.__dataclass_fields__}
+
+
+async def test_publish_command_reaches_the_device(
+    intake: MqttIntake, mosquitto: MosquittoServer, mqtt_client: ClientFactory
+) -> None:
+    device = mqtt_client(mosquitto.host, mosquitto.port)
+    await asyncio.to_thread(device.subscribe, topic_of(intake, "mower-1", "commands"))
+    info = intake.publish_command("mower-1", {"action": "return_to_base"})
+    await asyncio.to_thread(info.wait_for_publish, 5.0)
+    assert await asyncio.to_thread(device.wait_for, lambda ms: len(ms) == 1)
+    assert json.loads(device.messages[0].payload) == {"action": "return_to_base"}
+    assert device.messages[0].qos == 1
+    assert intake.stats()["rejected_total"] == 0  # our own command is not read back as telemetry
 
 
 async def test_unreachable_broker_is_connecting_and_stops_cleanly() -> None:
@@ -231,9 +364,112 @@ async def test_unreachable_broker_is_connecting_and_stops_cleanly() -> None:
     assert no_paho_thread(settings.client_id)
 
 
-def message(topic: bytes, payload: bytes) -> mqtt.MQTTMessage:
-    msg = mqtt.MQTTMessage(topic=topic)
+# -- username/password and TLS, each on a broker of its own -------------------------------------------
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Callable[[str], MosquittoServer]]:
+    made: list[MosquittoServer] = []
+
+    def make(extra: str) -> MosquittoServer:
+        server = MosquittoServer(binary=_mosquitto_binary(), workdir=tmp_path, extra=extra)
+        server.start()
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+async def test_username_and_password_from_config(own_broker: Callable[[str], MosquittoServer], tmp_path: Path) -> None:
+    passwd = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "gateway", "s3cret-pass"], check=True,
+                   capture_output=True)
+    passwd.chmod(0o644)
+    broker = own_broker(f"allow_anonymous false\npassword_file {passwd}\nuser root")
+
+    wrong = MqttIntake(settings_for(broker, username="gateway", password="wrong"))
+    await wrong.start()
+    try:
+        assert not await wrong.wait_connected(2)
+        assert wrong.last_error is not None and "refused" in wrong.last_error
+    finally:
+        await wrong.stop()
+
+    right = MqttIntake(settings_for(broker, username="gateway", password="s3cret-pass"))
+    await right.start()
+    try:
+        assert await right.wait_connected(10), right.last_error
+    finally:
+        await right.stop()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1, made with `cryptography`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("test ca")).issuer_name(name("test ca"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    for p in paths:
+        p.chmod(0o644)
+    return paths
+
+
+async def test_tls_with_a_verified_broker_certificate(
+    own_broker: Callable[[str], MosquittoServer], tmp_path: Path
+) -> None:
+    ca, cert, key = _self_signed(tmp_path)
+    broker = own_broker(f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\nuser root")
+    other_ca, _, _ = _self_signed(tmp_path / "..")  # a CA that did not sign the broker's certificate
+
+    good = MqttIntake(settings_for(broker, tls=True, ca_file=str(ca)))
+    await good.start()
+    try:
+        assert await good.wait_connected(10), good.last_error
+        assert good._client is not None
+        assert cast(Any, good._client.socket()).version().startswith("TLS")
+    finally:
+        await good.stop()
+
+    impostor = MqttIntake(settings_for(broker, tls=True, ca_file=str(other_ca)))
+    await impostor.start()
+    try:
+        assert not await impostor.wait_connected(2)  # certificate verification fails: never connected
+    finally:
+        await impostor.stop()
+
+
+# -- the paho-side callback, driven directly --------------------------------------------------------
+
+
+def message(topic: bytes, payload: bytes, mid: int = 1, qos: int = 1) -> mqtt.MQTTMessage:
+    msg = mqtt.MQTTMessage(mid=mid, topic=topic)
     msg.payload = payload
+    msg.qos = qos
     return msg
 
 
@@ -259,19 +495,62 @@ async def test_a_burst_costs_one_wakeup_and_odd_messages_never_raise() -> None:
     try:
         for i in range(100):
             payload = b'{"metrics": {"i": %d}}' % i
-            deliver(gateway, message(b"stores/s1/devices/d1/telemetry", payload))
-        deliver(gateway, message(b"stores/s1/devices/d1/events", b"{}"))
-        deliver(gateway, message(b"stores/\xff/devices/d1/telemetry", b"{}"))
-        readings = await collect(gateway.readings, 100, timeout=2)
-        assert [int(r.metrics["i"]) for r in readings] == list(range(100))
+            deliver(gateway, message(b"stores/s1/devices/d1/telemetry", payload, mid=i + 1))
+        deliver(gateway, message(b"stores/s1/devices/d1/commands", b"{}", mid=101))
+        deliver(gateway, message(b"stores/\xff/devices/d1/telemetry", b"{}", mid=102))
+        batch = await asyncio.wait_for(gateway.batches.get(), 2)
+        assert [int(r.metrics["i"]) for r in batch.readings] == list(range(100))
         assert drains == 1
-        assert gateway.stats == {BAD_TOPIC: 2}
+        assert gateway.rejected == {BAD_TOPIC: 2}
+        assert [mid for _, mid, _ in batch.acks] == list(range(1, 103))  # every message held for its ack
 
         def broken_clock() -> float:
             raise RuntimeError("clock broke")
 
         gateway._clock = broken_clock
-        deliver(gateway, message(b"stores/s1/devices/d1/telemetry", b'{"metrics": {"i": 1}}'))
-        assert gateway.stats[INTERNAL_ERROR] == 1
+        deliver(gateway, message(b"stores/s1/devices/d1/telemetry", b'{"metrics": {"i": 1}}', mid=200))
+        assert gateway.rejected[INTERNAL_ERROR] == 1
+        batch = await asyncio.wait_for(gateway.batches.get(), 2)
+        assert [r.reason for r in batch.rejects] == [INTERNAL_ERROR] and len(batch.acks) == 1
     finally:
         await gateway.stop()
+
+
+TOPICS = st.sampled_from([b"stores/s1/devices/d1/telemetry", b"stores/s1/devices/d1/status",
+                          b"stores/s1/devices/d1/events", b"stores/s1/devices/d1/commands", b"stores/x",
+                          b"stores/s1/devices/\xff\xfe/telemetry"])
+JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                   max_size=3), max_leaves=8)
+PAYLOADS = st.one_of(
+    st.binary(max_size=64),
+    JSONISH.map(lambda v: json.dumps(v).encode()),
+    st.dictionaries(st.sampled_from(["ts", "seq", "metrics", "state", "type", "code", "data"]), JSONISH,
+                    max_size=4).map(lambda v: json.dumps(v).encode()),
+    st.sampled_from([b"online", b"offline", b'{"metrics": {"x": 1}}', b'{"type": "error", "code": "E1"}']),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=st.lists(st.tuples(TOPICS, PAYLOADS), max_size=20))
+def test_fuzzed_messages_never_crash_and_every_one_is_counted_and_held_for_its_ack(
+    messages: list[tuple[bytes, bytes]],
+) -> None:
+    async def run() -> None:
+        gateway = MqttIntake(MqttSettings(port=free_port(), client_id=f"gw-fuzz-{secrets.token_hex(4)}"))
+        await gateway.start()
+        try:
+            for i, (topic, payload) in enumerate(messages):
+                deliver(gateway, message(topic, payload, mid=i + 1))
+            got = TelemetryBatch()
+            while len(got.acks) < len(messages):
+                got.extend(await asyncio.wait_for(gateway.batches.get(), 2))
+            assert gateway.received == len(messages)
+            assert gateway.received == gateway.accepted + sum(gateway.rejected.values())
+            assert len(got) == len(messages) and len(got.rejects) == sum(gateway.rejected.values())
+            assert sorted(mid for _, mid, _ in got.acks) == list(range(1, len(messages) + 1))
+            assert INTERNAL_ERROR not in gateway.rejected
+        finally:
+            await gateway.stop()
+
+    asyncio.run(run())

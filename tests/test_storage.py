@@ -28,15 +28,20 @@ from gateway.storage.models import (
     Cart,
     Consent,
     Decision,
+    DeadLetter,
     Delivery,
     DeliveryState,
     Device,
     Identifier,
+    DeviceEventRecord,
     Interaction,
     Notification,
     Profile,
     PushSubscription,
     Visit,
+    ReadingRecord,
+    ReadingRollup,
+    RuleStateRecord,
     ZoneStay,
 )
 from gateway.tokens import TokenSigner
@@ -183,6 +188,19 @@ def _everything(service: GatewayService, db: Database, clock: VirtualClock, who:
         s.add(PushSubscription(profile_id=pid, endpoint=f"https://push.example.com/send/{who}",
                                p256dh="B" * 87, auth="A" * 22, created_at=T0))
     clock.advance(1)
+        # Device rules: a wearable's rule state and an alarm are the owner's data (health, habits).
+        s.add(RuleStateRecord(device_id=f"watch-{who}", rule_id="activity", profile_id=pid,
+                              state={"counters": {}}, updated_at=T0))
+        s.add(Alarm(device_id=f"watch-{who}", profile_id=pid, rule_id="activity", name="Activity",
+                    severity="info", status="active", created_at=T0, updated_at=T0, count=1))
+    with db.session() as s:  # telemetry of the owned devices: the owner's data too (a wearable's is health data)
+        s.add_all([ReadingRecord(device_id=f"watch-{who}", key="s1", ts=T0, metrics={"steps": 10}, received_at=T0,
+                                 profile_id=pid),
+                   ReadingRollup(device_id=f"watch-{who}", period=60, start=T0, metric="steps", count=1, sum=10,
+                                 min=10, max=10, last=10, last_ts=T0, profile_id=pid),
+                   DeviceEventRecord(device_id=f"watch-{who}", ts=T0, type="button", received_at=T0, profile_id=pid),
+                   DeadLetter(received_at=T0, topic=f"stores/s1/devices/watch-{who}/telemetry", reason="out_of_range",
+                              device_id=f"watch-{who}", payload=b"{}", profile_id=pid)])
     service.ack(pid, nids[0])  # an ack records a 'delivered' interaction
     return pid, nids
 

@@ -10,11 +10,13 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -81,6 +83,14 @@ class Device(Base):
     )
     last_seen: Mapped[float | None] = mapped_column(Float)
     state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The registry (devices/registry.py): which device profile validates it, where it reports, its health.
+    device_profile: Mapped[str | None] = mapped_column(String(64))  # None: the profile named like its kind
+    store_id: Mapped[str | None] = mapped_column(String(64))  # from its topic; commands go back there
+    firmware: Mapped[str | None] = mapped_column(String(64))
+    online: Mapped[bool | None] = mapped_column(Boolean)  # None: never heard a status or a reading
+    status_at: Mapped[float | None] = mapped_column(Float)  # when ``online`` last changed
+    quarantined: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    registered_at: Mapped[float | None] = mapped_column(Float)
 
 
 class CatalogItem(Base):
@@ -276,3 +286,75 @@ class CampaignRecord(Base):
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     definition: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+# -- telemetry (devices/telemetry.py writes these; one transaction per MQTT batch) -----------------
+# Readings of an owned device are its owner's data (a wearable's are health data): each row carries the
+# owner at the time, ON DELETE CASCADE, so erasing the profile removes them too.
+
+_RowId = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements only an INTEGER primary key
+
+
+class ReadingRecord(Base):
+    """One telemetry message, stored once: ``key`` is the device's seq (``s12``) or its ts (``t1767...``)."""
+
+    __tablename__ = "readings"
+    __table_args__ = (UniqueConstraint("device_id", "key", name="uq_readings_device_key"),
+                      Index("ix_readings_device_ts", "device_id", "ts"))
+
+    id: Mapped[int] = mapped_column(_RowId, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(40))
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    received_at: Mapped[float] = mapped_column(Float)
+    profile_id: Mapped[int | None] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)
+
+
+class ReadingRollup(Base):
+    """count/sum/min/max/last of one metric of one device over one minute (period 60) or hour (3600)."""
+
+    __tablename__ = "reading_rollups"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    period: Mapped[int] = mapped_column(Integer, primary_key=True)
+    start: Mapped[float] = mapped_column(Float, primary_key=True)
+    metric: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+    sum: Mapped[float] = mapped_column(Float)
+    min: Mapped[float] = mapped_column(Float)
+    max: Mapped[float] = mapped_column(Float)
+    last: Mapped[float] = mapped_column(Float)
+    last_ts: Mapped[float] = mapped_column(Float)
+    profile_id: Mapped[int | None] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)
+
+
+class DeviceEventRecord(Base):
+    """A device's event message (error code, button, on-site service), stored once per (device, ts, type)."""
+
+    __tablename__ = "device_events"
+    __table_args__ = (UniqueConstraint("device_id", "ts", "type", name="uq_device_events_device_ts_type"),)
+
+    id: Mapped[int] = mapped_column(_RowId, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    ts: Mapped[float] = mapped_column(Float)
+    type: Mapped[str] = mapped_column(String(32))
+    code: Mapped[str | None] = mapped_column(String(64))
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    received_at: Mapped[float] = mapped_column(Float)
+    profile_id: Mapped[int | None] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)
+
+
+class DeadLetter(Base):
+    """An MQTT message the gateway could not use, kept with the reason (and a prefix of its payload)."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(_RowId, primary_key=True, autoincrement=True)
+    received_at: Mapped[float] = mapped_column(Float, index=True)
+    topic: Mapped[str] = mapped_column(String(512))
+    device_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    reason: Mapped[str] = mapped_column(String(48))
+    detail: Mapped[str | None] = mapped_column(Text)
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary)
+    profile_id: Mapped[int | None] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)

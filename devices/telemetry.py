@@ -1,0 +1,325 @@
+"""Telemetry storage: one MQTT batch -> one transaction (registry, readings, rollups, events, dead letters).
+
+The intake parsed the messages on paho's thread; this is where a reading meets the device registry
+(the unknown-device policy, quarantine, the device's profile) and the database. Everything here runs
+inside the caller's session, so the batch commits as a whole and the intake acknowledges it to the
+broker only afterwards: a crash before the commit means the broker redelivers, and the unique
+(device, key) constraint turns a redelivery into a counted duplicate instead of a second row.
+
+Rollups (count/sum/min/max/last per metric per minute and per hour) are folded in Python over the
+batch and upserted, one row per (device, period, bucket, metric) and batch, not one per reading.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy import CursorResult, case, delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from devices.payloads import DeviceEvent, DeviceStatus, Reading
+from devices.profiles import ProfileSet, validate
+from gateway.storage.models import DeadLetter, Device, DeviceEventRecord, ReadingRecord, ReadingRollup
+
+log = logging.getLogger(__name__)
+
+UnknownPolicy = Literal["reject", "quarantine", "accept"]
+POLICIES: tuple[str, ...] = ("reject", "quarantine", "accept")
+PERIODS = (60, 3600)  # per-minute and per-hour rollups
+DEAD_PAYLOAD_BYTES = 1024
+
+# Reason codes decided here (the parser's and the profiles' are in payloads.py and profiles.py).
+UNKNOWN_DEVICE = "unknown_device"
+QUARANTINED = "quarantined"
+NO_PROFILE = "no_profile"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A message the gateway will not use; it goes to the dead-letter table with ``reason``."""
+
+    topic: str
+    reason: str
+    detail: str
+    payload: bytes
+    received_at: float
+    device_id: str | None = None
+
+
+@dataclass(slots=True)
+class TelemetryBatch:
+    """What one drain of the MQTT intake hands to the pipeline. ``acks`` belong to the intake."""
+
+    readings: list[Reading] = field(default_factory=list)
+    statuses: list[DeviceStatus] = field(default_factory=list)
+    events: list[DeviceEvent] = field(default_factory=list)
+    rejects: list[Rejected] = field(default_factory=list)
+    prefix: str = "stores"
+    """The topic prefix the messages came under, to name the topic of a message refused here."""
+    acks: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.readings) + len(self.statuses) + len(self.events) + len(self.rejects)
+
+    def extend(self, other: TelemetryBatch) -> None:
+        self.readings.extend(other.readings)
+        self.statuses.extend(other.statuses)
+        self.events.extend(other.events)
+        self.rejects.extend(other.rejects)
+        self.acks.extend(other.acks)
+
+
+@dataclass
+class TelemetrySettings:
+    unknown_policy: UnknownPolicy = "accept"
+    default_profile: str | None = None  # for devices whose kind names no profile; None: metrics unchecked
+    require_profile: bool = False  # True: a device with no profile is dead-lettered (no_profile)
+    offline_after_s: float = 300.0  # silence before a device with no profile counts as offline
+    raw_retention_s: float = 30 * 86400.0
+    minute_retention_s: float = 7 * 86400.0
+    hour_retention_s: float = 400 * 86400.0
+    dead_letter_retention_s: float = 14 * 86400.0
+
+
+def _insert(session: Session, table: Any) -> Any:
+    """INSERT with ON CONFLICT for the session's dialect (both spell it the same in SQLAlchemy)."""
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"telemetry storage supports SQLite and PostgreSQL, not {name}")
+
+
+def _topic_of(batch: TelemetryBatch, item: Any, kind: str) -> str:
+    return f"{batch.prefix}/{item.store_id}/devices/{item.device_id}/{kind}"
+
+
+class TelemetryStore:
+    """Writes batches; counts what it accepted, refused (by reason) and recognised as a redelivery."""
+
+    def __init__(self, settings: TelemetrySettings, profiles: ProfileSet,
+                 owner_of: Callable[[str], int | None] = lambda _device_id: None) -> None:
+        if settings.unknown_policy not in POLICIES:
+            raise ValueError(f"unknown_policy must be one of {', '.join(POLICIES)}")
+        self.settings = settings
+        self.profiles = profiles
+        self.owner_of = owner_of
+        self.counts: Counter[str] = Counter()
+        self.dead_letters: Counter[str] = Counter()
+
+    def stats(self) -> dict[str, Any]:
+        return {**{k: self.counts[k] for k in ("accepted", "duplicates", "statuses", "events", "registered",
+                                                "went_offline", "purged")},
+                "dead_lettered": dict(self.dead_letters), "dead_lettered_total": sum(self.dead_letters.values())}
+
+    # ------------------------------------------------------------ one batch
+
+    def write(self, s: Session, batch: TelemetryBatch, now: float) -> list[Reading]:
+        """Store the batch in ``s``; returns the readings that are new and valid (rules see only those)."""
+        dead: list[dict[str, Any]] = []
+        for j in batch.rejects:
+            dead.append(self._dead(j.topic, j.reason, j.detail, j.payload, j.received_at, j.device_id, None))
+        ids = {r.device_id for r in batch.readings} | {x.device_id for x in batch.statuses} \
+            | {e.device_id for e in batch.events}
+        devices = self._load(s, ids)
+        accepted: list[Reading] = []
+        for r in sorted(batch.readings, key=lambda x: x.time):
+            d = self._admit(s, devices, r.device_id, r.store_id, now)
+            problem = self._check(d, r)
+            if problem is not None:
+                reason, detail = problem
+                dead.append(self._dead(_topic_of(batch, r, "telemetry"), reason, detail, _echo(r), now,
+                                       r.device_id, d.profile_id if d is not None else None))
+                continue
+            accepted.append(r)
+        fresh = self._store_readings(s, devices, accepted, now)
+        for st in batch.statuses:
+            d = self._admit(s, devices, st.device_id, st.store_id, now)
+            if d is None or d.quarantined:
+                dead.append(self._dead(_topic_of(batch, st, "status"), QUARANTINED if d else UNKNOWN_DEVICE,
+                                       "status of a device the registry does not accept", b"online" if st.online
+                                       else b"offline", now, st.device_id, None))
+                continue
+            self.counts["statuses"] += 1
+            if d.online is not st.online:
+                d.online, d.status_at = st.online, st.time
+            if st.firmware:
+                d.firmware = st.firmware
+        self._store_events(s, batch, devices, dead, now)
+        if dead:
+            s.execute(_insert(s, DeadLetter), dead)
+        return fresh
+
+    def _load(self, s: Session, ids: set[str]) -> dict[str, Device | None]:
+        if not ids:
+            return {}
+        return {d.id: d for d in s.scalars(select(Device).where(Device.id.in_(ids)))}
+
+    def _admit(self, s: Session, devices: dict[str, Device | None], device_id: str, store_id: str,
+               now: float) -> Device | None:
+        """The device's registry row, registered now if the policy lets it in; None: rejected."""
+        d = devices.get(device_id)
+        if d is not None or device_id in devices:
+            return d
+        policy = self.settings.unknown_policy
+        if policy == "reject":
+            devices[device_id] = None  # remembered for the rest of the batch
+            return None
+        d = Device(id=device_id, state={}, store_id=store_id, registered_at=now, quarantined=policy == "quarantine",
+                   profile_id=self.owner_of(device_id))
+        s.add(d)
+        devices[device_id] = d
+        self.counts["registered"] += 1
+        return d
+
+    def _check(self, d: Device | None, r: Reading) -> tuple[str, str] | None:
+        if d is None:
+            return UNKNOWN_DEVICE, f"device {r.device_id[:64]!r} is not registered (unknown_policy=reject)"
+        if d.quarantined:
+            return QUARANTINED, f"device {r.device_id[:64]!r} is quarantined until an operator accepts it"
+        profile = self.profiles.for_device(d.device_profile, d.kind) or self.profiles.get(self.settings.default_profile)
+        if profile is None:
+            if self.settings.require_profile:
+                return NO_PROFILE, f"no device profile for {d.device_profile or d.kind or 'this device'}"
+            return None
+        v = validate(profile, r)
+        return None if v is None else (v.reason, v.detail)
+
+    def _dead(self, topic: str, reason: str, detail: str, payload: bytes, received_at: float,
+              device_id: str | None, profile_id: int | None) -> dict[str, Any]:
+        self.dead_letters[reason] += 1
+        return {"received_at": received_at, "topic": topic[:512], "device_id": device_id[:128] if device_id else None,
+                "reason": reason[:48], "detail": detail[:1000], "payload": bytes(payload[:DEAD_PAYLOAD_BYTES]),
+                "profile_id": profile_id}
+
+    def _store_readings(self, s: Session, devices: dict[str, Device | None], accepted: Sequence[Reading],
+                        now: float) -> list[Reading]:
+        if not accepted:
+            return []
+        s.flush()  # new registry rows first: readings reference them
+        known = {r.device_id: d for r in accepted if (d := devices.get(r.device_id)) is not None}
+        rows = [{"device_id": r.device_id, "key": r.key, "ts": r.time, "metrics": r.metrics, "received_at": now,
+                 "profile_id": known[r.device_id].profile_id} for r in accepted]
+        stmt = _insert(s, ReadingRecord).on_conflict_do_nothing(index_elements=["device_id", "key"])
+        stored = {(a, b) for a, b in s.execute(stmt.returning(ReadingRecord.device_id, ReadingRecord.key), rows)}
+        fresh = [r for r in accepted if (r.device_id, r.key) in stored]
+        self.counts["duplicates"] += len(accepted) - len(fresh)
+        self.counts["accepted"] += len(fresh)
+        if not fresh:
+            return []
+        self._roll_up(s, known, fresh)
+        states: dict[str, dict[str, Any]] = {}
+        for r in fresh:  # sorted by time: the last reading wins
+            d = known[r.device_id]
+            state = states.get(r.device_id)
+            if state is None:  # a copy, assigned back once: a JSON column sees only a new value
+                state = states[r.device_id] = dict(d.state or {})
+            state.update(r.metrics)
+            if d.last_seen is None or r.time >= d.last_seen:
+                d.last_seen = r.time
+            if d.online is not True:
+                d.online, d.status_at = True, r.time
+            if d.store_id != r.store_id:
+                d.store_id = r.store_id
+        for device_id, state in states.items():
+            known[device_id].state = state
+        return fresh
+
+    def _roll_up(self, s: Session, devices: dict[str, Device], fresh: Iterable[Reading]) -> None:
+        acc: dict[tuple[str, int, float, str], list[float]] = {}
+        for r in fresh:
+            for period in PERIODS:
+                start = float(int(r.time // period) * period)
+                for metric, value in r.metrics.items():
+                    k = (r.device_id, period, start, metric)
+                    a = acc.get(k)
+                    if a is None:
+                        acc[k] = [1, value, value, value, value, r.time]
+                    else:
+                        a[0] += 1
+                        a[1] += value
+                        a[2] = min(a[2], value)
+                        a[3] = max(a[3], value)
+                        if r.time >= a[5]:
+                            a[4], a[5] = value, r.time
+        rows = [{"device_id": k[0], "period": k[1], "start": k[2], "metric": k[3][:64], "count": int(a[0]),
+                 "sum": a[1], "min": a[2], "max": a[3], "last": a[4], "last_ts": a[5],
+                 "profile_id": devices[k[0]].profile_id} for k, a in acc.items()]
+        ins = _insert(s, ReadingRollup)
+        t, x = ReadingRollup.__table__.c, ins.excluded
+        pg = s.get_bind().dialect.name == "postgresql"
+        lo, hi = (func.least, func.greatest) if pg else (func.min, func.max)
+        newer = x.last_ts >= t.last_ts
+        stmt = ins.on_conflict_do_update(
+            index_elements=["device_id", "period", "start", "metric"],
+            set_={"count": t.count + x.count, "sum": t.sum + x.sum, "min": lo(t.min, x.min), "max": hi(t.max, x.max),
+                  "last": case((newer, x.last), else_=t.last), "last_ts": case((newer, x.last_ts), else_=t.last_ts),
+                  "profile_id": x.profile_id})
+        s.execute(stmt, rows)
+
+    def _store_events(self, s: Session, batch: TelemetryBatch, devices: dict[str, Device | None],
+                      dead: list[dict[str, Any]], now: float) -> None:
+        rows = []
+        for e in batch.events:
+            d = self._admit(s, devices, e.device_id, e.store_id, now)
+            if d is None or d.quarantined:
+                dead.append(self._dead(_topic_of(batch, e, "events"), QUARANTINED if d else UNKNOWN_DEVICE,
+                                       "event of a device the registry does not accept", e.type.encode(), now,
+                                       e.device_id, None))
+                continue
+            rows.append({"device_id": e.device_id, "ts": e.time, "type": e.type, "code": e.code, "data": e.data,
+                         "received_at": now, "profile_id": d.profile_id})
+        if rows:
+            s.flush()
+            stmt = _insert(s, DeviceEventRecord).on_conflict_do_nothing(index_elements=["device_id", "ts", "type"])
+            stored = len(s.execute(stmt.returning(DeviceEventRecord.id), rows).all())
+            self.counts["events"] += stored
+            self.counts["duplicates"] += len(rows) - stored
+
+    # ------------------------------------------------------------ timers
+
+    def sweep_offline(self, s: Session, now: float) -> list[str]:
+        """Devices silent past their profile's missed intervals go offline; returns their ids."""
+        gone: list[str] = []
+        for d in s.scalars(select(Device).where(Device.online.is_(True), Device.last_seen.is_not(None))
+                           .order_by(Device.last_seen).limit(1000)):
+            profile = self.profiles.for_device(d.device_profile, d.kind) or \
+                self.profiles.get(self.settings.default_profile)
+            after = profile.offline_after_s if profile is not None else self.settings.offline_after_s
+            if d.last_seen is not None and now - d.last_seen > after:
+                d.online, d.status_at = False, now
+                gone.append(d.id)
+        self.counts["went_offline"] += len(gone)
+        return gone
+
+    def purge(self, s: Session, now: float) -> int:
+        """Retention: raw readings, minute and hour rollups and dead letters past their age."""
+        st = self.settings
+        statements = [delete(ReadingRecord).where(ReadingRecord.ts < now - st.raw_retention_s),
+                      delete(ReadingRollup).where(ReadingRollup.period == 60,
+                                                  ReadingRollup.start < now - st.minute_retention_s),
+                      delete(ReadingRollup).where(ReadingRollup.period == 3600,
+                                                  ReadingRollup.start < now - st.hour_retention_s),
+                      delete(DeadLetter).where(DeadLetter.received_at < now - st.dead_letter_retention_s)]
+        n = 0
+        for stmt in statements:
+            result = s.execute(stmt)
+            n += result.rowcount if isinstance(result, CursorResult) else 0
+        self.counts["purged"] += n
+        return n
+
+
+def _echo(r: Reading) -> bytes:
+    """A dead-lettered reading's payload as the parser understood it (the raw bytes stay on paho's side)."""
+    import json
+
+    body: dict[str, Any] = {"ts": r.time, "metrics": r.metrics}
+    if r.seq is not None:
+        body["seq"] = r.seq
+    return json.dumps(body, separators=(",", ":")).encode()
