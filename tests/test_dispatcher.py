@@ -6,6 +6,8 @@ nothing sleeps. A flaky channel stands in for a webhook or a push service.
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,10 +17,10 @@ from sqlalchemy import select
 from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
 from gateway.identity import IdentityIndex
-from gateway.outbox import Backoff, Dispatcher, delivery_states
+from gateway.outbox import Backoff, Dispatcher, delivery_states, replay
 from gateway.service import GatewayService, NewProfile
 from gateway.storage.db import Database
-from gateway.storage.models import Delivery, Notification
+from gateway.storage.models import Delivery, Interaction, Notification
 from gateway.tokens import TokenSigner
 
 T0 = 1_767_261_600.0
@@ -207,3 +209,155 @@ async def test_recover_dispatches_what_a_crash_left_undispatched_once(db: Databa
     assert await d.recover(clock.now()) == 2
     assert await d.recover(clock.now()) == 0
     assert ch.calls == [a, b, c]
+
+
+# ------------------------------------------------------------------ over the real server
+
+
+async def test_a_held_notification_released_while_the_client_was_away_is_replayed_on_reconnect(
+        tmp_path: Any) -> None:
+    """Quiet hours held #1; #2 went out live; the client left with Last-Event-ID 2; #1 was released
+    meanwhile. Its id is older than 2, yet the resumed stream (SSE and WebSocket) must bring it."""
+    import httpx
+    import websockets
+
+    from tests.live_gateway import base_url, enrol, insert_notifications, live_settings, running
+    from tests.sse import SseReader
+
+    async with running(live_settings(tmp_path, campaigns="")) as rt:
+        pid, token = enrol(rt, "alice", 1)
+        now = rt.clock.now()
+        (held,) = insert_notifications(rt, pid, ["held"], status="scheduled", deliver_at=now + 3600)
+        async with httpx.AsyncClient(base_url=base_url(rt), timeout=10) as client:
+            auth = {"Authorization": f"Bearer {token}"}
+            first = await SseReader(client, "/v1/me/stream", auth).start()
+            (later,) = insert_notifications(rt, pid, ["later"])
+            rt._dispatch([later])
+            await rt.flush()
+            assert await first.wait(lambda r: len(r.events) == 1)
+            assert first.events[0].id == str(later) and later > held
+            await first.close()
+
+            rt.clock.advance(3600)  # quiet hours end while the app is closed
+            rt.tick()
+            await rt.flush()
+            # Released: pending, or "sent" if the server had not yet noticed the closed stream (a dead queue).
+            assert _status(rt.db, held) in ("pending", "sent")
+
+            resumed = await SseReader(client, "/v1/me/stream", {**auth, "Last-Event-ID": str(later)}).start()
+            try:
+                assert await resumed.wait(lambda r: len(r.events) >= 1)
+                assert [e.json()["id"] for e in resumed.events] == [held]
+            finally:
+                await resumed.close()
+            polled = await client.get("/v1/me/notifications", params={"after": later}, headers=auth)
+            assert [n["id"] for n in polled.json()] == [held]
+        uri = f"ws://127.0.0.1:{rt.settings.api.port}/v1/me/ws?access_token={token}&after={later}"
+        async with websockets.connect(uri) as ws:
+            got = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert (got["type"], got["id"]) == ("notification", held)
+            await ws.send(json.dumps({"ack": held}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "acked"
+        # Acked: never replayed again, from any position.
+        with rt.db.session() as s:
+            assert [m["id"] for m in replay(s, pid, 0)] == [later]
+
+
+async def test_a_blocked_webhook_does_not_hold_back_the_stream(tmp_path: Any) -> None:
+    """The brand's receiver hangs on every request until we let it go; meanwhile the SSE client gets
+    both notifications, and once it answers, the webhook delivers both and confirms them."""
+    import httpx
+    from aiohttp import web
+
+    from tests.live_gateway import base_url, enrol, insert_notifications, live_settings, running
+    from tests.sse import SseReader
+
+    release = asyncio.Event()
+    arrived: list[int] = []
+    answered: list[int] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.json()
+        arrived.append(body["id"])
+        await release.wait()
+        answered.append(body["id"])
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    settings = live_settings(tmp_path, campaigns="")
+    settings.webhook.enabled = True
+    settings.webhook.url = [f"http://127.0.0.1:{runner.addresses[0][1]}/hook"]
+    settings.webhook.secret = "whsec-test-0123456789abcdef"
+    settings.webhook.timeout = 60.0  # the receiver is slow, not failing: no timeout may end the test early
+    try:
+        async with running(settings) as rt, httpx.AsyncClient(base_url=base_url(rt), timeout=10) as client:
+            pid, token = enrol(rt, "alice", 1)
+            reader = await SseReader(client, "/v1/me/stream", {"Authorization": f"Bearer {token}"}).start()
+            try:
+                one, two = insert_notifications(rt, pid, ["one", "two"])
+                rt._dispatch([one])
+                await _until(lambda: arrived == [one])  # the webhook is now stuck on #1...
+                rt._dispatch([two])
+                # ...and the stream still gets #1 and #2, in order, while nothing was answered.
+                assert await reader.wait(lambda r: len(r.events) == 2)
+                assert [e.json()["id"] for e in reader.events] == [one, two]
+                assert answered == []
+                await _until(lambda: sorted(arrived) == [one, two])  # sent concurrently, not queued behind #1
+                assert answered == []
+                release.set()
+                await rt.flush()
+            finally:
+                await reader.close()
+            assert sorted(answered) == [one, two]
+            for nid in (one, two):
+                assert {ch: st["state"] for ch, st in _states(rt.db, nid).items()} == {
+                    "sse": "delivered", "webhook": "delivered"}
+            with rt.db.session() as s:  # the receiver's 2xx is a confirmed delivery, recorded once each
+                kinds = s.execute(select(Interaction.notification_id, Interaction.kind)).all()
+            assert sorted(kinds) == [(one, "delivered"), (two, "delivered")]
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+async def _until(predicate: Any, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)  # polling what the event loop's other tasks do, not waiting for time
+
+
+async def test_remote_sends_are_concurrent_up_to_the_bound(db: Database, clock: VirtualClock) -> None:
+    """Twenty notifications to a channel that holds each send until released: at most `concurrency` at once."""
+    gate = asyncio.Event()
+    peak = 0
+    current = 0
+
+    class Holding:
+        name = "push"
+
+        async def deliver(self, profile_id: int, message: dict[str, Any]) -> str:
+            nonlocal peak, current
+            current += 1
+            peak = max(peak, current)
+            await gate.wait()
+            current -= 1
+            return "delivered"
+
+    _, ids = _profile_with(db, clock, 20)
+    d = Dispatcher(db, [StreamHub(), Holding()], concurrency=4)
+    task = asyncio.create_task(d.dispatch(ids, clock.now()))
+    await _until(lambda: current == 4)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert peak == 4 and d.in_flight["push"] == 4
+    gate.set()
+    await task
+    assert peak == 4
+    assert all(_states(db, nid)["push"]["state"] == "delivered" for nid in ids)
