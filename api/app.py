@@ -22,6 +22,7 @@ from api.routers import (
     identifiers,
     insights,
     interactions,
+    maintenance,
     me,
     notifications,
     presence,
@@ -95,6 +96,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(presence.router, prefix="/v1")
     app.include_router(notifications.router, prefix="/v1")
     app.include_router(deliveries.router, prefix="/v1")
+    app.include_router(maintenance.router, prefix="/v1")
     app.include_router(devices.router, prefix="/v1")
     openapi.install(app)  # errors documented as problem+json, as the handlers above send them
     return app

@@ -34,6 +34,8 @@ class ApiContext:
     """Who is in which zone now (called on the event loop, where the tracker lives); None: 503."""
     devices: Any = None
     """The device registry (devices.registry.DeviceRegistry) for /v1/devices; None: 503."""
+    alarms: Any = None
+    """Device alarms and the maintenance loop (gateway.alarms.AlarmDesk); None: 503."""
 
 
 def get_context(request: Request) -> ApiContext:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Purpose = Literal["offers", "cart_reminders", "maintenance", "analytics"]
+Purpose = Literal["offers", "cart_reminders", "maintenance", "health", "analytics"]
 IdentifierKind = Literal["beacon", "device", "app_install", "email_sha256"]
 
 DB_ID_MAX = 2_147_483_647  # ids are 32-bit INTEGER on PostgreSQL: a larger one is a 422, not a 500
@@ -187,7 +187,8 @@ class DecisionOut(BaseModel):
 
 class SyntheticEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["visit_start", "enter", "dwell", "exit", "visit_end", "telemetry", "cart_abandoned", "purchase"]
+    kind: Literal["visit_start", "enter", "dwell", "exit", "visit_end", "telemetry", "cart_abandoned", "purchase",
+                  "alarm", "alarm_cleared"]
     zone: str | None = Field(default=None, max_length=64)
     dwell_s: float = Field(default=0.0, ge=0)
     facts: dict[str, Any] = Field(default_factory=dict, description="e.g. {device: {...}, reading: {...}}")

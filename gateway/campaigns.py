@@ -18,8 +18,9 @@ from typing import Any
 
 import yaml
 
-PURPOSES = ("offers", "cart_reminders", "maintenance", "analytics")
-TRIGGERS = ("visit_start", "enter", "dwell", "exit", "visit_end", "telemetry", "cart_abandoned", "purchase")
+PURPOSES = ("offers", "cart_reminders", "maintenance", "health", "analytics")  # health: wearable regime nudges
+TRIGGERS = ("visit_start", "enter", "dwell", "exit", "visit_end", "telemetry", "cart_abandoned", "purchase",
+            "alarm", "alarm_cleared")  # alarm*: a device rule raised (or cleared) an alarm, see docs/device-rules.md
 LIMITS = ("cooldown_s", "max_per_profile", "budget", "quiet_hours", "ttl_s")
 OPS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "exists", "contains")
 _MISSING = object()

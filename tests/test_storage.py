@@ -24,24 +24,25 @@ from gateway.outbox import Dispatcher
 from gateway.service import Conflict, GatewayService, NewProfile, NotFound
 from gateway.storage.db import MIGRATIONS, Database
 from gateway.storage.models import (
+    Alarm,
     Base,
     Cart,
     Consent,
-    Decision,
     DeadLetter,
+    Decision,
     Delivery,
     DeliveryState,
     Device,
-    Identifier,
     DeviceEventRecord,
+    Identifier,
     Interaction,
     Notification,
     Profile,
     PushSubscription,
-    Visit,
     ReadingRecord,
     ReadingRollup,
     RuleStateRecord,
+    Visit,
     ZoneStay,
 )
 from gateway.tokens import TokenSigner
@@ -187,7 +188,6 @@ def _everything(service: GatewayService, db: Database, clock: VirtualClock, who:
         s.add(DeliveryState(notification_id=nids[0], channel="sse", state="delivered", attempts=1, updated_at=T0))
         s.add(PushSubscription(profile_id=pid, endpoint=f"https://push.example.com/send/{who}",
                                p256dh="B" * 87, auth="A" * 22, created_at=T0))
-    clock.advance(1)
         # Device rules: a wearable's rule state and an alarm are the owner's data (health, habits).
         s.add(RuleStateRecord(device_id=f"watch-{who}", rule_id="activity", profile_id=pid,
                               state={"counters": {}}, updated_at=T0))
@@ -201,6 +201,7 @@ def _everything(service: GatewayService, db: Database, clock: VirtualClock, who:
                    DeviceEventRecord(device_id=f"watch-{who}", ts=T0, type="button", received_at=T0, profile_id=pid),
                    DeadLetter(received_at=T0, topic=f"stores/s1/devices/watch-{who}/telemetry", reason="out_of_range",
                               device_id=f"watch-{who}", payload=b"{}", profile_id=pid)])
+    clock.advance(1)
     service.ack(pid, nids[0])  # an ack records a 'delivered' interaction
     return pid, nids
 

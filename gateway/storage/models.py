@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -358,3 +359,72 @@ class DeadLetter(Base):
     detail: Mapped[str | None] = mapped_column(Text)
     payload: Mapped[bytes | None] = mapped_column(LargeBinary)
     profile_id: Mapped[int | None] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)
+
+
+# -- device rules (gateway/alarms.py writes these, inside the telemetry batch's transaction) -------------
+# An owned device's rule state and alarms are its owner's data (a wearable's are about their health): each
+# row carries the owner at the time, ON DELETE CASCADE, so erasing the profile removes them too.
+
+
+class RuleStateRecord(Base):
+    """One device rule's memory for one device (devices/rules.RuleState as JSON): streaks, ``for`` timers,
+    counters since the last service. ``due_at`` is when a timer fires if no reading comes first."""
+
+    __tablename__ = "rule_states"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    rule_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    profile_id: Mapped[int | None] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)
+    state: Mapped[dict[str, Any]] = mapped_column(JSON)
+    due_at: Mapped[float | None] = mapped_column(Float, index=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Alarm(Base):
+    """A raised device rule: updated while it lasts, never duplicated (one active per device and rule).
+
+    It is also the maintenance case: prompted (the owner's notification), acknowledged or booked by the
+    owner, then resolved by a service event; ``resolved_at - prompted_at`` is the time to resolution.
+    ``status``: active | cleared (the rule's clear condition) | resolved (a service event).
+    """
+
+    __tablename__ = "alarms"
+    __table_args__ = (
+        Index("uq_alarms_one_active", "device_id", "rule_id", unique=True,
+              sqlite_where=text("status = 'active'"), postgresql_where=text("status = 'active'")),
+        Index("ix_alarms_status_created", "status", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    profile_id: Mapped[int | None] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)
+    rule_id: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(200))
+    severity: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    count: Mapped[int] = mapped_column(Integer, default=1)
+    last_value: Mapped[float | None] = mapped_column(Float)
+    detail: Mapped[str | None] = mapped_column(Text)
+    cleared_at: Mapped[float | None] = mapped_column(Float)
+    clear_reason: Mapped[str | None] = mapped_column(Text)
+    prompted_at: Mapped[float | None] = mapped_column(Float)
+    notification_id: Mapped[int | None] = mapped_column(Integer)  # no FK: one tie to the customer is enough
+    acknowledged_at: Mapped[float | None] = mapped_column(Float)
+    booked_at: Mapped[float | None] = mapped_column(Float)
+    booked_for: Mapped[float | None] = mapped_column(Float)  # the service slot the owner asked for
+    resolved_at: Mapped[float | None] = mapped_column(Float)
+    service_event_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class ServiceEvent(Base):
+    """A service done on a device (over the admin API): resets its rules' counters, resolves its alarms."""
+
+    __tablename__ = "service_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    at: Mapped[float] = mapped_column(Float)
+    note: Mapped[str | None] = mapped_column(Text)
+    counters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # rule -> counters before the reset

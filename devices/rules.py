@@ -1,0 +1,725 @@
+"""Device rules: alarm conditions over telemetry, as pure functions over plain, serialisable state.
+
+Shaped like ThingsBoard's alarm rules, and answering what their users miss: a create condition per
+severity and a separate clear condition (hysteresis, so a value hovering at the threshold does not
+flap), ``for_s`` durations and ``repeat`` counts, counters since the last service, rates of change,
+error codes, and "clear when it has not recurred for N s". A rule's memory is a :class:`RuleState`
+(plain dicts and numbers) that the caller stores, so timers and counters survive a restart; when no
+reading comes, :func:`next_due` says when to call :func:`due`, and timers fire at the time they were
+due, not when somebody looked.
+
+Nothing here reads a clock, a database or the network: samples in, (state, changes) out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import yaml
+
+SEVERITIES = ("info", "warning", "major", "critical")
+RANK = {s: i for i, s in enumerate(SEVERITIES)}
+OPS = ("gt", "gte", "lt", "lte", "eq", "ne", "in", "not_in")
+RATE_POINTS = 8  # a rate is measured over about its window from at most this many kept samples
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+Cond = Mapping[str, Any]
+Truth = bool | None  # None: the sample says nothing about it (a metric it does not carry)
+
+
+class RuleError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """What one message tells the rules: a reading's metrics, or an event's error code.
+
+    ``codes`` is None when the message says nothing about error codes (a reading without an
+    ``error_code`` metric), and a set (maybe empty: "no error") when it does.
+    """
+
+    time: float
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    codes: frozenset[str] | None = None
+
+
+def sample_from_metrics(time: float, metrics: Mapping[str, float], code_metric: str = "error_code") -> Sample:
+    """A reading as a sample; a numeric ``error_code`` metric (0: no error) doubles as its code."""
+    codes: frozenset[str] | None = None
+    code = metrics.get(code_metric)
+    if code is not None and math.isfinite(code):
+        codes = frozenset() if code == 0 else frozenset({str(int(code)) if code == int(code) else str(code)})
+    return Sample(time, metrics, codes)
+
+
+@dataclass(frozen=True, slots=True)
+class CounterSpec:
+    """A running total since the last service: increases of a device total, or hours while a condition holds."""
+
+    id: str
+    delta_of: str | None = None
+    hours_while: Cond | None = None
+    max_gap_s: float = 900.0  # a longer silence is a disconnect, not usage
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    severity: str
+    when: Cond
+    for_s: float = 0.0  # the condition must hold this long...
+    repeat: int = 1  # ...and for this many consecutive samples that speak to it
+
+
+@dataclass(frozen=True, slots=True)
+class ClearSpec:
+    when: Cond | None = None  # None: when no create condition holds (unless only after_s is given)
+    for_s: float = 0.0
+    after_s: float = 0.0  # clear once no create condition has held for this long (0: off)
+    auto: bool = True  # False: only a service event ends it
+
+
+@dataclass(frozen=True, slots=True)
+class Actions:
+    prompt: bool = True  # an ``alarm`` event to the campaign engine for the owner (consent and caps apply)
+    staff: bool = False  # a staff alert (the alarms list; retained on MQTT when configured)
+    command: Mapping[str, Any] | None = None  # sent to the device when the alarm is raised
+    clear_command: Mapping[str, Any] | None = None  # ...and this when it clears
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: str
+    name: str
+    levels: tuple[Level, ...]  # most severe first
+    clear: ClearSpec = ClearSpec()
+    counters: tuple[CounterSpec, ...] = ()
+    actions: Actions = Actions()
+    kinds: frozenset[str] = frozenset()  # device kinds it applies to (empty: any)
+    devices: frozenset[str] = frozenset()  # or these device ids
+    service_resets: bool = True  # a service event resets its counters and resolves its alarm
+    description: str = ""
+    rate_leaves: tuple[Cond, ...] = ()  # the rates it reads, one per (metric, window): kept per sample
+
+    def applies_to(self, device_id: str, kind: str | None) -> bool:
+        if self.devices and device_id in self.devices:
+            return True
+        if self.kinds:
+            return kind in self.kinds
+        return not self.devices
+
+
+@dataclass(slots=True)
+class RuleState:
+    """One rule's memory for one device. Plain data: ``as_dict``/``from_dict`` round-trip through JSON."""
+
+    streak: dict[str, int] = field(default_factory=dict)  # severity -> consecutive true samples
+    pending: dict[str, float] = field(default_factory=dict)  # severity -> since when it holds (the for timer)
+    counters: dict[str, float] = field(default_factory=dict)
+    last: dict[str, list[float]] = field(default_factory=dict)  # metric -> [time, value] (counters' deltas)
+    rates: dict[str, list[list[float]]] = field(default_factory=dict)  # metric -> kept [time, value] points
+    active: str | None = None  # the raised alarm's severity
+    raised_at: float | None = None
+    count: int = 0  # samples that met a create condition while raised
+    value: float | None = None  # the last value that met a create condition
+    detail: str = ""  # ...and what it was
+    last_true_at: float | None = None
+    clear_since: float | None = None
+    service_seq: int = 0  # the last service event applied (counters reset, alarm resolved)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> RuleState:
+        if not data:
+            return cls()
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def copy(self) -> RuleState:
+        return RuleState.from_dict(self.as_dict())
+
+
+ChangeKind = Literal["created", "updated", "escalated", "cleared"]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    kind: ChangeKind
+    rule: str
+    time: float
+    severity: str
+    value: float | None
+    count: int
+    detail: str
+
+
+# ---------------------------------------------------------------- conditions
+
+class _Ctx:
+    """What a condition can see for one sample: metrics, codes, counters, rates, the store's clock."""
+
+    __slots__ = ("counters", "rates", "sample", "tz")
+
+    def __init__(self, sample: Sample, counters: Mapping[str, float], rates: Mapping[str, float | None],
+                 tz: ZoneInfo) -> None:
+        self.sample = sample
+        self.counters = counters
+        self.rates = rates
+        self.tz = tz
+
+    def local_s(self) -> float:
+        t = dt.datetime.fromtimestamp(self.sample.time, self.tz)
+        return t.hour * 3600 + t.minute * 60 + t.second + t.microsecond / 1e6
+
+
+def _hhmm(value: Any, where: str) -> float:
+    m = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", str(value))
+    if m is None:
+        if str(value) == "24:00":
+            return 86400.0
+        raise RuleError(f"{where}: a time is 'HH:MM' (store time), got {value!r}")
+    return int(m.group(1)) * 3600 + int(m.group(2)) * 60.0
+
+
+def _compare(op: str, left: float | str, right: Any) -> bool:
+    try:
+        if op == "gt":
+            return bool(left > right)
+        if op == "gte":
+            return bool(left >= right)
+        if op == "lt":
+            return bool(left < right)
+        if op == "lte":
+            return bool(left <= right)
+        if op == "eq":
+            return bool(left == right)
+        if op == "ne":
+            return bool(left != right)
+        if op == "in":
+            return left in right
+        return left not in right
+    except TypeError:
+        return False
+
+
+def quantity(cond: Cond, ctx: _Ctx) -> float | None:
+    """The number a leaf compares (a metric, rate, counter or pace), or None if the sample lacks it."""
+    if "metric" in cond:
+        v = ctx.sample.metrics.get(cond["metric"])
+        return None if v is None else float(v)
+    if "rate" in cond:
+        return ctx.rates.get(_rate_key(cond))
+    if "counter" in cond:
+        return ctx.counters.get(cond["counter"], 0.0)
+    if "pace" in cond:
+        v = ctx.sample.metrics.get(cond["pace"])
+        if v is None:
+            return None
+        start, end = _hhmm(cond.get("from", "00:00"), "pace"), _hhmm(cond.get("to", "24:00"), "pace")
+        now = ctx.local_s()
+        if now <= start:
+            return None  # the day has not started: nothing to be behind on
+        share = min(1.0, (now - start) / (end - start))
+        return float(v) / (float(cond["goal"]) * share)
+    return None
+
+
+def holds(cond: Cond, ctx: _Ctx) -> Truth:
+    """Three-valued: True, False, or None when the sample does not speak to it."""
+    if "all" in cond:
+        results = [holds(c, ctx) for c in cond["all"]]
+        if any(r is False for r in results):
+            return False
+        return None if any(r is None for r in results) else True
+    if "any" in cond:
+        results = [holds(c, ctx) for c in cond["any"]]
+        if any(r is True for r in results):
+            return True
+        return None if any(r is None for r in results) else False
+    if "not" in cond:
+        r = holds(cond["not"], ctx)
+        return None if r is None else not r
+    if "code" in cond:
+        codes = ctx.sample.codes
+        if codes is None:
+            return None
+        wanted = cond["code"]
+        return bool(codes) if wanted == "any" else bool(codes & set(wanted))
+    if "local_time" in cond:
+        spec, now = cond["local_time"], ctx.local_s()
+        return _hhmm(spec.get("after", "00:00"), "") <= now < _hhmm(spec.get("before", "24:00"), "")
+    v = quantity(cond, ctx)
+    return None if v is None else _compare(cond["op"], v, cond["value"])
+
+
+def _leaves(cond: Cond) -> Iterable[Cond]:
+    for key in ("all", "any"):
+        if key in cond:
+            for c in cond[key]:
+                yield from _leaves(c)
+            return
+    if "not" in cond:
+        yield from _leaves(cond["not"])
+        return
+    yield cond
+
+
+def _rate_key(cond: Cond) -> str:
+    return f"{cond['rate']}/{float(cond.get('window_s', 3600)):g}"
+
+
+def describe(cond: Cond, ctx: _Ctx) -> str:
+    """The leaves that hold, with their values: what a staff alert says."""
+    parts = []
+    for leaf in _leaves(cond):
+        if holds(leaf, ctx) is not True:
+            continue
+        if "code" in leaf:
+            parts.append(f"error code {', '.join(sorted(ctx.sample.codes or ()))}")
+        elif "local_time" in leaf:
+            continue
+        else:
+            name = next(k for k in ("metric", "rate", "counter", "pace") if k in leaf)
+            v = quantity(leaf, ctx)
+            unit = "/h" if name == "rate" else ""
+            label = f"{leaf[name]} {name}" if name in ("rate", "pace") else str(leaf[name])
+            parts.append(f"{label} {v:.4g}{unit} {leaf['op']} {leaf['value']}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------- evaluation
+
+def _rates_now(rule_rates: Sequence[Cond], st: RuleState, sample: Sample) -> dict[str, float | None]:
+    """Change per hour of each rated metric over about its window, before this sample is kept."""
+    out: dict[str, float | None] = {}
+    for leaf in rule_rates:
+        metric, window = leaf["rate"], float(leaf.get("window_s", 3600))
+        key = _rate_key(leaf)
+        v = sample.metrics.get(metric)
+        points = st.rates.get(key) or []
+        if v is None or not points:
+            out[key] = None
+            continue
+        t0, v0 = points[0]
+        span = sample.time - t0
+        out[key] = (float(v) - v0) / span * 3600.0 if span >= window / 2 and span > 0 else None
+    return out
+
+
+def _keep_rate_points(rule_rates: Sequence[Cond], st: RuleState, sample: Sample) -> None:
+    for leaf in rule_rates:
+        v = sample.metrics.get(leaf["rate"])
+        if v is None:
+            continue
+        window = float(leaf.get("window_s", 3600))
+        key = _rate_key(leaf)
+        points = [list(p) for p in st.rates.get(key) or []]
+        if not points or sample.time - points[-1][0] >= window / RATE_POINTS:
+            points.append([sample.time, float(v)])
+        while len(points) > 1 and sample.time - points[1][0] >= window:
+            points.pop(0)  # the anchor is the youngest point at least a window old
+        st.rates[key] = points
+
+
+def _count(rule: Rule, st: RuleState, sample: Sample, ctx: _Ctx) -> None:
+    for c in rule.counters:
+        if c.delta_of is not None:
+            v = sample.metrics.get(c.delta_of)
+            if v is None:
+                continue
+            prev = st.last.get(c.delta_of)
+            if prev is not None and v > prev[1]:
+                st.counters[c.id] = st.counters.get(c.id, 0.0) + (float(v) - prev[1])
+            st.counters.setdefault(c.id, 0.0)  # a total going down is a reset device, not negative usage
+            st.last[c.delta_of] = [sample.time, float(v)]
+        elif c.hours_while is not None:
+            prev_t = st.last.get(f"@{c.id}")
+            on = holds(c.hours_while, ctx)
+            if on is None:
+                continue
+            if on and prev_t is not None and 0 < sample.time - prev_t[0] <= c.max_gap_s:
+                st.counters[c.id] = st.counters.get(c.id, 0.0) + (sample.time - prev_t[0]) / 3600.0
+            st.counters.setdefault(c.id, 0.0)
+            st.last[f"@{c.id}"] = [sample.time, 1.0 if on else 0.0]
+
+
+def _clear(rule: Rule, st: RuleState, at: float, detail: str) -> Change:
+    ch = Change("cleared", rule.id, at, st.active or rule.levels[-1].severity, st.value, st.count, detail)
+    st.active = None
+    st.raised_at = None
+    st.count = 0
+    st.clear_since = None
+    st.streak.clear()
+    st.pending.clear()
+    return ch
+
+
+def _raise(rule: Rule, st: RuleState, level: Level, at: float, value: float | None, detail: str) -> Change:
+    escalating = st.active is not None
+    st.active = level.severity
+    st.count = st.count + 1 if escalating else 1
+    st.value = value
+    st.clear_since = None
+    if not escalating:
+        st.raised_at = at
+    return Change("escalated" if escalating else "created", rule.id, at, level.severity, value, st.count, detail)
+
+
+def _due_changes(rule: Rule, st: RuleState, until: float, before: bool = False) -> list[Change]:
+    """Timers due by ``until`` (strictly before it, if ``before``), fired at the moment each came due."""
+    out: list[Change] = []
+    while True:
+        when = next_due(rule, st)
+        if when is None or when > until or (before and when == until):
+            return out
+        level = _due_level(rule, st, when)
+        if level is not None:
+            out.append(_raise(rule, st, level, when, st.value, f"{st.detail} for {level.for_s:g} s".strip()))
+            st.pending.pop(level.severity, None)
+            st.streak.pop(level.severity, None)
+        elif st.active is not None and rule.clear.after_s and st.last_true_at is not None \
+                and st.last_true_at + rule.clear.after_s <= when:
+            out.append(_clear(rule, st, when, f"did not recur for {rule.clear.after_s:g} s"))
+        elif st.active is not None and st.clear_since is not None and st.clear_since + rule.clear.for_s <= when:
+            out.append(_clear(rule, st, when, f"clear condition held for {rule.clear.for_s:g} s"))
+        else:  # nothing is due after all; do not loop
+            return out
+
+
+def _due_level(rule: Rule, st: RuleState, when: float) -> Level | None:
+    active = RANK[st.active] if st.active is not None else -1
+    for level in rule.levels:  # most severe first
+        since = st.pending.get(level.severity)
+        if (since is not None and level.for_s > 0 and since + level.for_s <= when
+                and st.streak.get(level.severity, 0) >= level.repeat and RANK[level.severity] > active):
+            return level
+    return None
+
+
+def next_due(rule: Rule, st: RuleState) -> float | None:
+    """When a timer of this state fires if no sample comes first (None: nothing pending)."""
+    times: list[float] = []
+    active = RANK[st.active] if st.active is not None else -1
+    for level in rule.levels:
+        since = st.pending.get(level.severity)
+        if since is not None and level.for_s > 0 and RANK[level.severity] > active \
+                and st.streak.get(level.severity, 0) >= level.repeat:
+            times.append(since + level.for_s)
+    if st.active is not None and rule.clear.auto:
+        if rule.clear.after_s and st.last_true_at is not None:
+            times.append(st.last_true_at + rule.clear.after_s)
+        if st.clear_since is not None and rule.clear.for_s > 0:
+            times.append(st.clear_since + rule.clear.for_s)
+    return min(times) if times else None
+
+
+def due(rule: Rule, state: RuleState, now: float) -> tuple[RuleState, list[Change]]:
+    """Fire what is due at ``now`` without a new sample (the pipeline's tick, and after a restart)."""
+    st = state.copy()
+    return st, _due_changes(rule, st, now)
+
+
+def observe(rule: Rule, state: RuleState, sample: Sample, tz: ZoneInfo) -> tuple[RuleState, list[Change]]:
+    """One sample through one rule: the new state and what happened to the alarm."""
+    st = state.copy()
+    changes = _due_changes(rule, st, sample.time, before=True)  # timers that came due before this sample
+    rates = _rates_now(rule.rate_leaves, st, sample)
+    ctx = _Ctx(sample, st.counters, rates, tz)
+    _count(rule, st, sample, ctx)
+    _keep_rate_points(rule.rate_leaves, st, sample)
+
+    qualified: Level | None = None
+    value: float | None = None
+    any_true = False
+    all_known = True
+    for level in rule.levels:  # most severe first
+        truth = holds(level.when, ctx)
+        if truth is None:
+            all_known = False
+            continue
+        if not truth:
+            st.streak.pop(level.severity, None)
+            st.pending.pop(level.severity, None)
+            continue
+        any_true = True
+        st.streak[level.severity] = st.streak.get(level.severity, 0) + 1
+        since = st.pending.setdefault(level.severity, sample.time)
+        if qualified is None and st.streak[level.severity] >= level.repeat and sample.time - since >= level.for_s:
+            qualified = level
+        if value is None:
+            value = next((q for q in (quantity(leaf, ctx) for leaf in _leaves(level.when)) if q is not None), None)
+    if any_true:
+        st.last_true_at = sample.time
+        st.value = value
+        st.detail = describe(next(lv for lv in rule.levels if holds(lv.when, ctx)).when, ctx)
+
+    if st.active is None:
+        if qualified is not None:
+            changes.append(_raise(rule, st, qualified, sample.time, value, describe(qualified.when, ctx)))
+            st.pending.pop(qualified.severity, None)
+        return st, changes
+
+    if qualified is not None and RANK[qualified.severity] > RANK[st.active]:
+        changes.append(_raise(rule, st, qualified, sample.time, value, describe(qualified.when, ctx)))
+        st.pending.pop(qualified.severity, None)
+        return st, changes
+    if any_true:
+        st.count += 1
+        st.value = value
+        level = next(lv for lv in rule.levels if lv.severity == st.active)
+        changes.append(Change("updated", rule.id, sample.time, st.active, value, st.count,
+                              describe(level.when, ctx)))
+    if not rule.clear.auto:
+        return st, changes
+    clear = rule.clear
+    if clear.when is not None:
+        truth = holds(clear.when, ctx)
+    elif clear.after_s:
+        truth = None  # only the silence timer clears it
+    else:
+        truth = (not any_true) if all_known else None
+    if truth is True:
+        since = st.clear_since if st.clear_since is not None else sample.time
+        st.clear_since = since
+        if sample.time - since >= clear.for_s:
+            reason = "clear condition held" if clear.when is not None else "condition no longer holds"
+            changes.append(_clear(rule, st, sample.time, reason))
+    elif truth is False:
+        st.clear_since = None
+    return st, changes
+
+
+def reset_for_service(rule: Rule, state: RuleState, seq: int) -> RuleState:
+    """A service event: counters back to zero, the alarm resolved (by the service, not by clearing)."""
+    st = state.copy()
+    st.service_seq = max(st.service_seq, seq)
+    if not rule.service_resets:
+        return st
+    st.counters = {k: 0.0 for k in st.counters}
+    st.active = None
+    st.raised_at = None
+    st.count = 0
+    st.clear_since = None
+    st.streak.clear()
+    st.pending.clear()
+    return st
+
+
+# ---------------------------------------------------------------- parsing
+
+def _number(value: Any, where: str, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RuleError(f"{where}: a number, got {value!r}")
+    if value < minimum:
+        raise RuleError(f"{where}: at least {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _condition(cond: Any, where: str, counters: set[str]) -> Cond:
+    if not isinstance(cond, Mapping) or not cond:
+        raise RuleError(f"{where}: a condition is a mapping")
+    for key in ("all", "any"):
+        if key in cond:
+            subs = cond[key]
+            if len(cond) != 1 or not isinstance(subs, list) or not subs:
+                raise RuleError(f"{where}.{key}: a non-empty list of conditions, alone in its mapping")
+            return {key: [_condition(c, f"{where}.{key}[{i}]", counters) for i, c in enumerate(subs)]}
+    if "not" in cond:
+        if len(cond) != 1:
+            raise RuleError(f"{where}.not: alone in its mapping")
+        return {"not": _condition(cond["not"], f"{where}.not", counters)}
+    if "code" in cond:
+        codes = cond["code"]
+        if len(cond) != 1:
+            raise RuleError(f"{where}: 'code' takes a code, a list of codes or 'any', and nothing else")
+        if codes == "any":
+            return {"code": "any"}
+        codes = [codes] if isinstance(codes, str | int) and not isinstance(codes, bool) else codes
+        if not isinstance(codes, list) or not codes or not all(isinstance(c, str | int) for c in codes):
+            raise RuleError(f"{where}: 'code' takes a code, a list of codes or 'any'")
+        return {"code": frozenset(str(c) for c in codes)}
+    if "local_time" in cond:
+        spec = cond["local_time"]
+        if len(cond) != 1 or not isinstance(spec, Mapping) or not spec or set(spec) - {"after", "before"}:
+            raise RuleError(f"{where}: 'local_time' takes after and/or before ('HH:MM', store time)")
+        for k in spec:
+            _hhmm(spec[k], f"{where}.local_time.{k}")
+        return {"local_time": dict(spec)}
+    kinds = [k for k in ("metric", "rate", "counter", "pace") if k in cond]
+    if len(kinds) != 1:
+        raise RuleError(f"{where}: a leaf names one of metric, rate, counter, pace, code or local_time")
+    kind = kinds[0]
+    allowed = {kind, "op", "value"} | {"rate": {"window_s"}, "pace": {"goal", "from", "to"}}.get(kind, set())
+    unknown = set(cond) - allowed
+    if unknown:
+        raise RuleError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    if not isinstance(cond[kind], str) or not cond[kind]:
+        raise RuleError(f"{where}: '{kind}' names a metric or counter")
+    if kind == "counter" and cond[kind] not in counters:
+        raise RuleError(f"{where}: counter {cond[kind]!r} is not declared under 'counters'")
+    op = cond.get("op")
+    if op not in OPS:
+        raise RuleError(f"{where}: 'op' must be one of {', '.join(OPS)}")
+    value = cond.get("value")
+    if op in ("in", "not_in"):
+        if not isinstance(value, list) or not all(isinstance(v, int | float) for v in value):
+            raise RuleError(f"{where}: '{op}' needs a list of numbers")
+        value = [float(v) for v in value]
+    else:
+        value = _number(value, f"{where}.value", -math.inf)
+    out: dict[str, Any] = {kind: cond[kind], "op": op, "value": value}
+    if kind == "rate":
+        out["window_s"] = _number(cond.get("window_s", 3600), f"{where}.window_s", 1)
+    if kind == "pace":
+        out["goal"] = _number(cond.get("goal"), f"{where}.goal", 1e-9)
+        out["from"], out["to"] = cond.get("from", "00:00"), cond.get("to", "24:00")
+        if _hhmm(out["to"], f"{where}.to") <= _hhmm(out["from"], f"{where}.from"):
+            raise RuleError(f"{where}: 'to' must be after 'from'")
+    return out
+
+
+def _command(value: Any, where: str) -> Mapping[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not value:
+        raise RuleError(f"{where}: a command is a non-empty mapping (sent as JSON to the device)")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:  # YAML 1.1 reads a bare on/off/yes/no key as a boolean
+        raise RuleError(f"{where}: command keys are text; quote {', '.join(repr(k) for k in bad)}")
+    return dict(value)
+
+
+def parse_rule(data: Any, source: str = "rule") -> Rule:
+    if not isinstance(data, Mapping):
+        raise RuleError(f"{source}: a rule is a mapping")
+    rid = data.get("id")
+    if not isinstance(rid, str) or not _ID.fullmatch(rid):
+        raise RuleError(f"{source}: 'id' must be 1-64 letters, digits, '-', '_' or '.'")
+    where = f"{source} ({rid})"
+    unknown = set(data) - {"id", "name", "description", "match", "counters", "create", "clear", "actions",
+                           "service_resets"}
+    if unknown:
+        raise RuleError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+
+    match = data.get("match") or {}
+    if not isinstance(match, Mapping) or set(match) - {"kind", "devices"}:
+        raise RuleError(f"{where}: 'match' takes kind and/or devices")
+
+    def names(v: Any, what: str) -> frozenset[str]:
+        v = [v] if isinstance(v, str) else (v or [])
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            raise RuleError(f"{where}: match.{what} is a name or a list of names")
+        return frozenset(v)
+
+    counters: list[CounterSpec] = []
+    raw_counters = data.get("counters") or []
+    if not isinstance(raw_counters, list):
+        raise RuleError(f"{where}: 'counters' is a list")
+    declared: set[str] = set()
+    for i, c in enumerate(raw_counters):
+        w = f"{where}: counters[{i}]"
+        if not isinstance(c, Mapping) or not isinstance(c.get("id"), str) or not _ID.fullmatch(c["id"]):
+            raise RuleError(f"{w}: needs an 'id'")
+        if set(c) - {"id", "delta_of", "hours_while", "max_gap_s"}:
+            raise RuleError(f"{w}: takes id, delta_of or hours_while, and max_gap_s")
+        if ("delta_of" in c) == ("hours_while" in c):
+            raise RuleError(f"{w}: give exactly one of delta_of (a device total) or hours_while (a condition)")
+        if c["id"] in declared:
+            raise RuleError(f"{w}: counter {c['id']!r} is declared twice")
+        declared.add(c["id"])
+        if "delta_of" in c and (not isinstance(c["delta_of"], str) or not c["delta_of"]):
+            raise RuleError(f"{w}: delta_of names a metric")
+        counters.append(CounterSpec(
+            c["id"], delta_of=c.get("delta_of"),
+            hours_while=_condition(c["hours_while"], f"{w}.hours_while", set()) if "hours_while" in c else None,
+            max_gap_s=_number(c.get("max_gap_s", 900), f"{w}.max_gap_s", 1)))
+
+    create = data.get("create")
+    if isinstance(create, Mapping):
+        create = [create]
+    if not isinstance(create, list) or not create:
+        raise RuleError(f"{where}: 'create' is a condition level (or a list of them, one per severity)")
+    levels = []
+    for i, lv in enumerate(create):
+        w = f"{where}: create[{i}]"
+        if not isinstance(lv, Mapping) or "when" not in lv:
+            raise RuleError(f"{w}: needs 'when' (a condition)")
+        if set(lv) - {"severity", "when", "for_s", "repeat"}:
+            raise RuleError(f"{w}: takes severity, when, for_s and repeat")
+        severity = lv.get("severity", "warning")
+        if severity not in SEVERITIES:
+            raise RuleError(f"{w}: severity is one of {', '.join(SEVERITIES)}")
+        repeat = lv.get("repeat", 1)
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise RuleError(f"{w}: repeat is a whole number of samples, at least 1")
+        levels.append(Level(severity, _condition(lv["when"], f"{w}.when", declared),
+                            _number(lv.get("for_s", 0), f"{w}.for_s"), repeat))
+    if len({lv.severity for lv in levels}) != len(levels):
+        raise RuleError(f"{where}: one create level per severity")
+    levels.sort(key=lambda lv: -RANK[lv.severity])
+
+    clear_raw = data.get("clear", {})
+    if clear_raw == "never":
+        clear = ClearSpec(auto=False)
+    else:
+        if not isinstance(clear_raw, Mapping) or set(clear_raw) - {"when", "for_s", "after_s"}:
+            raise RuleError(f"{where}: 'clear' takes when, for_s and after_s (or is 'never')")
+        clear = ClearSpec(
+            when=_condition(clear_raw["when"], f"{where}: clear.when", declared) if "when" in clear_raw else None,
+            for_s=_number(clear_raw.get("for_s", 0), f"{where}: clear.for_s"),
+            after_s=_number(clear_raw.get("after_s", 0), f"{where}: clear.after_s"))
+
+    acts = data.get("actions") or {}
+    if not isinstance(acts, Mapping) or set(acts) - {"prompt", "staff", "command", "clear_command"}:
+        raise RuleError(f"{where}: 'actions' takes prompt, staff, command and clear_command")
+    for flag in ("prompt", "staff"):
+        if flag in acts and not isinstance(acts[flag], bool):
+            raise RuleError(f"{where}: actions.{flag} is true or false")
+    actions = Actions(prompt=acts.get("prompt", True), staff=acts.get("staff", False),
+                      command=_command(acts.get("command"), f"{where}: actions.command"),
+                      clear_command=_command(acts.get("clear_command"), f"{where}: actions.clear_command"))
+    resets = data.get("service_resets", True)
+    if not isinstance(resets, bool):
+        raise RuleError(f"{where}: service_resets is true or false")
+    rates: dict[str, Cond] = {}
+    for cond in [lv.when for lv in levels] + ([clear.when] if clear.when else []):
+        for leaf in _leaves(cond):
+            if "rate" in leaf:
+                rates.setdefault(_rate_key(leaf), leaf)
+    return Rule(id=rid, name=str(data.get("name", rid)), levels=tuple(levels), clear=clear,
+                counters=tuple(counters), actions=actions, kinds=names(match.get("kind"), "kind"),
+                devices=names(match.get("devices"), "devices"), service_resets=resets,
+                description=str(data.get("description", "")), rate_leaves=tuple(rates.values()))
+
+
+def load_rules(directory: str | Path) -> list[Rule]:
+    """Every ``*.yaml``/``*.yml`` in the directory: one rule or a list of rules per file."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise RuleError(f"device rules directory not found: {d}")
+    rules: list[Rule] = []
+    for path in sorted(d.iterdir()):
+        if path.suffix not in (".yaml", ".yml"):
+            continue
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise RuleError(f"{path}: not valid YAML: {exc}") from None
+        for item in data if isinstance(data, list) else [data]:
+            rules.append(parse_rule(item, str(path)))
+    seen: set[str] = set()
+    for r in rules:
+        if r.id in seen:
+            raise RuleError(f"device rule id {r.id!r} is defined twice in {d}")
+        seen.add(r.id)
+    return rules
