@@ -91,7 +91,7 @@ def test_text_logs_mask_too_and_a_bad_format_is_named() -> None:
     finally:
         logging.getLogger().removeHandler(handler)
     assert "topsecret" not in stream.getvalue() and MASK in stream.getvalue()
-    with pytest.raises(ConfigError, match="logging.format"):
+    with pytest.raises(ConfigError, match=r"logging\.format"):
         setup_logging(LoggingSettings(format="xml"))
 
 

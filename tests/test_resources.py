@@ -121,8 +121,8 @@ def test_carts_and_catalogue_read_back_with_filters(world: Any) -> None:
     assert [x["id"] for x in c.get("/v1/carts", params={"profile": alice}, headers=ADMIN).json()["items"]] == ["a1"]
     done = c.get("/v1/carts", params={"status": "checked_out"}, headers=ADMIN).json()["items"]
     assert [(x["id"], x["checked_out_at"]) for x in done] == [("b1", T0)]
-    assert c.put("/v1/catalogue", json=[{"sku": "SH-1", "name": "Trail shoes", "zone": "shoes"},
-                                        {"sku": "HT-1", "name": "Hat", "zone": "hats"}], headers=ADMIN).status_code == 200
+    items = [{"sku": "SH-1", "name": "Trail shoes", "zone": "shoes"}, {"sku": "HT-1", "name": "Hat", "zone": "hats"}]
+    assert c.put("/v1/catalogue", json=items, headers=ADMIN).status_code == 200
     assert c.get("/v1/catalogue/SH-1", headers=ADMIN).json()["zone"] == "shoes"
     assert c.get("/v1/catalogue/XX", headers=ADMIN).status_code == 404
     assert [i["sku"] for i in c.get("/v1/catalogue", params={"zone": "hats"}, headers=ADMIN).json()["items"]] == [

@@ -14,7 +14,6 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -80,17 +79,22 @@ def test_every_operation_answers_as_documented(live: tuple[Runtime, str]) -> Non
             continue
         if time.monotonic() > deadline:
             break
-        auth = {"Authorization": f"Bearer {token}"} if op.path.startswith("/v1/me") else {"X-API-Key": ADMIN_KEY}
-
-        @given(case=op.as_strategy())
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-        def run(case: Any) -> None:
-            if time.monotonic() > deadline:
-                return
-            case.call_and_validate(base_url=url, headers=auth, checks=CHECKS, timeout=10)
-
-        run()
+        _run(op, url, {"Authorization": f"Bearer {token}"} if op.path.startswith("/v1/me")
+             else {"X-API-Key": ADMIN_KEY}, deadline)
         tested.append(f"{op.method.upper()} {op.path}")
     # The budget must cover the whole document, or the run proves less than it says.
     assert len(tested) == len(ops) - len(SKIP), f"only {len(tested)} of {len(ops)} operations ran"
+
+
+def _run(op: Any, url: str, auth: dict[str, str], deadline: float) -> None:
+    """EXAMPLES generated cases of one operation, each sent and checked."""
+
+    @given(case=op.as_strategy())
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    def run(case: Any) -> None:
+        if time.monotonic() > deadline:
+            return
+        case.call_and_validate(base_url=url, headers=auth, checks=CHECKS, timeout=10)
+
+    run()

@@ -41,7 +41,7 @@ def get_campaign(campaign_id: CampaignId, ctx: Context) -> dict[str, Any]:
     return ctx.service.get_campaign(campaign_id)
 
 
-@router.put("/{campaign_id}")
+@router.put("/{campaign_id}", responses={201: {"description": "Created (200: replaced)"}})
 def put_campaign(campaign_id: CampaignId, definition: Definition, ctx: Context, response: Response) -> dict[str, Any]:
     view, created = ctx.service.put_campaign(campaign_id, definition)
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
