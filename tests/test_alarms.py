@@ -258,6 +258,9 @@ def test_actions_leave_only_after_the_commit(tmp_path: Path) -> None:
         rules.on_readings(s, [Reading("d1", "s1", T0, {"t": 9.0})])
         assert sent == []  # not before the commit either
     assert sent == [("alert", "active"), ("command", "cool")]
+    with db.session() as s:  # an update of the raised alarm is not news: no second alert, no second command
+        rules.on_readings(s, [Reading("d1", "s1", T0 + 60, {"t": 10.0})])
+    assert len(sent) == 2
     calls: list[int] = []
     with db.session() as s:  # after_commit is per transaction: a later one runs only its own effects
         after_commit(s, lambda: calls.append(1))
@@ -359,3 +362,18 @@ action: {title: "All good again", body: "{device.id} is back to {reading.temp} C
         assert by_campaign["freezer-ok"].body == "fz-1 is back to -18 C"
     finally:
         await rt.stop()
+
+
+def test_a_quarantined_device_raises_nothing(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'gw.db'}")
+    db.upgrade()
+    rules = DeviceRules([parse_rule({"id": "hot", "create": {"when": {"metric": "t", "op": "gt", "value": 5}}})])
+    with db.session() as s:
+        s.add(Device(id="new", kind="k", state={}, quarantined=True))
+        s.add(Device(id="known", kind="k", state={}))
+    with db.session() as s:
+        rules.on_readings(s, [Reading("new", "s1", T0, {"t": 9.0}), Reading("known", "s1", T0, {"t": 9.0})])
+    with db.session() as s:
+        assert [a.device_id for a in s.scalars(select(Alarm))] == ["known"]
+        assert s.get(RuleStateRecord, ("new", "hot")) is None
+    db.dispose()

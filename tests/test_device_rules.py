@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -76,6 +77,14 @@ def test_without_a_clear_condition_it_clears_when_the_create_condition_stops_hol
     r = rule("id: warm\ncreate: {when: {metric: temp, op: gt, value: 8}}")
     _, changes = run(r, readings("temp", [9, 7.9]))
     assert kinds(changes) == ["created", "cleared"]
+
+
+@pytest.mark.parametrize(("op", "value", "raised"), [
+    ("gt", 8, False), ("gte", 8, True), ("lt", 8, False), ("lte", 8, True), ("eq", 8, True), ("ne", 8, False),
+    ("in", [7, 8], True), ("not_in", [7, 8], False)])
+def test_each_operator_at_its_boundary(op: str, value: Any, raised: bool) -> None:
+    r = parse_rule({"id": "x", "create": {"when": {"metric": "v", "op": op, "value": value}}})
+    assert bool(run(r, [Sample(T0, {"v": 8.0})])[1]) is raised
 
 
 def test_a_reading_without_the_metric_says_nothing() -> None:
