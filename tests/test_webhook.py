@@ -351,3 +351,50 @@ def test_the_runtime_adds_the_webhook_channel_when_enabled(tmp_path: Any) -> Non
     names = [c.name for c in rt.dispatcher.channels]
     rt.db.dispose()
     assert names[0] == "sse" and "webhook" in names
+
+
+async def test_a_disabled_url_is_re_enabled_over_the_api_and_its_dead_letters_are_delivered(
+        db_url: str, clock: VirtualClock, receiver: Receiver) -> None:
+    """Three 410s disable the URL and a fourth notification dies unsent; the brand fixes its endpoint,
+    staff re-enable it over the API, and the retry loop delivers all four, each once."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.deps import ApiContext
+    from gateway.channels import StreamHub
+    from gateway.identity import IdentityIndex
+    from gateway.service import GatewayService
+    from gateway.tokens import TokenSigner
+
+    db = _database(db_url)
+    ch = _channel(db, clock, [receiver.url], disable_after_gone=3, max_attempts=1)
+    try:
+        receiver.script = [410, 410, 410]
+        dispatcher = Dispatcher(db, [ch])
+        ids = []
+        for key in ("k1", "k2", "k3", "k4"):
+            _, msg = _notify(db, key=key)
+            ids.append(msg["id"])
+            await dispatcher.dispatch([msg["id"]], clock.now())
+        assert len(receiver.got) == 3 and endpoint_states(db)[receiver.url]["disabled"]
+        svc = GatewayService(db, IdentityIndex(), clock, TokenSigner(b"webhook-api-test-secret-01234567"))
+        api = TestClient(create_app(ApiContext(service=svc, hub=StreamHub(), admin_key="wh-admin-key-0123456789",
+                                               health=dict)))  # type: ignore[arg-type]
+        admin = {"X-API-Key": "wh-admin-key-0123456789"}
+        listed = api.get("/v1/webhook-endpoints", headers=admin).json()
+        assert [(e["url"], e["disabled_at"] is not None) for e in listed] == [(receiver.url, True)]
+        assert api.get("/v1/deliveries", params={"state": "dead", "channel": "webhook"},
+                       headers=admin).json()["total"] == 4
+        r = api.post("/v1/webhook-endpoints/enable", json={"url": receiver.url}, headers=admin)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"url": receiver.url, "was_disabled": True, "requeued": ids}
+        assert api.post("/v1/webhook-endpoints/enable", json={"url": "https://elsewhere.example/x"},
+                        headers=admin).status_code == 404
+        assert await dispatcher.retry_due(clock.now()) == 4
+        delivered = [json.loads(g.body)["id"] for g in receiver.got[3:]]
+        assert delivered == ids and all(g.signature_ok for g in receiver.got)
+        assert api.get("/v1/deliveries", params={"state": "dead"}, headers=admin).json()["total"] == 0
+        assert await dispatcher.retry_due(clock.now() + 3600) == 0  # nothing left: nothing sent twice
+    finally:
+        await ch.aclose()
+        db.dispose()
