@@ -70,6 +70,19 @@ class ConsentsIn(BaseModel):
     consents: dict[Purpose, bool]
 
 
+class ProfileUpdateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"attributes": {"language": "fr"}}]})
+    name: str | None = Field(default=None, max_length=200)
+    attributes: dict[str, Any] | None = Field(default=None, description="Merged in; a null value removes one")
+
+    _attributes_finite = field_validator("attributes")(_finite)
+
+
+class LinkIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"profile_id": 7}]})
+    profile_id: int = Field(ge=1, le=DB_ID_MAX, description="The profile merged into this one, then deleted")
+
+
 class TokenOut(BaseModel):
     token: str = Field(description="Shown once; the gateway keeps no copy")
     profile_id: int
@@ -188,7 +201,7 @@ class DecisionOut(BaseModel):
 class SyntheticEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["visit_start", "enter", "dwell", "exit", "visit_end", "telemetry", "cart_abandoned", "purchase",
-                  "alarm", "alarm_cleared"]
+                  "alarm", "alarm_cleared", "segment_entered", "schedule"]
     zone: str | None = Field(default=None, max_length=64)
     dwell_s: float = Field(default=0.0, ge=0)
     facts: dict[str, Any] = Field(default_factory=dict, description="e.g. {device: {...}, reading: {...}}")
@@ -208,6 +221,7 @@ class DryRunOutcome(BaseModel):
     reason: str
     detail: str | None
     variant: str | None
+    deliver_at: float | None = Field(default=None, description="When it would go out, if later (delay, quiet hours)")
 
 
 class InteractionIn(BaseModel):

@@ -20,7 +20,10 @@ import yaml
 
 PURPOSES = ("offers", "cart_reminders", "maintenance", "health", "analytics")  # health: wearable regime nudges
 TRIGGERS = ("visit_start", "enter", "dwell", "exit", "visit_end", "telemetry", "cart_abandoned", "purchase",
-            "alarm", "alarm_cleared")  # alarm*: a device rule raised (or cleared) an alarm, see docs/device-rules.md
+            "alarm", "alarm_cleared",  # alarm*: a device rule raised (or cleared) an alarm, see docs/device-rules.md
+            "segment_entered", "schedule")  # a profile joined a live segment; a time of day (store time)
+CHANNELS = ("sse", "webhook", "webpush")  # sse: the app's live streams (SSE and WebSocket) and its inbox
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 LIMITS = ("cooldown_s", "max_per_profile", "budget", "quiet_hours", "ttl_s")
 OPS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "exists", "contains")
 _MISSING = object()
@@ -38,6 +41,10 @@ class Trigger:
     metric: str | None = None
     above: float | None = None  # telemetry: fire when the metric crosses up through this value
     below: float | None = None  # telemetry: fire when the metric crosses down through this value
+    segment: str | None = None  # segment_entered: which segment (None: any)
+    at: tuple[dt.time, ...] = ()  # schedule: local times of day, store timezone
+    days: tuple[int, ...] = tuple(range(7))  # schedule: weekdays (0 = Monday)
+    within_s: float = 3600.0  # schedule: a run missed (gateway down) still happens this long after its time
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +94,13 @@ class Campaign:
     enabled: bool = True
     max_per_profile: int = 0  # re-eligibility: at most N sends per profile, ever (0: no limit)
     budget_sends: int = 0  # campaign-wide send budget (0: no limit)
+    budget_redemptions: int = 0  # campaign-wide redemption budget: stops sending once this many redeemed
     quiet_hours: QuietHours | None = None
     delay_s: float = 0.0  # send this long after the trigger, unless a cancel event comes first
     ttl_s: float = 0.0  # a held or delayed send older than this is dropped as expired (0: never)
     cancel_on: tuple[str, ...] = ()  # event kinds that cancel a pending send (e.g. purchase, exit)
     experiment: Experiment | None = None
+    channels: tuple[str, ...] = ()  # the channels it may go out on (empty: every configured channel)
 
 
 # ---------------------------------------------------------------- conditions
@@ -220,25 +229,14 @@ def parse_campaign(data: Any, source: str = "campaign") -> Campaign:
     trig = data.get("trigger")
     if not isinstance(trig, Mapping) or trig.get("type") not in TRIGGERS:
         raise CampaignError(f"{where}: 'trigger.type' must be one of {', '.join(TRIGGERS)}")
-    unknown = set(trig) - {"type", "zone", "min_dwell_s", "metric", "above", "below"}
-    if unknown:
-        raise CampaignError(f"{where}: unknown trigger field(s) {', '.join(sorted(unknown))}")
-    if ("above" in trig or "below" in trig) and not trig.get("metric"):
-        raise CampaignError(f"{where}: a threshold ('above'/'below') needs a 'metric'")
-    try:
-        trigger = Trigger(type=trig["type"], zone=trig.get("zone"), min_dwell_s=float(trig.get("min_dwell_s", 0)),
-                          metric=trig.get("metric"),
-                          above=None if trig.get("above") is None else float(trig["above"]),
-                          below=None if trig.get("below") is None else float(trig["below"]))
-    except (TypeError, ValueError):
-        raise CampaignError(f"{where}: min_dwell_s, above and below are numbers") from None
+    trigger = _trigger(trig, where)
     act = data.get("action")
     if not isinstance(act, Mapping) or not isinstance(act.get("title"), str) or not isinstance(
         act.get("body"), str
     ):
         raise CampaignError(f"{where}: 'action' needs a 'title' and a 'body' (text templates)")
     unknown = set(data) - {"id", "name", "purpose", "trigger", "conditions", "action", "limits", "priority",
-                           "enabled", "cancel_on", "experiment", "description"}
+                           "enabled", "cancel_on", "experiment", "description", "channels"}
     if unknown:
         raise CampaignError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     cond = data.get("conditions")
@@ -251,8 +249,11 @@ def parse_campaign(data: Any, source: str = "campaign") -> Campaign:
     if unknown:
         raise CampaignError(f"{where}: unknown limit(s) {', '.join(sorted(unknown))}; known: {', '.join(LIMITS)}")
     budget = limits.get("budget") or {}
-    if not isinstance(budget, Mapping) or set(budget) - {"max_sends"}:
-        raise CampaignError(f"{where}: 'limits.budget' takes max_sends")
+    if not isinstance(budget, Mapping) or set(budget) - {"max_sends", "max_redemptions"}:
+        raise CampaignError(f"{where}: 'limits.budget' takes max_sends and max_redemptions")
+    channels = data.get("channels") or []
+    if not isinstance(channels, list) or not all(c in CHANNELS for c in channels):
+        raise CampaignError(f"{where}: 'channels' is a list from {', '.join(CHANNELS)}")
     cancel_on = data.get("cancel_on") or []
     if not isinstance(cancel_on, list) or any(c not in TRIGGERS for c in cancel_on):
         raise CampaignError(f"{where}: 'cancel_on' is a list of event kinds from {', '.join(TRIGGERS)}")
@@ -261,12 +262,13 @@ def parse_campaign(data: Any, source: str = "campaign") -> Campaign:
         priority = int(data.get("priority", 0))
         max_per_profile = int(limits.get("max_per_profile", 0))
         budget_sends = int(budget.get("max_sends", 0))
+        budget_redemptions = int(budget.get("max_redemptions", 0))
         ttl = float(limits.get("ttl_s", 0))
         delay = float(act.get("delay_s", 0))
     except (TypeError, ValueError):
         raise CampaignError(f"{where}: cooldown_s, max_per_profile, max_sends, ttl_s, delay_s and priority "
                             "are numbers") from None
-    if min(cooldown, max_per_profile, budget_sends, ttl, delay) < 0:
+    if min(cooldown, max_per_profile, budget_sends, budget_redemptions, ttl, delay) < 0:
         raise CampaignError(f"{where}: limits and delays cannot be negative")
     return Campaign(
         id=cid,
@@ -280,12 +282,58 @@ def parse_campaign(data: Any, source: str = "campaign") -> Campaign:
         enabled=bool(data.get("enabled", True)),
         max_per_profile=max_per_profile,
         budget_sends=budget_sends,
+        budget_redemptions=budget_redemptions,
         quiet_hours=_quiet_hours(limits.get("quiet_hours"), where),
         delay_s=delay,
         ttl_s=ttl,
         cancel_on=tuple(cancel_on),
         experiment=_experiment(data.get("experiment"), where),
+        channels=tuple(dict.fromkeys(channels)),
     )
+
+
+_TRIGGER_FIELDS = {
+    "dwell": {"zone", "min_dwell_s"}, "enter": {"zone"}, "exit": {"zone"}, "visit_start": {"zone"},
+    "visit_end": set(), "telemetry": {"metric", "above", "below"}, "segment_entered": {"segment"},
+    "schedule": {"at", "days", "within_s"},
+}
+
+
+def _trigger(trig: Mapping[str, Any], where: str) -> Trigger:
+    kind = trig["type"]
+    allowed = {"type"} | _TRIGGER_FIELDS.get(kind, {"zone", "min_dwell_s", "metric", "above", "below"})
+    unknown = set(trig) - allowed
+    if unknown:
+        raise CampaignError(f"{where}: unknown trigger field(s) {', '.join(sorted(unknown))} for {kind}; "
+                            f"known: {', '.join(sorted(allowed))}")
+    if ("above" in trig or "below" in trig) and not trig.get("metric"):
+        raise CampaignError(f"{where}: a threshold ('above'/'below') needs a 'metric'")
+    if trig.get("segment") is not None and not isinstance(trig["segment"], str):
+        raise CampaignError(f"{where}: trigger.segment is a segment id")
+    at: tuple[dt.time, ...] = ()
+    days = tuple(range(7))
+    if kind == "schedule":
+        raw_at = trig.get("at")
+        raw_at = [raw_at] if isinstance(raw_at, str) else raw_at
+        if not isinstance(raw_at, list) or not raw_at:
+            raise CampaignError(f"{where}: a schedule needs 'at': 'HH:MM' or a list of them (store time)")
+        at = tuple(sorted({_clock_time(v, where) for v in raw_at}))
+        raw_days = trig.get("days", list(DAYS))
+        if not isinstance(raw_days, list) or not raw_days or any(str(d).lower()[:3] not in DAYS for d in raw_days):
+            raise CampaignError(f"{where}: trigger.days is a list of weekdays ({', '.join(DAYS)})")
+        days = tuple(sorted({DAYS.index(str(d).lower()[:3]) for d in raw_days}))
+    try:
+        within = float(trig.get("within_s", 3600))
+        trigger = Trigger(type=kind, zone=trig.get("zone"), min_dwell_s=float(trig.get("min_dwell_s", 0)),
+                          metric=trig.get("metric"),
+                          above=None if trig.get("above") is None else float(trig["above"]),
+                          below=None if trig.get("below") is None else float(trig["below"]),
+                          segment=trig.get("segment"), at=at, days=days, within_s=within)
+    except (TypeError, ValueError):
+        raise CampaignError(f"{where}: min_dwell_s, above, below and within_s are numbers") from None
+    if within <= 0 or trigger.min_dwell_s < 0:
+        raise CampaignError(f"{where}: within_s is positive and min_dwell_s not negative")
+    return trigger
 
 
 def _action(act: Mapping[str, Any], where: str) -> Action:
@@ -304,7 +352,7 @@ def _clock_time(value: Any, where: str) -> dt.time:
     try:
         hh, mm = str(value).split(":")
         return dt.time(int(hh), int(mm))
-    except ValueError:
+    except (ValueError, TypeError):
         raise CampaignError(f"{where}: times are 'HH:MM', got {value!r}") from None
 
 
@@ -434,11 +482,13 @@ class CampaignIndex:
                 self.by_trigger.setdefault(c.trigger.type, []).append(c)
 
     def candidates(self, trigger: str, zone: str | None, dwell_s: float = 0.0,
-                   metrics: Iterable[str] = ()) -> list[Campaign]:
+                   metrics: Iterable[str] = (), segment: str | None = None) -> list[Campaign]:
         out = []
         for c in self.by_trigger.get(trigger, ()):
             t = c.trigger
             if t.zone is not None and t.zone != zone:
+                continue
+            if t.segment is not None and t.segment != segment:
                 continue
             if t.min_dwell_s and dwell_s < t.min_dwell_s:
                 continue

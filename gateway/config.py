@@ -178,6 +178,7 @@ class CapSettings:
     window_s: float
     max: int
     purposes: list[str] = field(default_factory=lambda: ["offers", "cart_reminders"])
+    channel: str = ""  # empty: across channels; "webpush", "webhook" or "sse": that channel only
 
 
 @dataclass
@@ -272,6 +273,16 @@ class InteractionSettings:
 
 
 @dataclass
+class PrivacySettings:
+    presence_retention_days: float = 395.0  # visits, zone stays and decisions older than this are purged (0: keep)
+
+
+@dataclass
+class FigureSettings:
+    bounce_s: float = 60.0  # a visit that saw at most one zone and lasted less than this is a bounce
+
+
+@dataclass
 class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -290,6 +301,8 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     interactions: InteractionSettings = field(default_factory=InteractionSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    figures: FigureSettings = field(default_factory=FigureSettings)
     remote: RemoteSettings = field(default_factory=RemoteSettings)
     receivers: list[ReceiverSettings] = field(default_factory=list)
     data_dir: str = "data"

@@ -11,16 +11,36 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from gateway.campaigns import Campaign, CampaignIndex, Segment, Variant, assign_variant, evaluate, render
-from gateway.storage.models import Cart, CatalogItem, Consent, Decision, Notification, Profile, Visit
+from gateway.campaigns import (
+    CHANNELS,
+    Campaign,
+    CampaignIndex,
+    Segment,
+    Variant,
+    assign_variant,
+    evaluate,
+    render,
+)
+from gateway.storage.models import (
+    Cart,
+    CatalogItem,
+    Consent,
+    Decision,
+    Interaction,
+    Notification,
+    Profile,
+    SegmentMembership,
+    Visit,
+    ZoneStay,
+)
 
 FIRED = "fired"
 NO_CONSENT = "no_consent"
@@ -37,15 +57,20 @@ EXPIRED = "expired"
 CANCELLED = "cancelled"
 
 SCHEDULED = "scheduled"
+NOT_SENT = (CANCELLED, EXPIRED)  # statuses that never reached (and never will reach) the customer: not counted
+# Events after which a profile's live segments are evaluated again (a dwell tick changes nothing).
+REFRESH_SEGMENTS_ON = frozenset({"visit_start", "visit_end", "purchase", "cart_abandoned", "profile_updated"})
 
 
 @dataclass(frozen=True, slots=True)
 class FrequencyCap:
-    """At most ``max`` notifications per profile in any rolling ``window_s``, across campaigns."""
+    """At most ``max`` notifications per profile in any rolling ``window_s``, across campaigns; with a
+    ``channel``, at most ``max`` over that channel (a full channel is left out, the others still carry it)."""
 
     window_s: float
     max: int
     purposes: tuple[str, ...] = ("offers", "cart_reminders")  # service messages are not capped
+    channel: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +109,7 @@ def cart_facts(session: Session, profile_id: int, now: float, abandon_after_s: f
         .order_by(Cart.updated_at.desc()).limit(1)
     ).first()
     if cart is None:
-        return {"abandoned": False, "item_count": 0, "items": []}
+        return {"abandoned": False, "reminded": False, "item_count": 0, "items": [], "zones": []}
     skus = [str(i.get("sku")) for i in cart.items]
     where = {c.sku: c for c in session.scalars(select(CatalogItem).where(CatalogItem.sku.in_(skus)))}
     items = []
@@ -101,8 +126,13 @@ def cart_facts(session: Session, profile_id: int, now: float, abandon_after_s: f
         place = ", ".join(p for p in (i["zone"], f"aisle {i['aisle']}" if i["aisle"] else None) if p)
         return f"{i['name']}{qty} ({place})" if place else f"{i['name']}{qty}"
 
+    # Reminded already: a cart reminder went out (or waits) since the cart was last touched.
+    reminded = session.scalar(select(Notification.id).where(
+        Notification.profile_id == profile_id, Notification.purpose == "cart_reminders",
+        Notification.created_at >= cart.updated_at, Notification.status.not_in(NOT_SENT)).limit(1)) is not None
     return {
         "id": cart.id,
+        "reminded": reminded,
         "abandoned": now - cart.updated_at >= abandon_after_s,
         "idle_s": now - cart.updated_at,
         "item_count": sum(int(i["quantity"] or 1) for i in items),
@@ -112,18 +142,63 @@ def cart_facts(session: Session, profile_id: int, now: float, abandon_after_s: f
     }
 
 
+class VisitsWithin(Mapping[str, int]):
+    """``behaviour.visits_in_days.N``: visits that began in the last N days, for any N from 1 to 365."""
+
+    def __init__(self, starts: Sequence[float], now: float) -> None:
+        self._ages = sorted(now - t for t in starts)
+
+    def _days(self, key: object) -> int | None:
+        try:
+            n = int(str(key))
+        except ValueError:
+            return None
+        return n if 1 <= n <= 365 else None
+
+    def __contains__(self, key: object) -> bool:
+        return self._days(key) is not None
+
+    def __getitem__(self, key: str) -> int:
+        n = self._days(key)
+        if n is None:
+            raise KeyError(key)
+        return sum(1 for age in self._ages if age <= n * 86400)
+
+    def __iter__(self) -> Any:
+        return iter(("7", "30", "90", "365"))
+
+    def __len__(self) -> int:
+        return 4
+
+
 def behaviour_facts(session: Session, profile_id: int, now: float) -> dict[str, Any]:
-    """Visit history as facts: what segments like "frequent" or "occasional" are made of."""
+    """Visit, dwell and purchase history as facts: what segments like "frequent" or "occasional" are made of."""
     rows = session.execute(select(Visit.started_at, Visit.ended_at).where(
-        Visit.profile_id == profile_id, Visit.started_at >= now - 365 * 86400)).all()
+        Visit.profile_id == profile_id, Visit.started_at >= now - 365 * 86400, Visit.started_at <= now)).all()
     past = [r for r in rows if r.started_at < now - 1]  # the visit that just began is not history
     ended = [r.ended_at - r.started_at for r in rows if r.ended_at is not None and r.started_at >= now - 90 * 86400]
     last = max((r.started_at for r in past), default=None)
+    stays = session.execute(select(ZoneStay.zone, ZoneStay.entered_at, ZoneStay.exited_at).where(
+        ZoneStay.profile_id == profile_id, ZoneStay.entered_at >= now - 90 * 86400,
+        ZoneStay.exited_at.is_not(None))).all()
+    by_zone: dict[str, list[float]] = {}
+    for z in stays:
+        by_zone.setdefault(z.zone, []).append(z.exited_at - z.entered_at)
+    dwell = [d for ds in by_zone.values() for d in ds]
+    bought = sorted(float(t) for t in session.scalars(select(Cart.checked_out_at).where(
+        Cart.profile_id == profile_id, Cart.checked_out_at.is_not(None), Cart.checked_out_at <= now))
+        if t is not None)
+    within = VisitsWithin([r.started_at for r in rows], now)
     return {
-        "visits_30d": sum(1 for r in rows if r.started_at >= now - 30 * 86400),
-        "visits_365d": len(rows),
+        "visits_7d": within["7"], "visits_30d": within["30"], "visits_90d": within["90"],
+        "visits_365d": len(rows), "visits_in_days": within,
         "days_since_last_visit": None if last is None else round((now - last) / 86400, 2),
         "avg_visit_s": round(sum(ended) / len(ended), 1) if ended else None,
+        "avg_dwell_s": round(sum(dwell) / len(dwell), 1) if dwell else None,
+        "avg_dwell_s_by_zone": {z: round(sum(d) / len(d), 1) for z, d in sorted(by_zone.items())},
+        "purchases_365d": sum(1 for t in bought if t >= now - 365 * 86400),
+        "last_purchase_at": bought[-1] if bought else None,
+        "days_since_last_purchase": round((now - bought[-1]) / 86400, 2) if bought else None,
     }
 
 
@@ -152,26 +227,35 @@ def profile_facts(profile: Profile, consents: set[str]) -> dict[str, Any]:
 
 class Engine:
     """Decides, explains, and writes the outbox. All durable state (cooldowns, caps, budgets, pending
-    sends) is read from the database, so it survives a restart; the in-memory state only avoids
-    repeating work and is safe to lose."""
+    sends, segment memberships) is read from the database, so it survives a restart; the in-memory
+    state only avoids repeating work and is safe to lose."""
 
     def __init__(self, campaigns: CampaignIndex, *, abandon_after_s: float = 1800.0, timezone: str = "UTC",
                  caps: Sequence[FrequencyCap] = (), segments: Sequence[Segment] = (),
-                 tiers: Sequence[tuple[str, int]] = ()) -> None:
+                 tiers: Sequence[tuple[str, int]] = (), channels: Sequence[str] = CHANNELS) -> None:
         self.campaigns = campaigns
         self.segments = tuple(segments)
         self.tiers = tuple(tiers)
         self.abandon_after_s = abandon_after_s
+        self.timezone = timezone
         self.tz = ZoneInfo(timezone)
         self.caps = tuple(caps)
+        self.channels = tuple(channels)  # the configured channels a notification can go out on
         self.counts: Counter[str] = Counter()  # decisions by reason, for /metrics and summaries
         self.fired_by_campaign: Counter[str] = Counter()
+        self.evaluations = 0  # campaign evaluations (one per candidate and event): the engine's work
         self._last_value: dict[tuple[str, str], float] = {}  # (device, metric) -> previous reading
         # Occurrences already judged, per profile: a zone stay gets one verdict per campaign, not one
         # per dwell tick. Forgotten when the visit ends; the outbox's dedup key is the durable guard.
         self._judged: dict[int, set[tuple[str, str]]] = {}
         self._cancellers: dict[str, list[str]] = {}
+        self._schedules_done: set[str] = set()
         self.set_campaigns(campaigns)
+
+    def clone(self) -> Engine:
+        """The same configuration and campaigns, no in-memory history (dry runs)."""
+        return Engine(self.campaigns, abandon_after_s=self.abandon_after_s, timezone=self.timezone, caps=self.caps,
+                      segments=self.segments, tiers=self.tiers, channels=self.channels)
 
     def set_campaigns(self, campaigns: CampaignIndex) -> None:
         """Swap the live campaign set (API edits); durable state is in the database, so nothing is lost."""
@@ -204,10 +288,15 @@ class Engine:
 
     # ------------------------------------------------------------ one event
 
-    def handle(self, session: Session, event: EngineEvent) -> list[Outcome]:
+    def handle(self, session: Session, event: EngineEvent, only: Sequence[Campaign] | None = None) -> list[Outcome]:
+        """Judge ``event`` against every campaign its trigger can fire (or just ``only``)."""
         outcomes = self._cancel_pending(session, event) if event.kind in self._cancellers else []
-        metrics = event.facts.get("reading", {}).keys() if event.kind == "telemetry" else ()
-        candidates = self.campaigns.candidates(event.kind, event.zone, event.dwell_s, metrics)
+        if only is not None:
+            candidates = list(only)
+        else:
+            metrics = event.facts.get("reading", {}).keys() if event.kind == "telemetry" else ()
+            segment = event.facts.get("segment", {}).get("id") if event.kind == "segment_entered" else None
+            candidates = self.campaigns.candidates(event.kind, event.zone, event.dwell_s, metrics, segment)
         if event.kind == "telemetry":
             candidates = [c for c in candidates if self._crossed(c, event)]
             self._remember_readings(event)
@@ -215,7 +304,8 @@ class Engine:
         candidates = [c for c in candidates if (c.id, event.key) not in judged]
         if event.kind == "visit_end":
             self._judged.pop(event.profile_id, None)
-        if not candidates:
+        refresh = bool(self.segments) and event.kind in REFRESH_SEGMENTS_ON
+        if not candidates and not refresh:
             return self._record(session, event, outcomes)
         profile = session.get(Profile, event.profile_id)
         if profile is None:
@@ -226,19 +316,23 @@ class Engine:
         facts["event"] = {"kind": event.kind, "zone": event.zone, "dwell_s": round(event.dwell_s, 1),
                           "time": event.time}
         wanted = " ".join(str(c.conditions) for c in candidates)
-        if any(c.purpose == "cart_reminders" for c in candidates) or "cart." in wanted:
+        if refresh or any(c.purpose == "cart_reminders" for c in candidates) or "cart." in wanted:
             facts["cart"] = cart_facts(session, profile.id, event.time, self.abandon_after_s)
         facts["loyalty"] = {"points": profile.points or 0, "tier": tier_for(profile.points or 0, self.tiers)}
-        if "behaviour." in wanted or "segments" in wanted:
+        entered: list[str] = []
+        if refresh or "behaviour." in wanted or "segments" in wanted:
             facts["behaviour"] = behaviour_facts(session, profile.id, event.time)
             facts["segments"] = [seg.id for seg in self.segments if evaluate(seg.conditions, facts) is None]
+            if refresh:
+                entered = self._update_memberships(session, profile.id, facts["segments"], event.time)
 
         who = profile.external_id or f"#{profile.id}"
         winner: Campaign | None = None
         for c in candidates:  # highest priority first
+            self.evaluations += 1
             variant = assign_variant(c.experiment, c.id, profile.id) if c.experiment else None
             arm = (variant.name if variant else "holdout") if c.experiment else None
-            reason, detail = self._check(session, c, event, facts, consents, variant)
+            send_at, channels, reason, detail = self._check(session, c, event, facts, consents, variant)
             if reason is None and winner is not None:
                 reason, detail = LOST_ARBITRATION, f"{winner.id} has higher priority"
             if reason == HOLDOUT and winner is None:
@@ -247,9 +341,31 @@ class Engine:
                 outcomes.append(Outcome(c.id, profile.id, False, reason, detail, None, who, arm))
                 continue
             winner = c
-            outcomes.append(self._fire(session, c, event, facts, who, variant))
-        judged.update((o.campaign_id, event.key) for o in outcomes)
-        return self._record(session, event, outcomes)
+            outcomes.append(self._fire(session, c, event, facts, who, variant, send_at, channels, detail))
+        if event.kind != "schedule":  # a schedule's key is per day: its dedup key is guard enough
+            judged.update((o.campaign_id, event.key) for o in outcomes)
+        self._record(session, event, outcomes)
+        for seg in entered:  # joining a segment is an event of its own, after the one that caused it
+            outcomes += self.handle(session, EngineEvent("segment_entered", profile.id, event.time,
+                                                         f"segment:{seg}:{event.time:.3f}",
+                                                         facts={"segment": {"id": seg}}))
+        return outcomes
+
+    def _update_memberships(self, session: Session, profile_id: int, now_in: Sequence[str], t: float) -> list[str]:
+        """Store which segments the profile is in; returns those it has just joined."""
+        before = set(session.scalars(select(SegmentMembership.segment_id)
+                                     .where(SegmentMembership.profile_id == profile_id)))
+        current = set(now_in)
+        left = before - current
+        if left:
+            session.execute(delete(SegmentMembership).where(SegmentMembership.profile_id == profile_id,
+                                                            SegmentMembership.segment_id.in_(sorted(left))))
+        joined = [seg for seg in now_in if seg not in before]
+        for seg in joined:
+            session.add(SegmentMembership(profile_id=profile_id, segment_id=seg, entered_at=t))
+        if joined:
+            session.flush()
+        return joined
 
     def _record(self, session: Session, event: EngineEvent, outcomes: list[Outcome]) -> list[Outcome]:
         for o in outcomes:
@@ -267,44 +383,85 @@ class Engine:
             select(Consent.purpose).where(Consent.profile_id == profile_id, Consent.granted.is_(True))
         ))
 
+    def send_time(self, c: Campaign, t: float) -> float:
+        """When a send decided at ``t`` reaches the customer: after the delay, and after quiet hours (hold)."""
+        at = t + c.delay_s
+        if c.quiet_hours is not None and c.quiet_hours.mode == "hold" and self._quiet(c, at):
+            at = self._quiet_end(c, at)
+        return at
+
     def _check(self, session: Session, c: Campaign, event: EngineEvent, facts: Mapping[str, Any],
-               consents: set[str], variant: Variant | None) -> tuple[str | None, str | None]:
+               consents: set[str], variant: Variant | None
+               ) -> tuple[float, tuple[str, ...], str | None, str | None]:
+        """(send time, channels, reason, detail): reason None means it may fire.
+
+        Cooldowns and caps are judged at the time the customer would get it (after a delay or held quiet
+        hours), against sends on both sides of that time, so neither late events nor held sends released
+        together can break them."""
+        send_at = self.send_time(c, event.time)
+        channels = tuple(ch for ch in (c.channels or self.channels) if ch in self.channels)
         if c.purpose not in consents:
-            return NO_CONSENT, f"no consent for {c.purpose}"
+            return send_at, channels, NO_CONSENT, f"no consent for {c.purpose}"
         failed = evaluate(c.conditions, facts)
         if failed is not None:
-            return CONDITION_FALSE, failed
+            return send_at, channels, CONDITION_FALSE, failed
         if session.scalar(select(Notification.id).where(Notification.dedup_key == self.dedup_key(c, event))):
-            return DUPLICATE, "already sent for this occurrence"
+            return send_at, channels, DUPLICATE, "already sent for this occurrence"
+        sent_at = func.coalesce(Notification.deliver_at, Notification.created_at)
         mine = (Notification.campaign_id == c.id, Notification.profile_id == event.profile_id,
-                Notification.status.not_in((CANCELLED, EXPIRED)))
+                Notification.status.not_in(NOT_SENT))
         if c.cooldown_s > 0:
-            last = session.scalar(select(func.max(Notification.created_at)).where(*mine))
-            if last is not None and event.time - last < c.cooldown_s:
-                return COOLDOWN, f"sent {event.time - last:.0f} s ago, cooldown {c.cooldown_s:.0f} s"
+            near = session.scalars(select(sent_at).where(*mine, sent_at > send_at - c.cooldown_s,
+                                                          sent_at < send_at + c.cooldown_s)).all()
+            if near:
+                gap = min(near, key=lambda x: abs(send_at - x))
+                when = (f"one is due at {dt.datetime.fromtimestamp(gap, self.tz):%H:%M}" if gap > event.time
+                        else f"sent {event.time - gap:.0f} s ago")
+                return send_at, channels, COOLDOWN, f"{when}, cooldown {c.cooldown_s:.0f} s"
         if c.max_per_profile:
             sent = session.scalar(select(func.count()).select_from(Notification).where(*mine)) or 0
             if sent >= c.max_per_profile:
-                return NOT_REELIGIBLE, f"already sent {sent} time(s), at most {c.max_per_profile}"
+                return send_at, channels, NOT_REELIGIBLE, f"already sent {sent} time(s), at most {c.max_per_profile}"
         if c.budget_sends:
             used = session.scalar(select(func.count()).select_from(Notification).where(
-                Notification.campaign_id == c.id, Notification.status.not_in((CANCELLED, EXPIRED)))) or 0
+                Notification.campaign_id == c.id, Notification.status.not_in(NOT_SENT))) or 0
             if used >= c.budget_sends:
-                return BUDGET_EXHAUSTED, f"{used} of {c.budget_sends} sends used"
-        for cap in self.caps:
-            if c.purpose not in cap.purposes:
-                continue
-            recent = session.scalar(select(func.count()).select_from(Notification).where(
-                Notification.profile_id == event.profile_id, Notification.purpose.in_(cap.purposes),
-                Notification.created_at > event.time - cap.window_s,
-                Notification.status.not_in((CANCELLED, EXPIRED)))) or 0
-            if recent >= cap.max:
-                return CAPPED, f"{recent} sent in the last {cap.window_s:.0f} s, cap {cap.max}"
+                return send_at, channels, BUDGET_EXHAUSTED, f"{used} of {c.budget_sends} sends used"
+        if c.budget_redemptions:
+            redeemed = session.scalar(select(func.count()).select_from(Interaction).join(
+                Notification, Notification.id == Interaction.notification_id).where(
+                Notification.campaign_id == c.id, Interaction.kind == "redeemed")) or 0
+            if redeemed >= c.budget_redemptions:
+                return send_at, channels, BUDGET_EXHAUSTED, f"{redeemed} of {c.budget_redemptions} redemptions used"
+        caps = [cap for cap in self.caps if c.purpose in cap.purposes]
+        if caps:
+            widest = max(cap.window_s for cap in caps)
+            recent = session.execute(select(sent_at, Notification.purpose, Notification.data).where(
+                Notification.profile_id == event.profile_id, Notification.status.not_in(NOT_SENT),
+                sent_at > send_at - widest, sent_at < send_at + widest)).all()
+            for cap in caps:
+                if cap.channel is not None and cap.channel not in channels:
+                    continue
+                n = sum(1 for at, purpose, data in recent if purpose in cap.purposes
+                        and abs(at - send_at) < cap.window_s
+                        and (cap.channel is None or cap.channel in ((data or {}).get("channels") or self.channels)))
+                if n < cap.max:
+                    continue
+                where = f" on {cap.channel}" if cap.channel else ""
+                detail = f"{n} sent{where} within {cap.window_s:.0f} s, cap {cap.max}"
+                if cap.channel is None:
+                    return send_at, channels, CAPPED, detail
+                channels = tuple(ch for ch in channels if ch != cap.channel)
+                if not channels:
+                    return send_at, channels, CAPPED, detail
+        if not channels:
+            return send_at, channels, CAPPED, "none of its channels is configured"
         if c.experiment is not None and variant is None:
-            return HOLDOUT, f"in the {c.experiment.holdout:.0%} holdout"
-        if c.quiet_hours is not None and c.quiet_hours.mode == "drop" and self._quiet(c, event.time):
-            return QUIET_HOURS, "inside quiet hours (drop)"
-        return None, None
+            return send_at, channels, HOLDOUT, f"in the {c.experiment.holdout:.0%} holdout"
+        if c.quiet_hours is not None and c.quiet_hours.mode == "drop" and self._quiet(c, send_at):
+            return send_at, channels, QUIET_HOURS, "inside quiet hours (drop)"
+        left_out = [ch for ch in (c.channels or self.channels) if ch in self.channels and ch not in channels]
+        return send_at, channels, None, f"not on {', '.join(left_out)} (channel cap)" if left_out else None
 
     def _quiet(self, c: Campaign, t: float) -> bool:
         assert c.quiet_hours is not None
@@ -314,10 +471,9 @@ class Engine:
         """The first moment after ``t`` outside the campaign's quiet hours, in the store's timezone."""
         assert c.quiet_hours is not None
         local = dt.datetime.fromtimestamp(t, self.tz)
-        end = local.replace(hour=c.quiet_hours.end.hour, minute=c.quiet_hours.end.minute, second=0,
-                            microsecond=0)
+        end = dt.datetime.combine(local.date(), c.quiet_hours.end, self.tz)
         if end <= local:
-            end += dt.timedelta(days=1)
+            end = dt.datetime.combine(local.date() + dt.timedelta(days=1), c.quiet_hours.end, self.tz)
         return end.timestamp()
 
     @staticmethod
@@ -325,24 +481,28 @@ class Engine:
         return f"{c.id}:{event.profile_id}:{event.key}"
 
     def _fire(self, session: Session, c: Campaign, event: EngineEvent, facts: dict[str, Any],
-              who: str, variant: Variant | None) -> Outcome:
+              who: str, variant: Variant | None, send_at: float, channels: Sequence[str],
+              note: str | None) -> Outcome:
         action = variant.action if variant is not None and variant.action is not None else c.action
         scope = {**facts, **action.data}
         data: dict[str, Any] = {"campaign": c.id, "purpose": c.purpose, "trigger": event.kind,
                                 "zone": event.zone, **action.data}
         if variant is not None:
             data["variant"] = variant.name
+        if tuple(channels) != self.channels:
+            data["channels"] = list(channels)  # the dispatcher leaves the others out
         if "cart" in facts and facts["cart"].get("abandoned"):
             data["cart"] = {k: facts["cart"][k] for k in ("id", "items", "zones")}
         if "device" in facts:
             data["device"] = facts["device"]
         if "alarm" in facts:  # the app acks or books the alarm by this id (POST /v1/me/alarms/{id}/...)
             data["alarm"] = {k: facts["alarm"].get(k) for k in ("id", "rule", "severity")}
-        deliver_at = event.time + c.delay_s if c.delay_s else None
+        deliver_at = send_at if send_at > event.time else None
         detail = f"delayed {c.delay_s:.0f} s" if c.delay_s else None
-        if c.quiet_hours is not None and c.quiet_hours.mode == "hold" and self._quiet(c, deliver_at or event.time):
-            deliver_at = self._quiet_end(c, deliver_at or event.time)
+        if deliver_at is not None and deliver_at > event.time + c.delay_s:
             detail = f"held for quiet hours until {dt.datetime.fromtimestamp(deliver_at, self.tz):%H:%M}"
+        if note:
+            detail = f"{detail}; {note}" if detail else note
         n = Notification(profile_id=event.profile_id, campaign_id=c.id, purpose=c.purpose,
                          dedup_key=self.dedup_key(c, event), title=render(action.title, scope)[:300],
                          body=render(action.body, scope), data=data, created_at=event.time,
@@ -356,6 +516,46 @@ class Engine:
         session.flush()  # assigns the monotonic id the stream uses
         return Outcome(c.id, event.profile_id, True, FIRED, detail, n.id, who,
                        variant.name if variant is not None else None, deliver_at)
+
+    # ------------------------------------------------------------ schedules
+
+    def due_schedules(self, now: float) -> list[tuple[Campaign, str, float]]:
+        """(campaign, occurrence key, occurrence time) for schedule times passed within their window."""
+        out = []
+        local = dt.datetime.fromtimestamp(now, self.tz)
+        for c in self.campaigns.by_trigger.get("schedule", ()):
+            t = c.trigger
+            for back in (1, 0):
+                day = local.date() - dt.timedelta(days=back)
+                if day.weekday() not in t.days:
+                    continue
+                for at in t.at:
+                    occ = dt.datetime.combine(day, at, self.tz).timestamp()
+                    if occ <= now < occ + t.within_s:
+                        out.append((c, f"schedule:{day.isoformat()}T{at:%H:%M}", occ))
+        return out
+
+    def schedule_events(self, session: Session, now: float) -> Iterator[tuple[EngineEvent, Campaign]]:
+        """One event per audience profile for each due schedule, each schedule once per occurrence
+        (remembered durably by its decisions, so a restart inside the window does not run it again).
+        The audience is every profile that consented to the campaign's purpose; conditions
+        (segments, tiers...) and limits then apply as for any event."""
+        for c, key, _occ in self.due_schedules(now):
+            done = f"{c.id}:{key}"
+            if done in self._schedules_done:
+                continue
+            if session.scalar(select(Decision.id).where(Decision.campaign_id == c.id, Decision.event_key == key)
+                              .limit(1)) is not None:
+                self._schedules_done.add(done)
+                continue
+            audience = list(session.scalars(select(Consent.profile_id).where(
+                Consent.purpose == c.purpose, Consent.granted.is_(True)).order_by(Consent.profile_id)))
+            for pid in audience:
+                yield EngineEvent("schedule", pid, now, key), c
+            self._schedules_done.add(done)
+
+    def run_schedules(self, session: Session, now: float) -> list[Outcome]:
+        return [o for ev, c in self.schedule_events(session, now) for o in self.handle(session, ev, [c])]
 
     # ------------------------------------------------------------ pending sends
 

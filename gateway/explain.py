@@ -6,6 +6,7 @@ so it sees the same durable state (consents, cooldowns, caps, budgets) and chang
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -27,10 +28,16 @@ def why(session: Session, profile_id: int, campaign_id: str | None = None, limit
              "fired": d.fired, "reason": d.reason, "detail": d.detail, "variant": d.variant} for d in rows]
 
 
-def dry_run(session: Session, event: EngineEvent, *, campaigns: CampaignIndex, abandon_after_s: float,
-            timezone: str, caps: list[FrequencyCap]) -> list[dict[str, Any]]:
-    """Evaluate ``event`` as the engine would, then roll everything back: nothing is sent or stored."""
-    engine = Engine(campaigns, abandon_after_s=abandon_after_s, timezone=timezone, caps=caps)
+def dry_run(session: Session, event: EngineEvent, *, engine: Engine | None = None,
+            campaigns: CampaignIndex | None = None, abandon_after_s: float = 1800.0, timezone: str = "UTC",
+            caps: Sequence[FrequencyCap] = ()) -> list[dict[str, Any]]:
+    """Evaluate ``event`` as the engine would, then roll everything back: nothing is sent or stored.
+
+    ``engine`` is a fresh engine configured like the live one (``Engine.clone()``): segments, tiers,
+    caps, channels and timezone included, so the answer is the one the live engine would give."""
+    if engine is None:
+        assert campaigns is not None, "give an engine or the campaigns"
+        engine = Engine(campaigns, abandon_after_s=abandon_after_s, timezone=timezone, caps=caps)
     nested = session.begin_nested()
     try:
         outcomes = engine.handle(session, event)

@@ -19,6 +19,7 @@ Definitions (all rates in percent):
 from __future__ import annotations
 
 import datetime as dt
+import statistics
 from collections import defaultdict
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -26,7 +27,16 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from gateway.storage.models import Cart, Decision, FootfallCount, Interaction, Notification, Visit, ZoneStay
+from gateway.storage.models import (
+    Alarm,
+    Cart,
+    Decision,
+    FootfallCount,
+    Interaction,
+    Notification,
+    Visit,
+    ZoneStay,
+)
 
 RELEASED = ("pending", "sent", "acked")
 
@@ -113,7 +123,8 @@ def notification_figures(session: Session, start: float, end: float, conversion_
     purchases: dict[int, list[float]] = defaultdict(list)  # profile -> checkout times (the purchase's own time)
     for pid, at in session.execute(select(Cart.profile_id, Cart.checked_out_at).where(
             Cart.checked_out_at.is_not(None), Cart.checked_out_at >= start, Cart.checked_out_at < end + window)):
-        purchases[pid].append(float(at))
+        if at is not None:
+            purchases[pid].append(float(at))
     credited = attribute(session, purchases, window)
 
     def converted(pid: int, t: float) -> bool:  # the holdout's side: any purchase within the window
@@ -151,18 +162,86 @@ def notification_figures(session: Session, start: float, end: float, conversion_
         variants = {}
         for name, arm_rows in sorted(arms.items()):
             figs = summarize(arm_rows)
-            rate = figs["conversion_rate"]
-            figs["lift_vs_holdout"] = (round(rate - hold_rate, 2) if rate is not None and hold_rate is not None
-                                       else None)
+            # Measured like the holdout (any purchase within the window after it), so the two compare.
+            figs["converted_within_window"] = sum(1 for r in arm_rows if converted(r.profile_id, r.created_at))
+            rate = figs["converted_rate"] = _pct(figs["converted_within_window"], len(arm_rows))
+            lift = rate - hold_rate if rate is not None and hold_rate is not None else None
+            figs["lift_vs_holdout"] = round(lift, 2) if lift is not None else None  # percentage points
+            figs["relative_lift_pct"] = round(100 * lift / hold_rate, 1) if lift is not None and hold_rate else None
             variants[name] = figs
         campaigns[cid]["experiment"] = {"holdout": {"profiles": len(held), "conversion_rate": hold_rate},
                                         "variants": variants}
     return {"total": summarize(list(notes)), "campaigns": campaigns}
 
 
+def zone_figures(session: Session, start: float, end: float, days: list[str]) -> dict[str, dict[str, Any]]:
+    """Per zone: footfall (enrolled stays + anonymous entries), unique enrolled visitors, average dwell."""
+    stays = session.execute(select(ZoneStay.zone, ZoneStay.profile_id, ZoneStay.entered_at, ZoneStay.exited_at)
+                            .where(ZoneStay.entered_at >= start, ZoneStay.entered_at < end)).all()
+    anon = {z: (int(n or 0), float(d or 0.0)) for z, n, d in session.execute(
+        select(FootfallCount.zone, func.sum(FootfallCount.anonymous_visits), func.sum(FootfallCount.anonymous_dwell_s))
+        .where(FootfallCount.day.in_(days), FootfallCount.zone != "").group_by(FootfallCount.zone))}
+    out: dict[str, dict[str, Any]] = {}
+    for zone in sorted({z.zone for z in stays} | set(anon)):
+        mine = [z for z in stays if z.zone == zone]
+        closed = [z.exited_at - z.entered_at for z in mine if z.exited_at is not None]
+        n_anon, dwell_anon = anon.get(zone, (0, 0.0))
+        out[zone] = {"footfall": len(mine) + n_anon, "enrolled": len(mine), "anonymous": n_anon,
+                     "unique_enrolled_visitors": len({z.profile_id for z in mine}),
+                     "avg_dwell_s": round(sum(closed) / len(closed), 1) if closed else None,
+                     "avg_dwell_s_all": (round((sum(closed) + dwell_anon) / (len(closed) + n_anon), 1)
+                                         if closed or n_anon else None)}
+    return out
+
+
+def maintenance_figures(session: Session, start: float, end: float) -> dict[str, Any]:
+    """Response time to maintenance prompts: from the prompt to the owner's first answer.
+
+    A device alarm's prompt (``alarms``) is answered by an acknowledgement or a booking and resolved
+    by a service; any other maintenance notification is answered by its first open, click or redemption."""
+    answers: list[float] = []
+    resolutions: list[float] = []
+    prompts = 0
+    tied: set[int] = set()
+    for a in session.execute(select(Alarm.prompted_at, Alarm.acknowledged_at, Alarm.booked_at, Alarm.resolved_at,
+                                    Alarm.notification_id)
+                             .where(Alarm.prompted_at.is_not(None), Alarm.prompted_at >= start,
+                                    Alarm.prompted_at < end)):
+        prompts += 1
+        if a.notification_id is not None:
+            tied.add(a.notification_id)
+        first = min((t for t in (a.acknowledged_at, a.booked_at) if t is not None), default=None)
+        if first is not None:
+            answers.append(first - a.prompted_at)
+        if a.resolved_at is not None:
+            resolutions.append(a.resolved_at - a.prompted_at)
+    notes = session.execute(select(Notification.id, func.coalesce(Notification.deliver_at, Notification.created_at))
+                            .where(Notification.purpose == "maintenance", Notification.status.in_(RELEASED),
+                                   Notification.created_at >= start, Notification.created_at < end)).all()
+    loose = {nid: at for nid, at in notes if nid not in tied}
+    if loose:
+        firsts = dict(session.execute(select(Interaction.notification_id, func.min(Interaction.at)).where(
+            Interaction.notification_id.in_(list(loose)), Interaction.kind.in_(("opened", "clicked", "redeemed")))
+            .group_by(Interaction.notification_id)).all())
+        prompts += len(loose)
+        answers += [firsts[nid] - at for nid, at in loose.items() if nid in firsts]
+
+    def avg(xs: list[float]) -> float | None:
+        return round(sum(xs) / len(xs), 1) if xs else None
+
+    def median(xs: list[float]) -> float | None:
+        return round(statistics.median(xs), 1) if xs else None
+
+    return {"prompts": prompts, "answered": len(answers), "answer_rate": _pct(len(answers), prompts),
+            "avg_response_s": avg(answers), "median_response_s": median(answers),
+            "resolved": len(resolutions), "avg_resolution_s": avg(resolutions)}
+
+
 def figures(session: Session, day_from: str, day_to: str, timezone: str, *, bounce_s: float = 60.0,
-            conversion_window_s: float = 7 * 86400) -> dict[str, Any]:
-    """Figures for the local days ``day_from`` .. ``day_to`` inclusive, in the store's timezone."""
+            conversion_window_s: float = 7 * 86400, zone: str | None = None, campaign: str | None = None,
+            store: str | None = None, per_day: bool = True) -> dict[str, Any]:
+    """Figures for the local days ``day_from`` .. ``day_to`` inclusive, in the store's timezone: the
+    range's totals, per zone, per campaign (with experiment arms), maintenance response, and per day."""
     d0, d1 = dt.date.fromisoformat(day_from), dt.date.fromisoformat(day_to)
     if d1 < d0:
         raise ValueError("the range ends before it starts")
@@ -171,6 +250,30 @@ def figures(session: Session, day_from: str, day_to: str, timezone: str, *, boun
     days = [(d0 + dt.timedelta(days=i)).isoformat() for i in range((d1 - d0).days + 1)]
     start, _ = day_bounds(days[0], timezone)
     _, end = day_bounds(days[-1], timezone)
-    return {"from": day_from, "to": day_to, "timezone": timezone,
-            **visit_figures(session, start, end, days, bounce_s),
-            "notifications": notification_figures(session, start, end, conversion_window_s)}
+    visits = visit_figures(session, start, end, days, bounce_s)
+    zones = zone_figures(session, start, end, days)
+    notes = notification_figures(session, start, end, conversion_window_s)
+    if zone is not None:
+        zones = {z: f for z, f in zones.items() if z == zone}
+        visits["avg_dwell_s_by_zone"] = {z: d for z, d in visits["avg_dwell_s_by_zone"].items() if z == zone}
+    if campaign is not None:
+        notes["campaigns"] = {c: f for c, f in notes["campaigns"].items() if c == campaign}
+    out: dict[str, Any] = {"from": day_from, "to": day_to, "timezone": timezone, "store": store, **visits,
+                           "unique_visitors": visits["unique_enrolled_visitors"] + visits["anonymous_visits"],
+                           "zones": zones, "notifications": notes,
+                           "maintenance": maintenance_figures(session, start, end)}
+    if per_day:
+        rows = []
+        for day in days:
+            a, b = day_bounds(day, timezone)
+            v = visit_figures(session, a, b, [day], bounce_s)
+            n = notification_figures(session, a, b, conversion_window_s)
+            total = n["campaigns"].get(campaign) if campaign is not None else n["total"]
+            z = zone_figures(session, a, b, [day])
+            rows.append({"day": day, **{k: v[k] for k in ("footfall", "enrolled_visits", "anonymous_visits",
+                                                          "unique_enrolled_visitors", "new_visits",
+                                                          "returning_visits", "bounce_rate")},
+                         "zones": {k: f for k, f in z.items() if zone is None or k == zone},
+                         "notifications": total})
+        out["days"] = rows
+    return out

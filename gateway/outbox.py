@@ -192,10 +192,15 @@ class Dispatcher:
             for ch in self.inline:
                 deliver = ch.deliver
                 for profile_id, msg in msgs:
-                    results.append((msg["id"], ch.name, *await _attempt(deliver, ch.name, profile_id, msg)))
+                    if goes_on(msg, ch.name):
+                        results.append((msg["id"], ch.name, *await _attempt(deliver, ch.name, profile_id, msg)))
             self._observe(results, t0)
+        # A campaign's channels (or a full per-channel cap) leave some out; one left with none is withdrawn.
+        results += [(msg["id"], self.channels[0].name, WITHDRAWN, "none of its channels is configured")
+                    for _, msg in msgs if self.channels and not any(goes_on(msg, ch.name) for ch in self.channels)]
         # The lock is free: the next batch streams while this one goes to the remote channels.
-        results += await self._send_remote([(ch, pid, msg) for ch in self.remote for pid, msg in msgs], t0)
+        results += await self._send_remote([(ch, pid, msg) for ch in self.remote for pid, msg in msgs
+                                            if goes_on(msg, ch.name)], t0)
         # Off the event loop: the streams write what was just published while the attempts are recorded.
         await asyncio.to_thread(self._record, results, now)
 
@@ -328,6 +333,12 @@ class Dispatcher:
             row["next_attempt_at"] = now + self.backoff.delay(attempts)
             row["last_error"] = error or outcome
         return row
+
+
+def goes_on(msg: Message, channel: str) -> bool:
+    """Whether a notification goes out on ``channel``: ``data.channels`` (set by the engine) lists them."""
+    allowed = (msg.get("data") or {}).get("channels")
+    return allowed is None or channel in allowed
 
 
 async def _attempt(deliver: Callable[[int, Message], Awaitable[str]], name: str, profile_id: int,

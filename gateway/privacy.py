@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, inspect, select
+from sqlalchemy import delete, inspect, select, update
 from sqlalchemy.orm import Session
 
 from gateway.storage.models import (
@@ -24,6 +24,7 @@ from gateway.storage.models import (
     Notification,
     Profile,
     Visit,
+    ZoneStay,
 )
 
 
@@ -63,7 +64,39 @@ def erase_profile(session: Session, profile_id: int) -> bool:
 
 
 def purge_presence(session: Session, before: float) -> dict[str, int]:
-    """Retention: visits and decisions older than ``before`` go; notifications stay (they are receipts)."""
+    """Retention: visits, zone stays and decisions older than ``before`` go (an open visit stays until it
+    ends); notifications stay (they are receipts). The runtime runs it hourly with ``[privacy]``."""
+    stays = session.execute(delete(ZoneStay).where(ZoneStay.entered_at < before, ZoneStay.exited_at.is_not(None)))
     visits = session.execute(delete(Visit).where(Visit.started_at < before, Visit.ended_at.is_not(None)))
     decisions = session.execute(delete(Decision).where(Decision.at < before))
-    return {"visits": visits.rowcount, "decisions": decisions.rowcount}  # type: ignore[attr-defined]
+    return {"visits": visits.rowcount, "zone_stays": stays.rowcount,  # type: ignore[attr-defined]
+            "decisions": decisions.rowcount}  # type: ignore[attr-defined]
+
+
+def merge_into(session: Session, keep: Profile, other: Profile) -> None:
+    """Move every row of ``other`` to ``keep`` (explicit linking), then delete ``other``.
+
+    Generic over the schema: any table with a ``profile_id`` moves, so a table added later is not
+    left behind. Where the profile is part of the key (consents, segment memberships, token
+    generations) ``keep``'s row wins and ``other``'s is dropped."""
+    points = (keep.points or 0) + (other.points or 0)
+    attributes = {**(other.attributes or {}), **(keep.attributes or {})}
+    keep_id, other_id = keep.id, other.id
+    for table in Base.metadata.sorted_tables:
+        if table.name == "profiles" or "profile_id" not in table.c:
+            continue
+        col = table.c.profile_id
+        if col.primary_key:
+            others = [c for c in table.primary_key.columns if c.name != "profile_id"]
+            if others:  # drop the other's rows that would collide with keep's
+                mine = select(*others).where(col == keep_id)
+                key = others[0] if len(others) == 1 else None
+                if key is not None:
+                    session.execute(delete(table).where(col == other_id, key.in_(mine)))
+                else:
+                    session.execute(delete(table).where(col == other_id))
+            else:
+                session.execute(delete(table).where(col == other_id))
+        session.execute(table.update().where(col == other_id).values(profile_id=keep_id))
+    session.execute(delete(Profile).where(Profile.id == other_id))
+    session.execute(update(Profile).where(Profile.id == keep_id).values(points=points, attributes=attributes))

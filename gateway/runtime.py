@@ -48,6 +48,7 @@ from gateway.metrics import Histogram, gateway_families, readiness, render
 from gateway.outbox import Backoff, Dispatcher
 from gateway.outbox import depths as outbox_depths
 from gateway.presence import PresenceEvent, PresenceTracker
+from gateway.privacy import purge_presence
 from gateway.service import GatewayService, Invalid
 from gateway.storage.db import Database
 from gateway.storage.models import Cart, Device, FootfallCount, Profile, Visit, ZoneStay
@@ -102,7 +103,8 @@ class Pipeline:
         self.presence = PresenceTracker(settings.presence, settings.receivers)
         self.engine = Engine(campaigns, abandon_after_s=settings.carts.abandon_after_s,
                              timezone=settings.store.timezone,
-                             caps=[FrequencyCap(c.window_s, c.max, tuple(c.purposes)) for c in settings.engine.caps],
+                             caps=[FrequencyCap(c.window_s, c.max, tuple(c.purposes), c.channel or None)
+                                   for c in settings.engine.caps],
                              segments=segments,
                              tiers=[(t.name, t.min_points) for t in settings.loyalty.tiers])
         self.on_outcome = on_outcome
@@ -169,6 +171,8 @@ class Pipeline:
         with self.db.session() as s:
             created += self.rules.tick(s, now)  # device rules' due timers: for_s durations, did-not-recur clears
             created += self.engine.release_due(s, now)
+            for ev, campaign in self.engine.schedule_events(s, now):  # schedule triggers, store time
+                created += self._decide(s, ev, [campaign])
         if now - self._last_cart_scan >= CART_SCAN_S:
             self._last_cart_scan = now
             created += self.cart_events(now)
@@ -269,8 +273,13 @@ class Pipeline:
                     row.anonymous_visits += int(visits)
                     row.anonymous_dwell_s += dwell
 
-    def _decide(self, s: Session, ev: EngineEvent) -> list[int]:
-        outcomes = self.engine.handle(s, ev)
+    def profile_changed(self, profile_id: int, now: float) -> list[int]:
+        """Attributes or consents changed: live segments are evaluated again (segment_entered may fire)."""
+        with self.db.session() as s:
+            return self._decide(s, EngineEvent("profile_updated", profile_id, now, f"profile:{now:.3f}"))
+
+    def _decide(self, s: Session, ev: EngineEvent, only: Sequence[Any] | None = None) -> list[int]:
+        outcomes = self.engine.handle(s, ev, only)
         created = []
         for o in outcomes:
             if self.on_outcome is not None:
@@ -318,6 +327,8 @@ class Pipeline:
             self._last_purge = now
             with self.db.session() as s:
                 self.telemetry.purge(s, now)
+                if self.settings.privacy.presence_retention_days > 0:  # visits, zone stays, decisions
+                    purge_presence(s, now - self.settings.privacy.presence_retention_days * 86400)
         return gone
 
 
@@ -391,13 +402,17 @@ class Runtime:
         engine = self.pipeline.engine
         self.service.file_campaigns = dict(self.campaigns.by_id)
         self.service.conversion_window_s = settings.interactions.conversion_window_s
+        self.service.bounce_s = settings.figures.bounce_s
+        self.service.store_id = settings.store.id
         self.service.on_campaigns_changed = self.reload_campaigns
 
+        engine.channels = (self.hub.name, *(c.name for c in self.remote_channels))  # what can carry a send
+
         def runner(session: Session, event: EngineEvent) -> list[dict[str, Any]]:
-            return dry_run(session, event, campaigns=engine.campaigns, abandon_after_s=engine.abandon_after_s,
-                           timezone=settings.store.timezone, caps=list(engine.caps))
+            return dry_run(session, event, engine=engine.clone())
 
         self.service.dry_runner = runner
+        self.service.on_profile_changed = self._profile_changed
         self._adverts: list[Advertisement] = []
         self._drain_scheduled = False
         self._tasks: list[asyncio.Task[Any]] = []
@@ -553,6 +568,19 @@ class Runtime:
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._ingest_sightings_now, usable)
         return {"received": len(batch), "accepted": len(usable), "unknown_beacon": len(batch) - len(usable)}
+
+    def _profile_changed(self, profile_id: int) -> None:
+        """From the API's worker threads: segments are re-evaluated on the loop, like any other input."""
+        if self._loop is None:
+            return
+
+        def run() -> None:
+            try:
+                self._dispatch(self.pipeline.profile_changed(profile_id, self.clock.now()))
+            except Exception:
+                log.exception("segment refresh for profile %s failed", profile_id)
+
+        self._loop.call_soon_threadsafe(run)
 
     def _ingest_sightings_now(self, batch: list[Sighting]) -> None:
         try:

@@ -15,7 +15,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gateway import outbox
+from gateway import auth, outbox
 from gateway.campaigns import PURPOSES, Campaign, CampaignError, parse_campaign
 from gateway.clock import Clock
 from gateway.engine import EngineEvent
@@ -84,6 +84,10 @@ class GatewayService:
         self.dry_runner: Callable[[Session, EngineEvent], list[dict[str, Any]]] | None = None
         # Set by the runtime from [interactions]: how long after a notification a checkout converts it.
         self.conversion_window_s = 7 * 86400.0
+        self.bounce_s = 60.0  # set by the runtime from [figures]
+        self.store_id: str | None = None  # set by the runtime from [store]
+        # Set by the runtime: a profile's attributes or consents changed, so its live segments are re-evaluated.
+        self.on_profile_changed: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------ profiles
 
@@ -159,7 +163,49 @@ class GatewayService:
                 else:
                     c.granted, c.updated_at, c.source = granted, now, source
             s.flush()
-            return profile_view(p)
+            view = profile_view(p)
+        self._profile_changed(profile_id)
+        return view
+
+    def _profile_changed(self, profile_id: int) -> None:
+        if self.on_profile_changed is not None:
+            self.on_profile_changed(profile_id)
+
+    def update_profile(self, profile_id: int, *, name: str | None = None,
+                       attributes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Change the name or merge attributes (a null value removes one); segments follow at once."""
+        with self.db.session() as s:
+            p = self._profile(s, profile_id)
+            if name is not None:
+                p.name = name
+            if attributes is not None:
+                merged = {**(p.attributes or {}), **attributes}
+                p.attributes = {k: v for k, v in merged.items() if v is not None}
+            s.flush()
+            view = profile_view(p)
+        self._profile_changed(profile_id)
+        return view
+
+    def link_profiles(self, keep_id: int, other_id: int) -> dict[str, Any]:
+        """Explicit linking (the only way two profiles become one; a sighting never merges them): the
+        other profile's identifiers, history and devices move to ``keep_id`` and the other is deleted.
+        ``keep_id``'s consents win; the other's fill only purposes it has no record of; points add up."""
+        from gateway.privacy import merge_into
+
+        if keep_id == other_id:
+            raise Invalid("a profile cannot be linked to itself")
+        with self.db.session() as s:
+            keep, other = self._profile(s, keep_id), self._profile(s, other_id)
+            moved = [(i.kind, i.value) for i in other.identifiers]
+            merge_into(s, keep, other)
+            s.flush()
+            s.expire_all()
+            view = profile_view(self._profile(s, keep_id))
+        self.identities.remove_profile(other_id)
+        for kind, value in moved:
+            self.identities.add(kind, value, keep_id)
+        self._profile_changed(keep_id)
+        return view
 
     # ------------------------------------------------------------ catalogue, carts, devices
 
@@ -236,14 +282,29 @@ class GatewayService:
     def issue_token(self, profile_id: int) -> tuple[str, Claims]:
         with self.db.session() as s:
             self._profile(s, profile_id)
-        return self.signer.issue(profile_id, self.clock.now(), self.token_ttl_s)
+            generation = auth.token_generation(s, profile_id)
+        return self.signer.issue(profile_id, self.clock.now(), self.token_ttl_s, generation)
 
     def verify_token(self, token: str) -> Claims:
         claims = self.signer.verify(token, self.clock.now())
         with self.db.session() as s:  # an erased customer's tokens die with the profile
             if s.get(Profile, claims.profile_id) is None:
                 raise TokenError("token for a profile that no longer exists")
+            refused = auth.token_refusal(s, claims)
+        if refused:
+            raise TokenError(refused)
         return claims
+
+    def revoke_token(self, claims: Claims) -> None:
+        """Logout: the caller's own token stops working at once (others of the same customer do not)."""
+        with self.db.session() as s:
+            auth.revoke_token(s, claims, self.clock.now())
+
+    def revoke_tokens(self, profile_id: int) -> int:
+        """Every app token issued so far for this customer stops working; new ones work. Returns the generation."""
+        with self.db.session() as s:
+            self._profile(s, profile_id)
+            return auth.revoke_profile_tokens(s, profile_id, self.clock.now())
 
     def replay(self, profile_id: int, after_id: int) -> list[dict[str, Any]]:
         with self.db.session() as s:
@@ -315,12 +376,14 @@ class GatewayService:
             self._profile(s, profile_id)
             return why(s, profile_id, campaign_id, limit)
 
-    def figures(self, day_from: str, day_to: str, timezone: str) -> dict[str, Any]:
+    def figures(self, day_from: str, day_to: str, timezone: str, *, zone: str | None = None,
+                campaign: str | None = None, store: str | None = None) -> dict[str, Any]:
         from gateway.figures import figures
 
         try:
             with self.db.session() as s:
-                return figures(s, day_from, day_to, timezone, conversion_window_s=self.conversion_window_s)
+                return figures(s, day_from, day_to, timezone, conversion_window_s=self.conversion_window_s,
+                               bounce_s=self.bounce_s, zone=zone, campaign=campaign, store=store)
         except (ValueError, OverflowError) as exc:  # 9999-12-31 has no next day
             raise Invalid(str(exc)) from None
 

@@ -82,8 +82,26 @@ def test_retention_purges_old_presence_but_keeps_receipts(world):
     db = world[0]
     with db.session() as s:
         purged = purge_presence(s, T0 - 30 * 86400)
-    assert purged == {"visits": 2, "decisions": 0}
+    assert purged == {"visits": 2, "zone_stays": 0, "decisions": 0}
     assert _count(db, Visit) == 0 and _count(db, Notification) == 2
+
+
+def test_retention_runs_by_default_in_the_pipeline(world, tmp_path):
+    from gateway.config import Settings
+    from gateway.runtime import Pipeline
+    from gateway.storage.models import ZoneStay
+
+    db = world[0]
+    with db.session() as s:
+        s.add(ZoneStay(profile_id=world[2], zone="shoes", entered_at=T0 - 500 * 86400,
+                       exited_at=T0 - 500 * 86400 + 60))
+        s.add(Visit(profile_id=world[2], started_at=T0 - 500 * 86400, ended_at=T0 - 500 * 86400 + 60, zones=[]))
+    settings = Settings()
+    settings.device_rules.dir = ""
+    assert settings.privacy.presence_retention_days > 0  # on unless turned off
+    Pipeline(settings, db, CampaignIndex([]), IdentityIndex()).telemetry_timers(T0)
+    assert _count(db, ZoneStay) == 0
+    assert _count(db, Visit) == 2  # the 90-day-old ones are inside the default retention
 
 
 def test_why_explains_and_dry_run_changes_nothing(world):

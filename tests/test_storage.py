@@ -42,6 +42,7 @@ from gateway.storage.models import (
     ReadingRecord,
     ReadingRollup,
     RuleStateRecord,
+    SegmentMembership,
     Visit,
     ZoneStay,
 )
@@ -188,6 +189,7 @@ def _everything(service: GatewayService, db: Database, clock: VirtualClock, who:
         s.add(DeliveryState(notification_id=nids[0], channel="sse", state="delivered", attempts=1, updated_at=T0))
         s.add(PushSubscription(profile_id=pid, endpoint=f"https://push.example.com/send/{who}",
                                p256dh="B" * 87, auth="A" * 22, created_at=T0))
+        s.add(SegmentMembership(profile_id=pid, segment_id="frequent", entered_at=T0))
         # Device rules: a wearable's rule state and an alarm are the owner's data (health, habits).
         s.add(RuleStateRecord(device_id=f"watch-{who}", rule_id="activity", profile_id=pid,
                               state={"counters": {}}, updated_at=T0))

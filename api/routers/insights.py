@@ -7,13 +7,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 
-from api.deps import Admin, Context
+from api.deps import Admin, Context, Read
 from api.schemas import DB_ID_MAX, DecisionOut, DryRunIn, DryRunOutcome
 
-router = APIRouter(tags=["insights"], dependencies=[Admin])
+router = APIRouter(tags=["insights"])  # scopes per route: a dry run is a read
 
 
-@router.get("/profiles/{profile_id}/decisions", response_model=list[DecisionOut])
+@router.get("/profiles/{profile_id}/decisions", response_model=list[DecisionOut], dependencies=[Admin])
 def decisions(profile_id: Annotated[int, Path(ge=1, le=DB_ID_MAX)], ctx: Context,
               campaign: Annotated[str | None, Query(max_length=128)] = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[dict[str, Any]]:
@@ -21,18 +21,24 @@ def decisions(profile_id: Annotated[int, Path(ge=1, le=DB_ID_MAX)], ctx: Context
     return ctx.service.decisions(profile_id, campaign, limit)
 
 
-@router.post("/decisions/dry-run", response_model=list[DryRunOutcome])
+@router.post("/decisions/dry-run", response_model=list[DryRunOutcome], dependencies=[Read])
 def dry_run(body: DryRunIn, ctx: Context) -> list[dict[str, Any]]:
     """What the engine would decide for a synthetic event, now. Nothing is sent or stored."""
     return ctx.service.dry_run(body.profile_id, body.event.kind, body.event.zone, body.event.dwell_s,
                                body.event.facts)
 
 
-@router.get("/figures")
+@router.get("/figures", dependencies=[Admin])
 def figures(ctx: Context,
             day_from: Annotated[dt.date, Query(alias="from", description="First local day, YYYY-MM-DD")],
             day_to: Annotated[dt.date | None, Query(alias="to", description="Last local day; default: from")] = None,
+            zone: Annotated[str | None, Query(min_length=1, max_length=64, description="Only this zone")] = None,
+            campaign: Annotated[str | None, Query(min_length=1, max_length=128,
+                                                  description="Only this campaign")] = None,
             ) -> dict[str, Any]:
-    """Footfall, new vs returning, dwell per zone, bounce, engagement, CTR, redemption and conversion."""
+    """The store's figures for a range of local days, with a row per day: footfall, unique visitors,
+    new vs returning, dwell per zone, bounce, engagement, CTR, redemption, conversion, experiment arms
+    with lift against the holdout, and response time to maintenance prompts."""
     last = day_to or day_from
-    return ctx.service.figures(day_from.isoformat(), last.isoformat(), ctx.service.timezone)
+    return ctx.service.figures(day_from.isoformat(), last.isoformat(), ctx.service.timezone, zone=zone,
+                               campaign=campaign, store=ctx.service.store_id)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, status
+from fastapi import APIRouter, Path, Query, Response, status
 
 from api.deps import Admin, Context
 from api.schemas import (
@@ -10,9 +10,11 @@ from api.schemas import (
     PAGE_MAX,
     ConsentsIn,
     IdentifierKind,
+    LinkIn,
     ProfileIn,
     ProfileOut,
     ProfilePage,
+    ProfileUpdateIn,
     Purpose,
     TokenOut,
 )
@@ -54,6 +56,19 @@ def get_profile(profile_id: ProfileId, ctx: Context) -> dict[str, object]:
     return ctx.service.get_profile(profile_id)
 
 
+@router.patch("/{profile_id}", response_model=ProfileOut)
+def update_profile(profile_id: ProfileId, body: ProfileUpdateIn, ctx: Context) -> dict[str, object]:
+    """Change the name or attributes (merged; null removes one). Live segments follow at once."""
+    return ctx.service.update_profile(profile_id, name=body.name, attributes=body.attributes)
+
+
+@router.post("/{profile_id}/link", response_model=ProfileOut)
+def link_profiles(profile_id: ProfileId, body: LinkIn, ctx: Context) -> dict[str, object]:
+    """Link two profiles explicitly (a sighting never does): the other one's identifiers, consents it
+    lacks here, history, carts and devices move to this profile, and the other profile is deleted."""
+    return ctx.service.link_profiles(profile_id, body.profile_id)
+
+
 @router.put("/{profile_id}/consents", response_model=ProfileOut)
 def set_consents(profile_id: ProfileId, body: ConsentsIn, ctx: Context) -> dict[str, object]:
     """Grant or withdraw consent per purpose; withdrawal takes effect for the next decision."""
@@ -65,3 +80,10 @@ def issue_token(profile_id: ProfileId, ctx: Context) -> TokenOut:
     """A signed, expiring app token that reaches only this customer's stream and notifications."""
     token, claims = ctx.service.issue_token(profile_id)
     return TokenOut(token=token, profile_id=claims.profile_id, expires_at=claims.expires_at)
+
+
+@router.delete("/{profile_id}/tokens", status_code=status.HTTP_204_NO_CONTENT)
+def revoke_tokens(profile_id: ProfileId, ctx: Context) -> Response:
+    """Revoke every app token issued so far for this customer (a lost phone); tokens issued later work."""
+    ctx.service.revoke_tokens(profile_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -172,6 +172,9 @@ class Notification(Base):
     expires_at: Mapped[float | None] = mapped_column(Float)
     variant: Mapped[str | None] = mapped_column(String(64))  # the experiment arm it was sent under
     redemption_code: Mapped[str | None] = mapped_column(String(32), unique=True)  # offers: shown at the till
+    # A delayed or held send, when released: the highest notification id committed at that moment. A stream
+    # resuming after Last-Event-ID L replays it when this is >= L, though its own id is older (see outbox.replay).
+    released_after: Mapped[int | None] = mapped_column(Integer)
 
 
 class Delivery(Base):
@@ -183,9 +186,6 @@ class Delivery(Base):
     )
     channel: Mapped[str] = mapped_column(String(32))
     at: Mapped[float] = mapped_column(Float)
-    # A delayed or held send, when released: the highest notification id committed at that moment. A stream
-    # resuming after Last-Event-ID L replays it when this is >= L, though its own id is older (see outbox.replay).
-    released_after: Mapped[int | None] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(String(32))
 
 
@@ -287,6 +287,69 @@ class CampaignRecord(Base):
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     definition: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class ApiKey(Base):
+    """An admin API key: only the SHA-256 of the key is kept (it is 256 random bits, so no slow hash is needed).
+
+    Revoked keys stay listed (revoked_at set) so an audit can still name them.
+    """
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)  # public: the key is "gk_<id>_<secret>"
+    name: Mapped[str] = mapped_column(String(100))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float)
+    last_used_at: Mapped[float | None] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float)
+
+
+class RevokedToken(Base):
+    """A customer app token revoked before its expiry (logout); kept until it would have expired anyway."""
+
+    __tablename__ = "revoked_tokens"
+
+    jti: Mapped[str] = mapped_column(String(32), primary_key=True)
+    profile_id: Mapped[int] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+    revoked_at: Mapped[float] = mapped_column(Float)
+
+
+class TokenGeneration(Base):
+    """Revoking all of a profile's tokens bumps its generation; tokens carry the one they were issued under."""
+
+    __tablename__ = "token_generations"
+
+    profile_id: Mapped[int] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class IdempotencyKey(Base):
+    """The first response to a creating POST with an ``Idempotency-Key``, replayed to a retry of the same caller.
+
+    ``status`` is NULL while the first request runs (a claim: the unique key keeps a concurrent duplicate out).
+    The body is sealed (AES-GCM, a key derived from the token secret): it may hold a new token or API key.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("principal", "method", "path", "key", name="uq_idempotency_request"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    principal: Mapped[str] = mapped_column(String(64))  # "key:<id>", "key:config" or "profile:<id>"
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(512))
+    key: Mapped[str] = mapped_column(String(255))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    profile_id: Mapped[int | None] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)
+    status: Mapped[int | None] = mapped_column(Integer)
+    content_type: Mapped[str | None] = mapped_column(String(128))
+    body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
 
 
 # -- telemetry (devices/telemetry.py writes these; one transaction per MQTT batch) -----------------
@@ -428,3 +491,13 @@ class ServiceEvent(Base):
     at: Mapped[float] = mapped_column(Float)
     note: Mapped[str | None] = mapped_column(Text)
     counters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # rule -> counters before the reset
+
+
+class SegmentMembership(Base):
+    """A profile currently in a live segment, since when: a new row is a ``segment_entered`` event."""
+
+    __tablename__ = "segment_memberships"
+
+    profile_id: Mapped[int] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), primary_key=True)
+    segment_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    entered_at: Mapped[float] = mapped_column(Float)
