@@ -204,8 +204,8 @@ async def test_intake_routes_espresense_and_counts_rejects(mosquitto: MosquittoS
         second = await asyncio.wait_for(sightings.get(), 10)
         assert (first.key, first.rssi, second.rssi) == (KEY, -63, -70)
         assert first.receiver == "espresense:shoes" and first.time == T0
-        assert intake.stats["espresense:not_json"] == 1
-        assert intake.stats["espresense:unmapped_id"] == 1  # counted, nothing about it queued
+        assert intake.rejected["espresense:not_json"] == 1
+        assert intake.rejected["espresense:unmapped_id"] == 1  # counted, nothing about it queued
         assert intake.extra_accepted["espresense"] == 2 and sightings.empty()
         assert intake.readings.empty()
     finally:
@@ -275,7 +275,7 @@ async def test_espresense_node_puts_the_customer_in_its_zone_and_fires_the_dwell
     await rt.flush()
     track = rt.pipeline.presence.tracks[KEY]
     assert track.zone == "shoes"
-    assert rt.mqtt.stats["espresense:unmapped_id"] == 1
+    assert rt.mqtt.rejected["espresense:unmapped_id"] == 1
     assert "apple:1005:9-26" not in rt.pipeline.presence.tracks
     with rt.db.session() as s:
         visit = s.scalars(select(Visit).where(Visit.profile_id == pid)).one()
@@ -340,7 +340,7 @@ def test_fuzz_intake_counts_every_message(messages: list[tuple[str, bytes]]) -> 
     extra = ExtraSubscription("espresense", "espresense/devices/#", parse_espresense, asyncio.Queue(), (RemoteError,))
     for topic, payload in messages:
         intake._on_extra(extra, topic, payload)
-    counted = sum(n for reason, n in intake.stats.items() if reason.startswith("espresense:"))
+    counted = sum(n for reason, n in intake.rejected.items() if reason.startswith("espresense:"))
     assert counted + intake.extra_accepted["espresense"] == len(messages)
     assert len(intake._pending_extra) == intake.extra_accepted["espresense"]
 
