@@ -29,6 +29,7 @@ from _notify_common import UUID, bench_settings, enrol_many, free_port, open_str
 TICK_S = 0.01
 ADVERTS_TO_ENTER = 8  # enough for the guard (3 sightings) and the tracker (2 agreeing samples)
 NEW_CUSTOMER_EVERY = 3  # ticks
+GOAL_P99_MS = 25.0  # the anchor (iOS region monitoring takes 10-30 s to report an exit)
 
 
 def client(port: int, tokens: list[str], conn: Connection) -> None:
@@ -49,7 +50,7 @@ def background_uuid(i: int) -> str:
     return f"{i:08x}-0000-4000-8000-00000000beef"
 
 
-async def bench(people: int, notifications: int, warmup_s: float = 2.0) -> dict[str, Any]:
+async def bench(people: int, notifications: int, warmup_s: float = 4.0) -> dict[str, Any]:
     from beacons.encode import ibeacon_payload
     from beacons.scanner import InjectionScanner
     from beacons.types import Advertisement
@@ -76,9 +77,11 @@ async def bench(people: int, notifications: int, warmup_s: float = 2.0) -> dict[
             crowd = [ibeacon_payload(background_uuid(i), 7, 7) for i in range(people)]
             customers = [ibeacon_payload(UUID, 1, i) for i in range(notifications)]
             per_tick = max(1, round(people * TICK_S))  # each person once a second
-            warmup_ticks = int(warmup_s / TICK_S)  # the crowd is in the shop before anyone is measured
+            # The crowd is in the shop, past the flood guard (3 sightings, one a second), before anyone is measured.
+            warmup_ticks = int(warmup_s / TICK_S)
             walk_ticks = notifications * NEW_CUSTOMER_EVERY + ADVERTS_TO_ENTER
             cursor = 0
+            tracked_samples: list[int] = []  # identities the tracker holds, sampled while measuring
             for tick in range(warmup_ticks + walk_ticks):
                 now = time.time()
                 batch = []
@@ -88,6 +91,7 @@ async def bench(people: int, notifications: int, warmup_s: float = 2.0) -> dict[
                     batch.append(Advertisement(f"06:00:00:00:{i >> 8:02X}:{i & 255:02X}", -70, now, "rx", crowd[i]))
                 t = tick - warmup_ticks
                 if t >= 0:
+                    tracked_samples.append(len(rt.pipeline.presence.tracks))
                     newest = t // NEW_CUSTOMER_EVERY
                     for c in range(max(0, newest - ADVERTS_TO_ENTER + 1), min(newest + 1, notifications)):
                         batch.append(Advertisement(f"02:00:00:00:{c >> 8:02X}:{c & 255:02X}", -55, now, "rx",
@@ -97,26 +101,29 @@ async def bench(people: int, notifications: int, warmup_s: float = 2.0) -> dict[
             await rt.flush()
             latencies = await asyncio.wait_for(asyncio.to_thread(ours.recv), 150)
             proc.join(timeout=10)
-            tracked = len(getattr(rt.pipeline.presence, "tracks", ()))  # identities presence holds at the end
         finally:
             await rt.stop()
     if len(latencies) < 2:
         raise SystemExit(f"only {len(latencies)} notifications arrived")
     q = statistics.quantiles(latencies, n=100, method="inclusive")
-    return {"people": people, "notifications": len(latencies), "expected": notifications,
-            "p50_ms": round(statistics.median(latencies), 2), "p99_ms": round(q[98], 2),
-            "max_ms": round(max(latencies), 2), "tracked": tracked}
+    # ``people``: what the tracker really held while latencies were measured (the crowd and the customers
+    # walking in), not the number asked for; the fewest seen, so the figure never flatters the load.
+    p99 = round(q[98], 2)
+    return {"people": min(tracked_samples), "people_median": int(statistics.median(tracked_samples)),
+            "people_requested": people, "notifications": len(latencies), "expected": notifications,
+            "p50_ms": round(statistics.median(latencies), 2), "p99_ms": p99, "max_ms": round(max(latencies), 2),
+            "goal_p99_ms": GOAL_P99_MS, "ratio": round(p99 / GOAL_P99_MS, 3)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--people", type=int, default=1000, help="tracked people in the background")
     parser.add_argument("--notifications", type=int, default=300, help="customers walking in, one notification each")
-    parser.add_argument("--quick", action="store_true", help="200 people, 20 notifications, 0.5 s warm-up")
+    parser.add_argument("--quick", action="store_true", help="200 people, 20 notifications, 3.5 s warm-up")
     args = parser.parse_args()
-    people, n, warmup = (200, 20, 0.5) if args.quick else (args.people, args.notifications, 2.0)
+    people, n, warmup = (200, 20, 3.5) if args.quick else (args.people, args.notifications, 4.0)
     result = asyncio.run(bench(people, n, warmup))
-    print(f"{result['notifications']} notifications with {people} people tracked: "
+    print(f"{result['notifications']} notifications with {result['people']} people tracked: "
           f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, max {result['max_ms']} ms")
     print(json.dumps(result))
 

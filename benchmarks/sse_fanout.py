@@ -2,9 +2,10 @@
 
 The gateway (Runtime, uvicorn on loopback, SQLite) runs here; the N clients run in worker
 processes (asyncio, raw sockets, ~500 connections each) so their work does not sit on the
-server's loop. Once every stream is live, N notifications (one per profile) are committed in one
-transaction and dispatched; ``fanout_s`` runs from the start of the dispatch (the first send) to
-the last receipt in any client. Goal: 2,000 clients in <= 1 s.
+server's loop. Once every stream is live, one ``enter`` campaign goes through the engine for all N
+customers at once (N decisions, N notifications committed in one transaction) and is dispatched;
+``fanout_s`` runs from the start of the engine's work to the last receipt in any client
+(``send_to_last_s``: from the commit). Goal: 2,000 clients in <= 1 s; ``ratio`` = fanout_s / 1 s.
 
     .venv/bin/python benchmarks/sse_fanout.py [--clients 2000] [--workers 4] [--quick]
 """
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from _notify_common import bench_settings, enrol_many, free_port, open_streams, raise_fd_limit
+
+GOAL_S = 1.0  # the issue's anchor: 2,000 clients within 1 s
 
 
 def worker(port: int, tokens: list[str], conn: Connection) -> None:
@@ -41,10 +44,10 @@ def worker(port: int, tokens: list[str], conn: Connection) -> None:
 
 
 async def bench(clients: int, workers: int) -> dict[str, Any]:
-    from sqlalchemy import insert
+    from _notify_common import beacon_key
 
+    from gateway.presence import PresenceEvent
     from gateway.runtime import Runtime
-    from gateway.storage.models import Notification
 
     raise_fd_limit(2 * clients + 1024)
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,7 +56,9 @@ async def bench(clients: int, workers: int) -> dict[str, Any]:
         await rt.start()
         try:
             now = time.time()
-            pids = enrol_many(rt.db, clients, now, beacons=False)
+            pids = enrol_many(rt.db, clients, now)  # each with the offers consent and beacon 1:<i>
+            with rt.db.session() as s:
+                rt.identities.load(s)
             tokens = [rt.service.issue_token(pid)[0] for pid in pids]
             ctx = mp.get_context("spawn")
             pipes, procs = [], []
@@ -70,26 +75,27 @@ async def bench(clients: int, workers: int) -> dict[str, Any]:
             while sum(rt.hub.listeners(pid) for pid in pids) < clients:  # each stream subscribed server-side
                 await asyncio.sleep(0.01)
 
-            t_commit = time.time()
-            with rt.db.session() as s:
-                ids = list(s.execute(insert(Notification).returning(Notification.id), [
-                    {"profile_id": pid, "campaign_id": "bench-broadcast", "purpose": "offers",
-                     "dedup_key": f"bench-broadcast:{pid}:1", "title": "Flash sale", "body": "20 % off for 1 h",
-                     "data": {"offer": {"code": "FLASH20"}}, "created_at": t_commit, "status": "pending"}
-                    for pid in pids]).scalars())
+            # One campaign through the engine: everyone enters the shop at once (an opening-hour rush). Each
+            # event is decided (consent, caps, cooldown, dedup, a Decision row) and committed in one transaction.
             t0 = time.time()
-            await rt.dispatcher.dispatch(ids, t0)
+            events = [PresenceEvent("enter", beacon_key(i), t0, "shop", t0, t0) for i in range(clients)]
+            ids = rt.pipeline.handle_presence(events)
+            t_commit = time.time()
+            await rt.dispatcher.dispatch(ids, t_commit)
             t_dispatched = time.time()
             results = [await asyncio.to_thread(c.recv) for c in pipes]
             for p in procs:
                 p.join(timeout=10)
+            fired = rt.pipeline.engine.counts.get("fired", 0)
         finally:
             await rt.stop()
     received = sum(r["received"] for r in results)
     last = max(r["last"] for r in results if r["last"] is not None)
-    return {"clients": clients, "workers": workers, "received": received,
-            "commit_s": round(t0 - t_commit, 4), "dispatch_s": round(t_dispatched - t0, 4),
-            "fanout_s": round(last - t0, 4)}
+    fanout = last - t0
+    return {"clients": clients, "workers": workers, "received": received, "fired": fired,
+            "engine_commit_s": round(t_commit - t0, 4), "dispatch_s": round(t_dispatched - t_commit, 4),
+            "send_to_last_s": round(last - t_commit, 4), "fanout_s": round(fanout, 4),
+            "goal_fanout_s": GOAL_S, "ratio": round(fanout / GOAL_S, 3)}
 
 
 def main() -> None:
@@ -100,8 +106,9 @@ def main() -> None:
     args = parser.parse_args()
     clients, workers = (100, 1) if args.quick else (args.clients, args.workers)
     result = asyncio.run(bench(clients, workers))
-    print(f"{result['received']}/{clients} clients got the campaign; dispatch {result['dispatch_s'] * 1000:.0f} ms, "
-          f"first send to last receipt {result['fanout_s'] * 1000:.0f} ms")
+    print(f"{result['received']}/{clients} clients got the campaign; engine+commit "
+          f"{result['engine_commit_s'] * 1000:.0f} ms, dispatch {result['dispatch_s'] * 1000:.0f} ms, "
+          f"engine start to last receipt {result['fanout_s'] * 1000:.0f} ms")
     print(json.dumps(result))
 
 

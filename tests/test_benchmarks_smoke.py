@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = [
     ("ble_pipeline.py", {"adverts_per_s", "anchor_adverts_per_s", "ratio", "adverts", "identities", "campaigns",
                          "profiles", "decisions", "notifications"}),
-    ("notify_latency.py", {"p50_ms", "p99_ms", "people"}),
+    ("notify_latency.py", {"p50_ms", "p99_ms", "people", "people_requested", "goal_p99_ms", "ratio"}),
     ("presence_quality.py", {"zone_accuracy", "false_exits_per_person_hour", "enter_latency_p90_s", "baselines"}),
-    ("sse_fanout.py", {"clients", "fanout_s"}),
+    ("sse_fanout.py", {"clients", "fanout_s", "received", "fired", "goal_fanout_s", "ratio"}),
 ]
 
 
