@@ -136,17 +136,27 @@ class RuleState:
     service_seq: int = 0  # the last service event applied (counters reset, alarm resolved)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: _copied(getattr(self, name)) for name in _STATE_FIELDS}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> RuleState:
         if not data:
             return cls()
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        # Copied, so evaluating in place never edits the caller's (e.g. a loaded JSON column's) objects.
+        return cls(**{k: _copied(v) for k, v in data.items() if k in _STATE_FIELDS})
 
     def copy(self) -> RuleState:
-        return RuleState.from_dict(self.as_dict())
+        """Cheap: containers are copied one level down; the evaluator replaces values, never mutates them."""
+        return RuleState(**{name: _copied(getattr(self, name)) for name in _STATE_FIELDS})
+
+
+_STATE_FIELDS = tuple(f.name for f in dataclasses.fields(RuleState))
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: list(v) if isinstance(v, list) else v for k, v in value.items()}
+    return value
 
 
 ChangeKind = Literal["created", "updated", "escalated", "cleared"]
@@ -275,7 +285,8 @@ def _leaves(cond: Cond) -> Iterable[Cond]:
 
 
 def _rate_key(cond: Cond) -> str:
-    return f"{cond['rate']}/{float(cond.get('window_s', 3600)):g}"
+    key = cond.get("key")  # set when parsed
+    return key if isinstance(key, str) else f"{cond['rate']}/{float(cond.get('window_s', 3600)):g}"
 
 
 def describe(cond: Cond, ctx: _Ctx) -> str:
@@ -432,6 +443,11 @@ def due(rule: Rule, state: RuleState, now: float) -> tuple[RuleState, list[Chang
 def observe(rule: Rule, state: RuleState, sample: Sample, tz: ZoneInfo) -> tuple[RuleState, list[Change]]:
     """One sample through one rule: the new state and what happened to the alarm."""
     st = state.copy()
+    return st, observe_into(rule, st, sample, tz)
+
+
+def observe_into(rule: Rule, st: RuleState, sample: Sample, tz: ZoneInfo) -> list[Change]:
+    """:func:`observe` updating ``st`` in place: for a caller that owns the state (one batch's copy)."""
     changes = _due_changes(rule, st, sample.time, before=True)  # timers that came due before this sample
     rates = _rates_now(rule.rate_leaves, st, sample)
     ctx = _Ctx(sample, st.counters, rates, tz)
@@ -439,6 +455,7 @@ def observe(rule: Rule, state: RuleState, sample: Sample, tz: ZoneInfo) -> tuple
     _keep_rate_points(rule.rate_leaves, st, sample)
 
     qualified: Level | None = None
+    first: Level | None = None  # the most severe level that holds
     value: float | None = None
     any_true = False
     all_known = True
@@ -456,31 +473,33 @@ def observe(rule: Rule, state: RuleState, sample: Sample, tz: ZoneInfo) -> tuple
         since = st.pending.setdefault(level.severity, sample.time)
         if qualified is None and st.streak[level.severity] >= level.repeat and sample.time - since >= level.for_s:
             qualified = level
-        if value is None:
+        if first is None:
+            first = level
             value = next((q for q in (quantity(leaf, ctx) for leaf in _leaves(level.when)) if q is not None), None)
-    if any_true:
+    detail = ""
+    if first is not None:
         st.last_true_at = sample.time
         st.value = value
-        st.detail = describe(next(lv for lv in rule.levels if holds(lv.when, ctx)).when, ctx)
+        st.detail = detail = describe(first.when, ctx)
 
     if st.active is None:
         if qualified is not None:
-            changes.append(_raise(rule, st, qualified, sample.time, value, describe(qualified.when, ctx)))
+            why = detail if qualified is first else describe(qualified.when, ctx)
+            changes.append(_raise(rule, st, qualified, sample.time, value, why))
             st.pending.pop(qualified.severity, None)
-        return st, changes
+        return changes
 
     if qualified is not None and RANK[qualified.severity] > RANK[st.active]:
-        changes.append(_raise(rule, st, qualified, sample.time, value, describe(qualified.when, ctx)))
+        why = detail if qualified is first else describe(qualified.when, ctx)
+        changes.append(_raise(rule, st, qualified, sample.time, value, why))
         st.pending.pop(qualified.severity, None)
-        return st, changes
+        return changes
     if any_true:
         st.count += 1
         st.value = value
-        level = next(lv for lv in rule.levels if lv.severity == st.active)
-        changes.append(Change("updated", rule.id, sample.time, st.active, value, st.count,
-                              describe(level.when, ctx)))
+        changes.append(Change("updated", rule.id, sample.time, st.active, value, st.count, detail))
     if not rule.clear.auto:
-        return st, changes
+        return changes
     clear = rule.clear
     if clear.when is not None:
         truth = holds(clear.when, ctx)
@@ -496,7 +515,7 @@ def observe(rule: Rule, state: RuleState, sample: Sample, tz: ZoneInfo) -> tuple
             changes.append(_clear(rule, st, sample.time, reason))
     elif truth is False:
         st.clear_since = None
-    return st, changes
+    return changes
 
 
 def reset_for_service(rule: Rule, state: RuleState, seq: int) -> RuleState:
@@ -580,6 +599,7 @@ def _condition(cond: Any, where: str, counters: set[str]) -> Cond:
     out: dict[str, Any] = {kind: cond[kind], "op": op, "value": value}
     if kind == "rate":
         out["window_s"] = _number(cond.get("window_s", 3600), f"{where}.window_s", 1)
+        out["key"] = _rate_key(out)
     if kind == "pace":
         out["goal"] = _number(cond.get("goal"), f"{where}.goal", 1e-9)
         out["from"], out["to"] = cond.get("from", "00:00"), cond.get("to", "24:00")

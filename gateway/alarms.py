@@ -35,7 +35,7 @@ from devices.rules import (
     Sample,
     due,
     next_due,
-    observe,
+    observe_into,
     reset_for_service,
     sample_from_metrics,
 )
@@ -183,8 +183,8 @@ class DeviceRules:
                     row = rows.get(key)
                     st = RuleState.from_dict(row.state if row is not None else None)
                     st = self.serviced(rule, st, serviced.get(device_id, 0))
-                st, changes = observe(rule, st, sample, self.tz)
-                states[key] = st
+                    states[key] = st
+                changes = observe_into(rule, st, sample, self.tz)  # st is this batch's own copy
                 for ch in changes:
                     created += self._apply(s, d, rule, st, ch, sample.metrics, alarms)
         for (device_id, rule_id), st in states.items():

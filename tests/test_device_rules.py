@@ -362,7 +362,9 @@ def test_a_json_round_trip_at_any_point_changes_nothing(values: list[tuple[int, 
     for gap, temp, used in values:
         t, odo = t + gap, odo + used
         samples.append(Sample(t, {"temp": round(temp, 2), "odo": odo}))
-    straight, expected = run(r, samples)
+    first_state = RuleState()
+    straight, expected = run(r, samples, first_state)
+    assert first_state == RuleState()  # observe is pure: the state passed in is never changed
     st, first = run(r, samples[:cut])
     st = RuleState.from_dict(json.loads(json.dumps(st.as_dict())))
     st, rest = run(r, samples[cut:], st)
