@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import CursorResult, case, delete, func, select
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -96,6 +96,21 @@ def _insert(session: Session, table: Any) -> Any:
     raise NotImplementedError(f"telemetry storage supports SQLite and PostgreSQL, not {name}")
 
 
+_ROLLUP_COLUMNS = "device_id, period, start, metric, count, sum, min, max, last, last_ts, profile_id"
+
+
+def _rollup_upsert(dialect: str) -> str:
+    """Add a batch's partial aggregates to the stored ones (one statement, executemany)."""
+    t = "reading_rollups"
+    mark, lo, hi = ("%s", "LEAST", "GREATEST") if dialect == "postgresql" else ("?", "min", "max")
+    return (f"INSERT INTO {t} ({_ROLLUP_COLUMNS}) VALUES ({', '.join([mark] * 11)}) "
+            f"ON CONFLICT (device_id, period, start, metric) DO UPDATE SET "
+            f"count = {t}.count + excluded.count, sum = {t}.sum + excluded.sum, "
+            f"min = {lo}({t}.min, excluded.min), max = {hi}({t}.max, excluded.max), "
+            f"last = CASE WHEN excluded.last_ts >= {t}.last_ts THEN excluded.last ELSE {t}.last END, "
+            f"last_ts = {hi}({t}.last_ts, excluded.last_ts), profile_id = excluded.profile_id")
+
+
 def _topic_of(batch: TelemetryBatch, item: Any, kind: str) -> str:
     return f"{batch.prefix}/{item.store_id}/devices/{item.device_id}/{kind}"
 
@@ -153,7 +168,7 @@ class TelemetryStore:
                 d.firmware = st.firmware
         self._store_events(s, batch, devices, dead, now)
         if dead:
-            s.execute(_insert(s, DeadLetter), dead)
+            s.connection().execute(_insert(s, DeadLetter), dead)
         return fresh
 
     def _load(self, s: Session, ids: set[str]) -> dict[str, Device | None]:
@@ -207,7 +222,8 @@ class TelemetryStore:
         rows = [{"device_id": r.device_id, "key": r.key, "ts": r.time, "metrics": r.metrics, "received_at": now,
                  "profile_id": known[r.device_id].profile_id} for r in accepted]
         stmt = _insert(s, ReadingRecord).on_conflict_do_nothing(index_elements=["device_id", "key"])
-        stored = {(a, b) for a, b in s.execute(stmt.returning(ReadingRecord.device_id, ReadingRecord.key), rows)}
+        conn = s.connection()  # Core, not the ORM's bulk path: a batch is thousands of rows
+        stored = {(a, b) for a, b in conn.execute(stmt.returning(ReadingRecord.device_id, ReadingRecord.key), rows)}
         fresh = [r for r in accepted if (r.device_id, r.key) in stored]
         self.counts["duplicates"] += len(accepted) - len(fresh)
         self.counts["accepted"] += len(fresh)
@@ -248,20 +264,11 @@ class TelemetryStore:
                         a[3] = max(a[3], value)
                         if r.time >= a[5]:
                             a[4], a[5] = value, r.time
-        rows = [{"device_id": k[0], "period": k[1], "start": k[2], "metric": k[3][:64], "count": int(a[0]),
-                 "sum": a[1], "min": a[2], "max": a[3], "last": a[4], "last_ts": a[5],
-                 "profile_id": devices[k[0]].profile_id} for k, a in acc.items()]
-        ins = _insert(s, ReadingRollup)
-        t, x = ReadingRollup.__table__.c, ins.excluded
-        pg = s.get_bind().dialect.name == "postgresql"
-        lo, hi = (func.least, func.greatest) if pg else (func.min, func.max)
-        newer = x.last_ts >= t.last_ts
-        stmt = ins.on_conflict_do_update(
-            index_elements=["device_id", "period", "start", "metric"],
-            set_={"count": t.count + x.count, "sum": t.sum + x.sum, "min": lo(t.min, x.min), "max": hi(t.max, x.max),
-                  "last": case((newer, x.last), else_=t.last), "last_ts": case((newer, x.last_ts), else_=t.last_ts),
-                  "profile_id": x.profile_id})
-        s.execute(stmt, rows)
+        owner = {device_id: d.profile_id for device_id, d in devices.items()}
+        rows = [(k[0], k[1], k[2], k[3][:64], int(a[0]), a[1], a[2], a[3], a[4], a[5], owner[k[0]])
+                for k, a in acc.items()]
+        conn = s.connection()
+        conn.exec_driver_sql(_rollup_upsert(conn.dialect.name), rows)  # driver executemany: no per-row Core work
 
     def _store_events(self, s: Session, batch: TelemetryBatch, devices: dict[str, Device | None],
                       dead: list[dict[str, Any]], now: float) -> None:

@@ -1,0 +1,350 @@
+"""QoS 1 telemetry per second from the broker to validated, stored and rules-evaluated readings, against a
+bare paho-mqtt subscriber that only counts, on the same Mosquitto in the same run; then two gateway workers
+sharing the load through a ``$share`` subscription.
+
+The script starts its own Mosquitto (``max_queued_messages 0``, ``max_inflight_messages 1000``). For each
+consumer it first creates the consumer's persistent session (subscribe, disconnect), then publishes the
+whole backlog (N messages from D devices, the clean simulated fleet of simulators/wearables.py, QoS 1) so
+the broker queues it, and only then starts the consumer in a process of its own and times it from its
+CONNACK to its last message: the anchor's last message received (paho acknowledges on return), our last
+batch committed and acknowledged. The publisher never shares the CPU with a measured consumer.
+
+- anchor: paho-mqtt 2.x, MQTT 5, QoS 1, a callback that counts.
+- ours: the gateway's Runtime (devices/mqtt.py intake with manual acks after commit, the telemetry store
+  with the example device profiles and all devices registered, the device rules, the campaign engine) on
+  SQLite (or ``--db`` PostgreSQL).
+- two workers: two such processes, distinct client ids, one ``$share/bench/`` group, one database.
+
+``lost`` is published minus stored after dedup (distinct (device, seq) rows), for the one-worker run;
+``lost_2_workers`` the same for the two-worker run.
+
+    .venv/bin/python benchmarks/telemetry_ingest.py [--quick] [--messages N] [--devices D] [--db URL]
+
+The last line printed is one JSON object: msgs_per_s, anchor_msgs_per_s, ratio, ratio_2_workers, lost, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+T0 = 1_767_261_600.0
+IDLE_S = 3.0  # a consumer that got nothing for this long (after its first message) is done
+
+
+# ------------------------------------------------------------------ the broker
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Broker:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                        "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 1000\n")
+        self.log = (workdir / "mosquitto.log").open("ab")
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+        self.log.close()
+
+
+# ------------------------------------------------------------------ roles (each in its own process)
+
+
+def _paho(client_id: str, port: int, on_message: Any = None) -> Any:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                    protocol=mqtt.MQTTv5)
+    c.connected_at = None
+    c.ready = threading.Event()
+
+    def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        client.connected_at = time.time()
+        client.ready.set()
+
+    c.on_connect = on_connect
+    if on_message is not None:
+        c.on_message = on_message
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    c.connect("127.0.0.1", port, keepalive=30, clean_start=False, properties=props)
+    return c
+
+
+def make_session(client_id: str, port: int, topic_filter: str) -> None:
+    """The consumer's persistent session, subscribed, then away: the broker queues the backlog for it."""
+    c = _paho(client_id, port)
+    c.loop_start()
+    assert c.ready.wait(10)
+    done = threading.Event()
+    c.on_subscribe = lambda *a: done.set()
+    c.subscribe(topic_filter, qos=1)
+    assert done.wait(10)
+    c.disconnect()
+    c.loop_stop()
+
+
+def role_anchor(args: argparse.Namespace) -> None:
+    state = {"n": 0, "last": 0.0}
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        state["n"] += 1
+        state["last"] = time.time()
+
+    c = _paho(args.client_id, args.port, on_message)
+    c.loop_start()
+    c.ready.wait(10)
+    while True:
+        time.sleep(0.05)
+        if state["n"] >= args.expect or (state["n"] and time.time() - state["last"] > IDLE_S):
+            break
+    c.disconnect()
+    c.loop_stop()
+    print(json.dumps({"connected_at": c.connected_at, "last_at": state["last"], "count": state["n"]}))
+
+
+def role_worker(args: argparse.Namespace) -> None:
+    import asyncio
+    import logging
+
+    from devices.mqtt import MqttIntake, MqttSettings
+    from gateway.config import Settings
+    from gateway.runtime import Runtime
+
+    logging.basicConfig(level=logging.WARNING)
+
+    async def run() -> dict[str, Any]:
+        settings = Settings()
+        settings.database.url = args.db
+        settings.data_dir = args.data_dir
+        settings.campaigns.dir = str(ROOT / "examples/campaigns")
+        settings.devices.profiles_dir = str(ROOT / "examples/device-profiles")
+        intake = MqttIntake(MqttSettings(port=args.port, client_id=args.client_id, store_id="s1",
+                                         topic_prefix=args.prefix, share_group=args.share_group or None,
+                                         session_expiry=3600))
+        rt = Runtime(settings, mqtt=intake, serve_api=False, on_outcome=None, tick_s=3600)
+        times = {"last": 0.0, "acks": 0, "calls": 0}
+        real_ack = intake.ack
+
+        def ack(batch: Any) -> int:
+            n = real_ack(batch)
+            times["last"], times["acks"], times["calls"] = time.time(), times["acks"] + n, times["calls"] + 1
+            return n
+
+        intake.ack = ack  # type: ignore[method-assign]
+        await rt.start()
+        await intake.wait_connected(30)
+        while True:
+            await asyncio.sleep(0.05)
+            if times["acks"] >= args.expect or (times["acks"] and time.time() - times["last"] > IDLE_S):
+                break
+        connected_at = intake.last_connected_at
+        await rt.stop()
+        t = rt.pipeline.telemetry.stats()
+        return {"connected_wall": times.get("connected_wall"), "last_at": times["last"], "acked": times["acks"],
+                "ack_calls": times["calls"], "accepted": t["accepted"], "duplicates": t["duplicates"],
+                "dead_lettered": t["dead_lettered_total"], "connected_monotonic": connected_at}
+
+    started = time.time()
+    monotonic0 = time.monotonic()
+    out = asyncio.run(run())
+    # The intake notes its connect time on the monotonic clock; bring it to wall time for the parent.
+    out["connected_at"] = started + (out.pop("connected_monotonic") - monotonic0)
+    out.pop("connected_wall", None)
+    print(json.dumps(out))
+
+
+# ------------------------------------------------------------------ the parent
+
+
+def spawn(*argv: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, __file__, *argv], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def result_of(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    out, _ = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"consumer failed ({proc.returncode}): {out[-500:]}")
+    parsed: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return parsed
+
+
+def backlog(port: int, prefix: str, messages: int, devices: int) -> int:
+    """Publish the clean fleet's telemetry, QoS 1, and wait until the broker acknowledged all of it."""
+    from simulators.wearables import Fleet, FleetSpec, PipelinedPublisher
+
+    fleet = Fleet(FleetSpec(devices=devices, interval_s=60, store_id="s1", prefix=prefix, seed=1), T0)
+    pub = PipelinedPublisher("127.0.0.1", port)
+    n = 0
+    try:
+        while n < messages:
+            for m in fleet.step():
+                if n == messages:
+                    break
+                pub.publish(m.topic, m.payload)
+                n += 1
+        if not pub.flush(300):
+            raise RuntimeError("the broker did not acknowledge the backlog")
+    finally:
+        pub.close()
+    return n
+
+
+def prepare_db(url: str, prefix: str, devices: int) -> None:
+    """Migrated, with every simulated device registered with its kind (so its profile validates it)."""
+    from gateway.storage.db import Database
+    from gateway.storage.models import Device
+    from simulators.wearables import Fleet, FleetSpec
+
+    db = Database(url)
+    db.upgrade()
+    with db.session() as s:
+        s.add_all(Device(id=d.id, kind=d.kind, state={}, quarantined=False, store_id="s1")
+                  for d in Fleet(FleetSpec(devices=devices, prefix=prefix), T0).devices)
+    db.dispose()
+
+
+def stored(url: str) -> int:
+    from sqlalchemy import func, select
+
+    from gateway.storage.db import Database
+    from gateway.storage.models import ReadingRecord
+
+    db = Database(url)
+    with db.session() as s:
+        n = int(s.scalar(select(func.count(func.distinct(ReadingRecord.device_id + ":" + ReadingRecord.key)))) or 0)
+    db.dispose()
+    return n
+
+
+def fresh_db(base: str | None, workdir: Path, name: str) -> str:
+    if base is None or base.startswith("sqlite"):
+        return f"sqlite:///{workdir}/{name}.db"
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    u = make_url(base)
+    db = f"bench_{name}_{secrets.token_hex(4)}"
+    with psycopg.connect(host=u.host, port=u.port or 5432, user=u.username, password=u.password,
+                         dbname=u.database, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    return u.set(database=db).render_as_string(hide_password=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a tiny run that only checks the script works")
+    ap.add_argument("--messages", type=int, default=100_000)
+    ap.add_argument("--devices", type=int, default=500)
+    ap.add_argument("--db", default=None, help="a PostgreSQL URL (default: SQLite files in a temp dir)")
+    ap.add_argument("--role", choices=["anchor", "worker"], help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--client-id", help=argparse.SUPPRESS)
+    ap.add_argument("--prefix", help=argparse.SUPPRESS)
+    ap.add_argument("--expect", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--share-group", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--data-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.role == "anchor":
+        role_anchor(args)
+        return
+    if args.role == "worker":
+        role_worker(args)
+        return
+    if args.quick:
+        args.messages, args.devices = 2000, 50
+
+    n = args.messages
+    work = Path(tempfile.mkdtemp(prefix="telemetry-bench-"))
+    broker = Broker(work)
+    try:
+        # 1. the anchor
+        prefix = "bench-anchor"
+        make_session("anchor", broker.port, f"{prefix}/+/devices/+/telemetry")
+        published = backlog(broker.port, prefix, n, args.devices)
+        a = result_of(spawn("--role", "anchor", "--port", str(broker.port), "--client-id", "anchor",
+                            "--expect", str(published)), 600)
+        anchor_rate = a["count"] / (a["last_at"] - a["connected_at"])
+        print(f"anchor: {a['count']} messages in {a['last_at'] - a['connected_at']:.2f} s", file=sys.stderr)
+
+        # 2. one gateway worker
+        prefix = "bench-one"
+        url = fresh_db(args.db, work, "one")
+        prepare_db(url, prefix, args.devices)
+        for kind in ("telemetry", "status", "events"):
+            make_session("gw-one", broker.port, f"{prefix}/+/devices/+/{kind}")
+        published = backlog(broker.port, prefix, n, args.devices)
+        w = result_of(spawn("--role", "worker", "--port", str(broker.port), "--client-id", "gw-one",
+                            "--prefix", prefix, "--db", url, "--data-dir", str(work), "--expect", str(published)),
+                      1200)
+        ours_rate = w["acked"] / (w["last_at"] - w["connected_at"])
+        lost = published - stored(url)
+        print(f"one worker: {w}", file=sys.stderr)
+
+        # 3. two workers sharing one $share group and one database
+        prefix = "bench-two"
+        url2 = fresh_db(args.db, work, "two")
+        prepare_db(url2, prefix, args.devices)
+        for cid in ("gw-w1", "gw-w2"):
+            for kind in ("telemetry", "status", "events"):
+                make_session(cid, broker.port, f"$share/bench/{prefix}/+/devices/+/{kind}")
+        published2 = backlog(broker.port, prefix, n, args.devices)
+        procs = [spawn("--role", "worker", "--port", str(broker.port), "--client-id", cid, "--prefix", prefix,
+                       "--db", url2, "--data-dir", str(work), "--share-group", "bench",
+                       "--expect", str(published2)) for cid in ("gw-w1", "gw-w2")]
+        results = [result_of(p, 1200) for p in procs]
+        span = max(r["last_at"] for r in results) - min(r["connected_at"] for r in results)
+        two_rate = sum(r["acked"] for r in results) / span
+        lost2 = published2 - stored(url2)
+        print(f"two workers: {results}", file=sys.stderr)
+    finally:
+        broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(json.dumps({
+        "msgs_per_s": round(ours_rate, 1), "anchor_msgs_per_s": round(anchor_rate, 1),
+        "ratio": round(ours_rate / anchor_rate, 3), "two_workers_msgs_per_s": round(two_rate, 1),
+        "ratio_2_workers": round(two_rate / anchor_rate, 3), "lost": lost, "lost_2_workers": lost2,
+        "messages": n, "devices": args.devices, "db": "postgresql" if args.db and not args.db.startswith("sqlite")
+        else "sqlite", "duplicates": w["duplicates"], "dead_lettered": w["dead_lettered"],
+        "mean_batch": round(w["acked"] / max(1, w["ack_calls"]), 1),
+        "worker_split": [r["acked"] for r in results]}))
+
+
+if __name__ == "__main__":
+    main()
