@@ -1,8 +1,13 @@
-"""What the routes depend on: the gateway's context and who is calling (admin key or app token)."""
+"""What the routes depend on: the gateway's context and who is calling (a scoped admin key or an app token).
+
+Every dependency that lets a caller in also spends one token of the caller's rate limit and, for a
+POST carrying an ``Idempotency-Key``, claims the key (api/idempotency.py keeps the answer), so no
+route can forget either.
+"""
 
 from __future__ import annotations
 
-import hmac
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -11,9 +16,14 @@ from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from beacons.remote import AppReport
+from gateway.auth import AuthError, AuthPolicy, Guard, Principal, Stored, retry_after
 from gateway.channels import StreamHub
 from gateway.service import GatewayService
 from gateway.tokens import Claims, TokenError
+
+CORS_METHODS = ["GET", "POST", "PUT", "DELETE"]
+CORS_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "X-API-Key"]
+IDEMPOTENCY_SCOPE_KEY = "gateway.idempotency"
 
 
 @dataclass
@@ -21,11 +31,18 @@ class ApiContext:
     service: GatewayService
     hub: StreamHub
     admin_key: str
+    """The configured full-scope key; the guard keeps only its hash."""
     health: Callable[[], dict[str, Any]]
     heartbeat_s: float = 15.0
     cors_origins: list[str] = field(default_factory=list)
     report_sightings: Callable[[int, list[AppReport]], dict[str, Any]] | None = None
     """The gateway's door for app-reported sightings: (profile id, reports) -> counts; raises Invalid."""
+    cors_methods: list[str] = field(default_factory=lambda: list(CORS_METHODS))
+    cors_headers: list[str] = field(default_factory=lambda: list(CORS_HEADERS))
+    auth_policy: AuthPolicy = field(default_factory=AuthPolicy)
+    """Rate limits and the idempotency window (no rate limit unless configured)."""
+    guard: Guard | None = None
+    """Built from the rest on first use (see guard_of)."""
     ready: Callable[[], dict[str, Any]] | None = None
     """Readiness (db reachable, migrations current) for /health/ready; None: derived from ``health``."""
     metrics: Callable[[], Awaitable[str]] | None = None
@@ -36,6 +53,19 @@ class ApiContext:
     """The device registry (devices.registry.DeviceRegistry) for /v1/devices; None: 503."""
     alarms: Any = None
     """Device alarms and the maintenance loop (gateway.alarms.AlarmDesk); None: 503."""
+
+
+_guard_lock = threading.Lock()
+
+
+def guard_of(ctx: ApiContext) -> Guard:
+    if ctx.guard is None:
+        with _guard_lock:
+            if ctx.guard is None:
+                svc = ctx.service
+                ctx.guard = Guard(svc.db, svc.clock, ctx.admin_key, svc.signer.derive_key("idempotency"),
+                                  ctx.auth_policy)
+    return ctx.guard
 
 
 def get_context(request: Request) -> ApiContext:
@@ -53,16 +83,95 @@ def _unauthorized(detail: str) -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_admin(ctx: Context, key: Annotated[str | None, Depends(_api_key)],
-                  bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    given = key or (bearer.credentials if bearer else None)
-    if not given:
-        raise _unauthorized("an admin API key is required (X-API-Key header)")
-    if not hmac.compare_digest(given.encode(), ctx.admin_key.encode()):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "this key is not an admin key")
+@dataclass
+class IdempotencySlot:
+    """Put in the ASGI scope by the middleware for a POST with an Idempotency-Key; filled in here."""
+
+    key: str
+    request_hash: str
+    row_id: int | None = None
+    profile_id: int | None = None
+    decided: bool = False
+
+
+class IdempotentReplay(Exception):
+    """The stored answer to an earlier request with the same key and body (api/idempotency.py sends it)."""
+
+    def __init__(self, stored: Stored) -> None:
+        super().__init__("replay")
+        self.stored = stored
+
+
+def _admit(request: Request, guard: Guard, principal: Principal) -> None:
+    """Rate limit, then the idempotency claim; called once the caller is known and allowed."""
+    wait = guard.throttle(principal)
+    if wait:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
+                            f"rate limit exceeded for this credential; retry in {retry_after(wait)} s",
+                            headers={"Retry-After": retry_after(wait)})
+    guard.maybe_purge()
+    slot: IdempotencySlot | None = request.scope.get(IDEMPOTENCY_SCOPE_KEY)
+    if slot is None or slot.decided:
+        return
+    slot.decided = True
+    claim = guard.idempotency.claim(principal.id, request.method, request.url.path, slot.key, slot.request_hash,
+                                    guard.clock.now())
+    if claim.outcome == "replay":
+        assert claim.stored is not None
+        raise IdempotentReplay(claim.stored)
+    if claim.outcome == "mismatch":
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            "this Idempotency-Key was already used with a different request; use a new key")
+    if claim.outcome == "in_progress":
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            "a request with this Idempotency-Key is still being processed; retry shortly",
+                            headers={"Retry-After": "1"})
+    slot.row_id = claim.row_id
+    owner = principal.profile_id if principal.profile_id is not None else request.path_params.get("profile_id")
+    try:
+        slot.profile_id = int(owner) if owner is not None else None
+    except ValueError:
+        slot.profile_id = None
+
+
+def require_scope(*change: str, read: tuple[str, ...] = ("read",)) -> Callable[..., Principal]:
+    """A dependency: GET needs one of the ``read`` scopes, any other method one of ``change``.
+
+    ``admin`` passes everything. No credential, an unknown, revoked or expired key: 401. A valid
+    customer app token, or a key without the scope: 403.
+    """
+    needs = change or ("write",)
+
+    def dependency(request: Request, ctx: Context, key: Annotated[str | None, Depends(_api_key)],
+                   bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
+        given = key or (bearer.credentials if bearer else None)
+        if not given:
+            raise _unauthorized("an admin API key is required (X-API-Key header)")
+        guard = guard_of(ctx)
+        try:
+            principal = guard.admin(given)
+        except AuthError as exc:
+            if given.startswith("v1."):  # an app token in the wrong place: say so, once it is a real one
+                try:
+                    ctx.service.verify_token(given)
+                except TokenError:
+                    pass
+                else:
+                    raise HTTPException(status.HTTP_403_FORBIDDEN,
+                                        "a customer app token cannot call admin endpoints") from None
+            raise _unauthorized(exc.detail) from None
+        wanted = read if request.method in ("GET", "HEAD") else needs
+        if not principal.allows(wanted):
+            raise HTTPException(status.HTTP_403_FORBIDDEN,
+                                f"this API key lacks the scope for this call (one of: {', '.join(wanted)})")
+        _admit(request, guard, principal)
+        return principal
+
+    return dependency
 
 
 def require_customer(
+    request: Request,
     ctx: Context,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     access_token: Annotated[str | None, Query(description="For EventSource, which cannot set headers")] = None,
@@ -71,10 +180,22 @@ def require_customer(
     if not token:
         raise _unauthorized("a customer app token is required (Authorization: Bearer ...)")
     try:
-        return ctx.service.verify_token(token)
+        claims = ctx.service.verify_token(token)
     except TokenError as exc:
         raise _unauthorized(str(exc)) from None
+    guard = guard_of(ctx)
+    _admit(request, guard, guard.customer(claims))
+    return claims
 
 
-Admin = Depends(require_admin)
+Admin = Depends(require_scope())
+"""The default for admin routes: GET needs ``read``, anything else ``write``."""
+Read = Depends(require_scope("read", "campaigns", read=("read", "campaigns")))
+"""``read`` or ``campaigns`` whatever the method (a dry run changes nothing)."""
+Campaigns = Depends(require_scope("campaigns", read=("read", "campaigns")))
+"""Changing campaigns needs ``campaigns``; reading them, ``read`` or ``campaigns``."""
+Privacy = Depends(require_scope("privacy", read=("privacy",)))
+"""Export and erasure: ``privacy`` only, even to read."""
+KeyAdmin = Depends(require_scope("admin", read=("admin",)))
+"""API key management: ``admin`` only."""
 Customer = Annotated[Claims, Depends(require_customer)]

@@ -38,7 +38,8 @@ def signer() -> TokenSigner:
 def test_a_token_round_trips_to_its_claims(signer: TokenSigner, clock: VirtualClock) -> None:
     token, claims = signer.issue(42, clock.now(), TTL)
 
-    assert claims == Claims(profile_id=42, expires_at=clock.now() + TTL, token_id=claims.token_id)
+    assert claims == Claims(profile_id=42, expires_at=clock.now() + TTL, token_id=claims.token_id,
+                            generation=0, issued_at=clock.now())
     assert signer.verify(token, clock.now()) == claims
     # Another signer holding the same secret (a restarted gateway) accepts it too.
     assert TokenSigner(SECRET).verify(token, clock.now()) == claims
@@ -123,7 +124,7 @@ def test_no_secret_material_is_inside_a_token(signer: TokenSigner, clock: Virtua
     _, body, sig = token.split(".")
 
     decoded = json.loads(_unb64(body))
-    assert decoded == {"sub": 99, "exp": claims.expires_at, "jti": claims.token_id}
+    assert decoded == {"sub": 99, "exp": claims.expires_at, "jti": claims.token_id, "iat": clock.now()}
     for form in (SECRET.decode(), SECRET.hex(), _b64(SECRET), base64.b64encode(SECRET).decode()):
         assert form not in token
         assert form not in _unb64(body).decode()
@@ -134,3 +135,29 @@ def test_no_secret_material_is_inside_a_token(signer: TokenSigner, clock: Virtua
 def test_a_short_secret_is_refused() -> None:
     with pytest.raises(ValueError, match="16 bytes"):
         TokenSigner(b"too-short")
+
+
+def test_the_revocation_generation_is_signed_into_the_token(signer: TokenSigner, clock: VirtualClock) -> None:
+    token, claims = signer.issue(5, clock.now(), TTL, generation=3)
+    assert claims.generation == 3 and signer.verify(token, clock.now()).generation == 3
+    version, body, sig = token.split(".")
+    # Raising the generation (to outlive a "revoke all") breaks the signature.
+    forged = _b64(json.dumps({**json.loads(_unb64(body)), "gen": 99}, separators=(",", ":")).encode())
+    with pytest.raises(TokenError, match="signature"):
+        signer.verify(f"{version}.{forged}.{sig}", clock.now())
+
+
+def test_a_token_issued_before_generations_existed_counts_as_generation_0(signer: TokenSigner,
+                                                                           clock: VirtualClock) -> None:
+    body = _b64(json.dumps({"sub": 8, "exp": clock.now() + 60, "jti": "00ff00ff00ff00ff"}).encode())
+    claims = signer.verify(f"v1.{body}.{signer._sign(body)}", clock.now())
+    assert (claims.profile_id, claims.generation, claims.issued_at) == (8, 0, 0.0)
+
+
+def test_a_derived_key_is_stable_per_secret_and_purpose_and_is_not_the_secret() -> None:
+    a, b = TokenSigner(SECRET), TokenSigner(SECRET)
+    assert a.derive_key("idempotency") == b.derive_key("idempotency")
+    assert len(a.derive_key("idempotency")) == 32
+    assert a.derive_key("idempotency") != a.derive_key("other")
+    assert a.derive_key("idempotency") != TokenSigner(b"another-secret-entirely-32-bytes").derive_key("idempotency")
+    assert SECRET not in a.derive_key("idempotency")
