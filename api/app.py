@@ -11,7 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import openapi
+from api import idempotency, openapi
 from api.deps import ApiContext
 from api.routers import (
     campaigns,
@@ -22,6 +22,7 @@ from api.routers import (
     identifiers,
     insights,
     interactions,
+    keys,
     maintenance,
     me,
     notifications,
@@ -48,9 +49,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="Engagement gateway", version="0.1.0",
                   description="Profiles, carts and the customer notification stream of one store's gateway.")
     app.state.context = ctx
-    if ctx.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=ctx.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"], expose_headers=["*"])
+    idempotency.install(app, ctx)  # inside CORS, so refusals and replays carry CORS headers too
+    if ctx.cors_origins:  # bearer tokens, not cookies: no credentials mode
+        app.add_middleware(CORSMiddleware, allow_origins=ctx.cors_origins, allow_methods=ctx.cors_methods,
+                           allow_headers=ctx.cors_headers, max_age=600,
+                           expose_headers=["Retry-After", "Idempotent-Replayed", "Location", "WWW-Authenticate"])
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -92,11 +95,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(privacy.router, prefix="/v1")
     app.include_router(insights.router, prefix="/v1")
     app.include_router(campaigns.router, prefix="/v1")
+    app.include_router(keys.router, prefix="/v1")
+    app.include_router(devices.router, prefix="/v1")
     app.include_router(identifiers.router, prefix="/v1")
     app.include_router(presence.router, prefix="/v1")
     app.include_router(notifications.router, prefix="/v1")
     app.include_router(deliveries.router, prefix="/v1")
     app.include_router(maintenance.router, prefix="/v1")
-    app.include_router(devices.router, prefix="/v1")
     openapi.install(app)  # errors documented as problem+json, as the handlers above send them
     return app

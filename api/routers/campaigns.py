@@ -10,9 +10,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Response, status
 
-from api.deps import Admin, Context
+from api.deps import Campaigns, Context
 
-router = APIRouter(prefix="/campaigns", tags=["campaigns"], dependencies=[Admin])
+router = APIRouter(prefix="/campaigns", tags=["campaigns"], dependencies=[Campaigns])
 
 CampaignId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
 EXAMPLE = {"name": "Welcome back", "purpose": "offers", "trigger": {"type": "visit_start"},

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from api.deps import Context, Customer
 from api.schemas import DB_ID_MAX, NotificationOut
@@ -85,3 +85,10 @@ def my_notifications(ctx: Context, claims: Customer,
 def ack(notification_id: Annotated[int, Path(ge=1, le=DB_ID_MAX)], ctx: Context, claims: Customer) -> dict[str, Any]:
     """The app has it: recorded as delivered, and never replayed again."""
     return ctx.service.ack(claims.profile_id, notification_id)
+
+
+@router.delete("/token", status_code=204)
+def logout(ctx: Context, claims: Customer) -> Response:
+    """Log out: the token this request carries stops working at once (the customer's other devices keep theirs)."""
+    ctx.service.revoke_token(claims)
+    return Response(status_code=204)

@@ -6,10 +6,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Response, status
 
-from api.deps import Admin, Context
+from api.deps import Context, Privacy
 from api.schemas import DB_ID_MAX
 
-router = APIRouter(prefix="/profiles", tags=["privacy"], dependencies=[Admin])
+router = APIRouter(prefix="/profiles", tags=["privacy"], dependencies=[Privacy])
 
 ProfileId = Annotated[int, Path(ge=1, le=DB_ID_MAX)]
 

@@ -10,12 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import Context, Customer
 from gateway.delivery.webpush import (
     SubscriptionError,
+    SubscriptionTaken,
     delete_subscription,
     list_subscriptions,
     save_subscription,
     validate_subscription,
 )
-from gateway.service import Invalid
+from gateway.service import Conflict, Invalid
 
 router = APIRouter(prefix="/me/push-subscriptions", tags=["customer"])
 
@@ -58,14 +59,18 @@ def my_subscriptions(ctx: Context, claims: Customer) -> list[dict[str, Any]]:
 
 
 @router.post("", response_model=PushSubscriptionOut, status_code=status.HTTP_201_CREATED,
-             responses={200: {"description": "Already known: keys refreshed", "model": PushSubscriptionOut}})
+             responses={200: {"description": "Already known: keys refreshed", "model": PushSubscriptionOut},
+                        409: {"description": "Another account's subscription (different keys)"}})
 def subscribe(body: PushSubscriptionIn, ctx: Context, claims: Customer, response: Response) -> dict[str, Any]:
     """Store this browser's subscription for the caller (201), or refresh it (200)."""
     try:
         sub = validate_subscription(body.endpoint, body.keys.p256dh, body.keys.auth)
     except SubscriptionError as exc:
         raise Invalid(str(exc)) from None
-    view, created = save_subscription(ctx.service.db, claims.profile_id, sub, ctx.service.clock.now())
+    try:
+        view, created = save_subscription(ctx.service.db, claims.profile_id, sub, ctx.service.clock.now())
+    except SubscriptionTaken as exc:
+        raise Conflict(str(exc)) from None
     if not created:
         response.status_code = status.HTTP_200_OK
     return view

@@ -15,8 +15,9 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 
-from api.deps import ApiContext
+from api.deps import ApiContext, guard_of
 from api.schemas import DB_ID_MAX
+from gateway.auth import retry_after
 from gateway.service import NotFound
 from gateway.tokens import Claims, TokenError
 
@@ -25,6 +26,7 @@ router = APIRouter(prefix="/me", tags=["customer"])
 WS_UNAUTHORIZED = 4401  # the 4xxx range is the application's; 4401 mirrors HTTP 401
 WS_BAD_REQUEST = 4400
 WS_TRY_AGAIN = 1013  # the client fell behind and was cut off: reconnect with after=<last id>
+WS_RATE_LIMITED = 4429  # mirrors HTTP 429: too many connections or requests with this token
 AUTH_TIMEOUT_S = 10.0
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -124,6 +126,11 @@ async def ws_stream(ws: WebSocket, access_token: str | None = None, after: int =
     if auth is None:
         return
     claims, start = auth
+    guard = guard_of(ctx)
+    wait = guard.throttle(guard.customer(claims))
+    if wait:
+        await ws.close(WS_RATE_LIMITED, f"rate limit exceeded; retry in {retry_after(wait)} s")
+        return
     pid = claims.profile_id
     queue = ctx.hub.subscribe(pid)  # before the replay query, so nothing falls between the two
     lock = asyncio.Lock()

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -64,6 +65,10 @@ PUBLIC_KEY_FILE = "vapid_public.txt"
 
 class SubscriptionError(ValueError):
     """A PushSubscription the gateway cannot use (bad URL, keys that are not P-256 / 16 bytes)."""
+
+
+class SubscriptionTaken(SubscriptionError):
+    """The endpoint belongs to another profile and the keys differ: not the same browser subscription."""
 
 
 # ---------------------------------------------------------------- VAPID keys
@@ -185,7 +190,9 @@ def save_subscription(db: Database, profile_id: int, sub: Subscription, now: flo
     """Store (or refresh) a subscription for a profile; returns (view, created).
 
     The endpoint is unique: a browser that logs into another account moves its subscription to
-    that account, since the browser, not the account, receives the push.
+    that account, since the browser, not the account, receives the push. Moving it takes the same
+    auth secret (the same browser subscription): knowing another customer's endpoint URL is not
+    enough to take it over (SubscriptionTaken).
     """
     try:
         return _save(db, profile_id, sub, now)
@@ -197,6 +204,8 @@ def _save(db: Database, profile_id: int, sub: Subscription, now: float) -> tuple
     with db.session() as s:
         row = s.scalar(select(PushSubscription).where(PushSubscription.endpoint == sub.endpoint))
         created = row is None
+        if row is not None and row.profile_id != profile_id and not hmac.compare_digest(row.auth, sub.auth):
+            raise SubscriptionTaken("this endpoint is subscribed by another account with other keys")
         if row is None:
             row = PushSubscription(endpoint=sub.endpoint, created_at=now, failures=0)
             s.add(row)
