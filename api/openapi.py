@@ -39,9 +39,71 @@ def _is_public(path: str) -> bool:
     return path.startswith(PUBLIC)
 
 
+def example_for(schema: dict[str, Any], schemas: dict[str, Any], depth: int = 0) -> Any:
+    """An example value for ``schema``: the schema's own (or its component's) example when it has one,
+    else one built from its properties, so every body in the document shows a concrete shape."""
+    if depth > 8:
+        return None
+    ref = schema.get("$ref")
+    if ref:
+        return example_for(schemas.get(ref.rsplit("/", 1)[-1], {}), schemas, depth + 1)
+    if schema.get("examples"):
+        return schema["examples"][0]
+    if "example" in schema:
+        return schema["example"]
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        options = [o for o in schema.get(key, ()) if o.get("type") != "null"]
+        if options:
+            return example_for(options[0], schemas, depth + 1)
+    kind = schema.get("type")
+    if kind == "array":
+        item = example_for(schema.get("items", {}), schemas, depth + 1)
+        return [] if item is None else [item]
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties", {})
+        return {k: example_for(v, schemas, depth + 1) for k, v in props.items()}
+    if kind == "integer":
+        return max(1, int(schema.get("minimum", 1)))
+    if kind == "number":
+        return float(schema.get("minimum", 1.0))
+    if kind == "boolean":
+        return True
+    if kind == "string":
+        length = int(schema.get("minLength", 1))
+        return "example"[:max(length, 7)] if length <= 7 else "x" * length
+    return None
+
+
+def _with_example(media: dict[str, Any], schemas: dict[str, Any]) -> None:
+    if "example" in media or "examples" in media or "schema" not in media:
+        return
+    own = media["schema"]
+    target = schemas.get(own.get("$ref", "").rsplit("/", 1)[-1], own) if "$ref" in own else own
+    if "examples" in target or "example" in target:
+        return  # the schema shows its own
+    media["example"] = example_for(own, schemas)
+
+
+def _restore_examples(schemas: dict[str, Any]) -> None:
+    """FastAPI drops ``None`` from schema examples (exclude_none), which breaks an example whose nullable
+    field is required; the models' own examples are put back as written."""
+    import api.schemas as models
+
+    for name, schema in schemas.items():
+        model = getattr(models, name, None)
+        extra = getattr(model, "model_config", {}).get("json_schema_extra") if model is not None else None
+        if isinstance(extra, dict) and extra.get("examples"):
+            schema["examples"] = extra["examples"]
+
+
 def rewrite(doc: dict[str, Any]) -> dict[str, Any]:
     """Errors as problem+json on every operation; FastAPI's own validation schemas removed."""
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    _restore_examples(schemas)
     for model in (Problem, ValidationProblem):
         schemas[model.__name__] = model.model_json_schema(ref_template=_REF + "{model}")
         for name, sub in schemas[model.__name__].pop("$defs", {}).items():
@@ -70,6 +132,17 @@ def rewrite(doc: dict[str, Any]) -> dict[str, Any]:
                     responses[code] = _problem(code)
                     if desc and desc not in ("Validation Error", "Successful Response"):
                         responses[code]["description"] = desc
+    for ops in doc.get("paths", {}).values():  # every JSON body shows an example
+        for op in ops.values():
+            if not isinstance(op, dict):
+                continue
+            body = op.get("requestBody", {}).get("content", {}).get("application/json")
+            if body is not None:
+                _with_example(body, schemas)
+            for code, response in op.get("responses", {}).items():
+                media = response.get("content", {}).get("application/json")
+                if code.startswith("2") and media is not None:
+                    _with_example(media, schemas)
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     return doc

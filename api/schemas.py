@@ -56,6 +56,11 @@ class ConsentState(BaseModel):
 
 
 class ProfileOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": 7, "external_id": "alice", "name": "Alice Martin", "attributes": {"tier": "gold"},
+        "created_at": 1780300800.0,
+        "identifiers": [{"kind": "beacon", "value": "ibeacon:8f3c0a52-6d1e-4b7a-9c2d-5e4f3a2b1c00:100:1"}],
+        "consents": {"offers": {"granted": True, "updated_at": 1780300800.0, "source": "api"}}}]})
     id: int
     external_id: str | None
     name: str | None
@@ -66,7 +71,8 @@ class ProfileOut(BaseModel):
 
 
 class ConsentsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "consents": {"offers": True, "cart_reminders": False}}]})
     consents: dict[Purpose, bool]
 
 
@@ -84,6 +90,8 @@ class LinkIn(BaseModel):
 
 
 class TokenOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "token": "v1.eyJwIjo3LCJleHAiOjE3ODI4OTI4MDB9.3q2-7w", "profile_id": 7, "expires_at": 1782892800.0}]})
     token: str = Field(description="Shown once; the gateway keeps no copy")
     profile_id: int
     expires_at: float
@@ -112,9 +120,8 @@ class CartIn(BaseModel):
 
 class CartOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "id": "cart-1001", "profile_id": 7, "status": "open", "updated_at": 1780300800.0, "abandoned_at": None,
-        "checked_out_at": None, "items": [{"sku": "SH-100", "name": "Trail runner shoes", "price": 89.9,
-                                           "quantity": 1}]}]})
+        "id": "cart-1001", "profile_id": 7, "status": "open", "updated_at": 1780300800.0,
+        "items": [{"sku": "SH-100", "name": "Trail runner shoes", "price": 89.9, "quantity": 1}]}]})
     id: str
     profile_id: int
     status: str
@@ -123,12 +130,17 @@ class CartOut(BaseModel):
 
 
 class CartView(CartOut):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "cart-1001", "profile_id": 7, "status": "checked_out", "updated_at": 1780300800.0,
+        "abandoned_at": None, "checked_out_at": 1780300800.0,
+        "items": [{"sku": "SH-100", "name": "Trail runner shoes", "price": 89.9, "quantity": 1}]}]})
     abandoned_at: float | None = Field(description="When the gateway saw it abandoned (idle past the limit)")
     checked_out_at: float | None
 
 
 class CatalogItemIn(BaseModel):
-    model_config = ConfigDict(allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False, json_schema_extra={"examples": [{
+        "sku": "SH-100", "name": "Trail runner shoes", "price": 89.9, "zone": "shoes", "aisle": "A3"}]})
 
     sku: str = Field(min_length=1, max_length=64)
     name: str = Field(min_length=1, max_length=200)
@@ -138,6 +150,10 @@ class CatalogItemIn(BaseModel):
 
 
 class NotificationOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": 12, "campaign": "shoes-dwell-offer", "purpose": "offers", "title": "10% off shoes",
+        "body": "Show code AB12CD34 at the till", "data": {"zone": "shoes"}, "created_at": 1780300800.0,
+        "status": "sent"}]})
     id: int
     campaign: str
     purpose: str
@@ -149,6 +165,8 @@ class NotificationOut(BaseModel):
 
 
 class HealthOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "status": "ok", "components": {"db": "ok", "mqtt": "connected", "scanner": "running"}}]})
     status: Literal["ok", "degraded"]
     components: dict[str, str]
 
@@ -181,12 +199,17 @@ class AppSightingIn(BaseModel):
 
 
 class SightingsAccepted(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"received": 2, "accepted": 1, "unknown_beacon": 1}]})
     received: int
     accepted: int
     unknown_beacon: int = Field(description="Reports of beacons no receiver is configured for (not used)")
 
 
 class DecisionOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": 31, "at": 1780300830.0, "campaign": "shoes-dwell-offer", "event": "dwell",
+        "event_key": "stay:shoes:1780300800.000", "fired": False, "reason": "cooldown",
+        "detail": "sent 2 h ago; cooldown 24 h", "variant": None}]})
     id: int
     at: float
     campaign: str
@@ -215,6 +238,9 @@ class DryRunIn(BaseModel):
 
 
 class DryRunOutcome(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "campaign_id": "shoes-dwell-offer", "profile_id": 1, "fired": True, "reason": "fired", "detail": None,
+        "variant": None}]})
     campaign_id: str
     profile_id: int
     fired: bool
@@ -360,6 +386,19 @@ class InteractionOut(BaseModel):
 
 
 class NotificationDetailOut(AdminNotificationOut):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": 12, "profile_id": 7, "campaign": "shoes-dwell-offer", "purpose": "offers", "title": "10% off shoes",
+        "body": "Show code AB12CD34 at the till", "data": {"zone": "shoes"}, "created_at": 1780300800.0,
+        "status": "acked", "acked_at": 1780300801.2, "deliver_at": None, "expires_at": None, "variant": None,
+        "redemption_code": "AB12CD34",
+        "channels": [{"channel": "sse", "state": "delivered", "attempts": 1, "next_attempt_at": None,
+                      "last_error": None},
+                     {"channel": "webhook", "state": "pending", "attempts": 2, "next_attempt_at": 1780300808.0,
+                      "last_error": "HTTP 503"}],
+        "attempts": [{"channel": "sse", "at": 1780300800.0, "outcome": "streamed"},
+                     {"channel": "webhook", "at": 1780300800.0, "outcome": "retry"},
+                     {"channel": "webhook", "at": 1780300804.0, "outcome": "retry"}],
+        "interactions": [{"kind": "delivered", "at": 1780300801.2}, {"kind": "opened", "at": 1780300840.0}]}]})
     channels: list[ChannelStateOut] = Field(description="Where it stands on each channel")
     attempts: list[AttemptOut] = Field(description="Every delivery attempt, oldest first")
     interactions: list[InteractionOut]
