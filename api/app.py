@@ -33,6 +33,7 @@ from api.routers import (
     sightings,
     ws,
 )
+from gateway.auth import install_log_redaction
 from gateway.service import Conflict, Invalid, NotFound
 
 log = logging.getLogger("api")
@@ -50,6 +51,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
                   description="Profiles, carts and the customer notification stream of one store's gateway.")
     app.state.context = ctx
     idempotency.install(app, ctx)  # inside CORS, so refusals and replays carry CORS headers too
+    install_log_redaction()  # uvicorn's access log would show ?access_token= (EventSource)
     if ctx.cors_origins:  # bearer tokens, not cookies: no credentials mode
         app.add_middleware(CORSMiddleware, allow_origins=ctx.cors_origins, allow_methods=ctx.cors_methods,
                            allow_headers=ctx.cors_headers, max_age=600,

@@ -350,6 +350,30 @@ def purge_expired(s: Session, now: float) -> dict[str, int]:
     return {"idempotency_keys": int(idem or 0), "revoked_tokens": int(revoked or 0)}
 
 
+# ------------------------------------------------------------------ logs
+
+_TOKEN_IN_QUERY = re.compile(r"(access_token=)[^&\s\"]+")
+
+
+class RedactTokens(logging.Filter):
+    """Blanks ``access_token=`` in log lines (uvicorn's access log shows the query, where EventSource puts it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(_TOKEN_IN_QUERY.sub(r"\1[redacted]", a) if isinstance(a, str) else a
+                                for a in record.args)
+        if isinstance(record.msg, str) and "access_token=" in record.msg:
+            record.msg = _TOKEN_IN_QUERY.sub(r"\1[redacted]", record.msg)
+        return True
+
+
+def install_log_redaction(names: Iterable[str] = ("uvicorn.access", "uvicorn.error")) -> None:
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())
+
+
 # ------------------------------------------------------------------ the guard the API consults
 
 

@@ -176,6 +176,45 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    import time
+
+    from gateway import auth
+    from gateway.config import ConfigError, load_settings
+    from gateway.storage.db import Database
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"gateway keys: {exc}", file=sys.stderr)
+        return 2
+    db = Database(args.url or settings.database.url)
+    try:
+        db.upgrade()
+        with db.session() as s:
+            now = time.time()
+            if args.keys_command == "create":
+                try:
+                    expires = None if args.expires_in is None else now + args.expires_in
+                    raw, view = auth.create_key(s, args.name, args.scopes, now, expires)
+                except ValueError as exc:
+                    print(f"gateway keys create: {exc}", file=sys.stderr)
+                    return 2
+                print(f"key {view['id']} ({','.join(view['scopes'])}); shown once, send it as X-API-Key:\n{raw}")
+            elif args.keys_command == "list":
+                for k in auth.list_keys(s):
+                    state = "revoked" if k["revoked_at"] else "active"
+                    print(f"{k['id']}  {k['prefix']}...  {','.join(k['scopes']):<28} {state:<8} {k['name']}")
+            elif auth.revoke_key(s, args.key_id, now) is None:
+                print(f"gateway keys revoke: no key {args.key_id}", file=sys.stderr)
+                return 2
+            else:
+                print(f"key {args.key_id} revoked")
+    finally:
+        db.dispose()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gateway", description="Proximity and wearable engagement gateway")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -223,6 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--config", default=None)
     imp.add_argument("--url", default=None, help="database URL (default: from the config)")
     imp.set_defaults(func=cmd_catalogue_import)
+    keys = sub.add_parser("keys", help="admin API keys with scopes (docs/api-auth.md)")
+    ks = keys.add_subparsers(dest="keys_command", required=True)
+    kc = ks.add_parser("create", help="create a key and print it once")
+    kc.add_argument("--scopes", required=True, help="comma-separated: read,write,campaigns,privacy,admin")
+    kc.add_argument("--name", default="cli")
+    kc.add_argument("--expires-in", type=float, default=None, metavar="SECONDS")
+    kl = ks.add_parser("list", help="every key (never the key itself)")
+    kr = ks.add_parser("revoke", help="revoke a key by its id")
+    kr.add_argument("key_id")
+    for k in (kc, kl, kr):
+        k.add_argument("--config", default=None)
+        k.add_argument("--url", default=None, help="database URL (default: from the config)")
+        k.set_defaults(func=cmd_keys)
     return p
 
 

@@ -34,6 +34,7 @@ from gateway.storage.models import (
     DeliveryState,
     Device,
     DeviceEventRecord,
+    IdempotencyKey,
     Identifier,
     Interaction,
     Notification,
@@ -41,8 +42,10 @@ from gateway.storage.models import (
     PushSubscription,
     ReadingRecord,
     ReadingRollup,
+    RevokedToken,
     RuleStateRecord,
     SegmentMembership,
+    TokenGeneration,
     Visit,
     ZoneStay,
 )
@@ -190,6 +193,12 @@ def _everything(service: GatewayService, db: Database, clock: VirtualClock, who:
         s.add(PushSubscription(profile_id=pid, endpoint=f"https://push.example.com/send/{who}",
                                p256dh="B" * 87, auth="A" * 22, created_at=T0))
         s.add(SegmentMembership(profile_id=pid, segment_id="frequent", entered_at=T0))
+        # Auth: a logged-out app token, a "revoke all", a kept answer to one of their POSTs.
+        s.add(RevokedToken(jti=f"jti-{who}", profile_id=pid, expires_at=T0 + 3600, revoked_at=T0))
+        s.add(TokenGeneration(profile_id=pid, generation=1, updated_at=T0))
+        s.add(IdempotencyKey(principal=f"profile:{pid}", method="POST", path="/v1/me/sightings", key=who,
+                             request_hash="0" * 64, profile_id=pid, status=202, body=b"sealed", created_at=T0,
+                             expires_at=T0 + 86400))
         # Device rules: a wearable's rule state and an alarm are the owner's data (health, habits).
         s.add(RuleStateRecord(device_id=f"watch-{who}", rule_id="activity", profile_id=pid,
                               state={"counters": {}}, updated_at=T0))
