@@ -345,9 +345,10 @@ class IdempotencyStore:
 
 def purge_expired(s: Session, now: float) -> dict[str, int]:
     """Idempotency keys past their day, revoked tokens past their own expiry: nothing kept longer than needed."""
-    idem = s.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at <= now)).rowcount
-    revoked = s.execute(delete(RevokedToken).where(RevokedToken.expires_at <= now)).rowcount
-    return {"idempotency_keys": int(idem or 0), "revoked_tokens": int(revoked or 0)}
+    idem = s.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at <= now))
+    revoked = s.execute(delete(RevokedToken).where(RevokedToken.expires_at <= now))
+    return {"idempotency_keys": int(getattr(idem, "rowcount", 0) or 0),
+            "revoked_tokens": int(getattr(revoked, "rowcount", 0) or 0)}
 
 
 # ------------------------------------------------------------------ logs
