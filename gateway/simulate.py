@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
 from devices.payloads import Reading
@@ -20,6 +20,7 @@ from gateway.campaigns import CampaignIndex, load_campaigns, load_segments
 from gateway.clock import VirtualClock
 from gateway.config import Settings
 from gateway.engine import FIRED, EngineEvent, Outcome
+from gateway.figures import figures as day_figures
 from gateway.identity import IdentityIndex
 from gateway.runtime import Pipeline
 from gateway.scenarios import apply_scenario, enrol
@@ -43,6 +44,7 @@ class Summary:
     notifications: Counter[str] = field(default_factory=Counter)
     suppressions: Counter[str] = field(default_factory=Counter)
     decisions: list[tuple[str, str, str]] = field(default_factory=list)  # who, campaign, reason
+    figures: dict[str, Any] = field(default_factory=dict)  # the day's engagement figures (GET /v1/figures)
     wall_s: float = 0.0
 
     @property
@@ -151,6 +153,11 @@ def simulate(scenario: Scenario, duration_s: float, *, campaigns_dir: str, seed:
         summary.adverts, summary.readings = f["adverts"], f["readings"]
         summary.visits_enrolled_new, summary.visits_enrolled_returning = f["visits_new"], f["visits_returning"]
         summary.visits_anonymous = f["anonymous_visits"]
+        local_day = dt.datetime.fromtimestamp(start, ZoneInfo(settings.store.timezone)).date().isoformat()
+        with db.session() as s:
+            summary.figures = day_figures(s, local_day, local_day, settings.store.timezone,
+                                          bounce_s=settings.figures.bounce_s, store=settings.store.id,
+                                          conversion_window_s=settings.interactions.conversion_window_s)
         summary.wall_s = time.perf_counter() - wall0
         return summary
     finally:

@@ -256,7 +256,8 @@ def test_loyalty_points_once_per_visit_and_tiers_in_conditions(tmp_path):
     key = "ibeacon:aa:1:1"
     for v in range(5):
         t = T0 + v * 86400
-        pipe.handle_presence([PresenceEvent("visit_start", key, t, "z", t, t), PresenceEvent("enter", key, t, "z", t, t),
+        pipe.handle_presence([PresenceEvent("visit_start", key, t, "z", t, t),
+                              PresenceEvent("enter", key, t, "z", t, t),
                               PresenceEvent("dwell", key, t + 10, "z", t, t, 10.0),
                               PresenceEvent("exit", key, t + 60, "z", t, t, 60.0),
                               PresenceEvent("enter", key, t + 70, "z", t + 70, t),  # back in, same visit
