@@ -361,3 +361,43 @@ def test_attribute_changes_re_evaluate_segments(world):
     [o] = run(db, engine, EngineEvent("profile_updated", ann, T0, "p1"))
     assert o.campaign_id == "bonjour" and o.fired
     assert svc.update_profile(ann, attributes={"language": None})["attributes"] == {}
+
+
+# ---------------------------------------------------------------- figures
+
+def test_figures_per_arm_with_lift_and_maintenance_response(world):
+    from gateway.figures import figures
+    from gateway.storage.models import Consent
+
+    db, svc, _ = world
+    exp = {"holdout": 0.5, "variants": [{"name": "a"}]}
+    c = camp("exp", experiment=exp, trigger={"type": "enter", "zone": "z"})
+    pids = [svc.create_profile(NewProfile(external_id=f"p{i}", consents={"offers": True}))["id"] for i in range(40)]
+    engine = Engine(CampaignIndex([c]))
+    outcomes = [run(db, engine, enter(p, T0, "s1"))[0] for p in pids]
+    arm = [o for o in outcomes if o.fired]
+    held = [o for o in outcomes if o.reason == "holdout"]
+    assert arm and held and len(arm) + len(held) == 40
+    with db.session() as s:  # everyone in the arm opens and buys; one holdout profile buys too
+        for o in arm:
+            s.add(Interaction(notification_id=o.notification_id, kind="opened", at=T0 + 60))
+            s.add(Cart(id=f"k{o.profile_id}", profile_id=o.profile_id, status="checked_out", items=[],
+                       updated_at=T0 + 600, checked_out_at=T0 + 600))
+        s.add(Cart(id="kh", profile_id=held[0].profile_id, status="checked_out", items=[], updated_at=T0 + 600,
+                   checked_out_at=T0 + 600))
+        # A maintenance prompt answered 90 s after it went out.
+        s.add(Consent(profile_id=pids[0], purpose="maintenance", granted=True, updated_at=T0))
+    m = camp("svc", purpose="maintenance", trigger={"type": "enter", "zone": "m"})
+    [p] = run(db, Engine(CampaignIndex([m])), enter(pids[0], T0, "m1", "m"))
+    with db.session() as s:
+        s.add(Interaction(notification_id=p.notification_id, kind="clicked", at=T0 + 90))
+        day = dt.datetime.fromtimestamp(T0, ZoneInfo(TZ)).date().isoformat()
+        f = figures(s, day, day, TZ)
+    e = f["notifications"]["campaigns"]["exp"]["experiment"]
+    hold_rate = round(100 / len(held), 2)
+    assert e["holdout"] == {"profiles": len(held), "conversion_rate": hold_rate}
+    a = e["variants"]["a"]
+    assert a["notified"] == len(arm) and a["opened"] == len(arm) and a["converted_within_window"] == len(arm)
+    assert a["lift_vs_holdout"] == round(100.0 - hold_rate, 2)
+    assert f["maintenance"]["prompts"] == 1 and f["maintenance"]["avg_response_s"] == 90.0
+    assert f["days"][0]["day"] == day
