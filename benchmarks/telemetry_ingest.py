@@ -2,7 +2,7 @@
 bare paho-mqtt subscriber that only counts, on the same Mosquitto in the same run; then two gateway workers
 sharing the load through a ``$share`` subscription.
 
-The script starts its own Mosquitto (``max_queued_messages 0``, ``max_inflight_messages 1000``). For each
+The script starts its own Mosquitto (``max_queued_messages 0``, ``max_inflight_messages 4000``). For each
 consumer it first creates the consumer's persistent session (subscribe, disconnect), then publishes the
 whole backlog (N messages from D devices, the clean simulated fleet of simulators/wearables.py, QoS 1) so
 the broker queues it, and only then starts the consumer in a process of its own and times it from its
@@ -56,12 +56,12 @@ def free_port() -> int:
 
 
 class Broker:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, window: int) -> None:
         self.port = free_port()
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         conf = workdir / "mosquitto.conf"
         conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 1000\n")
+                        f"max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages {window}\n")
         self.log = (workdir / "mosquitto.log").open("ab")
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 10
@@ -155,7 +155,7 @@ def role_worker(args: argparse.Namespace) -> None:
         settings.devices.profiles_dir = str(ROOT / "examples/device-profiles")
         intake = MqttIntake(MqttSettings(port=args.port, client_id=args.client_id, store_id="s1",
                                          topic_prefix=args.prefix, share_group=args.share_group or None,
-                                         session_expiry=3600))
+                                         session_expiry=3600, receive_maximum=args.window))
         rt = Runtime(settings, mqtt=intake, serve_api=False, on_outcome=None, tick_s=3600)
         times = {"last": 0.0, "acks": 0, "calls": 0}
         real_ack = intake.ack
@@ -272,6 +272,8 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--devices", type=int, default=500)
     ap.add_argument("--db", default=None, help="a PostgreSQL URL (default: SQLite files in a temp dir)")
+    ap.add_argument("--window", type=int, default=4000,
+                    help="the broker's max_inflight_messages and the gateway's receive_maximum")
     ap.add_argument("--role", choices=["anchor", "worker"], help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--client-id", help=argparse.SUPPRESS)
@@ -291,7 +293,7 @@ def main() -> None:
 
     n = args.messages
     work = Path(tempfile.mkdtemp(prefix="telemetry-bench-"))
-    broker = Broker(work)
+    broker = Broker(work, args.window)
     try:
         # 1. the anchor
         prefix = "bench-anchor"
@@ -310,7 +312,8 @@ def main() -> None:
             make_session("gw-one", broker.port, f"{prefix}/+/devices/+/{kind}")
         published = backlog(broker.port, prefix, n, args.devices)
         w = result_of(spawn("--role", "worker", "--port", str(broker.port), "--client-id", "gw-one",
-                            "--prefix", prefix, "--db", url, "--data-dir", str(work), "--expect", str(published)),
+                            "--prefix", prefix, "--db", url, "--data-dir", str(work), "--expect", str(published),
+                            "--window", str(args.window)),
                       1200)
         ours_rate = w["acked"] / (w["last_at"] - w["connected_at"])
         lost = published - stored(url)
@@ -326,7 +329,7 @@ def main() -> None:
         published2 = backlog(broker.port, prefix, n, args.devices)
         procs = [spawn("--role", "worker", "--port", str(broker.port), "--client-id", cid, "--prefix", prefix,
                        "--db", url2, "--data-dir", str(work), "--share-group", "bench",
-                       "--expect", str(published2)) for cid in ("gw-w1", "gw-w2")]
+                       "--expect", str(published2), "--window", str(args.window)) for cid in ("gw-w1", "gw-w2")]
         results = [result_of(p, 1200) for p in procs]
         span = max(r["last_at"] for r in results) - min(r["connected_at"] for r in results)
         two_rate = sum(r["acked"] for r in results) / span

@@ -103,10 +103,12 @@ class MqttSettings:
     """TLS: verify the broker's certificate (and host name) against ``ca_file`` or the system store."""
     client_cert: str | None = None
     client_key: str | None = None
-    receive_maximum: int = 1000
-    """MQTT 5: at most this many unacknowledged QoS 1 messages in flight to us. With acks sent only
-    after the commit, this is the batch size limit and the backpressure (Mosquitto's own
-    ``max_inflight_messages`` caps it too)."""
+    receive_maximum: int = 4000
+    """MQTT 5: at most this many unacknowledged QoS 1 messages in flight to us. Acks go out only after
+    the commit, so this is the backpressure; a few batches' worth lets the broker keep sending while a
+    batch commits (Mosquitto's ``max_inflight_messages`` caps it too: 20 by default, far too few)."""
+    max_batch: int = 1000
+    """Messages per batch at most: a commit of one batch overlaps the arrival of the next."""
     share_group: str | None = None
     """Subscribe as ``$share/<group>/...``: workers of one group split the messages between them.
     Each worker needs its own ``client_id``."""
@@ -178,6 +180,7 @@ class MqttIntake:
         self._lock = threading.Lock()
         self._generation = 0  # one per connection: acks of an older one are never sent
         self._pending = TelemetryBatch(prefix=settings.topic_prefix)
+        self._full: list[TelemetryBatch] = []
         self._drain_scheduled = False
         self._connected_event: asyncio.Event | None = None
         self._subscribe_mid: int | None = None
@@ -481,6 +484,9 @@ class MqttIntake:
         """Under the lock: remember the message's ack, and wake the loop once per burst."""
         self._pending.acks.append(token)
         self.unacked += 1
+        if len(self._pending.acks) >= self.settings.max_batch:
+            self._full.append(self._pending)
+            self._pending = TelemetryBatch(prefix=self.settings.topic_prefix)
         if not self._drain_scheduled:
             self._drain_scheduled = True
             self._call_in_loop(self._drain)
@@ -543,10 +549,13 @@ class MqttIntake:
 
     def _drain(self) -> None:
         with self._lock:
-            batch, self._pending = self._pending, TelemetryBatch(prefix=self.settings.topic_prefix)
+            batches, self._full = self._full, []
+            if self._pending.acks:
+                batches.append(self._pending)
+                self._pending = TelemetryBatch(prefix=self.settings.topic_prefix)
             extras, self._pending_extra = self._pending_extra, []
             self._drain_scheduled = False
-        if batch.acks:
+        for batch in batches:
             self.batches.put_nowait(batch)
         for queue, item in extras:
             queue.put_nowait(item)
@@ -568,4 +577,5 @@ def settings_from_config(m: Any, store_id: str) -> MqttSettings:
         password=m.password or None, tls=m.tls, ca_file=m.ca_file or None, keepalive=m.keepalive,
         topic_prefix=m.topic_prefix, session_expiry=m.session_expiry, reconnect_min_delay=m.reconnect_min_delay,
         reconnect_max_delay=m.reconnect_max_delay, ca_cert_reqs=m.tls_verify, client_cert=m.client_cert or None,
-        client_key=m.client_key or None, receive_maximum=m.receive_maximum, share_group=m.share_group or None)
+        client_key=m.client_key or None, receive_maximum=m.receive_maximum, max_batch=m.max_batch,
+        share_group=m.share_group or None)

@@ -219,12 +219,19 @@ class TelemetryStore:
             return []
         s.flush()  # new registry rows first: readings reference them
         known = {r.device_id: d for r in accepted if (d := devices.get(r.device_id)) is not None}
+        seen: set[tuple[str, str]] = set()
+        unique: list[Reading] = []  # a redelivery can sit in the same batch as the original: keep the first
+        for r in accepted:
+            k = (r.device_id, r.key)
+            if k not in seen:
+                seen.add(k)
+                unique.append(r)
         rows = [{"device_id": r.device_id, "key": r.key, "ts": r.time, "metrics": r.metrics, "received_at": now,
-                 "profile_id": known[r.device_id].profile_id} for r in accepted]
+                 "profile_id": known[r.device_id].profile_id} for r in unique]
         stmt = _insert(s, ReadingRecord).on_conflict_do_nothing(index_elements=["device_id", "key"])
         conn = s.connection()  # Core, not the ORM's bulk path: a batch is thousands of rows
         stored = {(a, b) for a, b in conn.execute(stmt.returning(ReadingRecord.device_id, ReadingRecord.key), rows)}
-        fresh = [r for r in accepted if (r.device_id, r.key) in stored]
+        fresh = [r for r in unique if (r.device_id, r.key) in stored]
         self.counts["duplicates"] += len(accepted) - len(fresh)
         self.counts["accepted"] += len(fresh)
         if not fresh:

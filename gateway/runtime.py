@@ -589,8 +589,10 @@ class Runtime:
             log.exception("app sighting batch of %d failed", len(batch))
 
     async def _consume_telemetry(self) -> None:
-        """Everything queued is one batch: one transaction, then one round of PUBACKs."""
+        """What is queued, up to the intake's max_batch, is one batch: one transaction, then one round of
+        PUBACKs. The broker keeps sending (receive_maximum) while it commits."""
         queue = self.mqtt.batches
+        limit = getattr(getattr(self.mqtt, "settings", None), "max_batch", 1000)
         while True:
             batch: TelemetryBatch = await queue.get()
             while not queue.empty():

@@ -59,11 +59,18 @@ class StreamPublisher(threading.Thread):
     def run(self) -> None:
         for i in range(N):
             body = json.dumps({"ts": T0 + i, "seq": i, "metrics": {"battery_pct": i % 100}})
-            self.infos.append(self.client.publish(telemetry_topic("s1", f"dev-{i % DEVICES}", self.prefix), body,
-                                                  qos=1))
+            topic = telemetry_topic("s1", f"dev-{i % DEVICES}", self.prefix)
+            while True:  # like a device: while the broker is away, wait, then send it again
+                info = self.client.publish(topic, body, qos=1)
+                if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                    break
+                deadline = time.monotonic() + 30
+                while not self.client.is_connected() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            self.infos.append(info)
             if i % 100 == 99:  # keep the stream flowing, not all queued at once in paho's memory
-                with contextlib.suppress(RuntimeError, ValueError):  # not connected now: paho resends later
-                    self.infos[-1].wait_for_publish(0.2)
+                with contextlib.suppress(RuntimeError, ValueError):
+                    info.wait_for_publish(0.2)
         self.sent.set()
 
     def all_acked(self) -> bool:

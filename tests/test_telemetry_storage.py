@@ -94,6 +94,19 @@ def test_a_batch_is_stored_once_and_a_redelivery_is_a_counted_duplicate(db: Data
     assert count(db, ReadingRecord) == 53
 
 
+def test_a_redelivery_inside_the_same_batch_counts_once(db: Database) -> None:
+    add(db, mower())
+    ts = store()
+    r = reading(T0, seq=7, battery_pct=40)
+    fresh = write(db, ts, TelemetryBatch(readings=[r, reading(T0 + 1, seq=8), r]))
+    assert [x.seq for x in fresh] == [7, 8]  # the rules see it once
+    assert ts.stats()["accepted"] == 2 and ts.stats()["duplicates"] == 1
+    with db.session() as s:
+        [minute] = s.scalars(select(ReadingRollup).where(ReadingRollup.metric == "battery_pct",
+                                                         ReadingRollup.period == 60)).all()
+        assert minute.count == 1 and minute.sum == 40
+
+
 def test_one_batch_is_one_transaction(db: Database) -> None:
     add(db, mower(), mower("mower-2"))
     ts = store()
