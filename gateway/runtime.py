@@ -595,7 +595,7 @@ class Runtime:
         limit = getattr(getattr(self.mqtt, "settings", None), "max_batch", 1000)
         while True:
             batch: TelemetryBatch = await queue.get()
-            while not queue.empty():
+            while not queue.empty() and len(batch) < limit:
                 batch.extend(queue.get_nowait())
             await self.commit_telemetry(batch)
 
