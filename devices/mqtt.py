@@ -150,10 +150,9 @@ class MqttIntake:
         if batches is not None and batches.maxsize:
             # Backpressure is the broker's in-flight window (receive_maximum), not a bounded queue here.
             raise ValueError("the batch queue must be unbounded; the broker's in-flight window bounds it")
-        if settings.share_group is not None:
-            for bad in "/+#":
-                if bad in settings.share_group or not settings.share_group:
-                    raise ValueError(f"share_group {settings.share_group!r} must be one topic level")
+        group = settings.share_group
+        if group is not None and (not group or any(c in group for c in "/+#")):
+            raise ValueError(f"share_group {group!r} must be one topic level")
         self.settings = settings
         self.batches: asyncio.Queue[TelemetryBatch] = batches if batches is not None else asyncio.Queue()
         self.rejected: Counter[str] = Counter()
@@ -223,11 +222,11 @@ class MqttIntake:
         return list(self._filters)
 
     def stats(self) -> dict[str, Any]:
-        """Counters for /metrics and /health. ``unacked``: messages taken from the broker and not yet
+        """Counters for /metrics and /health. ``unacked_size``: messages taken from the broker and not yet
         acknowledged (in a batch queued or being committed); ``queue_depth``: batches waiting."""
         return {"state": self._state, "received": self.received, "accepted": self.accepted,
                 "rejected": dict(self.rejected), "rejected_total": sum(self.rejected.values()),
-                "acked": self.acked, "stale_acks": self.stale_acks, "unacked": self.unacked,
+                "acked": self.acked, "stale_acks": self.stale_acks, "unacked_size": self.unacked,
                 "queue_depth": self.batches.qsize(), "connects": self.connects,
                 "extra_accepted": dict(self.extra_accepted)}
 

@@ -17,6 +17,7 @@ pipeline can dead-letter the message with the reason and carry on with the rest 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from typing import Any
 import yaml
 
 from devices.payloads import Reading
+
+log = logging.getLogger(__name__)
 
 # Reason codes of the profile check (the parser's are in devices.payloads).
 UNKNOWN_METRIC = "unknown_metric"
@@ -161,6 +164,7 @@ def load_profiles(directory: str | Path | None) -> ProfileSet:
         return ProfileSet()
     root = Path(directory)
     if not root.is_dir():
+        log.warning("device profiles directory %s not found: no readings will be range-checked", root)
         return ProfileSet()
     out: dict[str, DeviceProfile] = {}
     for path in sorted([*root.glob("*.yaml"), *root.glob("*.yml")]):

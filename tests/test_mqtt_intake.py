@@ -112,7 +112,7 @@ async def test_all_qos1_readings_arrive_in_few_batches(
         assert r.time == 1767261600.0 + r.seq
         assert r.metrics["battery_pct"] == 50 + r.seq % 50
     stats = intake.stats()
-    assert stats["accepted"] == n and stats["acked"] == n and stats["unacked"] == 0
+    assert stats["accepted"] == n and stats["acked"] == n and stats["unacked_size"] == 0
     assert stats["rejected_total"] == 0
 
 
@@ -173,7 +173,7 @@ async def test_nothing_is_acknowledged_before_the_consumer_says_so(
     for i in range(10):
         publisher.publish(topic_of(first, "d1"), json.dumps({"seq": i, "metrics": {"x": i}}))
     taken = await collect_batch(first, 10, ack=False)
-    assert first.stats()["unacked"] == 10
+    assert first.stats()["unacked_size"] == 10
     await first.stop()  # "crash": never acked
 
     second = MqttIntake(settings)

@@ -102,7 +102,7 @@ async def test_while_the_store_is_down_nothing_is_acknowledged_then_everything_l
     publish(gateway, client, range(30))
     await until(lambda: down["calls"] >= 9, what="retries")  # whole, then one by one, with backoff, thrice
     stats = gateway.mqtt.stats()
-    assert stats["acked"] == 0 and stats["unacked"] == 30  # held: the broker still has them
+    assert stats["acked"] == 0 and stats["unacked_size"] == 30  # held: the broker still has them
     down["on"] = False
     await until(lambda: gateway.mqtt.stats()["acked"] == 30, what=f"acks {gateway.mqtt.stats()}")
     assert count(gateway, ReadingRecord) == 30 and count(gateway, DeadLetter) == 0
