@@ -469,13 +469,20 @@ def test_a_customer_subscribes_lists_and_unsubscribes(api: ApiWorld) -> None:
 def test_a_browser_that_logs_into_another_account_moves_its_subscription(api: ApiWorld) -> None:
     browser = Browser("https://updates.push.services.mozilla.com/wpush/v2/gAAAAABm")
     assert api.client.post(URL, json=browser.subscription(), headers=api.alice).status_code == 201
-    browser.auth = os.urandom(16)  # a new subscription's keys
+    # Someone who knows only the endpoint URL cannot take it over with keys of their own (409)...
+    real_auth, browser.auth = browser.auth, os.urandom(16)
+    assert api.client.post(URL, json=browser.subscription(), headers=api.bob).status_code == 409
+    # ...but the same browser subscription (same keys), now logged in as Bob, moves to him.
+    browser.auth = real_auth
     assert api.client.post(URL, json=browser.subscription(), headers=api.bob).status_code == 200
     assert api.client.get(URL, headers=api.alice).json() == []
     assert [s["endpoint"] for s in api.client.get(URL, headers=api.bob).json()] == [browser.endpoint]
     with api.db.session() as s:
         row = s.scalar(select(PushSubscription))
         assert row is not None and row.auth == b64url(browser.auth)
+    # Its own keys refreshed by the owner are fine.
+    browser.auth = os.urandom(16)
+    assert api.client.post(URL, json=browser.subscription(), headers=api.bob).status_code == 200
 
 
 @pytest.mark.parametrize(("change", "detail"), [
