@@ -109,6 +109,9 @@ class DeviceRules:
         self.publish_command: CommandSender | None = None
         self.publish_alert: AlertSender | None = None
         self.figures: Counter[str] = Counter()
+        # The earliest due_at this gateway knows of, so a tick with nothing due costs no query. Starts
+        # unknown (-inf): the first tick asks the database, which is what makes timers restart-proof.
+        self._earliest_due = -math.inf
         self._for_kind: dict[tuple[str, str | None], tuple[Rule, ...]] = {}
 
     def rules_for(self, device_id: str, kind: str | None) -> tuple[Rule, ...]:
@@ -195,11 +198,12 @@ class DeviceRules:
 
     def tick(self, s: Session, now: float) -> list[int]:
         """Timers due by ``now`` (``for`` durations, "did not recur" clears), from the database: restart-proof."""
-        if not self.rules:
+        if not self.rules or now < self._earliest_due:
             return []
         rows = list(s.scalars(select(RuleStateRecord).where(RuleStateRecord.due_at <= now)
                               .order_by(RuleStateRecord.due_at).limit(DUE_BATCH)))
         if not rows:
+            self._earliest_due = s.scalar(select(func.min(RuleStateRecord.due_at))) or math.inf
             return []
         serviced = _latest_service(s, (r.device_id for r in rows))
         alarms: dict[tuple[str, str], Alarm | None] = {}
@@ -215,6 +219,9 @@ class DeviceRules:
             for ch in changes:
                 created += self._apply(s, d, rule, st, ch, dict(d.state or {}), alarms)
             self._save(s, row, d, rule, st, now)
+        s.flush()
+        self._earliest_due = -math.inf if len(rows) == DUE_BATCH else (
+            s.scalar(select(func.min(RuleStateRecord.due_at))) or math.inf)
         return created
 
     # ------------------------------------------------------------ state and alarms
@@ -224,15 +231,18 @@ class DeviceRules:
         """A service event newer than the state: its counters restart and its alarm is over."""
         return reset_for_service(rule, st, latest) if latest > st.service_seq else st
 
-    @staticmethod
-    def _save(s: Session, row: RuleStateRecord | None, d: Device, rule: Rule, st: RuleState, at: float) -> None:
+    def _save(self, s: Session, row: RuleStateRecord | None, d: Device, rule: Rule, st: RuleState, at: float
+              ) -> None:
         data = st.as_dict()
+        due_at = next_due(rule, st)
+        if due_at is not None:  # a rollback leaves this too early: one needless query, never a missed timer
+            self._earliest_due = min(self._earliest_due, due_at)
         if row is None:
             s.add(RuleStateRecord(device_id=d.id, rule_id=rule.id, profile_id=d.profile_id, state=data,
-                                  due_at=next_due(rule, st), updated_at=at))
+                                  due_at=due_at, updated_at=at))
             return
         row.state = data
-        row.due_at = next_due(rule, st)
+        row.due_at = due_at
         row.profile_id = d.profile_id
         row.updated_at = at
 
