@@ -9,14 +9,15 @@ campaign that passes every check sends (arbitration). The notification is unique
 from __future__ import annotations
 
 import datetime as dt
+import math
 import secrets
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Table, delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from gateway.campaigns import (
@@ -225,6 +226,52 @@ def profile_facts(profile: Profile, consents: set[str]) -> dict[str, Any]:
     }
 
 
+class _Sends:
+    """One profile's sends around one event, read once for all its candidates: the dedup keys and the
+    notifications cooldowns and caps count (instead of up to three queries per candidate). Read lazily,
+    after the event's earlier writes are flushed; sends fired while the event is judged are added, as the
+    queries would have seen them."""
+
+    __slots__ = ("_candidates", "_engine", "_event", "_keys", "_rows", "_session")
+
+    def __init__(self, engine: Engine, session: Session, event: EngineEvent, candidates: Sequence[Campaign]) -> None:
+        self._engine, self._session, self._event, self._candidates = engine, session, event, candidates
+        self._keys: set[str] | None = None
+        self._rows: list[tuple[str, float, str, Any]] | None = None  # (campaign, sent at, purpose, data)
+
+    def duplicate(self, key: str) -> bool:
+        if self._keys is None:
+            wanted = [Engine.dedup_key(c, self._event) for c in self._candidates]
+            self._keys = set()
+            for i in range(0, len(wanted), 500):
+                self._keys.update(self._session.scalars(select(Notification.dedup_key).where(
+                    Notification.dedup_key.in_(wanted[i:i + 500]))))
+        return key in self._keys
+
+    def rows(self) -> list[tuple[str, float, str, Any]]:
+        """The profile's counted sends (not cancelled or expired) within reach of any candidate's window."""
+        if self._rows is None:
+            eng, t = self._engine, self._event.time
+            widest = max((cap.window_s for cap in eng.caps), default=0.0)
+            lo, hi = math.inf, -math.inf
+            for c in self._candidates:
+                at, reach = eng.send_time(c, t), max(c.cooldown_s, widest)
+                lo, hi = min(lo, at - reach), max(hi, at + reach)
+            sent_at = func.coalesce(Notification.deliver_at, Notification.created_at)
+            self._rows = [(r[0], r[1], r[2], r[3]) for r in self._session.execute(
+                select(Notification.campaign_id, sent_at, Notification.purpose, Notification.data).where(
+                    Notification.profile_id == self._event.profile_id, Notification.status.not_in(NOT_SENT),
+                    sent_at > lo, sent_at < hi).order_by(Notification.id))]
+        return self._rows
+
+    def fired(self, n: Notification) -> None:
+        if self._keys is not None:
+            self._keys.add(n.dedup_key)
+        if self._rows is not None:
+            self._rows.append((n.campaign_id, n.deliver_at if n.deliver_at is not None else n.created_at,
+                               n.purpose, n.data))
+
+
 class Engine:
     """Decides, explains, and writes the outbox. All durable state (cooldowns, caps, budgets, pending
     sends, segment memberships) is read from the database, so it survives a restart; the in-memory
@@ -250,6 +297,7 @@ class Engine:
         self._judged: dict[int, set[tuple[str, str]]] = {}
         self._cancellers: dict[str, list[str]] = {}
         self._schedules_done: set[str] = set()
+        self._conditions_text: dict[str, tuple[Any, str]] = {}
         self.set_campaigns(campaigns)
 
     def clone(self) -> Engine:
@@ -315,7 +363,7 @@ class Engine:
         facts["profile"] = profile_facts(profile, consents)
         facts["event"] = {"kind": event.kind, "zone": event.zone, "dwell_s": round(event.dwell_s, 1),
                           "time": event.time}
-        wanted = " ".join(str(c.conditions) for c in candidates)
+        wanted = " ".join(self._condition_text(c) for c in candidates)
         if refresh or any(c.purpose == "cart_reminders" for c in candidates) or "cart." in wanted:
             facts["cart"] = cart_facts(session, profile.id, event.time, self.abandon_after_s)
         facts["loyalty"] = {"points": profile.points or 0, "tier": tier_for(profile.points or 0, self.tiers)}
@@ -328,11 +376,12 @@ class Engine:
 
         who = profile.external_id or f"#{profile.id}"
         winner: Campaign | None = None
+        sends = _Sends(self, session, event, candidates)
         for c in candidates:  # highest priority first
             self.evaluations += 1
             variant = assign_variant(c.experiment, c.id, profile.id) if c.experiment else None
             arm = (variant.name if variant else "holdout") if c.experiment else None
-            send_at, channels, reason, detail = self._check(session, c, event, facts, consents, variant)
+            send_at, channels, reason, detail = self._check(session, c, event, facts, consents, variant, sends)
             if reason is None and winner is not None:
                 reason, detail = LOST_ARBITRATION, f"{winner.id} has higher priority"
             if reason == HOLDOUT and winner is None:
@@ -341,7 +390,7 @@ class Engine:
                 outcomes.append(Outcome(c.id, profile.id, False, reason, detail, None, who, arm))
                 continue
             winner = c
-            outcomes.append(self._fire(session, c, event, facts, who, variant, send_at, channels, detail))
+            outcomes.append(self._fire(session, c, event, facts, who, variant, send_at, channels, detail, sends))
         if event.kind != "schedule":  # a schedule's key is per day: its dedup key is guard enough
             judged.update((o.campaign_id, event.key) for o in outcomes)
         self._record(session, event, outcomes)
@@ -350,6 +399,13 @@ class Engine:
                                                          f"segment:{seg}:{event.time:.3f}",
                                                          facts={"segment": {"id": seg}}))
         return outcomes
+
+    def _condition_text(self, c: Campaign) -> str:
+        """The conditions as text, to see which facts they read; made once per campaign, not per event."""
+        text = self._conditions_text.get(c.id)
+        if text is None or text[0] is not c.conditions:
+            text = self._conditions_text[c.id] = (c.conditions, str(c.conditions))
+        return text[1]
 
     def _update_memberships(self, session: Session, profile_id: int, now_in: Sequence[str], t: float) -> list[str]:
         """Store which segments the profile is in; returns those it has just joined."""
@@ -368,10 +424,13 @@ class Engine:
         return joined
 
     def _record(self, session: Session, event: EngineEvent, outcomes: list[Outcome]) -> list[Outcome]:
+        """One multi-row INSERT per event: an event leaves a decision per candidate (dozens at visit start)."""
+        if outcomes:
+            session.execute(insert(cast(Table, Decision.__table__)), [
+                {"at": event.time, "profile_id": o.profile_id, "campaign_id": o.campaign_id,
+                 "event_kind": event.kind, "event_key": event.key, "fired": o.fired, "reason": o.reason,
+                 "detail": o.detail, "variant": o.variant} for o in outcomes])
         for o in outcomes:
-            session.add(Decision(at=event.time, profile_id=o.profile_id, campaign_id=o.campaign_id,
-                                 event_kind=event.kind, event_key=event.key, fired=o.fired,
-                                 reason=o.reason, detail=o.detail, variant=o.variant))
             self.counts[o.reason] += 1
             if o.fired:
                 self.fired_by_campaign[o.campaign_id] += 1
@@ -391,7 +450,7 @@ class Engine:
         return at
 
     def _check(self, session: Session, c: Campaign, event: EngineEvent, facts: Mapping[str, Any],
-               consents: set[str], variant: Variant | None
+               consents: set[str], variant: Variant | None, sends: _Sends | None = None
                ) -> tuple[float, tuple[str, ...], str | None, str | None]:
         """(send time, channels, reason, detail): reason None means it may fire.
 
@@ -405,21 +464,22 @@ class Engine:
         failed = evaluate(c.conditions, facts)
         if failed is not None:
             return send_at, channels, CONDITION_FALSE, failed
-        if session.scalar(select(Notification.id).where(Notification.dedup_key == self.dedup_key(c, event))):
+        if sends is None:
+            sends = _Sends(self, session, event, [c])
+        if sends.duplicate(self.dedup_key(c, event)):
             return send_at, channels, DUPLICATE, "already sent for this occurrence"
-        sent_at = func.coalesce(Notification.deliver_at, Notification.created_at)
-        mine = (Notification.campaign_id == c.id, Notification.profile_id == event.profile_id,
-                Notification.status.not_in(NOT_SENT))
         if c.cooldown_s > 0:
-            near = session.scalars(select(sent_at).where(*mine, sent_at > send_at - c.cooldown_s,
-                                                          sent_at < send_at + c.cooldown_s)).all()
+            lo, hi = send_at - c.cooldown_s, send_at + c.cooldown_s
+            near = [at for cid, at, _, _ in sends.rows() if cid == c.id and lo < at < hi]
             if near:
                 gap = min(near, key=lambda x: abs(send_at - x))
                 when = (f"one is due at {dt.datetime.fromtimestamp(gap, self.tz):%H:%M}" if gap > event.time
                         else f"sent {event.time - gap:.0f} s ago")
                 return send_at, channels, COOLDOWN, f"{when}, cooldown {c.cooldown_s:.0f} s"
         if c.max_per_profile:
-            sent = session.scalar(select(func.count()).select_from(Notification).where(*mine)) or 0
+            sent = session.scalar(select(func.count()).select_from(Notification).where(
+                Notification.campaign_id == c.id, Notification.profile_id == event.profile_id,
+                Notification.status.not_in(NOT_SENT))) or 0
             if sent >= c.max_per_profile:
                 return send_at, channels, NOT_REELIGIBLE, f"already sent {sent} time(s), at most {c.max_per_profile}"
         if c.budget_sends:
@@ -436,9 +496,8 @@ class Engine:
         caps = [cap for cap in self.caps if c.purpose in cap.purposes]
         if caps:
             widest = max(cap.window_s for cap in caps)
-            recent = session.execute(select(sent_at, Notification.purpose, Notification.data).where(
-                Notification.profile_id == event.profile_id, Notification.status.not_in(NOT_SENT),
-                sent_at > send_at - widest, sent_at < send_at + widest)).all()
+            lo, hi = send_at - widest, send_at + widest
+            recent = [(at, purpose, data) for _, at, purpose, data in sends.rows() if lo < at < hi]
             for cap in caps:
                 if cap.channel is not None and cap.channel not in channels:
                     continue
@@ -482,7 +541,7 @@ class Engine:
 
     def _fire(self, session: Session, c: Campaign, event: EngineEvent, facts: dict[str, Any],
               who: str, variant: Variant | None, send_at: float, channels: Sequence[str],
-              note: str | None) -> Outcome:
+              note: str | None, sends: _Sends | None = None) -> Outcome:
         action = variant.action if variant is not None and variant.action is not None else c.action
         scope = {**facts, **action.data}
         data: dict[str, Any] = {"campaign": c.id, "purpose": c.purpose, "trigger": event.kind,
@@ -514,6 +573,8 @@ class Engine:
             n.data = {**data, "redemption_code": n.redemption_code}
         session.add(n)
         session.flush()  # assigns the monotonic id the stream uses
+        if sends is not None:
+            sends.fired(n)
         return Outcome(c.id, event.profile_id, True, FIRED, detail, n.id, who,
                        variant.name if variant is not None else None, deliver_at)
 
