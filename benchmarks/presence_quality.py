@@ -452,23 +452,23 @@ def score(events: list[Event], walkers: list[Walker], exit_after_s: float, durat
 
 
 def variants() -> dict[str, PresenceSettings]:
-    """The chosen defaults, and the alternatives that justify them."""
+    """The chosen defaults (the HMM forward filter), and the alternatives that justify them."""
     d = PresenceSettings()
     return {
         "chosen (kalman)": d,
-        "ema (time-aware, smoothing 0.3/s)": dataclasses.replace(d, rssi_filter="ema"),
-        "ema (smoothing 0.6/s)": dataclasses.replace(d, rssi_filter="ema", smoothing=0.6),
-        "kalman, no ownership test (plain strongest)": dataclasses.replace(d, owner_margin_db=0.0,
-                                                                             owner_evidence_db_s=0.0),
-        "kalman, evidence 10 dB s": dataclasses.replace(d, owner_evidence_db_s=10.0),
-        "kalman, evidence 4 dB s": dataclasses.replace(d, owner_evidence_db_s=4.0),
-        "kalman, owner-out rule at 2 dB": dataclasses.replace(d, owner_out_margin_db=2.0),
-        "kalman, owner-out rule at 4 dB": dataclasses.replace(d, owner_out_margin_db=4.0),
-        "kalman, no enter hold": dataclasses.replace(d, enter_hold_s=0.0),
-        "kalman, no exit band": dataclasses.replace(d, exit_band_factor=0.0),
-        "kalman, exit band 1.5x / 3 s": dataclasses.replace(d, exit_band_factor=1.5, exit_band_hold_s=3.0),
-        "kalman, drift 1 dB/sqrt(s)": dataclasses.replace(d, rssi_drift_db_s=1.0),
-        "kalman, drift 4 dB/sqrt(s)": dataclasses.replace(d, rssi_drift_db_s=4.0),
+        "ema (time-aware, smoothing 0.6/s)": dataclasses.replace(d, rssi_filter="ema", smoothing=0.6),
+        "looks by time only (fade 1 s)": dataclasses.replace(d, fade_time_s=1.0, fade_db=1e9, switch_posterior=0.9),
+        "looks by time only (fade 1 s), switch 0.99": dataclasses.replace(d, fade_time_s=1.0, fade_db=1e9,
+                                                                          switch_posterior=0.99),
+        "fade 3 dB": dataclasses.replace(d, fade_db=3.0),
+        "fade 4 dB": dataclasses.replace(d, fade_db=4.0),
+        "switch 0.97": dataclasses.replace(d, switch_posterior=0.97),
+        "switch 0.99": dataclasses.replace(d, switch_posterior=0.99),
+        "switch 0.999": dataclasses.replace(d, switch_posterior=0.999),
+        "zone stay 30 s": dataclasses.replace(d, zone_stay_s=30.0),
+        "outside 2x": dataclasses.replace(d, outside_factor=2.0),
+        "shadowing 3 dB": dataclasses.replace(d, shadowing_db=3.0),
+        "enter hold 0.5 s": dataclasses.replace(d, enter_hold_s=0.5),
     }
 
 

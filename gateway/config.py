@@ -140,13 +140,17 @@ class PresenceSettings:
     rssi_filter: str = "kalman"  # per identity-receiver RSSI filter: "kalman" (time-aware) or "ema"
     rssi_noise_db: float = 5.0  # Kalman: RSSI noise of one advert (shadowing sigma)
     rssi_drift_db_s: float = 1.5  # Kalman: how fast the true RSSI may drift (dB per sqrt(s))
-    enter_hold_s: float = 1.0  # a new zone must be seen this long before it is entered
-    band_margin_db: float = 3.0  # between two bands of one receiver: be this far inside the new one
-    exit_band_factor: float = 2.0  # leave a zone still heard beyond this x its band (below 1: never)
-    exit_band_hold_s: float = 5.0  # ... for this long
-    owner_margin_db: float = 4.0  # ownership test: a lead below this counts against a challenger (dB)
-    owner_evidence_db_s: float = 6.0  # ... which takes the identity over once (lead - margin) x time reaches this
-    owner_out_margin_db: float = -1.0  # >= 0: owner hears it this far beyond its zone's band -> margin 0 (off: < 0)
+    enter_hold_s: float = 0.0  # a zone's posterior must stay above its threshold this long before it is entered
+    # Zones: the HMM forward filter per identity (gateway/presence.py, docs/presence.md)
+    shadowing_db: float = 4.0  # slow shadowing sigma: the RSSI noise that the filter cannot average away
+    fade_time_s: float = 3.0  # a receiver gives one independent look per this long while the RSSI stands still
+    fade_db: float = 5.0  # ... and one more per this many dB its filtered RSSI moves (walking decorrelates fades)
+    outside_factor: float = 3.0  # "outside" a receiver's bands reaches this x its widest band
+    zone_stay_s: float = 60.0  # prior: mean time in a zone before leaving it
+    transit_s: float = 5.0  # prior: mean time outside every zone before reaching one
+    direct_share: float = 0.2  # prior: share of zone stays that end straight in another zone
+    enter_posterior: float = 0.6  # from no zone: enter a zone once its posterior reaches this
+    switch_posterior: float = 0.995  # from a zone: move once its own posterior falls to 1 - this
 
     def __post_init__(self) -> None:
         if self.rssi_filter not in ("kalman", "ema"):
@@ -154,8 +158,13 @@ class PresenceSettings:
         for name in ("exit_after_s", "dwell_every_s", "visit_end_after_s", "rssi_noise_db"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"presence.{name}: must be positive, got {getattr(self, name)!r}")
-        for name in ("rssi_drift_db_s", "enter_hold_s", "band_margin_db", "exit_band_hold_s", "owner_margin_db",
-                     "owner_evidence_db_s"):
+        for name in ("shadowing_db", "fade_time_s", "fade_db", "zone_stay_s", "transit_s", "outside_factor"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"presence.{name}: must be positive, got {getattr(self, name)!r}")
+        for name in ("direct_share", "enter_posterior", "switch_posterior"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"presence.{name}: must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("rssi_drift_db_s", "enter_hold_s"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"presence.{name}: must not be negative, got {getattr(self, name)!r}")
         if not 0 < self.smoothing <= 1:

@@ -7,20 +7,24 @@ The model (docs/presence.md has the figures behind each default):
   adverts are averaged by count, and after a loss burst the estimate is uncertain and catches up
   fast. Innovations beyond ``GATE_SIGMAS`` are clamped (outliers). ``rssi_filter = "ema"`` selects
   a time-aware EMA with an outlier clamp instead.
+- **Zones: an online HMM forward filter per identity** over the hidden state {each zone, no zone}.
+  A receiver's distance bands define what it expects to hear: inside a band, the identity is anywhere
+  in the band's ring (uniform over the floor area, so farther is likelier) and the RSSI follows the
+  log-distance model plus slow shadowing (``shadowing_db``); outside every band it is somewhere out to
+  ``outside_factor`` x the widest band. The log-likelihood ratio of each of the receiver's zones
+  against "outside" is tabulated once per calibration, so one advert costs a table lookup per zone of
+  *that* receiver. The filtered RSSI is correlated from advert to advert, so each link adds evidence at
+  the rate of one independent look per ``fade_time_s``, whatever the advert rate. Sticky transitions
+  (a zone stay lasts ``zone_stay_s`` on average, a walk between zones ``transit_s``) are applied every
+  ``STEP_S`` of the identity's time, with the posterior normalised there.
+- **Decisions with hysteresis on the posterior**: from no zone, a zone is entered once its posterior
+  reaches ``enter_posterior``; from a zone, the identity moves (to the likeliest other state: a zone,
+  or no zone) once the zone's own posterior has fallen to ``1 - switch_posterior``, however the rest
+  is split. Entering also needs ``enter_samples`` adverts and ``enter_hold_s``.
 - **Distance**: log-distance path loss, per-receiver calibration (measured power at 1 m, exponent),
-  defaulting to the beacon's advertised tx power. Bands are precomputed as RSSI thresholds, so the
-  hot path never takes a logarithm.
-- **Ownership**: the strongest receiver (RSSI above its own 1 m reference) owns an identity; once
-  the identity is in a zone, a challenger takes over by a sequential test (CUSUM) on its lead over the
-  owner: evidence grows by ``(lead - k) x dt`` and the switch happens at ``owner_evidence_db_s``, so a
-  large lead switches in a fraction of a second and a marginal one (a fade) rarely. ``k`` is
-  ``owner_margin_db``; optionally (``owner_out_margin_db >= 0``, off by default: the benchmark found
-  it adds false exits) 0 once the owner puts the identity that far beyond its zone's band.
-- **Zones** with hysteresis: entering needs ``enter_samples`` observations over ``enter_hold_s``
-  agreeing on the owner's band; staying needs none. Moving between two bands of one receiver
-  needs the estimate ``band_margin_db`` inside the new band. Leaving without a new zone needs the zone's
-  receiver to hear the identity beyond ``exit_band_factor`` x the band for ``exit_band_hold_s``, or
-  silence for ``exit_after_s`` (found by ``tick``: the tracker never looks at a wall clock).
+  defaulting to the beacon's advertised tx power.
+- **Exit on silence**: ``exit_after_s`` without an advert (found by ``tick``: the tracker never looks
+  at a wall clock).
 - **Time**: the tracker keeps its own monotonic time base. A ``tick`` more than ``REORDER_S`` before
   the newest tick or sighting is a clock step back (NTP on a Pi without an RTC): it is counted in ``clock_steps``
   and the base shifts by the step, so silence keeps counting and nobody is frozen in a zone. Event
@@ -44,11 +48,18 @@ DEFAULT_MEASURED_POWER = -59
 OUTLIER_CLAMP_DB = 12.0  # EMA: a single sample may move the estimate by at most this much
 GATE_SIGMAS = 2.5  # Kalman: innovations clamped at this many predicted standard deviations
 REORDER_S = 2.0  # sightings this much older than an identity's newest are a clock step back
-EVIDENCE_DT_MAX_S = 0.5  # one advert adds at most this much time to the ownership test (loss gaps)
 RSSI_UNAVAILABLE = 127  # what HCI reports when the controller has no RSSI
+STEP_S = 0.25  # the HMM's transition step, in the identity's own time (adverts drive it)
+EVIDENCE_DT_MAX_S = 1.0  # one advert stands for at most this much of a link's time (loss gaps add none)
+FIRST_LOOK_S = 0.1  # what the first advert of a link stands for
+MISSING_LLR = 3.0  # per look: a zone whose receivers have not heard the identity lately (nats)
+LLR_CLAMP = 8.0  # one look's log-likelihood ratio is clamped to +-this (nats): no single look decides
+NEAREST_M = 0.3  # the closest a carried tag gets to a receiver, for the innermost band's ring
+# The tabulated log-likelihood ratios: filtered RSSI from X_MIN, X_RES steps per dB.
+X_MIN, X_MAX, X_RES = -140.0, 10.0, 4
 
-#: (enter threshold dBm, zone name, exit threshold dBm), nearest band first
-Bands = tuple[tuple[float, str, float], ...]
+#: (enter threshold dBm, zone name), nearest band first
+Bands = tuple[tuple[float, str], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +83,40 @@ def rssi_at(distance: float, measured_power: float, exponent: float) -> float:
     return measured_power - 10.0 * exponent * math.log10(distance)
 
 
+def _phi_diff(a: float, b: float) -> float:
+    """Phi(a) - Phi(b) for a >= b, accurate in both tails."""
+    r = math.sqrt(0.5)
+    if b > 0.0:
+        return 0.5 * (math.erfc(b * r) - math.erfc(a * r))
+    if a < 0.0:
+        return 0.5 * (math.erfc(-a * r) - math.erfc(-b * r))
+    return 0.5 * (math.erf(a * r) - math.erf(b * r))
+
+
+def ring_log_likelihood(x: float, near_m: float, far_m: float, ref: float, exponent: float, sigma: float) -> float:
+    """log p(RSSI = x | the tag is uniformly spread over the floor ring near_m..far_m from the receiver).
+
+    In RSSI terms the ring is a truncated exponential (uniform area: density grows with d, so with
+    -RSSI), convolved with the Gaussian shadowing: closed form, no numerical integration.
+    """
+    beta = math.log(10.0) / (5.0 * exponent)  # density of mu = P - 10 n log10 d is prop. to d^2 = exp(-beta mu)
+    m1, m2 = rssi_at(far_m, ref, exponent), rssi_at(near_m, ref, exponent)  # m1 < m2
+    shift = x - beta * sigma * sigma
+    diff = _phi_diff((m2 - shift) / sigma, (m1 - shift) / sigma)
+    # normaliser of exp(-beta mu) on [m1, m2], factored around m1 so nothing overflows
+    norm = math.log(-math.expm1(-beta * (m2 - m1))) - beta * m1 - math.log(beta)
+    return -beta * x + 0.5 * (beta * sigma) ** 2 + math.log(max(diff, 1e-300)) - norm
+
+
+@dataclass(frozen=True, slots=True)
+class _Model:
+    """One receiver's calibration: its bands as RSSI thresholds and its zones' evidence tables."""
+
+    bands: Bands
+    states: tuple[int, ...]  # the HMM state of each band, nearest first
+    tables: tuple[tuple[float, ...], ...]  # per band: clamped LLR (band vs outside) over the RSSI grid
+
+
 @dataclass(slots=True)
 class _Link:
     """One receiver's filtered view of one identity."""
@@ -79,29 +124,25 @@ class _Link:
     rssi: float  # filtered estimate
     var: float  # its variance (Kalman)
     last: float  # newest sample time
-    ref: float  # calibrated RSSI at 1 m: strength = rssi - ref
-    bands: Bands
-    evidence: float = 0.0  # CUSUM of this receiver's lead over the owner (dB x s)
-    evidence_at: float = 0.0
+    model: _Model
 
 
 @dataclass(slots=True)
 class _Track:
+    post: list[float]  # posterior over states (zones, then "no zone") at the last step
+    llr: list[float]  # evidence gathered since the last step (nats, against "outside")
+    stepped: float  # time of the last step
     links: dict[str, _Link] = field(default_factory=dict)
     last_seen: float = 0.0
     zone: str | None = None
-    zone_rx: str | None = None  # the receiver whose band named the zone
+    state: int = -1  # the confirmed state: a zone index, or the "no zone" index
     zone_since: float = 0.0
     last_dwell: float = 0.0
-    candidate: str | None = None
-    candidate_count: int = 0
-    candidate_since: float = 0.0
     visit_since: float | None = None
     tx_power: int | None = None
-    owner: str | None = None
-    challenger: str | None = None  # the receiver whose evidence against the owner is growing
-    prev_seen: float = 0.0  # last_seen before the current sighting
-    out_since: float | None = None  # when the zone's receiver first heard it beyond the exit band
+    seen: int = 0  # adverts since the track (re)started
+    candidate: int = -1  # the state whose posterior has passed its threshold ...
+    candidate_since: float = 0.0  # ... since this time
 
 
 class PresenceTracker:
@@ -119,16 +160,31 @@ class PresenceTracker:
         self._bands = {
             r.id: sorted((z.max_m, z.name) for z in r.zones) for r in self.receivers.values()
         }
-        self._band_cache: dict[tuple[str, float], Bands] = {}
+        names: list[str] = []
+        for r in self.receivers.values():
+            for z in r.zones:
+                if z.name not in names:
+                    names.append(z.name)
+        self.zones: tuple[str, ...] = tuple(names)
+        self._none = len(names)  # the "no zone" state's index
+        self._index = {n: i for i, n in enumerate(names)}
+        # the receivers whose bands name each zone: a zone none of them hears is unlikely (a loss likelihood)
+        self._zone_rx = tuple(tuple(r.id for r in self.receivers.values() if any(z.name == n for z in r.zones))
+                              for n in names)
+        self._models: dict[tuple[str, float], _Model] = {}
         self.enter_samples = enter_samples
         self.tracks: dict[str, _Track] = {}
         self.dropped: Counter[str] = Counter()
         self._kalman = settings.rssi_filter == "kalman"
         self._r = settings.rssi_noise_db ** 2
         self._q = settings.rssi_drift_db_s ** 2
-        self._link_timeout = settings.exit_after_s / 2
         self._exit_after = settings.exit_after_s  # settings are read once, here
         self._dwell_every = settings.dwell_every_s
+        self._look = 1.0 / settings.fade_time_s
+        self._per_db = settings.fade_time_s / getattr(settings, "fade_db", 1e9)  # s of look per dB moved
+        n = len(names)
+        # Prior: heard at all means in the store; as likely in no zone as in some zone.
+        self._prior = [0.5 / n] * n + [0.5] if n else [1.0]
         self._offset = 0.0  # added to every input time: the monotonic base (see the module docstring)
         self._high = -math.inf  # newest tick or sighting time, in the base
         self._last_step = 0.0
@@ -141,24 +197,36 @@ class PresenceTracker:
             return float(rx.measured_power)
         return float(tx_power if tx_power is not None else DEFAULT_MEASURED_POWER)
 
-    def _bands_for(self, rx: ReceiverSettings, ref: float) -> Bands:
-        """Distance bands as RSSI thresholds for one calibration, computed once."""
-        cached = self._band_cache.get((rx.id, ref))
-        if cached is None:
-            n, factor = rx.path_loss_exponent, self.settings.exit_band_factor
-            cached = tuple(
-                (rssi_at(max_m, ref, n), name, rssi_at(max_m * factor, ref, n) if factor >= 1.0 else -math.inf)
-                for max_m, name in self._bands[rx.id]
-            )
-            self._band_cache[(rx.id, ref)] = cached
-        return cached
+    def _model(self, rx: ReceiverSettings, ref: float) -> _Model:
+        """Thresholds and evidence tables for one calibration, computed once."""
+        cached = self._models.get((rx.id, ref))
+        if cached is not None:
+            return cached
+        n = rx.path_loss_exponent
+        bands = self._bands[rx.id]
+        st = self.settings
+        sigma = math.sqrt(st.shadowing_db ** 2 + 1.0)  # slow shadowing + what the filter leaves of the fast noise
+        grid = [X_MIN + i / X_RES for i in range(int((X_MAX - X_MIN) * X_RES) + 1)]
+        tables = []
+        if bands:
+            widest = bands[-1][0]
+            out = [ring_log_likelihood(x, widest, widest * max(st.outside_factor, 1.01), ref, n, sigma) for x in grid]
+            near = min(NEAREST_M, bands[0][0] / 2)
+            for max_m, _ in bands:
+                ll = [ring_log_likelihood(x, near, max_m, ref, n, sigma) for x in grid]
+                tables.append(tuple(max(-LLR_CLAMP, min(LLR_CLAMP, a - b)) for a, b in zip(ll, out, strict=True)))
+                near = max_m
+        model = _Model(tuple((rssi_at(max_m, ref, n), name) for max_m, name in bands),
+                       tuple(self._index[name] for _, name in bands), tuple(tables))
+        self._models[(rx.id, ref)] = model
+        return model
 
     def zone_for(self, receiver: str, rssi: float, tx_power: int | None) -> str | None:
         """The band ``receiver`` puts a (filtered) RSSI in; None outside every band."""
         rx = self.receivers.get(receiver)
         if rx is None:
             return None
-        for thr, name, _ in self._bands_for(rx, self._ref(rx, tx_power)):
+        for thr, name in self._model(rx, self._ref(rx, tx_power)).bands:
             if rssi >= thr:
                 return name
         return None
@@ -180,6 +248,9 @@ class PresenceTracker:
             return "rssi_out_of_range"
         return None
 
+    def _new_track(self, t: float) -> _Track:
+        return _Track(list(self._prior), [0.0] * len(self._prior), t, last_seen=t, state=self._none)
+
     def observe(self, s: Sighting) -> list[PresenceEvent]:
         rx = self.receivers.get(s.receiver)
         if rx is None:
@@ -200,12 +271,10 @@ class PresenceTracker:
                 return []
         tr = self.tracks.get(s.key)
         if tr is None:
-            tr = self.tracks[s.key] = _Track(last_seen=t, prev_seen=t)
+            tr = self.tracks[s.key] = self._new_track(t)
         elif t < tr.last_seen - REORDER_S:
             self.dropped["clock_backwards"] += 1
             return []
-        else:
-            tr.prev_seen = tr.last_seen
         tx = s.tx_power
         if tx is not None and tx != tr.tx_power and isinstance(tx, int) and -127 < tx < 0:
             tr.tx_power = tx
@@ -213,20 +282,19 @@ class PresenceTracker:
                 for rid, lk in tr.links.items():
                     r = self.receivers[rid]
                     if r.measured_power is None:
-                        lk.ref = float(tx)
-                        lk.bands = self._bands_for(r, lk.ref)
-        rx_id = rx.id
-        link = tr.links.get(rx_id)
+                        lk.model = self._model(r, float(tx))
+        link = tr.links.get(rx.id)
         if link is None or t - link.last > self._exit_after:
-            ref = self._ref(rx, tr.tx_power)
-            link = tr.links[rx_id] = _Link(float(rssi), self._r, t, ref, self._bands_for(rx, ref))
+            link = tr.links[rx.id] = _Link(float(rssi), self._r, t, self._model(rx, self._ref(rx, tr.tx_power)))
+            look = FIRST_LOOK_S
         else:
             dt = t - link.last
             if dt < 0.0:
-                dt = 0.0
+                dt = 0.0  # out of order: used by the filter as simultaneous, adds no time
             else:
                 link.last = t
             innov = rssi - link.rssi
+            before = link.rssi
             if self._kalman:
                 p = link.var + self._q * dt
                 s2 = p + self._r
@@ -239,142 +307,88 @@ class PresenceTracker:
             else:
                 alpha = 1.0 - (1.0 - self.settings.smoothing) ** max(dt, 0.05)
                 link.rssi += alpha * max(-OUTLIER_CLAMP_DB, min(OUTLIER_CLAMP_DB, innov))
+            look = dt if dt < EVIDENCE_DT_MAX_S else EVIDENCE_DT_MAX_S
+            moved = link.rssi - before
+            look += (moved if moved > 0.0 else -moved) * self._per_db
+        tr.seen += 1
+        if look:
+            m = link.model
+            w = look * self._look
+            i = int((link.rssi - X_MIN) * X_RES + 0.5)
+            llr = tr.llr
+            for si, table in zip(m.states, m.tables, strict=True):
+                llr[si] += w * table[i]
         if t > tr.last_seen:
             tr.last_seen = t
             if t > self._high:
                 self._high = t
-        owner = tr.owner
-        if owner != rx_id:
-            self._update_owner(tr, rx_id, link, t)
-        if (tr.owner == owner and tr.zone is not None and tr.candidate is None and tr.out_since is None
-                and t - tr.last_dwell < self._dwell_every):
-            # Fast path, most adverts: settled in a zone, no dwell due. Another receiver's advert
-            # cannot change the owner's zone; the owner's own must still name it.
-            if rx_id != owner:
-                return []
-            for thr, name, _ in link.bands:
-                if link.rssi >= thr:
-                    if name == tr.zone:
-                        return []
-                    break
-        return self._update_zone(s.key, tr, t)
-
-    def _update_owner(self, tr: _Track, rx_id: str, link: _Link, now: float) -> None:
-        """The strongest receiver owns the identity; inside a zone, a CUSUM on the lead decides a takeover."""
-        owner = tr.owner
-        ol = tr.links.get(owner) if owner is not None else None
-        # The owner is gone only if others kept hearing the identity while it did not: after a loss
-        # burst that silenced every receiver, the first receiver heard again must not win by default.
-        if ol is None or (now - ol.last > self._link_timeout and tr.prev_seen - ol.last > self._link_timeout):
-            self._set_owner(tr, rx_id, now)
-            return
-        lead = (link.rssi - link.ref) - (ol.rssi - ol.ref)
-        if tr.zone is None:  # nothing to protect yet: plain strongest
-            if lead > 0.0:
-                self._set_owner(tr, rx_id, now)
-            return
-        k = self.settings.owner_margin_db
-        out = self.settings.owner_out_margin_db
-        if out >= 0.0:
-            for thr, name, _ in ol.bands:
-                if name == tr.zone:
-                    if ol.rssi < thr - out:
-                        k = 0.0  # the owner itself says the identity has left its zone
-                    break
-        dt = now - link.evidence_at
-        dt = 0.0 if dt < 0.0 else EVIDENCE_DT_MAX_S if dt > EVIDENCE_DT_MAX_S else dt
-        ev = link.evidence + (lead - k) * dt
-        link.evidence, link.evidence_at = (ev if ev > 0.0 else 0.0), now
-        if ev <= 0.0:
-            if tr.challenger == rx_id:
-                tr.challenger = None
-            return
-        tr.challenger = rx_id
-        if ev >= self.settings.owner_evidence_db_s:
-            # The test was sustained evidence already: a zone the new owner names is entered at once.
-            for thr, name, _ in link.bands:
-                if link.rssi >= thr:
-                    if name != tr.zone:
-                        tr.candidate, tr.candidate_count = name, self.enter_samples
-                        tr.candidate_since = now - self.settings.enter_hold_s
-                    break
-            self._set_owner(tr, rx_id, now)
-
-    @staticmethod
-    def _set_owner(tr: _Track, rx_id: str, now: float) -> None:
-        tr.owner, tr.challenger = rx_id, None
-        for lk in tr.links.values():
-            lk.evidence, lk.evidence_at = 0.0, now
-
-    def _update_zone(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:
-        owner = tr.owner
-        ol = tr.links[owner] if owner is not None else None
-        zone: str | None = None
-        if ol is not None:
-            x = ol.rssi
-            for thr, name, _ in ol.bands:
-                if x >= thr:
-                    zone = name
-                    break
-        if zone is not None and zone != tr.zone and owner == tr.zone_rx and ol is not None:
-            zone = self._clear_band(ol, zone)  # between two bands of one receiver: a dB margin
-        if zone is not None and zone == tr.zone:
-            tr.candidate, tr.candidate_count, tr.out_since = None, 0, None
-            if now - tr.last_dwell >= self._dwell_every:
-                tr.last_dwell = now
-                return [PresenceEvent("dwell", key, now, zone, tr.zone_since, tr.visit_since, now - tr.zone_since)]
+        if t - tr.stepped < STEP_S:
             return []
-        if zone is None:
-            tr.candidate, tr.candidate_count = None, 0
-            return self._check_exit_band(key, tr, now) if tr.zone is not None else []
-        if zone != tr.candidate:
-            tr.candidate, tr.candidate_count, tr.candidate_since = zone, 0, now
-        tr.candidate_count += 1
-        if tr.candidate_count < self.enter_samples or now - tr.candidate_since < self.settings.enter_hold_s:
+        return self._step(s.key, tr, t)
+
+    # ------------------------------------------------------------ the filter and the decisions
+
+    def _step(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:
+        """Predict (sticky transitions over the elapsed time), weigh by the evidence, then decide."""
+        dt = now - tr.stepped
+        tr.stepped = now
+        p, llr, n = tr.post, tr.llr, self._none
+        if n:
+            st = self.settings
+            leave = -math.expm1(-dt / st.zone_stay_s)  # a zone stay ends within dt
+            arrive = -math.expm1(-dt / st.transit_s)  # a walk between zones ends within dt
+            direct = st.direct_share  # of the stays that end, this share goes straight to another zone
+            total = 1.0 - p[n]
+            per_zone = arrive * p[n] / n
+            live = now - self._exit_after / 2
+            links = tr.links
+            miss = MISSING_LLR * dt * self._look
+            for i, rxs in enumerate(self._zone_rx):
+                if not any((lk := links.get(r)) is not None and lk.last >= live for r in rxs):
+                    llr[i] -= miss
+            top = max(llr)
+            pred = [0.0] * (n + 1)
+            for i in range(n):
+                others = (total - p[i]) / (n - 1) if n > 1 else 0.0
+                pred[i] = (p[i] * (1.0 - leave) + per_zone + leave * direct * others) * math.exp(llr[i] - top)
+            pred[n] = (p[n] * (1.0 - arrive) + leave * (1.0 - direct if n > 1 else 1.0) * total) * math.exp(
+                llr[n] - top)
+            z = sum(pred)
+            tr.post = [v / z for v in pred]
+            tr.llr = [0.0] * (n + 1)
+        return self._decide(key, tr, now)
+
+    def _decide(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:
+        post, cur = tr.post, tr.state
+        best = max(range(len(post)), key=post.__getitem__)
+        st = self.settings
+        # From no zone: the best zone must reach enter_posterior. From a zone: its own posterior must fall
+        # to 1 - switch_posterior, however the rest is split (between two equally loud neighbours, say).
+        stay = post[best] < st.enter_posterior if cur == self._none else post[cur] > 1.0 - st.switch_posterior
+        if best == cur or stay:
+            tr.candidate = -1
+            if tr.zone is not None and now - tr.last_dwell >= self._dwell_every:
+                tr.last_dwell = now
+                return [PresenceEvent("dwell", key, now, tr.zone, tr.zone_since, tr.visit_since, now - tr.zone_since)]
+            return []
+        if tr.candidate != best:
+            tr.candidate, tr.candidate_since = best, now
+        if tr.seen < self.enter_samples or now - tr.candidate_since < st.enter_hold_s:
             return []
         events: list[PresenceEvent] = []
-        if tr.visit_since is None:
-            tr.visit_since = now
-            events.append(PresenceEvent("visit_start", key, now, zone, now, now))
         if tr.zone is not None:
             events.append(PresenceEvent("exit", key, now, tr.zone, tr.zone_since, tr.visit_since,
                                         now - tr.zone_since))
-        tr.zone, tr.zone_rx, tr.zone_since, tr.last_dwell = zone, owner, now, now
-        tr.candidate, tr.candidate_count, tr.out_since = None, 0, None
-        events.append(PresenceEvent("enter", key, now, zone, now, tr.visit_since))
+            tr.zone = None
+        tr.state, tr.candidate = best, -1
+        if best != self._none:
+            zone = self.zones[best]
+            if tr.visit_since is None:
+                tr.visit_since = now
+                events.append(PresenceEvent("visit_start", key, now, zone, now, now))
+            tr.zone, tr.zone_since, tr.last_dwell = zone, now, now
+            events.append(PresenceEvent("enter", key, now, zone, now, tr.visit_since))
         return events
-
-    def _clear_band(self, link: _Link, zone: str) -> str | None:
-        """``zone`` if the estimate is inside its band by ``band_margin_db`` on both sides, else None."""
-        m = self.settings.band_margin_db
-        hi = lo = None
-        for thr, name, _ in link.bands:
-            if hi is None and link.rssi - m >= thr:
-                hi = name
-            if lo is None and link.rssi + m >= thr:
-                lo = name
-        return zone if hi == zone and lo == zone else None
-
-    def _check_exit_band(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:
-        """Still heard, but out of every band: leave once the zone's receiver puts it beyond the exit band."""
-        zl = tr.links.get(tr.zone_rx) if tr.zone_rx is not None else None
-        exit_thr = -math.inf
-        if zl is not None:
-            for _, name, thr in zl.bands:
-                if name == tr.zone:
-                    exit_thr = thr
-                    break
-        outside = zl is None or now - zl.last > self._link_timeout or zl.rssi < exit_thr
-        if not outside:
-            tr.out_since = None
-            return []
-        if tr.out_since is None:
-            tr.out_since = now
-        if now - tr.out_since < self.settings.exit_band_hold_s:
-            return []
-        ev = PresenceEvent("exit", key, now, tr.zone, tr.zone_since, tr.visit_since, now - tr.zone_since)
-        tr.zone, tr.zone_rx, tr.out_since = None, None, None
-        return [ev]
 
     # ------------------------------------------------------------ time
 
@@ -396,13 +410,16 @@ class PresenceTracker:
             self._high = now
         events: list[PresenceEvent] = []
         gone: list[str] = []
-        exit_after = self.settings.exit_after_s
+        exit_after = self._exit_after
         for key, tr in self.tracks.items():
             silent = now - tr.last_seen
-            if tr.zone is not None and silent > exit_after:
-                events.append(PresenceEvent("exit", key, tr.last_seen, tr.zone, tr.zone_since,
-                                            tr.visit_since, max(0.0, tr.last_seen - tr.zone_since)))
-                tr.zone, tr.zone_rx, tr.candidate, tr.candidate_count, tr.out_since = None, None, None, 0, None
+            if silent > exit_after and tr.seen:
+                if tr.zone is not None:
+                    events.append(PresenceEvent("exit", key, tr.last_seen, tr.zone, tr.zone_since,
+                                                tr.visit_since, max(0.0, tr.last_seen - tr.zone_since)))
+                # Gone quiet: whoever comes back starts from the prior, not from where this one was.
+                tr.zone, tr.state, tr.candidate, tr.seen = None, self._none, -1, 0
+                tr.post, tr.llr, tr.links = list(self._prior), [0.0] * len(self._prior), {}
             if silent > self.settings.visit_end_after_s:
                 if tr.visit_since is not None:
                     events.append(PresenceEvent("visit_end", key, tr.last_seen, None, None,

@@ -128,7 +128,7 @@ def test_the_scanner_carries_the_configured_receiver_id():
     ('[ble]\nscanning_mode = "aggressive"\n', "ble.scanning_mode: expected passive or active"),
     ('[presence]\nrssi_filter = "median"\n', "presence.rssi_filter: expected kalman or ema"),
     ("[presence]\nexit_after_s = -5\n", "presence.exit_after_s: must be positive"),
-    ("[presence]\nowner_evidence_db_s = -1\n", "presence.owner_evidence_db_s: must not be negative"),
+    ("[presence]\nfade_time_s = -1\n", "presence.fade_time_s: must be positive"),
     ("[presence]\nsmoothing = 2\n", "presence.smoothing"),
     ("[ble]\nstale_after_s = -1\n", "ble.stale_after_s"),
     ('[[receivers]]\nid = "rx"\npath_loss_exponent = 0\n', "path_loss_exponent must be positive"),
