@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import hashlib
@@ -114,6 +115,10 @@ class Pipeline:
         self._open_stays: dict[tuple[int, str], int] = {}
         self._last_cart_scan = float("-inf")
         self._open_visits: dict[int, int] = {}
+        # One person may carry several identities (a tag and the app): their keys per profile's visit and stay.
+        self._visit_keys: dict[int, dict[str, float]] = {}
+        self._zone_keys: dict[tuple[int, str | None], dict[str, float]] = {}
+        self._visit_began: dict[int, float] = {}
         self.telemetry = build_telemetry_store(settings, identities)
         # Device rules (alarms) see accepted telemetry in its transaction; prompts go through the engine.
         self.rules = DeviceRules(load_rules(settings.device_rules.dir) if settings.device_rules.dir else [],
@@ -201,7 +206,9 @@ class Pipeline:
         for ev in events:
             pid = self.identities.beacon(ev.key)
             if pid is not None:
-                known.append((ev, pid))
+                merged = self._per_profile(ev, pid)
+                if merged is not None:
+                    known.append((merged, pid))
             elif ev.kind in ("visit_start", "exit"):
                 self._count_anonymous(ev)  # footfall only: counts per day and zone, no identity
         if not known:
@@ -216,6 +223,42 @@ class Pipeline:
                     stay = f"stay:{ev.zone}:{ev.zone_since:.3f}"
                 created += self._decide(s, EngineEvent(ev.kind, pid, ev.time, stay, ev.zone, ev.dwell_s))
         return created
+
+    def _per_profile(self, ev: PresenceEvent, pid: int) -> PresenceEvent | None:
+        """One visit and one stay per zone per profile, however many identities it is seen by.
+
+        The first identity to start a visit (enter a zone) opens it for the profile, the last one to end
+        it closes it; dwell comes from the identity that entered first. None: not an event for the profile.
+        """
+        if ev.kind in ("visit_start", "visit_end"):
+            keys = self._visit_keys.setdefault(pid, {})
+            if ev.kind == "visit_start":
+                first = not keys
+                keys[ev.key] = ev.visit_since if ev.visit_since is not None else ev.time
+                if first:
+                    self._visit_began[pid] = keys[ev.key]
+                return ev if first else None
+            if keys.pop(ev.key, None) is None or keys:
+                if not keys:
+                    del self._visit_keys[pid]
+                return None
+            del self._visit_keys[pid]
+            since = self._visit_began.pop(pid, None)  # the profile's visit began with its first identity
+            if since is None or since == ev.visit_since:
+                return ev
+            return dataclasses.replace(ev, visit_since=since, dwell_s=max(0.0, ev.time - since))
+        if ev.kind == "enter":
+            stay = self._zone_keys.setdefault((pid, ev.zone), {})
+            first = not stay
+            stay[ev.key] = ev.zone_since if ev.zone_since is not None else ev.time
+            return ev if first else None
+        stay = self._zone_keys.get((pid, ev.zone), {})
+        if ev.kind == "exit":
+            if stay.pop(ev.key, None) is None or stay:
+                return None
+            del self._zone_keys[(pid, ev.zone)]
+            return ev
+        return ev if next(iter(stay), None) == ev.key else None  # dwell: the identity that entered first
 
     def _record_visit(self, s: Session, ev: PresenceEvent, pid: int) -> None:
         if ev.kind == "visit_start":
