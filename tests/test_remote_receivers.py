@@ -207,7 +207,7 @@ async def test_intake_routes_espresense_and_counts_rejects(mosquitto: MosquittoS
         assert intake.rejected["espresense:not_json"] == 1
         assert intake.rejected["espresense:unmapped_id"] == 1  # counted, nothing about it queued
         assert intake.extra_accepted["espresense"] == 2 and sightings.empty()
-        assert intake.readings.empty()
+        assert intake.batches.empty()
     finally:
         await intake.stop()
 
