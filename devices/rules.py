@@ -136,13 +136,22 @@ class RuleState:
     service_seq: int = 0  # the last service event applied (counters reset, alarm resolved)
 
     def as_dict(self) -> dict[str, Any]:
-        return {name: _copied(getattr(self, name)) for name in _STATE_FIELDS}
+        """What differs from a fresh state, over the same containers (small and cheap to store); ``copy()``
+        first to keep evaluating. Equal states give equal mappings, so an unchanged state need not be written."""
+        out = {}
+        for name in _STATE_FIELDS:
+            value = getattr(self, name)
+            if value != _STATE_DEFAULTS[name]:
+                out[name] = value
+        return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> RuleState:
+    def from_dict(cls, data: Mapping[str, Any] | None, copy: bool = True) -> RuleState:
+        """``copy=False`` adopts ``data``'s containers: evaluating in place then edits them too."""
         if not data:
             return cls()
-        # Copied, so evaluating in place never edits the caller's (e.g. a loaded JSON column's) objects.
+        if not copy:
+            return cls(**{k: v for k, v in data.items() if k in _STATE_FIELDS})
         return cls(**{k: _copied(v) for k, v in data.items() if k in _STATE_FIELDS})
 
     def copy(self) -> RuleState:
@@ -151,6 +160,7 @@ class RuleState:
 
 
 _STATE_FIELDS = tuple(f.name for f in dataclasses.fields(RuleState))
+_STATE_DEFAULTS = {name: getattr(RuleState(), name) for name in _STATE_FIELDS}
 
 
 def _copied(value: Any) -> Any:
@@ -349,10 +359,11 @@ def _count(rule: Rule, st: RuleState, sample: Sample, ctx: _Ctx) -> None:
             if v is None:
                 continue
             prev = st.last.get(c.delta_of)
-            if prev is not None and v > prev[1]:
-                st.counters[c.id] = st.counters.get(c.id, 0.0) + (float(v) - prev[1])
+            if prev is not None and v > prev[-1]:
+                st.counters[c.id] = st.counters.get(c.id, 0.0) + (float(v) - prev[-1])
             st.counters.setdefault(c.id, 0.0)  # a total going down is a reset device, not negative usage
-            st.last[c.delta_of] = [sample.time, float(v)]
+            if prev is None or prev[-1] != v:  # only the value: a device that stands still changes nothing
+                st.last[c.delta_of] = [float(v)]
         elif c.hours_while is not None:
             prev_t = st.last.get(f"@{c.id}")
             on = holds(c.hours_while, ctx)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import event, func, select
+from sqlalchemy import Table, bindparam, event, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from devices.payloads import DeviceEvent, Reading
@@ -86,6 +86,13 @@ def after_commit(session: Session, effect: Callable[[], None]) -> None:
         event.listen(session, "after_commit", run, once=True)
         event.listen(session, "after_rollback", drop, once=True)
     pending.append(effect)
+
+
+_RULE_STATES: Table = RuleStateRecord.__table__  # type: ignore[assignment]  # a declarative model's Table
+_UPDATE_STATE = update(_RULE_STATES).where(
+    _RULE_STATES.c.device_id == bindparam("k_device"), _RULE_STATES.c.rule_id == bindparam("k_rule")
+).values(profile_id=bindparam("profile_id"), state=bindparam("state"), due_at=bindparam("due_at"),
+         updated_at=bindparam("updated_at"))
 
 
 def _latest_service(s: Session, device_ids: Iterable[str]) -> dict[str, int]:
@@ -166,8 +173,11 @@ class DeviceRules:
         ids = [d for d, rules in wanted.items() if rules]
         if not ids:
             return []
-        rows = {(r.device_id, r.rule_id): r for r in s.scalars(
-            select(RuleStateRecord).where(RuleStateRecord.device_id.in_(ids)))}
+        # Plain rows, not ORM objects: this is the hot path (one state per device and rule per batch).
+        rows: dict[tuple[str, str], tuple[dict[str, Any], int | None]] = {
+            (d, r): (state, pid) for d, r, state, pid in s.execute(
+                select(RuleStateRecord.device_id, RuleStateRecord.rule_id, RuleStateRecord.state,
+                       RuleStateRecord.profile_id).where(RuleStateRecord.device_id.in_(ids)))}
         serviced = _latest_service(s, ids)
         states: dict[tuple[str, str], RuleState] = {}
         alarms: dict[tuple[str, str], Alarm | None] = {}
@@ -183,16 +193,32 @@ class DeviceRules:
                 key = (device_id, rule.id)
                 st = states.get(key)
                 if st is None:
-                    row = rows.get(key)
-                    st = RuleState.from_dict(row.state if row is not None else None)
+                    st = RuleState.from_dict(rows[key][0] if key in rows else None)
                     st = self.serviced(rule, st, serviced.get(device_id, 0))
                     states[key] = st
                 changes = observe_into(rule, st, sample, self.tz)  # st is this batch's own copy
                 for ch in changes:
                     created += self._apply(s, d, rule, st, ch, sample.metrics, alarms)
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
         for (device_id, rule_id), st in states.items():
-            self._save(s, rows.get((device_id, rule_id)), devs[device_id], self.by_id[rule_id], st,
-                       last_time[device_id])
+            due_at = next_due(self.by_id[rule_id], st)
+            if due_at is not None:  # a rollback leaves this too early: one needless query, never a missed timer
+                self._earliest_due = min(self._earliest_due, due_at)
+            state, owner = st.as_dict(), devs[device_id].profile_id
+            before = rows.get((device_id, rule_id))
+            if before == (state, owner):
+                continue  # nothing changed (no counter moved, no timer started): no write
+            rec = {"device_id": device_id, "rule_id": rule_id, "profile_id": owner, "state": state,
+                   "due_at": due_at, "updated_at": last_time[device_id]}
+            (updates if before is not None else inserts).append(rec)
+        # Two executemany statements, straight to the table: the session's objects are left alone.
+        if inserts:
+            if any(d in s.new for d in devs.values()):
+                s.flush()  # a device new in this batch goes in first (the foreign key)
+            s.execute(insert(_RULE_STATES), inserts)
+        if updates:
+            s.execute(_UPDATE_STATE, [{**u, "k_device": u["device_id"], "k_rule": u["rule_id"]} for u in updates])
         self.figures["rule_samples"] += len(samples)
         return created
 
