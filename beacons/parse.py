@@ -6,13 +6,18 @@ cost a counter, never the scan loop. Non-bytes arguments may raise TypeError.
 
 This is the hot path: every advert in the shop goes through it. The shapes that repeat
 (the same beacon advertising the same bytes many times a second) are answered from small
-bounded caches of immutable frames, so the common case is one dict lookup.
+bounded caches of immutable frames, so the common case is one dict lookup; the usual raw
+iBeacon layout (flags, then Apple's 26 bytes) is read with one precompiled ``struct`` the
+first time. ``parse_adverts`` parses a scanner drain in one call. The fast paths only ever
+accept what the structure walk accepts (tests/test_parse_fastpath.py checks it on random and
+mutated bytes).
 """
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from beacons.types import (
@@ -35,6 +40,7 @@ __all__ = [
     "iter_ad_structures",
     "parse_ad_structure",
     "parse_advertisement",
+    "parse_adverts",
     "parse_bleak",
     "parse_manufacturer",
     "parse_payload",
@@ -64,9 +70,43 @@ _URL_CODES: tuple[str | None, ...] = tuple(
     for b in range(256)
 )
 
-_PAYLOAD_CACHE: dict[bytes, Frame] = {}
-_IBEACON_CACHE: dict[bytes, IBeacon] = {}
-_UUID_CACHE: dict[bytes, str] = {}
+
+
+class _Recent(dict[bytes, Any]):
+    """A bounded memo that keeps what is in use: when ``size`` entries are held, they become the old
+    generation and a new one starts; an old entry asked for again moves back. A hit is one C-level
+    dict lookup (``cache[key]``, None when absent); at most 2 x ``size`` entries are held, so a flood of
+    distinct adverts costs memory that stays flat, and the shop's own beacons stay cached through it."""
+
+    __slots__ = ("old", "size")
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.old: dict[bytes, Any] = {}
+        self.size = size
+
+    def __missing__(self, key: bytes) -> Any:
+        value = self.old.pop(key, None)
+        if value is not None:
+            self.put(key, value)
+        return value
+
+    def put(self, key: bytes, value: Any) -> None:
+        if len(self) >= self.size:
+            self.old = dict(self)
+            super().clear()
+        self[key] = value
+
+    def clear(self) -> None:
+        super().clear()
+        self.old = {}
+
+
+_PAYLOAD_CACHE = _Recent(_CACHE_MAX)  # raw advertising data -> its one identity frame
+_IBEACON_CACHE = _Recent(_CACHE_MAX)  # Apple manufacturer data -> IBeacon
+_UUID_CACHE = _Recent(_CACHE_MAX)
+_IBEACON_AD = b"\x1a\xff\x4c\x00\x02\x15"  # length 26, manufacturer data, Apple, iBeacon, 21 bytes follow
+_IBEACON_BODY = struct.Struct(">16sHHb")  # uuid, major, minor, measured power (signed)
 
 
 class ParseStats:
@@ -142,19 +182,12 @@ def iter_ad_structures(payload: bytes) -> Iterator[tuple[int, bytes]]:
         i = end
 
 
-def _remember(cache: dict[bytes, Any], key: bytes, value: Any) -> None:
-    """Bounded insert: clearing when full keeps memory flat under a flood of distinct adverts."""
-    if len(cache) >= _CACHE_MAX:
-        cache.clear()
-    cache[key] = value
-
-
 def _uuid_str(raw: bytes) -> str:
-    text = _UUID_CACHE.get(raw)
+    text: str | None = _UUID_CACHE[raw]
     if text is None:
         h = raw.hex()
         text = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-        _remember(_UUID_CACHE, raw, text)
+        _UUID_CACHE.put(raw, text)
     return text
 
 
@@ -162,10 +195,29 @@ def _ibeacon(data: bytes) -> IBeacon | str:
     """Apple manufacturer data of subtype 0x02: 0x02 0x15 uuid(16) major minor tx."""
     if len(data) != 23 or data[1] != 0x15:
         return "ibeacon_length"
-    frame = IBeacon(_uuid_str(data[2:18]), data[18] << 8 | data[19], data[20] << 8 | data[21],
-                    _SIGNED8[data[22]])
-    _remember(_IBEACON_CACHE, data, frame)
+    raw, major, minor, tx = _IBEACON_BODY.unpack_from(data, 2)
+    frame = IBeacon(_uuid_str(raw), major, minor, tx)
+    _IBEACON_CACHE.put(data, frame)
     return frame
+
+
+def _ibeacon_layout(payload: bytes) -> IBeacon | None:
+    """The usual raw iBeacon advert, read in place: a 2-byte structure (flags), then Apple's iBeacon
+    structure, nothing after it (27 bytes without the flags). None: take the structure walk, which
+    gives the same frame for these layouts and decides everything else."""
+    n = len(payload)
+    if n == 30:
+        if payload[0] != 2 or payload.find(_IBEACON_AD, 3, 9) != 3:
+            return None
+        at = 9
+    elif n == 27:
+        if not payload.startswith(_IBEACON_AD):
+            return None
+        at = 6
+    else:
+        return None
+    raw, major, minor, tx = _IBEACON_BODY.unpack_from(payload, at)
+    return IBeacon(_uuid_str(raw), major, minor, tx)
 
 
 def _altbeacon(company_id: int, data: bytes) -> AltBeacon | str:
@@ -183,7 +235,7 @@ def _altbeacon(company_id: int, data: bytes) -> AltBeacon | str:
 def _manufacturer(company_id: int, data: bytes) -> Frame | str | None:
     """A frame, a reject reason, or None when the data is not a beacon format at all."""
     if company_id == APPLE_COMPANY_ID:
-        frame = _IBEACON_CACHE.get(data)
+        frame = _IBEACON_CACHE[data]
         if frame is not None:
             return frame
         if data[:1] == b"\x02":
@@ -308,11 +360,19 @@ def parse_payload(payload: bytes, stats: ParseStats | None = None) -> list[Frame
     """
     if type(payload) is not bytes and isinstance(payload, bytearray | memoryview):
         payload = bytes(payload)  # unhashable or mutable: the caches need real bytes
-    frame = _PAYLOAD_CACHE.get(payload)
-    if frame is not None:
-        if stats is not None:
-            stats._accepted[frame.format] += 1
-        return [frame]
+    frame = _PAYLOAD_CACHE[payload]
+    if frame is None:
+        frame = _ibeacon_layout(payload)
+        if frame is None:
+            return _walk(payload, stats)
+        _PAYLOAD_CACHE.put(payload, frame)
+    if stats is not None:
+        stats._accepted[frame.format] += 1
+    return [frame]
+
+
+def _walk(payload: bytes, stats: ParseStats | None) -> list[Frame]:
+    """The structure walk: every AD structure in turn, the whole advert rejected on a framing error."""
     n = len(payload)
     if n == 0:
         return _reject(stats, "empty")
@@ -337,7 +397,7 @@ def parse_payload(payload: bytes, stats: ParseStats | None = None) -> list[Frame
                 frames.append(result)
         i = end
     if len(frames) == 1 and not reasons and frames[0].key is not None:
-        _remember(_PAYLOAD_CACHE, payload, frames[0])  # TLM churns; identity frames repeat
+        _PAYLOAD_CACHE.put(payload, frames[0])  # TLM churns; identity frames repeat
     return _finish(frames, reasons, stats)
 
 
@@ -354,7 +414,7 @@ def parse_service_data(uuid: str, data: bytes, stats: ParseStats | None = None) 
 def _parse_maps(manufacturer_data: Mapping[int, bytes], service_data: Mapping[str, bytes],
                 stats: ParseStats | None) -> list[Frame]:
     if not service_data and len(manufacturer_data) == 1:  # the usual shape: one iBeacon seen before
-        frame = _IBEACON_CACHE.get(manufacturer_data.get(APPLE_COMPANY_ID, b""))
+        frame = _IBEACON_CACHE[manufacturer_data.get(APPLE_COMPANY_ID, b"")]
         if frame is not None:
             if stats is not None:
                 stats._accepted["ibeacon"] += 1
@@ -394,3 +454,30 @@ def parse_bleak(advertisement_data: Any, stats: ParseStats | None = None) -> lis
     """Parse a bleak AdvertisementData (duck-typed: .manufacturer_data, .service_data)."""
     return _parse_maps(getattr(advertisement_data, "manufacturer_data", None) or {},
                        getattr(advertisement_data, "service_data", None) or {}, stats)
+
+
+def parse_adverts(adverts: Iterable[Advertisement], stats: ParseStats | None = None
+                  ) -> list[tuple[Advertisement, Frame]]:
+    """A scanner drain at once: (advert, frame) for every frame found, in order, counted as
+    ``parse_advertisement`` counts. Adverts seen before (a beacon's bytes, raw or as bleak's
+    one-entry dictionary) are answered inline from the caches, without a call per advert."""
+    out: list[tuple[Advertisement, Frame]] = []
+    append = out.append
+    ibeacons, payloads = _IBEACON_CACHE, _PAYLOAD_CACHE
+    accepted = stats._accepted if stats is not None else None
+    for adv in adverts:
+        payload = adv.payload
+        if payload:
+            frame = payloads[payload] if type(payload) is bytes else None
+        elif not adv.service_data and len(mfr := adv.manufacturer_data) == 1:
+            frame = ibeacons[mfr.get(APPLE_COMPANY_ID, b"")]
+        else:
+            frame = None
+        if frame is not None:
+            if accepted is not None:
+                accepted[frame.format] += 1
+            append((adv, frame))
+            continue
+        for frame in parse_advertisement(adv, stats):
+            append((adv, frame))
+    return out

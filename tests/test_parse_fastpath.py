@@ -1,0 +1,125 @@
+"""The parser's fast paths (the raw iBeacon layout, the caches, the batch call) accept and reject
+exactly what the structure walk does, on random bytes and on mutated real adverts."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from beacons import encode
+from beacons import parse as p
+from beacons.parse import ParseStats, parse_advertisement, parse_adverts, parse_payload
+from beacons.types import Advertisement, IBeacon
+
+FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+UUID = bytes.fromhex("e2c56db5dffb48d2b060d0f5a71096e0")  # Apple's AirLocate sample uuid
+# The layout iOS and most tags send: flags (LE general discoverable, no BR/EDR), then Apple's iBeacon.
+IBEACON_RAW = bytes.fromhex("020106" "1aff4c000215") + UUID + bytes.fromhex("0001" "0002" "c5")
+
+
+def clear_caches() -> None:
+    p._PAYLOAD_CACHE.clear()
+    p._IBEACON_CACHE.clear()
+    p._UUID_CACHE.clear()
+
+
+def slow(payload: bytes) -> tuple[list, dict]:
+    """The structure walk alone, no cache and no layout shortcut."""
+    stats = ParseStats()
+    frames = p._walk(payload, stats) if 0 < len(payload) <= p.MAX_PAYLOAD else parse_payload(payload, stats)
+    return frames, stats.as_dict()
+
+
+def fast(payload: bytes) -> tuple[list, dict]:
+    stats = ParseStats()
+    return parse_payload(payload, stats), stats.as_dict()
+
+
+@st.composite
+def mutated_ibeacon(draw: st.DrawFn) -> bytes:
+    """A real iBeacon advert with a few bytes flipped, inserted or dropped, or its tx power,
+    length bytes, company id and subtype bytes changed: the fast path's own checks."""
+    payload = bytearray(draw(st.sampled_from([IBEACON_RAW, IBEACON_RAW[3:], IBEACON_RAW + b"\x00"])))
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["flip", "flip", "insert", "delete"]))
+        at = draw(st.integers(0, max(0, len(payload) - 1)))
+        if op == "flip" and payload:
+            payload[at] = draw(st.sampled_from([0, 1, 2, 0x15, 0x16, 0x1A, 0x1B, 0x4C, 0xFF,
+                                                draw(st.integers(0, 255))]))
+        elif op == "insert":
+            payload.insert(at, draw(st.integers(0, 255)))
+        elif payload:
+            del payload[at]
+    return bytes(payload)
+
+
+ibeacon_like = st.builds(
+    lambda uuid, major, minor, tx, flags: (encode.ad_structure(0x01, flags) if flags is not None else b"")
+    + encode.ad_structure(0xFF, b"\x4c\x00\x02\x15" + uuid + major.to_bytes(2, "big") + minor.to_bytes(2, "big")
+                          + (tx & 0xFF).to_bytes(1, "big")),
+    st.binary(min_size=16, max_size=16), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.integers(-128, 127),
+    st.one_of(st.none(), st.binary(min_size=1, max_size=1)))
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=40), mutated_ibeacon(), ibeacon_like))
+def test_fast_path_accepts_and_rejects_what_the_walk_does(payload: bytes) -> None:
+    clear_caches()
+    want = slow(payload)
+    clear_caches()
+    assert fast(payload) == want  # cold: the layout shortcut, when it applies
+    assert fast(payload) == want  # warm: from the payload cache
+    layout = p._ibeacon_layout(payload)
+    if layout is not None:
+        assert want[0] == [layout]
+
+
+@FUZZ
+@given(st.lists(st.one_of(mutated_ibeacon(), ibeacon_like, st.binary(max_size=32)), max_size=6),
+       st.booleans())
+def test_a_batch_parses_as_one_advert_at_a_time(payloads: list[bytes], as_bleak: bool) -> None:
+    """parse_adverts over a drain (raw bytes, or bleak's one-entry dictionaries) = parse_advertisement each."""
+    def advert(data: bytes) -> Advertisement:
+        if as_bleak:  # bleak hands over manufacturer data without the company id's two bytes
+            return Advertisement("AA:BB:CC:DD:EE:FF", -60, 1.0, "rx", manufacturer_data={0x004C: data[9:]})
+        return Advertisement("AA:BB:CC:DD:EE:FF", -60, 1.0, "rx", payload=data)
+
+    adverts = [advert(d) for d in payloads * 2]  # twice: the second half comes from the caches
+    one_by_one, one_stats = [], ParseStats()
+    clear_caches()
+    for a in adverts:
+        one_by_one += [(a, f) for f in parse_advertisement(a, one_stats)]
+    clear_caches()
+    batch_stats = ParseStats()
+    assert parse_adverts(adverts, batch_stats) == one_by_one
+    assert batch_stats.as_dict() == one_stats.as_dict()
+
+
+def test_the_usual_raw_ibeacon_is_read_by_the_layout_and_counted() -> None:
+    clear_caches()
+    frame = p._ibeacon_layout(IBEACON_RAW)
+    assert frame == IBeacon("e2c56db5-dffb-48d2-b060-d0f5a71096e0", 1, 2, -59)
+    stats = ParseStats()
+    assert parse_payload(IBEACON_RAW, stats) == [frame]
+    assert parse_payload(IBEACON_RAW[3:], stats) == [frame]  # no flags structure: 27 bytes
+    assert stats.as_dict() == {"accepted": {"ibeacon": 2}, "rejected": {}}
+    assert p._ibeacon_layout(IBEACON_RAW[:-1]) is None  # a byte short: the walk decides (truncated_ad)
+    assert parse_payload(IBEACON_RAW[:-1], stats) == []
+    assert stats.rejected["truncated_ad"] == 1
+
+
+def test_the_caches_stay_bounded_and_keep_what_is_in_use() -> None:
+    cache = p._Recent(4)
+    for i in range(4):
+        cache.put(bytes([i]), i + 1)
+    cache.put(b"new", 99)  # full: the four become the old generation
+    assert cache[bytes([0])] == 1  # used again: back in the new one
+    for i in range(10, 20):
+        cache.put(bytes([i]), i)
+    assert len(cache) + len(cache.old) <= 8
+    assert cache[b"never"] is None
+    clear_caches()
+    for n in range(3 * p._CACHE_MAX // 2):  # a flood of distinct beacons
+        parse_payload(IBEACON_RAW[:-5] + n.to_bytes(4, "big") + b"\xc5")
+    assert len(p._PAYLOAD_CACHE) + len(p._PAYLOAD_CACHE.old) <= 2 * p._CACHE_MAX
