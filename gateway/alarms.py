@@ -174,10 +174,10 @@ class DeviceRules:
         if not ids:
             return []
         # Plain rows, not ORM objects: this is the hot path (one state per device and rule per batch).
-        rows: dict[tuple[str, str], tuple[dict[str, Any], int | None]] = {
-            (d, r): (state, pid) for d, r, state, pid in s.execute(
+        rows: dict[tuple[str, str], tuple[dict[str, Any], int | None, float | None]] = {
+            (d, r): (state, pid, due) for d, r, state, pid, due in s.execute(
                 select(RuleStateRecord.device_id, RuleStateRecord.rule_id, RuleStateRecord.state,
-                       RuleStateRecord.profile_id).where(RuleStateRecord.device_id.in_(ids)))}
+                       RuleStateRecord.profile_id, RuleStateRecord.due_at).where(RuleStateRecord.device_id.in_(ids)))}
         serviced = _latest_service(s, ids)
         states: dict[tuple[str, str], RuleState] = {}
         alarms: dict[tuple[str, str], Alarm | None] = {}
@@ -207,7 +207,7 @@ class DeviceRules:
                 self._earliest_due = min(self._earliest_due, due_at)
             state, owner = st.as_dict(), devs[device_id].profile_id
             before = rows.get((device_id, rule_id))
-            if before == (state, owner):
+            if before == (state, owner, due_at):
                 continue  # nothing changed (no counter moved, no timer started): no write
             rec = {"device_id": device_id, "rule_id": rule_id, "profile_id": owner, "state": state,
                    "due_at": due_at, "updated_at": last_time[device_id]}
