@@ -476,6 +476,8 @@ class Runtime:
         with self.db.session() as s:
             self.identities.load(s)
         self.reload_campaigns()
+        with self.db.session() as s:  # device rules' timers that came due while the gateway was away
+            self._dispatch(self.pipeline.rules.tick(s, self.clock.now()))
         if self.serve_api:
             from api.app import create_app
             from api.deps import ApiContext

@@ -36,8 +36,11 @@ async def test_a_for_timer_survives_a_restart_and_fires_once_at_the_right_time(t
 
     clock.set(T0 + 2000)  # back long after the timer was due; no reading in between
     rt2 = Runtime(gateway_settings(tmp_path), clock=clock, serve_api=False, on_outcome=None, tick_s=3600)
-    await rt2.start()
+    await rt2.start()  # fires what came due while it was away, before any reading or tick
     try:
+        with rt2.db.session() as s:
+            (alarm,) = s.scalars(select(Alarm)).all()
+            assert alarm.created_at == T0 + FOR_S
         rt2.pipeline.tick(clock.now())
         rt2.pipeline.tick(clock.now() + 1)  # and again: nothing more
         clock.advance(600)
