@@ -419,3 +419,42 @@ def test_the_example_battery_rule_raises_on_a_fast_drain_and_sends_its_command()
     assert len(created) == 1 and created[0].severity == "warning"
     # half a window (15 min) of history, then 10 min held: raised at minute 25
     assert created[0].time == T0 + 25 * 60
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                     st.text(max_size=8), st.sampled_from(["gt", "lt", "in", "metric", "rate", "code", "any", "never",
+                                                           "warning", "08:00", "24:00", "t"]))
+_keys = st.sampled_from(["id", "name", "match", "kind", "create", "clear", "when", "severity", "for_s", "repeat",
+                         "metric", "op", "value", "rate", "window_s", "counter", "counters", "delta_of",
+                         "hours_while", "code", "local_time", "after", "before", "pace", "goal", "from", "to",
+                         "all", "any", "not", "actions", "prompt", "staff", "command", "after_s", "x"])
+_docs = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                       st.dictionaries(_keys, inner, max_size=5)), max_leaves=25)
+
+
+@settings(max_examples=400, deadline=None)
+@given(doc=st.dictionaries(_keys, _docs, max_size=6))
+def test_fuzzed_rule_documents_are_refused_with_a_rule_error_or_parsed(doc: dict[str, Any]) -> None:
+    try:
+        r = parse_rule({"id": "fuzz", **doc} if "id" not in doc else doc)
+    except RuleError:
+        return
+    # Whatever parsed also evaluates on arbitrary samples without raising.
+    run(r, [Sample(T0, {"t": 1.0, "a": -3.0}), Sample(T0 + 60, {}, frozenset({"E1"})), Sample(T0 + 120, {"t": 9.0})])
+
+
+@settings(max_examples=200, deadline=None)
+@given(samples=st.lists(st.tuples(st.floats(0, 1e5), st.dictionaries(
+    st.sampled_from(["chain_km", "battery_pct", "blade_hours", "steps", "error_code", "heart_rate"]),
+    st.floats(-1e9, 1e9), max_size=4), st.one_of(st.none(), st.frozensets(st.sampled_from(["E12", "E31", "E9"])))),
+    max_size=30))
+def test_the_example_rules_take_any_samples(samples: list[tuple[float, dict[str, float], frozenset[str] | None]]
+                                            ) -> None:
+    for r in load_rules(EXAMPLES):
+        st_ = RuleState()
+        t = T0
+        for gap, metrics, codes in samples:
+            t += gap
+            st_, changes = observe(r, st_, Sample(t, metrics, codes), ZoneInfo("Europe/Paris"))
+            assert all(c.rule == r.id for c in changes)
+        due(r, st_, t + 10**6)
