@@ -172,7 +172,7 @@ def role_worker(args: argparse.Namespace) -> None:
             await asyncio.sleep(0.05)
             if times["acks"] >= args.expect or (times["acks"] and time.time() - times["last"] > IDLE_S):
                 break
-        connected_at = intake.last_connected_at
+        connected_at = intake.last_connack_at  # the queued backlog flows from the CONNACK on, as for the anchor
         await rt.stop()
         t = rt.pipeline.telemetry.stats()
         return {"connected_wall": times.get("connected_wall"), "last_at": times["last"], "acked": times["acks"],

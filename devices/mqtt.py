@@ -165,6 +165,7 @@ class MqttIntake:
         self.connects = 0
         self.last_error: str | None = None
         self.last_connected_at: float | None = None
+        self.last_connack_at: float | None = None
         self._clock = clock
         share = f"$share/{settings.share_group}/" if settings.share_group else ""
         self._filters = [share + device_filter(kind, settings.topic_prefix) for kind in _PARSERS]  # type: ignore[arg-type]
@@ -380,6 +381,7 @@ class MqttIntake:
         with self._lock:
             self._generation += 1
         self.connects += 1
+        self.last_connack_at = time.monotonic()  # a persistent session's queue starts flowing now
         # Subscribe on every connect: cheap, and correct even if the broker lost our session.
         # We count as connected only once the SUBACK is back (see _on_subscribe). One SUBSCRIBE for
         # all filters: one SUBACK says we are connected.
