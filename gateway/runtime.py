@@ -27,7 +27,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from beacons.guard import Guard, GuardSettings
-from beacons.parse import ParseStats, parse_advertisement
+from beacons.parse import ParseStats, parse_adverts
 from beacons.remote import AppReport, RemoteError, app_sightings, parse_espresense
 from beacons.scanner import Scanner
 from beacons.types import Advertisement, Sighting
@@ -130,21 +130,20 @@ class Pipeline:
     # ------------------------------------------------------------ BLE
 
     def ingest_adverts(self, adverts: Iterable[Advertisement]) -> list[int]:
+        """One scanner drain: parsed at once (beacons.parse.parse_adverts), then guard and presence per
+        frame, then one engine transaction for the drain's presence events."""
+        batch = adverts if isinstance(adverts, list) else list(adverts)
         events: list[PresenceEvent] = []
         observe = self.presence.observe
         admit = self.guard.admit
-        stats = self.parse_stats
-        n = 0
-        for adv in adverts:
-            n += 1
-            for frame in parse_advertisement(adv, stats):
-                key = frame.key
-                if key is None or not admit(adv.address, frame, adv.time):
-                    continue
-                evs = observe(Sighting(key, adv.receiver, adv.rssi, adv.time, frame.ref_power))
-                if evs:
-                    events.extend(evs)
-        self.figures["adverts"] += n
+        for adv, frame in parse_adverts(batch, self.parse_stats):
+            key = frame.key
+            if key is None or not admit(adv.address, frame, adv.time):
+                continue
+            evs = observe(Sighting(key, adv.receiver, adv.rssi, adv.time, frame.ref_power))
+            if evs:
+                events.extend(evs)
+        self.figures["adverts"] += len(batch)
         return self.handle_presence(events) if events else []
 
     def stats(self) -> dict[str, Any]:
