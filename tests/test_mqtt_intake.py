@@ -20,7 +20,7 @@ from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices.mqtt import BAD_TOPIC, INTERNAL_ERROR, MqttIntake, MqttSettings
@@ -531,26 +531,33 @@ PAYLOADS = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(messages=st.lists(st.tuples(TOPICS, PAYLOADS), max_size=20))
-def test_fuzzed_messages_never_crash_and_every_one_is_counted_and_held_for_its_ack(
-    messages: list[tuple[bytes, bytes]],
-) -> None:
-    async def run() -> None:
+def test_fuzzed_messages_never_crash_and_every_one_is_counted_and_held_for_its_ack() -> None:
+    async def main() -> None:
         gateway = MqttIntake(MqttSettings(port=free_port(), client_id=f"gw-fuzz-{secrets.token_hex(4)}"))
-        await gateway.start()
-        try:
-            for i, (topic, payload) in enumerate(messages):
-                deliver(gateway, message(topic, payload, mid=i + 1))
+        await gateway.start()  # nothing listens: the intake is only wired to this loop
+        mids = iter(range(1, 10**9))
+
+        @settings(max_examples=300, deadline=None)
+        @given(messages=st.lists(st.tuples(TOPICS, PAYLOADS), max_size=20))
+        def check(messages: list[tuple[bytes, bytes]]) -> None:
+            received, accepted, rejected = gateway.received, gateway.accepted, sum(gateway.rejected.values())
+            sent = [next(mids) for _ in messages]
+            for mid, (topic, payload) in zip(sent, messages, strict=True):
+                deliver(gateway, message(topic, payload, mid=mid))
+            gateway._drain()  # what the scheduled callback does; we are on the loop's thread
             got = TelemetryBatch()
-            while len(got.acks) < len(messages):
-                got.extend(await asyncio.wait_for(gateway.batches.get(), 2))
-            assert gateway.received == len(messages)
-            assert gateway.received == gateway.accepted + sum(gateway.rejected.values())
-            assert len(got) == len(messages) and len(got.rejects) == sum(gateway.rejected.values())
-            assert sorted(mid for _, mid, _ in got.acks) == list(range(1, len(messages) + 1))
+            while not gateway.batches.empty():
+                got.extend(gateway.batches.get_nowait())
+            assert gateway.received - received == len(messages)
+            new_rejects = sum(gateway.rejected.values()) - rejected
+            assert gateway.accepted - accepted + new_rejects == len(messages)  # every one counted, once
+            assert len(got) == len(messages) and len(got.rejects) == new_rejects
+            assert [mid for _, mid, _ in got.acks] == sent  # every one held for its ack, in order
             assert INTERNAL_ERROR not in gateway.rejected
+
+        try:
+            check()
         finally:
             await gateway.stop()
 
-    asyncio.run(run())
+    asyncio.run(main())
