@@ -263,7 +263,22 @@ def fresh_db(base: str | None, workdir: Path, name: str) -> str:
     with psycopg.connect(host=u.host, port=u.port or 5432, user=u.username, password=u.password,
                          dbname=u.database, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{db}"')
+    CREATED.append((base, db))
     return u.set(database=db).render_as_string(hide_password=False)
+
+
+CREATED: list[tuple[str, str]] = []  # PostgreSQL databases this run made, dropped at the end
+
+
+def drop_created() -> None:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    for base, db in CREATED:
+        u = make_url(base)
+        with psycopg.connect(host=u.host, port=u.port or 5432, user=u.username, password=u.password,
+                             dbname=u.database, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 
 
 def main() -> None:
@@ -338,6 +353,7 @@ def main() -> None:
     finally:
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)
+        drop_created()
 
     print(json.dumps({
         "msgs_per_s": round(ours_rate, 1), "anchor_msgs_per_s": round(anchor_rate, 1),
