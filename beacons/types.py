@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeAlias
-
+from typing import Any, ClassVar, NamedTuple, TypeAlias
 
 #: Eddystone frames advertise their power at 0 m; the distance model wants it at 1 m. The
 #: Eddystone spec's own conversion: "add 41 dBm" to the 1 m RSSI to get the 0 m value.
@@ -56,12 +55,13 @@ class IBeacon:
                 "minor": self.minor, "tx_power": self.tx_power}
 
 
-@dataclass(frozen=True, slots=True)
-class Sighting:
+class Sighting(NamedTuple):
     """An advertisement resolved to a beacon identity, as heard by one receiver.
 
     ``tx_power`` is the measured power at 1 m the beacon advertises (None when unknown).
     The device address is deliberately absent: identities, never addresses, flow on.
+    Immutable like the frames, but a named tuple: one is made per advert, and a tuple is made
+    in half the time of a frozen dataclass.
     """
 
     key: str
