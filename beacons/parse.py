@@ -104,6 +104,7 @@ class _Recent(dict[bytes, Any]):
 
 _PAYLOAD_CACHE = _Recent(_CACHE_MAX)  # raw advertising data -> its one identity frame
 _IBEACON_CACHE = _Recent(_CACHE_MAX)  # Apple manufacturer data -> IBeacon
+_EDDYSTONE_CACHE = _Recent(_CACHE_MAX)  # Eddystone service data (the one entry of an advert) -> identity frame
 _UUID_CACHE = _Recent(_CACHE_MAX)
 _IBEACON_AD = b"\x1a\xff\x4c\x00\x02\x15"  # length 26, manufacturer data, Apple, iBeacon, 21 bytes follow
 _IBEACON_BODY = struct.Struct(">16sHHb")  # uuid, major, minor, measured power (signed)
@@ -419,6 +420,12 @@ def _parse_maps(manufacturer_data: Mapping[int, bytes], service_data: Mapping[st
             if stats is not None:
                 stats._accepted["ibeacon"] += 1
             return [frame]
+    elif not manufacturer_data and len(service_data) == 1:  # one Eddystone UID or EID seen before
+        frame = _EDDYSTONE_CACHE[service_data.get(EDDYSTONE_SERVICE_UUID, b"")]
+        if frame is not None:
+            if stats is not None:
+                stats._accepted[frame.format] += 1
+            return [frame]
     frames: list[Frame] = []
     reasons: list[str] | None = None
     if manufacturer_data:
@@ -440,6 +447,9 @@ def _parse_maps(manufacturer_data: Mapping[int, bytes], service_data: Mapping[st
                     reasons = _add(reasons, found)
                 else:
                     frames.append(found)
+        if (len(frames) == 1 and not reasons and not manufacturer_data and frames[0].key is not None
+                and len(service_data) == 1 and EDDYSTONE_SERVICE_UUID in service_data):
+            _EDDYSTONE_CACHE.put(service_data[EDDYSTONE_SERVICE_UUID], frames[0])  # TLM churns: not kept
     return _finish(frames, reasons, stats)
 
 
@@ -463,16 +473,20 @@ def parse_adverts(adverts: Iterable[Advertisement], stats: ParseStats | None = N
     one-entry dictionary) are answered inline from the caches, without a call per advert."""
     out: list[tuple[Advertisement, Frame]] = []
     append = out.append
-    ibeacons, payloads = _IBEACON_CACHE, _PAYLOAD_CACHE
+    ibeacons, eddystones, payloads = _IBEACON_CACHE, _EDDYSTONE_CACHE, _PAYLOAD_CACHE
     accepted = stats._accepted if stats is not None else None
     for adv in adverts:
         payload = adv.payload
         if payload:
             frame = payloads[payload] if type(payload) is bytes else None
-        elif not adv.service_data and len(mfr := adv.manufacturer_data) == 1:
-            frame = ibeacons[mfr.get(APPLE_COMPANY_ID, b"")]
         else:
-            frame = None
+            mfr, svc = adv.manufacturer_data, adv.service_data
+            if not svc:
+                frame = ibeacons[mfr.get(APPLE_COMPANY_ID, b"")] if len(mfr) == 1 else None
+            elif not mfr and len(svc) == 1:
+                frame = eddystones[svc.get(EDDYSTONE_SERVICE_UUID, b"")]
+            else:
+                frame = None
         if frame is not None:
             if accepted is not None:
                 accepted[frame.format] += 1

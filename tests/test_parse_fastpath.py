@@ -21,6 +21,7 @@ IBEACON_RAW = bytes.fromhex("020106" "1aff4c000215") + UUID + bytes.fromhex("000
 def clear_caches() -> None:
     p._PAYLOAD_CACHE.clear()
     p._IBEACON_CACHE.clear()
+    p._EDDYSTONE_CACHE.clear()
     p._UUID_CACHE.clear()
 
 
@@ -94,6 +95,35 @@ def test_a_batch_parses_as_one_advert_at_a_time(payloads: list[bytes], as_bleak:
     batch_stats = ParseStats()
     assert parse_adverts(adverts, batch_stats) == one_by_one
     assert batch_stats.as_dict() == one_stats.as_dict()
+
+
+eddystone_data = st.one_of(
+    st.builds(lambda ns, inst, tx: encode.eddystone_uid_frame(ns, inst, tx_power=tx),
+              st.binary(min_size=10, max_size=10), st.binary(min_size=6, max_size=6), st.integers(-100, 20)),
+    st.builds(lambda mv, t, n, up: encode.eddystone_tlm_frame(mv, t, n, up), st.integers(0, 0xFFFF),
+              st.floats(-40, 80), st.integers(0, 2**32 - 1), st.integers(0, 2**28)),
+    st.binary(max_size=22))
+bleak_maps = st.tuples(
+    st.dictionaries(st.sampled_from([0x004C, 0x0006, 0x0118]), st.one_of(
+        st.just(IBEACON_RAW[7:]), st.binary(max_size=25), mutated_ibeacon().map(lambda d: d[7:])), max_size=2),
+    st.dictionaries(st.sampled_from([p.EDDYSTONE_SERVICE_UUID, "feaa", "0000fd6f-0000-1000-8000-00805f9b34fb"]),
+                    eddystone_data, max_size=2))
+
+
+@FUZZ
+@given(st.lists(bleak_maps, min_size=1, max_size=5))
+def test_bleak_dictionaries_from_the_caches_parse_as_cold(maps: list[tuple[dict, dict]]) -> None:
+    """Frames and counts for bleak's dictionaries do not depend on what the caches hold."""
+    adverts = [Advertisement("AA:BB:CC:DD:EE:FF", -60, 1.0, "rx", manufacturer_data=m, service_data=sd)
+               for m, sd in maps * 2]
+    cold, cold_stats = [], ParseStats()
+    for a in adverts:
+        clear_caches()
+        cold += [(a, f) for f in parse_advertisement(a, cold_stats)]
+    clear_caches()
+    warm_stats = ParseStats()
+    assert parse_adverts(adverts, warm_stats) == cold
+    assert warm_stats.as_dict() == cold_stats.as_dict()
 
 
 def test_the_usual_raw_ibeacon_is_read_by_the_layout_and_counted() -> None:
