@@ -2,9 +2,11 @@
 
 The gateway (Runtime, uvicorn on loopback, SQLite) runs here; the N clients run in worker
 processes (asyncio, raw sockets, ~500 connections each) so their work does not sit on the
-server's loop. Once every stream is live, one ``enter`` campaign goes through the engine for all N
-customers at once (N decisions, N notifications committed in one transaction) and is dispatched;
-``fanout_s`` runs from the start of the engine's work to the last receipt in any client
+server's loop. Once every stream is live, a ``schedule`` campaign falls due for everyone who
+consented to its purpose: the gateway's tick judges the whole audience in bulk (Engine.handle_many:
+consent, dedup, cooldown, caps and quiet hours per profile; profiles, consents and sends read in a
+few queries; N notifications and decisions committed in one transaction), then dispatches them.
+``fanout_s`` runs from the start of that tick (the first send) to the last receipt in any client
 (``send_to_last_s``: from the commit). Goal: 2,000 clients in <= 1 s; ``ratio`` = fanout_s / 1 s.
 
     .venv/bin/python benchmarks/sse_fanout.py [--clients 2000] [--workers 4] [--quick]
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import multiprocessing as mp
 import tempfile
@@ -21,6 +24,7 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from _notify_common import bench_settings, enrol_many, free_port, open_streams, raise_fd_limit
 
@@ -43,16 +47,24 @@ def worker(port: int, tokens: list[str], conn: Connection) -> None:
     conn.send(asyncio.run(run()))
 
 
-async def bench(clients: int, workers: int) -> dict[str, Any]:
-    from _notify_common import beacon_key
+def schedule_campaign(settings: Any, at: float) -> None:
+    """A campaign due at the minute of ``at`` (store time), for everyone who consented to offers."""
+    hhmm = dt.datetime.fromtimestamp(at, ZoneInfo(settings.store.timezone)).strftime("%H:%M")
+    (Path(settings.campaigns.dir) / "all.yaml").write_text(
+        "id: bench-all\nname: Today's offer for everyone\npurpose: offers\n"
+        f"trigger: {{type: schedule, at: \"{hhmm}\", within_s: 600}}\n"
+        "action: {title: \"Good morning {profile.first_name}\", body: \"Two coffees for one until noon.\"}\n")
 
-    from gateway.presence import PresenceEvent
+
+async def bench(clients: int, workers: int) -> dict[str, Any]:
     from gateway.runtime import Runtime
 
     raise_fd_limit(2 * clients + 1024)
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        rt = Runtime(bench_settings(Path(tmp), port), on_outcome=None, tick_s=3600)
+        settings = bench_settings(Path(tmp), port)
+        schedule_campaign(settings, time.time())
+        rt = Runtime(settings, on_outcome=None, tick_s=3600)  # the bench runs the tick itself
         await rt.start()
         try:
             now = time.time()
@@ -75,11 +87,10 @@ async def bench(clients: int, workers: int) -> dict[str, Any]:
             while sum(rt.hub.listeners(pid) for pid in pids) < clients:  # each stream subscribed server-side
                 await asyncio.sleep(0.01)
 
-            # One campaign through the engine: everyone enters the shop at once (an opening-hour rush). Each
-            # event is decided (consent, caps, cooldown, dedup, a Decision row) and committed in one transaction.
+            # The schedule falls due: the tick judges the audience (consent, dedup, cooldown, caps, a Decision
+            # each) and commits every notification in one transaction; then they are dispatched.
             t0 = time.time()
-            events = [PresenceEvent("enter", beacon_key(i), t0, "shop", t0, t0) for i in range(clients)]
-            ids = rt.pipeline.handle_presence(events)
+            ids = rt.pipeline.tick(t0)
             t_commit = time.time()
             await rt.dispatcher.dispatch(ids, t_commit)
             t_dispatched = time.time()

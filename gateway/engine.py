@@ -8,6 +8,7 @@ campaign that passes every check sends (arbitration). The notification is unique
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 import secrets
@@ -18,7 +19,7 @@ from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Table, delete, func, insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, lazyload
 
 from gateway.campaigns import (
     CHANNELS,
@@ -205,8 +206,8 @@ def behaviour_facts(session: Session, profile_id: int, now: float) -> dict[str, 
 
 def redemption_code() -> str:
     """Short, unguessable, unambiguous (no 0/O, 1/I): read out or scanned at the till."""
-    alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
-    return "".join(secrets.choice(alphabet) for _ in range(8))
+    alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # 32 letters: a byte mod 32 is uniform
+    return "".join(alphabet[b & 31] for b in secrets.token_bytes(8))
 
 
 def tier_for(points: int, tiers: Sequence[tuple[str, int]]) -> str | None:
@@ -232,12 +233,13 @@ class _Sends:
     after the event's earlier writes are flushed; sends fired while the event is judged are added, as the
     queries would have seen them."""
 
-    __slots__ = ("_candidates", "_engine", "_event", "_keys", "_rows", "_session")
+    __slots__ = ("_candidates", "_engine", "_event", "_keys", "_rows", "_session", "shared")
 
     def __init__(self, engine: Engine, session: Session, event: EngineEvent, candidates: Sequence[Campaign]) -> None:
         self._engine, self._session, self._event, self._candidates = engine, session, event, candidates
         self._keys: set[str] | None = None
         self._rows: list[tuple[str, float, str, Any]] | None = None  # (campaign, sent at, purpose, data)
+        self.shared = False  # True: the keys and rows are a _Bulk's, read once for many profiles
 
     def duplicate(self, key: str) -> bool:
         if self._keys is None:
@@ -272,6 +274,71 @@ class _Sends:
                                n.purpose, n.data))
 
 
+class _Bulk:
+    """What ``Engine.handle_many`` read once for all its events: consents per profile, the existing dedup keys
+    among those its events can make, and each profile's counted sends from the earliest window any check can
+    reach (a superset: the checks filter by their own windows). Sends fired meanwhile are added, so a later
+    event of the same profile sees them, as it would see them in the database."""
+
+    CHUNK = 900  # ids per IN list
+
+    def __init__(self) -> None:
+        self.profiles: set[int] = set()
+        self.loaded: list[Profile] = []
+        self.consents: dict[int, set[str]] = {}
+        self.wanted: set[str] = set()
+        self.keys: set[str] = set()
+        self.rows: dict[int, list[tuple[str, float, str, Any]]] = {}
+        self.decisions: list[dict[str, Any]] = []
+        self.pending: dict[int, Notification] = {}  # id(Outcome) -> its notification, flushed at the end
+
+    @classmethod
+    def load(cls, engine: Engine, session: Session, events: Sequence[EngineEvent],
+             only: Sequence[Campaign] | None) -> _Bulk:
+        b = cls()
+        pids = sorted({ev.profile_id for ev in events})
+        b.profiles = set(pids)
+        reach = max((cap.window_s for cap in engine.caps), default=0.0)
+        for ev in events:
+            for c in engine._candidates(ev, only):
+                b.wanted.add(Engine.dedup_key(c, ev))
+                reach = max(reach, c.cooldown_s)
+        lo = min(ev.time for ev in events) - reach
+        sent_at = func.coalesce(Notification.deliver_at, Notification.created_at)
+        wanted = sorted(b.wanted)
+        for i in range(0, len(wanted), cls.CHUNK):
+            b.keys.update(session.scalars(select(Notification.dedup_key).where(
+                Notification.dedup_key.in_(wanted[i:i + cls.CHUNK]))))
+        for i in range(0, len(pids), cls.CHUNK):
+            chunk = pids[i:i + cls.CHUNK]
+            # Into the identity map (held here: it keeps weak references), so session.get needs no query.
+            b.loaded += session.scalars(select(Profile).where(Profile.id.in_(chunk))
+                            .options(lazyload(Profile.identifiers), lazyload(Profile.consents))).all()
+            for pid, purpose in session.execute(select(Consent.profile_id, Consent.purpose).where(
+                    Consent.profile_id.in_(chunk), Consent.granted.is_(True))):
+                b.consents.setdefault(pid, set()).add(purpose)
+            for pid, cid, at, purpose, data in session.execute(
+                    select(Notification.profile_id, Notification.campaign_id, sent_at, Notification.purpose,
+                           Notification.data).where(Notification.profile_id.in_(chunk),
+                                                    Notification.status.not_in(NOT_SENT), sent_at > lo)
+                    .order_by(Notification.id)):
+                b.rows.setdefault(pid, []).append((cid, at, purpose, data))
+        return b
+
+    def sends(self, engine: Engine, session: Session, event: EngineEvent, candidates: Sequence[Campaign]) -> _Sends:
+        """The event's sends, from what was read in bulk when it covers the event (an event raised while
+        judging, such as segment_entered, is not covered: it reads the database, which has the batch's sends)."""
+        sends = _Sends(engine, session, event, candidates)
+        if event.profile_id in self.profiles and all(Engine.dedup_key(c, event) in self.wanted for c in candidates):
+            sends._keys, sends._rows, sends.shared = self.keys, self.rows.setdefault(event.profile_id, []), True
+        return sends
+
+    def fired(self, n: Notification) -> None:
+        self.keys.add(n.dedup_key)
+        self.rows.setdefault(n.profile_id, []).append(
+            (n.campaign_id, n.deliver_at if n.deliver_at is not None else n.created_at, n.purpose, n.data))
+
+
 class Engine:
     """Decides, explains, and writes the outbox. All durable state (cooldowns, caps, budgets, pending
     sends, segment memberships) is read from the database, so it survives a restart; the in-memory
@@ -298,6 +365,7 @@ class Engine:
         self._cancellers: dict[str, list[str]] = {}
         self._schedules_done: set[str] = set()
         self._conditions_text: dict[str, tuple[Any, str]] = {}
+        self._bulk: _Bulk | None = None  # set while handle_many runs
         self.set_campaigns(campaigns)
 
     def clone(self) -> Engine:
@@ -339,12 +407,7 @@ class Engine:
     def handle(self, session: Session, event: EngineEvent, only: Sequence[Campaign] | None = None) -> list[Outcome]:
         """Judge ``event`` against every campaign its trigger can fire (or just ``only``)."""
         outcomes = self._cancel_pending(session, event) if event.kind in self._cancellers else []
-        if only is not None:
-            candidates = list(only)
-        else:
-            metrics = event.facts.get("reading", {}).keys() if event.kind == "telemetry" else ()
-            segment = event.facts.get("segment", {}).get("id") if event.kind == "segment_entered" else None
-            candidates = self.campaigns.candidates(event.kind, event.zone, event.dwell_s, metrics, segment)
+        candidates = self._candidates(event, only)
         if event.kind == "telemetry":
             candidates = [c for c in candidates if self._crossed(c, event)]
             self._remember_readings(event)
@@ -358,7 +421,8 @@ class Engine:
         profile = session.get(Profile, event.profile_id)
         if profile is None:
             return outcomes
-        consents = self._consents(session, profile.id)
+        bulk = self._bulk
+        consents = bulk.consents.get(profile.id, set()) if bulk is not None else self._consents(session, profile.id)
         facts: dict[str, Any] = dict(event.facts)
         facts["profile"] = profile_facts(profile, consents)
         facts["event"] = {"kind": event.kind, "zone": event.zone, "dwell_s": round(event.dwell_s, 1),
@@ -376,7 +440,8 @@ class Engine:
 
         who = profile.external_id or f"#{profile.id}"
         winner: Campaign | None = None
-        sends = _Sends(self, session, event, candidates)
+        sends = (bulk.sends(self, session, event, candidates) if bulk is not None
+                 else _Sends(self, session, event, candidates))
         for c in candidates:  # highest priority first
             self.evaluations += 1
             variant = assign_variant(c.experiment, c.id, profile.id) if c.experiment else None
@@ -399,6 +464,33 @@ class Engine:
                                                          f"segment:{seg}:{event.time:.3f}",
                                                          facts={"segment": {"id": seg}}))
         return outcomes
+
+    def _candidates(self, event: EngineEvent, only: Sequence[Campaign] | None) -> list[Campaign]:
+        if only is not None:
+            return list(only)
+        metrics = event.facts.get("reading", {}).keys() if event.kind == "telemetry" else ()
+        segment = event.facts.get("segment", {}).get("id") if event.kind == "segment_entered" else None
+        return self.campaigns.candidates(event.kind, event.zone, event.dwell_s, metrics, segment)
+
+    def handle_many(self, session: Session, events: Sequence[EngineEvent],
+                    only: Sequence[Campaign] | None = None) -> list[list[Outcome]]:
+        """Many profiles' events at once (a schedule's audience, a broadcast): each judged exactly as by
+        ``handle``, but profiles, consents, dedup keys and the sends cooldowns and caps count are read in a
+        few queries for all of them, and the notifications and decisions are written in one flush at the
+        end instead of one per event. Returns the outcomes per event, in order."""
+        if len(events) < 2 or self._bulk is not None:
+            return [self.handle(session, ev, only) for ev in events]
+        self._bulk = bulk = _Bulk.load(self, session, events, only)
+        try:
+            per_event = [self.handle(session, ev, only) for ev in events]
+            session.flush()  # the notifications: one batched INSERT, their ids assigned in order
+            if bulk.decisions:
+                session.execute(insert(cast(Table, Decision.__table__)), bulk.decisions)
+        finally:
+            self._bulk = None
+        pending = bulk.pending
+        return [[dataclasses.replace(o, notification_id=pending[id(o)].id) if id(o) in pending else o for o in outs]
+                for outs in per_event]
 
     def _condition_text(self, c: Campaign) -> str:
         """The conditions as text, to see which facts they read; made once per campaign, not per event."""
@@ -426,10 +518,13 @@ class Engine:
     def _record(self, session: Session, event: EngineEvent, outcomes: list[Outcome]) -> list[Outcome]:
         """One multi-row INSERT per event: an event leaves a decision per candidate (dozens at visit start)."""
         if outcomes:
-            session.execute(insert(cast(Table, Decision.__table__)), [
-                {"at": event.time, "profile_id": o.profile_id, "campaign_id": o.campaign_id,
-                 "event_kind": event.kind, "event_key": event.key, "fired": o.fired, "reason": o.reason,
-                 "detail": o.detail, "variant": o.variant} for o in outcomes])
+            rows = [{"at": event.time, "profile_id": o.profile_id, "campaign_id": o.campaign_id,
+                     "event_kind": event.kind, "event_key": event.key, "fired": o.fired, "reason": o.reason,
+                     "detail": o.detail, "variant": o.variant} for o in outcomes]
+            if self._bulk is not None:  # written with the batch's others (an INSERT now would flush each send)
+                self._bulk.decisions.extend(rows)
+            else:
+                session.execute(insert(cast(Table, Decision.__table__)), rows)
         for o in outcomes:
             self.counts[o.reason] += 1
             if o.fired:
@@ -572,11 +667,18 @@ class Engine:
         if n.redemption_code:
             n.data = {**data, "redemption_code": n.redemption_code}
         session.add(n)
-        session.flush()  # assigns the monotonic id the stream uses
+        bulk = self._bulk
+        if bulk is None:
+            session.flush()  # assigns the monotonic id the stream uses
         if sends is not None:
             sends.fired(n)
-        return Outcome(c.id, event.profile_id, True, FIRED, detail, n.id, who,
-                       variant.name if variant is not None else None, deliver_at)
+        if bulk is not None and (sends is None or not sends.shared):
+            bulk.fired(n)
+        out = Outcome(c.id, event.profile_id, True, FIRED, detail, n.id, who,
+                      variant.name if variant is not None else None, deliver_at)
+        if bulk is not None:  # its id comes with the batch's flush (handle_many fills it in)
+            bulk.pending[id(out)] = n
+        return out
 
     # ------------------------------------------------------------ schedules
 

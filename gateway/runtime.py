@@ -175,8 +175,11 @@ class Pipeline:
         with self.db.session() as s:
             created += self.rules.tick(s, now)  # device rules' due timers: for_s durations, did-not-recur clears
             created += self.engine.release_due(s, now)
-            for ev, campaign in self.engine.schedule_events(s, now):  # schedule triggers, store time
-                created += self._decide(s, ev, [campaign])
+            audiences: dict[str, tuple[Any, list[EngineEvent]]] = {}  # schedule triggers, store time
+            for ev, campaign in self.engine.schedule_events(s, now):
+                audiences.setdefault(campaign.id, (campaign, []))[1].append(ev)
+            for campaign, evs in audiences.values():  # everyone who consented, judged in bulk
+                created += self._decide_many(s, evs, [campaign])
         if now - self._last_cart_scan >= CART_SCAN_S:
             self._last_cart_scan = now
             created += self.cart_events(now)
@@ -237,6 +240,9 @@ class Pipeline:
                 if first:
                     self._visit_began[pid] = keys[ev.key]
                 return ev if first else None
+            for (p, _), stay in list(self._zone_keys.items()):  # stays this identity never exited
+                if p == pid and stay.pop(ev.key, None) is not None and not stay:
+                    del self._zone_keys[(p, _)]
             if keys.pop(ev.key, None) is None or keys:
                 if not keys:
                     del self._visit_keys[pid]
@@ -328,6 +334,17 @@ class Pipeline:
                 self.on_outcome(o, ev)
             if o.sends_now and o.notification_id is not None:
                 created.append(o.notification_id)
+        return created
+
+    def _decide_many(self, s: Session, events: Sequence[EngineEvent], only: Sequence[Any] | None = None) -> list[int]:
+        """Like ``_decide`` for many profiles' events (Engine.handle_many: read and written in bulk)."""
+        created = []
+        for ev, outcomes in zip(events, self.engine.handle_many(s, events, only), strict=True):
+            for o in outcomes:
+                if self.on_outcome is not None:
+                    self.on_outcome(o, ev)
+                if o.sends_now and o.notification_id is not None:
+                    created.append(o.notification_id)
         return created
 
     # ------------------------------------------------------------ telemetry
