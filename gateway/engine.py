@@ -718,7 +718,11 @@ class Engine:
             self._schedules_done.add(done)
 
     def run_schedules(self, session: Session, now: float) -> list[Outcome]:
-        return [o for ev, c in self.schedule_events(session, now) for o in self.handle(session, ev, [c])]
+        """Each due schedule's whole audience judged in bulk (handle_many)."""
+        audiences: dict[str, tuple[Campaign, list[EngineEvent]]] = {}
+        for ev, c in self.schedule_events(session, now):
+            audiences.setdefault(c.id, (c, []))[1].append(ev)
+        return [o for c, evs in audiences.values() for outs in self.handle_many(session, evs, [c]) for o in outs]
 
     # ------------------------------------------------------------ pending sends
 
