@@ -202,6 +202,8 @@ class Dispatcher:
         results += await self._send_remote([(ch, pid, msg) for ch in self.remote for pid, msg in msgs
                                             if goes_on(msg, ch.name)], t0)
         # Off the event loop: the streams write what was just published while the attempts are recorded.
+        # One turn of the loop first: the woken streams write before the thread competes for the GIL.
+        await asyncio.sleep(0)
         await asyncio.to_thread(self._record, results, now)
 
     async def _send_remote(self, work: Sequence[tuple[Channel, int, Message]], t0: float | None) -> list[Result]:
