@@ -366,8 +366,11 @@ class Pipeline:
             accepted = self.telemetry.write(s, batch, now)
             # -- device rules hook: the rules see `accepted` (stored once, profile-valid, time order) here.
             created += self.rules.on_batch(s, accepted, batch.events)
+            owners: dict[str, Device | None] = {}  # one lookup per device per batch, not per reading
             for r in accepted:
-                d = s.get(Device, r.device_id)  # in the session already: no query
+                if r.device_id not in owners:
+                    owners[r.device_id] = s.get(Device, r.device_id)  # in the session already: no query
+                d = owners[r.device_id]
                 if d is not None and d.profile_id is not None:
                     facts = {"device": {"id": d.id, "kind": d.kind}, "reading": dict(r.metrics)}
                     created += self._decide(s, EngineEvent("telemetry", d.profile_id, r.time,
