@@ -53,7 +53,7 @@ STEP_S = 0.25  # the HMM's transition step, in the identity's own time (adverts 
 EVIDENCE_DT_MAX_S = 1.0  # one advert stands for at most this much of a link's time (loss gaps add none)
 FIRST_LOOK_S = 0.1  # what the first advert of a link stands for
 MISSING_LLR = 3.0  # per look: a zone whose receivers have not heard the identity lately (nats)
-LLR_CLAMP = 8.0  # one look's log-likelihood ratio is clamped to +-this (nats): no single look decides
+LLR_CLAMP = 8.0  # one look's log-likelihood ratios span at most +-this (nats): no single look decides
 NEAREST_M = 0.3  # the closest a carried tag gets to a receiver, for the innermost band's ring
 # The tabulated log-likelihood ratios: filtered RSSI from X_MIN, X_RES steps per dB.
 X_MIN, X_MAX, X_RES = -140.0, 10.0, 4
@@ -212,10 +212,16 @@ class PresenceTracker:
             widest = bands[-1][0]
             out = [ring_log_likelihood(x, widest, widest * max(st.outside_factor, 1.01), ref, n, sigma) for x in grid]
             near = min(NEAREST_M, bands[0][0] / 2)
+            rings = []
             for max_m, _ in bands:
-                ll = [ring_log_likelihood(x, near, max_m, ref, n, sigma) for x in grid]
-                tables.append(tuple(max(-LLR_CLAMP, min(LLR_CLAMP, a - b)) for a, b in zip(ll, out, strict=True)))
+                rings.append([ring_log_likelihood(x, near, max_m, ref, n, sigma) for x in grid])
                 near = max_m
+            # Each state is floored LLR_CLAMP below the likeliest one at that RSSI, then taken against
+            # "outside": bounded looks that still tell two bands of one receiver apart.
+            best = [max(o, *(r[i] for r in rings)) for i, o in enumerate(out)]
+            floor_out = [max(o - b, -LLR_CLAMP) for o, b in zip(out, best, strict=True)]
+            for r in rings:
+                tables.append(tuple(max(v - b, -LLR_CLAMP) - fo for v, b, fo in zip(r, best, floor_out, strict=True)))
         model = _Model(tuple((rssi_at(max_m, ref, n), name) for max_m, name in bands),
                        tuple(self._index[name] for _, name in bands), tuple(tables))
         self._models[(rx.id, ref)] = model

@@ -235,7 +235,7 @@ class Pipeline:
         if ev.kind in ("visit_start", "visit_end"):
             keys = self._visit_keys.setdefault(pid, {})
             if ev.kind == "visit_start":
-                first = not keys
+                first = not keys or list(keys) == [ev.key]  # the same identity again: its new visit
                 keys[ev.key] = ev.visit_since if ev.visit_since is not None else ev.time
                 if first:
                     self._visit_began[pid] = keys[ev.key]
@@ -254,7 +254,7 @@ class Pipeline:
             return dataclasses.replace(ev, visit_since=since, dwell_s=max(0.0, ev.time - since))
         if ev.kind == "enter":
             stay = self._zone_keys.setdefault((pid, ev.zone), {})
-            first = not stay
+            first = not stay or ev.key in stay  # the same identity again: its new stay (it missed an exit)
             stay[ev.key] = ev.zone_since if ev.zone_since is not None else ev.time
             return ev if first else None
         stay = self._zone_keys.get((pid, ev.zone), {})

@@ -3,8 +3,9 @@
 ``python -m tests.crash_gateway --db D --port P --data-dir DIR --beacons N`` enrols one customer
 carrying N beacon tags (once: a restart finds her in the database), prints
 ``READY <profile id> <token>`` and, as soon as her stream has a listener, walks the tags into the
-shop one after another (enter_hold 0, a few adverts each, a few ms apart) at the scanner boundary.
-Each tag's ``enter`` fires the campaign: one notification per tag per run. ``DONE`` follows the last.
+shop one after another (enter_hold 0, fast looks, 20 adverts each, 20 ms apart) at the scanner
+boundary. Each tag has its own zone and its ``enter`` fires the campaign: one notification per tag per
+run. ``DONE`` follows the last.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ CAMPAIGN = """\
 id: crash-enter
 name: One per tag that enters
 purpose: offers
-trigger: {type: enter, zone: shop}
+trigger: {type: enter}
 action: {title: "Welcome tag", body: "You entered the shop."}
 """
-ADVERTS_PER_TAG = 8  # the guard's stable_after (3) and the tracker's enter_samples (2), with room
+ADVERTS_PER_TAG = 20  # the guard's stable_after (3), and 0.4 s: more than one of the HMM tracker's 0.25 s steps
 STEP_S = 0.02  # a tag walks in about every step: the run lasts a few seconds, long enough to be killed
 
 
@@ -38,7 +39,7 @@ def beacon_key(minor: int) -> str:
     return f"ibeacon:{UUID}:1:{minor}"
 
 
-def settings_for(db: str, port: int, data_dir: str) -> Settings:
+def settings_for(db: str, port: int, data_dir: str, beacons: int) -> Settings:
     s = Settings()
     s.data_dir = data_dir
     s.database.url = f"sqlite:///{db}"
@@ -48,8 +49,12 @@ def settings_for(db: str, port: int, data_dir: str) -> Settings:
     s.api.heartbeat_s = 1.0
     s.campaigns.dir = str(Path(data_dir) / "campaigns")
     s.presence.enter_hold_s = 0.0
+    s.presence.fade_time_s = 0.05  # every advert is a strong look: a tag is entered within one step
     s.engine.caps = []  # one notification per tag: no frequency cap in the way
-    s.receivers = [ReceiverSettings(id="rx", zones=[ZoneBand("shop", 50.0)], measured_power=-59)]
+    # One customer carries every tag; presence merges one profile's stays per zone, so each tag walks
+    # into its own zone (a receiver each) and each enter is a stay of its own.
+    s.receivers = [ReceiverSettings(id=f"rx-{i}", zones=[ZoneBand(f"shop-{i}", 50.0)], measured_power=-59)
+                   for i in range(beacons)]
     return s
 
 
@@ -58,7 +63,8 @@ async def main(args: argparse.Namespace) -> None:
     camp.mkdir(parents=True, exist_ok=True)
     (camp / "crash.yaml").write_text(CAMPAIGN)
     scanner = InjectionScanner()
-    rt = Runtime(settings_for(args.db, args.port, args.data_dir), scanner=scanner, on_outcome=None, tick_s=0.2)
+    rt = Runtime(settings_for(args.db, args.port, args.data_dir, args.beacons), scanner=scanner, on_outcome=None,
+                 tick_s=0.2)
     await rt.start()
     found = rt.identities.beacon(beacon_key(0))
     if found is None:
@@ -74,7 +80,7 @@ async def main(args: argparse.Namespace) -> None:
     payloads = [ibeacon_payload(UUID, 1, i) for i in range(args.beacons)]
     for step in range(args.beacons + ADVERTS_PER_TAG):
         now = time.time()
-        scanner.inject(Advertisement(f"02:00:00:00:{i >> 8:02X}:{i & 255:02X}", -55, now, "rx", payloads[i])
+        scanner.inject(Advertisement(f"02:00:00:00:{i >> 8:02X}:{i & 255:02X}", -55, now, f"rx-{i}", payloads[i])
                        for i in range(max(0, step - ADVERTS_PER_TAG + 1), min(step + 1, args.beacons)))
         await asyncio.sleep(STEP_S)
     await rt.flush()

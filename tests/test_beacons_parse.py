@@ -630,6 +630,6 @@ def test_an_eddystone_beacon_heard_at_2_m_lands_in_the_near_zone() -> None:
     t = PresenceTracker(PresenceSettings(enter_hold_s=0.0),
                         [ReceiverSettings("rx", [ZoneBand("near", 3.0)])])  # no measured power: the beacon's
     events = []
-    for i in range(5):
+    for i in range(30):  # 3 s at 10 Hz (the HMM tracker wants a few looks, not five adverts in 0.4 s)
         events += t.observe(Sighting(frame.key, "rx", -67, 1000.0 + i * 0.1, frame.ref_power))
     assert ("enter", "near") in [(e.kind, e.zone) for e in events]

@@ -398,4 +398,5 @@ async def test_passive_scan_with_the_duplicate_filter_keeps_a_lingering_customer
     assert kept == [("enter", "till")]  # entered once, never exited while standing there
     lost, source = await lingering(0.0)  # no staleness check: the one report, then silence
     assert source.stale_restarts == 0
-    assert lost == [("enter", "till"), ("exit", "till")]
+    # not kept present: the one report is too little for the HMM tracker to enter on, or it enters and exits
+    assert lost in ([], [("enter", "till"), ("exit", "till")])
