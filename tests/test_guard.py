@@ -108,8 +108,9 @@ def test_time_comes_from_the_advertisements_not_a_wall_clock():
     assert feed(g, "aa:03", beacon(3), [0.0, 1e8, 1e8 + 1]) == [False, False, True]
 
 
-def test_state_stays_bounded_under_a_million_random_addresses():
-    """A flood of fresh random addresses (half carrying random identities, half one rotating identity)."""
+def test_state_stays_bounded_under_a_flood_of_random_addresses():
+    """200,000 fresh random addresses, a hundred times the cap (half carrying random identities, half one
+    rotating identity)."""
     cap = 2048
     g = Guard(GuardSettings(max_addresses=cap, max_identities=cap, stable_after=2))
     customer = beacon(1, uuid="aaaaaaaa-0000-0000-0000-000000000000")
@@ -127,19 +128,19 @@ def test_state_stays_bounded_under_a_million_random_addresses():
             if k % 10 == 0:
                 admit("cu:st:om:er:00:01", customer, t)
 
-    for start in range(0, 950_000, 50_000):
+    for start in range(0, 150_000, 50_000):
         stream(start, start + 50_000)
         size = g.state_size()
         assert size["addresses"] <= cap and size["identities"] <= cap and size["uuids"] <= cap, size
     tracemalloc.start()  # what the last 50,000 adverts leave behind: at most the capped tables
     try:
-        stream(950_000, 1_000_000)
+        stream(150_000, 200_000)
         retained, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert retained < 2_000_000, f"{retained} bytes retained: state grows with the stream"
-    assert g.figures["evicted"] > 900_000 and g.figures["rotating_identities"] == 1
-    assert g.dropped["transient"] > 400_000, "fresh random identities never prove themselves"
+    assert g.figures["evicted"] > 180_000 and g.figures["rotating_identities"] == 1
+    assert g.dropped["transient"] > 80_000, "fresh random identities never prove themselves"
     assert g.admit("cu:st:om:er:00:01", customer, t + 0.01), "the steady customer was never pushed out"
     assert g.admit(f"{getrandbits(48):012x}", rotating, t + 0.02), "the rotating identity still passes"
 
