@@ -561,3 +561,45 @@ def test_fuzzed_messages_never_crash_and_every_one_is_counted_and_held_for_its_a
             await gateway.stop()
 
     asyncio.run(main())
+
+
+async def test_a_backlog_read_in_large_chunks_arrives_whole_and_acked_messages_never_come_back(
+    mosquitto: MosquittoServer, mqtt_client: ClientFactory
+) -> None:
+    """The intake reads the socket in large chunks (many packets per read, one packet across reads) and
+    acknowledges a batch with one write: every queued message arrives once, the oversized one is refused
+    as such, and after the acks the broker has nothing left for the session."""
+    settings = settings_for(mosquitto)
+    first = MqttIntake(settings)
+    await first.start()
+    assert await first.wait_connected(10)
+    await first.stop()
+
+    publisher = mqtt_client(mosquitto.host, mosquitto.port)
+    n = 1500
+    for i in range(n):
+        if i == 700:  # bigger than one read of the socket, and than the payload limit
+            publisher.publish(topic_of(first, "d1"), b'{"metrics": {"x": 1}, "pad": "' + b"p" * 150_000 + b'"}')
+        publisher.publish(topic_of(first, f"d{i % 7}"), json.dumps({"seq": i, "metrics": {"x": i}}))
+    info = publisher.publish(topic_of(first, "d1"), json.dumps({"seq": n, "metrics": {"x": n}}))
+    await asyncio.to_thread(info.wait_for_publish, 10.0)
+
+    second = MqttIntake(settings)
+    await second.start()
+    try:
+        got = await collect_batch(second, n + 2, timeout=20)
+        assert second.stats()["acked"] == n + 2 and second.stats()["unacked_size"] == 0
+    finally:
+        await second.stop()
+    assert sorted(r.seq for r in got.readings if r.seq is not None) == list(range(n + 1))
+    assert [j.reason for j in got.rejects] == ["too_large"]
+
+    third = MqttIntake(settings)
+    await third.start()
+    try:
+        assert await third.wait_connected(10)
+        publisher.publish(topic_of(third, "d1"), json.dumps({"seq": 10_000, "metrics": {"x": 1}}))
+        [last] = await collect(third, 1)
+        assert last.seq == 10_000  # nothing acknowledged came back
+    finally:
+        await third.stop()
