@@ -20,10 +20,10 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, Table, insert, select, update
 from sqlalchemy.orm import Session
 
 from beacons.guard import Guard, GuardSettings
@@ -56,6 +56,8 @@ from gateway.storage.models import Cart, Device, FootfallCount, Profile, Visit, 
 from gateway.tokens import TokenSigner
 
 log = logging.getLogger("gateway")
+_VISITS = cast(Table, Visit.__table__)
+_STAYS = cast(Table, ZoneStay.__table__)
 decision_log = logging.getLogger("gateway.decisions")
 
 OutcomeHook = Callable[[Outcome, EngineEvent], None]
@@ -115,6 +117,7 @@ class Pipeline:
         self._open_stays: dict[tuple[int, str], int] = {}
         self._last_cart_scan = float("-inf")
         self._open_visits: dict[int, int] = {}
+        self._visit_zones: dict[int, list[str]] = {}  # the open visit's zones, as written to its row
         # One person may carry several identities (a tag and the app): their keys per profile's visit and stay.
         self._visit_keys: dict[int, dict[str, float]] = {}
         self._zone_keys: dict[tuple[int, str | None], dict[str, float]] = {}
@@ -215,16 +218,14 @@ class Pipeline:
                 self._count_anonymous(ev)  # footfall only: counts per day and zone, no identity
         if not known:
             return []
-        created: list[int] = []
+        judged = [EngineEvent(ev.kind, pid, ev.time,
+                              f"visit:{ev.visit_since:.3f}" if ev.kind.startswith("visit")
+                              else f"stay:{ev.zone}:{ev.zone_since:.3f}", ev.zone, ev.dwell_s)
+                  for ev, pid in known]
         with self.db.session() as s:
-            for ev, pid in known:
-                self._record_visit(s, ev, pid)
-                if ev.kind.startswith("visit"):
-                    stay = f"visit:{ev.visit_since:.3f}"
-                else:
-                    stay = f"stay:{ev.zone}:{ev.zone_since:.3f}"
-                created += self._decide(s, EngineEvent(ev.kind, pid, ev.time, stay, ev.zone, ev.dwell_s))
-        return created
+            # The drain's events in bulk (profiles, consents and sends read once); each event's visit or stay
+            # is written just before it is judged, as one-by-one judging would see it.
+            return self._decide_many(s, judged, before=lambda i: self._record_visit(s, *known[i]))
 
     def _per_profile(self, ev: PresenceEvent, pid: int) -> PresenceEvent | None:
         """One visit and one stay per zone per profile, however many identities it is seen by.
@@ -266,36 +267,40 @@ class Pipeline:
         return ev if next(iter(stay), None) == ev.key else None  # dwell: the identity that entered first
 
     def _record_visit(self, s: Session, ev: PresenceEvent, pid: int) -> None:
+        """The profile's visit and zone stays, as Core statements (one per event; no ORM objects to load):
+        the open visit's zones are remembered here, so an enter appends to them without reading the row."""
         if ev.kind == "visit_start":
-            before = s.scalar(select(func.count()).select_from(Visit).where(Visit.profile_id == pid)) or 0
+            before = s.scalar(select(Visit.id).where(Visit.profile_id == pid).limit(1)) is not None
             self.figures["visits_returning" if before else "visits_new"] += 1
-            v = Visit(profile_id=pid, started_at=ev.time, zones=[])
-            s.add(v)
+            vid = s.execute(insert(_VISITS).values(profile_id=pid, started_at=ev.time, zones=[])
+                            .returning(_VISITS.c.id)).scalar_one()
             s.execute(update(Profile).where(Profile.id == pid)
                       .values(points=Profile.points + self.settings.loyalty.points_per_visit))
-            s.flush()
-            self._open_visits[pid] = v.id
+            self._open_visits[pid] = vid
+            self._visit_zones[pid] = []
         elif ev.kind == "enter":
-            vid = self._open_visits.get(pid)
-            current = s.get(Visit, vid) if vid is not None else None
-            if current is not None and ev.zone and (not current.zones or current.zones[-1] != ev.zone):
-                current.zones = [*current.zones, ev.zone]
+            open_vid = self._open_visits.get(pid)
+            zones = self._visit_zones.get(pid) if open_vid is not None else None
+            current = open_vid
+            if zones is not None and ev.zone and (not zones or zones[-1] != ev.zone):
+                zones.append(ev.zone)
+                done = cast(CursorResult[Any], s.execute(update(_VISITS).where(_VISITS.c.id == open_vid)
+                                                         .values(zones=list(zones))))
+                if not done.rowcount:
+                    current = None  # the visit is gone (erased): the stay belongs to no visit
             if ev.zone:
-                stay = ZoneStay(profile_id=pid, visit_id=vid if current is not None else None, zone=ev.zone,
-                                entered_at=ev.time)
-                s.add(stay)
-                s.flush()
-                self._open_stays[(pid, ev.zone)] = stay.id
+                self._open_stays[(pid, ev.zone)] = s.execute(insert(_STAYS).values(
+                    profile_id=pid, visit_id=current, zone=ev.zone, entered_at=ev.time,
+                ).returning(_STAYS.c.id)).scalar_one()
         elif ev.kind == "exit":
             sid = self._open_stays.pop((pid, ev.zone or ""), None)
-            closed = s.get(ZoneStay, sid) if sid is not None else None
-            if closed is not None:
-                closed.exited_at = ev.time
+            if sid is not None:
+                s.execute(update(_STAYS).where(_STAYS.c.id == sid).values(exited_at=ev.time))
         elif ev.kind == "visit_end":
             vid = self._open_visits.pop(pid, None)
-            ended = s.get(Visit, vid) if vid is not None else None
-            if ended is not None:
-                ended.ended_at = ev.time
+            self._visit_zones.pop(pid, None)
+            if vid is not None:
+                s.execute(update(_VISITS).where(_VISITS.c.id == vid).values(ended_at=ev.time))
 
     def _count_anonymous(self, ev: PresenceEvent) -> None:
         day = dt.datetime.fromtimestamp(ev.time, self._tz).date().isoformat()
@@ -336,10 +341,11 @@ class Pipeline:
                 created.append(o.notification_id)
         return created
 
-    def _decide_many(self, s: Session, events: Sequence[EngineEvent], only: Sequence[Any] | None = None) -> list[int]:
+    def _decide_many(self, s: Session, events: Sequence[EngineEvent], only: Sequence[Any] | None = None,
+                     before: Callable[[int], None] | None = None) -> list[int]:
         """Like ``_decide`` for many profiles' events (Engine.handle_many: read and written in bulk)."""
         created = []
-        for ev, outcomes in zip(events, self.engine.handle_many(s, events, only), strict=True):
+        for ev, outcomes in zip(events, self.engine.handle_many(s, events, only, before), strict=True):
             for o in outcomes:
                 if self.on_outcome is not None:
                     self.on_outcome(o, ev)
