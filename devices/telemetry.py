@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import CursorResult, delete, select
+from sqlalchemy import CursorResult, Table, bindparam, delete, inspect, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from devices.payloads import DeviceEvent, DeviceStatus, Reading
 from devices.profiles import ProfileSet, validate
@@ -111,6 +112,12 @@ def _rollup_upsert(dialect: str) -> str:
             f"last_ts = {hi}({t}.last_ts, excluded.last_ts), profile_id = excluded.profile_id")
 
 
+_DEVICES: Table = Device.__table__  # type: ignore[assignment]  # a declarative model's Table
+_UPDATE_DEVICE = update(_DEVICES).where(_DEVICES.c.id == bindparam("k_id")).values(
+    state=bindparam("state"), last_seen=bindparam("last_seen"), online=bindparam("online"),
+    status_at=bindparam("status_at"), store_id=bindparam("store_id"))
+
+
 def _topic_of(batch: TelemetryBatch, item: Any, kind: str) -> str:
     return f"{batch.prefix}/{item.store_id}/devices/{item.device_id}/{kind}"
 
@@ -135,14 +142,19 @@ class TelemetryStore:
 
     # ------------------------------------------------------------ one batch
 
-    def write(self, s: Session, batch: TelemetryBatch, now: float) -> list[Reading]:
-        """Store the batch in ``s``; returns the readings that are new and valid (rules see only those)."""
+    def write(self, s: Session, batch: TelemetryBatch, now: float,
+              devices: dict[str, Device | None] | None = None) -> list[Reading]:
+        """Store the batch in ``s``; returns the readings that are new and valid (rules see only those).
+        ``devices``, if given, is filled with the registry rows the batch named (None: refused), so the
+        rules and the engine in the same transaction need not look them up again."""
         dead: list[dict[str, Any]] = []
         for j in batch.rejects:
             dead.append(self._dead(j.topic, j.reason, j.detail, j.payload, j.received_at, j.device_id, None))
         ids = {r.device_id for r in batch.readings} | {x.device_id for x in batch.statuses} \
             | {e.device_id for e in batch.events}
-        devices = self._load(s, ids)
+        if devices is None:
+            devices = {}
+        devices.update(self._load(s, ids))
         accepted: list[Reading] = []
         for r in sorted(batch.readings, key=lambda x: x.time):
             d = self._admit(s, devices, r.device_id, r.store_id, now)
@@ -237,21 +249,34 @@ class TelemetryStore:
         if not fresh:
             return []
         self._roll_up(s, known, fresh)
-        states: dict[str, dict[str, Any]] = {}
+        # Each device's row changes once per batch: folded here, written with one executemany UPDATE
+        # (the ORM's unit of work costs more than the row). Devices registered in this batch are still
+        # pending in the session and get their values the ORM way, in their INSERT.
+        changed: dict[str, dict[str, Any]] = {}
         for r in fresh:  # sorted by time: the last reading wins
-            d = known[r.device_id]
-            state = states.get(r.device_id)
-            if state is None:  # a copy, assigned back once: a JSON column sees only a new value
-                state = states[r.device_id] = dict(d.state or {})
-            state.update(r.metrics)
-            if d.last_seen is None or r.time >= d.last_seen:
-                d.last_seen = r.time
-            if d.online is not True:
-                d.online, d.status_at = True, r.time
-            if d.store_id != r.store_id:
-                d.store_id = r.store_id
-        for device_id, state in states.items():
-            known[device_id].state = state
+            row = changed.get(r.device_id)
+            if row is None:
+                d = known[r.device_id]
+                row = changed[r.device_id] = {"state": dict(d.state or {}), "last_seen": d.last_seen,
+                                           "online": d.online, "status_at": d.status_at, "store_id": d.store_id}
+            row["state"].update(r.metrics)
+            if row["last_seen"] is None or r.time >= row["last_seen"]:
+                row["last_seen"] = r.time
+            if row["online"] is not True:
+                row["online"], row["status_at"] = True, r.time
+            row["store_id"] = r.store_id
+        updates = []
+        for device_id, row in changed.items():
+            d = known[device_id]
+            if inspect(d).pending:  # its INSERT carries the values
+                for name, value in row.items():
+                    setattr(d, name, value)
+                continue
+            for name, value in row.items():  # the object matches the row after our UPDATE; not dirty
+                set_committed_value(d, name, value)
+            updates.append({"k_id": device_id, **row})
+        if updates:
+            s.connection().execute(_UPDATE_DEVICE, updates)
         return fresh
 
     def _roll_up(self, s: Session, devices: dict[str, Device], fresh: Iterable[Reading]) -> None:

@@ -369,14 +369,13 @@ class Pipeline:
         self.figures["readings"] += len(batch.readings)
         created: list[int] = []
         with self.db.session() as s, s.no_autoflush:
-            accepted = self.telemetry.write(s, batch, now)
+            named: dict[str, Device | None] = {}  # the batch's registry rows, read once for all three stages
+            accepted = self.telemetry.write(s, batch, now, named)
+            devices = {k: d for k, d in named.items() if d is not None}
             # -- device rules hook: the rules see `accepted` (stored once, profile-valid, time order) here.
-            created += self.rules.on_batch(s, accepted, batch.events)
-            owners: dict[str, Device | None] = {}  # one lookup per device per batch, not per reading
+            created += self.rules.on_batch(s, accepted, batch.events, devices)
             for r in accepted:
-                if r.device_id not in owners:
-                    owners[r.device_id] = s.get(Device, r.device_id)  # in the session already: no query
-                d = owners[r.device_id]
+                d = devices.get(r.device_id)
                 if d is not None and d.profile_id is not None:
                     facts = {"device": {"id": d.id, "kind": d.kind}, "reading": dict(r.metrics)}
                     created += self._decide(s, EngineEvent("telemetry", d.profile_id, r.time,

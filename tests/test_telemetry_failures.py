@@ -65,10 +65,10 @@ async def test_a_poison_message_is_dead_lettered_and_the_rest_of_its_batch_store
     store = gateway.pipeline.telemetry
     real_write = store.write
 
-    def write(s: Any, batch: Any, now: float) -> Any:
+    def write(s: Any, batch: Any, now: float, devices: Any = None) -> Any:
         if any("poison" in r.metrics for r in batch.readings):
             raise RuntimeError("a bug this message triggers")
-        return real_write(s, batch, now)
+        return real_write(s, batch, now, devices)
 
     store.write = write  # type: ignore[method-assign]
     client = mqtt_client(mosquitto.host, mosquitto.port)
@@ -91,11 +91,11 @@ async def test_while_the_store_is_down_nothing_is_acknowledged_then_everything_l
     real_write = store.write
     down = {"on": True, "calls": 0}
 
-    def write(s: Any, batch: Any, now: float) -> Any:
+    def write(s: Any, batch: Any, now: float, devices: Any = None) -> Any:
         if down["on"]:
             down["calls"] += 1
             raise ConnectionError("database unreachable")
-        return real_write(s, batch, now)
+        return real_write(s, batch, now, devices)
 
     store.write = write  # type: ignore[method-assign]
     client = mqtt_client(mosquitto.host, mosquitto.port)
