@@ -49,19 +49,39 @@ class StreamHub:
     def __init__(self, queue_size: int = 256) -> None:
         self.queue_size = queue_size
         self._subs: dict[int, set[asyncio.Queue[Message | None]]] = defaultdict(set)
+        self._token_of: dict[asyncio.Queue[Message | None], str] = {}  # which app token opened a stream
         self.dropped_clients = 0
 
-    def subscribe(self, profile_id: int) -> asyncio.Queue[Message | None]:
+    def subscribe(self, profile_id: int, token_id: str | None = None) -> asyncio.Queue[Message | None]:
+        """``token_id`` (the token's jti) lets a logout end only the streams that token opened."""
         q: asyncio.Queue[Message | None] = asyncio.Queue(self.queue_size)
         self._subs[profile_id].add(q)
+        if token_id is not None:
+            self._token_of[q] = token_id
         return q
 
     def unsubscribe(self, profile_id: int, q: asyncio.Queue[Message | None]) -> None:
+        self._token_of.pop(q, None)
         subs = self._subs.get(profile_id)
         if subs is not None:
             subs.discard(q)
             if not subs:
                 del self._subs[profile_id]
+
+    def close_profile(self, profile_id: int, token_id: str | None = None) -> int:
+        """End a profile's open streams (all, or only those one token opened); returns how many.
+
+        A token checked once at connect would otherwise keep a stream alive after the customer is
+        erased or their tokens revoked. A client whose token is still good reconnects and resumes."""
+        closed = 0
+        for q in list(self._subs.get(profile_id, ())):
+            if token_id is not None and self._token_of.get(q) != token_id:
+                continue
+            self.unsubscribe(profile_id, q)
+            q._queue.clear()  # type: ignore[attr-defined]  # make room for the close marker
+            q.put_nowait(None)
+            closed += 1
+        return closed
 
     def listeners(self, profile_id: int) -> int:
         return len(self._subs.get(profile_id, ()))
@@ -92,3 +112,4 @@ class StreamHub:
                 with contextlib.suppress(asyncio.QueueFull):
                     q.put_nowait(None)
         self._subs.clear()
+        self._token_of.clear()

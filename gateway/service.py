@@ -288,7 +288,10 @@ class GatewayService:
     def verify_token(self, token: str) -> Claims:
         claims = self.signer.verify(token, self.clock.now())
         with self.db.session() as s:  # an erased customer's tokens die with the profile
-            if s.get(Profile, claims.profile_id) is None:
+            profile = s.get(Profile, claims.profile_id)
+            # SQLite hands an erased profile's id to the next one enrolled: a token older than the
+            # profile it names was issued to someone else and must not reach the newcomer's data.
+            if profile is None or claims.issued_at < profile.created_at:
                 raise TokenError("token for a profile that no longer exists")
             refused = auth.token_refusal(s, claims)
         if refused:

@@ -36,7 +36,7 @@ async def stream(ctx: Context, claims: Customer,
     if not 0 <= start <= DB_ID_MAX:
         raise HTTPException(400, "Last-Event-ID must be a notification id")
     pid = claims.profile_id
-    queue = ctx.hub.subscribe(pid)  # before the replay query, so nothing falls between the two
+    queue = ctx.hub.subscribe(pid, claims.token_id)  # before the replay query, so nothing falls between the two
     try:
         backlog = await run_in_threadpool(ctx.service.replay, pid, start)
     except BaseException:
@@ -56,6 +56,8 @@ async def stream(ctx: Context, claims: Customer,
                     async with asyncio.timeout(ctx.heartbeat_s):  # no task per message, unlike wait_for
                         msg: dict[str, Any] | None = await queue.get()
                 except TimeoutError:
+                    if claims.expires_at <= ctx.service.clock.now():
+                        return  # the token expired while the stream was open: the app gets a new one
                     yield ": heartbeat\n\n"
                     continue
                 if msg is None:
@@ -88,7 +90,9 @@ def ack(notification_id: Annotated[int, Path(ge=1, le=DB_ID_MAX)], ctx: Context,
 
 
 @router.delete("/token", status_code=204)
-def logout(ctx: Context, claims: Customer) -> Response:
-    """Log out: the token this request carries stops working at once (the customer's other devices keep theirs)."""
-    ctx.service.revoke_token(claims)
+async def logout(ctx: Context, claims: Customer) -> Response:
+    """Log out: the token this request carries stops working at once, and the streams it opened end
+    (the customer's other devices keep theirs)."""
+    await run_in_threadpool(ctx.service.revoke_token, claims)
+    ctx.hub.close_profile(claims.profile_id, claims.token_id)
     return Response(status_code=204)

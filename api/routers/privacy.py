@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Response, status
+from fastapi.concurrency import run_in_threadpool
 
 from api.deps import Context, Privacy
 from api.schemas import DB_ID_MAX
@@ -21,7 +22,9 @@ def export(profile_id: ProfileId, ctx: Context) -> dict[str, Any]:
 
 
 @router.delete("/{profile_id}", status_code=status.HTTP_204_NO_CONTENT)
-def erase(profile_id: ProfileId, ctx: Context) -> Response:
-    """Erase the profile and all its data; its tokens stop working and its beacon becomes anonymous."""
-    ctx.service.erase_profile(profile_id)
+async def erase(profile_id: ProfileId, ctx: Context) -> Response:
+    """Erase the profile and all its data; its tokens stop working, its open streams end and its
+    beacon becomes anonymous."""
+    await run_in_threadpool(ctx.service.erase_profile, profile_id)
+    ctx.hub.close_profile(profile_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

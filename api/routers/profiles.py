@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response, status
+from fastapi.concurrency import run_in_threadpool
 
 from api.deps import Admin, Context
 from api.schemas import (
@@ -63,10 +64,13 @@ def update_profile(profile_id: ProfileId, body: ProfileUpdateIn, ctx: Context) -
 
 
 @router.post("/{profile_id}/link", response_model=ProfileOut)
-def link_profiles(profile_id: ProfileId, body: LinkIn, ctx: Context) -> dict[str, object]:
+async def link_profiles(profile_id: ProfileId, body: LinkIn, ctx: Context) -> dict[str, object]:
     """Link two profiles explicitly (a sighting never does): the other one's identifiers, consents it
-    lacks here, history, carts and devices move to this profile, and the other profile is deleted."""
-    return ctx.service.link_profiles(profile_id, body.profile_id)
+    lacks here, history, carts and devices move to this profile, and the other profile is deleted
+    (its app tokens stop working and its open streams end)."""
+    view: dict[str, object] = await run_in_threadpool(ctx.service.link_profiles, profile_id, body.profile_id)
+    ctx.hub.close_profile(body.profile_id)
+    return view
 
 
 @router.put("/{profile_id}/consents", response_model=ProfileOut)
@@ -83,7 +87,9 @@ def issue_token(profile_id: ProfileId, ctx: Context) -> TokenOut:
 
 
 @router.delete("/{profile_id}/tokens", status_code=status.HTTP_204_NO_CONTENT)
-def revoke_tokens(profile_id: ProfileId, ctx: Context) -> Response:
-    """Revoke every app token issued so far for this customer (a lost phone); tokens issued later work."""
-    ctx.service.revoke_tokens(profile_id)
+async def revoke_tokens(profile_id: ProfileId, ctx: Context) -> Response:
+    """Revoke every app token issued so far for this customer (a lost phone); tokens issued later work.
+    The customer's open streams end at once (a device with a new token reconnects and resumes)."""
+    await run_in_threadpool(ctx.service.revoke_tokens, profile_id)
+    ctx.hub.close_profile(profile_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

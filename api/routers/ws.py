@@ -25,7 +25,7 @@ router = APIRouter(prefix="/me", tags=["customer"])
 
 WS_UNAUTHORIZED = 4401  # the 4xxx range is the application's; 4401 mirrors HTTP 401
 WS_BAD_REQUEST = 4400
-WS_TRY_AGAIN = 1013  # the client fell behind and was cut off: reconnect with after=<last id>
+WS_TRY_AGAIN = 1013  # cut off (fell behind, or erased / token revoked or expired): reconnect with after=<last id>
 WS_RATE_LIMITED = 4429  # mirrors HTTP 429: too many connections or requests with this token
 AUTH_TIMEOUT_S = 10.0
 
@@ -63,7 +63,7 @@ async def _ws_auth(ws: WebSocket, ctx: ApiContext, token: str | None, after: int
 
 
 async def _ws_push(ws_send: Send, queue: asyncio.Queue[dict[str, Any] | None], backlog: list[dict[str, Any]],
-                   heartbeat_s: float) -> None:
+                   heartbeat_s: float, expired: Callable[[], bool] = lambda: False) -> None:
     """Replay, then live; a message both replayed and published (committed meanwhile) is sent once.
 
     Live messages are filtered by the replayed ids, not by "greater than the last id": a scheduled
@@ -77,9 +77,11 @@ async def _ws_push(ws_send: Send, queue: asyncio.Queue[dict[str, Any] | None], b
             async with asyncio.timeout(heartbeat_s):
                 msg = await queue.get()
         except TimeoutError:
+            if expired():  # the token expired while the socket was open
+                return
             await ws_send({"type": "ping"})
             continue
-        if msg is None:  # too slow: the hub dropped us
+        if msg is None:  # too slow, or the customer was erased or their token revoked: the hub ended us
             return
         if msg["id"] not in replayed:
             await ws_send({"type": "notification", "id": msg["id"], "notification": msg})
@@ -118,7 +120,8 @@ async def ws_stream(ws: WebSocket, access_token: str | None = None, after: int =
     new ones are pushed as ``{"type": "notification", "id": N, "notification": {...}}``; an idle
     socket gets ``{"type": "ping"}`` every heartbeat. The client sends ``{"ack": N}`` and gets
     ``{"type": "acked", "id": N}``. A client too slow to keep up is closed with 1013 and resumes
-    with ``after`` = the last id it saw.
+    with ``after`` = the last id it saw; so is one whose token expired or was revoked, or whose
+    profile was erased (its reconnect is then refused with 4401).
     """
     ctx: ApiContext = ws.app.state.context
     await ws.accept()
@@ -132,7 +135,7 @@ async def ws_stream(ws: WebSocket, access_token: str | None = None, after: int =
         await ws.close(WS_RATE_LIMITED, f"rate limit exceeded; retry in {retry_after(wait)} s")
         return
     pid = claims.profile_id
-    queue = ctx.hub.subscribe(pid)  # before the replay query, so nothing falls between the two
+    queue = ctx.hub.subscribe(pid, claims.token_id)  # before the replay query, so nothing falls between the two
     lock = asyncio.Lock()
 
     async def send(obj: dict[str, Any]) -> None:
@@ -142,11 +145,12 @@ async def ws_stream(ws: WebSocket, access_token: str | None = None, after: int =
     tasks: set[asyncio.Task[None]] = set()
     try:
         backlog = await run_in_threadpool(ctx.service.replay, pid, start)
-        pusher = asyncio.create_task(_ws_push(send, queue, backlog, ctx.heartbeat_s))
+        pusher = asyncio.create_task(_ws_push(send, queue, backlog, ctx.heartbeat_s,
+                                              lambda: claims.expires_at <= ctx.service.clock.now()))
         tasks = {pusher, asyncio.create_task(_ws_acks(ws, send, ctx, pid))}
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if pusher in done and pusher.exception() is None:
-            await ws.close(WS_TRY_AGAIN, "too slow: reconnect with after=<last id>")
+            await ws.close(WS_TRY_AGAIN, "stream ended: reconnect with after=<last id>")
     except WebSocketDisconnect:
         pass
     finally:
