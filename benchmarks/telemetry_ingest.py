@@ -20,7 +20,9 @@ batch committed and acknowledged. The publisher never shares the CPU with a meas
 
     .venv/bin/python benchmarks/telemetry_ingest.py [--quick] [--messages N] [--devices D] [--db URL]
 
-The last line printed is one JSON object: msgs_per_s, anchor_msgs_per_s, ratio, ratio_2_workers, lost, ...
+The last line printed is one JSON object: msgs_per_s, anchor_msgs_per_s, ratio, ratio_2_workers, lost, ...,
+and ``cpu_us_per_msg``: CPU microseconds per message of each consumer process (both of its threads; summed
+over the two workers) and of the broker while it served that consumer, from the CONNACK to the last message.
 """
 
 from __future__ import annotations
@@ -72,6 +74,14 @@ class Broker:
             except OSError:
                 time.sleep(0.02)
         raise RuntimeError("mosquitto did not start")
+
+    def cpu_s(self) -> float:
+        """The broker's CPU time so far (user + system), from /proc; 0 where there is none."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -128,13 +138,15 @@ def role_anchor(args: argparse.Namespace) -> None:
     c = _paho(args.client_id, args.port, on_message)
     c.loop_start()
     c.ready.wait(10)
+    cpu0 = time.process_time()
     while True:
         time.sleep(0.05)
         if state["n"] >= args.expect or (state["n"] and time.time() - state["last"] > IDLE_S):
             break
+    cpu = time.process_time() - cpu0
     c.disconnect()
     c.loop_stop()
-    print(json.dumps({"connected_at": c.connected_at, "last_at": state["last"], "count": state["n"]}))
+    print(json.dumps({"connected_at": c.connected_at, "last_at": state["last"], "count": state["n"], "cpu_s": cpu}))
 
 
 def role_worker(args: argparse.Namespace) -> None:
@@ -166,18 +178,20 @@ def role_worker(args: argparse.Namespace) -> None:
             return n
 
         intake.ack = ack  # type: ignore[method-assign]
-        await rt.start()
+        await rt.start()  # migrated, rules loaded; the connection is being made (the backlog flows at CONNACK)
+        cpu0 = time.process_time()  # both threads: paho's (reads, parsing) and the loop's (storage, rules)
         await intake.wait_connected(30)
         while True:
             await asyncio.sleep(0.05)
             if times["acks"] >= args.expect or (times["acks"] and time.time() - times["last"] > IDLE_S):
                 break
+        cpu = time.process_time() - cpu0
         connected_at = intake.last_connack_at  # the queued backlog flows from the CONNACK on, as for the anchor
         await rt.stop()
         t = rt.pipeline.telemetry.stats()
         return {"connected_wall": times.get("connected_wall"), "last_at": times["last"], "acked": times["acks"],
                 "ack_calls": times["calls"], "accepted": t["accepted"], "duplicates": t["duplicates"],
-                "dead_lettered": t["dead_lettered_total"], "connected_monotonic": connected_at}
+                "dead_lettered": t["dead_lettered_total"], "connected_monotonic": connected_at, "cpu_s": cpu}
 
     started = time.time()
     monotonic0 = time.monotonic()
@@ -309,13 +323,16 @@ def main() -> None:
     n = args.messages
     work = Path(tempfile.mkdtemp(prefix="telemetry-bench-"))
     broker = Broker(work, args.window)
+    cpu: dict[str, float] = {}  # CPU seconds per message: each consumer process, and the broker meanwhile
     try:
         # 1. the anchor
         prefix = "bench-anchor"
         make_session("anchor", broker.port, f"{prefix}/+/devices/+/telemetry")
         published = backlog(broker.port, prefix, n, args.devices)
+        b0 = broker.cpu_s()
         a = result_of(spawn("--role", "anchor", "--port", str(broker.port), "--client-id", "anchor",
                             "--expect", str(published)), 600)
+        cpu["anchor"], cpu["anchor_broker"] = a["cpu_s"] / a["count"], (broker.cpu_s() - b0) / a["count"]
         anchor_rate = a["count"] / (a["last_at"] - a["connected_at"])
         print(f"anchor: {a['count']} messages in {a['last_at'] - a['connected_at']:.2f} s", file=sys.stderr)
 
@@ -326,11 +343,13 @@ def main() -> None:
         for kind in ("telemetry", "status", "events"):
             make_session("gw-one", broker.port, f"{prefix}/+/devices/+/{kind}")
         published = backlog(broker.port, prefix, n, args.devices)
+        b0 = broker.cpu_s()
         w = result_of(spawn("--role", "worker", "--port", str(broker.port), "--client-id", "gw-one",
                             "--prefix", prefix, "--db", url, "--data-dir", str(work), "--expect", str(published),
                             "--window", str(args.window)),
                       1200)
         ours_rate = w["acked"] / (w["last_at"] - w["connected_at"])
+        cpu["one_worker"], cpu["one_worker_broker"] = w["cpu_s"] / w["acked"], (broker.cpu_s() - b0) / w["acked"]
         lost = published - stored(url)
         print(f"one worker: {w}", file=sys.stderr)
 
@@ -342,12 +361,16 @@ def main() -> None:
             for kind in ("telemetry", "status", "events"):
                 make_session(cid, broker.port, f"$share/bench/{prefix}/+/devices/+/{kind}")
         published2 = backlog(broker.port, prefix, n, args.devices)
+        b0 = broker.cpu_s()
         procs = [spawn("--role", "worker", "--port", str(broker.port), "--client-id", cid, "--prefix", prefix,
                        "--db", url2, "--data-dir", str(work), "--share-group", "bench",
                        "--expect", str(published2), "--window", str(args.window)) for cid in ("gw-w1", "gw-w2")]
         results = [result_of(p, 1200) for p in procs]
         span = max(r["last_at"] for r in results) - min(r["connected_at"] for r in results)
         two_rate = sum(r["acked"] for r in results) / span
+        acked2 = sum(r["acked"] for r in results)
+        cpu["two_workers"] = sum(r["cpu_s"] for r in results) / acked2
+        cpu["two_workers_broker"] = (broker.cpu_s() - b0) / acked2
         lost2 = published2 - stored(url2)
         print(f"two workers: {results}", file=sys.stderr)
     finally:
@@ -362,7 +385,8 @@ def main() -> None:
         "messages": n, "devices": args.devices, "db": "postgresql" if args.db and not args.db.startswith("sqlite")
         else "sqlite", "duplicates": w["duplicates"], "dead_lettered": w["dead_lettered"],
         "mean_batch": round(w["acked"] / max(1, w["ack_calls"]), 1),
-        "worker_split": [r["acked"] for r in results]}))
+        "worker_split": [r["acked"] for r in results],
+        "cpu_us_per_msg": {k: round(v * 1e6, 1) for k, v in cpu.items()}}))
 
 
 if __name__ == "__main__":
