@@ -13,7 +13,7 @@ demo: $(VENV)/.installed
 	$(BIN)/gateway demo $(ARGS)
 
 test: $(VENV)/.installed-dev ensure-mosquitto
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n auto --dist worksteal $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
