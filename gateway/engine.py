@@ -44,6 +44,9 @@ from gateway.storage.models import (
     ZoneStay,
 )
 
+# The profile row alone: its identifiers and consents (selectin relationships) are not read by the engine.
+_PROFILE_ONLY = (lazyload(Profile.identifiers), lazyload(Profile.consents))
+
 FIRED = "fired"
 NO_CONSENT = "no_consent"
 CONDITION_FALSE = "condition_false"
@@ -59,6 +62,7 @@ EXPIRED = "expired"
 CANCELLED = "cancelled"
 
 SCHEDULED = "scheduled"
+RELEASE_RESCAN_S = 5.0  # at least this often (clock time) the outbox is asked for due scheduled sends
 NOT_SENT = (CANCELLED, EXPIRED)  # statuses that never reached (and never will reach) the customer: not counted
 # Events after which a profile's live segments are evaluated again (a dwell tick changes nothing).
 REFRESH_SEGMENTS_ON = frozenset({"visit_start", "visit_end", "purchase", "cart_abandoned", "profile_updated"})
@@ -314,7 +318,10 @@ class _Bulk:
         b.profiles = set(pids)
         reach = max((cap.window_s for cap in engine.caps), default=0.0)
         for ev in events:
+            judged = engine._judged.get(ev.profile_id, ())
             for c in engine._candidates(ev, only):
+                if (c.id, ev.key) in judged:  # handle skips it (a dwell tick judges few): no key to read
+                    continue
                 b.wanted.add(Engine.dedup_key(c, ev))
                 reach = max(reach, c.cooldown_s)
         lo = min(ev.time for ev in events) - reach
@@ -363,6 +370,7 @@ class Engine:
                  tiers: Sequence[tuple[str, int]] = (), channels: Sequence[str] = CHANNELS) -> None:
         self.campaigns = campaigns
         self.segments = tuple(segments)
+        self._segments_text = " ".join(str(seg.conditions) for seg in self.segments)  # the facts they read
         self.tiers = tuple(tiers)
         self.abandon_after_s = abandon_after_s
         self.timezone = timezone
@@ -380,6 +388,10 @@ class Engine:
         self._schedules_done: set[str] = set()
         self._conditions_text: dict[str, tuple[Any, str]] = {}
         self._bulk: _Bulk | None = None  # set while handle_many runs
+        # Scheduled sends: none is due before _release_from (sends this engine schedules lower it; a rollback
+        # leaves it too early, which costs one query). Others' (another worker's) are seen at the rescan.
+        self._release_from = -math.inf
+        self._release_scan = -math.inf
         self.set_campaigns(campaigns)
 
     def clone(self) -> Engine:
@@ -432,7 +444,8 @@ class Engine:
         refresh = bool(self.segments) and event.kind in REFRESH_SEGMENTS_ON
         if not candidates and not refresh:
             return self._record(session, event, outcomes)
-        profile = session.get(Profile, event.profile_id)
+        # Identifiers and consents are selectin relationships the engine never reads: not loaded here.
+        profile = session.get(Profile, event.profile_id, options=_PROFILE_ONLY)
         if profile is None:
             return outcomes
         bulk = self._bulk
@@ -442,8 +455,12 @@ class Engine:
         facts["event"] = {"kind": event.kind, "zone": event.zone, "dwell_s": round(event.dwell_s, 1),
                           "time": event.time}
         wanted = " ".join(self._condition_text(c) for c in candidates)
-        if refresh or any(c.purpose == "cart_reminders" for c in candidates) or "cart." in wanted:
+        cart_now = any(c.purpose == "cart_reminders" for c in candidates) or "cart." in wanted or (
+            refresh and "cart." in self._segments_text)
+        if cart_now:
             facts["cart"] = cart_facts(session, profile.id, event.time, self.abandon_after_s)
+        # A refresh reads the cart for a send's data and templates only: read when one fires (same answer).
+        cart_later = refresh and not cart_now
         facts["loyalty"] = {"points": profile.points or 0, "tier": tier_for(profile.points or 0, self.tiers)}
         entered: list[str] = []
         if refresh or "behaviour." in wanted or "segments" in wanted:
@@ -469,6 +486,8 @@ class Engine:
                 outcomes.append(Outcome(c.id, profile.id, False, reason, detail, None, who, arm))
                 continue
             winner = c
+            if cart_later and "cart" not in facts:
+                facts["cart"] = cart_facts(session, profile.id, event.time, self.abandon_after_s)
             outcomes.append(self._fire(session, c, event, facts, who, variant, send_at, channels, detail, sends))
         if event.kind != "schedule":  # a schedule's key is per day: its dedup key is guard enough
             judged.update((o.campaign_id, event.key) for o in outcomes)
@@ -690,6 +709,8 @@ class Engine:
         if n.redemption_code:
             n.data = {**data, "redemption_code": n.redemption_code}
         session.add(n)
+        if deliver_at is not None:
+            self._release_from = min(self._release_from, deliver_at)
         bulk = self._bulk
         if bulk is None:
             session.flush()  # assigns the monotonic id the stream uses
@@ -762,7 +783,18 @@ class Engine:
         return out
 
     def release_due(self, session: Session, now: float) -> list[int]:
-        """Scheduled sends whose time has come: expired ones are dropped, consent is checked again."""
+        """Scheduled sends whose time has come: expired ones are dropped, consent is checked again.
+
+        The outbox is asked only when a send this engine scheduled may be due, or every RELEASE_RESCAN_S
+        (sends scheduled by another process), not on every tick."""
+        if now < self._release_from and now < self._release_scan + RELEASE_RESCAN_S:
+            return []
+        self._release_scan = now
+        first = session.scalar(select(func.min(Notification.deliver_at)).where(Notification.status == SCHEDULED))
+        if first is None or first > now:
+            self._release_from = math.inf if first is None else first
+            return []
+        self._release_from = -math.inf  # asked again at the next tick, after these are released
         due = list(session.scalars(select(Notification).where(
             Notification.status == SCHEDULED, Notification.deliver_at <= now).order_by(Notification.id)))
         released: list[int] = []

@@ -24,6 +24,7 @@ from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import CursorResult, Table, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from beacons.guard import Guard, GuardSettings
@@ -58,6 +59,17 @@ from gateway.tokens import TokenSigner
 log = logging.getLogger("gateway")
 _VISITS = cast(Table, Visit.__table__)
 _STAYS = cast(Table, ZoneStay.__table__)
+_FOOTFALL = cast(Table, FootfallCount.__table__)
+
+
+def _upsert(session: Session, table: Table) -> Any:
+    """An INSERT that can say ON CONFLICT, for the session's dialect (SQLite and PostgreSQL spell it alike)."""
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"storage supports SQLite and PostgreSQL, not {name}")
 decision_log = logging.getLogger("gateway.decisions")
 
 OutcomeHook = Callable[[Outcome, EngineEvent], None]
@@ -194,16 +206,20 @@ class Pipeline:
         """Raise each cart's lifecycle events once: abandoned (idle past the limit) and purchase."""
         created: list[int] = []
         cutoff = now - self.settings.carts.abandon_after_s
-        with self.db.session() as s:
+        with self.db.session() as s:  # each kind judged in bulk (a cart's facts never read another's marks)
+            events = []
             for cart in s.scalars(select(Cart).where(Cart.status == "open", Cart.abandoned_at.is_(None),
                                                      Cart.updated_at <= cutoff).limit(500)):
                 cart.abandoned_at = now
-                created += self._decide(s, EngineEvent("cart_abandoned", cart.profile_id, now,
-                                                       f"cart:{cart.id}:{cart.updated_at:.3f}"))
+                events.append(EngineEvent("cart_abandoned", cart.profile_id, now,
+                                          f"cart:{cart.id}:{cart.updated_at:.3f}"))
+            created += self._decide_many(s, events)
+            events = []
             for cart in s.scalars(select(Cart).where(Cart.checked_out_at.is_not(None),
                                                      Cart.purchase_handled_at.is_(None)).limit(500)):
                 cart.purchase_handled_at = now
-                created += self._decide(s, EngineEvent("purchase", cart.profile_id, now, f"purchase:{cart.id}"))
+                events.append(EngineEvent("purchase", cart.profile_id, now, f"purchase:{cart.id}"))
+            created += self._decide_many(s, events)
         return created
 
     def handle_presence(self, events: Sequence[PresenceEvent]) -> list[int]:
@@ -317,14 +333,13 @@ class Pipeline:
         if not self._anonymous:
             return
         pending, self._anonymous = self._anonymous, defaultdict(lambda: [0, 0.0])
-        with self.db.session() as s:
-            for (day, zone), (visits, dwell) in pending.items():
-                row = s.get(FootfallCount, (day, zone))
-                if row is None:
-                    s.add(FootfallCount(day=day, zone=zone, anonymous_visits=int(visits), anonymous_dwell_s=dwell))
-                else:
-                    row.anonymous_visits += int(visits)
-                    row.anonymous_dwell_s += dwell
+        rows = [{"day": day, "zone": zone, "anonymous_visits": int(visits), "anonymous_dwell_s": dwell}
+                for (day, zone), (visits, dwell) in pending.items()]
+        with self.db.session() as s:  # one upsert statement: the counts are added to the day's row
+            stmt = _upsert(s, _FOOTFALL)
+            s.execute(stmt.on_conflict_do_update(index_elements=["day", "zone"], set_={
+                "anonymous_visits": _FOOTFALL.c.anonymous_visits + stmt.excluded.anonymous_visits,
+                "anonymous_dwell_s": _FOOTFALL.c.anonymous_dwell_s + stmt.excluded.anonymous_dwell_s}), rows)
 
     def profile_changed(self, profile_id: int, now: float) -> list[int]:
         """Attributes or consents changed: live segments are evaluated again (segment_entered may fire)."""
