@@ -33,18 +33,26 @@ class IdentifierIn(BaseModel):
     value: str = Field(min_length=1, max_length=256)
 
 
+ConsentSource = Annotated[str, Field(
+    min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$",
+    description="Where the consent was given (recorded with each purpose's state and time), "
+                "e.g. app:onboarding, kiosk:store-001, crm")]
+
+
 class ProfileIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "external_id": "alice", "name": "Alice Martin", "attributes": {"tier": "gold"},
         "identifiers": [{"kind": "beacon", "value": "ibeacon:8f3c0a52-6d1e-4b7a-9c2d-5e4f3a2b1c00:100:1"},
                         {"kind": "email_sha256", "value": "alice@example.com"}],
-        "consents": {"offers": True, "cart_reminders": True, "maintenance": False}}]})
+        "consents": {"offers": True, "cart_reminders": True, "maintenance": False},
+        "consent_source": "app:onboarding"}]})
 
     external_id: str | None = Field(default=None, max_length=128)
     name: str | None = Field(default=None, max_length=200)
     attributes: dict[str, Any] = Field(default_factory=dict)
     identifiers: list[IdentifierIn] = Field(default_factory=list, max_length=50)
     consents: dict[Purpose, bool] = Field(default_factory=dict)
+    consent_source: ConsentSource = "api"
 
     _attributes_finite = field_validator("attributes")(_finite)
 
@@ -72,8 +80,9 @@ class ProfileOut(BaseModel):
 
 class ConsentsIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "consents": {"offers": True, "cart_reminders": False}}]})
+        "consents": {"offers": True, "cart_reminders": False}, "source": "app:settings"}]})
     consents: dict[Purpose, bool]
+    source: ConsentSource = "api"
 
 
 class ProfileUpdateIn(BaseModel):

@@ -177,10 +177,10 @@ async def test_a_concurrent_duplicate_waits_with_409_and_then_gets_the_first_ans
     entered, release = threading.Event(), threading.Event()
     create = a.service.create_profile
 
-    def slow_create(new: Any) -> dict[str, Any]:
+    def slow_create(new: Any, **kwargs: Any) -> dict[str, Any]:
         entered.set()
         release.wait(timeout=10)  # held until the duplicate has been answered: no timing involved
-        return create(new)
+        return create(new, **kwargs)
 
     a.service.create_profile = slow_create  # type: ignore[method-assign]
     port = free_port()

@@ -33,7 +33,7 @@ def create_profile(body: ProfileIn, ctx: Context) -> dict[str, object]:
     return ctx.service.create_profile(NewProfile(
         external_id=body.external_id, name=body.name, attributes=body.attributes,
         identifiers=[(i.kind, i.value) for i in body.identifiers],
-        consents={str(k): v for k, v in body.consents.items()}))
+        consents={str(k): v for k, v in body.consents.items()}), source=body.consent_source)
 
 
 @router.get("", response_model=ProfilePage)
@@ -75,8 +75,9 @@ async def link_profiles(profile_id: ProfileId, body: LinkIn, ctx: Context) -> di
 
 @router.put("/{profile_id}/consents", response_model=ProfileOut)
 def set_consents(profile_id: ProfileId, body: ConsentsIn, ctx: Context) -> dict[str, object]:
-    """Grant or withdraw consent per purpose; withdrawal takes effect for the next decision."""
-    return ctx.service.set_consents(profile_id, {str(k): v for k, v in body.consents.items()})
+    """Grant or withdraw consent per purpose, with where it was given; withdrawal takes effect for the
+    next decision."""
+    return ctx.service.set_consents(profile_id, {str(k): v for k, v in body.consents.items()}, source=body.source)
 
 
 @router.post("/{profile_id}/tokens", response_model=TokenOut, status_code=status.HTTP_201_CREATED)
