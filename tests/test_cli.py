@@ -31,8 +31,11 @@ def test_decode_prints_one_json_object_per_beacon():
 
 @pytest.mark.parametrize("arg, words", [
     ("not-hex", "malformed hex"),
+    ("020", "odd number of digits"),
+    ("-0201", "malformed hex"),  # looks like an option: still the decoder's one line, not argparse's usage
     ("0201061aff4c000215426c75", "truncated"),
     ("020106", "no beacon"),
+    ("07ff4c0002150102", "no beacon found in 1 AD structures (rejected: ibeacon_length)"),  # a cut iBeacon
 ])
 def test_decode_rejects_bad_input_with_one_line_and_exit_2(arg, words):
     r = gateway("decode", arg)
@@ -49,6 +52,16 @@ def test_simulate_prints_a_summary_table():
     for row in ("visits (footfall)", "enrolled, first visit (new)", "enrolled, returning", "anonymous",
                 "notifications: shoes-dwell-offer", "suppressed: no_consent"):
         assert row in out, out
+
+
+def test_simulate_shows_a_progress_bar_that_ends_at_100_percent():
+    r = gateway("simulate", "--duration", "2m")
+    assert r.returncode == 0, r.stderr
+    frames = [f for f in r.stderr.splitlines() if f.strip()]  # text mode reads the bar's \r as a line end
+    assert frames and all(f.startswith("[") for f in frames), r.stderr[:300]
+    percents = [int(f.split("]")[1].strip().rstrip("%")) for f in frames]
+    assert percents == sorted(percents) and percents[-1] == 100 and frames[-1] == "[" + "#" * 40 + "] 100%"
+    assert "visits (footfall)" in r.stdout  # the table follows on stdout
 
 
 def test_simulate_rejects_a_bad_duration():
