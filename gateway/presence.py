@@ -125,6 +125,7 @@ class _Link:
     var: float  # its variance (Kalman)
     last: float  # newest sample time
     model: _Model
+    quiet: float = 0.0  # the track's ``quiet`` at that sample: silence on every receiver is not this link's
 
 
 @dataclass(slots=True)
@@ -134,6 +135,8 @@ class _Track:
     stepped: float  # time of the last step
     links: dict[str, _Link] = field(default_factory=dict)
     last_seen: float = 0.0
+    quiet: float = 0.0  # total time heard by no receiver at all (gaps beyond EVIDENCE_DT_MAX_S), cumulative
+    quiet_stepped: float = 0.0  # ``quiet`` at the last step
     zone: str | None = None
     state: int = -1  # the confirmed state: a zone index, or the "no zone" index
     zone_since: float = 0.0
@@ -281,6 +284,8 @@ class PresenceTracker:
         elif t < tr.last_seen - REORDER_S:
             self.dropped["clock_backwards"] += 1
             return []
+        elif t - tr.last_seen > EVIDENCE_DT_MAX_S:  # nobody heard it meanwhile (a loss burst, a pocket)
+            tr.quiet += t - tr.last_seen - EVIDENCE_DT_MAX_S
         tx = s.tx_power
         if tx is not None and tx != tr.tx_power and isinstance(tx, int) and -127 < tx < 0:
             tr.tx_power = tx
@@ -291,14 +296,15 @@ class PresenceTracker:
                         lk.model = self._model(r, float(tx))
         link = tr.links.get(rx.id)
         if link is None or t - link.last > self._exit_after:
-            link = tr.links[rx.id] = _Link(float(rssi), self._r, t, self._model(rx, self._ref(rx, tr.tx_power)))
+            link = tr.links[rx.id] = _Link(float(rssi), self._r, t, self._model(rx, self._ref(rx, tr.tx_power)),
+                                           tr.quiet)
             look = FIRST_LOOK_S
         else:
             dt = t - link.last
             if dt < 0.0:
                 dt = 0.0  # out of order: used by the filter as simultaneous, adds no time
             else:
-                link.last = t
+                link.last, link.quiet = t, tr.quiet
             innov = rssi - link.rssi
             before = link.rssi
             if self._kalman:
@@ -346,11 +352,15 @@ class PresenceTracker:
             direct = st.direct_share  # of the stays that end, this share goes straight to another zone
             total = 1.0 - p[n]
             per_zone = arrive * p[n] / n
-            live = now - self._exit_after / 2
+            # A receiver that does not hear the identity while others do says it is not near it; a silence
+            # on every receiver (a loss burst) says nothing of the kind, so that time counts for no link.
+            heard = dt - (tr.quiet - tr.quiet_stepped)
+            tr.quiet_stepped = tr.quiet
+            live = now - tr.quiet - self._exit_after / 2
             links = tr.links
-            miss = MISSING_LLR * dt * self._look
+            miss = MISSING_LLR * (heard if heard > 0.0 else 0.0) * self._look
             for i, rxs in enumerate(self._zone_rx):
-                if not any((lk := links.get(r)) is not None and lk.last >= live for r in rxs):
+                if not any((lk := links.get(r)) is not None and lk.last - lk.quiet >= live for r in rxs):
                     llr[i] -= miss
             top = max(llr)
             pred = [0.0] * (n + 1)

@@ -159,6 +159,21 @@ def test_after_a_loss_burst_the_filter_catches_up_quickly():
     assert enter.zone == "a-far" and enter.time - (T0 + 14) <= 8.0
 
 
+def test_a_loss_burst_on_every_receiver_is_not_evidence_against_the_zone():
+    # Standing next to rx-b, faintly heard by rx-a; 9 s of total silence (loss bursts, a pocket), shorter
+    # than exit_after_s. The first advert after it happens to come from rx-a: that is no reason to leave b.
+    # (Before the fix, the whole silence counted against b as "rx-b does not hear it" at that advert.)
+    rx = [ReceiverSettings("rx-a", [ZoneBand("a", 4.0)], measured_power=-59),
+          ReceiverSettings("rx-b", [ZoneBand("b", 4.0)], measured_power=-59)]
+    t = PresenceTracker(PresenceSettings(dwell_every_s=1000), rx)
+    events = []
+    for start in (T0, T0 + 19.0):  # 10 s heard, 9 s heard by nobody, 10 s heard again
+        for i in range(100):
+            events += see(t, start + i / 10, -84, "rx-a")  # ~18 m: outside a's band
+            events += see(t, start + i / 10 + 0.05, -63, "rx-b")  # ~1.6 m: in b
+    assert kinds(events) == [("visit_start", "b"), ("enter", "b")]
+
+
 def test_ownership_does_not_flap_between_similar_receivers():
     rx = [ReceiverSettings("rx-a", [ZoneBand("a", 4.0)], measured_power=-59),
           ReceiverSettings("rx-b", [ZoneBand("b", 4.0)], measured_power=-59)]
