@@ -158,7 +158,7 @@ def evaluate(cond: Mapping[str, Any] | None, facts: Mapping[str, Any]) -> str | 
         fails = [evaluate(sub, facts) for sub in cond["any"]]
         return None if any(f is None for f in fails) else "any(" + "; ".join(str(f) for f in fails) + ")"
     if "not" in cond:
-        return "not(...)" if evaluate(cond["not"], facts) is None else None
+        return f"not({describe(cond['not'])}) (it held)" if evaluate(cond["not"], facts) is None else None
     fact, op, value = cond["fact"], cond["op"], cond.get("value")
     if "value_fact" in cond:  # compare two facts, e.g. cart.zones contains event.zone
         value = lookup(facts, cond["value_fact"])
@@ -171,9 +171,31 @@ def evaluate(cond: Mapping[str, Any] | None, facts: Mapping[str, Any]) -> str | 
     return f"{fact} {op} {value!r} (was {shown})"
 
 
+def describe(cond: Mapping[str, Any]) -> str:
+    """A condition as one line, for a decision's detail (which condition did not hold)."""
+    for key in ("all", "any"):
+        if key in cond:
+            return f"{key}(" + "; ".join(describe(sub) for sub in cond[key]) + ")"
+    if "not" in cond:
+        return f"not({describe(cond['not'])})"
+    right = cond["value_fact"] if "value_fact" in cond else repr(cond.get("value"))
+    return f"{cond['fact']} {cond['op']} {right}"
+
+
+_GROUPS = ("all", "any", "not")
+_LEAF_KEYS = frozenset({"fact", "op", "value", "value_fact"})
+
+
 def _validate_condition(cond: Any, where: str) -> None:
     if not isinstance(cond, Mapping):
         raise CampaignError(f"{where}: a condition is a mapping")
+    # A second group or a stray key would be silently ignored (a typo like 'vaule' compares with None).
+    if any(k in cond for k in _GROUPS) and len(cond) != 1:
+        raise CampaignError(f"{where}: a condition is one of all / any / not, or a leaf {{fact, op, value}}; "
+                            f"found {', '.join(sorted(map(str, cond)))}")
+    if not any(k in cond for k in _GROUPS) and set(cond) - _LEAF_KEYS:
+        raise CampaignError(f"{where}: unknown condition field(s) {', '.join(sorted(map(str, set(cond) - _LEAF_KEYS)))}"
+                            " (a leaf has fact, op, value or value_fact)")
     if "all" in cond or "any" in cond:
         key = "all" if "all" in cond else "any"
         subs = cond[key]
