@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import CompoundSelect, Table, delete, func, insert, literal, null, select, union_all
+from sqlalchemy import CompoundSelect, Table, bindparam, delete, func, insert, literal, null, select, union_all
 from sqlalchemy.orm import Session, lazyload
 
 from gateway.campaigns import (
@@ -108,16 +108,48 @@ class Outcome:
         return self.fired and self.notification_id is not None and self.deliver_at is None
 
 
+# Hot statements, built once (their cache keys are memoized); values come as bound parameters.
+_OPEN_CART = (select(Cart).where(Cart.profile_id == bindparam("pid"), Cart.status == "open")
+              .order_by(Cart.updated_at.desc()).limit(1))
+_CATALOGUE_ITEMS = select(CatalogItem).where(CatalogItem.sku.in_(bindparam("skus", expanding=True)))
+_REMINDED = select(Notification.id).where(
+    Notification.profile_id == bindparam("pid"), Notification.purpose == "cart_reminders",
+    Notification.created_at >= bindparam("since"), Notification.status.not_in(NOT_SENT)).limit(1)
+# (kind, a, b, zone): "v" visits (started, ended) of the last year, "z" finished zone stays (entered, exited)
+# of the last 90 days, "c" purchases (checked out) up to now: one round trip, not three.
+_BEHAVIOUR: CompoundSelect = union_all(
+    select(literal("v").label("kind"), Visit.started_at.label("a"), Visit.ended_at.label("b"),
+           null().label("zone")).where(Visit.profile_id == bindparam("pid"),
+                                       Visit.started_at >= bindparam("year_ago"), Visit.started_at <= bindparam("now")),
+    select(literal("z"), ZoneStay.entered_at, ZoneStay.exited_at, ZoneStay.zone).where(
+        ZoneStay.profile_id == bindparam("pid"), ZoneStay.entered_at >= bindparam("days90_ago"),
+        ZoneStay.exited_at.is_not(None)),
+    select(literal("c"), Cart.checked_out_at, null(), null()).where(
+        Cart.profile_id == bindparam("pid"), Cart.checked_out_at.is_not(None), Cart.checked_out_at <= bindparam("now")))
+_sent_at = func.coalesce(Notification.deliver_at, Notification.created_at)
+_DEDUP_KEYS = select(Notification.dedup_key).where(Notification.dedup_key.in_(bindparam("keys", expanding=True)))
+_PROFILE_SENDS = select(Notification.campaign_id, _sent_at, Notification.purpose, Notification.data).where(
+    Notification.profile_id == bindparam("pid"), Notification.status.not_in(NOT_SENT),
+    _sent_at > bindparam("lo"), _sent_at < bindparam("hi")).order_by(Notification.id)
+_BULK_PROFILES = (select(Profile).where(Profile.id.in_(bindparam("ids", expanding=True)))
+                  .options(lazyload(Profile.identifiers), lazyload(Profile.consents)))
+_BULK_CONSENTS = select(Consent.profile_id, Consent.purpose).where(
+    Consent.profile_id.in_(bindparam("ids", expanding=True)), Consent.granted.is_(True))
+_BULK_SENDS = select(Notification.profile_id, Notification.campaign_id, _sent_at, Notification.purpose,
+                     Notification.data).where(Notification.profile_id.in_(bindparam("ids", expanding=True)),
+                                              Notification.status.not_in(NOT_SENT), _sent_at > bindparam("lo")
+                                              ).order_by(Notification.id)
+_CONSENTS = select(Consent.purpose).where(Consent.profile_id == bindparam("pid"), Consent.granted.is_(True))
+_MEMBERSHIPS = select(SegmentMembership.segment_id).where(SegmentMembership.profile_id == bindparam("pid"))
+
+
 def cart_facts(session: Session, profile_id: int, now: float, abandon_after_s: float) -> dict[str, Any]:
     """The profile's most recent open cart, with where each item is in the shop."""
-    cart = session.scalars(
-        select(Cart).where(Cart.profile_id == profile_id, Cart.status == "open")
-        .order_by(Cart.updated_at.desc()).limit(1)
-    ).first()
+    cart = session.scalars(_OPEN_CART, {"pid": profile_id}).first()
     if cart is None:
         return {"abandoned": False, "reminded": False, "item_count": 0, "items": [], "zones": []}
     skus = [str(i.get("sku")) for i in cart.items]
-    where = {c.sku: c for c in session.scalars(select(CatalogItem).where(CatalogItem.sku.in_(skus)))}
+    where = {c.sku: c for c in session.scalars(_CATALOGUE_ITEMS, {"skus": skus})}
     items = []
     for it in cart.items:
         cat = where.get(str(it.get("sku")))
@@ -133,9 +165,7 @@ def cart_facts(session: Session, profile_id: int, now: float, abandon_after_s: f
         return f"{i['name']}{qty} ({place})" if place else f"{i['name']}{qty}"
 
     # Reminded already: a cart reminder went out (or waits) since the cart was last touched.
-    reminded = session.scalar(select(Notification.id).where(
-        Notification.profile_id == profile_id, Notification.purpose == "cart_reminders",
-        Notification.created_at >= cart.updated_at, Notification.status.not_in(NOT_SENT)).limit(1)) is not None
+    reminded = session.scalar(_REMINDED, {"pid": profile_id, "since": cart.updated_at}) is not None
     return {
         "id": cart.id,
         "reminded": reminded,
@@ -177,26 +207,14 @@ class VisitsWithin(Mapping[str, int]):
         return 4
 
 
-def _behaviour_query(profile_id: int, now: float) -> CompoundSelect:
-    """(kind, a, b, zone) rows: ``v`` visits (started, ended) of the last year, ``z`` finished zone stays
-    (entered, exited) of the last 90 days, ``c`` purchases (checked out) up to now."""
-    visits = select(literal("v").label("kind"), Visit.started_at.label("a"), Visit.ended_at.label("b"),
-                    null().label("zone")).where(
-        Visit.profile_id == profile_id, Visit.started_at >= now - 365 * 86400, Visit.started_at <= now)
-    stays = select(literal("z"), ZoneStay.entered_at, ZoneStay.exited_at, ZoneStay.zone).where(
-        ZoneStay.profile_id == profile_id, ZoneStay.entered_at >= now - 90 * 86400, ZoneStay.exited_at.is_not(None))
-    bought = select(literal("c"), Cart.checked_out_at, null(), null()).where(
-        Cart.profile_id == profile_id, Cart.checked_out_at.is_not(None), Cart.checked_out_at <= now)
-    return union_all(visits, stays, bought)
-
-
 def behaviour_facts(session: Session, profile_id: int, now: float) -> dict[str, Any]:
     """Visit, dwell and purchase history as facts: what segments like "frequent" or "occasional" are made of."""
     # Visits, zone stays and purchases in one round trip (one UNION ALL, not three statements).
     rows: list[tuple[float, float | None]] = []
     by_zone: dict[str, list[float]] = {}
     bought_at: list[float] = []
-    for kind, a, b, zone in session.execute(_behaviour_query(profile_id, now)):
+    for kind, a, b, zone in session.execute(_BEHAVIOUR, {"pid": profile_id, "now": now, "year_ago": now - 365 * 86400,
+                                                          "days90_ago": now - 90 * 86400}):
         if kind == "v":
             rows.append((a, b))
         elif kind == "z":
@@ -264,8 +282,7 @@ class _Sends:
             wanted = [Engine.dedup_key(c, self._event) for c in self._candidates]
             self._keys = set()
             for i in range(0, len(wanted), 500):
-                self._keys.update(self._session.scalars(select(Notification.dedup_key).where(
-                    Notification.dedup_key.in_(wanted[i:i + 500]))))
+                self._keys.update(self._session.scalars(_DEDUP_KEYS, {"keys": wanted[i:i + 500]}))
         return key in self._keys
 
     def rows(self) -> list[tuple[str, float, str, Any]]:
@@ -277,11 +294,8 @@ class _Sends:
             for c in self._candidates:
                 at, reach = eng.send_time(c, t), max(c.cooldown_s, widest)
                 lo, hi = min(lo, at - reach), max(hi, at + reach)
-            sent_at = func.coalesce(Notification.deliver_at, Notification.created_at)
             self._rows = [(r[0], r[1], r[2], r[3]) for r in self._session.execute(
-                select(Notification.campaign_id, sent_at, Notification.purpose, Notification.data).where(
-                    Notification.profile_id == self._event.profile_id, Notification.status.not_in(NOT_SENT),
-                    sent_at > lo, sent_at < hi).order_by(Notification.id))]
+                _PROFILE_SENDS, {"pid": self._event.profile_id, "lo": lo, "hi": hi})]
         return self._rows
 
     def fired(self, n: Notification) -> None:
@@ -325,24 +339,16 @@ class _Bulk:
                 b.wanted.add(Engine.dedup_key(c, ev))
                 reach = max(reach, c.cooldown_s)
         lo = min(ev.time for ev in events) - reach
-        sent_at = func.coalesce(Notification.deliver_at, Notification.created_at)
         wanted = sorted(b.wanted)
         for i in range(0, len(wanted), cls.CHUNK):
-            b.keys.update(session.scalars(select(Notification.dedup_key).where(
-                Notification.dedup_key.in_(wanted[i:i + cls.CHUNK]))))
+            b.keys.update(session.scalars(_DEDUP_KEYS, {"keys": wanted[i:i + cls.CHUNK]}))
         for i in range(0, len(pids), cls.CHUNK):
             chunk = pids[i:i + cls.CHUNK]
             # Into the identity map (held here: it keeps weak references), so session.get needs no query.
-            b.loaded += session.scalars(select(Profile).where(Profile.id.in_(chunk))
-                            .options(lazyload(Profile.identifiers), lazyload(Profile.consents))).all()
-            for pid, purpose in session.execute(select(Consent.profile_id, Consent.purpose).where(
-                    Consent.profile_id.in_(chunk), Consent.granted.is_(True))):
+            b.loaded += session.scalars(_BULK_PROFILES, {"ids": chunk}).all()
+            for pid, purpose in session.execute(_BULK_CONSENTS, {"ids": chunk}):
                 b.consents.setdefault(pid, set()).add(purpose)
-            for pid, cid, at, purpose, data in session.execute(
-                    select(Notification.profile_id, Notification.campaign_id, sent_at, Notification.purpose,
-                           Notification.data).where(Notification.profile_id.in_(chunk),
-                                                    Notification.status.not_in(NOT_SENT), sent_at > lo)
-                    .order_by(Notification.id)):
+            for pid, cid, at, purpose, data in session.execute(_BULK_SENDS, {"ids": chunk, "lo": lo}):
                 b.rows.setdefault(pid, []).append((cid, at, purpose, data))
         return b
 
@@ -543,8 +549,7 @@ class Engine:
 
     def _update_memberships(self, session: Session, profile_id: int, now_in: Sequence[str], t: float) -> list[str]:
         """Store which segments the profile is in; returns those it has just joined."""
-        before = set(session.scalars(select(SegmentMembership.segment_id)
-                                     .where(SegmentMembership.profile_id == profile_id)))
+        before = set(session.scalars(_MEMBERSHIPS, {"pid": profile_id}))
         current = set(now_in)
         left = before - current
         if left:
@@ -575,9 +580,7 @@ class Engine:
 
     @staticmethod
     def _consents(session: Session, profile_id: int) -> set[str]:
-        return set(session.scalars(
-            select(Consent.purpose).where(Consent.profile_id == profile_id, Consent.granted.is_(True))
-        ))
+        return set(session.scalars(_CONSENTS, {"pid": profile_id}))
 
     def send_time(self, c: Campaign, t: float) -> float:
         """When a send decided at ``t`` reaches the customer: after the delay, and after quiet hours (hold)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import CursorResult, Table, insert, select, update
+from sqlalchemy import CursorResult, Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -60,6 +60,13 @@ log = logging.getLogger("gateway")
 _VISITS = cast(Table, Visit.__table__)
 _STAYS = cast(Table, ZoneStay.__table__)
 _FOOTFALL = cast(Table, FootfallCount.__table__)
+# The visit path's statements, built once (their cache keys are memoized); values come as bound parameters.
+_HAS_VISIT = select(Visit.id).where(Visit.profile_id == bindparam("pid")).limit(1)
+_NEW_VISIT = insert(_VISITS).returning(_VISITS.c.id)
+_NEW_STAY = insert(_STAYS).returning(_STAYS.c.id)
+_VISIT_ZONES = update(_VISITS).where(_VISITS.c.id == bindparam("vid")).values(zones=bindparam("zones"))
+_VISIT_END = update(_VISITS).where(_VISITS.c.id == bindparam("vid")).values(ended_at=bindparam("at"))
+_STAY_EXIT = update(_STAYS).where(_STAYS.c.id == bindparam("sid")).values(exited_at=bindparam("at"))
 
 
 def _upsert(session: Session, table: Table) -> Any:
@@ -286,10 +293,9 @@ class Pipeline:
         """The profile's visit and zone stays, as Core statements (one per event; no ORM objects to load):
         the open visit's zones are remembered here, so an enter appends to them without reading the row."""
         if ev.kind == "visit_start":
-            before = s.scalar(select(Visit.id).where(Visit.profile_id == pid).limit(1)) is not None
+            before = s.scalar(_HAS_VISIT, {"pid": pid}) is not None
             self.figures["visits_returning" if before else "visits_new"] += 1
-            vid = s.execute(insert(_VISITS).values(profile_id=pid, started_at=ev.time, zones=[])
-                            .returning(_VISITS.c.id)).scalar_one()
+            vid = s.execute(_NEW_VISIT, {"profile_id": pid, "started_at": ev.time, "zones": []}).scalar_one()
             s.execute(update(Profile).where(Profile.id == pid)
                       .values(points=Profile.points + self.settings.loyalty.points_per_visit))
             self._open_visits[pid] = vid
@@ -300,23 +306,21 @@ class Pipeline:
             current = open_vid
             if zones is not None and ev.zone and (not zones or zones[-1] != ev.zone):
                 zones.append(ev.zone)
-                done = cast(CursorResult[Any], s.execute(update(_VISITS).where(_VISITS.c.id == open_vid)
-                                                         .values(zones=list(zones))))
+                done = cast(CursorResult[Any], s.execute(_VISIT_ZONES, {"vid": open_vid, "zones": list(zones)}))
                 if not done.rowcount:
                     current = None  # the visit is gone (erased): the stay belongs to no visit
             if ev.zone:
-                self._open_stays[(pid, ev.zone)] = s.execute(insert(_STAYS).values(
-                    profile_id=pid, visit_id=current, zone=ev.zone, entered_at=ev.time,
-                ).returning(_STAYS.c.id)).scalar_one()
+                self._open_stays[(pid, ev.zone)] = s.execute(_NEW_STAY, {
+                    "profile_id": pid, "visit_id": current, "zone": ev.zone, "entered_at": ev.time}).scalar_one()
         elif ev.kind == "exit":
             sid = self._open_stays.pop((pid, ev.zone or ""), None)
             if sid is not None:
-                s.execute(update(_STAYS).where(_STAYS.c.id == sid).values(exited_at=ev.time))
+                s.execute(_STAY_EXIT, {"sid": sid, "at": ev.time})
         elif ev.kind == "visit_end":
             vid = self._open_visits.pop(pid, None)
             self._visit_zones.pop(pid, None)
             if vid is not None:
-                s.execute(update(_VISITS).where(_VISITS.c.id == vid).values(ended_at=ev.time))
+                s.execute(_VISIT_END, {"vid": vid, "at": ev.time})
 
     def _count_anonymous(self, ev: PresenceEvent) -> None:
         day = dt.datetime.fromtimestamp(ev.time, self._tz).date().isoformat()
