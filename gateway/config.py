@@ -68,8 +68,8 @@ class MqttSettings:
     session_expiry: int = 3600  # MQTT 5: seconds the broker keeps our session (and queues for us) while away
     reconnect_min_delay: int = 1  # reconnect backoff, doubling from min to max seconds
     reconnect_max_delay: int = 30
-    receive_maximum: int = 4000  # MQTT 5: unacknowledged QoS 1 messages in flight to us (acks follow commits)
-    max_batch: int = 1000  # messages per transaction at most; the next batch arrives while one commits
+    receive_maximum: int = 10000  # MQTT 5: unacknowledged QoS 1 messages in flight to us (acks follow commits)
+    max_batch: int = 4000  # messages per transaction at most; the next batch arrives while one commits
     share_group: str = ""  # non-empty: subscribe as $share/<group>/... so several workers split the load
 
 
