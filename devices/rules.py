@@ -430,6 +430,8 @@ def _due_level(rule: Rule, st: RuleState, when: float) -> Level | None:
 
 def next_due(rule: Rule, st: RuleState) -> float | None:
     """When a timer of this state fires if no sample comes first (None: nothing pending)."""
+    if st.active is None and not st.pending:  # the usual case, asked before and after every sample
+        return None
     times: list[float] = []
     active = RANK[st.active] if st.active is not None else -1
     for level in rule.levels:

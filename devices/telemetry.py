@@ -280,25 +280,29 @@ class TelemetryStore:
         return fresh
 
     def _roll_up(self, s: Session, devices: dict[str, Device], fresh: Iterable[Reading]) -> None:
-        acc: dict[tuple[str, int, float, str], list[float]] = {}
-        for r in fresh:
-            for period in PERIODS:
-                start = float(int(r.time // period) * period)
-                for metric, value in r.metrics.items():
-                    k = (r.device_id, period, start, metric)
-                    a = acc.get(k)
-                    if a is None:
-                        acc[k] = [1, value, value, value, value, r.time]
-                    else:
-                        a[0] += 1
-                        a[1] += value
-                        a[2] = min(a[2], value)
-                        a[3] = max(a[3], value)
-                        if r.time >= a[5]:
-                            a[4], a[5] = value, r.time
+        """Fold the batch into one row per (device, period, bucket, metric), already in the upsert's column
+        order. ``fresh`` is in time order, so the latest reading of a bucket is simply the last one."""
         owner = {device_id: d.profile_id for device_id, d in devices.items()}
-        rows = [(k[0], k[1], k[2], k[3][:64], int(a[0]), a[1], a[2], a[3], a[4], a[5], owner[k[0]])
-                for k, a in acc.items()]
+        folds: list[tuple[int, dict[tuple[str, float, str], list[Any]]]] = [(period, {}) for period in PERIODS]
+        for r in fresh:
+            t, device_id = r.time, r.device_id
+            items = r.metrics.items()
+            for period, acc in folds:
+                start = float(int(t // period) * period)
+                for metric, value in items:
+                    a = acc.get((device_id, start, metric))
+                    if a is None:
+                        acc[(device_id, start, metric)] = [device_id, period, start, metric[:64], 1, value, value,
+                                                           value, value, t, owner[device_id]]
+                        continue
+                    a[4] += 1
+                    a[5] += value
+                    if value < a[6]:
+                        a[6] = value
+                    if value > a[7]:
+                        a[7] = value
+                    a[8], a[9] = value, t
+        rows = [tuple(row) for _, acc in folds for row in acc.values()]
         conn = s.connection()
         conn.exec_driver_sql(_rollup_upsert(conn.dialect.name), rows)  # driver executemany: no per-row Core work
 
