@@ -10,6 +10,8 @@ Definitions (all rates in percent):
 - engagement rate: notifications with an open, click or redemption / notified.
 - CTR: notifications clicked / notifications delivered (acked by the app).
 - redemption rate: notifications redeemed / notified.
+- per zone: the delivery figures of the notifications whose triggering event was in that zone
+  (enter, dwell, exit, visit start at the entrance); telemetry and schedule sends have no zone.
 - conversion: notifications credited with a purchase / notified. A purchase (a cart's checkout
   time) is credited to the last notification its buyer got before it, at most ``conversion_window_s``
   earlier (last touch), and only once; per experiment arm, lift is against the holdout's conversion
@@ -111,7 +113,8 @@ def attribute(session: Session, purchases: dict[int, list[float]], window_s: flo
 def notification_figures(session: Session, start: float, end: float, conversion_window_s: float = 7 * 86400
                          ) -> dict[str, Any]:
     notes = session.execute(select(Notification.id, Notification.profile_id, Notification.campaign_id,
-                                   Notification.created_at, Notification.status, Notification.variant)
+                                   Notification.created_at, Notification.status, Notification.variant,
+                                   Notification.data)
                             .where(Notification.created_at >= start, Notification.created_at < end,
                                    Notification.status.in_(RELEASED))).all()
     ids = [n.id for n in notes]
@@ -147,6 +150,12 @@ def notification_figures(session: Session, start: float, end: float, conversion_
     for r in notes:
         by_campaign[r.campaign_id].append(r)
     campaigns = {cid: summarize(rows) for cid, rows in sorted(by_campaign.items())}
+    by_zone: dict[str, list[Any]] = defaultdict(list)  # the zone of the triggering event (none: telemetry...)
+    for r in notes:
+        zone = (r.data or {}).get("zone") if isinstance(r.data, dict) else None
+        if isinstance(zone, str) and zone:
+            by_zone[zone].append(r)
+    zones = {z: summarize(rows) for z, rows in sorted(by_zone.items())}
     # Experiments: per arm, and lift of each arm's conversion over the holdout's.
     holdouts = session.execute(select(Decision.campaign_id, Decision.profile_id, Decision.at).where(
         Decision.reason == "holdout", Decision.at >= start, Decision.at < end)).all()
@@ -171,7 +180,7 @@ def notification_figures(session: Session, start: float, end: float, conversion_
             variants[name] = figs
         campaigns[cid]["experiment"] = {"holdout": {"profiles": len(held), "conversion_rate": hold_rate},
                                         "variants": variants}
-    return {"total": summarize(list(notes)), "campaigns": campaigns}
+    return {"total": summarize(list(notes)), "campaigns": campaigns, "zones": zones}
 
 
 def zone_figures(session: Session, start: float, end: float, days: list[str]) -> dict[str, dict[str, Any]]:
@@ -256,6 +265,7 @@ def figures(session: Session, day_from: str, day_to: str, timezone: str, *, boun
     if zone is not None:
         zones = {z: f for z, f in zones.items() if z == zone}
         visits["avg_dwell_s_by_zone"] = {z: d for z, d in visits["avg_dwell_s_by_zone"].items() if z == zone}
+        notes["zones"] = {z: f for z, f in notes["zones"].items() if z == zone}
     if campaign is not None:
         notes["campaigns"] = {c: f for c, f in notes["campaigns"].items() if c == campaign}
     out: dict[str, Any] = {"from": day_from, "to": day_to, "timezone": timezone, "store": store, **visits,
@@ -274,6 +284,7 @@ def figures(session: Session, day_from: str, day_to: str, timezone: str, *, boun
                                                           "unique_enrolled_visitors", "new_visits",
                                                           "returning_visits", "bounce_rate")},
                          "zones": {k: f for k, f in z.items() if zone is None or k == zone},
-                         "notifications": total})
+                         "notifications": total,
+                         "notifications_by_zone": {k: f for k, f in n["zones"].items() if zone is None or k == zone}})
         out["days"] = rows
     return out
