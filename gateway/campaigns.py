@@ -105,9 +105,15 @@ class Campaign:
 
 # ---------------------------------------------------------------- conditions
 
+_PATHS: dict[str, tuple[str, ...]] = {}  # a dotted path split once (conditions name a few dozen)
+
+
 def lookup(facts: Mapping[str, Any], path: str) -> Any:
+    parts = _PATHS.get(path)
+    if parts is None:
+        parts = _PATHS[path] = tuple(path.split("."))
     cur: Any = facts
-    for part in path.split("."):
+    for part in parts:
         if isinstance(cur, Mapping) and part in cur:
             cur = cur[part]
         else:
@@ -115,33 +121,31 @@ def lookup(facts: Mapping[str, Any], path: str) -> Any:
     return cur
 
 
+_OPERATORS: dict[str, Any] = {
+    "eq": lambda left, right: bool(left == right),
+    "ne": lambda left, right: bool(left != right),
+    "gt": lambda left, right: bool(left > right),
+    "gte": lambda left, right: bool(left >= right),
+    "lt": lambda left, right: bool(left < right),
+    "lte": lambda left, right: bool(left <= right),
+    "in": lambda left, right: left in right,
+    "not_in": lambda left, right: left not in right,
+    "contains": lambda left, right: right in left,
+}
+
+
 def _compare(op: str, left: Any, right: Any) -> bool:
     if op == "exists":
         return (left is not _MISSING and left is not None) == bool(right)
     if left is _MISSING:
         return False
+    compare = _OPERATORS.get(op)
+    if compare is None:
+        raise CampaignError(f"unknown operator {op!r}")
     try:
-        if op == "eq":
-            return bool(left == right)
-        if op == "ne":
-            return bool(left != right)
-        if op == "gt":
-            return bool(left > right)
-        if op == "gte":
-            return bool(left >= right)
-        if op == "lt":
-            return bool(left < right)
-        if op == "lte":
-            return bool(left <= right)
-        if op == "in":
-            return left in right
-        if op == "not_in":
-            return left not in right
-        if op == "contains":
-            return right in left
+        return bool(compare(left, right))
     except TypeError:
         return False
-    raise CampaignError(f"unknown operator {op!r}")
 
 
 def evaluate(cond: Mapping[str, Any] | None, facts: Mapping[str, Any]) -> str | None:

@@ -109,9 +109,11 @@ class Outcome:
 
 
 # Hot statements, built once (their cache keys are memoized); values come as bound parameters.
-_OPEN_CART = (select(Cart).where(Cart.profile_id == bindparam("pid"), Cart.status == "open")
+_OPEN_CART = (select(Cart.id, Cart.items, Cart.updated_at).where(Cart.profile_id == bindparam("pid"),
+                                                                  Cart.status == "open")
               .order_by(Cart.updated_at.desc()).limit(1))
-_CATALOGUE_ITEMS = select(CatalogItem).where(CatalogItem.sku.in_(bindparam("skus", expanding=True)))
+_CATALOGUE_ITEMS = select(CatalogItem.sku, CatalogItem.name, CatalogItem.zone, CatalogItem.aisle).where(
+    CatalogItem.sku.in_(bindparam("skus", expanding=True)))
 _REMINDED = select(Notification.id).where(
     Notification.profile_id == bindparam("pid"), Notification.purpose == "cart_reminders",
     Notification.created_at >= bindparam("since"), Notification.status.not_in(NOT_SENT)).limit(1)
@@ -145,11 +147,11 @@ _MEMBERSHIPS = select(SegmentMembership.segment_id).where(SegmentMembership.prof
 
 def cart_facts(session: Session, profile_id: int, now: float, abandon_after_s: float) -> dict[str, Any]:
     """The profile's most recent open cart, with where each item is in the shop."""
-    cart = session.scalars(_OPEN_CART, {"pid": profile_id}).first()
+    cart = session.execute(_OPEN_CART, {"pid": profile_id}).first()  # columns only: no ORM object to build
     if cart is None:
         return {"abandoned": False, "reminded": False, "item_count": 0, "items": [], "zones": []}
     skus = [str(i.get("sku")) for i in cart.items]
-    where = {c.sku: c for c in session.scalars(_CATALOGUE_ITEMS, {"skus": skus})}
+    where = {c.sku: c for c in session.execute(_CATALOGUE_ITEMS, {"skus": skus})} if skus else {}
     items = []
     for it in cart.items:
         cat = where.get(str(it.get("sku")))

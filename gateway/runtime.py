@@ -66,17 +66,28 @@ _NEW_VISIT = insert(_VISITS).returning(_VISITS.c.id)
 _NEW_STAY = insert(_STAYS).returning(_STAYS.c.id)
 _VISIT_ZONES = update(_VISITS).where(_VISITS.c.id == bindparam("vid")).values(zones=bindparam("zones"))
 _VISIT_END = update(_VISITS).where(_VISITS.c.id == bindparam("vid")).values(ended_at=bindparam("at"))
+_IDLE_CARTS = select(Cart).where(Cart.status == "open", Cart.abandoned_at.is_(None),
+                                Cart.updated_at <= bindparam("cutoff")).limit(500)
+_BOUGHT_CARTS = select(Cart).where(Cart.checked_out_at.is_not(None), Cart.purchase_handled_at.is_(None)).limit(500)
 _STAY_EXIT = update(_STAYS).where(_STAYS.c.id == bindparam("sid")).values(exited_at=bindparam("at"))
 
 
-def _upsert(session: Session, table: Table) -> Any:
-    """An INSERT that can say ON CONFLICT, for the session's dialect (SQLite and PostgreSQL spell it alike)."""
+_FOOTFALL_UPSERTS: dict[str, Any] = {}
+
+
+def _footfall_upsert(session: Session) -> Any:
+    """INSERT ... ON CONFLICT that adds the counts to the day's row, built once per dialect (SQLite and
+    PostgreSQL spell it alike in SQLAlchemy)."""
     name = session.get_bind().dialect.name
-    if name == "postgresql":
-        return postgresql.insert(table)
-    if name == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"storage supports SQLite and PostgreSQL, not {name}")
+    stmt = _FOOTFALL_UPSERTS.get(name)
+    if stmt is None:
+        if name not in ("postgresql", "sqlite"):
+            raise NotImplementedError(f"storage supports SQLite and PostgreSQL, not {name}")
+        ins = (postgresql.insert if name == "postgresql" else sqlite.insert)(_FOOTFALL)
+        stmt = _FOOTFALL_UPSERTS[name] = ins.on_conflict_do_update(index_elements=["day", "zone"], set_={
+            "anonymous_visits": _FOOTFALL.c.anonymous_visits + ins.excluded.anonymous_visits,
+            "anonymous_dwell_s": _FOOTFALL.c.anonymous_dwell_s + ins.excluded.anonymous_dwell_s})
+    return stmt
 decision_log = logging.getLogger("gateway.decisions")
 
 OutcomeHook = Callable[[Outcome, EngineEvent], None]
@@ -215,15 +226,13 @@ class Pipeline:
         cutoff = now - self.settings.carts.abandon_after_s
         with self.db.session() as s:  # each kind judged in bulk (a cart's facts never read another's marks)
             events = []
-            for cart in s.scalars(select(Cart).where(Cart.status == "open", Cart.abandoned_at.is_(None),
-                                                     Cart.updated_at <= cutoff).limit(500)):
+            for cart in s.scalars(_IDLE_CARTS, {"cutoff": cutoff}):
                 cart.abandoned_at = now
                 events.append(EngineEvent("cart_abandoned", cart.profile_id, now,
                                           f"cart:{cart.id}:{cart.updated_at:.3f}"))
             created += self._decide_many(s, events)
             events = []
-            for cart in s.scalars(select(Cart).where(Cart.checked_out_at.is_not(None),
-                                                     Cart.purchase_handled_at.is_(None)).limit(500)):
+            for cart in s.scalars(_BOUGHT_CARTS):
                 cart.purchase_handled_at = now
                 events.append(EngineEvent("purchase", cart.profile_id, now, f"purchase:{cart.id}"))
             created += self._decide_many(s, events)
@@ -340,10 +349,7 @@ class Pipeline:
         rows = [{"day": day, "zone": zone, "anonymous_visits": int(visits), "anonymous_dwell_s": dwell}
                 for (day, zone), (visits, dwell) in pending.items()]
         with self.db.session() as s:  # one upsert statement: the counts are added to the day's row
-            stmt = _upsert(s, _FOOTFALL)
-            s.execute(stmt.on_conflict_do_update(index_elements=["day", "zone"], set_={
-                "anonymous_visits": _FOOTFALL.c.anonymous_visits + stmt.excluded.anonymous_visits,
-                "anonymous_dwell_s": _FOOTFALL.c.anonymous_dwell_s + stmt.excluded.anonymous_dwell_s}), rows)
+            s.execute(_footfall_upsert(s), rows)
 
     def profile_changed(self, profile_id: int, now: float) -> list[int]:
         """Attributes or consents changed: live segments are evaluated again (segment_entered may fire)."""
