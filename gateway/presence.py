@@ -115,6 +115,7 @@ class _Model:
     bands: Bands
     states: tuple[int, ...]  # the HMM state of each band, nearest first
     tables: tuple[tuple[float, ...], ...]  # per band: clamped LLR (band vs outside) over the RSSI grid
+    pairs: tuple[tuple[int, tuple[float, ...]], ...] = ()  # (state, table) per band: the hot loop's view
 
 
 @dataclass(slots=True)
@@ -225,8 +226,9 @@ class PresenceTracker:
             floor_out = [max(o - b, -LLR_CLAMP) for o, b in zip(out, best, strict=True)]
             for r in rings:
                 tables.append(tuple(max(v - b, -LLR_CLAMP) - fo for v, b, fo in zip(r, best, floor_out, strict=True)))
-        model = _Model(tuple((rssi_at(max_m, ref, n), name) for max_m, name in bands),
-                       tuple(self._index[name] for _, name in bands), tuple(tables))
+        states = tuple(self._index[name] for _, name in bands)
+        model = _Model(tuple((rssi_at(max_m, ref, n), name) for max_m, name in bands), states, tuple(tables),
+                       tuple(zip(states, tables, strict=True)))
         self._models[(rx.id, ref)] = model
         return model
 
@@ -328,7 +330,7 @@ class PresenceTracker:
             w = look * self._look
             i = int((link.rssi - X_MIN) * X_RES + 0.5)
             llr = tr.llr
-            for si, table in zip(m.states, m.tables, strict=True):
+            for si, table in m.pairs:
                 llr[si] += w * table[i]
         if t > tr.last_seen:
             tr.last_seen = t
@@ -337,6 +339,82 @@ class PresenceTracker:
         if t - tr.stepped < STEP_S:
             return []
         return self._step(s.key, tr, t)
+
+    def observe_many(self, sightings: Iterable[Sighting]) -> list[PresenceEvent]:
+        """``observe`` over a drain, in order: the same events and state, at a lower cost per advert.
+
+        The common case (a valid advert on a live link of a tracked identity, Kalman filter, no clock
+        step pending, no change of advertised power) runs inline with the tracker's settings in locals;
+        anything else goes through ``observe``, so both paths share one definition of the rare cases.
+        """
+        out: list[PresenceEvent] = []
+        observe = self.observe
+        if not self._kalman or self._offset:
+            for s in sightings:
+                evs = observe(s)
+                if evs:
+                    out.extend(evs)
+            return out
+        tracks, q, r, exit_after = self.tracks, self._q, self._r, self._exit_after
+        per_db, rate, high = self._per_db, self._look, self._high
+        gate = GATE_SIGMAS * GATE_SIGMAS
+        sqrt, copysign = math.sqrt, math.copysign
+        for s in sightings:
+            key, rid, rssi, t, tx = s
+            tr = tracks.get(key)
+            link = tr.links.get(rid) if tr is not None else None
+            try:
+                fast = (link is not None and tr is not None and -127 <= rssi < 0 and t - t == 0.0
+                        and t >= tr.last_seen - REORDER_S and t - link.last <= exit_after
+                        and (tx is None or tx == tr.tx_power))
+            except TypeError:  # an RSSI or a time that is not a number
+                fast = False
+            if not fast or tr is None or link is None:  # the general path; a clock step only comes by tick
+                self._high = high
+                evs = observe(s)
+                high = self._high
+                if evs:
+                    out.extend(evs)
+                continue
+            seen = tr.last_seen
+            if t - seen > EVIDENCE_DT_MAX_S:
+                tr.quiet += t - seen - EVIDENCE_DT_MAX_S
+            dt = t - link.last
+            if dt < 0.0:
+                dt = 0.0
+            else:
+                link.last, link.quiet = t, tr.quiet
+            before = link.rssi
+            innov = rssi - before
+            p = link.var + q * dt
+            s2 = p + r
+            gate2 = gate * s2
+            if innov * innov > gate2:
+                innov = copysign(sqrt(gate2), innov)
+            k = p / s2
+            link.rssi = est = before + k * innov
+            link.var = (1.0 - k) * p
+            look = dt if dt < EVIDENCE_DT_MAX_S else EVIDENCE_DT_MAX_S
+            moved = est - before
+            look += (moved if moved > 0.0 else -moved) * per_db
+            tr.seen += 1
+            if look:
+                m = link.model
+                w = look * rate
+                i = int((est - X_MIN) * X_RES + 0.5)
+                llr = tr.llr
+                for si, table in m.pairs:
+                    llr[si] += w * table[i]
+            if t > seen:
+                tr.last_seen = t
+                if t > high:
+                    high = t
+            if t - tr.stepped >= STEP_S:
+                evs = self._step(key, tr, t)
+                if evs:
+                    out.extend(evs)
+        self._high = high
+        return out
 
     # ------------------------------------------------------------ the filter and the decisions
 
@@ -357,18 +435,21 @@ class PresenceTracker:
             heard = dt - (tr.quiet - tr.quiet_stepped)
             tr.quiet_stepped = tr.quiet
             live = now - tr.quiet - self._exit_after / 2
-            links = tr.links
+            heard_by = {rid for rid, lk in tr.links.items() if lk.last - lk.quiet >= live}
             miss = MISSING_LLR * (heard if heard > 0.0 else 0.0) * self._look
             for i, rxs in enumerate(self._zone_rx):
-                if not any((lk := links.get(r)) is not None and lk.last - lk.quiet >= live for r in rxs):
+                if heard_by.isdisjoint(rxs):
                     llr[i] -= miss
             top = max(llr)
-            pred = [0.0] * (n + 1)
-            for i in range(n):
-                others = (total - p[i]) / (n - 1) if n > 1 else 0.0
-                pred[i] = (p[i] * (1.0 - leave) + per_zone + leave * direct * others) * math.exp(llr[i] - top)
-            pred[n] = (p[n] * (1.0 - arrive) + leave * (1.0 - direct if n > 1 else 1.0) * total) * math.exp(
-                llr[n] - top)
+            exp = math.exp
+            stay, moves = 1.0 - leave, leave * direct
+            if n > 1:
+                m = n - 1
+                pred = [(p[i] * stay + per_zone + moves * ((total - p[i]) / m)) * exp(llr[i] - top) for i in range(n)]
+            else:
+                pred = [(p[0] * stay + per_zone + moves * 0.0) * exp(llr[0] - top)]
+            pred.append((p[n] * (1.0 - arrive) + leave * (1.0 - direct if n > 1 else 1.0) * total) * exp(
+                llr[n] - top))
             z = sum(pred)
             tr.post = [v / z for v in pred]
             tr.llr = [0.0] * (n + 1)

@@ -418,3 +418,67 @@ def test_one_customer_with_a_tag_and_the_app_makes_one_visit_and_one_stay(tmp_pa
         stays = s.scalars(select(ZoneStay)).all()
         assert len(stays) == 1 and stays[0].exited_at is not None and stays[0].exited_at >= T0 + 59
     assert p.figures["visits_new"] == 1 and p.figures["visits_returning"] == 0
+
+
+def _recorded_drains(seed: int) -> list[tuple[list[Sighting], float]]:
+    """A recorded-like stream in scanner drains, with every rare case observe handles off its fast path:
+    walkers moving between receivers at 10 Hz with noise, loss and loss bursts, unknown receivers, unusable RSSI and
+    times, reordering within and beyond 2 s, advertised power changing (one receiver uses it), new identities,
+    silences long enough to exit and to end the visit, and a wall clock stepping back between drains."""
+    rng = random.Random(seed)
+    keys = [f"k{i}" for i in range(6)]
+    drains: list[tuple[list[Sighting], float]] = []
+    clock = T0
+    for d in range(900):
+        clock += 0.5
+        if d == 500:
+            clock -= 3600.0  # NTP steps the wall clock back an hour
+        batch: list[Sighting] = []
+        for key in keys:
+            if (d // 80 + keys.index(key)) % 5 == 0:
+                continue  # this identity is away for a while: exits and visit ends
+            if (d + 7 * keys.index(key)) % 23 < 4 + d % 3:
+                continue  # a loss burst on every receiver: 2-3 s of silence
+            near = ("rx-a", "rx-b", "rx-c")[(d // 30 + keys.index(key)) % 3]
+            for k in range(5):
+                t = clock - 0.5 + k / 10
+                for rx in ("rx-a", "rx-b", "rx-c"):
+                    if rng.random() < 0.1 or (rx == "rx-c" and 100 <= d % 200 < 130):
+                        continue  # loss; rx-c deaf for 15 s now and then (its links expire)
+                    rssi: object = max(-126, min(-1, round((-62 if rx == near else -80) + rng.gauss(0.0, 5.0))))
+                    tx: object = -59 if d < 300 else -65
+                    roll = rng.random()
+                    if roll < 0.01:
+                        rssi = rng.choice([127, 0, 5, -200, math.nan, "x"])
+                    elif roll < 0.015:
+                        t = rng.choice([math.nan, math.inf, t - 5.0, t - 1.0])
+                    elif roll < 0.02:
+                        rx = "rx-unknown"
+                    elif roll < 0.03:
+                        tx = rng.choice([None, 20, -60])
+                    batch.append(Sighting(key, rx, rssi, t, tx))  # type: ignore[arg-type]
+        rng.shuffle(batch) if d % 50 == 0 else None  # now and then a drain merged out of order
+        drains.append((batch, clock))
+    return drains
+
+
+@pytest.mark.parametrize("rssi_filter", ["kalman", "ema"])
+def test_observe_many_gives_exactly_what_observe_gives_one_by_one(rssi_filter: str):
+    rx = [ReceiverSettings("rx-a", [ZoneBand("a-near", 2.0), ZoneBand("a-far", 6.0)], measured_power=-59),
+          ReceiverSettings("rx-b", [ZoneBand("b", 4.0)], measured_power=-59),
+          ReceiverSettings("rx-c", [ZoneBand("c", 4.0)])]  # calibrated by the advertised power
+    settings = PresenceSettings(dwell_every_s=5, exit_after_s=6, visit_end_after_s=30, rssi_filter=rssi_filter)
+    one, many = PresenceTracker(settings, rx), PresenceTracker(settings, rx)
+    got_one, got_many = [], []
+    for batch, now in _recorded_drains(5):
+        for s in batch:
+            got_one += one.observe(s)
+        got_one += one.tick(now)
+        got_many += many.observe_many(batch)
+        got_many += many.tick(now)
+    assert got_many == got_one
+    assert {"enter", "exit", "dwell", "visit_end"} <= {e.kind for e in got_one} and one.clock_steps == 1
+    assert many.stats() == one.stats() and set(one.dropped) >= {"unknown_receiver", "rssi_unavailable", "bad_time",
+                                                                "rssi_out_of_range", "clock_backwards"}
+    assert {k: (tr.post, tr.zone, tr.links.keys()) for k, tr in many.tracks.items()} == {
+        k: (tr.post, tr.zone, tr.links.keys()) for k, tr in one.tracks.items()}
