@@ -330,17 +330,25 @@ class _Bulk:
     def load(cls, engine: Engine, session: Session, events: Sequence[EngineEvent],
              only: Sequence[Campaign] | None) -> _Bulk:
         b = cls()
-        pids = sorted({ev.profile_id for ev in events})
-        b.profiles = set(pids)
         reach = max((cap.window_s for cap in engine.caps), default=0.0)
+        refresh = frozenset(REFRESH_SEGMENTS_ON) if engine.segments else frozenset()
+        earliest = math.inf
         for ev in events:
             judged = engine._judged.get(ev.profile_id, ())
+            needed = ev.kind in refresh
             for c in engine._candidates(ev, only):
                 if (c.id, ev.key) in judged:  # handle skips it (a dwell tick judges few): no key to read
                     continue
+                needed = True
                 b.wanted.add(Engine.dedup_key(c, ev))
                 reach = max(reach, c.cooldown_s)
-        lo = min(ev.time for ev in events) - reach
+            if needed:  # handle reads this profile; an event with nothing left to judge reads nothing
+                b.profiles.add(ev.profile_id)
+                earliest = min(earliest, ev.time)
+        if not b.profiles:
+            return b
+        pids = sorted(b.profiles)
+        lo = earliest - reach
         wanted = sorted(b.wanted)
         for i in range(0, len(wanted), cls.CHUNK):
             b.keys.update(session.scalars(_DEDUP_KEYS, {"keys": wanted[i:i + cls.CHUNK]}))
@@ -457,7 +465,8 @@ class Engine:
         if profile is None:
             return outcomes
         bulk = self._bulk
-        consents = bulk.consents.get(profile.id, set()) if bulk is not None else self._consents(session, profile.id)
+        consents = (bulk.consents.get(profile.id, set()) if bulk is not None and profile.id in bulk.profiles
+                    else self._consents(session, profile.id))
         facts: dict[str, Any] = dict(event.facts)
         facts["profile"] = profile_facts(profile, consents)
         facts["event"] = {"kind": event.kind, "zone": event.zone, "dwell_s": round(event.dwell_s, 1),
