@@ -188,7 +188,7 @@ class Change:
 class _Ctx:
     """What a condition can see for one sample: metrics, codes, counters, rates, the store's clock."""
 
-    __slots__ = ("counters", "rates", "sample", "tz")
+    __slots__ = ("_local", "counters", "rates", "sample", "tz")
 
     def __init__(self, sample: Sample, counters: Mapping[str, float], rates: Mapping[str, float | None],
                  tz: ZoneInfo) -> None:
@@ -196,19 +196,32 @@ class _Ctx:
         self.counters = counters
         self.rates = rates
         self.tz = tz
+        self._local: float | None = None
 
     def local_s(self) -> float:
-        t = dt.datetime.fromtimestamp(self.sample.time, self.tz)
-        return t.hour * 3600 + t.minute * 60 + t.second + t.microsecond / 1e6
+        """Seconds since local midnight, worked out once per sample (several leaves ask)."""
+        if self._local is None:
+            t = dt.datetime.fromtimestamp(self.sample.time, self.tz)
+            self._local = t.hour * 3600 + t.minute * 60 + t.second + t.microsecond / 1e6
+        return self._local
+
+
+_HHMM: dict[str, float] = {"24:00": 86400.0}  # the few "HH:MM" of the loaded rules, parsed once: leaves ask per sample
 
 
 def _hhmm(value: Any, where: str) -> float:
+    known = _HHMM.get(value) if isinstance(value, str) else None
+    if known is not None:
+        return known
     m = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", str(value))
     if m is None:
         if str(value) == "24:00":
             return 86400.0
         raise RuleError(f"{where}: a time is 'HH:MM' (store time), got {value!r}")
-    return int(m.group(1)) * 3600 + int(m.group(2)) * 60.0
+    seconds = int(m.group(1)) * 3600 + int(m.group(2)) * 60.0
+    if isinstance(value, str) and len(_HHMM) < 1000:
+        _HHMM[value] = seconds
+    return seconds
 
 
 def _compare(op: str, left: float | str, right: Any) -> bool:
