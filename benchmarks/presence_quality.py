@@ -215,9 +215,25 @@ def receivers_of(sc: Scenario) -> list[ReceiverSettings]:
 # Trackers
 
 
+class Recording(PresenceTracker):
+    """The tracker, recording at each HMM step each identity's posterior and how far inside its widest band
+    each receiver's filtered RSSI is (``--breakdown``: where enter latency comes from)."""
+
+    def __init__(self, settings: PresenceSettings, receivers: list[ReceiverSettings]) -> None:
+        super().__init__(settings, receivers)
+        self.history: dict[str, list[tuple[float, tuple[float, ...], dict[str, float]]]] = defaultdict(list)
+
+    def _step(self, key: str, tr: Any, now: float) -> list[Any]:
+        out = super()._step(key, tr, now)
+        heard = {rid: lk.rssi - lk.model.bands[-1][0] for rid, lk in tr.links.items() if now - lk.last < 2.0}
+        self.history[key].append((now, tuple(tr.post), heard))
+        return out
+
+
 class Ours:
-    def __init__(self, settings: PresenceSettings, receivers: list[ReceiverSettings], tx_power: int) -> None:
-        self.t = PresenceTracker(settings, receivers)
+    def __init__(self, settings: PresenceSettings, receivers: list[ReceiverSettings], tx_power: int,
+                 record: bool = False) -> None:
+        self.t = Recording(settings, receivers) if record else PresenceTracker(settings, receivers)
         self.tx = tx_power
 
     def observe(self, key: str, rx: str, rssi: int, t: float) -> list[Event]:
@@ -448,6 +464,72 @@ def score(events: list[Event], walkers: list[Walker], exit_after_s: float, durat
     }
 
 
+def stop_entries(v: VisitPath) -> list[tuple[float, float, str]]:
+    """Per route stop: (when the person really enters the zone's rect, when they leave it, the zone)."""
+    out = []
+    for (s0, _s1), stop in zip(v.stops, v.route, strict=True):
+        i = bisect.bisect_right([s.t0 for s in v.segments], s0) - 1
+        j = i
+        while i > 0 and v.segments[i - 1].zone == stop.zone:
+            i -= 1
+        while j + 1 < len(v.segments) and v.segments[j + 1].zone == stop.zone:
+            j += 1
+        out.append((START + v.segments[i].t0, START + v.segments[j].t1, stop.zone))
+    return out
+
+
+def latency_breakdown(rec: Recording, walkers: list[Walker], duration_s: float, hold_s: float = 1.0) -> dict[str, Any]:
+    """Where enter latency goes, per route stop, from the moment the person enters the zone's rect:
+
+    - ``radio_p90_s``: until the zone's receiver is the loudest (filtered RSSI against its widest band's
+      edge) and stays so for ``hold_s``: what the radio allows a strongest-receiver rule at best;
+    - ``posterior_half_p90_s``: until the zone's posterior reaches 0.5 (the HMM's evidence accumulation);
+    - the enter event itself is ``enter_latency_p90_s``; the rest is the decision's hysteresis.
+    """
+    rx_of = {zone: rid for rid, bands in rec._bands.items() for _, zone in bands}
+    radio: list[float] = []
+    half: list[float] = []
+    for w in walkers:
+        hist = rec.history.get(w.key, [])
+        times = [h[0] for h in hist]
+        for v in w.visits:
+            if v.start >= duration_s:
+                continue
+            for entry, leave, zone in stop_entries(v):
+                zi, rid = rec.zones.index(zone), rx_of[zone]
+                k = bisect.bisect_left(times, entry)
+                t_radio = t_half = leave - entry
+                for m in range(max(k - 1, 0), len(hist)):
+                    now, post, heard = hist[m]
+                    if now > leave:
+                        break
+                    if post[zi] >= 0.5:
+                        t_half = min(t_half, max(0.0, now - entry))
+                    if t_radio == leave - entry and now >= entry and heard and max(heard, key=heard.__getitem__) == rid:
+                        n = m
+                        while n < len(hist) and hist[n][0] < now + hold_s and hist[n][2] and max(
+                                hist[n][2], key=hist[n][2].__getitem__) == rid:
+                            n += 1
+                        if n == len(hist) or hist[n][0] >= now + hold_s:
+                            t_radio = now - entry
+                    if t_half < leave - entry and t_radio < leave - entry:
+                        break
+                radio.append(t_radio)
+                half.append(t_half)
+    return {"radio_p90_s": p90(radio), "radio_p50_s": p50(radio), "posterior_half_p90_s": p90(half),
+            "posterior_half_p50_s": p50(half), "hold_s": hold_s}
+
+
+def p90(values: list[float]) -> float:
+    v = sorted(values)
+    return round(v[min(len(v) - 1, math.ceil(0.9 * len(v)) - 1)], 2) if v else math.nan
+
+
+def p50(values: list[float]) -> float:
+    v = sorted(values)
+    return round(v[len(v) // 2], 2) if v else math.nan
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -491,9 +573,14 @@ def run_layout(label: str, sc: Scenario, args: argparse.Namespace, duration: flo
     for name, s in variants().items():
         if not args.variants and name != "chosen (kalman)":
             continue
-        events, per = replay(Ours(s, receivers, sc.radio.tx_power), steps)
+        record = args.breakdown and name == "chosen (kalman)"
+        tracker = Ours(s, receivers, sc.radio.tx_power, record)
+        events, per = replay(tracker, steps)
         results[name] = score(events, walkers, exit_after, horizon)
         results[name]["replay_us_per_advert"] = round(per * 1e6, 2)
+        if record:
+            assert isinstance(tracker.t, Recording)
+            results[name]["latency_breakdown"] = latency_breakdown(tracker.t, walkers, horizon)
         print(f"[{label}] {name:36s} {results[name]}", file=sys.stderr)
     baselines: dict[str, dict[str, Any]] = {}
     for name, window, fn in (("altbeacon_running_average", 20.0, altbeacon_running_average),
@@ -512,6 +599,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--duration", type=float, default=None, help="simulated seconds of arrivals")
     ap.add_argument("--fading", choices=("shadowing", "harsh"), default="shadowing",
                     help="slow fading model of the trace (see the constants above)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="split enter latency into the radio (strongest receiver) and the evidence (posterior); "
+                         "recording makes the replay slower")
     ap.add_argument("--variants", action="store_true",
                     help="also score the alternative filters and settings (docs/presence.md)")
     args = ap.parse_args(argv)
