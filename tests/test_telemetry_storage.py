@@ -94,6 +94,26 @@ def test_a_batch_is_stored_once_and_a_redelivery_is_a_counted_duplicate(db: Data
     assert count(db, ReadingRecord) == 53
 
 
+def test_a_large_batch_with_redeliveries_scattered_through_it_stores_each_reading_once(db: Database) -> None:
+    """Thousands of readings go in several multi-row INSERTs: the stored ones come back from each, so the
+    redeliveries among them (anywhere in the batch) are counted and reach neither rollups nor rules."""
+    add(db, mower("mower-1"), mower("mower-2"))
+    ts = store()
+    first = [reading(T0 + i, seq=i, device=f"mower-{1 + i % 2}", blade_hours=i) for i in range(0, 2400, 3)]
+    assert len(write(db, ts, TelemetryBatch(readings=first))) == 800
+    batch = [reading(T0 + i, seq=i, device=f"mower-{1 + i % 2}", blade_hours=i) for i in range(2400)]
+    fresh = write(db, ts, TelemetryBatch(readings=batch))
+    assert sorted(r.seq for r in fresh if r.seq is not None) == [i for i in range(2400) if i % 3]
+    assert ts.stats()["accepted"] == 2400 and ts.stats()["duplicates"] == 800
+    assert count(db, ReadingRecord) == 2400
+    with db.session() as s:
+        minutes = s.execute(select(func.sum(ReadingRollup.count), func.sum(ReadingRollup.sum))
+                            .where(ReadingRollup.period == 60)).one()
+        assert minutes == (2400, sum(range(2400)))  # every reading once, redeliveries not folded again
+        stored = s.scalars(select(ReadingRecord.metrics).where(ReadingRecord.key == "s1234")).one()
+        assert stored == {"blade_hours": 1234.0}
+
+
 def test_a_redelivery_inside_the_same_batch_counts_once(db: Database) -> None:
     add(db, mower())
     ts = store()
