@@ -185,6 +185,8 @@ class PresenceTracker:
         self._exit_after = settings.exit_after_s  # settings are read once, here
         self._dwell_every = settings.dwell_every_s
         self._look = 1.0 / settings.fade_time_s
+        self._stay_s, self._transit_s, self._direct = settings.zone_stay_s, settings.transit_s, settings.direct_share
+        self._enter_at, self._keep_above = settings.enter_posterior, 1.0 - settings.switch_posterior
         self._per_db = settings.fade_time_s / getattr(settings, "fade_db", 1e9)  # s of look per dB moved
         n = len(names)
         # Prior: heard at all means in the store; as likely in no zone as in some zone.
@@ -424,10 +426,9 @@ class PresenceTracker:
         tr.stepped = now
         p, llr, n = tr.post, tr.llr, self._none
         if n:
-            st = self.settings
-            leave = -math.expm1(-dt / st.zone_stay_s)  # a zone stay ends within dt
-            arrive = -math.expm1(-dt / st.transit_s)  # a walk between zones ends within dt
-            direct = st.direct_share  # of the stays that end, this share goes straight to another zone
+            leave = -math.expm1(-dt / self._stay_s)  # a zone stay ends within dt
+            arrive = -math.expm1(-dt / self._transit_s)  # a walk between zones ends within dt
+            direct = self._direct  # of the stays that end, this share goes straight to another zone
             total = 1.0 - p[n]
             per_zone = arrive * p[n] / n
             # A receiver that does not hear the identity while others do says it is not near it; a silence
@@ -436,10 +437,11 @@ class PresenceTracker:
             tr.quiet_stepped = tr.quiet
             live = now - tr.quiet - self._exit_after / 2
             heard_by = {rid for rid, lk in tr.links.items() if lk.last - lk.quiet >= live}
-            miss = MISSING_LLR * (heard if heard > 0.0 else 0.0) * self._look
-            for i, rxs in enumerate(self._zone_rx):
-                if heard_by.isdisjoint(rxs):
-                    llr[i] -= miss
+            if len(heard_by) < len(self.receivers):  # when every receiver hears it, no zone misses it
+                miss = MISSING_LLR * (heard if heard > 0.0 else 0.0) * self._look
+                for i, rxs in enumerate(self._zone_rx):
+                    if heard_by.isdisjoint(rxs):
+                        llr[i] -= miss
             top = max(llr)
             exp = math.exp
             stay, moves = 1.0 - leave, leave * direct
@@ -457,11 +459,11 @@ class PresenceTracker:
 
     def _decide(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:
         post, cur = tr.post, tr.state
-        best = max(range(len(post)), key=post.__getitem__)
-        st = self.settings
+        top = max(post)
+        best = post.index(top)  # the first likeliest state
         # From no zone: the best zone must reach enter_posterior. From a zone: its own posterior must fall
         # to 1 - switch_posterior, however the rest is split (between two equally loud neighbours, say).
-        stay = post[best] < st.enter_posterior if cur == self._none else post[cur] > 1.0 - st.switch_posterior
+        stay = top < self._enter_at if cur == self._none else post[cur] > self._keep_above
         if best == cur or stay:
             tr.candidate = -1
             if tr.zone is not None and now - tr.last_dwell >= self._dwell_every:
@@ -470,7 +472,7 @@ class PresenceTracker:
             return []
         if tr.candidate != best:
             tr.candidate, tr.candidate_since = best, now
-        if tr.seen < self.enter_samples or now - tr.candidate_since < st.enter_hold_s:
+        if tr.seen < self.enter_samples or now - tr.candidate_since < self.settings.enter_hold_s:
             return []
         events: list[PresenceEvent] = []
         if tr.zone is not None:
