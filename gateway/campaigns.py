@@ -506,14 +506,21 @@ class CampaignIndex:
         for c in sorted(self.by_id.values(), key=lambda c: (-c.priority, c.id)):
             if c.enabled:
                 self.by_trigger.setdefault(c.trigger.type, []).append(c)
+        # Per trigger and zone: the campaigns for that zone or for any, still highest priority first.
+        self._by_zone: dict[tuple[str, str | None], list[Campaign]] = {}
+
+    def _for_zone(self, trigger: str, zone: str | None) -> list[Campaign]:
+        found = self._by_zone.get((trigger, zone))
+        if found is None:
+            found = self._by_zone[(trigger, zone)] = [
+                c for c in self.by_trigger.get(trigger, ()) if c.trigger.zone is None or c.trigger.zone == zone]
+        return found
 
     def candidates(self, trigger: str, zone: str | None, dwell_s: float = 0.0,
                    metrics: Iterable[str] = (), segment: str | None = None) -> list[Campaign]:
         out = []
-        for c in self.by_trigger.get(trigger, ()):
+        for c in self._for_zone(trigger, zone):
             t = c.trigger
-            if t.zone is not None and t.zone != zone:
-                continue
             if t.segment is not None and t.segment != segment:
                 continue
             if t.min_dwell_s and dwell_s < t.min_dwell_s:
