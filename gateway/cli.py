@@ -282,7 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "verbose", False) is None:
         args.verbose = False
-    rc: int = args.func(args)
+    try:
+        rc: int = args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C before the command's own handler is in place (imports, startup)
+        print(f"gateway {args.command}: interrupted", file=sys.stderr)
+        return 130
     return rc
 
 

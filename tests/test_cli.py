@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,23 @@ def test_simulate_shows_a_progress_bar_that_ends_at_100_percent():
     percents = [int(f.split("]")[1].strip().rstrip("%")) for f in frames]
     assert percents == sorted(percents) and percents[-1] == 100 and frames[-1] == "[" + "#" * 40 + "] 100%"
     assert "visits (footfall)" in r.stdout  # the table follows on stdout
+
+
+def test_ctrl_c_during_a_simulation_stops_it_with_one_line_and_no_traceback():
+    proc = subprocess.Popen([*GATEWAY, "simulate", "--duration", "8h"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        assert proc.stderr.read(2) == b"\r["  # the progress bar is drawing: the day is being simulated
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err[-2000:]
+    assert b"Traceback" not in err and err.rstrip().endswith(b"gateway simulate: interrupted")
+    assert out == b""
 
 
 def test_simulate_rejects_a_bad_duration():
