@@ -166,16 +166,12 @@ class Pipeline:
         """One scanner drain: parsed at once (beacons.parse.parse_adverts), then guard and presence per
         frame, then one engine transaction for the drain's presence events."""
         batch = adverts if isinstance(adverts, list) else list(adverts)
-        events: list[PresenceEvent] = []
-        observe = self.presence.observe
         admit = self.guard.admit
-        for adv, frame in parse_adverts(batch, self.parse_stats):
-            key = frame.key
-            if key is None or not admit(adv.address, frame, adv.time):
-                continue
-            evs = observe(Sighting(key, adv.receiver, adv.rssi, adv.time, frame.ref_power))
-            if evs:
-                events.extend(evs)
+        # The guard never reads presence, so the drain is admitted first, then observed in one call.
+        events = self.presence.observe_many([
+            Sighting(key, adv.receiver, adv.rssi, adv.time, frame.ref_power)
+            for adv, frame in parse_adverts(batch, self.parse_stats)
+            if (key := frame.key) is not None and admit(adv.address, frame, adv.time)])
         self.figures["adverts"] += len(batch)
         return self.handle_presence(events) if events else []
 
@@ -190,15 +186,9 @@ class Pipeline:
     def ingest_sightings(self, sightings: Iterable[Sighting]) -> list[int]:
         """Sightings other receivers resolved (ESPresense nodes, the shop's app): the advert path
         from presence on. No guard: they carry no address, and unmapped ids never got this far."""
-        events: list[PresenceEvent] = []
-        observe = self.presence.observe
-        n = 0
-        for s in sightings:
-            n += 1
-            evs = observe(s)
-            if evs:
-                events.extend(evs)
-        self.figures["remote_sightings"] += n
+        batch = sightings if isinstance(sightings, list) else list(sightings)
+        events = self.presence.observe_many(batch)
+        self.figures["remote_sightings"] += len(batch)
         return self.handle_presence(events) if events else []
 
     def tick(self, now: float) -> list[int]:
