@@ -551,6 +551,12 @@ def variants() -> dict[str, PresenceSettings]:
         "outside 2x": dataclasses.replace(d, outside_factor=2.0),
         "shadowing 3 dB": dataclasses.replace(d, shadowing_db=3.0),
         "enter hold 0.5 s": dataclasses.replace(d, enter_hold_s=0.5),
+        # Levers for enter latency (docs/presence.md, "Enter latency: where it goes"):
+        "switch 0.9": dataclasses.replace(d, switch_posterior=0.9),
+        "fade 2 s": dataclasses.replace(d, fade_time_s=2.0),
+        "kalman drift 3 dB/sqrt(s)": dataclasses.replace(d, rssi_drift_db_s=3.0),
+        "fade 4 s + 4 dB": dataclasses.replace(d, fade_time_s=4.0, fade_db=4.0),
+        "enter posterior 0.4": dataclasses.replace(d, enter_posterior=0.4),
     }
 
 
