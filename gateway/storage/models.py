@@ -501,3 +501,13 @@ class SegmentMembership(Base):
     profile_id: Mapped[int] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), primary_key=True)
     segment_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     entered_at: Mapped[float] = mapped_column(Float)
+
+
+class IdHighWater(Base):
+    """The highest id ever given, per table whose deleted ids SQLite would hand out again (it gives the
+    highest rowid + 1): an erased profile's id never goes to the next customer enrolled."""
+
+    __tablename__ = "id_high_water"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer)
