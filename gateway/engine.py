@@ -318,7 +318,7 @@ class _Bulk:
 
     def __init__(self) -> None:
         self.profiles: set[int] = set()
-        self.loaded: list[Profile] = []
+        self.loaded: dict[int, Profile] = {}  # held here (the identity map keeps weak references)
         self.consents: dict[int, set[str]] = {}
         self.wanted: set[str] = set()
         self.keys: set[str] = set()
@@ -355,7 +355,7 @@ class _Bulk:
         for i in range(0, len(pids), cls.CHUNK):
             chunk = pids[i:i + cls.CHUNK]
             # Into the identity map (held here: it keeps weak references), so session.get needs no query.
-            b.loaded += session.scalars(_BULK_PROFILES, {"ids": chunk}).all()
+            b.loaded.update((p.id, p) for p in session.scalars(_BULK_PROFILES, {"ids": chunk}))
             for pid, purpose in session.execute(_BULK_CONSENTS, {"ids": chunk}):
                 b.consents.setdefault(pid, set()).add(purpose)
             for pid, cid, at, purpose, data in session.execute(_BULK_SENDS, {"ids": chunk, "lo": lo}):
@@ -402,7 +402,7 @@ class Engine:
         self._judged: dict[int, set[tuple[str, str]]] = {}
         self._cancellers: dict[str, list[str]] = {}
         self._schedules_done: set[str] = set()
-        self._conditions_text: dict[str, tuple[Any, str]] = {}
+        self._conditions_text: dict[str, tuple[Any, tuple[bool, bool]]] = {}
         self._bulk: _Bulk | None = None  # set while handle_many runs
         # Scheduled sends: none is due before _release_from (sends this engine schedules lower it; a rollback
         # leaves it too early, which costs one query). Others' (another worker's) are seen at the rescan.
@@ -460,19 +460,21 @@ class Engine:
         refresh = bool(self.segments) and event.kind in REFRESH_SEGMENTS_ON
         if not candidates and not refresh:
             return self._record(session, event, outcomes)
-        # Identifiers and consents are selectin relationships the engine never reads: not loaded here.
-        profile = session.get(Profile, event.profile_id, options=_PROFILE_ONLY)
+        bulk = self._bulk
+        if bulk is not None and event.profile_id in bulk.profiles:  # read with the drain (None: erased)
+            profile: Profile | None = bulk.loaded.get(event.profile_id)
+            consents = bulk.consents.get(event.profile_id, set())
+        else:  # identifiers and consents are selectin relationships the engine never reads: not loaded
+            profile = session.get(Profile, event.profile_id, options=_PROFILE_ONLY)
+            consents = self._consents(session, event.profile_id) if profile is not None else set()
         if profile is None:
             return outcomes
-        bulk = self._bulk
-        consents = (bulk.consents.get(profile.id, set()) if bulk is not None and profile.id in bulk.profiles
-                    else self._consents(session, profile.id))
         facts: dict[str, Any] = dict(event.facts)
         facts["profile"] = profile_facts(profile, consents)
         facts["event"] = {"kind": event.kind, "zone": event.zone, "dwell_s": round(event.dwell_s, 1),
                           "time": event.time}
-        wanted = " ".join(self._condition_text(c) for c in candidates)
-        cart_now = any(c.purpose == "cart_reminders" for c in candidates) or "cart." in wanted or (
+        reads = [self._condition_reads(c) for c in candidates]
+        cart_now = any(c.purpose == "cart_reminders" for c in candidates) or any(r[0] for r in reads) or (
             refresh and "cart." in self._segments_text)
         if cart_now:
             facts["cart"] = cart_facts(session, profile.id, event.time, self.abandon_after_s)
@@ -480,7 +482,7 @@ class Engine:
         cart_later = refresh and not cart_now
         facts["loyalty"] = {"points": profile.points or 0, "tier": tier_for(profile.points or 0, self.tiers)}
         entered: list[str] = []
-        if refresh or "behaviour." in wanted or "segments" in wanted:
+        if refresh or any(r[1] for r in reads):
             facts["behaviour"] = behaviour_facts(session, profile.id, event.time)
             facts["segments"] = [seg.id for seg in self.segments if evaluate(seg.conditions, facts) is None]
             if refresh:
@@ -551,12 +553,15 @@ class Engine:
         return [[dataclasses.replace(o, notification_id=pending[id(o)].id) if id(o) in pending else o for o in outs]
                 for outs in per_event]
 
-    def _condition_text(self, c: Campaign) -> str:
-        """The conditions as text, to see which facts they read; made once per campaign, not per event."""
-        text = self._conditions_text.get(c.id)
-        if text is None or text[0] is not c.conditions:
-            text = self._conditions_text[c.id] = (c.conditions, str(c.conditions))
-        return text[1]
+    def _condition_reads(self, c: Campaign) -> tuple[bool, bool]:
+        """Whether the conditions read cart facts, and behaviour facts or segments (from their text); worked
+        out once per campaign, not per event."""
+        known = self._conditions_text.get(c.id)
+        if known is None or known[0] is not c.conditions:
+            text = str(c.conditions)
+            known = self._conditions_text[c.id] = (
+                c.conditions, ("cart." in text, "behaviour." in text or "segments" in text))
+        return known[1]
 
     def _update_memberships(self, session: Session, profile_id: int, now_in: Sequence[str], t: float) -> list[str]:
         """Store which segments the profile is in; returns those it has just joined."""
