@@ -34,7 +34,7 @@ class IdentifierIn(BaseModel):
 
 
 ConsentSource = Annotated[str, Field(
-    min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$",
+    min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]*$",
     description="Where the consent was given (recorded with each purpose's state and time), "
                 "e.g. app:onboarding, kiosk:store-001, crm")]
 

@@ -46,10 +46,10 @@ def test_each_purpose_keeps_its_state_time_and_source(api: tuple[TestClient, Vir
 
     clock.set(T0 + 3600)
     r = client.put(f"/v1/profiles/{pid}/consents", headers=ADMIN,
-                   json={"consents": {"offers": False}, "source": "kiosk:store-001"})
+                   json={"consents": {"offers": False}, "source": "kiosk:store-001/till-2"})
     assert r.status_code == 200, r.text
     consents = r.json()["consents"]
-    assert consents["offers"] == {"granted": False, "updated_at": T0 + 3600, "source": "kiosk:store-001"}
+    assert consents["offers"] == {"granted": False, "updated_at": T0 + 3600, "source": "kiosk:store-001/till-2"}
     assert consents["analytics"] == {"granted": True, "updated_at": T0, "source": "app:onboarding"}  # untouched
 
     clock.set(T0 + 7200)
@@ -58,7 +58,7 @@ def test_each_purpose_keeps_its_state_time_and_source(api: tuple[TestClient, Vir
 
     export = client.get(f"/v1/profiles/{pid}/export", headers=ADMIN).json()
     assert {c["purpose"]: c["source"] for c in export["consents"]} == {
-        "offers": "kiosk:store-001", "analytics": "app:onboarding", "maintenance": "api"}
+        "offers": "kiosk:store-001/till-2", "analytics": "app:onboarding", "maintenance": "api"}
 
 
 @pytest.mark.parametrize("source", ["", "has space", "x" * 65, "<script>"])
