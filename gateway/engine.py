@@ -612,14 +612,15 @@ class Engine:
 
         Cooldowns and caps are judged at the time the customer would get it (after a delay or held quiet
         hours), against sends on both sides of that time, so neither late events nor held sends released
-        together can break them."""
-        send_at = self.send_time(c, event.time)
-        channels = tuple(ch for ch in (c.channels or self.channels) if ch in self.channels)
+        together can break them. Consent and conditions come first: most candidates stop there, before the
+        send time is worked out (the event's time and no channels are returned for them)."""
         if c.purpose not in consents:
-            return send_at, channels, NO_CONSENT, f"no consent for {c.purpose}"
+            return event.time, (), NO_CONSENT, f"no consent for {c.purpose}"
         failed = evaluate(c.conditions, facts)
         if failed is not None:
-            return send_at, channels, CONDITION_FALSE, failed
+            return event.time, (), CONDITION_FALSE, failed
+        send_at = self.send_time(c, event.time)
+        channels = tuple(ch for ch in (c.channels or self.channels) if ch in self.channels)
         if sends is None:
             sends = _Sends(self, session, event, [c])
         if sends.duplicate(self.dedup_key(c, event)):
