@@ -211,6 +211,17 @@ PUBACK = 0x40
 _PUBACK = struct.Struct("!BBH")
 
 
+def _literal_prefix(topic_filter: str) -> str:
+    """The filter's levels before its first wildcard, without the last "/" (``a/b/#`` matches ``a/b``):
+    every topic the filter matches starts with it."""
+    literal: list[str] = []
+    for level in topic_filter.split("/"):
+        if level in ("+", "#"):
+            break
+        literal.append(level)
+    return "/".join(literal)
+
+
 class MqttIntake:
     """Subscribe to device telemetry, status and events; put each :class:`TelemetryBatch` on ``batches``.
 
@@ -263,6 +274,7 @@ class MqttIntake:
         self._connected_event: asyncio.Event | None = None
         self._subscribe_mid: int | None = None
         self._extra: list[ExtraSubscription] = []
+        self._extra_literal: list[str] = []  # each filter's levels before its first wildcard: a cheap first test
         self._pending_extra: list[tuple[asyncio.Queue[Any], Any]] = []
         self.extra_accepted: Counter[str] = Counter()
         """Accepted messages per extra subscription name."""
@@ -274,6 +286,7 @@ class MqttIntake:
         if extra.queue.maxsize:
             raise ValueError("the queue must be unbounded; the consumer owns backpressure")
         self._extra.append(extra)
+        self._extra_literal.append(_literal_prefix(extra.topic_filter))
 
     # -- status -------------------------------------------------------------------------------
 
@@ -534,8 +547,9 @@ class MqttIntake:
             except UnicodeDecodeError:
                 self._reject(token, BAD_TOPIC, repr(message._topic[:80]), message.payload, "topic is not UTF-8")
                 return
-            for extra in self._extra:
-                if mqtt.topic_matches_sub(extra.topic_filter, topic):
+            for extra, literal in zip(self._extra, self._extra_literal, strict=True):
+                # paho's matcher builds a tree per call: only for topics that can match at all
+                if topic.startswith(literal) and mqtt.topic_matches_sub(extra.topic_filter, topic):
                     self._on_extra(extra, topic, bytes(message.payload))
                     if self._client is not None:
                         self._client.ack(message.mid, message.qos)  # sightings are ephemeral: taken is done
