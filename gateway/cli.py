@@ -147,7 +147,7 @@ def cmd_catalogue_import(args: argparse.Namespace) -> int:
         return 2
     db = Database(args.url or settings.database.url)
     try:
-        db.upgrade()
+        db.upgrade(settings.store.id)
         service = GatewayService(db, IdentityIndex(), SystemClock(), TokenSigner(token_secret(settings)))
         n = service.import_catalogue_csv(text)
     except Invalid as exc:
@@ -170,7 +170,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
         return 2
     url = args.url or settings.database.url
     db = Database(url)
-    db.upgrade()
+    db.upgrade(settings.store.id)
     db.dispose()
     print(f"database at {url.split('@')[-1]} is at the latest schema")
     return 0
@@ -190,7 +190,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 2
     db = Database(args.url or settings.database.url)
     try:
-        db.upgrade()
+        db.upgrade(settings.store.id)
         with db.session() as s:
             now = time.time()
             if args.keys_command == "create":

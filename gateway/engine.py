@@ -32,6 +32,7 @@ from gateway.campaigns import (
     render,
 )
 from gateway.storage.models import (
+    DEFAULT_STORE_ID,
     Cart,
     CatalogItem,
     Consent,
@@ -383,8 +384,10 @@ class Engine:
 
     def __init__(self, campaigns: CampaignIndex, *, abandon_after_s: float = 1800.0, timezone: str = "UTC",
                  caps: Sequence[FrequencyCap] = (), segments: Sequence[Segment] = (),
-                 tiers: Sequence[tuple[str, int]] = (), channels: Sequence[str] = CHANNELS) -> None:
+                 tiers: Sequence[tuple[str, int]] = (), channels: Sequence[str] = CHANNELS,
+                 store_id: str = DEFAULT_STORE_ID) -> None:
         self.campaigns = campaigns
+        self.store_id = store_id  # written on each decision and notification: figures per store
         self.segments = tuple(segments)
         self._segments_text = " ".join(str(seg.conditions) for seg in self.segments)  # the facts they read
         self.tiers = tuple(tiers)
@@ -410,10 +413,15 @@ class Engine:
         self._release_scan = -math.inf
         self.set_campaigns(campaigns)
 
+    def forget_profile(self, profile_id: int) -> None:
+        """An erased or linked-away profile: what was judged for it goes (the next profile never gets its id,
+        but memory should not keep what erasure removed from the database)."""
+        self._judged.pop(profile_id, None)
+
     def clone(self) -> Engine:
         """The same configuration and campaigns, no in-memory history (dry runs)."""
         return Engine(self.campaigns, abandon_after_s=self.abandon_after_s, timezone=self.timezone, caps=self.caps,
-                      segments=self.segments, tiers=self.tiers, channels=self.channels)
+                      segments=self.segments, tiers=self.tiers, channels=self.channels, store_id=self.store_id)
 
     def set_campaigns(self, campaigns: CampaignIndex) -> None:
         """Swap the live campaign set (API edits); durable state is in the database, so nothing is lost."""
@@ -583,7 +591,7 @@ class Engine:
         if outcomes:
             rows = [{"at": event.time, "profile_id": o.profile_id, "campaign_id": o.campaign_id,
                      "event_kind": event.kind, "event_key": event.key, "fired": o.fired, "reason": o.reason,
-                     "detail": o.detail, "variant": o.variant} for o in outcomes]
+                     "detail": o.detail, "variant": o.variant, "store_id": self.store_id} for o in outcomes]
             if self._bulk is not None:  # written with the batch's others (an INSERT now would flush each send)
                 self._bulk.decisions.extend(rows)
             else:
@@ -725,7 +733,8 @@ class Engine:
                          status=SCHEDULED if deliver_at is not None else "pending", deliver_at=deliver_at,
                          expires_at=event.time + c.ttl_s if c.ttl_s else None,
                          variant=variant.name if variant is not None else None,
-                         redemption_code=redemption_code() if c.purpose == "offers" else None)
+                         redemption_code=redemption_code() if c.purpose == "offers" else None,
+                         store_id=self.store_id)
         if n.redemption_code:
             n.data = {**data, "redemption_code": n.redemption_code}
         session.add(n)
@@ -833,6 +842,7 @@ class Engine:
                 continue
             session.add(Decision(at=now, profile_id=n.profile_id, campaign_id=n.campaign_id,
                                  event_kind="release", event_key=f"notification:{n.id}", fired=False,
-                                 reason=reason, detail=f"notification {n.id} not sent", variant=n.variant))
+                                 reason=reason, detail=f"notification {n.id} not sent", variant=n.variant,
+                                 store_id=self.store_id))
             self.counts[reason] += 1
         return released

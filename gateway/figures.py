@@ -12,6 +12,10 @@ Definitions (all rates in percent):
 - redemption rate: notifications redeemed / notified.
 - per zone: the delivery figures of the notifications whose triggering event was in that zone
   (enter, dwell, exit, visit start at the entrance); telemetry and schedule sends have no zone.
+- store: every figure counts only the rows the store's gateway wrote (``store_id``), so stores sharing one
+  database keep theirs apart; ``store=None`` counts every store. A visit is new when it is the profile's
+  first at that store. A purchase is credited to the last notification its buyer got at any store (so it
+  counts once across stores); a device alarm belongs to the store whose gateway prompted it.
 - conversion: notifications credited with a purchase / notified. A purchase (a cart's checkout
   time) is credited to the last notification its buyer got before it, at most ``conversion_window_s``
   earlier (last touch), and only once; per experiment arm, lift is against the holdout's conversion
@@ -26,7 +30,7 @@ from collections import defaultdict
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from gateway.storage.models import (
@@ -52,24 +56,32 @@ def day_bounds(day: str, timezone: str) -> tuple[float, float]:
     return start.timestamp(), (start + dt.timedelta(days=1)).timestamp()
 
 
+def _at(column: Any, store: str | None) -> list[ColumnElement[bool]]:
+    """The condition that keeps one store's rows (none: every store's)."""
+    return [] if store is None else [column == store]
+
+
 def _pct(num: float, den: float) -> float | None:
     return round(100.0 * num / den, 2) if den else None
 
 
-def visit_figures(session: Session, start: float, end: float, days: list[str], bounce_s: float = 60.0
-                  ) -> dict[str, Any]:
+def visit_figures(session: Session, start: float, end: float, days: list[str], bounce_s: float = 60.0,
+                  store: str | None = None) -> dict[str, Any]:
     visits = session.execute(select(Visit.id, Visit.profile_id, Visit.started_at, Visit.ended_at, Visit.zones)
-                             .where(Visit.started_at >= start, Visit.started_at < end)).all()
+                             .where(Visit.started_at >= start, Visit.started_at < end,
+                                    *_at(Visit.store_id, store))).all()
     first_visit = dict(session.execute(
         select(Visit.profile_id, func.min(Visit.started_at))
-        .where(Visit.profile_id.in_({v.profile_id for v in visits})).group_by(Visit.profile_id)).all())
+        .where(Visit.profile_id.in_({v.profile_id for v in visits}), *_at(Visit.store_id, store))
+        .group_by(Visit.profile_id)).all())
     new = sum(1 for v in visits if first_visit.get(v.profile_id) == v.started_at)
     anonymous = session.scalar(select(func.coalesce(func.sum(FootfallCount.anonymous_visits), 0)).where(
-        FootfallCount.day.in_(days), FootfallCount.zone == "")) or 0
+        FootfallCount.day.in_(days), FootfallCount.zone == "", *_at(FootfallCount.store_id, store))) or 0
     bounced = sum(1 for v in visits if len(v.zones or []) <= 1 and v.ended_at is not None
                   and v.ended_at - v.started_at < bounce_s)
     stays = session.execute(select(ZoneStay.zone, ZoneStay.entered_at, ZoneStay.exited_at).where(
-        ZoneStay.entered_at >= start, ZoneStay.entered_at < end, ZoneStay.exited_at.is_not(None))).all()
+        ZoneStay.entered_at >= start, ZoneStay.entered_at < end, ZoneStay.exited_at.is_not(None),
+        *_at(ZoneStay.store_id, store))).all()
     per_zone: dict[str, list[float]] = defaultdict(list)
     for z in stays:
         per_zone[z.zone].append(z.exited_at - z.entered_at)
@@ -110,13 +122,13 @@ def attribute(session: Session, purchases: dict[int, list[float]], window_s: flo
     return dict(credited)
 
 
-def notification_figures(session: Session, start: float, end: float, conversion_window_s: float = 7 * 86400
-                         ) -> dict[str, Any]:
+def notification_figures(session: Session, start: float, end: float, conversion_window_s: float = 7 * 86400,
+                         store: str | None = None) -> dict[str, Any]:
     notes = session.execute(select(Notification.id, Notification.profile_id, Notification.campaign_id,
                                    Notification.created_at, Notification.status, Notification.variant,
                                    Notification.data)
                             .where(Notification.created_at >= start, Notification.created_at < end,
-                                   Notification.status.in_(RELEASED))).all()
+                                   Notification.status.in_(RELEASED), *_at(Notification.store_id, store))).all()
     ids = [n.id for n in notes]
     kinds: dict[int, set[str]] = defaultdict(set)
     for nid, kind in session.execute(select(Interaction.notification_id, Interaction.kind)
@@ -158,7 +170,7 @@ def notification_figures(session: Session, start: float, end: float, conversion_
     zones = {z: summarize(rows) for z, rows in sorted(by_zone.items())}
     # Experiments: per arm, and lift of each arm's conversion over the holdout's.
     holdouts = session.execute(select(Decision.campaign_id, Decision.profile_id, Decision.at).where(
-        Decision.reason == "holdout", Decision.at >= start, Decision.at < end)).all()
+        Decision.reason == "holdout", Decision.at >= start, Decision.at < end, *_at(Decision.store_id, store))).all()
     for cid, rows in by_campaign.items():
         arms: dict[str, list[Any]] = defaultdict(list)
         for r in rows:
@@ -183,13 +195,16 @@ def notification_figures(session: Session, start: float, end: float, conversion_
     return {"total": summarize(list(notes)), "campaigns": campaigns, "zones": zones}
 
 
-def zone_figures(session: Session, start: float, end: float, days: list[str]) -> dict[str, dict[str, Any]]:
+def zone_figures(session: Session, start: float, end: float, days: list[str], store: str | None = None
+                 ) -> dict[str, dict[str, Any]]:
     """Per zone: footfall (enrolled stays + anonymous entries), unique enrolled visitors, average dwell."""
     stays = session.execute(select(ZoneStay.zone, ZoneStay.profile_id, ZoneStay.entered_at, ZoneStay.exited_at)
-                            .where(ZoneStay.entered_at >= start, ZoneStay.entered_at < end)).all()
+                            .where(ZoneStay.entered_at >= start, ZoneStay.entered_at < end,
+                                   *_at(ZoneStay.store_id, store))).all()
     anon = {z: (int(n or 0), float(d or 0.0)) for z, n, d in session.execute(
         select(FootfallCount.zone, func.sum(FootfallCount.anonymous_visits), func.sum(FootfallCount.anonymous_dwell_s))
-        .where(FootfallCount.day.in_(days), FootfallCount.zone != "").group_by(FootfallCount.zone))}
+        .where(FootfallCount.day.in_(days), FootfallCount.zone != "", *_at(FootfallCount.store_id, store))
+        .group_by(FootfallCount.zone))}
     out: dict[str, dict[str, Any]] = {}
     for zone in sorted({z.zone for z in stays} | set(anon)):
         mine = [z for z in stays if z.zone == zone]
@@ -203,7 +218,7 @@ def zone_figures(session: Session, start: float, end: float, days: list[str]) ->
     return out
 
 
-def maintenance_figures(session: Session, start: float, end: float) -> dict[str, Any]:
+def maintenance_figures(session: Session, start: float, end: float, store: str | None = None) -> dict[str, Any]:
     """Response time to maintenance prompts: from the prompt to the owner's first answer.
 
     A device alarm's prompt (``alarms``) is answered by an acknowledgement or a booking and resolved
@@ -215,7 +230,9 @@ def maintenance_figures(session: Session, start: float, end: float) -> dict[str,
     for a in session.execute(select(Alarm.prompted_at, Alarm.acknowledged_at, Alarm.booked_at, Alarm.resolved_at,
                                     Alarm.notification_id)
                              .where(Alarm.prompted_at.is_not(None), Alarm.prompted_at >= start,
-                                    Alarm.prompted_at < end)):
+                                    Alarm.prompted_at < end,
+                                    *([] if store is None else [Alarm.notification_id.in_(
+                                        select(Notification.id).where(Notification.store_id == store))]))):
         prompts += 1
         if a.notification_id is not None:
             tied.add(a.notification_id)
@@ -226,7 +243,8 @@ def maintenance_figures(session: Session, start: float, end: float) -> dict[str,
             resolutions.append(a.resolved_at - a.prompted_at)
     notes = session.execute(select(Notification.id, func.coalesce(Notification.deliver_at, Notification.created_at))
                             .where(Notification.purpose == "maintenance", Notification.status.in_(RELEASED),
-                                   Notification.created_at >= start, Notification.created_at < end)).all()
+                                   Notification.created_at >= start, Notification.created_at < end,
+                                   *_at(Notification.store_id, store))).all()
     loose = {nid: at for nid, at in notes if nid not in tied}
     if loose:
         firsts = dict(session.execute(select(Interaction.notification_id, func.min(Interaction.at)).where(
@@ -250,7 +268,8 @@ def figures(session: Session, day_from: str, day_to: str, timezone: str, *, boun
             conversion_window_s: float = 7 * 86400, zone: str | None = None, campaign: str | None = None,
             store: str | None = None, per_day: bool = True) -> dict[str, Any]:
     """Figures for the local days ``day_from`` .. ``day_to`` inclusive, in the store's timezone: the
-    range's totals, per zone, per campaign (with experiment arms), maintenance response, and per day."""
+    range's totals, per zone, per campaign (with experiment arms), maintenance response, and per day; of the
+    rows ``store``'s gateway wrote (None: of every store sharing the database)."""
     d0, d1 = dt.date.fromisoformat(day_from), dt.date.fromisoformat(day_to)
     if d1 < d0:
         raise ValueError("the range ends before it starts")
@@ -259,9 +278,9 @@ def figures(session: Session, day_from: str, day_to: str, timezone: str, *, boun
     days = [(d0 + dt.timedelta(days=i)).isoformat() for i in range((d1 - d0).days + 1)]
     start, _ = day_bounds(days[0], timezone)
     _, end = day_bounds(days[-1], timezone)
-    visits = visit_figures(session, start, end, days, bounce_s)
-    zones = zone_figures(session, start, end, days)
-    notes = notification_figures(session, start, end, conversion_window_s)
+    visits = visit_figures(session, start, end, days, bounce_s, store)
+    zones = zone_figures(session, start, end, days, store)
+    notes = notification_figures(session, start, end, conversion_window_s, store)
     if zone is not None:
         zones = {z: f for z, f in zones.items() if z == zone}
         visits["avg_dwell_s_by_zone"] = {z: d for z, d in visits["avg_dwell_s_by_zone"].items() if z == zone}
@@ -271,15 +290,15 @@ def figures(session: Session, day_from: str, day_to: str, timezone: str, *, boun
     out: dict[str, Any] = {"from": day_from, "to": day_to, "timezone": timezone, "store": store, **visits,
                            "unique_visitors": visits["unique_enrolled_visitors"] + visits["anonymous_visits"],
                            "zones": zones, "notifications": notes,
-                           "maintenance": maintenance_figures(session, start, end)}
+                           "maintenance": maintenance_figures(session, start, end, store)}
     if per_day:
         rows = []
         for day in days:
             a, b = day_bounds(day, timezone)
-            v = visit_figures(session, a, b, [day], bounce_s)
-            n = notification_figures(session, a, b, conversion_window_s)
+            v = visit_figures(session, a, b, [day], bounce_s, store)
+            n = notification_figures(session, a, b, conversion_window_s, store)
             total = n["campaigns"].get(campaign) if campaign is not None else n["total"]
-            z = zone_figures(session, a, b, [day])
+            z = zone_figures(session, a, b, [day], store)
             rows.append({"day": day, **{k: v[k] for k in ("footfall", "enrolled_visits", "anonymous_visits",
                                                           "unique_enrolled_visitors", "new_visits",
                                                           "returning_visits", "bounce_rate")},

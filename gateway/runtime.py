@@ -84,7 +84,7 @@ def _footfall_upsert(session: Session) -> Any:
         if name not in ("postgresql", "sqlite"):
             raise NotImplementedError(f"storage supports SQLite and PostgreSQL, not {name}")
         ins = (postgresql.insert if name == "postgresql" else sqlite.insert)(_FOOTFALL)
-        stmt = _FOOTFALL_UPSERTS[name] = ins.on_conflict_do_update(index_elements=["day", "zone"], set_={
+        stmt = _FOOTFALL_UPSERTS[name] = ins.on_conflict_do_update(index_elements=["store_id", "day", "zone"], set_={
             "anonymous_visits": _FOOTFALL.c.anonymous_visits + ins.excluded.anonymous_visits,
             "anonymous_dwell_s": _FOOTFALL.c.anonymous_dwell_s + ins.excluded.anonymous_dwell_s})
     return stmt
@@ -129,6 +129,7 @@ class Pipeline:
                  guard: GuardSettings | None = None, segments: Sequence[Segment] = ()) -> None:
         self.settings = settings
         self.db = db
+        self.store_id = settings.store.id  # written on every visit, stay and footfall row (figures per store)
         self.identities = identities
         self.parse_stats = ParseStats()
         # Floods, rotating addresses and passers-by stop here; enrolled identities skip the uuid rule.
@@ -139,7 +140,8 @@ class Pipeline:
                              caps=[FrequencyCap(c.window_s, c.max, tuple(c.purposes), c.channel or None)
                                    for c in settings.engine.caps],
                              segments=segments,
-                             tiers=[(t.name, t.min_points) for t in settings.loyalty.tiers])
+                             tiers=[(t.name, t.min_points) for t in settings.loyalty.tiers],
+                             store_id=settings.store.id)
         self.on_outcome = on_outcome
         self.figures: Counter[str] = Counter()
         self._tz = ZoneInfo(settings.store.timezone)
@@ -294,7 +296,8 @@ class Pipeline:
         if ev.kind == "visit_start":
             before = s.scalar(_HAS_VISIT, {"pid": pid}) is not None
             self.figures["visits_returning" if before else "visits_new"] += 1
-            vid = s.execute(_NEW_VISIT, {"profile_id": pid, "started_at": ev.time, "zones": []}).scalar_one()
+            vid = s.execute(_NEW_VISIT, {"profile_id": pid, "started_at": ev.time, "zones": [],
+                                          "store_id": self.store_id}).scalar_one()
             s.execute(update(Profile).where(Profile.id == pid)
                       .values(points=Profile.points + self.settings.loyalty.points_per_visit))
             self._open_visits[pid] = vid
@@ -310,7 +313,8 @@ class Pipeline:
                     current = None  # the visit is gone (erased): the stay belongs to no visit
             if ev.zone:
                 self._open_stays[(pid, ev.zone)] = s.execute(_NEW_STAY, {
-                    "profile_id": pid, "visit_id": current, "zone": ev.zone, "entered_at": ev.time}).scalar_one()
+                    "profile_id": pid, "visit_id": current, "zone": ev.zone, "entered_at": ev.time,
+                    "store_id": self.store_id}).scalar_one()
         elif ev.kind == "exit":
             sid = self._open_stays.pop((pid, ev.zone or ""), None)
             if sid is not None:
@@ -336,10 +340,22 @@ class Pipeline:
         if not self._anonymous:
             return
         pending, self._anonymous = self._anonymous, defaultdict(lambda: [0, 0.0])
-        rows = [{"day": day, "zone": zone, "anonymous_visits": int(visits), "anonymous_dwell_s": dwell}
+        rows = [{"store_id": self.store_id, "day": day, "zone": zone, "anonymous_visits": int(visits),
+                 "anonymous_dwell_s": dwell}
                 for (day, zone), (visits, dwell) in pending.items()]
         with self.db.session() as s:  # one upsert statement: the counts are added to the day's row
             s.execute(_footfall_upsert(s), rows)
+
+    def forget_profile(self, profile_id: int) -> None:
+        """An erased profile (or one linked into another) leaves nothing keyed by its id in memory: no open
+        visit or stay to write to, no identities to wait for, no occurrences judged (Engine.forget_profile)."""
+        for per_profile in (self._visit_keys, self._visit_began, self._open_visits, self._visit_zones):
+            per_profile.pop(profile_id, None)
+        for key in [k for k in self._zone_keys if k[0] == profile_id]:
+            del self._zone_keys[key]
+        for stay in [k for k in self._open_stays if k[0] == profile_id]:
+            del self._open_stays[stay]
+        self.engine.forget_profile(profile_id)
 
     def profile_changed(self, profile_id: int, now: float) -> list[int]:
         """Attributes or consents changed: live segments are evaluated again (segment_entered may fire)."""
@@ -495,6 +511,7 @@ class Runtime:
 
         self.service.dry_runner = runner
         self.service.on_profile_changed = self._profile_changed
+        self.service.on_profile_gone = self._profile_gone
         self._adverts: list[Advertisement] = []
         self._drain_scheduled = False
         self._tasks: list[asyncio.Task[Any]] = []
@@ -511,7 +528,7 @@ class Runtime:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self.db.upgrade)
+        await asyncio.to_thread(self.db.upgrade, self.settings.store.id)
         with self.db.session() as s:
             self.identities.load(s)
         self.reload_campaigns()
@@ -665,6 +682,14 @@ class Runtime:
                 log.exception("segment refresh for profile %s failed", profile_id)
 
         self._loop.call_soon_threadsafe(run)
+
+    def _profile_gone(self, profile_id: int) -> None:
+        """From the API's worker threads, after an erasure or a link committed: the pipeline forgets the profile
+        on the loop, where its state changes (before the loop runs, nothing else touches it: now)."""
+        if self._loop is None:
+            self.pipeline.forget_profile(profile_id)
+            return
+        self._loop.call_soon_threadsafe(self.pipeline.forget_profile, profile_id)
 
     def _ingest_sightings_now(self, batch: list[Sighting]) -> None:
         try:

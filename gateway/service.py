@@ -105,6 +105,8 @@ class GatewayService:
         self.store_id: str | None = None  # set by the runtime from [store]
         # Set by the runtime: a profile's attributes or consents changed, so its live segments are re-evaluated.
         self.on_profile_changed: Callable[[int], None] | None = None
+        # Set by the runtime: a profile was erased or linked into another, so in-memory state keyed by its id goes.
+        self.on_profile_gone: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------ profiles
 
@@ -189,6 +191,10 @@ class GatewayService:
         if self.on_profile_changed is not None:
             self.on_profile_changed(profile_id)
 
+    def _profile_gone(self, profile_id: int) -> None:
+        if self.on_profile_gone is not None:
+            self.on_profile_gone(profile_id)
+
     def update_profile(self, profile_id: int, *, name: str | None = None,
                        attributes: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Change the name or merge attributes (a null value removes one); segments follow at once."""
@@ -222,6 +228,7 @@ class GatewayService:
         self.identities.remove_profile(other_id)
         for kind, value in moved:
             self.identities.add(kind, value, keep_id)
+        self._profile_gone(other_id)
         self._profile_changed(keep_id)
         return view
 
@@ -389,6 +396,7 @@ class GatewayService:
             if not erase_profile(s, profile_id):
                 raise NotFound(f"profile {profile_id} not found")
         self.identities.remove_profile(profile_id)
+        self._profile_gone(profile_id)
 
     def decisions(self, profile_id: int, campaign_id: str | None, limit: int) -> list[dict[str, Any]]:
         from gateway.explain import why

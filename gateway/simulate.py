@@ -107,7 +107,7 @@ def simulate(scenario: Scenario, duration_s: float, *, campaigns_dir: str, seed:
         db_url = f"sqlite:///{Path(tmp.name) / 'sim.db'}"
     db = Database(db_url)
     try:
-        db.upgrade()
+        db.upgrade(settings.store.id)
         identities = IdentityIndex()
         service = GatewayService(db, identities, clock, TokenSigner(b"simulation-only-secret-0123456789"))
         enrol(service, scenario)

@@ -35,10 +35,14 @@ def figures(ctx: Context,
             zone: Annotated[str | None, Query(min_length=1, max_length=64, description="Only this zone")] = None,
             campaign: Annotated[str | None, Query(min_length=1, max_length=128,
                                                   description="Only this campaign")] = None,
+            store: Annotated[str | None, Query(min_length=1, max_length=64, description=(
+                "Another store sharing the database (its [store] id); default: this gateway's. "
+                "A store with no rows gives empty figures"))] = None,
             ) -> dict[str, Any]:
     """The store's figures for a range of local days, with a row per day: footfall, unique visitors,
     new vs returning, dwell per zone, bounce, engagement, CTR, redemption, conversion, experiment arms
-    with lift against the holdout, and response time to maintenance prompts."""
+    with lift against the holdout, and response time to maintenance prompts. Only the rows this store's
+    gateway wrote count, so stores sharing one database keep their figures apart."""
     last = day_to or day_from
     return ctx.service.figures(day_from.isoformat(), last.isoformat(), ctx.service.timezone, zone=zone,
-                               campaign=campaign, store=ctx.service.store_id)
+                               campaign=campaign, store=store or ctx.service.store_id)

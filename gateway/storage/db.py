@@ -33,8 +33,9 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def upgrade(engine: Engine, revision: str = "heads") -> None:
-    """Apply Alembic migrations; run at every start so a new version migrates itself."""
+def upgrade(engine: Engine, revision: str = "heads", store_id: str | None = None) -> None:
+    """Apply Alembic migrations; run at every start so a new version migrates itself. ``store_id``: the
+    gateway's store, which rows older than the store columns are given (migration 0012)."""
     from alembic import command
     from alembic.config import Config
 
@@ -42,6 +43,7 @@ def upgrade(engine: Engine, revision: str = "heads") -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
+        cfg.attributes["store_id"] = store_id
         command.upgrade(cfg, revision)
 
 
@@ -53,8 +55,8 @@ class Database:
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    def upgrade(self) -> None:
-        upgrade(self.engine)
+    def upgrade(self, store_id: str | None = None) -> None:
+        upgrade(self.engine, store_id=store_id)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

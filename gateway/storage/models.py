@@ -24,6 +24,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+# The store a row belongs to when nothing says otherwise: [store] id's default, so a single-store gateway that
+# never set one keeps its history (migration 0012 gives it to rows older than the column unless told the id).
+DEFAULT_STORE_ID = "store-001"
+
+
+def _store_column() -> Mapped[str]:
+    """Which store's gateway wrote the row: figures filter by it when stores share one database."""
+    return mapped_column(String(64), server_default=DEFAULT_STORE_ID)
+
 
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
@@ -120,19 +129,22 @@ class Cart(Base):
 
 class Visit(Base):
     __tablename__ = "visits"
+    __table_args__ = (Index("ix_visits_store_started", "store_id", "started_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     profile_id: Mapped[int] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)
     started_at: Mapped[float] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float)
     zones: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    store_id: Mapped[str] = _store_column()
 
 
 class Decision(Base):
     """Why a campaign did or did not fire for one profile and one event."""
 
     __tablename__ = "decisions"
-    __table_args__ = (Index("ix_decisions_profile_campaign", "profile_id", "campaign_id"),)
+    __table_args__ = (Index("ix_decisions_profile_campaign", "profile_id", "campaign_id"),
+                      Index("ix_decisions_store_at", "store_id", "at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[float] = mapped_column(Float, index=True)
@@ -144,6 +156,7 @@ class Decision(Base):
     reason: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str | None] = mapped_column(Text)
     variant: Mapped[str | None] = mapped_column(String(64))  # experiment arm, "holdout" included
+    store_id: Mapped[str] = _store_column()
 
 
 class Notification(Base):
@@ -154,7 +167,8 @@ class Notification(Base):
     """
 
     __tablename__ = "notifications"
-    __table_args__ = (Index("ix_notifications_profile_id_id", "profile_id", "id"),)
+    __table_args__ = (Index("ix_notifications_profile_id_id", "profile_id", "id"),
+                      Index("ix_notifications_store_created", "store_id", "created_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     profile_id: Mapped[int] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"))
@@ -175,6 +189,7 @@ class Notification(Base):
     # A delayed or held send, when released: the highest notification id committed at that moment. A stream
     # resuming after Last-Event-ID L replays it when this is >= L, though its own id is older (see outbox.replay).
     released_after: Mapped[int | None] = mapped_column(Integer)
+    store_id: Mapped[str] = _store_column()
 
 
 class Delivery(Base):
@@ -258,7 +273,8 @@ class ZoneStay(Base):
     """One enrolled customer's time in one zone: dwell per zone and bounce rate come from here."""
 
     __tablename__ = "zone_stays"
-    __table_args__ = (Index("ix_zone_stays_zone_entered", "zone", "entered_at"),)
+    __table_args__ = (Index("ix_zone_stays_zone_entered", "zone", "entered_at"),
+                      Index("ix_zone_stays_store_entered", "store_id", "entered_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     profile_id: Mapped[int] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)
@@ -266,13 +282,15 @@ class ZoneStay(Base):
     zone: Mapped[str] = mapped_column(String(64))
     entered_at: Mapped[float] = mapped_column(Float)
     exited_at: Mapped[float | None] = mapped_column(Float)
+    store_id: Mapped[str] = _store_column()
 
 
 class FootfallCount(Base):
-    """Anonymous visits per local day and zone: counts only, no identity and no address."""
+    """Anonymous visits per store, local day and zone: counts only, no identity and no address."""
 
     __tablename__ = "footfall_counts"
 
+    store_id: Mapped[str] = mapped_column(String(64), primary_key=True, server_default=DEFAULT_STORE_ID)
     day: Mapped[str] = mapped_column(String(10), primary_key=True)  # YYYY-MM-DD, store time
     zone: Mapped[str] = mapped_column(String(64), primary_key=True)  # "" for the store as a whole
     anonymous_visits: Mapped[int] = mapped_column(Integer, default=0)
