@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from beacons.guard import Guard, GuardSettings
 from beacons.parse import ParseStats, parse_adverts
-from beacons.remote import AppReport, RemoteError, app_sightings, parse_espresense
+from beacons.remote import AppReport, RemoteError, app_key, app_sightings, parse_espresense
 from beacons.scanner import Scanner
 from beacons.types import Advertisement, Sighting
 from devices.payloads import Reading
@@ -61,7 +61,7 @@ _VISITS = cast(Table, Visit.__table__)
 _STAYS = cast(Table, ZoneStay.__table__)
 _FOOTFALL = cast(Table, FootfallCount.__table__)
 # The visit path's statements, built once (their cache keys are memoized); values come as bound parameters.
-_HAS_VISIT = select(Visit.id).where(Visit.profile_id == bindparam("pid")).limit(1)
+_HAS_VISIT = select(Visit.id).where(Visit.profile_id == bindparam("pid"), Visit.store_id == bindparam("store")).limit(1)
 _NEW_VISIT = insert(_VISITS).returning(_VISITS.c.id)
 _NEW_STAY = insert(_STAYS).returning(_STAYS.c.id)
 _VISIT_ZONES = update(_VISITS).where(_VISITS.c.id == bindparam("vid")).values(zones=bindparam("zones"))
@@ -294,7 +294,7 @@ class Pipeline:
         """The profile's visit and zone stays, as Core statements (one per event; no ORM objects to load):
         the open visit's zones are remembered here, so an enter appends to them without reading the row."""
         if ev.kind == "visit_start":
-            before = s.scalar(_HAS_VISIT, {"pid": pid}) is not None
+            before = s.scalar(_HAS_VISIT, {"pid": pid, "store": self.store_id}) is not None  # new here, as figures
             self.figures["visits_returning" if before else "visits_new"] += 1
             vid = s.execute(_NEW_VISIT, {"profile_id": pid, "started_at": ev.time, "zones": [],
                                           "store_id": self.store_id}).scalar_one()
@@ -348,7 +348,9 @@ class Pipeline:
 
     def forget_profile(self, profile_id: int) -> None:
         """An erased profile (or one linked into another) leaves nothing keyed by its id in memory: no open
-        visit or stay to write to, no identities to wait for, no occurrences judged (Engine.forget_profile)."""
+        visit or stay to write to, no identities to wait for, no occurrences judged (Engine.forget_profile),
+        no presence track of its app. Its tags' tracks stay, anonymous now, as any unknown identity's."""
+        self.presence.tracks.pop(app_key(profile_id), None)
         for per_profile in (self._visit_keys, self._visit_began, self._open_visits, self._visit_zones):
             per_profile.pop(profile_id, None)
         for key in [k for k in self._zone_keys if k[0] == profile_id]:

@@ -16,8 +16,10 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
+from beacons.remote import app_key
+from beacons.types import Sighting
 from gateway.clock import VirtualClock
-from gateway.config import Settings
+from gateway.config import ReceiverSettings, Settings, ZoneBand
 from gateway.presence import PresenceEvent
 from gateway.runtime import Runtime
 from gateway.service import NewProfile
@@ -44,6 +46,7 @@ def _settings(tmp: Path, store: str, db_url: str, campaigns: Path) -> Settings:
     s.api.admin_key = ADMIN["X-API-Key"]
     s.mqtt.enabled = False
     s.campaigns.dir = str(campaigns)
+    s.receivers = [ReceiverSettings("rx", [ZoneBand("shoes", 5.0)])]
     return s
 
 
@@ -158,17 +161,20 @@ async def test_erasing_or_linking_a_profile_leaves_nothing_keyed_by_its_id_in_me
     for key, t in (("ibeacon:aa:1:1", T0), ("ibeacon:bb:1:1", T0 + 10), ("ibeacon:cc:1:1", T0 + 20)):
         assert _visit(north, key, t, end=False)  # in the shoes now, each with a notification sent
     p = north.pipeline
+    north.identities.allow_app(ann)  # Ann's app reports her too
+    p.ingest_sightings([Sighting(app_key(ann), "rx", -60, T0 + 25, -59)])
 
     def held(pid: int) -> list[str]:
         """The per-profile maps that still hold ``pid``."""
         maps: dict[str, Any] = {"_visit_keys": p._visit_keys, "_visit_began": p._visit_began,
                                 "_open_visits": p._open_visits, "_visit_zones": p._visit_zones,
                                 "_zone_keys": {k[0] for k in p._zone_keys},
-                                "_open_stays": {k[0] for k in p._open_stays}, "_judged": p.engine._judged}
+                                "_open_stays": {k[0] for k in p._open_stays}, "_judged": p.engine._judged,
+                                "presence.tracks": {int(k[4:]) for k in p.presence.tracks if k.startswith("app:")}}
         return [name for name, m in maps.items() if pid in m]
 
-    assert held(ann) == held(bob) == held(cat) == ["_visit_keys", "_visit_began", "_open_visits", "_visit_zones",
-                                                   "_zone_keys", "_open_stays", "_judged"]
+    mapped = ["_visit_keys", "_visit_began", "_open_visits", "_visit_zones", "_zone_keys", "_open_stays", "_judged"]
+    assert held(ann) == [*mapped, "presence.tracks"] and held(bob) == held(cat) == mapped
     async with httpx.AsyncClient(base_url=base, timeout=10) as c:
         assert (await c.delete(f"/v1/profiles/{ann}", headers=ADMIN)).status_code == 204
         linked = await c.post(f"/v1/profiles/{cat}/link", json={"profile_id": bob}, headers=ADMIN)
@@ -176,7 +182,7 @@ async def test_erasing_or_linking_a_profile_leaves_nothing_keyed_by_its_id_in_me
     await asyncio.sleep(0)  # the runtime forgets on its loop
     await north.flush()
     assert held(ann) == [] and held(bob) == []
-    assert len(held(cat)) == 7  # the profile kept is still in the shop
+    assert held(cat) == mapped  # the profile kept is still in the shop
     # Ann's tag walks on: anonymous now, so nothing about her comes back, and the visit ends cleanly.
     north.pipeline.handle_presence([PresenceEvent("exit", "ibeacon:aa:1:1", T0 + 31, "shoes", zone_since=T0 + 1,
                                                   visit_since=T0, dwell_s=30),
