@@ -180,7 +180,12 @@ class DeviceRules:
                        RuleStateRecord.profile_id, RuleStateRecord.due_at).where(RuleStateRecord.device_id.in_(ids)))}
         serviced = _latest_service(s, ids)
         states: dict[tuple[str, str], RuleState] = {}
-        alarms: dict[tuple[str, str], Alarm | None] = {}
+        # The batch's active alarms in one query (a sample over a threshold updates its alarm: most batches
+        # touch several), instead of one query per device and rule.
+        alarms: dict[tuple[str, str], Alarm | None] = {(d, r.id): None for d in ids for r in wanted[d]}
+        for a in s.scalars(select(Alarm).where(Alarm.device_id.in_(ids), Alarm.status == ACTIVE)):
+            if (a.device_id, a.rule_id) in alarms:
+                alarms[(a.device_id, a.rule_id)] = a
         last_time: dict[str, float] = {}
         created: list[int] = []
         for device_id, sample in samples:
