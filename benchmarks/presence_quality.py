@@ -419,22 +419,15 @@ def score(events: list[Event], walkers: list[Walker], exit_after_s: float, durat
                 total += 1
                 r += 1
             # enter latency per route stop
-            for (s0, _s1), stop in zip(v.stops, v.route, strict=True):
-                i = bisect.bisect_right([s.t0 for s in v.segments], s0) - 1
-                j = i
-                while i > 0 and v.segments[i - 1].zone == stop.zone:
-                    i -= 1
-                while j + 1 < len(v.segments) and v.segments[j + 1].zone == stop.zone:
-                    j += 1
-                entry, leave = START + v.segments[i].t0, START + v.segments[j].t1
-                if state_at(line, entry) == stop.zone:
+            for entry, leave, zone in stop_entries(v):
+                if state_at(line, entry) == zone:
                     latencies.append(0.0)
                     continue
                 first = None
                 if line is not None:
                     k = bisect.bisect_left(line[0], entry)
                     while k < len(line[0]) and line[0][k] <= leave:
-                        if line[1][k] == stop.zone:
+                        if line[1][k] == zone:
                             first = line[0][k]
                             break
                         k += 1
