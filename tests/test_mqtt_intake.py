@@ -67,6 +67,18 @@ async def collect_batch(intake: MqttIntake, count: int, timeout: float = 10.0, a
     return got
 
 
+async def drain_until_quiet(intake: MqttIntake, quiet_s: float) -> TelemetryBatch:
+    """Whatever else arrives until nothing has for ``quiet_s`` (acked, as a committing consumer does)."""
+    got = TelemetryBatch()
+    while True:
+        try:
+            batch = await asyncio.wait_for(intake.batches.get(), quiet_s)
+        except TimeoutError:
+            return got
+        intake.ack(batch)
+        got.extend(batch)
+
+
 async def collect(intake: MqttIntake, count: int, timeout: float = 10.0) -> list[Reading]:
     return (await collect_batch(intake, count, timeout)).readings
 
@@ -588,10 +600,13 @@ async def test_a_backlog_read_in_large_chunks_arrives_whole_and_acked_messages_n
     await second.start()
     try:
         got = await collect_batch(second, n + 2, timeout=20)
-        assert second.stats()["acked"] == n + 2 and second.stats()["unacked_size"] == 0
+        # QoS 1 is at least once: should the broker send a message twice on this connection, the copy
+        # is taken and acknowledged too, before the session is left (a bounded wait for quiet).
+        got.extend(await drain_until_quiet(second, 0.5))
+        assert second.stats()["unacked_size"] == 0
     finally:
         await second.stop()
-    assert sorted(r.seq for r in got.readings if r.seq is not None) == list(range(n + 1))
+    assert sorted({r.seq for r in got.readings if r.seq is not None}) == list(range(n + 1))
     assert [j.reason for j in got.rejects] == ["too_large"]
 
     third = MqttIntake(settings)
