@@ -444,12 +444,16 @@ class PipelinedPublisher:
             raise TimeoutError(f"no CONNACK from {host}:{port}")
         self._last: mqtt.MQTTMessageInfo | None = None
         self._infos: list[mqtt.MQTTMessageInfo] = []
+        self._prune_at = 5000
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         self._infos.append(info)
-        if len(self._infos) >= 5000:  # drop the ones already acknowledged, keep memory flat
+        if len(self._infos) >= self._prune_at:  # drop the ones already acknowledged, keep memory flat
             self._infos = [i for i in self._infos if not i.is_published()]
+            # Amortised: when the broker lags, the next pass waits until the list has doubled (a pass per
+            # publish over a long unacknowledged list made a 100,000-message backlog quadratic).
+            self._prune_at = max(5000, 2 * len(self._infos))
 
     def flush(self, timeout: float = 60.0) -> bool:
         """True once every message published so far is acknowledged."""
