@@ -22,7 +22,7 @@ import random
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -443,27 +443,40 @@ class PipelinedPublisher:
             self.close()
             raise TimeoutError(f"no CONNACK from {host}:{port}")
         self._last: mqtt.MQTTMessageInfo | None = None
-        self._infos: list[mqtt.MQTTMessageInfo] = []
-        self._prune_at = 5000
+        self._infos: deque[mqtt.MQTTMessageInfo] = deque()  # oldest first; acks come back about in order
+
+    # paho's message ids are 16 bits: with 65,535 messages unacknowledged a new one collides with an old one
+    # (paho refuses it), so a publisher that runs ahead of the broker waits below that.
+    MAX_UNACKED = 30_000
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        self._infos.append(info)
-        if len(self._infos) >= self._prune_at:  # drop the ones already acknowledged, keep memory flat
-            self._infos = [i for i in self._infos if not i.is_published()]
-            # Amortised: when the broker lags, the next pass waits until the list has doubled (a pass per
-            # publish over a long unacknowledged list made a 100,000-message backlog quadratic).
-            self._prune_at = max(5000, 2 * len(self._infos))
+        info.is_published()  # raises at once if paho refused it
+        infos = self._infos
+        infos.append(info)
+        self._drop_acknowledged()
+        if len(infos) >= self.MAX_UNACKED and not self._wait_below(self.MAX_UNACKED // 2, 60.0):
+            raise TimeoutError(f"the broker acknowledged nothing for 60 s ({len(infos)} messages outstanding)")
 
     def flush(self, timeout: float = 60.0) -> bool:
         """True once every message published so far is acknowledged."""
+        return self._wait_below(1, timeout)
+
+    def _drop_acknowledged(self) -> None:
+        infos = self._infos
+        while infos and infos[0].is_published():
+            infos.popleft()
+
+    def _wait_below(self, count: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._infos = [i for i in self._infos if not i.is_published()]
-            if not self._infos:
+        while True:
+            self._drop_acknowledged()
+            if len(self._infos) < count:
                 return True
-            self._infos[0].wait_for_publish(max(0.01, min(1.0, deadline - time.monotonic())))
-        return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._infos[0].wait_for_publish(max(0.01, min(1.0, left)))
 
     def close(self) -> None:
         self._client.disconnect()
