@@ -83,6 +83,20 @@ async def collect(intake: MqttIntake, count: int, timeout: float = 10.0) -> list
     return (await collect_batch(intake, count, timeout)).readings
 
 
+async def assert_nothing_acked_comes_back(settings: MqttSettings, publisher: Any, seq: int) -> None:
+    """A new connection to the same session: the first message it gets is a fresh one (``seq``), not an
+    acknowledged one the broker kept."""
+    intake = MqttIntake(settings)
+    await intake.start()
+    try:
+        assert await intake.wait_connected(10)
+        publisher.publish(topic_of(intake, "d1"), json.dumps({"seq": seq, "metrics": {"x": 1}}))
+        [last] = await collect(intake, 1)
+        assert last.seq == seq  # nothing acknowledged came back
+    finally:
+        await intake.stop()
+
+
 def no_paho_thread(client_id: str) -> bool:
     return not any(t.name == f"paho-mqtt-client-{client_id}" for t in threading.enumerate())
 
@@ -196,15 +210,7 @@ async def test_nothing_is_acknowledged_before_the_consumer_says_so(
     finally:
         await second.stop()
 
-    third = MqttIntake(settings)
-    await third.start()
-    try:
-        assert await third.wait_connected(10)
-        publisher.publish(topic_of(third, "d1"), json.dumps({"seq": 99, "metrics": {"x": 1}}))
-        [last] = await collect(third, 1)
-        assert last.seq == 99  # nothing acked came back
-    finally:
-        await third.stop()
+    await assert_nothing_acked_comes_back(settings, publisher, 99)
 
 
 async def test_acks_of_an_earlier_connection_are_dropped_and_the_broker_redelivers(
@@ -609,12 +615,4 @@ async def test_a_backlog_read_in_large_chunks_arrives_whole_and_acked_messages_n
     assert sorted({r.seq for r in got.readings if r.seq is not None}) == list(range(n + 1))
     assert [j.reason for j in got.rejects] == ["too_large"]
 
-    third = MqttIntake(settings)
-    await third.start()
-    try:
-        assert await third.wait_connected(10)
-        publisher.publish(topic_of(third, "d1"), json.dumps({"seq": 10_000, "metrics": {"x": 1}}))
-        [last] = await collect(third, 1)
-        assert last.seq == 10_000  # nothing acknowledged came back
-    finally:
-        await third.stop()
+    await assert_nothing_acked_comes_back(settings, publisher, 10_000)
