@@ -111,7 +111,9 @@ _PATHS: dict[str, tuple[str, ...]] = {}  # a dotted path split once (conditions 
 def lookup(facts: Mapping[str, Any], path: str) -> Any:
     parts = _PATHS.get(path)
     if parts is None:
-        parts = _PATHS[path] = tuple(path.split("."))
+        parts = tuple(path.split("."))
+        if len(_PATHS) < 10_000:  # campaigns over the API may name any path: the cache stays bounded
+            _PATHS[path] = parts
     cur: Any = facts
     for part in parts:
         if isinstance(cur, Mapping) and part in cur:

@@ -135,7 +135,7 @@ _PROFILE_SENDS = select(Notification.campaign_id, _sent_at, Notification.purpose
     Notification.profile_id == bindparam("pid"), Notification.status.not_in(NOT_SENT),
     _sent_at > bindparam("lo"), _sent_at < bindparam("hi")).order_by(Notification.id)
 _BULK_PROFILES = (select(Profile).where(Profile.id.in_(bindparam("ids", expanding=True)))
-                  .options(lazyload(Profile.identifiers), lazyload(Profile.consents)))
+                  .options(*_PROFILE_ONLY))
 _BULK_CONSENTS = select(Consent.profile_id, Consent.purpose).where(
     Consent.profile_id.in_(bindparam("ids", expanding=True)), Consent.granted.is_(True))
 _BULK_SENDS = select(Notification.profile_id, Notification.campaign_id, _sent_at, Notification.purpose,
@@ -405,7 +405,7 @@ class Engine:
         self._judged: dict[int, set[tuple[str, str]]] = {}
         self._cancellers: dict[str, list[str]] = {}
         self._schedules_done: set[str] = set()
-        self._conditions_text: dict[str, tuple[Any, tuple[bool, bool]]] = {}
+        self._condition_reads_of: dict[str, tuple[Any, tuple[bool, bool]]] = {}
         self._bulk: _Bulk | None = None  # set while handle_many runs
         # Scheduled sends: none is due before _release_from (sends this engine schedules lower it; a rollback
         # leaves it too early, which costs one query). Others' (another worker's) are seen at the rescan.
@@ -564,10 +564,10 @@ class Engine:
     def _condition_reads(self, c: Campaign) -> tuple[bool, bool]:
         """Whether the conditions read cart facts, and behaviour facts or segments (from their text); worked
         out once per campaign, not per event."""
-        known = self._conditions_text.get(c.id)
+        known = self._condition_reads_of.get(c.id)
         if known is None or known[0] is not c.conditions:
             text = str(c.conditions)
-            known = self._conditions_text[c.id] = (
+            known = self._condition_reads_of[c.id] = (
                 c.conditions, ("cart." in text, "behaviour." in text or "segments" in text))
         return known[1]
 

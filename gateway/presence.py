@@ -449,7 +449,7 @@ class PresenceTracker:
                 m = n - 1
                 pred = [(p[i] * stay + per_zone + moves * ((total - p[i]) / m)) * exp(llr[i] - top) for i in range(n)]
             else:
-                pred = [(p[0] * stay + per_zone + moves * 0.0) * exp(llr[0] - top)]
+                pred = [(p[0] * stay + per_zone) * exp(llr[0] - top)]  # one zone: nowhere else to move
             pred.append((p[n] * (1.0 - arrive) + leave * (1.0 - direct if n > 1 else 1.0) * total) * exp(
                 llr[n] - top))
             z = sum(pred)
