@@ -27,10 +27,15 @@ nothing here is stored or passed on by address. Every drop is counted with its r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from beacons.types import Sighting
+
+if TYPE_CHECKING:
+    from beacons.types import Advertisement, Frame
 
 __all__ = ["DROP_REASONS", "Guard", "GuardSettings"]
 
@@ -141,6 +146,33 @@ class Guard:
             self.figures["admitted"] += 1
             return True
         return self._prove(i, key, now, prev)
+
+    def sightings(self, pairs: Iterable[tuple[Advertisement, Frame]]) -> list[Sighting]:
+        """``admit`` over a parsed drain, in order: a Sighting for each pair whose identity may go on (a
+        frame without an identity, such as TLM, is left out). The address stops here. The common advert,
+        a settled identity from the address it last used, is judged inline; the rest go through ``admit``."""
+        out: list[Sighting] = []
+        append, admit, make = out.append, self.admit, tuple.__new__  # make: a Sighting without a Python call
+        addresses, identities = self._addresses, self._identities
+        admitted = 0
+        for adv, frame in pairs:
+            key = frame.key
+            if key is None:
+                continue
+            address, now = adv.address, adv.time
+            a = addresses.get(address)
+            if a is not None and a.key == key:
+                i = identities.get(key)
+                if i is not None and i.stable and i.address == address:
+                    a.last = i.last = now
+                    admitted += 1
+                    append(make(Sighting, (key, adv.receiver, adv.rssi, now, frame.ref_power)))
+                    continue
+            if admit(address, frame, now):
+                append(make(Sighting, (key, adv.receiver, adv.rssi, now, frame.ref_power)))
+            addresses, identities = self._addresses, self._identities  # housekeeping may replace them
+        self.figures["admitted"] += admitted
+        return out
 
     def _address_sends(self, a: _Address, key: str, now: float) -> bool:
         """A second identity from one address: fine up to the cap, a flood after it."""

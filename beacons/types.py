@@ -39,16 +39,14 @@ class IBeacon:
     minor: int
     tx_power: int
     format: ClassVar[str] = "ibeacon"
-    # Computed once: the parser caches frames, and the hot path reads the key for every advert.
+    # key and ref_power are computed once, in every frame type: the parser caches frames, and the hot
+    # path reads both for every advert.
     key: str = field(init=False, repr=False, compare=False)
+    ref_power: int = field(init=False, repr=False, compare=False)  # measured power at 1 m: as advertised
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", f"ibeacon:{self.uuid}:{self.major}:{self.minor}")
-
-    @property
-    def ref_power(self) -> int:
-        """Measured power at 1 m, what the distance model uses."""
-        return self.tx_power
+        object.__setattr__(self, "ref_power", self.tx_power)
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": self.format, "uuid": self.uuid, "major": self.major,
@@ -84,10 +82,12 @@ class AltBeacon:
     mfg_reserved: int | None
     company_id: int
     format: ClassVar[str] = "altbeacon"
+    key: str = field(init=False, repr=False, compare=False)
+    ref_power: int = field(init=False, repr=False, compare=False)  # AltBeacon advertises it at 1 m
 
-    @property
-    def key(self) -> str:
-        return f"altbeacon:{self.beacon_id}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"altbeacon:{self.beacon_id}")
+        object.__setattr__(self, "ref_power", self.tx_power)
 
     @property
     def uuid(self) -> str:
@@ -101,11 +101,6 @@ class AltBeacon:
     @property
     def minor(self) -> int:
         return int(self.beacon_id[36:40], 16)
-
-    @property
-    def ref_power(self) -> int:
-        """Measured power at 1 m (AltBeacon advertises it at 1 m)."""
-        return self.tx_power
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": self.format, "beacon_id": self.beacon_id, "tx_power": self.tx_power,
@@ -121,15 +116,12 @@ class EddystoneUID:
     instance: str
     tx_power: int
     format: ClassVar[str] = "eddystone_uid"
+    key: str = field(init=False, repr=False, compare=False)
+    ref_power: int = field(init=False, repr=False, compare=False)  # the 0 m power brought to 1 m
 
-    @property
-    def key(self) -> str:
-        return f"eddystone_uid:{self.namespace}:{self.instance}"
-
-    @property
-    def ref_power(self) -> int:
-        """The advertised power at 0 m, brought to the 1 m reference the distance model uses."""
-        return self.tx_power - EDDYSTONE_0M_TO_1M_DB
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"eddystone_uid:{self.namespace}:{self.instance}")
+        object.__setattr__(self, "ref_power", self.tx_power - EDDYSTONE_0M_TO_1M_DB)
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": self.format, "namespace": self.namespace, "instance": self.instance,
@@ -143,15 +135,12 @@ class EddystoneURL:
     url: str
     tx_power: int
     format: ClassVar[str] = "eddystone_url"
+    key: str = field(init=False, repr=False, compare=False)
+    ref_power: int = field(init=False, repr=False, compare=False)  # the 0 m power brought to 1 m
 
-    @property
-    def key(self) -> str:
-        return f"eddystone_url:{self.url}"
-
-    @property
-    def ref_power(self) -> int:
-        """The advertised power at 0 m, brought to the 1 m reference the distance model uses."""
-        return self.tx_power - EDDYSTONE_0M_TO_1M_DB
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"eddystone_url:{self.url}")
+        object.__setattr__(self, "ref_power", self.tx_power - EDDYSTONE_0M_TO_1M_DB)
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": self.format, "url": self.url, "tx_power": self.tx_power}
@@ -170,15 +159,8 @@ class EddystoneTLM:
     uptime_s: float
     format: ClassVar[str] = "eddystone_tlm"
     tx_power: ClassVar[None] = None
-
-    @property
-    def key(self) -> None:
-        return None
-
-    @property
-    def ref_power(self) -> None:
-        """TLM carries no power: no reference."""
-        return None
+    key: ClassVar[None] = None  # telemetry only: no identity
+    ref_power: ClassVar[None] = None  # and no power
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": self.format, "voltage_mv": self.voltage_mv,
@@ -193,15 +175,12 @@ class EddystoneEID:
     eid: str
     tx_power: int
     format: ClassVar[str] = "eddystone_eid"
+    key: str = field(init=False, repr=False, compare=False)
+    ref_power: int = field(init=False, repr=False, compare=False)  # the 0 m power brought to 1 m
 
-    @property
-    def key(self) -> str:
-        return f"eddystone_eid:{self.eid}"
-
-    @property
-    def ref_power(self) -> int:
-        """The advertised power at 0 m, brought to the 1 m reference the distance model uses."""
-        return self.tx_power - EDDYSTONE_0M_TO_1M_DB
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"eddystone_eid:{self.eid}")
+        object.__setattr__(self, "ref_power", self.tx_power - EDDYSTONE_0M_TO_1M_DB)
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": self.format, "eid": self.eid, "tx_power": self.tx_power}

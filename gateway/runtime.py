@@ -168,12 +168,8 @@ class Pipeline:
         """One scanner drain: parsed at once (beacons.parse.parse_adverts), then guard and presence per
         frame, then one engine transaction for the drain's presence events."""
         batch = adverts if isinstance(adverts, list) else list(adverts)
-        admit = self.guard.admit
         # The guard never reads presence, so the drain is admitted first, then observed in one call.
-        events = self.presence.observe_many([
-            Sighting(key, adv.receiver, adv.rssi, adv.time, frame.ref_power)
-            for adv, frame in parse_adverts(batch, self.parse_stats)
-            if (key := frame.key) is not None and admit(adv.address, frame, adv.time)])
+        events = self.presence.observe_many(self.guard.sightings(parse_adverts(batch, self.parse_stats)))
         self.figures["adverts"] += len(batch)
         return self.handle_presence(events) if events else []
 

@@ -175,3 +175,44 @@ def test_what_the_guard_knows_about_an_address_expires_with_silence():
     g.admit("later:01", beacon(1), T0 + 200)  # advert time moves on; the sweep runs on it, no wall clock
     assert g.state_size() == {"addresses": 1, "identities": 1, "uuids": 1}
     assert g.figures["expired"] == 10
+
+
+def test_a_drain_through_sightings_gives_exactly_what_admit_gives_one_by_one():
+    """The runtime's batch path (inline for a settled identity) against ``admit`` advert by advert, on a stream
+    with every case: steady tags, passers-by, an address flood, a rotating phone, a uuid spewing ids, TLM frames
+    without identity, Eddystone, and table caps small enough that housekeeping replaces the tables mid-drain."""
+    from beacons.types import EddystoneTLM, EddystoneUID, Sighting
+
+    rng = random.Random(3)
+    eddy = EddystoneUID("0102030405060708090a", "0000000000aa", -20)
+    tlm = EddystoneTLM(3000, 21.0, 10, 100.0)
+    stream: list[tuple[Advertisement, object]] = []
+    t = T0
+    for k in range(6000):
+        t += rng.uniform(0.0, 0.05)
+        u = rng.random()
+        if u < 0.4:
+            address, frame = f"st:{k % 7}", beacon(k % 7)
+        elif u < 0.5:
+            address, frame = "fl:00", beacon(1000 + k % 40)  # one address, many identities
+        elif u < 0.6:
+            address, frame = f"ro:{k}", beacon(77)  # one identity, a new address every advert
+        elif u < 0.7:
+            address, frame = f"sp:{k % 3}", beacon(k, uuid="bbbbbbbb-0000-0000-0000-000000000000")
+        elif u < 0.8:
+            address, frame = "ed:01", (tlm if k % 4 == 0 else eddy)
+        else:
+            address, frame = f"px:{rng.getrandbits(16)}", beacon(rng.getrandbits(12) + 5000)  # passers-by
+        stream.append((Advertisement(address, -60 - k % 30, t, "rx"), frame))
+    settings = GuardSettings(max_addresses=64, max_identities=64, stable_after=2, forget_after_s=20)
+    trusted = {beacon(3).key}.__contains__
+    one, many = Guard(settings, trusted), Guard(settings, trusted)
+    expected = [Sighting(f.key, a.receiver, a.rssi, a.time, f.ref_power)  # type: ignore[attr-defined]
+                for a, f in stream if f.key is not None and one.admit(a.address, f, a.time)]  # type: ignore[attr-defined]
+    got: list[Sighting] = []
+    for start in range(0, len(stream), 250):  # drains of 250
+        got += many.sightings(stream[start:start + 250])  # type: ignore[arg-type]
+    assert got == expected and all(type(s) is Sighting for s in got)
+    assert many.stats() == one.stats()
+    assert one.figures["evicted"] > 0 and one.figures["ignored_addresses"] > 0 and one.dropped["transient"] > 0
+    assert one.figures["rotating_identities"] > 0 and one.figures["ignored_uuids"] > 0
