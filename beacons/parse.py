@@ -474,7 +474,9 @@ def parse_adverts(adverts: Iterable[Advertisement], stats: ParseStats | None = N
     out: list[tuple[Advertisement, Frame]] = []
     append = out.append
     ibeacons, eddystones, payloads = _IBEACON_CACHE, _EDDYSTONE_CACHE, _PAYLOAD_CACHE
+    apple, eddystone = APPLE_COMPANY_ID, EDDYSTONE_SERVICE_UUID
     accepted = stats._accepted if stats is not None else None
+    n_ibeacons = 0  # the usual hit, counted once per drain
     for adv in adverts:
         payload = adv.payload
         if payload:
@@ -482,9 +484,16 @@ def parse_adverts(adverts: Iterable[Advertisement], stats: ParseStats | None = N
         else:
             mfr, svc = adv.manufacturer_data, adv.service_data
             if not svc:
-                frame = ibeacons[mfr.get(APPLE_COMPANY_ID, b"")] if len(mfr) == 1 else None
+                if len(mfr) == 1:
+                    frame = ibeacons[mfr.get(apple, b"")]
+                    if frame is not None:
+                        n_ibeacons += 1
+                        append((adv, frame))
+                        continue
+                else:
+                    frame = None
             elif not mfr and len(svc) == 1:
-                frame = eddystones[svc.get(EDDYSTONE_SERVICE_UUID, b"")]
+                frame = eddystones[svc.get(eddystone, b"")]
             else:
                 frame = None
         if frame is not None:
@@ -494,4 +503,6 @@ def parse_adverts(adverts: Iterable[Advertisement], stats: ParseStats | None = N
             continue
         for frame in parse_advertisement(adv, stats):
             append((adv, frame))
+    if accepted is not None and n_ibeacons:
+        accepted["ibeacon"] += n_ibeacons
     return out
