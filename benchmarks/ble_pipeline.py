@@ -143,8 +143,9 @@ def address(tag: Tag, t: float) -> str:
     return f"{first:02X}:" + ":".join(f"{x:02X}" for x in b)
 
 
-def make_stream(tags: list[Tag], n_adverts: int, seed: int) -> list[list[Advertisement]]:
-    """One-second batches of adverts, time-ordered inside each batch; stops at n_adverts."""
+def make_stream(tags: list[Tag], n_adverts: int, seed: int, rate: int = 1) -> list[list[Advertisement]]:
+    """One-second batches of adverts, time-ordered inside each batch; stops at n_adverts. Each tag that is
+    heard advertises ``rate`` times a second, and each advert reaches one or two receivers."""
     rng = random.Random(seed)
     horizon = 3600.0 * 4
     plans = [plan(rng, horizon) for _ in tags]
@@ -162,30 +163,39 @@ def make_stream(tags: list[Tag], n_adverts: int, seed: int) -> list[list[Adverti
                 c += 1
             cursor[tag.index] = c
             _, _, rx, heard = p[c]
-            if not heard or rng.random() < 0.05:  # 5 % of adverts lost on air
+            if not heard:
                 continue
-            t = T0 + second + phase[tag.index]
-            addr = address(tag, t)
-            mfr, svc = tag.manufacturer_data, tag.service_data
-            if tag.tlm and rng.random() < 0.1:
-                svc = tag.tlm  # Eddystone beacons interleave telemetry frames
-            hearers: list[tuple[str, float]] = []
-            if rx is not None:
-                hearers.append((rx, rng.uniform(0.5, 0.7 * ZONES[rx][1])))
-                if rng.random() < 0.5:
-                    hearers.append((rng.choice([r for r in RECEIVERS if r != rx]), rng.uniform(10, 18)))
-            else:
-                hearers.append((rng.choice(RECEIVERS), rng.uniform(8, 14)))
-            for k, (receiver, d) in enumerate(hearers):
-                ts = t + 0.002 * k
-                batch.append((ts, Advertisement(addr, rssi_at(d, rng), ts, receiver,
-                                                manufacturer_data=mfr, service_data=svc)))
+            for j in range(rate):
+                if rng.random() < 0.05:  # 5 % of adverts lost on air
+                    continue
+                t = T0 + second + (phase[tag.index] + j) / rate
+                batch.extend(emit(tag, t, rx, rng))
         batch.sort(key=lambda x: x[0])
         advs = [a for _, a in batch][: n_adverts - total]
         batches.append(advs)
         total += len(advs)
         second += 1
     return batches
+
+
+def emit(tag: Tag, t: float, rx: str | None, rng: random.Random) -> list[tuple[float, Advertisement]]:
+    """One advert of ``tag`` at ``t`` as its receivers hear it: the zone's own (near) and maybe another (far)."""
+    addr = address(tag, t)
+    mfr, svc = tag.manufacturer_data, tag.service_data
+    if tag.tlm and rng.random() < 0.1:
+        svc = tag.tlm  # Eddystone beacons interleave telemetry frames
+    hearers: list[tuple[str, float]] = []
+    if rx is not None:
+        hearers.append((rx, rng.uniform(0.5, 0.7 * ZONES[rx][1])))
+        if rng.random() < 0.5:
+            hearers.append((rng.choice([r for r in RECEIVERS if r != rx]), rng.uniform(10, 18)))
+    else:
+        hearers.append((rng.choice(RECEIVERS), rng.uniform(8, 14)))
+    out = []
+    for k, (receiver, d) in enumerate(hearers):
+        ts = t + 0.002 * k
+        out.append((ts, Advertisement(addr, rssi_at(d, rng), ts, receiver, manufacturer_data=mfr, service_data=svc)))
+    return out
 
 
 def make_campaigns(n: int, rng: random.Random) -> list[dict[str, Any]]:
@@ -383,6 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--campaigns", type=int, default=None)
     ap.add_argument("--profiles", type=int, default=None)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--rate", type=int, default=1, help="adverts per second of each tag that is heard")
     ap.add_argument("--profile", action="store_true", help="cProfile our pipeline; top functions on stderr")
     args = ap.parse_args(argv)
     def pick(given: int | None, quick: int, full: int) -> int:
@@ -396,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rng = random.Random(args.seed)
 
     tags = make_tags(n_ids, rng)
-    batches = make_stream(tags, n_adverts, args.seed)
+    batches = make_stream(tags, n_adverts, args.seed, args.rate)
     total = sum(len(b) for b in batches)
     # The generated offers plus the example shop's own campaigns (cart reminders, telemetry, alarms).
     campaigns = [parse_campaign(c, "bench") for c in make_campaigns(n_campaigns, rng)]
@@ -468,6 +479,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio": round(ours / anchor, 2),
         "adverts": total,
         "identities": n_ids,
+        "advert_rate_hz": args.rate,
+        "stream_seconds": len(batches),
         "enrolled": enrolled,
         "campaigns": len(campaigns),
         "profiles": n_profiles,
