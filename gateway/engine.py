@@ -8,18 +8,35 @@ campaign that passes every check sends (arbitration). The notification is unique
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import math
 import secrets
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import CompoundSelect, Table, bindparam, delete, func, insert, literal, null, select, union_all
+from sqlalchemy import (
+    CompoundSelect,
+    Connection,
+    Table,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal,
+    null,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.orm import Session, lazyload
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 
 from gateway.campaigns import (
     CHANNELS,
@@ -134,8 +151,8 @@ _DEDUP_KEYS = select(Notification.dedup_key).where(Notification.dedup_key.in_(bi
 _PROFILE_SENDS = select(Notification.campaign_id, _sent_at, Notification.purpose, Notification.data).where(
     Notification.profile_id == bindparam("pid"), Notification.status.not_in(NOT_SENT),
     _sent_at > bindparam("lo"), _sent_at < bindparam("hi")).order_by(Notification.id)
-_BULK_PROFILES = (select(Profile).where(Profile.id.in_(bindparam("ids", expanding=True)))
-                  .options(*_PROFILE_ONLY))
+_BULK_PROFILES = select(Profile.id, Profile.external_id, Profile.name, Profile.attributes, Profile.points).where(
+    Profile.id.in_(bindparam("ids", expanding=True)))
 _BULK_CONSENTS = select(Consent.profile_id, Consent.purpose).where(
     Consent.profile_id.in_(bindparam("ids", expanding=True)), Consent.granted.is_(True))
 _BULK_SENDS = select(Notification.profile_id, Notification.campaign_id, _sent_at, Notification.purpose,
@@ -144,15 +161,28 @@ _BULK_SENDS = select(Notification.profile_id, Notification.campaign_id, _sent_at
                                               ).order_by(Notification.id)
 _CONSENTS = select(Consent.purpose).where(Consent.profile_id == bindparam("pid"), Consent.granted.is_(True))
 _MEMBERSHIPS = select(SegmentMembership.segment_id).where(SegmentMembership.profile_id == bindparam("pid"))
+_PROFILES = cast(Table, Profile.__table__)
+_ADD_POINTS = update(_PROFILES).where(_PROFILES.c.id == bindparam("pid")).values(
+    points=_PROFILES.c.points + bindparam("n"))
+_DECISIONS = insert(cast(Table, Decision.__table__))
+_MEMBERSHIP_TABLE = cast(Table, SegmentMembership.__table__)
+_NEW_MEMBERSHIP = insert(_MEMBERSHIP_TABLE)
+# Where a read may bypass the session: a Connection skips the ORM's per-statement work (and its autoflush, so
+# only reads of tables the session holds no pending objects of go there).
+Reader = Session | Connection
 
 
-def cart_facts(session: Session, profile_id: int, now: float, abandon_after_s: float) -> dict[str, Any]:
-    """The profile's most recent open cart, with where each item is in the shop."""
-    cart = session.execute(_OPEN_CART, {"pid": profile_id}).first()  # columns only: no ORM object to build
+def cart_facts(session: Session, profile_id: int, now: float, abandon_after_s: float,
+               reader: Reader | None = None) -> dict[str, Any]:
+    """The profile's most recent open cart, with where each item is in the shop. ``reader``: where the cart
+    and catalogue are read (the engine passes its drain's connection); the reminder check reads notifications,
+    which the session may hold unflushed, so it goes through the session."""
+    read = session if reader is None else reader
+    cart = read.execute(_OPEN_CART, {"pid": profile_id}).first()  # columns only: no ORM object to build
     if cart is None:
         return {"abandoned": False, "reminded": False, "item_count": 0, "items": [], "zones": []}
     skus = [str(i.get("sku")) for i in cart.items]
-    where = {c.sku: c for c in session.execute(_CATALOGUE_ITEMS, {"skus": skus})} if skus else {}
+    where = {c.sku: c for c in read.execute(_CATALOGUE_ITEMS, {"skus": skus})} if skus else {}
     items = []
     for it in cart.items:
         cat = where.get(str(it.get("sku")))
@@ -210,7 +240,7 @@ class VisitsWithin(Mapping[str, int]):
         return 4
 
 
-def behaviour_facts(session: Session, profile_id: int, now: float) -> dict[str, Any]:
+def behaviour_facts(session: Reader, profile_id: int, now: float) -> dict[str, Any]:
     """Visit, dwell and purchase history as facts: what segments like "frequent" or "occasional" are made of."""
     # Visits, zone stays and purchases in one round trip (one UNION ALL, not three statements).
     rows: list[tuple[float, float | None]] = []
@@ -257,13 +287,35 @@ def tier_for(points: int, tiers: Sequence[tuple[str, int]]) -> str | None:
     return best
 
 
-def profile_facts(profile: Profile, consents: set[str]) -> dict[str, Any]:
+@dataclass(slots=True)
+class _ProfileRow:
+    """A profile as the engine reads it in bulk: its columns, no ORM object (the engine never writes it; the
+    points a visit earns meanwhile are added by ``Engine.add_points``)."""
+
+    id: int
+    external_id: str | None
+    name: str | None
+    attributes: dict[str, Any] | None
+    points: int | None
+
+
+def profile_facts(profile: Profile | _ProfileRow, consents: set[str]) -> dict[str, Any]:
     name = profile.name or ""
     return {
         "id": profile.id, "external_id": profile.external_id, "name": name,
         "first_name": name.split()[0] if name else "there",
         "attributes": dict(profile.attributes or {}), "consents": sorted(consents),
     }
+
+
+def _notifications_of(session: Session, profile_id: int) -> AbstractContextManager[Any]:
+    """Around a read of one profile's notifications (its dedup keys are its own too): the autoflush is skipped
+    unless the session holds an unflushed change to one of them, which the read must see. Other profiles'
+    sends wait for their batch's one flush instead of one flush per send."""
+    for obj in (*session.new, *session.dirty):
+        if isinstance(obj, Notification) and obj.profile_id == profile_id:
+            return contextlib.nullcontext()
+    return session.no_autoflush
 
 
 class _Sends:
@@ -284,8 +336,9 @@ class _Sends:
         if self._keys is None:
             wanted = [Engine.dedup_key(c, self._event) for c in self._candidates]
             self._keys = set()
-            for i in range(0, len(wanted), 500):
-                self._keys.update(self._session.scalars(_DEDUP_KEYS, {"keys": wanted[i:i + 500]}))
+            with _notifications_of(self._session, self._event.profile_id):
+                for i in range(0, len(wanted), 500):
+                    self._keys.update(self._session.scalars(_DEDUP_KEYS, {"keys": wanted[i:i + 500]}))
         return key in self._keys
 
     def rows(self) -> list[tuple[str, float, str, Any]]:
@@ -297,8 +350,9 @@ class _Sends:
             for c in self._candidates:
                 at, reach = eng.send_time(c, t), max(c.cooldown_s, widest)
                 lo, hi = min(lo, at - reach), max(hi, at + reach)
-            self._rows = [(r[0], r[1], r[2], r[3]) for r in self._session.execute(
-                _PROFILE_SENDS, {"pid": self._event.profile_id, "lo": lo, "hi": hi})]
+            with _notifications_of(self._session, self._event.profile_id):
+                self._rows = [(r[0], r[1], r[2], r[3]) for r in self._session.execute(
+                    _PROFILE_SENDS, {"pid": self._event.profile_id, "lo": lo, "hi": hi})]
         return self._rows
 
     def fired(self, n: Notification) -> None:
@@ -317,9 +371,10 @@ class _Bulk:
 
     CHUNK = 900  # ids per IN list
 
-    def __init__(self) -> None:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn  # the session's connection: reads that need no autoflush, the decisions INSERT
         self.profiles: set[int] = set()
-        self.loaded: dict[int, Profile] = {}  # held here (the identity map keeps weak references)
+        self.loaded: dict[int, _ProfileRow] = {}
         self.consents: dict[int, set[str]] = {}
         self.wanted: set[str] = set()
         self.keys: set[str] = set()
@@ -330,7 +385,9 @@ class _Bulk:
     @classmethod
     def load(cls, engine: Engine, session: Session, events: Sequence[EngineEvent],
              only: Sequence[Campaign] | None) -> _Bulk:
-        b = cls()
+        session.flush()  # what the caller left pending is in the database before the reads below skip autoflush
+        b = cls(session.connection())
+        conn = b.conn
         reach = max((cap.window_s for cap in engine.caps), default=0.0)
         refresh = frozenset(REFRESH_SEGMENTS_ON) if engine.segments else frozenset()
         earliest = math.inf
@@ -352,14 +409,13 @@ class _Bulk:
         lo = earliest - reach
         wanted = sorted(b.wanted)
         for i in range(0, len(wanted), cls.CHUNK):
-            b.keys.update(session.scalars(_DEDUP_KEYS, {"keys": wanted[i:i + cls.CHUNK]}))
+            b.keys.update(conn.execute(_DEDUP_KEYS, {"keys": wanted[i:i + cls.CHUNK]}).scalars())
         for i in range(0, len(pids), cls.CHUNK):
             chunk = pids[i:i + cls.CHUNK]
-            # Into the identity map (held here: it keeps weak references), so session.get needs no query.
-            b.loaded.update((p.id, p) for p in session.scalars(_BULK_PROFILES, {"ids": chunk}))
-            for pid, purpose in session.execute(_BULK_CONSENTS, {"ids": chunk}):
+            b.loaded.update((r[0], _ProfileRow(*r)) for r in conn.execute(_BULK_PROFILES, {"ids": chunk}))
+            for pid, purpose in conn.execute(_BULK_CONSENTS, {"ids": chunk}):
                 b.consents.setdefault(pid, set()).add(purpose)
-            for pid, cid, at, purpose, data in session.execute(_BULK_SENDS, {"ids": chunk, "lo": lo}):
+            for pid, cid, at, purpose, data in conn.execute(_BULK_SENDS, {"ids": chunk, "lo": lo}):
                 b.rows.setdefault(pid, []).append((cid, at, purpose, data))
         return b
 
@@ -469,8 +525,11 @@ class Engine:
         if not candidates and not refresh:
             return self._record(session, event, outcomes)
         bulk = self._bulk
+        # Visits, stays, carts and memberships: the session holds none of them pending while a batch is judged.
+        reader: Reader = bulk.conn if bulk is not None else session
+        profile: Profile | _ProfileRow | None
         if bulk is not None and event.profile_id in bulk.profiles:  # read with the drain (None: erased)
-            profile: Profile | None = bulk.loaded.get(event.profile_id)
+            profile = bulk.loaded.get(event.profile_id)
             consents = bulk.consents.get(event.profile_id, set())
         else:  # identifiers and consents are selectin relationships the engine never reads: not loaded
             profile = session.get(Profile, event.profile_id, options=_PROFILE_ONLY)
@@ -485,16 +544,16 @@ class Engine:
         cart_now = any(c.purpose == "cart_reminders" for c in candidates) or any(r[0] for r in reads) or (
             refresh and "cart." in self._segments_text)
         if cart_now:
-            facts["cart"] = cart_facts(session, profile.id, event.time, self.abandon_after_s)
+            facts["cart"] = self._cart_facts(session, reader, profile.id, event.time)
         # A refresh reads the cart for a send's data and templates only: read when one fires (same answer).
         cart_later = refresh and not cart_now
         facts["loyalty"] = {"points": profile.points or 0, "tier": tier_for(profile.points or 0, self.tiers)}
         entered: list[str] = []
         if refresh or any(r[1] for r in reads):
-            facts["behaviour"] = behaviour_facts(session, profile.id, event.time)
+            facts["behaviour"] = behaviour_facts(reader, profile.id, event.time)
             facts["segments"] = [seg.id for seg in self.segments if evaluate(seg.conditions, facts) is None]
             if refresh:
-                entered = self._update_memberships(session, profile.id, facts["segments"], event.time)
+                entered = self._update_memberships(session, reader, profile.id, facts["segments"], event.time)
 
         who = profile.external_id or f"#{profile.id}"
         winner: Campaign | None = None
@@ -514,7 +573,7 @@ class Engine:
                 continue
             winner = c
             if cart_later and "cart" not in facts:
-                facts["cart"] = cart_facts(session, profile.id, event.time, self.abandon_after_s)
+                facts["cart"] = self._cart_facts(session, reader, profile.id, event.time)
             outcomes.append(self._fire(session, c, event, facts, who, variant, send_at, channels, detail, sends))
         if event.kind != "schedule":  # a schedule's key is per day: its dedup key is guard enough
             judged.update((o.campaign_id, event.key) for o in outcomes)
@@ -554,7 +613,7 @@ class Engine:
             per_event = [one(i, ev) for i, ev in enumerate(events)]
             session.flush()  # the notifications: one batched INSERT, their ids assigned in order
             if bulk.decisions:
-                session.execute(insert(cast(Table, Decision.__table__)), bulk.decisions)
+                bulk.conn.execute(_DECISIONS, bulk.decisions)
         finally:
             self._bulk = None
         pending = bulk.pending
@@ -571,19 +630,20 @@ class Engine:
                 c.conditions, ("cart." in text, "behaviour." in text or "segments" in text))
         return known[1]
 
-    def _update_memberships(self, session: Session, profile_id: int, now_in: Sequence[str], t: float) -> list[str]:
-        """Store which segments the profile is in; returns those it has just joined."""
-        before = set(session.scalars(_MEMBERSHIPS, {"pid": profile_id}))
+    def _update_memberships(self, session: Session, reader: Reader, profile_id: int, now_in: Sequence[str],
+                            t: float) -> list[str]:
+        """Store which segments the profile is in; returns those it has just joined. Core statements (the
+        engine makes no membership objects), through ``reader``: the batch's connection, or the session."""
+        before = set(reader.execute(_MEMBERSHIPS, {"pid": profile_id}).scalars())
         current = set(now_in)
         left = before - current
         if left:
-            session.execute(delete(SegmentMembership).where(SegmentMembership.profile_id == profile_id,
-                                                            SegmentMembership.segment_id.in_(sorted(left))))
+            reader.execute(delete(_MEMBERSHIP_TABLE).where(_MEMBERSHIP_TABLE.c.profile_id == profile_id,
+                                                           _MEMBERSHIP_TABLE.c.segment_id.in_(sorted(left))))
         joined = [seg for seg in now_in if seg not in before]
-        for seg in joined:
-            session.add(SegmentMembership(profile_id=profile_id, segment_id=seg, entered_at=t))
         if joined:
-            session.flush()
+            reader.execute(_NEW_MEMBERSHIP, [{"profile_id": profile_id, "segment_id": seg, "entered_at": t}
+                                             for seg in joined])
         return joined
 
     def _record(self, session: Session, event: EngineEvent, outcomes: list[Outcome]) -> list[Outcome]:
@@ -595,12 +655,27 @@ class Engine:
             if self._bulk is not None:  # written with the batch's others (an INSERT now would flush each send)
                 self._bulk.decisions.extend(rows)
             else:
-                session.execute(insert(cast(Table, Decision.__table__)), rows)
+                session.execute(_DECISIONS, rows)
         for o in outcomes:
             self.counts[o.reason] += 1
             if o.fired:
                 self.fired_by_campaign[o.campaign_id] += 1
         return outcomes
+
+    def _cart_facts(self, session: Session, reader: Reader, profile_id: int, now: float) -> dict[str, Any]:
+        with _notifications_of(session, profile_id):  # its reminder check reads the profile's notifications
+            return cart_facts(session, profile_id, now, self.abandon_after_s, reader)
+
+    def add_points(self, session: Session, profile_id: int, points: int) -> None:
+        """Loyalty points earned (a visit): one Core UPDATE, and the profile as the engine holds it (a batch's
+        bulk read, or an object in the session) kept in step, as the ORM's synchronising UPDATE would."""
+        session.connection().execute(_ADD_POINTS, {"pid": profile_id, "n": points})
+        held = self._bulk.loaded.get(profile_id) if self._bulk is not None else None
+        if held is not None and held.points is not None:
+            held.points += points
+        obj = session.identity_map.get(identity_key(Profile, profile_id))
+        if obj is not None and "points" in obj.__dict__:
+            set_committed_value(obj, "points", None if obj.points is None else obj.points + points)
 
     @staticmethod
     def _consents(session: Session, profile_id: int) -> set[str]:
@@ -642,9 +717,10 @@ class Engine:
                         else f"sent {event.time - gap:.0f} s ago")
                 return send_at, channels, COOLDOWN, f"{when}, cooldown {c.cooldown_s:.0f} s"
         if c.max_per_profile:
-            sent = session.scalar(select(func.count()).select_from(Notification).where(
-                Notification.campaign_id == c.id, Notification.profile_id == event.profile_id,
-                Notification.status.not_in(NOT_SENT))) or 0
+            with _notifications_of(session, event.profile_id):
+                sent = session.scalar(select(func.count()).select_from(Notification).where(
+                    Notification.campaign_id == c.id, Notification.profile_id == event.profile_id,
+                    Notification.status.not_in(NOT_SENT))) or 0
             if sent >= c.max_per_profile:
                 return send_at, channels, NOT_REELIGIBLE, f"already sent {sent} time(s), at most {c.max_per_profile}"
         if c.budget_sends:
@@ -801,9 +877,10 @@ class Engine:
 
     def _cancel_pending(self, session: Session, event: EngineEvent) -> list[Outcome]:
         """An event named in a campaign's ``cancel_on`` withdraws that campaign's scheduled sends."""
-        rows = session.scalars(select(Notification).where(
-            Notification.profile_id == event.profile_id, Notification.status == SCHEDULED,
-            Notification.campaign_id.in_(self._cancellers[event.kind])))
+        with _notifications_of(session, event.profile_id):
+            rows = list(session.scalars(select(Notification).where(
+                Notification.profile_id == event.profile_id, Notification.status == SCHEDULED,
+                Notification.campaign_id.in_(self._cancellers[event.kind]))))
         out = []
         for n in rows:
             n.status = CANCELLED

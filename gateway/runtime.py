@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import CursorResult, Table, bindparam, insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -53,7 +53,7 @@ from gateway.presence import PresenceEvent, PresenceTracker
 from gateway.privacy import purge_presence
 from gateway.service import GatewayService, Invalid
 from gateway.storage.db import Database
-from gateway.storage.models import Cart, Device, FootfallCount, Profile, Visit, ZoneStay
+from gateway.storage.models import Cart, Device, FootfallCount, Visit, ZoneStay
 from gateway.tokens import TokenSigner
 
 log = logging.getLogger("gateway")
@@ -287,15 +287,17 @@ class Pipeline:
         return ev if next(iter(stay), None) == ev.key else None  # dwell: the identity that entered first
 
     def _record_visit(self, s: Session, ev: PresenceEvent, pid: int) -> None:
-        """The profile's visit and zone stays, as Core statements (one per event; no ORM objects to load):
-        the open visit's zones are remembered here, so an enter appends to them without reading the row."""
+        """The profile's visit and zone stays, as Core statements (one per event; no ORM objects to load) on
+        the session's connection (the ORM's per-statement work and autoflush are not needed: the session holds
+        no visits or stays): the open visit's zones are remembered here, so an enter appends to them without
+        reading the row."""
+        c = s.connection()
         if ev.kind == "visit_start":
-            before = s.scalar(_HAS_VISIT, {"pid": pid, "store": self.store_id}) is not None  # new here, as figures
+            before = c.scalar(_HAS_VISIT, {"pid": pid, "store": self.store_id}) is not None  # new here, as figures
             self.figures["visits_returning" if before else "visits_new"] += 1
-            vid = s.execute(_NEW_VISIT, {"profile_id": pid, "started_at": ev.time, "zones": [],
+            vid = c.execute(_NEW_VISIT, {"profile_id": pid, "started_at": ev.time, "zones": [],
                                           "store_id": self.store_id}).scalar_one()
-            s.execute(update(Profile).where(Profile.id == pid)
-                      .values(points=Profile.points + self.settings.loyalty.points_per_visit))
+            self.engine.add_points(s, pid, self.settings.loyalty.points_per_visit)
             self._open_visits[pid] = vid
             self._visit_zones[pid] = []
         elif ev.kind == "enter":
@@ -304,22 +306,22 @@ class Pipeline:
             current = open_vid
             if zones is not None and ev.zone and (not zones or zones[-1] != ev.zone):
                 zones.append(ev.zone)
-                done = cast(CursorResult[Any], s.execute(_VISIT_ZONES, {"vid": open_vid, "zones": list(zones)}))
+                done = c.execute(_VISIT_ZONES, {"vid": open_vid, "zones": list(zones)})
                 if not done.rowcount:
                     current = None  # the visit is gone (erased): the stay belongs to no visit
             if ev.zone:
-                self._open_stays[(pid, ev.zone)] = s.execute(_NEW_STAY, {
+                self._open_stays[(pid, ev.zone)] = c.execute(_NEW_STAY, {
                     "profile_id": pid, "visit_id": current, "zone": ev.zone, "entered_at": ev.time,
                     "store_id": self.store_id}).scalar_one()
         elif ev.kind == "exit":
             sid = self._open_stays.pop((pid, ev.zone or ""), None)
             if sid is not None:
-                s.execute(_STAY_EXIT, {"sid": sid, "at": ev.time})
+                c.execute(_STAY_EXIT, {"sid": sid, "at": ev.time})
         elif ev.kind == "visit_end":
             vid = self._open_visits.pop(pid, None)
             self._visit_zones.pop(pid, None)
             if vid is not None:
-                s.execute(_VISIT_END, {"vid": vid, "at": ev.time})
+                c.execute(_VISIT_END, {"vid": vid, "at": ev.time})
 
     def _count_anonymous(self, ev: PresenceEvent) -> None:
         day = dt.datetime.fromtimestamp(ev.time, self._tz).date().isoformat()
