@@ -7,11 +7,12 @@ substitute ``{dotted.fact}`` paths, so a campaign file can never run code.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,17 +155,33 @@ def evaluate(cond: Mapping[str, Any] | None, facts: Mapping[str, Any]) -> str | 
     """None when the condition holds, else a short description of the first failing leaf."""
     if cond is None:
         return None
+    entry = _COMPILED.get(id(cond))
+    if entry is None or entry[0] is not cond:  # the entry holds its condition, so an id is never reused under it
+        try:
+            check = _compile(cond)
+        except Exception:  # malformed (never validated): interpreted, so it fails where and as it always did
+            check = functools.partial(_interpret, cond)
+        entry = (cond, check)
+        if len(_COMPILED) < 10_000:  # conditions are a campaign's or a segment's: a few hundred
+            _COMPILED[id(cond)] = entry
+    return entry[1](facts)
+
+
+def _interpret(cond: Mapping[str, Any] | None, facts: Mapping[str, Any]) -> str | None:
+    """The condition read from its mapping at every call (what ``_compile`` does once)."""
+    if cond is None:
+        return None
     if "all" in cond:
         for sub in cond["all"]:
-            failed = evaluate(sub, facts)
+            failed = _interpret(sub, facts)
             if failed is not None:
                 return failed
         return None
     if "any" in cond:
-        fails = [evaluate(sub, facts) for sub in cond["any"]]
+        fails = [_interpret(sub, facts) for sub in cond["any"]]
         return None if any(f is None for f in fails) else "any(" + "; ".join(str(f) for f in fails) + ")"
     if "not" in cond:
-        return f"not({describe(cond['not'])}) (it held)" if evaluate(cond["not"], facts) is None else None
+        return f"not({describe(cond['not'])}) (it held)" if _interpret(cond["not"], facts) is None else None
     fact, op, value = cond["fact"], cond["op"], cond.get("value")
     if "value_fact" in cond:  # compare two facts, e.g. cart.zones contains event.zone
         value = lookup(facts, cond["value_fact"])
@@ -175,6 +192,83 @@ def evaluate(cond: Mapping[str, Any] | None, facts: Mapping[str, Any]) -> str | 
         return None
     shown = "missing" if left is _MISSING else repr(left)
     return f"{fact} {op} {value!r} (was {shown})"
+
+
+_Check = Callable[[Mapping[str, Any]], "str | None"]
+_COMPILED: dict[int, tuple[Mapping[str, Any], _Check]] = {}
+
+
+def _compile(cond: Mapping[str, Any]) -> _Check:
+    """A condition as nested closures, worked out once (groups, paths split, operators picked, texts that do not
+    depend on the facts): judged per candidate per event, it gives what interpreting the mapping gave."""
+    if "all" in cond:
+        subs = [_compile(sub) for sub in cond["all"]]
+
+        def all_(facts: Mapping[str, Any]) -> str | None:
+            for sub in subs:
+                failed = sub(facts)
+                if failed is not None:
+                    return failed
+            return None
+        return all_
+    if "any" in cond:
+        options = [_compile(sub) for sub in cond["any"]]
+
+        def any_(facts: Mapping[str, Any]) -> str | None:
+            fails = [sub(facts) for sub in options]
+            return None if any(f is None for f in fails) else "any(" + "; ".join(str(f) for f in fails) + ")"
+        return any_
+    if "not" in cond:
+        inner, held = _compile(cond["not"]), f"not({describe(cond['not'])}) (it held)"
+        return lambda facts: held if inner(facts) is None else None
+    fact, op, value = cond["fact"], cond["op"], cond.get("value")
+    parts = _split(fact)
+    other_parts = _split(cond["value_fact"]) if "value_fact" in cond else None
+    missing_other = f"{cond.get('value_fact')} is missing"
+    compare = _OPERATORS.get(op)
+
+    def leaf(facts: Mapping[str, Any]) -> str | None:
+        right = value
+        if other_parts is not None:
+            right = _get(facts, other_parts)
+            if right is _MISSING:
+                return missing_other
+        left = _get(facts, parts)
+        if compare is not None and left is not _MISSING:
+            try:
+                if compare(left, right):
+                    return None
+            except TypeError:
+                pass
+        elif _compare(op, left, right):  # exists, a missing fact, or an unknown operator (raises, as before)
+            return None
+        shown = "missing" if left is _MISSING else repr(left)
+        return f"{fact} {op} {right!r} (was {shown})"
+    return leaf
+
+
+def _split(path: str) -> tuple[str, ...]:
+    parts = _PATHS.get(path)
+    if parts is None:
+        parts = tuple(path.split("."))
+        if len(_PATHS) < 10_000:
+            _PATHS[path] = parts
+    return parts
+
+
+def _get(facts: Mapping[str, Any], parts: tuple[str, ...]) -> Any:
+    """``lookup`` with the path already split; plain dicts (nearly every fact) skip the Mapping check."""
+    cur: Any = facts
+    for part in parts:
+        if type(cur) is dict:
+            if part not in cur:
+                return _MISSING
+            cur = cur[part]
+        elif isinstance(cur, Mapping) and part in cur:
+            cur = cur[part]
+        else:
+            return _MISSING
+    return cur
 
 
 def describe(cond: Mapping[str, Any]) -> str:

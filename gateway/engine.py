@@ -165,6 +165,30 @@ _PROFILES = cast(Table, Profile.__table__)
 _ADD_POINTS = update(_PROFILES).where(_PROFILES.c.id == bindparam("pid")).values(
     points=_PROFILES.c.points + bindparam("n"))
 _DECISIONS = insert(cast(Table, Decision.__table__))
+_DECISION_COLUMNS = ("at", "profile_id", "campaign_id", "event_kind", "event_key", "fired", "reason", "detail",
+                     "variant", "store_id")
+_DECISIONS_SQL: dict[str, tuple[str, tuple[int, ...]] | None] = {}  # dialect -> (INSERT, value order) or None
+
+
+def _insert_decisions(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    """A batch's decisions as one executemany. On a positional driver (SQLite) the compiled INSERT goes to the
+    driver with the value tuples: they are plain floats, ints, strings and booleans no column type converts,
+    so SQLAlchemy's per-row parameter processing (most of the INSERT's Python time) is skipped. Elsewhere
+    (PostgreSQL: named parameters, batched by SQLAlchemy's insertmanyvalues) the usual Core executemany."""
+    name = conn.dialect.name
+    if name not in _DECISIONS_SQL:
+        compiled = _DECISIONS.compile(dialect=conn.dialect, column_keys=list(_DECISION_COLUMNS))
+        _DECISIONS_SQL[name] = ((str(compiled), tuple(_DECISION_COLUMNS.index(k) for k in compiled.positiontup or ()))
+                                if compiled.positional and not compiled.effective_returning else None)
+    known = _DECISIONS_SQL[name]
+    if known is None:
+        conn.execute(_DECISIONS, [dict(zip(_DECISION_COLUMNS, r, strict=True)) for r in rows])
+        return
+    sql, order = known
+    conn.exec_driver_sql(sql, rows if order == tuple(range(len(_DECISION_COLUMNS)))
+                         else [tuple(r[i] for i in order) for r in rows])
+
+
 _MEMBERSHIP_TABLE = cast(Table, SegmentMembership.__table__)
 _NEW_MEMBERSHIP = insert(_MEMBERSHIP_TABLE)
 # Where a read may bypass the session: a Connection skips the ORM's per-statement work (and its autoflush, so
@@ -379,7 +403,7 @@ class _Bulk:
         self.wanted: set[str] = set()
         self.keys: set[str] = set()
         self.rows: dict[int, list[tuple[str, float, str, Any]]] = {}
-        self.decisions: list[dict[str, Any]] = []
+        self.decisions: list[tuple[Any, ...]] = []  # values in _DECISION_COLUMNS order
         self.pending: dict[int, Notification] = {}  # id(Outcome) -> its notification, flushed at the end
 
     @classmethod
@@ -613,7 +637,7 @@ class Engine:
             per_event = [one(i, ev) for i, ev in enumerate(events)]
             session.flush()  # the notifications: one batched INSERT, their ids assigned in order
             if bulk.decisions:
-                bulk.conn.execute(_DECISIONS, bulk.decisions)
+                _insert_decisions(bulk.conn, bulk.decisions)
         finally:
             self._bulk = None
         pending = bulk.pending
@@ -649,13 +673,14 @@ class Engine:
     def _record(self, session: Session, event: EngineEvent, outcomes: list[Outcome]) -> list[Outcome]:
         """One multi-row INSERT per event: an event leaves a decision per candidate (dozens at visit start)."""
         if outcomes:
-            rows = [{"at": event.time, "profile_id": o.profile_id, "campaign_id": o.campaign_id,
-                     "event_kind": event.kind, "event_key": event.key, "fired": o.fired, "reason": o.reason,
-                     "detail": o.detail, "variant": o.variant, "store_id": self.store_id} for o in outcomes]
+            t, kind, key, store = event.time, event.kind, event.key, self.store_id
             if self._bulk is not None:  # written with the batch's others (an INSERT now would flush each send)
-                self._bulk.decisions.extend(rows)
+                self._bulk.decisions.extend((t, o.profile_id, o.campaign_id, kind, key, o.fired, o.reason, o.detail,
+                                             o.variant, store) for o in outcomes)
             else:
-                session.execute(_DECISIONS, rows)
+                session.execute(_DECISIONS, [dict(zip(_DECISION_COLUMNS, (
+                    t, o.profile_id, o.campaign_id, kind, key, o.fired, o.reason, o.detail, o.variant, store),
+                    strict=True)) for o in outcomes])
         for o in outcomes:
             self.counts[o.reason] += 1
             if o.fired:
