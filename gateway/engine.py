@@ -189,6 +189,8 @@ def _insert_decisions(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
                          else [tuple(r[i] for i in order) for r in rows])
 
 
+_NOTIFICATIONS = cast(Table, Notification.__table__)
+_NEW_NOTIFICATIONS = insert(_NOTIFICATIONS).returning(_NOTIFICATIONS.c.id, sort_by_parameter_order=True)
 _MEMBERSHIP_TABLE = cast(Table, SegmentMembership.__table__)
 _NEW_MEMBERSHIP = insert(_MEMBERSHIP_TABLE)
 # Where a read may bypass the session: a Connection skips the ORM's per-statement work (and its autoflush, so
@@ -332,10 +334,14 @@ def profile_facts(profile: Profile | _ProfileRow, consents: set[str]) -> dict[st
     }
 
 
-def _notifications_of(session: Session, profile_id: int) -> AbstractContextManager[Any]:
-    """Around a read of one profile's notifications (its dedup keys are its own too): the autoflush is skipped
-    unless the session holds an unflushed change to one of them, which the read must see. Other profiles'
-    sends wait for their batch's one flush instead of one flush per send."""
+def _notifications_of(engine: Engine, session: Session, profile_id: int) -> AbstractContextManager[Any]:
+    """Around a read of one profile's notifications (its dedup keys are its own too). A batch's sends not yet
+    written are written first when one is the profile's (all of them, so ids keep the order they fired in);
+    the autoflush is skipped unless the session holds an unflushed change to one of them (a cancellation),
+    which the read must see. Other profiles' sends wait for their batch's one INSERT."""
+    bulk = engine._bulk
+    if bulk is not None and profile_id in bulk.unwritten:
+        bulk.write_sends()
     for obj in (*session.new, *session.dirty):
         if isinstance(obj, Notification) and obj.profile_id == profile_id:
             return contextlib.nullcontext()
@@ -360,7 +366,7 @@ class _Sends:
         if self._keys is None:
             wanted = [Engine.dedup_key(c, self._event) for c in self._candidates]
             self._keys = set()
-            with _notifications_of(self._session, self._event.profile_id):
+            with _notifications_of(self._engine, self._session, self._event.profile_id):
                 for i in range(0, len(wanted), 500):
                     self._keys.update(self._session.scalars(_DEDUP_KEYS, {"keys": wanted[i:i + 500]}))
         return key in self._keys
@@ -374,17 +380,17 @@ class _Sends:
             for c in self._candidates:
                 at, reach = eng.send_time(c, t), max(c.cooldown_s, widest)
                 lo, hi = min(lo, at - reach), max(hi, at + reach)
-            with _notifications_of(self._session, self._event.profile_id):
+            with _notifications_of(self._engine, self._session, self._event.profile_id):
                 self._rows = [(r[0], r[1], r[2], r[3]) for r in self._session.execute(
                     _PROFILE_SENDS, {"pid": self._event.profile_id, "lo": lo, "hi": hi})]
         return self._rows
 
-    def fired(self, n: Notification) -> None:
+    def fired(self, key: str, sent: tuple[str, float, str, Any]) -> None:
+        """A send just fired: its dedup key and (campaign, sent at, purpose, data)."""
         if self._keys is not None:
-            self._keys.add(n.dedup_key)
+            self._keys.add(key)
         if self._rows is not None:
-            self._rows.append((n.campaign_id, n.deliver_at if n.deliver_at is not None else n.created_at,
-                               n.purpose, n.data))
+            self._rows.append(sent)
 
 
 class _Bulk:
@@ -404,7 +410,12 @@ class _Bulk:
         self.keys: set[str] = set()
         self.rows: dict[int, list[tuple[str, float, str, Any]]] = {}
         self.decisions: list[tuple[Any, ...]] = []  # values in _DECISION_COLUMNS order
-        self.pending: dict[int, Notification] = {}  # id(Outcome) -> its notification, flushed at the end
+        # Sends fired, as rows (Core: no ORM objects to build and flush), written by write_sends: at the end,
+        # or before a read of notifications that must see them.
+        self.outbox: list[dict[str, Any]] = []
+        self.written = 0
+        self.unwritten: set[int] = set()  # profiles with a send in outbox[written:]
+        self.pending: dict[int, dict[str, Any]] = {}  # id(Outcome) -> its row, which has its id once written
 
     @classmethod
     def load(cls, engine: Engine, session: Session, events: Sequence[EngineEvent],
@@ -451,10 +462,21 @@ class _Bulk:
             sends._keys, sends._rows, sends.shared = self.keys, self.rows.setdefault(event.profile_id, []), True
         return sends
 
-    def fired(self, n: Notification) -> None:
-        self.keys.add(n.dedup_key)
-        self.rows.setdefault(n.profile_id, []).append(
-            (n.campaign_id, n.deliver_at if n.deliver_at is not None else n.created_at, n.purpose, n.data))
+    def fired(self, profile_id: int, key: str, sent: tuple[str, float, str, Any]) -> None:
+        self.keys.add(key)
+        self.rows.setdefault(profile_id, []).append(sent)
+
+    def write_sends(self) -> None:
+        """The sends fired since the last write, as one INSERT ... RETURNING in the order they fired (so their
+        ids ascend in that order, as the ORM's flush gave them); each row gets its id."""
+        todo = self.outbox[self.written:]
+        if not todo:
+            return
+        self.written = len(self.outbox)
+        self.unwritten.clear()
+        ids = self.conn.execute(_NEW_NOTIFICATIONS, todo).scalars().all()
+        for row, nid in zip(todo, ids, strict=True):
+            row["id"] = nid
 
 
 class Engine:
@@ -635,13 +657,14 @@ class Engine:
         self._bulk = bulk = _Bulk.load(self, session, events, only)
         try:
             per_event = [one(i, ev) for i, ev in enumerate(events)]
-            session.flush()  # the notifications: one batched INSERT, their ids assigned in order
+            bulk.write_sends()  # the notifications: one INSERT, their ids assigned in order
+            session.flush()  # cancellations of scheduled sends
             if bulk.decisions:
                 _insert_decisions(bulk.conn, bulk.decisions)
         finally:
             self._bulk = None
         pending = bulk.pending
-        return [[dataclasses.replace(o, notification_id=pending[id(o)].id) if id(o) in pending else o for o in outs]
+        return [[dataclasses.replace(o, notification_id=pending[id(o)]["id"]) if id(o) in pending else o for o in outs]
                 for outs in per_event]
 
     def _condition_reads(self, c: Campaign) -> tuple[bool, bool]:
@@ -688,7 +711,7 @@ class Engine:
         return outcomes
 
     def _cart_facts(self, session: Session, reader: Reader, profile_id: int, now: float) -> dict[str, Any]:
-        with _notifications_of(session, profile_id):  # its reminder check reads the profile's notifications
+        with _notifications_of(self, session, profile_id):  # its reminder check reads the profile's notifications
             return cart_facts(session, profile_id, now, self.abandon_after_s, reader)
 
     def add_points(self, session: Session, profile_id: int, points: int) -> None:
@@ -742,12 +765,14 @@ class Engine:
                         else f"sent {event.time - gap:.0f} s ago")
                 return send_at, channels, COOLDOWN, f"{when}, cooldown {c.cooldown_s:.0f} s"
         if c.max_per_profile:
-            with _notifications_of(session, event.profile_id):
+            with _notifications_of(self, session, event.profile_id):
                 sent = session.scalar(select(func.count()).select_from(Notification).where(
                     Notification.campaign_id == c.id, Notification.profile_id == event.profile_id,
                     Notification.status.not_in(NOT_SENT))) or 0
             if sent >= c.max_per_profile:
                 return send_at, channels, NOT_REELIGIBLE, f"already sent {sent} time(s), at most {c.max_per_profile}"
+        if (c.budget_sends or c.budget_redemptions) and self._bulk is not None:
+            self._bulk.write_sends()  # campaign-wide counts: every send so far is in the database
         if c.budget_sends:
             used = session.scalar(select(func.count()).select_from(Notification).where(
                 Notification.campaign_id == c.id, Notification.status.not_in(NOT_SENT))) or 0
@@ -828,30 +853,36 @@ class Engine:
             detail = f"held for quiet hours until {dt.datetime.fromtimestamp(deliver_at, self.tz):%H:%M}"
         if note:
             detail = f"{detail}; {note}" if detail else note
-        n = Notification(profile_id=event.profile_id, campaign_id=c.id, purpose=c.purpose,
-                         dedup_key=self.dedup_key(c, event), title=render(action.title, scope)[:300],
-                         body=render(action.body, scope), data=data, created_at=event.time,
-                         status=SCHEDULED if deliver_at is not None else "pending", deliver_at=deliver_at,
-                         expires_at=event.time + c.ttl_s if c.ttl_s else None,
-                         variant=variant.name if variant is not None else None,
-                         redemption_code=redemption_code() if c.purpose == "offers" else None,
-                         store_id=self.store_id)
-        if n.redemption_code:
-            n.data = {**data, "redemption_code": n.redemption_code}
-        session.add(n)
+        code = redemption_code() if c.purpose == "offers" else None
+        row: dict[str, Any] = {
+            "profile_id": event.profile_id, "campaign_id": c.id, "purpose": c.purpose,
+            "dedup_key": self.dedup_key(c, event), "title": render(action.title, scope)[:300],
+            "body": render(action.body, scope), "data": {**data, "redemption_code": code} if code else data,
+            "created_at": event.time, "status": SCHEDULED if deliver_at is not None else "pending",
+            "deliver_at": deliver_at, "expires_at": event.time + c.ttl_s if c.ttl_s else None,
+            "variant": variant.name if variant is not None else None, "redemption_code": code,
+            "store_id": self.store_id}
         if deliver_at is not None:
             self._release_from = min(self._release_from, deliver_at)
         bulk = self._bulk
+        nid: int | None = None
         if bulk is None:
+            n = Notification(**row)
+            session.add(n)
             session.flush()  # assigns the monotonic id the stream uses
+            nid = n.id
+        else:  # written with the batch's others (write_sends), its id filled in by handle_many
+            bulk.outbox.append(row)
+            bulk.unwritten.add(event.profile_id)
+        sent = (c.id, deliver_at if deliver_at is not None else event.time, c.purpose, row["data"])
         if sends is not None:
-            sends.fired(n)
+            sends.fired(row["dedup_key"], sent)
         if bulk is not None and (sends is None or not sends.shared):
-            bulk.fired(n)
-        out = Outcome(c.id, event.profile_id, True, FIRED, detail, n.id, who,
+            bulk.fired(event.profile_id, row["dedup_key"], sent)
+        out = Outcome(c.id, event.profile_id, True, FIRED, detail, nid, who,
                       variant.name if variant is not None else None, deliver_at)
-        if bulk is not None:  # its id comes with the batch's flush (handle_many fills it in)
-            bulk.pending[id(out)] = n
+        if bulk is not None:
+            bulk.pending[id(out)] = row
         return out
 
     # ------------------------------------------------------------ schedules
@@ -902,7 +933,7 @@ class Engine:
 
     def _cancel_pending(self, session: Session, event: EngineEvent) -> list[Outcome]:
         """An event named in a campaign's ``cancel_on`` withdraws that campaign's scheduled sends."""
-        with _notifications_of(session, event.profile_id):
+        with _notifications_of(self, session, event.profile_id):
             rows = list(session.scalars(select(Notification).where(
                 Notification.profile_id == event.profile_id, Notification.status == SCHEDULED,
                 Notification.campaign_id.in_(self._cancellers[event.kind]))))
