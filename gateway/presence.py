@@ -116,6 +116,7 @@ class _Model:
     states: tuple[int, ...]  # the HMM state of each band, nearest first
     tables: tuple[tuple[float, ...], ...]  # per band: clamped LLR (band vs outside) over the RSSI grid
     pairs: tuple[tuple[int, tuple[float, ...]], ...] = ()  # (state, table) per band: the hot loop's view
+    cover: int = 0  # the states of its bands as a bit mask: which zones a link that hears the identity vouches for
 
 
 @dataclass(slots=True)
@@ -172,9 +173,6 @@ class PresenceTracker:
         self.zones: tuple[str, ...] = tuple(names)
         self._none = len(names)  # the "no zone" state's index
         self._index = {n: i for i, n in enumerate(names)}
-        # the receivers whose bands name each zone: a zone none of them hears is unlikely (a loss likelihood)
-        self._zone_rx = tuple(tuple(r.id for r in self.receivers.values() if any(z.name == n for z in r.zones))
-                              for n in names)
         self._models: dict[tuple[str, float], _Model] = {}
         self.enter_samples = enter_samples
         self.tracks: dict[str, _Track] = {}
@@ -188,7 +186,14 @@ class PresenceTracker:
         self._stay_s, self._transit_s, self._direct = settings.zone_stay_s, settings.transit_s, settings.direct_share
         self._enter_at, self._keep_above = settings.enter_posterior, 1.0 - settings.switch_posterior
         self._per_db = settings.fade_time_s / getattr(settings, "fade_db", 1e9)  # s of look per dB moved
+        self._half_exit = settings.exit_after_s / 2
         n = len(names)
+        # A zone none of the receivers hearing the identity names is unlikely (a loss likelihood): the zones
+        # heard are an OR of the links' ``cover`` masks, and the zones missed by each mask are cached.
+        self._all_zones = (1 << n) - 1
+        self._missed: dict[int, tuple[int, ...]] = {}
+        self._out_share = 1.0 - settings.direct_share if n > 1 else 1.0  # of the stays that end, to no zone
+        self._step_dt, self._step_terms = math.nan, (0.0, 0.0, 0.0, 0.0, 0.0)  # the last step's length and terms
         # Prior: heard at all means in the store; as likely in no zone as in some zone.
         self._prior = [0.5 / n] * n + [0.5] if n else [1.0]
         self._offset = 0.0  # added to every input time: the monotonic base (see the module docstring)
@@ -230,7 +235,7 @@ class PresenceTracker:
                 tables.append(tuple(max(v - b, -LLR_CLAMP) - fo for v, b, fo in zip(r, best, floor_out, strict=True)))
         states = tuple(self._index[name] for _, name in bands)
         model = _Model(tuple((rssi_at(max_m, ref, n), name) for max_m, name in bands), states, tuple(tables),
-                       tuple(zip(states, tables, strict=True)))
+                       tuple(zip(states, tables, strict=True)), sum(1 << i for i in set(states)))
         self._models[(rx.id, ref)] = model
         return model
 
@@ -357,104 +362,151 @@ class PresenceTracker:
                 if evs:
                     out.extend(evs)
             return out
-        tracks, q, r, exit_after = self.tracks, self._q, self._r, self._exit_after
-        per_db, rate, high = self._per_db, self._look, self._high
+        tracks_get, q, r, exit_after = self.tracks.get, self._q, self._r, self._exit_after
+        per_db, rate, high, step = self._per_db, self._look, self._high, self._step
         gate = GATE_SIGMAS * GATE_SIGMAS
+        reorder, dt_max, x_min, x_res, step_s = REORDER_S, EVIDENCE_DT_MAX_S, X_MIN, X_RES, STEP_S
         sqrt, copysign = math.sqrt, math.copysign
         for s in sightings:
             key, rid, rssi, t, tx = s
-            tr = tracks.get(key)
-            link = tr.links.get(rid) if tr is not None else None
-            try:
-                fast = (link is not None and tr is not None and -127 <= rssi < 0 and t - t == 0.0
-                        and t >= tr.last_seen - REORDER_S and t - link.last <= exit_after
-                        and (tx is None or tx == tr.tx_power))
-            except TypeError:  # an RSSI or a time that is not a number
-                fast = False
-            if not fast or tr is None or link is None:  # the general path; a clock step only comes by tick
-                self._high = high
-                evs = observe(s)
-                high = self._high
-                if evs:
-                    out.extend(evs)
-                continue
-            seen = tr.last_seen
-            if t - seen > EVIDENCE_DT_MAX_S:
-                tr.quiet += t - seen - EVIDENCE_DT_MAX_S
-            dt = t - link.last
-            if dt < 0.0:
-                dt = 0.0
-            else:
-                link.last, link.quiet = t, tr.quiet
-            before = link.rssi
-            innov = rssi - before
-            p = link.var + q * dt
-            s2 = p + r
-            gate2 = gate * s2
-            if innov * innov > gate2:
-                innov = copysign(sqrt(gate2), innov)
-            k = p / s2
-            link.rssi = est = before + k * innov
-            link.var = (1.0 - k) * p
-            look = dt if dt < EVIDENCE_DT_MAX_S else EVIDENCE_DT_MAX_S
-            moved = est - before
-            look += (moved if moved > 0.0 else -moved) * per_db
-            tr.seen += 1
-            if look:
-                m = link.model
-                w = look * rate
-                i = int((est - X_MIN) * X_RES + 0.5)
-                llr = tr.llr
-                for si, table in m.pairs:
-                    llr[si] += w * table[i]
-            if t > seen:
-                tr.last_seen = t
-                if t > high:
-                    high = t
-            if t - tr.stepped >= STEP_S:
-                evs = self._step(key, tr, t)
-                if evs:
-                    out.extend(evs)
+            tr = tracks_get(key)
+            if tr is not None:
+                link = tr.links.get(rid)
+                if link is not None:
+                    seen = tr.last_seen
+                    try:
+                        fast = (-127 <= rssi < 0 and t - t == 0.0 and t >= seen - reorder
+                                and t - link.last <= exit_after and (tx is None or tx == tr.tx_power))
+                    except TypeError:  # an RSSI or a time that is not a number
+                        fast = False
+                    if fast:
+                        if t - seen > dt_max:
+                            tr.quiet += t - seen - dt_max
+                        dt = t - link.last
+                        if dt < 0.0:
+                            dt = 0.0
+                        else:
+                            link.last, link.quiet = t, tr.quiet
+                        before = link.rssi
+                        innov = rssi - before
+                        p = link.var + q * dt
+                        s2 = p + r
+                        gate2 = gate * s2
+                        if innov * innov > gate2:
+                            innov = copysign(sqrt(gate2), innov)
+                        k = p / s2
+                        link.rssi = est = before + k * innov
+                        link.var = (1.0 - k) * p
+                        look = dt if dt < dt_max else dt_max
+                        moved = est - before
+                        look += (moved if moved > 0.0 else -moved) * per_db
+                        tr.seen += 1
+                        if look:
+                            w = look * rate
+                            i = int((est - x_min) * x_res + 0.5)
+                            llr = tr.llr
+                            for si, table in link.model.pairs:
+                                llr[si] += w * table[i]
+                        if t > seen:
+                            tr.last_seen = t
+                            if t > high:
+                                high = t
+                        if t - tr.stepped >= step_s:
+                            evs = step(key, tr, t)
+                            if evs:
+                                out.extend(evs)
+                        continue
+            # the general path; a clock step only comes by tick
+            self._high = high
+            evs = observe(s)
+            high = self._high
+            if evs:
+                out.extend(evs)
         self._high = high
         return out
 
     # ------------------------------------------------------------ the filter and the decisions
 
+    def _missed_zones(self, cover: int) -> tuple[int, ...]:
+        """The zones outside ``cover`` (a mask of zones some receiver hearing the identity names), cached."""
+        if len(self._missed) >= 1024:
+            self._missed.clear()
+        missed = self._missed[cover] = tuple(i for i in range(self._none) if not cover >> i & 1)
+        return missed
+
     def _step(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:
-        """Predict (sticky transitions over the elapsed time), weigh by the evidence, then decide."""
+        """Predict (sticky transitions over the elapsed time), weigh by the evidence, then decide.
+
+        On a busy stream a step follows most sightings, so this is the per-advert path's largest share:
+        the transition terms are reused while the step length repeats (regular adverts), the zones
+        missed come from a mask, the posterior is computed over the old one, and the decision's usual
+        outcome (no change) is taken here; ``_decide`` only runs when a threshold is crossed. Same
+        arithmetic, in the same order, as the formulas in the comments.
+        """
+        n = self._none
+        if not n:  # no zones: nothing to filter
+            tr.stepped = now
+            return self._decide(key, tr, now)
         dt = now - tr.stepped
         tr.stepped = now
-        p, llr, n = tr.post, tr.llr, self._none
-        if n:
+        p, llr = tr.post, tr.llr
+        if dt == self._step_dt:  # the last step's length again (regular adverts): its transition terms
+            stay, moves, arrive, keep_out, leave_out = self._step_terms
+        else:
             leave = -math.expm1(-dt / self._stay_s)  # a zone stay ends within dt
             arrive = -math.expm1(-dt / self._transit_s)  # a walk between zones ends within dt
-            direct = self._direct  # of the stays that end, this share goes straight to another zone
-            total = 1.0 - p[n]
-            per_zone = arrive * p[n] / n
-            # A receiver that does not hear the identity while others do says it is not near it; a silence
-            # on every receiver (a loss burst) says nothing of the kind, so that time counts for no link.
-            heard = dt - (tr.quiet - tr.quiet_stepped)
-            tr.quiet_stepped = tr.quiet
-            live = now - tr.quiet - self._exit_after / 2
-            heard_by = {rid for rid, lk in tr.links.items() if lk.last - lk.quiet >= live}
-            if len(heard_by) < len(self.receivers):  # when every receiver hears it, no zone misses it
-                miss = MISSING_LLR * (heard if heard > 0.0 else 0.0) * self._look
-                for i, rxs in enumerate(self._zone_rx):
-                    if heard_by.isdisjoint(rxs):
+            # of the stays that end, the share ``direct`` goes straight to another zone (none with one zone)
+            stay, moves, keep_out, leave_out = 1.0 - leave, leave * self._direct, 1.0 - arrive, leave * self._out_share
+            self._step_dt, self._step_terms = dt, (stay, moves, arrive, keep_out, leave_out)
+        pn = p[n]
+        total = 1.0 - pn
+        per_zone = arrive * pn / n
+        # A receiver that does not hear the identity while others do says it is not near it; a silence
+        # on every receiver (a loss burst) says nothing of the kind, so that time counts for no link.
+        quiet = tr.quiet
+        heard = dt - (quiet - tr.quiet_stepped)
+        tr.quiet_stepped = quiet
+        if heard > 0.0:  # else the miss is 0
+            live = now - quiet - self._half_exit
+            cover = 0
+            for lk in tr.links.values():
+                if lk.last - lk.quiet >= live:
+                    cover |= lk.model.cover
+            if cover != self._all_zones:  # when the zones heard cover all, no zone misses it
+                missed = self._missed.get(cover)
+                if missed is None:
+                    missed = self._missed_zones(cover)
+                if missed:
+                    miss = MISSING_LLR * heard * self._look
+                    for i in missed:
                         llr[i] -= miss
-            top = max(llr)
-            exp = math.exp
-            stay, moves = 1.0 - leave, leave * direct
-            if n > 1:
-                m = n - 1
-                pred = [(p[i] * stay + per_zone + moves * ((total - p[i]) / m)) * exp(llr[i] - top) for i in range(n)]
-            else:
-                pred = [(p[0] * stay + per_zone) * exp(llr[0] - top)]  # one zone: nowhere else to move
-            pred.append((p[n] * (1.0 - arrive) + leave * (1.0 - direct if n > 1 else 1.0) * total) * exp(
-                llr[n] - top))
-            z = sum(pred)
-            tr.post = [v / z for v in pred]
-            tr.llr = [0.0] * (n + 1)
+        top = max(llr)
+        exp = math.exp
+        # zone i: (p[i] (1 - leave) + arrive p[n] / n + leave direct (1 - p[n] - p[i]) / (n - 1)) e^(llr[i] - top)
+        # The unnormalised posterior is written over p (each p[i] is read before it is replaced; the
+        # list is the track's own and is replaced by the normalised one below).
+        if n > 1:
+            m = n - 1
+            for i in range(n):
+                pi = p[i]
+                p[i] = (pi * stay + per_zone + moves * ((total - pi) / m)) * exp(llr[i] - top)
+        else:
+            p[0] = (p[0] * stay + per_zone) * exp(llr[0] - top)  # one zone: nowhere else to move
+        # no zone: p[n] (1 - arrive) + leave (1 - direct) (1 - p[n])  (all of leave with one zone)
+        p[n] = (pn * keep_out + leave_out * total) * exp(llr[n] - top)
+        z = sum(p)
+        tr.post = post = [v / z for v in p]
+        tr.llr = [0.0] * (n + 1)
+        # _decide's usual outcome inline: the confirmed state holds (from no zone, no zone has reached
+        # enter_posterior; from a zone, its posterior is above 1 - switch_posterior).
+        cur = tr.state
+        if max(post) < self._enter_at if cur == n else post[cur] > self._keep_above:
+            tr.candidate = -1
+            zone = tr.zone
+            if zone is not None and now - tr.last_dwell >= self._dwell_every:
+                tr.last_dwell = now
+                return [PresenceEvent("dwell", key, now, zone, tr.zone_since, tr.visit_since, now - tr.zone_since)]
+            return []
         return self._decide(key, tr, now)
 
     def _decide(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:

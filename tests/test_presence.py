@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from beacons.types import Sighting
 from gateway.config import PresenceSettings, ReceiverSettings, ZoneBand
-from gateway.presence import PresenceTracker, distance_m
+from gateway.presence import MISSING_LLR, PresenceTracker, distance_m
 
 T0 = 1_000_000.0
 KEY = "ibeacon:00000000-0000-0000-0000-000000000001:1:1"
@@ -482,3 +482,71 @@ def test_observe_many_gives_exactly_what_observe_gives_one_by_one(rssi_filter: s
                                                                 "rssi_out_of_range", "clock_backwards"}
     assert {k: (tr.post, tr.zone, tr.links.keys()) for k, tr in many.tracks.items()} == {
         k: (tr.post, tr.zone, tr.links.keys()) for k, tr in one.tracks.items()}
+
+
+class _PlainStep(PresenceTracker):
+    """The HMM step as plain formulas (the code before its fast paths: no cached terms, the receivers heard
+    as a set, a new posterior list, ``_decide`` every step): the reference for the tracker's own step."""
+
+    def _step(self, key, tr, now):
+        dt = now - tr.stepped
+        tr.stepped = now
+        p, llr, n = tr.post, tr.llr, self._none
+        if n:
+            st = self.settings
+            leave = -math.expm1(-dt / st.zone_stay_s)
+            arrive = -math.expm1(-dt / st.transit_s)
+            direct = st.direct_share
+            total = 1.0 - p[n]
+            per_zone = arrive * p[n] / n
+            heard = dt - (tr.quiet - tr.quiet_stepped)
+            tr.quiet_stepped = tr.quiet
+            live = now - tr.quiet - st.exit_after_s / 2
+            heard_by = {rid for rid, lk in tr.links.items() if lk.last - lk.quiet >= live}
+            if len(heard_by) < len(self.receivers):
+                miss = MISSING_LLR * (heard if heard > 0.0 else 0.0) * (1.0 / st.fade_time_s)
+                for i, zone in enumerate(self.zones):
+                    names = (r.id for r in self.receivers.values() if any(z.name == zone for z in r.zones))
+                    if heard_by.isdisjoint(names):
+                        llr[i] -= miss
+            top = max(llr)
+            stay, moves = 1.0 - leave, leave * direct
+            if n > 1:
+                pred = [(p[i] * stay + per_zone + moves * ((total - p[i]) / (n - 1))) * math.exp(llr[i] - top)
+                        for i in range(n)]
+            else:
+                pred = [(p[0] * stay + per_zone) * math.exp(llr[0] - top)]
+            pred.append((p[n] * (1.0 - arrive) + leave * (1.0 - direct if n > 1 else 1.0) * total) * math.exp(
+                llr[n] - top))
+            z = sum(pred)
+            tr.post = [v / z for v in pred]
+            tr.llr = [0.0] * (n + 1)
+        return self._decide(key, tr, now)
+
+
+@pytest.mark.parametrize("layout", ["three receivers", "a receiver without zones", "one zone"])
+def test_the_hmm_step_is_the_plain_formulas_bit_for_bit(layout: str):
+    """The step's shortcuts (terms reused for a repeated step length, zones missed by mask, the posterior
+    written in place, the usual decision inline) change no event and no posterior, in any float bit."""
+    rx = [ReceiverSettings("rx-a", [ZoneBand("a-near", 2.0), ZoneBand("a-far", 6.0)], measured_power=-59),
+          ReceiverSettings("rx-b", [ZoneBand("b", 4.0)], measured_power=-59),
+          ReceiverSettings("rx-c", [ZoneBand("c", 4.0)])]
+    if layout == "a receiver without zones":
+        rx.append(ReceiverSettings("rx-d", [], measured_power=-59))  # never heard: every step checks the zones
+    elif layout == "one zone":
+        rx = [ReceiverSettings(r, [ZoneBand("z", 4.0)], measured_power=-59) for r in ("rx-a", "rx-b", "rx-c")]
+    settings = PresenceSettings(dwell_every_s=5, exit_after_s=6, visit_end_after_s=30, enter_hold_s=1.0)
+    fast, plain = PresenceTracker(settings, rx), _PlainStep(settings, rx)
+    got, want = [], []
+
+    def state(t):
+        return {k: ([x.hex() for x in tr.post], [x.hex() for x in tr.llr], tr.state, tr.zone, tr.candidate,
+                    tr.candidate_since, tr.last_dwell, tr.quiet_stepped) for k, tr in t.tracks.items()}
+
+    for i, (batch, now) in enumerate(_recorded_drains(3)):
+        if i % 3 == 0:  # a steady advert every 1.5 s: the same step length over and over
+            batch = [*batch, Sighting("steady", "rx-b", -63, now - 0.25, -59)]
+        got += fast.observe_many(batch) + fast.tick(now)
+        want += plain.observe_many(batch) + plain.tick(now)
+        assert state(fast) == state(plain)
+    assert got == want and {"enter", "exit", "dwell"} <= {e.kind for e in got}
