@@ -416,6 +416,8 @@ class _Bulk:
         self.loaded: dict[int, _ProfileRow] = {}
         self.consents: dict[int, set[str]] = {}
         self.wanted: set[str] = set()
+        # id(event) -> its candidates, worked out here for the events handed in (alive while the batch runs).
+        self.candidates: dict[int, list[Campaign]] = {}
         self.keys: set[str] = set()
         self.rows: dict[int, list[tuple[str, float, str, Any]]] = {}
         self.decisions: list[tuple[Any, ...]] = []  # values in _DECISION_COLUMNS order
@@ -437,15 +439,19 @@ class _Bulk:
         reach = max((cap.window_s for cap in engine.caps), default=0.0)
         refresh = frozenset(REFRESH_SEGMENTS_ON) if engine.segments else frozenset()
         earliest = math.inf
+        wanted_keys = b.wanted
         for ev in events:
-            judged = engine._judged.get(ev.profile_id, ())
+            judged = engine._judged.get(ev.profile_id)
+            key = ev.key
+            cands = b.candidates[id(ev)] = engine._candidates(ev, only)  # handle takes them from here
+            if judged:  # handle skips those (a dwell tick judges few): no key to read
+                cands = [c for c in cands if (c.id, key) not in judged]
             needed = ev.kind in refresh
-            for c in engine._candidates(ev, only):
-                if (c.id, ev.key) in judged:  # handle skips it (a dwell tick judges few): no key to read
-                    continue
+            if cands:
                 needed = True
-                b.wanted.add(Engine.dedup_key(c, ev))
-                reach = max(reach, c.cooldown_s)
+                tail = f":{ev.profile_id}:{key}"  # Engine.dedup_key, its campaign id put in front
+                wanted_keys.update([c.id + tail for c in cands])
+                reach = max(reach, max(c.cooldown_s for c in cands))
             if needed:  # handle reads this profile; an event with nothing left to judge reads nothing
                 b.profiles.add(ev.profile_id)
                 earliest = min(earliest, ev.time)
@@ -469,7 +475,8 @@ class _Bulk:
         """The event's sends, from what was read in bulk when it covers the event (an event raised while
         judging, such as segment_entered, is not covered: it reads the database, which has the batch's sends)."""
         sends = _Sends(engine, session, event, candidates)
-        if event.profile_id in self.profiles and all(Engine.dedup_key(c, event) in self.wanted for c in candidates):
+        tail = f":{event.profile_id}:{event.key}"
+        if event.profile_id in self.profiles and all(c.id + tail in self.wanted for c in candidates):
             sends._keys, sends._rows, sends.shared = self.keys, self.rows.setdefault(event.profile_id, []), True
         return sends
 
@@ -526,6 +533,10 @@ class Engine:
         self.abandon_after_s = abandon_after_s
         self.timezone = timezone
         self.tz = ZoneInfo(timezone)
+        # Worked out once (until caps or channels are set again): a campaign's channels by its channels setting,
+        # the caps that count a purpose.
+        self._channels_of: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._caps_of: dict[str, list[FrequencyCap]] = {}
         self.caps = tuple(caps)
         self.channels = tuple(channels)  # the configured channels a notification can go out on
         self.counts: Counter[str] = Counter()  # decisions by reason, for /metrics and summaries
@@ -544,6 +555,24 @@ class Engine:
         self._release_from = -math.inf
         self._release_scan = -math.inf
         self.set_campaigns(campaigns)
+
+    @property
+    def caps(self) -> tuple[FrequencyCap, ...]:
+        return self._caps
+
+    @caps.setter
+    def caps(self, caps: Sequence[FrequencyCap]) -> None:
+        self._caps = tuple(caps)
+        self._caps_of.clear()
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return self._channels
+
+    @channels.setter
+    def channels(self, channels: Sequence[str]) -> None:
+        self._channels = tuple(channels)
+        self._channels_of.clear()
 
     def forget_profile(self, profile_id: int) -> None:
         """An erased or linked-away profile: what was judged for it goes (the next profile never gets its id,
@@ -661,6 +690,11 @@ class Engine:
         return outcomes
 
     def _candidates(self, event: EngineEvent, only: Sequence[Campaign] | None) -> list[Campaign]:
+        bulk = self._bulk
+        if bulk is not None:
+            known = bulk.candidates.pop(id(event), None)  # popped: an id is only the batch's event once
+            if known is not None:
+                return known
         if only is not None:
             return list(only)
         metrics = event.facts.get("reading", {}).keys() if event.kind == "telemetry" else ()
@@ -783,7 +817,10 @@ class Engine:
         if failed is not None:
             return event.time, (), CONDITION_FALSE, failed
         send_at = self.send_time(c, event.time)
-        channels = tuple(ch for ch in (c.channels or self.channels) if ch in self.channels)
+        channels = self._channels_of.get(c.channels)
+        if channels is None:
+            channels = self._channels_of[c.channels] = tuple(ch for ch in (c.channels or self.channels)
+                                                             if ch in self.channels)
         if sends is None:
             sends = _Sends(self, session, event, [c])
         if sends.duplicate(self.dedup_key(c, event)):
@@ -816,7 +853,9 @@ class Engine:
                 Notification.campaign_id == c.id, Interaction.kind == "redeemed")) or 0
             if redeemed >= c.budget_redemptions:
                 return send_at, channels, BUDGET_EXHAUSTED, f"{redeemed} of {c.budget_redemptions} redemptions used"
-        caps = [cap for cap in self.caps if c.purpose in cap.purposes]
+        caps = self._caps_of.get(c.purpose)
+        if caps is None:
+            caps = self._caps_of[c.purpose] = [cap for cap in self.caps if c.purpose in cap.purposes]
         if caps:
             widest = max(cap.window_s for cap in caps)
             lo, hi = send_at - widest, send_at + widest
