@@ -195,6 +195,9 @@ def _insert_decisions(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
 
 _NOTIFICATIONS = cast(Table, Notification.__table__)
 _NEW_NOTIFICATIONS = insert(_NOTIFICATIONS).returning(_NOTIFICATIONS.c.id, sort_by_parameter_order=True)
+# SQLite: asked to sort by parameter order, SQLAlchemy sends one INSERT per row; unsorted it is one INSERT, whose
+# rows SQLite numbers in VALUES order (ids ascend in fire order), each matched back by its unique dedup key.
+_NEW_NOTIFICATIONS_KEYED = insert(_NOTIFICATIONS).returning(_NOTIFICATIONS.c.id, _NOTIFICATIONS.c.dedup_key)
 _MEMBERSHIP_TABLE = cast(Table, SegmentMembership.__table__)
 _NEW_MEMBERSHIP = insert(_MEMBERSHIP_TABLE)
 # Where a read may bypass the session: a Connection skips the ORM's per-statement work (and its autoflush, so
@@ -511,8 +514,12 @@ class _Bulk:
             return
         self.written = len(self.outbox)
         self.unwritten.clear()
-        ids = self.conn.execute(_NEW_NOTIFICATIONS, todo).scalars().all()
-        for row, nid in zip(todo, ids, strict=True):
+        if self.conn.dialect.name == "sqlite":
+            ids = dict((key, nid) for nid, key in self.conn.execute(_NEW_NOTIFICATIONS_KEYED, todo))
+            for row in todo:
+                row["id"] = ids[row["dedup_key"]]
+            return
+        for row, nid in zip(todo, self.conn.execute(_NEW_NOTIFICATIONS, todo).scalars().all(), strict=True):
             row["id"] = nid
 
 
