@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Dialect, Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -75,10 +75,10 @@ _STAY_EXIT = update(_STAYS).where(_STAYS.c.id == bindparam("sid")).values(exited
 _FOOTFALL_UPSERTS: dict[str, Any] = {}
 
 
-def _footfall_upsert(session: Session) -> Any:
+def _footfall_upsert(dialect: Dialect) -> Any:
     """INSERT ... ON CONFLICT that adds the counts to the day's row, built once per dialect (SQLite and
     PostgreSQL spell it alike in SQLAlchemy)."""
-    name = session.get_bind().dialect.name
+    name = dialect.name
     stmt = _FOOTFALL_UPSERTS.get(name)
     if stmt is None:
         if name not in ("postgresql", "sqlite"):
@@ -341,8 +341,9 @@ class Pipeline:
         rows = [{"store_id": self.store_id, "day": day, "zone": zone, "anonymous_visits": int(visits),
                  "anonymous_dwell_s": dwell}
                 for (day, zone), (visits, dwell) in pending.items()]
-        with self.db.session() as s:  # one upsert statement: the counts are added to the day's row
-            s.execute(_footfall_upsert(s), rows)
+        # One upsert statement (the counts are added to the day's row), on a bare connection: no ORM session.
+        with self.db.engine.begin() as conn:
+            conn.execute(_footfall_upsert(conn.dialect), rows)
 
     def forget_profile(self, profile_id: int) -> None:
         """An erased profile (or one linked into another) leaves nothing keyed by its id in memory: no open
