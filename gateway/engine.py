@@ -723,7 +723,7 @@ class Engine:
                 before(i)
             return self.handle(session, ev, only)
 
-        if len(events) < 2 or self._bulk is not None:
+        if not events or self._bulk is not None:  # one event too: its reads and writes skip the ORM
             return [one(i, ev) for i, ev in enumerate(events)]
         self._bulk = bulk = _Bulk.load(self, session, events, only)
         try:
