@@ -291,6 +291,8 @@ class Pipeline:
         the session's connection (the ORM's per-statement work and autoflush are not needed: the session holds
         no visits or stays): the open visit's zones are remembered here, so an enter appends to them without
         reading the row."""
+        if ev.kind == "dwell":  # a dwell tick writes nothing
+            return
         c = s.connection()
         if ev.kind == "visit_start":
             before = c.scalar(_HAS_VISIT, {"pid": pid, "store": self.store_id}) is not None  # new here, as figures
