@@ -110,18 +110,7 @@ _PATHS: dict[str, tuple[str, ...]] = {}  # a dotted path split once (conditions 
 
 
 def lookup(facts: Mapping[str, Any], path: str) -> Any:
-    parts = _PATHS.get(path)
-    if parts is None:
-        parts = tuple(path.split("."))
-        if len(_PATHS) < 10_000:  # campaigns over the API may name any path: the cache stays bounded
-            _PATHS[path] = parts
-    cur: Any = facts
-    for part in parts:
-        if isinstance(cur, Mapping) and part in cur:
-            cur = cur[part]
-        else:
-            return _MISSING
-    return cur
+    return _get(facts, _split(path))
 
 
 _OPERATORS: dict[str, Any] = {
@@ -251,7 +240,7 @@ def _split(path: str) -> tuple[str, ...]:
     parts = _PATHS.get(path)
     if parts is None:
         parts = tuple(path.split("."))
-        if len(_PATHS) < 10_000:
+        if len(_PATHS) < 10_000:  # campaigns over the API may name any path: the cache stays bounded
             _PATHS[path] = parts
     return parts
 

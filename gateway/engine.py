@@ -452,7 +452,7 @@ class _Bulk:
             needed = ev.kind in refresh
             if cands:
                 needed = True
-                tail = f":{ev.profile_id}:{key}"  # Engine.dedup_key, its campaign id put in front
+                tail = Engine.dedup_tail(ev)
                 wanted_keys.update([c.id + tail for c in cands])
                 reach = max(reach, max(c.cooldown_s for c in cands))
             if needed:  # handle reads this profile; an event with nothing left to judge reads nothing
@@ -478,7 +478,7 @@ class _Bulk:
         """The event's sends, from what was read in bulk when it covers the event (an event raised while
         judging, such as segment_entered, is not covered: it reads the database, which has the batch's sends)."""
         sends = _Sends(engine, session, event, candidates)
-        tail = f":{event.profile_id}:{event.key}"
+        tail = Engine.dedup_tail(event)
         if event.profile_id in self.profiles and all(c.id + tail in self.wanted for c in candidates):
             sends._keys, sends._rows, sends.shared = self.keys, self.rows.setdefault(event.profile_id, []), True
         return sends
@@ -906,7 +906,12 @@ class Engine:
 
     @staticmethod
     def dedup_key(c: Campaign, event: EngineEvent) -> str:
-        return f"{c.id}:{event.profile_id}:{event.key}"
+        return c.id + Engine.dedup_tail(event)
+
+    @staticmethod
+    def dedup_tail(event: EngineEvent) -> str:
+        """What follows the campaign id in ``dedup_key``: made once per event when many campaigns are checked."""
+        return f":{event.profile_id}:{event.key}"
 
     def _fire(self, session: Session, c: Campaign, event: EngineEvent, facts: dict[str, Any],
               who: str, variant: Variant | None, send_at: float, channels: Sequence[str],

@@ -501,13 +501,17 @@ class PresenceTracker:
         # enter_posterior; from a zone, its posterior is above 1 - switch_posterior).
         cur = tr.state
         if max(post) < self._enter_at if cur == n else post[cur] > self._keep_above:
-            tr.candidate = -1
-            zone = tr.zone
-            if zone is not None and now - tr.last_dwell >= self._dwell_every:
-                tr.last_dwell = now
-                return [PresenceEvent("dwell", key, now, zone, tr.zone_since, tr.visit_since, now - tr.zone_since)]
-            return []
+            return self._hold(key, tr, now)
         return self._decide(key, tr, now)
+
+    def _hold(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:
+        """The confirmed state holds: no candidate, and a dwell event when one is due."""
+        tr.candidate = -1
+        zone = tr.zone
+        if zone is not None and now - tr.last_dwell >= self._dwell_every:
+            tr.last_dwell = now
+            return [PresenceEvent("dwell", key, now, zone, tr.zone_since, tr.visit_since, now - tr.zone_since)]
+        return []
 
     def _decide(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:
         post, cur = tr.post, tr.state
@@ -517,11 +521,7 @@ class PresenceTracker:
         # to 1 - switch_posterior, however the rest is split (between two equally loud neighbours, say).
         stay = top < self._enter_at if cur == self._none else post[cur] > self._keep_above
         if best == cur or stay:
-            tr.candidate = -1
-            if tr.zone is not None and now - tr.last_dwell >= self._dwell_every:
-                tr.last_dwell = now
-                return [PresenceEvent("dwell", key, now, tr.zone, tr.zone_since, tr.visit_since, now - tr.zone_since)]
-            return []
+            return self._hold(key, tr, now)
         if tr.candidate != best:
             tr.candidate, tr.candidate_since = best, now
         if tr.seen < self.enter_samples or now - tr.candidate_since < self.settings.enter_hold_s:
