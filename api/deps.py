@@ -53,6 +53,8 @@ class ApiContext:
     """The device registry (devices.registry.DeviceRegistry) for /v1/devices; None: 503."""
     alarms: Any = None
     """Device alarms and the maintenance loop (gateway.alarms.AlarmDesk); None: 503."""
+    probes: dict[str, Any] = field(default_factory=dict)
+    """Health probes under way (api/routers/health.py runs one of each kind at a time)."""
 
 
 _guard_lock = threading.Lock()

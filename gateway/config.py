@@ -28,6 +28,7 @@ class StoreSettings:
 @dataclass
 class DatabaseSettings:
     url: str = "sqlite:///data/gateway.db"
+    busy_timeout_ms: int = 5000  # SQLite: how long a write waits for another writer before it is held and retried
 
 
 @dataclass

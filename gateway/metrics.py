@@ -208,9 +208,25 @@ def gateway_families(rt: Any, depths: Mapping[str, int]) -> list[Family | Histog
     return fams
 
 
+def db_state(db: Any) -> str:
+    """``ok`` when a write could start now and none has failed for the database's state in the last
+    seconds; else ``locked``, ``full``, ``down`` or ``failing`` (it answers a probe, yet writes fail:
+    e.g. PostgreSQL's disk is full)."""
+    state: str = db.probe()
+    if state == "ok" and db.outage.recent():
+        return "failing"
+    if state == "ok":
+        db.outage.succeeded()
+    return state
+
+
 def readiness(db: Any) -> dict[str, Any]:
-    """Ready for traffic: the database answers and its schema is at this version's migrations."""
-    db_ok = db.ping()
-    schema = db.schema_state() if db_ok else "unknown"
-    return {"status": "ready" if db_ok and schema == "current" else "not_ready",
-            "components": {"db": "ok" if db_ok else "down", "migrations": schema}}
+    """Ready for traffic: the database can take a write (db_state) and its schema is at this version's
+    migrations."""
+    state = db_state(db)
+    schema = db.schema_state() if state == "ok" else "unknown"
+    body: dict[str, Any] = {"status": "ready" if state == "ok" and schema == "current" else "not_ready",
+                            "components": {"db": state, "migrations": schema}}
+    if state != "ok" and db.outage.active:
+        body["components"]["db_error"] = db.outage.reason
+    return body

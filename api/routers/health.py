@@ -1,27 +1,49 @@
 """Operations: liveness, readiness and Prometheus metrics, unauthenticated and unversioned.
 
 ``/health/live`` says only that the process answers (a supervisor restarts it when it does not);
-``/health/ready`` says whether it should get traffic (database reachable, schema migrated);
+``/health/ready`` says whether it should get traffic (a write could start: the database is reachable,
+not locked by another process, not full; schema migrated);
 ``/health`` keeps the per-component view. None of them reveals data, so none needs a key.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api.deps import Context
+from api.deps import ApiContext, Context
 from api.schemas import HealthOut, LiveOut, ReadyOut
 from gateway.metrics import CONTENT_TYPE, hub_families, render
 
 router = APIRouter(tags=["operations"])
+PROBE_S = 2.0
+"""How long a health answer waits for the database's probe; past it the database counts as down."""
+
+
+async def _probe(ctx: ApiContext, name: str, probe: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """The probe off the event loop, bounded in time, and one at a time per kind: a supervisor polling
+    a hung database gets its answer in PROBE_S and never piles up blocked threads. None: timed out."""
+    running: asyncio.Future[dict[str, Any]] | None = ctx.probes.get(name)
+    if running is None or running.done():
+        running = ctx.probes[name] = asyncio.ensure_future(run_in_threadpool(probe))
+    try:
+        return await asyncio.wait_for(asyncio.shield(running), PROBE_S)
+    except TimeoutError:
+        return None
 
 
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
-def health(ctx: Context) -> JSONResponse:
-    """Each component's state; 503 when the database is down, so a supervisor can restart us."""
-    body = ctx.health()
+async def health(ctx: Context) -> JSONResponse:
+    """Each component's state; 503 unless the database can take a write now (locked, full or down:
+    503), so a supervisor can act."""
+    body = await _probe(ctx, "health", ctx.health)
+    if body is None:
+        body = {"status": "degraded", "components": {"db": "timeout"}}
     return JSONResponse(body, status_code=503 if body["components"].get("db") != "ok" else 200)
 
 
@@ -36,11 +58,15 @@ async def live() -> dict[str, str]:
 async def ready(ctx: Context) -> JSONResponse:
     """Ready for traffic: the database answers and its schema is at this version's migrations; else 503."""
     if ctx.ready is not None:
-        body = await run_in_threadpool(ctx.ready)
+        body = await _probe(ctx, "ready", ctx.ready)
     else:
-        db = (await run_in_threadpool(ctx.health))["components"].get("db")
+        seen = await _probe(ctx, "health", ctx.health)
+        db = seen["components"].get("db") if seen is not None else "timeout"
         body = {"status": "ready" if db == "ok" else "not_ready", "components": {"db": db or "unknown"}}
-    return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
+    if body is None:
+        body = {"status": "not_ready", "components": {"db": "timeout", "migrations": "unknown"}}
+    headers = None if body["status"] == "ready" else {"Retry-After": "5"}
+    return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503, headers=headers)
 
 
 @router.get("/metrics", response_class=Response,
