@@ -89,7 +89,6 @@ def ack(session: Session, profile_id: int, notification_id: int, now: float) -> 
     return n
 
 
-INLINE_LOAD_MAX = 32
 Result = tuple[int, str, str, str | None]  # (notification id, channel, outcome word, error)
 # Internal outcomes of a due retry that is not attempted (and not logged as a delivery):
 ACKED = "acked"  # the app has the notification already: the channel counts as delivered
@@ -186,9 +185,8 @@ class Dispatcher:
         t0 = time.perf_counter() if committed_at is None else committed_at
         results: list[Result] = []
         async with self._order:  # batches reach the streams in commit order: their ids only go up
-            # A few ids (a shopper walking in) load faster here than a thread hop; a broadcast loads off the loop.
-            small = len(notification_ids) <= INLINE_LOAD_MAX
-            msgs = self._load(notification_ids) if small else await asyncio.to_thread(self._load, notification_ids)
+            # Off the loop, however few: a locked or unreachable database must never stall the streams.
+            msgs = await asyncio.to_thread(self._load, notification_ids)
             for ch in self.inline:
                 deliver = ch.deliver
                 for profile_id, msg in msgs:
@@ -234,8 +232,7 @@ class Dispatcher:
         with self.db.session() as s:
             return messages(s, notification_ids)
 
-    async def retry_due(self, now: float, limit: int = 500) -> int:
-        """Retry every delivery whose time has come (the runtime's retry loop); returns how many were tried."""
+    def _due(self, now: float, limit: int) -> list[tuple[str, int, Message]]:
         with self.db.session() as s:
             due = s.execute(
                 select(DeliveryState.notification_id, DeliveryState.channel, Notification)
@@ -244,7 +241,11 @@ class Dispatcher:
                        DeliveryState.next_attempt_at <= now)
                 .order_by(DeliveryState.next_attempt_at).limit(limit)
             ).all()
-            work = [(ch, n.profile_id, message(n)) for _, ch, n in due]
+            return [(ch, n.profile_id, message(n)) for _, ch, n in due]
+
+    async def retry_due(self, now: float, limit: int = 500) -> int:
+        """Retry every delivery whose time has come (the runtime's retry loop); returns how many were tried."""
+        work = await asyncio.to_thread(self._due, now, limit)
         by_name = {ch.name: ch for ch in self.channels}
         results: list[Result] = []
         attempts: list[tuple[Channel, int, Message]] = []
@@ -273,7 +274,7 @@ class Dispatcher:
     async def recover(self, now: float) -> int:
         """At start: dispatch what a crash left between commit and dispatch; returns how many."""
         total = 0
-        while ids := self.undispatched():
+        while ids := await asyncio.to_thread(self.undispatched):
             await self.dispatch(ids, now)
             total += len(ids)
         return total

@@ -2,13 +2,20 @@
 
 ``Pipeline`` composes the stages synchronously (adverts -> sightings -> presence -> identity
 -> engine -> outbox); the virtual-time simulation drives it directly. ``Runtime`` runs the
-same pipeline live: scanner callbacks and MQTT batches are drained on the event loop, and
-committed notifications are dispatched to the channels afterwards.
+same pipeline live: scanner callbacks and MQTT batches are collected on the event loop and handed,
+one job at a time, to the pipeline's own worker thread, which is the only thread that runs the
+pipeline; committed notifications are dispatched to the channels afterwards, on the loop.
+
+The event loop never waits on the database: a locked SQLite file or a PostgreSQL outage stalls the
+worker, never the API (``/health/live`` keeps answering). Backpressure: adverts that arrive while a
+drain runs wait for the next one, up to ``MAX_PENDING_ADVERTS`` (the rest are counted and dropped, as
+the radio drops them); telemetry waits unacknowledged at the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -46,13 +53,13 @@ from gateway.delivery import build_channels, close_channels
 from gateway.engine import Engine, EngineEvent, FrequencyCap, Outcome
 from gateway.explain import dry_run
 from gateway.identity import IdentityIndex
-from gateway.metrics import Histogram, gateway_families, readiness, render
+from gateway.metrics import Histogram, db_state, gateway_families, readiness, render
 from gateway.outbox import Backoff, Dispatcher
 from gateway.outbox import depths as outbox_depths
 from gateway.presence import PresenceEvent, PresenceTracker
 from gateway.privacy import purge_presence
 from gateway.service import GatewayService, Invalid
-from gateway.storage.db import Database
+from gateway.storage.db import Database, describe, is_transient
 from gateway.storage.models import Cart, Device, FootfallCount, Visit, ZoneStay
 from gateway.tokens import TokenSigner
 
@@ -94,6 +101,9 @@ OutcomeHook = Callable[[Outcome, EngineEvent], None]
 CART_SCAN_S = 5.0  # how often (clock time) carts are checked for abandonment and purchases
 OFFLINE_SCAN_S = 5.0  # how often devices are checked for missed reporting intervals
 PURGE_EVERY_S = 3600.0  # how often telemetry retention runs
+MAX_PENDING_ADVERTS = 100_000  # about 10 s of a full shop (1,000 tags at 10 Hz) waiting for a stalled database
+TELEMETRY_RETRY = Backoff(base_s=0.1, max_s=5.0, jitter=0.2, max_attempts=1_000_000)
+"""A telemetry batch held by a database outage is retried on this schedule, for as long as it takes."""
 
 
 def log_outcome(o: Outcome, ev: EngineEvent) -> None:
@@ -400,7 +410,6 @@ class Pipeline:
             return []
         if now is None:  # virtual time: the batch's own latest time
             now = max((r.time for r in batch.readings), default=None) or time.time()
-        self.figures["readings"] += len(batch.readings)
         created: list[int] = []
         with self.db.session() as s, s.no_autoflush:
             named: dict[str, Device | None] = {}  # the batch's registry rows, read once for all three stages
@@ -414,6 +423,7 @@ class Pipeline:
                     facts = {"device": {"id": d.id, "kind": d.kind}, "reading": dict(r.metrics)}
                     created += self._decide(s, EngineEvent("telemetry", d.profile_id, r.time,
                                                            f"reading:{d.id}:{r.key}", facts=facts))
+        self.figures["readings"] += len(batch.readings)  # counted once committed: a rolled-back try counts nothing
         return created
 
     def telemetry_timers(self, now: float) -> list[str]:
@@ -431,6 +441,24 @@ class Pipeline:
                 if self.settings.privacy.presence_retention_days > 0:  # visits, zone stays, decisions
                     purge_presence(s, now - self.settings.privacy.presence_retention_days * 86400)
         return gone
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def _snapshot(tracks: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The tracks as they are now, read on the loop while the worker may change them: one C-level copy
+    (it holds the GIL throughout), tried again in the rare case the dict changed size mid-copy."""
+    for _ in range(10):
+        try:
+            return list(tracks.items())
+        except RuntimeError:
+            continue
+    return []
 
 
 def token_secret(settings: Settings) -> bytes:
@@ -483,7 +511,7 @@ class Runtime:
         self.mqtt = mqtt
         self.serve_api = serve_api
         self.tick_s = tick_s
-        self.db = Database(settings.database.url)
+        self.db = Database(settings.database.url, settings.database.busy_timeout_ms)
         self.identities = IdentityIndex()
         self.campaigns = CampaignIndex(load_campaigns(settings.campaigns.dir))
         self.pipeline = Pipeline(settings, self.db, self.campaigns, self.identities, on_outcome,
@@ -517,6 +545,11 @@ class Runtime:
         self.service.on_profile_gone = self._profile_gone
         self._adverts: list[Advertisement] = []
         self._drain_scheduled = False
+        self._drainer: asyncio.Task[None] | None = None
+        self.adverts_dropped = 0  # arrived while MAX_PENDING_ADVERTS were already waiting for the worker
+        # The one thread that runs the pipeline: its state (presence, engine caches) is never shared.
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-pipeline")
+        self._jobs: set[asyncio.Future[Any]] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self._dispatches: set[asyncio.Task[Any]] = set()
         self._server: _QuietServer | None = None
@@ -532,11 +565,8 @@ class Runtime:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.db.upgrade, self.settings.store.id)
-        with self.db.session() as s:
-            self.identities.load(s)
-        self.reload_campaigns()
-        with self.db.session() as s:  # device rules' timers that came due while the gateway was away
-            self._dispatch(self.pipeline.rules.tick(s, self.clock.now()))
+        await self._run(self._load_state)
+        self._dispatch(await self._run(self._due_rule_timers))
         if self.serve_api:
             from api.app import create_app
             from api.deps import ApiContext
@@ -574,6 +604,64 @@ class Runtime:
         self._tasks.append(asyncio.create_task(self._ticker(), name="ticker"))
         self._tasks.append(asyncio.create_task(self._retrier(), name="retrier"))
 
+    def _load_state(self) -> None:
+        with self.db.session() as s:
+            self.identities.load(s)
+        self.reload_campaigns()
+
+    def _due_rule_timers(self) -> list[int]:
+        """Device rules' timers that came due while the gateway was away."""
+        with self.db.session() as s:
+            return self.pipeline.rules.tick(s, self.clock.now())
+
+    # ------------------------------------------------------------ the pipeline's worker
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` on the pipeline's worker thread and wait for it (the loop goes on meanwhile)."""
+        assert self._loop is not None
+        job = self._loop.run_in_executor(self._worker, functools.partial(fn, *args))
+        self._jobs.add(job)
+        try:
+            return await job
+        finally:
+            self._jobs.discard(job)
+
+    def _submit(self, what: str, fn: Callable[..., list[int]], *args: Any) -> None:
+        """Queue a pipeline job from any thread; the notifications it commits are dispatched. Errors are
+        logged (a database outage once, see _failed), never raised to the caller."""
+        loop = self._loop
+        if loop is None or loop.is_closed():  # before start nothing else runs the pipeline: inline
+            self._guarded(what, fn, *args)
+            return
+
+        def spawn() -> None:
+            async def job() -> None:
+                self._dispatch(await self._run(self._guarded, what, fn, *args))
+
+            task = loop.create_task(job())
+            self._dispatches.add(task)
+            task.add_done_callback(self._dispatches.discard)
+
+        if _on_loop(loop):
+            spawn()
+        else:
+            loop.call_soon_threadsafe(spawn)
+
+    def _guarded(self, what: str, fn: Callable[..., list[int]], *args: Any) -> list[int]:
+        """On the worker: a failing job loses its inputs but never the worker. A database outage is
+        logged once (Database.outage), not a traceback per batch."""
+        try:
+            return fn(*args)
+        except Exception as error:
+            self._failed(what, error)
+            return []
+
+    def _failed(self, what: str, error: BaseException) -> None:
+        if is_transient(error):
+            self.db.outage.failed(error)
+        else:
+            log.error("%s failed", what, exc_info=error)
+
     def _wire_device_rules(self) -> None:
         """Alarm actions that leave over MQTT: commands to devices, retained staff alerts."""
         rules = self.pipeline.rules
@@ -586,6 +674,7 @@ class Runtime:
     async def stop(self) -> None:
         if self.scanner is not None:
             await self.scanner.stop()
+        await self.flush()
         if self.mqtt is not None:
             await self._flush_telemetry()  # committed and acked while we are still connected
             await self.mqtt.stop()
@@ -599,17 +688,23 @@ class Runtime:
             await asyncio.gather(*self._dispatches, return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await asyncio.to_thread(self._worker.shutdown, True)  # the job under way finishes; none is cut off
         await close_channels(self.remote_channels)
         self.db.dispose()
 
     # ------------------------------------------------------------ inputs
 
     def on_advert(self, adv: Advertisement) -> None:
-        """Scanner callback: collect, and drain once per loop iteration so a burst is one batch."""
-        self._adverts.append(adv)
-        if not self._drain_scheduled:
-            self._drain_scheduled = True
+        """Scanner callback, on the loop: collect; one drain at a time runs on the worker, and what
+        arrives meanwhile is the next drain, so a burst (or a stalled database's backlog) is one batch."""
+        if len(self._adverts) >= MAX_PENDING_ADVERTS:
+            self.adverts_dropped += 1
+            return
+        if not self._adverts:
             self._batch_t0 = time.perf_counter()  # the batch's first advert: advert-to-commit starts here
+        self._adverts.append(adv)
+        if not self._drain_scheduled and self._drainer is None:
+            self._drain_scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._drain_adverts)
 
@@ -619,15 +714,21 @@ class Runtime:
 
     def _drain_adverts(self) -> None:
         self._drain_scheduled = False
-        batch, self._adverts = self._adverts, []
+        if self._drainer is None and self._adverts:
+            self._drainer = asyncio.create_task(self._drain_loop(), name="adverts")
+
+    async def _drain_loop(self) -> None:
         try:
-            ids = self.pipeline.ingest_adverts(batch)
-        except Exception:
-            log.exception("advertisement batch of %d failed", len(batch))
-            return
-        if ids:
-            self.advert_latency.observe(time.perf_counter() - self._batch_t0)
-        self._dispatch(ids)
+            while self._adverts:
+                batch, self._adverts = self._adverts, []
+                t0 = self._batch_t0
+                ids = await self._run(self._guarded, f"advertisement batch of {len(batch)}",
+                                      self.pipeline.ingest_adverts, batch)
+                if ids:
+                    self.advert_latency.observe(time.perf_counter() - t0)
+                self._dispatch(ids)
+        finally:
+            self._drainer = None
 
     def _dispatch(self, ids: list[int]) -> None:
         if ids:
@@ -652,10 +753,8 @@ class Runtime:
             batch = [await queue.get()]
             while not queue.empty():
                 batch.append(queue.get_nowait())
-            try:
-                self._dispatch(self.pipeline.ingest_sightings(batch))
-            except Exception:
-                log.exception("remote sighting batch of %d failed", len(batch))
+            self._dispatch(await self._run(self._guarded, f"remote sighting batch of {len(batch)}",
+                                           self.pipeline.ingest_sightings, batch))
 
     def report_sightings(self, profile_id: int, reports: list[AppReport]) -> dict[str, Any]:
         """The app's door (called from the API's worker threads): validate all, then hand the batch to
@@ -669,36 +768,25 @@ class Runtime:
         usable = [s for s in batch if s.receiver in known]
         if usable:
             self.identities.allow_app(profile_id)
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._ingest_sightings_now, usable)
+            self._submit(f"app sighting batch of {len(usable)}", self.pipeline.ingest_sightings, usable)
         return {"received": len(batch), "accepted": len(usable), "unknown_beacon": len(batch) - len(usable)}
 
     def _profile_changed(self, profile_id: int) -> None:
         """From the API's worker threads: segments are re-evaluated on the loop, like any other input."""
         if self._loop is None:
             return
-
-        def run() -> None:
-            try:
-                self._dispatch(self.pipeline.profile_changed(profile_id, self.clock.now()))
-            except Exception:
-                log.exception("segment refresh for profile %s failed", profile_id)
-
-        self._loop.call_soon_threadsafe(run)
+        self._submit(f"segment refresh for profile {profile_id}",
+                     lambda: self.pipeline.profile_changed(profile_id, self.clock.now()))
 
     def _profile_gone(self, profile_id: int) -> None:
         """From the API's worker threads, after an erasure or a link committed: the pipeline forgets the profile
-        on the loop, where its state changes (before the loop runs, nothing else touches it: now)."""
-        if self._loop is None:
-            self.pipeline.forget_profile(profile_id)
-            return
-        self._loop.call_soon_threadsafe(self.pipeline.forget_profile, profile_id)
+        on the worker, where its state changes (before start, nothing else touches it: now)."""
 
-    def _ingest_sightings_now(self, batch: list[Sighting]) -> None:
-        try:
-            self._dispatch(self.pipeline.ingest_sightings(batch))
-        except Exception:
-            log.exception("app sighting batch of %d failed", len(batch))
+        def forget() -> list[int]:
+            self.pipeline.forget_profile(profile_id)
+            return []
+
+        self._submit(f"forgetting profile {profile_id}", forget)
 
     async def _consume_telemetry(self) -> None:
         """What is queued, up to the intake's max_batch, is one batch: one transaction, then one round of
@@ -712,30 +800,46 @@ class Runtime:
             await self.commit_telemetry(batch)
 
     async def commit_telemetry(self, batch: TelemetryBatch) -> None:
-        """Commit, then acknowledge. Nothing is acknowledged that is not in the database: a failing batch
-        is retried message by message; a message that still fails is dead-lettered (``ingest_failed``);
-        if even that cannot be written (the database is down) the whole batch waits and is retried, and
-        a message committed on an earlier pass comes back as a counted duplicate."""
-        delay = 0.1
+        """Commit, then acknowledge. Nothing is acknowledged that is not in the database.
+
+        A batch that fails for the database's state (locked, full, unreachable: ``is_transient``) is
+        held unacknowledged and retried whole with backoff for as long as it takes; the broker keeps
+        it. A batch that fails for its data is retried message by message, and only a message that
+        fails for its own data is dead-lettered (``ingest_failed``). A message committed on an
+        earlier pass comes back as a counted duplicate.
+        """
+        attempts = 0
         while True:
-            try:
-                ids = self.pipeline.ingest_readings(batch=batch, now=self.clock.now())
-            except Exception:
-                self.telemetry_failures += 1
-                log.exception("telemetry batch of %d failed; retrying its messages one by one", len(batch))
-                ids = []
-                if not self._commit_one_by_one(batch, ids):
-                    log.warning("telemetry store unavailable; %d message(s) held unacknowledged, retry in %.1f s",
-                                len(batch), delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                    continue
-            self.mqtt.ack(batch)
-            self._dispatch(ids)
-            return
+            ids = await self._run(self._commit_telemetry_job, batch)
+            if ids is not None:
+                break
+            attempts += 1
+            delay = TELEMETRY_RETRY.delay(attempts)
+            log.debug("%d telemetry message(s) held unacknowledged; retry in %.1f s", len(batch), delay)
+            await asyncio.sleep(delay)
+        self.mqtt.ack(batch)
+        self._dispatch(ids)
+
+    def _commit_telemetry_job(self, batch: TelemetryBatch) -> list[int] | None:
+        """On the worker: the batch's notification ids, or None if it must wait (nothing acknowledged)."""
+        try:
+            ids = self.pipeline.ingest_readings(batch=batch, now=self.clock.now())
+        except Exception as error:
+            if is_transient(error):
+                self.db.outage.failed(error)
+                return None
+            self.telemetry_failures += 1
+            log.warning("telemetry batch of %d failed (%s); retrying its messages one by one", len(batch),
+                        describe(error))
+            ids = []
+            if not self._commit_one_by_one(batch, ids):
+                return None
+        self.db.outage.succeeded()
+        return ids
 
     def _commit_one_by_one(self, batch: TelemetryBatch, ids: list[int]) -> bool:
-        """False if some message could be neither stored nor dead-lettered."""
+        """False if some message could be neither stored nor dead-lettered, or the database's state
+        failed it: then the whole batch waits."""
         now = self.clock.now()
         singles = [*(("telemetry", TelemetryBatch(readings=[r], prefix=batch.prefix)) for r in batch.readings),
                    *(("status", TelemetryBatch(statuses=[x], prefix=batch.prefix)) for x in batch.statuses),
@@ -746,15 +850,24 @@ class Runtime:
                 ids += self.pipeline.ingest_readings(batch=one, now=now)
                 continue
             except Exception as exc:
-                detail = f"{type(exc).__name__}: {exc}"[:500]
+                if is_transient(exc):  # not this message's fault: it must not be dead-lettered
+                    self.db.outage.failed(exc)
+                    return False
+                detail = describe(exc)
             item = (one.readings or one.statuses or one.events or [None])[0]
-            if item is None:  # a reject that cannot be dead-lettered: the database is down
+            if item is None:  # a reject that cannot be dead-lettered
+                log.error("telemetry reject could not be stored (%s); holding the batch", detail)
                 return False
             topic = f"{batch.prefix}/{item.store_id}/devices/{item.device_id}/{kind}"
+            log.warning("telemetry message on %s dead-lettered: %s", topic, detail)
             try:
                 self.pipeline.ingest_readings(batch=TelemetryBatch(rejects=[Rejected(
                     topic, "ingest_failed", detail, repr(item).encode()[:1024], now, item.device_id)]), now=now)
-            except Exception:
+            except Exception as exc:
+                if is_transient(exc):
+                    self.db.outage.failed(exc)
+                else:
+                    log.error("dead-lettering a telemetry message on %s failed: %s", topic, describe(exc))
                 return False
         return True
 
@@ -781,16 +894,15 @@ class Runtime:
         self.pipeline.engine.set_campaigns(self.campaigns)
 
     def tick(self) -> None:
-        """Presence timers (exits, visit ends) at the clock's now; the ticker task calls it."""
-        self._dispatch(self.pipeline.tick(self.clock.now()))
+        """Presence timers (exits, visit ends) at the clock's now, queued on the worker (``flush`` waits)."""
+        now = self.clock.now()
+        self._submit("tick", self.pipeline.tick, now)
 
     async def _ticker(self) -> None:
+        """One tick at a time: a tick held up by the database is not followed by a pile of others."""
         while True:
             await asyncio.sleep(self.tick_s)
-            try:
-                self.tick()
-            except Exception:
-                log.exception("presence tick failed")
+            self._dispatch(await self._run(self._guarded, "tick", self.pipeline.tick, self.clock.now()))
 
     async def _retrier(self) -> None:
         """Due retries come from the database, so they survive a restart; so do notifications a crash
@@ -808,13 +920,16 @@ class Runtime:
                 log.exception("delivery retries failed")
 
     async def flush(self) -> None:
-        """Wait for pending advert batches and dispatches (tests, shutdown)."""
-        for _ in range(100):
-            if not self._drain_scheduled and not self._dispatches:
+        """Wait for pending advert batches, pipeline jobs and dispatches (tests, shutdown)."""
+        for _ in range(1000):
+            waiting: list[Any] = [*self._jobs, *self._dispatches]
+            if self._drainer is not None:
+                waiting.append(self._drainer)
+            if not waiting and not self._drain_scheduled and not self._adverts:
                 return
             await asyncio.sleep(0)
-            if self._dispatches:
-                await asyncio.gather(*list(self._dispatches), return_exceptions=True)
+            if waiting:
+                await asyncio.gather(*waiting, return_exceptions=True)
 
     # ------------------------------------------------------------ health
 
@@ -837,7 +952,7 @@ class Runtime:
     def presence_now(self) -> dict[str, Any]:
         """Who is in which zone now: enrolled identities by profile id, unknown ones only counted."""
         zones: dict[str, dict[str, Any]] = {}
-        for key, track in self.pipeline.presence.tracks.items():
+        for key, track in _snapshot(self.pipeline.presence.tracks):
             zone = track.zone
             if zone is None:
                 continue
@@ -854,8 +969,9 @@ class Runtime:
                 "anonymous": sum(z["anonymous"] for z in out)}
 
     def health(self) -> dict[str, Any]:
-        db_ok = self.db.ping()
-        components: dict[str, Any] = {"db": "ok" if db_ok else "down"}
+        state = db_state(self.db)
+        db_ok = state == "ok"
+        components: dict[str, Any] = {"db": state}
         components["mqtt"] = self.mqtt.state() if self.mqtt is not None else "disabled"
         if self.scanner is not None:
             components["scanner"] = self.scanner.state()

@@ -14,11 +14,13 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.exc import SQLAlchemyError
 
 from api.deps import ApiContext, guard_of
 from api.schemas import DB_ID_MAX
 from gateway.auth import retry_after
 from gateway.service import NotFound
+from gateway.storage.db import is_transient
 from gateway.tokens import Claims, TokenError
 
 router = APIRouter(prefix="/me", tags=["customer"])
@@ -55,10 +57,16 @@ async def _ws_auth(ws: WebSocket, ctx: ApiContext, token: str | None, after: int
     if not 0 <= after <= DB_ID_MAX:
         await ws.close(WS_BAD_REQUEST, "after must be a notification id")
         return None
-    try:
-        return ctx.service.verify_token(token), after
+    try:  # off the loop: the check reads the database, which may be locked or away
+        return await run_in_threadpool(ctx.service.verify_token, token), after
     except TokenError as exc:
         await ws.close(WS_UNAUTHORIZED, str(exc)[:120])
+        return None
+    except SQLAlchemyError as exc:
+        if not is_transient(exc):
+            raise
+        ctx.service.db.outage.failed(exc)
+        await ws.close(WS_TRY_AGAIN, "the database is unavailable right now; reconnect later")
         return None
 
 
