@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import idempotency, openapi
@@ -35,10 +36,12 @@ from api.routers import (
 )
 from gateway.auth import install_log_redaction
 from gateway.service import Conflict, Invalid, NotFound
+from gateway.storage.db import describe, is_transient
 
 log = logging.getLogger("api")
 
 PROBLEM = "application/problem+json"
+RETRY_AFTER_S = 5  # what a 503 for a database outage tells the client to wait
 
 
 def problem(status: int, detail: str, headers: dict[str, str] | None = None, **extra: object) -> JSONResponse:
@@ -79,6 +82,17 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.exception_handler(Invalid)
     async def invalid(_: Request, exc: Invalid) -> JSONResponse:
         return problem(422, str(exc))
+
+    @app.exception_handler(SQLAlchemyError)
+    async def database_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        """The database's state (locked, full, unreachable) is a 503 the client may retry, logged once per
+        outage; any other database error is a bug: a 500 with one log line, no traceback per request."""
+        if is_transient(exc):
+            ctx.service.db.outage.failed(exc)
+            return problem(503, "the database is unavailable right now; retry later",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        log.error("%s %s failed: %s", request.method, request.url.path, describe(exc))
+        return problem(500, "the gateway failed to handle this request; it has been logged")
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
