@@ -1,0 +1,280 @@
+"""The database fails under a live gateway: the event loop keeps answering, nothing acknowledged is lost.
+
+Real parts throughout: a live Runtime (uvicorn on loopback, the paho intake on a Mosquitto of our
+own), and three real faults: the SQLite file locked by a second process holding ``BEGIN EXCLUSIVE``,
+PostgreSQL refusing connections (``ALLOW_CONNECTIONS false`` and its backends terminated), and a
+full disk (SQLite on a small tmpfs). During each: ``/health/live`` answers, ``/health/ready`` says
+503 with the reason, admin writes get 503 with ``Retry-After``, a telemetry message published
+meanwhile stays unacknowledged (never dead-lettered), and once the fault ends it is stored exactly
+once. One log line per outage, no traceback per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from devices.mqtt import MqttIntake, MqttSettings
+from devices.topics import telemetry_topic
+from gateway.runtime import Runtime
+from gateway.storage.models import DeadLetter, ReadingRecord
+from tests.conftest import MosquittoServer, PahoTestClient
+from tests.live_gateway import ADMIN_KEY, base_url, enrol, live_settings, walk_in
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = 1_767_261_600.0
+ADMIN = {"X-API-Key": ADMIN_KEY}
+LIVE_TIMEOUT_S = 1.0  # generous: the promise is 100 ms; the old code took the busy timeout (3 s) or more
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def counts(rt: Runtime) -> tuple[int, int]:
+    """(readings, dead letters) as stored."""
+    with rt.db.session() as s:
+        readings = s.scalar(select(func.count()).select_from(ReadingRecord)) or 0
+        dead = s.scalar(select(func.count()).select_from(DeadLetter)) or 0
+    return int(readings), int(dead)
+
+
+@contextlib.contextmanager
+def sqlite_locked(path: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process holds the database's write lock until the block ends."""
+    code = ("import sqlite3, sys\n"
+            f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+            "c.execute('BEGIN EXCLUSIVE')\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.readline()\n"
+            "c.execute('ROLLBACK')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        proc.wait(10)
+
+
+@contextlib.asynccontextmanager
+async def live_gateway(tmp: Path, broker: MosquittoServer, db_url: str | None = None,
+                       busy_timeout_ms: int = 3000) -> AsyncIterator[tuple[Runtime, MqttIntake, str]]:
+    settings = live_settings(tmp)
+    if db_url is not None:
+        settings.database.url = db_url
+    settings.database.busy_timeout_ms = busy_timeout_ms
+    settings.devices.profiles_dir = str(ROOT / "examples/device-profiles")
+    prefix = f"t{secrets.token_hex(3)}"
+    intake = MqttIntake(MqttSettings(host=broker.host, port=broker.port, client_id=f"gw-{secrets.token_hex(4)}",
+                                     store_id="s1", topic_prefix=prefix, session_expiry=300))
+    rt = Runtime(settings, mqtt=intake, on_outcome=None, tick_s=0.2)
+    await rt.start()
+    try:
+        assert await intake.wait_connected(10), intake.last_error
+        yield rt, intake, prefix
+    finally:
+        await rt.stop()
+
+
+def reading(prefix: str, seq: int) -> tuple[str, str]:
+    return (telemetry_topic("s1", "mower-1", prefix),
+            json.dumps({"ts": T0 + seq, "seq": seq, "metrics": {"battery_pct": 50 + seq}}))
+
+
+async def probe_live(client: httpx.AsyncClient, times: int = 8) -> float:
+    """/health/live answered every time within LIVE_TIMEOUT_S; returns the slowest answer (reported)."""
+    worst = 0.0
+    for _ in range(times):
+        t = time.perf_counter()
+        r = await client.get("/health/live", timeout=LIVE_TIMEOUT_S)
+        assert r.status_code == 200
+        worst = max(worst, time.perf_counter() - t)
+        await asyncio.sleep(0.05)
+    return worst
+
+
+def outage_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "gateway.storage" and "unavailable" in r.getMessage()]
+
+
+async def test_a_sqlite_file_locked_by_another_process_stalls_nothing_and_loses_nothing(
+        tmp_path: Path, mosquitto: MosquittoServer, mqtt_client: Callable[..., PahoTestClient],
+        caplog: pytest.LogCaptureFixture, record_property: pytest.RecordProperty) -> None:
+    caplog.set_level(logging.INFO)
+    async with live_gateway(tmp_path, mosquitto) as (rt, intake, prefix), \
+            httpx.AsyncClient(base_url=base_url(rt), timeout=10) as client:
+        enrol(rt, "alice", 1)
+        publisher = mqtt_client(mosquitto.host, mosquitto.port)
+        assert await asyncio.to_thread(publisher.wait_connected)
+        with sqlite_locked(tmp_path / "gw.db"):
+            await asyncio.to_thread(publisher.publish_wait, *reading(prefix, 1))
+            rt.inject(walk_in(1, rt.clock.now()))  # a visit to write: the worker waits on the lock too
+            await until(lambda: intake.stats()["unacked_size"] >= 1, 10, "the reading to reach the gateway")
+            worst = await probe_live(client)  # the worker sits in 3 s busy waits meanwhile
+            ready = await client.get("/health/ready")
+            assert ready.status_code == 503 and ready.json()["components"]["db"] == "locked"
+            assert ready.headers["Retry-After"]
+            health = await client.get("/health")
+            assert health.status_code == 503 and health.json()["components"]["db"] == "locked"
+            write = await client.post("/v1/profiles", headers=ADMIN, json={"external_id": "bob", "name": "Bob"})
+            assert write.status_code == 503, write.text
+            assert write.headers["Retry-After"] == "5"
+            assert write.headers["content-type"].startswith("application/problem+json")
+            assert "unavailable" in write.json()["detail"]
+            await until(lambda: rt.db.outage.refused >= 3, 20, "the held batch to be retried")
+            assert intake.stats()["acked"] == 0  # held: the broker still owns it
+        await until(lambda: counts(rt)[0] == 1, 20, "the held reading to be stored")
+        await until(lambda: intake.stats()["unacked_size"] == 0, 10, "the reading to be acknowledged")
+        assert counts(rt) == (1, 0)  # stored once, nothing dead-lettered
+        assert rt.pipeline.telemetry.stats()["dead_lettered_total"] == 0
+        await until(lambda: not rt.db.outage.active, 10, "the outage to end")
+        assert (await client.get("/health/ready")).status_code == 200
+        assert (await client.post("/v1/profiles", headers=ADMIN, json={"external_id": "bob"})).status_code == 201
+    record_property("health_live_worst_s_during_lock", round(worst, 4))
+    assert len(outage_lines(caplog)) == 1  # one line for the outage, however many failures
+    assert not [r for r in caplog.records if r.exc_info]  # and no traceback
+
+
+def _pg_admin(base: str, sql: str) -> None:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    u = make_url(base)
+    with psycopg.connect(host=u.host, port=u.port, user=u.username, dbname=u.database, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+@pytest.fixture
+def pg_database(pg_url: str) -> Iterator[tuple[str, str]]:
+    """(a fresh database's URL, its name), dropped afterwards."""
+    from sqlalchemy.engine import make_url
+
+    name = f"gw_outage_{secrets.token_hex(5)}"
+    _pg_admin(pg_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(pg_url).set(database=name).render_as_string(hide_password=False), name
+    finally:
+        _pg_admin(pg_url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        _pg_admin(pg_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_postgresql_refusing_connections_gives_503s_one_log_line_and_no_lost_reading(
+        tmp_path: Path, mosquitto: MosquittoServer, mqtt_client: Callable[..., PahoTestClient],
+        pg_url: str, pg_database: tuple[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    url, name = pg_database
+    caplog.set_level(logging.INFO)
+    async with live_gateway(tmp_path, mosquitto, db_url=url) as (rt, intake, prefix), \
+            httpx.AsyncClient(base_url=base_url(rt), timeout=15) as client:
+        enrol(rt, "alice", 1)
+        publisher = mqtt_client(mosquitto.host, mosquitto.port)
+        assert await asyncio.to_thread(publisher.wait_connected)
+        await asyncio.to_thread(_pg_admin, pg_url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await asyncio.to_thread(_pg_admin, pg_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                                   f"WHERE datname = '{name}' AND pid <> pg_backend_pid()")
+        try:
+            answers = [await client.get("/v1/profiles", headers=ADMIN) for _ in range(5)]
+            assert [r.status_code for r in answers] == [503] * 5, answers[0].text
+            assert all(r.headers["Retry-After"] == "5" for r in answers)
+            await asyncio.to_thread(publisher.publish_wait, *reading(prefix, 1))
+            await until(lambda: intake.stats()["unacked_size"] >= 1, 10, "the reading to reach the gateway")
+            await probe_live(client, times=3)
+            ready = await client.get("/health/ready")
+            assert ready.status_code == 503 and ready.json()["components"]["db"] == "down"
+            assert (await client.get("/health")).status_code == 503
+            await until(lambda: rt.db.outage.refused >= 8, 20, "the held batch to be retried")
+            assert intake.stats()["acked"] == 0
+            assert rt.pipeline.telemetry.stats()["dead_lettered_total"] == 0
+        finally:
+            await asyncio.to_thread(_pg_admin, pg_url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await until(lambda: intake.stats()["acked"] == 1, 30, "the held reading to be committed and acknowledged")
+        assert counts(rt) == (1, 0), (rt.pipeline.telemetry.stats(), intake.stats(), rt.telemetry_failures)
+        assert (await client.get("/v1/profiles", headers=ADMIN)).status_code == 200
+        assert (await client.get("/health/ready")).status_code == 200
+    assert len(outage_lines(caplog)) == 1
+    assert any("available again" in r.getMessage() for r in caplog.records if r.name == "gateway.storage")
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs of our own: a disk that can really fill up."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):  # ENOSPC: full
+        while True:
+            f.write(b"\0" * 4096)
+    return filler
+
+
+async def test_a_full_disk_holds_telemetry_unacknowledged_until_there_is_room(
+        tmp_path: Path, small_disk: Path, mosquitto: MosquittoServer,
+        mqtt_client: Callable[..., PahoTestClient]) -> None:
+    import sqlite3
+
+    db_file = small_disk / "gw.db"
+    async with live_gateway(tmp_path, mosquitto, db_url=f"sqlite:///{db_file}") as (rt, intake, prefix), \
+            httpx.AsyncClient(base_url=base_url(rt), timeout=10) as client:
+        assert (await client.get("/health/ready")).status_code == 200
+        publisher = mqtt_client(mosquitto.host, mosquitto.port)
+        assert await asyncio.to_thread(publisher.wait_connected)
+        with sqlite3.connect(db_file) as c:  # an empty WAL, so the next write must find room on the disk
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        filler = fill(small_disk)
+        await asyncio.to_thread(publisher.publish_wait, *reading(prefix, 1))
+        await until(lambda: intake.stats()["unacked_size"] >= 1, 10, "the reading to reach the gateway")
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 503 and ready.json()["components"]["db"] == "full"
+        await until(lambda: rt.db.outage.refused >= 2, 20, "the commit to fail for want of room")
+        assert intake.stats()["acked"] == 0
+        await probe_live(client, times=3)
+        filler.unlink()
+        await until(lambda: intake.stats()["acked"] == 1, 30, "the held reading to be committed and acknowledged")
+        assert counts(rt) == (1, 0)
+        assert (await client.get("/health/ready")).status_code == 200
+
+
+async def test_a_transient_error_met_message_by_message_is_never_dead_lettered(
+        tmp_path: Path, mosquitto: MosquittoServer) -> None:
+    """The one-by-one pass (after a batch failed for its data) meets the lock: it holds the whole batch."""
+    from devices.payloads import Reading
+    from devices.telemetry import TelemetryBatch
+
+    async with live_gateway(tmp_path, mosquitto, busy_timeout_ms=200) as (rt, _, _prefix):
+        batch = TelemetryBatch(readings=[Reading("mower-1", "s1", T0 + i, {"battery_pct": 50.0}, seq=i)
+                                         for i in range(3)])
+        ids: list[int] = []
+        with sqlite_locked(tmp_path / "gw.db"):
+            held = await asyncio.to_thread(rt._commit_one_by_one, batch, ids)
+        assert held is False
+        assert counts(rt) == (0, 0)  # neither stored nor dead-lettered: the broker keeps the batch
+        assert await asyncio.to_thread(rt._commit_one_by_one, batch, ids) is True
+        assert counts(rt) == (3, 0)
