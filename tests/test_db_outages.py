@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -34,7 +35,6 @@ from tests.conftest import MosquittoServer, PahoTestClient
 from tests.live_gateway import ADMIN_KEY, base_url, enrol, live_settings, walk_in
 
 ROOT = Path(__file__).resolve().parent.parent
-T0 = 1_767_261_600.0
 ADMIN = {"X-API-Key": ADMIN_KEY}
 LIVE_TIMEOUT_S = 1.0  # generous: the promise is 100 ms; the old code took the busy timeout (3 s) or more
 
@@ -97,8 +97,9 @@ async def live_gateway(tmp: Path, broker: MosquittoServer, db_url: str | None = 
 
 
 def reading(prefix: str, seq: int) -> tuple[str, str]:
+    """A reading of now: the gateway runs on the system clock, and retention purges old raw readings."""
     return (telemetry_topic("s1", "mower-1", prefix),
-            json.dumps({"ts": T0 + seq, "seq": seq, "metrics": {"battery_pct": 50 + seq}}))
+            json.dumps({"ts": time.time(), "seq": seq, "metrics": {"battery_pct": 50 + seq}}))
 
 
 async def probe_live(client: httpx.AsyncClient, times: int = 8) -> float:
@@ -263,18 +264,28 @@ async def test_a_full_disk_holds_telemetry_unacknowledged_until_there_is_room(
 
 
 async def test_a_transient_error_met_message_by_message_is_never_dead_lettered(
-        tmp_path: Path, mosquitto: MosquittoServer) -> None:
-    """The one-by-one pass (after a batch failed for its data) meets the lock: it holds the whole batch."""
-    from devices.payloads import Reading
-    from devices.telemetry import TelemetryBatch
+        tmp_path: Path, mosquitto: MosquittoServer, mqtt_client: Callable[..., PahoTestClient]) -> None:
+    """A batch fails for its data, so its messages are retried one by one; one of those single inserts
+    then meets the lock. That message is no more at fault than the batch: nothing is acknowledged or
+    dead-lettered, and the retry stores it once. The faults are raised by the driver hook, in order,
+    because a real lock cannot be timed to land on one statement."""
+    import sqlite3
 
-    async with live_gateway(tmp_path, mosquitto, busy_timeout_ms=200) as (rt, _, _prefix):
-        batch = TelemetryBatch(readings=[Reading("mower-1", "s1", T0 + i, {"battery_pct": 50.0}, seq=i)
-                                         for i in range(3)])
-        ids: list[int] = []
-        with sqlite_locked(tmp_path / "gw.db"):
-            held = await asyncio.to_thread(rt._commit_one_by_one, batch, ids)
-        assert held is False
-        assert counts(rt) == (0, 0)  # neither stored nor dead-lettered: the broker keeps the batch
-        assert await asyncio.to_thread(rt._commit_one_by_one, batch, ids) is True
-        assert counts(rt) == (3, 0)
+    from sqlalchemy import event
+
+    faults = [sqlite3.IntegrityError("CHECK constraint failed: a fault of the batch's data"),
+              sqlite3.OperationalError("database is locked")]
+
+    async with live_gateway(tmp_path, mosquitto) as (rt, intake, prefix):
+        def fail_readings(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            if faults and statement.lstrip().upper().startswith("INSERT INTO READINGS"):
+                raise faults.pop(0)
+
+        event.listen(rt.db.engine, "before_cursor_execute", fail_readings)
+        publisher = mqtt_client(mosquitto.host, mosquitto.port)
+        assert await asyncio.to_thread(publisher.wait_connected)
+        await asyncio.to_thread(publisher.publish_wait, *reading(prefix, 1))
+        await until(lambda: intake.stats()["acked"] == 1, 20, "the reading to be stored and acknowledged")
+        assert not faults  # both faults were met
+        assert counts(rt) == (1, 0)  # stored once, never dead-lettered as ingest_failed
+        assert rt.telemetry_failures == 1  # the batch's data fault sent it one by one
