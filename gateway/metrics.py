@@ -186,6 +186,15 @@ def gateway_families(rt: Any, depths: Mapping[str, int]) -> list[Family | Histog
     in_flight = Family("gateway_remote_sends_in_flight", "gauge", "Remote channel sends awaiting an answer")
     for ch in dispatcher.remote:
         in_flight.add(dispatcher.in_flight.get(ch.name, 0), channel=ch.name)
+    outage = rt.db.outage
+    fams += [Family("gateway_adverts_dropped_total", "counter",
+                    "Advertisements dropped because the pipeline's backlog was full (a stalled database)")
+             .add(getattr(rt, "adverts_dropped", 0)),
+             Family("gateway_database_outages_total", "counter",
+                    "Database outages (a run of locked, full or unreachable errors) since start")
+             .add(outage.outages),
+             Family("gateway_database_up", "gauge", "0 while a database outage lasts, else 1")
+             .add(0 if outage.active else 1)]
     queues = Family("gateway_queue_depth", "gauge", "Items waiting in the gateway's queues")
     queues.add(len(getattr(rt, "_adverts", ())), queue="adverts")
     readings = getattr(rt.mqtt, "readings", None) if rt.mqtt is not None else None

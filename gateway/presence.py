@@ -583,11 +583,13 @@ class PresenceTracker:
     def stats(self) -> dict[str, Any]:
         """Counters for operations: drops by reason, clock steps, identities tracked and in a zone."""
         return {"dropped": dict(self.dropped), "clock_steps": self.clock_steps, "tracked": len(self.tracks),
-                "in_zone": sum(1 for tr in self.tracks.values() if tr.zone is not None)}
+                "in_zone": sum(1 for tr in list(self.tracks.values()) if tr.zone is not None)}
 
     def occupancy(self) -> dict[str, int]:
+        """Read from other threads (/metrics) while the pipeline's worker changes the tracks: the values
+        are copied first, in one C-level call, so the loop below never sees the dict change size."""
         counts: Counter[str] = Counter()
-        for tr in self.tracks.values():
+        for tr in list(self.tracks.values()):
             if tr.zone is not None:
                 counts[tr.zone] += 1
         return dict(counts)

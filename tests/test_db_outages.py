@@ -202,6 +202,8 @@ async def test_postgresql_refusing_connections_gives_503s_one_log_line_and_no_lo
             ready = await client.get("/health/ready")
             assert ready.status_code == 503 and ready.json()["components"]["db"] == "down"
             assert (await client.get("/health")).status_code == 503
+            metrics = (await client.get("/metrics")).text  # answers, and says so
+            assert "gateway_database_up 0" in metrics and "gateway_database_outages_total 1" in metrics
             await until(lambda: rt.db.outage.refused >= 8, 20, "the held batch to be retried")
             assert intake.stats()["acked"] == 0
             assert rt.pipeline.telemetry.stats()["dead_lettered_total"] == 0
@@ -211,6 +213,7 @@ async def test_postgresql_refusing_connections_gives_503s_one_log_line_and_no_lo
         assert counts(rt) == (1, 0), (rt.pipeline.telemetry.stats(), intake.stats(), rt.telemetry_failures)
         assert (await client.get("/v1/profiles", headers=ADMIN)).status_code == 200
         assert (await client.get("/health/ready")).status_code == 200
+        assert "gateway_database_up 1" in (await client.get("/metrics")).text
     assert len(outage_lines(caplog)) == 1
     assert any("available again" in r.getMessage() for r in caplog.records if r.name == "gateway.storage")
     assert not [r for r in caplog.records if r.exc_info]
