@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from gateway.config import example
+
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -223,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="a simulated store on real parts, with the API on --port")
     d.add_argument("--port", type=int, default=8000)
     d.add_argument("--mqtt-port", type=int, default=1883)
-    d.add_argument("--scenario", default="examples/store.yaml")
-    d.add_argument("--campaigns", default="examples/campaigns")
+    d.add_argument("--scenario", default=example("examples/store.yaml"))
+    d.add_argument("--campaigns", default=example("examples/campaigns"))
     d.add_argument("--data-dir", default="data/demo")
     d.add_argument("--radio", choices=("inject", "virtual"), default="inject",
                    help="inject: adverts enter at the scanner boundary; virtual: bumble beacons heard "
@@ -238,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("simulate", help="a store day in virtual time, then a summary")
-    s.add_argument("--scenario", default="examples/store.yaml")
-    s.add_argument("--campaigns", default="examples/campaigns")
+    s.add_argument("--scenario", default=example("examples/store.yaml"))
+    s.add_argument("--campaigns", default=example("examples/campaigns"))
     s.add_argument("--duration", default="8h")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true", help="no progress bar")

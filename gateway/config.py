@@ -18,6 +18,20 @@ class ConfigError(ValueError):
     pass
 
 
+EXAMPLES = Path(__file__).resolve().parent / "examples"
+"""The repository's examples/, installed with the package (a link in the source tree)."""
+
+
+def example(path: str) -> str:
+    """``examples/...`` as given when it exists from here (a checkout), else the installed copy, so the
+    defaults and ``gateway demo`` work from any directory; any other path is returned as it is."""
+    p = Path(path)
+    if p.is_absolute() or not p.parts or p.parts[0] != "examples" or p.exists():
+        return path
+    packaged = EXAMPLES.joinpath(*p.parts[1:])
+    return str(packaged) if packaged.exists() else path
+
+
 @dataclass
 class StoreSettings:
     id: str = "store-001"
@@ -78,7 +92,8 @@ class MqttSettings:
 class DevicesSettings:
     """The device registry and telemetry storage (docs/telemetry.md)."""
 
-    profiles_dir: str = "examples/device-profiles"  # device profiles (*.yaml): metrics, units, ranges, interval
+    # device profiles (*.yaml): metrics, units, ranges, interval
+    profiles_dir: str = field(default_factory=lambda: example("examples/device-profiles"))
     unknown_policy: str = "accept"  # a device id never seen: reject | quarantine | accept
     default_profile: str = ""  # profile for devices whose kind names none; empty: their metrics are not checked
     require_profile: bool = False  # true: readings of a device with no profile are dead-lettered
@@ -181,7 +196,7 @@ class CartSettings:
 
 @dataclass
 class CampaignSettings:
-    dir: str = "examples/campaigns"
+    dir: str = field(default_factory=lambda: example("examples/campaigns"))
 
 
 @dataclass
@@ -274,7 +289,8 @@ class LoggingSettings:
 class DeviceRuleSettings:
     """Device rules and their alarms (docs/device-rules.md)."""
 
-    dir: str = "examples/device-rules"  # rule files (*.yaml); empty: no device rules
+    # rule files (*.yaml); empty: no device rules
+    dir: str = field(default_factory=lambda: example("examples/device-rules"))
     staff_alerts_mqtt: bool = True  # active alarms retained on <topic_prefix>/<store>/alerts/<device>/<rule>
 
 

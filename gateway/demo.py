@@ -20,7 +20,7 @@ from devices.broker import ensure_broker
 from devices.mqtt import MqttIntake
 from devices.mqtt import MqttSettings as IntakeSettings
 from gateway.clock import SystemClock
-from gateway.config import Settings
+from gateway.config import Settings, example
 from gateway.runtime import Runtime
 from gateway.scenarios import apply_scenario, enrol
 from simulators.carts import cart_upserts
@@ -41,7 +41,7 @@ async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yam
     bumble's virtual air and hears them through the gateway's own bleak scanner, one adapter per receiver."""
     if radio not in ("inject", "virtual"):
         raise ValueError(f"radio must be 'inject' or 'virtual', not {radio!r}")
-    scenario = load_scenario(scenario_path)
+    scenario = load_scenario(example(scenario_path))
     settings = apply_scenario(Settings(), scenario)
     data = Path(data_dir)
     if data.exists():
@@ -50,7 +50,7 @@ async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yam
     settings.data_dir = str(data)
     settings.database.url = f"sqlite:///{data / 'gateway.db'}"
     settings.api.port = port
-    settings.campaigns.dir = campaigns_dir
+    settings.campaigns.dir = example(campaigns_dir)
     settings.presence.dwell_every_s = 5.0
 
     stop = stop or asyncio.Event()
