@@ -197,8 +197,9 @@ def gateway_families(rt: Any, depths: Mapping[str, int]) -> list[Family | Histog
              .add(0 if outage.active else 1)]
     queues = Family("gateway_queue_depth", "gauge", "Items waiting in the gateway's queues")
     queues.add(len(getattr(rt, "_adverts", ())), queue="adverts")
-    readings = getattr(rt.mqtt, "readings", None) if rt.mqtt is not None else None
-    queues.add(readings.qsize() if readings is not None else 0, queue="readings")
+    # Telemetry messages taken from the broker and not yet committed (queued or in the batch being committed).
+    intake = rt.mqtt.stats() if rt.mqtt is not None and hasattr(rt.mqtt, "stats") else {}
+    queues.add(intake.get("unacked_size", 0), queue="readings")
     queues.add(rt.sightings.qsize(), queue="sightings")
     for name, n in sorted(depths.items()):
         queues.add(n, queue=name)

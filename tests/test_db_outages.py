@@ -132,6 +132,7 @@ async def test_a_sqlite_file_locked_by_another_process_stalls_nothing_and_loses_
             rt.inject(walk_in(1, rt.clock.now()))  # a visit to write: the worker waits on the lock too
             await until(lambda: intake.stats()["unacked_size"] >= 1, 10, "the reading to reach the gateway")
             worst = await probe_live(client)  # the worker sits in 3 s busy waits meanwhile
+            assert 'gateway_queue_depth{queue="readings"} 1' in (await client.get("/metrics")).text
             ready = await client.get("/health/ready")
             assert ready.status_code == 503 and ready.json()["components"]["db"] == "locked"
             assert ready.headers["Retry-After"]
