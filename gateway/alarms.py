@@ -137,11 +137,6 @@ class DeviceRules:
             return []
         return self._run(s, [(r.device_id, sample_from_metrics(r.time, r.metrics)) for r in readings], devices)
 
-    def on_events(self, s: Session, events: Iterable[DeviceEvent],
-                  devices: Mapping[str, Device] | None = None) -> list[int]:
-        """Device events: each one's error code (none: "no error") is a sample for ``code`` conditions."""
-        return self.on_batch(s, (), events, devices)
-
     def on_batch(self, s: Session, readings: Iterable[Reading], events: Iterable[DeviceEvent] = (),
                  devices: Mapping[str, Device] | None = None) -> list[int]:
         """A telemetry batch's accepted readings and device events, merged in time order."""

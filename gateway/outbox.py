@@ -21,6 +21,7 @@ from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from gateway.channels import DEAD, DELIVERED, DELIVERED_LIVE, ERROR, GONE, NO_LISTENER, Channel, Message
+from gateway.documents import servable
 from gateway.metrics import Histogram
 from gateway.storage.db import Database
 from gateway.storage.models import Delivery, DeliveryState, Interaction, Notification
@@ -39,7 +40,10 @@ _KEYS = tuple(k for k, _ in _FIELDS)
 
 
 def message(n: Notification) -> Message:
-    return {k: getattr(n, a) for k, a in _FIELDS}
+    """The notification as the app and the API see it; data that cannot be served is replaced by a marker."""
+    view = {k: getattr(n, a) for k, a in _FIELDS}
+    view["data"] = servable(view["data"], f"notification {n.id} data")
+    return view
 
 
 def messages(session: Session, notification_ids: Sequence[int]) -> list[tuple[int, Message]]:
@@ -48,12 +52,6 @@ def messages(session: Session, notification_ids: Sequence[int]) -> list[tuple[in
     rows = session.execute(select(Notification.profile_id, *cols).where(Notification.id.in_(notification_ids))
                            .order_by(Notification.id))
     return [(row[0], dict(zip(_KEYS, row[1:], strict=True))) for row in rows]
-
-
-def stream_position(n: Notification) -> int:
-    """Where a notification sits in its profile's stream: its id, or for a released delayed or held
-    send, the highest id committed when it was released (it went live after all of those)."""
-    return n.released_after if n.released_after is not None else n.id
 
 
 def replay(session: Session, profile_id: int, after_id: int = 0, limit: int = 500) -> list[Message]:
@@ -359,10 +357,6 @@ def delivery_states(session: Session, notification_id: int) -> dict[str, dict[st
     rows = session.scalars(select(DeliveryState).where(DeliveryState.notification_id == notification_id))
     return {r.channel: {"state": r.state, "attempts": r.attempts, "next_attempt_at": r.next_attempt_at,
                         "last_error": r.last_error} for r in rows}
-
-
-def counts_by_status(session: Session) -> dict[str, Any]:
-    return dict(session.execute(select(Notification.status, func.count()).group_by(Notification.status)).all())
 
 
 # ------------------------------------------------------------------ admin views (the API's notifications, deliveries)

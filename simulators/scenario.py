@@ -46,11 +46,6 @@ class Zone:
     name: str
     rect: tuple[float, float, float, float]
 
-    @property
-    def center(self) -> tuple[float, float]:
-        x0, y0, x1, y1 = self.rect
-        return ((x0 + x1) / 2, (y0 + y1) / 2)
-
     def contains(self, x: float, y: float) -> bool:
         x0, y0, x1, y1 = self.rect
         return x0 <= x <= x1 and y0 <= y <= y1
