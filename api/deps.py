@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from api.schemas import DbStr
 from beacons.remote import AppReport
 from gateway.auth import AuthError, AuthPolicy, Guard, Principal, Stored, retry_after
 from gateway.channels import StreamHub
@@ -176,7 +177,7 @@ def require_customer(
     request: Request,
     ctx: Context,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    access_token: Annotated[str | None, Query(description="For EventSource, which cannot set headers")] = None,
+    access_token: Annotated[DbStr | None, Query(description="For EventSource, which cannot set headers")] = None,
 ) -> Claims:
     token = bearer.credentials if bearer else access_token
     if not token:

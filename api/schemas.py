@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from gateway.documents import DocumentError, check_document, text_problem
 
 Purpose = Literal["offers", "cart_reminders", "maintenance", "health", "analytics"]
 IdentifierKind = Literal["beacon", "device", "app_install", "email_sha256"]
@@ -15,22 +17,31 @@ DB_ID_MAX = 2_147_483_647  # ids are 32-bit INTEGER on PostgreSQL: a larger one 
 DbId = Annotated[int, Field(ge=1, le=DB_ID_MAX)]
 
 
-def _finite(value: Any) -> Any:
-    """JSON from Python may carry NaN/Infinity; no database column or client wants them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("numbers must be finite (no NaN or Infinity)")
-    if isinstance(value, dict):
-        for v in value.values():
-            _finite(v)
-    elif isinstance(value, list):
-        for v in value:
-            _finite(v)
+def _storable_text(value: str) -> str:
+    problem = text_problem(value)
+    if problem:
+        raise PydanticCustomError("text_not_storable", f"the text {problem}")
     return value
+
+
+def _storable_document(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        check_document(value)
+    except DocumentError as exc:
+        raise PydanticCustomError("document_not_storable", str(exc)) from None
+    return value
+
+
+DbStr = Annotated[str, AfterValidator(_storable_text)]
+"""Text a database can hold (no NUL, no lone surrogate): every string field, query and path parameter."""
+Document = Annotated[dict[str, Any], AfterValidator(_storable_document)]
+"""A free-form JSON object the gateway stores: bounded in depth and size, made of storable text
+(gateway/documents.py has the limits)."""
 
 
 class IdentifierIn(BaseModel):
     kind: IdentifierKind
-    value: str = Field(min_length=1, max_length=256)
+    value: DbStr = Field(min_length=1, max_length=256)
 
 
 ConsentSource = Annotated[str, Field(
@@ -47,14 +58,12 @@ class ProfileIn(BaseModel):
         "consents": {"offers": True, "cart_reminders": True, "maintenance": False},
         "consent_source": "app:onboarding"}]})
 
-    external_id: str | None = Field(default=None, max_length=128)
-    name: str | None = Field(default=None, max_length=200)
-    attributes: dict[str, Any] = Field(default_factory=dict)
+    external_id: DbStr | None = Field(default=None, max_length=128)
+    name: DbStr | None = Field(default=None, max_length=200)
+    attributes: Document = Field(default_factory=dict)
     identifiers: list[IdentifierIn] = Field(default_factory=list, max_length=50)
     consents: dict[Purpose, bool] = Field(default_factory=dict)
     consent_source: ConsentSource = "api"
-
-    _attributes_finite = field_validator("attributes")(_finite)
 
 
 class ConsentState(BaseModel):
@@ -87,10 +96,8 @@ class ConsentsIn(BaseModel):
 
 class ProfileUpdateIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"attributes": {"language": "fr"}}]})
-    name: str | None = Field(default=None, max_length=200)
-    attributes: dict[str, Any] | None = Field(default=None, description="Merged in; a null value removes one")
-
-    _attributes_finite = field_validator("attributes")(_finite)
+    name: DbStr | None = Field(default=None, max_length=200)
+    attributes: Document | None = Field(default=None, description="Merged in; a null value removes one")
 
 
 class LinkIn(BaseModel):
@@ -109,8 +116,8 @@ class TokenOut(BaseModel):
 class CartItemIn(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)
 
-    sku: str = Field(min_length=1, max_length=64)
-    name: str | None = Field(default=None, max_length=200)
+    sku: DbStr = Field(min_length=1, max_length=64)
+    name: DbStr | None = Field(default=None, max_length=200)
     price: float | None = Field(default=None, ge=0)
     quantity: int = Field(default=1, ge=1, le=10_000)
 
@@ -121,7 +128,7 @@ class CartIn(BaseModel):
                                                     "price": 89.9, "quantity": 1}]}]})
 
     profile_id: DbId | None = None
-    profile_external_id: str | None = Field(default=None, max_length=128)
+    profile_external_id: DbStr | None = Field(default=None, max_length=128)
     items: list[CartItemIn] = Field(max_length=500)
     updated_at: float | None = Field(default=None, description="Epoch seconds; default now")
     status: Literal["open", "checked_out"] = "open"
@@ -151,11 +158,11 @@ class CatalogItemIn(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False, json_schema_extra={"examples": [{
         "sku": "SH-100", "name": "Trail runner shoes", "price": 89.9, "zone": "shoes", "aisle": "A3"}]})
 
-    sku: str = Field(min_length=1, max_length=64)
-    name: str = Field(min_length=1, max_length=200)
+    sku: DbStr = Field(min_length=1, max_length=64)
+    name: DbStr = Field(min_length=1, max_length=200)
     price: float | None = Field(default=None, ge=0)
-    zone: str | None = Field(default=None, max_length=64)
-    aisle: str | None = Field(default=None, max_length=32)
+    zone: DbStr | None = Field(default=None, max_length=64)
+    aisle: DbStr | None = Field(default=None, max_length=32)
 
 
 class NotificationOut(BaseModel):
@@ -194,7 +201,7 @@ class AppSightingIn(BaseModel):
         "beacon": {"uuid": "f7826da6-4fa2-4e98-8024-bc5b71e0893e", "major": 1, "minor": 7},
         "rssi": -63, "tx_power": -59, "time": 1780300800.0}]})
 
-    beacon: StoreIBeacon | str = Field(description="{uuid, major, minor} or a key like ibeacon:<uuid>:1:7")
+    beacon: StoreIBeacon | DbStr = Field(description="{uuid, major, minor} or a key like ibeacon:<uuid>:1:7")
     rssi: int = Field(gt=-127, lt=0)
     tx_power: int | None = Field(default=None, gt=-127, lt=0, description="Measured power at 1 m, if known")
     time: float | None = Field(default=None, allow_inf_nan=False, description="Epoch seconds when ranged; default now")
@@ -234,15 +241,15 @@ class SyntheticEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["visit_start", "enter", "dwell", "exit", "visit_end", "telemetry", "cart_abandoned", "purchase",
                   "alarm", "alarm_cleared", "segment_entered", "schedule"]
-    zone: str | None = Field(default=None, max_length=64)
+    zone: DbStr | None = Field(default=None, max_length=64)
     dwell_s: float = Field(default=0.0, ge=0)
-    facts: dict[str, Any] = Field(default_factory=dict, description="e.g. {device: {...}, reading: {...}}")
+    facts: Document = Field(default_factory=dict, description="e.g. {device: {...}, reading: {...}}")
 
 
 class DryRunIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "profile_id": 1, "event": {"kind": "dwell", "zone": "shoes", "dwell_s": 30}}]})
-    profile_id: int
+    profile_id: DbId
     event: SyntheticEvent
 
 
@@ -457,7 +464,7 @@ class WebhookEndpointOut(BaseModel):
 class WebhookEnableIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "url": "https://push.brand.example/gateway", "replay": True}]})
-    url: str = Field(min_length=8, max_length=1024)
+    url: DbStr = Field(min_length=8, max_length=1024)
     replay: bool = Field(default=True, description="Also requeue the webhook's dead letters")
 
 
@@ -511,12 +518,12 @@ class DeviceIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "id": "mower-alice", "kind": "robot_mower", "device_profile": "robot_mower", "owner_profile_id": 1,
         "firmware": "2.4.1"}]})
-    id: str = Field(min_length=1, max_length=128, pattern=r"^[^/+#\x00]+$")
-    kind: str | None = Field(default=None, max_length=64)
-    device_profile: str | None = Field(default=None, max_length=64)
+    id: DbStr = Field(min_length=1, max_length=128, pattern=r"^[^/+#\x00]+$")
+    kind: DbStr | None = Field(default=None, max_length=64)
+    device_profile: DbStr | None = Field(default=None, max_length=64)
     owner_profile_id: DbId | None = None
-    firmware: str | None = Field(default=None, max_length=64)
-    store_id: str | None = Field(default=None, max_length=64, pattern=r"^[^/+#\x00]+$")
+    firmware: DbStr | None = Field(default=None, max_length=64)
+    store_id: DbStr | None = Field(default=None, max_length=64, pattern=r"^[^/+#\x00]+$")
 
 
 class DevicePatch(BaseModel):
@@ -525,10 +532,10 @@ class DevicePatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"quarantined": False,
                                                                                "device_profile": "robot_mower"}]})
-    kind: str | None = Field(default=None, max_length=64)
-    device_profile: str | None = Field(default=None, max_length=64)
+    kind: DbStr | None = Field(default=None, max_length=64)
+    device_profile: DbStr | None = Field(default=None, max_length=64)
     owner_profile_id: DbId | None = None
-    firmware: str | None = Field(default=None, max_length=64)
+    firmware: DbStr | None = Field(default=None, max_length=64)
     quarantined: bool | None = None
 
 
@@ -619,7 +626,7 @@ class BookingIn(BaseModel):
 
 class ServiceIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"note": "chain and sprocket"}]})
-    note: str | None = Field(default=None, max_length=2000)
+    note: DbStr | None = Field(default=None, max_length=2000)
 
 
 class ServiceOut(BaseModel):

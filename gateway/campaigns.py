@@ -26,6 +26,7 @@ TRIGGERS = ("visit_start", "enter", "dwell", "exit", "visit_end", "telemetry", "
 CHANNELS = ("sse", "webhook", "webpush")  # sse: the app's live streams (SSE and WebSocket) and its inbox
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 LIMITS = ("cooldown_s", "max_per_profile", "budget", "quiet_hours", "ttl_s")
+VARIANT_NAME_MAX = 64  # the variant column of decisions and notifications
 OPS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "exists", "contains")
 _MISSING = object()
 
@@ -496,6 +497,8 @@ def _experiment(value: Any, where: str) -> Experiment | None:
     for i, v in enumerate(raw):
         if not isinstance(v, Mapping) or not isinstance(v.get("name"), str):
             raise CampaignError(f"{where}: experiment.variants[{i}] needs a name")
+        if not 1 <= len(v["name"]) <= VARIANT_NAME_MAX:  # stored with each decision and notification
+            raise CampaignError(f"{where}: experiment.variants[{i}].name has 1 to {VARIANT_NAME_MAX} characters")
         try:
             weight = float(v.get("weight", 1))
         except (TypeError, ValueError):

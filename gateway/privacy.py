@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import delete, inspect, select, update
 from sqlalchemy.orm import Session
 
+from gateway.documents import servable
 from gateway.storage.models import (
     Base,
     Cart,
@@ -28,8 +29,18 @@ from gateway.storage.models import (
 )
 
 
+def _servable_row(table: str, row: dict[str, Any]) -> dict[str, Any]:
+    """The row with each JSON document that cannot be served (stored before the checks at the door)
+    replaced by a marker, so one such row does not make the whole export fail."""
+    for key, value in row.items():
+        if isinstance(value, (dict, list)):
+            row[key] = servable(value, f"{table} row {row.get('id', '-')} {key}")
+    return row
+
+
 def _row(obj: Any) -> dict[str, Any]:
-    return {c.key: getattr(obj, c.key) for c in inspect(obj).mapper.column_attrs}
+    mapper = inspect(obj).mapper
+    return _servable_row(mapper.local_table.name, {c.key: getattr(obj, c.key) for c in mapper.column_attrs})
 
 
 def export_profile(session: Session, profile_id: int) -> dict[str, Any] | None:
@@ -53,7 +64,7 @@ def export_profile(session: Session, profile_id: int) -> dict[str, Any] | None:
         if table.name in known or "profile_id" not in table.c:
             continue
         rows = session.execute(select(table).where(table.c.profile_id == profile_id)).mappings()
-        out[table.name] = [dict(r) for r in rows]
+        out[table.name] = [_servable_row(table.name, dict(r)) for r in rows]
     return out
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy.orm import InstrumentedAttribute
 
+from gateway.documents import servable
 from gateway.identity import KINDS, normalize
 from gateway.service import Conflict, GatewayService, Invalid, NotFound, profile_view
 from gateway.storage.models import Cart, CatalogItem, Identifier, Profile
@@ -18,17 +20,23 @@ from gateway.storage.models import Cart, CatalogItem, Identifier, Profile
 Page = tuple[list[dict[str, Any]], int]
 
 
+def _contains(column: ColumnElement[Any] | InstrumentedAttribute[Any], text: str) -> ColumnElement[bool]:
+    """``column`` holds ``text``, any case, with LIKE's wildcards (``%``, ``_``) and the escape character
+    in ``text`` matched literally: a search for ``%`` finds a percent sign, not every row."""
+    return func.lower(column).contains(text.lower(), autoescape=True)
+
+
 def list_profiles(svc: GatewayService, *, q: str | None = None, external_id: str | None = None,
                   identifier_kind: str | None = None, consent: str | None = None, limit: int = 50,
                   offset: int = 0) -> Page:
-    """Newest first. ``q`` matches the name or external id (substring, any case); ``consent`` keeps
-    profiles that granted that purpose; ``identifier_kind`` those with such an identifier."""
+    """Newest first. ``q`` matches the name or external id (substring, any case, ``%`` and ``_`` taken
+    literally); ``consent`` keeps profiles that granted that purpose; ``identifier_kind`` those with such
+    an identifier."""
     from gateway.storage.models import Consent
 
     where = []
     if q:
-        like = f"%{q.lower()}%"
-        where.append(or_(func.lower(Profile.name).like(like), func.lower(Profile.external_id).like(like)))
+        where.append(or_(_contains(Profile.name, q), _contains(Profile.external_id, q)))
     if external_id is not None:
         where.append(Profile.external_id == external_id)
     if identifier_kind is not None:
@@ -90,7 +98,8 @@ def remove_identifier(svc: GatewayService, profile_id: int, kind: str, value: st
 
 
 def _cart_view(c: Cart) -> dict[str, Any]:
-    return {"id": c.id, "profile_id": c.profile_id, "status": c.status, "items": c.items,
+    return {"id": c.id, "profile_id": c.profile_id, "status": c.status,
+            "items": servable(c.items, f"cart {c.id} items"),
             "updated_at": c.updated_at, "abandoned_at": c.abandoned_at, "checked_out_at": c.checked_out_at}
 
 
@@ -133,12 +142,13 @@ def get_catalogue_item(svc: GatewayService, sku: str) -> dict[str, Any]:
 
 def list_catalogue(svc: GatewayService, *, zone: str | None = None, q: str | None = None, limit: int = 50,
                    offset: int = 0) -> Page:
-    """By sku; ``zone`` keeps the items shelved there, ``q`` matches the name (substring, any case)."""
+    """By sku; ``zone`` keeps the items shelved there, ``q`` matches the name (substring, any case,
+    ``%`` and ``_`` taken literally)."""
     where = []
     if zone is not None:
         where.append(CatalogItem.zone == zone)
     if q:
-        where.append(func.lower(CatalogItem.name).like(f"%{q.lower()}%"))
+        where.append(_contains(CatalogItem.name, q))
     with svc.db.session() as s:
         total = s.scalar(select(func.count()).select_from(CatalogItem).where(*where)) or 0
         rows = s.scalars(select(CatalogItem).where(*where).order_by(CatalogItem.sku).limit(limit).offset(offset))

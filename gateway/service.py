@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from gateway import auth, outbox
 from gateway.campaigns import PURPOSES, Campaign, CampaignError, parse_campaign
 from gateway.clock import Clock
+from gateway.documents import DocumentError, check_document, servable
 from gateway.engine import EngineEvent
 from gateway.identity import KINDS, IdentityIndex, normalize
 from gateway.storage.db import Database
@@ -75,9 +76,19 @@ def _next_profile_id(s: Session) -> int | None:
     return int(given)
 
 
+def _storable(doc: dict[str, Any], what: str) -> dict[str, Any]:
+    """``doc`` once it is fit to store (the checks of gateway/documents.py), else Invalid saying why."""
+    try:
+        check_document(doc)
+    except DocumentError as exc:
+        raise Invalid(f"{what}: {exc}") from None
+    return doc
+
+
 def profile_view(p: Profile) -> dict[str, Any]:
     return {
-        "id": p.id, "external_id": p.external_id, "name": p.name, "attributes": p.attributes,
+        "id": p.id, "external_id": p.external_id, "name": p.name,
+        "attributes": servable(p.attributes, f"profile {p.id} attributes"),
         "created_at": p.created_at,
         "identifiers": [{"kind": i.kind, "value": i.value} for i in p.identifiers],
         "consents": {c.purpose: {"granted": c.granted, "updated_at": c.updated_at, "source": c.source}
@@ -123,6 +134,7 @@ class GatewayService:
                 raise Invalid(f"unknown identifier kind {kind!r}; known: {', '.join(KINDS)}")
             if not value:
                 raise Invalid(f"empty {kind} identifier")
+        attributes = _storable(dict(new.attributes), "attributes")
         now = self.clock.now()
         try:
             with self.db.session() as s:
@@ -133,7 +145,7 @@ class GatewayService:
                     if s.scalar(select(Identifier.id).where(Identifier.kind == kind, Identifier.value == value)):
                         raise Conflict(f"identifier {kind}:{value} already belongs to a profile")
                 p = Profile(id=profile_id, external_id=new.external_id, name=new.name,
-                            attributes=dict(new.attributes), created_at=now)
+                            attributes=attributes, created_at=now)
                 p.identifiers = [Identifier(kind=k, value=v, created_at=now) for k, v in ids]
                 p.consents = [Consent(purpose=purpose, granted=bool(g), updated_at=now, source=source)
                               for purpose, g in new.consents.items()]
@@ -204,7 +216,7 @@ class GatewayService:
                 p.name = name
             if attributes is not None:
                 merged = {**(p.attributes or {}), **attributes}
-                p.attributes = {k: v for k, v in merged.items() if v is not None}
+                p.attributes = _storable({k: v for k, v in merged.items() if v is not None}, "attributes")
             s.flush()
             view = profile_view(p)
         self._profile_changed(profile_id)
@@ -445,7 +457,8 @@ class GatewayService:
             r = s.get(CampaignRecord, campaign_id)
             if r is None:
                 raise NotFound(f"campaign {campaign_id!r} not found")
-            return {"id": r.id, "source": "api", "updated_at": r.updated_at, "definition": r.definition}
+            return {"id": r.id, "source": "api", "updated_at": r.updated_at,
+                    "definition": servable(r.definition, f"campaign {r.id} definition")}
 
     @staticmethod
     def validate_campaign(definition: Mapping[str, Any]) -> Campaign:
@@ -461,7 +474,7 @@ class GatewayService:
         body = {**definition, "id": definition.get("id", campaign_id)}
         if body["id"] != campaign_id:
             raise Invalid("the id in the body differs from the id in the path")
-        self.validate_campaign(body)
+        self.validate_campaign(_storable(body, "campaign"))
         with self.db.session() as s:
             r = s.get(CampaignRecord, campaign_id)
             created = r is None

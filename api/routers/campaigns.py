@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Path, Response, status
 
 from api.deps import Campaigns, Context
+from api.schemas import Document
 
 router = APIRouter(prefix="/campaigns", tags=["campaigns"], dependencies=[Campaigns])
 
@@ -21,7 +22,7 @@ EXAMPLE = {"name": "Welcome back", "purpose": "offers", "trigger": {"type": "vis
                       "data": {"offer": {"code": "BACK5"}}},
            "limits": {"cooldown_s": 604800, "quiet_hours": {"start": "20:00", "end": "09:00", "mode": "drop"}},
            "priority": 3}
-Definition = Annotated[dict[str, Any], Body(examples=[EXAMPLE])]
+Definition = Annotated[Document, Body(examples=[EXAMPLE])]
 
 
 @router.get("")

@@ -17,13 +17,14 @@ from api.schemas import (
     CatalogItemIn,
     CatalogItemOut,
     CataloguePage,
+    DbStr,
 )
 from gateway import resources
 
 router = APIRouter(tags=["carts"], dependencies=[Admin])
 
 CartId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
-Sku = Annotated[str, Path(min_length=1, max_length=64)]
+Sku = Annotated[DbStr, Path(min_length=1, max_length=64)]
 Limit = Annotated[int, Query(ge=1, le=PAGE_MAX, description=f"Page size, at most {PAGE_MAX}")]
 Offset = Annotated[int, Query(ge=0, le=DB_ID_MAX, description="How many to skip (next_offset of the last page)")]
 
@@ -59,8 +60,9 @@ def upsert_catalogue(items: list[CatalogItemIn], ctx: Context) -> dict[str, int]
 
 
 @router.get("/catalogue", response_model=CataloguePage)
-def list_catalogue(ctx: Context, zone: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
-                   q: Annotated[str | None, Query(min_length=1, max_length=200, description="Part of the name")] = None,
+def list_catalogue(ctx: Context, zone: Annotated[DbStr | None, Query(min_length=1, max_length=64)] = None,
+                   q: Annotated[DbStr | None, Query(min_length=1, max_length=200,
+                                                    description="Part of the name")] = None,
                    limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
     """The catalogue by sku, filtered by zone or name."""
     items, total = resources.list_catalogue(ctx.service, zone=zone, q=q, limit=limit, offset=offset)

@@ -7,12 +7,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Path, Query, status
 
 from api.deps import Admin, Context
-from api.schemas import DeadLetterOut, DeviceIn, DeviceOut, DevicePatch, DeviceStatus, ReadingOut, RollupOut
+from api.schemas import DbStr, DeadLetterOut, DeviceIn, DeviceOut, DevicePatch, DeviceStatus, ReadingOut, RollupOut
 from devices.registry import DeviceRegistry
 
 router = APIRouter(tags=["devices"], dependencies=[Admin])
 
-DeviceId = Annotated[str, Path(min_length=1, max_length=128)]
+DeviceId = Annotated[DbStr, Path(min_length=1, max_length=128)]
 Since = Annotated[float | None, Query(description="Epoch seconds, inclusive", allow_inf_nan=False)]
 Until = Annotated[float | None, Query(description="Epoch seconds, exclusive", allow_inf_nan=False)]
 
@@ -58,15 +58,15 @@ def readings(device_id: DeviceId, ctx: Context, since: Since = None, until: Unti
 
 @router.get("/devices/{device_id}/rollups", response_model=list[RollupOut])
 def rollups(device_id: DeviceId, ctx: Context, period: Literal["minute", "hour"] = "minute",
-            metric: Annotated[str | None, Query(max_length=64)] = None, since: Since = None, until: Until = None,
+            metric: Annotated[DbStr | None, Query(max_length=64)] = None, since: Since = None, until: Until = None,
             limit: Annotated[int, Query(ge=1, le=10000)] = 1000) -> list[dict[str, Any]]:
     """Per-minute or per-hour count/min/max/mean/last per metric, oldest first: what a chart needs."""
     return _registry(ctx).rollups(device_id, period, metric, since, until, limit)
 
 
 @router.get("/dead-letters", response_model=list[DeadLetterOut])
-def dead_letters(ctx: Context, device_id: Annotated[str | None, Query(max_length=128)] = None,
-                 reason: Annotated[str | None, Query(max_length=48)] = None,
+def dead_letters(ctx: Context, device_id: Annotated[DbStr | None, Query(max_length=128)] = None,
+                 reason: Annotated[DbStr | None, Query(max_length=48)] = None,
                  limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
     """MQTT messages the gateway refused, newest first, with the reason and the start of the payload."""
     return _registry(ctx).dead_letters(device_id, reason, limit)

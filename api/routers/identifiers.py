@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Response, status
 
 from api.deps import Admin, Context
-from api.schemas import DB_ID_MAX, IdentifierCreate, IdentifierKind, IdentifierOut
+from api.schemas import DB_ID_MAX, DbStr, IdentifierCreate, IdentifierKind, IdentifierOut
 from gateway import resources
 
 router = APIRouter(prefix="/profiles/{profile_id}/identifiers", tags=["profiles"], dependencies=[Admin])
@@ -33,7 +33,7 @@ def add_identifier(profile_id: ProfileId, body: IdentifierCreate, ctx: Context, 
 
 @router.delete("/{kind}/{value}", status_code=status.HTTP_204_NO_CONTENT)
 def remove_identifier(profile_id: ProfileId, kind: IdentifierKind, ctx: Context,
-                      value: Annotated[str, Path(min_length=1, max_length=256)]) -> Response:
+                      value: Annotated[DbStr, Path(min_length=1, max_length=256)]) -> Response:
     """Detach one identifier: that beacon or device is anonymous from the next advertisement on."""
     resources.remove_identifier(ctx.service, profile_id, kind, value)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -8,14 +8,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 
 from api.deps import Admin, Context, Read
-from api.schemas import DB_ID_MAX, DecisionOut, DryRunIn, DryRunOutcome
+from api.schemas import DB_ID_MAX, DbStr, DecisionOut, DryRunIn, DryRunOutcome
 
 router = APIRouter(tags=["insights"])  # scopes per route: a dry run is a read
 
 
 @router.get("/profiles/{profile_id}/decisions", response_model=list[DecisionOut], dependencies=[Admin])
 def decisions(profile_id: Annotated[int, Path(ge=1, le=DB_ID_MAX)], ctx: Context,
-              campaign: Annotated[str | None, Query(max_length=128)] = None,
+              campaign: Annotated[DbStr | None, Query(max_length=128)] = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[dict[str, Any]]:
     """Why: every evaluation of a campaign for this customer, newest first, with its reason code."""
     return ctx.service.decisions(profile_id, campaign, limit)
@@ -32,10 +32,10 @@ def dry_run(body: DryRunIn, ctx: Context) -> list[dict[str, Any]]:
 def figures(ctx: Context,
             day_from: Annotated[dt.date, Query(alias="from", description="First local day, YYYY-MM-DD")],
             day_to: Annotated[dt.date | None, Query(alias="to", description="Last local day; default: from")] = None,
-            zone: Annotated[str | None, Query(min_length=1, max_length=64, description="Only this zone")] = None,
-            campaign: Annotated[str | None, Query(min_length=1, max_length=128,
+            zone: Annotated[DbStr | None, Query(min_length=1, max_length=64, description="Only this zone")] = None,
+            campaign: Annotated[DbStr | None, Query(min_length=1, max_length=128,
                                                   description="Only this campaign")] = None,
-            store: Annotated[str | None, Query(min_length=1, max_length=64, description=(
+            store: Annotated[DbStr | None, Query(min_length=1, max_length=64, description=(
                 "Another store sharing the database (its [store] id); default: this gateway's. "
                 "A store with no rows gives empty figures"))] = None,
             ) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from fastapi import APIRouter, HTTPException, Path, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Context, KeyAdmin, guard_of
+from api.schemas import DbStr
 from gateway.auth import CONFIG_KEY_ID
 
 router = APIRouter(prefix="/keys", tags=["keys"], dependencies=[KeyAdmin])
@@ -24,7 +25,7 @@ class KeyIn(BaseModel):
         {"name": "till integration", "scopes": ["write"]},
         {"name": "dashboard", "scopes": ["read"], "expires_in_s": 7776000}]})
 
-    name: str = Field(min_length=1, max_length=100, description="Who or what uses it")
+    name: DbStr = Field(min_length=1, max_length=100, description="Who or what uses it")
     scopes: list[Scope] = Field(min_length=1, max_length=5)
     expires_in_s: int | None = Field(default=None, ge=60, le=10 * 365 * 86400,
                                      description="None: the key works until revoked")

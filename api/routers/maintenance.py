@@ -18,6 +18,7 @@ from api.schemas import (
     AlarmOut,
     AlarmStatus,
     BookingIn,
+    DbStr,
     DeviceRuleOut,
     MaintenanceFiguresOut,
     ServiceIn,
@@ -27,7 +28,7 @@ from gateway.alarms import AlarmDesk
 
 router = APIRouter(tags=["maintenance"])
 AlarmId = Annotated[int, Path(ge=1, le=DB_ID_MAX)]
-DeviceId = Annotated[str, Path(min_length=1, max_length=128)]
+DeviceId = Annotated[DbStr, Path(min_length=1, max_length=128)]
 
 
 def _desk(ctx: ApiContext) -> AlarmDesk:
@@ -57,7 +58,7 @@ def book(alarm_id: AlarmId, body: BookingIn, ctx: Context, claims: Customer) -> 
 
 @router.get("/alarms", response_model=list[AlarmOut], dependencies=[Admin])
 def alarms(ctx: Context, status: AlarmStatus | None = None,
-           device_id: Annotated[str | None, Query(max_length=128)] = None,
+           device_id: Annotated[DbStr | None, Query(max_length=128)] = None,
            limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[dict[str, Any]]:
     """The staff alerts list: ``?status=active`` for what needs attention now."""
     return _desk(ctx).list_alarms(status, device_id, limit)

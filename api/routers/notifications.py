@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 
 from api.deps import Admin, Context
-from api.schemas import DB_ID_MAX, PAGE_MAX, NotificationDetailOut, NotificationPage, NotificationStatus
+from api.schemas import DB_ID_MAX, PAGE_MAX, DbStr, NotificationDetailOut, NotificationPage, NotificationStatus
 from gateway import resources
 
 router = APIRouter(prefix="/notifications", tags=["notifications"], dependencies=[Admin])
@@ -19,7 +19,7 @@ Offset = Annotated[int, Query(ge=0, le=DB_ID_MAX, description="How many to skip 
 @router.get("", response_model=NotificationPage)
 def list_notifications(ctx: Context,
                        profile: Annotated[int | None, Query(ge=1, le=DB_ID_MAX, description="Profile id")] = None,
-                       campaign: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+                       campaign: Annotated[DbStr | None, Query(min_length=1, max_length=128)] = None,
                        status: NotificationStatus | None = None,
                        limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
     """Newest first, filtered by profile, campaign and status."""

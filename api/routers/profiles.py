@@ -10,6 +10,7 @@ from api.schemas import (
     DB_ID_MAX,
     PAGE_MAX,
     ConsentsIn,
+    DbStr,
     IdentifierKind,
     LinkIn,
     ProfileIn,
@@ -38,9 +39,9 @@ def create_profile(body: ProfileIn, ctx: Context) -> dict[str, object]:
 
 @router.get("", response_model=ProfilePage)
 def list_profiles(ctx: Context,
-                  q: Annotated[str | None, Query(min_length=1, max_length=128,
+                  q: Annotated[DbStr | None, Query(min_length=1, max_length=128,
                                                  description="Part of the name or external id")] = None,
-                  external_id: Annotated[str | None, Query(max_length=128)] = None,
+                  external_id: Annotated[DbStr | None, Query(max_length=128)] = None,
                   identifier_kind: IdentifierKind | None = None,
                   consent: Annotated[Purpose | None, Query(description="Granted this purpose")] = None,
                   limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 50,

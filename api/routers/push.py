@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Context, Customer
+from api.schemas import DbStr
 from gateway.delivery.webpush import (
     SubscriptionError,
     SubscriptionTaken,
@@ -24,8 +25,8 @@ EXAMPLE_ENDPOINT = "https://fcm.googleapis.com/fcm/send/dpH5lCsTSSM:APA91bHqjZxM
 
 
 class PushKeys(BaseModel):
-    p256dh: str = Field(min_length=1, max_length=128, description="The browser's P-256 public key, base64url")
-    auth: str = Field(min_length=1, max_length=64, description="The 16-byte auth secret, base64url")
+    p256dh: DbStr = Field(min_length=1, max_length=128, description="The browser's P-256 public key, base64url")
+    auth: DbStr = Field(min_length=1, max_length=64, description="The 16-byte auth secret, base64url")
 
 
 class PushSubscriptionIn(BaseModel):
@@ -36,7 +37,7 @@ class PushSubscriptionIn(BaseModel):
         "keys": {"p256dh": "BNcRdreALRFXTkOOUHK1EtK2wtaz5Ry4YfYCA_0QTpQtUbVlUls0VJXg7A8u-Ts1XbjhazAkj7I99e8QcYP7DkM",
                  "auth": "tBHItJI5svbpez7KI4CCXg"}}]})
 
-    endpoint: str = Field(min_length=8, max_length=1024)
+    endpoint: DbStr = Field(min_length=8, max_length=1024)
     expirationTime: float | None = None  # the browser's own field name (ignored: the push service says 410)
     keys: PushKeys
 
@@ -78,7 +79,7 @@ def subscribe(body: PushSubscriptionIn, ctx: Context, claims: Customer, response
 
 @router.delete("", status_code=status.HTTP_204_NO_CONTENT, responses={404: {"description": "Not one of yours"}})
 def unsubscribe(ctx: Context, claims: Customer,
-                endpoint: Annotated[str, Query(min_length=1, max_length=1024,
+                endpoint: Annotated[DbStr, Query(min_length=1, max_length=1024,
                                                description="The subscription's endpoint URL")]) -> Response:
     """Forget one of the caller's subscriptions (after ``PushSubscription.unsubscribe()`` in the browser)."""
     if not delete_subscription(ctx.service.db, claims.profile_id, endpoint):
