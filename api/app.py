@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,8 +11,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import idempotency, openapi
+from api import idempotency, limits, openapi
 from api.deps import ApiContext
+from api.problem import PROBLEM as PROBLEM  # where the tests and callers have always found it
+from api.problem import problem
 from api.routers import (
     campaigns,
     carts,
@@ -40,13 +41,7 @@ from gateway.storage.db import describe, is_transient
 
 log = logging.getLogger("api")
 
-PROBLEM = "application/problem+json"
 RETRY_AFTER_S = 5  # what a 503 for a database outage tells the client to wait
-
-
-def problem(status: int, detail: str, headers: dict[str, str] | None = None, **extra: object) -> JSONResponse:
-    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail, **extra}
-    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
@@ -54,6 +49,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
                   description="Profiles, carts and the customer notification stream of one store's gateway.")
     app.state.context = ctx
     idempotency.install(app, ctx)  # inside CORS, so refusals and replays carry CORS headers too
+    limits.install(app, ctx)  # outside idempotency (which buffers a body), inside CORS
     install_log_redaction()  # uvicorn's access log would show ?access_token= (EventSource)
     if ctx.cors_origins:  # bearer tokens, not cookies: no credentials mode
         app.add_middleware(CORSMiddleware, allow_origins=ctx.cors_origins, allow_methods=ctx.cors_methods,

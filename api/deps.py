@@ -10,10 +10,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, HTTPException, Query, Request, status
+from fastapi.dependencies.models import Dependant
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import HTTPConnection
 
 from api.schemas import DbStr
 from beacons.remote import AppReport
@@ -25,6 +27,13 @@ from gateway.tokens import Claims, TokenError
 CORS_METHODS = ["GET", "POST", "PUT", "DELETE"]
 CORS_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "X-API-Key"]
 IDEMPOTENCY_SCOPE_KEY = "gateway.idempotency"
+VERIFIED_SCOPE_KEY = "gateway.verified"
+"""(credential, Principal or Claims): checked before the body was read (api/limits.py), not checked again."""
+ADMIN_KEY_REQUIRED = "an admin API key is required (X-API-Key header)"
+CUSTOMER_TOKEN_REQUIRED = "a customer app token is required (Authorization: Bearer ...)"
+
+Audience = Literal["admin", "customer"]
+"""Who a protected route is for: admin keys, or customers' app tokens."""
 
 
 @dataclass
@@ -84,6 +93,74 @@ _bearer = HTTPBearer(auto_error=False, description="Admin key or a customer's ap
 
 def _unauthorized(detail: str) -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def missing_credential(audience: Audience) -> HTTPException:
+    """The 401 for a request that carries no credential at all."""
+    return _unauthorized(ADMIN_KEY_REQUIRED if audience == "admin" else CUSTOMER_TOKEN_REQUIRED)
+
+
+async def credential_of(request: HTTPConnection, audience: Audience) -> str | None:
+    """The credential a route for ``audience`` takes from this request, read by the same security
+    schemes as the route's own dependency (so a check before the route agrees with it)."""
+    bearer = await _bearer(request)
+    if audience == "admin":
+        return await _api_key(request) or (bearer.credentials if bearer else None)
+    return bearer.credentials if bearer else request.query_params.get("access_token")
+
+
+def verify_admin(ctx: ApiContext, given: str) -> Principal:
+    """The admin key's principal; 401 for an unknown, revoked or expired key, 403 for an app token.
+    May read the database: call it off the event loop."""
+    try:
+        return guard_of(ctx).admin(given)
+    except AuthError as exc:
+        if given.startswith("v1."):  # an app token in the wrong place: say so, once it is a real one
+            try:
+                ctx.service.verify_token(given)
+            except TokenError:
+                pass
+            else:
+                raise HTTPException(status.HTTP_403_FORBIDDEN,
+                                    "a customer app token cannot call admin endpoints") from None
+        raise _unauthorized(exc.detail) from None
+
+
+def verify_customer(ctx: ApiContext, token: str) -> Claims:
+    """The app token's claims; 401 if it is malformed, expired or revoked. May read the database."""
+    try:
+        return ctx.service.verify_token(token)
+    except TokenError as exc:
+        raise _unauthorized(str(exc)) from None
+
+
+def verify(ctx: ApiContext, audience: Audience, given: str) -> Principal | Claims:
+    return verify_admin(ctx, given) if audience == "admin" else verify_customer(ctx, given)
+
+
+_Verified = TypeVar("_Verified", Principal, Claims)
+
+
+def _verified(request: Request, given: str, kind: type[_Verified]) -> _Verified | None:
+    """What api/limits.py found this credential to be before the body was read, if it looked."""
+    seen = request.scope.get(VERIFIED_SCOPE_KEY)
+    if seen is not None and seen[0] == given and isinstance(seen[1], kind):
+        return seen[1]
+    return None
+
+
+_AUDIENCES: dict[Callable[..., Any], Audience] = {}
+
+
+def audience_of(dependant: Dependant) -> Audience | None:
+    """Whom a route is for, from the auth dependency among its dependencies; None: a public route."""
+    for dep in dependant.dependencies:
+        found = _AUDIENCES.get(dep.call) if dep.call is not None else None
+        if found is None:
+            found = audience_of(dep)
+        if found is not None:
+            return found
+    return None
 
 
 @dataclass
@@ -149,27 +226,16 @@ def require_scope(*change: str, read: tuple[str, ...] = ("read",)) -> Callable[.
                    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
         given = key or (bearer.credentials if bearer else None)
         if not given:
-            raise _unauthorized("an admin API key is required (X-API-Key header)")
-        guard = guard_of(ctx)
-        try:
-            principal = guard.admin(given)
-        except AuthError as exc:
-            if given.startswith("v1."):  # an app token in the wrong place: say so, once it is a real one
-                try:
-                    ctx.service.verify_token(given)
-                except TokenError:
-                    pass
-                else:
-                    raise HTTPException(status.HTTP_403_FORBIDDEN,
-                                        "a customer app token cannot call admin endpoints") from None
-            raise _unauthorized(exc.detail) from None
+            raise missing_credential("admin")
+        principal = _verified(request, given, Principal) or verify_admin(ctx, given)
         wanted = read if request.method in ("GET", "HEAD") else needs
         if not principal.allows(wanted):
             raise HTTPException(status.HTTP_403_FORBIDDEN,
                                 f"this API key lacks the scope for this call (one of: {', '.join(wanted)})")
-        _admit(request, guard, principal)
+        _admit(request, guard_of(ctx), principal)
         return principal
 
+    _AUDIENCES[dependency] = "admin"
     return dependency
 
 
@@ -181,14 +247,14 @@ def require_customer(
 ) -> Claims:
     token = bearer.credentials if bearer else access_token
     if not token:
-        raise _unauthorized("a customer app token is required (Authorization: Bearer ...)")
-    try:
-        claims = ctx.service.verify_token(token)
-    except TokenError as exc:
-        raise _unauthorized(str(exc)) from None
+        raise missing_credential("customer")
+    claims = _verified(request, token, Claims) or verify_customer(ctx, token)
     guard = guard_of(ctx)
     _admit(request, guard, guard.customer(claims))
     return claims
+
+
+_AUDIENCES[require_customer] = "customer"
 
 
 Admin = Depends(require_scope())

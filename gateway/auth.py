@@ -380,7 +380,7 @@ def install_log_redaction(names: Iterable[str] = ("uvicorn.access", "uvicorn.err
 
 @dataclass(frozen=True)
 class AuthPolicy:
-    """Limits from ``[api]``; a rate of 0 means no limit."""
+    """Limits from ``[api]``: rates (0 means no limit), the idempotency window, request body sizes."""
 
     customer_rate_per_s: float = 0.0
     customer_burst: int = 0
@@ -388,12 +388,15 @@ class AuthPolicy:
     admin_burst: int = 0
     idempotency_ttl_s: float = 86400.0
     purge_every_s: float = 3600.0
+    max_body_bytes: int = 1 << 20
+    catalogue_max_body_bytes: int = 8 << 20
 
     @classmethod
     def from_settings(cls, api: Any) -> AuthPolicy:
         """From ``[api]`` (gateway.config.ApiSettings)."""
         return cls(api.rate_limit_per_s, api.rate_limit_burst, api.admin_rate_limit_per_s, api.admin_rate_limit_burst,
-                   api.idempotency_ttl_s)
+                   api.idempotency_ttl_s, max_body_bytes=api.max_body_bytes,
+                   catalogue_max_body_bytes=api.catalogue_max_body_bytes)
 
 
 class Guard:

@@ -62,6 +62,13 @@ class ApiSettings:
     admin_rate_limit_per_s: float = 50.0  # per admin API key; 0: no limit
     admin_rate_limit_burst: int = 200
     idempotency_ttl_s: float = 86400.0  # how long the answer to a POST with an Idempotency-Key is replayed
+    max_body_bytes: int = 1 << 20  # a larger request body is refused with 413 before it is read whole
+    catalogue_max_body_bytes: int = 8 << 20  # PUT /v1/catalogue (the whole catalogue at once) may send this much
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "catalogue_max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"api.{name}: must be positive, got {getattr(self, name)!r}")
 
 
 @dataclass
