@@ -35,8 +35,8 @@ from api.routers import (
     sightings,
     ws,
 )
-from gateway.auth import install_log_redaction
-from gateway.service import Conflict, Invalid, NotFound
+from gateway.profiles.service import Conflict, Invalid, NotFound
+from gateway.security.auth import install_log_redaction
 from gateway.storage.db import describe, is_transient
 
 log = logging.getLogger("api")

@@ -19,10 +19,10 @@ from starlette.requests import HTTPConnection
 
 from api.schemas import DbStr
 from beacons.remote import AppReport
-from gateway.auth import AuthError, AuthPolicy, Guard, Principal, Stored, retry_after
 from gateway.channels import StreamHub
-from gateway.service import GatewayService
-from gateway.tokens import Claims, TokenError
+from gateway.profiles.service import GatewayService
+from gateway.security.auth import AuthError, AuthPolicy, Guard, Principal, Stored, retry_after
+from gateway.security.tokens import Claims, TokenError
 
 CORS_METHODS = ["GET", "POST", "PUT", "DELETE"]
 CORS_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "X-API-Key"]
@@ -62,7 +62,7 @@ class ApiContext:
     devices: Any = None
     """The device registry (devices.registry.DeviceRegistry) for /v1/devices; None: 503."""
     alarms: Any = None
-    """Device alarms and the maintenance loop (gateway.alarms.AlarmDesk); None: 503."""
+    """Device alarms and the maintenance loop (gateway.telemetry.alarms.AlarmDesk); None: 503."""
     probes: dict[str, Any] = field(default_factory=dict)
     """Health probes under way (api/routers/health.py runs one of each kind at a time)."""
 

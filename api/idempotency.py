@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import IDEMPOTENCY_SCOPE_KEY, ApiContext, IdempotencySlot, IdempotentReplay, guard_of
-from gateway.auth import IDEMPOTENCY_KEY_MAX, request_hash, valid_idempotency_key
+from gateway.security.auth import IDEMPOTENCY_KEY_MAX, request_hash, valid_idempotency_key
 
 log = logging.getLogger("api.idempotency")
 

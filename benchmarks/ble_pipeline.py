@@ -57,9 +57,9 @@ from beacons import parse as parse_module  # noqa: E402
 from beacons.encode import eddystone_tlm_frame, eddystone_uid_frame  # noqa: E402
 from beacons.parse import EDDYSTONE_SERVICE_UUID, ParseStats, parse_adverts  # noqa: E402
 from beacons.types import Advertisement  # noqa: E402
-from gateway.campaigns import CampaignIndex, load_campaigns, load_segments, parse_campaign  # noqa: E402
+from gateway.campaigns.model import CampaignIndex, load_campaigns, load_segments, parse_campaign  # noqa: E402
 from gateway.config import PresenceSettings, ReceiverSettings, Settings, StoreSettings, ZoneBand  # noqa: E402
-from gateway.identity import IdentityIndex  # noqa: E402
+from gateway.profiles.identity import IdentityIndex  # noqa: E402
 from gateway.runtime import Pipeline  # noqa: E402
 from gateway.storage.db import Database  # noqa: E402
 from gateway.storage.models import (  # noqa: E402

@@ -35,7 +35,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from gateway.campaigns import CampaignError
+    from gateway.campaigns.model import CampaignError
     from gateway.simulate import parse_duration, progress_bar, simulate
     from simulators.scenario import ScenarioError, load_scenario
 
@@ -120,7 +120,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
-    from gateway.campaigns import CampaignError
+    from gateway.campaigns.model import CampaignError
     from gateway.config import ConfigError
 
     try:
@@ -135,11 +135,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_catalogue_import(args: argparse.Namespace) -> int:
     from gateway.clock import SystemClock
     from gateway.config import ConfigError, load_settings
-    from gateway.identity import IdentityIndex
+    from gateway.profiles.identity import IdentityIndex
+    from gateway.profiles.service import GatewayService, Invalid
     from gateway.runtime import token_secret
-    from gateway.service import GatewayService, Invalid
+    from gateway.security.tokens import TokenSigner
     from gateway.storage.db import Database
-    from gateway.tokens import TokenSigner
 
     try:
         settings = load_settings(args.config)
@@ -181,7 +181,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     import time
 
-    from gateway import auth
+    import gateway.security.auth as auth
     from gateway.config import ConfigError, load_settings
     from gateway.storage.db import Database
 

@@ -164,7 +164,7 @@ class PresenceSettings:
     rssi_noise_db: float = 5.0  # Kalman: RSSI noise of one advert (shadowing sigma)
     rssi_drift_db_s: float = 1.5  # Kalman: how fast the true RSSI may drift (dB per sqrt(s))
     enter_hold_s: float = 0.0  # a zone's posterior must stay above its threshold this long before it is entered
-    # Zones: the HMM forward filter per identity (gateway/presence.py, docs/presence.md)
+    # Zones: the HMM forward filter per identity (gateway/presence/tracker.py, docs/presence.md)
     shadowing_db: float = 4.0  # slow shadowing sigma: the RSSI noise that the filter cannot average away
     fade_time_s: float = 3.0  # a receiver gives one independent look per this long while the RSSI stands still
     fade_db: float = 5.0  # ... and one more per this many dB its filtered RSSI moves (walking decorrelates fades)

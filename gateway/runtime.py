@@ -44,24 +44,24 @@ from devices.profiles import load_profiles
 from devices.registry import DeviceRegistry
 from devices.rules import load_rules
 from devices.telemetry import POLICIES, Rejected, TelemetryBatch, TelemetrySettings, TelemetryStore
-from gateway.alarms import AlarmDesk, DeviceRules, mqtt_alert_sender
-from gateway.campaigns import CampaignIndex, Segment, load_campaigns, load_segments
+from gateway.campaigns.model import CampaignIndex, Segment, load_campaigns, load_segments
 from gateway.channels import Channel, StreamHub
 from gateway.clock import Clock, SystemClock
 from gateway.config import ConfigError, Settings
 from gateway.delivery import build_channels, close_channels
-from gateway.engine import Engine, EngineEvent, FrequencyCap, Outcome
-from gateway.explain import dry_run
-from gateway.identity import IdentityIndex
+from gateway.delivery.outbox import Backoff, Dispatcher
+from gateway.delivery.outbox import depths as outbox_depths
+from gateway.engine.engine import Engine, EngineEvent, FrequencyCap, Outcome
+from gateway.engine.explain import dry_run
 from gateway.metrics import Histogram, db_state, gateway_families, readiness, render
-from gateway.outbox import Backoff, Dispatcher
-from gateway.outbox import depths as outbox_depths
-from gateway.presence import PresenceEvent, PresenceTracker
-from gateway.privacy import purge_presence
-from gateway.service import GatewayService, Invalid
+from gateway.presence.tracker import PresenceEvent, PresenceTracker
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.privacy import purge_presence
+from gateway.profiles.service import GatewayService, Invalid
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database, describe, is_transient
 from gateway.storage.models import Cart, Device, FootfallCount, Visit, ZoneStay
-from gateway.tokens import TokenSigner
+from gateway.telemetry.alarms import AlarmDesk, DeviceRules, mqtt_alert_sender
 
 log = logging.getLogger("gateway")
 _VISITS = cast(Table, Visit.__table__)
@@ -570,7 +570,7 @@ class Runtime:
         if self.serve_api:
             from api.app import create_app
             from api.deps import ApiContext
-            from gateway.auth import AuthPolicy
+            from gateway.security.auth import AuthPolicy
 
             app = create_app(ApiContext(service=self.service, hub=self.hub, admin_key=self.admin_key,
                                         health=self.health, heartbeat_s=self.settings.api.heartbeat_s,

@@ -7,7 +7,7 @@ or identity rules.
 from __future__ import annotations
 
 from gateway.config import ReceiverSettings, Settings, ZoneBand
-from gateway.service import GatewayService, NewProfile
+from gateway.profiles.service import GatewayService, NewProfile
 from simulators.scenario import Scenario
 
 

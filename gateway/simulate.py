@@ -16,17 +16,17 @@ from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
 from devices.payloads import Reading
-from gateway.campaigns import CampaignIndex, load_campaigns, load_segments
+from gateway.campaigns.model import CampaignIndex, load_campaigns, load_segments
 from gateway.clock import VirtualClock
 from gateway.config import Settings
-from gateway.engine import FIRED, EngineEvent, Outcome
-from gateway.figures import figures as day_figures
-from gateway.identity import IdentityIndex
+from gateway.engine.engine import FIRED, EngineEvent, Outcome
+from gateway.engine.figures import figures as day_figures
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService
 from gateway.runtime import Pipeline
 from gateway.scenarios import apply_scenario, enrol
-from gateway.service import GatewayService
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
-from gateway.tokens import TokenSigner
 from simulators.carts import cart_upserts
 from simulators.scenario import Scenario
 from simulators.store_sim import StoreSimulator

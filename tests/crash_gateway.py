@@ -20,8 +20,8 @@ from beacons.encode import ibeacon_payload
 from beacons.scanner import InjectionScanner
 from beacons.types import Advertisement
 from gateway.config import ReceiverSettings, Settings, ZoneBand
+from gateway.profiles.service import NewProfile
 from gateway.runtime import Runtime
-from gateway.service import NewProfile
 
 UUID = "f7826da6-4fa2-4e98-8024-bc5b71e0893e"
 CAMPAIGN = """\

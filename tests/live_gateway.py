@@ -17,8 +17,8 @@ from beacons.encode import ibeacon_payload
 from beacons.types import Advertisement
 from gateway.clock import VirtualClock
 from gateway.config import ReceiverSettings, Settings, ZoneBand
+from gateway.profiles.service import NewProfile
 from gateway.runtime import Runtime
-from gateway.service import NewProfile
 from gateway.storage.models import Notification
 from tests.conftest import free_port
 

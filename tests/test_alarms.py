@@ -24,13 +24,13 @@ from devices.payloads import DeviceEvent, Reading
 from devices.rules import parse_rule
 from devices.telemetry import TelemetryBatch
 from devices.topics import command_topic, telemetry_topic
-from gateway.alarms import DeviceRules, after_commit, alert_topic
 from gateway.clock import VirtualClock
 from gateway.config import Settings
+from gateway.profiles.service import NewProfile
 from gateway.runtime import Runtime
-from gateway.service import NewProfile
 from gateway.storage.db import Database
 from gateway.storage.models import Alarm, Decision, Device, Notification, RuleStateRecord
+from gateway.telemetry.alarms import DeviceRules, after_commit, alert_topic
 from tests.conftest import MosquittoServer, PahoTestClient
 
 T0 = 1_780_300_800.0  # 2026-06-01 08:00 UTC

@@ -26,11 +26,11 @@ from api.app import PROBLEM, create_app
 from api.deps import ApiContext
 from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
-from gateway.identity import IdentityIndex, hash_email
-from gateway.service import GatewayService, NewProfile
+from gateway.profiles.identity import IdentityIndex, hash_email
+from gateway.profiles.service import GatewayService, NewProfile
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Base, Cart, CatalogItem, Interaction, Notification
-from gateway.tokens import TokenSigner
 from tests.conftest import free_port
 
 T0 = 1_767_261_600.0

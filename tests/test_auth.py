@@ -17,17 +17,17 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from starlette.websockets import WebSocketDisconnect
 
+import gateway.security.auth as auth
 from api.app import PROBLEM, create_app
 from api.deps import ApiContext, guard_of
-from gateway import auth
-from gateway.auth import AuthPolicy, TokenBucket
 from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
-from gateway.identity import IdentityIndex
-from gateway.service import GatewayService, NewProfile
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService, NewProfile
+from gateway.security.auth import AuthPolicy, TokenBucket
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import ApiKey, Base, RevokedToken
-from gateway.tokens import TokenSigner
 
 T0 = 1_767_261_600.0
 CONFIG_KEY = "auth-test-config-key-0123456789"

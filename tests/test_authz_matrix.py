@@ -24,14 +24,14 @@ from sqlalchemy import func, select
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocketDisconnect
 
+import gateway.security.auth as auth
 from api.app import PROBLEM, create_app
 from api.deps import ApiContext, guard_of
 from api.routers import ws as ws_router
-from gateway import auth
 from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
-from gateway.identity import IdentityIndex
-from gateway.service import GatewayService, NewProfile
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService, NewProfile
 from gateway.storage.db import Database
 from gateway.storage.models import Base, Interaction, Notification, PushSubscription
 
@@ -98,7 +98,7 @@ class MatrixWorld:
         self.clock = VirtualClock(T0)
         shutil.copyfile(migrated, tmp_path / "matrix.db")
         self.db = Database(f"sqlite:///{tmp_path}/matrix.db")
-        from gateway.tokens import TokenSigner
+        from gateway.security.tokens import TokenSigner
 
         self.service = GatewayService(self.db, IdentityIndex(), self.clock, TokenSigner(SECRET), token_ttl_s=3600)
         self.hub = StreamHub()

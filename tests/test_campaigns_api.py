@@ -12,9 +12,9 @@ from sqlalchemy import select
 
 from gateway.clock import VirtualClock
 from gateway.config import ReceiverSettings, Settings, ZoneBand
-from gateway.presence import PresenceEvent
+from gateway.presence.tracker import PresenceEvent
+from gateway.profiles.service import NewProfile
 from gateway.runtime import Runtime
-from gateway.service import NewProfile
 from gateway.storage.models import Decision, Notification
 from tests.conftest import free_port
 

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from gateway.campaigns import CampaignError, CampaignIndex, load_segments, parse_campaign
+from gateway.campaigns.model import CampaignError, CampaignIndex, load_segments, parse_campaign
 from gateway.clock import VirtualClock
-from gateway.engine import Engine, EngineEvent
-from gateway.identity import IdentityIndex
-from gateway.service import GatewayService, NewProfile
+from gateway.engine.engine import Engine, EngineEvent
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService, NewProfile
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
-from gateway.tokens import TokenSigner
 
 T0 = 1_780_300_800.0
 

@@ -14,10 +14,10 @@ from api.app import create_app
 from api.deps import ApiContext
 from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
-from gateway.identity import IdentityIndex
-from gateway.service import GatewayService
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
-from gateway.tokens import TokenSigner
 
 T0 = 1_767_261_600.0
 ADMIN = {"X-API-Key": "consent-admin-key-0123456789"}

@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-from gateway.campaigns import load_campaigns
+from gateway.campaigns.model import load_campaigns
 from gateway.config import Settings
 from gateway.simulate import simulate
 from simulators.scenario import load_scenario

@@ -14,8 +14,8 @@ from sqlalchemy import select
 
 from gateway.clock import VirtualClock
 from gateway.config import Settings
+from gateway.profiles.service import NewProfile
 from gateway.runtime import Runtime
-from gateway.service import NewProfile
 from gateway.storage.models import Alarm, Decision, Notification
 from tests.test_alarms import feed
 

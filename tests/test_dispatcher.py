@@ -16,12 +16,12 @@ from sqlalchemy import select
 
 from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
-from gateway.identity import IdentityIndex
-from gateway.outbox import Backoff, Dispatcher, delivery_states, replay
-from gateway.service import GatewayService, NewProfile
+from gateway.delivery.outbox import Backoff, Dispatcher, delivery_states, replay
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService, NewProfile
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Delivery, Interaction, Notification
-from gateway.tokens import TokenSigner
 
 T0 = 1_767_261_600.0
 

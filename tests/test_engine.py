@@ -7,14 +7,14 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from gateway.campaigns import CampaignError, CampaignIndex, parse_campaign, render
+from gateway.campaigns.model import CampaignError, CampaignIndex, parse_campaign, render
 from gateway.clock import VirtualClock
-from gateway.engine import Engine, EngineEvent
-from gateway.identity import IdentityIndex
-from gateway.service import GatewayService, NewProfile
+from gateway.engine.engine import Engine, EngineEvent
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService, NewProfile
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Decision, Notification
-from gateway.tokens import TokenSigner
 
 T0 = 1_780_300_800.0
 
@@ -194,7 +194,7 @@ def test_invalid_campaigns_are_rejected_with_the_reason(bad, message):
 def test_example_campaigns_load():
     from pathlib import Path
 
-    from gateway.campaigns import load_campaigns
+    from gateway.campaigns.model import load_campaigns
 
     cs = load_campaigns(Path(__file__).resolve().parents[1] / "examples/campaigns")
     assert {c.purpose for c in cs} >= {"offers", "cart_reminders", "maintenance"}
@@ -202,8 +202,8 @@ def test_example_campaigns_load():
 
 # ---------------------------------------------------------------- issue 5 controls
 
-from gateway.campaigns import assign_variant  # noqa: E402
-from gateway.engine import FrequencyCap  # noqa: E402
+from gateway.campaigns.model import assign_variant  # noqa: E402
+from gateway.engine.engine import FrequencyCap  # noqa: E402
 
 
 def test_frequency_cap_across_campaigns(world):
@@ -308,7 +308,7 @@ def test_a_held_send_expires_after_its_ttl_and_consent_is_rechecked(world):
 
 
 def test_experiment_arms_are_sticky_weighted_and_hold_out_a_share():
-    from gateway.campaigns import Experiment, Variant
+    from gateway.campaigns.model import Experiment, Variant
 
     exp = Experiment((Variant("a", 3), Variant("b", 1)), holdout=0.2)
     arms = [assign_variant(exp, "camp", pid) for pid in range(4000)]
@@ -340,7 +340,7 @@ def test_variant_action_is_sent_and_recorded(world):
 
 
 def test_segments_from_behaviour_and_loyalty_tiers(world):
-    from gateway.campaigns import Segment
+    from gateway.campaigns.model import Segment
     from gateway.storage.models import Profile, Visit
 
     db, svc, ids = world

@@ -11,14 +11,14 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import func, select
 
-from gateway.campaigns import CampaignIndex, parse_campaign
+from gateway.campaigns.model import CampaignIndex, parse_campaign
 from gateway.clock import VirtualClock
-from gateway.engine import Engine, EngineEvent, FrequencyCap
-from gateway.identity import IdentityIndex
-from gateway.service import GatewayService, NewProfile
+from gateway.engine.engine import Engine, EngineEvent, FrequencyCap
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService, NewProfile
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Decision, Notification
-from gateway.tokens import TokenSigner
 
 TZ = "Europe/Paris"
 

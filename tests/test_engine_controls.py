@@ -11,14 +11,15 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import func, select
 
-from gateway.campaigns import CampaignError, CampaignIndex, Segment, parse_campaign
+from gateway.campaigns.model import CampaignError, CampaignIndex, Segment, parse_campaign
 from gateway.channels import DELIVERED_LIVE
 from gateway.clock import VirtualClock
-from gateway.engine import Engine, EngineEvent, FrequencyCap
-from gateway.explain import dry_run
-from gateway.identity import IdentityIndex
-from gateway.outbox import Dispatcher
-from gateway.service import GatewayService, Invalid, NewProfile
+from gateway.delivery.outbox import Dispatcher
+from gateway.engine.engine import Engine, EngineEvent, FrequencyCap
+from gateway.engine.explain import dry_run
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService, Invalid, NewProfile
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import (
     Cart,
@@ -30,7 +31,6 @@ from gateway.storage.models import (
     Visit,
     ZoneStay,
 )
-from gateway.tokens import TokenSigner
 
 TZ = "Europe/Paris"
 T0 = dt.datetime(2026, 6, 1, 11, 0, tzinfo=ZoneInfo(TZ)).timestamp()  # a Monday
@@ -216,7 +216,7 @@ def test_behaviour_facts_cover_visits_in_n_days_last_purchase_and_dwell(world):
 def test_the_two_line_frequent_and_occasional_segments(world):
     from pathlib import Path
 
-    from gateway.campaigns import load_segments
+    from gateway.campaigns.model import load_segments
 
     db, svc, ann = world
     segs = {s.id: s for s in load_segments(Path(__file__).resolve().parents[1] / "examples/campaigns")}
@@ -238,7 +238,7 @@ def test_the_two_line_frequent_and_occasional_segments(world):
 
 def test_loyalty_points_once_per_visit_and_tiers_in_conditions(tmp_path):
     from gateway.config import ReceiverSettings, Settings, ZoneBand
-    from gateway.presence import PresenceEvent
+    from gateway.presence.tracker import PresenceEvent
     from gateway.runtime import Pipeline
 
     s = Settings()
@@ -366,7 +366,7 @@ def test_attribute_changes_re_evaluate_segments(world):
 # ---------------------------------------------------------------- figures
 
 def test_figures_per_arm_with_lift_and_maintenance_response(world):
-    from gateway.figures import figures
+    from gateway.engine.figures import figures
     from gateway.storage.models import Consent
 
     db, svc, _ = world

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from gateway.campaigns import CampaignIndex, parse_campaign
-from gateway.engine import Engine, EngineEvent, FrequencyCap
+from gateway.campaigns.model import CampaignIndex, parse_campaign
+from gateway.engine.engine import Engine, EngineEvent, FrequencyCap
 from gateway.storage.db import Database
 from gateway.storage.models import Base, Consent, Notification, Profile
 

@@ -10,15 +10,15 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gateway.campaigns import Campaign, CampaignIndex, parse_campaign
+from gateway.campaigns.model import Campaign, CampaignIndex, parse_campaign
 from gateway.clock import VirtualClock
-from gateway.engine import Engine, EngineEvent
-from gateway.figures import figures
-from gateway.identity import IdentityIndex
-from gateway.service import GatewayService, NewProfile
+from gateway.engine.engine import Engine, EngineEvent
+from gateway.engine.figures import figures
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService, NewProfile
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Interaction
-from gateway.tokens import TokenSigner
 
 TZ = "Europe/Paris"
 T0 = dt.datetime(2026, 6, 1, 11, 0, tzinfo=ZoneInfo(TZ)).timestamp()

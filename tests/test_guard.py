@@ -9,7 +9,7 @@ from beacons.guard import Guard, GuardSettings
 from beacons.parse import parse_payload
 from beacons.types import Advertisement, IBeacon
 from gateway.config import PresenceSettings, ReceiverSettings, Settings, ZoneBand
-from gateway.identity import IdentityIndex
+from gateway.profiles.identity import IdentityIndex
 
 UUID = "e2c56db5-dffb-48d2-b060-d0f5a71096e0"
 T0 = 1_780_000_000.0
@@ -148,7 +148,7 @@ def test_state_stays_bounded_under_a_flood_of_random_addresses():
 def test_pipeline_counts_guard_drops_and_parse_stats():
     """Wired into Pipeline.ingest_adverts: a transient is never seen by presence; counters are exposed."""
     from beacons.encode import ibeacon_payload
-    from gateway.campaigns import CampaignIndex
+    from gateway.campaigns.model import CampaignIndex
     from gateway.runtime import Pipeline
 
     settings = Settings(presence=PresenceSettings(),

@@ -20,7 +20,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from gateway import auth
+import gateway.security.auth as auth
 from gateway.storage.db import Database
 from gateway.storage.models import IdempotencyKey, Profile
 from tests.conftest import free_port

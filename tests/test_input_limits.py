@@ -25,11 +25,11 @@ from devices.registry import DeviceRegistry
 from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
 from gateway.documents import UNAVAILABLE
-from gateway.identity import IdentityIndex
-from gateway.service import GatewayService, NewProfile
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService, NewProfile
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import CampaignRecord, Cart, CatalogItem, Identifier, Notification, Profile
-from gateway.tokens import TokenSigner
 
 T0 = 1_780_300_800.0
 KEY = "input-limits-admin-key-0123456789"

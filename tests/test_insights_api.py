@@ -11,9 +11,9 @@ import pytest
 
 from gateway.clock import VirtualClock
 from gateway.config import ReceiverSettings, Settings, ZoneBand
-from gateway.presence import PresenceEvent
+from gateway.presence.tracker import PresenceEvent
+from gateway.profiles.service import NewProfile
 from gateway.runtime import Runtime
-from gateway.service import NewProfile
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

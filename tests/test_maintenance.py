@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from gateway.clock import VirtualClock
+from gateway.profiles.service import NewProfile
 from gateway.runtime import Runtime
-from gateway.service import NewProfile
 from tests.conftest import free_port
 from tests.test_alarms import T0, feed
 

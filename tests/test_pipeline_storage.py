@@ -10,14 +10,15 @@ from typing import Any
 
 from sqlalchemy import insert, select
 
-from gateway.campaigns import CampaignIndex, load_segments, parse_campaign
+from gateway.campaigns.model import CampaignIndex, load_segments, parse_campaign
 from gateway.clock import VirtualClock
 from gateway.config import Settings
-from gateway.engine import RELEASE_RESCAN_S, Engine, EngineEvent
-from gateway.identity import IdentityIndex
-from gateway.presence import PresenceEvent
+from gateway.engine.engine import RELEASE_RESCAN_S, Engine, EngineEvent
+from gateway.presence.tracker import PresenceEvent
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService, NewProfile
 from gateway.runtime import Pipeline
-from gateway.service import GatewayService, NewProfile
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import (
     Decision,
@@ -28,7 +29,6 @@ from gateway.storage.models import (
     Visit,
     ZoneStay,
 )
-from gateway.tokens import TokenSigner
 
 T0 = 1_780_000_000.0
 KEY = "ibeacon:8f3c0a52-6d1e-4b7a-9c2d-5e4f3a2b1c00:100:1"

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from gateway.campaigns import CampaignIndex, parse_campaign
+from gateway.campaigns.model import CampaignIndex, parse_campaign
 from gateway.clock import VirtualClock
 from gateway.config import ReceiverSettings, Settings, ZoneBand
-from gateway.identity import IdentityIndex
-from gateway.presence import PresenceEvent
+from gateway.presence.tracker import PresenceEvent
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService, NewProfile
 from gateway.runtime import Pipeline
-from gateway.service import GatewayService, NewProfile
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Decision, Notification
-from gateway.tokens import TokenSigner
 
 T0 = 1_780_300_800.0
 KEY = "ibeacon:aa:1:1"

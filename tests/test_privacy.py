@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from gateway.campaigns import CampaignIndex, parse_campaign
+from gateway.campaigns.model import CampaignIndex, parse_campaign
 from gateway.clock import VirtualClock
-from gateway.engine import Engine, EngineEvent
-from gateway.explain import dry_run, why
-from gateway.identity import IdentityIndex
-from gateway.privacy import erase_profile, export_profile, purge_presence
-from gateway.service import GatewayService, NewProfile
+from gateway.engine.engine import Engine, EngineEvent
+from gateway.engine.explain import dry_run, why
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.privacy import erase_profile, export_profile, purge_presence
+from gateway.profiles.service import GatewayService, NewProfile
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Base, Decision, Device, Notification, Visit
-from gateway.tokens import TokenSigner
 
 T0 = 1_780_300_800.0
 OFFER = {"id": "offer", "purpose": "offers", "trigger": {"type": "enter", "zone": "shoes"},

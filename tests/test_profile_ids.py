@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from gateway.campaigns import CampaignIndex
+from gateway.campaigns.model import CampaignIndex
 from gateway.clock import VirtualClock
 from gateway.config import ReceiverSettings, Settings, ZoneBand
-from gateway.identity import IdentityIndex
-from gateway.presence import PresenceEvent
+from gateway.presence.tracker import PresenceEvent
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService, NewProfile
 from gateway.runtime import Pipeline
-from gateway.service import GatewayService, NewProfile
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Visit, ZoneStay
-from gateway.tokens import TokenSigner
 
 T0 = 1_780_300_800.0
 

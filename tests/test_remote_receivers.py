@@ -45,8 +45,8 @@ from devices.mqtt import ExtraSubscription, MqttIntake
 from devices.mqtt import MqttSettings as IntakeSettings
 from gateway.clock import VirtualClock
 from gateway.config import ReceiverSettings, Settings, ZoneBand
+from gateway.profiles.service import NewProfile
 from gateway.runtime import Runtime
-from gateway.service import NewProfile
 from gateway.storage.models import Notification, Visit
 from tests.conftest import MosquittoServer, free_port
 

@@ -18,12 +18,12 @@ from api.app import PROBLEM, create_app
 from api.deps import ApiContext
 from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
-from gateway.identity import IdentityIndex
-from gateway.outbox import Dispatcher
-from gateway.service import GatewayService, NewProfile
+from gateway.delivery.outbox import Dispatcher
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService, NewProfile
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Notification
-from gateway.tokens import TokenSigner
 
 T0 = 1_780_300_800.0  # 2026-06-01 08:00 UTC
 KEY = "resources-admin-key-0123456789"

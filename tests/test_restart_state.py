@@ -8,9 +8,9 @@ from sqlalchemy import select
 
 from gateway.clock import VirtualClock
 from gateway.config import CapSettings, ReceiverSettings, Settings, ZoneBand
-from gateway.presence import PresenceEvent
+from gateway.presence.tracker import PresenceEvent
+from gateway.profiles.service import NewProfile
 from gateway.runtime import Runtime
-from gateway.service import NewProfile
 from gateway.storage.models import Decision, Notification
 
 T0 = 1_780_300_800.0

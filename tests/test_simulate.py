@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from gateway.campaigns import load_campaigns
+from gateway.campaigns.model import load_campaigns
 from gateway.simulate import parse_duration, simulate
 from simulators.scenario import load_scenario
 

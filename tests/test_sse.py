@@ -18,12 +18,12 @@ from api.app import create_app
 from api.deps import ApiContext
 from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
-from gateway.identity import IdentityIndex
-from gateway.outbox import Dispatcher
-from gateway.service import GatewayService, NewProfile
+from gateway.delivery.outbox import Dispatcher
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService, NewProfile
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Notification
-from gateway.tokens import TokenSigner
 from tests.conftest import free_port
 from tests.sse import SseReader
 

@@ -19,9 +19,10 @@ from sqlalchemy.exc import IntegrityError
 
 from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
-from gateway.identity import IdentityIndex
-from gateway.outbox import Dispatcher
-from gateway.service import Conflict, GatewayService, NewProfile, NotFound
+from gateway.delivery.outbox import Dispatcher
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import Conflict, GatewayService, NewProfile, NotFound
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import MIGRATIONS, Database
 from gateway.storage.models import (
     Alarm,
@@ -49,7 +50,6 @@ from gateway.storage.models import (
     Visit,
     ZoneStay,
 )
-from gateway.tokens import TokenSigner
 
 T0 = 1_767_261_600.0
 

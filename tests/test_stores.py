@@ -20,9 +20,9 @@ from beacons.remote import app_key
 from beacons.types import Sighting
 from gateway.clock import VirtualClock
 from gateway.config import ReceiverSettings, Settings, ZoneBand
-from gateway.presence import PresenceEvent
+from gateway.presence.tracker import PresenceEvent
+from gateway.profiles.service import NewProfile
 from gateway.runtime import Runtime
-from gateway.service import NewProfile
 from gateway.storage.db import Database, upgrade
 from gateway.storage.models import Decision, FootfallCount, Notification, Visit, ZoneStay
 from tests.conftest import free_port

@@ -18,11 +18,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.clock import VirtualClock
-from gateway.identity import IdentityIndex
-from gateway.service import GatewayService, NewProfile
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService, NewProfile
+from gateway.security.tokens import TokenError, TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Profile
-from gateway.tokens import TokenError, TokenSigner
 from tests.sse import SseReader
 from tests.test_sse import T0, Server, serve
 

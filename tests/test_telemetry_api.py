@@ -18,11 +18,11 @@ from devices.registry import DeviceRegistry
 from devices.telemetry import Rejected, TelemetryBatch, TelemetrySettings, TelemetryStore
 from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
-from gateway.identity import IdentityIndex
-from gateway.service import GatewayService
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Device
-from gateway.tokens import TokenSigner
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_767_261_600.0

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from gateway.clock import VirtualClock
-from gateway.tokens import Claims, TokenError, TokenSigner
+from gateway.security.tokens import Claims, TokenError, TokenSigner
 
 SECRET = b"a-test-secret-of-32-bytes-length"
 TTL = 3600.0

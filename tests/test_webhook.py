@@ -20,6 +20,7 @@ from sqlalchemy import select
 
 from gateway.clock import VirtualClock
 from gateway.config import Settings, WebhookSettings
+from gateway.delivery.outbox import Dispatcher
 from gateway.delivery.webhook import (
     SignatureError,
     WebhookChannel,
@@ -28,7 +29,6 @@ from gateway.delivery.webhook import (
     sign,
     verify_signature,
 )
-from gateway.outbox import Dispatcher
 from gateway.storage.db import Database
 from gateway.storage.models import Base, Delivery, Notification, Profile
 from tests.conftest import free_port
@@ -130,7 +130,7 @@ def _channel(db: Database, clock: VirtualClock, urls: list[str], sleeps: Sleeps 
 
 
 def _notify(db: Database, external_id: str = "alice", key: str = "k1") -> tuple[int, dict[str, Any]]:
-    from gateway.outbox import message
+    from gateway.delivery.outbox import message
 
     with db.session() as s:
         p = s.scalar(select(Profile).where(Profile.external_id == external_id))
@@ -362,9 +362,9 @@ async def test_a_disabled_url_is_re_enabled_over_the_api_and_its_dead_letters_ar
     from api.app import create_app
     from api.deps import ApiContext
     from gateway.channels import StreamHub
-    from gateway.identity import IdentityIndex
-    from gateway.service import GatewayService
-    from gateway.tokens import TokenSigner
+    from gateway.profiles.identity import IdentityIndex
+    from gateway.profiles.service import GatewayService
+    from gateway.security.tokens import TokenSigner
 
     db = _database(db_url)
     ch = _channel(db, clock, [receiver.url], disable_after_gone=3, max_attempts=1)

@@ -36,6 +36,7 @@ from api.deps import ApiContext
 from gateway.channels import StreamHub
 from gateway.clock import SystemClock, VirtualClock
 from gateway.config import Settings, WebPushSettings
+from gateway.delivery.outbox import message
 from gateway.delivery.webpush import (
     PRIVATE_KEY_FILE,
     PUBLIC_KEY_FILE,
@@ -51,12 +52,11 @@ from gateway.delivery.webpush import (
     topic_for,
     validate_subscription,
 )
-from gateway.identity import IdentityIndex
-from gateway.outbox import message
-from gateway.service import GatewayService, NewProfile
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService, NewProfile
+from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Base, Notification, Profile, PushSubscription
-from gateway.tokens import TokenSigner
 
 T0 = 1_767_261_600.0
 SUBJECT = "mailto:ops@brand.example"

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
 
+import gateway.profiles.resources as resources
 from api.deps import Admin, Context
 from api.schemas import (
     DB_ID_MAX,
@@ -19,7 +20,6 @@ from api.schemas import (
     CataloguePage,
     DbStr,
 )
-from gateway import resources
 
 router = APIRouter(tags=["carts"], dependencies=[Admin])
 

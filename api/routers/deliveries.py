@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
+import gateway.profiles.resources as resources
 from api.deps import Admin, Context
 from api.schemas import (
     DB_ID_MAX,
@@ -24,7 +25,6 @@ from api.schemas import (
     WebhookEnableOut,
     WebhookEndpointOut,
 )
-from gateway import resources
 
 router = APIRouter(tags=["deliveries"], dependencies=[Admin])
 

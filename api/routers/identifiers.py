@@ -6,9 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Response, status
 
+import gateway.profiles.resources as resources
 from api.deps import Admin, Context
 from api.schemas import DB_ID_MAX, DbStr, IdentifierCreate, IdentifierKind, IdentifierOut
-from gateway import resources
 
 router = APIRouter(prefix="/profiles/{profile_id}/identifiers", tags=["profiles"], dependencies=[Admin])
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Context, KeyAdmin, guard_of
 from api.schemas import DbStr
-from gateway.auth import CONFIG_KEY_ID
+from gateway.security.auth import CONFIG_KEY_ID
 
 router = APIRouter(prefix="/keys", tags=["keys"], dependencies=[KeyAdmin])
 

@@ -3,7 +3,7 @@
 The loop: a device rule raises an alarm -> the owner is prompted through the campaign engine ->
 ``POST /me/alarms/{id}/ack`` or ``/book`` from the owner's app -> ``POST /devices/{id}/service``
 by staff resets the device's counters and resolves its alarms -> ``GET /maintenance/figures`` reports
-the time from prompt to resolution. All rules live in gateway/alarms.py.
+the time from prompt to resolution. All rules live in gateway/telemetry/alarms.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from api.schemas import (
     ServiceIn,
     ServiceOut,
 )
-from gateway.alarms import AlarmDesk
+from gateway.telemetry.alarms import AlarmDesk
 
 router = APIRouter(tags=["maintenance"])
 AlarmId = Annotated[int, Path(ge=1, le=DB_ID_MAX)]

@@ -6,9 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 
+import gateway.profiles.resources as resources
 from api.deps import Admin, Context
 from api.schemas import DB_ID_MAX, PAGE_MAX, DbStr, NotificationDetailOut, NotificationPage, NotificationStatus
-from gateway import resources
 
 router = APIRouter(prefix="/notifications", tags=["notifications"], dependencies=[Admin])
 

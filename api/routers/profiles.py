@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 
+import gateway.profiles.resources as resources
 from api.deps import Admin, Context
 from api.schemas import (
     DB_ID_MAX,
@@ -20,8 +21,7 @@ from api.schemas import (
     Purpose,
     TokenOut,
 )
-from gateway import resources
-from gateway.service import NewProfile
+from gateway.profiles.service import NewProfile
 
 router = APIRouter(prefix="/profiles", tags=["profiles"], dependencies=[Admin])
 

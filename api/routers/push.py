@@ -17,7 +17,7 @@ from gateway.delivery.webpush import (
     save_subscription,
     validate_subscription,
 )
-from gateway.service import Conflict, Invalid
+from gateway.profiles.service import Conflict, Invalid
 
 router = APIRouter(prefix="/me/push-subscriptions", tags=["customer"])
 

@@ -18,10 +18,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.deps import ApiContext, guard_of
 from api.schemas import DB_ID_MAX
-from gateway.auth import retry_after
-from gateway.service import NotFound
+from gateway.profiles.service import NotFound
+from gateway.security.auth import retry_after
+from gateway.security.tokens import Claims, TokenError
 from gateway.storage.db import is_transient
-from gateway.tokens import Claims, TokenError
 
 router = APIRouter(prefix="/me", tags=["customer"])
 

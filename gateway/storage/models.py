@@ -442,7 +442,7 @@ class DeadLetter(Base):
     profile_id: Mapped[int | None] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)
 
 
-# -- device rules (gateway/alarms.py writes these, inside the telemetry batch's transaction) -------------
+# -- device rules (gateway/telemetry/alarms.py writes these, inside the telemetry batch's transaction) -------------
 # An owned device's rule state and alarms are its owner's data (a wearable's are about their health): each
 # row carries the owner at the time, ON DELETE CASCADE, so erasing the profile removes them too.
 

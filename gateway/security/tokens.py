@@ -3,7 +3,7 @@
 Format: ``v1.<base64url(json claims)>.<base64url(signature)>``. Nothing secret is inside;
 the signature is checked in constant time. Tokens are never logged.
 
-Revocation is not the signer's business (it needs the database, see gateway/auth.py): the token
+Revocation is not the signer's business (it needs the database, see gateway/security/auth.py): the token
 carries its id (``jti``) for a single logout and the profile's token generation (``gen``) at issue,
 so "revoke all of this customer's tokens" is one counter bump.
 """

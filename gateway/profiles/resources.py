@@ -13,8 +13,8 @@ from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from gateway.documents import servable
-from gateway.identity import KINDS, normalize
-from gateway.service import Conflict, GatewayService, Invalid, NotFound, profile_view
+from gateway.profiles.identity import KINDS, normalize
+from gateway.profiles.service import Conflict, GatewayService, Invalid, NotFound, profile_view
 from gateway.storage.models import Cart, CatalogItem, Identifier, Profile
 
 Page = tuple[list[dict[str, Any]], int]
@@ -166,14 +166,14 @@ def page(items: list[dict[str, Any]], total: int, limit: int, offset: int) -> di
 
 
 def list_notifications(svc: GatewayService, **filters: Any) -> Page:
-    from gateway import outbox
+    import gateway.delivery.outbox as outbox
 
     with svc.db.session() as s:
         return outbox.list_notifications(s, **filters)
 
 
 def get_notification(svc: GatewayService, notification_id: int) -> dict[str, Any]:
-    from gateway import outbox
+    import gateway.delivery.outbox as outbox
 
     with svc.db.session() as s:
         view = outbox.notification_detail(s, notification_id)
@@ -183,7 +183,7 @@ def get_notification(svc: GatewayService, notification_id: int) -> dict[str, Any
 
 
 def list_deliveries(svc: GatewayService, **filters: Any) -> Page:
-    from gateway import outbox
+    import gateway.delivery.outbox as outbox
 
     with svc.db.session() as s:
         return outbox.list_delivery_states(s, **filters)
@@ -191,7 +191,7 @@ def list_deliveries(svc: GatewayService, **filters: Any) -> Page:
 
 def replay_dead_letters(svc: GatewayService, channel: str, notification_id: int | None = None) -> list[int]:
     """Requeue dead letters (one, or all of a channel) for the retry loop; 404/409 when there is nothing to."""
-    from gateway import outbox
+    import gateway.delivery.outbox as outbox
 
     try:
         with svc.db.session() as s:
@@ -221,7 +221,7 @@ def enable_webhook(svc: GatewayService, url: str, replay: bool) -> dict[str, Any
     was_disabled = enable_endpoint(svc.db, full)
     requeued: list[int] = []
     if replay:
-        from gateway import outbox
+        import gateway.delivery.outbox as outbox
 
         with svc.db.session() as s:
             requeued = outbox.requeue(s, svc.clock.now(), channel="webhook")

@@ -15,12 +15,14 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gateway import auth, outbox
-from gateway.campaigns import PURPOSES, Campaign, CampaignError, parse_campaign
+import gateway.delivery.outbox as outbox
+import gateway.security.auth as auth
+from gateway.campaigns.model import PURPOSES, Campaign, CampaignError, parse_campaign
 from gateway.clock import Clock
 from gateway.documents import DocumentError, check_document, servable
-from gateway.engine import EngineEvent
-from gateway.identity import KINDS, IdentityIndex, normalize
+from gateway.engine.engine import EngineEvent
+from gateway.profiles.identity import KINDS, IdentityIndex, normalize
+from gateway.security.tokens import Claims, TokenError, TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import (
     CampaignRecord,
@@ -34,7 +36,6 @@ from gateway.storage.models import (
     Notification,
     Profile,
 )
-from gateway.tokens import Claims, TokenError, TokenSigner
 
 INTERACTIONS = ("opened", "clicked", "dismissed")  # what the app reports; redemption is confirmed by staff
 
@@ -226,7 +227,7 @@ class GatewayService:
         """Explicit linking (the only way two profiles become one; a sighting never merges them): the
         other profile's identifiers, history and devices move to ``keep_id`` and the other is deleted.
         ``keep_id``'s consents win; the other's fill only purposes it has no record of; points add up."""
-        from gateway.privacy import merge_into
+        from gateway.profiles.privacy import merge_into
 
         if keep_id == other_id:
             raise Invalid("a profile cannot be linked to itself")
@@ -393,7 +394,7 @@ class GatewayService:
     # ------------------------------------------------------------ privacy and explanations
 
     def export_profile(self, profile_id: int) -> dict[str, Any]:
-        from gateway.privacy import export_profile
+        from gateway.profiles.privacy import export_profile
 
         with self.db.session() as s:
             data = export_profile(s, profile_id)
@@ -402,7 +403,7 @@ class GatewayService:
         return data
 
     def erase_profile(self, profile_id: int) -> None:
-        from gateway.privacy import erase_profile
+        from gateway.profiles.privacy import erase_profile
 
         with self.db.session() as s:
             if not erase_profile(s, profile_id):
@@ -411,7 +412,7 @@ class GatewayService:
         self._profile_gone(profile_id)
 
     def decisions(self, profile_id: int, campaign_id: str | None, limit: int) -> list[dict[str, Any]]:
-        from gateway.explain import why
+        from gateway.engine.explain import why
 
         with self.db.session() as s:
             self._profile(s, profile_id)
@@ -419,7 +420,7 @@ class GatewayService:
 
     def figures(self, day_from: str, day_to: str, timezone: str, *, zone: str | None = None,
                 campaign: str | None = None, store: str | None = None) -> dict[str, Any]:
-        from gateway.figures import figures
+        from gateway.engine.figures import figures
 
         try:
             with self.db.session() as s:

@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway.campaigns import CampaignIndex
-from gateway.engine import Engine, EngineEvent, FrequencyCap
+from gateway.campaigns.model import CampaignIndex
+from gateway.engine.engine import Engine, EngineEvent, FrequencyCap
 from gateway.storage.models import Decision
 
 

@@ -34,11 +34,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gateway.clock import Clock
+from gateway.security.tokens import Claims
 from gateway.storage.db import Database
 from gateway.storage.models import ApiKey, IdempotencyKey, RevokedToken, TokenGeneration
-from gateway.tokens import Claims
 
-log = logging.getLogger("gateway.auth")
+log = logging.getLogger("gateway.security.auth")
 
 SCOPES = ("read", "write", "campaigns", "privacy", "admin")
 """read: GET of admin resources; write: create/change profiles, carts, catalogue, devices, redemptions;

@@ -26,7 +26,7 @@ from gateway.metrics import Histogram
 from gateway.storage.db import Database
 from gateway.storage.models import Delivery, DeliveryState, Interaction, Notification
 
-log = logging.getLogger("gateway.outbox")
+log = logging.getLogger("gateway.delivery.outbox")
 
 
 # Only these reach a stream: scheduled sends wait for their time; cancelled/expired/acked never go.

@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, lazyload
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
-from gateway.campaigns import (
+from gateway.campaigns.model import (
     CHANNELS,
     Campaign,
     CampaignIndex,

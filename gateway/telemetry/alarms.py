@@ -40,12 +40,12 @@ from devices.rules import (
     sample_from_metrics,
 )
 from gateway.clock import Clock
-from gateway.engine import EngineEvent
-from gateway.service import Conflict, Invalid, NotFound
+from gateway.engine.engine import EngineEvent
+from gateway.profiles.service import Conflict, Invalid, NotFound
 from gateway.storage.db import Database
 from gateway.storage.models import Alarm, Device, Notification, RuleStateRecord, ServiceEvent
 
-log = logging.getLogger("gateway.alarms")
+log = logging.getLogger("gateway.telemetry.alarms")
 
 ACTIVE, CLEARED, RESOLVED = "active", "cleared", "resolved"
 _EFFECTS = "device_rules_effects"
