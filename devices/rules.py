@@ -25,6 +25,8 @@ from zoneinfo import ZoneInfo
 
 import yaml
 
+from devices.compare import compare
+
 SEVERITIES = ("info", "warning", "major", "critical")
 RANK = {s: i for i, s in enumerate(SEVERITIES)}
 OPS = ("gt", "gte", "lt", "lte", "eq", "ne", "in", "not_in")
@@ -224,27 +226,6 @@ def _hhmm(value: Any, where: str) -> float:
     return seconds
 
 
-def _compare(op: str, left: float | str, right: Any) -> bool:
-    try:
-        if op == "gt":
-            return bool(left > right)
-        if op == "gte":
-            return bool(left >= right)
-        if op == "lt":
-            return bool(left < right)
-        if op == "lte":
-            return bool(left <= right)
-        if op == "eq":
-            return bool(left == right)
-        if op == "ne":
-            return bool(left != right)
-        if op == "in":
-            return left in right
-        return left not in right
-    except TypeError:
-        return False
-
-
 def quantity(cond: Cond, ctx: _Ctx) -> float | None:
     """The number a leaf compares (a metric, rate, counter or pace), or None if the sample lacks it."""
     if "metric" in cond:
@@ -292,7 +273,7 @@ def holds(cond: Cond, ctx: _Ctx) -> Truth:
         spec, now = cond["local_time"], ctx.local_s()
         return _hhmm(spec.get("after", "00:00"), "") <= now < _hhmm(spec.get("before", "24:00"), "")
     v = quantity(cond, ctx)
-    return None if v is None else _compare(cond["op"], v, cond["value"])
+    return None if v is None else compare(cond["op"], v, cond["value"])
 
 
 def _leaves(cond: Cond) -> Iterable[Cond]:

@@ -7,17 +7,18 @@ substitute ``{dotted.fact}`` paths, so a campaign file can never run code.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from gateway.campaigns.conditions import MISSING, Condition, ConditionError, get, parse_condition, split
 
 PURPOSES = ("offers", "cart_reminders", "maintenance", "health", "analytics")  # health: wearable regime nudges
 TRIGGERS = ("visit_start", "enter", "dwell", "exit", "visit_end", "telemetry", "cart_abandoned", "purchase",
@@ -27,8 +28,7 @@ CHANNELS = ("sse", "webhook", "webpush")  # sse: the app's live streams (SSE and
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 LIMITS = ("cooldown_s", "max_per_profile", "budget", "quiet_hours", "ttl_s")
 VARIANT_NAME_MAX = 64  # the variant column of decisions and notifications
-OPS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "exists", "contains")
-_MISSING = object()
+_MISSING = MISSING
 
 
 class CampaignError(ValueError):
@@ -90,7 +90,7 @@ class Campaign:
     purpose: str
     trigger: Trigger
     action: Action
-    conditions: Mapping[str, Any] | None = None
+    conditions: Condition | None = None  # parsed at load: checks itself, knows which facts it reads
     cooldown_s: float = 0.0
     priority: int = 0
     enabled: bool = True
@@ -107,204 +107,34 @@ class Campaign:
 
 # ---------------------------------------------------------------- conditions
 
-_PATHS: dict[str, tuple[str, ...]] = {}  # a dotted path split once (conditions name a few dozen)
+_PATHS: dict[str, tuple[str, ...]] = {}  # a template's dotted path split once (templates name a few dozen)
 
 
 def lookup(facts: Mapping[str, Any], path: str) -> Any:
-    return _get(facts, _split(path))
-
-
-_OPERATORS: dict[str, Any] = {
-    "eq": lambda left, right: bool(left == right),
-    "ne": lambda left, right: bool(left != right),
-    "gt": lambda left, right: bool(left > right),
-    "gte": lambda left, right: bool(left >= right),
-    "lt": lambda left, right: bool(left < right),
-    "lte": lambda left, right: bool(left <= right),
-    "in": lambda left, right: left in right,
-    "not_in": lambda left, right: left not in right,
-    "contains": lambda left, right: right in left,
-}
-
-
-def _compare(op: str, left: Any, right: Any) -> bool:
-    if op == "exists":
-        return (left is not _MISSING and left is not None) == bool(right)
-    if left is _MISSING:
-        return False
-    compare = _OPERATORS.get(op)
-    if compare is None:
-        raise CampaignError(f"unknown operator {op!r}")
-    try:
-        return bool(compare(left, right))
-    except TypeError:
-        return False
-
-
-def evaluate(cond: Mapping[str, Any] | None, facts: Mapping[str, Any]) -> str | None:
-    """None when the condition holds, else a short description of the first failing leaf."""
-    if cond is None:
-        return None
-    entry = _COMPILED.get(id(cond))
-    if entry is None or entry[0] is not cond:  # the entry holds its condition, so an id is never reused under it
-        try:
-            check = _compile(cond)
-        except Exception:  # malformed (never validated): interpreted, so it fails where and as it always did
-            check = functools.partial(_interpret, cond)
-        entry = (cond, check)
-        if len(_COMPILED) < 10_000:  # conditions are a campaign's or a segment's: a few hundred
-            _COMPILED[id(cond)] = entry
-    return entry[1](facts)
-
-
-def _interpret(cond: Mapping[str, Any] | None, facts: Mapping[str, Any]) -> str | None:
-    """The condition read from its mapping at every call (what ``_compile`` does once)."""
-    if cond is None:
-        return None
-    if "all" in cond:
-        for sub in cond["all"]:
-            failed = _interpret(sub, facts)
-            if failed is not None:
-                return failed
-        return None
-    if "any" in cond:
-        fails = [_interpret(sub, facts) for sub in cond["any"]]
-        return None if any(f is None for f in fails) else "any(" + "; ".join(str(f) for f in fails) + ")"
-    if "not" in cond:
-        return f"not({describe(cond['not'])}) (it held)" if _interpret(cond["not"], facts) is None else None
-    fact, op, value = cond["fact"], cond["op"], cond.get("value")
-    if "value_fact" in cond:  # compare two facts, e.g. cart.zones contains event.zone
-        value = lookup(facts, cond["value_fact"])
-        if value is _MISSING:
-            return f"{cond['value_fact']} is missing"
-    left = lookup(facts, fact)
-    if _compare(op, left, value):
-        return None
-    shown = "missing" if left is _MISSING else repr(left)
-    return f"{fact} {op} {value!r} (was {shown})"
-
-
-_Check = Callable[[Mapping[str, Any]], "str | None"]
-_COMPILED: dict[int, tuple[Mapping[str, Any], _Check]] = {}
-
-
-def _compile(cond: Mapping[str, Any]) -> _Check:
-    """A condition as nested closures, worked out once (groups, paths split, operators picked, texts that do not
-    depend on the facts): judged per candidate per event, it gives what interpreting the mapping gave."""
-    if "all" in cond:
-        subs = [_compile(sub) for sub in cond["all"]]
-
-        def all_(facts: Mapping[str, Any]) -> str | None:
-            for sub in subs:
-                failed = sub(facts)
-                if failed is not None:
-                    return failed
-            return None
-        return all_
-    if "any" in cond:
-        options = [_compile(sub) for sub in cond["any"]]
-
-        def any_(facts: Mapping[str, Any]) -> str | None:
-            fails = [sub(facts) for sub in options]
-            return None if any(f is None for f in fails) else "any(" + "; ".join(str(f) for f in fails) + ")"
-        return any_
-    if "not" in cond:
-        inner, held = _compile(cond["not"]), f"not({describe(cond['not'])}) (it held)"
-        return lambda facts: held if inner(facts) is None else None
-    fact, op, value = cond["fact"], cond["op"], cond.get("value")
-    parts = _split(fact)
-    other_parts = _split(cond["value_fact"]) if "value_fact" in cond else None
-    missing_other = f"{cond.get('value_fact')} is missing"
-    compare = _OPERATORS.get(op)
-
-    def leaf(facts: Mapping[str, Any]) -> str | None:
-        right = value
-        if other_parts is not None:
-            right = _get(facts, other_parts)
-            if right is _MISSING:
-                return missing_other
-        left = _get(facts, parts)
-        if compare is not None and left is not _MISSING:
-            try:
-                if compare(left, right):
-                    return None
-            except TypeError:
-                pass
-        elif _compare(op, left, right):  # exists, a missing fact, or an unknown operator (raises, as before)
-            return None
-        shown = "missing" if left is _MISSING else repr(left)
-        return f"{fact} {op} {right!r} (was {shown})"
-    return leaf
-
-
-def _split(path: str) -> tuple[str, ...]:
+    """The fact at a dotted path, or MISSING."""
     parts = _PATHS.get(path)
     if parts is None:
-        parts = tuple(path.split("."))
+        parts = split(path)
         if len(_PATHS) < 10_000:  # campaigns over the API may name any path: the cache stays bounded
             _PATHS[path] = parts
-    return parts
+    return get(facts, parts)
 
 
-def _get(facts: Mapping[str, Any], parts: tuple[str, ...]) -> Any:
-    """``lookup`` with the path already split; plain dicts (nearly every fact) skip the Mapping check."""
-    cur: Any = facts
-    for part in parts:
-        if type(cur) is dict:
-            if part not in cur:
-                return _MISSING
-            cur = cur[part]
-        elif isinstance(cur, Mapping) and part in cur:
-            cur = cur[part]
-        else:
-            return _MISSING
-    return cur
+def evaluate(cond: Condition | None, facts: Mapping[str, Any]) -> str | None:
+    """None when the condition holds (or there is none), else a short description of the first failing leaf."""
+    return None if cond is None else cond.check(facts)
 
 
-def describe(cond: Mapping[str, Any]) -> str:
-    """A condition as one line, for a decision's detail (which condition did not hold)."""
-    for key in ("all", "any"):
-        if key in cond:
-            return f"{key}(" + "; ".join(describe(sub) for sub in cond[key]) + ")"
-    if "not" in cond:
-        return f"not({describe(cond['not'])})"
-    right = cond["value_fact"] if "value_fact" in cond else repr(cond.get("value"))
-    return f"{cond['fact']} {cond['op']} {right}"
+def describe(cond: Condition) -> str:
+    """A condition as one line, for a decision's detail."""
+    return cond.text
 
 
-_GROUPS = ("all", "any", "not")
-_LEAF_KEYS = frozenset({"fact", "op", "value", "value_fact"})
-
-
-def _validate_condition(cond: Any, where: str) -> None:
-    if not isinstance(cond, Mapping):
-        raise CampaignError(f"{where}: a condition is a mapping")
-    # A second group or a stray key would be silently ignored (a typo like 'vaule' compares with None).
-    if any(k in cond for k in _GROUPS) and len(cond) != 1:
-        raise CampaignError(f"{where}: a condition is one of all / any / not, or a leaf {{fact, op, value}}; "
-                            f"found {', '.join(sorted(map(str, cond)))}")
-    if not any(k in cond for k in _GROUPS) and set(cond) - _LEAF_KEYS:
-        raise CampaignError(f"{where}: unknown condition field(s) {', '.join(sorted(map(str, set(cond) - _LEAF_KEYS)))}"
-                            " (a leaf has fact, op, value or value_fact)")
-    if "all" in cond or "any" in cond:
-        key = "all" if "all" in cond else "any"
-        subs = cond[key]
-        if not isinstance(subs, list) or not subs:
-            raise CampaignError(f"{where}.{key}: a non-empty list of conditions")
-        for i, sub in enumerate(subs):
-            _validate_condition(sub, f"{where}.{key}[{i}]")
-        return
-    if "not" in cond:
-        _validate_condition(cond["not"], f"{where}.not")
-        return
-    if not isinstance(cond.get("fact"), str) or not cond["fact"]:
-        raise CampaignError(f"{where}: needs a 'fact' (a dotted path like profile.attributes.tier)")
-    if cond.get("op") not in OPS:
-        raise CampaignError(f"{where}: 'op' must be one of {', '.join(OPS)}")
-    if "value_fact" in cond and not isinstance(cond["value_fact"], str):
-        raise CampaignError(f"{where}: 'value_fact' is a dotted path")
-    if cond["op"] in ("in", "not_in") and "value_fact" not in cond and not isinstance(cond.get("value"), list):
-        raise CampaignError(f"{where}: '{cond['op']}' needs a list value")
+def _condition(cond: Any, where: str) -> Condition:
+    try:
+        return parse_condition(cond, where)
+    except ConditionError as exc:
+        raise CampaignError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- templates
@@ -352,8 +182,7 @@ def parse_campaign(data: Any, source: str = "campaign") -> Campaign:
     if unknown:
         raise CampaignError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     cond = data.get("conditions")
-    if cond is not None:
-        _validate_condition(cond, f"{where}: conditions")
+    conditions = _condition(cond, f"{where}: conditions") if cond is not None else None
     limits = data.get("limits") or {}
     if not isinstance(limits, Mapping):
         raise CampaignError(f"{where}: 'limits' is a mapping")
@@ -388,7 +217,7 @@ def parse_campaign(data: Any, source: str = "campaign") -> Campaign:
         purpose=purpose,
         trigger=trigger,
         action=_action(act, where),
-        conditions=cond,
+        conditions=conditions,
         cooldown_s=cooldown,
         priority=priority,
         enabled=bool(data.get("enabled", True)),
@@ -533,7 +362,11 @@ class Segment:
     """A live, declarative group of profiles (e.g. frequent visitors), usable as ``segments`` in conditions."""
 
     id: str
-    conditions: Mapping[str, Any]
+    conditions: Condition
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.conditions, Condition):  # written as a mapping: parsed here, once
+            object.__setattr__(self, "conditions", _condition(self.conditions, f"segment {self.id}"))
 
 
 SEGMENTS_FILE = "segments.yaml"
@@ -554,8 +387,7 @@ def load_segments(directory: str | Path) -> list[Segment]:
     for i, item in enumerate(data):
         if not isinstance(item, Mapping) or not isinstance(item.get("id"), str) or "conditions" not in item:
             raise CampaignError(f"{path}[{i}]: a segment needs an id and conditions")
-        _validate_condition(item["conditions"], f"{path} ({item['id']})")
-        out.append(Segment(item["id"], item["conditions"]))
+        out.append(Segment(item["id"], _condition(item["conditions"], f"{path} ({item['id']})")))
     return out
 
 

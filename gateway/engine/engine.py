@@ -535,7 +535,7 @@ class Engine:
         self.campaigns = campaigns
         self.store_id = store_id  # written on each decision and notification: figures per store
         self.segments = tuple(segments)
-        self._segments_text = " ".join(str(seg.conditions) for seg in self.segments)  # the facts they read
+        self._segments_read_cart = any(seg.conditions.reads_from("cart") for seg in self.segments)
         self.tiers = tuple(tiers)
         self.abandon_after_s = abandon_after_s
         self.timezone = timezone
@@ -555,7 +555,6 @@ class Engine:
         self._judged: dict[int, set[tuple[str, str]]] = {}
         self._cancellers: dict[str, list[str]] = {}
         self._schedules_done: set[str] = set()
-        self._condition_reads_of: dict[str, tuple[Any, tuple[bool, bool]]] = {}
         self._bulk: _Bulk | None = None  # set while handle_many runs
         # Scheduled sends: none is due before _release_from (sends this engine schedules lower it; a rollback
         # leaves it too early, which costs one query). Others' (another worker's) are seen at the rescan.
@@ -654,7 +653,7 @@ class Engine:
                           "time": event.time}
         reads = [self._condition_reads(c) for c in candidates]
         cart_now = any(c.purpose == "cart_reminders" for c in candidates) or any(r[0] for r in reads) or (
-            refresh and "cart." in self._segments_text)
+            refresh and self._segments_read_cart)
         if cart_now:
             facts["cart"] = self._cart_facts(session, reader, profile.id, event.time)
         # A refresh reads the cart for a send's data and templates only: read when one fires (same answer).
@@ -738,15 +737,13 @@ class Engine:
         return [[dataclasses.replace(o, notification_id=pending[id(o)]["id"]) if id(o) in pending else o for o in outs]
                 for outs in per_event]
 
-    def _condition_reads(self, c: Campaign) -> tuple[bool, bool]:
-        """Whether the conditions read cart facts, and behaviour facts or segments (from their text); worked
-        out once per campaign, not per event."""
-        known = self._condition_reads_of.get(c.id)
-        if known is None or known[0] is not c.conditions:
-            text = str(c.conditions)
-            known = self._condition_reads_of[c.id] = (
-                c.conditions, ("cart." in text, "behaviour." in text or "segments" in text))
-        return known[1]
+    @staticmethod
+    def _condition_reads(c: Campaign) -> tuple[bool, bool]:
+        """Whether the conditions read cart facts, and behaviour facts or segments (the parsed tree knows)."""
+        cond = c.conditions
+        if cond is None:
+            return False, False
+        return cond.reads_from("cart"), cond.reads_from("behaviour", "segments")
 
     def _update_memberships(self, session: Session, reader: Reader, profile_id: int, now_in: Sequence[str],
                             t: float) -> list[str]:
