@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 
 from devices.profiles import ProfileSet
 from gateway.clock import Clock
+from gateway.errors import Conflict, Invalid, NotFound
 from gateway.profiles.identity import IdentityIndex, normalize
-from gateway.profiles.service import Conflict, Invalid, NotFound
 from gateway.storage.db import Database
 from gateway.storage.models import DeadLetter, Device, Profile, ReadingRecord, ReadingRollup
 

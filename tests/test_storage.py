@@ -20,8 +20,9 @@ from sqlalchemy.exc import IntegrityError
 from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
 from gateway.delivery.outbox import Dispatcher
+from gateway.errors import Conflict, NotFound
 from gateway.profiles.identity import IdentityIndex
-from gateway.profiles.service import Conflict, GatewayService, NewProfile, NotFound
+from gateway.profiles.service import GatewayService, NewProfile
 from gateway.security.tokens import TokenSigner
 from gateway.storage.db import MIGRATIONS, Database
 from gateway.storage.models import (

@@ -13,8 +13,9 @@ from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from gateway.documents import servable
+from gateway.errors import Conflict, Invalid, NotFound
 from gateway.profiles.identity import KINDS, normalize
-from gateway.profiles.service import Conflict, GatewayService, Invalid, NotFound, profile_view
+from gateway.profiles.service import GatewayService, profile_view
 from gateway.storage.models import Cart, CatalogItem, Identifier, Profile
 
 Page = tuple[list[dict[str, Any]], int]

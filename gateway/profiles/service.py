@@ -21,6 +21,7 @@ from gateway.campaigns.model import PURPOSES, Campaign, CampaignError, parse_cam
 from gateway.clock import Clock
 from gateway.documents import DocumentError, check_document, servable
 from gateway.engine.engine import EngineEvent
+from gateway.errors import Conflict, Invalid, NotFound
 from gateway.profiles.identity import KINDS, IdentityIndex, normalize
 from gateway.security.tokens import Claims, TokenError, TokenSigner
 from gateway.storage.db import Database
@@ -38,18 +39,6 @@ from gateway.storage.models import (
 )
 
 INTERACTIONS = ("opened", "clicked", "dismissed")  # what the app reports; redemption is confirmed by staff
-
-
-class NotFound(LookupError):
-    pass
-
-
-class Conflict(ValueError):
-    pass
-
-
-class Invalid(ValueError):
-    pass
 
 
 @dataclass

@@ -41,7 +41,7 @@ from devices.rules import (
 )
 from gateway.clock import Clock
 from gateway.engine.engine import EngineEvent
-from gateway.profiles.service import Conflict, Invalid, NotFound
+from gateway.errors import Conflict, Invalid, NotFound
 from gateway.storage.db import Database
 from gateway.storage.models import Alarm, Device, Notification, RuleStateRecord, ServiceEvent
 

@@ -1,0 +1,13 @@
+"""What the core raises for a request it cannot carry out; the API maps each to its status (404, 409, 422)."""
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Conflict(ValueError):
+    pass
+
+
+class Invalid(ValueError):
+    pass
