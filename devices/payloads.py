@@ -12,16 +12,24 @@ each (device, seq) or, without one, each (device, ts) once, so a broker's redeli
 
 Status (``.../status``): ``online`` | ``offline``, or ``{"state": "online", "firmware": "1.4.2"}``.
 Events (``.../events``): ``{"ts": ..., "type": "error", "code": "E42", "data": {...}}``.
+
+Whatever a parser returns can be stored as it is: every name (the topic's store and device ids, metric
+names, an event's type and code, a firmware) is text within its column's length (no control character,
+no lone surrogate: Python's json decodes ``"\\ud800"`` and ``"\\u0000"``, PostgreSQL and UTF-8 refuse
+them), numbers are finite and within bounds that keep sums and dates finite, and an event's data is
+strict JSON of bounded depth. A message that breaks this is this message's fault and is dead-lettered
+with its reason; left to the database, it would fail the commit of its whole batch.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from devices.topics import TopicParts
+from devices.topics import TopicParts, ids_problem, is_text
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 
@@ -36,7 +44,24 @@ BAD_TS = "bad_ts"
 BAD_SEQ = "bad_seq"
 BAD_STATUS = "bad_status"
 BAD_EVENT = "bad_event"
+BAD_STORE_ID = "bad_store_id"
+BAD_DEVICE_ID = "bad_device_id"
 MAX_SEQ = 2**62
+
+# Column lengths in gateway/storage/models.py: reading_rollups.metric, device_events.type and .code,
+# devices.firmware.
+MAX_METRIC_NAME = 64
+MAX_EVENT_TYPE = 32
+MAX_EVENT_CODE = 64
+MAX_FIRMWARE = 64
+MAX_TS = 32_503_680_000.0
+"""3000-01-01 UTC. A time the rules and the engine turn into a local date must be one ``datetime`` has."""
+MAX_MAGNITUDE = 1e100
+"""Far beyond any measurement, and far enough from float overflow that the rollups' sums and the rules'
+counters stay finite: PostgreSQL refuses a float8 sum that overflows, and JSON has no Infinity."""
+MAX_DATA_DEPTH = 32
+"""Nesting of an event's ``data``: it is serialised again deep in the commit, where the recursion limit
+is nearer than it was for the parser."""
 
 
 class PayloadError(ValueError):
@@ -98,6 +123,41 @@ def _finite_number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _measurement(value: Any) -> float | None:
+    """A metric's value: a finite number within +-MAX_MAGNITUDE, or None."""
+    number = _finite_number(value)
+    return number if number is not None and -MAX_MAGNITUDE <= number <= MAX_MAGNITUDE else None
+
+
+_NOT_JSON_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def _strict_json(value: Any, depth: int = 0) -> bool:
+    """True if json.dumps writes ``value`` back as strict JSON that PostgreSQL stores and UTF-8 encodes:
+    no NaN or Infinity, no NUL or lone surrogate in a string or a key, at most MAX_DATA_DEPTH deep."""
+    if isinstance(value, str):
+        return _NOT_JSON_TEXT.search(value) is None
+    if value is None or isinstance(value, bool | int):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if depth >= MAX_DATA_DEPTH:
+        return False
+    if isinstance(value, dict):
+        return all(_NOT_JSON_TEXT.search(k) is None and _strict_json(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_strict_json(v, depth + 1) for v in value)
+    return False
+
+
+def _check_ids(parts: TopicParts) -> None:
+    """The topic's ids go into the registry: refuse here the ones its columns would refuse at commit."""
+    problem = ids_problem(parts)
+    if problem is not None:
+        which, why = problem
+        raise PayloadError(BAD_STORE_ID if which == "store_id" else BAD_DEVICE_ID, f"the topic's {which}: {why}")
+
+
 def _text(payload: bytes | bytearray) -> str:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise PayloadError(TOO_LARGE, f"{len(payload)} bytes is over the {MAX_PAYLOAD_BYTES} byte limit")
@@ -124,8 +184,8 @@ def _time(document: dict[str, Any], received_at: float) -> float:
     if raw_ts is None:
         return received_at
     ts = _finite_number(raw_ts)
-    if ts is None:
-        raise PayloadError(BAD_TS, "'ts' must be a finite number of seconds since the epoch")
+    if ts is None or not 0.0 <= ts < MAX_TS:
+        raise PayloadError(BAD_TS, "'ts' must be a number of seconds since the epoch, before the year 3000")
     return ts
 
 
@@ -133,20 +193,22 @@ def _short_str(document: dict[str, Any], name: str, reason: str, limit: int = 64
     value = document.get(name)
     if value is None:
         return None
-    if not isinstance(value, str | int) or isinstance(value, bool) or not str(value) or len(str(value)) > limit:
-        raise PayloadError(reason, f"'{name}' must be a short string (1-{limit} characters)")
-    return str(value)
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # "code": 42
+    if not isinstance(text, str) or not is_text(text, limit):
+        raise PayloadError(reason, f"'{name}' must be text of 1-{limit} characters without control characters")
+    return text
 
 
 def parse_status(topic_parts: TopicParts, payload: bytes | bytearray, received_at: float) -> DeviceStatus:
     """``online``/``offline`` as plain text or ``{"state": ..., "firmware": ...}``."""
+    _check_ids(topic_parts)
     text = _text(payload).strip()
     firmware = None
     time = received_at
     if text.startswith("{"):
         document = _object(text)
         state = document.get("state")
-        firmware = _short_str(document, "firmware", BAD_STATUS)
+        firmware = _short_str(document, "firmware", BAD_STATUS, MAX_FIRMWARE)
         time = _time(document, received_at)
     else:
         state = text
@@ -157,19 +219,24 @@ def parse_status(topic_parts: TopicParts, payload: bytes | bytearray, received_a
 
 def parse_event(topic_parts: TopicParts, payload: bytes | bytearray, received_at: float) -> DeviceEvent:
     """An event needs a ``type``; ``code`` and an object ``data`` are optional."""
+    _check_ids(topic_parts)
     document = _object(_text(payload))
-    kind = _short_str(document, "type", BAD_EVENT, 32)
+    kind = _short_str(document, "type", BAD_EVENT, MAX_EVENT_TYPE)
     if kind is None:
         raise PayloadError(BAD_EVENT, "an event needs a 'type'")
-    code = _short_str(document, "code", BAD_EVENT)
+    code = _short_str(document, "code", BAD_EVENT, MAX_EVENT_CODE)
     data = document.get("data")
     if data is not None and not isinstance(data, dict):
         raise PayloadError(BAD_EVENT, "'data' must be an object")
+    if data is not None and not _strict_json(data):
+        raise PayloadError(BAD_EVENT, f"'data' must be strict JSON (no NaN, NUL or lone surrogate), "
+                                      f"at most {MAX_DATA_DEPTH} levels deep")
     return DeviceEvent(topic_parts.device_id, topic_parts.store_id, _time(document, received_at), kind, code, data)
 
 
 def parse_telemetry(topic_parts: TopicParts, payload: bytes | bytearray, received_at: float) -> Reading:
     """Validate one telemetry payload; raise PayloadError with a reason code on any defect."""
+    _check_ids(topic_parts)
     document = _object(_text(payload))
 
     raw_metrics = document.get("metrics")
@@ -177,11 +244,12 @@ def parse_telemetry(topic_parts: TopicParts, payload: bytes | bytearray, receive
         raise PayloadError(MISSING_METRICS, "'metrics' must be a non-empty object")
     metrics: dict[str, float] = {}
     for name, value in raw_metrics.items():
-        if not name:
-            raise PayloadError(BAD_METRIC, "metric names must be non-empty")
-        number = _finite_number(value)
+        if not is_text(name, MAX_METRIC_NAME):
+            raise PayloadError(BAD_METRIC, f"metric name {name[:40]!r} must be text of 1-{MAX_METRIC_NAME} "
+                                           "characters without control characters")
+        number = _measurement(value)
         if number is None:
-            raise PayloadError(BAD_METRIC, f"metric {name[:40]!r} is not a finite number")
+            raise PayloadError(BAD_METRIC, f"metric {name!r} is not a finite number within +-{MAX_MAGNITUDE:g}")
         metrics[name] = number
 
     time = _time(document, received_at)

@@ -10,9 +10,18 @@ The prefix may have several levels ("acme/stores"); ids are single levels.
 
 from __future__ import annotations
 
+import re
 from typing import Literal, NamedTuple, cast, get_args
 
 DEFAULT_PREFIX = "stores"
+
+# The columns a topic's ids are stored in (gateway/storage/models.py: devices.store_id, devices.id).
+MAX_STORE_ID = 64
+MAX_DEVICE_ID = 128
+
+# C0 and C1 controls (NUL among them) and lone surrogates: PostgreSQL refuses NUL in text, UTF-8 cannot
+# encode a surrogate, and neither belongs in a name anyone reads in a log or a chart.
+_NOT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 Kind = Literal["telemetry", "status", "events", "commands"]
 KINDS: frozenset[str] = frozenset(get_args(Kind))
@@ -24,6 +33,42 @@ class TopicParts(NamedTuple):
     store_id: str
     device_id: str
     kind: Kind
+
+
+def is_text(value: str, limit: int) -> bool:
+    """1 to ``limit`` characters, none a control character or a lone surrogate: a name every text
+    column takes as it is (VARCHAR(n) counts characters)."""
+    if not 0 < len(value) <= limit:
+        return False
+    if value.isascii():  # the usual case: printable ASCII is exactly "no control character"
+        return value.isprintable()
+    return _NOT_TEXT.search(value) is None
+
+
+def escape_text(value: str, limit: int | None = None) -> str:
+    """``value`` with control characters and lone surrogates written as escapes (``\\x00``, ``\\ud800``),
+    cut to ``limit`` characters: anything, made fit for a text column and a log line."""
+    if _NOT_TEXT.search(value) is not None:
+        value = _NOT_TEXT.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), value)
+    return value if limit is None else value[:limit]
+
+
+def ids_problem(parts: TopicParts) -> tuple[str, str] | None:
+    """Which id of a parsed topic cannot be stored, and why; None when both can.
+
+    ``parse_topic`` checks the shape only: an id that is too long or not text is the message's fault, so
+    the parsers dead-letter it with its own reason instead of letting it fail the batch's commit."""
+    if not is_text(parts.store_id, MAX_STORE_ID):
+        return "store_id", _describe(parts.store_id, MAX_STORE_ID)
+    if not is_text(parts.device_id, MAX_DEVICE_ID):
+        return "device_id", _describe(parts.device_id, MAX_DEVICE_ID)
+    return None
+
+
+def _describe(value: str, limit: int) -> str:
+    if len(value) > limit:
+        return f"{len(value)} characters, over the {limit} allowed (starts {value[:40]!r})"
+    return f"{value[:40]!r} holds a control character or a lone surrogate"
 
 
 def _check_level(value: str, what: str) -> str:

@@ -3,27 +3,36 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices.payloads import (
+    BAD_DEVICE_ID,
     BAD_EVENT,
     BAD_METRIC,
     BAD_SEQ,
     BAD_STATUS,
+    BAD_STORE_ID,
     BAD_TS,
+    MAX_DATA_DEPTH,
+    MAX_MAGNITUDE,
     MAX_PAYLOAD_BYTES,
+    MAX_TS,
     MISSING_METRICS,
     NOT_JSON,
     NOT_OBJECT,
     NOT_UTF8,
     TOO_LARGE,
+    DeviceEvent,
+    DeviceStatus,
     PayloadError,
     Reading,
     parse_event,
@@ -47,6 +56,7 @@ from devices.topics import (
     telemetry_filter,
     telemetry_topic,
 )
+from gateway.storage.models import Device, DeviceEventRecord, ReadingRecord, ReadingRollup
 
 PARTS = TopicParts("store-7", "mower-42", "telemetry")
 NOW = 1767261600.0
@@ -141,12 +151,13 @@ def test_arbitrary_json_objects_only_raise_payload_error(document: dict[str, obj
     assert math.isfinite(reading.time)
 
 
-finite = st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**53), 2**53)
+finite = st.floats(-MAX_MAGNITUDE, MAX_MAGNITUDE) | st.integers(-(2**53), 2**53)
+names = st.text(st.characters(exclude_categories=["Cc", "Cs"]), min_size=1, max_size=12)
 
 
 @given(
-    st.dictionaries(st.text(min_size=1, max_size=12), finite, min_size=1, max_size=8),
-    st.none() | st.floats(allow_nan=False, allow_infinity=False),
+    st.dictionaries(names, finite, min_size=1, max_size=8),
+    st.none() | st.floats(0, MAX_TS, exclude_max=True),
 )
 def test_valid_documents_round_trip(metrics: dict[str, float], ts: float | None) -> None:
     document: dict[str, object] = {"metrics": metrics}
@@ -291,3 +302,186 @@ def test_fuzzed_readings_against_a_profile_are_either_valid_or_have_one_reason(m
         for name, value in metrics.items())
     assert (v is None) == in_profile
     assert v is None or v.reason in (OUT_OF_RANGE, UNKNOWN_METRIC, NOT_INTEGER)
+
+
+# -- odd input: whatever passes can be stored ----------------------------------------------------------
+# A value the parser lets through but the database refuses fails the commit of its whole batch: the
+# rules below are the columns' (gateway/storage/models.py) and the encodings' limits.
+
+LONG_DEVICE = TopicParts("store-7", "d" * 129, "telemetry")
+
+
+@pytest.mark.parametrize(("parts", "payload", "reason"), [
+    (PARTS, rb'{"metrics": {"\ud800": 1}}', BAD_METRIC),  # json decodes a lone surrogate; UTF-8 cannot encode it
+    (PARTS, rb'{"metrics": {"\udc00x": 1}}', BAD_METRIC),
+    (PARTS, rb'{"metrics": {"a\u0000b": 1}}', BAD_METRIC),  # PostgreSQL text refuses NUL
+    (PARTS, rb'{"metrics": {"a\u001b[31m": 1}}', BAD_METRIC),  # control characters
+    (PARTS, rb'{"metrics": {"a\u0085": 1}}', BAD_METRIC),  # C1 control
+    (PARTS, b'{"metrics": {"' + b"m" * 65 + b'": 1}}', BAD_METRIC),  # reading_rollups.metric is 64
+    (PARTS, b'{"metrics": {"x": 1e101}}', BAD_METRIC),  # sums of such overflow PostgreSQL's float8
+    (PARTS, b'{"metrics": {"x": -1e101}}', BAD_METRIC),
+    (PARTS, b'{"ts": 1e300, "metrics": {"x": 1}}', BAD_TS),  # no datetime for the rules and the engine
+    (PARTS, b'{"ts": -1, "metrics": {"x": 1}}', BAD_TS),
+    (PARTS, b'{"ts": 32503680000, "metrics": {"x": 1}}', BAD_TS),
+    (LONG_DEVICE, b'{"metrics": {"x": 1}}', BAD_DEVICE_ID),  # devices.id is 128
+    (PARTS._replace(device_id="d\x01"), b'{"metrics": {"x": 1}}', BAD_DEVICE_ID),
+    (PARTS._replace(device_id="d\ud800"), b'{"metrics": {"x": 1}}', BAD_DEVICE_ID),
+    (PARTS._replace(store_id="s" * 65), b'{"metrics": {"x": 1}}', BAD_STORE_ID),  # devices.store_id is 64
+    (PARTS._replace(store_id="s\x00"), b'{"metrics": {"x": 1}}', BAD_STORE_ID),
+])
+def test_odd_telemetry_is_refused_with_its_reason(parts: TopicParts, payload: bytes, reason: str) -> None:
+    with pytest.raises(PayloadError) as info:
+        parse_telemetry(parts, payload, NOW)
+    assert info.value.reason_code == reason
+    info.value.message.encode("utf-8")  # the detail is stored and logged: it must be text itself
+    assert "\x00" not in info.value.message
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (rb'{"state": "online", "firmware": "2.4\u0000"}', BAD_STATUS),
+    (rb'{"state": "online", "firmware": "\ud83d"}', BAD_STATUS),
+    (b'{"state": "online", "firmware": "' + b"9" * 65 + b'"}', BAD_STATUS),
+    (b'{"state": "online", "ts": NaN}', BAD_TS),
+])
+def test_odd_status_is_refused_with_its_reason(payload: bytes, reason: str) -> None:
+    with pytest.raises(PayloadError) as info:
+        parse_status(PARTS._replace(kind="status"), payload, NOW)
+    assert info.value.reason_code == reason
+
+
+DEEP = b'{"type": "e", "data": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"}"
+
+
+@pytest.mark.parametrize(("parts", "payload", "reason"), [
+    (PARTS, rb'{"type": "error", "code": "E\u00004"}', BAD_EVENT),
+    (PARTS, rb'{"type": "err\ud800"}', BAD_EVENT),
+    (PARTS, rb'{"type": "error\n"}', BAD_EVENT),
+    (PARTS, b'{"type": "' + b"t" * 33 + b'"}', BAD_EVENT),  # device_events.type is 32
+    (PARTS, b'{"type": "e", "code": "' + b"c" * 65 + b'"}', BAD_EVENT),
+    (PARTS, b'{"type": "e", "data": {"x": NaN}}', BAD_EVENT),  # json.dumps writes NaN; PostgreSQL's json refuses it
+    (PARTS, b'{"type": "e", "data": {"x": [1, Infinity]}}', BAD_EVENT),
+    (PARTS, rb'{"type": "e", "data": {"\ud800": 1}}', BAD_EVENT),
+    (PARTS, rb'{"type": "e", "data": {"x": "a\u0000"}}', BAD_EVENT),
+    (PARTS, DEEP, BAD_EVENT),  # serialised again deep inside the commit: bounded nesting
+    (PARTS._replace(device_id="d" * 129), b'{"type": "e"}', BAD_DEVICE_ID),
+])
+def test_odd_events_are_refused_with_their_reason(parts: TopicParts, payload: bytes, reason: str) -> None:
+    with pytest.raises(PayloadError) as info:
+        parse_event(parts._replace(kind="events"), payload, NOW)
+    assert info.value.reason_code == reason
+
+
+def test_text_that_is_fine_stays_as_it_was() -> None:
+    """Non-ASCII names, a code given as a number and free text with newlines in an event's data pass."""
+    r = parse_telemetry(PARTS._replace(device_id="montre-é" + "x" * 119), '{"metrics": {"température": -1e100, '
+                        '"μ": 1e100}, "ts": 0}'.encode(), NOW)
+    assert r.metrics == {"température": -1e100, "μ": 1e100} and r.time == 0.0
+    ev = parse_event(PARTS, b'{"type": "note", "code": 42, "data": {"text": "line 1\\nline 2", "n": 99999999999}}',
+                     NOW)
+    assert (ev.code, ev.data) == ("42", {"text": "line 1\nline 2", "n": 99999999999})
+    st_ = parse_status(PARTS, '{"state": "online", "firmware": "v2 β"}'.encode(), NOW)
+    assert st_.firmware == "v2 β"
+
+
+# The fuzzers: arbitrary bytes and arbitrary JSON (lone surrogates, NUL, NaN, long and odd names
+# included) never raise anything but PayloadError, and whatever is accepted fits the tables.
+
+def _length(column: Any) -> int:
+    length = column.type.length
+    assert isinstance(length, int)
+    return length
+
+
+def _storable_text(value: str, column: Any | None = None) -> None:
+    value.encode("utf-8")  # strict: a lone surrogate raises
+    assert "\x00" not in value
+    if column is not None:
+        assert 0 < len(value) <= _length(column), (column, len(value))
+
+
+def _storable_json(value: Any, depth: int = 0) -> None:
+    assert depth <= MAX_DATA_DEPTH
+    if isinstance(value, str):
+        _storable_text(value)
+    elif isinstance(value, float):
+        assert math.isfinite(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _storable_text(k)
+            _storable_json(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _storable_json(v, depth + 1)
+    else:
+        assert value is None or isinstance(value, bool | int)
+
+
+def assert_storable(item: Reading | DeviceStatus | DeviceEvent) -> None:
+    _storable_text(item.device_id, Device.__table__.c.id)
+    _storable_text(item.store_id, Device.__table__.c.store_id)
+    assert math.isfinite(item.time)
+    dt.datetime.fromtimestamp(item.time, dt.UTC)  # the rules and the engine take local dates of it
+    if isinstance(item, Reading):
+        assert item.metrics
+        assert len(item.key) <= _length(ReadingRecord.__table__.c.key)
+        for name, value in item.metrics.items():
+            _storable_text(name, ReadingRollup.__table__.c.metric)
+            assert math.isfinite(value) and abs(value) <= MAX_MAGNITUDE
+        json.dumps(item.metrics, allow_nan=False)
+    elif isinstance(item, DeviceStatus):
+        if item.firmware is not None:
+            _storable_text(item.firmware, Device.__table__.c.firmware)
+    else:
+        _storable_text(item.type, DeviceEventRecord.__table__.c.type)
+        if item.code is not None:
+            _storable_text(item.code, DeviceEventRecord.__table__.c.code)
+        _storable_json(item.data)
+        json.dumps(item.data, allow_nan=False)
+
+
+PARSERS = [(parse_telemetry, "telemetry"), (parse_status, "status"), (parse_event, "events")]
+NASTY = ["\ud800", "\udfff", "\x00", "a\x00b", "\x1b[2J", "\x7f", "\x85", "\u2028", "\ufeff", "é", "😀",
+         "m" * 64, "m" * 65, "c" * 32, "c" * 33, "online", "offline", "error", "1.4.2", "", " "]
+odd_text = st.text(st.characters(exclude_categories=()), max_size=10) | st.sampled_from(NASTY)
+good_ids = st.sampled_from(["mower-1", "s1", "d" * 64, "montre-é"])
+odd_ids = odd_text | st.sampled_from(["d" * 128, "d" * 129, "s" * 65])
+ids = st.integers(0, 3).flatmap(lambda i: odd_ids if i == 0 else good_ids)  # mostly fine, so payloads get parsed
+topic_parts = st.builds(TopicParts, ids, ids, st.just("telemetry"))
+odd_scalars = (st.none() | st.booleans() | st.integers() | st.integers(-(2**70), 2**70)
+               | st.floats() | st.sampled_from([1e300, -1e300, 1e100, 1e101, 32503680000.0, -1.0, 0.0]) | odd_text)
+odd_json = st.recursive(odd_scalars, lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(odd_text, inner, max_size=3), max_leaves=12)
+odd_metrics = st.integers(0, 3).flatmap(lambda i: (
+    odd_json, st.dictionaries(names, finite, min_size=1, max_size=3),
+    st.dictionaries(names | odd_text, finite | odd_scalars, min_size=1, max_size=4))[min(i, 2)])
+odd_documents = st.fixed_dictionaries({"metrics": odd_metrics}, optional={
+    "ts": odd_scalars, "seq": odd_scalars, "state": odd_scalars, "firmware": odd_scalars, "type": odd_scalars,
+    "code": odd_scalars, "data": odd_json})
+
+
+@settings(max_examples=400)
+@given(topic_parts, st.binary(max_size=512))
+def test_fuzzed_bytes_are_refused_or_storable(parts: TopicParts, payload: bytes) -> None:
+    for parse, kind in PARSERS:
+        try:
+            item = parse(parts._replace(kind=kind), payload, NOW)
+        except PayloadError as exc:
+            exc.message.encode("utf-8")
+            continue
+        assert_storable(item)
+
+
+@settings(max_examples=800)
+@given(topic_parts, odd_documents)
+def test_fuzzed_json_is_refused_or_storable(parts: TopicParts, document: dict[str, Any]) -> None:
+    try:
+        payload = json.dumps(document).encode()  # lone surrogates as \ud800 escapes, NaN and Infinity as tokens
+    except ValueError:  # an int past Python's digit limit: not a document anyone can send
+        return
+    for parse, kind in PARSERS:
+        try:
+            item = parse(parts._replace(kind=kind), payload, NOW)
+        except PayloadError as exc:
+            exc.message.encode("utf-8")
+            continue
+        assert_storable(item)
