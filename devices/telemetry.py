@@ -8,6 +8,10 @@ broker only afterwards: a crash before the commit means the broker redelivers, a
 
 Rollups (count/sum/min/max/last per metric per minute and per hour) are folded in Python over the
 batch and upserted, one row per (device, period, bucket, metric) and batch, not one per reading.
+
+Counters count what was kept: a batch's counts (accepted, duplicates, dead letters by reason...) are
+worked out while it is written and added to the store's counters only when its transaction commits
+(a session ``after_commit`` hook), so a rolled-back attempt, retried later, counts nothing.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import CursorResult, Table, bindparam, delete, inspect, select, update
+from sqlalchemy import CursorResult, Table, bindparam, delete, event, inspect, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import set_committed_value
 
 from devices.payloads import DeviceEvent, DeviceStatus, Reading
 from devices.profiles import ProfileSet, validate
+from devices.topics import escape_text
 from gateway.storage.models import DeadLetter, Device, DeviceEventRecord, ReadingRecord, ReadingRollup
 
 log = logging.getLogger(__name__)
@@ -152,7 +157,9 @@ class TelemetryStore:
         self.profiles = profiles
         self.owner_of = owner_of
         self.counts: Counter[str] = Counter()
+        """Committed work: accepted, duplicates, statuses, events, registered, went_offline, purged."""
         self.dead_letters: Counter[str] = Counter()
+        """Committed dead-letter rows by reason."""
 
     def stats(self) -> dict[str, Any]:
         return {**{k: self.counts[k] for k in ("accepted", "duplicates", "statuses", "events", "registered",
@@ -165,10 +172,13 @@ class TelemetryStore:
               devices: dict[str, Device | None] | None = None) -> list[Reading]:
         """Store the batch in ``s``; returns the readings that are new and valid (rules see only those).
         ``devices``, if given, is filled with the registry rows the batch named (None: refused), so the
-        rules and the engine in the same transaction need not look them up again."""
+        rules and the engine in the same transaction need not look them up again.
+
+        The batch's counts reach ``stats()`` only once ``s`` commits."""
+        tally: Counter[str] = Counter()
         dead: list[dict[str, Any]] = []
         for j in batch.rejects:
-            dead.append(self._dead(j.topic, j.reason, j.detail, j.payload, j.received_at, j.device_id, None))
+            dead.append(_dead(j.topic, j.reason, j.detail, j.payload, j.received_at, j.device_id, None))
         ids = {r.device_id for r in batch.readings} | {x.device_id for x in batch.statuses} \
             | {e.device_id for e in batch.events}
         if devices is None:
@@ -176,31 +186,45 @@ class TelemetryStore:
         devices.update(self._load(s, ids))
         accepted: list[Reading] = []
         for r in sorted(batch.readings, key=lambda x: x.time):
-            d = self._admit(s, devices, r.device_id, r.store_id, now)
+            d = self._admit(s, devices, r.device_id, r.store_id, now, tally)
             problem = self._check(d, r)
             if problem is not None:
                 reason, detail = problem
-                dead.append(self._dead(_topic_of(batch, r, "telemetry"), reason, detail, _echo(r), now,
-                                       r.device_id, d.profile_id if d is not None else None))
+                dead.append(_dead(_topic_of(batch, r, "telemetry"), reason, detail, _echo(r), now,
+                                  r.device_id, d.profile_id if d is not None else None))
                 continue
             accepted.append(r)
-        fresh = self._store_readings(s, devices, accepted, now)
+        fresh = self._store_readings(s, devices, accepted, now, tally)
         for st in batch.statuses:
-            d = self._admit(s, devices, st.device_id, st.store_id, now)
+            d = self._admit(s, devices, st.device_id, st.store_id, now, tally)
             if d is None or d.quarantined:
-                dead.append(self._dead(_topic_of(batch, st, "status"), QUARANTINED if d else UNKNOWN_DEVICE,
-                                       "status of a device the registry does not accept", b"online" if st.online
-                                       else b"offline", now, st.device_id, None))
+                dead.append(_dead(_topic_of(batch, st, "status"), QUARANTINED if d else UNKNOWN_DEVICE,
+                                  "status of a device the registry does not accept", b"online" if st.online
+                                  else b"offline", now, st.device_id, None))
                 continue
-            self.counts["statuses"] += 1
+            tally["statuses"] += 1
             if d.online is not st.online:
                 d.online, d.status_at = st.online, st.time
             if st.firmware:
                 d.firmware = st.firmware
-        self._store_events(s, batch, devices, dead, now)
+        self._store_events(s, batch, devices, dead, now, tally)
         if dead:
             s.connection().execute(_insert(s, DeadLetter), dead)
+        self._count_on_commit(s, tally, Counter(row["reason"] for row in dead))
         return fresh
+
+    def _count_on_commit(self, s: Session, counts: Counter[str], dead: Counter[str] | None = None) -> None:
+        """Add these counts to the store's once ``s``'s transaction commits; drop them if it does not."""
+        if not counts and not dead:
+            return
+        pending: list[tuple[TelemetryStore, Counter[str], Counter[str] | None]] | None = s.info.get(_PENDING)
+        if pending is None:
+            pending = s.info[_PENDING] = []
+        if not s.info.get(_HOOKED):  # once per session, however many batches it writes
+            s.info[_HOOKED] = True
+            event.listen(s, "after_commit", _apply_pending)
+            event.listen(s, "after_transaction_end", _drop_pending)
+        pending.append((self, counts, dead))
 
     def _load(self, s: Session, ids: set[str]) -> dict[str, Device | None]:
         if not ids:
@@ -208,7 +232,7 @@ class TelemetryStore:
         return {d.id: d for d in s.scalars(select(Device).where(Device.id.in_(ids)))}
 
     def _admit(self, s: Session, devices: dict[str, Device | None], device_id: str, store_id: str,
-               now: float) -> Device | None:
+               now: float, tally: Counter[str]) -> Device | None:
         """The device's registry row, registered now if the policy lets it in; None: rejected."""
         d = devices.get(device_id)
         if d is not None or device_id in devices:
@@ -221,7 +245,7 @@ class TelemetryStore:
                    profile_id=self.owner_of(device_id))
         s.add(d)
         devices[device_id] = d
-        self.counts["registered"] += 1
+        tally["registered"] += 1
         return d
 
     def _check(self, d: Device | None, r: Reading) -> tuple[str, str] | None:
@@ -237,15 +261,8 @@ class TelemetryStore:
         v = validate(profile, r)
         return None if v is None else (v.reason, v.detail)
 
-    def _dead(self, topic: str, reason: str, detail: str, payload: bytes, received_at: float,
-              device_id: str | None, profile_id: int | None) -> dict[str, Any]:
-        self.dead_letters[reason] += 1
-        return {"received_at": received_at, "topic": topic[:512], "device_id": device_id[:128] if device_id else None,
-                "reason": reason[:48], "detail": detail[:1000], "payload": bytes(payload[:DEAD_PAYLOAD_BYTES]),
-                "profile_id": profile_id}
-
     def _store_readings(self, s: Session, devices: dict[str, Device | None], accepted: Sequence[Reading],
-                        now: float) -> list[Reading]:
+                        now: float, tally: Counter[str]) -> list[Reading]:
         if not accepted:
             return []
         s.flush()  # new registry rows first: readings reference them
@@ -268,8 +285,8 @@ class TelemetryStore:
             result = conn.exec_driver_sql(_readings_insert(conn.dialect.name, len(chunk)), tuple(params))
             stored.update((a, b) for a, b in result)
         fresh = [r for r in unique if (r.device_id, r.key) in stored]
-        self.counts["duplicates"] += len(accepted) - len(fresh)
-        self.counts["accepted"] += len(fresh)
+        tally["duplicates"] += len(accepted) - len(fresh)
+        tally["accepted"] += len(fresh)
         if not fresh:
             return []
         self._roll_up(s, known, fresh)
@@ -315,8 +332,8 @@ class TelemetryStore:
                 start = float(int(t // period) * period)
                 for metric, value in items:
                     a = acc.get((device_id, start, metric))
-                    if a is None:
-                        acc[(device_id, start, metric)] = [device_id, period, start, metric[:64], 1, value, value,
+                    if a is None:  # the parser kept metric names within the column's 64 characters
+                        acc[(device_id, start, metric)] = [device_id, period, start, metric, 1, value, value,
                                                            value, value, t, owner[device_id]]
                         continue
                     a[4] += 1
@@ -331,14 +348,14 @@ class TelemetryStore:
         conn.exec_driver_sql(_rollup_upsert(conn.dialect.name), rows)  # driver executemany: no per-row Core work
 
     def _store_events(self, s: Session, batch: TelemetryBatch, devices: dict[str, Device | None],
-                      dead: list[dict[str, Any]], now: float) -> None:
+                      dead: list[dict[str, Any]], now: float, tally: Counter[str]) -> None:
         rows = []
         for e in batch.events:
-            d = self._admit(s, devices, e.device_id, e.store_id, now)
+            d = self._admit(s, devices, e.device_id, e.store_id, now, tally)
             if d is None or d.quarantined:
-                dead.append(self._dead(_topic_of(batch, e, "events"), QUARANTINED if d else UNKNOWN_DEVICE,
-                                       "event of a device the registry does not accept", e.type.encode(), now,
-                                       e.device_id, None))
+                dead.append(_dead(_topic_of(batch, e, "events"), QUARANTINED if d else UNKNOWN_DEVICE,
+                                  "event of a device the registry does not accept",
+                                  e.type.encode("utf-8", "backslashreplace"), now, e.device_id, None))
                 continue
             rows.append({"device_id": e.device_id, "ts": e.time, "type": e.type, "code": e.code, "data": e.data,
                          "received_at": now, "profile_id": d.profile_id})
@@ -346,8 +363,8 @@ class TelemetryStore:
             s.flush()
             stmt = _insert(s, DeviceEventRecord).on_conflict_do_nothing(index_elements=["device_id", "ts", "type"])
             stored = len(s.execute(stmt.returning(DeviceEventRecord.id), rows).all())
-            self.counts["events"] += stored
-            self.counts["duplicates"] += len(rows) - stored
+            tally["events"] += stored
+            tally["duplicates"] += len(rows) - stored
 
     # ------------------------------------------------------------ timers
 
@@ -362,7 +379,7 @@ class TelemetryStore:
             if d.last_seen is not None and now - d.last_seen > after:
                 d.online, d.status_at = False, now
                 gone.append(d.id)
-        self.counts["went_offline"] += len(gone)
+        self._count_on_commit(s, Counter(went_offline=len(gone)))
         return gone
 
     def purge(self, s: Session, now: float) -> int:
@@ -378,8 +395,40 @@ class TelemetryStore:
         for stmt in statements:
             result = s.execute(stmt)
             n += result.rowcount if isinstance(result, CursorResult) else 0
-        self.counts["purged"] += n
+        self._count_on_commit(s, Counter(purged=n))
         return n
+
+
+_PENDING = "telemetry_counts_pending"
+_HOOKED = "telemetry_counts_hooked"
+
+
+def _apply_pending(s: Session) -> None:
+    """after_commit: the work the counts describe is in the database now. A savepoint's commit is not
+    the transaction's: those wait for the outer one."""
+    if s.in_nested_transaction():
+        return
+    for store, counts, dead in s.info.pop(_PENDING, ()):
+        store.counts.update(counts)
+        if dead:
+            store.dead_letters.update(dead)
+
+
+def _drop_pending(s: Session, transaction: SessionTransaction) -> None:
+    """after_transaction_end: the outermost transaction ended uncommitted (rolled back, or its connection
+    lost): what it would have counted never happened."""
+    if transaction.parent is None:
+        s.info.pop(_PENDING, None)
+
+
+def _dead(topic: str, reason: str, detail: str, payload: bytes, received_at: float, device_id: str | None,
+          profile_id: int | None) -> dict[str, Any]:
+    """A dead_letters row that stores whatever the message held: the payload as bytes, the text fields
+    escaped (no NUL, control character or lone surrogate) and cut to their columns."""
+    return {"received_at": received_at, "topic": escape_text(topic, 512),
+            "device_id": escape_text(device_id, 128) if device_id else None,
+            "reason": escape_text(reason, 48), "detail": escape_text(detail, 1000),
+            "payload": bytes(payload[:DEAD_PAYLOAD_BYTES]), "profile_id": profile_id}
 
 
 def _echo(r: Reading) -> bytes:

@@ -248,3 +248,56 @@ def test_a_new_device_gets_its_enrolled_owner_and_erasure_takes_its_readings(db:
         for model in (ReadingRecord, ReadingRollup, DeviceEventRecord):
             assert set(s.scalars(select(model.device_id)).all()) == {"watch-8"}, model.__tablename__
         assert s.get(Device, "watch-7").profile_id is None  # type: ignore[union-attr]  # kept, nobody's
+
+
+class Boom(Exception):
+    """Raised inside the session to roll it back, as a failed commit or a failing rule would."""
+
+
+def test_counters_move_only_when_the_batch_commits(db: Database) -> None:
+    """A batch whose transaction rolls back counts nothing (accepted, duplicates, dead letters...); its retry
+    counts once. Counted before the commit, every retry of a held batch would add to them again."""
+    add(db, mower())
+    ts = store()
+    batch = TelemetryBatch(readings=[reading(T0, seq=1), reading(T0 + 1, seq=2, battery_pct=140)],
+                           statuses=[DeviceStatus("new-1", "s1", T0, True)],
+                           events=[DeviceEvent("mower-1", "s1", T0, "error", "E1")],
+                           rejects=[Rejected("t", "not_json", "x", b"{", T0)])
+    for _ in range(3):
+        with pytest.raises(Boom), db.session() as s:
+            ts.write(s, batch, T0 + 60)
+            raise Boom
+    assert ts.stats() == store().stats()  # all zero, as a store that never wrote
+    assert count(db, DeadLetter) == 0 and count(db, ReadingRecord) == 0
+    write(db, ts, batch)
+    stats = ts.stats()
+    assert stats["dead_lettered"] == {"not_json": 1, OUT_OF_RANGE: 1} and stats["dead_lettered_total"] == 2
+    assert {k: stats[k] for k in ("accepted", "duplicates", "statuses", "events", "registered")} == {
+        "accepted": 1, "duplicates": 0, "statuses": 1, "events": 1, "registered": 1}
+    assert count(db, DeadLetter) == 2 and count(db, ReadingRecord) == 1
+
+    with pytest.raises(Boom), db.session() as s:  # the timers' counts wait for their commit too
+        assert ts.sweep_offline(s, T0 + 10_000) == ["mower-1"]
+        assert ts.purge(s, T0 + 400 * 86400.0) > 0
+        raise Boom
+    assert (ts.stats()["went_offline"], ts.stats()["purged"]) == (0, 0)
+    with db.session() as s:
+        assert ts.sweep_offline(s, T0 + 10_000) == ["mower-1"]
+    assert ts.stats()["went_offline"] == 1
+
+
+def test_a_dead_letter_holding_anything_is_stored(db: Database) -> None:
+    """Whatever a reject carries (NUL, lone surrogates, control characters, an over-long topic or device id,
+    binary payload), its row commits: escaped and cut to the columns, the payload kept as bytes."""
+    topic = "stores/s\x00/devices/\ud800" + "x" * 600 + "/telemetry"
+    payload = b"\x00\xff\xfe" * 1000
+    ts = store()
+    write(db, ts, TelemetryBatch(rejects=[Rejected(topic, "internal_error", "boom \x00 \ud800 \x1b[2J", payload, T0,
+                                                   "d\x00" + "x" * 200)]))
+    with db.session() as s:
+        [row] = s.scalars(select(DeadLetter)).all()
+    assert row.topic == ("stores/s\\x00/devices/\\ud800" + "x" * 600)[:512]
+    assert row.detail == "boom \\x00 \\ud800 \\x1b[2J"
+    assert row.device_id == ("d\\x00" + "x" * 200)[:128]
+    assert row.payload == payload[:1024]
+    assert ts.stats()["dead_lettered"] == {"internal_error": 1}
