@@ -18,11 +18,25 @@ batch committed and acknowledged. The publisher never shares the CPU with a meas
 ``lost`` is published minus stored after dedup (distinct (device, seq) rows), for the one-worker run;
 ``lost_2_workers`` the same for the two-worker run.
 
+``--bad-share F`` adds a run of one worker on the same backlog with a share F of its messages replaced by
+odd ones, the kinds that used to fail a whole batch (a lone surrogate or NUL in a metric name, NUL or a
+lone surrogate in an event code, NUL in a firmware, a device id longer than its column in the topic):
+the parser dead-letters each, at no cost to the rest. ``bad_share_ratio`` is that run's messages per
+second over the clean one-worker run's, measured the same way in the same run. ``--rounds R`` runs the
+clean and the odd one-worker backlogs R times each, alternating (clean first, then odd first...), and
+reports the best round of each (``rounds`` and ``rounds_cpu_us_per_msg`` list them all): on a machine
+shared with other work, the least disturbed.
+
     .venv/bin/python benchmarks/telemetry_ingest.py [--quick] [--messages N] [--devices D] [--db URL]
+        [--bad-share F] [--rounds R]
 
 The last line printed is one JSON object: msgs_per_s, anchor_msgs_per_s, ratio, ratio_2_workers, lost, ...,
-and ``cpu_us_per_msg``: CPU microseconds per message of each consumer process (both of its threads; summed
-over the two workers) and of the broker while it served that consumer, from the CONNACK to the last message.
+``cpu_us_per_msg``: CPU microseconds per message of each consumer process (both of its threads; summed
+over the two workers) and of the broker while it served that consumer, from the CONNACK to the last message,
+and ``wall_s``: each consumer's seconds from its CONNACK to its last message. With ``--bad-share``:
+bad_share, bad_share_msgs_per_s, bad_share_ratio, bad_share_odd (odd messages published), bad_share_dead_lettered,
+bad_share_lost (good messages not stored). ``telemetry_failures``: batches of each one-worker run that
+failed and were retried message by message.
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import secrets
 import shutil
 import socket
@@ -191,7 +206,8 @@ def role_worker(args: argparse.Namespace) -> None:
         t = rt.pipeline.telemetry.stats()
         return {"connected_wall": times.get("connected_wall"), "last_at": times["last"], "acked": times["acks"],
                 "ack_calls": times["calls"], "accepted": t["accepted"], "duplicates": t["duplicates"],
-                "dead_lettered": t["dead_lettered_total"], "connected_monotonic": connected_at, "cpu_s": cpu}
+                "dead_lettered": t["dead_lettered_total"], "connected_monotonic": connected_at, "cpu_s": cpu,
+                "telemetry_failures": rt.telemetry_failures}
 
     started = time.time()
     monotonic0 = time.monotonic()
@@ -218,25 +234,51 @@ def result_of(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     return parsed
 
 
-def backlog(port: int, prefix: str, messages: int, devices: int) -> int:
-    """Publish the clean fleet's telemetry, QoS 1, and wait until the broker acknowledged all of it."""
+def odd_message(topic: str, i: int) -> tuple[str, bytes]:
+    """The i-th odd message, in place of a fleet reading on ``topic``: valid JSON on a topic of the right
+    shape, refused only by what the database would refuse. Odd metric names go to devices with no profile
+    (as a device never seen before has), whose metrics nothing else checks."""
+    device = topic.rsplit("/", 1)[0]  # {prefix}/{store}/devices/{device}
+    devices = device.rsplit("/", 1)[0]
+    kind = i % 6
+    if kind == 0:  # a lone surrogate: UTF-8 cannot encode it (SQLite and PostgreSQL)
+        return f"{devices}/odd-{i % 7}/telemetry", rb'{"metrics": {"\ud800": 1}}'
+    if kind == 1:  # NUL: PostgreSQL's text refuses it
+        return f"{devices}/odd-{i % 7}/telemetry", rb'{"metrics": {"a\u0000b": 1}}'
+    if kind == 2:
+        return f"{device}/events", rb'{"type": "error", "code": "E\u00004"}'
+    if kind == 3:
+        return f"{device}/events", rb'{"type": "error", "code": "E\udc00"}'
+    if kind == 4:
+        return f"{device}/status", rb'{"state": "online", "firmware": "2.4\u0000"}'
+    return f"{devices}/{'d' * 129}/telemetry", b'{"metrics": {"x": 1}}'  # devices.id is 128 characters
+
+
+def backlog(port: int, prefix: str, messages: int, devices: int, bad_share: float = 0.0) -> tuple[int, int]:
+    """Publish the clean fleet's telemetry, QoS 1, a share ``bad_share`` of it replaced by odd messages, and
+    wait until the broker acknowledged all of it. Returns (messages published, of which odd)."""
     from simulators.wearables import Fleet, FleetSpec, PipelinedPublisher
 
     fleet = Fleet(FleetSpec(devices=devices, interval_s=60, store_id="s1", prefix=prefix, seed=1), T0)
     pub = PipelinedPublisher("127.0.0.1", port)
-    n = 0
+    rng = random.Random(7)
+    n = odd = 0
     try:
         while n < messages:
             for m in fleet.step():
                 if n == messages:
                     break
-                pub.publish(m.topic, m.payload)
+                if bad_share and rng.random() < bad_share:
+                    pub.publish(*odd_message(m.topic, odd))
+                    odd += 1
+                else:
+                    pub.publish(m.topic, m.payload)
                 n += 1
         if not pub.flush(300):
             raise RuntimeError("the broker did not acknowledge the backlog")
     finally:
         pub.close()
-    return n
+    return n, odd
 
 
 def prepare_db(url: str, prefix: str, devices: int) -> None:
@@ -295,12 +337,35 @@ def drop_created() -> None:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 
 
+def one_worker(broker: Broker, args: argparse.Namespace, work: Path, tag: str, bad_share: float) -> dict[str, Any]:
+    """One gateway worker drains a fresh backlog into a fresh database; its rate, costs and losses."""
+    prefix, client_id = f"bench-{tag}", f"gw-{tag}"
+    url = fresh_db(args.db, work, tag.replace("-", "_"))
+    prepare_db(url, prefix, args.devices)
+    for kind in ("telemetry", "status", "events"):
+        make_session(client_id, broker.port, f"{prefix}/+/devices/+/{kind}")
+    published, odd = backlog(broker.port, prefix, args.messages, args.devices, bad_share)
+    b0 = broker.cpu_s()
+    w = result_of(spawn("--role", "worker", "--port", str(broker.port), "--client-id", client_id, "--prefix", prefix,
+                        "--db", url, "--data-dir", str(work), "--expect", str(published),
+                        "--window", str(args.window)), 1200)
+    wall = w["last_at"] - w["connected_at"]
+    out = {**w, "odd": odd, "wall_s": wall, "rate": w["acked"] / wall, "cpu_per_msg": w["cpu_s"] / w["acked"],
+           "broker_cpu_per_msg": (broker.cpu_s() - b0) / w["acked"], "lost": published - odd - stored(url)}
+    print(f"one worker ({tag}, {odd} odd messages): {w}", file=sys.stderr)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a tiny run that only checks the script works")
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--devices", type=int, default=500)
     ap.add_argument("--db", default=None, help="a PostgreSQL URL (default: SQLite files in a temp dir)")
+    ap.add_argument("--bad-share", type=float, default=0.0,
+                    help="also run one worker on the backlog with this share of odd messages (e.g. 0.005)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="one-worker runs of each backlog, clean and odd alternating; the best of each is reported")
     ap.add_argument("--window", type=int, default=10000,
                     help="the broker's max_inflight_messages and the gateway's receive_maximum")
     ap.add_argument("--role", choices=["anchor", "worker"], help=argparse.SUPPRESS)
@@ -320,38 +385,53 @@ def main() -> None:
     if args.quick:
         args.messages, args.devices = 2000, 50
 
+    if not 0.0 <= args.bad_share < 1.0:
+        ap.error("--bad-share is a fraction: 0 <= F < 1")
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     n = args.messages
     work = Path(tempfile.mkdtemp(prefix="telemetry-bench-"))
     broker = Broker(work, args.window)
     cpu: dict[str, float] = {}  # CPU seconds per message: each consumer process, and the broker meanwhile
+    wall: dict[str, float] = {}
+    bad: dict[str, Any] = {}
+    failures: dict[str, int] = {}  # batches that failed and were retried message by message
     try:
         # 1. the anchor
         prefix = "bench-anchor"
         make_session("anchor", broker.port, f"{prefix}/+/devices/+/telemetry")
-        published = backlog(broker.port, prefix, n, args.devices)
+        published, _ = backlog(broker.port, prefix, n, args.devices)
         b0 = broker.cpu_s()
         a = result_of(spawn("--role", "anchor", "--port", str(broker.port), "--client-id", "anchor",
                             "--expect", str(published)), 600)
         cpu["anchor"], cpu["anchor_broker"] = a["cpu_s"] / a["count"], (broker.cpu_s() - b0) / a["count"]
-        anchor_rate = a["count"] / (a["last_at"] - a["connected_at"])
+        wall["anchor"] = a["last_at"] - a["connected_at"]
+        anchor_rate = a["count"] / wall["anchor"]
         print(f"anchor: {a['count']} messages in {a['last_at'] - a['connected_at']:.2f} s", file=sys.stderr)
 
-        # 2. one gateway worker
-        prefix = "bench-one"
-        url = fresh_db(args.db, work, "one")
-        prepare_db(url, prefix, args.devices)
-        for kind in ("telemetry", "status", "events"):
-            make_session("gw-one", broker.port, f"{prefix}/+/devices/+/{kind}")
-        published = backlog(broker.port, prefix, n, args.devices)
-        b0 = broker.cpu_s()
-        w = result_of(spawn("--role", "worker", "--port", str(broker.port), "--client-id", "gw-one",
-                            "--prefix", prefix, "--db", url, "--data-dir", str(work), "--expect", str(published),
-                            "--window", str(args.window)),
-                      1200)
-        ours_rate = w["acked"] / (w["last_at"] - w["connected_at"])
-        cpu["one_worker"], cpu["one_worker_broker"] = w["cpu_s"] / w["acked"], (broker.cpu_s() - b0) / w["acked"]
-        lost = published - stored(url)
-        print(f"one worker: {w}", file=sys.stderr)
+        # 2. one gateway worker; with --bad-share, also on the backlog with odd messages, the two alternating
+        # (ABBA...) for --rounds rounds, so that a drift or a neighbour's load falls on both alike
+        runs: dict[str, list[dict[str, Any]]] = {"clean": [], "bad": []}
+        for r in range(args.rounds):
+            order = ("clean", "bad") if r % 2 == 0 else ("bad", "clean")
+            for variant in order if args.bad_share else ("clean",):
+                runs[variant].append(one_worker(broker, args, work, f"{variant}-{r}",
+                                                args.bad_share if variant == "bad" else 0.0))
+        w = max(runs["clean"], key=lambda x: x["rate"])  # the best round of each: the least disturbed
+        ours_rate, lost, wall["one_worker"] = w["rate"], w["lost"], w["wall_s"]
+        cpu["one_worker"], cpu["one_worker_broker"] = w["cpu_per_msg"], w["broker_cpu_per_msg"]
+        failures["one_worker"] = sum(x["telemetry_failures"] for x in runs["clean"])
+        if runs["bad"]:
+            wb = max(runs["bad"], key=lambda x: x["rate"])
+            wall["one_worker_bad"] = wb["wall_s"]
+            cpu["one_worker_bad"], cpu["one_worker_bad_broker"] = wb["cpu_per_msg"], wb["broker_cpu_per_msg"]
+            failures["one_worker_bad"] = sum(x["telemetry_failures"] for x in runs["bad"])
+            bad = {"bad_share": args.bad_share, "bad_share_msgs_per_s": round(wb["rate"], 1),
+                   "bad_share_ratio": round(wb["rate"] / ours_rate, 3), "bad_share_odd": wb["odd"],
+                   "bad_share_dead_lettered": wb["dead_lettered"], "bad_share_lost": wb["lost"],
+                   "rounds": {v: [round(x["rate"], 1) for x in xs] for v, xs in runs.items()},
+                   "rounds_cpu_us_per_msg": {v: [round(x["cpu_per_msg"] * 1e6, 1) for x in xs]
+                                             for v, xs in runs.items()}}
 
         # 3. two workers sharing one $share group and one database
         prefix = "bench-two"
@@ -360,13 +440,13 @@ def main() -> None:
         for cid in ("gw-w1", "gw-w2"):
             for kind in ("telemetry", "status", "events"):
                 make_session(cid, broker.port, f"$share/bench/{prefix}/+/devices/+/{kind}")
-        published2 = backlog(broker.port, prefix, n, args.devices)
+        published2, _ = backlog(broker.port, prefix, n, args.devices)
         b0 = broker.cpu_s()
         procs = [spawn("--role", "worker", "--port", str(broker.port), "--client-id", cid, "--prefix", prefix,
                        "--db", url2, "--data-dir", str(work), "--share-group", "bench",
                        "--expect", str(published2), "--window", str(args.window)) for cid in ("gw-w1", "gw-w2")]
         results = [result_of(p, 1200) for p in procs]
-        span = max(r["last_at"] for r in results) - min(r["connected_at"] for r in results)
+        span = wall["two_workers"] = max(r["last_at"] for r in results) - min(r["connected_at"] for r in results)
         two_rate = sum(r["acked"] for r in results) / span
         acked2 = sum(r["acked"] for r in results)
         cpu["two_workers"] = sum(r["cpu_s"] for r in results) / acked2
@@ -385,8 +465,9 @@ def main() -> None:
         "messages": n, "devices": args.devices, "db": "postgresql" if args.db and not args.db.startswith("sqlite")
         else "sqlite", "duplicates": w["duplicates"], "dead_lettered": w["dead_lettered"],
         "mean_batch": round(w["acked"] / max(1, w["ack_calls"]), 1),
-        "worker_split": [r["acked"] for r in results],
-        "cpu_us_per_msg": {k: round(v * 1e6, 1) for k, v in cpu.items()}}))
+        "worker_split": [r["acked"] for r in results], **bad, "telemetry_failures": failures,
+        "cpu_us_per_msg": {k: round(v * 1e6, 1) for k, v in cpu.items()},
+        "wall_s": {k: round(v, 2) for k, v in wall.items()}}))
 
 
 if __name__ == "__main__":
