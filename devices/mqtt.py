@@ -44,8 +44,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from devices.payloads import PayloadError, parse_event, parse_status, parse_telemetry
-from devices.telemetry import Rejected, TelemetryBatch
+from devices.payloads import PayloadError, Rejected, TelemetryBatch, parse_event, parse_status, parse_telemetry
 from devices.topics import DEFAULT_PREFIX, command_topic, device_filter, gateway_status_topic, parse_topic
 
 log = logging.getLogger(__name__)

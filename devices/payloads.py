@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from devices.topics import TopicParts, ids_problem, is_text
@@ -258,3 +258,38 @@ def parse_telemetry(topic_parts: TopicParts, payload: bytes | bytearray, receive
         raise PayloadError(BAD_SEQ, "'seq' must be a non-negative integer")
     return Reading(device_id=topic_parts.device_id, store_id=topic_parts.store_id, time=time, metrics=metrics,
                    seq=seq)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A message the gateway will not use; it goes to the dead-letter table with ``reason``."""
+
+    topic: str
+    reason: str
+    detail: str
+    payload: bytes
+    received_at: float
+    device_id: str | None = None
+
+
+@dataclass(slots=True)
+class TelemetryBatch:
+    """What one drain of the MQTT intake hands to the pipeline. ``acks`` belong to the intake."""
+
+    readings: list[Reading] = field(default_factory=list)
+    statuses: list[DeviceStatus] = field(default_factory=list)
+    events: list[DeviceEvent] = field(default_factory=list)
+    rejects: list[Rejected] = field(default_factory=list)
+    prefix: str = "stores"
+    """The topic prefix the messages came under, to name the topic of a message refused here."""
+    acks: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.readings) + len(self.statuses) + len(self.events) + len(self.rejects)
+
+    def extend(self, other: TelemetryBatch) -> None:
+        self.readings.extend(other.readings)
+        self.statuses.extend(other.statuses)
+        self.events.extend(other.events)
+        self.rejects.extend(other.rejects)
+        self.acks.extend(other.acks)

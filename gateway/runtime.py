@@ -39,11 +39,9 @@ from beacons.parse import ParseStats, parse_adverts
 from beacons.remote import AppReport, RemoteError, app_key, app_sightings, parse_espresense
 from beacons.scanner import Scanner
 from beacons.types import Advertisement, Sighting
-from devices.payloads import Reading
+from devices.payloads import Reading, Rejected, TelemetryBatch
 from devices.profiles import load_profiles
-from devices.registry import DeviceRegistry
 from devices.rules import load_rules
-from devices.telemetry import POLICIES, Rejected, TelemetryBatch, TelemetrySettings, TelemetryStore
 from gateway.campaigns.model import CampaignIndex, Segment, load_campaigns, load_segments
 from gateway.channels import Channel, StreamHub
 from gateway.clock import Clock, SystemClock
@@ -55,6 +53,7 @@ from gateway.engine.engine import Engine, EngineEvent, FrequencyCap, Outcome
 from gateway.engine.explain import dry_run
 from gateway.metrics import Histogram, db_state, gateway_families, readiness, render
 from gateway.presence.tracker import PresenceEvent, PresenceTracker
+from gateway.profiles.devices import DeviceRegistry
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.privacy import purge_presence
 from gateway.profiles.service import GatewayService, Invalid
@@ -62,6 +61,7 @@ from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database, describe, is_transient
 from gateway.storage.models import Cart, Device, FootfallCount, Visit, ZoneStay
 from gateway.telemetry.alarms import AlarmDesk, DeviceRules, mqtt_alert_sender
+from gateway.telemetry.store import POLICIES, TelemetrySettings, TelemetryStore
 
 log = logging.getLogger("gateway")
 _VISITS = cast(Table, Visit.__table__)
@@ -401,7 +401,7 @@ class Pipeline:
 
     def ingest_readings(self, readings: Iterable[Reading] = (), now: float | None = None,
                         batch: TelemetryBatch | None = None) -> list[int]:
-        """One transaction per batch: registry, readings, rollups, events, dead letters (devices/telemetry.py),
+        """One transaction per batch: registry, readings, rollups, events, dead letters (gateway/telemetry/store.py),
         then the rules and the engine on the readings that are new and valid. The MQTT intake acknowledges
         the batch to the broker only after this returns (the commit)."""
         if batch is None:

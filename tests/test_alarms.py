@@ -20,9 +20,8 @@ from sqlalchemy.exc import IntegrityError
 
 from devices.mqtt import MqttIntake
 from devices.mqtt import MqttSettings as IntakeSettings
-from devices.payloads import DeviceEvent, Reading
+from devices.payloads import DeviceEvent, Reading, TelemetryBatch
 from devices.rules import parse_rule
-from devices.telemetry import TelemetryBatch
 from devices.topics import command_topic, telemetry_topic
 from gateway.clock import VirtualClock
 from gateway.config import Settings

@@ -21,10 +21,10 @@ from sqlalchemy import func, insert, select
 from api.app import PROBLEM, create_app
 from api.deps import ApiContext
 from devices.profiles import load_profiles
-from devices.registry import DeviceRegistry
 from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
 from gateway.documents import UNAVAILABLE
+from gateway.profiles.devices import DeviceRegistry
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
 from gateway.security.tokens import TokenSigner

@@ -24,8 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices.mqtt import BAD_TOPIC, INTERNAL_ERROR, MqttIntake, MqttSettings
-from devices.payloads import BAD_METRIC, BAD_STATUS, MISSING_METRICS, NOT_JSON, NOT_OBJECT, Reading
-from devices.telemetry import TelemetryBatch
+from devices.payloads import BAD_METRIC, BAD_STATUS, MISSING_METRICS, NOT_JSON, NOT_OBJECT, Reading, TelemetryBatch
 from devices.topics import device_topic
 from tests.conftest import MosquittoServer, PahoTestClient, _mosquitto_binary, free_port
 

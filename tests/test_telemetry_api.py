@@ -12,17 +12,17 @@ from fastapi.testclient import TestClient
 
 from api.app import PROBLEM, create_app
 from api.deps import ApiContext
-from devices.payloads import Reading
+from devices.payloads import Reading, Rejected, TelemetryBatch
 from devices.profiles import load_profiles
-from devices.registry import DeviceRegistry
-from devices.telemetry import Rejected, TelemetryBatch, TelemetrySettings, TelemetryStore
 from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
+from gateway.profiles.devices import DeviceRegistry
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService
 from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Device
+from gateway.telemetry.store import TelemetrySettings, TelemetryStore
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_767_261_600.0

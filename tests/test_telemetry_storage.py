@@ -9,16 +9,8 @@ from typing import Any
 import pytest
 from sqlalchemy import event, func, select, text
 
-from devices.payloads import DeviceEvent, DeviceStatus, Reading
+from devices.payloads import DeviceEvent, DeviceStatus, Reading, Rejected, TelemetryBatch
 from devices.profiles import OUT_OF_RANGE, UNKNOWN_METRIC, parse_profiles
-from devices.telemetry import (
-    QUARANTINED,
-    UNKNOWN_DEVICE,
-    Rejected,
-    TelemetryBatch,
-    TelemetrySettings,
-    TelemetryStore,
-)
 from gateway.storage.db import Database
 from gateway.storage.models import (
     DeadLetter,
@@ -28,6 +20,7 @@ from gateway.storage.models import (
     ReadingRecord,
     ReadingRollup,
 )
+from gateway.telemetry.store import QUARANTINED, UNKNOWN_DEVICE, TelemetrySettings, TelemetryStore
 
 T0 = 1_767_261_600.0  # 2026-01-01 10:00:00 UTC, on a minute and an hour boundary
 PROFILES = parse_profiles([{

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, status
 
 from api.deps import Admin, Context
 from api.schemas import DbStr, DeadLetterOut, DeviceIn, DeviceOut, DevicePatch, DeviceStatus, ReadingOut, RollupOut
-from devices.registry import DeviceRegistry
+from gateway.profiles.devices import DeviceRegistry
 
 router = APIRouter(tags=["devices"], dependencies=[Admin])
 

@@ -93,7 +93,7 @@ class Device(Base):
     )
     last_seen: Mapped[float | None] = mapped_column(Float)
     state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    # The registry (devices/registry.py): which device profile validates it, where it reports, its health.
+    # The registry (gateway/profiles/devices.py): which device profile validates it, where it reports, its health.
     device_profile: Mapped[str | None] = mapped_column(String(64))  # None: the profile named like its kind
     store_id: Mapped[str | None] = mapped_column(String(64))  # from its topic; commands go back there
     firmware: Mapped[str | None] = mapped_column(String(64))
@@ -370,7 +370,7 @@ class IdempotencyKey(Base):
     expires_at: Mapped[float] = mapped_column(Float, index=True)
 
 
-# -- telemetry (devices/telemetry.py writes these; one transaction per MQTT batch) -----------------
+# -- telemetry (gateway/telemetry/store.py writes these; one transaction per MQTT batch) -----------------
 # Readings of an owned device are its owner's data (a wearable's are health data): each row carries the
 # owner at the time, ON DELETE CASCADE, so erasing the profile removes them too.
 

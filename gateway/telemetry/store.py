@@ -21,7 +21,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import CursorResult, Table, bindparam, delete, event, inspect, select, update
@@ -29,7 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import set_committed_value
 
-from devices.payloads import DeviceEvent, DeviceStatus, Reading
+from devices.payloads import Reading, TelemetryBatch
 from devices.profiles import ProfileSet, validate
 from devices.topics import escape_text
 from gateway.storage.models import DeadLetter, Device, DeviceEventRecord, ReadingRecord, ReadingRollup
@@ -45,41 +45,6 @@ DEAD_PAYLOAD_BYTES = 1024
 UNKNOWN_DEVICE = "unknown_device"
 QUARANTINED = "quarantined"
 NO_PROFILE = "no_profile"
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A message the gateway will not use; it goes to the dead-letter table with ``reason``."""
-
-    topic: str
-    reason: str
-    detail: str
-    payload: bytes
-    received_at: float
-    device_id: str | None = None
-
-
-@dataclass(slots=True)
-class TelemetryBatch:
-    """What one drain of the MQTT intake hands to the pipeline. ``acks`` belong to the intake."""
-
-    readings: list[Reading] = field(default_factory=list)
-    statuses: list[DeviceStatus] = field(default_factory=list)
-    events: list[DeviceEvent] = field(default_factory=list)
-    rejects: list[Rejected] = field(default_factory=list)
-    prefix: str = "stores"
-    """The topic prefix the messages came under, to name the topic of a message refused here."""
-    acks: list[tuple[int, int, int]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.readings) + len(self.statuses) + len(self.events) + len(self.rejects)
-
-    def extend(self, other: TelemetryBatch) -> None:
-        self.readings.extend(other.readings)
-        self.statuses.extend(other.statuses)
-        self.events.extend(other.events)
-        self.rejects.extend(other.rejects)
-        self.acks.extend(other.acks)
 
 
 @dataclass
