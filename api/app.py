@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import idempotency, limits, openapi
+from api import idempotency, limits, openapi, write_timeout
 from api.deps import ApiContext
 from api.problem import PROBLEM as PROBLEM  # where the tests and callers have always found it
 from api.problem import problem
@@ -115,4 +115,5 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(deliveries.router, prefix="/v1")
     app.include_router(maintenance.router, prefix="/v1")
     openapi.install(app)  # errors documented as problem+json, as the handlers above send them
+    write_timeout.install(app, ctx.stream_write_timeout_s)  # outermost: it needs the server's own send
     return app

@@ -44,6 +44,8 @@ class ApiContext:
     """The configured full-scope key; the guard keeps only its hash."""
     health: Callable[[], dict[str, Any]]
     heartbeat_s: float = 15.0
+    stream_write_timeout_s: float = 30.0
+    """A send the client has not taken in this long closes its connection (api/write_timeout.py); 0: never."""
     cors_origins: list[str] = field(default_factory=list)
     report_sightings: Callable[[int, list[AppReport]], dict[str, Any]] | None = None
     """The gateway's door for app-reported sightings: (profile id, reports) -> counts; raises Invalid."""

@@ -57,6 +57,7 @@ class ApiSettings:
     cors_headers: list[str] = field(default_factory=lambda: [
         "Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "X-API-Key"])
     heartbeat_s: float = 15.0
+    stream_write_timeout_s: float = 30.0  # a client that reads nothing this long is disconnected; 0: never
     rate_limit_per_s: float = 10.0  # per customer app token, on average; 0: no limit
     rate_limit_burst: int = 60  # ...and at once
     admin_rate_limit_per_s: float = 50.0  # per admin API key; 0: no limit
@@ -69,6 +70,9 @@ class ApiSettings:
         for name in ("max_body_bytes", "catalogue_max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"api.{name}: must be positive, got {getattr(self, name)!r}")
+        if not self.stream_write_timeout_s >= 0:
+            raise ConfigError(f"api.stream_write_timeout_s: must be 0 (never) or more, "
+                              f"got {self.stream_write_timeout_s!r}")
 
 
 @dataclass

@@ -574,6 +574,7 @@ class Runtime:
 
             app = create_app(ApiContext(service=self.service, hub=self.hub, admin_key=self.admin_key,
                                         health=self.health, heartbeat_s=self.settings.api.heartbeat_s,
+                                        stream_write_timeout_s=self.settings.api.stream_write_timeout_s,
                                         cors_origins=self.settings.api.cors_origins,
                                         cors_methods=self.settings.api.cors_methods,
                                         cors_headers=self.settings.api.cors_headers,
