@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import idempotency, limits, openapi, write_timeout
+from api import conformance, idempotency, limits, openapi, write_timeout
 from api.deps import ApiContext
 from api.problem import PROBLEM as PROBLEM  # where the tests and callers have always found it
 from api.problem import problem
@@ -48,6 +48,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="Engagement gateway", version="0.1.0",
                   description="Profiles, carts and the customer notification stream of one store's gateway.")
     app.state.context = ctx
+    conformance.install(app)  # before the routers: literal paths first, each scalar query parameter once
     idempotency.install(app, ctx)  # inside CORS, so refusals and replays carry CORS headers too
     limits.install(app, ctx)  # outside idempotency (which buffers a body), inside CORS
     install_log_redaction()  # uvicorn's access log would show ?access_token= (EventSource)
@@ -57,11 +58,17 @@ def create_app(ctx: ApiContext) -> FastAPI:
                            expose_headers=["Retry-After", "Idempotent-Replayed", "Location", "WWW-Authenticate"])
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette's Allow names one route's methods; the path may have more
+            headers = conformance.allow_headers(request, headers)
+        return problem(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        unparsable = conformance.unparsable_body(exc)
+        if unparsable is not None:
+            return problem(400, unparsable)
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         detail = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"

@@ -3,8 +3,9 @@
 FastAPI documents its validation errors as ``HTTPValidationError`` in ``application/json``; this
 gateway answers 422 with ``application/problem+json`` (see api/app.py), so the document is
 rewritten to say so, and the refusals every route can give (401/403 for a protected route, 404 for
-a route that names a resource, 409 for one that changes state, 500) are documented with the same
-schema. Schemathesis checks responses against this document, so it must not promise less.
+a route that names a resource, 409 for one that changes state, 400 for one that takes a body, which
+may not be JSON at all, 500) are documented with the same schema. Schemathesis checks responses
+against this document, so it must not promise less.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from api.schemas import Problem, ValidationProblem
+from api.schemas import NO_NUL, STORED_VALUE, Problem, ValidationProblem
 
 PROBLEM = "application/problem+json"
 PUBLIC = ("/health", "/metrics")
 _REF = "#/components/schemas/"
 _DESCRIPTIONS = {
-    "400": "Bad request (problem+json)",
+    "400": "Bad request: a body that is not JSON at all (not UTF-8, a syntax error), or a malformed header "
+           "(problem+json)",
     "401": "No credential, or an unknown, expired or revoked one (problem+json)",
     "403": "A valid credential that may not call this (problem+json)",
     "404": "No such resource, or not yours (problem+json)",
@@ -100,10 +102,20 @@ def _restore_examples(schemas: dict[str, Any]) -> None:
             schema["examples"] = extra["examples"]
 
 
+def stored_value_schema() -> dict[str, Any]:
+    """Any JSON value with no NUL in a string or a key, at any depth: what a stored document holds."""
+    ref = {"$ref": _REF + STORED_VALUE}
+    return {"description": "Any JSON value; no string or key in it contains NUL (U+0000)", "anyOf": [
+        {"type": "string", "pattern": NO_NUL}, {"type": "number"}, {"type": "boolean"}, {"type": "null"},
+        {"type": "array", "items": ref},
+        {"type": "object", "propertyNames": {"pattern": NO_NUL}, "additionalProperties": ref}]}
+
+
 def rewrite(doc: dict[str, Any]) -> dict[str, Any]:
     """Errors as problem+json on every operation; FastAPI's own validation schemas removed."""
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     _restore_examples(schemas)
+    schemas[STORED_VALUE] = stored_value_schema()
     for model in (Problem, ValidationProblem):
         schemas[model.__name__] = model.model_json_schema(ref_template=_REF + "{model}")
         for name, sub in schemas[model.__name__].pop("$defs", {}).items():
@@ -123,7 +135,7 @@ def rewrite(doc: dict[str, Any]) -> dict[str, Any]:
                 codes.append("404")
             if method in ("post", "put", "delete", "patch"):
                 codes.append("409")
-            if path.startswith("/v1/me/stream"):
+            if path.startswith("/v1/me/stream") or "requestBody" in op:  # Last-Event-ID; a body that is not JSON
                 codes.append("400")
             for code in codes:
                 current = responses.get(code)

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    StrictBool,
+    StrictFloat,
+    field_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
 from gateway.documents import DocumentError, check_document, text_problem
 
@@ -14,7 +26,38 @@ Purpose = Literal["offers", "cart_reminders", "maintenance", "health", "analytic
 IdentifierKind = Literal["beacon", "device", "app_install", "email_sha256"]
 
 DB_ID_MAX = 2_147_483_647  # ids are 32-bit INTEGER on PostgreSQL: a larger one is a 422, not a 500
-DbId = Annotated[int, Field(ge=1, le=DB_ID_MAX)]
+
+
+def _json_number(value: Any) -> Any:
+    """pydantic's lax mode takes ``true`` as 1 and ``"12"`` as 12 in a number field; the schema says number."""
+    if isinstance(value, bool | str | bytes):
+        raise PydanticCustomError("number_type", "Input should be a number, not {kind}",
+                                  {"kind": "a boolean" if isinstance(value, bool) else "text"})
+    return value
+
+
+JSON_NUMBER = BeforeValidator(_json_number)
+"""Put after any bounds in an ``Annotated`` (``Annotated[int, Field(ge=1), JSON_NUMBER]``): before them,
+pydantic still enforces the bounds but writes ``ge``/``le`` into the schema, which no JSON Schema reader knows."""
+JsonInt = Annotated[int, JSON_NUMBER]
+"""A JSON integer in a body: 12 (or 12.0, an integer to JSON Schema too); never true/false or "12"."""
+JsonNumber = StrictFloat
+"""A JSON number in a body: 12 or 12.5; never true/false or "12"."""
+JsonBool = StrictBool
+"""true or false in a body; never 0/1 or "yes"."""
+DbId = Annotated[int, Field(ge=1, le=DB_ID_MAX), JSON_NUMBER]
+"""A row id in a body."""
+
+
+def _iso_date(value: Any) -> Any:
+    """pydantic would also read ``0`` as 1970-01-01 and take ``2026-06-01T00:00``; the schema says YYYY-MM-DD."""
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
+        raise PydanticCustomError("date_format", "Input should be a date as YYYY-MM-DD")
+    return value
+
+
+IsoDate = Annotated[dt.date, BeforeValidator(_iso_date)]
+"""A day in a query (OpenAPI ``format: date``): YYYY-MM-DD and nothing else."""
 
 
 def _storable_text(value: str) -> str:
@@ -32,16 +75,56 @@ def _storable_document(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-DbStr = Annotated[str, AfterValidator(_storable_text)]
+class _SchemaPattern:
+    """A ``pattern`` for the schema only, saying what a validator enforces with a better message than a
+    pattern's (and, unlike a second constraint, not replacing the field's own pattern). With ``default``,
+    a pattern the field sets itself wins; that one must then exclude NUL too."""
+
+    def __init__(self, pattern: str, *, default: bool = False) -> None:
+        self.pattern, self.default = pattern, default
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        out = handler(schema)
+        target = handler.resolve_ref_schema(out)
+        if target.get("type") == "string" and not (self.default and "pattern" in target):
+            target["pattern"] = self.pattern
+        return out
+
+
+NO_NUL = r"^[^\x00]*$"
+DbStr = Annotated[str, AfterValidator(_storable_text), _SchemaPattern(NO_NUL, default=True)]
 """Text a database can hold (no NUL, no lone surrogate): every string field, query and path parameter."""
-Document = Annotated[dict[str, Any], AfterValidator(_storable_document)]
+STORED_VALUE = "StoredValue"
+"""The component (api/openapi.py defines it) for any JSON value a stored document may hold."""
+
+
+class _SaysStorable:
+    """A stored document's schema says what the validator enforces on every key and string inside it, down
+    to any depth (no NUL), through the recursive ``StoredValue`` component."""
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        out = handler(schema)
+        target = handler.resolve_ref_schema(out)
+        target["propertyNames"] = {"pattern": NO_NUL}
+        target["additionalProperties"] = {"$ref": f"#/components/schemas/{STORED_VALUE}"}
+        return out
+
+
+Document = Annotated[dict[str, Any], AfterValidator(_storable_document), _SaysStorable()]
 """A free-form JSON object the gateway stores: bounded in depth and size, made of storable text
 (gateway/documents.py has the limits)."""
 
 
+WS = r"\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+"""Whitespace as Python's str.strip() sees it, spelled out for a pattern: ``\\s`` differs between Python,
+pydantic's Rust regex and JSON Schema's ECMA dialect (U+001C-U+001F, U+FEFF), so a pattern with it would
+say one thing and the server do another."""
+
+
 class IdentifierIn(BaseModel):
     kind: IdentifierKind
-    value: DbStr = Field(min_length=1, max_length=256)
+    value: DbStr = Field(min_length=1, max_length=256, json_schema_extra={"pattern": rf"^[^\x00]*[^{WS}\x00][^\x00]*$"},
+                         description="Compared without surrounding whitespace, so some other character is needed")
 
 
 ConsentSource = Annotated[str, Field(
@@ -62,7 +145,7 @@ class ProfileIn(BaseModel):
     name: DbStr | None = Field(default=None, max_length=200)
     attributes: Document = Field(default_factory=dict)
     identifiers: list[IdentifierIn] = Field(default_factory=list, max_length=50)
-    consents: dict[Purpose, bool] = Field(default_factory=dict)
+    consents: dict[Purpose, JsonBool] = Field(default_factory=dict)
     consent_source: ConsentSource = "api"
 
 
@@ -90,7 +173,7 @@ class ProfileOut(BaseModel):
 class ConsentsIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "consents": {"offers": True, "cart_reminders": False}, "source": "app:settings"}]})
-    consents: dict[Purpose, bool]
+    consents: dict[Purpose, JsonBool]
     source: ConsentSource = "api"
 
 
@@ -102,7 +185,7 @@ class ProfileUpdateIn(BaseModel):
 
 class LinkIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"profile_id": 7}]})
-    profile_id: int = Field(ge=1, le=DB_ID_MAX, description="The profile merged into this one, then deleted")
+    profile_id: JsonInt = Field(ge=1, le=DB_ID_MAX, description="The profile merged into this one, then deleted")
 
 
 class TokenOut(BaseModel):
@@ -118,8 +201,8 @@ class CartItemIn(BaseModel):
 
     sku: DbStr = Field(min_length=1, max_length=64)
     name: DbStr | None = Field(default=None, max_length=200)
-    price: float | None = Field(default=None, ge=0)
-    quantity: int = Field(default=1, ge=1, le=10_000)
+    price: JsonNumber | None = Field(default=None, ge=0)
+    quantity: JsonInt = Field(default=1, ge=1, le=10_000)
 
 
 class CartIn(BaseModel):
@@ -130,7 +213,7 @@ class CartIn(BaseModel):
     profile_id: DbId | None = None
     profile_external_id: DbStr | None = Field(default=None, max_length=128)
     items: list[CartItemIn] = Field(max_length=500)
-    updated_at: float | None = Field(default=None, description="Epoch seconds; default now")
+    updated_at: JsonNumber | None = Field(default=None, description="Epoch seconds; default now")
     status: Literal["open", "checked_out"] = "open"
 
 
@@ -160,7 +243,7 @@ class CatalogItemIn(BaseModel):
 
     sku: DbStr = Field(min_length=1, max_length=64)
     name: DbStr = Field(min_length=1, max_length=200)
-    price: float | None = Field(default=None, ge=0)
+    price: JsonNumber | None = Field(default=None, ge=0)
     zone: DbStr | None = Field(default=None, max_length=64)
     aisle: DbStr | None = Field(default=None, max_length=32)
 
@@ -190,8 +273,13 @@ class HealthOut(BaseModel):
 class StoreIBeacon(BaseModel):
     model_config = ConfigDict(extra="forbid")
     uuid: str = Field(pattern=r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$")
-    major: int = Field(ge=0, le=0xFFFF)
-    minor: int = Field(ge=0, le=0xFFFF)
+    major: JsonInt = Field(ge=0, le=0xFFFF)
+    minor: JsonInt = Field(ge=0, le=0xFFFF)
+
+
+BeaconKey = Annotated[str, AfterValidator(_storable_text),
+                      _SchemaPattern(rf"^[{WS}]*[A-Za-z_]+:[^{WS}\x00]{{1,200}}[{WS}]*$")]
+"""A beacon's key, e.g. ibeacon:<uuid>:<major>:<minor> (its format's name, a colon, the rest)."""
 
 
 class AppSightingIn(BaseModel):
@@ -201,15 +289,18 @@ class AppSightingIn(BaseModel):
         "beacon": {"uuid": "f7826da6-4fa2-4e98-8024-bc5b71e0893e", "major": 1, "minor": 7},
         "rssi": -63, "tx_power": -59, "time": 1780300800.0}]})
 
-    beacon: StoreIBeacon | DbStr = Field(description="{uuid, major, minor} or a key like ibeacon:<uuid>:1:7")
-    rssi: int = Field(gt=-127, lt=0)
-    tx_power: int | None = Field(default=None, gt=-127, lt=0, description="Measured power at 1 m, if known")
-    time: float | None = Field(default=None, allow_inf_nan=False, description="Epoch seconds when ranged; default now")
+    beacon: StoreIBeacon | BeaconKey = Field(
+        description="{uuid, major, minor} or a key like ibeacon:<uuid>:1:7")
+    rssi: JsonInt = Field(gt=-127, lt=0)
+    tx_power: Annotated[int, Field(gt=-127, lt=0), JSON_NUMBER] | None = Field(
+        default=None, description="Measured power at 1 m, if known")
+    time: JsonNumber | None = Field(default=None, allow_inf_nan=False,
+                                    description="Epoch seconds when ranged; default now")
 
     @field_validator("beacon")
     @classmethod
     def _key_shape(cls, v: StoreIBeacon | str) -> StoreIBeacon | str:
-        if isinstance(v, str) and not re.fullmatch(r"[a-z_]+:\S{1,200}", v.strip().lower()):
+        if isinstance(v, str) and not re.fullmatch(r"[A-Za-z_]+:\S{1,200}", v.strip()):  # BeaconKey's pattern
             raise ValueError("expected a beacon key such as ibeacon:<uuid>:<major>:<minor>")
         return v
 
@@ -242,7 +333,7 @@ class SyntheticEvent(BaseModel):
     kind: Literal["visit_start", "enter", "dwell", "exit", "visit_end", "telemetry", "cart_abandoned", "purchase",
                   "alarm", "alarm_cleared", "segment_entered", "schedule"]
     zone: DbStr | None = Field(default=None, max_length=64)
-    dwell_s: float = Field(default=0.0, ge=0)
+    dwell_s: JsonNumber = Field(default=0.0, ge=0)
     facts: Document = Field(default_factory=dict, description="e.g. {device: {...}, reading: {...}}")
 
 
@@ -465,7 +556,7 @@ class WebhookEnableIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "url": "https://push.brand.example/gateway", "replay": True}]})
     url: DbStr = Field(min_length=8, max_length=1024)
-    replay: bool = Field(default=True, description="Also requeue the webhook's dead letters")
+    replay: JsonBool = Field(default=True, description="Also requeue the webhook's dead letters")
 
 
 class WebhookEnableOut(BaseModel):
@@ -536,7 +627,7 @@ class DevicePatch(BaseModel):
     device_profile: DbStr | None = Field(default=None, max_length=64)
     owner_profile_id: DbId | None = None
     firmware: DbStr | None = Field(default=None, max_length=64)
-    quarantined: bool | None = None
+    quarantined: JsonBool | None = None
 
 
 class DeviceOut(BaseModel):
@@ -620,7 +711,7 @@ class AlarmOut(BaseModel):
 
 class BookingIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"slot": 1780387200.0}]})
-    slot: float | None = Field(default=None, allow_inf_nan=False, gt=0,
+    slot: JsonNumber | None = Field(default=None, allow_inf_nan=False, gt=0,
                                description="The service slot the owner asks for (epoch s); omitted: any time")
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 
 from api.deps import Admin, Context, Read
-from api.schemas import DB_ID_MAX, DbStr, DecisionOut, DryRunIn, DryRunOutcome
+from api.schemas import DB_ID_MAX, DbStr, DecisionOut, DryRunIn, DryRunOutcome, IsoDate
 
 router = APIRouter(tags=["insights"])  # scopes per route: a dry run is a read
 
@@ -30,8 +29,8 @@ def dry_run(body: DryRunIn, ctx: Context) -> list[dict[str, Any]]:
 
 @router.get("/figures", dependencies=[Admin])
 def figures(ctx: Context,
-            day_from: Annotated[dt.date, Query(alias="from", description="First local day, YYYY-MM-DD")],
-            day_to: Annotated[dt.date | None, Query(alias="to", description="Last local day; default: from")] = None,
+            day_from: Annotated[IsoDate, Query(alias="from", description="First local day, YYYY-MM-DD")],
+            day_to: Annotated[IsoDate | None, Query(alias="to", description="Last local day; default: from")] = None,
             zone: Annotated[DbStr | None, Query(min_length=1, max_length=64, description="Only this zone")] = None,
             campaign: Annotated[DbStr | None, Query(min_length=1, max_length=128,
                                                   description="Only this campaign")] = None,

@@ -11,7 +11,7 @@ from fastapi import APIRouter, HTTPException, Path, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Context, KeyAdmin, guard_of
-from api.schemas import DbStr
+from api.schemas import JSON_NUMBER, DbStr
 from gateway.security.auth import CONFIG_KEY_ID
 
 router = APIRouter(prefix="/keys", tags=["keys"], dependencies=[KeyAdmin])
@@ -27,7 +27,7 @@ class KeyIn(BaseModel):
 
     name: DbStr = Field(min_length=1, max_length=100, description="Who or what uses it")
     scopes: list[Scope] = Field(min_length=1, max_length=5)
-    expires_in_s: int | None = Field(default=None, ge=60, le=10 * 365 * 86400,
+    expires_in_s: Annotated[int, Field(ge=60, le=10 * 365 * 86400), JSON_NUMBER] | None = Field(default=None,
                                      description="None: the key works until revoked")
 
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Context, Customer
-from api.schemas import DbStr
+from api.schemas import DbStr, JsonNumber
 from gateway.delivery.webpush import (
     SubscriptionError,
     SubscriptionTaken,
@@ -38,7 +38,7 @@ class PushSubscriptionIn(BaseModel):
                  "auth": "tBHItJI5svbpez7KI4CCXg"}}]})
 
     endpoint: DbStr = Field(min_length=8, max_length=1024)
-    expirationTime: float | None = None  # the browser's own field name (ignored: the push service says 410)
+    expirationTime: JsonNumber | None = None  # the browser's own field name (ignored: the push service says 410)
     keys: PushKeys
 
 
