@@ -19,7 +19,7 @@ from starlette.requests import HTTPConnection
 
 from api.schemas import DbStr
 from beacons.remote import AppReport
-from gateway.channels import StreamHub
+from gateway.delivery.hub import StreamHub
 from gateway.profiles.service import GatewayService
 from gateway.security.auth import AuthError, AuthPolicy, Guard, Principal, Stored, retry_after
 from gateway.security.tokens import Claims, TokenError
@@ -62,7 +62,7 @@ class ApiContext:
     presence: Callable[[], dict[str, Any]] | None = None
     """Who is in which zone now (called on the event loop, where the tracker lives); None: 503."""
     devices: Any = None
-    """The device registry (devices.registry.DeviceRegistry) for /v1/devices; None: 503."""
+    """The device registry (gateway.profiles.devices.DeviceRegistry) for /v1/devices; None: 503."""
     alarms: Any = None
     """Device alarms and the maintenance loop (gateway.telemetry.alarms.AlarmDesk); None: 503."""
     probes: dict[str, Any] = field(default_factory=dict)

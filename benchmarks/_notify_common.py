@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gateway.config import Settings
+    from gateway.app.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -48,7 +48,8 @@ def raise_fd_limit(want: int) -> None:
 
 
 def bench_settings(tmp: Path, port: int) -> Settings:
-    from gateway.config import ReceiverSettings, Settings, ZoneBand
+    from gateway.app.config import Settings
+    from gateway.presence.settings import ReceiverSettings, ZoneBand
 
     camp = tmp / "campaigns"
     camp.mkdir(parents=True, exist_ok=True)

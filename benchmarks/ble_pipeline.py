@@ -1,7 +1,7 @@
 """Advertisements per second through the whole BLE path, against Home Assistant's iBeacon parser.
 
 Ours: parse -> guard -> filter -> presence -> identity match -> campaign engine, the real
-``gateway.runtime.Pipeline`` on a temporary SQLite database with 10,000 profiles and 200+
+``gateway.app.pipeline.Pipeline`` on a temporary SQLite database with 10,000 profiles and 200+
 campaigns loaded, fed in one-second batches (as the runtime drains the scanner) with a
 presence tick after each. Anchor: ``ibeacon_ble.iBeaconParser.parse`` (what Home Assistant's
 ibeacon integration calls for every advertisement) on the same stream, as the bleak-like
@@ -57,10 +57,11 @@ from beacons import parse as parse_module  # noqa: E402
 from beacons.encode import eddystone_tlm_frame, eddystone_uid_frame  # noqa: E402
 from beacons.parse import EDDYSTONE_SERVICE_UUID, ParseStats, parse_adverts  # noqa: E402
 from beacons.types import Advertisement  # noqa: E402
+from gateway.app.config import Settings, StoreSettings  # noqa: E402
+from gateway.app.pipeline import Pipeline  # noqa: E402
 from gateway.campaigns.model import CampaignIndex, load_campaigns, load_segments, parse_campaign  # noqa: E402
-from gateway.config import PresenceSettings, ReceiverSettings, Settings, StoreSettings, ZoneBand  # noqa: E402
+from gateway.presence.settings import PresenceSettings, ReceiverSettings, ZoneBand  # noqa: E402
 from gateway.profiles.identity import IdentityIndex  # noqa: E402
-from gateway.runtime import Pipeline  # noqa: E402
 from gateway.storage.db import Database  # noqa: E402
 from gateway.storage.models import (  # noqa: E402
     Cart,

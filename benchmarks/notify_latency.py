@@ -54,7 +54,7 @@ async def bench(people: int, notifications: int, warmup_s: float = 4.0) -> dict[
     from beacons.encode import ibeacon_payload
     from beacons.scanner import InjectionScanner
     from beacons.types import Advertisement
-    from gateway.runtime import Runtime
+    from gateway.app.runtime import Runtime
 
     raise_fd_limit(notifications * 2 + 1024)
     with tempfile.TemporaryDirectory() as tmp:

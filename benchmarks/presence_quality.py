@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from beacons.types import Sighting  # noqa: E402
-from gateway.config import PresenceSettings, ReceiverSettings, ZoneBand  # noqa: E402
+from gateway.presence.settings import PresenceSettings, ReceiverSettings, ZoneBand  # noqa: E402
 from gateway.presence.tracker import PresenceTracker, rssi_at  # noqa: E402
 from simulators.people import VisitPath, Walker  # noqa: E402
 from simulators.scenario import Receiver, Scenario, Zone, load_scenario  # noqa: E402

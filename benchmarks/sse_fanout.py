@@ -57,7 +57,7 @@ def schedule_campaign(settings: Any, at: float) -> None:
 
 
 async def bench(clients: int, workers: int) -> dict[str, Any]:
-    from gateway.runtime import Runtime
+    from gateway.app.runtime import Runtime
 
     raise_fd_limit(2 * clients + 1024)
     with tempfile.TemporaryDirectory() as tmp:

@@ -169,8 +169,8 @@ def role_worker(args: argparse.Namespace) -> None:
     import logging
 
     from devices.mqtt import MqttIntake, MqttSettings
-    from gateway.config import Settings
-    from gateway.runtime import Runtime
+    from gateway.app.config import Settings
+    from gateway.app.runtime import Runtime
 
     logging.basicConfig(level=logging.WARNING)
 

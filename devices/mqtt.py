@@ -668,7 +668,7 @@ class MqttIntake:
 
 
 def settings_from_config(m: Any, store_id: str) -> MqttSettings:
-    """The intake's settings from ``[mqtt]`` of gateway.toml (gateway.config.MqttSettings)."""
+    """The intake's settings from ``[mqtt]`` of gateway.toml (gateway.app.config.MqttSettings)."""
     return MqttSettings(
         host=m.host, port=m.port, client_id=m.client_id or f"gateway-{store_id}", store_id=store_id,
         protocol="3.1.1" if m.protocol == "3.1.1" else "5", username=m.username or None,

@@ -11,3 +11,7 @@ class Conflict(ValueError):
 
 class Invalid(ValueError):
     pass
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names it (``presence.exit_after_s: ...``)."""

@@ -19,9 +19,10 @@ from pathlib import Path
 from beacons.encode import ibeacon_payload
 from beacons.scanner import InjectionScanner
 from beacons.types import Advertisement
-from gateway.config import ReceiverSettings, Settings, ZoneBand
+from gateway.app.config import Settings
+from gateway.app.runtime import Runtime
+from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.profiles.service import NewProfile
-from gateway.runtime import Runtime
 
 UUID = "f7826da6-4fa2-4e98-8024-bc5b71e0893e"
 CAMPAIGN = """\

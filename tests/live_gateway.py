@@ -15,10 +15,11 @@ from sqlalchemy import insert
 
 from beacons.encode import ibeacon_payload
 from beacons.types import Advertisement
+from gateway.app.config import Settings
+from gateway.app.runtime import Runtime
 from gateway.clock import VirtualClock
-from gateway.config import ReceiverSettings, Settings, ZoneBand
+from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.profiles.service import NewProfile
-from gateway.runtime import Runtime
 from gateway.storage.models import Notification
 from tests.conftest import free_port
 

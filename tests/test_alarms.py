@@ -23,10 +23,10 @@ from devices.mqtt import MqttSettings as IntakeSettings
 from devices.payloads import DeviceEvent, Reading, TelemetryBatch
 from devices.rules import parse_rule
 from devices.topics import command_topic, telemetry_topic
+from gateway.app.config import Settings
+from gateway.app.runtime import Runtime
 from gateway.clock import VirtualClock
-from gateway.config import Settings
 from gateway.profiles.service import NewProfile
-from gateway.runtime import Runtime
 from gateway.storage.db import Database
 from gateway.storage.models import Alarm, Decision, Device, Notification, RuleStateRecord
 from gateway.telemetry.alarms import DeviceRules, after_commit, alert_topic

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from gateway.app.runtime import Runtime
 from gateway.clock import VirtualClock
-from gateway.runtime import Runtime
 from gateway.storage.models import Alarm, Notification, RuleStateRecord
 from tests.test_alarms import T0, feed, gateway_settings, owner
 

@@ -24,8 +24,8 @@ from starlette.routing import WebSocketRoute
 
 from api.app import PROBLEM, create_app
 from api.deps import ApiContext
-from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
+from gateway.delivery.hub import StreamHub
 from gateway.profiles.identity import IdentityIndex, hash_email
 from gateway.profiles.service import GatewayService, NewProfile
 from gateway.security.tokens import TokenSigner

@@ -20,8 +20,8 @@ from starlette.websockets import WebSocketDisconnect
 import gateway.security.auth as auth
 from api.app import PROBLEM, create_app
 from api.deps import ApiContext, guard_of
-from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
+from gateway.delivery.hub import StreamHub
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
 from gateway.security.auth import AuthPolicy, TokenBucket
@@ -157,7 +157,7 @@ def test_scopes_parse_and_refuse_unknown_ones() -> None:
 
 
 def test_the_cli_creates_lists_and_revokes_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.cli import main
+    from gateway.app.cli import main
 
     url = f"sqlite:///{tmp_path}/cli.db"
     assert main(["keys", "create", "--url", url, "--scopes", "read,write", "--name", "pos"]) == 0

@@ -28,8 +28,8 @@ import gateway.security.auth as auth
 from api.app import PROBLEM, create_app
 from api.deps import ApiContext, guard_of
 from api.routers import ws as ws_router
-from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
+from gateway.delivery.hub import StreamHub
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
 from gateway.storage.db import Database

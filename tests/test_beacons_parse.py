@@ -621,7 +621,7 @@ def test_eddystone_power_is_brought_from_0_m_to_the_1_m_reference() -> None:
 def test_an_eddystone_beacon_heard_at_2_m_lands_in_the_near_zone() -> None:
     """The audit's case: -20 dBm at 0 m is -61 dBm at 1 m, so -67 dBm is about 2 m away."""
     from beacons.types import Sighting
-    from gateway.config import PresenceSettings, ReceiverSettings, ZoneBand
+    from gateway.presence.settings import PresenceSettings, ReceiverSettings, ZoneBand
     from gateway.presence.tracker import PresenceTracker
 
     frame = parse_service_data(EDDYSTONE_SERVICE_UUID, encode.eddystone_uid_frame("8b0ca750095477cb3e77",

@@ -19,8 +19,8 @@ import pytest
 from sqlalchemy import func, select
 
 from api.deps import ADMIN_KEY_REQUIRED
-from gateway.config import ConfigError, load_settings
-from gateway.runtime import Runtime
+from gateway.app.config import ConfigError, load_settings
+from gateway.app.runtime import Runtime
 from gateway.storage.models import CatalogItem, Profile
 from tests.live_gateway import ADMIN_KEY, base_url, enrol, live_settings, running
 

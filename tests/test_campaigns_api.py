@@ -10,11 +10,12 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from gateway.app.config import Settings
+from gateway.app.runtime import Runtime
 from gateway.clock import VirtualClock
-from gateway.config import ReceiverSettings, Settings, ZoneBand
+from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.presence.tracker import PresenceEvent
 from gateway.profiles.service import NewProfile
-from gateway.runtime import Runtime
 from gateway.storage.models import Decision, Notification
 from tests.conftest import free_port
 
@@ -127,12 +128,12 @@ def test_catalogue_csv_import_all_or_nothing(tmp_path):
     url = f"sqlite:///{tmp_path / 'c.db'}"
     cfg = tmp_path / "gw.toml"
     cfg.write_text(f'data_dir = "{tmp_path}"\n')
-    argv = [sys.executable, "-m", "gateway.cli", "catalogue", "import", str(ROOT / "examples/catalogue.csv")]
+    argv = [sys.executable, "-m", "gateway.app.cli", "catalogue", "import", str(ROOT / "examples/catalogue.csv")]
     ok = subprocess.run([*argv, "--url", url, "--config", str(cfg)], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "imported 5 product(s)" in ok.stdout, ok.stderr
     bad = tmp_path / "bad.csv"
     bad.write_text("sku,name,price\nA,Apple,1.0\nB,Banana,cheap\n")
-    r = subprocess.run([sys.executable, "-m", "gateway.cli", "catalogue", "import", str(bad), "--url", url,
+    r = subprocess.run([sys.executable, "-m", "gateway.app.cli", "catalogue", "import", str(bad), "--url", url,
                         "--config", str(cfg)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "line 3: price 'cheap' is not a number" in r.stderr and "Traceback" not in r.stderr
     import sqlite3

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GATEWAY = [sys.executable, "-m", "gateway.cli"]
+GATEWAY = [sys.executable, "-m", "gateway.app.cli"]
 
 # iBeacon advert from Home Assistant's ibeacon-ble test suite (tests/test_parser.py,
 # "BLUECHARM_BEACON_SERVICE_INFO"): uuid 426c7565-4368-6172-6d42-6561636f6e73, major 3838, minor 4949, -59 dBm.
@@ -144,8 +144,8 @@ def test_run_on_another_adapter_with_its_receiver_id_configured_does_not_warn(tm
 
 def test_the_scanner_carries_the_configured_receiver_id():
     from beacons.scanner import BleakSource
-    from gateway.cli import ble_scanner
-    from gateway.config import Settings
+    from gateway.app.cli import ble_scanner
+    from gateway.app.config import Settings
 
     s = Settings()
     s.ble.adapter, s.ble.receiver = "hci1", "rx-door"

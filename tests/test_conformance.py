@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from api.problem import PROBLEM
-from gateway.runtime import Runtime
+from gateway.app.runtime import Runtime
 from tests.live_gateway import ADMIN_KEY, base_url, enrol, live_settings, running
 
 ADMIN = {"X-API-Key": ADMIN_KEY}

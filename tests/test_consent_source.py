@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.deps import ApiContext
-from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
+from gateway.delivery.hub import StreamHub
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService
 from gateway.security.tokens import TokenSigner

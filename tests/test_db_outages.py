@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 
 from devices.mqtt import MqttIntake, MqttSettings
 from devices.topics import telemetry_topic
-from gateway.runtime import Runtime
+from gateway.app.runtime import Runtime
 from gateway.storage.models import DeadLetter, ReadingRecord
 from tests.conftest import MosquittoServer, PahoTestClient
 from tests.live_gateway import ADMIN_KEY, base_url, enrol, live_settings, walk_in

@@ -13,15 +13,15 @@ import sys
 import threading
 from pathlib import Path
 
+from gateway.app.config import Settings
+from gateway.app.simulate import simulate
 from gateway.campaigns.model import load_campaigns
-from gateway.config import Settings
-from gateway.simulate import simulate
 from simulators.scenario import load_scenario
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ("shoes-dwell-offer", "abandoned-cart-reminder", "mower-blade-service")  # issue 2's three kinds
-DEMO_SEED = 1  # gateway.demo.run_demo's default
+DEMO_SEED = 1  # gateway.app.demo.run_demo's default
 DEMO_DWELL_EVERY_S = 5.0  # what run_demo sets
 
 
@@ -41,7 +41,7 @@ def test_the_demo_scenario_fires_all_three_example_campaigns_within_a_minute() -
 
 def test_ctrl_c_stops_the_demo_cleanly_while_it_decides(tmp_path: Path, mosquitto) -> None:
     port = free_port()
-    cmd = [sys.executable, "-m", "gateway.cli", "demo", "--port", str(port), "--mqtt-port", str(mosquitto.port),
+    cmd = [sys.executable, "-m", "gateway.app.cli", "demo", "--port", str(port), "--mqtt-port", str(mosquitto.port),
            "--data-dir", str(tmp_path / "demo")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err_lines: list[str] = []

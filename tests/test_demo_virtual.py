@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from gateway.demo import run_demo
+from gateway.app.demo import run_demo
 from gateway.storage.db import Database
 from gateway.storage.models import Decision, Visit
 from tests.conftest import free_port

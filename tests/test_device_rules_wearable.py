@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from gateway.app.config import Settings
+from gateway.app.runtime import Runtime
 from gateway.clock import VirtualClock
-from gateway.config import Settings
 from gateway.profiles.service import NewProfile
-from gateway.runtime import Runtime
 from gateway.storage.models import Alarm, Decision, Notification
 from tests.test_alarms import feed
 

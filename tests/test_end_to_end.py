@@ -19,10 +19,10 @@ from sqlalchemy import select
 from beacons.scanner import InjectionScanner
 from devices.mqtt import MqttIntake
 from devices.mqtt import MqttSettings as IntakeSettings
+from gateway.app.config import Settings
+from gateway.app.runtime import Runtime
+from gateway.app.scenarios import apply_scenario, enrol
 from gateway.clock import VirtualClock
-from gateway.config import Settings
-from gateway.runtime import Runtime
-from gateway.scenarios import apply_scenario, enrol
 from gateway.storage.models import Decision, Notification
 from simulators.carts import cart_upserts
 from simulators.scenario import load_scenario

@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import func, select
 
 from gateway.campaigns.model import CampaignError, CampaignIndex, Segment, parse_campaign
-from gateway.channels import DELIVERED_LIVE
 from gateway.clock import VirtualClock
+from gateway.delivery.hub import DELIVERED_LIVE
 from gateway.delivery.outbox import Dispatcher
 from gateway.engine.engine import Engine, EngineEvent, FrequencyCap
 from gateway.engine.explain import dry_run
@@ -237,9 +237,10 @@ def test_the_two_line_frequent_and_occasional_segments(world):
 
 
 def test_loyalty_points_once_per_visit_and_tiers_in_conditions(tmp_path):
-    from gateway.config import ReceiverSettings, Settings, ZoneBand
+    from gateway.app.config import Settings
+    from gateway.app.pipeline import Pipeline
+    from gateway.presence.settings import ReceiverSettings, ZoneBand
     from gateway.presence.tracker import PresenceEvent
-    from gateway.runtime import Pipeline
 
     s = Settings()
     s.database.url = f"sqlite:///{tmp_path / 'p.db'}"

@@ -8,7 +8,8 @@ import tracemalloc
 from beacons.guard import Guard, GuardSettings
 from beacons.parse import parse_payload
 from beacons.types import Advertisement, IBeacon
-from gateway.config import PresenceSettings, ReceiverSettings, Settings, ZoneBand
+from gateway.app.config import Settings
+from gateway.presence.settings import PresenceSettings, ReceiverSettings, ZoneBand
 from gateway.profiles.identity import IdentityIndex
 
 UUID = "e2c56db5-dffb-48d2-b060-d0f5a71096e0"
@@ -148,8 +149,8 @@ def test_state_stays_bounded_under_a_flood_of_random_addresses():
 def test_pipeline_counts_guard_drops_and_parse_stats():
     """Wired into Pipeline.ingest_adverts: a transient is never seen by presence; counters are exposed."""
     from beacons.encode import ibeacon_payload
+    from gateway.app.pipeline import Pipeline
     from gateway.campaigns.model import CampaignIndex
-    from gateway.runtime import Pipeline
 
     settings = Settings(presence=PresenceSettings(),
                         receivers=[ReceiverSettings(id="rx", zones=[ZoneBand(name="door", max_m=5.0)])])

@@ -21,8 +21,8 @@ from sqlalchemy import func, insert, select
 from api.app import PROBLEM, create_app
 from api.deps import ApiContext
 from devices.profiles import load_profiles
-from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
+from gateway.delivery.hub import StreamHub
 from gateway.documents import UNAVAILABLE
 from gateway.profiles.devices import DeviceRegistry
 from gateway.profiles.identity import IdentityIndex

@@ -9,11 +9,12 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
+from gateway.app.config import Settings
+from gateway.app.runtime import Runtime
 from gateway.clock import VirtualClock
-from gateway.config import ReceiverSettings, Settings, ZoneBand
+from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.presence.tracker import PresenceEvent
 from gateway.profiles.service import NewProfile
-from gateway.runtime import Runtime
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.app.runtime import Runtime
 from gateway.clock import VirtualClock
 from gateway.profiles.service import NewProfile
-from gateway.runtime import Runtime
 from tests.conftest import free_port
 from tests.test_alarms import T0, feed
 
@@ -24,7 +24,7 @@ ADMIN = {"X-API-Key": "maintenance-test-admin-key-0123456789"}
 
 @pytest.fixture
 async def loop_gw(tmp_path: Path) -> AsyncIterator[tuple[Runtime, VirtualClock, httpx.AsyncClient]]:
-    from gateway.config import Settings
+    from gateway.app.config import Settings
 
     s = Settings()
     s.data_dir = str(tmp_path)

@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 
 from api.app import PROBLEM, create_app
 from api.deps import ApiContext
-from gateway.channels import StreamHub
-from gateway.config import ConfigError, LoggingSettings, load_settings
-from gateway.logs import MASK, secrets_of, setup_logging
+from gateway.app.config import ConfigError, LoggingSettings, load_settings
+from gateway.app.logs import MASK, secrets_of, setup_logging
+from gateway.delivery.hub import StreamHub
 from gateway.metrics import readiness
 from gateway.storage.db import MIGRATIONS, Database
 from tests.live_gateway import ADMIN_KEY, T0, base_url, enrol, live_settings, running, walk_in

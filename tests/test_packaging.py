@@ -59,17 +59,17 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
 
 def gateway(*args: str) -> list[str]:
     """The installed console script's entry point, on the base interpreter (not the venv's)."""
-    return [sys._base_executable, "-c", "import sys; from gateway.cli import main; sys.exit(main())", *args]
+    return [sys._base_executable, "-c", "import sys; from gateway.app.cli import main; sys.exit(main())", *args]
 
 
 def test_the_wheel_carries_the_examples_and_runs_the_installed_copy(installed: tuple[Path, dict[str, str]]) -> None:
     where, env = installed
-    probe = subprocess.run([sys._base_executable, "-c", "import gateway.config as c; print(c.__file__); "
+    probe = subprocess.run([sys._base_executable, "-c", "import gateway.app.config as c; print(c.__file__); "
                             "print(c.Settings().campaigns.dir)"], cwd=where, env=env, capture_output=True,
                            text=True, check=True)
     module, campaigns = probe.stdout.split()
     assert not module.startswith(str(ROOT))  # the installed copy, not the checkout
-    assert campaigns.startswith(str(Path(module).parent)) and Path(campaigns, "shoes-dwell-offer.yaml").is_file()
+    assert campaigns.startswith(str(Path(module).parent.parent)) and Path(campaigns, "shoes-dwell-offer.yaml").is_file()
 
 
 def test_simulate_with_its_default_scenario_runs_from_any_directory(installed: tuple[Path, dict[str, str]]) -> None:

@@ -10,14 +10,14 @@ from typing import Any
 
 from sqlalchemy import insert, select
 
+from gateway.app.config import Settings
+from gateway.app.pipeline import Pipeline
 from gateway.campaigns.model import CampaignIndex, load_segments, parse_campaign
 from gateway.clock import VirtualClock
-from gateway.config import Settings
 from gateway.engine.engine import RELEASE_RESCAN_S, Engine, EngineEvent
 from gateway.presence.tracker import PresenceEvent
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
-from gateway.runtime import Pipeline
 from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import (

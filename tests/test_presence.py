@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from beacons.types import Sighting
-from gateway.config import PresenceSettings, ReceiverSettings, ZoneBand
+from gateway.presence.settings import PresenceSettings, ReceiverSettings, ZoneBand
 from gateway.presence.tracker import MISSING_LLR, PresenceTracker, distance_m
 
 T0 = 1_000_000.0
@@ -351,10 +351,10 @@ def test_pipeline_stats_expose_parse_guard_and_presence_drops():
     """The operations helper builds /metrics from Pipeline.stats(): every drop counter must be in it."""
     from beacons.encode import ibeacon_payload
     from beacons.types import Advertisement
+    from gateway.app.config import Settings
+    from gateway.app.pipeline import Pipeline
     from gateway.campaigns.model import CampaignIndex
-    from gateway.config import Settings
     from gateway.profiles.identity import IdentityIndex
-    from gateway.runtime import Pipeline
 
     s = Settings()
     s.receivers = [ReceiverSettings("rx", [ZoneBand("z", 3.0)], measured_power=-59)]
@@ -377,10 +377,10 @@ def test_one_customer_with_a_tag_and_the_app_makes_one_visit_and_one_stay(tmp_pa
     """Two identities of one profile (its tag, and the app ranging a store beacon): one visit, counted new once."""
     from sqlalchemy import insert, select
 
+    from gateway.app.config import Settings
+    from gateway.app.pipeline import Pipeline
     from gateway.campaigns.model import CampaignIndex
-    from gateway.config import Settings
     from gateway.profiles.identity import IdentityIndex
-    from gateway.runtime import Pipeline
     from gateway.storage.db import Database
     from gateway.storage.models import Profile, Visit, ZoneStay
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from gateway.app.config import Settings
+from gateway.app.pipeline import Pipeline
 from gateway.campaigns.model import CampaignIndex, parse_campaign
 from gateway.clock import VirtualClock
-from gateway.config import ReceiverSettings, Settings, ZoneBand
+from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.presence.tracker import PresenceEvent
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
-from gateway.runtime import Pipeline
 from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Decision, Notification

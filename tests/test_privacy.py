@@ -87,8 +87,8 @@ def test_retention_purges_old_presence_but_keeps_receipts(world):
 
 
 def test_retention_runs_by_default_in_the_pipeline(world, tmp_path):
-    from gateway.config import Settings
-    from gateway.runtime import Pipeline
+    from gateway.app.config import Settings
+    from gateway.app.pipeline import Pipeline
     from gateway.storage.models import ZoneStay
 
     db = world[0]

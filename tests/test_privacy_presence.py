@@ -8,10 +8,11 @@ from sqlalchemy import JSON, String, Text, insert, select
 
 from beacons.encode import eddystone_uid_payload, ibeacon_payload
 from beacons.types import Advertisement
+from gateway.app.config import Settings
+from gateway.app.pipeline import Pipeline
 from gateway.campaigns.model import CampaignIndex
-from gateway.config import PresenceSettings, ReceiverSettings, Settings, ZoneBand
+from gateway.presence.settings import PresenceSettings, ReceiverSettings, ZoneBand
 from gateway.profiles.identity import IdentityIndex
-from gateway.runtime import Pipeline
 from gateway.storage.db import Database
 from gateway.storage.models import Base, FootfallCount, Profile, Visit
 

@@ -43,10 +43,11 @@ from beacons.remote import (
 from beacons.types import AltBeacon, EddystoneUID, IBeacon, Sighting
 from devices.mqtt import ExtraSubscription, MqttIntake
 from devices.mqtt import MqttSettings as IntakeSettings
+from gateway.app.config import Settings
+from gateway.app.runtime import Runtime
 from gateway.clock import VirtualClock
-from gateway.config import ReceiverSettings, Settings, ZoneBand
+from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.profiles.service import NewProfile
-from gateway.runtime import Runtime
 from gateway.storage.models import Notification, Visit
 from tests.conftest import MosquittoServer, free_port
 
@@ -346,7 +347,7 @@ def test_fuzz_intake_counts_every_message(messages: list[tuple[str, bytes]]) -> 
 
 
 def test_remote_settings_from_file_and_environment(tmp_path: Path) -> None:
-    from gateway.config import ConfigError, load_settings
+    from gateway.app.config import ConfigError, load_settings
 
     path = tmp_path / "gw.toml"
     path.write_text('[remote]\nrooms = { shoe-corner = "rx-shoes" }\nespresense_prefix = "shop"\n')

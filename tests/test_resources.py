@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 
 from api.app import PROBLEM, create_app
 from api.deps import ApiContext
-from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
+from gateway.delivery.hub import StreamHub
 from gateway.delivery.outbox import Dispatcher
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile

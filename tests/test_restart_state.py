@@ -6,11 +6,12 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from gateway.app.config import CapSettings, Settings
+from gateway.app.runtime import Runtime
 from gateway.clock import VirtualClock
-from gateway.config import CapSettings, ReceiverSettings, Settings, ZoneBand
+from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.presence.tracker import PresenceEvent
 from gateway.profiles.service import NewProfile
-from gateway.runtime import Runtime
 from gateway.storage.models import Decision, Notification
 
 T0 = 1_780_300_800.0

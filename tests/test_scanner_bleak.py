@@ -361,7 +361,7 @@ async def test_passive_scan_with_the_duplicate_filter_keeps_a_lingering_customer
     """Linux's controller reports each tag once per passive scan; the staleness check restarts the scan,
     so presence keeps the customer in the zone instead of exiting everyone after exit_after_s."""
     from beacons.types import Sighting
-    from gateway.config import PresenceSettings, ReceiverSettings, ZoneBand
+    from gateway.presence.settings import PresenceSettings, ReceiverSettings, ZoneBand
     from gateway.presence.tracker import PresenceTracker
 
     async def lingering(stale_after_s: float) -> tuple[list[tuple[str, str | None]], BleakSource]:

@@ -48,7 +48,7 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import StopReason, from_schema
 from schemathesis.engine import events as ev
 
-from gateway.runtime import Runtime
+from gateway.app.runtime import Runtime
 from tests.live_gateway import ADMIN_KEY, base_url, live_settings
 
 EXAMPLES = 5  # generated cases per operation in the examples and fuzzing phases

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from gateway.app.simulate import parse_duration, simulate
 from gateway.campaigns.model import load_campaigns
-from gateway.simulate import parse_duration, simulate
 from simulators.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]

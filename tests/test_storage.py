@@ -17,8 +17,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
-from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
+from gateway.delivery.hub import StreamHub
 from gateway.delivery.outbox import Dispatcher
 from gateway.errors import Conflict, NotFound
 from gateway.profiles.identity import IdentityIndex

@@ -18,11 +18,12 @@ from sqlalchemy import select, text
 
 from beacons.remote import app_key
 from beacons.types import Sighting
+from gateway.app.config import Settings
+from gateway.app.runtime import Runtime
 from gateway.clock import VirtualClock
-from gateway.config import ReceiverSettings, Settings, ZoneBand
+from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.presence.tracker import PresenceEvent
 from gateway.profiles.service import NewProfile
-from gateway.runtime import Runtime
 from gateway.storage.db import Database, upgrade
 from gateway.storage.models import Decision, FootfallCount, Notification, Visit, ZoneStay
 from tests.conftest import free_port

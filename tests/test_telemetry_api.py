@@ -14,8 +14,8 @@ from api.app import PROBLEM, create_app
 from api.deps import ApiContext
 from devices.payloads import Reading, Rejected, TelemetryBatch
 from devices.profiles import load_profiles
-from gateway.channels import StreamHub
 from gateway.clock import VirtualClock
+from gateway.delivery.hub import StreamHub
 from gateway.profiles.devices import DeviceRegistry
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService

@@ -16,9 +16,9 @@ from sqlalchemy import func, select
 
 from devices.mqtt import MqttIntake, MqttSettings
 from devices.topics import telemetry_topic
+from gateway.app.config import Settings
+from gateway.app.runtime import Runtime
 from gateway.clock import SystemClock
-from gateway.config import Settings
-from gateway.runtime import Runtime
 from gateway.storage.models import DeadLetter, ReadingRecord
 from tests.conftest import MosquittoServer, PahoTestClient
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from devices.mqtt import MqttIntake, MqttSettings
+from gateway.app.config import Settings
+from gateway.app.runtime import Runtime
 from gateway.clock import SystemClock
-from gateway.config import Settings
-from gateway.runtime import Runtime
 from gateway.storage.models import DeadLetter, Device, DeviceEventRecord, ReadingRecord
 from simulators.wearables import Fleet, FleetSpec, PipelinedPublisher
 from tests.conftest import MosquittoServer

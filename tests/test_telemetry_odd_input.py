@@ -27,8 +27,8 @@ from sqlalchemy.engine import make_url
 
 from devices.mqtt import MqttIntake, MqttSettings
 from devices.payloads import BAD_DEVICE_ID, BAD_EVENT, BAD_METRIC, BAD_STATUS, BAD_STORE_ID, BAD_TS, NOT_JSON
-from gateway.config import Settings
-from gateway.runtime import Runtime
+from gateway.app.config import Settings
+from gateway.app.runtime import Runtime
 from gateway.storage.models import DeadLetter, Device, DeviceEventRecord, ReadingRecord
 from tests.conftest import MosquittoServer, PahoTestClient
 

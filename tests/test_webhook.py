@@ -18,12 +18,13 @@ import pytest
 from aiohttp import web
 from sqlalchemy import select
 
+from gateway.app.config import Settings
 from gateway.clock import VirtualClock
-from gateway.config import Settings, WebhookSettings
 from gateway.delivery.outbox import Dispatcher
 from gateway.delivery.webhook import (
     SignatureError,
     WebhookChannel,
+    WebhookSettings,
     enable_endpoint,
     endpoint_states,
     sign,
@@ -338,7 +339,7 @@ def test_settings_are_checked_when_the_channel_is_built(db: Database) -> None:
 
 
 def test_the_runtime_adds_the_webhook_channel_when_enabled(tmp_path: Any) -> None:
-    from gateway.runtime import Runtime
+    from gateway.app.runtime import Runtime
 
     settings = Settings(data_dir=str(tmp_path))
     settings.database.url = f"sqlite:///{tmp_path}/rt.db"
@@ -361,7 +362,7 @@ async def test_a_disabled_url_is_re_enabled_over_the_api_and_its_dead_letters_ar
 
     from api.app import create_app
     from api.deps import ApiContext
-    from gateway.channels import StreamHub
+    from gateway.delivery.hub import StreamHub
     from gateway.profiles.identity import IdentityIndex
     from gateway.profiles.service import GatewayService
     from gateway.security.tokens import TokenSigner

@@ -33,19 +33,20 @@ from sqlalchemy import delete, select
 
 from api.app import create_app
 from api.deps import ApiContext
-from gateway.channels import StreamHub
+from gateway.app.config import Settings
+from gateway.app.vapid import main
 from gateway.clock import SystemClock, VirtualClock
-from gateway.config import Settings, WebPushSettings
+from gateway.delivery.hub import StreamHub
 from gateway.delivery.outbox import message
 from gateway.delivery.webpush import (
     PRIVATE_KEY_FILE,
     PUBLIC_KEY_FILE,
     WebPushChannel,
+    WebPushSettings,
     application_server_key,
     b64url,
     ensure_vapid_key,
     load_vapid,
-    main,
     payload,
     push_options,
     save_subscription,
@@ -401,7 +402,7 @@ def test_channel_settings_are_checked(db: Database, tmp_path: Path) -> None:
 
 
 def test_the_runtime_adds_web_push_when_enabled_and_makes_the_key(tmp_path: Path) -> None:
-    from gateway.runtime import Runtime
+    from gateway.app.runtime import Runtime
 
     settings = Settings(data_dir=str(tmp_path / "data"))
     settings.database.url = f"sqlite:///{tmp_path}/rt.db"

@@ -1,36 +1,4 @@
-"""Channels that leave the gateway: the brand's webhook and Web Push (see docs/delivery.md).
+"""Delivery: the outbox and its dispatcher, the live-stream hub, the webhook and Web Push channels.
 
-Each implements ``gateway.channels.Channel``; ``build_channels`` makes the ones the config
-enables, so the runtime adds them to its dispatcher without knowing their details.
+Reads committed notifications and sends them; never decides. Imports storage, clock and metrics only.
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-from gateway.clock import Clock
-from gateway.config import Settings
-from gateway.storage.db import Database
-
-
-def build_channels(settings: Settings, db: Database, clock: Clock) -> list[Any]:
-    """The enabled remote channels, configured; raises ValueError naming a missing or bad setting."""
-    channels: list[Any] = []
-    if settings.webhook.enabled:
-        from gateway.delivery.webhook import WebhookChannel
-
-        channels.append(WebhookChannel(settings.webhook, db, store_id=settings.store.id, clock=clock))
-    if settings.webpush.enabled:
-        from gateway.delivery.webpush import WebPushChannel, load_vapid
-
-        vapid = load_vapid(settings.webpush, settings.data_dir)
-        channels.append(WebPushChannel(settings.webpush, db, vapid, clock=clock))
-    return channels
-
-
-async def close_channels(channels: list[Any]) -> None:
-    """Close the HTTP clients of the channels that keep one."""
-    for ch in channels:
-        aclose = getattr(ch, "aclose", None)
-        if aclose is not None:
-            await aclose()

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from gateway.channels import DEAD, DELIVERED, DELIVERED_LIVE, ERROR, GONE, NO_LISTENER, Channel, Message
+from gateway.delivery.hub import DEAD, DELIVERED, DELIVERED_LIVE, ERROR, GONE, NO_LISTENER, Channel, Message
 from gateway.documents import servable
 from gateway.metrics import Histogram
 from gateway.storage.db import Database

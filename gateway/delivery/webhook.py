@@ -25,21 +25,20 @@ import json
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from gateway.channels import Message
 from gateway.clock import Clock, SystemClock
-from gateway.config import WebhookSettings
+from gateway.delivery.hub import Message
 from gateway.storage.db import Database
 from gateway.storage.models import Profile, WebhookEndpoint
 
 log = logging.getLogger("gateway.delivery.webhook")
 
-# Outcome words, as gateway/channels.py names them for the dispatcher.
+# Outcome words, as gateway/delivery/hub.py names them for the dispatcher.
 DELIVERED = "delivered"
 RETRY = "retry"
 DEAD = "dead"
@@ -51,6 +50,20 @@ DEFAULT_TOLERANCE_S = 300.0
 RETRYABLE_4XX = frozenset({408, 425, 429})
 
 Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass
+class WebhookSettings:
+    """The brand's own push backend: every notification is POSTed to it, signed (see docs/delivery.md)."""
+
+    enabled: bool = False
+    url: list[str] = field(default_factory=list)  # one URL or several; each gets every notification
+    secret: str = ""  # HMAC-SHA256 key shared with the receiver; required when enabled, never logged
+    timeout: float = 5.0  # seconds per attempt
+    max_attempts: int = 3  # attempts within one delivery (5xx, 429, timeouts); the outbox retries later
+    backoff_base_s: float = 0.5  # first wait between attempts; doubles each time, with jitter
+    backoff_max_s: float = 8.0
+    disable_after_gone: int = 3  # consecutive 410 Gone answers before a URL is disabled (kept in the db)
 
 
 class SignatureError(ValueError):

@@ -39,15 +39,14 @@ from pywebpush import WebPusher, WebPushException
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from gateway.channels import Message
 from gateway.clock import Clock, SystemClock
-from gateway.config import WebPushSettings
+from gateway.delivery.hub import Message
 from gateway.storage.db import Database
 from gateway.storage.models import PushSubscription
 
 log = logging.getLogger("gateway.delivery.webpush")
 
-# Outcome words, as gateway/channels.py names them for the dispatcher.
+# Outcome words, as gateway/delivery/hub.py names them for the dispatcher.
 DELIVERED = "delivered"
 NO_LISTENER = "no_listener"  # no subscription: nothing to retry, the stream replays on connect
 RETRY = "retry"
@@ -61,6 +60,18 @@ MAX_PLAINTEXT = 3000  # RFC 8291 leaves 3993 bytes for one record; stay well cle
 VAPID_EXP_S = 12 * 3600  # RFC 8292: at most 24 h; push services reject longer
 PRIVATE_KEY_FILE = "vapid_private.pem"
 PUBLIC_KEY_FILE = "vapid_public.txt"
+
+
+@dataclass
+class WebPushSettings:
+    """Web Push (RFC 8030/8291/8292) to the browsers customers subscribed with."""
+
+    enabled: bool = False
+    vapid_private_key: str = ""  # a PEM file path or the PEM itself; empty: data_dir/vapid_private.pem
+    subject: str = ""  # "mailto:ops@brand.example" or an https URL: whom push services contact
+    ttl_s: int = 3600  # default TTL header: how long a push service keeps an undelivered message
+    urgency: str = "normal"  # default Urgency header: very-low | low | normal | high
+    timeout: float = 10.0  # seconds per request to a push service
 
 
 class SubscriptionError(ValueError):
@@ -377,24 +388,3 @@ class WebPushChannel:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m gateway.delivery.webpush [--config F]``: make the VAPID key if missing, print the public key."""
-    import argparse
-
-    from gateway.config import load_settings
-
-    parser = argparse.ArgumentParser(prog="python -m gateway.delivery.webpush",
-                                     description="Ensure a VAPID key pair and print its applicationServerKey.")
-    parser.add_argument("--config", help="gateway.toml (default: built-in settings)")
-    parser.add_argument("--data-dir", help="where the key is kept when [webpush] vapid_private_key is empty")
-    args = parser.parse_args(argv)
-    settings = load_settings(args.config)
-    vapid = load_vapid(settings.webpush, args.data_dir or settings.data_dir)
-    print(application_server_key(vapid))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from beacons.types import Sighting
-from gateway.config import PresenceSettings, ReceiverSettings
+from gateway.presence.settings import PresenceSettings, ReceiverSettings
 
 EventKind = Literal["visit_start", "enter", "dwell", "exit", "visit_end"]
 

@@ -393,7 +393,7 @@ class AuthPolicy:
 
     @classmethod
     def from_settings(cls, api: Any) -> AuthPolicy:
-        """From ``[api]`` (gateway.config.ApiSettings)."""
+        """From ``[api]`` (gateway.app.config.ApiSettings)."""
         return cls(api.rate_limit_per_s, api.rate_limit_burst, api.admin_rate_limit_per_s, api.admin_rate_limit_burst,
                    api.idempotency_ttl_s, max_body_bytes=api.max_body_bytes,
                    catalogue_max_body_bytes=api.catalogue_max_body_bytes)

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterable
 from typing import IO, Any
 
-from gateway.config import ConfigError, LoggingSettings, Settings
+from gateway.app.config import ConfigError, LoggingSettings, Settings
 
 MASK = "***"
 FORMATS = ("text", "json")

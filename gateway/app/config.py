@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from gateway.delivery.webhook import WebhookSettings
+from gateway.delivery.webpush import WebPushSettings
+from gateway.errors import ConfigError
+from gateway.presence.settings import PresenceSettings, ReceiverSettings
 
-class ConfigError(ValueError):
-    pass
-
-
-EXAMPLES = Path(__file__).resolve().parent / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 """The repository's examples/, installed with the package (a link in the source tree)."""
 
 
@@ -133,74 +133,6 @@ class BleSettings:
 
 
 @dataclass
-class ZoneBand:
-    name: str
-    max_m: float
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_m, int | float) or not self.max_m > 0:
-            raise ConfigError(f"receivers.zones: zone {self.name!r} max_m must be positive, got {self.max_m!r}")
-
-
-@dataclass
-class ReceiverSettings:
-    id: str
-    zones: list[ZoneBand] = field(default_factory=list)
-    measured_power: int | None = None  # RSSI at 1 m; None: use the beacon's advertised tx power
-    path_loss_exponent: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.path_loss_exponent, int | float) or not self.path_loss_exponent > 0:
-            raise ConfigError(f"receivers: {self.id!r} path_loss_exponent must be positive, "
-                              f"got {self.path_loss_exponent!r}")
-        if self.measured_power is not None and not -127 < self.measured_power < 0:
-            raise ConfigError(f"receivers: {self.id!r} measured_power must be in (-127, 0) dBm, "
-                              f"got {self.measured_power!r}")
-
-
-@dataclass
-class PresenceSettings:
-    exit_after_s: float = 10.0  # silence before an identity has left (CLBeacon semantics)
-    dwell_every_s: float = 15.0  # a dwell event every N s inside a zone
-    smoothing: float = 0.3  # rssi_filter "ema": weight a sample gets after 1 s without one (time-aware)
-    visit_end_after_s: float = 300.0  # silence after which the visit (not just the zone) ends
-    rssi_filter: str = "kalman"  # per identity-receiver RSSI filter: "kalman" (time-aware) or "ema"
-    rssi_noise_db: float = 5.0  # Kalman: RSSI noise of one advert (shadowing sigma)
-    rssi_drift_db_s: float = 1.5  # Kalman: how fast the true RSSI may drift (dB per sqrt(s))
-    enter_hold_s: float = 0.0  # a zone's posterior must stay above its threshold this long before it is entered
-    # Zones: the HMM forward filter per identity (gateway/presence/tracker.py, docs/presence.md)
-    shadowing_db: float = 4.0  # slow shadowing sigma: the RSSI noise that the filter cannot average away
-    fade_time_s: float = 3.0  # a receiver gives one independent look per this long while the RSSI stands still
-    fade_db: float = 5.0  # ... and one more per this many dB its filtered RSSI moves (walking decorrelates fades)
-    outside_factor: float = 3.0  # "outside" a receiver's bands reaches this x its widest band
-    zone_stay_s: float = 60.0  # prior: mean time in a zone before leaving it
-    transit_s: float = 5.0  # prior: mean time outside every zone before reaching one
-    direct_share: float = 0.2  # prior: share of zone stays that end straight in another zone
-    enter_posterior: float = 0.6  # from no zone: enter a zone once its posterior reaches this
-    switch_posterior: float = 0.995  # from a zone: move once its own posterior falls to 1 - this
-
-    def __post_init__(self) -> None:
-        if self.rssi_filter not in ("kalman", "ema"):
-            raise ConfigError(f"presence.rssi_filter: expected kalman or ema, got {self.rssi_filter!r}")
-        for name in ("exit_after_s", "dwell_every_s", "visit_end_after_s", "rssi_noise_db"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"presence.{name}: must be positive, got {getattr(self, name)!r}")
-        for name in ("shadowing_db", "fade_time_s", "fade_db", "zone_stay_s", "transit_s", "outside_factor"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"presence.{name}: must be positive, got {getattr(self, name)!r}")
-        for name in ("direct_share", "enter_posterior", "switch_posterior"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"presence.{name}: must be in [0, 1], got {getattr(self, name)!r}")
-        for name in ("rssi_drift_db_s", "enter_hold_s"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"presence.{name}: must not be negative, got {getattr(self, name)!r}")
-        if not 0 < self.smoothing <= 1:
-            raise ConfigError(f"presence.smoothing: must be in (0, 1], got {self.smoothing!r}")
-        if self.visit_end_after_s < self.exit_after_s:
-            raise ConfigError("presence.visit_end_after_s: must not be shorter than exit_after_s")
-
-
-@dataclass
 class CartSettings:
     abandon_after_s: float = 1800.0
 
@@ -250,32 +182,6 @@ class RemoteSettings:
     rooms: dict[str, str] = field(default_factory=dict)  # ESPresense room -> receiver id
     app_max_age_s: float = 30.0  # app-reported sightings older than this are refused
     app_max_ahead_s: float = 5.0  # ...and so are those further in the future (clock skew allowance)
-
-
-@dataclass
-class WebhookSettings:
-    """The brand's own push backend: every notification is POSTed to it, signed (see docs/delivery.md)."""
-
-    enabled: bool = False
-    url: list[str] = field(default_factory=list)  # one URL or several; each gets every notification
-    secret: str = ""  # HMAC-SHA256 key shared with the receiver; required when enabled, never logged
-    timeout: float = 5.0  # seconds per attempt
-    max_attempts: int = 3  # attempts within one delivery (5xx, 429, timeouts); the outbox retries later
-    backoff_base_s: float = 0.5  # first wait between attempts; doubles each time, with jitter
-    backoff_max_s: float = 8.0
-    disable_after_gone: int = 3  # consecutive 410 Gone answers before a URL is disabled (kept in the db)
-
-
-@dataclass
-class WebPushSettings:
-    """Web Push (RFC 8030/8291/8292) to the browsers customers subscribed with."""
-
-    enabled: bool = False
-    vapid_private_key: str = ""  # a PEM file path or the PEM itself; empty: data_dir/vapid_private.pem
-    subject: str = ""  # "mailto:ops@brand.example" or an https URL: whom push services contact
-    ttl_s: int = 3600  # default TTL header: how long a push service keeps an undelivered message
-    urgency: str = "normal"  # default Urgency header: very-low | low | normal | high
-    timeout: float = 10.0  # seconds per request to a push service
 
 
 @dataclass

@@ -19,10 +19,10 @@ from beacons.scanner import BleakSource, InjectionScanner, ScannerGroup
 from devices.broker import ensure_broker
 from devices.mqtt import MqttIntake
 from devices.mqtt import MqttSettings as IntakeSettings
+from gateway.app.config import Settings, example
+from gateway.app.runtime import Runtime
+from gateway.app.scenarios import apply_scenario, enrol
 from gateway.clock import SystemClock
-from gateway.config import Settings, example
-from gateway.runtime import Runtime
-from gateway.scenarios import apply_scenario, enrol
 from simulators.carts import cart_upserts
 from simulators.scenario import load_scenario
 from simulators.store_sim import StoreSimulator
@@ -30,7 +30,7 @@ from simulators.virtual_radio import VirtualStore
 from simulators.wearables import MqttPublisher, TelemetryModel, topic_for
 from simulators.wearables import payload as telemetry_payload
 
-log = logging.getLogger("gateway.demo")
+log = logging.getLogger("gateway.app.demo")
 
 
 async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yaml",

@@ -16,15 +16,15 @@ from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
 from devices.payloads import Reading
+from gateway.app.config import Settings
+from gateway.app.pipeline import Pipeline
+from gateway.app.scenarios import apply_scenario, enrol
 from gateway.campaigns.model import CampaignIndex, load_campaigns, load_segments
 from gateway.clock import VirtualClock
-from gateway.config import Settings
 from gateway.engine.engine import FIRED, EngineEvent, Outcome
 from gateway.engine.figures import figures as day_figures
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService
-from gateway.runtime import Pipeline
-from gateway.scenarios import apply_scenario, enrol
 from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from simulators.carts import cart_upserts

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.config import example
+from gateway.app.config import example
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -35,8 +35,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from gateway.app.simulate import parse_duration, progress_bar, simulate
     from gateway.campaigns.model import CampaignError
-    from gateway.simulate import parse_duration, progress_bar, simulate
     from simulators.scenario import ScenarioError, load_scenario
 
     try:
@@ -54,7 +54,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
-    from gateway.demo import run_demo
+    from gateway.app.demo import run_demo
 
     try:
         asyncio.run(run_demo(port=args.port, scenario_path=args.scenario, campaigns_dir=args.campaigns,
@@ -84,11 +84,11 @@ def ble_scanner(settings: Any, source: Any) -> Any:
 async def _run(args: argparse.Namespace) -> int:
     from beacons.scanner import BleakSource, ScannerUnavailable
     from devices.mqtt import MqttIntake, settings_from_config
-    from gateway.config import load_settings
-    from gateway.runtime import Runtime
+    from gateway.app.config import load_settings
+    from gateway.app.runtime import Runtime
 
     settings = load_settings(args.config)
-    from gateway.logs import secrets_of, setup_logging
+    from gateway.app.logs import secrets_of, setup_logging
 
     setup_logging(settings.logging, secrets_of(settings), verbose=args.verbose)  # [logging]: text or JSON lines
     if args.adapter:
@@ -120,8 +120,8 @@ async def _run(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
+    from gateway.app.config import ConfigError
     from gateway.campaigns.model import CampaignError
-    from gateway.config import ConfigError
 
     try:
         return asyncio.run(_run(args))
@@ -133,11 +133,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_catalogue_import(args: argparse.Namespace) -> int:
+    from gateway.app.config import ConfigError, load_settings
+    from gateway.app.runtime import token_secret
     from gateway.clock import SystemClock
-    from gateway.config import ConfigError, load_settings
     from gateway.profiles.identity import IdentityIndex
     from gateway.profiles.service import GatewayService, Invalid
-    from gateway.runtime import token_secret
     from gateway.security.tokens import TokenSigner
     from gateway.storage.db import Database
 
@@ -162,7 +162,7 @@ def cmd_catalogue_import(args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from gateway.config import ConfigError, load_settings
+    from gateway.app.config import ConfigError, load_settings
     from gateway.storage.db import Database
 
     try:
@@ -182,7 +182,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     import time
 
     import gateway.security.auth as auth
-    from gateway.config import ConfigError, load_settings
+    from gateway.app.config import ConfigError, load_settings
     from gateway.storage.db import Database
 
     try:

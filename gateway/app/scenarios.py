@@ -6,7 +6,8 @@ or identity rules.
 
 from __future__ import annotations
 
-from gateway.config import ReceiverSettings, Settings, ZoneBand
+from gateway.app.config import Settings
+from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.profiles.service import GatewayService, NewProfile
 from simulators.scenario import Scenario
 
