@@ -17,7 +17,6 @@ import json
 import logging
 import secrets
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ from devices.topics import telemetry_topic
 from gateway.app.runtime import Runtime
 from gateway.storage.models import DeadLetter, ReadingRecord
 from tests.conftest import MosquittoServer, PahoTestClient
+from tests.faults import pg_admin, postgresql_refusing, sqlite_locked
 from tests.live_gateway import ADMIN_KEY, base_url, enrol, live_settings, walk_in
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,27 +53,6 @@ def counts(rt: Runtime) -> tuple[int, int]:
         readings = s.scalar(select(func.count()).select_from(ReadingRecord)) or 0
         dead = s.scalar(select(func.count()).select_from(DeadLetter)) or 0
     return int(readings), int(dead)
-
-
-@contextlib.contextmanager
-def sqlite_locked(path: Path) -> Iterator[subprocess.Popen[str]]:
-    """Another process holds the database's write lock until the block ends."""
-    code = ("import sqlite3, sys\n"
-            f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
-            "c.execute('BEGIN EXCLUSIVE')\n"
-            "print('locked', flush=True)\n"
-            "sys.stdin.readline()\n"
-            "c.execute('ROLLBACK')\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
-        yield proc
-    finally:
-        assert proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write("\n")
-            proc.stdin.flush()
-        proc.wait(10)
 
 
 @contextlib.asynccontextmanager
@@ -157,42 +136,32 @@ async def test_a_sqlite_file_locked_by_another_process_stalls_nothing_and_loses_
     assert not [r for r in caplog.records if r.exc_info]  # and no traceback
 
 
-def _pg_admin(base: str, sql: str) -> None:
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    u = make_url(base)
-    with psycopg.connect(host=u.host, port=u.port, user=u.username, dbname=u.database, autocommit=True) as conn:
-        conn.execute(sql)
-
-
 @pytest.fixture
 def pg_database(pg_url: str) -> Iterator[tuple[str, str]]:
     """(a fresh database's URL, its name), dropped afterwards."""
     from sqlalchemy.engine import make_url
 
     name = f"gw_outage_{secrets.token_hex(5)}"
-    _pg_admin(pg_url, f'CREATE DATABASE "{name}"')
+    pg_admin(pg_url, f'CREATE DATABASE "{name}"')
     try:
         yield make_url(pg_url).set(database=name).render_as_string(hide_password=False), name
     finally:
-        _pg_admin(pg_url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-        _pg_admin(pg_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        pg_admin(pg_url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        pg_admin(pg_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def test_postgresql_refusing_connections_gives_503s_one_log_line_and_no_lost_reading(
         tmp_path: Path, mosquitto: MosquittoServer, mqtt_client: Callable[..., PahoTestClient],
         pg_url: str, pg_database: tuple[str, str], caplog: pytest.LogCaptureFixture) -> None:
-    url, name = pg_database
+    url, _ = pg_database
     caplog.set_level(logging.INFO)
     async with live_gateway(tmp_path, mosquitto, db_url=url) as (rt, intake, prefix), \
             httpx.AsyncClient(base_url=base_url(rt), timeout=15) as client:
         enrol(rt, "alice", 1)
         publisher = mqtt_client(mosquitto.host, mosquitto.port)
         assert await asyncio.to_thread(publisher.wait_connected)
-        await asyncio.to_thread(_pg_admin, pg_url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        await asyncio.to_thread(_pg_admin, pg_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                                   f"WHERE datname = '{name}' AND pid <> pg_backend_pid()")
+        refusing = postgresql_refusing(url)
+        await asyncio.to_thread(refusing.__enter__)
         try:
             answers = [await client.get("/v1/profiles", headers=ADMIN) for _ in range(5)]
             assert [r.status_code for r in answers] == [503] * 5, answers[0].text
@@ -209,7 +178,7 @@ async def test_postgresql_refusing_connections_gives_503s_one_log_line_and_no_lo
             assert intake.stats()["acked"] == 0
             assert rt.pipeline.telemetry.stats()["dead_lettered_total"] == 0
         finally:
-            await asyncio.to_thread(_pg_admin, pg_url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            await asyncio.to_thread(refusing.__exit__, None, None, None)
         await until(lambda: intake.stats()["acked"] == 1, 30, "the held reading to be committed and acknowledged")
         assert counts(rt) == (1, 0), (rt.pipeline.telemetry.stats(), intake.stats(), rt.telemetry_failures)
         assert (await client.get("/v1/profiles", headers=ADMIN)).status_code == 200

@@ -13,11 +13,9 @@ import asyncio
 import contextlib
 import json
 import secrets
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from gateway.app.config import Settings
 from gateway.app.runtime import Runtime
 from gateway.storage.models import DeadLetter, Device, DeviceEventRecord, ReadingRecord
 from tests.conftest import MosquittoServer, PahoTestClient
+from tests.faults import postgresql_refusing, sqlite_locked
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_767_261_600.0
@@ -127,49 +126,6 @@ async def test_odd_messages_are_dead_lettered_with_their_reason_and_never_split_
         # The raw payload is kept as bytes and the topic as it came: each dead letter names its message.
         assert kept == {(t, p) for t, p, _ in odd}
         assert long is not None and long.device_id == long_device[:128] and "129 characters" in (long.detail or "")
-
-
-@contextlib.contextmanager
-def sqlite_locked(path: Path) -> Iterator[None]:
-    """Another process holds the database's write lock until the block ends."""
-    code = ("import sqlite3, sys\n"
-            f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
-            "c.execute('BEGIN EXCLUSIVE')\n"
-            "print('locked', flush=True)\n"
-            "sys.stdin.readline()\n"
-            "c.execute('ROLLBACK')\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
-        yield
-    finally:
-        assert proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write("\n")
-            proc.stdin.flush()
-        proc.wait(10)
-
-
-def _pg_admin(url: str, statement: str) -> None:
-    import psycopg
-
-    u = make_url(url)
-    with psycopg.connect(host=u.host, port=u.port, user=u.username, password=u.password, dbname="postgres",
-                         autocommit=True, connect_timeout=5) as conn:
-        conn.execute(statement)
-
-
-@contextlib.contextmanager
-def postgresql_refusing(url: str) -> Iterator[None]:
-    """The database takes no new connection, and the gateway's open ones are cut."""
-    name = make_url(url).database
-    _pg_admin(url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-    try:
-        _pg_admin(url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                       f"WHERE datname = '{name}' AND pid <> pg_backend_pid()")
-        yield
-    finally:
-        _pg_admin(url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
 
 
 async def test_a_commit_that_fails_counts_nothing_and_its_retry_counts_once(
