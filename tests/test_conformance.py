@@ -139,8 +139,9 @@ async def test_a_day_is_yyyy_mm_dd_and_nothing_else(live: Live, day: str) -> Non
 
 async def test_a_day_as_documented_is_accepted(live: Live) -> None:
     params = live.doc["paths"]["/v1/figures"]["get"]["parameters"]
-    schema = next(p for p in params if p["name"] == "from")["schema"]
-    assert schema["type"] == "string" and schema["format"] == "date"  # RFC 3339 full-date: YYYY-MM-DD
+    given = next(p for p in params if p["name"] == "from")["schema"]  # optional: today by default
+    schema = next(s for s in given.get("anyOf", [given]) if s.get("type") == "string")
+    assert schema["format"] == "date"  # RFC 3339 full-date: YYYY-MM-DD
     r = await live.http.get("/v1/figures", headers=ADMIN, params={"from": "2026-06-01", "to": "2026-06-02"})
     assert r.status_code == 200, r.text
 

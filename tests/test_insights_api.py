@@ -110,3 +110,14 @@ async def test_why_dry_run_interactions_redemption_figures_and_erasure(gw):
         assert (await c.get("/v1/me/notifications", headers=me)).status_code == 401  # the token died with it
         assert (await c.delete(f"/v1/profiles/{ann}", headers=ADMIN)).status_code == 404
     assert rt.identities.beacon(key) is None
+
+
+async def test_figures_without_dates_are_today_in_the_store_timezone(gw):
+    _, clock, base = gw
+    clock.set(dt.datetime(2026, 6, 2, 23, 30, tzinfo=ZoneInfo(TZ)).timestamp())  # 21:30 UTC: Paris is on the 2nd
+    async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+        r = await c.get("/v1/figures", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert (r.json()["from"], r.json()["to"]) == ("2026-06-02", "2026-06-02")
+        clock.set(dt.datetime(2026, 6, 3, 0, 30, tzinfo=ZoneInfo(TZ)).timestamp())  # 22:30 UTC on the 2nd
+        assert (await c.get("/v1/figures", headers=ADMIN)).json()["from"] == "2026-06-03"

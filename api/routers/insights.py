@@ -29,7 +29,8 @@ def dry_run(body: DryRunIn, ctx: Context) -> list[dict[str, Any]]:
 
 @router.get("/figures", dependencies=[Admin])
 def figures(ctx: Context,
-            day_from: Annotated[IsoDate, Query(alias="from", description="First local day, YYYY-MM-DD")],
+            day_from: Annotated[IsoDate | None, Query(alias="from", description=(
+                "First local day, YYYY-MM-DD; default: today in the store's timezone"))] = None,
             day_to: Annotated[IsoDate | None, Query(alias="to", description="Last local day; default: from")] = None,
             zone: Annotated[DbStr | None, Query(min_length=1, max_length=64, description="Only this zone")] = None,
             campaign: Annotated[DbStr | None, Query(min_length=1, max_length=128,
@@ -42,6 +43,6 @@ def figures(ctx: Context,
     new vs returning, dwell per zone, bounce, engagement, CTR, redemption, conversion, experiment arms
     with lift against the holdout, and response time to maintenance prompts. Only the rows this store's
     gateway wrote count, so stores sharing one database keep their figures apart."""
-    last = day_to or day_from
-    return ctx.service.figures(day_from.isoformat(), last.isoformat(), ctx.service.timezone, zone=zone,
+    return ctx.service.figures(day_from.isoformat() if day_from else None,
+                               day_to.isoformat() if day_to else None, ctx.service.timezone, zone=zone,
                                campaign=campaign, store=store or ctx.service.store_id)

@@ -6,10 +6,12 @@ rules. Errors are typed so the API can map them to 404, 409 and 422 with a messa
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -407,10 +409,15 @@ class GatewayService:
             self._profile(s, profile_id)
             return why(s, profile_id, campaign_id, limit)
 
-    def figures(self, day_from: str, day_to: str, timezone: str, *, zone: str | None = None,
+    def figures(self, day_from: str | None, day_to: str | None, timezone: str, *, zone: str | None = None,
                 campaign: str | None = None, store: str | None = None) -> dict[str, Any]:
+        """Figures for local days ``day_from`` to ``day_to``: by default today, in the store's timezone (what
+        a marketer means by "today"); ``day_to`` defaults to ``day_from``."""
         from gateway.engine.figures import figures
 
+        if day_from is None:
+            day_from = dt.datetime.fromtimestamp(self.clock.now(), ZoneInfo(timezone)).date().isoformat()
+        day_to = day_to or day_from
         try:
             with self.db.session() as s:
                 return figures(s, day_from, day_to, timezone, conversion_window_s=self.conversion_window_s,
