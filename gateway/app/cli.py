@@ -132,6 +132,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
 
 
+def _database(args: argparse.Namespace, command: str) -> tuple[Any, Any] | None:
+    """(settings, the database at the latest schema) for a maintenance command; None (said on stderr) when
+    the config cannot be used."""
+    from gateway.app.config import ConfigError, load_settings
+    from gateway.storage.db import Database
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"gateway {command}: {exc}", file=sys.stderr)
+        return None
+    db = Database(args.url or settings.database.url)
+    db.upgrade(settings.store.id)
+    return settings, db
+
+
 def cmd_catalogue_import(args: argparse.Namespace) -> int:
     from gateway.app.config import ConfigError, load_settings
     from gateway.app.runtime import token_secret
@@ -162,19 +178,12 @@ def cmd_catalogue_import(args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from gateway.app.config import ConfigError, load_settings
-    from gateway.storage.db import Database
-
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"gateway db upgrade: {exc}", file=sys.stderr)
+    opened = _database(args, "db upgrade")
+    if opened is None:
         return 2
-    url = args.url or settings.database.url
-    db = Database(url)
-    db.upgrade(settings.store.id)
+    _, db = opened
     db.dispose()
-    print(f"database at {url.split('@')[-1]} is at the latest schema")
+    print(f"database at {db.url.split('@')[-1]} is at the latest schema")
     return 0
 
 
@@ -182,17 +191,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     import time
 
     import gateway.security.auth as auth
-    from gateway.app.config import ConfigError, load_settings
-    from gateway.storage.db import Database
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"gateway keys: {exc}", file=sys.stderr)
+    opened = _database(args, "keys")
+    if opened is None:
         return 2
-    db = Database(args.url or settings.database.url)
+    _, db = opened
     try:
-        db.upgrade(settings.store.id)
         with db.session() as s:
             now = time.time()
             if args.keys_command == "create":
