@@ -1,19 +1,24 @@
-"""Prometheus text exposition (format 0.0.4) without a client library: counters, gauges, histograms.
+"""/metrics in the Prometheus text format, through the field's client library (prometheus-client).
 
 The gateway already counts what it does (``Pipeline.stats()``, ``Engine.counts``, the dispatcher's
-outcomes); this module only renders those numbers, plus two latency histograms observed on the hot
-path. ``flatten_stats`` walks ``Pipeline.stats()`` generically, so a counter another stage adds to
-that dict shows up in ``/metrics`` without touching this file.
+outcomes); this module turns those numbers into metric families at scrape time (``Family``), keeps the
+two latency histograms observed on the hot path (``Histogram``, prometheus-client's underneath), and
+renders them with the client's exposition. ``flatten_stats`` walks ``Pipeline.stats()`` generically, so
+a counter another stage adds to that dict shows up in ``/metrics`` without touching this file.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import prometheus_client
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+prometheus_client.disable_created_metrics()  # no *_created series: the gateway's counters start with it
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -31,29 +36,9 @@ def metric_name(*parts: str) -> str:
     return name if name and not name[0].isdigit() else f"_{name}"
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(labels: Labels) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels) + "}"
-
-
-def _number(v: float) -> str:
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    if float(v).is_integer() and abs(v) < 1e15:
-        return str(int(v))
-    return repr(float(v))
-
-
 @dataclass
 class Family:
-    """One metric family: a name, its type and help, and its samples (labels -> value)."""
+    """One metric family built at scrape time: a name, its type and help, its samples (labels -> value)."""
 
     name: str
     type: str  # counter | gauge
@@ -65,50 +50,46 @@ class Family:
         self.samples[key] = self.samples.get(key, 0.0) + float(value)
         return self
 
-    def render(self) -> Iterator[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} {self.type}"
+    def metric(self) -> Metric:
+        """The family as prometheus-client's (a counter's name ends in ``_total``, as the client writes it)."""
+        names = sorted({k for labels in self.samples for k, _ in labels})
+        cls = CounterMetricFamily if self.type == "counter" else GaugeMetricFamily
+        out = cls(self.name, self.help, labels=names)
         for labels, value in sorted(self.samples.items()):
-            yield f"{self.name}{_labels(labels)} {_number(value)}"
+            given = dict(labels)
+            out.add_metric([str(given.get(k, "")) for k in names], value)
+        return out
 
 
 class Histogram:
-    """A cumulative histogram with optional labels; ``observe`` is O(log buckets), no allocation per call."""
+    """A latency histogram with optional labels (prometheus-client's, kept out of any global registry, so
+    each runtime has its own)."""
 
     def __init__(self, name: str, help: str, buckets: Sequence[float] = LATENCY_BUCKETS,
                  labelnames: Sequence[str] = ()) -> None:
         if list(buckets) != sorted(buckets) or not buckets:
             raise ValueError("histogram buckets must be sorted and non-empty")
         self.name, self.help = name, help
-        self.buckets = tuple(float(b) for b in buckets)
         self.labelnames = tuple(labelnames)
-        self._series: dict[tuple[str, ...], list[float]] = {}  # counts per bucket (+Inf last), then sum
+        self._h = prometheus_client.Histogram(name, help, labelnames=self.labelnames, buckets=tuple(buckets),
+                                              registry=None)
 
     def observe(self, value: float, *labelvalues: str) -> None:
         if len(labelvalues) != len(self.labelnames):
             raise ValueError(f"{self.name} takes labels {self.labelnames}")
-        series = self._series.get(labelvalues)
-        if series is None:
-            series = self._series[labelvalues] = [0.0] * (len(self.buckets) + 2)
-        series[bisect.bisect_left(self.buckets, value)] += 1
-        series[-1] += value
+        (self._h.labels(*labelvalues) if self.labelnames else self._h).observe(value)
 
     def count(self, *labelvalues: str) -> int:
-        series = self._series.get(labelvalues)
-        return int(sum(series[:-1])) if series else 0
+        wanted = dict(zip(self.labelnames, labelvalues, strict=True))
+        for fam in self._h.collect():
+            for sample in fam.samples:
+                if sample.name == f"{self.name}_count" and sample.labels == wanted:
+                    return int(sample.value)
+        return 0
 
-    def render(self) -> Iterator[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} histogram"
-        for values, series in sorted(self._series.items()):
-            base = tuple(zip(self.labelnames, values, strict=True))
-            running = 0.0
-            for bound, n in zip((*self.buckets, math.inf), series[:-1], strict=True):
-                running += n
-                le = "+Inf" if math.isinf(bound) else repr(bound)  # 1.0, not 1: as the official clients write it
-                yield f"{self.name}_bucket{_labels((*base, ('le', le)))} {_number(running)}"
-            yield f"{self.name}_sum{_labels(base)} {_number(series[-1])}"
-            yield f"{self.name}_count{_labels(base)} {_number(running)}"
+    def metric(self) -> Metric:
+        (fam,) = self._h.collect()
+        return fam
 
 
 def flatten_stats(stats: Mapping[str, Any], prefix: str = "gateway") -> Iterator[tuple[str, float]]:
@@ -142,16 +123,26 @@ def stats_families(stats: Mapping[str, Any], prefix: str = "gateway") -> list[Fa
     return out
 
 
+class _Scrape(Collector):
+    """The families of one scrape, for prometheus-client's exposition."""
+
+    def __init__(self, families: Iterable[Family | Histogram]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        seen: set[str] = set()
+        for fam in self.families:  # a name seen twice keeps its first family (a fixed one wins over a generic one)
+            if fam.name in seen:
+                continue
+            seen.add(fam.name)
+            yield fam.metric()
+
+
 def render(families: Iterable[Family | Histogram]) -> str:
-    """The exposition text; a name seen twice keeps its first family (a fixed one wins over a generic one)."""
-    seen: set[str] = set()
-    lines: list[str] = []
-    for fam in families:
-        if fam.name in seen:
-            continue
-        seen.add(fam.name)
-        lines.extend(fam.render())
-    return "\n".join(lines) + "\n"
+    """The exposition text (prometheus-client's, format 0.0.4)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Scrape(list(families)))
+    return prometheus_client.generate_latest(registry).decode()
 
 
 def hub_families(hub: Any) -> list[Family]:

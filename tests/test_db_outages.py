@@ -93,6 +93,18 @@ async def probe_live(client: httpx.AsyncClient, times: int = 8) -> float:
     return worst
 
 
+def metric(scraped: httpx.Response, family: str, **labels: str) -> float:
+    """One sample of a /metrics answer, read with Prometheus' own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for fam in text_string_to_metric_families(scraped.text):
+        if fam.name == family:
+            for sample in fam.samples:
+                if sample.labels == labels and not sample.name.endswith("_created"):
+                    return float(sample.value)
+    raise AssertionError(f"no {family}{labels} in /metrics")
+
+
 def outage_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "gateway.storage" and "unavailable" in r.getMessage()]
 
@@ -111,7 +123,7 @@ async def test_a_sqlite_file_locked_by_another_process_stalls_nothing_and_loses_
             rt.inject(walk_in(1, rt.clock.now()))  # a visit to write: the worker waits on the lock too
             await until(lambda: intake.stats()["unacked_size"] >= 1, 10, "the reading to reach the gateway")
             worst = await probe_live(client)  # the worker sits in 3 s busy waits meanwhile
-            assert 'gateway_queue_depth{queue="readings"} 1' in (await client.get("/metrics")).text
+            assert metric(await client.get("/metrics"), "gateway_queue_depth", queue="readings") == 1
             ready = await client.get("/health/ready")
             assert ready.status_code == 503 and ready.json()["components"]["db"] == "locked"
             assert ready.headers["Retry-After"]
@@ -172,8 +184,8 @@ async def test_postgresql_refusing_connections_gives_503s_one_log_line_and_no_lo
             ready = await client.get("/health/ready")
             assert ready.status_code == 503 and ready.json()["components"]["db"] == "down"
             assert (await client.get("/health")).status_code == 503
-            metrics = (await client.get("/metrics")).text  # answers, and says so
-            assert "gateway_database_up 0" in metrics and "gateway_database_outages_total 1" in metrics
+            scraped = await client.get("/metrics")  # answers, and says so
+            assert metric(scraped, "gateway_database_up") == 0 and metric(scraped, "gateway_database_outages") == 1
             await until(lambda: rt.db.outage.refused >= 8, 20, "the held batch to be retried")
             assert intake.stats()["acked"] == 0
             assert rt.pipeline.telemetry.stats()["dead_lettered_total"] == 0
@@ -183,7 +195,7 @@ async def test_postgresql_refusing_connections_gives_503s_one_log_line_and_no_lo
         assert counts(rt) == (1, 0), (rt.pipeline.telemetry.stats(), intake.stats(), rt.telemetry_failures)
         assert (await client.get("/v1/profiles", headers=ADMIN)).status_code == 200
         assert (await client.get("/health/ready")).status_code == 200
-        assert "gateway_database_up 1" in (await client.get("/metrics")).text
+        assert metric(await client.get("/metrics"), "gateway_database_up") == 1
     assert len(outage_lines(caplog)) == 1
     assert any("available again" in r.getMessage() for r in caplog.records if r.name == "gateway.storage")
     assert not [r for r in caplog.records if r.exc_info]
