@@ -221,7 +221,7 @@ class Runtime:
     def _load_state(self) -> None:
         with self.db.session() as s:
             self.identities.load(s)
-        self.reload_campaigns()
+        self._reload_campaigns_now()
 
     def _due_rule_timers(self) -> list[int]:
         """Device rules' timers that came due while the gateway was away."""
@@ -501,11 +501,22 @@ class Runtime:
         self._dispatch(self.pipeline.ingest_readings(readings, now=self.clock.now()))
 
     def reload_campaigns(self) -> None:
-        """Files (loaded at start) plus API campaigns (from the database); an API id never shadows a file's."""
+        """Files (loaded at start) plus API campaigns (from the database); an API id never shadows a file's.
+
+        From the API's threads (a campaign edited) the swap is a job on the worker, after whatever events
+        came before it: the engine is only ever touched by the thread that runs it."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and not _on_loop(loop):
+            self._submit("campaign reload", self._reload_campaigns_now)
+            return
+        self._reload_campaigns_now()
+
+    def _reload_campaigns_now(self) -> list[int]:
         merged = dict(self.service.file_campaigns)
         merged.update((c.id, c) for c in self.service.api_campaigns() if c.id not in merged)
         self.campaigns = CampaignIndex(merged.values())
         self.pipeline.engine.set_campaigns(self.campaigns)
+        return []
 
     def tick(self) -> None:
         """Presence timers (exits, visit ends) at the clock's now, queued on the worker (``flush`` waits)."""
