@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -221,6 +221,25 @@ def _literal_prefix(topic_filter: str) -> str:
     return "/".join(literal)
 
 
+class TelemetryIntake(Protocol):
+    """What the runtime needs of a telemetry source (one API over swappable backends, as the Scanner is):
+    batches to commit, an ack once each is committed, and a way back to the devices."""
+
+    batches: asyncio.Queue[TelemetryBatch]
+    max_batch: int
+    """How many messages the runtime may join into one commit."""
+
+    async def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None: ...
+    async def stop(self, timeout: float = 2.0) -> None: ...
+    def ack(self, batch: TelemetryBatch) -> int: ...
+    def state(self) -> str: ...
+    def stats(self) -> dict[str, Any]: ...
+    def add_subscription(self, extra: ExtraSubscription) -> None: ...
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> Any: ...
+    def publish_command(self, device_id: str, payload: bytes | str | dict[str, Any],
+                        store_id: str | None = None) -> Any: ...
+
+
 class MqttIntake:
     """Subscribe to device telemetry, status and events; put each :class:`TelemetryBatch` on ``batches``.
 
@@ -242,6 +261,7 @@ class MqttIntake:
         if group is not None and (not group or any(c in group for c in "/+#")):
             raise ValueError(f"share_group {group!r} must be one topic level")
         self.settings = settings
+        self.max_batch = settings.max_batch
         self.batches: asyncio.Queue[TelemetryBatch] = batches if batches is not None else asyncio.Queue()
         self.rejected: Counter[str] = Counter()
         """Refused messages by reason code (PayloadError codes, ``bad_topic``, ``internal_error``)."""

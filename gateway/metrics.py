@@ -180,16 +180,16 @@ def gateway_families(rt: Any, depths: Mapping[str, int]) -> list[Family | Histog
     outage = rt.db.outage
     fams += [Family("gateway_adverts_dropped_total", "counter",
                     "Advertisements dropped because the pipeline's backlog was full (a stalled database)")
-             .add(getattr(rt, "adverts_dropped", 0)),
+             .add(rt.adverts_dropped),
              Family("gateway_database_outages_total", "counter",
                     "Database outages (a run of locked, full or unreachable errors) since start")
              .add(outage.outages),
              Family("gateway_database_up", "gauge", "0 while a database outage lasts, else 1")
              .add(0 if outage.active else 1)]
     queues = Family("gateway_queue_depth", "gauge", "Items waiting in the gateway's queues")
-    queues.add(len(getattr(rt, "_adverts", ())), queue="adverts")
+    queues.add(rt.pending_adverts, queue="adverts")
     # Telemetry messages taken from the broker and not yet committed (queued or in the batch being committed).
-    intake = rt.mqtt.stats() if rt.mqtt is not None and hasattr(rt.mqtt, "stats") else {}
+    intake = rt.mqtt.stats() if rt.mqtt is not None else {}
     queues.add(intake.get("unacked_size", 0), queue="readings")
     queues.add(rt.sightings.qsize(), queue="sightings")
     for name, n in sorted(depths.items()):

@@ -24,6 +24,7 @@ from beacons.guard import Guard, GuardSettings
 from beacons.parse import ParseStats, parse_adverts
 from beacons.remote import app_key
 from beacons.types import Advertisement, Sighting
+from devices.mqtt import TelemetryIntake
 from devices.payloads import Reading, TelemetryBatch
 from devices.profiles import load_profiles
 from devices.rules import load_rules
@@ -35,7 +36,7 @@ from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.privacy import purge_presence
 from gateway.storage.db import Database
 from gateway.storage.models import Cart, Device, FootfallCount, Visit, ZoneStay
-from gateway.telemetry.alarms import DeviceRules
+from gateway.telemetry.alarms import DeviceRules, mqtt_alert_sender
 from gateway.telemetry.store import POLICIES, TelemetrySettings, TelemetryStore
 
 log = logging.getLogger("gateway")
@@ -108,7 +109,10 @@ class Pipeline:
 
     def __init__(self, settings: Settings, db: Database, campaigns: CampaignIndex,
                  identities: IdentityIndex, on_outcome: OutcomeHook | None = None,
-                 guard: GuardSettings | None = None, segments: Sequence[Segment] = ()) -> None:
+                 guard: GuardSettings | None = None, segments: Sequence[Segment] = (),
+                 intake: TelemetryIntake | None = None) -> None:
+        """``intake``: the MQTT intake when one runs: its counters join ``stats()``, and device rules send
+        commands and staff alerts through it."""
         self.settings = settings
         self.db = db
         self.store_id = settings.store.id  # written on every visit, stay and footfall row (figures per store)
@@ -138,9 +142,13 @@ class Pipeline:
         self._visit_began: dict[int, float] = {}
         self.telemetry = build_telemetry_store(settings, identities)
         # Device rules (alarms) see accepted telemetry in its transaction; prompts go through the engine.
+        alerts = (mqtt_alert_sender(intake.publish, settings.mqtt.topic_prefix, settings.store.id)
+                  if intake is not None and settings.device_rules.staff_alerts_mqtt else None)
         self.rules = DeviceRules(load_rules(settings.device_rules.dir) if settings.device_rules.dir else [],
-                                 timezone=settings.store.timezone, decide=self._decide)
-        self.mqtt_stats: Callable[[], dict[str, Any]] | None = None  # set by the Runtime: the intake's counters
+                                 timezone=settings.store.timezone, decide=self._decide,
+                                 publish_command=intake.publish_command if intake is not None else None,
+                                 publish_alert=alerts)
+        self.mqtt_stats: Callable[[], dict[str, Any]] | None = intake.stats if intake is not None else None
         self._last_offline_scan = float("-inf")
         self._last_purge = float("-inf")
 

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from beacons.remote import AppReport, RemoteError, app_sightings, parse_espresense
 from beacons.scanner import Scanner
 from beacons.types import Advertisement, Sighting
+from devices.mqtt import TelemetryIntake
 from devices.payloads import Reading, Rejected, TelemetryBatch
 from gateway.app.channels import build_channels, close_channels
 from gateway.app.config import Settings
@@ -48,7 +49,7 @@ from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, Invalid
 from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database, describe, is_transient
-from gateway.telemetry.alarms import AlarmDesk, mqtt_alert_sender
+from gateway.telemetry.alarms import AlarmDesk
 
 log = logging.getLogger("gateway")
 MAX_PENDING_ADVERTS = 100_000  # about 10 s of a full shop (1,000 tags at 10 Hz) waiting for a stalled database
@@ -116,7 +117,7 @@ class Runtime:
     """Runs the pipeline live: scanner, MQTT intake, ticker, dispatcher and API server."""
 
     def __init__(self, settings: Settings, *, clock: Clock | None = None, scanner: Scanner | None = None,
-                 mqtt: Any = None, serve_api: bool = True, channels: Sequence[Channel] = (),
+                 mqtt: TelemetryIntake | None = None, serve_api: bool = True, channels: Sequence[Channel] = (),
                  on_outcome: OutcomeHook | None = log_outcome, tick_s: float = 0.5) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
@@ -128,7 +129,7 @@ class Runtime:
         self.identities = IdentityIndex()
         self.campaigns = CampaignIndex(load_campaigns(settings.campaigns.dir))
         self.pipeline = Pipeline(settings, self.db, self.campaigns, self.identities, on_outcome,
-                                 segments=load_segments(settings.campaigns.dir))
+                                 segments=load_segments(settings.campaigns.dir), intake=mqtt)
         self.hub = StreamHub()
         d = settings.delivery
         self.remote_channels = build_channels(settings, self.db, self.clock)  # webhook, Web Push, as enabled
@@ -208,9 +209,6 @@ class Runtime:
         if self.mqtt is not None:
             self._subscribe_remote()
             await self.mqtt.start(self._loop)
-            if hasattr(self.mqtt, "stats"):
-                self.pipeline.mqtt_stats = self.mqtt.stats
-            self._wire_device_rules()
             self._tasks.append(asyncio.create_task(self._consume_telemetry(), name="telemetry"))
             self._tasks.append(asyncio.create_task(self._consume_sightings(), name="sightings"))
         if self.scanner is not None:
@@ -276,15 +274,6 @@ class Runtime:
         else:
             log.error("%s failed", what, exc_info=error)
 
-    def _wire_device_rules(self) -> None:
-        """Alarm actions that leave over MQTT: commands to devices, retained staff alerts."""
-        rules = self.pipeline.rules
-        if hasattr(self.mqtt, "publish_command"):
-            rules.publish_command = self.mqtt.publish_command
-        if self.settings.device_rules.staff_alerts_mqtt and hasattr(self.mqtt, "publish"):
-            rules.publish_alert = mqtt_alert_sender(self.mqtt.publish, self.settings.mqtt.topic_prefix,
-                                                    self.settings.store.id)
-
     async def stop(self) -> None:
         if self.scanner is not None:
             await self.scanner.stop()
@@ -322,6 +311,11 @@ class Runtime:
             assert self._loop is not None
             self._loop.call_soon(self._drain_adverts)
 
+    @property
+    def pending_adverts(self) -> int:
+        """Adverts received and waiting for the next drain."""
+        return len(self._adverts)
+
     def inject(self, adverts: Iterable[Advertisement]) -> None:
         for adv in adverts:
             self.on_advert(adv)
@@ -353,7 +347,7 @@ class Runtime:
     def _subscribe_remote(self) -> None:
         """ESPresense nodes publish on the same broker: one more filter on the intake's connection."""
         r = self.settings.remote
-        if not r.espresense or not hasattr(self.mqtt, "add_subscription"):
+        if not r.espresense or self.mqtt is None:
             return
         from devices.mqtt import ExtraSubscription
 
@@ -405,8 +399,9 @@ class Runtime:
     async def _consume_telemetry(self) -> None:
         """What is queued, up to the intake's max_batch, is one batch: one transaction, then one round of
         PUBACKs. The broker keeps sending (receive_maximum) while it commits."""
+        assert self.mqtt is not None  # started only with an intake
         queue = self.mqtt.batches
-        limit = getattr(getattr(self.mqtt, "settings", None), "max_batch", 1000)
+        limit = self.mqtt.max_batch
         while True:
             batch: TelemetryBatch = await queue.get()
             while not queue.empty() and len(batch) < limit:
@@ -431,6 +426,7 @@ class Runtime:
             delay = TELEMETRY_RETRY.delay(attempts)
             log.debug("%d telemetry message(s) held unacknowledged; retry in %.1f s", len(batch), delay)
             await asyncio.sleep(delay)
+        assert self.mqtt is not None  # telemetry comes only from an intake
         self.mqtt.ack(batch)
         self._dispatch(ids)
 
@@ -486,7 +482,7 @@ class Runtime:
         return True
 
     async def _flush_telemetry(self) -> None:
-        queue = getattr(self.mqtt, "batches", None)
+        queue = self.mqtt.batches if self.mqtt is not None else None
         if queue is None or queue.empty():
             return
         batch: TelemetryBatch = queue.get_nowait()

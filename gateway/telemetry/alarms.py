@@ -107,14 +107,15 @@ def _latest_service(s: Session, device_ids: Iterable[str]) -> dict[str, int]:
 class DeviceRules:
     """The rules layer of the pipeline: evaluation with durable state, alarm rows, actions."""
 
-    def __init__(self, rules: Sequence[Rule], *, timezone: str = "UTC", decide: Decide | None = None) -> None:
+    def __init__(self, rules: Sequence[Rule], *, timezone: str = "UTC", decide: Decide | None = None,
+                 publish_command: CommandSender | None = None, publish_alert: AlertSender | None = None) -> None:
         self.rules = tuple(rules)
         self.by_id = {r.id: r for r in self.rules}
         self.tz = ZoneInfo(timezone)
         self.decide = decide
-        # Set by the runtime when MQTT runs: a command to a device, and the retained staff alert.
-        self.publish_command: CommandSender | None = None
-        self.publish_alert: AlertSender | None = None
+        # Given when MQTT runs: a command to a device, and the retained staff alert.
+        self.publish_command = publish_command
+        self.publish_alert = publish_alert
         self.figures: Counter[str] = Counter()
         # The earliest due_at this gateway knows of, so a tick with nothing due costs no query. Starts
         # unknown (-inf): the first tick asks the database, which is what makes timers restart-proof.
