@@ -15,8 +15,9 @@ import pytest
 from sqlalchemy import select
 
 from gateway.clock import VirtualClock
+from gateway.delivery.backoff import Backoff
 from gateway.delivery.hub import StreamHub
-from gateway.delivery.outbox import Backoff, Dispatcher, delivery_states, replay
+from gateway.delivery.outbox import Dispatcher, delivery_states, replay
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
 from gateway.security.tokens import TokenSigner

@@ -38,8 +38,9 @@ from gateway.app.config import Settings
 from gateway.app.pipeline import OutcomeHook, Pipeline, log_outcome
 from gateway.campaigns.model import CampaignIndex, load_campaigns, load_segments
 from gateway.clock import Clock, SystemClock
+from gateway.delivery.backoff import Backoff
 from gateway.delivery.hub import Channel, StreamHub
-from gateway.delivery.outbox import Backoff, Dispatcher
+from gateway.delivery.outbox import Dispatcher
 from gateway.delivery.outbox import depths as outbox_depths
 from gateway.engine.engine import EngineEvent
 from gateway.engine.explain import dry_run

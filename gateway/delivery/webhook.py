@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from gateway.clock import Clock, SystemClock
+from gateway.delivery.backoff import Backoff
 from gateway.delivery.hub import Message
 from gateway.storage.db import Database
 from gateway.storage.models import Profile, WebhookEndpoint
@@ -149,6 +150,7 @@ class WebhookChannel:
         self.clock = clock or SystemClock()
         self.sleep = sleep
         self.rng = rng or random.Random()
+        self._backoff = Backoff(settings.backoff_base_s, settings.backoff_max_s, jitter=0.5, rng=self.rng.random)
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
 
@@ -223,9 +225,8 @@ class WebhookChannel:
         return Attempt(r.status_code, None, _retry_after(r.headers.get("Retry-After")))
 
     def backoff(self, failures: int, retry_after_s: float | None = None) -> float:
-        """Exponential with equal jitter: half the step fixed, half random; a Retry-After wins if longer."""
-        step = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** (failures - 1))
-        delay = step / 2 + self.rng.uniform(0, step / 2)
+        """The shared backoff, up to half of each step taken off at random; a Retry-After wins if longer."""
+        delay = self._backoff.delay(failures)
         if retry_after_s is not None:
             delay = max(delay, min(retry_after_s, self.settings.backoff_max_s))
         return delay
