@@ -19,46 +19,24 @@ from __future__ import annotations
 import types
 import typing
 from collections import Counter
-from dataclasses import dataclass
-from re import Pattern
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.dependencies.utils import get_flat_params
 from fastapi.exceptions import RequestValidationError
 from fastapi.params import Query
-from fastapi.routing import APIRoute, iter_route_contexts
+from fastapi.routing import APIRoute
 from starlette.requests import HTTPConnection
 
+from api.routes import http_routes
+
 METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-
-
-@dataclass(frozen=True)
-class _Route:
-    regex: Pattern[str]
-    literal: str | None  # the path, when it has no parameters
-    methods: frozenset[str]
-
-
-def _table(app: FastAPI) -> list[_Route]:
-    """The app's HTTP routes, included routers too; built on first use, once all routers are in."""
-    table: list[_Route] | None = getattr(app.state, "conformance_routes", None)
-    if table is None:
-        table = []
-        for route in iter_route_contexts(app.routes):
-            regex, methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
-            if regex is None or not methods:  # a WebSocket route
-                continue
-            fmt = str(getattr(route, "path_format", "") or "")
-            table.append(_Route(regex, fmt if "{" not in fmt else None, frozenset(methods)))
-        app.state.conformance_routes = table
-    return table
 
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:
     """The methods ``path`` supports, in a stable order: those of its literal routes if it has any,
     else those of every templated route that matches it."""
-    matching = [r for r in _table(app) if r.regex.match(path)]
+    matching = [r for r in http_routes(app) if r.regex.match(path)]
     literal = [r for r in matching if r.literal == path]
     methods = set().union(*(r.methods for r in (literal or matching)))
     return sorted(methods, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
@@ -109,7 +87,7 @@ def conform(conn: HTTPConnection) -> None:
     if conn.scope["type"] != "http" or not isinstance(route, APIRoute):
         return
     path = conn.scope["path"]
-    if "{" in route.path_format and any(r.literal == path for r in _table(conn.app)):
+    if "{" in route.path_format and any(r.literal == path for r in http_routes(conn.app)):
         raise HTTPException(405)  # a literal path's own methods only; http_error adds Allow
     declared = scalar_query_names(route)
     counts = Counter(k for k, _ in conn.query_params.multi_items() if k in declared)

@@ -14,13 +14,11 @@ the request's headers, never its body.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
-from fastapi.routing import iter_route_contexts
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
@@ -28,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import VERIFIED_SCOPE_KEY, ApiContext, Audience, audience_of, credential_of, missing_credential, verify
 from api.problem import problem
+from api.routes import Route, http_routes
 
 CATALOGUE_IMPORT = ("PUT", "/v1/catalogue")
 """The one route allowed a bigger body: a whole catalogue at once (``[api] catalogue_max_body_bytes``)."""
@@ -109,27 +108,17 @@ class CredentialFirst:
 
     def __init__(self, app: ASGIApp, ctx: ApiContext, api: FastAPI) -> None:
         self.app, self.ctx, self.api = app, ctx, api
-        self._routes: list[tuple[re.Pattern[str], frozenset[str], Audience | None]] | None = None
-
-    def _table(self) -> list[tuple[re.Pattern[str], frozenset[str], Audience | None]]:
-        """Every HTTP route in the router's order with whom it is for, built once all routers are in."""
-        if self._routes is None:
-            table = []
-            for route in iter_route_contexts(self.api.routes):
-                regex, methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
-                if regex is None or not methods:  # a WebSocket route: it authenticates on the socket
-                    continue
-                dependant = getattr(route, "dependant", None)
-                table.append((regex, frozenset(methods), audience_of(dependant) if dependant is not None else None))
-            self._routes = table
-        return self._routes
+        self._routes: list[tuple[Route, Audience | None]] | None = None
 
     def _audience(self, scope: Scope) -> Audience | None:
         """Whom the route this request reaches is for (the first route matching path and method, as the
         router picks it); None for a public route or no route at all."""
         path, method = scope["path"], scope["method"]
-        for regex, methods, audience in self._table():
-            if method in methods and regex.match(path):
+        if self._routes is None:  # built on the first request, once every router is in
+            self._routes = [(r, audience_of(r.route.dependant) if getattr(r.route, "dependant", None) else None)
+                            for r in http_routes(self.api)]
+        for r, audience in self._routes:
+            if method in r.methods and r.regex.match(path):
                 return audience
         return None
 
