@@ -356,20 +356,17 @@ class Pipeline:
             return self._decide(s, EngineEvent("profile_updated", profile_id, now, f"profile:{now:.3f}"))
 
     def _decide(self, s: Session, ev: EngineEvent, only: Sequence[Any] | None = None) -> list[int]:
-        outcomes = self.engine.handle(s, ev, only)
-        created = []
-        for o in outcomes:
-            if self.on_outcome is not None:
-                self.on_outcome(o, ev)
-            if o.sends_now and o.notification_id is not None:
-                created.append(o.notification_id)
-        return created
+        return self._sent([(ev, self.engine.handle(s, ev, only))])
 
     def _decide_many(self, s: Session, events: Sequence[EngineEvent], only: Sequence[Any] | None = None,
                      before: Callable[[int], None] | None = None) -> list[int]:
         """Like ``_decide`` for many profiles' events (Engine.handle_many: read and written in bulk)."""
+        return self._sent(zip(events, self.engine.handle_many(s, events, only, before), strict=True))
+
+    def _sent(self, judged: Iterable[tuple[EngineEvent, Sequence[Outcome]]]) -> list[int]:
+        """Each outcome to the hook; the ids of the notifications that go out now."""
         created = []
-        for ev, outcomes in zip(events, self.engine.handle_many(s, events, only, before), strict=True):
+        for ev, outcomes in judged:
             for o in outcomes:
                 if self.on_outcome is not None:
                     self.on_outcome(o, ev)
