@@ -32,7 +32,7 @@ from beacons.remote import AppReport, RemoteError, app_sightings, parse_espresen
 from beacons.scanner import Scanner
 from beacons.types import Advertisement, Sighting
 from devices.mqtt import TelemetryIntake
-from devices.payloads import Reading, Rejected, TelemetryBatch
+from devices.payloads import Rejected, TelemetryBatch
 from gateway.app.channels import build_channels, close_channels
 from gateway.app.config import Settings
 from gateway.app.pipeline import OutcomeHook, Pipeline, log_outcome
@@ -493,9 +493,6 @@ class Runtime:
             await asyncio.wait_for(self.commit_telemetry(batch), 5.0)
         except TimeoutError:  # never acknowledged: the broker redelivers them to the next run
             log.warning("stopping with %d telemetry message(s) uncommitted; the broker keeps them", len(batch))
-
-    def ingest_readings(self, readings: Iterable[Reading]) -> None:
-        self._dispatch(self.pipeline.ingest_readings(readings, now=self.clock.now()))
 
     def reload_campaigns(self) -> None:
         """Files (loaded at start) plus API campaigns (from the database); an API id never shadows a file's.

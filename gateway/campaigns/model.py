@@ -125,11 +125,6 @@ def evaluate(cond: Condition | None, facts: Mapping[str, Any]) -> str | None:
     return None if cond is None else cond.check(facts)
 
 
-def describe(cond: Condition) -> str:
-    """A condition as one line, for a decision's detail."""
-    return cond.text
-
-
 def _condition(cond: Any, where: str) -> Condition:
     try:
         return parse_condition(cond, where)

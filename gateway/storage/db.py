@@ -181,14 +181,6 @@ class Database:
         heads = set(ScriptDirectory(str(MIGRATIONS)).get_heads())
         return "current" if applied == heads else "behind"
 
-    def ping(self) -> bool:
-        try:
-            with self.engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1")
-            return True
-        except Exception:
-            return False
-
     def probe(self) -> str:
         """Can a write start now? ``ok``, ``locked`` (another writer holds it past the probe's short wait),
         ``full`` (the data dir has no room) or ``down`` (no connection). Writes nothing."""
