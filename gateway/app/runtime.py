@@ -21,6 +21,7 @@ import functools
 import hashlib
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -53,6 +54,8 @@ from gateway.storage.db import Database, describe, is_transient
 from gateway.telemetry.alarms import AlarmDesk
 
 log = logging.getLogger("gateway")
+WORKER_NAME = "gateway-pipeline"
+RELOAD_WAIT_S = 30.0  # an API edit of a campaign waits this long for the worker to take it (a stalled database)
 MAX_PENDING_ADVERTS = 100_000  # about 10 s of a full shop (1,000 tags at 10 Hz) waiting for a stalled database
 TELEMETRY_RETRY = Backoff(base_s=0.1, max_s=5.0, jitter=0.2, max_attempts=1_000_000)
 """A telemetry batch held by a database outage is retried on this schedule, for as long as it takes."""
@@ -163,7 +166,7 @@ class Runtime:
         self._drainer: asyncio.Task[None] | None = None
         self.adverts_dropped = 0  # arrived while MAX_PENDING_ADVERTS were already waiting for the worker
         # The one thread that runs the pipeline: its state (presence, engine caches) is never shared.
-        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-pipeline")
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=WORKER_NAME)
         self._jobs: set[asyncio.Future[Any]] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self._dispatches: set[asyncio.Task[Any]] = set()
@@ -498,10 +501,13 @@ class Runtime:
         """Files (loaded at start) plus API campaigns (from the database); an API id never shadows a file's.
 
         From the API's threads (a campaign edited) the swap is a job on the worker, after whatever events
-        came before it: the engine is only ever touched by the thread that runs it."""
+        came before it, and the caller waits for it, so the edit is live when its answer goes out: the engine
+        is only ever touched by the thread that runs it."""
         loop = self._loop
-        if loop is not None and not loop.is_closed() and not _on_loop(loop):
-            self._submit("campaign reload", self._reload_campaigns_now)
+        on_worker = threading.current_thread().name.startswith(WORKER_NAME)
+        if loop is not None and not loop.is_closed() and not _on_loop(loop) and not on_worker:
+            done = asyncio.run_coroutine_threadsafe(self._run(self._reload_campaigns_now), loop)
+            done.result(RELOAD_WAIT_S)
             return
         self._reload_campaigns_now()
 
