@@ -17,12 +17,12 @@ def test_example_documents_every_setting():
     text = EXAMPLE.read_text()
     settings = load_settings(EXAMPLE, environ={})
     assert settings.receivers[0].zones[0].name == "entrance"
-    for section in dataclasses.fields(Settings):
-        value = getattr(settings, section.name)
+    for section in Settings.model_fields:
+        value = getattr(settings, section)
         if dataclasses.is_dataclass(value):
-            assert f"[{section.name}]" in text, section.name
+            assert f"[{section}]" in text, section
             for f in dataclasses.fields(value):
-                assert re.search(rf"^{f.name} = ", text, re.M), f"{section.name}.{f.name} undocumented"
+                assert re.search(rf"^{f.name} = ", text, re.M), f"{section}.{f.name} undocumented"
 
 
 def test_env_overrides_file_and_coerces_types():

@@ -1,17 +1,33 @@
 """Settings: a TOML file, then ``GATEWAY_<SECTION>_<KEY>`` environment variables on top.
 
-Every setting has a default that works for a single store on a Pi, so an empty file is valid.
+Every setting has a default that works for a single store on a Pi, so an empty file is valid. The sections
+are plain dataclasses (the stages build and read them directly); pydantic validates them when they are
+loaded, pydantic-settings reads the environment, and every mistake becomes one ``ConfigError`` that names
+the key and where it came from (the file and its line, or the variable).
+
+A field declared ``repr=False`` holds a secret: it is never shown in a repr nor echoed in an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+import types
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from gateway.delivery.webhook import WebhookSettings
 from gateway.delivery.webpush import WebPushSettings
@@ -20,6 +36,8 @@ from gateway.presence.settings import PresenceSettings, ReceiverSettings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 """The repository's examples/, installed with the package (a link in the source tree)."""
+
+ENV_PREFIX = "GATEWAY_"
 
 
 def example(path: str) -> str:
@@ -32,6 +50,14 @@ def example(path: str) -> str:
     return str(packaged) if packaged.exists() else path
 
 
+def masked_url(url: str) -> str:
+    """A database URL fit for a log: its password masked (an unparsable one is not shown at all)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<not a database URL>"
+
+
 @dataclass
 class StoreSettings:
     id: str = "store-001"
@@ -41,16 +67,19 @@ class StoreSettings:
 
 @dataclass
 class DatabaseSettings:
-    url: str = "sqlite:///data/gateway.db"
+    url: str = field(default="sqlite:///data/gateway.db", repr=False)  # may carry a password: shown masked
     busy_timeout_ms: int = 5000  # SQLite: how long a write waits for another writer before it is held and retried
+
+    def __repr__(self) -> str:
+        return f"DatabaseSettings(url={masked_url(self.url)!r}, busy_timeout_ms={self.busy_timeout_ms!r})"
 
 
 @dataclass
 class ApiSettings:
     host: str = "127.0.0.1"
     port: int = 8000
-    admin_key: str = ""  # empty: a random one is generated at start and printed once
-    token_secret: str = ""  # empty: derived per data dir and kept in it
+    admin_key: str = field(default="", repr=False)  # empty: a random one is generated at start and printed once
+    token_secret: str = field(default="", repr=False)  # empty: derived per data dir and kept in it
     token_ttl_s: int = 30 * 24 * 3600
     cors_origins: list[str] = field(default_factory=list)
     cors_methods: list[str] = field(default_factory=lambda: ["GET", "POST", "PUT", "DELETE"])
@@ -83,7 +112,7 @@ class MqttSettings:
     protocol: str = "5"  # "5" or "3.1.1"
     client_id: str = ""  # empty: "gateway-<store id>"
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)
     tls: bool = False
     ca_file: str = ""
     topic_prefix: str = "stores"
@@ -226,120 +255,274 @@ class FigureSettings:
     bounce_s: float = 60.0  # a visit that saw at most one zone and lasted less than this is a bounce
 
 
-@dataclass
-class Settings:
-    store: StoreSettings = field(default_factory=StoreSettings)
-    database: DatabaseSettings = field(default_factory=DatabaseSettings)
-    api: ApiSettings = field(default_factory=ApiSettings)
-    mqtt: MqttSettings = field(default_factory=MqttSettings)
-    devices: DevicesSettings = field(default_factory=DevicesSettings)
-    device_rules: DeviceRuleSettings = field(default_factory=DeviceRuleSettings)
-    ble: BleSettings = field(default_factory=BleSettings)
-    presence: PresenceSettings = field(default_factory=PresenceSettings)
-    carts: CartSettings = field(default_factory=CartSettings)
-    campaigns: CampaignSettings = field(default_factory=CampaignSettings)
-    engine: EngineSettings = field(default_factory=EngineSettings)
-    loyalty: LoyaltySettings = field(default_factory=LoyaltySettings)
-    webhook: WebhookSettings = field(default_factory=WebhookSettings)
-    webpush: WebPushSettings = field(default_factory=WebPushSettings)
-    delivery: DeliverySettings = field(default_factory=DeliverySettings)
-    logging: LoggingSettings = field(default_factory=LoggingSettings)
-    interactions: InteractionSettings = field(default_factory=InteractionSettings)
-    privacy: PrivacySettings = field(default_factory=PrivacySettings)
-    figures: FigureSettings = field(default_factory=FigureSettings)
-    remote: RemoteSettings = field(default_factory=RemoteSettings)
-    receivers: list[ReceiverSettings] = field(default_factory=list)
+class Settings(BaseSettings):
+    """Every section, with its defaults. ``Settings(...)`` is exactly what it is given (tests and the demo
+    build one by hand); ``load_settings`` adds the file and the environment."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid", case_sensitive=True, coerce_numbers_to_str=True,
+        env_prefix=ENV_PREFIX, env_nested_delimiter="_", env_nested_max_split=1)
+
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    devices: DevicesSettings = Field(default_factory=DevicesSettings)
+    device_rules: DeviceRuleSettings = Field(default_factory=DeviceRuleSettings)
+    ble: BleSettings = Field(default_factory=BleSettings)
+    presence: PresenceSettings = Field(default_factory=PresenceSettings)
+    carts: CartSettings = Field(default_factory=CartSettings)
+    campaigns: CampaignSettings = Field(default_factory=CampaignSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    loyalty: LoyaltySettings = Field(default_factory=LoyaltySettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    webpush: WebPushSettings = Field(default_factory=WebPushSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    interactions: InteractionSettings = Field(default_factory=InteractionSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    figures: FigureSettings = Field(default_factory=FigureSettings)
+    remote: RemoteSettings = Field(default_factory=RemoteSettings)
+    receivers: list[ReceiverSettings] = Field(default_factory=list)
     data_dir: str = "data"
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    origin = getattr(typ, "__origin__", None)
-    if dataclasses.is_dataclass(typ) and isinstance(typ, type):
+    @field_validator("*", mode="before")
+    @classmethod
+    def _one_string_spellings(cls, value: Any, info: ValidationInfo) -> Any:
+        assert info.field_name is not None
+        return _spelled(value, cls.model_fields[info.field_name].annotation)
+
+
+# ---------------------------------------------------------------- lists and tables written as one string
+
+
+def _spelled(value: Any, typ: Any) -> Any:
+    """Lists and tables the environment (or a one-URL TOML line) writes as one string, as lists and dicts:
+    ``a, b`` or JSON for a list, ``k=v, k2=v2`` or JSON for a table, ``""`` for an optional value unset.
+    A string that is neither is left for pydantic to refuse with its key."""
+    if isinstance(typ, type) and dataclasses.is_dataclass(typ):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a table")
-        return _build(typ, value, where)
+            return value
+        hints = _hints(typ)
+        return {k: _spelled(v, hints[k]) if k in hints else v for k, v in value.items()}
+    origin = get_origin(typ)
     if origin is list:
-        (item,) = typ.__args__
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:  # a TOML table, or "a=b, c=d" from the environment
-        key_t, val_t = typ.__args__
-        if isinstance(value, str):
-            pairs = [p.partition("=") for p in value.split(",") if p.strip()]
-            if any(not sep for _, sep, _ in pairs):
-                raise ConfigError(f"{where}: expected key=value pairs, got {value!r}")
-            value = {k.strip(): v.strip() for k, _, v in pairs}
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a table")
-        return {_coerce(k, key_t, where): _coerce(v, val_t, f"{where}.{k}") for k, v in value.items()}
-    if typ is bool:
-        if isinstance(value, str):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false")
-        return value
-    if typ in (int, float, str):
-        try:
-            return typ(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
-    args = getattr(typ, "__args__", ())
-    if type(None) in args:  # Optional[X]
-        if value is None or value == "":
-            return None
-        inner = next(a for a in args if a is not type(None))
-        return _coerce(value, inner, where)
+        listed = _list(value) if isinstance(value, str) else value
+        (item,) = get_args(typ)
+        return [_spelled(v, item) for v in listed] if isinstance(listed, list) else listed
+    if origin is dict:
+        return _table(value) if isinstance(value, str) else value
+    if origin in (Union, types.UnionType) and type(None) in get_args(typ) and value == "":
+        return None
     return value
 
 
-def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown setting(s) {', '.join(sorted(unknown))}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _list(text: str) -> Any:
+    if text.lstrip().startswith("["):
+        return _json(text)
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _table(text: str) -> Any:
+    if text.lstrip().startswith("{"):
+        return _json(text)
+    pairs = [p.partition("=") for p in text.split(",") if p.strip()]
+    if any(not sep for _, sep, _ in pairs):
+        return text
+    return {k.strip(): v.strip() for k, _, v in pairs}
+
+
+def _json(text: str) -> Any:
     try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{where or 'config'}: {exc}") from None
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
-def apply_env(settings: Settings, environ: Mapping[str, str]) -> Settings:
-    """``GATEWAY_API_PORT=9000`` sets ``[api] port``; ``GATEWAY_DATA_DIR`` sets ``data_dir``."""
-    hints = get_type_hints(Settings)
-    for fld in dataclasses.fields(Settings):
-        typ = hints[fld.name]
-        if dataclasses.is_dataclass(typ):
-            section = getattr(settings, fld.name)
-            sub_hints = get_type_hints(typ)
-            for sub in dataclasses.fields(typ):
-                key = f"GATEWAY_{fld.name}_{sub.name}".upper()
-                if key in environ:
-                    setattr(section, sub.name, _coerce(environ[key], sub_hints[sub.name], key))
-        else:
-            key = f"GATEWAY_{fld.name}".upper()
-            if key in environ and typ is str:
-                setattr(settings, fld.name, environ[key])
-    return settings
+# ---------------------------------------------------------------- the sources
+
+
+class _Environment(EnvSettingsSource):
+    """``GATEWAY_<SECTION>_<KEY>`` (and ``GATEWAY_<KEY>`` at the top level) from the mapping given, any case."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(Settings, case_sensitive=False)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._environ.items()}
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        return _Environment(environ)()
+    except SettingsError as exc:  # a top-level list or table that is not JSON
+        name = re.search(r'field "(\w+)"', str(exc))
+        raise ConfigError(f"{ENV_PREFIX}{name[1].upper() if name else '?'}: expected JSON") from None
+
+
+def _from_file(path: Path) -> tuple[dict[str, Any], dict[tuple[str | int, ...], int]]:
+    """The file's tables, and the line of each key and table header in it."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        return tomllib.loads(text), _key_lines(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]")
+_KEY = re.compile(r"""^\s*((?:[\w-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[\w-]+|"[^"]*"|'[^']*'))*)\s*=""")
+
+
+def _key_lines(text: str) -> dict[tuple[str | int, ...], int]:
+    """Where each ``[table]``, ``[[array]]`` entry and ``key =`` of a TOML text starts (first one wins): enough
+    to point at a bad value's line; a key inside an inline table points at the line of the key holding it."""
+    lines: dict[tuple[str | int, ...], int] = {}
+    arrays: dict[tuple[str | int, ...], int] = {}
+    table: tuple[str | int, ...] = ()
+    for n, line in enumerate(text.splitlines(), 1):
+        if header := _HEADER.match(line):
+            table = _dotted(header[2])
+            if header[1] == "[[":
+                arrays[table] = arrays.get(table, -1) + 1
+                table = (*table, arrays[table])
+            lines.setdefault(table, n)
+        elif key := _KEY.match(line):
+            lines.setdefault((*table, *_dotted(key[1])), n)
+    return lines
+
+
+def _dotted(key: str) -> tuple[str, ...]:
+    return tuple(part.strip().strip("\"'") for part in re.findall(r"""[\w-]+|"[^"]*"|'[^']*'""", key))
+
+
+# ---------------------------------------------------------------- loading, and the errors it names
 
 
 def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p}: {exc}") from None
-    settings = _build(Settings, data, "")
-    return apply_env(settings, os.environ if environ is None else environ)
+    """Defaults, then the file's values, then the environment's (``os.environ`` unless given)."""
+    file_path = Path(path) if path is not None else None
+    data, lines = _from_file(file_path) if file_path is not None else ({}, {})
+    env = _from_environment(os.environ if environ is None else environ)
+    try:
+        return Settings.model_validate(_merged(data, env))
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_Origins(file_path, lines, env).explain(exc.errors()))) from None
+
+
+def _merged(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merged(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+_PHRASES = {
+    "int_parsing": "expected int", "int_type": "expected int", "int_from_float": "expected int",
+    "float_parsing": "expected float", "float_type": "expected float", "string_type": "expected str",
+    "bool_parsing": "expected true or false", "bool_type": "expected true or false",
+    "dict_type": "expected a table", "dataclass_type": "expected a table", "list_type": "expected a list",
+    "missing": "required",
+}
+_UNKNOWN = ("unexpected_keyword_argument", "extra_forbidden")
+_STRING_SPELLINGS = {"dict_type": "expected key=value pairs or a JSON object", "list_type": "expected a JSON list"}
+_KEY_IN_MESSAGE = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*):")
+
+
+@dataclass
+class _Origins:
+    """Which source each loaded value came from, to name it in an error: the variable, or the file's line."""
+
+    file: Path | None
+    lines: dict[tuple[str | int, ...], int]
+    env: dict[str, Any]
+
+    def explain(self, errors: list[ErrorDetails]) -> Iterator[str]:
+        unknown: dict[tuple[str | None, tuple[str | int, ...]], list[tuple[str | int, ...]]] = {}
+        for err in errors:
+            loc = tuple(err["loc"])
+            if err["type"] in _UNKNOWN:  # one message per table (and source) naming each stray key
+                unknown.setdefault((self.variable(loc), loc[:-1]), []).append(loc)
+                continue
+            cause = err.get("ctx", {}).get("error")
+            if isinstance(cause, ConfigError):  # a section's own check: its message names the key
+                yield f"{self.where(self.extended(loc, str(cause)))}: {cause}"
+            else:
+                where = self.where(loc)
+                named = "" if where == f"{ENV_PREFIX}{'_'.join(map(str, loc))}".upper() else f"{_dotted_key(loc)}: "
+                yield f"{where}: {named}{self.problem(err, loc)}"
+        for (_, table), locs in unknown.items():
+            names = ", ".join(str(loc[-1]) for loc in locs)
+            yield f"{self.where(locs[0])}: {_dotted_key(table) or 'config'}: unknown setting(s) {names}"
+
+    def where(self, loc: tuple[str | int, ...]) -> str:
+        variable = self.variable(loc)
+        if variable is not None or self.file is None:
+            return variable or "settings"
+        line = next((self.lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in self.lines), None)
+        return f"{self.file}, line {line}" if line else str(self.file)
+
+    def variable(self, loc: tuple[str | int, ...]) -> str | None:
+        """The environment variable that set this value (or the section or list holding it), if one did."""
+        if not loc or loc[0] not in self.env:
+            return None
+        value = self.env[loc[0]]
+        if isinstance(value, dict) and len(loc) > 1 and isinstance(loc[1], str):
+            return f"{ENV_PREFIX}{loc[0]}_{loc[1]}".upper() if loc[1] in value else None
+        return f"{ENV_PREFIX}{loc[0]}".upper()
+
+    @staticmethod
+    def extended(loc: tuple[str | int, ...], message: str) -> tuple[str | int, ...]:
+        """``("api",)`` and "api.max_body_bytes: ..." give ``("api", "max_body_bytes")``: the line to point at."""
+        key = _KEY_IN_MESSAGE.match(message)
+        parts = tuple(key[1].split(".")) if key else ()
+        return parts if parts[:len(loc)] == loc and len(parts) > len(loc) else loc
+
+    @staticmethod
+    def problem(err: ErrorDetails, loc: tuple[str | int, ...]) -> str:
+        value = err.get("input")
+        phrase = _PHRASES.get(err["type"], err["msg"])
+        if isinstance(value, str) and err["type"] in _STRING_SPELLINGS:
+            phrase = _STRING_SPELLINGS[err["type"]]
+        if err["type"] == "missing" or _is_secret(loc):
+            return phrase
+        return f"{phrase}, got {value!r}"
+
+
+def _dotted_key(loc: tuple[str | int, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def _is_secret(loc: tuple[str | int, ...]) -> bool:
+    """Whether the value at ``loc`` is a secret (a ``repr=False`` field of its section) or lies in one."""
+    typ: Any = Settings
+    for part in loc:
+        if isinstance(typ, type) and issubclass(typ, BaseSettings):
+            typ = typ.model_fields[str(part)].annotation if part in typ.model_fields else None
+        elif isinstance(typ, type) and dataclasses.is_dataclass(typ):
+            fields = {f.name: f for f in dataclasses.fields(typ)}
+            if part not in fields:
+                return False
+            if not fields[str(part)].repr:
+                return True
+            typ = _hints(typ)[str(part)]
+        elif get_origin(typ) is list:
+            (typ,) = get_args(typ)
+        else:
+            return False
+    return False

@@ -59,7 +59,8 @@ class WebhookSettings:
 
     enabled: bool = False
     url: list[str] = field(default_factory=list)  # one URL or several; each gets every notification
-    secret: str = ""  # HMAC-SHA256 key shared with the receiver; required when enabled, never logged
+    # HMAC-SHA256 key shared with the receiver; required when enabled, never logged nor shown
+    secret: str = field(default="", repr=False)
     timeout: float = 5.0  # seconds per attempt
     max_attempts: int = 3  # attempts within one delivery (5xx, 429, timeouts); the outbox retries later
     backoff_base_s: float = 0.5  # first wait between attempts; doubles each time, with jitter

@@ -26,7 +26,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -67,7 +67,8 @@ class WebPushSettings:
     """Web Push (RFC 8030/8291/8292) to the browsers customers subscribed with."""
 
     enabled: bool = False
-    vapid_private_key: str = ""  # a PEM file path or the PEM itself; empty: data_dir/vapid_private.pem
+    # a PEM file path or the PEM itself (never shown); empty: data_dir/vapid_private.pem
+    vapid_private_key: str = field(default="", repr=False)
     subject: str = ""  # "mailto:ops@brand.example" or an https URL: whom push services contact
     ttl_s: int = 3600  # default TTL header: how long a push service keeps an undelivered message
     urgency: str = "normal"  # default Urgency header: very-low | low | normal | high
