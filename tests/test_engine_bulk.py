@@ -10,10 +10,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from gateway.campaigns.model import CampaignIndex, parse_campaign
 from gateway.clock import VirtualClock
-from gateway.engine.engine import Engine, EngineEvent, FrequencyCap
+from gateway.engine.engine import Engine, EngineEvent, FrequencyCap, Outcome
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
 from gateway.security.tokens import TokenSigner
@@ -21,6 +22,11 @@ from gateway.storage.db import Database
 from gateway.storage.models import Decision, Notification
 
 TZ = "Europe/Paris"
+
+
+def run_schedules(engine: Engine, s: Session, now: float) -> list[Outcome]:
+    """Each due schedule's audience judged as one batch, as the pipeline's tick does."""
+    return [o for c, evs in engine.schedule_audiences(s, now) for outs in engine.handle_many(s, evs, [c]) for o in outs]
 
 
 def local(hhmm: str) -> float:
@@ -112,11 +118,11 @@ def test_a_schedule_audience_is_judged_in_bulk_once(dbs):
     sched = camp("morning", trigger={"type": "schedule", "at": "10:00"}, limits={"cooldown_s": 600})
     engine = Engine(CampaignIndex([sched]), timezone=TZ)
     with db.session() as s:
-        outs = engine.run_schedules(s, local("10:05"))
+        outs = run_schedules(engine, s, local("10:05"))
     fired = [o for o in outs if o.fired]
     consenting = [pid for i, pid in enumerate(pids) if i % 4 != 1]
     assert sorted(o.profile_id for o in fired) == consenting  # only those who consented to offers
     with db.session() as s:
-        again = engine.run_schedules(s, local("10:06"))  # the same occurrence: never twice
+        again = run_schedules(engine, s, local("10:06"))  # the same occurrence: never twice
         assert again == []
         assert s.scalar(select(func.count()).select_from(Notification)) == len(consenting)

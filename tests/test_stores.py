@@ -167,10 +167,11 @@ async def test_erasing_or_linking_a_profile_leaves_nothing_keyed_by_its_id_in_me
 
     def held(pid: int) -> list[str]:
         """The per-profile maps that still hold ``pid``."""
-        maps: dict[str, Any] = {"_visit_keys": p._visit_keys, "_visit_began": p._visit_began,
-                                "_open_visits": p._open_visits, "_visit_zones": p._visit_zones,
-                                "_zone_keys": {k[0] for k in p._zone_keys},
-                                "_open_stays": {k[0] for k in p._open_stays}, "_judged": p.engine._judged,
+        v = p.visits
+        maps: dict[str, Any] = {"_visit_keys": v._visit_keys, "_visit_began": v._visit_began,
+                                "_open_visits": v._open_visits, "_visit_zones": v._visit_zones,
+                                "_zone_keys": {k[0] for k in v._zone_keys},
+                                "_open_stays": {k[0] for k in v._open_stays}, "_judged": p.engine._judged,
                                 "presence.tracks": {int(k[4:]) for k in p.presence.tracks if k.startswith("app:")}}
         return [name for name, m in maps.items() if pid in m]
 

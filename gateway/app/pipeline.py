@@ -7,17 +7,12 @@ worker thread. It returns the ids of the notifications it committed; dispatching
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, cast
-from zoneinfo import ZoneInfo
+from typing import Any
 
-from sqlalchemy import Dialect, Table, bindparam, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from beacons.guard import Guard, GuardSettings
@@ -29,48 +24,19 @@ from devices.payloads import Reading, TelemetryBatch
 from devices.profiles import load_profiles
 from devices.rules import load_rules
 from gateway.app.config import ConfigError, Settings
-from gateway.campaigns.model import CampaignIndex, Segment
+from gateway.campaigns.model import Campaign, CampaignIndex, Segment
 from gateway.engine.engine import Engine, EngineEvent, FrequencyCap, Outcome
 from gateway.presence.tracker import PresenceEvent, PresenceTracker
+from gateway.presence.visits import Visits
+from gateway.profiles import carts
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.privacy import purge_presence
 from gateway.storage.db import Database
-from gateway.storage.models import Cart, Device, FootfallCount, Visit, ZoneStay
+from gateway.storage.models import Device
 from gateway.telemetry.alarms import DeviceRules, mqtt_alert_sender
 from gateway.telemetry.store import POLICIES, TelemetrySettings, TelemetryStore
 
 log = logging.getLogger("gateway")
-_VISITS = cast(Table, Visit.__table__)
-_STAYS = cast(Table, ZoneStay.__table__)
-_FOOTFALL = cast(Table, FootfallCount.__table__)
-# The visit path's statements, built once (their cache keys are memoized); values come as bound parameters.
-_HAS_VISIT = select(Visit.id).where(Visit.profile_id == bindparam("pid"), Visit.store_id == bindparam("store")).limit(1)
-_NEW_VISIT = insert(_VISITS).returning(_VISITS.c.id)
-_NEW_STAY = insert(_STAYS).returning(_STAYS.c.id)
-_VISIT_ZONES = update(_VISITS).where(_VISITS.c.id == bindparam("vid")).values(zones=bindparam("zones"))
-_VISIT_END = update(_VISITS).where(_VISITS.c.id == bindparam("vid")).values(ended_at=bindparam("at"))
-_IDLE_CARTS = select(Cart).where(Cart.status == "open", Cart.abandoned_at.is_(None),
-                                Cart.updated_at <= bindparam("cutoff")).limit(500)
-_BOUGHT_CARTS = select(Cart).where(Cart.checked_out_at.is_not(None), Cart.purchase_handled_at.is_(None)).limit(500)
-_STAY_EXIT = update(_STAYS).where(_STAYS.c.id == bindparam("sid")).values(exited_at=bindparam("at"))
-
-
-_FOOTFALL_UPSERTS: dict[str, Any] = {}
-
-
-def _footfall_upsert(dialect: Dialect) -> Any:
-    """INSERT ... ON CONFLICT that adds the counts to the day's row, built once per dialect (SQLite and
-    PostgreSQL spell it alike in SQLAlchemy)."""
-    name = dialect.name
-    stmt = _FOOTFALL_UPSERTS.get(name)
-    if stmt is None:
-        if name not in ("postgresql", "sqlite"):
-            raise NotImplementedError(f"storage supports SQLite and PostgreSQL, not {name}")
-        ins = (postgresql.insert if name == "postgresql" else sqlite.insert)(_FOOTFALL)
-        stmt = _FOOTFALL_UPSERTS[name] = ins.on_conflict_do_update(index_elements=["store_id", "day", "zone"], set_={
-            "anonymous_visits": _FOOTFALL.c.anonymous_visits + ins.excluded.anonymous_visits,
-            "anonymous_dwell_s": _FOOTFALL.c.anonymous_dwell_s + ins.excluded.anonymous_dwell_s})
-    return stmt
 decision_log = logging.getLogger("gateway.decisions")
 
 OutcomeHook = Callable[[Outcome, EngineEvent], None]
@@ -130,16 +96,8 @@ class Pipeline:
                              store_id=settings.store.id)
         self.on_outcome = on_outcome
         self.figures: Counter[str] = Counter()
-        self._tz = ZoneInfo(settings.store.timezone)
-        self._anonymous: defaultdict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
-        self._open_stays: dict[tuple[int, str], int] = {}
+        self.visits = Visits(settings.store.id, settings.store.timezone, self.figures)
         self._last_cart_scan = float("-inf")
-        self._open_visits: dict[int, int] = {}
-        self._visit_zones: dict[int, list[str]] = {}  # the open visit's zones, as written to its row
-        # One person may carry several identities (a tag and the app): their keys per profile's visit and stay.
-        self._visit_keys: dict[int, dict[str, float]] = {}
-        self._zone_keys: dict[tuple[int, str | None], dict[str, float]] = {}
-        self._visit_began: dict[int, float] = {}
         self.telemetry = build_telemetry_store(settings, identities)
         # Device rules (alarms) see accepted telemetry in its transaction; prompts go through the engine.
         alerts = (mqtt_alert_sender(intake.publish, settings.mqtt.topic_prefix, settings.store.id)
@@ -186,11 +144,8 @@ class Pipeline:
         with self.db.session() as s:
             created += self.rules.tick(s, now)  # device rules' due timers: for_s durations, did-not-recur clears
             created += self.engine.release_due(s, now)
-            audiences: dict[str, tuple[Any, list[EngineEvent]]] = {}  # schedule triggers, store time
-            for ev, campaign in self.engine.schedule_events(s, now):
-                audiences.setdefault(campaign.id, (campaign, []))[1].append(ev)
-            for campaign, evs in audiences.values():  # everyone who consented, judged in bulk
-                created += self._decide_many(s, evs, [campaign])
+            for campaign, audience in self.engine.schedule_audiences(s, now):  # each audience as one batch
+                created += self._decide_many(s, audience, [campaign])
         if now - self._last_cart_scan >= CART_SCAN_S:
             self._last_cart_scan = now
             created += self.cart_events(now)
@@ -200,154 +155,36 @@ class Pipeline:
 
     def cart_events(self, now: float) -> list[int]:
         """Raise each cart's lifecycle events once: abandoned (idle past the limit) and purchase."""
-        created: list[int] = []
-        cutoff = now - self.settings.carts.abandon_after_s
-        with self.db.session() as s:  # each kind judged in bulk (a cart's facts never read another's marks)
-            events = []
-            for cart in s.scalars(_IDLE_CARTS, {"cutoff": cutoff}):
-                cart.abandoned_at = now
-                events.append(EngineEvent("cart_abandoned", cart.profile_id, now,
-                                          f"cart:{cart.id}:{cart.updated_at:.3f}"))
-            created += self._decide_many(s, events)
-            events = []
-            for cart in s.scalars(_BOUGHT_CARTS):
-                cart.purchase_handled_at = now
-                events.append(EngineEvent("purchase", cart.profile_id, now, f"purchase:{cart.id}"))
-            created += self._decide_many(s, events)
-        return created
+        with self.db.session() as s:  # each kind judged as one batch (a cart's facts never read another's marks)
+            created = self._decide_many(s, carts.abandoned(s, now, self.settings.carts.abandon_after_s))
+            return created + self._decide_many(s, carts.purchased(s, now))
 
     def handle_presence(self, events: Sequence[PresenceEvent]) -> list[int]:
-        known: list[tuple[PresenceEvent, int]] = []
-        for ev in events:
-            pid = self.identities.beacon(ev.key)
-            if pid is not None:
-                merged = self._per_profile(ev, pid)
-                if merged is not None:
-                    known.append((merged, pid))
-            elif ev.kind in ("visit_start", "exit"):
-                self._count_anonymous(ev)  # footfall only: counts per day and zone, no identity
+        """Profiles' events: their visits and stays written, then judged as one batch (the engine reads visit
+        history as of each event's time). Unknown identities are footfall only."""
+        known = self.visits.per_profile(events, self.identities.beacon)
         if not known:
             return []
+        points = self.settings.loyalty.points_per_visit
         judged = [EngineEvent(ev.kind, pid, ev.time,
                               f"visit:{ev.visit_since:.3f}" if ev.kind.startswith("visit")
-                              else f"stay:{ev.zone}:{ev.zone_since:.3f}", ev.zone, ev.dwell_s)
+                              else f"stay:{ev.zone}:{ev.zone_since:.3f}", ev.zone, ev.dwell_s,
+                              points=points if ev.kind == "visit_start" else 0)
                   for ev, pid in known]
         with self.db.session() as s:
-            # The drain's events in bulk (profiles, consents and sends read once); each event's visit or stay
-            # is written just before it is judged, as one-by-one judging would see it.
-            return self._decide_many(s, judged, before=lambda i: self._record_visit(s, *known[i]))
-
-    def _per_profile(self, ev: PresenceEvent, pid: int) -> PresenceEvent | None:
-        """One visit and one stay per zone per profile, however many identities it is seen by.
-
-        The first identity to start a visit (enter a zone) opens it for the profile, the last one to end
-        it closes it; dwell comes from the identity that entered first. None: not an event for the profile.
-        """
-        if ev.kind in ("visit_start", "visit_end"):
-            keys = self._visit_keys.setdefault(pid, {})
-            if ev.kind == "visit_start":
-                first = not keys or list(keys) == [ev.key]  # the same identity again: its new visit
-                keys[ev.key] = ev.visit_since if ev.visit_since is not None else ev.time
-                if first:
-                    self._visit_began[pid] = keys[ev.key]
-                return ev if first else None
-            for (p, _), stay in list(self._zone_keys.items()):  # stays this identity never exited
-                if p == pid and stay.pop(ev.key, None) is not None and not stay:
-                    del self._zone_keys[(p, _)]
-            if keys.pop(ev.key, None) is None or keys:
-                if not keys:
-                    del self._visit_keys[pid]
-                return None
-            del self._visit_keys[pid]
-            since = self._visit_began.pop(pid, None)  # the profile's visit began with its first identity
-            if since is None or since == ev.visit_since:
-                return ev
-            return dataclasses.replace(ev, visit_since=since, dwell_s=max(0.0, ev.time - since))
-        if ev.kind == "enter":
-            stay = self._zone_keys.setdefault((pid, ev.zone), {})
-            first = not stay or ev.key in stay  # the same identity again: its new stay (it missed an exit)
-            stay[ev.key] = ev.zone_since if ev.zone_since is not None else ev.time
-            return ev if first else None
-        stay = self._zone_keys.get((pid, ev.zone), {})
-        if ev.kind == "exit":
-            if stay.pop(ev.key, None) is None or stay:
-                return None
-            del self._zone_keys[(pid, ev.zone)]
-            return ev
-        return ev if next(iter(stay), None) == ev.key else None  # dwell: the identity that entered first
-
-    def _record_visit(self, s: Session, ev: PresenceEvent, pid: int) -> None:
-        """The profile's visit and zone stays, as Core statements (one per event; no ORM objects to load) on
-        the session's connection (the ORM's per-statement work and autoflush are not needed: the session holds
-        no visits or stays): the open visit's zones are remembered here, so an enter appends to them without
-        reading the row."""
-        if ev.kind == "dwell":  # a dwell tick writes nothing
-            return
-        c = s.connection()
-        if ev.kind == "visit_start":
-            before = c.scalar(_HAS_VISIT, {"pid": pid, "store": self.store_id}) is not None  # new here, as figures
-            self.figures["visits_returning" if before else "visits_new"] += 1
-            vid = c.execute(_NEW_VISIT, {"profile_id": pid, "started_at": ev.time, "zones": [],
-                                          "store_id": self.store_id}).scalar_one()
-            self.engine.add_points(s, pid, self.settings.loyalty.points_per_visit)
-            self._open_visits[pid] = vid
-            self._visit_zones[pid] = []
-        elif ev.kind == "enter":
-            open_vid = self._open_visits.get(pid)
-            zones = self._visit_zones.get(pid) if open_vid is not None else None
-            current = open_vid
-            if zones is not None and ev.zone and (not zones or zones[-1] != ev.zone):
-                zones.append(ev.zone)
-                done = c.execute(_VISIT_ZONES, {"vid": open_vid, "zones": list(zones)})
-                if not done.rowcount:
-                    current = None  # the visit is gone (erased): the stay belongs to no visit
-            if ev.zone:
-                self._open_stays[(pid, ev.zone)] = c.execute(_NEW_STAY, {
-                    "profile_id": pid, "visit_id": current, "zone": ev.zone, "entered_at": ev.time,
-                    "store_id": self.store_id}).scalar_one()
-        elif ev.kind == "exit":
-            sid = self._open_stays.pop((pid, ev.zone or ""), None)
-            if sid is not None:
-                c.execute(_STAY_EXIT, {"sid": sid, "at": ev.time})
-        elif ev.kind == "visit_end":
-            vid = self._open_visits.pop(pid, None)
-            self._visit_zones.pop(pid, None)
-            if vid is not None:
-                c.execute(_VISIT_END, {"vid": vid, "at": ev.time})
-
-    def _count_anonymous(self, ev: PresenceEvent) -> None:
-        day = dt.datetime.fromtimestamp(ev.time, self._tz).date().isoformat()
-        if ev.kind == "visit_start":
-            self.figures["anonymous_visits"] += 1
-            self._anonymous[(day, "")][0] += 1
-        elif ev.zone:
-            acc = self._anonymous[(day, ev.zone)]
-            acc[0] += 1
-            acc[1] += ev.dwell_s
+            self.visits.record(s.connection(), known)
+            return self._decide_many(s, judged)
 
     def flush_footfall(self) -> None:
         """Anonymous counts go to the database in one small transaction per tick, not per advert."""
-        if not self._anonymous:
-            return
-        pending, self._anonymous = self._anonymous, defaultdict(lambda: [0, 0.0])
-        rows = [{"store_id": self.store_id, "day": day, "zone": zone, "anonymous_visits": int(visits),
-                 "anonymous_dwell_s": dwell}
-                for (day, zone), (visits, dwell) in pending.items()]
-        # One upsert statement (the counts are added to the day's row), on a bare connection: no ORM session.
-        with self.db.engine.begin() as conn:
-            conn.execute(_footfall_upsert(conn.dialect), rows)
+        self.visits.flush_footfall(self.db.engine)
 
     def forget_profile(self, profile_id: int) -> None:
         """An erased profile (or one linked into another) leaves nothing keyed by its id in memory: no open
         visit or stay to write to, no identities to wait for, no occurrences judged (Engine.forget_profile),
         no presence track of its app. Its tags' tracks stay, anonymous now, as any unknown identity's."""
         self.presence.tracks.pop(app_key(profile_id), None)
-        for per_profile in (self._visit_keys, self._visit_began, self._open_visits, self._visit_zones):
-            per_profile.pop(profile_id, None)
-        for key in [k for k in self._zone_keys if k[0] == profile_id]:
-            del self._zone_keys[key]
-        for stay in [k for k in self._open_stays if k[0] == profile_id]:
-            del self._open_stays[stay]
+        self.visits.forget(profile_id)
         self.engine.forget_profile(profile_id)
 
     def profile_changed(self, profile_id: int, now: float) -> list[int]:
@@ -355,13 +192,14 @@ class Pipeline:
         with self.db.session() as s:
             return self._decide(s, EngineEvent("profile_updated", profile_id, now, f"profile:{now:.3f}"))
 
-    def _decide(self, s: Session, ev: EngineEvent, only: Sequence[Any] | None = None) -> list[int]:
-        return self._sent([(ev, self.engine.handle(s, ev, only))])
+    def _decide(self, s: Session, ev: EngineEvent) -> list[int]:
+        return self._decide_many(s, [ev])
 
-    def _decide_many(self, s: Session, events: Sequence[EngineEvent], only: Sequence[Any] | None = None,
-                     before: Callable[[int], None] | None = None) -> list[int]:
-        """Like ``_decide`` for many profiles' events (Engine.handle_many: read and written in bulk)."""
-        return self._sent(zip(events, self.engine.handle_many(s, events, only, before), strict=True))
+    def _decide_many(self, s: Session, events: Sequence[EngineEvent], only: Sequence[Campaign] | None = None
+                     ) -> list[int]:
+        """The events judged as one batch (against ``only``, or all their triggers' campaigns); outcomes to
+        the hook; the ids of notifications that go out now."""
+        return self._sent(zip(events, self.engine.handle_many(s, events, only), strict=True)) if events else []
 
     def _sent(self, judged: Iterable[tuple[EngineEvent, Sequence[Outcome]]]) -> list[int]:
         """Each outcome to the hook; the ids of the notifications that go out now."""
@@ -394,12 +232,14 @@ class Pipeline:
             devices = {k: d for k, d in named.items() if d is not None}
             # -- device rules hook: the rules see `accepted` (stored once, profile-valid, time order) here.
             created += self.rules.on_batch(s, accepted, batch.events, devices)
+            readings = []  # the readings of owned devices, judged as one batch in time order
             for r in accepted:
                 d = devices.get(r.device_id)
                 if d is not None and d.profile_id is not None:
-                    facts = {"device": {"id": d.id, "kind": d.kind}, "reading": dict(r.metrics)}
-                    created += self._decide(s, EngineEvent("telemetry", d.profile_id, r.time,
-                                                           f"reading:{d.id}:{r.key}", facts=facts))
+                    readings.append(EngineEvent("telemetry", d.profile_id, r.time, f"reading:{d.id}:{r.key}",
+                                                facts={"device": {"id": d.id, "kind": d.kind},
+                                                       "reading": dict(r.metrics)}))
+            created += self._decide_many(s, readings)
         self.figures["readings"] += len(batch.readings)  # counted once committed: a rolled-back try counts nothing
         return created
 

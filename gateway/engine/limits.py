@@ -1,0 +1,66 @@
+"""Limit checks as pure functions over a profile's send history (read once for the batch by the store).
+
+A history row is (campaign id, sent at, purpose, data, notification id or None while unwritten): "sent at"
+is when the customer gets it (its delivery time when held or delayed), so limits judge what the customer
+sees, on both sides of a send's own time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+SendRow = tuple[str, float, str, Any, int | None]
+
+
+@dataclass(frozen=True, slots=True)
+class FrequencyCap:
+    """At most ``max`` notifications per profile in any rolling ``window_s``, across campaigns; with a
+    ``channel``, at most ``max`` over that channel (a full channel is left out, the others still carry it)."""
+
+    window_s: float
+    max: int
+    purposes: tuple[str, ...] = ("offers", "cart_reminders")  # service messages are not capped
+    channel: str | None = None
+
+
+def nearest_within(history: Iterable[SendRow], campaign_id: str, at: float, window_s: float) -> float | None:
+    """The campaign's send nearest to ``at`` less than ``window_s`` away on either side (a cooldown's
+    blocker), or None."""
+    lo, hi = at - window_s, at + window_s
+    near = [t for cid, t, _, _, _ in history if cid == campaign_id and lo < t < hi]
+    return min(near, key=lambda x: abs(at - x)) if near else None
+
+
+def capped(caps: Sequence[FrequencyCap], at: float, channels: tuple[str, ...], history: Iterable[SendRow],
+           default_channels: Sequence[str]) -> tuple[tuple[str, ...], str | None]:
+    """The channels a send at ``at`` may still use under ``caps`` (the ones that count its purpose), and why
+    it may not go at all (None: it may). A full channel cap leaves that channel out; a full cap without a
+    channel, or no channel left, stops the send."""
+    if caps:
+        widest = max(cap.window_s for cap in caps)
+        lo, hi = at - widest, at + widest
+        recent = [(t, purpose, data) for _, t, purpose, data, _ in history if lo < t < hi]
+        for cap in caps:
+            if cap.channel is not None and cap.channel not in channels:
+                continue
+            n = sum(1 for t, purpose, data in recent if purpose in cap.purposes and abs(t - at) < cap.window_s
+                    and (cap.channel is None or cap.channel in ((data or {}).get("channels") or default_channels)))
+            if n < cap.max:
+                continue
+            where = f" on {cap.channel}" if cap.channel else ""
+            detail = f"{n} sent{where} within {cap.window_s:.0f} s, cap {cap.max}"
+            if cap.channel is None:
+                return channels, detail
+            channels = tuple(ch for ch in channels if ch != cap.channel)
+            if not channels:
+                return channels, detail
+    if not channels:
+        return channels, "none of its channels is configured"
+    return channels, None
+
+
+def exhausted(used: int, limit: int) -> bool:
+    """A re-eligibility or budget limit (0: none) is used up."""
+    return bool(limit) and used >= limit
