@@ -27,7 +27,7 @@ from api.deps import ApiContext
 from gateway.clock import VirtualClock
 from gateway.delivery.hub import StreamHub
 from gateway.profiles.identity import IdentityIndex, hash_email
-from gateway.profiles.service import GatewayService, NewProfile
+from gateway.profiles.service import GatewayService, NewProfile, ServiceOptions
 from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Base, Cart, CatalogItem, Interaction, Notification
@@ -94,7 +94,7 @@ class World:
         shutil.copyfile(migrated, tmp_path / "api.db")
         self.db = Database(f"sqlite:///{tmp_path}/api.db")
         self.service = GatewayService(self.db, IdentityIndex(), self.clock, TokenSigner(SECRET),
-                                      token_ttl_s=3600)
+                                      ServiceOptions(token_ttl_s=3600))
         self.hub = StreamHub()
         self.app = create_app(ApiContext(service=self.service, hub=self.hub, admin_key=ADMIN_KEY,
                                          health=_health_of(self.db), heartbeat_s=30))

@@ -23,7 +23,7 @@ from api.deps import ApiContext, guard_of
 from gateway.clock import VirtualClock
 from gateway.delivery.hub import StreamHub
 from gateway.profiles.identity import IdentityIndex
-from gateway.profiles.service import GatewayService, NewProfile
+from gateway.profiles.service import GatewayService, NewProfile, ServiceOptions
 from gateway.security.auth import AuthPolicy, TokenBucket
 from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
@@ -41,7 +41,8 @@ class App:
         self.db = Database(f"sqlite:///{tmp_path}/auth.db")
         self.db.upgrade()
         self.service = GatewayService(self.db, IdentityIndex(), self.clock,
-                                      TokenSigner(b"auth-test-token-secret-012345678"), token_ttl_s=3600)
+                                      TokenSigner(b"auth-test-token-secret-012345678"),
+                                      ServiceOptions(token_ttl_s=3600))
         self.ctx = ApiContext(service=self.service, hub=StreamHub(), admin_key=CONFIG_KEY, health=dict,
                               auth_policy=policy or AuthPolicy(), cors_origins=cors or [])
         self.app = create_app(self.ctx)

@@ -31,7 +31,7 @@ from api.routers import ws as ws_router
 from gateway.clock import VirtualClock
 from gateway.delivery.hub import StreamHub
 from gateway.profiles.identity import IdentityIndex
-from gateway.profiles.service import GatewayService, NewProfile
+from gateway.profiles.service import GatewayService, NewProfile, ServiceOptions
 from gateway.storage.db import Database
 from gateway.storage.models import Base, Interaction, Notification, PushSubscription
 
@@ -100,7 +100,8 @@ class MatrixWorld:
         self.db = Database(f"sqlite:///{tmp_path}/matrix.db")
         from gateway.security.tokens import TokenSigner
 
-        self.service = GatewayService(self.db, IdentityIndex(), self.clock, TokenSigner(SECRET), token_ttl_s=3600)
+        self.service = GatewayService(self.db, IdentityIndex(), self.clock, TokenSigner(SECRET),
+                                      ServiceOptions(token_ttl_s=3600))
         self.hub = StreamHub()
         self.ctx = ApiContext(service=self.service, hub=self.hub, admin_key=CONFIG_KEY, heartbeat_s=30,
                               health=lambda: {"status": "ok", "components": {"db": "ok"}})

@@ -54,7 +54,7 @@ from gateway.delivery.webpush import (
     validate_subscription,
 )
 from gateway.profiles.identity import IdentityIndex
-from gateway.profiles.service import GatewayService, NewProfile
+from gateway.profiles.service import GatewayService, NewProfile, ServiceOptions
 from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Base, Notification, Profile, PushSubscription
@@ -436,7 +436,7 @@ class ApiWorld:
 def api(tmp_path: Path) -> Iterator[ApiWorld]:
     db = _database(f"sqlite:///{tmp_path}/api.db", migrate=False)
     service = GatewayService(db, IdentityIndex(), VirtualClock(T0), TokenSigner(b"push-test-secret-0123456789abcd"),
-                             token_ttl_s=3600)
+                             ServiceOptions(token_ttl_s=3600))
     app = create_app(ApiContext(service=service, hub=StreamHub(), admin_key=ADMIN_KEY, health=dict))
     alice = service.create_profile(NewProfile(external_id="alice"))["id"]
     bob = service.create_profile(NewProfile(external_id="bob"))["id"]

@@ -48,7 +48,7 @@ from gateway.engine.explain import dry_run
 from gateway.metrics import Histogram, db_state, gateway_families, readiness, render
 from gateway.profiles.devices import DeviceRegistry
 from gateway.profiles.identity import IdentityIndex
-from gateway.profiles.service import GatewayService, Invalid
+from gateway.profiles.service import GatewayService, Invalid, ServiceHooks, ServiceOptions
 from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database, describe, is_transient
 from gateway.telemetry.alarms import AlarmDesk
@@ -144,23 +144,21 @@ class Runtime:
                                         "From an advertisement's arrival to the commit of the notifications it caused")
         self._batch_t0 = 0.0
         self.admin_key = settings.api.admin_key or secrets.token_urlsafe(24)
-        self.service = GatewayService(self.db, self.identities, self.clock, TokenSigner(token_secret(settings)),
-                                      settings.api.token_ttl_s, timezone=settings.store.timezone)
         engine = self.pipeline.engine
-        self.service.file_campaigns = dict(self.campaigns.by_id)
-        self.service.conversion_window_s = settings.interactions.conversion_window_s
-        self.service.bounce_s = settings.figures.bounce_s
-        self.service.store_id = settings.store.id
-        self.service.on_campaigns_changed = self.reload_campaigns
-
         engine.channels = (self.hub.name, *(c.name for c in self.remote_channels))  # what can carry a send
 
         def runner(session: Session, event: EngineEvent) -> list[dict[str, Any]]:
             return dry_run(session, event, engine=engine.clone())
 
-        self.service.dry_runner = runner
-        self.service.on_profile_changed = self._profile_changed
-        self.service.on_profile_gone = self._profile_gone
+        self.service = GatewayService(
+            self.db, self.identities, self.clock, TokenSigner(token_secret(settings)),
+            ServiceOptions(token_ttl_s=settings.api.token_ttl_s, timezone=settings.store.timezone,
+                           store_id=settings.store.id,
+                           conversion_window_s=settings.interactions.conversion_window_s,
+                           bounce_s=settings.figures.bounce_s),
+            ServiceHooks(on_campaigns_changed=self.reload_campaigns, dry_runner=runner,
+                         on_profile_changed=self._profile_changed, on_profile_gone=self._profile_gone),
+            file_campaigns=self.campaigns.by_id)
         self._adverts: list[Advertisement] = []
         self._drain_scheduled = False
         self._drainer: asyncio.Task[None] | None = None

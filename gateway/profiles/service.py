@@ -88,28 +88,56 @@ def profile_view(p: Profile) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class ServiceOptions:
+    """What the settings tell the service ([api] token_ttl_s, [store], [interactions], [figures])."""
+
+    token_ttl_s: float = 30 * 86400
+    timezone: str = "UTC"
+    store_id: str | None = None
+    conversion_window_s: float = 7 * 86400.0
+    """How long after a notification a checkout converts it."""
+    bounce_s: float = 60.0
+
+
+DryRunner = Callable[[Session, EngineEvent], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class ServiceHooks:
+    """How the service tells its owner (the runtime) what changed; each is optional, so a service alone
+    (a test, the CLI) is a plain store."""
+
+    on_campaigns_changed: Callable[[], None] | None = None
+    dry_runner: DryRunner | None = None
+    """Evaluates an event against the live campaigns and rolls back; None: dry runs are unavailable."""
+    on_profile_changed: Callable[[int], None] | None = None
+    """A profile's attributes or consents changed, so its live segments are re-evaluated."""
+    on_profile_gone: Callable[[int], None] | None = None
+    """A profile was erased or linked into another, so in-memory state keyed by its id goes."""
+
+
 class GatewayService:
     def __init__(self, db: Database, identities: IdentityIndex, clock: Clock, signer: TokenSigner,
-                 token_ttl_s: float = 30 * 86400, timezone: str = "UTC") -> None:
+                 options: ServiceOptions | None = None, hooks: ServiceHooks | None = None,
+                 file_campaigns: Mapping[str, Campaign] | None = None) -> None:
+        """``file_campaigns``: the campaigns defined in files, read-only here (the API edits its own)."""
+        options = options or ServiceOptions()
+        hooks = hooks or ServiceHooks()
         self.db = db
         self.identities = identities
         self.clock = clock
         self.signer = signer
-        self.token_ttl_s = token_ttl_s
-        self.timezone = timezone
-        # Set by the runtime: the campaigns defined in files (read-only here) and a hook to reload.
-        self.file_campaigns: dict[str, Campaign] = {}
-        self.on_campaigns_changed: Callable[[], None] | None = None
-        # Set by the runtime: evaluates an event against the live campaigns and rolls back.
-        self.dry_runner: Callable[[Session, EngineEvent], list[dict[str, Any]]] | None = None
-        # Set by the runtime from [interactions]: how long after a notification a checkout converts it.
-        self.conversion_window_s = 7 * 86400.0
-        self.bounce_s = 60.0  # set by the runtime from [figures]
-        self.store_id: str | None = None  # set by the runtime from [store]
-        # Set by the runtime: a profile's attributes or consents changed, so its live segments are re-evaluated.
-        self.on_profile_changed: Callable[[int], None] | None = None
-        # Set by the runtime: a profile was erased or linked into another, so in-memory state keyed by its id goes.
-        self.on_profile_gone: Callable[[int], None] | None = None
+        self.token_ttl_s = options.token_ttl_s
+        self.timezone = options.timezone
+        self.file_campaigns: dict[str, Campaign] = dict(file_campaigns or {})
+        self.on_campaigns_changed = hooks.on_campaigns_changed
+        self.dry_runner = hooks.dry_runner
+        self.conversion_window_s = options.conversion_window_s
+        self.bounce_s = options.bounce_s
+        self.store_id = options.store_id
+        self.on_profile_changed = hooks.on_profile_changed
+        self.on_profile_gone = hooks.on_profile_gone
 
     # ------------------------------------------------------------ profiles
 
