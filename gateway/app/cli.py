@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.app.config import example
+
+if TYPE_CHECKING:
+    from gateway.app.config import Settings
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -81,6 +85,15 @@ def ble_scanner(settings: Any, source: Any) -> Any:
                   stale_after_s=settings.ble.stale_after_s)
 
 
+def with_ble_flags(settings: Settings, adapter: str | None, no_ble: bool) -> Settings:
+    """The settings with `run`'s --adapter and --no-ble over the file's [ble] (a copy: the loaded one stays)."""
+    if not adapter and not no_ble:
+        return settings
+    ble = dataclasses.replace(settings.ble, adapter=adapter or settings.ble.adapter,
+                              enabled=settings.ble.enabled and not no_ble)
+    return settings.model_copy(update={"ble": ble})
+
+
 async def _run(args: argparse.Namespace) -> int:
     from beacons.scanner import BleakSource, ScannerUnavailable
     from devices.mqtt import MqttIntake, settings_from_config
@@ -91,10 +104,7 @@ async def _run(args: argparse.Namespace) -> int:
     from gateway.app.logs import secrets_of, setup_logging
 
     setup_logging(settings.logging, secrets_of(settings), verbose=args.verbose)  # [logging]: text or JSON lines
-    if args.adapter:
-        settings.ble.adapter = args.adapter
-    if args.no_ble:
-        settings.ble.enabled = False
+    settings = with_ble_flags(settings, args.adapter, args.no_ble)
     scanner = ble_scanner(settings, BleakSource)
     mqtt = None
     if settings.mqtt.enabled:

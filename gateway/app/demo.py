@@ -19,10 +19,11 @@ from beacons.scanner import BleakSource, InjectionScanner, ScannerGroup
 from devices.broker import ensure_broker
 from devices.mqtt import MqttIntake
 from devices.mqtt import MqttSettings as IntakeSettings
-from gateway.app.config import Settings, example
+from gateway.app.config import ApiSettings, CampaignSettings, DatabaseSettings, Settings, example
 from gateway.app.runtime import Runtime
 from gateway.app.scenarios import apply_scenario, enrol
 from gateway.clock import SystemClock
+from gateway.presence.settings import PresenceSettings
 from simulators.carts import cart_upserts
 from simulators.scenario import load_scenario
 from simulators.store_sim import StoreSimulator
@@ -42,16 +43,14 @@ async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yam
     if radio not in ("inject", "virtual"):
         raise ValueError(f"radio must be 'inject' or 'virtual', not {radio!r}")
     scenario = load_scenario(example(scenario_path))
-    settings = apply_scenario(Settings(), scenario)
     data = Path(data_dir)
     if data.exists():
         shutil.rmtree(data)  # a demo starts from an empty store every time
     data.mkdir(parents=True)
-    settings.data_dir = str(data)
-    settings.database.url = f"sqlite:///{data / 'gateway.db'}"
-    settings.api.port = port
-    settings.campaigns.dir = example(campaigns_dir)
-    settings.presence.dwell_every_s = 5.0
+    settings = apply_scenario(Settings(
+        data_dir=str(data), database=DatabaseSettings(url=f"sqlite:///{data / 'gateway.db'}"),
+        api=ApiSettings(port=port), campaigns=CampaignSettings(dir=example(campaigns_dir)),
+        presence=PresenceSettings(dwell_every_s=5.0)), scenario)
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
