@@ -1,10 +1,11 @@
 """/metrics in the Prometheus text format, through the field's client library (prometheus-client).
 
 The gateway already counts what it does (``Pipeline.stats()``, ``Engine.counts``, the dispatcher's
-outcomes); this module turns those numbers into metric families at scrape time (``Family``), keeps the
-two latency histograms observed on the hot path (``Histogram``, prometheus-client's underneath), and
-renders them with the client's exposition. ``flatten_stats`` walks ``Pipeline.stats()`` generically, so
-a counter another stage adds to that dict shows up in ``/metrics`` without touching this file.
+outcomes); this module gives the generic pieces: metric families built at scrape time (``Family``), the
+latency histograms observed on the hot path (``Histogram``, prometheus-client's underneath), and the
+client's exposition (``render``). ``flatten_stats`` walks ``Pipeline.stats()`` generically, so a counter
+another stage adds to that dict shows up in ``/metrics`` without touching this file. Which families a
+running gateway shows is the runtime's business: ``gateway/app/metrics.py``.
 """
 
 from __future__ import annotations
@@ -150,84 +151,3 @@ def hub_families(hub: Any) -> list[Family]:
     return [Family("gateway_stream_clients", "gauge", "Open SSE and WebSocket streams").add(hub.open_streams()),
             Family("gateway_stream_dropped_clients_total", "counter", "Streams cut off for falling behind")
             .add(hub.dropped_clients)]
-
-
-def gateway_families(rt: Any, depths: Mapping[str, int]) -> list[Family | Histogram]:
-    """Everything /metrics shows for a running gateway; ``rt`` is the Runtime (read only, on its loop).
-
-    ``depths`` are the outbox's database-held queue sizes (``outbox.depths``), read off the loop.
-    """
-    pipeline, dispatcher = rt.pipeline, rt.dispatcher
-    figures = pipeline.figures
-    fams: list[Family | Histogram] = [
-        Family("gateway_adverts_total", "counter", "BLE advertisements received").add(figures.get("adverts", 0)),
-        Family("gateway_readings_total", "counter", "Telemetry readings received").add(figures.get("readings", 0)),
-        Family("gateway_remote_sightings_total", "counter", "Sightings from remote receivers and the app")
-        .add(figures.get("remote_sightings", 0)),
-    ]
-    decisions = Family("gateway_decisions_total", "counter", "Engine decisions by reason (fired or why not)")
-    for reason, n in sorted(pipeline.engine.counts.items()):
-        decisions.add(n, reason=reason)
-    deliveries = Family("gateway_deliveries_total", "counter", "Delivery attempts by channel and outcome")
-    for (channel, outcome), n in sorted(dispatcher.outcomes.items()):
-        deliveries.add(n, channel=channel, outcome=outcome)
-    dead = Family("gateway_dead_letters_total", "counter", "Deliveries given up (dead-lettered) by channel")
-    for channel, n in sorted(dispatcher.dead_lettered.items()):
-        dead.add(n, channel=channel)
-    in_flight = Family("gateway_remote_sends_in_flight", "gauge", "Remote channel sends awaiting an answer")
-    for ch in dispatcher.remote:
-        in_flight.add(dispatcher.in_flight.get(ch.name, 0), channel=ch.name)
-    outage = rt.db.outage
-    fams += [Family("gateway_adverts_dropped_total", "counter",
-                    "Advertisements dropped because the pipeline's backlog was full (a stalled database)")
-             .add(rt.adverts_dropped),
-             Family("gateway_database_outages_total", "counter",
-                    "Database outages (a run of locked, full or unreachable errors) since start")
-             .add(outage.outages),
-             Family("gateway_database_up", "gauge", "0 while a database outage lasts, else 1")
-             .add(0 if outage.active else 1)]
-    queues = Family("gateway_queue_depth", "gauge", "Items waiting in the gateway's queues")
-    queues.add(rt.pending_adverts, queue="adverts")
-    # Telemetry messages taken from the broker and not yet committed (queued or in the batch being committed).
-    intake = rt.mqtt.stats() if rt.mqtt is not None else {}
-    queues.add(intake.get("unacked_size", 0), queue="readings")
-    queues.add(rt.sightings.qsize(), queue="sightings")
-    for name, n in sorted(depths.items()):
-        queues.add(n, queue=name)
-    fams += [decisions, deliveries, dead, in_flight, queues,
-             Family("gateway_outbox_pending", "gauge", "Notifications committed and not yet taken by a channel")
-             .add(depths.get("outbox_pending", 0)),
-             *hub_families(rt.hub),
-             Family("gateway_present", "gauge", "Tracked identities in a zone now")
-             .add(sum(pipeline.presence.occupancy().values())),
-             rt.advert_latency, dispatcher.latency]
-    stats = dict(pipeline.stats())
-    extra = getattr(rt, "stats", None)
-    if callable(extra):  # counters the runtime itself keeps (intake rejects and the like)
-        stats["runtime"] = extra()
-    fams += stats_families(stats)
-    return fams
-
-
-def db_state(db: Any) -> str:
-    """``ok`` when a write could start now and none has failed for the database's state in the last
-    seconds; else ``locked``, ``full``, ``down`` or ``failing`` (it answers a probe, yet writes fail:
-    e.g. PostgreSQL's disk is full)."""
-    state: str = db.probe()
-    if state == "ok" and db.outage.recent():
-        return "failing"
-    if state == "ok":
-        db.outage.succeeded()
-    return state
-
-
-def readiness(db: Any) -> dict[str, Any]:
-    """Ready for traffic: the database can take a write (db_state) and its schema is at this version's
-    migrations."""
-    state = db_state(db)
-    schema = db.schema_state() if state == "ok" else "unknown"
-    body: dict[str, Any] = {"status": "ready" if state == "ok" and schema == "current" else "not_ready",
-                            "components": {"db": state, "migrations": schema}}
-    if state != "ok" and db.outage.active:
-        body["components"]["db_error"] = db.outage.reason
-    return body

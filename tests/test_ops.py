@@ -17,8 +17,8 @@ from api.app import PROBLEM, create_app
 from api.deps import ApiContext
 from gateway.app.config import ConfigError, LoggingSettings, load_settings
 from gateway.app.logs import MASK, secrets_of, setup_logging
+from gateway.app.metrics import readiness
 from gateway.delivery.hub import StreamHub
-from gateway.metrics import readiness
 from gateway.storage.db import MIGRATIONS, Database
 from tests.live_gateway import ADMIN_KEY, T0, base_url, enrol, live_settings, running, walk_in
 

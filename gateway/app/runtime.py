@@ -36,6 +36,7 @@ from devices.mqtt import TelemetryIntake
 from devices.payloads import Rejected, TelemetryBatch
 from gateway.app.channels import build_channels, close_channels
 from gateway.app.config import Settings
+from gateway.app.metrics import db_state, gateway_families, readiness
 from gateway.app.pipeline import OutcomeHook, Pipeline, log_outcome
 from gateway.campaigns.model import CampaignIndex, load_campaigns, load_segments
 from gateway.clock import Clock, SystemClock
@@ -45,7 +46,7 @@ from gateway.delivery.outbox import Dispatcher
 from gateway.delivery.outbox import depths as outbox_depths
 from gateway.engine.engine import EngineEvent
 from gateway.engine.explain import dry_run
-from gateway.metrics import Histogram, db_state, gateway_families, readiness, render
+from gateway.metrics import Histogram, render
 from gateway.profiles.devices import DeviceRegistry
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, Invalid, ServiceHooks, ServiceOptions
