@@ -1,4 +1,4 @@
-"""The `gateway` command: demo, run, simulate, decode, db upgrade."""
+"""The `gateway` command: demo, run, replay, simulate, decode, db upgrade."""
 
 from __future__ import annotations
 
@@ -128,6 +128,12 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from gateway.app.replay import main as replay_main
+
+    return replay_main(args.trace, args.config, args.labels)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     from gateway.app.config import ConfigError
@@ -252,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--adapter", default=None, help="Bluetooth adapter, e.g. hci0")
     r.add_argument("--no-ble", action="store_true", help="run without a Bluetooth adapter")
     r.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("replay", help="a trace CSV through the presence tracker in virtual time: one JSON "
+                                       "event per line; with --labels, scores against them last")
+    rp.add_argument("trace", help="time,receiver,beacon,rssi[,tx_power] (docs/presence.md)")
+    rp.add_argument("--config", required=True, help="gateway.toml with the trace's [[receivers]]")
+    rp.add_argument("--labels", default=None, help="beacon,start,end,zone: where each beacon really was")
+    rp.set_defaults(func=cmd_replay)
 
     s = sub.add_parser("simulate", help="a store day in virtual time, then a summary")
     s.add_argument("--scenario", default=example("examples/store.yaml"))
