@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -13,6 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from api.deps import Context, Customer
 from api.schemas import DB_ID_MAX, NotificationOut
+from api.streams import CustomerStream
 
 router = APIRouter(prefix="/me", tags=["customer"])
 
@@ -35,42 +36,23 @@ async def stream(ctx: Context, claims: Customer,
         start = -1
     if not 0 <= start <= DB_ID_MAX:
         raise HTTPException(400, "Last-Event-ID must be a notification id")
-    pid = claims.profile_id
-    queue = ctx.hub.subscribe(pid, claims.token_id)  # before the replay query, so nothing falls between the two
-    try:
-        backlog = await run_in_threadpool(ctx.service.replay, pid, start)
-    except BaseException:
-        ctx.hub.unsubscribe(pid, queue)
-        raise
+    live = await CustomerStream.open(ctx, claims, start)
 
     async def events() -> AsyncIterator[str]:
         last = start
-        replayed = {old["id"] for old in backlog}
         try:
-            yield f"retry: 2000\n: stream for profile {pid}\n\n"
-            for old in backlog:
-                last = old["id"]
-                yield sse(old)
-            while True:
-                try:
-                    async with asyncio.timeout(ctx.heartbeat_s):  # no task per message, unlike wait_for
-                        msg: dict[str, Any] | None = await queue.get()
-                except TimeoutError:
-                    if claims.expires_at <= ctx.service.clock.now():
-                        return  # the token expired while the stream was open: the app gets a new one
-                    yield ": heartbeat\n\n"
-                    continue
-                if msg is None:
-                    return
-                if msg["id"] in replayed:  # committed between subscribe and replay: sent once
-                    continue
-                if msg["id"] > last:
-                    last = msg["id"]
-                    yield sse(msg)
-                else:  # an older id released late (a scheduled send): no `id:`, so Last-Event-ID stays put
-                    yield sse(msg).split("\n", 1)[1]
+            yield f"retry: 2000\n: stream for profile {claims.profile_id}\n\n"
+            async with contextlib.aclosing(live.messages()) as pushed:
+                async for item in pushed:
+                    if item is None:
+                        yield ": heartbeat\n\n"
+                    elif item.replayed or item.message["id"] > last:
+                        last = item.message["id"]
+                        yield sse(item.message)
+                    else:  # an older id released late (a scheduled send): no `id:`, so Last-Event-ID stays put
+                        yield sse(item.message).split("\n", 1)[1]
         finally:
-            ctx.hub.unsubscribe(pid, queue)
+            live.close()
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

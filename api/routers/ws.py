@@ -18,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.deps import ApiContext, guard_of
 from api.schemas import DB_ID_MAX
+from api.streams import CustomerStream
 from gateway.profiles.service import NotFound
 from gateway.security.auth import retry_after
 from gateway.security.tokens import Claims, TokenError
@@ -70,29 +71,14 @@ async def _ws_auth(ws: WebSocket, ctx: ApiContext, token: str | None, after: int
         return None
 
 
-async def _ws_push(ws_send: Send, queue: asyncio.Queue[dict[str, Any] | None], backlog: list[dict[str, Any]],
-                   heartbeat_s: float, expired: Callable[[], bool] = lambda: False) -> None:
-    """Replay, then live; a message both replayed and published (committed meanwhile) is sent once.
-
-    Live messages are filtered by the replayed ids, not by "greater than the last id": a scheduled
-    send released later carries an older id and must still go out.
-    """
-    replayed = {old["id"] for old in backlog}
-    for old in backlog:
-        await ws_send({"type": "notification", "id": old["id"], "notification": old})
-    while True:
-        try:
-            async with asyncio.timeout(heartbeat_s):
-                msg = await queue.get()
-        except TimeoutError:
-            if expired():  # the token expired while the socket was open
-                return
-            await ws_send({"type": "ping"})
-            continue
-        if msg is None:  # too slow, or the customer was erased or their token revoked: the hub ended us
-            return
-        if msg["id"] not in replayed:
-            await ws_send({"type": "notification", "id": msg["id"], "notification": msg})
+async def _ws_push(ws_send: Send, live: CustomerStream) -> None:
+    """Replay, then live (api/streams.py); an idle socket gets a ping every heartbeat."""
+    async with contextlib.aclosing(live.messages()) as pushed:
+        async for item in pushed:
+            if item is None:
+                await ws_send({"type": "ping"})
+            else:
+                await ws_send({"type": "notification", "id": item.message["id"], "notification": item.message})
 
 
 async def _ws_acks(ws: WebSocket, ws_send: Send, ctx: ApiContext, profile_id: int) -> None:
@@ -142,8 +128,7 @@ async def ws_stream(ws: WebSocket, access_token: str | None = None, after: int =
     if wait:
         await ws.close(WS_RATE_LIMITED, f"rate limit exceeded; retry in {retry_after(wait)} s")
         return
-    pid = claims.profile_id
-    queue = ctx.hub.subscribe(pid, claims.token_id)  # before the replay query, so nothing falls between the two
+    live = await CustomerStream.open(ctx, claims, start)
     lock = asyncio.Lock()
 
     async def send(obj: dict[str, Any]) -> None:
@@ -152,17 +137,15 @@ async def ws_stream(ws: WebSocket, access_token: str | None = None, after: int =
 
     tasks: set[asyncio.Task[None]] = set()
     try:
-        backlog = await run_in_threadpool(ctx.service.replay, pid, start)
-        pusher = asyncio.create_task(_ws_push(send, queue, backlog, ctx.heartbeat_s,
-                                              lambda: claims.expires_at <= ctx.service.clock.now()))
-        tasks = {pusher, asyncio.create_task(_ws_acks(ws, send, ctx, pid))}
+        pusher = asyncio.create_task(_ws_push(send, live))
+        tasks = {pusher, asyncio.create_task(_ws_acks(ws, send, ctx, claims.profile_id))}
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if pusher in done and pusher.exception() is None:
             await ws.close(WS_TRY_AGAIN, "stream ended: reconnect with after=<last id>")
     except WebSocketDisconnect:
         pass
     finally:
-        ctx.hub.unsubscribe(pid, queue)
+        live.close()
         for t in tasks:
             t.cancel()
         for t in tasks:
