@@ -1,4 +1,5 @@
-"""Shared test infrastructure: a private Mosquitto per session and databases per test.
+"""Shared test infrastructure: a private Mosquitto per session and databases per test; the gateway's
+fixtures (database, service, runtime) are tests/fixtures.py's.
 
 Everything real that a test talks to is started here, on a free port, and torn down here: the
 suite never touches the machine's own broker on 1883. Waits are for processes to become ready
@@ -21,6 +22,10 @@ from typing import IO, Any
 
 import paho.mqtt.client as mqtt
 import pytest
+
+from tests.fixtures import any_db, clock, db, migrated_sqlite, runtime_factory, service
+
+__all__ = ["any_db", "clock", "db", "migrated_sqlite", "runtime_factory", "service"]  # the gateway's fixtures
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 MOSQUITTO_FALLBACK = "/usr/sbin/mosquitto"  # Debian installs it outside a normal user's PATH

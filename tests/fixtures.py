@@ -1,0 +1,124 @@
+"""The gateway's shared test fixtures (conftest.py imports them): a database, a service, a runtime.
+
+- ``clock``: a VirtualClock at the test module's ``T0`` (``DEFAULT_T0`` in a module without one), so
+  each file keeps its own times.
+- ``db``: a migrated SQLite database in ``tmp_path``; a copy of one migrated once per worker, so a
+  test does not pay for the migrations. A module whose tests must run on both engines overrides it
+  with ``any_db``: ``@pytest.fixture`` ``def db(any_db): return any_db``.
+- ``any_db``: migrated, once on SQLite and once on a fresh PostgreSQL database (``db_url``).
+- ``service``: a GatewayService on ``db`` at ``clock``, as the API and the CLI use it.
+- ``runtime_factory``: ``await runtime_factory(settings, **runtime_kwargs)`` starts a Runtime (on
+  ``clock`` unless given one, no decision log, ticks left to the test, the API on loopback only); every
+  one is stopped at teardown, or earlier with ``await runtime_factory.stop(rt)`` (a restart).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.app.config import Settings
+from gateway.app.runtime import Runtime
+from gateway.clock import Clock, VirtualClock
+from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.service import GatewayService
+from gateway.security.tokens import TokenSigner
+from gateway.storage.db import Database
+
+DEFAULT_T0 = 1_780_300_800.0  # 2026-06-01 08:00 UTC
+SERVICE_SECRET = b"shared-fixture-token-secret-0123"
+
+
+@pytest.fixture
+def clock(request: pytest.FixtureRequest) -> VirtualClock:
+    return VirtualClock(float(getattr(request.module, "T0", DEFAULT_T0)))
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty SQLite database migrated once (Database.upgrade); ``db`` hands out copies."""
+    path = tmp_path_factory.mktemp("migrated") / "template.db"
+    template = Database(f"sqlite:///{path}")
+    template.upgrade()
+    template.dispose()  # the last connection to close checkpoints the WAL into the file
+    return path
+
+
+@pytest.fixture
+def db(tmp_path: Path, migrated_sqlite: Path) -> Iterator[Database]:
+    path = tmp_path / "gw.db"
+    shutil.copyfile(migrated_sqlite, path)
+    database = Database(f"sqlite:///{path}")
+    try:
+        yield database
+    finally:
+        database.dispose()
+
+
+@pytest.fixture
+def any_db(db_url: str) -> Iterator[Database]:
+    database = Database(db_url)
+    database.upgrade()
+    try:
+        yield database
+    finally:
+        database.dispose()
+
+
+def make_service(db: Database, clock: Clock, identities: IdentityIndex | None = None,
+                 **options: Any) -> GatewayService:
+    """The plain service of the fixture on another database or clock; ``options`` go to its constructor."""
+    return GatewayService(db, identities or IdentityIndex(), clock, TokenSigner(SERVICE_SECRET), **options)
+
+
+@pytest.fixture
+def service(db: Database, clock: VirtualClock) -> GatewayService:
+    return make_service(db, clock)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class RuntimeFactory:
+    """Starts runtimes for one test and stops every one it started."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        self.clock = clock
+        self.started: list[Runtime] = []
+
+    async def __call__(self, settings: Settings, **kwargs: Any) -> Runtime:
+        if kwargs.get("serve_api", True) and not _loopback(settings.api.host):
+            raise ValueError(f"a test's API listens on loopback only, not {settings.api.host!r}")
+        kwargs.setdefault("clock", self.clock)
+        kwargs.setdefault("on_outcome", None)
+        kwargs.setdefault("tick_s", 3600)
+        rt = Runtime(settings, **kwargs)
+        self.started.append(rt)  # stopped at teardown even if its start fails half-way
+        await rt.start()
+        return rt
+
+    async def stop(self, rt: Runtime) -> None:
+        self.started.remove(rt)
+        await rt.stop()
+
+    async def stop_all(self) -> None:
+        while self.started:
+            await self.stop(self.started[-1])
+
+
+@pytest.fixture
+async def runtime_factory(clock: VirtualClock) -> AsyncIterator[RuntimeFactory]:
+    factory = RuntimeFactory(clock)
+    try:
+        yield factory
+    finally:
+        await factory.stop_all()
