@@ -8,7 +8,6 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,12 +15,9 @@ import uvicorn
 
 from api.app import create_app
 from api.deps import ApiContext
-from gateway.clock import VirtualClock
 from gateway.delivery.hub import StreamHub
 from gateway.delivery.outbox import Dispatcher
-from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
-from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Notification
 from tests.conftest import free_port
@@ -53,10 +49,8 @@ class Server:
             return n.id
 
 
-async def serve(tmp_path: Path, heartbeat_s: float, queue_size: int = 256) -> AsyncIterator[Server]:
-    db = Database(f"sqlite:///{tmp_path}/sse.db")
-    db.upgrade()
-    service = GatewayService(db, IdentityIndex(), VirtualClock(T0), TokenSigner(b"sse-test-secret-0123456789abcdef"))
+async def serve(service: GatewayService, heartbeat_s: float, queue_size: int = 256) -> AsyncIterator[Server]:
+    db = service.db
     hub = StreamHub(queue_size=queue_size)
     app = create_app(ApiContext(service=service, hub=hub, admin_key="admin-key-0123456789",
                                 health=lambda: {"status": "ok"}, heartbeat_s=heartbeat_s))
@@ -77,18 +71,17 @@ async def serve(tmp_path: Path, heartbeat_s: float, queue_size: int = 256) -> As
         uv.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 10)
-        db.dispose()
 
 
 @pytest.fixture
-async def quick_heartbeats(tmp_path: Path) -> AsyncIterator[Server]:
-    async for s in serve(tmp_path, HEARTBEAT_S):
+async def quick_heartbeats(service: GatewayService) -> AsyncIterator[Server]:
+    async for s in serve(service, HEARTBEAT_S):
         yield s
 
 
 @pytest.fixture
-async def small_queues(tmp_path: Path) -> AsyncIterator[Server]:
-    async for s in serve(tmp_path, 30.0, queue_size=4):
+async def small_queues(service: GatewayService) -> AsyncIterator[Server]:
+    async for s in serve(service, 30.0, queue_size=4):
         yield s
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,10 +17,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.clock import VirtualClock
-from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
-from gateway.security.tokens import TokenError, TokenSigner
-from gateway.storage.db import Database
+from gateway.security.tokens import TokenError
 from gateway.storage.models import Profile
 from tests.sse import SseReader
 from tests.test_sse import T0, Server, serve
@@ -30,8 +27,8 @@ ADMIN = {"X-API-Key": "admin-key-0123456789"}  # the key tests.test_sse.serve co
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    async for s in serve(tmp_path, heartbeat_s=0.1):
+async def server(service: GatewayService) -> AsyncIterator[Server]:
+    async for s in serve(service, heartbeat_s=0.1):
         yield s
 
 
@@ -47,27 +44,22 @@ async def ended(reader: SseReader) -> bool:
     return task.done()
 
 
-def test_an_erased_customers_token_never_reaches_the_next_customer_enrolled(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'gw.db'}")
-    db.upgrade()
-    clock = VirtualClock(T0)
-    svc = GatewayService(db, IdentityIndex(), clock, TokenSigner(b"reach-test-secret-0123456789"))
-    try:
-        ann = svc.create_profile(NewProfile(external_id="ann"))["id"]
-        token, _ = svc.issue_token(ann)
-        svc.erase_profile(ann)
-        with pytest.raises(TokenError):
-            svc.verify_token(token)
-        clock.set(T0 + 60)
-        # Profile ids are never given twice (tests/test_profile_ids.py), but a restored backup or a row
-        # written by hand can still put a new customer under the erased id: the token must not follow.
-        with db.session() as s:
-            s.add(Profile(id=ann, external_id="bea", attributes={}, created_at=clock.now()))
-        with pytest.raises(TokenError, match="no longer exists"):
-            svc.verify_token(token)
-        assert svc.verify_token(svc.issue_token(ann)[0]).profile_id == ann  # hers works
-    finally:
-        db.dispose()
+def test_an_erased_customers_token_never_reaches_the_next_customer_enrolled(service: GatewayService,
+                                                                            clock: VirtualClock) -> None:
+    svc = service
+    ann = svc.create_profile(NewProfile(external_id="ann"))["id"]
+    token, _ = svc.issue_token(ann)
+    svc.erase_profile(ann)
+    with pytest.raises(TokenError):
+        svc.verify_token(token)
+    clock.set(T0 + 60)
+    # Profile ids are never given twice (tests/test_profile_ids.py), but a restored backup or a row
+    # written by hand can still put a new customer under the erased id: the token must not follow.
+    with svc.db.session() as s:
+        s.add(Profile(id=ann, external_id="bea", attributes={}, created_at=clock.now()))
+    with pytest.raises(TokenError, match="no longer exists"):
+        svc.verify_token(token)
+    assert svc.verify_token(svc.issue_token(ann)[0]).profile_id == ann  # hers works
 
 
 async def test_erasure_ends_the_open_stream_and_the_old_token_never_reads_the_newcomers(server: Server) -> None:

@@ -11,7 +11,6 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,12 +22,9 @@ from websockets.exceptions import ConnectionClosed
 
 from api.app import create_app
 from api.deps import ApiContext
-from gateway.clock import VirtualClock
 from gateway.delivery.hub import StreamHub
 from gateway.delivery.outbox import Dispatcher
-from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
-from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Interaction, Notification
 from tests.conftest import free_port
@@ -68,10 +64,8 @@ class Server:
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    db = Database(f"sqlite:///{tmp_path}/ws.db")
-    db.upgrade()
-    service = GatewayService(db, IdentityIndex(), VirtualClock(T0), TokenSigner(b"ws-test-secret-0123456789abcdef"))
+async def server(service: GatewayService) -> AsyncIterator[Server]:
+    db = service.db
     hub = StreamHub(queue_size=4)  # small, so the slow-client test can overflow it
     app = create_app(ApiContext(service=service, hub=hub, admin_key="admin-key-0123456789",
                                 health=lambda: {"status": "ok"}, heartbeat_s=HEARTBEAT_S))
@@ -92,7 +86,6 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
         uv.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 10)
-        db.dispose()
 
 
 async def _next(ws: ClientConnection, kind: str = "notification") -> dict[str, Any]:
