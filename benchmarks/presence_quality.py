@@ -3,7 +3,7 @@
 One trace (the example store's floor plan and receivers; a busier crowd that lingers; shadowing
 sigma 5 dB; 10 Hz adverts; random loss plus loss bursts) runs through the gateway's
 ``PresenceTracker`` (and a few variants of it, to justify the chosen filter and settings) and
-through two baselines written from their published descriptions:
+through two baselines written from their published descriptions (gateway/presence/scoring.py):
 
 - ``altbeacon_running_average``: AltBeacon's RunningAverageRssiFilter, the samples of the last
   20 s, sorted, 10 % trimmed at each end, averaged.
@@ -40,17 +40,27 @@ import math
 import random
 import sys
 import time
-from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections import defaultdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from beacons.types import Sighting  # noqa: E402
+from gateway.presence.scoring import (  # noqa: E402
+    Event,
+    WindowBaseline,
+    altbeacon_running_average,
+    espresense_tukey,
+    p50,
+    p90,
+    replay,
+    state_at,
+    timelines,
+)
 from gateway.presence.settings import PresenceSettings, ReceiverSettings, ZoneBand  # noqa: E402
-from gateway.presence.tracker import PresenceTracker, rssi_at  # noqa: E402
+from gateway.presence.tracker import PresenceTracker  # noqa: E402
 from simulators.people import VisitPath, Walker  # noqa: E402
 from simulators.scenario import Receiver, Scenario, Zone, load_scenario  # noqa: E402
 from simulators.scenario import ZoneBand as SimBand  # noqa: E402
@@ -85,14 +95,6 @@ BODY_SIGMA_DB = 2.0
 BODY_TAU_S = 2.0
 HARSH_SIGMA_DB = 4.0
 HARSH_TAU_S = 3.0
-
-Event = tuple[str, str, str | None, float]  # kind, key, zone, emission time
-
-
-class Tracker(Protocol):
-    def observe(self, key: str, rx: str, rssi: int, t: float) -> list[Event]: ...
-    def tick(self, now: float) -> list[Event]: ...
-
 
 # ---------------------------------------------------------------------------------------
 # The trace
@@ -244,125 +246,8 @@ class Ours:
         return [(e.kind, e.key, e.zone, now) for e in self.t.tick(now)]
 
 
-def altbeacon_running_average(v: list[int]) -> float:
-    """RunningAverageRssiFilter on the window's samples (``v`` sorted): drop 10 % at each end, average."""
-    cut = len(v) // 10
-    kept = v[cut:len(v) - cut] if len(v) - 2 * cut > 0 else v
-    return sum(kept) / len(kept)
-
-
-def espresense_tukey(v: list[int]) -> float:
-    """Mean of the window's samples (``v`` sorted) inside the Tukey fences (1.5 IQR beyond the quartiles)."""
-    n = len(v)
-    if n < 4:
-        return sum(v) / n
-    q1, q3 = v[n // 4], v[(3 * n) // 4]
-    lo, hi = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
-    kept = v[bisect.bisect_left(v, lo):bisect.bisect_right(v, hi)]
-    return sum(kept) / len(kept)
-
-
-class WindowBaseline:
-    """A windowed RSSI filter + strongest receiver + distance bands, no hysteresis, exit on silence."""
-
-    def __init__(self, window_s: float, estimate: Callable[[list[int]], float],
-                 receivers: list[ReceiverSettings], exit_after_s: float) -> None:
-        self.window_s, self.estimate, self.exit_after_s = window_s, estimate, exit_after_s
-        self.ref = {r.id: float(r.measured_power or -59) for r in receivers}
-        self.bands = {r.id: [(rssi_at(z.max_m, self.ref[r.id], r.path_loss_exponent), z.name)
-                             for z in sorted(r.zones, key=lambda z: z.max_m)] for r in receivers}
-        self.samples: dict[tuple[str, str], deque[tuple[float, int]]] = defaultdict(deque)
-        self.sorted: dict[tuple[str, str], list[int]] = defaultdict(list)  # the window's samples, sorted
-        self.value: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)  # key -> rx -> (est, last)
-        self.zone: dict[str, str | None] = {}
-        self.last: dict[str, float] = {}
-
-    def observe(self, key: str, rx: str, rssi: int, t: float) -> list[Event]:
-        q, v = self.samples[(key, rx)], self.sorted[(key, rx)]
-        q.append((t, rssi))
-        bisect.insort(v, rssi)
-        while q[0][0] < t - self.window_s:
-            del v[bisect.bisect_left(v, q.popleft()[1])]
-        est = self.estimate(v)
-        links = self.value[key]
-        links[rx] = (est - self.ref[rx], t)
-        self.last[key] = t
-        best, strength = None, -math.inf
-        for r, (s, last) in links.items():
-            if t - last <= self.exit_after_s / 2 and s > strength:
-                best, strength = r, s
-        if best is None:
-            return []
-        zone = None
-        for thr, name in self.bands[best]:
-            if strength + self.ref[best] >= thr:
-                zone = name
-                break
-        cur = self.zone.get(key)
-        if zone is None or zone == cur:
-            return []
-        out: list[Event] = [("exit", key, cur, t)] if cur is not None else []
-        self.zone[key] = zone
-        out.append(("enter", key, zone, t))
-        return out
-
-    def tick(self, now: float) -> list[Event]:
-        out: list[Event] = []
-        for key, last in list(self.last.items()):
-            if now - last > self.exit_after_s:
-                cur = self.zone.pop(key, None)
-                if cur is not None:
-                    out.append(("exit", key, cur, now))
-                del self.last[key]
-                self.value.pop(key, None)
-                for rx in self.ref:
-                    self.samples.pop((key, rx), None)
-                    self.sorted.pop((key, rx), None)
-        return out
-
-
 # ---------------------------------------------------------------------------------------
 # Scoring
-
-
-def replay(tracker: Tracker, steps: Iterable[tuple[float, list[tuple[str, str, int, float]]]]) -> tuple[
-        list[Event], float]:
-    events: list[Event] = []
-    observe, tick = tracker.observe, tracker.tick
-    n = 0
-    t0 = time.process_time()  # CPU time: other jobs on the machine do not inflate it
-    for t1, rows in steps:
-        for key, rx, rssi, t in rows:
-            n += 1
-            evs = observe(key, rx, rssi, t)
-            if evs:
-                events.extend(evs)
-        events.extend(tick(t1))
-    return events, (time.process_time() - t0) / max(n, 1)
-
-
-def timelines(events: list[Event]) -> dict[str, tuple[list[float], list[str | None]]]:
-    """Per key: the tracker's zone as a step function of emission time."""
-    out: dict[str, tuple[list[float], list[str | None]]] = {}
-    cur: dict[str, str | None] = {}
-    for kind, key, zone, t in events:
-        if kind == "enter":
-            cur[key] = zone
-        elif kind == "exit" and cur.get(key) == zone:
-            cur[key] = None
-        else:
-            continue
-        ts, zs = out.setdefault(key, ([], []))
-        ts.append(t)
-        zs.append(cur[key])
-    return out
-
-
-def state_at(line: tuple[list[float], list[str | None]] | None, t: float) -> str | None:
-    if line is None:
-        return None
-    i = bisect.bisect_right(line[0], t) - 1
-    return line[1][i] if i >= 0 else None
 
 
 def truth(v: VisitPath, r: float) -> str | None:
@@ -511,16 +396,6 @@ def latency_breakdown(rec: Recording, walkers: list[Walker], duration_s: float, 
                 half.append(t_half)
     return {"radio_p90_s": p90(radio), "radio_p50_s": p50(radio), "posterior_half_p90_s": p90(half),
             "posterior_half_p50_s": p50(half), "hold_s": hold_s}
-
-
-def p90(values: list[float]) -> float:
-    v = sorted(values)
-    return round(v[min(len(v) - 1, math.ceil(0.9 * len(v)) - 1)], 2) if v else math.nan
-
-
-def p50(values: list[float]) -> float:
-    v = sorted(values)
-    return round(v[len(v) // 2], 2) if v else math.nan
 
 
 # ---------------------------------------------------------------------------------------

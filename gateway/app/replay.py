@@ -14,19 +14,27 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from beacons.types import Sighting
 from gateway.app.config import load_settings
 from gateway.errors import ConfigError
 from gateway.presence.scoring import Event, baselines, replay, score_labels, steps
 from gateway.presence.settings import PresenceSettings, ReceiverSettings
-from gateway.presence.traces import Label, TraceError, open_trace, read_labels
+from gateway.presence.traces import Label, RowErrors, TraceError, open_trace, read_labels
 from gateway.presence.tracker import PresenceEvent, PresenceTracker
 
 DRAIN_S = 0.25  # the runtime drains adverts continuously; a quarter second is its slow case
 TICK_S = 1.0  # the runtime ticks presence about once a second
 SHOWN = frozenset({"enter", "dwell", "exit"})  # the events printed (visit start and end are implied)
+
+
+class Replayed(NamedTuple):
+    events: list[Event]  # (kind, key, zone, emitted at)
+    rows: int  # good rows replayed
+    errors: RowErrors
+    cpu_s: float
+    wall_s: float
 
 
 def track(sightings: Iterable[Sighting], settings: PresenceSettings, receivers: list[ReceiverSettings],
@@ -78,45 +86,60 @@ def event_json(e: PresenceEvent, emitted: float) -> str:
     return json.dumps(out)
 
 
-def run_replay(trace: Path, settings: PresenceSettings, receivers: list[ReceiverSettings],
-               labels: list[Label] | None, out: IO[str], err: IO[str]) -> dict[str, Any] | None:
-    """Print the events (and with labels, the scores as the last line); returns the scores.
+def replay_events(trace: Path, settings: PresenceSettings, receivers: list[ReceiverSettings],
+                  on_event: Callable[[PresenceEvent, float], None] | None = None) -> Replayed:
+    """The tracker's enter / dwell / exit events over a trace file, and what reading it cost.
 
-    Raises TraceError for an unreadable trace; bad rows are reported on ``err`` and skipped.
+    Raises TraceError for an unreadable trace; bad rows are skipped and counted in ``errors``.
     """
     events: list[Event] = []
-    write = out.write
 
     def emit(e: PresenceEvent, emitted: float) -> None:
         if e.kind in SHOWN:
-            write(event_json(e, emitted) + "\n")
             events.append((e.kind, e.key, e.zone, emitted))
+            if on_event is not None:
+                on_event(e, emitted)
 
-    ids = [r.id for r in receivers]
-    f, reader = open_trace(trace, ids)
+    f, reader = open_trace(trace, [r.id for r in receivers])
     cpu, wall = time.process_time(), time.perf_counter()
     with f:
         track(reader, settings, receivers, emit)
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    if reader.errors.count:
-        print(f"gateway replay: {reader.errors.count} bad rows skipped\n{reader.errors.report()}", file=err)
+    return Replayed(events, reader.rows, reader.errors, time.process_time() - cpu, time.perf_counter() - wall)
+
+
+def baseline_events(trace: Path, settings: PresenceSettings,
+                    receivers: list[ReceiverSettings]) -> dict[str, list[Event]]:
+    """Each baseline's events over the same trace (read again: a trace is streamed, never held)."""
+    out = {}
+    for name, baseline in baselines(receivers, settings.exit_after_s).items():
+        f, reader = open_trace(trace, [r.id for r in receivers])
+        with f:
+            out[name], _ = replay(baseline, steps(reader, TICK_S))
+    return out
+
+
+def run_replay(trace: Path, settings: PresenceSettings, receivers: list[ReceiverSettings],
+               labels: list[Label] | None, out: IO[str], err: IO[str]) -> dict[str, Any] | None:
+    """Print the events (and with labels, the scores as the last line); returns the scores."""
+    def show(e: PresenceEvent, at: float) -> None:
+        out.write(event_json(e, at) + "\n")
+
+    run = replay_events(trace, settings, receivers, show)
+    if run.errors.count:
+        print(f"gateway replay: {run.errors.count} bad rows skipped\n{run.errors.report()}", file=err)
     if labels is None:
         return None
     result: dict[str, Any] = {
-        "ours": score_labels(events, labels, settings.exit_after_s),
-        "baselines": {},
-        "sightings": reader.rows,
-        "bad_rows": reader.errors.count,
-        "replay_cpu_s": round(cpu, 3),
-        "replay_wall_s": round(wall, 3),
-        "sightings_per_cpu_s": round(reader.rows / cpu) if cpu > 0 else None,
+        "ours": score_labels(run.events, labels, settings.exit_after_s),
+        "baselines": {name: score_labels(events, labels, settings.exit_after_s)
+                      for name, events in baseline_events(trace, settings, receivers).items()},
+        "sightings": run.rows,
+        "bad_rows": run.errors.count,
+        "replay_cpu_s": round(run.cpu_s, 3),
+        "replay_wall_s": round(run.wall_s, 3),
+        "sightings_per_cpu_s": round(run.rows / run.cpu_s) if run.cpu_s > 0 else None,
     }
-    for name, baseline in baselines(receivers, settings.exit_after_s).items():
-        f, again = open_trace(trace, ids)
-        with f:
-            got, _ = replay(baseline, steps(again, TICK_S))
-        result["baselines"][name] = score_labels(got, labels, settings.exit_after_s)
-    write(json.dumps(result) + "\n")
+    out.write(json.dumps(result) + "\n")
     return result
 
 
