@@ -5,7 +5,6 @@ shown on the profile and in the export, and a bad one is refused with a problem+
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,26 +13,18 @@ from api.app import create_app
 from api.deps import ApiContext
 from gateway.clock import VirtualClock
 from gateway.delivery.hub import StreamHub
-from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService
-from gateway.security.tokens import TokenSigner
-from gateway.storage.db import Database
 
 T0 = 1_767_261_600.0
 ADMIN = {"X-API-Key": "consent-admin-key-0123456789"}
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[tuple[TestClient, VirtualClock]]:
-    db = Database(f"sqlite:///{tmp_path / 'gw.db'}")
-    db.upgrade()
-    clock = VirtualClock(T0)
-    service = GatewayService(db, IdentityIndex(), clock, TokenSigner(b"consent-test-secret-0123456789"))
+def api(service: GatewayService, clock: VirtualClock) -> Iterator[tuple[TestClient, VirtualClock]]:
     app = create_app(ApiContext(service=service, hub=StreamHub(), admin_key=ADMIN["X-API-Key"],
                                 health=lambda: {"status": "ok"}))
     with TestClient(app) as client:
         yield client, clock
-    db.dispose()
 
 
 def test_each_purpose_keeps_its_state_time_and_source(api: tuple[TestClient, VirtualClock]) -> None:

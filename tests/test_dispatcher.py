@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,11 +17,10 @@ from gateway.clock import VirtualClock
 from gateway.delivery.backoff import Backoff
 from gateway.delivery.hub import StreamHub
 from gateway.delivery.outbox import Dispatcher, delivery_states, replay
-from gateway.profiles.identity import IdentityIndex
-from gateway.profiles.service import GatewayService, NewProfile
-from gateway.security.tokens import TokenSigner
+from gateway.profiles.service import NewProfile
 from gateway.storage.db import Database
 from gateway.storage.models import Delivery, Interaction, Notification
+from tests.fixtures import make_service
 
 T0 = 1_767_261_600.0
 
@@ -43,33 +41,9 @@ class Scripted:
         return step
 
 
-@pytest.fixture
-def clock() -> VirtualClock:
-    return VirtualClock(T0)
-
-
-def _db(url: str) -> Iterator[Database]:
-    database = Database(url)
-    database.upgrade()
-    try:
-        yield database
-    finally:
-        database.dispose()
-
-
-@pytest.fixture
-def db(tmp_path: Any) -> Iterator[Database]:
-    yield from _db(f"sqlite:///{tmp_path}/gw.db")
-
-
-@pytest.fixture
-def any_db(db_url: str) -> Iterator[Database]:
-    """SQLite and PostgreSQL: the bulk inserts and updates of the state run on both."""
-    yield from _db(db_url)
-
-
 def _profile_with(db: Database, clock: VirtualClock, n: int = 1) -> tuple[int, list[int]]:
-    svc = GatewayService(db, IdentityIndex(), clock, TokenSigner(b"dispatch-test-secret-0123456789ab"))
+    """On ``db`` or ``any_db`` (SQLite and PostgreSQL: the bulk inserts and updates of the state run on both)."""
+    svc = make_service(db, clock)
     pid = svc.create_profile(NewProfile(external_id=f"p{clock.now()}"))["id"]
     with db.session() as s:
         rows = [Notification(profile_id=pid, campaign_id="c", purpose="offers", dedup_key=f"c:{pid}:{i}",

@@ -8,7 +8,6 @@ In process (TestClient) over a migrated SQLite file and the real service; time i
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,13 +15,9 @@ from fastapi.testclient import TestClient
 
 from api.app import PROBLEM, create_app
 from api.deps import ApiContext
-from gateway.clock import VirtualClock
 from gateway.delivery.hub import StreamHub
 from gateway.delivery.outbox import Dispatcher
-from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
-from gateway.security.tokens import TokenSigner
-from gateway.storage.db import Database
 from gateway.storage.models import Notification
 
 T0 = 1_780_300_800.0  # 2026-06-01 08:00 UTC
@@ -47,11 +42,8 @@ class Flaky:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[Any]:
-    db = Database(f"sqlite:///{tmp_path}/r.db")
-    db.upgrade()
-    clock = VirtualClock(T0)
-    svc = GatewayService(db, IdentityIndex(), clock, TokenSigner(b"resources-test-secret-0123456789"))
+def world(service: GatewayService) -> Iterator[Any]:
+    svc, db, clock = service, service.db, service.clock
     hub = StreamHub()
     app = create_app(ApiContext(service=svc, hub=hub, admin_key=KEY, health=dict))  # type: ignore[arg-type]
 
@@ -61,7 +53,6 @@ def world(tmp_path: Path) -> Iterator[Any]:
     w = W()
     w.db, w.clock, w.svc, w.hub, w.client = db, clock, svc, hub, TestClient(app)  # type: ignore[attr-defined]
     yield w
-    db.dispose()
 
 
 def _notify(w: Any, pid: int, key: str, at: float, campaign: str = "c1", status: str = "sent") -> int:
