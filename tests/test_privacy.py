@@ -6,13 +6,11 @@ import pytest
 from sqlalchemy import func, select
 
 from gateway.campaigns.model import CampaignIndex, parse_campaign
-from gateway.clock import VirtualClock
 from gateway.engine.engine import Engine, EngineEvent
 from gateway.engine.explain import dry_run, why
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.privacy import erase_profile, export_profile, purge_presence
 from gateway.profiles.service import GatewayService, NewProfile
-from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Base, Decision, Device, Notification, Visit
 
@@ -22,10 +20,14 @@ OFFER = {"id": "offer", "purpose": "offers", "trigger": {"type": "enter", "zone"
 
 
 @pytest.fixture
-def world(db_url):
-    db = Database(db_url)
-    db.upgrade()
-    svc = GatewayService(db, IdentityIndex(), VirtualClock(T0), TokenSigner(b"0123456789abcdef0123"))
+def db(any_db: Database) -> Database:
+    """Every test here runs on both engines."""
+    return any_db
+
+
+@pytest.fixture
+def world(service: GatewayService):
+    db, svc = service.db, service
     ann = svc.create_profile(NewProfile(external_id="ann", name="Ann", consents={"offers": True},
                                         identifiers=[("beacon", "ibeacon:aa:1:1"), ("email_sha256", "a@x.io")]))["id"]
     bob = svc.create_profile(NewProfile(external_id="bob", name="Bob", consents={"offers": True}))["id"]
@@ -37,7 +39,6 @@ def world(db_url):
             s.add(Visit(profile_id=pid, started_at=T0 - 90 * 86400, ended_at=T0 - 90 * 86400 + 600, zones=["shoes"]))
             engine.handle(s, EngineEvent("enter", pid, T0, "stay:1", "shoes"))
     yield db, svc, ann, bob
-    db.dispose()
 
 
 def _count(db, model, **where) -> int:

@@ -7,10 +7,8 @@ case end to end: the erased customer was in the shop, and the newcomer must stil
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import func, select
 
 from gateway.app.config import Settings
@@ -19,29 +17,17 @@ from gateway.campaigns.model import CampaignIndex
 from gateway.clock import VirtualClock
 from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.presence.tracker import PresenceEvent
-from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
-from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Visit, ZoneStay
+from tests.fixtures import make_service
 
 T0 = 1_780_300_800.0
 
 
-def service(db: Database, clock: VirtualClock | None = None) -> GatewayService:
-    return GatewayService(db, IdentityIndex(), clock or VirtualClock(T0), TokenSigner(b"0123456789abcdef0123"))
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    d = Database(db_url)
-    d.upgrade()
-    yield d
-    d.dispose()
-
-
-def test_the_newest_profiles_id_stays_retired_after_erasure_and_a_restart(db: Database, db_url: str) -> None:
-    svc = service(db)
+def test_the_newest_profiles_id_stays_retired_after_erasure_and_a_restart(any_db: Database, db_url: str,
+                                                                           clock: VirtualClock) -> None:
+    svc = make_service(any_db, clock)
     ids = [svc.create_profile(NewProfile(external_id=f"p{i}"))["id"] for i in range(3)]
     svc.erase_profile(ids[-1])
     after = svc.create_profile(NewProfile(external_id="newcomer"))["id"]
@@ -50,13 +36,13 @@ def test_the_newest_profiles_id_stays_retired_after_erasure_and_a_restart(db: Da
     again = Database(db_url)  # a restart: a fresh engine on the same database
     try:
         again.upgrade()
-        later = service(again).create_profile(NewProfile(external_id="later"))["id"]
+        later = make_service(again, clock).create_profile(NewProfile(external_id="later"))["id"]
     finally:
         again.dispose()
     assert later > after
 
 
-def test_the_mark_starts_from_the_profiles_already_there(tmp_path: Path) -> None:
+def test_the_mark_starts_from_the_profiles_already_there(tmp_path: Path, clock: VirtualClock) -> None:
     """A database migrated while it held profiles (the migration seeds the mark with their highest id)."""
     from gateway.storage.db import upgrade
 
@@ -68,38 +54,31 @@ def test_the_mark_starts_from_the_profiles_already_there(tmp_path: Path) -> None
                                  "VALUES (1, 'p0', '{}', 0, 0), (2, 'p1', '{}', 0, 0)")
         first = [1, 2]
         old.upgrade()  # to the head: the mark is seeded from them
-        svc = service(old)
+        svc = make_service(old, clock)  # an old schema made by hand, not the migrated fixture
         svc.erase_profile(first[-1])
         assert svc.create_profile(NewProfile(external_id="new"))["id"] > first[-1]
     finally:
         old.dispose()
 
 
-def test_a_customer_enrolled_after_an_erasure_mid_visit_is_seen(tmp_path: Path) -> None:
+def test_a_customer_enrolled_after_an_erasure_mid_visit_is_seen(service: GatewayService,
+                                                                  clock: VirtualClock) -> None:
     s = Settings()
-    s.database.url = f"sqlite:///{tmp_path / 'p.db'}"
     s.receivers = [ReceiverSettings("rx", [ZoneBand("z", 5.0)])]
     s.device_rules.dir = ""
-    db = Database(s.database.url)
-    db.upgrade()
-    ids = IdentityIndex()
-    clock = VirtualClock(T0)
-    svc = GatewayService(db, ids, clock, TokenSigner(b"0123456789abcdef0123"))
-    pipe = Pipeline(s, db, CampaignIndex([]), ids)
-    try:
-        ann = svc.create_profile(NewProfile(external_id="ann", identifiers=[("beacon", "ibeacon:aa:1:1")]))["id"]
-        pipe.handle_presence([PresenceEvent("visit_start", "ibeacon:aa:1:1", T0, "z", T0, T0),
-                              PresenceEvent("enter", "ibeacon:aa:1:1", T0, "z", T0, T0)])
-        svc.erase_profile(ann)  # while she is in the shop
-        clock.set(T0 + 100)
-        bea = svc.create_profile(NewProfile(external_id="bea", identifiers=[("beacon", "ibeacon:bb:1:2")]))["id"]
-        assert bea != ann
-        t = T0 + 200
-        pipe.handle_presence([PresenceEvent("visit_start", "ibeacon:bb:1:2", t, "z", t, t),
-                              PresenceEvent("enter", "ibeacon:bb:1:2", t, "z", t, t)])
-        with db.session() as sess:
-            visits = sess.scalar(select(func.count()).select_from(Visit).where(Visit.profile_id == bea))
-            stays = sess.scalar(select(func.count()).select_from(ZoneStay).where(ZoneStay.profile_id == bea))
-        assert (visits, stays) == (1, 1)
-    finally:
-        db.dispose()
+    svc, db = service, service.db
+    pipe = Pipeline(s, db, CampaignIndex([]), svc.identities)
+    ann = svc.create_profile(NewProfile(external_id="ann", identifiers=[("beacon", "ibeacon:aa:1:1")]))["id"]
+    pipe.handle_presence([PresenceEvent("visit_start", "ibeacon:aa:1:1", T0, "z", T0, T0),
+                          PresenceEvent("enter", "ibeacon:aa:1:1", T0, "z", T0, T0)])
+    svc.erase_profile(ann)  # while she is in the shop
+    clock.set(T0 + 100)
+    bea = svc.create_profile(NewProfile(external_id="bea", identifiers=[("beacon", "ibeacon:bb:1:2")]))["id"]
+    assert bea != ann
+    t = T0 + 200
+    pipe.handle_presence([PresenceEvent("visit_start", "ibeacon:bb:1:2", t, "z", t, t),
+                          PresenceEvent("enter", "ibeacon:bb:1:2", t, "z", t, t)])
+    with db.session() as sess:
+        visits = sess.scalar(select(func.count()).select_from(Visit).where(Visit.profile_id == bea))
+        stays = sess.scalar(select(func.count()).select_from(ZoneStay).where(ZoneStay.profile_id == bea))
+    assert (visits, stays) == (1, 1)

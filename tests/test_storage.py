@@ -7,7 +7,6 @@ nothing but the engine writes (visits, decisions, notifications) are added with 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,9 +20,7 @@ from gateway.clock import VirtualClock
 from gateway.delivery.hub import StreamHub
 from gateway.delivery.outbox import Dispatcher
 from gateway.errors import Conflict, NotFound
-from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
-from gateway.security.tokens import TokenSigner
 from gateway.storage.db import MIGRATIONS, Database
 from gateway.storage.models import (
     Alarm,
@@ -56,23 +53,9 @@ T0 = 1_767_261_600.0
 
 
 @pytest.fixture
-def clock() -> VirtualClock:
-    return VirtualClock(T0)
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = Database(db_url)
-    database.upgrade()
-    try:
-        yield database
-    finally:
-        database.dispose()
-
-
-@pytest.fixture
-def service(db: Database, clock: VirtualClock) -> GatewayService:
-    return GatewayService(db, IdentityIndex(), clock, TokenSigner(b"storage-test-secret-0123456789ab"))
+def db(any_db: Database) -> Database:
+    """Every test here runs on both engines (the shared ``service`` too)."""
+    return any_db
 
 
 def _notification(profile_id: int, key: str, *, at: float = T0, status: str = "pending",
