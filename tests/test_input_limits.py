@@ -26,10 +26,10 @@ from gateway.delivery.hub import StreamHub
 from gateway.documents import UNAVAILABLE
 from gateway.profiles.devices import DeviceRegistry
 from gateway.profiles.identity import IdentityIndex
-from gateway.profiles.service import GatewayService, NewProfile
-from gateway.security.tokens import TokenSigner
+from gateway.profiles.service import GatewayService, NewProfile, ServiceHooks
 from gateway.storage.db import Database
 from gateway.storage.models import CampaignRecord, Cart, CatalogItem, Identifier, Notification, Profile
+from tests.fixtures import make_service
 
 T0 = 1_780_300_800.0
 KEY = "input-limits-admin-key-0123456789"
@@ -50,17 +50,14 @@ class World:
 
 
 @pytest.fixture
-def world(db_url: str) -> Iterator[World]:
-    db = Database(db_url)
-    db.upgrade()
-    identities, clock = IdentityIndex(), VirtualClock(T0)
-    service = GatewayService(db, identities, clock, TokenSigner(b"input-limits-token-secret-012345"))
-    service.dry_runner = lambda session, event: []  # no campaigns: a dry run reads the profile, decides nothing
+def world(any_db: Database, clock: VirtualClock) -> Iterator[World]:
+    db, identities = any_db, IdentityIndex()
+    # No campaigns: a dry run reads the profile, decides nothing.
+    service = make_service(db, clock, identities, hooks=ServiceHooks(dry_runner=lambda session, event: []))
     registry = DeviceRegistry(db, identities, clock, load_profiles(ROOT / "examples/device-profiles"))
     app = create_app(ApiContext(service=service, hub=StreamHub(), admin_key=KEY, health=dict, devices=registry))
     with TestClient(app) as client:
         yield World(db, service, client)
-    db.dispose()
 
 
 def nested(depth: int, leaf: Any = 1) -> Any:
