@@ -17,10 +17,7 @@ from devices.profiles import load_profiles
 from gateway.clock import VirtualClock
 from gateway.delivery.hub import StreamHub
 from gateway.profiles.devices import DeviceRegistry
-from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService
-from gateway.security.tokens import TokenSigner
-from gateway.storage.db import Database
 from gateway.storage.models import Device
 from gateway.telemetry.store import TelemetrySettings, TelemetryStore
 
@@ -31,13 +28,9 @@ ADMIN = {"X-API-Key": KEY}
 
 
 class World:
-    def __init__(self, tmp_path: Path) -> None:
-        self.clock = VirtualClock(T0)
-        self.db = Database(f"sqlite:///{tmp_path}/api.db")
-        self.db.upgrade()
-        self.identities = IdentityIndex()
+    def __init__(self, service: GatewayService, clock: VirtualClock) -> None:
+        self.service, self.db, self.identities, self.clock = service, service.db, service.identities, clock
         self.profiles = load_profiles(ROOT / "examples/device-profiles")
-        self.service = GatewayService(self.db, self.identities, self.clock, TokenSigner(b"k" * 32))
         self.registry = DeviceRegistry(self.db, self.identities, self.clock, self.profiles)
         self.store = TelemetryStore(TelemetrySettings(unknown_policy="quarantine"), self.profiles,
                                     owner_of=lambda d: self.identities.lookup("device", d))
@@ -50,10 +43,8 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path)
-    yield w
-    w.db.dispose()
+def world(service: GatewayService, clock: VirtualClock) -> World:
+    return World(service, clock)
 
 
 @pytest.fixture
