@@ -71,11 +71,6 @@ class Receiver:
 
 
 @pytest.fixture
-def clock() -> VirtualClock:
-    return VirtualClock(T0)
-
-
-@pytest.fixture
 async def receiver(clock: VirtualClock) -> AsyncIterator[Receiver]:
     rec = Receiver(clock)
     app = web.Application()
@@ -344,7 +339,7 @@ def test_the_runtime_adds_the_webhook_channel_when_enabled(tmp_path: Any) -> Non
     settings = Settings(data_dir=str(tmp_path))
     settings.database.url = f"sqlite:///{tmp_path}/rt.db"
     settings.campaigns.dir = str(tmp_path)
-    rt = Runtime(settings, serve_api=False)
+    rt = Runtime(settings, serve_api=False)  # never started (not the fixture's): only its channels are read
     assert "webhook" not in [c.name for c in rt.dispatcher.channels]
     rt.db.dispose()
     settings.webhook.enabled, settings.webhook.url, settings.webhook.secret = True, ["https://h.example/x"], SECRET
@@ -363,9 +358,7 @@ async def test_a_disabled_url_is_re_enabled_over_the_api_and_its_dead_letters_ar
     from api.app import create_app
     from api.deps import ApiContext
     from gateway.delivery.hub import StreamHub
-    from gateway.profiles.identity import IdentityIndex
-    from gateway.profiles.service import GatewayService
-    from gateway.security.tokens import TokenSigner
+    from tests.fixtures import make_service
 
     db = _database(db_url)
     ch = _channel(db, clock, [receiver.url], disable_after_gone=3, max_attempts=1)
@@ -378,7 +371,7 @@ async def test_a_disabled_url_is_re_enabled_over_the_api_and_its_dead_letters_ar
             ids.append(msg["id"])
             await dispatcher.dispatch([msg["id"]], clock.now())
         assert len(receiver.got) == 3 and endpoint_states(db)[receiver.url]["disabled"]
-        svc = GatewayService(db, IdentityIndex(), clock, TokenSigner(b"webhook-api-test-secret-01234567"))
+        svc = make_service(db, clock)
         api = TestClient(create_app(ApiContext(service=svc, hub=StreamHub(), admin_key="wh-admin-key-0123456789",
                                                health=dict)))  # type: ignore[arg-type]
         admin = {"X-API-Key": "wh-admin-key-0123456789"}

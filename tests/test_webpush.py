@@ -53,11 +53,10 @@ from gateway.delivery.webpush import (
     topic_for,
     validate_subscription,
 )
-from gateway.profiles.identity import IdentityIndex
-from gateway.profiles.service import GatewayService, NewProfile, ServiceOptions
-from gateway.security.tokens import TokenSigner
+from gateway.profiles.service import NewProfile, ServiceOptions
 from gateway.storage.db import Database
 from gateway.storage.models import Base, Notification, Profile, PushSubscription
+from tests.fixtures import make_service
 
 T0 = 1_767_261_600.0
 SUBJECT = "mailto:ops@brand.example"
@@ -408,7 +407,7 @@ def test_the_runtime_adds_web_push_when_enabled_and_makes_the_key(tmp_path: Path
     settings.database.url = f"sqlite:///{tmp_path}/rt.db"
     settings.campaigns.dir = str(tmp_path)
     settings.webpush.enabled, settings.webpush.subject = True, SUBJECT
-    rt = Runtime(settings, serve_api=False)
+    rt = Runtime(settings, serve_api=False)  # never started (not the fixture's): only its channels are read
     try:
         assert [c.name for c in rt.dispatcher.channels][:1] == ["sse"]
         assert "webpush" in [c.name for c in rt.dispatcher.channels]
@@ -433,17 +432,14 @@ class ApiWorld:
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[ApiWorld]:
-    db = _database(f"sqlite:///{tmp_path}/api.db", migrate=False)
-    service = GatewayService(db, IdentityIndex(), VirtualClock(T0), TokenSigner(b"push-test-secret-0123456789abcd"),
-                             ServiceOptions(token_ttl_s=3600))
+def api(db: Database, clock: VirtualClock) -> Iterator[ApiWorld]:
+    service = make_service(db, clock, options=ServiceOptions(token_ttl_s=3600))
     app = create_app(ApiContext(service=service, hub=StreamHub(), admin_key=ADMIN_KEY, health=dict))
     alice = service.create_profile(NewProfile(external_id="alice"))["id"]
     bob = service.create_profile(NewProfile(external_id="bob"))["id"]
     headers = [{"Authorization": f"Bearer {service.issue_token(p)[0]}"} for p in (alice, bob)]
     with TestClient(app) as client:
         yield ApiWorld(client, db, headers[0], headers[1], alice)
-    db.dispose()
 
 
 URL = "/v1/me/push-subscriptions"
