@@ -199,12 +199,13 @@ def read_labels(stream: Iterable[str], source: str = "labels") -> tuple[list[Lab
 
 
 class TraceWriter:
-    """Writes sightings as trace rows (the header first); times keep full precision (``repr``)."""
+    """Writes sightings as trace rows (the header first, unless appending); times keep full precision."""
 
-    def __init__(self, stream: IO[str], tx_power: bool = False) -> None:
+    def __init__(self, stream: IO[str], tx_power: bool = False, header: bool = True) -> None:
         self._w = csv.writer(stream, lineterminator="\n")
         self._tx = tx_power
-        self._w.writerow(TRACE_COLUMNS + ((TRACE_OPTIONAL,) if tx_power else ()))
+        if header:
+            self._w.writerow(TRACE_COLUMNS + ((TRACE_OPTIONAL,) if tx_power else ()))
 
     def write(self, s: Sighting) -> None:
         row: list[object] = [repr(float(s.time)), s.receiver, s.key, s.rssi]
