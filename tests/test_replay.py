@@ -150,3 +150,11 @@ def test_presence_real_on_the_excerpts_prints_figures_for_ours_and_each_baseline
         assert 0.0 <= d["ours"]["uncalibrated"]["zone_accuracy"] <= 1.0
         assert d["ours"]["calibrated"]["zone_accuracy"] is None  # calibration does not exist yet
         assert {"altbeacon_running_average", "espresense_tukey", "loudest_receiver"} <= set(d["baselines"])
+
+
+def test_replay_speed_quick_reports_sightings_per_cpu_second() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "replay_speed.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["sightings"] > 10_000 and result["events"] > 0
+    assert result["sightings_per_cpu_s"] > 0 and result["parse_sightings_per_cpu_s"] >= result["sightings_per_cpu_s"]
