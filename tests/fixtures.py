@@ -49,11 +49,15 @@ def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def migrated_copy(template: Path, path: Path) -> Database:
+    """A database at ``path``, a copy of the migrated ``template`` (for a fixture of a wider scope)."""
+    shutil.copyfile(template, path)
+    return Database(f"sqlite:///{path}")
+
+
 @pytest.fixture
 def db(tmp_path: Path, migrated_sqlite: Path) -> Iterator[Database]:
-    path = tmp_path / "gw.db"
-    shutil.copyfile(migrated_sqlite, path)
-    database = Database(f"sqlite:///{path}")
+    database = migrated_copy(migrated_sqlite, tmp_path / "gw.db")
     try:
         yield database
     finally:

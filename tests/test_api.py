@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
@@ -26,16 +25,16 @@ from api.app import PROBLEM, create_app
 from api.deps import ApiContext
 from gateway.clock import VirtualClock
 from gateway.delivery.hub import StreamHub
-from gateway.profiles.identity import IdentityIndex, hash_email
-from gateway.profiles.service import GatewayService, NewProfile, ServiceOptions
+from gateway.profiles.identity import hash_email
+from gateway.profiles.service import NewProfile, ServiceOptions
 from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Base, Cart, CatalogItem, Interaction, Notification
 from tests.conftest import free_port
+from tests.fixtures import make_service, migrated_copy
 
 T0 = 1_767_261_600.0
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
-SECRET = b"api-test-token-secret-0123456789"
 DOC_PATHS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 PUBLIC_PATHS = {"/health", "/health/live", "/health/ready", "/metrics"}  # operations: no data, no key
 ALICE_BEACON = "ibeacon:8f3c0a52-6d1e-4b7a-9c2d-5e4f3a2b1c00:100:1"
@@ -91,10 +90,8 @@ class World:
 
     def __init__(self, tmp_path: Path, migrated: Path) -> None:
         self.clock = VirtualClock(T0)
-        shutil.copyfile(migrated, tmp_path / "api.db")
-        self.db = Database(f"sqlite:///{tmp_path}/api.db")
-        self.service = GatewayService(self.db, IdentityIndex(), self.clock, TokenSigner(SECRET),
-                                      ServiceOptions(token_ttl_s=3600))
+        self.db = migrated_copy(migrated, tmp_path / "api.db")
+        self.service = make_service(self.db, self.clock, options=ServiceOptions(token_ttl_s=3600))
         self.hub = StreamHub()
         self.app = create_app(ApiContext(service=self.service, hub=self.hub, admin_key=ADMIN_KEY,
                                          health=_health_of(self.db), heartbeat_s=30))
@@ -126,19 +123,9 @@ class World:
                     for name, table in Base.metadata.tables.items()}
 
 
-@pytest.fixture(scope="module")
-def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty database migrated with Database.upgrade once; each test gets a copy of the file."""
-    path = tmp_path_factory.mktemp("api-template") / "migrated.db"
-    db = Database(f"sqlite:///{path}")
-    db.upgrade()
-    db.dispose()  # the last connection to close checkpoints the WAL into the file
-    return path
-
-
 @pytest.fixture
-def world(tmp_path: Path, migrated: Path) -> Iterator[World]:
-    w = World(tmp_path, migrated)
+def world(tmp_path: Path, migrated_sqlite: Path) -> Iterator[World]:
+    w = World(tmp_path, migrated_sqlite)
     try:
         yield w
     finally:
@@ -152,12 +139,12 @@ def client(world: World) -> Iterator[TestClient]:
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory, migrated: Path) -> Iterator[tuple[World, TestClient]]:
+def shared(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path) -> Iterator[tuple[World, TestClient]]:
     """One world for the tests of refusals: each checks that its request changed nothing, so they can share.
 
     Its clock never moves; a test that needs time to pass, or changes anything, takes ``world``.
     """
-    w = World(tmp_path_factory.mktemp("api-shared"), migrated)
+    w = World(tmp_path_factory.mktemp("api-shared"), migrated_sqlite)
     try:
         with TestClient(w.app) as c:
             yield w, c

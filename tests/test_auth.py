@@ -22,12 +22,11 @@ from api.app import PROBLEM, create_app
 from api.deps import ApiContext, guard_of
 from gateway.clock import VirtualClock
 from gateway.delivery.hub import StreamHub
-from gateway.profiles.identity import IdentityIndex
-from gateway.profiles.service import GatewayService, NewProfile, ServiceOptions
+from gateway.profiles.service import NewProfile, ServiceOptions
 from gateway.security.auth import AuthPolicy, TokenBucket
-from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import ApiKey, Base, RevokedToken
+from tests.fixtures import make_service, migrated_copy
 
 T0 = 1_767_261_600.0
 CONFIG_KEY = "auth-test-config-key-0123456789"
@@ -36,13 +35,10 @@ ORIGIN = "https://app.example"
 
 
 class App:
-    def __init__(self, tmp_path: Path, policy: AuthPolicy | None = None, cors: list[str] | None = None) -> None:
+    def __init__(self, db: Database, policy: AuthPolicy | None = None, cors: list[str] | None = None) -> None:
         self.clock = VirtualClock(T0)
-        self.db = Database(f"sqlite:///{tmp_path}/auth.db")
-        self.db.upgrade()
-        self.service = GatewayService(self.db, IdentityIndex(), self.clock,
-                                      TokenSigner(b"auth-test-token-secret-012345678"),
-                                      ServiceOptions(token_ttl_s=3600))
+        self.db = db
+        self.service = make_service(self.db, self.clock, options=ServiceOptions(token_ttl_s=3600))
         self.ctx = ApiContext(service=self.service, hub=StreamHub(), admin_key=CONFIG_KEY, health=dict,
                               auth_policy=policy or AuthPolicy(), cors_origins=cors or [])
         self.app = create_app(self.ctx)
@@ -59,11 +55,12 @@ class App:
 
 
 @pytest.fixture
-def make(tmp_path: Path) -> Iterator[Callable[..., tuple[App, TestClient]]]:
+def make(tmp_path: Path, migrated_sqlite: Path) -> Iterator[Callable[..., tuple[App, TestClient]]]:
+    """Several apps in one test (a policy each), each on its own copy of the migrated database."""
     made: list[tuple[App, TestClient]] = []
 
     def build(**kwargs: Any) -> tuple[App, TestClient]:
-        app = App(tmp_path / str(len(made)), **kwargs)
+        app = App(migrated_copy(migrated_sqlite, tmp_path / str(len(made)) / "auth.db"), **kwargs)
         client = TestClient(app.app).__enter__()
         made.append((app, client))
         return app, client

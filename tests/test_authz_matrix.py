@@ -11,7 +11,6 @@ Plus: the WebSocket with each credential, and one customer never reaching anothe
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,12 @@ from api.deps import ApiContext, guard_of
 from api.routers import ws as ws_router
 from gateway.clock import VirtualClock
 from gateway.delivery.hub import StreamHub
-from gateway.profiles.identity import IdentityIndex
-from gateway.profiles.service import GatewayService, NewProfile, ServiceOptions
-from gateway.storage.db import Database
+from gateway.profiles.service import NewProfile, ServiceOptions
 from gateway.storage.models import Base, Interaction, Notification, PushSubscription
+from tests.fixtures import make_service, migrated_copy
 
 T0 = 1_767_261_600.0
 CONFIG_KEY = "matrix-config-admin-key-0123456789"
-SECRET = b"matrix-token-secret-0123456789ab"
 DOC_PATHS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 PUBLIC_PATHS = {"/health", "/health/live", "/health/ready", "/metrics"}
 ALICE_ENDPOINT = "https://push.example.com/send/alice-subscription"
@@ -96,12 +93,8 @@ class MatrixWorld:
 
     def __init__(self, tmp_path: Path, migrated: Path) -> None:
         self.clock = VirtualClock(T0)
-        shutil.copyfile(migrated, tmp_path / "matrix.db")
-        self.db = Database(f"sqlite:///{tmp_path}/matrix.db")
-        from gateway.security.tokens import TokenSigner
-
-        self.service = GatewayService(self.db, IdentityIndex(), self.clock, TokenSigner(SECRET),
-                                      ServiceOptions(token_ttl_s=3600))
+        self.db = migrated_copy(migrated, tmp_path / "matrix.db")
+        self.service = make_service(self.db, self.clock, options=ServiceOptions(token_ttl_s=3600))
         self.hub = StreamHub()
         self.ctx = ApiContext(service=self.service, hub=self.hub, admin_key=CONFIG_KEY, heartbeat_s=30,
                               health=lambda: {"status": "ok", "components": {"db": "ok"}})
@@ -187,18 +180,10 @@ def expected(method: str, path: str, cred: str) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("matrix-template") / "migrated.db"
-    db = Database(f"sqlite:///{path}")
-    db.upgrade()
-    db.dispose()
-    return path
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory, migrated: Path) -> Iterator[tuple[MatrixWorld, TestClient]]:
+def shared(tmp_path_factory: pytest.TempPathFactory,
+           migrated_sqlite: Path) -> Iterator[tuple[MatrixWorld, TestClient]]:
     """For refusals and reads: each test checks it changed nothing, so they can share one world."""
-    w = MatrixWorld(tmp_path_factory.mktemp("matrix-shared"), migrated)
+    w = MatrixWorld(tmp_path_factory.mktemp("matrix-shared"), migrated_sqlite)
     try:
         with TestClient(w.app) as c:
             yield w, c
@@ -207,8 +192,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory, migrated: Path) -> Iterator
 
 
 @pytest.fixture
-def fresh(tmp_path: Path, migrated: Path) -> Iterator[tuple[MatrixWorld, TestClient]]:
-    w = MatrixWorld(tmp_path, migrated)
+def fresh(tmp_path: Path, migrated_sqlite: Path) -> Iterator[tuple[MatrixWorld, TestClient]]:
+    w = MatrixWorld(tmp_path, migrated_sqlite)
     try:
         with TestClient(w.app) as c:
             yield w, c
