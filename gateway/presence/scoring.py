@@ -59,7 +59,38 @@ def espresense_tukey(v: list[int]) -> float:
     return sum(kept) / len(kept)
 
 
-class WindowBaseline:
+class ZoneRule:
+    """What the baselines share: a zone is entered at once (leaving the last), and left on silence."""
+
+    exit_after_s: float
+    zone: dict[str, str | None]
+    last: dict[str, float]
+
+    def _move(self, key: str, zone: str | None, t: float) -> list[Event]:
+        cur = self.zone.get(key)
+        if zone is None or zone == cur:
+            return []
+        out: list[Event] = [("exit", key, cur, t)] if cur is not None else []
+        self.zone[key] = zone
+        out.append(("enter", key, zone, t))
+        return out
+
+    def _forget(self, key: str) -> None:
+        """Drop an identity's samples once it has gone quiet."""
+
+    def tick(self, now: float) -> list[Event]:
+        out: list[Event] = []
+        for key, last in list(self.last.items()):
+            if now - last > self.exit_after_s:
+                cur = self.zone.pop(key, None)
+                if cur is not None:
+                    out.append(("exit", key, cur, now))
+                del self.last[key]
+                self._forget(key)
+        return out
+
+
+class WindowBaseline(ZoneRule):
     """A windowed RSSI filter + strongest receiver + distance bands, no hysteresis, exit on silence."""
 
     def __init__(self, window_s: float, estimate: Callable[[list[int]], float],
@@ -95,27 +126,13 @@ class WindowBaseline:
             if strength + self.ref[best] >= thr:
                 zone = name
                 break
-        cur = self.zone.get(key)
-        if zone is None or zone == cur:
-            return []
-        out: list[Event] = [("exit", key, cur, t)] if cur is not None else []
-        self.zone[key] = zone
-        out.append(("enter", key, zone, t))
-        return out
+        return self._move(key, zone, t)
 
-    def tick(self, now: float) -> list[Event]:
-        out: list[Event] = []
-        for key, last in list(self.last.items()):
-            if now - last > self.exit_after_s:
-                cur = self.zone.pop(key, None)
-                if cur is not None:
-                    out.append(("exit", key, cur, now))
-                del self.last[key]
-                self.value.pop(key, None)
-                for rx in self.ref:
-                    self.samples.pop((key, rx), None)
-                    self.sorted.pop((key, rx), None)
-        return out
+    def _forget(self, key: str) -> None:
+        self.value.pop(key, None)
+        for rx in self.ref:
+            self.samples.pop((key, rx), None)
+            self.sorted.pop((key, rx), None)
 
 
 
@@ -172,7 +189,7 @@ def p50(values: list[float]) -> float:
 
 
 
-class LoudestReceiver:
+class LoudestReceiver(ZoneRule):
     """The zone of the receiver heard loudest lately (its nearest band's zone), no hysteresis, exit on silence."""
 
     def __init__(self, receivers: Sequence[ReceiverSettings], exit_after_s: float,
@@ -201,25 +218,10 @@ class LoudestReceiver:
                 s = sum(v for _, v in lq) / len(lq) - self.ref[r]
                 if s > strength:
                     best, strength = r, s
-        zone = self.zone_of[best] if best is not None else None
-        cur = self.zone.get(key)
-        if zone is None or zone == cur:
-            return []
-        out: list[Event] = [("exit", key, cur, t)] if cur is not None else []
-        self.zone[key] = zone
-        out.append(("enter", key, zone, t))
-        return out
+        return self._move(key, self.zone_of[best] if best is not None else None, t)
 
-    def tick(self, now: float) -> list[Event]:
-        out: list[Event] = []
-        for key, last in list(self.last.items()):
-            if now - last > self.exit_after_s:
-                cur = self.zone.pop(key, None)
-                if cur is not None:
-                    out.append(("exit", key, cur, now))
-                del self.last[key]
-                self.samples.pop(key, None)
-        return out
+    def _forget(self, key: str) -> None:
+        self.samples.pop(key, None)
 
 
 def baselines(receivers: Sequence[ReceiverSettings], exit_after_s: float) -> dict[str, Tracker]:
