@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from gateway.storage.db import Database
 from gateway.storage.models import Alarm, Decision, Device, Notification, RuleStateRecord
 from gateway.telemetry.alarms import DeviceRules, after_commit, alert_topic
 from tests.conftest import MosquittoServer, PahoTestClient
+from tests.fixtures import RuntimeFactory
 
 T0 = 1_780_300_800.0  # 2026-06-01 08:00 UTC
 
@@ -91,14 +92,9 @@ def gateway_settings(tmp_path: Path, db_url: str | None = None, rules: dict[str,
 
 
 @pytest.fixture
-async def gw(tmp_path: Path) -> AsyncIterator[tuple[Runtime, VirtualClock]]:
-    clock = VirtualClock(T0)
-    rt = Runtime(gateway_settings(tmp_path), clock=clock, serve_api=False, on_outcome=None, tick_s=3600)
-    await rt.start()
-    try:
-        yield rt, clock
-    finally:
-        await rt.stop()
+async def gw(tmp_path: Path, clock: VirtualClock,
+             runtime_factory: RuntimeFactory) -> tuple[Runtime, VirtualClock]:
+    return await runtime_factory(gateway_settings(tmp_path), serve_api=False), clock
 
 
 def owner(rt: Runtime, who: str, device: str, kind: str = "freezer", consent: bool = True) -> int:
@@ -286,14 +282,13 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bo
 
 
 async def test_staff_alert_is_retained_and_the_command_reaches_the_device_over_mqtt(
-        tmp_path: Path, mosquitto: MosquittoServer, mqtt_client: Callable[..., PahoTestClient]) -> None:
-    clock = VirtualClock(T0)
+        tmp_path: Path, mosquitto: MosquittoServer, mqtt_client: Callable[..., PahoTestClient], clock: VirtualClock,
+        runtime_factory: RuntimeFactory) -> None:
     intake = intake_for(mosquitto, clock)
     settings = gateway_settings(tmp_path)
     settings.mqtt.topic_prefix = intake.settings.topic_prefix
     settings.store.id = "s1"
-    rt = Runtime(settings, clock=clock, mqtt=intake, serve_api=False, on_outcome=None, tick_s=3600)
-    await rt.start()
+    rt = await runtime_factory(settings, mqtt=intake, serve_api=False)
     prefix = intake.settings.topic_prefix
     try:
         assert await intake.wait_connected(10)
@@ -325,13 +320,14 @@ async def test_staff_alert_is_retained_and_the_command_reaches_the_device_over_m
         assert not await asyncio.to_thread(later.wait_for, lambda m: len(m) >= 1, 0.5)
         assert await wait_until(lambda: rt.pipeline.rules.figures["commands_sent"] == 2)
     finally:
-        await rt.stop()
+        await runtime_factory.stop(rt)  # before the retained alert is cleared, so nothing publishes it again
         cleanup = PahoTestClient(mosquitto.host, mosquitto.port)
         cleanup.publish_wait(alert_topic(prefix, "s1", "fz-1", "freezer-warm"), b"", retain=True)
         cleanup.close()
 
 
-async def test_a_clear_is_an_event_too_it_can_send_and_it_cancels_a_held_prompt(tmp_path: Path) -> None:
+async def test_a_clear_is_an_event_too_it_can_send_and_it_cancels_a_held_prompt(
+        tmp_path: Path, runtime_factory: RuntimeFactory) -> None:
     campaigns = {
         "held.yaml": """
 id: freezer-alarm
@@ -348,19 +344,13 @@ conditions: {all: [{fact: alarm.rule, op: eq, value: freezer-warm}]}
 action: {title: "All good again", body: "{device.id} is back to {reading.temp} C"}
 """,
     }
-    clock = VirtualClock(T0)
-    rt = Runtime(gateway_settings(tmp_path, campaigns=campaigns), clock=clock, serve_api=False, on_outcome=None,
-                 tick_s=3600)
-    await rt.start()
-    try:
-        ann = owner(rt, "ann", "fz-1")
-        feed(rt, "fz-1", T0, temp=1.0)  # raised: the prompt waits 600 s
-        feed(rt, "fz-1", T0 + 120, temp=-18.0)  # cleared before it went out
-        by_campaign = {n.campaign_id: n for n in notifications(rt.db, ann)}
-        assert by_campaign["freezer-alarm"].status == "cancelled"
-        assert by_campaign["freezer-ok"].body == "fz-1 is back to -18 C"
-    finally:
-        await rt.stop()
+    rt = await runtime_factory(gateway_settings(tmp_path, campaigns=campaigns), serve_api=False)
+    ann = owner(rt, "ann", "fz-1")
+    feed(rt, "fz-1", T0, temp=1.0)  # raised: the prompt waits 600 s
+    feed(rt, "fz-1", T0 + 120, temp=-18.0)  # cleared before it went out
+    by_campaign = {n.campaign_id: n for n in notifications(rt.db, ann)}
+    assert by_campaign["freezer-alarm"].status == "cancelled"
+    assert by_campaign["freezer-ok"].body == "fz-1 is back to -18 C"
 
 
 def test_a_quarantined_device_raises_nothing(tmp_path: Path) -> None:
