@@ -85,6 +85,19 @@ def service(db: Database, clock: VirtualClock) -> GatewayService:
     return make_service(db, clock)
 
 
+def runtime_settings(tmp_path: Path) -> Settings:
+    """What every test's runtime has of its own: a data dir and SQLite file in ``tmp_path``, a free port on
+    loopback for its API, no MQTT; the test sets the rest."""
+    from tests.conftest import free_port  # conftest imports this module: its names exist by the time of a call
+
+    s = Settings()
+    s.data_dir = str(tmp_path)
+    s.database.url = f"sqlite:///{tmp_path / 'gw.db'}"
+    s.api.host, s.api.port = "127.0.0.1", free_port()
+    s.mqtt.enabled = False
+    return s
+
+
 def _loopback(host: str) -> bool:
     try:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback

@@ -21,7 +21,7 @@ from gateway.clock import VirtualClock
 from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.profiles.service import NewProfile
 from gateway.storage.models import Notification
-from tests.conftest import free_port
+from tests.fixtures import RuntimeFactory, runtime_settings
 
 T0 = 1_780_300_800.0  # 2026-06-01 08:00 UTC
 ADMIN_KEY = "live-admin-key-0123456789abcdef"
@@ -44,10 +44,7 @@ def live_settings(tmp: Path, campaigns: str = ENTER) -> Settings:
     camp.mkdir(parents=True, exist_ok=True)
     if campaigns:
         (camp / "campaign.yaml").write_text(campaigns)
-    s = Settings()
-    s.data_dir = str(tmp)
-    s.database.url = f"sqlite:///{tmp / 'gw.db'}"
-    s.api.port = free_port()
+    s = runtime_settings(tmp)
     s.api.admin_key = ADMIN_KEY
     s.api.heartbeat_s = 30.0
     s.campaigns.dir = str(camp)
@@ -84,12 +81,12 @@ def insert_notifications(rt: Runtime, profile_id: int, keys: list[str], status: 
 
 @asynccontextmanager
 async def running(settings: Settings, clock: VirtualClock | None = None, **kwargs: Any) -> AsyncIterator[Runtime]:
-    rt = Runtime(settings, clock=clock or VirtualClock(T0), on_outcome=None, tick_s=3600, **kwargs)
-    await rt.start()
+    """``runtime_factory`` as a context manager, for a test that scopes its runtime to a block."""
+    factory = RuntimeFactory(clock or VirtualClock(T0))
     try:
-        yield rt
+        yield await factory(settings, **kwargs)
     finally:
-        await rt.stop()
+        await factory.stop_all()
 
 
 def base_url(rt: Runtime) -> str:

@@ -10,14 +10,11 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from gateway.app.config import Settings
-from gateway.app.runtime import Runtime
-from gateway.clock import VirtualClock
 from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.presence.tracker import PresenceEvent
 from gateway.profiles.service import NewProfile
 from gateway.storage.models import Decision, Notification
-from tests.conftest import free_port
+from tests.fixtures import runtime_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_780_300_800.0
@@ -26,24 +23,15 @@ KEY = "ibeacon:aa:1:1"
 
 
 @pytest.fixture
-async def gw(tmp_path):
-    s = Settings()
-    s.data_dir = str(tmp_path)
-    s.database.url = f"sqlite:///{tmp_path / 'gw.db'}"
-    s.api.port = free_port()
+async def gw(tmp_path, clock, runtime_factory):
+    s = runtime_settings(tmp_path)
     s.api.admin_key = ADMIN["X-API-Key"]
-    s.mqtt.enabled = False
     s.campaigns.dir = str(ROOT / "examples/campaigns")
     s.receivers = [ReceiverSettings("rx", [ZoneBand("garden", 5.0)])]
-    clock = VirtualClock(T0)
-    rt = Runtime(s, clock=clock, on_outcome=None, tick_s=3600)
-    await rt.start()
+    rt = await runtime_factory(s)
     pid = rt.service.create_profile(NewProfile(external_id="ann", name="Ann", identifiers=[("beacon", KEY)],
                                                consents={"offers": True, "cart_reminders": True}))["id"]
-    try:
-        yield rt, clock, pid, httpx.AsyncClient(base_url=f"http://127.0.0.1:{s.api.port}", headers=ADMIN, timeout=10)
-    finally:
-        await rt.stop()
+    return rt, clock, pid, httpx.AsyncClient(base_url=f"http://127.0.0.1:{s.api.port}", headers=ADMIN, timeout=10)
 
 
 def enter(rt, t: float, stay: str = "1"):

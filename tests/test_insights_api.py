@@ -9,13 +9,10 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
-from gateway.app.config import Settings
-from gateway.app.runtime import Runtime
-from gateway.clock import VirtualClock
 from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.presence.tracker import PresenceEvent
 from gateway.profiles.service import NewProfile
-from tests.conftest import free_port
+from tests.fixtures import runtime_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TZ = "Europe/Paris"
@@ -24,23 +21,13 @@ ADMIN = {"X-API-Key": "admin-key-for-insights-test"}
 
 
 @pytest.fixture
-async def gw(tmp_path):
-    s = Settings()
-    s.data_dir = str(tmp_path)
-    s.database.url = f"sqlite:///{tmp_path / 'gw.db'}"
-    s.api.port = free_port()
+async def gw(tmp_path, clock, runtime_factory):
+    s = runtime_settings(tmp_path)
     s.api.admin_key = ADMIN["X-API-Key"]
     s.store.timezone = TZ
-    s.mqtt.enabled = False
     s.campaigns.dir = str(ROOT / "examples/campaigns")
     s.receivers = [ReceiverSettings("rx", [ZoneBand("shoes", 5.0)])]
-    clock = VirtualClock(T0)
-    rt = Runtime(s, clock=clock, on_outcome=None, tick_s=3600)
-    await rt.start()
-    try:
-        yield rt, clock, f"http://127.0.0.1:{s.api.port}"
-    finally:
-        await rt.stop()
+    return await runtime_factory(s), clock, f"http://127.0.0.1:{s.api.port}"
 
 
 async def test_why_dry_run_interactions_redemption_figures_and_erasure(gw):

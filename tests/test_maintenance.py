@@ -15,7 +15,7 @@ import pytest
 from gateway.app.runtime import Runtime
 from gateway.clock import VirtualClock
 from gateway.profiles.service import NewProfile
-from tests.conftest import free_port
+from tests.fixtures import RuntimeFactory, runtime_settings
 from tests.test_alarms import T0, feed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,26 +23,16 @@ ADMIN = {"X-API-Key": "maintenance-test-admin-key-0123456789"}
 
 
 @pytest.fixture
-async def loop_gw(tmp_path: Path) -> AsyncIterator[tuple[Runtime, VirtualClock, httpx.AsyncClient]]:
-    from gateway.app.config import Settings
-
-    s = Settings()
-    s.data_dir = str(tmp_path)
-    s.database.url = f"sqlite:///{tmp_path / 'gw.db'}"
-    s.mqtt.enabled = False
-    s.api.port = free_port()
+async def loop_gw(tmp_path: Path, clock: VirtualClock,
+                  runtime_factory: RuntimeFactory) -> AsyncIterator[tuple[Runtime, VirtualClock, httpx.AsyncClient]]:
+    s = runtime_settings(tmp_path)
     s.api.admin_key = ADMIN["X-API-Key"]
     s.campaigns.dir = str(ROOT / "examples/campaigns")
     s.device_rules.dir = str(ROOT / "examples/device-rules")
     s.devices.profiles_dir = str(ROOT / "examples/device-profiles")
-    clock = VirtualClock(T0)
-    rt = Runtime(s, clock=clock, on_outcome=None, tick_s=3600)
-    await rt.start()
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{s.api.port}", timeout=10) as client:
-            yield rt, clock, client
-    finally:
-        await rt.stop()
+    rt = await runtime_factory(s)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{s.api.port}", timeout=10) as client:
+        yield rt, clock, client
 
 
 def enrol(rt: Runtime, who: str, bike: str) -> tuple[int, dict[str, str]]:
