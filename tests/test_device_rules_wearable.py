@@ -6,17 +6,16 @@ run in a gateway whose store is in Paris, so "afternoon" is the store's, not UTC
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from gateway.app.config import Settings
 from gateway.app.runtime import Runtime
 from gateway.clock import VirtualClock
 from gateway.profiles.service import NewProfile
 from gateway.storage.models import Alarm, Decision, Notification
+from tests.fixtures import RuntimeFactory, runtime_settings
 from tests.test_alarms import feed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,21 +24,13 @@ AFTERNOON = MORNING + 5 * 3600  # 15:00 in Paris: 7/12 of the 08:00-20:00 day go
 
 
 @pytest.fixture
-async def gw(tmp_path: Path) -> AsyncIterator[Runtime]:
-    s = Settings()
-    s.data_dir = str(tmp_path)
-    s.database.url = f"sqlite:///{tmp_path / 'gw.db'}"
-    s.mqtt.enabled = False
+async def gw(tmp_path: Path, runtime_factory: RuntimeFactory) -> Runtime:
+    s = runtime_settings(tmp_path)
     s.store.timezone = "Europe/Paris"
     s.campaigns.dir = str(ROOT / "examples/campaigns")
     s.device_rules.dir = str(ROOT / "examples/device-rules")
     s.devices.profiles_dir = str(ROOT / "examples/device-profiles")
-    rt = Runtime(s, clock=VirtualClock(MORNING), serve_api=False, on_outcome=None, tick_s=3600)
-    await rt.start()
-    try:
-        yield rt
-    finally:
-        await rt.stop()
+    return await runtime_factory(s, clock=VirtualClock(MORNING), serve_api=False)
 
 
 def wearer(rt: Runtime, who: str, health: bool) -> int:

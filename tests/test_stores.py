@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,12 @@ from beacons.remote import app_key
 from beacons.types import Sighting
 from gateway.app.config import Settings
 from gateway.app.runtime import Runtime
-from gateway.clock import VirtualClock
 from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.presence.tracker import PresenceEvent
 from gateway.profiles.service import NewProfile
 from gateway.storage.db import Database, upgrade
 from gateway.storage.models import Decision, FootfallCount, Notification, Visit, ZoneStay
-from tests.conftest import free_port
+from tests.fixtures import RuntimeFactory, runtime_settings
 
 DAY = "2026-06-01"
 T0 = dt.datetime(2026, 6, 1, 10, 0, tzinfo=dt.UTC).timestamp()
@@ -39,35 +37,24 @@ action: {title: "Hello in shoes", body: "b"}
 
 
 def _settings(tmp: Path, store: str, db_url: str, campaigns: Path) -> Settings:
-    s = Settings()
+    s = runtime_settings(tmp / store)
     s.store.id = store
-    s.data_dir = str(tmp / store)
     s.database.url = db_url
-    s.api.port = free_port()
     s.api.admin_key = ADMIN["X-API-Key"]
-    s.mqtt.enabled = False
     s.campaigns.dir = str(campaigns)
     s.receivers = [ReceiverSettings("rx", [ZoneBand("shoes", 5.0)])]
     return s
 
 
 @pytest.fixture
-async def stores(tmp_path: Path, db_url: str) -> AsyncIterator[tuple[Runtime, Runtime, str]]:
+async def stores(tmp_path: Path, db_url: str, runtime_factory: RuntimeFactory) -> tuple[Runtime, Runtime, str]:
     """Two gateways on one database: north serves the API, south writes beside it."""
     campaigns = tmp_path / "campaigns"
     campaigns.mkdir()
     (campaigns / "shoes-hello.yaml").write_text(CAMPAIGN)
-    clock = VirtualClock(T0)
-    north = Runtime(_settings(tmp_path, "north", db_url, campaigns), clock=clock, on_outcome=None, tick_s=3600)
-    south = Runtime(_settings(tmp_path, "south", db_url, campaigns), clock=clock, on_outcome=None, tick_s=3600,
-                    serve_api=False)
-    await north.start()
-    await south.start()
-    try:
-        yield north, south, f"http://127.0.0.1:{north.settings.api.port}"
-    finally:
-        await south.stop()
-        await north.stop()
+    north = await runtime_factory(_settings(tmp_path, "north", db_url, campaigns))
+    south = await runtime_factory(_settings(tmp_path, "south", db_url, campaigns), serve_api=False)
+    return north, south, f"http://127.0.0.1:{north.settings.api.port}"
 
 
 def _enrol(rt: Runtime, name: str, key: str) -> int:
