@@ -19,12 +19,13 @@ from typing import Any
 import yaml
 
 from gateway.campaigns.conditions import MISSING, Condition, ConditionError, get, parse_condition, split
+from gateway.storage.models import ChannelName, Purpose
 
-PURPOSES = ("offers", "cart_reminders", "maintenance", "health", "analytics")  # health: wearable regime nudges
+PURPOSES: tuple[Purpose, ...] = tuple(Purpose)  # defined with the columns that hold them
 TRIGGERS = ("visit_start", "enter", "dwell", "exit", "visit_end", "telemetry", "cart_abandoned", "purchase",
             "alarm", "alarm_cleared",  # alarm*: a device rule raised (or cleared) an alarm, see docs/device-rules.md
             "segment_entered", "schedule")  # a profile joined a live segment; a time of day (store time)
-CHANNELS = ("sse", "webhook", "webpush")  # sse: the app's live streams (SSE and WebSocket) and its inbox
+CHANNELS: tuple[ChannelName, ...] = tuple(ChannelName)
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 LIMITS = ("cooldown_s", "max_per_profile", "budget", "quiet_hours", "ttl_s")
 VARIANT_NAME_MAX = 64  # the variant column of decisions and notifications

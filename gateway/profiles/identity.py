@@ -7,6 +7,7 @@ identifiers. A sighting never creates or merges anything here.
 from __future__ import annotations
 
 import hashlib
+from enum import StrEnum
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,7 +15,18 @@ from sqlalchemy.orm import Session
 from beacons.remote import app_key
 from gateway.storage.models import Identifier
 
-KINDS = ("beacon", "device", "app_install", "email_sha256")
+
+class IdentifierKind(StrEnum):
+    """What an identifier is; each kind's values are unique across profiles."""
+
+    BEACON = "beacon"  # a beacon key (ibeacon:<uuid>:<major>:<minor>, ...)
+    DEVICE = "device"  # a connected product's id
+    APP_INSTALL = "app_install"
+    EMAIL_SHA256 = "email_sha256"  # given as the address, kept as its hash
+
+
+KINDS: tuple[IdentifierKind, ...] = tuple(IdentifierKind)
+_CASELESS = frozenset({IdentifierKind.BEACON, IdentifierKind.EMAIL_SHA256, IdentifierKind.DEVICE})
 
 
 def hash_email(email: str) -> str:
@@ -23,9 +35,9 @@ def hash_email(email: str) -> str:
 
 def normalize(kind: str, value: str) -> str:
     """Beacon keys and hashes compare case-insensitively; app install ids are kept as given."""
-    if kind == "email_sha256" and "@" in value:
+    if kind == IdentifierKind.EMAIL_SHA256 and "@" in value:
         return hash_email(value)
-    return value.strip().lower() if kind in ("beacon", "email_sha256", "device") else value.strip()
+    return value.strip().lower() if kind in _CASELESS else value.strip()
 
 
 class IdentityIndex:
@@ -42,13 +54,13 @@ class IdentityIndex:
 
     def add(self, kind: str, value: str, profile_id: int) -> None:
         self._by_key[(kind, value)] = profile_id
-        if kind == "beacon":
+        if kind == IdentifierKind.BEACON:
             self._beacons[value] = profile_id
 
     def remove(self, kind: str, value: str) -> None:
         """One identifier detached from its profile (the API's DELETE .../identifiers)."""
         self._by_key.pop((kind, value), None)
-        if kind == "beacon":
+        if kind == IdentifierKind.BEACON:
             self._beacons.pop(value, None)
 
     def remove_profile(self, profile_id: int) -> None:

@@ -6,6 +6,7 @@ Unknown devices are never stored: there is no table keyed by a BLE address.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -34,6 +35,72 @@ def _store_column() -> Mapped[str]:
     return mapped_column(String(64), server_default=DEFAULT_STORE_ID)
 
 
+# The closed sets of values some columns hold, each defined once. Members are strings, so a row, a JSON body
+# and a comparison see the same text as before; the columns stay plain VARCHARs (no migration).
+
+
+class Purpose(StrEnum):
+    """What a customer consents to, one purpose at a time: every campaign and notification has one."""
+
+    OFFERS = "offers"
+    CART_REMINDERS = "cart_reminders"
+    MAINTENANCE = "maintenance"
+    HEALTH = "health"  # wearable regime nudges
+    ANALYTICS = "analytics"
+
+
+class ChannelName(StrEnum):
+    """The channels a notification can go out on (a campaign may name some of them)."""
+
+    SSE = "sse"  # the app's live streams (SSE and WebSocket) and its inbox
+    WEBHOOK = "webhook"
+    WEBPUSH = "webpush"
+
+
+class CartStatus(StrEnum):
+    """A cart as its feed reports it; abandonment is a time the gateway notes, not a status."""
+
+    OPEN = "open"
+    CHECKED_OUT = "checked_out"
+
+
+class NotificationStatus(StrEnum):
+    """A notification's life in the outbox."""
+
+    SCHEDULED = "scheduled"  # delayed, or held for quiet hours: ``deliver_at`` says when
+    PENDING = "pending"  # committed, no channel has taken it yet
+    SENT = "sent"  # a channel took it
+    ACKED = "acked"  # the app confirmed it has it
+    CANCELLED = "cancelled"  # withdrawn before it went out
+    EXPIRED = "expired"  # its ttl passed before it went out
+
+
+class InteractionKind(StrEnum):
+    """What happened to a notification on the customer's side (each kind counts once)."""
+
+    DELIVERED = "delivered"  # the app acked it, or a remote service accepted it
+    OPENED = "opened"
+    CLICKED = "clicked"
+    REDEEMED = "redeemed"  # staff confirmed its code at the till
+    DISMISSED = "dismissed"
+
+
+class ChannelState(StrEnum):
+    """Where one notification stands on one channel (``DeliveryState.state``)."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"  # gave up: a dead letter
+
+
+class AlarmStatus(StrEnum):
+    """A device rule's alarm: raised, then cleared by the rule or resolved by a service event."""
+
+    ACTIVE = "active"
+    CLEARED = "cleared"
+    RESOLVED = "resolved"
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
@@ -57,7 +124,7 @@ class Profile(Base):
 
 
 class Identifier(Base):
-    """Anything that points at a profile: ``beacon`` (a beacon key), ``device``, ``app_install``, ``email_sha256``."""
+    """Anything that points at a profile: ``kind`` is an IdentifierKind (gateway/profiles/identity.py)."""
 
     __tablename__ = "identifiers"
     __table_args__ = (UniqueConstraint("kind", "value", name="uq_identifier_kind_value"),)
@@ -75,7 +142,7 @@ class Consent(Base):
     __tablename__ = "consents"
 
     profile_id: Mapped[int] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), primary_key=True)
-    purpose: Mapped[str] = mapped_column(String(32), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(32), primary_key=True)  # a Purpose
     granted: Mapped[bool] = mapped_column(Boolean)
     updated_at: Mapped[float] = mapped_column(Float)
     source: Mapped[str] = mapped_column(String(64), default="api")
@@ -118,7 +185,7 @@ class Cart(Base):
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     profile_id: Mapped[int] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="open")  # open | checked_out
+    status: Mapped[str] = mapped_column(String(16), default=CartStatus.OPEN)  # a CartStatus
     items: Mapped[list[Any]] = mapped_column(JSON, default=list)
     updated_at: Mapped[float] = mapped_column(Float)
     # Lifecycle events the engine has seen, so each is raised once, durably (restart-safe).
@@ -179,8 +246,7 @@ class Notification(Base):
     body: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float)
-    # scheduled (delayed or held for quiet hours) | pending | sent | acked | cancelled | expired
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=NotificationStatus.PENDING)  # a NotificationStatus
     acked_at: Mapped[float | None] = mapped_column(Float)
     deliver_at: Mapped[float | None] = mapped_column(Float, index=True)  # set while scheduled
     expires_at: Mapped[float | None] = mapped_column(Float)
@@ -211,15 +277,15 @@ class Interaction(Base):
     notification_id: Mapped[int] = mapped_column(
         ForeignKey("notifications.id", ondelete="CASCADE"), index=True
     )
-    kind: Mapped[str] = mapped_column(String(16))  # delivered | opened | clicked | redeemed | dismissed
+    kind: Mapped[str] = mapped_column(String(16))  # an InteractionKind
     at: Mapped[float] = mapped_column(Float)
 
 
 class DeliveryState(Base):
     """Where one notification stands on one channel: the dispatcher's durable retry schedule.
 
-    ``state`` is ``pending`` (retried at ``next_attempt_at``; NULL: nothing scheduled, e.g. a stream
-    with no listener, which replays on connect), ``delivered`` or ``dead`` (gave up: dead-lettered).
+    ``state`` (a ChannelState) is ``pending`` (retried at ``next_attempt_at``; NULL: nothing scheduled, e.g. a
+    stream with no listener, which replays on connect), ``delivered`` or ``dead`` (gave up: dead-lettered).
     Kept in the database so retries survive a restart.
     """
 
@@ -230,7 +296,7 @@ class DeliveryState(Base):
         ForeignKey("notifications.id", ondelete="CASCADE"), primary_key=True
     )
     channel: Mapped[str] = mapped_column(String(32), primary_key=True)
-    state: Mapped[str] = mapped_column(String(16))  # pending | delivered | dead
+    state: Mapped[str] = mapped_column(String(16))  # a ChannelState
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[float | None] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -466,13 +532,14 @@ class Alarm(Base):
 
     It is also the maintenance case: prompted (the owner's notification), acknowledged or booked by the
     owner, then resolved by a service event; ``resolved_at - prompted_at`` is the time to resolution.
-    ``status``: active | cleared (the rule's clear condition) | resolved (a service event).
+    ``status`` (an AlarmStatus): active | cleared (the rule's clear condition) | resolved (a service event).
     """
 
     __tablename__ = "alarms"
     __table_args__ = (
         Index("uq_alarms_one_active", "device_id", "rule_id", unique=True,
-              sqlite_where=text("status = 'active'"), postgresql_where=text("status = 'active'")),
+              sqlite_where=text(f"status = '{AlarmStatus.ACTIVE}'"),
+              postgresql_where=text(f"status = '{AlarmStatus.ACTIVE}'")),
         Index("ix_alarms_status_created", "status", "created_at"),
     )
 
@@ -482,7 +549,7 @@ class Alarm(Base):
     rule_id: Mapped[str] = mapped_column(String(64))
     name: Mapped[str] = mapped_column(String(200))
     severity: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), default="active")
+    status: Mapped[str] = mapped_column(String(16), default=AlarmStatus.ACTIVE)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
     count: Mapped[int] = mapped_column(Integer, default=1)
