@@ -10,19 +10,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
+from enum import StrEnum
 from typing import Any, Protocol
+
+from gateway.storage.models import ChannelName
 
 Message = dict[str, Any]
 
-# The outcome words a channel returns (and the deliveries table records). The dispatcher maps
-# them to a per-channel state: delivered, waiting (nothing to retry), retry later, or dead.
-DELIVERED_LIVE = "streamed"  # handed to at least one open stream (SSE or WebSocket) of the profile
-DELIVERED = frozenset({DELIVERED_LIVE, "delivered"})  # "delivered": a remote service accepted it
-NO_LISTENER = "no_listener"  # no stream open: not a failure, the stream replays on connect
-RETRY = "retry"  # a transient failure (timeout, 5xx, 429): try again after a backoff
-ERROR = "error"  # the channel raised: treated as transient
-DEAD = "dead"  # a permanent failure (bad request, disabled endpoint): never retried
-GONE = "gone"  # the endpoint no longer exists (HTTP 404/410): never retried
+
+
+class Outcome(StrEnum):
+    """The words a channel returns (and the deliveries table records). The dispatcher maps them to a
+    per-channel state: delivered, waiting (nothing to retry), retry later, or dead."""
+
+    STREAMED = "streamed"  # handed to at least one open stream (SSE or WebSocket) of the profile
+    DELIVERED = "delivered"  # a remote service accepted it
+    NO_LISTENER = "no_listener"  # no stream open: not a failure, the stream replays on connect
+    RETRY = "retry"  # a transient failure (timeout, 5xx, 429): try again after a backoff
+    ERROR = "error"  # the channel raised: treated as transient
+    DEAD = "dead"  # a permanent failure (bad request, disabled endpoint): never retried
+    GONE = "gone"  # the endpoint no longer exists (HTTP 404/410): never retried
+
+
+DELIVERED_LIVE = Outcome.STREAMED
+DELIVERED = frozenset({Outcome.STREAMED, Outcome.DELIVERED})  # the outcomes that mean a channel took it
 
 
 class Channel(Protocol):
@@ -43,7 +54,7 @@ class Channel(Protocol):
 class StreamHub:
     """In-process fan-out to the live streams (SSE and WebSocket) of each profile."""
 
-    name = "sse"
+    name = ChannelName.SSE
     inline = True  # publish is a put_nowait per open stream: fed in commit order, never blocks
 
     def __init__(self, queue_size: int = 256) -> None:
@@ -104,7 +115,7 @@ class StreamHub:
         return delivered
 
     async def deliver(self, profile_id: int, message: Message) -> str:
-        return DELIVERED_LIVE if self.publish(profile_id, message) else NO_LISTENER
+        return Outcome.STREAMED if self.publish(profile_id, message) else Outcome.NO_LISTENER
 
     def close_all(self) -> None:
         for subs in self._subs.values():

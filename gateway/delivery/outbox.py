@@ -14,23 +14,32 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from gateway.delivery.backoff import Backoff
-from gateway.delivery.hub import DEAD, DELIVERED, DELIVERED_LIVE, ERROR, GONE, NO_LISTENER, Channel, Message
+from gateway.delivery.hub import DELIVERED, Channel, Message, Outcome
 from gateway.documents import servable
 from gateway.metrics import Histogram
 from gateway.storage.db import Database
-from gateway.storage.models import Delivery, DeliveryState, Interaction, Notification
+from gateway.storage.models import (
+    ChannelState,
+    Delivery,
+    DeliveryState,
+    Interaction,
+    InteractionKind,
+    Notification,
+    NotificationStatus,
+)
 
 log = logging.getLogger("gateway.delivery.outbox")
 
 
 # Only these reach a stream: scheduled sends wait for their time; cancelled/expired/acked never go.
-LIVE_STATUSES = ("pending", "sent")
+LIVE_STATUSES = (NotificationStatus.PENDING, NotificationStatus.SENT)
 
 
 # (message key, Notification attribute): one definition for ORM objects and for plain rows.
@@ -81,28 +90,43 @@ def ack(session: Session, profile_id: int, notification_id: int, now: float) -> 
     n = session.get(Notification, notification_id)
     if n is None or n.profile_id != profile_id:
         raise AckError(f"notification {notification_id} not found")
-    if n.status != "acked":
-        n.status, n.acked_at = "acked", now
-        session.add(Interaction(notification_id=n.id, kind="delivered", at=now))
+    if n.status != NotificationStatus.ACKED:
+        n.status, n.acked_at = NotificationStatus.ACKED, now
+        session.add(Interaction(notification_id=n.id, kind=InteractionKind.DELIVERED, at=now))
     return n
 
 
 Result = tuple[int, str, str, str | None]  # (notification id, channel, outcome word, error)
-# Internal outcomes of a due retry that is not attempted (and not logged as a delivery):
-ACKED = "acked"  # the app has the notification already: the channel counts as delivered
-WITHDRAWN = "withdrawn"  # the notification was cancelled or expired: the channel is dead for it
-SKIPPED = (ACKED, WITHDRAWN)
 
 
-def classify(outcome: str) -> str:
-    """A channel's outcome word -> the delivery state it leads to (``retry`` means transient)."""
+class Skipped(StrEnum):
+    """Internal outcomes of a due retry that is not attempted (and not logged as a delivery)."""
+
+    ACKED = "acked"  # the app has the notification already: the channel counts as delivered
+    WITHDRAWN = "withdrawn"  # the notification was cancelled or expired: the channel is dead for it
+
+
+class Verdict(StrEnum):
+    """What an outcome means for the channel's state."""
+
+    DELIVERED = "delivered"
+    WAITING = "waiting"  # pending with nothing scheduled: the stream replays on connect
+    RETRY = "retry"  # transient: pending, retried after a backoff
+    DEAD = "dead"
+
+
+SKIPPED: dict[str, Verdict] = {Skipped.ACKED: Verdict.DELIVERED, Skipped.WITHDRAWN: Verdict.DEAD}
+
+
+def classify(outcome: str) -> Verdict:
+    """A channel's outcome word -> the delivery state it leads to."""
     if outcome in DELIVERED:
-        return "delivered"
-    if outcome == NO_LISTENER:
-        return "waiting"
-    if outcome in (DEAD, GONE):
-        return "dead"
-    return "retry"  # RETRY, "error" (the channel raised) and any word we do not know
+        return Verdict.DELIVERED
+    if outcome == Outcome.NO_LISTENER:
+        return Verdict.WAITING
+    if outcome in (Outcome.DEAD, Outcome.GONE):
+        return Verdict.DEAD
+    return Verdict.RETRY  # retry, error (the channel raised) and any word we do not know
 
 
 class Dispatcher:
@@ -170,7 +194,7 @@ class Dispatcher:
                         results.append((msg["id"], ch.name, *await _attempt(deliver, ch.name, profile_id, msg)))
             self._observe(results, t0)
         # A campaign's channels (or a full per-channel cap) leave some out; one left with none is withdrawn.
-        results += [(msg["id"], self.channels[0].name, WITHDRAWN, "none of its channels is configured")
+        results += [(msg["id"], self.channels[0].name, Skipped.WITHDRAWN, "none of its channels is configured")
                     for _, msg in msgs if self.channels and not any(goes_on(msg, ch.name) for ch in self.channels)]
         # The lock is free: the next batch streams while this one goes to the remote channels.
         results += await self._send_remote([(ch, pid, msg) for ch in self.remote for pid, msg in msgs
@@ -213,7 +237,7 @@ class Dispatcher:
             due = s.execute(
                 select(DeliveryState.notification_id, DeliveryState.channel, Notification)
                 .join(Notification, Notification.id == DeliveryState.notification_id)
-                .where(DeliveryState.state == "pending", DeliveryState.next_attempt_at.is_not(None),
+                .where(DeliveryState.state == ChannelState.PENDING, DeliveryState.next_attempt_at.is_not(None),
                        DeliveryState.next_attempt_at <= now)
                 .order_by(DeliveryState.next_attempt_at).limit(limit)
             ).all()
@@ -228,11 +252,11 @@ class Dispatcher:
         for name, profile_id, msg in work:
             ch = by_name.get(name)
             if ch is None:  # the channel was removed from the config: nobody can deliver it
-                results.append((msg["id"], name, DEAD, f"channel {name} is not configured"))
-            elif msg["status"] == "acked":  # the app has it: a late push would only be a duplicate
-                results.append((msg["id"], name, ACKED, None))
+                results.append((msg["id"], name, Outcome.DEAD, f"channel {name} is not configured"))
+            elif msg["status"] == NotificationStatus.ACKED:  # the app has it: a late push would only be a duplicate
+                results.append((msg["id"], name, Skipped.ACKED, None))
             elif msg["status"] not in LIVE_STATUSES:  # cancelled or expired while it waited: never sent
-                results.append((msg["id"], name, WITHDRAWN, f"notification {msg['status']}"))
+                results.append((msg["id"], name, Skipped.WITHDRAWN, f"notification {msg['status']}"))
             else:
                 attempts.append((ch, profile_id, msg))
         results += await self._send_remote(attempts, None)
@@ -274,9 +298,9 @@ class Dispatcher:
                     logged.append({"notification_id": nid, "channel": name, "at": now, "outcome": outcome})
                 before = known.get((nid, name))
                 row = self._next_state(nid, name, outcome, error, (before or 0) + (outcome not in SKIPPED), now)
-                if row["state"] == "delivered" and outcome in DELIVERED:
+                if row["state"] == ChannelState.DELIVERED and outcome in DELIVERED:
                     sent.add(nid)
-                    if outcome != DELIVERED_LIVE:
+                    if outcome != Outcome.STREAMED:
                         confirmed.add(nid)
                 (fresh if before is None else changed).append(row)
             if logged:
@@ -287,28 +311,30 @@ class Dispatcher:
                 s.execute(update(DeliveryState), changed)
             if sent:
                 s.execute(update(Notification).where(Notification.id.in_(sorted(sent)),
-                                                     Notification.status == "pending").values(status="sent"))
+                                                     Notification.status == NotificationStatus.PENDING)
+                          .values(status=NotificationStatus.SENT))
             if confirmed:  # a remote service took it (webhook 2xx, push 201): delivered, once per notification
                 have = set(s.scalars(select(Interaction.notification_id).where(
-                    Interaction.notification_id.in_(sorted(confirmed)), Interaction.kind == "delivered")))
-                rows = [{"notification_id": nid, "kind": "delivered", "at": now} for nid in sorted(confirmed - have)]
+                    Interaction.notification_id.in_(sorted(confirmed)), Interaction.kind == InteractionKind.DELIVERED)))
+                rows = [{"notification_id": nid, "kind": InteractionKind.DELIVERED, "at": now}
+                        for nid in sorted(confirmed - have)]
                 if rows:
                     s.execute(insert(Interaction), rows)
 
     def _next_state(self, nid: int, name: str, outcome: str, error: str | None, attempts: int,
                     now: float) -> dict[str, Any]:
-        kind = {ACKED: "delivered", WITHDRAWN: "dead"}.get(outcome) or classify(outcome)
+        kind = SKIPPED.get(outcome) or classify(outcome)
         row: dict[str, Any] = {"notification_id": nid, "channel": name, "attempts": attempts, "updated_at": now,
-                               "state": "pending", "next_attempt_at": None, "last_error": error}
-        if kind == "delivered":
-            row["state"] = "delivered"
-        elif kind == "dead" or (kind == "retry" and attempts >= self.backoff.max_attempts):
-            row["state"] = "dead"
+                               "state": ChannelState.PENDING, "next_attempt_at": None, "last_error": error}
+        if kind == Verdict.DELIVERED:
+            row["state"] = ChannelState.DELIVERED
+        elif kind == Verdict.DEAD or (kind == Verdict.RETRY and attempts >= self.backoff.max_attempts):
+            row["state"] = ChannelState.DEAD
             row["last_error"] = error or outcome
             self.dead_lettered[name] += 1
             log.warning("notification %s dead-lettered on %s after %d attempt(s): %s", nid, name, attempts,
                         row["last_error"])
-        elif kind == "retry":
+        elif kind == Verdict.RETRY:
             row["next_attempt_at"] = now + self.backoff.delay(attempts)
             row["last_error"] = error or outcome
         return row
@@ -327,7 +353,7 @@ async def _attempt(deliver: Callable[[int, Message], Awaitable[str]], name: str,
         return await deliver(profile_id, msg), None
     except Exception as exc:  # one failing channel must not stop the others
         log.warning("channel %s failed for notification %s: %s", name, msg["id"], exc)
-        return ERROR, f"{type(exc).__name__}: {exc}"[:500]
+        return Outcome.ERROR, f"{type(exc).__name__}: {exc}"[:500]
 
 
 def delivery_states(session: Session, notification_id: int) -> dict[str, dict[str, Any]]:
@@ -385,7 +411,7 @@ def state_view(st: DeliveryState, n: Notification) -> dict[str, Any]:
 def list_delivery_states(session: Session, *, state: str | None = None, channel: str | None = None,
                          notification_id: int | None = None, limit: int = 50, offset: int = 0
                          ) -> tuple[list[dict[str, Any]], int]:
-    """Delivery states (``state="dead"``: the dead letters), most recently changed first."""
+    """Delivery states (``state=ChannelState.DEAD``: the dead letters), most recently changed first."""
     where = []
     if state is not None:
         where.append(DeliveryState.state == state)
@@ -412,12 +438,12 @@ def requeue(session: Session, now: float, *, channel: str, notification_id: int 
     still live); without, every dead letter of ``channel`` whose notification is still live (after
     the receiver was fixed or a disabled webhook URL re-enabled). The retry loop sends them.
     """
-    where = [DeliveryState.channel == channel, DeliveryState.state == "dead"]
+    where = [DeliveryState.channel == channel, DeliveryState.state == ChannelState.DEAD]
     if notification_id is not None:
         st = session.get(DeliveryState, (notification_id, channel))
         if st is None:
             raise LookupError(f"notification {notification_id} has no delivery on {channel}")
-        if st.state != "dead":
+        if st.state != ChannelState.DEAD:
             raise ReplayRefused(f"the delivery of notification {notification_id} on {channel} is {st.state}, "
                                 "not dead")
         n = session.get(Notification, notification_id)
@@ -431,18 +457,19 @@ def requeue(session: Session, now: float, *, channel: str, notification_id: int 
     if ids:
         session.execute(update(DeliveryState).where(DeliveryState.channel == channel,
                                                     DeliveryState.notification_id.in_(ids))
-                        .values(state="pending", attempts=0, next_attempt_at=now, updated_at=now))
+                        .values(state=ChannelState.PENDING, attempts=0, next_attempt_at=now, updated_at=now))
     return ids
 
 
 def depths(session: Session) -> dict[str, int]:
     """Queue depths kept in the database, for /metrics: what the outbox still has to hand over."""
     pending = session.scalar(select(func.count()).select_from(Notification)
-                             .where(Notification.status == "pending")) or 0
+                             .where(Notification.status == NotificationStatus.PENDING)) or 0
     scheduled = session.scalar(select(func.count()).select_from(Notification)
-                               .where(Notification.status == "scheduled")) or 0
+                               .where(Notification.status == NotificationStatus.SCHEDULED)) or 0
     retries = session.scalar(select(func.count()).select_from(DeliveryState).where(
-        DeliveryState.state == "pending", DeliveryState.next_attempt_at.is_not(None))) or 0
-    dead = session.scalar(select(func.count()).select_from(DeliveryState).where(DeliveryState.state == "dead")) or 0
+        DeliveryState.state == ChannelState.PENDING, DeliveryState.next_attempt_at.is_not(None))) or 0
+    dead = session.scalar(select(func.count()).select_from(DeliveryState)
+                          .where(DeliveryState.state == ChannelState.DEAD)) or 0
     return {"outbox_pending": int(pending), "outbox_scheduled": int(scheduled), "retries_due": int(retries),
             "dead_letters": int(dead)}

@@ -33,17 +33,11 @@ import httpx
 
 from gateway.clock import Clock, SystemClock
 from gateway.delivery.backoff import Backoff
-from gateway.delivery.hub import Message
+from gateway.delivery.hub import Message, Outcome
 from gateway.storage.db import Database
-from gateway.storage.models import Profile, WebhookEndpoint
+from gateway.storage.models import ChannelName, Profile, WebhookEndpoint
 
 log = logging.getLogger("gateway.delivery.webhook")
-
-# Outcome words, as gateway/delivery/hub.py names them for the dispatcher.
-DELIVERED = "delivered"
-RETRY = "retry"
-DEAD = "dead"
-GONE = "gone"
 
 SIGNATURE_HEADER = "X-Gateway-Signature"
 SCHEME = "v1"
@@ -130,7 +124,7 @@ class Attempt:
 class WebhookChannel:
     """Signs and POSTs each notification to every configured URL; see the module doc for the contract."""
 
-    name = "webhook"
+    name = ChannelName.WEBHOOK
 
     def __init__(self, settings: WebhookSettings, db: Database, *, store_id: str = "store",
                  clock: Clock | None = None, sleep: Sleep = asyncio.sleep, rng: random.Random | None = None,
@@ -160,11 +154,11 @@ class WebhookChannel:
     async def deliver(self, profile_id: int, message: Message) -> str:
         body = self.body(profile_id, message)
         outcomes = [await self._deliver_to(url, message["id"], body) for url in self.urls]
-        if RETRY in outcomes:
-            return RETRY  # receivers dedup by Idempotency-Key, so resending to the others is harmless
-        if DELIVERED in outcomes:
-            return DELIVERED
-        return GONE if all(o == GONE for o in outcomes) else DEAD
+        if Outcome.RETRY in outcomes:
+            return Outcome.RETRY  # receivers dedup by Idempotency-Key, so resending to the others is harmless
+        if Outcome.DELIVERED in outcomes:
+            return Outcome.DELIVERED
+        return Outcome.GONE if all(o == Outcome.GONE for o in outcomes) else Outcome.DEAD
 
     def body(self, profile_id: int, message: Message) -> bytes:
         """The JSON the receiver gets; the same bytes on every attempt of one notification."""
@@ -193,7 +187,7 @@ class WebhookChannel:
 
     async def _deliver_to(self, url: str, notification_id: int, body: bytes) -> str:
         if self._disabled(url):
-            return DEAD
+            return Outcome.DEAD
         attempt = Attempt(None)
         for n in range(1, self.settings.max_attempts + 1):
             attempt = await self._post(url, notification_id, body, n)
@@ -202,7 +196,7 @@ class WebhookChannel:
             await self.sleep(self.backoff(n, attempt.retry_after_s))
         outcome = self._outcome(attempt)
         self._remember(url, attempt, outcome)
-        if outcome != DELIVERED:
+        if outcome != Outcome.DELIVERED:
             log.warning("webhook %s: notification %s %s (%s)", redact(url), notification_id, outcome,
                         attempt.error or attempt.status)
         return outcome
@@ -239,10 +233,10 @@ class WebhookChannel:
     @staticmethod
     def _outcome(a: Attempt) -> str:
         if a.status is not None and 200 <= a.status < 300:
-            return DELIVERED
+            return Outcome.DELIVERED
         if a.status == 410:
-            return GONE
-        return RETRY if WebhookChannel._transient(a) else DEAD
+            return Outcome.GONE
+        return Outcome.RETRY if WebhookChannel._transient(a) else Outcome.DEAD
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -265,9 +259,9 @@ class WebhookChannel:
                 row = WebhookEndpoint(url=url, consecutive_gone=0)
                 s.add(row)
             row.last_status, row.last_attempt_at = attempt.status, now
-            if outcome == DELIVERED:
+            if outcome == Outcome.DELIVERED:
                 row.consecutive_gone, row.last_success_at = 0, now
-            elif outcome == GONE:
+            elif outcome == Outcome.GONE:
                 row.consecutive_gone = (row.consecutive_gone or 0) + 1
                 if row.consecutive_gone >= self.settings.disable_after_gone and row.disabled_at is None:
                     row.disabled_at = now

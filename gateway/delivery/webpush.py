@@ -40,18 +40,11 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from gateway.clock import Clock, SystemClock
-from gateway.delivery.hub import Message
+from gateway.delivery.hub import Message, Outcome
 from gateway.storage.db import Database
-from gateway.storage.models import PushSubscription
+from gateway.storage.models import ChannelName, PushSubscription
 
 log = logging.getLogger("gateway.delivery.webpush")
-
-# Outcome words, as gateway/delivery/hub.py names them for the dispatcher.
-DELIVERED = "delivered"
-NO_LISTENER = "no_listener"  # no subscription: nothing to retry, the stream replays on connect
-RETRY = "retry"
-DEAD = "dead"
-GONE = "gone"
 
 URGENCIES = ("very-low", "low", "normal", "high")
 TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -301,7 +294,7 @@ def _json(doc: Mapping[str, Any]) -> bytes:
 class WebPushChannel:
     """Encrypts and sends each notification to every subscription of the profile, pruning dead ones."""
 
-    name = "webpush"
+    name = ChannelName.WEBPUSH
 
     def __init__(self, settings: WebPushSettings, db: Database, vapid: Vapid, *, clock: Clock | None = None
                  ) -> None:
@@ -325,16 +318,16 @@ class WebPushChannel:
                 select(PushSubscription).where(PushSubscription.profile_id == profile_id)
                 .order_by(PushSubscription.id))]
         if not subs:
-            return NO_LISTENER
+            return Outcome.NO_LISTENER  # no subscription: the stream replays on connect
         options = push_options(message, self.settings)
         data = payload(message)
         statuses = await asyncio.gather(*(self._send(sub, data, options) for sub in subs))
         self._record(list(zip(subs, statuses, strict=True)))
         if any(st is not None and 200 <= st < 300 for st in statuses):
-            return DELIVERED
+            return Outcome.DELIVERED
         if any(st is None or st >= 500 or st == 429 for st in statuses):
-            return RETRY
-        return GONE if all(st in (404, 410) for st in statuses) else DEAD
+            return Outcome.RETRY
+        return Outcome.GONE if all(st in (404, 410) for st in statuses) else Outcome.DEAD
 
     def vapid_headers(self, endpoint: str) -> dict[str, str]:
         """The RFC 8292 ``Authorization: vapid t=<JWT>,k=<public key>`` for the endpoint's origin."""
