@@ -27,6 +27,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from devices.topics import TopicParts, ids_problem, is_text
@@ -87,6 +88,20 @@ class Reading:
     def key(self) -> str:
         """The dedup key within the device: its counter if it sends one, else its timestamp."""
         return f"s{self.seq}" if self.seq is not None else f"t{self.time!r}"
+
+
+class LinkState(StrEnum):
+    """What a status message says (a device's, or the gateway's own retained flag and last will)."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+    @classmethod
+    def of(cls, online: bool) -> LinkState:
+        return cls.ONLINE if online else cls.OFFLINE
+
+
+_LINK_STATES = tuple(LinkState)  # a tuple: a JSON value may be unhashable
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,9 +227,9 @@ def parse_status(topic_parts: TopicParts, payload: bytes | bytearray, received_a
         time = _time(document, received_at)
     else:
         state = text
-    if state not in ("online", "offline"):
+    if state not in _LINK_STATES:
         raise PayloadError(BAD_STATUS, "status must be 'online' or 'offline'")
-    return DeviceStatus(topic_parts.device_id, topic_parts.store_id, time, state == "online", firmware)
+    return DeviceStatus(topic_parts.device_id, topic_parts.store_id, time, state == LinkState.ONLINE, firmware)
 
 
 def parse_event(topic_parts: TopicParts, payload: bytes | bytearray, received_at: float) -> DeviceEvent:

@@ -43,11 +43,10 @@ from gateway.clock import Clock
 from gateway.engine.engine import EngineEvent
 from gateway.errors import Conflict, Invalid, NotFound
 from gateway.storage.db import Database
-from gateway.storage.models import Alarm, Device, Notification, RuleStateRecord, ServiceEvent
+from gateway.storage.models import Alarm, AlarmStatus, Device, Notification, RuleStateRecord, ServiceEvent
 
 log = logging.getLogger("gateway.telemetry.alarms")
 
-ACTIVE, CLEARED, RESOLVED = "active", "cleared", "resolved"
 _EFFECTS = "device_rules_effects"
 DUE_BATCH = 500  # due timers handled per tick; the rest wait for the next one
 
@@ -179,7 +178,7 @@ class DeviceRules:
         # The batch's active alarms in one query (a sample over a threshold updates its alarm: most batches
         # touch several), instead of one query per device and rule.
         alarms: dict[tuple[str, str], Alarm | None] = {(d, r.id): None for d in ids for r in wanted[d]}
-        for a in s.scalars(select(Alarm).where(Alarm.device_id.in_(ids), Alarm.status == ACTIVE)):
+        for a in s.scalars(select(Alarm).where(Alarm.device_id.in_(ids), Alarm.status == AlarmStatus.ACTIVE)):
             if (a.device_id, a.rule_id) in alarms:
                 alarms[(a.device_id, a.rule_id)] = a
         last_time: dict[str, float] = {}
@@ -277,7 +276,7 @@ class DeviceRules:
         key = (d.id, rule.id)
         if key not in cache:
             cache[key] = s.scalars(select(Alarm).where(Alarm.device_id == d.id, Alarm.rule_id == rule.id,
-                                                       Alarm.status == ACTIVE)).first()
+                                                       Alarm.status == AlarmStatus.ACTIVE)).first()
         return cache[key]
 
     def _apply(self, s: Session, d: Device, rule: Rule, st: RuleState, ch: Change, metrics: Mapping[str, Any],
@@ -287,7 +286,8 @@ class DeviceRules:
         if ch.kind == "cleared":
             if alarm is None:
                 return []
-            alarm.status, alarm.cleared_at, alarm.clear_reason, alarm.updated_at = CLEARED, ch.time, ch.detail, ch.time
+            alarm.status, alarm.cleared_at, alarm.clear_reason = AlarmStatus.CLEARED, ch.time, ch.detail
+            alarm.updated_at = ch.time
             cache[(d.id, rule.id)] = None
             self.figures["alarms_cleared"] += 1
             self.announce(s, d, rule, alarm, rule.actions.clear_command)
@@ -303,7 +303,7 @@ class DeviceRules:
         key = f"alarm:{{id}}:{ch.severity}" if ch.kind == "escalated" else "alarm:{id}"
         if alarm is None:  # created (or the state outlived its row: raise it again, once)
             alarm = Alarm(device_id=d.id, profile_id=d.profile_id, rule_id=rule.id, name=rule.name,
-                          severity=ch.severity, status=ACTIVE, created_at=ch.time, updated_at=ch.time,
+                          severity=ch.severity, status=AlarmStatus.ACTIVE, created_at=ch.time, updated_at=ch.time,
                           count=ch.count, last_value=ch.value, detail=ch.detail)
             s.add(alarm)
             s.flush()  # its id names the occurrence for the engine's dedup key
@@ -331,9 +331,10 @@ class DeviceRules:
     def _event(kind: str, d: Device, alarm: Alarm, st: RuleState, metrics: Mapping[str, Any], key: str) -> EngineEvent:
         assert d.profile_id is not None
         value = None if alarm.last_value is None else round(alarm.last_value, 2)
+        # Plain text in the facts: a decision's detail shows a fact's repr(), not an enum member's.
         facts = {
             "alarm": {"id": alarm.id, "rule": alarm.rule_id, "name": alarm.name, "severity": alarm.severity,
-                      "status": alarm.status, "value": value, "count": alarm.count, "detail": alarm.detail,
+                      "status": str(alarm.status), "value": value, "count": alarm.count, "detail": alarm.detail,
                       "since": alarm.created_at, "counters": {k: round(v, 2) for k, v in st.counters.items()}},
             "device": {"id": d.id, "kind": d.kind},
             "reading": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
@@ -381,7 +382,7 @@ def mqtt_alert_sender(publish: Callable[..., Any], prefix: str, store_id: str) -
 
     def send(view: Mapping[str, Any]) -> None:
         topic = alert_topic(prefix, store_id, str(view["device_id"]), str(view["rule"]))
-        body = b"" if view["status"] != ACTIVE else json.dumps(dict(view), separators=(",", ":")).encode()
+        body = b"" if view["status"] != AlarmStatus.ACTIVE else json.dumps(dict(view), separators=(",", ":")).encode()
         publish(topic, body, qos=1, retain=True)
 
     return send
@@ -440,7 +441,7 @@ class AlarmDesk:
             raise Invalid("the requested service slot is in the past")
         with self.db.session() as s:
             a = self._mine(s, profile_id, alarm_id)
-            if a.status == RESOLVED:
+            if a.status == AlarmStatus.RESOLVED:
                 raise Conflict(f"alarm {alarm_id} is already resolved by a service")
             a.acknowledged_at = a.acknowledged_at or now
             a.booked_at, a.booked_for = now, slot
@@ -469,11 +470,11 @@ class AlarmDesk:
             s.add(ev)
             s.flush()
             resolved = []
-            for a in s.scalars(select(Alarm).where(Alarm.device_id == d.id, Alarm.status == ACTIVE)):
+            for a in s.scalars(select(Alarm).where(Alarm.device_id == d.id, Alarm.status == AlarmStatus.ACTIVE)):
                 rule = self.rules.by_id.get(a.rule_id)
                 if rule is not None and not rule.service_resets:
                     continue
-                a.status, a.resolved_at, a.updated_at, a.service_event_id = RESOLVED, now, now, ev.id
+                a.status, a.resolved_at, a.updated_at, a.service_event_id = AlarmStatus.RESOLVED, now, now, ev.id
                 resolved.append(alarm_view(a))
                 if rule is not None:
                     self.rules.announce(s, d, rule, a, None)  # withdraws the staff alert
@@ -511,8 +512,8 @@ class AlarmDesk:
         to_ack = [r.acknowledged_at - r.prompted_at for r in rows
                   if r.acknowledged_at is not None and r.prompted_at is not None]
         return {
-            "alarms": len(rows), "active": by_status[ACTIVE], "cleared": by_status[CLEARED],
-            "resolved": by_status[RESOLVED],
+            "alarms": len(rows), "active": by_status[AlarmStatus.ACTIVE],
+            "cleared": by_status[AlarmStatus.CLEARED], "resolved": by_status[AlarmStatus.RESOLVED],
             "prompted": sum(1 for r in rows if r.prompted_at is not None),
             "acknowledged": sum(1 for r in rows if r.acknowledged_at is not None),
             "booked": sum(1 for r in rows if r.booked_at is not None),

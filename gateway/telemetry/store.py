@@ -29,7 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import set_committed_value
 
-from devices.payloads import Reading, TelemetryBatch
+from devices.payloads import LinkState, Reading, TelemetryBatch
 from devices.profiles import ProfileSet, validate
 from devices.topics import escape_text
 from gateway.storage.models import DeadLetter, Device, DeviceEventRecord, ReadingRecord, ReadingRollup
@@ -164,8 +164,8 @@ class TelemetryStore:
             d = self._admit(s, devices, st.device_id, st.store_id, now, tally)
             if d is None or d.quarantined:
                 dead.append(_dead(_topic_of(batch, st, "status"), QUARANTINED if d else UNKNOWN_DEVICE,
-                                  "status of a device the registry does not accept", b"online" if st.online
-                                  else b"offline", now, st.device_id, None))
+                                  "status of a device the registry does not accept",
+                                  LinkState.of(st.online).encode(), now, st.device_id, None))
                 continue
             tally["statuses"] += 1
             if d.online is not st.online:
