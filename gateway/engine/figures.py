@@ -39,12 +39,16 @@ from gateway.storage.models import (
     Decision,
     FootfallCount,
     Interaction,
+    InteractionKind,
     Notification,
+    NotificationStatus,
+    Purpose,
     Visit,
     ZoneStay,
 )
 
-RELEASED = ("pending", "sent", "acked")
+RELEASED = (NotificationStatus.PENDING, NotificationStatus.SENT, NotificationStatus.ACKED)
+ENGAGED = (InteractionKind.OPENED, InteractionKind.CLICKED, InteractionKind.REDEEMED)  # the customer acted on it
 
 
 def day_bounds(day: str, timezone: str) -> tuple[float, float]:
@@ -147,13 +151,14 @@ def notification_figures(session: Session, start: float, end: float, conversion_
 
     def summarize(rows: list[Any]) -> dict[str, Any]:
         n = len(rows)
-        delivered = sum(1 for r in rows if r.status == "acked" or "delivered" in kinds[r.id])
-        opened = sum(1 for r in rows if kinds[r.id] & {"opened", "clicked", "redeemed"})
-        clicked = sum(1 for r in rows if "clicked" in kinds[r.id])
-        redeemed = sum(1 for r in rows if "redeemed" in kinds[r.id])
+        delivered = sum(1 for r in rows if r.status == NotificationStatus.ACKED
+                        or InteractionKind.DELIVERED in kinds[r.id])
+        opened = sum(1 for r in rows if not kinds[r.id].isdisjoint(ENGAGED))
+        clicked = sum(1 for r in rows if InteractionKind.CLICKED in kinds[r.id])
+        redeemed = sum(1 for r in rows if InteractionKind.REDEEMED in kinds[r.id])
         conversions = sum(1 for r in rows if r.id in credited)
         return {"notified": n, "delivered": delivered, "opened": opened, "clicked": clicked, "redeemed": redeemed,
-                "dismissed": sum(1 for r in rows if "dismissed" in kinds[r.id]),
+                "dismissed": sum(1 for r in rows if InteractionKind.DISMISSED in kinds[r.id]),
                 "conversions": conversions, "purchases_credited": sum(credited.get(r.id, 0) for r in rows),
                 "engagement_rate": _pct(opened, n), "ctr": _pct(clicked, delivered),
                 "redemption_rate": _pct(redeemed, n), "conversion_rate": _pct(conversions, n)}
@@ -242,13 +247,13 @@ def maintenance_figures(session: Session, start: float, end: float, store: str |
         if a.resolved_at is not None:
             resolutions.append(a.resolved_at - a.prompted_at)
     notes = session.execute(select(Notification.id, func.coalesce(Notification.deliver_at, Notification.created_at))
-                            .where(Notification.purpose == "maintenance", Notification.status.in_(RELEASED),
+                            .where(Notification.purpose == Purpose.MAINTENANCE, Notification.status.in_(RELEASED),
                                    Notification.created_at >= start, Notification.created_at < end,
                                    *_at(Notification.store_id, store))).all()
     loose = {nid: at for nid, at in notes if nid not in tied}
     if loose:
         firsts = dict(session.execute(select(Interaction.notification_id, func.min(Interaction.at)).where(
-            Interaction.notification_id.in_(list(loose)), Interaction.kind.in_(("opened", "clicked", "redeemed")))
+            Interaction.notification_id.in_(list(loose)), Interaction.kind.in_(ENGAGED))
             .group_by(Interaction.notification_id)).all())
         prompts += len(loose)
         answers += [firsts[nid] - at for nid, at in loose.items() if nid in firsts]

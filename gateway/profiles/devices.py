@@ -7,15 +7,17 @@ level); the API only checks shapes. Errors are the service's typed ones, so the 
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from devices.payloads import LinkState
 from devices.profiles import ProfileSet
 from gateway.clock import Clock
 from gateway.errors import Conflict, Invalid, NotFound
-from gateway.profiles.identity import IdentityIndex, normalize
+from gateway.profiles.identity import IdentifierKind, IdentityIndex, normalize
 from gateway.storage.db import Database
 from gateway.storage.models import DeadLetter, Device, Profile, ReadingRecord, ReadingRollup
 
@@ -23,9 +25,26 @@ PERIODS = {"minute": 60, "hour": 3600}
 UNSET: Any = object()
 
 
+class DeviceStatus(StrEnum):
+    """A registered device as the API shows it: its last status message, unless an operator has yet
+    to accept it."""
+
+    ONLINE = LinkState.ONLINE.value
+    OFFLINE = LinkState.OFFLINE.value
+    UNKNOWN = "unknown"  # never heard a status or a reading
+    QUARANTINED = "quarantined"
+
+
+def device_status(d: Device) -> DeviceStatus:
+    if d.quarantined:
+        return DeviceStatus.QUARANTINED
+    if d.online is None:
+        return DeviceStatus.UNKNOWN
+    return DeviceStatus.ONLINE if d.online else DeviceStatus.OFFLINE
+
+
 def device_view(d: Device) -> dict[str, Any]:
-    status = "quarantined" if d.quarantined else ("unknown" if d.online is None else
-                                                   "online" if d.online else "offline")
+    status = device_status(d)
     return {"id": d.id, "kind": d.kind, "device_profile": d.device_profile, "owner_profile_id": d.profile_id,
             "store_id": d.store_id, "firmware": d.firmware, "status": status, "status_at": d.status_at,
             "last_seen": d.last_seen, "registered_at": d.registered_at, "state": dict(d.state or {})}
@@ -59,11 +78,11 @@ class DeviceRegistry:
 
     def list_devices(self, status: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         q = select(Device).order_by(Device.id).limit(limit).offset(offset)
-        if status == "quarantined":
+        if status == DeviceStatus.QUARANTINED:
             q = q.where(Device.quarantined.is_(True))
-        elif status in ("online", "offline"):
-            q = q.where(Device.quarantined.is_(False), Device.online.is_(status == "online"))
-        elif status == "unknown":
+        elif status in (DeviceStatus.ONLINE, DeviceStatus.OFFLINE):
+            q = q.where(Device.quarantined.is_(False), Device.online.is_(status == DeviceStatus.ONLINE))
+        elif status == DeviceStatus.UNKNOWN:
             q = q.where(Device.quarantined.is_(False), Device.online.is_(None))
         with self.db.session() as s:
             return [device_view(d) for d in s.scalars(q)]
@@ -88,7 +107,7 @@ class DeviceRegistry:
             s.flush()
             view = device_view(d)
         if owner_profile_id is not None:
-            self.identities.add("device", normalize("device", device_id), owner_profile_id)
+            self.identities.add(IdentifierKind.DEVICE, normalize(IdentifierKind.DEVICE, device_id), owner_profile_id)
         return view
 
     def update(self, device_id: str, *, kind: Any = UNSET, device_profile: Any = UNSET,
@@ -110,7 +129,7 @@ class DeviceRegistry:
                 d.quarantined = bool(quarantined)
             view = device_view(d)
         if owner_profile_id is not UNSET and owner_profile_id is not None:
-            self.identities.add("device", normalize("device", device_id), owner_profile_id)
+            self.identities.add(IdentifierKind.DEVICE, normalize(IdentifierKind.DEVICE, device_id), owner_profile_id)
         return view
 
     def readings(self, device_id: str, since: float | None, until: float | None,

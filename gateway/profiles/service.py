@@ -24,23 +24,29 @@ from gateway.clock import Clock
 from gateway.documents import DocumentError, check_document, servable
 from gateway.engine.engine import EngineEvent
 from gateway.errors import Conflict, Invalid, NotFound
-from gateway.profiles.identity import KINDS, IdentityIndex, normalize
+from gateway.profiles.identity import KINDS, IdentifierKind, IdentityIndex, normalize
 from gateway.security.tokens import Claims, TokenError, TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import (
     CampaignRecord,
     Cart,
+    CartStatus,
     CatalogItem,
     Consent,
     Device,
     Identifier,
     IdHighWater,
     Interaction,
+    InteractionKind,
     Notification,
+    NotificationStatus,
     Profile,
 )
 
-INTERACTIONS = ("opened", "clicked", "dismissed")  # what the app reports; redemption is confirmed by staff
+# What the app reports; delivery is its ack, redemption is confirmed by staff.
+INTERACTIONS = (InteractionKind.OPENED, InteractionKind.CLICKED, InteractionKind.DISMISSED)
+# A code shown at the till is only good for an offer that went out.
+_NEVER_SENT = (NotificationStatus.CANCELLED, NotificationStatus.EXPIRED, NotificationStatus.SCHEDULED)
 
 
 @dataclass
@@ -173,7 +179,7 @@ class GatewayService:
                 s.flush()
                 # A device enrolled as an identifier is owned from now on, if it is already registered
                 # (if not, the registry sets the owner when it first reports).
-                for value in (v for k, v in ids if k == "device"):  # ids compare case-insensitively
+                for value in (v for k, v in ids if k == IdentifierKind.DEVICE):  # ids compare case-insensitively
                     s.execute(update(Device).where(func.lower(Device.id) == value).values(profile_id=p.id))
                 view = profile_view(p)
         except IntegrityError:
@@ -277,9 +283,9 @@ class GatewayService:
 
     def upsert_cart(self, cart_id: str, *, profile_id: int | None, external_id: str | None,
                     items: Sequence[Mapping[str, Any]], updated_at: float | None,
-                    status: str = "open") -> dict[str, Any]:
-        if status not in ("open", "checked_out"):
-            raise Invalid("status must be open or checked_out")
+                    status: str = CartStatus.OPEN) -> dict[str, Any]:
+        if status not in tuple(CartStatus):
+            raise Invalid(f"status must be {' or '.join(CartStatus)}")
         now = self.clock.now()
         ts = now if updated_at is None else float(updated_at)
         if ts > now + 300:
@@ -294,11 +300,11 @@ class GatewayService:
             else:
                 if cart.profile_id != p.id:
                     raise Conflict(f"cart {cart_id} belongs to another profile")
-                if cart.status == "checked_out" and status == "open":
+                if cart.status == CartStatus.CHECKED_OUT and status == CartStatus.OPEN:
                     raise Conflict(f"cart {cart_id} is checked out; a new cart needs a new id")
                 cart.items, cart.status, cart.updated_at = [dict(i) for i in items], status, ts
                 cart.abandoned_at = None  # touched again: it can be abandoned (and reminded) anew
-            if status == "checked_out" and cart.checked_out_at is None:
+            if status == CartStatus.CHECKED_OUT and cart.checked_out_at is None:
                 cart.checked_out_at = ts  # the pipeline raises one purchase event for it
             return {"id": cart.id, "profile_id": p.id, "status": cart.status, "items": cart.items,
                     "updated_at": cart.updated_at}
@@ -332,7 +338,7 @@ class GatewayService:
             d.kind, d.profile_id = kind, owner_profile_id
             s.add(d)
         if owner_profile_id is not None:
-            self.identities.add("device", normalize("device", device_id), owner_profile_id)
+            self.identities.add(IdentifierKind.DEVICE, normalize(IdentifierKind.DEVICE, device_id), owner_profile_id)
 
     # ------------------------------------------------------------ tokens and the stream
 
@@ -401,12 +407,12 @@ class GatewayService:
             n = s.scalars(select(Notification).where(Notification.redemption_code == code.strip().upper())).first()
             if n is None:
                 raise NotFound("no offer with this code")
-            if n.status in ("cancelled", "expired", "scheduled"):
+            if n.status in _NEVER_SENT:
                 raise Conflict(f"this offer was never sent ({n.status})")
             if s.scalar(select(Interaction.id).where(Interaction.notification_id == n.id,
-                                                     Interaction.kind == "redeemed")) is not None:
+                                                     Interaction.kind == InteractionKind.REDEEMED)) is not None:
                 raise Conflict("this code was already redeemed")
-            s.add(Interaction(notification_id=n.id, kind="redeemed", at=now))
+            s.add(Interaction(notification_id=n.id, kind=InteractionKind.REDEEMED, at=now))
             return {"notification_id": n.id, "campaign": n.campaign_id, "profile_id": n.profile_id,
                     "offer": n.data.get("offer"), "redeemed_at": now}
 
