@@ -54,7 +54,7 @@ class Channel(Protocol):
 class StreamHub:
     """In-process fan-out to the live streams (SSE and WebSocket) of each profile."""
 
-    name = ChannelName.SSE
+    name: str = ChannelName.SSE
     inline = True  # publish is a put_nowait per open stream: fed in commit order, never blocks
 
     def __init__(self, queue_size: int = 256) -> None:

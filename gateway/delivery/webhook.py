@@ -124,7 +124,7 @@ class Attempt:
 class WebhookChannel:
     """Signs and POSTs each notification to every configured URL; see the module doc for the contract."""
 
-    name = ChannelName.WEBHOOK
+    name: str = ChannelName.WEBHOOK
 
     def __init__(self, settings: WebhookSettings, db: Database, *, store_id: str = "store",
                  clock: Clock | None = None, sleep: Sleep = asyncio.sleep, rng: random.Random | None = None,

@@ -294,7 +294,7 @@ def _json(doc: Mapping[str, Any]) -> bytes:
 class WebPushChannel:
     """Encrypts and sends each notification to every subscription of the profile, pruning dead ones."""
 
-    name = ChannelName.WEBPUSH
+    name: str = ChannelName.WEBPUSH
 
     def __init__(self, settings: WebPushSettings, db: Database, vapid: Vapid, *, clock: Clock | None = None
                  ) -> None:
