@@ -232,14 +232,14 @@ class Pipeline:
             devices = {k: d for k, d in named.items() if d is not None}
             # -- device rules hook: the rules see `accepted` (stored once, profile-valid, time order) here.
             created += self.rules.on_batch(s, accepted, batch.events, devices)
-            readings = []  # the readings of owned devices, judged as one batch in time order
+            owned: list[EngineEvent] = []  # the readings of owned devices, judged as one batch in time order
             for r in accepted:
                 d = devices.get(r.device_id)
                 if d is not None and d.profile_id is not None:
-                    readings.append(EngineEvent("telemetry", d.profile_id, r.time, f"reading:{d.id}:{r.key}",
-                                                facts={"device": {"id": d.id, "kind": d.kind},
-                                                       "reading": dict(r.metrics)}))
-            created += self._decide_many(s, readings)
+                    owned.append(EngineEvent("telemetry", d.profile_id, r.time, f"reading:{d.id}:{r.key}",
+                                             facts={"device": {"id": d.id, "kind": d.kind},
+                                                    "reading": dict(r.metrics)}))
+            created += self._decide_many(s, owned)
         self.figures["readings"] += len(batch.readings)  # counted once committed: a rolled-back try counts nothing
         return created
 

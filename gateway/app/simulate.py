@@ -21,7 +21,7 @@ from gateway.app.pipeline import Pipeline
 from gateway.app.scenarios import apply_scenario, enrol
 from gateway.campaigns.model import CampaignIndex, load_campaigns, load_segments
 from gateway.clock import VirtualClock
-from gateway.engine.engine import FIRED, EngineEvent, Outcome
+from gateway.engine.engine import EngineEvent, Outcome, Reason
 from gateway.engine.figures import figures as day_figures
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService
@@ -118,7 +118,7 @@ def simulate(scenario: Scenario, duration_s: float, *, campaigns_dir: str, seed:
 
         def on_outcome(o: Outcome, ev: EngineEvent) -> None:
             summary.decisions.append((o.who, o.campaign_id, o.reason))
-            if o.reason == FIRED:
+            if o.reason == Reason.FIRED:
                 summary.notifications[o.campaign_id] += 1
             else:
                 summary.suppressions[o.reason] += 1

@@ -15,6 +15,7 @@ import secrets
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -33,20 +34,27 @@ from gateway.campaigns.model import (
 from gateway.engine import store as stored
 from gateway.engine.facts import behaviour_facts, cart_facts, profile_facts, tier_for
 from gateway.engine.limits import FrequencyCap, capped, exhausted, nearest_within
-from gateway.engine.store import CANCELLED, EXPIRED, PENDING, SCHEDULED, EngineStore
-from gateway.storage.models import DEFAULT_STORE_ID, Decision
+from gateway.engine.store import EngineStore
+from gateway.storage.models import DEFAULT_STORE_ID, Decision, NotificationStatus
 
-FIRED = "fired"
-NO_CONSENT = "no_consent"
-CONDITION_FALSE = "condition_false"
-COOLDOWN = "cooldown"
-LOST_ARBITRATION = "lost_arbitration"
-DUPLICATE = "duplicate"
-CAPPED = "capped"
-QUIET_HOURS = "quiet_hours"
-HOLDOUT = "holdout"
-BUDGET_EXHAUSTED = "budget_exhausted"
-NOT_REELIGIBLE = "not_reeligible"
+
+class Reason(StrEnum):
+    """Why a campaign did (FIRED) or did not send for an event: every decision row has one."""
+
+    FIRED = "fired"
+    NO_CONSENT = "no_consent"
+    CONDITION_FALSE = "condition_false"
+    COOLDOWN = "cooldown"
+    LOST_ARBITRATION = "lost_arbitration"
+    DUPLICATE = "duplicate"
+    CAPPED = "capped"
+    QUIET_HOURS = "quiet_hours"
+    HOLDOUT = "holdout"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    NOT_REELIGIBLE = "not_reeligible"
+    CANCELLED = "cancelled"  # a scheduled send withdrawn by a cancel_on event
+    EXPIRED = "expired"  # a scheduled send whose ttl passed while it waited
+
 
 RELEASE_RESCAN_S = 5.0  # at least this often (clock time) the outbox is asked for due scheduled sends
 # Events after which a profile's live segments are evaluated again (a dwell tick changes nothing).
@@ -296,8 +304,8 @@ class Engine:
             arm = (variant.name if variant else "holdout") if c.experiment else None
             send_at, channels, reason, detail = self._check(store, c, event, facts, consents, variant)
             if reason is None and winner is not None:
-                reason, detail = LOST_ARBITRATION, f"{winner.id} has higher priority"
-            if reason == HOLDOUT and winner is None:
+                reason, detail = Reason.LOST_ARBITRATION, f"{winner.id} has higher priority"
+            if reason == Reason.HOLDOUT and winner is None:
                 winner = c  # the holdout takes the event too, so lift is measured against no message
             if reason is not None:
                 outcomes.append(Outcome(c.id, profile.id, False, reason, detail, None, who, arm))
@@ -356,17 +364,17 @@ class Engine:
         together can break them. Consent and conditions come first: most candidates stop there, before the
         send time is worked out (the event's time and no channels are returned for them)."""
         if c.purpose not in consents:
-            return event.time, (), NO_CONSENT, f"no consent for {c.purpose}"
+            return event.time, (), Reason.NO_CONSENT, f"no consent for {c.purpose}"
         failed = evaluate(c.conditions, facts)
         if failed is not None:
-            return event.time, (), CONDITION_FALSE, failed
+            return event.time, (), Reason.CONDITION_FALSE, failed
         send_at = self.send_time(c, event.time)
         channels = self._channels_of.get(c.channels)
         if channels is None:
             channels = self._channels_of[c.channels] = tuple(ch for ch in (c.channels or self.channels)
                                                              if ch in self.channels)
         if store.duplicate(self.dedup_key(c, event)):
-            return send_at, channels, DUPLICATE, "already sent for this occurrence"
+            return send_at, channels, Reason.DUPLICATE, "already sent for this occurrence"
         caps = self._caps_of.get(c.purpose)
         if caps is None:
             caps = self._caps_of[c.purpose] = [cap for cap in self.caps if c.purpose in cap.purposes]
@@ -377,26 +385,28 @@ class Engine:
             if gap is not None:
                 when = (f"one is due at {dt.datetime.fromtimestamp(gap, self.tz):%H:%M}" if gap > event.time
                         else f"sent {event.time - gap:.0f} s ago")
-                return send_at, channels, COOLDOWN, f"{when}, cooldown {c.cooldown_s:.0f} s"
+                return send_at, channels, Reason.COOLDOWN, f"{when}, cooldown {c.cooldown_s:.0f} s"
         if c.max_per_profile:
             sent = store.sends_of(c.id, event.profile_id)
             if exhausted(sent, c.max_per_profile):
-                return send_at, channels, NOT_REELIGIBLE, f"already sent {sent} time(s), at most {c.max_per_profile}"
+                detail = f"already sent {sent} time(s), at most {c.max_per_profile}"
+                return send_at, channels, Reason.NOT_REELIGIBLE, detail
         if c.budget_sends:
             used = store.campaign_sends(c.id)
             if exhausted(used, c.budget_sends):
-                return send_at, channels, BUDGET_EXHAUSTED, f"{used} of {c.budget_sends} sends used"
+                return send_at, channels, Reason.BUDGET_EXHAUSTED, f"{used} of {c.budget_sends} sends used"
         if c.budget_redemptions:
             redeemed = store.campaign_redemptions(c.id)
             if exhausted(redeemed, c.budget_redemptions):
-                return send_at, channels, BUDGET_EXHAUSTED, f"{redeemed} of {c.budget_redemptions} redemptions used"
+                detail = f"{redeemed} of {c.budget_redemptions} redemptions used"
+                return send_at, channels, Reason.BUDGET_EXHAUSTED, detail
         channels, blocked = capped(caps, send_at, channels, history, self.channels)
         if blocked is not None:
-            return send_at, channels, CAPPED, blocked
+            return send_at, channels, Reason.CAPPED, blocked
         if c.experiment is not None and variant is None:
-            return send_at, channels, HOLDOUT, f"in the {c.experiment.holdout:.0%} holdout"
+            return send_at, channels, Reason.HOLDOUT, f"in the {c.experiment.holdout:.0%} holdout"
         if c.quiet_hours is not None and c.quiet_hours.mode == "drop" and self._quiet(c, send_at):
-            return send_at, channels, QUIET_HOURS, "inside quiet hours (drop)"
+            return send_at, channels, Reason.QUIET_HOURS, "inside quiet hours (drop)"
         left_out = [ch for ch in (c.channels or self.channels) if ch in self.channels and ch not in channels]
         return send_at, channels, None, f"not on {', '.join(left_out)} (channel cap)" if left_out else None
 
@@ -450,14 +460,15 @@ class Engine:
             "profile_id": event.profile_id, "campaign_id": c.id, "purpose": c.purpose,
             "dedup_key": self.dedup_key(c, event), "title": render(action.title, scope)[:300],
             "body": render(action.body, scope), "data": {**data, "redemption_code": code} if code else data,
-            "created_at": event.time, "status": SCHEDULED if deliver_at is not None else PENDING,
+            "created_at": event.time,
+            "status": NotificationStatus.SCHEDULED if deliver_at is not None else NotificationStatus.PENDING,
             "deliver_at": deliver_at, "expires_at": event.time + c.ttl_s if c.ttl_s else None,
             "variant": variant.name if variant is not None else None, "redemption_code": code,
             "store_id": self.store_id}
         if deliver_at is not None:
             self._release_from = min(self._release_from, deliver_at)
         store.fired(row, deliver_at if deliver_at is not None else event.time)
-        return Outcome(c.id, event.profile_id, True, FIRED, detail, None, who,
+        return Outcome(c.id, event.profile_id, True, Reason.FIRED, detail, None, who,
                        variant.name if variant is not None else None, deliver_at)
 
     # ------------------------------------------------------------ schedules
@@ -494,8 +505,8 @@ class Engine:
 
     def _cancel_pending(self, store: EngineStore, event: EngineEvent) -> list[Outcome]:
         """An event named in a campaign's ``cancel_on`` withdraws that campaign's scheduled sends."""
-        return [Outcome(n.campaign_id, n.profile_id, False, CANCELLED, f"{event.kind} cancels notification {n.id}",
-                        n.id, "", n.variant)
+        return [Outcome(n.campaign_id, n.profile_id, False, Reason.CANCELLED,
+                        f"{event.kind} cancels notification {n.id}", n.id, "", n.variant)
                 for n in store.cancel_scheduled(event.profile_id, self._cancellers[event.kind])]
 
     def release_due(self, session: Session, now: float) -> list[int]:
@@ -516,11 +527,11 @@ class Engine:
         for n in due:
             reason: str | None = None
             if n.expires_at is not None and now > n.expires_at:
-                n.status, reason = EXPIRED, EXPIRED
+                n.status, reason = NotificationStatus.EXPIRED, Reason.EXPIRED
             elif n.purpose not in stored.consents_of(session, n.profile_id):
-                n.status, reason = CANCELLED, NO_CONSENT  # consent withdrawn while it waited
+                n.status, reason = NotificationStatus.CANCELLED, Reason.NO_CONSENT  # consent withdrawn while it waited
             else:
-                n.status = PENDING
+                n.status = NotificationStatus.PENDING
                 n.released_after = top  # it goes live after every id committed so far: replay must not skip it
                 released.append(n.id)
                 continue

@@ -35,22 +35,24 @@ from sqlalchemy.orm.util import identity_key
 from gateway.engine.limits import SendRow
 from gateway.storage.models import (
     Cart,
+    CartStatus,
     CatalogItem,
     Consent,
     Decision,
     Interaction,
+    InteractionKind,
     Notification,
+    NotificationStatus,
     Profile,
+    Purpose,
     SegmentMembership,
     Visit,
     ZoneStay,
 )
 
-SCHEDULED = "scheduled"
-PENDING = "pending"
-CANCELLED = "cancelled"
-EXPIRED = "expired"
-NOT_SENT = (CANCELLED, EXPIRED)  # statuses that never reached (and never will reach) the customer: not counted
+SCHEDULED, CANCELLED = NotificationStatus.SCHEDULED, NotificationStatus.CANCELLED
+# Statuses that never reached (and never will reach) the customer: not counted.
+NOT_SENT = (CANCELLED, NotificationStatus.EXPIRED)
 
 _sent_at = func.coalesce(Notification.deliver_at, Notification.created_at)
 # Built once (their cache keys are memoized); values come as bound parameters.
@@ -65,12 +67,12 @@ _SENDS_OF = select(Notification.profile_id, Notification.campaign_id, _sent_at, 
 _DEDUP_KEYS = select(Notification.dedup_key).where(Notification.dedup_key.in_(bindparam("keys", expanding=True)))
 # A batch's open carts, newest first per profile (the first row of each profile is its open cart).
 _OPEN_CARTS = (select(Cart.profile_id, Cart.id, Cart.items, Cart.updated_at)
-               .where(Cart.profile_id.in_(bindparam("ids", expanding=True)), Cart.status == "open")
+               .where(Cart.profile_id.in_(bindparam("ids", expanding=True)), Cart.status == CartStatus.OPEN)
                .order_by(Cart.profile_id, Cart.updated_at.desc()))
 _CATALOGUE_ITEMS = select(CatalogItem.sku, CatalogItem.name, CatalogItem.zone, CatalogItem.aisle).where(
     CatalogItem.sku.in_(bindparam("skus", expanding=True)))
 _REMINDED = select(Notification.id).where(
-    Notification.profile_id == bindparam("pid"), Notification.purpose == "cart_reminders",
+    Notification.profile_id == bindparam("pid"), Notification.purpose == Purpose.CART_REMINDERS,
     Notification.created_at >= bindparam("since"), Notification.status.not_in(NOT_SENT)).limit(1)
 # (kind, a, b, zone) as of the event's time: "v" visits (started, ended) of the last year, "z" zone stays
 # (entered, exited) finished by then, of the last 90 days, "c" purchases (checked out) up to then: one round trip.
@@ -96,7 +98,7 @@ _CAMPAIGN_SENT = select(func.count()).select_from(Notification).where(
     Notification.campaign_id == bindparam("cid"), Notification.status.not_in(NOT_SENT))
 _CAMPAIGN_REDEEMED = select(func.count()).select_from(Interaction).join(
     Notification, Notification.id == Interaction.notification_id).where(
-    Notification.campaign_id == bindparam("cid"), Interaction.kind == "redeemed")
+    Notification.campaign_id == bindparam("cid"), Interaction.kind == InteractionKind.REDEEMED)
 _DECISIONS = insert(cast(Table, Decision.__table__))
 DECISION_COLUMNS = ("at", "profile_id", "campaign_id", "event_kind", "event_key", "fired", "reason", "detail",
                     "variant", "store_id")

@@ -10,10 +10,10 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from gateway.engine.engine import EngineEvent
-from gateway.storage.models import Cart
+from gateway.storage.models import Cart, CartStatus
 
 SCAN_LIMIT = 500  # carts per kind per scan: a backlog is worked off over the next scans
-_IDLE = select(Cart).where(Cart.status == "open", Cart.abandoned_at.is_(None),
+_IDLE = select(Cart).where(Cart.status == CartStatus.OPEN, Cart.abandoned_at.is_(None),
                            Cart.updated_at <= bindparam("cutoff")).limit(SCAN_LIMIT)
 _BOUGHT = select(Cart).where(Cart.checked_out_at.is_not(None), Cart.purchase_handled_at.is_(None)).limit(SCAN_LIMIT)
 
