@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Annotated, Any, Literal
+from collections.abc import Iterable
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -12,18 +13,41 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
     GetJsonSchemaHandler,
     StrictBool,
     StrictFloat,
     field_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema, PydanticCustomError
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
+from devices.rules import SEVERITIES
+from gateway import health
+from gateway.campaigns.model import TRIGGERS
 from gateway.documents import DocumentError, check_document, text_problem
+from gateway.profiles import devices, identity
+from gateway.profiles.service import INTERACTIONS
+from gateway.storage import models
 
-Purpose = Literal["offers", "cart_reminders", "maintenance", "health", "analytics"]
-IdentifierKind = Literal["beacon", "device", "app_install", "email_sha256"]
+
+class OneOf:
+    """``Annotated[str, OneOf(words)]``: a closed set's field from the set's one definition (a StrEnum or
+    the core's tuple of words), validated and documented exactly as a ``Literal`` of its words: an inline
+    ``enum`` list in the OpenAPI document, "Input should be 'a' or 'b'". The value is the plain word (a
+    StrEnum member compares equal to it). Not the StrEnum as the field's type: FastAPI would add a
+    component for it, and a Literal of its members would say "<Kind.A: 'a'>"."""
+
+    def __init__(self, words: Iterable[str]) -> None:
+        self.words = [str(w) for w in words]
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.literal_schema(self.words)
+
+
+Purpose = Annotated[str, OneOf(models.Purpose)]
+IdentifierKind = Annotated[str, OneOf(identity.IdentifierKind)]
+CartStatus = Annotated[str, OneOf(models.CartStatus)]
 
 DB_ID_MAX = 2_147_483_647  # ids are 32-bit INTEGER on PostgreSQL: a larger one is a 422, not a 500
 
@@ -214,7 +238,7 @@ class CartIn(BaseModel):
     profile_external_id: DbStr | None = Field(default=None, max_length=128)
     items: list[CartItemIn] = Field(max_length=500)
     updated_at: JsonNumber | None = Field(default=None, description="Epoch seconds; default now")
-    status: Literal["open", "checked_out"] = "open"
+    status: CartStatus = models.CartStatus.OPEN
 
 
 class CartOut(BaseModel):
@@ -266,7 +290,7 @@ class NotificationOut(BaseModel):
 class HealthOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "status": "ok", "components": {"db": "ok", "mqtt": "connected", "scanner": "running"}}]})
-    status: Literal["ok", "degraded"]
+    status: Annotated[str, OneOf(health.Health)]
     components: dict[str, str]
 
 
@@ -330,8 +354,7 @@ class DecisionOut(BaseModel):
 
 class SyntheticEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["visit_start", "enter", "dwell", "exit", "visit_end", "telemetry", "cart_abandoned", "purchase",
-                  "alarm", "alarm_cleared", "segment_entered", "schedule"]
+    kind: Annotated[str, OneOf(TRIGGERS)]
     zone: DbStr | None = Field(default=None, max_length=64)
     dwell_s: JsonNumber = Field(default=0.0, ge=0)
     facts: Document = Field(default_factory=dict, description="e.g. {device: {...}, reading: {...}}")
@@ -359,7 +382,7 @@ class DryRunOutcome(BaseModel):
 
 class InteractionIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"kind": "opened"}]})
-    kind: Literal["opened", "clicked", "dismissed"]
+    kind: Annotated[str, OneOf(INTERACTIONS)]  # the kinds the app reports
 
 
 class RedemptionIn(BaseModel):
@@ -390,8 +413,8 @@ class RedemptionOut(BaseModel):
 
 PAGE_MAX = 500  # no list returns more than this at once; page on with offset
 Limit = Annotated[int, Field(ge=1, le=PAGE_MAX)]
-NotificationStatus = Literal["scheduled", "pending", "sent", "acked", "cancelled", "expired"]
-DeliveryStateName = Literal["pending", "delivered", "dead"]
+NotificationStatus = Annotated[str, OneOf(models.NotificationStatus)]
+DeliveryStateName = Annotated[str, OneOf(models.ChannelState)]
 ChannelName = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-9_-]+$")]
 
 
@@ -423,14 +446,14 @@ class ValidationProblem(Problem):
 
 class LiveOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"status": "alive"}]})
-    status: Literal["alive"]
+    status: Annotated[str, OneOf(health.Liveness)]
 
 
 class ReadyOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"status": "ready", "components": {"db": "ok", "migrations": "current"}},
         {"status": "not_ready", "components": {"db": "ok", "migrations": "behind"}}]})
-    status: Literal["ready", "not_ready"]
+    status: Annotated[str, OneOf(health.Readiness)]
     components: dict[str, str]
 
 
@@ -602,7 +625,7 @@ class CataloguePage(PageMeta):
 
 # -- devices (api/routers/devices.py) ------------------------------------------------------------
 
-DeviceStatus = Literal["online", "offline", "unknown", "quarantined"]
+DeviceStatus = Annotated[str, OneOf(devices.DeviceStatus)]
 
 
 class DeviceIn(BaseModel):
@@ -675,7 +698,7 @@ class DeadLetterOut(BaseModel):
 
 # ------------------------------------------------------------------ device alarms and the maintenance loop (issue 4)
 
-AlarmStatus = Literal["active", "cleared", "resolved"]
+AlarmStatus = Annotated[str, OneOf(models.AlarmStatus)]
 
 
 class AlarmOut(BaseModel):
@@ -691,7 +714,7 @@ class AlarmOut(BaseModel):
     profile_id: int | None
     rule: str
     name: str
-    severity: Literal["info", "warning", "major", "critical"]
+    severity: Annotated[str, OneOf(SEVERITIES)]
     status: AlarmStatus
     created_at: float
     updated_at: float

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
 
@@ -14,6 +14,7 @@ from api.schemas import (
     CartIn,
     CartOut,
     CartPage,
+    CartStatus,
     CartView,
     CatalogItemIn,
     CatalogItemOut,
@@ -39,7 +40,7 @@ def upsert_cart(ctx: Context, body: CartIn, cart_id: CartId) -> dict[str, object
 
 @router.get("/carts", response_model=CartPage)
 def list_carts(ctx: Context, profile: Annotated[int | None, Query(ge=1, le=DB_ID_MAX)] = None,
-               status: Literal["open", "checked_out"] | None = None,
+               status: CartStatus | None = None,
                abandoned: Annotated[bool | None, Query(description="Seen abandoned by the gateway (or not)")] = None,
                limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
     """Most recently updated first, filtered by profile, status and abandonment."""

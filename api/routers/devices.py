@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, status
 
 from api.deps import Admin, Context
-from api.schemas import DbStr, DeadLetterOut, DeviceIn, DeviceOut, DevicePatch, DeviceStatus, ReadingOut, RollupOut
-from gateway.profiles.devices import DeviceRegistry
+from api.schemas import (
+    DbStr,
+    DeadLetterOut,
+    DeviceIn,
+    DeviceOut,
+    DevicePatch,
+    DeviceStatus,
+    OneOf,
+    ReadingOut,
+    RollupOut,
+)
+from gateway.profiles.devices import PERIODS, DeviceRegistry
 
 router = APIRouter(tags=["devices"], dependencies=[Admin])
 
@@ -57,7 +67,7 @@ def readings(device_id: DeviceId, ctx: Context, since: Since = None, until: Unti
 
 
 @router.get("/devices/{device_id}/rollups", response_model=list[RollupOut])
-def rollups(device_id: DeviceId, ctx: Context, period: Literal["minute", "hour"] = "minute",
+def rollups(device_id: DeviceId, ctx: Context, period: Annotated[str, OneOf(PERIODS)] = "minute",
             metric: Annotated[DbStr | None, Query(max_length=64)] = None, since: Since = None, until: Until = None,
             limit: Annotated[int, Query(ge=1, le=10000)] = 1000) -> list[dict[str, Any]]:
     """Per-minute or per-hour count/min/max/mean/last per metric, oldest first: what a chart needs."""

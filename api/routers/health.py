@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 
 from api.deps import ApiContext, Context
 from api.schemas import HealthOut, LiveOut, ReadyOut
+from gateway.health import DbState, Health, Liveness, Readiness, SchemaState
 from gateway.metrics import CONTENT_TYPE, hub_families, render
 
 router = APIRouter(tags=["operations"])
@@ -43,14 +44,14 @@ async def health(ctx: Context) -> JSONResponse:
     503), so a supervisor can act."""
     body = await _probe(ctx, "health", ctx.health)
     if body is None:
-        body = {"status": "degraded", "components": {"db": "timeout"}}
-    return JSONResponse(body, status_code=503 if body["components"].get("db") != "ok" else 200)
+        body = {"status": Health.DEGRADED, "components": {"db": DbState.TIMEOUT}}
+    return JSONResponse(body, status_code=503 if body["components"].get("db") != DbState.OK else 200)
 
 
 @router.get("/health/live", response_model=LiveOut)
 async def live() -> dict[str, str]:
     """The process is up and its event loop answers (nothing else is checked: no dependency can fail it)."""
-    return {"status": "alive"}
+    return {"status": Liveness.ALIVE}
 
 
 @router.get("/health/ready", response_model=ReadyOut,
@@ -61,12 +62,13 @@ async def ready(ctx: Context) -> JSONResponse:
         body = await _probe(ctx, "ready", ctx.ready)
     else:
         seen = await _probe(ctx, "health", ctx.health)
-        db = seen["components"].get("db") if seen is not None else "timeout"
-        body = {"status": "ready" if db == "ok" else "not_ready", "components": {"db": db or "unknown"}}
+        db = seen["components"].get("db") if seen is not None else DbState.TIMEOUT
+        body = {"status": Readiness.READY if db == DbState.OK else Readiness.NOT_READY,
+                "components": {"db": db or DbState.UNKNOWN}}
     if body is None:
-        body = {"status": "not_ready", "components": {"db": "timeout", "migrations": "unknown"}}
-    headers = None if body["status"] == "ready" else {"Retry-After": "5"}
-    return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503, headers=headers)
+        body = {"status": Readiness.NOT_READY, "components": {"db": DbState.TIMEOUT, "migrations": SchemaState.UNKNOWN}}
+    ready = body["status"] == Readiness.READY
+    return JSONResponse(body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "5"})
 
 
 @router.get("/metrics", response_class=Response,

@@ -5,18 +5,18 @@ Only a key with the ``admin`` scope (or the configured ``[api] admin_key``) mana
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Context, KeyAdmin, guard_of
-from api.schemas import JSON_NUMBER, DbStr
-from gateway.security.auth import CONFIG_KEY_ID
+from api.schemas import JSON_NUMBER, DbStr, OneOf
+from gateway.security.auth import CONFIG_KEY_ID, SCOPES
 
 router = APIRouter(prefix="/keys", tags=["keys"], dependencies=[KeyAdmin])
 
-Scope = Literal["read", "write", "campaigns", "privacy", "admin"]
+Scope = Annotated[str, OneOf(SCOPES)]
 KeyId = Annotated[str, Path(min_length=1, max_length=16, pattern=r"^[A-Za-z0-9]+$")]
 
 
