@@ -129,3 +129,36 @@ async def test_the_audits_500s_are_now_4xx_and_a_real_500_is_problem_json(tmp_pa
         assert r.status_code == 500
         assert r.headers["content-type"] == PROBLEM
         assert r.json()["status"] == 500 and "ZeroDivision" not in r.text  # the details go to the log only
+
+
+def test_the_database_password_and_a_pem_vapid_key_are_masked_too(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    conf = tmp_path / "gw.toml"
+    conf.write_text('[database]\nurl = "postgresql+psycopg://shop:pg-pass-w0rd@db.local/gw"\n'
+                    f'[webpush]\nvapid_private_key = """{pem}"""\n')
+    settings = load_settings(conf, environ={})
+    stream = io.StringIO()
+    handler = setup_logging(settings.logging, secrets_of(settings), stream=stream)
+    try:
+        logging.getLogger("gateway.test").warning("connect failed: %s; key %s", settings.database.url, pem)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    text = stream.getvalue()
+    body = [line for line in pem.splitlines() if "-----" not in line]
+    assert "pg-pass-w0rd" not in text and not any(line in text for line in body)
+    assert "shop:" in text and MASK in text  # the rest of the line is still there to read
+
+
+def test_a_vapid_key_pasted_without_its_pem_lines_is_not_echoed_in_the_error(tmp_path: Path) -> None:
+    from gateway.delivery.webpush import WebPushSettings, load_vapid
+
+    body = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgkeyMaterialThatMustNotLeak"
+    with pytest.raises(FileNotFoundError) as err:
+        load_vapid(WebPushSettings(vapid_private_key=body), tmp_path)
+    assert body not in str(err.value) and "not shown" in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"keys/vapid\.pem"):  # a path is named, to be fixed
+        load_vapid(WebPushSettings(vapid_private_key="keys/vapid.pem"), tmp_path)

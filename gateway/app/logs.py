@@ -7,6 +7,7 @@ URL, an ``X-API-Key`` value), because a stray f-string in any module must not le
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -14,6 +15,9 @@ import re
 import sys
 from collections.abc import Iterable
 from typing import IO, Any
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from gateway.app.config import ConfigError, LoggingSettings, Settings
 
@@ -33,8 +37,14 @@ _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """Every configured secret value (a short one is not masked: it would blank ordinary words)."""
+    """Every configured secret value (a short one is not masked: it would blank ordinary words): the keys,
+    the database URL's password, and a VAPID key given as PEM text (each line of its body)."""
     values = [settings.api.admin_key, settings.api.token_secret, settings.mqtt.password, settings.webhook.secret]
+    with contextlib.suppress(ArgumentError):  # not a URL: the database never opens, no password to mask
+        values.append(make_url(settings.database.url).password or "")
+    vapid = settings.webpush.vapid_private_key
+    if "-----BEGIN" in vapid:
+        values += [line.strip() for line in vapid.splitlines() if line.strip() and "-----" not in line]
     return [v for v in values if v and len(v) >= 6]
 
 

@@ -95,7 +95,9 @@ def load_vapid(settings: WebPushSettings, data_dir: str | Path) -> Vapid:
     if configured:
         path = Path(configured)
         if not path.is_file():
-            raise FileNotFoundError(f"[webpush] vapid_private_key: no such file {path}")
+            # A key pasted without its BEGIN line must not be echoed: name the path only when it looks like one.
+            shown = f" {path}" if "/" in configured or configured.endswith(".pem") else " (the value is not shown)"
+            raise FileNotFoundError(f"[webpush] vapid_private_key: not PEM text, and no such file{shown}")
         return Vapid.from_file(str(path))
     return ensure_vapid_key(data_dir)
 
