@@ -10,11 +10,8 @@ from typing import Any
 import pytest
 
 from gateway.campaigns.model import CampaignError, CampaignIndex, load_segments, parse_campaign
-from gateway.clock import VirtualClock
 from gateway.engine.engine import Engine, EngineEvent
-from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
-from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 
 T0 = 1_780_300_800.0
@@ -26,16 +23,13 @@ def campaign(conditions: Any, cid: str = "c") -> Any:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[tuple[Database, dict[str, int]]]:
-    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
-    db.upgrade()
-    svc = GatewayService(db, IdentityIndex(), VirtualClock(T0), TokenSigner(b"0123456789abcdef0123"))
+def world(service: GatewayService) -> Iterator[tuple[Database, dict[str, int]]]:
+    db, svc = service.db, service
     ids = {who: svc.create_profile(NewProfile(external_id=who, attributes=attrs, consents={"offers": True}))["id"]
            for who, attrs in (("gold-en", {"tier": "gold", "language": "en"}),
                               ("bronze-fr", {"tier": "bronze", "language": "fr"}),
                               ("bronze-en", {"tier": "bronze", "language": "en"}))}
     yield db, ids
-    db.dispose()
 
 
 def judge(db: Database, conditions: Any, pid: int, key: str) -> tuple[str, str | None]:

@@ -8,11 +8,8 @@ import pytest
 from sqlalchemy import select
 
 from gateway.campaigns.model import CampaignError, CampaignIndex, parse_campaign, render
-from gateway.clock import VirtualClock
 from gateway.engine.engine import Engine, EngineEvent
-from gateway.profiles.identity import IdentityIndex
-from gateway.profiles.service import GatewayService, NewProfile
-from gateway.security.tokens import TokenSigner
+from gateway.profiles.service import NewProfile
 from gateway.storage.db import Database
 from gateway.storage.models import Decision, Notification
 
@@ -31,11 +28,8 @@ def campaign(**over: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def world(tmp_path):
-    db = Database(f"sqlite:///{tmp_path / 'e.db'}")
-    db.upgrade()
-    clock = VirtualClock(T0)
-    svc = GatewayService(db, IdentityIndex(), clock, TokenSigner(b"0123456789abcdef0123"))
+def world(service):
+    db, svc = service.db, service
     ids = {
         "ann": svc.create_profile(NewProfile(external_id="ann", name="Ann Lee", attributes={"tier": "gold"},
                                              consents={"offers": True, "cart_reminders": True}))["id"],
@@ -43,7 +37,6 @@ def world(tmp_path):
                                              consents={"offers": False}))["id"],
     }
     yield db, svc, ids
-    db.dispose()
 
 
 def run(db: Database, engine: Engine, ev: EngineEvent):

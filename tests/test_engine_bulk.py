@@ -15,11 +15,10 @@ from sqlalchemy.orm import Session
 from gateway.campaigns.model import CampaignIndex, parse_campaign
 from gateway.clock import VirtualClock
 from gateway.engine.engine import Engine, EngineEvent, FrequencyCap, Outcome
-from gateway.profiles.identity import IdentityIndex
-from gateway.profiles.service import GatewayService, NewProfile
-from gateway.security.tokens import TokenSigner
+from gateway.profiles.service import NewProfile
 from gateway.storage.db import Database
 from gateway.storage.models import Decision, Notification
+from tests.fixtures import make_service, migrated_copy
 
 TZ = "Europe/Paris"
 
@@ -49,12 +48,11 @@ def campaigns():
 
 
 @pytest.fixture
-def dbs(tmp_path):
+def dbs(tmp_path, migrated_sqlite):
     out = []
-    for name in ("one", "many"):
-        db = Database(f"sqlite:///{tmp_path / name}.db")
-        db.upgrade()
-        svc = GatewayService(db, IdentityIndex(), VirtualClock(local("10:00")), TokenSigner(b"0123456789abcdef0123"))
+    for name in ("one", "many"):  # two databases, one per way of judging, so the test compares them
+        db = migrated_copy(migrated_sqlite, tmp_path / f"{name}.db")
+        svc = make_service(db, VirtualClock(local("10:00")))
         pids = [svc.create_profile(NewProfile(external_id=f"p{i}", name=f"P{i} X",
                                               attributes={"tier": "gold" if i % 3 == 0 else "basic"},
                                               consents={"offers": i % 4 != 1, "maintenance": True}))["id"]

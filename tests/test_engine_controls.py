@@ -13,14 +13,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gateway.campaigns.model import CampaignError, CampaignIndex, Segment, parse_campaign
-from gateway.clock import VirtualClock
 from gateway.delivery.hub import DELIVERED_LIVE
 from gateway.delivery.outbox import Dispatcher
 from gateway.engine.engine import Engine, EngineEvent, FrequencyCap, Outcome
 from gateway.engine.explain import dry_run
-from gateway.profiles.identity import IdentityIndex
-from gateway.profiles.service import GatewayService, Invalid, NewProfile
-from gateway.security.tokens import TokenSigner
+from gateway.profiles.service import Invalid, NewProfile, ServiceHooks
 from gateway.storage.db import Database
 from gateway.storage.models import (
     Cart,
@@ -32,6 +29,7 @@ from gateway.storage.models import (
     Visit,
     ZoneStay,
 )
+from tests.fixtures import make_service
 
 TZ = "Europe/Paris"
 T0 = dt.datetime(2026, 6, 1, 11, 0, tzinfo=ZoneInfo(TZ)).timestamp()  # a Monday
@@ -55,13 +53,10 @@ def camp(cid: str = "c", **over: Any):
 
 
 @pytest.fixture
-def world(tmp_path):
-    db = Database(f"sqlite:///{tmp_path / 'e.db'}")
-    db.upgrade()
-    svc = GatewayService(db, IdentityIndex(), VirtualClock(T0), TokenSigner(b"0123456789abcdef0123"))
+def world(service):
+    db, svc = service.db, service
     ann = svc.create_profile(NewProfile(external_id="ann", name="Ann Lee", consents={"offers": True}))["id"]
     yield db, svc, ann
-    db.dispose()
 
 
 def run(db: Database, engine: Engine, ev: EngineEvent):
@@ -242,20 +237,16 @@ def test_the_two_line_frequent_and_occasional_segments(world):
     assert b == {"c": "condition_false", "o": "fired"}
 
 
-def test_loyalty_points_once_per_visit_and_tiers_in_conditions(tmp_path):
+def test_loyalty_points_once_per_visit_and_tiers_in_conditions(service):
     from gateway.app.config import Settings
     from gateway.app.pipeline import Pipeline
     from gateway.presence.settings import ReceiverSettings, ZoneBand
     from gateway.presence.tracker import PresenceEvent
 
     s = Settings()
-    s.database.url = f"sqlite:///{tmp_path / 'p.db'}"
     s.receivers = [ReceiverSettings("rx", [ZoneBand("z", 5.0)])]
     s.device_rules.dir = ""
-    db = Database(s.database.url)
-    db.upgrade()
-    ids = IdentityIndex()
-    svc = GatewayService(db, ids, VirtualClock(T0), TokenSigner(b"0123456789abcdef0123"))
+    db, ids, svc = service.db, service.identities, service
     pid = svc.create_profile(NewProfile(external_id="ann", identifiers=[("beacon", "ibeacon:aa:1:1")],
                                         consents={"offers": True}))["id"]
     silver = camp(conditions={"fact": "loyalty.tier", "op": "eq", "value": "silver"})
@@ -362,7 +353,7 @@ def test_attribute_changes_re_evaluate_segments(world):
     hello = camp("bonjour", trigger={"type": "segment_entered", "segment": "french"})
     engine = Engine(CampaignIndex([hello]), segments=[fr])
     seen: list[int] = []
-    svc.on_profile_changed = seen.append
+    svc = make_service(db, svc.clock, hooks=ServiceHooks(on_profile_changed=seen.append))  # the runtime's hook
     svc.update_profile(ann, attributes={"language": "fr"})
     assert seen == [ann]
     [o] = run(db, engine, EngineEvent("profile_updated", ann, T0, "p1"))

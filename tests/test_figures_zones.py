@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from gateway.campaigns.model import Campaign, CampaignIndex, parse_campaign
-from gateway.clock import VirtualClock
 from gateway.engine.engine import Engine, EngineEvent
 from gateway.engine.figures import figures
-from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
-from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Interaction
 
@@ -30,10 +26,8 @@ def camp(cid: str, trigger: dict[str, object], purpose: str = "offers") -> Campa
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Database]:
-    db = Database(f"sqlite:///{tmp_path / 'f.db'}")
-    db.upgrade()
-    svc = GatewayService(db, IdentityIndex(), VirtualClock(T0), TokenSigner(b"0123456789abcdef0123"))
+def store(service: GatewayService) -> Iterator[Database]:
+    db, svc = service.db, service
     pids = [svc.create_profile(NewProfile(external_id=f"p{i}", consents={"offers": True, "maintenance": True}))["id"]
             for i in range(3)]
     engine = Engine(CampaignIndex([camp("shoes-offer", {"type": "enter", "zone": "shoes"}),

@@ -8,17 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import insert, select
 
 from gateway.app.config import Settings
 from gateway.app.pipeline import Pipeline
 from gateway.campaigns.model import CampaignIndex, load_segments, parse_campaign
-from gateway.clock import VirtualClock
 from gateway.engine.engine import RELEASE_RESCAN_S, Engine, EngineEvent
 from gateway.presence.tracker import PresenceEvent
-from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
-from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import (
     Decision,
@@ -49,11 +47,14 @@ def _campaigns() -> CampaignIndex:
     ])
 
 
-def _world(db_url: str) -> tuple[Database, Pipeline, int]:
-    db = Database(db_url)
-    db.upgrade()
-    ids = IdentityIndex()
-    svc = GatewayService(db, ids, VirtualClock(T0), TokenSigner(b"0123456789abcdef0123"))
+@pytest.fixture
+def db(any_db: Database) -> Database:
+    """Every test here runs on both engines (the shared ``service`` too)."""
+    return any_db
+
+
+def _world(service: GatewayService) -> tuple[Database, Pipeline, int]:
+    db, ids, svc = service.db, service.identities, service
     pid = svc.create_profile(NewProfile(external_id="alice", name="Alice Smith", attributes={"tier": "silver"},
                                         consents={"offers": True}, identifiers=[("beacon", KEY)]))["id"]
     return db, Pipeline(Settings(), db, _campaigns(), ids, segments=load_segments(EXAMPLES)), pid
@@ -71,8 +72,8 @@ def _visit(p: Pipeline, start: float) -> None:
                        PresenceEvent("visit_end", KEY, start + 100, visit_since=v, dwell_s=100)])
 
 
-def test_a_visit_is_stored_with_its_zones_stays_points_and_decisions(db_url: str) -> None:
-    db, p, pid = _world(db_url)
+def test_a_visit_is_stored_with_its_zones_stays_points_and_decisions(service: GatewayService) -> None:
+    db, p, pid = _world(service)
     try:
         _visit(p, T0)
         with db.session() as s:
@@ -104,8 +105,8 @@ def test_a_visit_is_stored_with_its_zones_stays_points_and_decisions(db_url: str
         db.dispose()
 
 
-def test_anonymous_footfall_adds_up_across_ticks(db_url: str) -> None:
-    db, p, _ = _world(db_url)
+def test_anonymous_footfall_adds_up_across_ticks(service: GatewayService) -> None:
+    db, p, _ = _world(service)
     try:
         for i, t in enumerate((T0, T0 + 10)):  # two ticks, each with new passers-by in the same day and zone
             anon = f"ibeacon:0a1b2c3d-0000-4000-8000-00000000abcd:1:{i}"
@@ -119,10 +120,10 @@ def test_anonymous_footfall_adds_up_across_ticks(db_url: str) -> None:
         db.dispose()
 
 
-def test_scheduled_sends_are_released_on_time_whoever_scheduled_them(db_url: str) -> None:
+def test_scheduled_sends_are_released_on_time_whoever_scheduled_them(service: GatewayService) -> None:
     """The engine asks the outbox only when a send it scheduled may be due, or at its periodic rescan: its own
     delayed send goes out at its time, one another process scheduled within the rescan after its time."""
-    db, _, pid = _world(db_url)
+    db, _, pid = _world(service)
     engine = Engine(CampaignIndex([parse_campaign({
         "id": "later", "purpose": "offers", "trigger": {"type": "enter", "zone": "shoes"},
         "action": {"title": "t", "body": "b", "delay_s": 2}})]))

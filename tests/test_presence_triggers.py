@@ -5,7 +5,6 @@ its template; a campaign on the end of a visit fires once, at the end."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -13,12 +12,9 @@ from sqlalchemy import select
 from gateway.app.config import Settings
 from gateway.app.pipeline import Pipeline
 from gateway.campaigns.model import CampaignIndex, parse_campaign
-from gateway.clock import VirtualClock
 from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.presence.tracker import PresenceEvent
-from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, NewProfile
-from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database
 from gateway.storage.models import Decision, Notification
 
@@ -31,20 +27,15 @@ THANKS = {"id": "thanks", "purpose": "offers", "trigger": {"type": "visit_end"},
 
 
 @pytest.fixture
-def shop(tmp_path: Path) -> Iterator[tuple[Database, Pipeline, int]]:
+def shop(service: GatewayService) -> Iterator[tuple[Database, Pipeline, int]]:
     s = Settings()
-    s.database.url = f"sqlite:///{tmp_path / 'p.db'}"
     s.receivers = [ReceiverSettings("rx", [ZoneBand("shoes", 5.0), ZoneBand("apparel", 9.0)])]
     s.device_rules.dir = ""
-    db = Database(s.database.url)
-    db.upgrade()
-    ids = IdentityIndex()
-    svc = GatewayService(db, ids, VirtualClock(T0), TokenSigner(b"0123456789abcdef0123"))
+    db, ids, svc = service.db, service.identities, service
     pid = svc.create_profile(NewProfile(external_id="ann", name="Ann Lee", identifiers=[("beacon", KEY)],
                                         consents={"offers": True}))["id"]
     pipe = Pipeline(s, db, CampaignIndex([parse_campaign(BYE), parse_campaign(THANKS)]), ids)
     yield db, pipe, pid
-    db.dispose()
 
 
 def sent(db: Database) -> list[tuple[str, str]]:
