@@ -108,7 +108,7 @@ def _loopback(host: str) -> bool:
 class RuntimeFactory:
     """Starts runtimes for one test and stops every one it started."""
 
-    def __init__(self, clock: VirtualClock) -> None:
+    def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.started: list[Runtime] = []
 

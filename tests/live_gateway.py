@@ -17,7 +17,7 @@ from beacons.encode import ibeacon_payload
 from beacons.types import Advertisement
 from gateway.app.config import Settings
 from gateway.app.runtime import Runtime
-from gateway.clock import VirtualClock
+from gateway.clock import Clock, VirtualClock
 from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.profiles.service import NewProfile
 from gateway.storage.models import Notification
@@ -80,7 +80,7 @@ def insert_notifications(rt: Runtime, profile_id: int, keys: list[str], status: 
 
 
 @asynccontextmanager
-async def running(settings: Settings, clock: VirtualClock | None = None, **kwargs: Any) -> AsyncIterator[Runtime]:
+async def running(settings: Settings, clock: Clock | None = None, **kwargs: Any) -> AsyncIterator[Runtime]:
     """``runtime_factory`` as a context manager, for a test that scopes its runtime to a block."""
     factory = RuntimeFactory(clock or VirtualClock(T0))
     try:

@@ -29,10 +29,11 @@ from sqlalchemy import func, select
 from devices.mqtt import MqttIntake, MqttSettings
 from devices.topics import telemetry_topic
 from gateway.app.runtime import Runtime
+from gateway.clock import SystemClock
 from gateway.storage.models import DeadLetter, ReadingRecord
 from tests.conftest import MosquittoServer, PahoTestClient
 from tests.faults import pg_admin, postgresql_refusing, sqlite_locked
-from tests.live_gateway import ADMIN_KEY, base_url, enrol, live_settings, walk_in
+from tests.live_gateway import ADMIN_KEY, base_url, enrol, live_settings, running, walk_in
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = {"X-API-Key": ADMIN_KEY}
@@ -66,13 +67,9 @@ async def live_gateway(tmp: Path, broker: MosquittoServer, db_url: str | None = 
     prefix = f"t{secrets.token_hex(3)}"
     intake = MqttIntake(MqttSettings(host=broker.host, port=broker.port, client_id=f"gw-{secrets.token_hex(4)}",
                                      store_id="s1", topic_prefix=prefix, session_expiry=300))
-    rt = Runtime(settings, mqtt=intake, on_outcome=None, tick_s=0.2)
-    await rt.start()
-    try:
+    async with running(settings, SystemClock(), mqtt=intake, tick_s=0.2) as rt:
         assert await intake.wait_connected(10), intake.last_error
         yield rt, intake, prefix
-    finally:
-        await rt.stop()
 
 
 def reading(prefix: str, seq: int) -> tuple[str, str]:

@@ -20,7 +20,6 @@ from beacons.scanner import InjectionScanner
 from devices.mqtt import MqttIntake
 from devices.mqtt import MqttSettings as IntakeSettings
 from gateway.app.config import Settings
-from gateway.app.runtime import Runtime
 from gateway.app.scenarios import apply_scenario, enrol
 from gateway.clock import VirtualClock
 from gateway.storage.models import Decision, Notification
@@ -50,7 +49,7 @@ def scenario():
     return load_scenario(ROOT / "examples/store.yaml")
 
 
-async def test_store_to_phone_on_real_parts(mosquitto, scenario, tmp_path):
+async def test_store_to_phone_on_real_parts(mosquitto, scenario, tmp_path, runtime_factory):
     settings = apply_scenario(Settings(), scenario)
     settings.data_dir = str(tmp_path)
     settings.database.url = f"sqlite:///{tmp_path / 'gw.db'}"
@@ -62,8 +61,7 @@ async def test_store_to_phone_on_real_parts(mosquitto, scenario, tmp_path):
     intake = MqttIntake(IntakeSettings(host=mosquitto.host, port=mosquitto.port, client_id="gw-e2e",
                                        store_id=scenario.store.id), clock=clock.now)
     scanner = InjectionScanner()
-    rt = Runtime(settings, clock=clock, scanner=scanner, mqtt=intake, on_outcome=None, tick_s=3600)
-    await rt.start()
+    rt = await runtime_factory(settings, clock=clock, scanner=scanner, mqtt=intake)
     readers: list[SseReader] = []
     publisher = MqttPublisher(mosquitto.host, mosquitto.port)
     try:
@@ -154,4 +152,4 @@ async def test_store_to_phone_on_real_parts(mosquitto, scenario, tmp_path):
         for reader in readers:
             await reader.close()
         await asyncio.to_thread(publisher.close)
-        await rt.stop()
+        await runtime_factory.stop(rt)

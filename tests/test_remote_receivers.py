@@ -14,7 +14,6 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.profiles.service import NewProfile
 from gateway.storage.models import Notification, Visit
 from tests.conftest import MosquittoServer, free_port
+from tests.fixtures import RuntimeFactory
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_780_300_800.0  # 2026-06-01 08:00 UTC
@@ -226,7 +226,8 @@ async def until(predicate: Any, timeout: float = 10.0) -> bool:
 
 
 @pytest.fixture
-async def gateway(mosquitto: MosquittoServer, tmp_path: Path) -> AsyncIterator[tuple[Runtime, VirtualClock, str]]:
+async def gateway(mosquitto: MosquittoServer, tmp_path: Path, clock: VirtualClock,
+                  runtime_factory: RuntimeFactory) -> tuple[Runtime, VirtualClock, str]:
     prefix = f"esp{secrets.token_hex(3)}"
     settings = Settings()
     settings.data_dir = str(tmp_path)
@@ -241,17 +242,12 @@ async def gateway(mosquitto: MosquittoServer, tmp_path: Path) -> AsyncIterator[t
         ReceiverSettings("rx-shoes", [ZoneBand("shoes", 3.0)], measured_power=-59),
         ReceiverSettings(f"beacon:{STORE_BEACON}", [ZoneBand("checkout", 2.0), ZoneBand("shop", 10.0)]),
     ]
-    clock = VirtualClock(T0)
     intake = MqttIntake(IntakeSettings(host=mosquitto.host, port=mosquitto.port,
                                        client_id=f"gw-remote-{secrets.token_hex(4)}",
                                        topic_prefix=f"t{secrets.token_hex(3)}"), clock=clock.now)
-    rt = Runtime(settings, clock=clock, mqtt=intake, on_outcome=None, tick_s=3600)
-    await rt.start()
-    try:
-        assert await intake.wait_connected(10), intake.last_error
-        yield rt, clock, prefix
-    finally:
-        await rt.stop()
+    rt = await runtime_factory(settings, mqtt=intake)
+    assert await intake.wait_connected(10), intake.last_error
+    return rt, clock, prefix
 
 
 def enrol_alice(rt: Runtime) -> int:

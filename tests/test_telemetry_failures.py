@@ -7,7 +7,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,13 @@ from gateway.app.runtime import Runtime
 from gateway.clock import SystemClock
 from gateway.storage.models import DeadLetter, ReadingRecord
 from tests.conftest import MosquittoServer, PahoTestClient
+from tests.fixtures import RuntimeFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-async def gateway(mosquitto: MosquittoServer, tmp_path: Path) -> AsyncIterator[Runtime]:
+async def gateway(mosquitto: MosquittoServer, tmp_path: Path, runtime_factory: RuntimeFactory) -> Runtime:
     settings = Settings()
     settings.database.url = f"sqlite:///{tmp_path}/gw.db"
     settings.data_dir = str(tmp_path)
@@ -34,11 +35,9 @@ async def gateway(mosquitto: MosquittoServer, tmp_path: Path) -> AsyncIterator[R
     settings.devices.profiles_dir = str(ROOT / "examples/device-profiles")
     intake = MqttIntake(MqttSettings(host=mosquitto.host, port=mosquitto.port, client_id=f"gw-{secrets.token_hex(4)}",
                                      store_id="s1", topic_prefix=f"t{secrets.token_hex(3)}"))
-    rt = Runtime(settings, clock=SystemClock(), mqtt=intake, serve_api=False, on_outcome=None, tick_s=3600)
-    await rt.start()
+    rt = await runtime_factory(settings, clock=SystemClock(), mqtt=intake, serve_api=False)
     assert await intake.wait_connected(10)
-    yield rt
-    await rt.stop()
+    return rt
 
 
 def publish(rt: Runtime, client: PahoTestClient, seqs: range, **extra: float) -> None:

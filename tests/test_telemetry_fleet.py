@@ -12,11 +12,11 @@ from sqlalchemy import func, select
 
 from devices.mqtt import MqttIntake, MqttSettings
 from gateway.app.config import Settings
-from gateway.app.runtime import Runtime
 from gateway.clock import SystemClock
 from gateway.storage.models import DeadLetter, Device, DeviceEventRecord, ReadingRecord
 from simulators.wearables import Fleet, FleetSpec, PipelinedPublisher
 from tests.conftest import MosquittoServer
+from tests.fixtures import RuntimeFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_767_261_600.0  # 10:00 UTC
@@ -42,7 +42,7 @@ def test_the_fleet_model_is_deterministic_and_behaves_like_products() -> None:
 
 
 async def test_a_rough_fleet_over_mqtt_stores_the_valid_and_dead_letters_the_rest(
-    mosquitto: MosquittoServer, tmp_path: Path
+    mosquitto: MosquittoServer, tmp_path: Path, runtime_factory: RuntimeFactory
 ) -> None:
     prefix = f"t{secrets.token_hex(3)}"
     spec = FleetSpec(devices=40, interval_s=60, store_id="s1", prefix=prefix, fault_rate=0.05,
@@ -55,8 +55,7 @@ async def test_a_rough_fleet_over_mqtt_stores_the_valid_and_dead_letters_the_res
     settings.devices.profiles_dir = str(ROOT / "examples/device-profiles")
     intake = MqttIntake(MqttSettings(host=mosquitto.host, port=mosquitto.port, client_id=f"gw-{secrets.token_hex(4)}",
                                      store_id="s1", topic_prefix=prefix))
-    rt = Runtime(settings, clock=SystemClock(), mqtt=intake, serve_api=False, on_outcome=None, tick_s=3600)
-    await rt.start()
+    rt = await runtime_factory(settings, clock=SystemClock(), mqtt=intake, serve_api=False)
     pub = None
     try:
         for d in fleet.devices:  # registered with their kind, so their profile checks their readings
@@ -91,7 +90,7 @@ async def test_a_rough_fleet_over_mqtt_stores_the_valid_and_dead_letters_the_res
     finally:
         if pub is not None:
             pub.close()
-        await rt.stop()
+        await runtime_factory.stop(rt)
 
 
 def test_a_clean_fleet_only_makes_valid_telemetry() -> None:

@@ -27,9 +27,11 @@ from devices.mqtt import MqttIntake, MqttSettings
 from devices.payloads import BAD_DEVICE_ID, BAD_EVENT, BAD_METRIC, BAD_STATUS, BAD_STORE_ID, BAD_TS, NOT_JSON
 from gateway.app.config import Settings
 from gateway.app.runtime import Runtime
+from gateway.clock import SystemClock
 from gateway.storage.models import DeadLetter, Device, DeviceEventRecord, ReadingRecord
 from tests.conftest import MosquittoServer, PahoTestClient
 from tests.faults import postgresql_refusing, sqlite_locked
+from tests.live_gateway import running
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_767_261_600.0
@@ -53,13 +55,9 @@ async def live_gateway(db_url: str, tmp: Path, broker: MosquittoServer) -> Async
     settings.devices.profiles_dir = str(ROOT / "examples/device-profiles")
     intake = MqttIntake(MqttSettings(host=broker.host, port=broker.port, client_id=f"gw-{secrets.token_hex(4)}",
                                      store_id="s1", topic_prefix=f"t{secrets.token_hex(3)}"))
-    rt = Runtime(settings, mqtt=intake, serve_api=False, on_outcome=None, tick_s=3600)
-    await rt.start()
-    try:
+    async with running(settings, SystemClock(), mqtt=intake, serve_api=False) as rt:
         assert await intake.wait_connected(10), intake.last_error
         yield rt
-    finally:
-        await rt.stop()
 
 
 def topic(rt: Runtime, device: str, kind: str = "telemetry", store: str = "s1") -> str:

@@ -113,6 +113,7 @@ async def test_a_broker_restart_mid_stream_loses_nothing_and_stores_each_reading
     intake = MqttIntake(MqttSettings(host=broker.host, port=broker.port, client_id=f"gw-{secrets.token_hex(4)}",
                                      store_id="s1", topic_prefix=prefix, reconnect_min_delay=1,
                                      reconnect_max_delay=2, session_expiry=300))
+    # By hand, not runtime_factory: started inside the try, so its finally stops it before this test's own broker.
     rt = Runtime(settings, clock=SystemClock(), mqtt=intake, serve_api=False, on_outcome=None, tick_s=3600)
     publisher: StreamPublisher | None = None
     try:
