@@ -13,14 +13,10 @@ import pytest
 from sqlalchemy import select
 
 from gateway.campaigns.model import CampaignIndex, parse_campaign
-from gateway.clock import VirtualClock
 from gateway.engine.engine import Engine, EngineEvent
 from gateway.engine.facts import behaviour_facts, cart_facts
 from gateway.engine.limits import FrequencyCap, capped, exhausted, nearest_within
-from gateway.profiles.identity import IdentityIndex
-from gateway.profiles.service import GatewayService, NewProfile
-from gateway.security.tokens import TokenSigner
-from gateway.storage.db import Database
+from gateway.profiles.service import NewProfile
 from gateway.storage.models import Decision, Profile, Visit, ZoneStay
 
 TZ = "Europe/Paris"
@@ -91,13 +87,10 @@ def test_cart_facts_say_where_each_item_is_and_whether_it_is_abandoned() -> None
 # ---------------------------------------------------------------- the store's promises
 
 @pytest.fixture
-def world(tmp_path):
-    db = Database(f"sqlite:///{tmp_path / 'e.db'}")
-    db.upgrade()
-    svc = GatewayService(db, IdentityIndex(), VirtualClock(T0), TokenSigner(b"0123456789abcdef0123"))
+def world(service):
+    db, svc = service.db, service
     ann = svc.create_profile(NewProfile(external_id="ann", name="Ann Lee", consents={"offers": True}))["id"]
     yield db, ann
-    db.dispose()
 
 
 def camp(cid: str, conditions: Any, trigger: str = "enter") -> Any:

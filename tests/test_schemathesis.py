@@ -181,7 +181,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
     settings.api.rate_limit_per_s = 0  # schemathesis sends hundreds of requests a second with one credential
     settings.api.admin_rate_limit_per_s = 0
     loop = asyncio.new_event_loop()
-    rt = Runtime(settings, on_outcome=None, tick_s=3600)
+    rt = Runtime(settings, on_outcome=None, tick_s=3600)  # not runtime_factory's: one per module, on this loop
     started = threading.Event()
 
     def serve() -> None:
