@@ -24,7 +24,7 @@ from devices.payloads import Reading, TelemetryBatch
 from devices.profiles import load_profiles
 from devices.rules import load_rules
 from gateway.app.config import ConfigError, Settings
-from gateway.campaigns.model import Campaign, CampaignIndex, Segment
+from gateway.campaigns.model import CHANNELS, Campaign, CampaignIndex, Segment
 from gateway.engine.engine import Engine, EngineEvent, FrequencyCap, Outcome
 from gateway.presence.tracker import PresenceEvent, PresenceTracker
 from gateway.presence.visits import Visits
@@ -76,9 +76,9 @@ class Pipeline:
     def __init__(self, settings: Settings, db: Database, campaigns: CampaignIndex,
                  identities: IdentityIndex, on_outcome: OutcomeHook | None = None,
                  guard: GuardSettings | None = None, segments: Sequence[Segment] = (),
-                 intake: TelemetryIntake | None = None) -> None:
+                 intake: TelemetryIntake | None = None, channels: Sequence[str] = CHANNELS) -> None:
         """``intake``: the MQTT intake when one runs: its counters join ``stats()``, and device rules send
-        commands and staff alerts through it."""
+        commands and staff alerts through it. ``channels``: the ones configured, which can carry a send."""
         self.settings = settings
         self.db = db
         self.store_id = settings.store.id  # written on every visit, stay and footfall row (figures per store)
@@ -93,7 +93,7 @@ class Pipeline:
                                    for c in settings.engine.caps],
                              segments=segments,
                              tiers=[(t.name, t.min_points) for t in settings.loyalty.tiers],
-                             store_id=settings.store.id)
+                             store_id=settings.store.id, channels=channels)
         self.on_outcome = on_outcome
         self.figures: Counter[str] = Counter()
         self.visits = Visits(settings.store.id, settings.store.timezone, self.figures)

@@ -133,11 +133,12 @@ class Runtime:
         self.db = Database(settings.database.url, settings.database.busy_timeout_ms)
         self.identities = IdentityIndex()
         self.campaigns = CampaignIndex(load_campaigns(settings.campaigns.dir))
-        self.pipeline = Pipeline(settings, self.db, self.campaigns, self.identities, on_outcome,
-                                 segments=load_segments(settings.campaigns.dir), intake=mqtt)
         self.hub = StreamHub()
         d = settings.delivery
         self.remote_channels = build_channels(settings, self.db, self.clock)  # webhook, Web Push, as enabled
+        self.pipeline = Pipeline(settings, self.db, self.campaigns, self.identities, on_outcome,
+                                 segments=load_segments(settings.campaigns.dir), intake=mqtt,
+                                 channels=(self.hub.name, *(c.name for c in self.remote_channels)))
         self.dispatcher = Dispatcher(self.db, [self.hub, *channels, *self.remote_channels],
                                      Backoff(d.backoff_base_s, d.backoff_max_s, jitter=d.jitter,
                                              max_attempts=d.max_attempts), concurrency=d.concurrency)
@@ -146,7 +147,6 @@ class Runtime:
         self._batch_t0 = 0.0
         self.admin_key = settings.api.admin_key or secrets.token_urlsafe(24)
         engine = self.pipeline.engine
-        engine.channels = (self.hub.name, *(c.name for c in self.remote_channels))  # what can carry a send
 
         def runner(session: Session, event: EngineEvent) -> list[dict[str, Any]]:
             return dry_run(session, event, engine=engine.clone())
