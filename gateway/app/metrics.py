@@ -7,14 +7,40 @@ are the database half of /health/live and /health/ready.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from beacons.types import Sighting
+from devices.mqtt import TelemetryIntake
+from gateway.app.pipeline import Pipeline
+from gateway.delivery.hub import StreamHub
+from gateway.delivery.outbox import Dispatcher
 from gateway.metrics import Family, Histogram, hub_families, stats_families
 from gateway.storage.db import Database
 
-if TYPE_CHECKING:
-    from gateway.app.runtime import Runtime
+
+class Runtime(Protocol):
+    """What the families read of the runtime (``gateway.app.runtime.Runtime``): its public state, no more."""
+
+    @property
+    def pipeline(self) -> Pipeline: ...
+    @property
+    def dispatcher(self) -> Dispatcher: ...
+    @property
+    def db(self) -> Database: ...
+    @property
+    def hub(self) -> StreamHub: ...
+    @property
+    def mqtt(self) -> TelemetryIntake | None: ...
+    @property
+    def sightings(self) -> asyncio.Queue[Sighting]: ...
+    @property
+    def adverts_dropped(self) -> int: ...
+    @property
+    def pending_adverts(self) -> int: ...
+    @property
+    def advert_latency(self) -> Histogram: ...
 
 
 def gateway_families(rt: Runtime, depths: Mapping[str, int]) -> list[Family | Histogram]:
