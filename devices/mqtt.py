@@ -176,7 +176,12 @@ class _BufferedSocket:
 
 class _Client(mqtt.Client):
     """paho's client with a buffered read path and one write for a batch of PUBACKs (plain TCP only;
-    TLS and websockets keep paho's own path). The protocol handling is paho's, unchanged."""
+    TLS and websockets keep paho's own path). The protocol handling is paho's, unchanged.
+
+    Both lean on paho's private methods, which is why pyproject.toml pins paho to the minor version tested:
+    with paho's public API only, the intake takes about twice the CPU per message (docs/performance.md,
+    measured by ``benchmarks/telemetry_ingest.py --paho-api``). tests/test_mqtt_paho_overrides.py fails,
+    naming the paho version, when a paho release renames or reshapes what they use."""
 
     def _create_socket(self) -> Any:
         sock = super()._create_socket()
@@ -563,8 +568,8 @@ class MqttIntake:
         try:
             try:
                 topic = message.topic
-            except UnicodeDecodeError:
-                self._reject(token, BAD_TOPIC, repr(message._topic[:80]), message.payload, "topic is not UTF-8")
+            except UnicodeDecodeError as exc:  # exc.object: the topic's raw bytes
+                self._reject(token, BAD_TOPIC, repr(bytes(exc.object[:80])), message.payload, "topic is not UTF-8")
                 return
             for extra, literal in zip(self._extra, self._extra_literal, strict=True):
                 # paho's matcher builds a tree per call: only for topics that can match at all
