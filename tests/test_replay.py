@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from gateway.app.cli import main
-from gateway.presence.scoring import score_labels
-from gateway.presence.traces import Label
+from gateway.presence.scoring import NaiveBayesFingerprint, replay, score_labels, steps
+from gateway.presence.traces import Label, open_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "data" / "datasets"
@@ -150,6 +150,26 @@ def test_presence_real_on_the_excerpts_prints_figures_for_ours_and_each_baseline
         assert 0.0 <= d["ours"]["uncalibrated"]["zone_accuracy"] <= 1.0
         assert d["ours"]["calibrated"]["zone_accuracy"] is None  # calibration does not exist yet
         assert {"altbeacon_running_average", "espresense_tukey", "loudest_receiver"} <= set(d["baselines"])
+    held = result["flat"]["held_out"]  # the quick flat: one calibration session, the robot test held out
+    assert held["calibrate_on"] == ["flat-calib1"] and held["score_on"] == ["flat-robot-test"]
+    assert 0.0 <= held["naive_bayes_fingerprint"]["zone_accuracy"] <= 1.0
+
+
+def test_the_fingerprint_baseline_learns_which_receiver_means_which_zone(tmp_path: Path) -> None:
+    trace = walk(tmp_path / "t.csv")
+    labels = [Label("tag", 0.0, 60.0, "left"), Label("tag", 60.0, 120.0, "right")]
+    fp = NaiveBayesFingerprint(["a", "b"], exit_after_s=10.0)
+    f, reader = open_trace(trace)
+    with f:
+        fp.fit(reader, labels)
+    assert set(fp.model) == {"left", "right"}
+    assert fp.model["left"][0][0] > fp.model["left"][1][0] + 15  # receiver a is loud in "left", b faint
+    swapped = tmp_path / "swapped.csv"  # the same walk the other way round: right first
+    swapped.write_text(trace.read_text().replace(",a,", ",x,").replace(",b,", ",a,").replace(",x,", ",b,"))
+    f, reader = open_trace(swapped)
+    with f:
+        events, _ = replay(fp, steps(reader))
+    assert [(k, z) for k, _, z, _ in events] == [("enter", "right"), ("exit", "right"), ("enter", "left")]
 
 
 def test_replay_speed_quick_reports_sightings_per_cpu_second() -> None:

@@ -346,3 +346,78 @@ def _first_in(line: tuple[list[float], list[str | None]] | None, lb: Label) -> f
             return line[0][k]
         k += 1
     return None
+
+
+class NaiveBayesFingerprint(ZoneRule):
+    """The fingerprinting baseline: per zone (and "no zone"), a Gaussian per receiver over its windowed
+    mean RSSI, learnt from labelled traces; each sighting picks the likeliest class, no hysteresis.
+
+    A receiver that has not heard the identity within the window reads ``FLOOR_DBM``, so silence is
+    evidence too (a zone far from a receiver is learnt as "that receiver does not hear it").
+    """
+
+    FLOOR_DBM = -105.0
+    WINDOW_S = 3.0
+    MIN_VAR = 4.0  # dB^2: a receiver that always read the same in a zone must not be infinitely sure
+
+    def __init__(self, receivers: Sequence[str], exit_after_s: float) -> None:
+        self.receivers = list(receivers)
+        self.exit_after_s = exit_after_s
+        self.zone: dict[str, str | None] = {}
+        self.last: dict[str, float] = {}
+        self.samples: dict[str, dict[str, deque[tuple[float, int]]]] = defaultdict(dict)
+        self.model: dict[str | None, list[tuple[float, float]]] = {}  # class -> per receiver (mean, var)
+        self._sums: dict[str | None, list[list[float]]] = {}  # class -> per receiver (n, sum, sum of squares)
+
+    def _features(self, key: str, rx: str, rssi: int, t: float) -> list[float]:
+        links = self.samples[key]
+        q = links.get(rx)
+        if q is None:
+            q = links[rx] = deque()
+        q.append((t, rssi))
+        out = []
+        for r in self.receivers:
+            lq = links.get(r)
+            while lq and lq[0][0] < t - self.WINDOW_S:
+                lq.popleft()
+            out.append(sum(v for _, v in lq) / len(lq) if lq else self.FLOOR_DBM)
+        return out
+
+    def fit(self, sightings: Iterable[Sighting], labels: Sequence[Label]) -> None:
+        """Add one labelled trace to the training set (call per trace, then score with ``observe``)."""
+        own: dict[str, list[Label]] = defaultdict(list)
+        for lb in labels:
+            own[lb.beacon].append(lb)
+        starts = {b: [lb.start for lb in v] for b, v in own.items()}
+        sums = self._sums
+        for s in sightings:
+            if s.receiver not in self.receivers or s.key not in own:
+                continue
+            x = self._features(s.key, s.receiver, s.rssi, s.time)
+            at = _label_at(own[s.key], starts[s.key], s.time)
+            if at is None:
+                continue
+            acc = sums.setdefault(at.zone, [[0.0, 0.0, 0.0] for _ in self.receivers])
+            for a, v in zip(acc, x, strict=True):
+                a[0] += 1
+                a[1] += v
+                a[2] += v * v
+        self.samples.clear()
+        self.model = {c: [(a[1] / a[0], max(self.MIN_VAR, a[2] / a[0] - (a[1] / a[0]) ** 2)) for a in acc]
+                      for c, acc in sums.items()}
+
+    def observe(self, key: str, rx: str, rssi: int, t: float) -> list[Event]:
+        if rx not in self.receivers or not self.model:
+            return []
+        x = self._features(key, rx, rssi, t)
+        self.last[key] = t
+        best = max(self.model, key=lambda c: -sum((v - m) ** 2 / var + math.log(var)
+                                                   for v, (m, var) in zip(x, self.model[c], strict=True)))
+        cur = self.zone.get(key)
+        if best is None and cur is not None:
+            del self.zone[key]
+            return [("exit", key, cur, t)]
+        return self._move(key, best, t)
+
+    def _forget(self, key: str) -> None:
+        self.samples.pop(key, None)
