@@ -11,7 +11,6 @@ import contextlib
 import re
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,11 +30,10 @@ REPLAYED = "idempotent-replayed"
 
 
 @pytest.fixture
-def app(tmp_path: Path) -> Iterator[tuple[App, TestClient]]:
-    a = App(tmp_path)
+def app(db: Database) -> Iterator[tuple[App, TestClient]]:
+    a = App(db)
     with TestClient(a.app) as c:
         yield a, c
-    a.db.dispose()
 
 
 def key(k: str) -> dict[str, str]:
@@ -172,8 +170,8 @@ def test_two_claims_at_once_let_exactly_one_run(db_url: str) -> None:
         db.dispose()
 
 
-async def test_a_concurrent_duplicate_waits_with_409_and_then_gets_the_first_answer(tmp_path: Path) -> None:
-    a = App(tmp_path)
+async def test_a_concurrent_duplicate_waits_with_409_and_then_gets_the_first_answer(db: Database) -> None:
+    a = App(db)
     entered, release = threading.Event(), threading.Event()
     create = a.service.create_profile
 
