@@ -6,17 +6,21 @@ a typo in a member, or a member added without a decision, fails here."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from enum import StrEnum
 from typing import Any
 
 import pytest
 from pydantic import TypeAdapter, ValidationError
+from sqlalchemy import select, text
 
 from api.app import create_app
 from api.deps import ApiContext
 from api.schemas import CartStatus as CartStatusField
 from api.schemas import InteractionIn
-from devices.payloads import LinkState
+from devices.payloads import DeviceStatus as StatusMessage
+from devices.payloads import LinkState, TelemetryBatch
+from devices.profiles import parse_profiles
 from devices.rules import SEVERITIES
 from gateway.campaigns.model import CHANNELS, PURPOSES, TRIGGERS
 from gateway.delivery.hub import Outcome, StreamHub
@@ -25,15 +29,20 @@ from gateway.profiles.devices import PERIODS, DeviceStatus
 from gateway.profiles.identity import KINDS, IdentifierKind
 from gateway.profiles.service import INTERACTIONS
 from gateway.security.auth import SCOPES
+from gateway.storage.db import Database
 from gateway.storage.models import (
     AlarmStatus,
+    Cart,
     CartStatus,
     ChannelName,
     ChannelState,
+    DeadLetter,
     InteractionKind,
     NotificationStatus,
+    Profile,
     Purpose,
 )
+from gateway.telemetry.store import TelemetrySettings, TelemetryStore
 
 BEFORE: list[tuple[type[StrEnum], list[str]]] = [
     (NotificationStatus, ["scheduled", "pending", "sent", "acked", "cancelled", "expired"]),
@@ -124,3 +133,33 @@ def test_a_word_outside_the_set_is_refused_naming_the_set() -> None:
         TypeAdapter(CartStatusField).validate_python("closed")
     with pytest.raises(ValidationError, match="Input should be 'opened', 'clicked' or 'dismissed'"):
         InteractionIn.model_validate({"kind": "redeemed"})  # staff confirm redemptions, the app cannot
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = Database(db_url)
+    database.upgrade()
+    yield database
+    database.dispose()
+
+
+def test_a_member_is_stored_as_its_word_and_finds_rows_written_with_the_word(db: Database) -> None:
+    """No migration: the column holds the same text, and SQL written with a bare word still matches."""
+    with db.session() as s:
+        s.add(Profile(id=1, created_at=0.0, attributes={}))
+        s.flush()
+        s.add_all([Cart(id="c1", profile_id=1, items=[], updated_at=0.0),  # the column's default: CartStatus.OPEN
+                   Cart(id="c2", profile_id=1, items=[], updated_at=0.0, status=CartStatus.CHECKED_OUT)])
+    with db.session() as s:
+        assert s.execute(text("SELECT id FROM carts WHERE status = 'open'")).scalars().all() == ["c1"]
+        assert s.scalars(select(Cart.id).where(Cart.status == CartStatus.CHECKED_OUT)).all() == ["c2"]
+        assert type(s.get(Cart, "c1").status) is str  # type: ignore[union-attr]  # read back: the plain word
+
+
+def test_a_refused_status_message_is_dead_lettered_with_its_own_word(db: Database) -> None:
+    ts = TelemetryStore(TelemetrySettings(unknown_policy="reject"), parse_profiles([]))
+    batch = TelemetryBatch(statuses=[StatusMessage("a", "s1", 0.0, True), StatusMessage("b", "s1", 0.0, False)])
+    with db.session() as s:
+        ts.write(s, batch, 10.0)
+    with db.session() as s:
+        assert s.scalars(select(DeadLetter.payload).order_by(DeadLetter.device_id)).all() == [b"online", b"offline"]
