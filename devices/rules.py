@@ -20,11 +20,24 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
-import yaml
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Discriminator,
+    Field,
+    StrictBool,
+    StringConstraints,
+    Tag,
+    ValidationInfo,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.json_schema import JsonDict, SkipJsonSchema
 
+from devices import files
 from devices.compare import compare
 
 SEVERITIES = ("info", "warning", "major", "critical")
@@ -541,192 +554,368 @@ def reset_for_service(rule: Rule, state: RuleState, seq: int) -> RuleState:
     return st
 
 
-# ---------------------------------------------------------------- parsing
+# ---------------------------------------------------------------- parsing: the file format
 
-def _number(value: Any, where: str, minimum: float = 0.0) -> float:
+def _hhmm_text(value: str) -> str:
+    _hhmm(value, "")
+    return value
+
+
+def _hhmm_checked(value: str) -> str:
+    try:
+        return _hhmm_text(value)
+    except RuleError as exc:
+        files.fail(str(exc).removeprefix(": "))
+
+
+HHMM = Annotated[str, AfterValidator(_hhmm_checked),
+                 WithJsonSchema({"type": "string", "pattern": r"^(([01]?\d|2[0-3]):[0-5]\d|24:00)$",
+                                 "description": "'HH:MM', store time."})]
+Name = Annotated[str, StringConstraints(min_length=1)]
+Op = Annotated[str, files.OneOf(OPS, "'op' must be one of {}")]
+_NUMBERS: JsonDict = {"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}],
+                      "description": "A number; a list of numbers for in / not_in."}
+
+
+def _value_for_op(value: Any, info: ValidationInfo) -> Any:
+    if info.data.get("op") in ("in", "not_in"):
+        if not isinstance(value, list) or not all(isinstance(v, int | float) for v in value):
+            files.fail(f"'{info.data['op']}' needs a list of numbers")
+        return [float(v) for v in value]
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise RuleError(f"{where}: a number, got {value!r}")
-    if value < minimum:
-        raise RuleError(f"{where}: at least {minimum:g}, got {value!r}")
+        files.fail(f"a number, got {value!r}")
     return float(value)
 
 
-def _condition(cond: Any, where: str, counters: set[str]) -> Cond:
-    if not isinstance(cond, Mapping) or not cond:
-        raise RuleError(f"{where}: a condition is a mapping")
-    for key in ("all", "any"):
-        if key in cond:
-            subs = cond[key]
-            if len(cond) != 1 or not isinstance(subs, list) or not subs:
-                raise RuleError(f"{where}.{key}: a non-empty list of conditions, alone in its mapping")
-            return {key: [_condition(c, f"{where}.{key}[{i}]", counters) for i, c in enumerate(subs)]}
-    if "not" in cond:
-        if len(cond) != 1:
-            raise RuleError(f"{where}.not: alone in its mapping")
-        return {"not": _condition(cond["not"], f"{where}.not", counters)}
-    if "code" in cond:
-        codes = cond["code"]
-        if len(cond) != 1:
-            raise RuleError(f"{where}: 'code' takes a code, a list of codes or 'any', and nothing else")
-        if codes == "any":
-            return {"code": "any"}
-        codes = [codes] if isinstance(codes, str | int) and not isinstance(codes, bool) else codes
-        if not isinstance(codes, list) or not codes or not all(isinstance(c, str | int) for c in codes):
-            raise RuleError(f"{where}: 'code' takes a code, a list of codes or 'any'")
-        return {"code": frozenset(str(c) for c in codes)}
-    if "local_time" in cond:
-        spec = cond["local_time"]
-        if len(cond) != 1 or not isinstance(spec, Mapping) or not spec or set(spec) - {"after", "before"}:
-            raise RuleError(f"{where}: 'local_time' takes after and/or before ('HH:MM', store time)")
-        for k in spec:
-            _hhmm(spec[k], f"{where}.local_time.{k}")
-        return {"local_time": dict(spec)}
-    kinds = [k for k in ("metric", "rate", "counter", "pace") if k in cond]
-    if len(kinds) != 1:
-        raise RuleError(f"{where}: a leaf names one of metric, rate, counter, pace, code or local_time")
-    kind = kinds[0]
-    allowed = {kind, "op", "value"} | {"rate": {"window_s"}, "pace": {"goal", "from", "to"}}.get(kind, set())
-    unknown = set(cond) - allowed
-    if unknown:
-        raise RuleError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-    if not isinstance(cond[kind], str) or not cond[kind]:
-        raise RuleError(f"{where}: '{kind}' names a metric or counter")
-    if kind == "counter" and cond[kind] not in counters:
-        raise RuleError(f"{where}: counter {cond[kind]!r} is not declared under 'counters'")
-    op = cond.get("op")
-    if op not in OPS:
-        raise RuleError(f"{where}: 'op' must be one of {', '.join(OPS)}")
-    value = cond.get("value")
-    if op in ("in", "not_in"):
-        if not isinstance(value, list) or not all(isinstance(v, int | float) for v in value):
-            raise RuleError(f"{where}: '{op}' needs a list of numbers")
-        value = [float(v) for v in value]
-    else:
-        value = _number(value, f"{where}.value", -math.inf)
-    out: dict[str, Any] = {kind: cond[kind], "op": op, "value": value}
-    if kind == "rate":
-        out["window_s"] = _number(cond.get("window_s", 3600), f"{where}.window_s", 1)
-        out["key"] = _rate_key(out)
-    if kind == "pace":
-        out["goal"] = _number(cond.get("goal"), f"{where}.goal", 1e-9)
-        out["from"], out["to"] = cond.get("from", "00:00"), cond.get("to", "24:00")
-        if _hhmm(out["to"], f"{where}.to") <= _hhmm(out["from"], f"{where}.from"):
-            raise RuleError(f"{where}: 'to' must be after 'from'")
-    return out
+Compared = Annotated[Any, AfterValidator(_value_for_op), WithJsonSchema(_NUMBERS)]
 
 
-def _command(value: Any, where: str) -> Mapping[str, Any] | None:
+class MetricLeaf(files.FileModel):
+    """Compares a metric of the reading."""
+
+    metric: Name = Field(description="The metric's name, as the device reports it.")
+    op: Op
+    value: Compared
+
+
+class RateLeaf(files.FileModel):
+    """Compares a metric's change per hour, measured over about ``window_s``."""
+
+    rate: Name = Field(description="The metric whose rate of change is compared (per hour).")
+    window_s: Annotated[float, files.AtLeast(1)] = Field(3600.0, description="Measured over about this long.")
+    op: Op
+    value: Compared
+
+
+class CounterLeaf(files.FileModel):
+    """Compares a counter declared under ``counters``."""
+
+    counter: Name = Field(description="A counter's id, declared under counters.")
+    op: Op
+    value: Compared
+
+
+class PaceLeaf(files.FileModel):
+    """Compares a daily total with where it should be by now: total / (goal x share of the day gone)."""
+
+    pace: Name = Field(description="The metric holding the day's total so far (steps...).")
+    goal: Annotated[float, files.AtLeast(1e-9)] = Field(description="The day's goal.")
+    from_: HHMM = Field("00:00", alias="from", description="When the day starts ('HH:MM', store time).")
+    to: HHMM = Field("24:00", description="When the goal is due ('HH:MM', store time).")
+    op: Op
+    value: Compared
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PaceLeaf:
+        if _hhmm(self.to, "to") <= _hhmm(self.from_, "from"):
+            files.fail("'to' must be after 'from'")
+        return self
+
+
+def _codes(value: Any) -> Any:
+    if value == "any":
+        return value
+    codes = [value] if isinstance(value, str | int) and not isinstance(value, bool) else value
+    if not isinstance(codes, list) or not codes or not all(isinstance(c, str | int) for c in codes):
+        files.fail("'code' takes a code, a list of codes or 'any'")
+    return frozenset(str(c) for c in codes)
+
+
+class CodeLeaf(files.FileModel):
+    """Holds when the device reports an error code (these, or 'any')."""
+
+    code: Annotated[Any, BeforeValidator(_codes), WithJsonSchema({
+        "anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "array", "items": {"type": ["string", "integer"]},
+                                                            "minItems": 1}],
+        "description": "A code, a list of codes, or 'any'."})]
+
+
+class LocalTimeSpec(files.FileModel):
+    """A time-of-day window, store time."""
+
+    after: HHMM = Field("00:00", description="From this time ('HH:MM').")
+    before: HHMM = Field("24:00", description="Until this time ('HH:MM').")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_empty(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data:
+            files.fail("'local_time' takes after and/or before ('HH:MM', store time)")
+        return data
+
+
+class LocalTimeLeaf(files.FileModel):
+    """Holds inside a time-of-day window."""
+
+    local_time: LocalTimeSpec
+
+
+def _conditions(value: Any) -> Any:
+    if isinstance(value, list) and not value:
+        files.fail("a non-empty list of conditions")
+    return value
+
+
+class AllOf(files.FileModel):
+    """Holds when every condition holds (and says nothing while one says nothing)."""
+
+    all: Annotated[list[RuleCondition], BeforeValidator(_conditions), Field(json_schema_extra={"minItems": 1})]
+
+
+class AnyOf(files.FileModel):
+    """Holds when one condition holds."""
+
+    any: Annotated[list[RuleCondition], BeforeValidator(_conditions), Field(json_schema_extra={"minItems": 1})]
+
+
+class NotOf(files.FileModel):
+    """Holds when the condition does not."""
+
+    not_: RuleCondition = Field(alias="not")
+
+
+_LEAVES = ("metric", "rate", "counter", "pace")
+_GROUPS = ("all", "any", "not", "code", "local_time")
+CONDITION_TAGS = tuple(f"<{k}>" for k in (*_GROUPS, *_LEAVES, "never", "clear"))
+"""The unions' tags (conditions', and clear's), which pydantic puts in an error's path; messages leave them out."""
+
+
+def _kind(value: Any) -> str | None:
+    if not isinstance(value, Mapping):
+        return None
+    for key in _GROUPS:
+        if key in value:
+            return f"<{key}>"
+    kinds = [k for k in _LEAVES if k in value]
+    return f"<{kinds[0]}>" if len(kinds) == 1 else None
+
+
+RuleCondition = Annotated[
+    Annotated[AllOf, Tag("<all>")] | Annotated[AnyOf, Tag("<any>")] | Annotated[NotOf, Tag("<not>")]
+    | Annotated[CodeLeaf, Tag("<code>")] | Annotated[LocalTimeLeaf, Tag("<local_time>")]
+    | Annotated[MetricLeaf, Tag("<metric>")] | Annotated[RateLeaf, Tag("<rate>")]
+    | Annotated[CounterLeaf, Tag("<counter>")] | Annotated[PaceLeaf, Tag("<pace>")],
+    Discriminator(_kind, custom_error_type="condition", custom_error_message=(
+        "a condition is a mapping: all, any, not, or a leaf that names one of metric, rate, counter, pace, "
+        "code or local_time"))]
+Leaf = MetricLeaf | RateLeaf | CounterLeaf | PaceLeaf
+
+
+class CounterFile(files.FileModel):
+    """A running total since the last service: increases of a device total, or hours while a condition holds."""
+
+    id: Annotated[str, AfterValidator(lambda v: _rule_id(v, "a counter needs an 'id' of 1-64 letters, digits, "
+                                                            "'-', '_' or '.'"))]
+    delta_of: Annotated[Name | None, AfterValidator(files.not_null), files.Given] = Field(
+        None, description="A device total (odometer...): the counter adds its increases.")
+    hours_while: Annotated[RuleCondition | None, AfterValidator(files.not_null), files.Given] = Field(
+        None, description="The counter adds the hours while this condition holds.")
+    max_gap_s: Annotated[float, files.AtLeast(1)] = Field(
+        900.0, description="A longer silence is a disconnect, not usage.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CounterFile:
+        if ("delta_of" in self.model_fields_set) == ("hours_while" in self.model_fields_set):
+            files.fail("give exactly one of delta_of (a device total) or hours_while (a condition)")
+        return self
+
+
+def _repeat(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        files.fail("repeat is a whole number of samples, at least 1")
+    return value
+
+
+class LevelFile(files.FileModel):
+    """A create condition for one severity."""
+
+    severity: Annotated[str, files.OneOf(SEVERITIES, "severity is one of {}")] = "warning"
+    when: RuleCondition
+    for_s: Annotated[float, files.AtLeast(0)] = Field(0.0, description="The condition must hold this long...")
+    repeat: Annotated[int, BeforeValidator(_repeat)] = Field(
+        1, description="...and for this many consecutive samples that speak to it.")
+
+
+class ClearFile(files.FileModel):
+    """When a raised alarm clears (default: when no create condition holds)."""
+
+    when: Annotated[RuleCondition | None, AfterValidator(files.not_null), files.Given] = Field(
+        None, description="Clears when this holds (hysteresis: a level apart from the create one).")
+    for_s: Annotated[float, files.AtLeast(0)] = Field(0.0, description="...for this long.")
+    after_s: Annotated[float, files.AtLeast(0)] = Field(
+        0.0, description="Clears once no create condition has held for this long (0: off).")
+
+
+def _clear_kind(value: Any) -> str | None:
+    return "<never>" if value == "never" else "<clear>" if isinstance(value, Mapping) else None
+
+
+ClearField = Annotated[Annotated[Literal["never"], Tag("<never>")] | Annotated[ClearFile, Tag("<clear>")],
+                       Discriminator(_clear_kind, custom_error_type="clear", custom_error_message=(
+                           "'clear' takes when, for_s and after_s (or is 'never': only a service ends it)"))]
+
+
+def _command(value: Any) -> Any:
     if value is None:
         return None
     if not isinstance(value, Mapping) or not value:
-        raise RuleError(f"{where}: a command is a non-empty mapping (sent as JSON to the device)")
+        files.fail("a command is a non-empty mapping (sent as JSON to the device)")
     bad = [k for k in value if not isinstance(k, str)]
     if bad:  # YAML 1.1 reads a bare on/off/yes/no key as a boolean
-        raise RuleError(f"{where}: command keys are text; quote {', '.join(repr(k) for k in bad)}")
+        files.fail(f"command keys are text; quote {', '.join(repr(k) for k in bad)}")
     return dict(value)
 
 
-def parse_rule(data: Any, source: str = "rule") -> Rule:
-    if not isinstance(data, Mapping):
-        raise RuleError(f"{source}: a rule is a mapping")
-    rid = data.get("id")
-    if not isinstance(rid, str) or not _ID.fullmatch(rid):
-        raise RuleError(f"{source}: 'id' must be 1-64 letters, digits, '-', '_' or '.'")
-    where = f"{source} ({rid})"
-    unknown = set(data) - {"id", "name", "description", "match", "counters", "create", "clear", "actions",
-                           "service_resets"}
-    if unknown:
-        raise RuleError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+Command = Annotated[dict[str, Any] | None, BeforeValidator(_command)]
 
-    match = data.get("match") or {}
-    if not isinstance(match, Mapping) or set(match) - {"kind", "devices"}:
-        raise RuleError(f"{where}: 'match' takes kind and/or devices")
 
-    def names(v: Any, what: str) -> frozenset[str]:
-        v = [v] if isinstance(v, str) else (v or [])
-        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
-            raise RuleError(f"{where}: match.{what} is a name or a list of names")
-        return frozenset(v)
+class ActionsFile(files.FileModel):
+    """What happens when the alarm is raised."""
 
-    counters: list[CounterSpec] = []
-    raw_counters = data.get("counters") or []
-    if not isinstance(raw_counters, list):
-        raise RuleError(f"{where}: 'counters' is a list")
+    prompt: StrictBool = Field(True, description="An alarm event to the campaign engine for the owner.")
+    staff: StrictBool = Field(False, description="A staff alert (the alarms list).")
+    command: Command = Field(None, description="Sent to the device when the alarm is raised.")
+    clear_command: Command = Field(None, description="Sent to the device when it clears.")
+
+
+def _names(value: Any) -> Any:
+    return [value] if isinstance(value, str) else (value or [])
+
+
+class MatchFile(files.FileModel):
+    """The devices a rule applies to (none given: every device)."""
+
+    kind: Annotated[list[Name], BeforeValidator(_names)] = Field(
+        default_factory=list, description="A device kind or a list of them.")
+    devices: Annotated[list[Name], BeforeValidator(_names)] = Field(
+        default_factory=list, description="Device ids (or add to the kinds).")
+
+
+def _rule_id(value: str, text: str = "'id' must be 1-64 letters, digits, '-', '_' or '.'") -> str:
+    if not _ID.fullmatch(value):
+        files.fail(text)
+    return value
+
+
+def _levels(value: Any) -> Any:
+    value = [value] if isinstance(value, Mapping) else value
+    if not isinstance(value, list) or not value:
+        files.fail("'create' is a condition level (or a list of them, one per severity)")
+    return value
+
+
+class RuleFile(files.FileModel):
+    """A device rule: when to raise an alarm, when it clears, what it does (docs/device-rules.md)."""
+
+    id: Annotated[str, AfterValidator(_rule_id)] = Field(
+        description="1-64 letters, digits, '-', '_' or '.'; unique among the rules.",
+        json_schema_extra={"pattern": "^[A-Za-z0-9_.-]{1,64}$"})
+    name: Annotated[str | SkipJsonSchema[None], BeforeValidator(str)] = Field(
+        None, description="For people (default: the id).")
+    description: Annotated[str, BeforeValidator(str)] = Field("", description="For people; shown with the alarm.")
+    match: Annotated[MatchFile, files.or_empty(dict)] = Field(default_factory=lambda: MatchFile.model_validate({}))
+    counters: Annotated[list[CounterFile], files.or_empty(list)] = Field(default_factory=list)
+    create: Annotated[list[LevelFile], BeforeValidator(_levels)] = Field(
+        description="A condition level, or a list of them (one per severity).")
+    clear: ClearField = Field(default_factory=lambda: ClearFile.model_validate({}))
+    actions: Annotated[ActionsFile, files.or_empty(dict)] = Field(
+        default_factory=lambda: ActionsFile.model_validate({}))
+    service_resets: StrictBool = Field(True, description="A service event resets its counters and resolves "
+                                                         "its alarm.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            files.fail("a rule is a mapping")
+        return data if "create" in data else {**data, "create": None}  # refused by _levels, with its message
+
+
+RulesFile = RuleFile | list[RuleFile]
+
+
+# ---------------------------------------------------------------- parsing: to the evaluator's types
+
+def _cond(c: Any, loc: files.Loc, counters: set[str]) -> Cond:
+    """The plain condition the evaluator reads, from a validated one."""
+    if isinstance(c, AllOf | AnyOf):
+        key = "all" if isinstance(c, AllOf) else "any"
+        return {key: [_cond(sub, (*loc, key, i), counters) for i, sub in enumerate(getattr(c, key))]}
+    if isinstance(c, NotOf):
+        return {"not": _cond(c.not_, (*loc, "not"), counters)}
+    if isinstance(c, CodeLeaf):
+        return {"code": c.code}
+    if isinstance(c, LocalTimeLeaf):
+        return {"local_time": {k: getattr(c.local_time, k) for k in c.local_time.model_fields_set}}
+    if isinstance(c, CounterLeaf) and c.counter not in counters:
+        raise files.Invalid(files.Problem((*loc, "counter"),
+                                          f"counter {c.counter!r} is not declared under 'counters'"))
+    kind = next(k for k in _LEAVES if k in type(c).model_fields)
+    out: dict[str, Any] = {kind: getattr(c, kind), "op": c.op, "value": c.value}
+    if isinstance(c, RateLeaf):
+        out["window_s"] = c.window_s
+        out["key"] = _rate_key(out)
+    if isinstance(c, PaceLeaf):
+        out["goal"], out["from"], out["to"] = c.goal, c.from_, c.to
+    return out
+
+
+def _rule(f: RuleFile) -> Rule:
     declared: set[str] = set()
-    for i, c in enumerate(raw_counters):
-        w = f"{where}: counters[{i}]"
-        if not isinstance(c, Mapping) or not isinstance(c.get("id"), str) or not _ID.fullmatch(c["id"]):
-            raise RuleError(f"{w}: needs an 'id'")
-        if set(c) - {"id", "delta_of", "hours_while", "max_gap_s"}:
-            raise RuleError(f"{w}: takes id, delta_of or hours_while, and max_gap_s")
-        if ("delta_of" in c) == ("hours_while" in c):
-            raise RuleError(f"{w}: give exactly one of delta_of (a device total) or hours_while (a condition)")
-        if c["id"] in declared:
-            raise RuleError(f"{w}: counter {c['id']!r} is declared twice")
-        declared.add(c["id"])
-        if "delta_of" in c and (not isinstance(c["delta_of"], str) or not c["delta_of"]):
-            raise RuleError(f"{w}: delta_of names a metric")
-        counters.append(CounterSpec(
-            c["id"], delta_of=c.get("delta_of"),
-            hours_while=_condition(c["hours_while"], f"{w}.hours_while", set()) if "hours_while" in c else None,
-            max_gap_s=_number(c.get("max_gap_s", 900), f"{w}.max_gap_s", 1)))
-
-    create = data.get("create")
-    if isinstance(create, Mapping):
-        create = [create]
-    if not isinstance(create, list) or not create:
-        raise RuleError(f"{where}: 'create' is a condition level (or a list of them, one per severity)")
-    levels = []
-    for i, lv in enumerate(create):
-        w = f"{where}: create[{i}]"
-        if not isinstance(lv, Mapping) or "when" not in lv:
-            raise RuleError(f"{w}: needs 'when' (a condition)")
-        if set(lv) - {"severity", "when", "for_s", "repeat"}:
-            raise RuleError(f"{w}: takes severity, when, for_s and repeat")
-        severity = lv.get("severity", "warning")
-        if severity not in SEVERITIES:
-            raise RuleError(f"{w}: severity is one of {', '.join(SEVERITIES)}")
-        repeat = lv.get("repeat", 1)
-        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
-            raise RuleError(f"{w}: repeat is a whole number of samples, at least 1")
-        levels.append(Level(severity, _condition(lv["when"], f"{w}.when", declared),
-                            _number(lv.get("for_s", 0), f"{w}.for_s"), repeat))
+    counters = []
+    for i, c in enumerate(f.counters):
+        if c.id in declared:
+            raise files.Invalid(files.Problem(("counters", i, "id"), f"counter {c.id!r} is declared twice"))
+        declared.add(c.id)
+        hours = None if c.hours_while is None else _cond(c.hours_while, ("counters", i, "hours_while"), set())
+        counters.append(CounterSpec(c.id, delta_of=c.delta_of, hours_while=hours, max_gap_s=c.max_gap_s))
+    levels = [Level(lv.severity, _cond(lv.when, ("create", i, "when"), declared), lv.for_s, lv.repeat)
+              for i, lv in enumerate(f.create or ())]
     if len({lv.severity for lv in levels}) != len(levels):
-        raise RuleError(f"{where}: one create level per severity")
+        raise files.Invalid(files.Problem(("create",), "one create level per severity"))
     levels.sort(key=lambda lv: -RANK[lv.severity])
-
-    clear_raw = data.get("clear", {})
-    if clear_raw == "never":
-        clear = ClearSpec(auto=False)
+    if isinstance(f.clear, ClearFile):
+        when = None if f.clear.when is None else _cond(f.clear.when, ("clear", "when"), declared)
+        clear = ClearSpec(when=when, for_s=f.clear.for_s, after_s=f.clear.after_s)
     else:
-        if not isinstance(clear_raw, Mapping) or set(clear_raw) - {"when", "for_s", "after_s"}:
-            raise RuleError(f"{where}: 'clear' takes when, for_s and after_s (or is 'never')")
-        clear = ClearSpec(
-            when=_condition(clear_raw["when"], f"{where}: clear.when", declared) if "when" in clear_raw else None,
-            for_s=_number(clear_raw.get("for_s", 0), f"{where}: clear.for_s"),
-            after_s=_number(clear_raw.get("after_s", 0), f"{where}: clear.after_s"))
-
-    acts = data.get("actions") or {}
-    if not isinstance(acts, Mapping) or set(acts) - {"prompt", "staff", "command", "clear_command"}:
-        raise RuleError(f"{where}: 'actions' takes prompt, staff, command and clear_command")
-    for flag in ("prompt", "staff"):
-        if flag in acts and not isinstance(acts[flag], bool):
-            raise RuleError(f"{where}: actions.{flag} is true or false")
-    actions = Actions(prompt=acts.get("prompt", True), staff=acts.get("staff", False),
-                      command=_command(acts.get("command"), f"{where}: actions.command"),
-                      clear_command=_command(acts.get("clear_command"), f"{where}: actions.clear_command"))
-    resets = data.get("service_resets", True)
-    if not isinstance(resets, bool):
-        raise RuleError(f"{where}: service_resets is true or false")
+        clear = ClearSpec(auto=False)
+    actions = Actions(prompt=f.actions.prompt, staff=f.actions.staff, command=f.actions.command,
+                      clear_command=f.actions.clear_command)
     rates: dict[str, Cond] = {}
     for cond in [lv.when for lv in levels] + ([clear.when] if clear.when else []):
         for leaf in _leaves(cond):
             if "rate" in leaf:
                 rates.setdefault(_rate_key(leaf), leaf)
-    return Rule(id=rid, name=str(data.get("name", rid)), levels=tuple(levels), clear=clear,
-                counters=tuple(counters), actions=actions, kinds=names(match.get("kind"), "kind"),
-                devices=names(match.get("devices"), "devices"), service_resets=resets,
-                description=str(data.get("description", "")), rate_leaves=tuple(rates.values()))
+    return Rule(id=f.id, name=f.id if f.name is None else f.name, levels=tuple(levels), clear=clear,
+                counters=tuple(counters), actions=actions, kinds=frozenset(f.match.kind),
+                devices=frozenset(f.match.devices), service_resets=f.service_resets, description=f.description,
+                rate_leaves=tuple(rates.values()))
+
+
+def parse_rule(data: Any, source: str = "rule", doc: files.Document | None = None, at: files.Loc = ()) -> Rule:
+    """A rule from its definition; RuleError names each bad field (and its line, from a file)."""
+    return files.build(lambda d: _rule(RuleFile.model_validate(d)), data, RuleError, source, model=RuleFile,
+                       doc=doc, at=at, hidden=CONDITION_TAGS)
 
 
 def load_rules(directory: str | Path) -> list[Rule]:
@@ -739,11 +928,13 @@ def load_rules(directory: str | Path) -> list[Rule]:
         if path.suffix not in (".yaml", ".yml"):
             continue
         try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise RuleError(f"{path}: not valid YAML: {exc}") from None
-        for item in data if isinstance(data, list) else [data]:
-            rules.append(parse_rule(item, str(path)))
+            doc = files.read(path)
+        except files.FileError as exc:
+            raise RuleError(str(exc)) from None
+        if isinstance(doc.data, list):
+            rules += [parse_rule(item, doc.source, doc, (i,)) for i, item in enumerate(doc.data)]
+        else:
+            rules.append(parse_rule(doc.data, doc.source, doc))
     seen: set[str] = set()
     for r in rules:
         if r.id in seen:

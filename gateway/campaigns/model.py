@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -16,24 +15,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from pydantic import TypeAdapter
 
+from devices import files
 from gateway.campaigns.conditions import MISSING, Condition, ConditionError, get, parse_condition, split
-from gateway.storage.models import ChannelName, Purpose
+from gateway.campaigns.files import (  # the file format's words, which the engine and the API use too
+    CHANNELS as CHANNELS,
+)
+from gateway.campaigns.files import (
+    DAYS as DAYS,
+)
+from gateway.campaigns.files import (
+    LIMITS as LIMITS,
+)
+from gateway.campaigns.files import (
+    PURPOSES as PURPOSES,
+)
+from gateway.campaigns.files import (
+    TRIGGERS as TRIGGERS,
+)
+from gateway.campaigns.files import (
+    VARIANT_NAME_MAX,
+    ActionFile,
+    CampaignFile,
+    ExperimentFile,
+    SegmentFile,
+    SegmentsFile,
+)
 
-PURPOSES: tuple[Purpose, ...] = tuple(Purpose)  # defined with the columns that hold them
-TRIGGERS = ("visit_start", "enter", "dwell", "exit", "visit_end", "telemetry", "cart_abandoned", "purchase",
-            "alarm", "alarm_cleared",  # alarm*: a device rule raised (or cleared) an alarm, see docs/device-rules.md
-            "segment_entered", "schedule")  # a profile joined a live segment; a time of day (store time)
-CHANNELS: tuple[ChannelName, ...] = tuple(ChannelName)
-DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-LIMITS = ("cooldown_s", "max_per_profile", "budget", "quiet_hours", "ttl_s")
-VARIANT_NAME_MAX = 64  # the variant column of decisions and notifications
 _MISSING = MISSING
 
 
 class CampaignError(ValueError):
-    pass
+    """A campaign or segment file (or an API definition) that cannot be loaded; each line names where."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,186 +169,75 @@ def render(template: str, facts: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------- loading
 
 def parse_campaign(data: Any, source: str = "campaign") -> Campaign:
-    if not isinstance(data, Mapping):
-        raise CampaignError(f"{source}: a campaign is a mapping")
-    cid = data.get("id")
-    if not isinstance(cid, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", cid):
-        raise CampaignError(f"{source}: 'id' must be 1-128 letters, digits, '-', '_' or '.'")
-    where = f"{source} ({cid})"
-    purpose = data.get("purpose")
-    if purpose not in PURPOSES:
-        raise CampaignError(f"{where}: 'purpose' must be one of {', '.join(PURPOSES)}")
-    trig = data.get("trigger")
-    if not isinstance(trig, Mapping) or trig.get("type") not in TRIGGERS:
-        raise CampaignError(f"{where}: 'trigger.type' must be one of {', '.join(TRIGGERS)}")
-    trigger = _trigger(trig, where)
-    act = data.get("action")
-    if not isinstance(act, Mapping) or not isinstance(act.get("title"), str) or not isinstance(
-        act.get("body"), str
-    ):
-        raise CampaignError(f"{where}: 'action' needs a 'title' and a 'body' (text templates)")
-    unknown = set(data) - {"id", "name", "purpose", "trigger", "conditions", "action", "limits", "priority",
-                           "enabled", "cancel_on", "experiment", "description", "channels"}
-    if unknown:
-        raise CampaignError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-    cond = data.get("conditions")
-    conditions = _condition(cond, f"{where}: conditions") if cond is not None else None
-    limits = data.get("limits") or {}
-    if not isinstance(limits, Mapping):
-        raise CampaignError(f"{where}: 'limits' is a mapping")
-    unknown = set(limits) - set(LIMITS)
-    if unknown:
-        raise CampaignError(f"{where}: unknown limit(s) {', '.join(sorted(unknown))}; known: {', '.join(LIMITS)}")
-    budget = limits.get("budget") or {}
-    if not isinstance(budget, Mapping) or set(budget) - {"max_sends", "max_redemptions"}:
-        raise CampaignError(f"{where}: 'limits.budget' takes max_sends and max_redemptions")
-    channels = data.get("channels") or []
-    if not isinstance(channels, list) or not all(c in CHANNELS for c in channels):
-        raise CampaignError(f"{where}: 'channels' is a list from {', '.join(CHANNELS)}")
-    cancel_on = data.get("cancel_on") or []
-    if not isinstance(cancel_on, list) or any(c not in TRIGGERS for c in cancel_on):
-        raise CampaignError(f"{where}: 'cancel_on' is a list of event kinds from {', '.join(TRIGGERS)}")
-    try:
-        cooldown = float(limits.get("cooldown_s", 0))
-        priority = int(data.get("priority", 0))
-        max_per_profile = int(limits.get("max_per_profile", 0))
-        budget_sends = int(budget.get("max_sends", 0))
-        budget_redemptions = int(budget.get("max_redemptions", 0))
-        ttl = float(limits.get("ttl_s", 0))
-        delay = float(act.get("delay_s", 0))
-    except (TypeError, ValueError):
-        raise CampaignError(f"{where}: cooldown_s, max_per_profile, max_sends, ttl_s, delay_s and priority "
-                            "are numbers") from None
-    if min(cooldown, max_per_profile, budget_sends, budget_redemptions, ttl, delay) < 0:
-        raise CampaignError(f"{where}: limits and delays cannot be negative")
+    """A campaign from its definition (a file's item, an API body); CampaignError names each bad field."""
+    return _build(data, source)
+
+
+def _build(data: Any, source: str, doc: files.Document | None = None, at: files.Loc = ()) -> Campaign:
+    return files.build(lambda d: _campaign(CampaignFile.model_validate(d), d), data, CampaignError, source,
+                       model=CampaignFile, doc=doc, at=at)
+
+
+def _campaign(f: CampaignFile, raw: Mapping[str, Any]) -> Campaign:
+    """The engine's campaign from a validated file; conditions parsed here, once."""
+    t, limits = f.trigger, f.limits
     return Campaign(
-        id=cid,
-        name=str(data.get("name", cid)),
-        purpose=purpose,
-        trigger=trigger,
-        action=_action(act, where),
-        conditions=conditions,
-        cooldown_s=cooldown,
-        priority=priority,
-        enabled=bool(data.get("enabled", True)),
-        max_per_profile=max_per_profile,
-        budget_sends=budget_sends,
-        budget_redemptions=budget_redemptions,
-        quiet_hours=_quiet_hours(limits.get("quiet_hours"), where),
-        delay_s=delay,
-        ttl_s=ttl,
-        cancel_on=tuple(cancel_on),
-        experiment=_experiment(data.get("experiment"), where),
-        channels=tuple(dict.fromkeys(channels)),
+        id=f.id,
+        name=f.id if f.name is None else f.name,
+        purpose=f.purpose,
+        trigger=Trigger(type=t.type, zone=t.zone, min_dwell_s=t.min_dwell_s, metric=t.metric, above=t.above,
+                        below=t.below, segment=t.segment, at=tuple(sorted(set(t.at or ()))),
+                        days=tuple(sorted(set(t.days))), within_s=t.within_s),
+        action=_action(f.action),
+        conditions=None if f.conditions is None else _parsed(raw["conditions"], ("conditions",)),
+        cooldown_s=limits.cooldown_s,
+        priority=f.priority,
+        enabled=bool(f.enabled),
+        max_per_profile=limits.max_per_profile,
+        budget_sends=limits.budget.max_sends,
+        budget_redemptions=limits.budget.max_redemptions,
+        quiet_hours=None if limits.quiet_hours is None else QuietHours(
+            limits.quiet_hours.start, limits.quiet_hours.end, limits.quiet_hours.mode),
+        delay_s=f.action.delay_s,
+        ttl_s=limits.ttl_s,
+        cancel_on=tuple(f.cancel_on),
+        experiment=None if f.experiment is None else _experiment(f.experiment),
+        channels=tuple(dict.fromkeys(f.channels)),
     )
 
 
-_TRIGGER_FIELDS = {
-    "dwell": {"zone", "min_dwell_s"}, "enter": {"zone"}, "exit": {"zone"}, "visit_start": {"zone"},
-    "visit_end": set(), "telemetry": {"metric", "above", "below"}, "segment_entered": {"segment"},
-    "schedule": {"at", "days", "within_s"},
-}
+def _action(a: ActionFile) -> Action:
+    return Action(title=a.title, body=a.body, data=dict(a.data))
 
 
-def _trigger(trig: Mapping[str, Any], where: str) -> Trigger:
-    kind = trig["type"]
-    allowed = {"type"} | _TRIGGER_FIELDS.get(kind, {"zone", "min_dwell_s", "metric", "above", "below"})
-    unknown = set(trig) - allowed
-    if unknown:
-        raise CampaignError(f"{where}: unknown trigger field(s) {', '.join(sorted(unknown))} for {kind}; "
-                            f"known: {', '.join(sorted(allowed))}")
-    if ("above" in trig or "below" in trig) and not trig.get("metric"):
-        raise CampaignError(f"{where}: a threshold ('above'/'below') needs a 'metric'")
-    if trig.get("segment") is not None and not isinstance(trig["segment"], str):
-        raise CampaignError(f"{where}: trigger.segment is a segment id")
-    at: tuple[dt.time, ...] = ()
-    days = tuple(range(7))
-    if kind == "schedule":
-        raw_at = trig.get("at")
-        raw_at = [raw_at] if isinstance(raw_at, str) else raw_at
-        if not isinstance(raw_at, list) or not raw_at:
-            raise CampaignError(f"{where}: a schedule needs 'at': 'HH:MM' or a list of them (store time)")
-        at = tuple(sorted({_clock_time(v, where) for v in raw_at}))
-        raw_days = trig.get("days", list(DAYS))
-        if not isinstance(raw_days, list) or not raw_days or any(str(d).lower()[:3] not in DAYS for d in raw_days):
-            raise CampaignError(f"{where}: trigger.days is a list of weekdays ({', '.join(DAYS)})")
-        days = tuple(sorted({DAYS.index(str(d).lower()[:3]) for d in raw_days}))
-    try:
-        within = float(trig.get("within_s", 3600))
-        trigger = Trigger(type=kind, zone=trig.get("zone"), min_dwell_s=float(trig.get("min_dwell_s", 0)),
-                          metric=trig.get("metric"),
-                          above=None if trig.get("above") is None else float(trig["above"]),
-                          below=None if trig.get("below") is None else float(trig["below"]),
-                          segment=trig.get("segment"), at=at, days=days, within_s=within)
-    except (TypeError, ValueError):
-        raise CampaignError(f"{where}: min_dwell_s, above, below and within_s are numbers") from None
-    if within <= 0 or trigger.min_dwell_s < 0:
-        raise CampaignError(f"{where}: within_s is positive and min_dwell_s not negative")
-    return trigger
-
-
-def _action(act: Mapping[str, Any], where: str) -> Action:
-    unknown = set(act) - {"title", "body", "data", "delay_s"}
-    if unknown:
-        raise CampaignError(f"{where}: unknown action field(s) {', '.join(sorted(unknown))}")
-    if not isinstance(act.get("title"), str) or not isinstance(act.get("body"), str):
-        raise CampaignError(f"{where}: an action needs a 'title' and a 'body' (text templates)")
-    data = act.get("data") or {}
-    if not isinstance(data, Mapping):
-        raise CampaignError(f"{where}: 'action.data' is a mapping")
-    return Action(title=act["title"], body=act["body"], data=dict(data))
-
-
-def _clock_time(value: Any, where: str) -> dt.time:
-    try:
-        hh, mm = str(value).split(":")
-        return dt.time(int(hh), int(mm))
-    except (ValueError, TypeError):
-        raise CampaignError(f"{where}: times are 'HH:MM', got {value!r}") from None
-
-
-def _quiet_hours(value: Any, where: str) -> QuietHours | None:
-    if value is None:
-        return None
-    if not isinstance(value, Mapping) or "start" not in value or "end" not in value:
-        raise CampaignError(f"{where}: 'quiet_hours' needs start and end ('HH:MM', store time)")
-    mode = value.get("mode", "hold")
-    if mode not in ("hold", "drop"):
-        raise CampaignError(f"{where}: quiet_hours.mode is hold or drop")
-    return QuietHours(_clock_time(value["start"], where), _clock_time(value["end"], where), mode)
-
-
-def _experiment(value: Any, where: str) -> Experiment | None:
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise CampaignError(f"{where}: 'experiment' is a mapping with variants and holdout")
-    try:
-        holdout = float(value.get("holdout", 0))
-    except (TypeError, ValueError):
-        raise CampaignError(f"{where}: experiment.holdout is a share between 0 and 1") from None
-    if not 0 <= holdout < 1:
-        raise CampaignError(f"{where}: experiment.holdout is a share between 0 and 1")
-    raw = value.get("variants") or [{"name": "control"}]
-    if not isinstance(raw, list):
-        raise CampaignError(f"{where}: experiment.variants is a list")
+def _experiment(e: ExperimentFile) -> Experiment:
     variants = []
-    for i, v in enumerate(raw):
-        if not isinstance(v, Mapping) or not isinstance(v.get("name"), str):
-            raise CampaignError(f"{where}: experiment.variants[{i}] needs a name")
-        if not 1 <= len(v["name"]) <= VARIANT_NAME_MAX:  # stored with each decision and notification
-            raise CampaignError(f"{where}: experiment.variants[{i}].name has 1 to {VARIANT_NAME_MAX} characters")
-        try:
-            weight = float(v.get("weight", 1))
-        except (TypeError, ValueError):
-            weight = -1
-        if weight <= 0:
-            raise CampaignError(f"{where}: experiment.variants[{i}].weight must be positive")
-        action = _action(v["action"], f"{where}: variant {v['name']}") if v.get("action") else None
-        variants.append(Variant(v["name"], weight, action))
+    for i, v in enumerate(e.variants):
+        if not 1 <= len(v.name) <= VARIANT_NAME_MAX:  # stored with each decision and notification
+            raise files.Invalid(files.Problem(
+                ("experiment", "variants", i, "name"),
+                f"experiment.variants[{i}].name has 1 to {VARIANT_NAME_MAX} characters"))
+        variants.append(Variant(v.name, v.weight, None if v.action is None else _action(v.action)))
     if len({v.name for v in variants}) != len(variants) or any(v.name == "holdout" for v in variants):
-        raise CampaignError(f"{where}: variant names are unique and 'holdout' is reserved")
-    return Experiment(tuple(variants), holdout)
+        raise files.Invalid(files.Problem(("experiment", "variants"),
+                                          "variant names are unique and 'holdout' is reserved"))
+    return Experiment(tuple(variants), e.holdout)
+
+
+_WHERE = re.compile(r"(?s)(conditions(?:\.[A-Za-z_]+|\[\d+\])*): (.*)")
+_STEP = re.compile(r"\.([A-Za-z_]+)|\[(\d+)\]")
+
+
+def _parsed(cond: Any, loc: files.Loc) -> Condition:
+    """``parse_condition``'s tree; its error placed at the node it names (``conditions.all[1]``)."""
+    try:
+        return parse_condition(cond, "conditions")
+    except ConditionError as exc:
+        m = _WHERE.fullmatch(str(exc))
+        if m is None:
+            raise files.Invalid(files.Problem(loc, str(exc))) from None
+        steps = tuple(int(i) if i else name for name, i in _STEP.findall(m.group(1)[len("conditions"):]))
+        raise files.Invalid(files.Problem((*loc, *steps), m.group(2))) from None
 
 
 def assign_variant(experiment: Experiment, campaign_id: str, profile_id: int) -> Variant | None:
@@ -373,28 +276,31 @@ def load_segments(directory: str | Path) -> list[Segment]:
     path = Path(directory) / SEGMENTS_FILE
     if not path.is_file():
         return []
+    doc = _read(path)
+    return files.build(_segments, doc.data, CampaignError, doc.source, model=None, doc=doc)
+
+
+_SEGMENTS: TypeAdapter[list[SegmentFile]] = TypeAdapter(SegmentsFile)
+
+
+def _segments(data: Any) -> list[Segment]:
+    return [Segment(s.id, _parsed(data[i]["conditions"], (i, "conditions")))
+            for i, s in enumerate(_SEGMENTS.validate_python(data))]
+
+
+def _read(path: Path) -> files.Document:
     try:
-        data = yaml.safe_load(path.read_text()) or []
-    except yaml.YAMLError as exc:
-        raise CampaignError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, list):
-        raise CampaignError(f"{path}: a list of segments")
-    out = []
-    for i, item in enumerate(data):
-        if not isinstance(item, Mapping) or not isinstance(item.get("id"), str) or "conditions" not in item:
-            raise CampaignError(f"{path}[{i}]: a segment needs an id and conditions")
-        out.append(Segment(item["id"], _condition(item["conditions"], f"{path} ({item['id']})")))
-    return out
+        return files.read(path)
+    except files.FileError as exc:
+        raise CampaignError(str(exc)) from None
 
 
 def load_campaign_file(path: Path) -> list[Campaign]:
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise CampaignError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
-    items = data if isinstance(data, list) else [data]
-    return [parse_campaign(item, str(path)) for item in items]
+    """One campaign, or a list of them, from a YAML or JSON file."""
+    doc = _read(path)
+    if isinstance(doc.data, list):
+        return [_build(item, doc.source, doc, (i,)) for i, item in enumerate(doc.data)]
+    return [_build(doc.data, doc.source, doc)]
 
 
 def load_campaigns(directory: str | Path) -> list[Campaign]:
