@@ -7,17 +7,16 @@ the offending entry instead of surfacing later as a KeyError deep inside a simul
 
 from __future__ import annotations
 
-import math
 import uuid as uuidlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Annotated, Any, NamedTuple
 
-import yaml
+from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
-T = TypeVar("T")
-
+from devices import files
 
 ANONYMOUS_UUID = "00000000-0000-4000-8000-000000000000"
 
@@ -204,294 +203,309 @@ class Scenario:
 
 
 # ---------------------------------------------------------------------------------------
-# Parsing
+# The file format: what a user writes (unknown keys are ignored, as they always were)
+
+
+def _text(value: Any) -> str:
+    return str(value)
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _listed(value: Any) -> Any:
+    return [] if value is None else value
+
+
+def _uuid(value: Any) -> str:
+    try:
+        return str(uuidlib.UUID(str(value)))
+    except ValueError:
+        files.fail(f"not a UUID: {value!r}")
+
+
+Text = Annotated[str, BeforeValidator(_text), WithJsonSchema({"type": "string"})]
+OptText = Annotated[str | None, BeforeValidator(_text_or_none), WithJsonSchema({"type": "string"})]
+Uuid = Annotated[str, BeforeValidator(_uuid), WithJsonSchema({"type": "string", "format": "uuid"})]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+U16 = Annotated[files.Whole, Field(ge=0, le=0xFFFF)]
+
+
+class StoreFile(files.LenientModel):
+    """The shop."""
+
+    id: Text = Field(description="The store id the gateway reports under.")
+    name: Annotated[str | SkipJsonSchema[None], BeforeValidator(_text)] = Field(None, description="Default: the id.")
+    timezone: Text = Field("UTC", description="An IANA zone, e.g. Europe/Paris.")
+    opens: Text = Field("09:00", description="Local time the virtual day of `gateway simulate` starts at.")
+    size_m: tuple[Finite, Finite] = Field((0.0, 0.0), description="[width, depth] of the floor, metres.")
+
+
+class ZoneFile(files.LenientModel):
+    """A named area of the floor."""
+
+    name: Text
+    rect: tuple[Finite, Finite, Finite, Finite] = Field(description="[x0, y0, x1, y1], metres.")
+
+    @field_validator("rect")
+    @classmethod
+    def _ordered(cls, rect: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        if not (rect[0] < rect[2] and rect[1] < rect[3]):
+            files.fail("expected [x0, y0, x1, y1] with x0 < x1 and y0 < y1")
+        return rect
+
+
+class BandFile(files.LenientModel):
+    """A receiver sees this zone for identities closer than max_m."""
+
+    name: Text = Field(description="A zone's name.")
+    max_m: float = Field(description="Metres.")
+
+
+class ReceiverFile(files.LenientModel):
+    """Something that hears advertisements, and the zones it sees by distance."""
+
+    id: Text
+    position: tuple[Finite, Finite] = Field(description="[x, y], metres.")
+    zones: Annotated[list[BandFile], BeforeValidator(_listed)] = Field(default_factory=list)
+    measured_power: files.Whole | None = Field(None, description="RSSI at 1 m (default: radio.tx_power).")
+    path_loss_exponent: float = Field(2.0, description="The log-distance model's n.")
+    rssi_offset: float = Field(0.0, description="dB this receiver hears hot (+) or cold (-).")
+
+
+class RadioFile(files.LenientModel):
+    """How simulated tags advertise and how the air treats them."""
+
+    tx_power: files.Whole = Field(-59, description="Measured power at 1 m the tags advertise.")
+    shadowing_sigma_db: float = Field(3.0, ge=0, description="Log-normal shadowing noise, dB.")
+    advert_interval_s: float = Field(1.0, gt=0, description="How often each tag advertises.")
+    loss: float = Field(0.0, ge=0, lt=1, description="Share of adverts lost.")
+
+
+class ItemFile(files.LenientModel):
+    """A product and where it is."""
+
+    sku: Text
+    name: Text
+    price: float
+    zone: OptText = Field(None, description="A zone's name.")
+    aisle: OptText = None
+
+
+class BeaconFile(files.LenientModel):
+    """The iBeacon identity a person's tag or app advertises."""
+
+    uuid: Uuid
+    major: U16
+    minor: U16
+
+
+def _stops(value: Any) -> Any:
+    if isinstance(value, list) and not value:
+        files.fail("a visit needs at least one stop")
+    return value
+
+
+class VisitFile(files.LenientModel):
+    """One trip to the store."""
+
+    at: float = Field(ge=0, description="Seconds after the scenario start.")
+    route: Annotated[list[tuple[Text, Annotated[float, Field(gt=0)]]], BeforeValidator(_stops)] = Field(
+        description="[[zone, seconds], ...]: the zones walked through and the time spent in each.")
+
+
+class PersonFile(files.LenientModel):
+    """An enrolled customer."""
+
+    id: Text
+    name: Annotated[str | SkipJsonSchema[None], BeforeValidator(_text)] = Field(None, description="Default: the id.")
+    email: OptText = None
+    beacon: BeaconFile
+    consents: Annotated[list[Text], BeforeValidator(_listed)] = Field(
+        default_factory=list, description="Purposes agreed to: offers, cart_reminders, maintenance, analytics...")
+    attributes: Annotated[dict[Any, Any], files.or_empty(dict)] = Field(default_factory=dict)
+    visits: Annotated[list[VisitFile], BeforeValidator(_listed)] = Field(default_factory=list)
+
+
+def _dwell(value: tuple[float, float]) -> tuple[float, float]:
+    if not 0 < value[0] <= value[1]:
+        files.fail("expected [min, max] with 0 < min <= max")
+    return value
+
+
+class CrowdFile(files.LenientModel):
+    """Anonymous shoppers: random tags nobody enrolled."""
+
+    count: files.Whole = Field(0, ge=0)
+    uuid: Uuid = ANONYMOUS_UUID
+    arrivals_per_hour: float = Field(0.0, ge=0)
+    first_wave: files.Whole = Field(0, ge=0, description="How many are in the store at the start.")
+    route_zones: Annotated[list[Text] | None, BeforeValidator(_listed)] = Field(
+        None, description="The zones they walk (default: every zone).")
+    dwell_s: Annotated[tuple[Finite, Finite], AfterValidator(_dwell)] = Field(
+        (5.0, 60.0), description="[min, max] seconds per zone.")
+
+
+class MetricFile(files.LenientModel):
+    """A simulated metric: a start value, a drift and noise (all whole numbers: reported as integers)."""
+
+    start: float
+    rate_per_min: float = 0.0
+    noise: float = 0.0
+    unit: OptText = None
+
+
+class DeviceFile(files.LenientModel):
+    """A connected product or wearable that publishes telemetry."""
+
+    id: Text
+    kind: Text = "device"
+    owner: Text = Field(description="A person's id.")
+    interval_s: float = Field(5.0, gt=0, description="Seconds between readings.")
+    metrics: dict[Any, MetricFile]
+
+
+class LineFile(files.LenientModel):
+    sku: Text = Field(description="A catalogue sku.")
+    quantity: files.Whole = Field(1, gt=0)
+
+
+class CartFile(files.LenientModel):
+    """An online cart, abandoned after idle_s."""
+
+    id: Text
+    owner: Text = Field(description="A person's id.")
+    idle_s: float = 0.0
+    items: Annotated[list[LineFile], BeforeValidator(_listed)]
+
+
+class ScenarioFile(files.LenientModel):
+    """A simulated store for `gateway demo` and `gateway simulate` (docs/presence.md, examples/store.yaml)."""
+
+    store: StoreFile
+    zones: Annotated[list[ZoneFile], BeforeValidator(_listed)] = Field(default_factory=list)
+    receivers: Annotated[list[ReceiverFile], BeforeValidator(_listed)] = Field(default_factory=list)
+    radio: Annotated[RadioFile, files.or_empty(dict)] = Field(default_factory=lambda: RadioFile.model_validate({}))
+    catalogue: Annotated[list[ItemFile], BeforeValidator(_listed)] = Field(default_factory=list)
+    people: Annotated[list[PersonFile], BeforeValidator(_listed)] = Field(default_factory=list)
+    crowd: Annotated[CrowdFile, files.or_empty(dict)] = Field(default_factory=lambda: CrowdFile.model_validate({}))
+    devices: Annotated[list[DeviceFile], BeforeValidator(_listed)] = Field(default_factory=list)
+    carts: Annotated[list[CartFile], BeforeValidator(_listed)] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: the file format to the simulators' types, cross-references checked once
 
 
 def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario YAML file."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ScenarioError(f"cannot read scenario {p}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"scenario {p} is not valid YAML: {exc}") from exc
-    return parse_scenario(data, source=str(p))
+        doc = files.read(p)
+    except files.FileError as exc:
+        raise ScenarioError(str(exc)) from exc
+    return files.build(lambda d: _scenario(ScenarioFile.model_validate(d), d, str(p)), doc.data, ScenarioError,
+                       doc.source, model=ScenarioFile, doc=doc)
 
 
 def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
     """Build a Scenario from already-loaded YAML/JSON data (what tests use for broken variants)."""
-    try:
-        return _parse(data, source)
-    except ScenarioError as exc:
-        raise ScenarioError(f"{source}: {exc}") from None
+    return files.build(lambda d: _scenario(ScenarioFile.model_validate(d), d, source), data, ScenarioError, source,
+                       model=ScenarioFile)
 
 
-def _req(entry: Mapping[str, Any], key: str, where: str) -> Any:
-    if key not in entry:
-        raise ScenarioError(f"{where}: missing '{key}'")
-    return entry[key]
-
-
-def _conv(fn: Callable[[Any], T], value: Any, where: str) -> T:
-    try:
-        return fn(value)
-    except (TypeError, ValueError) as exc:
-        raise ScenarioError(f"{where}: invalid value {value!r} ({exc})") from None
-
-
-def _mapping(value: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ScenarioError(f"{where}: expected a mapping, got {type(value).__name__}")
-    return value
-
-
-def _seq(value: Any, where: str) -> Sequence[Any]:
-    if value is None:
-        return ()
-    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-        raise ScenarioError(f"{where}: expected a list, got {type(value).__name__}")
-    return value
-
-
-def _floats(value: Any, n: int, where: str) -> tuple[float, ...]:
-    seq = _seq(value, where)
-    if len(seq) != n:
-        raise ScenarioError(f"{where}: expected {n} numbers, got {len(seq)}")
-    out = tuple(_conv(float, v, where) for v in seq)
-    if not all(math.isfinite(v) for v in out):
-        raise ScenarioError(f"{where}: numbers must be finite")
-    return out
-
-
-def _uuid(value: Any, where: str) -> str:
-    return _conv(lambda v: str(uuidlib.UUID(str(v))), value, where)
-
-
-def _u16(value: Any, where: str) -> int:
-    v = _conv(int, value, where)
-    if not 0 <= v <= 0xFFFF:
-        raise ScenarioError(f"{where}: {v} is outside 0..65535")
-    return v
-
-
-def _unique(ids: Sequence[str], what: str) -> None:
+def _unique(ids: Sequence[str], section: str, what: str) -> None:
     seen: set[str] = set()
-    for i in ids:
-        if i in seen:
-            raise ScenarioError(f"{what} '{i}' is defined twice")
-        seen.add(i)
+    for i, ident in enumerate(ids):
+        if ident in seen:
+            raise files.Invalid(files.Problem((section, i), f"{what} '{ident}' is defined twice"))
+        seen.add(ident)
 
 
-def _known(name: str, known: Mapping[str, Any] | set[str], what: str, where: str) -> None:
-    if name not in known:
-        listing = ", ".join(sorted(known)) or "none"
-        raise ScenarioError(f"{where}: unknown {what} '{name}' (known: {listing})")
+def _known(name: str, known: Iterable[str], what: str, loc: files.Loc) -> None:
+    names = set(known)
+    if name not in names:
+        listing = ", ".join(sorted(names)) or "none"
+        raise files.Invalid(files.Problem(loc, f"unknown {what} '{name}' (known: {listing})"))
 
 
-def _parse(data: Any, source: str) -> Scenario:
-    root = _mapping(data, "scenario")
-
-    s = _mapping(_req(root, "store", "scenario"), "store")
-    size = _floats(s.get("size_m", [0.0, 0.0]), 2, "store.size_m")
-    store = Store(
-        id=str(_req(s, "id", "store")),
-        name=str(s.get("name", s["id"])),
-        timezone=str(s.get("timezone", "UTC")),
-        opens=str(s.get("opens", "09:00")),
-        size_m=(size[0], size[1]),
-    )
-
-    zones: list[Zone] = []
-    for i, z in enumerate(_seq(root.get("zones"), "zones")):
-        z = _mapping(z, f"zones[{i}]")
-        name = str(_req(z, "name", f"zones[{i}]"))
-        where = f"zones[{name}]"
-        x0, y0, x1, y1 = _floats(_req(z, "rect", where), 4, f"{where}.rect")
-        if not (x0 < x1 and y0 < y1):
-            raise ScenarioError(f"{where}.rect: expected [x0, y0, x1, y1] with x0 < x1 and y0 < y1")
-        zones.append(Zone(name, (x0, y0, x1, y1)))
-    if not zones:
-        raise ScenarioError("zones: a scenario needs at least one zone")
-    _unique([z.name for z in zones], "zone")
-    zone_names = {z.name for z in zones}
-
-    r = _mapping(root.get("radio") or {}, "radio")
-    radio = Radio(
-        tx_power=_conv(int, r.get("tx_power", -59), "radio.tx_power"),
-        shadowing_sigma_db=_conv(float, r.get("shadowing_sigma_db", 3.0), "radio.shadowing_sigma_db"),
-        advert_interval_s=_conv(float, r.get("advert_interval_s", 1.0), "radio.advert_interval_s"),
-        loss=_conv(float, r.get("loss", 0.0), "radio.loss"),
-    )
-    if radio.advert_interval_s <= 0:
-        raise ScenarioError("radio.advert_interval_s: must be positive")
-    if not 0.0 <= radio.loss < 1.0:
-        raise ScenarioError("radio.loss: must be in [0, 1)")
-    if radio.shadowing_sigma_db < 0:
-        raise ScenarioError("radio.shadowing_sigma_db: must not be negative")
-
-    receivers: list[Receiver] = []
-    for i, rx in enumerate(_seq(root.get("receivers"), "receivers")):
-        rx = _mapping(rx, f"receivers[{i}]")
-        rid = str(_req(rx, "id", f"receivers[{i}]"))
-        where = f"receivers[{rid}]"
-        pos = _floats(_req(rx, "position", where), 2, f"{where}.position")
-        bands: list[ZoneBand] = []
-        for j, b in enumerate(_seq(rx.get("zones"), f"{where}.zones")):
-            b = _mapping(b, f"{where}.zones[{j}]")
-            bname = str(_req(b, "name", f"{where}.zones[{j}]"))
-            _known(bname, zone_names, "zone", f"{where}.zones[{j}]")
-            bands.append(ZoneBand(bname, _conv(float, _req(b, "max_m", f"{where}.zones[{j}]"), where)))
-        receivers.append(Receiver(
-            id=rid,
-            position=(pos[0], pos[1]),
-            zones=tuple(bands),
-            measured_power=_conv(int, rx.get("measured_power", radio.tx_power), f"{where}.measured_power"),
-            path_loss_exponent=_conv(float, rx.get("path_loss_exponent", 2.0), f"{where}.path_loss_exponent"),
-            rssi_offset=_conv(float, rx.get("rssi_offset", 0.0), f"{where}.rssi_offset"),
-        ))
-    _unique([rx.id for rx in receivers], "receiver")
-
-    catalogue: list[CatalogItem] = []
-    for i, it in enumerate(_seq(root.get("catalogue"), "catalogue")):
-        it = _mapping(it, f"catalogue[{i}]")
-        sku = str(_req(it, "sku", f"catalogue[{i}]"))
-        where = f"catalogue[{sku}]"
-        zone = it.get("zone")
-        if zone is not None:
-            _known(str(zone), zone_names, "zone", where)
-        catalogue.append(CatalogItem(
-            sku=sku,
-            name=str(_req(it, "name", where)),
-            price=_conv(float, _req(it, "price", where), f"{where}.price"),
-            zone=None if zone is None else str(zone),
-            aisle=None if it.get("aisle") is None else str(it["aisle"]),
-        ))
-    _unique([c.sku for c in catalogue], "catalogue sku")
-    skus = {c.sku for c in catalogue}
-
-    people: list[Person] = []
-    for i, p in enumerate(_seq(root.get("people"), "people")):
-        p = _mapping(p, f"people[{i}]")
-        pid = str(_req(p, "id", f"people[{i}]"))
-        where = f"people[{pid}]"
-        b = _mapping(_req(p, "beacon", where), f"{where}.beacon")
-        beacon = BeaconSpec(
-            uuid=_uuid(_req(b, "uuid", f"{where}.beacon"), f"{where}.beacon.uuid"),
-            major=_u16(_req(b, "major", f"{where}.beacon"), f"{where}.beacon.major"),
-            minor=_u16(_req(b, "minor", f"{where}.beacon"), f"{where}.beacon.minor"),
-        )
-        visits: list[Visit] = []
-        for j, v in enumerate(_seq(p.get("visits"), f"{where}.visits")):
-            vw = f"{where}.visits[{j}]"
-            v = _mapping(v, vw)
-            stops: list[RouteStop] = []
-            for k, stop in enumerate(_seq(_req(v, "route", vw), f"{vw}.route")):
-                sw = f"{vw}.route[{k}]"
-                stop = _seq(stop, sw)
-                if len(stop) != 2:
-                    raise ScenarioError(f"{sw}: expected [zone, seconds]")
-                _known(str(stop[0]), zone_names, "zone", sw)
-                secs = _conv(float, stop[1], sw)
-                if secs <= 0:
-                    raise ScenarioError(f"{sw}: seconds must be positive")
-                stops.append(RouteStop(str(stop[0]), secs))
-            if not stops:
-                raise ScenarioError(f"{vw}.route: a visit needs at least one stop")
-            at = _conv(float, _req(v, "at", vw), f"{vw}.at")
-            if at < 0:
-                raise ScenarioError(f"{vw}.at: must not be negative")
-            visits.append(Visit(at, tuple(stops)))
-        people.append(Person(
-            id=pid,
-            name=str(p.get("name", pid)),
-            email=None if p.get("email") is None else str(p["email"]),
-            beacon=beacon,
-            consents=tuple(str(c) for c in _seq(p.get("consents"), f"{where}.consents")),
-            attributes=dict(_mapping(p.get("attributes") or {}, f"{where}.attributes")),
-            visits=tuple(sorted(visits, key=lambda v: v.at)),
-        ))
-    _unique([p.id for p in people], "person")
-    _unique([p.beacon.key for p in people], "beacon")
-    person_ids = {p.id for p in people}
-
-    c = _mapping(root.get("crowd") or {}, "crowd")
-    all_zones = [z.name for z in zones]
-    route_zones = tuple(str(z) for z in _seq(c.get("route_zones", all_zones), "crowd.route_zones"))
+def _scenario(f: ScenarioFile, raw: Mapping[str, Any], source: str) -> Scenario:
+    if not f.zones:
+        raise files.Invalid(files.Problem(("zones",), "a scenario needs at least one zone"))
+    _unique([z.name for z in f.zones], "zones", "zone")
+    zones = {z.name for z in f.zones}
+    radio = Radio(f.radio.tx_power, f.radio.shadowing_sigma_db, f.radio.advert_interval_s, f.radio.loss)
+    for i, rx in enumerate(f.receivers):
+        for j, band in enumerate(rx.zones):
+            _known(band.name, zones, "zone", ("receivers", i, "zones", j))
+    _unique([rx.id for rx in f.receivers], "receivers", "receiver")
+    for i, it in enumerate(f.catalogue):
+        if it.zone is not None:
+            _known(it.zone, zones, "zone", ("catalogue", i, "zone"))
+    _unique([c.sku for c in f.catalogue], "catalogue", "catalogue sku")
+    people = tuple(_person(p, zones, ("people", i)) for i, p in enumerate(f.people))
+    _unique([p.id for p in people], "people", "person")
+    _unique([p.beacon.key for p in people], "people", "beacon")
+    owners = {p.id for p in people}
+    route_zones = tuple(z.name for z in f.zones) if f.crowd.route_zones is None else tuple(f.crowd.route_zones)
     for z in route_zones:
-        _known(z, zone_names, "zone", "crowd.route_zones")
-    dwell = _floats(c.get("dwell_s", [5.0, 60.0]), 2, "crowd.dwell_s")
-    crowd = Crowd(
-        count=_conv(int, c.get("count", 0), "crowd.count"),
-        uuid=_uuid(c.get("uuid", ANONYMOUS_UUID), "crowd.uuid"),
-        arrivals_per_hour=_conv(float, c.get("arrivals_per_hour", 0.0), "crowd.arrivals_per_hour"),
-        first_wave=_conv(int, c.get("first_wave", 0), "crowd.first_wave"),
-        route_zones=route_zones,
-        dwell_s=(dwell[0], dwell[1]),
-    )
-    if crowd.count < 0 or crowd.first_wave < 0 or crowd.arrivals_per_hour < 0:
-        raise ScenarioError("crowd: count, first_wave and arrivals_per_hour must not be negative")
-    if not 0 < crowd.dwell_s[0] <= crowd.dwell_s[1]:
-        raise ScenarioError("crowd.dwell_s: expected [min, max] with 0 < min <= max")
-    if crowd.count and not route_zones:
-        raise ScenarioError("crowd.route_zones: a crowd needs at least one zone to walk")
-
-    devices: list[Device] = []
-    for i, d in enumerate(_seq(root.get("devices"), "devices")):
-        d = _mapping(d, f"devices[{i}]")
-        did = str(_req(d, "id", f"devices[{i}]"))
-        where = f"devices[{did}]"
-        owner = str(_req(d, "owner", where))
-        _known(owner, person_ids, "owner", where)
-        metrics: dict[str, MetricSpec] = {}
-        for mname, m in _mapping(_req(d, "metrics", where), f"{where}.metrics").items():
-            mw = f"{where}.metrics.{mname}"
-            m = _mapping(m, mw)
-            metrics[str(mname)] = MetricSpec(
-                start=_conv(float, _req(m, "start", mw), f"{mw}.start"),
-                rate_per_min=_conv(float, m.get("rate_per_min", 0.0), f"{mw}.rate_per_min"),
-                noise=_conv(float, m.get("noise", 0.0), f"{mw}.noise"),
-                unit=None if m.get("unit") is None else str(m["unit"]),
-                integer=all(
-                    isinstance(m.get(k, 0), int) and not isinstance(m.get(k, 0), bool)
-                    for k in ("start", "rate_per_min", "noise")
-                ),
-            )
-        interval = _conv(float, d.get("interval_s", 5.0), f"{where}.interval_s")
-        if interval <= 0:
-            raise ScenarioError(f"{where}.interval_s: must be positive")
-        devices.append(Device(did, str(d.get("kind", "device")), owner, interval, metrics))
-    _unique([d.id for d in devices], "device")
-
-    carts: list[Cart] = []
-    for i, ct in enumerate(_seq(root.get("carts"), "carts")):
-        ct = _mapping(ct, f"carts[{i}]")
-        cid = str(_req(ct, "id", f"carts[{i}]"))
-        where = f"carts[{cid}]"
-        owner = str(_req(ct, "owner", where))
-        _known(owner, person_ids, "owner", where)
-        lines: list[CartLine] = []
-        for j, line in enumerate(_seq(_req(ct, "items", where), f"{where}.items")):
-            lw = f"{where}.items[{j}]"
-            line = _mapping(line, lw)
-            sku = str(_req(line, "sku", lw))
-            _known(sku, skus, "sku", lw)
-            qty = _conv(int, line.get("quantity", 1), f"{lw}.quantity")
-            if qty <= 0:
-                raise ScenarioError(f"{lw}.quantity: must be positive")
-            lines.append(CartLine(sku, qty))
-        carts.append(Cart(cid, owner, _conv(float, ct.get("idle_s", 0.0), f"{where}.idle_s"), tuple(lines)))
-    _unique([ct.id for ct in carts], "cart")
-
+        _known(z, zones, "zone", ("crowd", "route_zones"))
+    if f.crowd.count and not route_zones:
+        raise files.Invalid(files.Problem(("crowd", "route_zones"), "a crowd needs at least one zone to walk"))
+    for i, d in enumerate(f.devices):
+        _known(d.owner, owners, "owner", ("devices", i, "owner"))
+    _unique([d.id for d in f.devices], "devices", "device")
+    skus = {c.sku for c in f.catalogue}
+    for i, ct in enumerate(f.carts):
+        _known(ct.owner, owners, "owner", ("carts", i, "owner"))
+        for j, line in enumerate(ct.items):
+            _known(line.sku, skus, "sku", ("carts", i, "items", j, "sku"))
+    _unique([ct.id for ct in f.carts], "carts", "cart")
+    s = f.store
     return Scenario(
-        store=store,
-        zones=tuple(zones),
-        receivers=tuple(receivers),
+        store=Store(s.id, s.id if s.name is None else s.name, s.timezone, s.opens, s.size_m),
+        zones=tuple(Zone(z.name, z.rect) for z in f.zones),
+        receivers=tuple(Receiver(
+            rx.id, rx.position, tuple(ZoneBand(b.name, b.max_m) for b in rx.zones),
+            radio.tx_power if rx.measured_power is None else rx.measured_power, rx.path_loss_exponent,
+            rx.rssi_offset) for rx in f.receivers),
         radio=radio,
-        catalogue=tuple(catalogue),
-        people=tuple(people),
-        crowd=crowd,
-        devices=tuple(devices),
-        carts=tuple(carts),
+        catalogue=tuple(CatalogItem(it.sku, it.name, it.price, it.zone, it.aisle) for it in f.catalogue),
+        people=people,
+        crowd=Crowd(f.crowd.count, f.crowd.uuid, f.crowd.arrivals_per_hour, f.crowd.first_wave, route_zones,
+                    f.crowd.dwell_s),
+        devices=tuple(_device(d, raw["devices"][i]) for i, d in enumerate(f.devices)),
+        carts=tuple(Cart(ct.id, ct.owner, ct.idle_s, tuple(CartLine(li.sku, li.quantity) for li in ct.items))
+                    for ct in f.carts),
         source=source,
     )
+
+
+def _person(p: PersonFile, zones: set[str], loc: files.Loc) -> Person:
+    for j, v in enumerate(p.visits):
+        for k, (zone, _) in enumerate(v.route):
+            _known(zone, zones, "zone", (*loc, "visits", j, "route", k))
+    visits = [Visit(v.at, tuple(RouteStop(z, secs) for z, secs in v.route)) for v in p.visits]
+    return Person(
+        id=p.id,
+        name=p.id if p.name is None else p.name,
+        email=p.email,
+        beacon=BeaconSpec(p.beacon.uuid, p.beacon.major, p.beacon.minor),
+        consents=tuple(p.consents),
+        attributes=dict(p.attributes),
+        visits=tuple(sorted(visits, key=lambda v: v.at)),
+    )
+
+
+def _whole_numbers(raw: Any) -> bool:
+    """Every number of a metric written as an integer (steps, bpm): its readings are integers too."""
+    return isinstance(raw, Mapping) and all(
+        isinstance(raw.get(k, 0), int) and not isinstance(raw.get(k, 0), bool)
+        for k in ("start", "rate_per_min", "noise"))
+
+
+def _device(d: DeviceFile, raw: Mapping[str, Any]) -> Device:
+    metrics = {str(name): MetricSpec(m.start, m.rate_per_min, m.noise, m.unit, _whole_numbers(raw["metrics"][name]))
+               for name, m in d.metrics.items()}
+    return Device(d.id, d.kind, d.owner, d.interval_s, metrics)
