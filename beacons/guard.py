@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
-from beacons.types import Sighting
+from beacons.types import Advertisement, Sighting
 
 if TYPE_CHECKING:
-    from beacons.types import Advertisement, Frame
+    from beacons.types import Frame
 
 __all__ = ["DROP_REASONS", "Guard", "GuardSettings"]
 
@@ -90,7 +90,8 @@ class _Identity:
 
 
 class Guard:
-    """``admit(address, frame, time)`` says whether a parsed frame may go on to presence.
+    """``sightings(pairs)`` turns a parsed drain into the sightings that may go on to presence;
+    ``admit(address, frame, time)`` says it for one frame.
 
     ``trusted(key)`` is True for the identities of enrolled customers: they are exempt from
     the uuid flood rule and from the transient rule, and nothing else. Read ``dropped`` and ``figures`` (or ``stats()``)
@@ -118,20 +119,64 @@ class Guard:
     # ------------------------------------------------------------ the hot path
 
     def admit(self, address: str, frame: Any, now: float) -> bool:
-        """True when the frame's identity may go on; a False has been counted in ``dropped``."""
-        key: str = frame.key
-        a = self._addresses.get(address)
+        """True when the frame's identity may go on: a drain of one. A False has been counted in ``dropped``,
+        unless the frame has no identity (TLM), which never goes on."""
+        return bool(self.sightings(((Advertisement(address, 0, now, ""), frame),)))
+
+    def sightings(self, pairs: Iterable[tuple[Advertisement, Frame]]) -> list[Sighting]:
+        """A parsed drain, in order: a Sighting for each pair whose identity may go on (a frame without an
+        identity, such as TLM, is left out). The address stops here.
+
+        The usual advert (its address last sent this identity, a settled identity last heard from this
+        address) costs two lookups; whatever else an address or an identity needs is ``_sender``'s and
+        ``_identity``'s, which may run housekeeping and so replace the tables.
+        """
+        out: list[Sighting] = []
+        append, make = out.append, tuple.__new__  # make: a Sighting without a Python call
+        sender, identity = self._sender, self._identity
+        addresses, identities = self._addresses, self._identities
+        admitted = 0
+        for adv, frame in pairs:
+            key = frame.key
+            if key is None:
+                continue
+            address, now = adv.address, adv.time
+            a = addresses.get(address)
+            if a is not None and a.key == key:
+                a.last = now
+            else:
+                ok = sender(a, address, key, now)
+                addresses, identities = self._addresses, self._identities
+                if not ok:
+                    continue
+            i = identities.get(key)
+            if i is not None and i.stable and i.address == address:
+                i.last = now
+                admitted += 1
+            else:
+                ok = identity(i, key, address, frame, now)
+                addresses, identities = self._addresses, self._identities
+                if not ok:
+                    continue
+            append(make(Sighting, (key, adv.receiver, adv.rssi, now, frame.ref_power)))
+        self.figures["admitted"] += admitted
+        return out
+
+    def _sender(self, a: _Address | None, address: str, key: str, now: float) -> bool:
+        """A new address, or one sending another identity than last time: False (counted) for a flood."""
         if a is None:
             if now >= self._next_sweep or len(self._addresses) >= self.settings.max_addresses:
                 self._housekeeping(now)
             self._addresses[address] = _Address(key, now)
-        else:
-            if a.key != key and not self._address_sends(a, key, now):
-                a.last = now
-                self.dropped["address_flood"] += 1
-                return False
-            a.last = now
-        i = self._identities.get(key)
+            return True
+        ok = self._address_sends(a, key, now)
+        a.last = now
+        if not ok:
+            self.dropped["address_flood"] += 1
+        return ok
+
+    def _identity(self, i: _Identity | None, key: str, address: str, frame: Any, now: float) -> bool:
+        """A new identity, one not settled yet, or one heard from another address: may it go on?"""
         if i is None:
             i = self._new_identity(key, address, frame, now)
             if i is None:
@@ -146,33 +191,6 @@ class Guard:
             self.figures["admitted"] += 1
             return True
         return self._prove(i, key, now, prev)
-
-    def sightings(self, pairs: Iterable[tuple[Advertisement, Frame]]) -> list[Sighting]:
-        """``admit`` over a parsed drain, in order: a Sighting for each pair whose identity may go on (a
-        frame without an identity, such as TLM, is left out). The address stops here. The common advert,
-        a settled identity from the address it last used, is judged inline; the rest go through ``admit``."""
-        out: list[Sighting] = []
-        append, admit, make = out.append, self.admit, tuple.__new__  # make: a Sighting without a Python call
-        addresses, identities = self._addresses, self._identities
-        admitted = 0
-        for adv, frame in pairs:
-            key = frame.key
-            if key is None:
-                continue
-            address, now = adv.address, adv.time
-            a = addresses.get(address)
-            if a is not None and a.key == key:
-                i = identities.get(key)
-                if i is not None and i.stable and i.address == address:
-                    a.last = i.last = now
-                    admitted += 1
-                    append(make(Sighting, (key, adv.receiver, adv.rssi, now, frame.ref_power)))
-                    continue
-            if admit(address, frame, now):
-                append(make(Sighting, (key, adv.receiver, adv.rssi, now, frame.ref_power)))
-            addresses, identities = self._addresses, self._identities  # housekeeping may replace them
-        self.figures["admitted"] += admitted
-        return out
 
     def _address_sends(self, a: _Address, key: str, now: float) -> bool:
         """A second identity from one address: fine up to the cap, a flood after it."""

@@ -4,13 +4,12 @@ Every call either returns frames or counts why it did not (``ParseStats.rejected
 input bytes make a parser raise, because the radio hears anything and a bad advert must
 cost a counter, never the scan loop. Non-bytes arguments may raise TypeError.
 
-This is the hot path: every advert in the shop goes through it. The shapes that repeat
-(the same beacon advertising the same bytes many times a second) are answered from small
-bounded caches of immutable frames, so the common case is one dict lookup; the usual raw
-iBeacon layout (flags, then Apple's 26 bytes) is read with one precompiled ``struct`` the
-first time. ``parse_adverts`` parses a scanner drain in one call. The fast paths only ever
-accept what the structure walk accepts (tests/test_parse_fastpath.py checks it on random and
-mutated bytes).
+This is the hot path: every advert in the shop goes through it, in drains: ``parse_adverts`` is the
+parser, and the single calls (``parse_payload``, ``parse_advertisement``, ``parse_bleak``) are drains
+of one. The shapes that repeat (the same beacon advertising the same bytes many times a second) are
+answered from small bounded caches of immutable frames, read in one place (``parse_adverts``), so the
+common case is one dict lookup; a miss walks the AD structures (raw bytes) or reads bleak's
+dictionaries entry by entry, and puts an identity frame in the cache of its shape.
 """
 
 from __future__ import annotations
@@ -103,10 +102,9 @@ class _Recent(dict[bytes, Any]):
 
 
 _PAYLOAD_CACHE = _Recent(_CACHE_MAX)  # raw advertising data -> its one identity frame
-_IBEACON_CACHE = _Recent(_CACHE_MAX)  # Apple manufacturer data -> IBeacon
+_IBEACON_CACHE = _Recent(_CACHE_MAX)  # Apple manufacturer data (the one entry of an advert) -> IBeacon
 _EDDYSTONE_CACHE = _Recent(_CACHE_MAX)  # Eddystone service data (the one entry of an advert) -> identity frame
 _UUID_CACHE = _Recent(_CACHE_MAX)
-_IBEACON_AD = b"\x1a\xff\x4c\x00\x02\x15"  # length 26, manufacturer data, Apple, iBeacon, 21 bytes follow
 _IBEACON_BODY = struct.Struct(">16sHHb")  # uuid, major, minor, measured power (signed)
 
 
@@ -197,27 +195,6 @@ def _ibeacon(data: bytes) -> IBeacon | str:
     if len(data) != 23 or data[1] != 0x15:
         return "ibeacon_length"
     raw, major, minor, tx = _IBEACON_BODY.unpack_from(data, 2)
-    frame = IBeacon(_uuid_str(raw), major, minor, tx)
-    _IBEACON_CACHE.put(data, frame)
-    return frame
-
-
-def _ibeacon_layout(payload: bytes) -> IBeacon | None:
-    """The usual raw iBeacon advert, read in place: a 2-byte structure (flags), then Apple's iBeacon
-    structure, nothing after it (27 bytes without the flags). None: take the structure walk, which
-    gives the same frame for these layouts and decides everything else."""
-    n = len(payload)
-    if n == 30:
-        if payload[0] != 2 or payload.find(_IBEACON_AD, 3, 9) != 3:
-            return None
-        at = 9
-    elif n == 27:
-        if not payload.startswith(_IBEACON_AD):
-            return None
-        at = 6
-    else:
-        return None
-    raw, major, minor, tx = _IBEACON_BODY.unpack_from(payload, at)
     return IBeacon(_uuid_str(raw), major, minor, tx)
 
 
@@ -235,12 +212,8 @@ def _altbeacon(company_id: int, data: bytes) -> AltBeacon | str:
 
 def _manufacturer(company_id: int, data: bytes) -> Frame | str | None:
     """A frame, a reject reason, or None when the data is not a beacon format at all."""
-    if company_id == APPLE_COMPANY_ID:
-        frame = _IBEACON_CACHE[data]
-        if frame is not None:
-            return frame
-        if data[:1] == b"\x02":
-            return _ibeacon(data)
+    if company_id == APPLE_COMPANY_ID and data[:1] == b"\x02":
+        return _ibeacon(data)
     if data[:2] == b"\xbe\xac":
         return _altbeacon(company_id, data)
     return None
@@ -359,21 +332,11 @@ def parse_payload(payload: bytes, stats: ParseStats | None = None) -> list[Frame
     advert, since bytes after a framing error cannot be trusted. bytearray and
     memoryview are copied to bytes first.
     """
-    if type(payload) is not bytes and isinstance(payload, bytearray | memoryview):
-        payload = bytes(payload)  # unhashable or mutable: the caches need real bytes
-    frame = _PAYLOAD_CACHE[payload]
-    if frame is None:
-        frame = _ibeacon_layout(payload)
-        if frame is None:
-            return _walk(payload, stats)
-        _PAYLOAD_CACHE.put(payload, frame)
-    if stats is not None:
-        stats._accepted[frame.format] += 1
-    return [frame]
+    return _frames(Advertisement("", 0, 0.0, "", payload), stats)
 
 
 def _walk(payload: bytes, stats: ParseStats | None) -> list[Frame]:
-    """The structure walk: every AD structure in turn, the whole advert rejected on a framing error."""
+    """Raw bytes the cache missed: every AD structure in turn, the whole advert rejected on a framing error."""
     n = len(payload)
     if n == 0:
         return _reject(stats, "empty")
@@ -412,20 +375,10 @@ def parse_service_data(uuid: str, data: bytes, stats: ParseStats | None = None) 
     return _count_one(_eddystone(data) if _is_eddystone_uuid(uuid) else None, stats)
 
 
-def _parse_maps(manufacturer_data: Mapping[int, bytes], service_data: Mapping[str, bytes],
-                stats: ParseStats | None) -> list[Frame]:
-    if not service_data and len(manufacturer_data) == 1:  # the usual shape: one iBeacon seen before
-        frame = _IBEACON_CACHE[manufacturer_data.get(APPLE_COMPANY_ID, b"")]
-        if frame is not None:
-            if stats is not None:
-                stats._accepted["ibeacon"] += 1
-            return [frame]
-    elif not manufacturer_data and len(service_data) == 1:  # one Eddystone UID or EID seen before
-        frame = _EDDYSTONE_CACHE[service_data.get(EDDYSTONE_SERVICE_UUID, b"")]
-        if frame is not None:
-            if stats is not None:
-                stats._accepted[frame.format] += 1
-            return [frame]
+def _maps(manufacturer_data: Mapping[int, bytes], service_data: Mapping[str, bytes],
+          stats: ParseStats | None) -> list[Frame]:
+    """bleak's dictionaries the caches missed, entry by entry; a one-entry iBeacon or Eddystone identity
+    is put in the cache that ``parse_adverts`` reads for that shape (TLM churns: not kept)."""
     frames: list[Frame] = []
     reasons: list[str] | None = None
     if manufacturer_data:
@@ -447,30 +400,41 @@ def _parse_maps(manufacturer_data: Mapping[int, bytes], service_data: Mapping[st
                     reasons = _add(reasons, found)
                 else:
                     frames.append(found)
-        if (len(frames) == 1 and not reasons and not manufacturer_data and frames[0].key is not None
-                and len(service_data) == 1 and EDDYSTONE_SERVICE_UUID in service_data):
-            _EDDYSTONE_CACHE.put(service_data[EDDYSTONE_SERVICE_UUID], frames[0])  # TLM churns: not kept
+    if len(frames) == 1 and not reasons and frames[0].key is not None:
+        frame = frames[0]
+        if not service_data and len(manufacturer_data) == 1 and isinstance(frame, IBeacon):
+            _IBEACON_CACHE.put(manufacturer_data[APPLE_COMPANY_ID], frame)
+        elif not manufacturer_data and len(service_data) == 1 and EDDYSTONE_SERVICE_UUID in service_data:
+            _EDDYSTONE_CACHE.put(service_data[EDDYSTONE_SERVICE_UUID], frame)
     return _finish(frames, reasons, stats)
 
 
 def parse_advertisement(adv: Advertisement, stats: ParseStats | None = None) -> list[Frame]:
     """Parse an Advertisement: its raw payload when it has one, else bleak's dictionaries."""
-    if adv.payload:
-        return parse_payload(adv.payload, stats)
-    return _parse_maps(adv.manufacturer_data, adv.service_data, stats)
+    return _frames(adv, stats)
 
 
 def parse_bleak(advertisement_data: Any, stats: ParseStats | None = None) -> list[Frame]:
     """Parse a bleak AdvertisementData (duck-typed: .manufacturer_data, .service_data)."""
-    return _parse_maps(getattr(advertisement_data, "manufacturer_data", None) or {},
-                       getattr(advertisement_data, "service_data", None) or {}, stats)
+    return _frames(Advertisement("", 0, 0.0, "", b"", getattr(advertisement_data, "manufacturer_data", None) or {},
+                                 getattr(advertisement_data, "service_data", None) or {}), stats)
+
+
+def _frames(adv: Advertisement, stats: ParseStats | None) -> list[Frame]:
+    """One advert's frames: a drain of one."""
+    return [frame for _, frame in parse_adverts((adv,), stats)]
+
+
+def _as_bytes(payload: Any) -> Any:
+    """bytearray and memoryview as bytes (the caches need hashable, immutable keys); anything else as given."""
+    return bytes(payload) if isinstance(payload, bytearray | memoryview) else payload
 
 
 def parse_adverts(adverts: Iterable[Advertisement], stats: ParseStats | None = None
                   ) -> list[tuple[Advertisement, Frame]]:
-    """A scanner drain at once: (advert, frame) for every frame found, in order, counted as
-    ``parse_advertisement`` counts. Adverts seen before (a beacon's bytes, raw or as bleak's
-    one-entry dictionary) are answered inline from the caches, without a call per advert."""
+    """A scanner drain: (advert, frame) for every frame found, in order, each advert counted in ``stats``
+    (its frames by format, or why it gave none). An advert seen before (a beacon's raw bytes, or bleak's
+    one-entry dictionary) is one cache lookup; the rest are walked or read entry by entry."""
     out: list[tuple[Advertisement, Frame]] = []
     append = out.append
     ibeacons, eddystones, payloads = _IBEACON_CACHE, _EDDYSTONE_CACHE, _PAYLOAD_CACHE
@@ -480,29 +444,32 @@ def parse_adverts(adverts: Iterable[Advertisement], stats: ParseStats | None = N
     for adv in adverts:
         payload = adv.payload
         if payload:
-            frame = payloads[payload] if type(payload) is bytes else None
+            if type(payload) is not bytes:
+                payload = _as_bytes(payload)
+            frame = payloads[payload]
+            if frame is None:
+                for frame in _walk(payload, stats):
+                    append((adv, frame))
+                continue
         else:
             mfr, svc = adv.manufacturer_data, adv.service_data
-            if not svc:
-                if len(mfr) == 1:
-                    frame = ibeacons[mfr.get(apple, b"")]
-                    if frame is not None:
-                        n_ibeacons += 1
-                        append((adv, frame))
-                        continue
-                else:
-                    frame = None
+            if not svc and len(mfr) == 1:
+                frame = ibeacons[mfr.get(apple, b"")]
+                if frame is not None:
+                    n_ibeacons += 1
+                    append((adv, frame))
+                    continue
             elif not mfr and len(svc) == 1:
                 frame = eddystones[svc.get(eddystone, b"")]
             else:
                 frame = None
-        if frame is not None:
-            if accepted is not None:
-                accepted[frame.format] += 1
-            append((adv, frame))
-            continue
-        for frame in parse_advertisement(adv, stats):
-            append((adv, frame))
+            if frame is None:
+                for frame in _maps(mfr, svc, stats):
+                    append((adv, frame))
+                continue
+        if accepted is not None:
+            accepted[frame.format] += 1
+        append((adv, frame))
     if accepted is not None and n_ibeacons:
         accepted["ibeacon"] += n_ibeacons
     return out

@@ -1,8 +1,9 @@
 """Log-distance path loss with log-normal shadowing and random loss.
 
-The same model the gateway inverts to estimate distance, so simulated RSSI is realistic
-enough to exercise smoothing and zone bands, yet cheap enough for hundreds of thousands
-of adverts. Randomness comes from a private seeded generator: same seed, same noise.
+The model is the gateway's own (``gateway.presence.model``, which the tracker inverts), so
+simulated RSSI is realistic enough to exercise smoothing and zone bands, yet cheap enough for
+hundreds of thousands of adverts. Randomness comes from a private seeded generator: same seed,
+same noise.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import random
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from gateway.presence.model import rssi_at
 from simulators.scenario import Radio, Receiver
 
 #: Below this the simulated receiver does not hear the advert at all.
@@ -21,28 +23,23 @@ MIN_DISTANCE_M = 0.1
 
 
 def expected_rssi(distance_m: float, measured_power: float, n: float) -> float:
-    """Mean RSSI at ``distance_m`` for a beacon whose RSSI at 1 m is ``measured_power``."""
-    return measured_power - 10.0 * n * math.log10(max(distance_m, MIN_DISTANCE_M))
-
-
-def distance_from_rssi(rssi: float, measured_power: float, n: float) -> float:
-    """Inverse of :func:`expected_rssi` (metres); what a receiver would estimate without noise."""
-    return float(10.0 ** ((measured_power - rssi) / (10.0 * n)))
+    """Mean RSSI at ``distance_m`` for a beacon whose RSSI at 1 m is ``measured_power``: the model, with the
+    distance held at ``MIN_DISTANCE_M`` or more."""
+    return rssi_at(max(distance_m, MIN_DISTANCE_M), measured_power, n)
 
 
 class Link(NamedTuple):
-    """A receiver with its path-loss constants folded, for the per-advert hot loop."""
+    """A receiver with its offset folded into its power at 1 m, for the per-advert hot loop."""
 
     receiver: str
     x: float
     y: float
     at_1m: float  # measured_power + rssi_offset
-    slope: float  # 10 * path_loss_exponent
+    exponent: float  # path_loss_exponent
 
     @classmethod
     def of(cls, rx: Receiver) -> Link:
-        return cls(rx.id, rx.position[0], rx.position[1], rx.measured_power + rx.rssi_offset,
-                   10.0 * rx.path_loss_exponent)
+        return cls(rx.id, rx.position[0], rx.position[1], rx.measured_power + rx.rssi_offset, rx.path_loss_exponent)
 
 
 class RadioModel:
@@ -67,11 +64,7 @@ class RadioModel:
         """One reading: path loss + receiver offset + N(0, sigma); None if lost or too weak."""
         if self.loss and self._random() < self.loss:
             return None
-        value = (
-            receiver.measured_power
-            - 10.0 * receiver.path_loss_exponent * math.log10(max(distance_m, MIN_DISTANCE_M))
-            + receiver.rssi_offset
-        )
+        value = expected_rssi(distance_m, receiver.measured_power, receiver.path_loss_exponent) + receiver.rssi_offset
         if self.shadowing_sigma_db:
             value += self._gauss(0.0, self.shadowing_sigma_db)
         out = round(value)
@@ -84,13 +77,13 @@ class RadioModel:
         receiver; folded into one loop because the store simulator calls it per advert.
         """
         loss, sigma, rand, gauss = self.loss, self.shadowing_sigma_db, self._random, self._gauss
-        log10, hypot = math.log10, math.hypot
+        model, hypot = rssi_at, math.hypot
         out: list[tuple[str, int]] = []
-        for rx_id, rx_x, rx_y, at_1m, slope in links:
+        for rx_id, rx_x, rx_y, at_1m, exponent in links:
             if loss and rand() < loss:
                 continue
             d = hypot(x - rx_x, y - rx_y)
-            value = at_1m - slope * log10(d if d > MIN_DISTANCE_M else MIN_DISTANCE_M)
+            value = model(d if d > MIN_DISTANCE_M else MIN_DISTANCE_M, at_1m, exponent)
             if sigma:
                 value += gauss(0.0, sigma)
             level = round(value)

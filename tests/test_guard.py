@@ -178,10 +178,11 @@ def test_what_the_guard_knows_about_an_address_expires_with_silence():
     assert g.figures["expired"] == 10
 
 
-def test_a_drain_through_sightings_gives_exactly_what_admit_gives_one_by_one():
-    """The runtime's batch path (inline for a settled identity) against ``admit`` advert by advert, on a stream
-    with every case: steady tags, passers-by, an address flood, a rotating phone, a uuid spewing ids, TLM frames
-    without identity, Eddystone, and table caps small enough that housekeeping replaces the tables mid-drain."""
+def test_how_a_stream_is_cut_into_drains_changes_nothing():
+    """Drains of 250 (the tables held in locals across a drain) against one advert per call (``admit``), on a
+    stream with every case: steady tags, passers-by, an address flood, a rotating phone, a uuid spewing ids, TLM
+    frames without identity, Eddystone, and table caps small enough that housekeeping replaces the tables
+    mid-drain."""
     from beacons.types import EddystoneTLM, EddystoneUID, Sighting
 
     rng = random.Random(3)
@@ -217,3 +218,18 @@ def test_a_drain_through_sightings_gives_exactly_what_admit_gives_one_by_one():
     assert many.stats() == one.stats()
     assert one.figures["evicted"] > 0 and one.figures["ignored_addresses"] > 0 and one.dropped["transient"] > 0
     assert one.figures["rotating_identities"] > 0 and one.figures["ignored_uuids"] > 0
+
+
+def test_an_identity_evicted_mid_drain_proves_itself_again():
+    """Housekeeping run by one advert of a drain (a new address into full tables) replaces the tables: the
+    drain's later adverts see the new ones, so an evicted customer is a new identity, not its old state."""
+    x, ys = beacon(1), [beacon(k) for k in (2, 3, 4)]
+    g = Guard(GuardSettings(max_addresses=4, max_identities=4, stable_after=2),
+              trusted={y.key for y in ys}.__contains__)
+    drain = [(Advertisement("a0", -60, T0, "rx"), x), (Advertisement("a0", -60, T0 + 0.5, "rx"), x)]
+    drain += [(Advertisement(f"a{k}", -60, T0 + k, "rx"), y) for k, y in enumerate(ys, 1)]
+    drain.append((Advertisement("b0", -60, T0 + 4, "rx"), x))  # a new address: tables full, halved, x evicted
+    got = g.sightings(drain)  # type: ignore[arg-type]
+    assert [s.key for s in got] == [x.key] + [y.key for y in ys]  # x's first advert and its last one dropped
+    assert g.dropped["transient"] == 2 and g.figures["evicted"] > 0
+    assert g.state_size()["identities"] == 3  # the two newest kept, and x anew

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from beacons.types import Sighting
+from gateway.presence.model import distance_m
 from gateway.presence.settings import PresenceSettings, ReceiverSettings, ZoneBand
-from gateway.presence.tracker import MISSING_LLR, PresenceTracker, distance_m
+from gateway.presence.tracker import MISSING_LLR, PresenceTracker
 
 T0 = 1_000_000.0
 KEY = "ibeacon:00000000-0000-0000-0000-000000000001:1:1"
@@ -266,6 +267,56 @@ def test_the_ema_filter_is_still_available():
         tracker(rssi_filter="median")
 
 
+def _plain_filter(samples, rssi_filter, settings):
+    """The filter as its formulas, one link: (estimate, variance) after each (time, rssi) sample."""
+    x = var = last = None
+    out = []
+    for t, z in samples:
+        if x is None:
+            x, var, last = float(z), settings.rssi_noise_db ** 2, t
+        else:
+            dt = t - last
+            last = t
+            if rssi_filter == "kalman":  # scalar Kalman: random-walk drift, the innovation gated at 2.5 sigma
+                p = var + settings.rssi_drift_db_s ** 2 * dt
+                s = p + settings.rssi_noise_db ** 2
+                innov = max(-2.5 * math.sqrt(s), min(2.5 * math.sqrt(s), z - x))
+                x, var = x + p / s * innov, (1 - p / s) * p
+            else:  # time-aware EMA: the weight a sample gets after dt, the step clamped at 12 dB
+                alpha = 1 - (1 - settings.smoothing) ** max(dt, 0.05)
+                x += alpha * max(-12.0, min(12.0, z - x))
+        out.append((x, var))
+    return out
+
+
+@pytest.mark.parametrize("rssi_filter", ["kalman", "ema"])
+def test_a_links_filter_is_the_plain_formulas(rssi_filter: str):
+    rng = random.Random(5)
+    samples, t = [], T0
+    for k in range(300):
+        t += rng.choice([0.1, 0.1, 0.25, 1.0, 3.0, 0.0])
+        samples.append((t, -30 if k % 50 == 7 else round(-65 + rng.gauss(0, 4))))  # an outlier now and then
+    tr = tracker(rssi_filter=rssi_filter)
+    got = []
+    for at, rssi in samples:
+        see(tr, at, rssi)
+        link = tr.tracks[KEY].links["rx-a"]
+        got.append((link.rssi, link.var))
+    want = _plain_filter(samples, rssi_filter, tr.settings)
+    if rssi_filter == "ema":  # the EMA keeps no variance
+        got, want = [(g[0], 0.0) for g in got], [(w[0], 0.0) for w in want]
+    assert [x for g in got for x in g] == pytest.approx([x for w in want for x in w], rel=1e-12, abs=1e-12)
+
+
+def test_a_link_silent_past_exit_after_restarts_at_its_next_advert():
+    t = tracker()  # exit_after_s 10
+    see(t, T0, -60)
+    see(t, T0 + 1, -61)
+    see(t, T0 + 12, -80)  # no tick in between: the link's last sample is 11 s old
+    link = t.tracks[KEY].links["rx-a"]
+    assert (link.rssi, link.var, link.last) == (-80.0, t.settings.rssi_noise_db ** 2, T0 + 12)
+
+
 # Mostly a clock moving forward by small steps (so zones are entered), sometimes absurd jumps.
 _times = st.one_of(st.floats(0, 3), st.floats(-50, 0), st.sampled_from([math.nan, math.inf, -math.inf, 1e12]))
 _ops = st.lists(st.one_of(
@@ -463,7 +514,10 @@ def _recorded_drains(seed: int) -> list[tuple[list[Sighting], float]]:
 
 
 @pytest.mark.parametrize("rssi_filter", ["kalman", "ema"])
-def test_observe_many_gives_exactly_what_observe_gives_one_by_one(rssi_filter: str):
+def test_how_sightings_are_cut_into_drains_changes_nothing(rssi_filter: str):
+    """One sighting per call or a drain per second (the settings and the newest time held in locals across a
+    drain): the same events and state, on a stream with every rare case (bad input, reordering, loss bursts,
+    expiring links, changes of advertised power, a clock step)."""
     rx = [ReceiverSettings("rx-a", [ZoneBand("a-near", 2.0), ZoneBand("a-far", 6.0)], measured_power=-59),
           ReceiverSettings("rx-b", [ZoneBand("b", 4.0)], measured_power=-59),
           ReceiverSettings("rx-c", [ZoneBand("c", 4.0)])]  # calibrated by the advertised power

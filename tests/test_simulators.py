@@ -24,9 +24,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from beacons.types import Advertisement, IBeacon
 from gateway.clock import VirtualClock
+from gateway.presence.model import distance_m
 from simulators.carts import cart_upserts
 from simulators.people import Population
-from simulators.radio import Link, RadioModel, distance_from_rssi, expected_rssi
+from simulators.radio import Link, RadioModel, expected_rssi
 from simulators.scenario import Receiver, Scenario, ScenarioError, load_scenario, parse_scenario
 from simulators.store_sim import StoreSimulator
 from simulators.wearables import (
@@ -161,7 +162,7 @@ def test_expected_rssi_and_its_inverse() -> None:
     assert expected_rssi(10.0, -59, 2.0) == pytest.approx(-79)
     assert expected_rssi(0.0, -59, 2.0) == expected_rssi(0.1, -59, 2.0)  # clamped, no log(0)
     for d in (0.5, 1.0, 4.2, 17.0):
-        assert distance_from_rssi(expected_rssi(d, -59, 2.5), -59, 2.5) == pytest.approx(d)
+        assert distance_m(expected_rssi(d, -59, 2.5), -59, 2.5) == pytest.approx(d)
 
 
 def test_rssi_falls_with_distance_on_average() -> None:

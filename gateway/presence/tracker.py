@@ -21,8 +21,8 @@ The model (docs/presence.md has the figures behind each default):
   reaches ``enter_posterior``; from a zone, the identity moves (to the likeliest other state: a zone,
   or no zone) once the zone's own posterior has fallen to ``1 - switch_posterior``, however the rest
   is split. Entering also needs ``enter_samples`` adverts and ``enter_hold_s``.
-- **Distance**: log-distance path loss, per-receiver calibration (measured power at 1 m, exponent),
-  defaulting to the beacon's advertised tx power.
+- **Distance**: log-distance path loss (``gateway/presence/model.py``), per-receiver calibration
+  (measured power at 1 m, exponent), defaulting to the beacon's advertised tx power.
 - **Exit on silence**: ``exit_after_s`` without an advert (found by ``tick``: the tracker never looks
   at a wall clock).
 - **Time**: the tracker keeps its own monotonic time base. A ``tick`` more than ``REORDER_S`` before
@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from beacons.types import Sighting
+from gateway.presence.model import rssi_at
 from gateway.presence.settings import PresenceSettings, ReceiverSettings
 
 EventKind = Literal["visit_start", "enter", "dwell", "exit", "visit_end"]
@@ -71,16 +72,6 @@ class PresenceEvent:
     zone_since: float | None = None  # when the current zone stay began (identifies the stay)
     visit_since: float | None = None  # when the visit began (identifies the visit)
     dwell_s: float = 0.0
-
-
-def distance_m(rssi: float, measured_power: float, exponent: float) -> float:
-    """Log-distance path loss model inverted: d = 10 ^ ((P1m - RSSI) / (10 n))."""
-    return float(10.0 ** ((measured_power - rssi) / (10.0 * exponent)))
-
-
-def rssi_at(distance: float, measured_power: float, exponent: float) -> float:
-    """The model forward: the RSSI expected at ``distance`` metres."""
-    return measured_power - 10.0 * exponent * math.log10(distance)
 
 
 def _phi_diff(a: float, b: float) -> float:
@@ -270,10 +261,97 @@ class PresenceTracker:
         return _Track(list(self._prior), [0.0] * len(self._prior), t, last_seen=t, state=self._none)
 
     def observe(self, s: Sighting) -> list[PresenceEvent]:
+        """One sighting: a drain of one (replays and tests hand them over singly, the runtime in drains)."""
+        return self.observe_many((s,))
+
+    def observe_many(self, sightings: Iterable[Sighting]) -> list[PresenceEvent]:
+        """A drain of sightings, in order: each one's filter update and evidence, and the HMM step when due.
+
+        The usual sighting (a valid advert on a link of a tracked identity, the same advertised power, no
+        clock step pending) goes straight to the filter; any other is first settled by ``_admit`` (a drop
+        with its reason, a new track, a new advertised power, the clock step's base). The settings are
+        read into locals once per drain, which is most of what a drain saves over single calls.
+        """
+        out: list[PresenceEvent] = []
+        tracks_get, admit, step = self.tracks.get, self._admit, self._step
+        kalman, q, r, smoothing = self._kalman, self._q, self._r, self.settings.smoothing
+        exit_after, per_db, rate, high, offset = self._exit_after, self._per_db, self._look, self._high, self._offset
+        gate = GATE_SIGMAS * GATE_SIGMAS
+        reorder, dt_max, x_min, x_res, step_s = REORDER_S, EVIDENCE_DT_MAX_S, X_MIN, X_RES, STEP_S
+        sqrt, copysign = math.sqrt, math.copysign
+        for s in sightings:
+            key, rid, rssi, t, tx = s
+            tr = tracks_get(key)
+            link = None
+            if tr is not None and not offset:
+                link = tr.links.get(rid)
+                try:
+                    if link is not None and not (-127 <= rssi < 0 and t - t == 0.0 and t >= tr.last_seen - reorder
+                                                 and (tx is None or tx == tr.tx_power)):
+                        link = None
+                except TypeError:  # an RSSI or a time that is not a number (t - t is nan for nan and inf)
+                    link = None
+            if tr is None or link is None:
+                self._high = high
+                ready = admit(s)
+                if ready is None:
+                    continue
+                tr, t = ready
+                link = tr.links.get(rid)
+            seen = tr.last_seen
+            if t - seen > dt_max:  # nobody heard it meanwhile (a loss burst, a pocket)
+                tr.quiet += t - seen - dt_max
+            if link is None or t - link.last > exit_after:  # a new link, or one silent too long: from this advert
+                link = self._new_link(tr, rid, rssi, t)
+                look = FIRST_LOOK_S
+            else:
+                dt = t - link.last
+                if dt < 0.0:
+                    dt = 0.0  # out of order: used by the filter as simultaneous, adds no time
+                else:
+                    link.last, link.quiet = t, tr.quiet
+                before = link.rssi
+                innov = rssi - before
+                if kalman:  # process noise grows with the time since the last advert; the innovation is gated
+                    p = link.var + q * dt
+                    s2 = p + r
+                    gate2 = gate * s2
+                    if innov * innov > gate2:
+                        innov = copysign(sqrt(gate2), innov)
+                    k = p / s2
+                    link.rssi = est = before + k * innov
+                    link.var = (1.0 - k) * p
+                else:  # a time-aware EMA with an outlier clamp
+                    alpha = 1.0 - (1.0 - smoothing) ** max(dt, 0.05)
+                    link.rssi = est = before + alpha * max(-OUTLIER_CLAMP_DB, min(OUTLIER_CLAMP_DB, innov))
+                look = dt if dt < dt_max else dt_max
+                moved = est - before
+                look += (moved if moved > 0.0 else -moved) * per_db
+            tr.seen += 1
+            if look:
+                w = look * rate
+                i = int((link.rssi - x_min) * x_res + 0.5)
+                llr = tr.llr
+                for si, table in link.model.pairs:
+                    llr[si] += w * table[i]
+            if t > seen:
+                tr.last_seen = t
+                if t > high:
+                    high = t
+            if t - tr.stepped >= step_s:
+                evs = step(key, tr, t)
+                if evs:
+                    out.extend(evs)
+        self._high = high
+        return out
+
+    def _admit(self, s: Sighting) -> tuple[_Track, float] | None:
+        """The unusual sighting: dropped and counted by reason (None), or its track made ready for the filter
+        (made from the prior if new, links recalibrated to a new advertised power), with its time in the base."""
         rx = self.receivers.get(s.receiver)
         if rx is None:
             self.dropped["unknown_receiver"] += 1
-            return []
+            return None
         rssi, t = s.rssi, s.time
         try:
             ok = -127 <= rssi < 0 and t - t == 0.0  # t - t is nan for nan and inf
@@ -281,149 +359,34 @@ class PresenceTracker:
             ok = False
         if not ok:
             self.dropped[self._reject(s) or "bad_input"] += 1
-            return []
+            return None
         if self._offset:
             t += self._offset
             if t > self._high + self._last_step / 2:  # stamped before the step, delivered after it
                 self.dropped["clock_backwards"] += 1
-                return []
+                return None
         tr = self.tracks.get(s.key)
         if tr is None:
             tr = self.tracks[s.key] = self._new_track(t)
         elif t < tr.last_seen - REORDER_S:
             self.dropped["clock_backwards"] += 1
-            return []
-        elif t - tr.last_seen > EVIDENCE_DT_MAX_S:  # nobody heard it meanwhile (a loss burst, a pocket)
-            tr.quiet += t - tr.last_seen - EVIDENCE_DT_MAX_S
+            return None
         tx = s.tx_power
         if tx is not None and tx != tr.tx_power and isinstance(tx, int) and -127 < tx < 0:
             tr.tx_power = tx
             if rx.measured_power is None:  # links that use the advertised power recalibrate
                 for rid, lk in tr.links.items():
-                    r = self.receivers[rid]
-                    if r.measured_power is None:
-                        lk.model = self._model(r, float(tx))
-        link = tr.links.get(rx.id)
-        if link is None or t - link.last > self._exit_after:
-            link = tr.links[rx.id] = _Link(float(rssi), self._r, t, self._model(rx, self._ref(rx, tr.tx_power)),
-                                           tr.quiet)
-            look = FIRST_LOOK_S
-        else:
-            dt = t - link.last
-            if dt < 0.0:
-                dt = 0.0  # out of order: used by the filter as simultaneous, adds no time
-            else:
-                link.last, link.quiet = t, tr.quiet
-            innov = rssi - link.rssi
-            before = link.rssi
-            if self._kalman:
-                p = link.var + self._q * dt
-                s2 = p + self._r
-                gate2 = GATE_SIGMAS * GATE_SIGMAS * s2
-                if innov * innov > gate2:
-                    innov = math.copysign(math.sqrt(gate2), innov)
-                k = p / s2
-                link.rssi += k * innov
-                link.var = (1.0 - k) * p
-            else:
-                alpha = 1.0 - (1.0 - self.settings.smoothing) ** max(dt, 0.05)
-                link.rssi += alpha * max(-OUTLIER_CLAMP_DB, min(OUTLIER_CLAMP_DB, innov))
-            look = dt if dt < EVIDENCE_DT_MAX_S else EVIDENCE_DT_MAX_S
-            moved = link.rssi - before
-            look += (moved if moved > 0.0 else -moved) * self._per_db
-        tr.seen += 1
-        if look:
-            m = link.model
-            w = look * self._look
-            i = int((link.rssi - X_MIN) * X_RES + 0.5)
-            llr = tr.llr
-            for si, table in m.pairs:
-                llr[si] += w * table[i]
-        if t > tr.last_seen:
-            tr.last_seen = t
-            if t > self._high:
-                self._high = t
-        if t - tr.stepped < STEP_S:
-            return []
-        return self._step(s.key, tr, t)
+                    other = self.receivers[rid]
+                    if other.measured_power is None:
+                        lk.model = self._model(other, float(tx))
+        return tr, t
 
-    def observe_many(self, sightings: Iterable[Sighting]) -> list[PresenceEvent]:
-        """``observe`` over a drain, in order: the same events and state, at a lower cost per advert.
-
-        The common case (a valid advert on a live link of a tracked identity, Kalman filter, no clock
-        step pending, no change of advertised power) runs inline with the tracker's settings in locals;
-        anything else goes through ``observe``, so both paths share one definition of the rare cases.
-        """
-        out: list[PresenceEvent] = []
-        observe = self.observe
-        if not self._kalman or self._offset:
-            for s in sightings:
-                evs = observe(s)
-                if evs:
-                    out.extend(evs)
-            return out
-        tracks_get, q, r, exit_after = self.tracks.get, self._q, self._r, self._exit_after
-        per_db, rate, high, step = self._per_db, self._look, self._high, self._step
-        gate = GATE_SIGMAS * GATE_SIGMAS
-        reorder, dt_max, x_min, x_res, step_s = REORDER_S, EVIDENCE_DT_MAX_S, X_MIN, X_RES, STEP_S
-        sqrt, copysign = math.sqrt, math.copysign
-        for s in sightings:
-            key, rid, rssi, t, tx = s
-            tr = tracks_get(key)
-            if tr is not None:
-                link = tr.links.get(rid)
-                if link is not None:
-                    seen = tr.last_seen
-                    try:
-                        fast = (-127 <= rssi < 0 and t - t == 0.0 and t >= seen - reorder
-                                and t - link.last <= exit_after and (tx is None or tx == tr.tx_power))
-                    except TypeError:  # an RSSI or a time that is not a number
-                        fast = False
-                    if fast:
-                        if t - seen > dt_max:
-                            tr.quiet += t - seen - dt_max
-                        dt = t - link.last
-                        if dt < 0.0:
-                            dt = 0.0
-                        else:
-                            link.last, link.quiet = t, tr.quiet
-                        before = link.rssi
-                        innov = rssi - before
-                        p = link.var + q * dt
-                        s2 = p + r
-                        gate2 = gate * s2
-                        if innov * innov > gate2:
-                            innov = copysign(sqrt(gate2), innov)
-                        k = p / s2
-                        link.rssi = est = before + k * innov
-                        link.var = (1.0 - k) * p
-                        look = dt if dt < dt_max else dt_max
-                        moved = est - before
-                        look += (moved if moved > 0.0 else -moved) * per_db
-                        tr.seen += 1
-                        if look:
-                            w = look * rate
-                            i = int((est - x_min) * x_res + 0.5)
-                            llr = tr.llr
-                            for si, table in link.model.pairs:
-                                llr[si] += w * table[i]
-                        if t > seen:
-                            tr.last_seen = t
-                            if t > high:
-                                high = t
-                        if t - tr.stepped >= step_s:
-                            evs = step(key, tr, t)
-                            if evs:
-                                out.extend(evs)
-                        continue
-            # the general path; a clock step only comes by tick
-            self._high = high
-            evs = observe(s)
-            high = self._high
-            if evs:
-                out.extend(evs)
-        self._high = high
-        return out
+    def _new_link(self, tr: _Track, receiver: str, rssi: float, t: float) -> _Link:
+        """A link (re)started by an advert: the estimate starts at its RSSI, calibrated for the track's power."""
+        rx = self.receivers[receiver]
+        link = tr.links[receiver] = _Link(float(rssi), self._r, t, self._model(rx, self._ref(rx, tr.tx_power)),
+                                          tr.quiet)
+        return link
 
     # ------------------------------------------------------------ the filter and the decisions
 
