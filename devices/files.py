@@ -293,16 +293,28 @@ def build(parse: Callable[[Any], T], data: Any, error: type[ValueError], source:
 
 # ---------------------------------------------------------------- model parts
 
+def _model_title(model: type) -> str:
+    return model.__name__.removesuffix("File")
+
+
+def _field_title(name: str, _: Any) -> str:
+    return name  # an editor shows the key as written, not "Min Dwell S"
+
+
+_TITLES = ConfigDict(model_title_generator=_model_title, field_title_generator=_field_title)
+
+
 class FileModel(BaseModel):
     """A mapping of a file: unknown keys are refused (a typo would otherwise be silently ignored)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, **_TITLES)
 
 
 class LenientModel(BaseModel):
     """A mapping whose unknown keys the loader has always ignored; its schema flags them, since they do nothing."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True, json_schema_extra={"additionalProperties": False})
+    model_config = ConfigDict(extra="ignore", frozen=True, json_schema_extra={"additionalProperties": False},
+                              **_TITLES)
 
 
 def fail(text: str) -> NoReturn:

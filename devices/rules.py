@@ -805,9 +805,9 @@ def _names(value: Any) -> Any:
 class MatchFile(files.FileModel):
     """The devices a rule applies to (none given: every device)."""
 
-    kind: Annotated[list[Name], BeforeValidator(_names)] = Field(
+    kind: Annotated[list[Name], BeforeValidator(_names, json_schema_input_type=Name | list[Name])] = Field(
         default_factory=list, description="A device kind or a list of them.")
-    devices: Annotated[list[Name], BeforeValidator(_names)] = Field(
+    devices: Annotated[list[Name], BeforeValidator(_names, json_schema_input_type=Name | list[Name])] = Field(
         default_factory=list, description="Device ids (or add to the kinds).")
 
 
@@ -835,8 +835,8 @@ class RuleFile(files.FileModel):
     description: Annotated[str, BeforeValidator(str)] = Field("", description="For people; shown with the alarm.")
     match: Annotated[MatchFile, files.or_empty(dict)] = Field(default_factory=lambda: MatchFile.model_validate({}))
     counters: Annotated[list[CounterFile], files.or_empty(list)] = Field(default_factory=list)
-    create: Annotated[list[LevelFile], BeforeValidator(_levels)] = Field(
-        description="A condition level, or a list of them (one per severity).")
+    create: Annotated[list[LevelFile], BeforeValidator(_levels, json_schema_input_type=LevelFile | list[LevelFile])
+                      ] = Field(description="A condition level, or a list of them (one per severity).")
     clear: ClearField = Field(default_factory=lambda: ClearFile.model_validate({}))
     actions: Annotated[ActionsFile, files.or_empty(dict)] = Field(
         default_factory=lambda: ActionsFile.model_validate({}))

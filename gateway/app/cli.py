@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.app.config import example
@@ -23,6 +24,12 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("amqtt", "transitions", "uvicorn.error", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from gateway.app import schemas
+
+    return schemas.run(args.out, args.check)
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
@@ -76,12 +83,13 @@ def ble_scanner(settings: Any, source: Any) -> Any:
     if not settings.ble.enabled:
         return None
     from beacons.scanner import receiver_check
+    from gateway.app.ble import ble_retry
 
     receiver = settings.ble.receiver or settings.ble.adapter
     warning = receiver_check(receiver, [r.id for r in settings.receivers])
     if warning:
         print(f"gateway run: warning: {warning}", file=sys.stderr)
-    return source(settings.ble.adapter, settings.ble.scanning_mode, receiver=receiver,
+    return source(settings.ble.adapter, settings.ble.scanning_mode, retry=ble_retry(), receiver=receiver,
                   stale_after_s=settings.ble.stale_after_s)
 
 
@@ -277,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("decode", help="decode one raw advertising payload (AD structures as hex)")
     c.add_argument("hex")
     c.set_defaults(func=cmd_decode)
+
+    sc = sub.add_parser("schemas", help="write the file formats' JSON Schemas (campaign, segments, device-rule, "
+                                        "scenario) for editors")
+    sc.add_argument("--out", type=Path, default=Path("docs/schemas"), help="directory (default: docs/schemas)")
+    sc.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file differs")
+    sc.set_defaults(func=cmd_schemas)
 
     db = sub.add_parser("db", help="database maintenance")
     dbs = db.add_subparsers(dest="db_command", required=True)

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field, SkipValidation, WithJsonSchema, model_validator
 from pydantic.json_schema import JsonDict, SkipJsonSchema
 
-from devices.files import FileModel, LenientModel, OneOf, Whole, fail, or_empty
+from devices.files import FileModel, LenientModel, OneOf, Whole, drop_null, fail, or_empty
 from gateway.storage.models import ChannelName, Purpose
 
 PURPOSES: tuple[Purpose, ...] = tuple(Purpose)  # defined with the columns that hold them
@@ -64,7 +64,6 @@ def _weekday(value: Any) -> int:
     return DAYS.index(day)
 
 
-_AT_SCHEMA: JsonDict = {"anyOf": [_HHMM_SCHEMA, {"type": "array", "items": _HHMM_SCHEMA, "minItems": 1}]}
 ClockTime = Annotated[dt.time, BeforeValidator(clock_time), WithJsonSchema(_HHMM_SCHEMA)]
 
 
@@ -119,11 +118,12 @@ class TriggerFile(FileModel):
     above: float | None = Field(None, description="telemetry: fires when the metric crosses up through this.")
     below: float | None = Field(None, description="telemetry: fires when the metric crosses down through this.")
     segment: str | None = Field(None, description="segment_entered: the segment id (none: any segment).")
-    at: Annotated[list[ClockTime], BeforeValidator(_one_or_many)] | None = Field(
-        None, description="schedule: 'HH:MM' or a list of them, store time.",
-        json_schema_extra=_AT_SCHEMA)
+    at: Annotated[list[ClockTime], BeforeValidator(_one_or_many, json_schema_input_type=ClockTime | list[ClockTime]),
+                  Field(json_schema_extra={"minItems": 1})] | None = Field(
+        None, description="schedule: 'HH:MM' or a list of them, store time.", json_schema_extra=drop_null)
     days: Annotated[list[Annotated[Any, AfterValidator(_weekday)]], Field(min_length=1)] = Field(
-        list(range(7)), description="schedule: the weekdays it runs (mon ... sun; default: every day).",
+        list(DAYS), validate_default=True, description="schedule: the weekdays it runs (mon ... sun; default: "
+                                                       "every day).",
         json_schema_extra={"items": {"type": "string", "enum": list(DAYS)}})
     within_s: float = Field(3600.0, gt=0, description="schedule: a run missed (gateway down) still happens this "
                                                        "long after its time.")
@@ -220,6 +220,13 @@ class ExperimentFile(LenientModel):
 
 class CampaignFile(FileModel):
     """A campaign: a trigger, conditions, an action and limits (docs/campaigns.md)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            fail("a campaign is a mapping")
+        return data
 
     id: Annotated[str, AfterValidator(_campaign_id)] = Field(
         description="1-128 letters, digits, '-', '_' or '.'; unique among the campaigns.",
