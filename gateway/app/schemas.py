@@ -74,8 +74,3 @@ def run(out: Path, check: bool) -> int:
         print(path)
     return 0
 
-
-if __name__ == "__main__":  # the same as ``gateway schemas``
-    from gateway.app.cli import main
-
-    sys.exit(main(["schemas", *sys.argv[1:]]))
