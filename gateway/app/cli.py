@@ -83,13 +83,12 @@ def ble_scanner(settings: Any, source: Any) -> Any:
     if not settings.ble.enabled:
         return None
     from beacons.scanner import receiver_check
-    from gateway.app.ble import ble_retry
 
     receiver = settings.ble.receiver or settings.ble.adapter
     warning = receiver_check(receiver, [r.id for r in settings.receivers])
     if warning:
         print(f"gateway run: warning: {warning}", file=sys.stderr)
-    return source(settings.ble.adapter, settings.ble.scanning_mode, retry=ble_retry(), receiver=receiver,
+    return source(settings.ble.adapter, settings.ble.scanning_mode, receiver=receiver,
                   stale_after_s=settings.ble.stale_after_s)
 
 
