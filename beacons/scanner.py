@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from beacons.types import Advertisement
@@ -78,28 +76,11 @@ def _or_patterns() -> list[Any]:
     ]
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with downward jitter, capped.
+class RetryDelays(Protocol):
+    """How long a failed restart waits: ``delay(attempts)`` seconds after ``attempts`` failures in a row (1 for
+    the first). The entry points pass the gateway's one backoff (``gateway.delivery.backoff.Backoff``)."""
 
-    Delay n lies in [b * (1 - jitter), b] with b = min(max_s, initial_s * factor**n).
-
-    Jitter keeps several gateways (or adapters) that lost the radio together from retrying in step;
-    jittering downwards keeps the cap a hard cap.
-    """
-
-    initial_s: float = 1.0
-    factor: float = 2.0
-    max_s: float = 60.0
-    jitter: float = 0.2
-
-    def __post_init__(self) -> None:
-        if self.initial_s <= 0 or self.factor < 1 or self.max_s < self.initial_s or not 0 <= self.jitter < 1:
-            raise ValueError("retry policy needs initial_s > 0, factor >= 1, max_s >= initial_s, 0 <= jitter < 1")
-
-    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
-        base = min(self.max_s, self.initial_s * self.factor ** min(attempt, 64))
-        return base * (1.0 - self.jitter * rand())
+    def delay(self, attempts: int) -> float: ...
 
 
 Sleep = Callable[[float], Awaitable[Any]]
@@ -128,8 +109,9 @@ class BleakSource:
     - Passive scanning with ``or_patterns`` needs BlueZ's AdvertisementMonitor (BlueZ >= 5.56 with
       ``--experimental``, kernel >= 5.10); when it is refused we scan actively and say so at start.
     - A watchdog restarts the scan when nothing arrives for ``watchdog_s`` (BlueZ can stop delivering
-      without any error); a restart that fails (adapter gone, busy, resetting) is retried with
-      exponential backoff + jitter, capped, until it works or the source is stopped.
+      without any error); a restart that fails (adapter gone, busy, resetting) is retried after
+      ``retry``'s delays (the entry points give a capped exponential backoff with jitter) until it works
+      or the source is stopped.
     - ``sleep`` and ``clock`` are injectable so tests drive the watchdog and backoff without waiting.
 
     Only the first start fails loudly (``ScannerUnavailable``), so ``gateway run`` exits with a clear
@@ -139,9 +121,8 @@ class BleakSource:
     name = "bleak"
 
     def __init__(self, adapter: str = "hci0", scanning_mode: str = "passive",
-                 backend: type[Any] | None = None, *, receiver: str | None = None, watchdog_s: float = 30.0,
-                 retry: RetryPolicy | None = None, sleep: Sleep | None = None,
-                 clock: Callable[[], float] | None = None, rand: Callable[[], float] | None = None,
+                 backend: type[Any] | None = None, *, retry: RetryDelays, receiver: str | None = None,
+                 watchdog_s: float = 30.0, sleep: Sleep | None = None, clock: Callable[[], float] | None = None,
                  stale_after_s: float = 0.0) -> None:
         if scanning_mode not in ("passive", "active"):
             raise ValueError(f"scanning_mode must be 'passive' or 'active', not {scanning_mode!r}")
@@ -158,10 +139,9 @@ class BleakSource:
         self.scanning_mode = scanning_mode
         self.backend = backend
         self.watchdog_s = float(watchdog_s)
-        self.retry = retry or RetryPolicy()
+        self.retry = retry
         self._sleep: Sleep = sleep or asyncio.sleep
         self._clock = clock or time.time
-        self._rand = rand or random.random
         self._scanner: Any = None
         self._sink: Sink | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -309,8 +289,8 @@ class BleakSource:
                 await self._open()
             except Exception as exc:
                 self.start_failures += 1
-                delay = self.retry.delay(attempt, self._rand)
                 attempt += 1
+                delay = self.retry.delay(attempt)
                 self.delays = [*self.delays[-31:], delay]
                 self._state = f"retrying ({type(exc).__name__}: {exc})"
                 log.warning("adapter %s cannot scan (%s: %s): retry %d in %.1f s",

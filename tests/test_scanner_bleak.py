@@ -22,8 +22,10 @@ import pytest
 from beacons.bleak_virtual import VirtualAdapter, VirtualAir, advertisement_data
 from beacons.encode import ad_structure, altbeacon_payload, eddystone_uid_payload, ibeacon_payload
 from beacons.parse import parse_advertisement
-from beacons.scanner import BleakSource, RetryPolicy, ScannerGroup, ScannerUnavailable
+from beacons.scanner import BleakSource, ScannerGroup, ScannerUnavailable
 from beacons.types import Advertisement
+from gateway.app.ble import ble_retry
+from gateway.delivery.backoff import Backoff
 from simulators.radio import expected_rssi
 from simulators.scenario import Radio, Receiver, load_scenario
 from simulators.store_sim import StoreSimulator
@@ -101,6 +103,7 @@ async def _beacon(air: VirtualAir, prop: RadioPropagation, payload: bytes, at: t
 
 
 def _source(air: VirtualAir, **kwargs: object) -> BleakSource:
+    kwargs.setdefault("retry", ble_retry())
     return BleakSource("hci0", backend=air.backend(), receiver="rx-test", **kwargs)  # type: ignore[arg-type]
 
 
@@ -182,7 +185,7 @@ async def test_passive_scan_delivers_only_or_pattern_matches_active_delivers_all
         await until(lambda: calls["n"] >= 40, "40 adverts on the air")
         assert other not in counts and sum(counts.values()) > 0
         await passive.stop()
-        active = BleakSource("hci0", "active", backend=air.backend())
+        active = BleakSource("hci0", "active", backend=air.backend(), retry=ble_retry())
         await active.start(lambda a: counts.__setitem__(a.address, counts[a.address] + 1))
         await until(lambda: other in counts, "the non-beacon advert in active mode")
         await active.stop()
@@ -198,7 +201,7 @@ async def test_first_start_failure_is_loud_and_names_the_way_out() -> None:
     with pytest.raises(ScannerUnavailable, match=r"'hci0'.*--adapter hciN.*--no-ble"):
         await source.start(lambda a: None)
     assert source.state() == "unavailable"
-    missing = BleakSource("hci7", backend=air.backend())
+    missing = BleakSource("hci7", backend=air.backend(), retry=ble_retry())
     with pytest.raises(ScannerUnavailable, match="adapter 'hci7' not found"):
         await missing.start(lambda a: None)
     await air.close()
@@ -239,9 +242,8 @@ async def test_vanished_adapter_is_retried_with_capped_jittered_backoff_until_it
     air, prop, adapter = await _air()
     await _beacon(air, prop, ibeacon_payload(UUID, 1, 1), (1.0, 0.0))
     fake = FakeTime()
-    retry = RetryPolicy(initial_s=1.0, factor=2.0, max_s=8.0, jitter=0.2)
-    source = _source(air, watchdog_s=10.0, sleep=fake.sleep, clock=fake.clock, retry=retry,
-                     rand=random.Random(7).random)
+    retry = Backoff(base_s=1.0, factor=2.0, max_s=8.0, jitter=0.2, rng=random.Random(7).random)
+    source = _source(air, watchdog_s=10.0, sleep=fake.sleep, clock=fake.clock, retry=retry)
     got: list[Advertisement] = []
     try:
         await source.start(got.append)
@@ -325,12 +327,19 @@ def test_advertisement_data_is_filled_as_bleaks_bluez_backend_fills_it() -> None
                                  "6e400001-b5a3-f393-e0a9-e50e24dcca9e": b"\x01"}
 
 
-def test_retry_policy_rejects_nonsense() -> None:
-    for bad in ({"initial_s": 0}, {"factor": 0.5}, {"max_s": 0.5}, {"jitter": 1.0}):
-        with pytest.raises(ValueError):
-            RetryPolicy(**bad)  # type: ignore[arg-type]
+def test_a_scanning_mode_that_does_not_exist_is_refused() -> None:
     with pytest.raises(ValueError):
-        BleakSource("hci0", "aggressive")
+        BleakSource("hci0", "aggressive", retry=ble_retry())
+
+
+def test_the_entry_points_restart_delays_are_the_scanners_schedule_for_as_long_as_it_fails() -> None:
+    """1 s doubling to 60 s, each up to 20 % shorter; still 60 s at most after a day and more of failures."""
+    shortest, longest = ble_retry(), ble_retry()
+    shortest.rng, longest.rng = (lambda: 1.0), (lambda: 0.0)  # the jitter's two ends
+    for attempts in range(1, 12):
+        base = min(60.0, 2.0 ** (attempts - 1))
+        assert (shortest.delay(attempts), longest.delay(attempts)) == pytest.approx((0.8 * base, base))
+    assert 48.0 <= ble_retry().delay(5000) <= 60.0  # no overflow: the scanner retries until the adapter returns
 
 
 async def test_virtual_store_walkers_are_heard_per_receiver_through_bleak() -> None:
@@ -345,7 +354,7 @@ async def test_virtual_store_walkers_are_heard_per_receiver_through_bleak() -> N
     present = {w.key for w in sim.people_present(clock["t"])}
     assert store.beacon_count == len(present) > 0
     got: list[Advertisement] = []
-    group = ScannerGroup(store.sources())
+    group = ScannerGroup(store.sources(retry=ble_retry()))
     try:
         await group.start(got.append)
         await until(lambda: len(_by_identity(got)) == len(present), "every present tag heard", timeout=15.0)

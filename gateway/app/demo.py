@@ -19,6 +19,7 @@ from beacons.scanner import BleakSource, InjectionScanner, ScannerGroup
 from devices.broker import ensure_broker
 from devices.mqtt import MqttIntake
 from devices.mqtt import MqttSettings as IntakeSettings
+from gateway.app.ble import ble_retry
 from gateway.app.config import ApiSettings, CampaignSettings, DatabaseSettings, Settings, example
 from gateway.app.runtime import Runtime
 from gateway.app.scenarios import apply_scenario, enrol
@@ -69,7 +70,7 @@ async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yam
     if radio == "virtual":
         virtual = VirtualStore(StoreSimulator(scenario, start=clock.now(), seed=seed, duration_s=8 * 3600),
                                clock=clock.now)
-        sources = virtual.sources(clock=clock.now)
+        sources = virtual.sources(clock=clock.now, retry=ble_retry())
         scanner = ScannerGroup(sources)
     else:
         scanner = InjectionScanner()

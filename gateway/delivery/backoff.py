@@ -25,5 +25,8 @@ class Backoff:
 
     def delay(self, attempts: int) -> float:
         """Seconds to wait after ``attempts`` failed attempts (1 for the first failure)."""
-        full = min(self.max_s, self.base_s * self.factor ** max(0, attempts - 1))
+        try:
+            full = min(self.max_s, self.base_s * self.factor ** max(0, attempts - 1))
+        except OverflowError:  # past about 1,000 doublings (a caller that retries for ever, the BLE scanner)
+            full = self.max_s
         return full * (1.0 - self.jitter * self.rng())
