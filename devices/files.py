@@ -256,10 +256,26 @@ def path_text(loc: Loc, data: Any) -> str:
     return out
 
 
+def as_written(loc: Loc, data: Any) -> Loc:
+    """``loc`` without the ``[0]`` of a one-or-many field written as one (``create: {...}``, ``at: '10:00'``)."""
+    out: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            if part == 0 and not (isinstance(node, Sequence) and not isinstance(node, str)):
+                continue
+            node = node[part] if isinstance(node, Sequence) and not isinstance(node, str) and \
+                -len(node) <= part < len(node) else None
+        else:
+            node = node.get(part) if isinstance(node, Mapping) else None
+        out.append(part)
+    return tuple(out)
+
+
 def message(found: Sequence[Problem], doc: Document | None, data: Any, source: str) -> str:
     """One line per problem: ``file:line: path: message`` (no line for data that came from no file)."""
     lines = []
-    for p in found[:MAX_SHOWN]:
+    for p in [Problem(as_written(p.loc, data), p.message) for p in found[:MAX_SHOWN]]:
         where = f"{source}:{doc.line(p.loc)}" if doc is not None and doc.line(p.loc) is not None else source
         path = path_text(p.loc, data)
         text = p.message if not path or p.message.startswith(path) else f"{path}: {p.message}"

@@ -270,6 +270,8 @@ def build(mutants_per_doc: int = 40, seed: int = 20240611) -> dict[str, Any]:
                     continue
             bases[f"tests#{n}"] = [rec["format"], rec["doc"]]
     cases = []
+    # As the snapshot stores them (keys sorted), so that str() of a mapping reads the same when checked.
+    bases = {name: json.loads(json.dumps(base, sort_keys=True)) for name, base in bases.items()}
     for name, (fmt, doc) in bases.items():
         cases.append({"base": name, "edits": [], **outcome(fmt, doc)})
         many = 6 if name.startswith("tests#") else mutants_per_doc * SCALE.get(fmt, 1)
