@@ -83,13 +83,14 @@ def ble_scanner(settings: Any, source: Any) -> Any:
     if not settings.ble.enabled:
         return None
     from beacons.scanner import receiver_check
+    from gateway.app.ble import ble_retry
 
     receiver = settings.ble.receiver or settings.ble.adapter
     warning = receiver_check(receiver, [r.id for r in settings.receivers])
     if warning:
         print(f"gateway run: warning: {warning}", file=sys.stderr)
     return source(settings.ble.adapter, settings.ble.scanning_mode, receiver=receiver,
-                  stale_after_s=settings.ble.stale_after_s)
+                  stale_after_s=settings.ble.stale_after_s, retry=ble_retry())
 
 
 def with_ble_flags(settings: Settings, adapter: str | None, no_ble: bool) -> Settings:
@@ -99,6 +100,15 @@ def with_ble_flags(settings: Settings, adapter: str | None, no_ble: bool) -> Set
     ble = dataclasses.replace(settings.ble, adapter=adapter or settings.ble.adapter,
                               enabled=settings.ble.enabled and not no_ble)
     return settings.model_copy(update={"ble": ble})
+
+
+def with_presence_flags(settings: Settings, record: str | None, calibration: str | None) -> Settings:
+    """The settings with `run`'s --record and --calibration over the file's [presence] (a copy)."""
+    if not record and not calibration:
+        return settings
+    presence = dataclasses.replace(settings.presence, record_dir=record or settings.presence.record_dir,
+                                   calibration=calibration or settings.presence.calibration)
+    return settings.model_copy(update={"presence": presence})
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -112,6 +122,7 @@ async def _run(args: argparse.Namespace) -> int:
 
     setup_logging(settings.logging, secrets_of(settings), verbose=args.verbose)  # [logging]: text or JSON lines
     settings = with_ble_flags(settings, args.adapter, args.no_ble)
+    settings = with_presence_flags(settings, args.record, args.calibration)
     scanner = ble_scanner(settings, BleakSource)
     mqtt = None
     if settings.mqtt.enabled:
@@ -138,7 +149,13 @@ async def _run(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from gateway.app.replay import main as replay_main
 
-    return replay_main(args.trace, args.config, args.labels)
+    return replay_main(args.trace, args.config, args.labels, calibration=args.calibration)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from gateway.app.calibrate import main as calibrate_main
+
+    return calibrate_main(args.trace, labels=args.labels, config=args.config, out=args.out)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -264,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", default=None, help="gateway.toml (see examples/gateway.toml)")
     r.add_argument("--adapter", default=None, help="Bluetooth adapter, e.g. hci0")
     r.add_argument("--no-ble", action="store_true", help="run without a Bluetooth adapter")
+    r.add_argument("--record", default=None, metavar="DIR",
+                   help="write every sighting to hourly trace files in DIR (over [presence] record_dir)")
+    r.add_argument("--calibration", default=None, metavar="FILE",
+                   help="a file from `gateway calibrate` (over [presence] calibration)")
     r.set_defaults(func=cmd_run)
 
     rp = sub.add_parser("replay", help="a trace CSV through the presence tracker in virtual time: one JSON "
@@ -271,7 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("trace", help="time,receiver,beacon,rssi[,tx_power] (docs/presence.md)")
     rp.add_argument("--config", required=True, help="gateway.toml with the trace's [[receivers]]")
     rp.add_argument("--labels", default=None, help="beacon,start,end,zone: where each beacon really was")
+    rp.add_argument("--calibration", default=None, metavar="FILE",
+                    help="a file from `gateway calibrate` (over the config's [presence] calibration)")
     rp.set_defaults(func=cmd_replay)
+
+    ca = sub.add_parser("calibrate", help="learn receivers and zone signatures from a labelled walk: a TOML file "
+                                          "for --calibration, and a report of how well each zone stands apart")
+    ca.add_argument("trace", help="the walk's trace CSV (time,receiver,beacon,rssi[,tx_power])")
+    ca.add_argument("--labels", required=True, help="beacon,start,end,zone: where the walker was")
+    ca.add_argument("--config", required=True, help="gateway.toml with the [[receivers]] (and [[zones]])")
+    ca.add_argument("--out", required=True, help="the calibration TOML to write")
+    ca.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("simulate", help="a store day in virtual time, then a summary")
     s.add_argument("--scenario", default=example("examples/store.yaml"))

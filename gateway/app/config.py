@@ -37,7 +37,7 @@ from sqlalchemy.exc import ArgumentError
 from gateway.delivery.webhook import WebhookSettings
 from gateway.delivery.webpush import WebPushSettings
 from gateway.errors import ConfigError
-from gateway.presence.settings import PresenceSettings, ReceiverSettings
+from gateway.presence.settings import FloorZone, PresenceSettings, ReceiverSettings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 """The repository's examples/, installed with the package (a link in the source tree)."""
@@ -289,6 +289,7 @@ class Settings(BaseSettings):
     figures: FigureSettings = Field(default_factory=FigureSettings)
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
     receivers: list[ReceiverSettings] = Field(default_factory=list)
+    zones: list[FloorZone] = Field(default_factory=list)
     data_dir: str = "data"
 
     @classmethod

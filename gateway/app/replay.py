@@ -144,7 +144,7 @@ def run_replay(trace: Path, settings: PresenceSettings, receivers: list[Receiver
 
 
 def main(trace: str, config: str, labels_path: str | None, out: IO[str] | None = None,
-         err: IO[str] | None = None) -> int:
+         err: IO[str] | None = None, *, calibration: str | None = None) -> int:
     """The subcommand: 0 on success (bad rows only reported), 2 on a config or file that cannot be used."""
     out, err = out or sys.stdout, err or sys.stderr
     try:

@@ -25,6 +25,7 @@ class ReceiverSettings:
     zones: list[ZoneBand] = field(default_factory=list)
     measured_power: int | None = None  # RSSI at 1 m; None: use the beacon's advertised tx power
     path_loss_exponent: float = 2.0
+    position: list[float] | None = None  # [x, y] metres on the floor plan ([[zones]] polygons); optional
 
     def __post_init__(self) -> None:
         if not isinstance(self.path_loss_exponent, int | float) or not self.path_loss_exponent > 0:
@@ -33,6 +34,20 @@ class ReceiverSettings:
         if self.measured_power is not None and not -127 < self.measured_power < 0:
             raise ConfigError(f"receivers: {self.id!r} measured_power must be in (-127, 0) dBm, "
                               f"got {self.measured_power!r}")
+        if self.position is not None and (len(self.position) != 2 or not all(
+                isinstance(v, int | float) and v == v and abs(v) != float("inf") for v in self.position)):
+            raise ConfigError(f"receivers: {self.id!r} position must be [x, y] in metres, got {self.position!r}")
+
+
+@dataclass
+class FloorZone:
+    """A zone on the floor plan (``[[zones]]``): its polygon, and the zones one can walk to from it that
+    the polygons do not show as touching (a door, an aisle). Which zones adjoin is the tracker's
+    transition prior: nobody jumps from the entrance to the checkout."""
+
+    name: str
+    polygon: list[list[float]] = field(default_factory=list)  # [[x, y], ...] metres, at least 3 corners
+    adjacent: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -55,6 +70,8 @@ class PresenceSettings:
     direct_share: float = 0.2  # prior: share of zone stays that end straight in another zone
     enter_posterior: float = 0.6  # from no zone: enter a zone once its posterior reaches this
     switch_posterior: float = 0.995  # from a zone: move once its own posterior falls to 1 - this
+    calibration: str = ""  # a file from `gateway calibrate` (learned receivers and zone signatures); empty: none
+    record_dir: str = ""  # write every sighting to hourly trace files here (`gateway replay`); empty: off
 
     def __post_init__(self) -> None:
         if self.rssi_filter not in ("kalman", "ema"):
