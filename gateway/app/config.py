@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from pydantic_core import ErrorDetails
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -37,6 +37,7 @@ from sqlalchemy.exc import ArgumentError
 from gateway.delivery.webhook import WebhookSettings
 from gateway.delivery.webpush import WebPushSettings
 from gateway.errors import ConfigError
+from gateway.presence import floor
 from gateway.presence.settings import FloorZone, PresenceSettings, ReceiverSettings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -305,6 +306,16 @@ class Settings(BaseSettings):
     def _one_string_spellings(cls, value: Any, info: ValidationInfo) -> Any:
         assert info.field_name is not None
         return _spelled(value, cls.model_fields[info.field_name].annotation)
+
+    @model_validator(mode="after")
+    def _floor_plan(self) -> Settings:
+        """[[zones]] (gateway/presence/floor.py): raised at each entry's own place, so the error names its line."""
+        found = floor.problems(self.zones, [[b.name for b in r.zones] for r in self.receivers])
+        if found:
+            raise ValidationError.from_exception_data("Settings", [
+                InitErrorDetails(type=PydanticCustomError("floor_plan", message), loc=loc, input=value)
+                for loc, message, value in found])
+        return self
 
 
 # ---------------------------------------------------------------- lists and tables written as one string
