@@ -86,10 +86,6 @@ class VirtualStore:
         return [BleakSource(adapter, backend=backend, receiver=rx_id, **kwargs)
                 for rx_id, adapter in self.adapter_of.items()]
 
-    @property
-    def beacon_count(self) -> int:
-        return len(self._live)
-
     async def sync(self) -> None:
         """Start beacons for walkers who arrived, stop those of walkers who left."""
         sim, now = self.sim, self.clock()

@@ -232,7 +232,7 @@ async def run_realtime(
     Readings come from ``since`` (default: the model's start) up to ``clock.now()``; a last
     pass runs after ``stop_event`` is set so nothing due is skipped. Publishing blocks on
     acks, so it runs in a worker thread to keep the event loop (the gateway) responsive.
-    Returns how many readings were published.
+    Returns how many readings were published. ``gateway demo`` runs its products' telemetry with it.
     """
     last = model.start if since is None else since
     sent = 0
@@ -248,7 +248,6 @@ async def run_realtime(
             return sent
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop_event.wait(), tick_s)
-
 
 
 # ---------------------------------------------------------------------------------------

@@ -245,16 +245,16 @@ def test_actions_leave_only_after_the_commit(tmp_path: Path) -> None:
     with db.session() as s:
         s.add(Device(id="d1", kind="k", state={}))
     with pytest.raises(RuntimeError), db.session() as s:
-        rules.on_readings(s, [Reading("d1", "s1", T0, {"t": 9.0})])
+        rules.on_batch(s, [Reading("d1", "s1", T0, {"t": 9.0})])
         raise RuntimeError("the batch fails after the rules ran")
     assert sent == []  # rolled back: nothing was announced, and nothing is stored
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(Alarm)) == 0
-        rules.on_readings(s, [Reading("d1", "s1", T0, {"t": 9.0})])
+        rules.on_batch(s, [Reading("d1", "s1", T0, {"t": 9.0})])
         assert sent == []  # not before the commit either
     assert sent == [("alert", "active"), ("command", "cool")]
     with db.session() as s:  # an update of the raised alarm is not news: no second alert, no second command
-        rules.on_readings(s, [Reading("d1", "s1", T0 + 60, {"t": 10.0})])
+        rules.on_batch(s, [Reading("d1", "s1", T0 + 60, {"t": 10.0})])
     assert len(sent) == 2
     calls: list[int] = []
     with db.session() as s:  # after_commit is per transaction: a later one runs only its own effects
@@ -361,7 +361,7 @@ def test_a_quarantined_device_raises_nothing(tmp_path: Path) -> None:
         s.add(Device(id="new", kind="k", state={}, quarantined=True))
         s.add(Device(id="known", kind="k", state={}))
     with db.session() as s:
-        rules.on_readings(s, [Reading("new", "s1", T0, {"t": 9.0}), Reading("known", "s1", T0, {"t": 9.0})])
+        rules.on_batch(s, [Reading("new", "s1", T0, {"t": 9.0}), Reading("known", "s1", T0, {"t": 9.0})])
     with db.session() as s:
         assert [a.device_id for a in s.scalars(select(Alarm))] == ["known"]
         assert s.get(RuleStateRecord, ("new", "hot")) is None

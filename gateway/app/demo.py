@@ -29,8 +29,7 @@ from simulators.carts import cart_upserts
 from simulators.scenario import load_scenario
 from simulators.store_sim import StoreSimulator
 from simulators.virtual_radio import VirtualStore
-from simulators.wearables import MqttPublisher, TelemetryModel, topic_for
-from simulators.wearables import payload as telemetry_payload
+from simulators.wearables import MqttPublisher, TelemetryModel, run_realtime
 
 log = logging.getLogger("gateway.app.demo")
 
@@ -75,7 +74,9 @@ async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yam
     else:
         scanner = InjectionScanner()
     runtime = Runtime(settings, clock=clock, scanner=scanner, mqtt=intake)
-    publisher = None
+    publisher: MqttPublisher | None = None
+    telemetry: asyncio.Task[int] | None = None
+    telemetry_stop = asyncio.Event()  # set on the way out, whatever ended the demo
     try:
         if virtual is not None:
             await virtual.start()
@@ -104,27 +105,30 @@ async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yam
 
         sim = virtual.sim if virtual is not None else StoreSimulator(scenario, start=now, seed=seed,
                                                                      duration_s=8 * 3600)
-        telemetry = TelemetryModel(scenario, start=now, seed=seed)
         publisher = MqttPublisher("127.0.0.1", mqtt_port, protocol=broker.protocol)
         await asyncio.to_thread(publisher.connect)
-        last_adv = last_tel = now
+        # The products' telemetry is the simulator's own real-time loop, over the same MQTT door.
+        telemetry = asyncio.create_task(run_realtime(TelemetryModel(scenario, start=now, seed=seed), publisher,
+                                                     runtime.clock, telemetry_stop))
+        last_adv = now
         while not stop.is_set():
+            if telemetry.done():
+                await telemetry  # it only ends early on a failed publish: raise that here
             t = runtime.clock.now()
             if virtual is not None:
                 await virtual.sync()
             else:
                 runtime.inject(sim.advertisements(last_adv, t))
             last_adv = t
-            if t - last_tel >= 1.0:
-                rows = telemetry.readings(last_tel, t)
-                last_tel = t
-                for device_id, ts, metrics in rows:
-                    topic = topic_for(scenario.store.id, device_id)
-                    await asyncio.to_thread(publisher.publish, topic, telemetry_payload(ts, metrics))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
     finally:
         print("\nstopping...", flush=True)
+        telemetry_stop.set()
+        if telemetry is not None:
+            ended = (await asyncio.gather(telemetry, return_exceptions=True))[0]  # its last pass: what fell due
+            if isinstance(ended, Exception):
+                log.warning("telemetry publishing stopped: %s", ended)
         if publisher is not None:
             await asyncio.to_thread(publisher.close)
         await runtime.stop()

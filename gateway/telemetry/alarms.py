@@ -130,13 +130,6 @@ class DeviceRules:
 
     # ------------------------------------------------------------ inputs
 
-    def on_readings(self, s: Session, readings: Iterable[Reading],
-                    devices: Mapping[str, Device] | None = None) -> list[int]:
-        """Accepted readings, in time order, inside the batch's transaction. Returns notifications to send now."""
-        if not self.rules:
-            return []
-        return self._run(s, [(r.device_id, sample_from_metrics(r.time, r.metrics)) for r in readings], devices)
-
     def on_batch(self, s: Session, readings: Iterable[Reading], events: Iterable[DeviceEvent] = (),
                  devices: Mapping[str, Device] | None = None) -> list[int]:
         """A telemetry batch's accepted readings and device events, merged in time order."""
