@@ -61,6 +61,8 @@ class ApiContext:
     """The Prometheus exposition text for /metrics (the runtime's counters); None: the API's own streams only."""
     presence: Callable[[], dict[str, Any]] | None = None
     """Who is in which zone now (called on the event loop, where the tracker lives); None: 503."""
+    presence_profile: Callable[[int], list[dict[str, Any]]] | None = None
+    """One enrolled profile's last zone switches with their evidence, newest first; None: 503."""
     devices: Any = None
     """The device registry (gateway.profiles.devices.DeviceRegistry) for /v1/devices; None: 503."""
     alarms: Any = None

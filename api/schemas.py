@@ -472,14 +472,35 @@ class ZonePresence(BaseModel):
     total: int
 
 
+class ZoneSwitchOut(BaseModel):
+    """An enrolled customer entered or left a zone, and what the tracker had heard when it decided."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "profile_id": 7, "event": "enter", "zone": "shoes", "time": 1780300812.5, "since": 1780300812.0,
+        "why": None}]})
+    profile_id: int
+    event: str = Field(description="enter or exit")
+    zone: str | None
+    time: float = Field(description="When the gateway decided (epoch seconds)")
+    since: float | None = Field(description="When the stay began: the enter's time, or the exited stay's start")
+    why: dict[str, Any] | None = Field(
+        default=None, description="The tracker's evidence for the switch (receivers heard, filtered RSSI, "
+                                  "posterior before and after), when it gives one")
+
+
 class PresenceOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "at": 1780300800.0, "enrolled": 1, "anonymous": 2,
-        "zones": [{"zone": "shoes", "profiles": [7], "enrolled": 1, "anonymous": 2, "total": 3}]}]})
+        "zones": [{"zone": "shoes", "profiles": [7], "enrolled": 1, "anonymous": 2, "total": 3}],
+        "recent": [{"profile_id": 7, "event": "enter", "zone": "shoes", "time": 1780300790.5,
+                    "since": 1780300790.0, "why": None}]}]})
     at: float
     zones: list[ZonePresence]
     enrolled: int
     anonymous: int
+    recent: list[ZoneSwitchOut] = Field(
+        default_factory=list, description="The newest zone switches of enrolled customers, newest first "
+                                          "(kept in memory, a few per customer; unknown identities never)")
 
 
 class AdminNotificationOut(NotificationOut):

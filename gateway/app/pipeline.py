@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -26,6 +27,7 @@ from devices.rules import load_rules
 from gateway.app.config import ConfigError, Settings
 from gateway.campaigns.model import CHANNELS, Campaign, CampaignIndex, Segment
 from gateway.engine.engine import Engine, EngineEvent, FrequencyCap, Outcome
+from gateway.presence.record import TraceRecorder
 from gateway.presence.tracker import PresenceEvent, PresenceTracker
 from gateway.presence.visits import Visits
 from gateway.profiles import carts
@@ -43,6 +45,79 @@ OutcomeHook = Callable[[Outcome, EngineEvent], None]
 CART_SCAN_S = 5.0  # how often (clock time) carts are checked for abandonment and purchases
 OFFLINE_SCAN_S = 5.0  # how often devices are checked for missed reporting intervals
 PURGE_EVERY_S = 3600.0  # how often telemetry retention runs
+SWITCHES_PER_PROFILE = 5  # zone switches (enter / exit) kept per enrolled profile, for GET /v1/presence
+SWITCH_PROFILES = 1000  # profiles whose switches are kept (the ones that switched last)
+SWITCHES_SHOWN = 20  # the newest switches, over all profiles, in GET /v1/presence
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneSwitch:
+    """An enrolled profile entered or left a zone, with the tracker's evidence when it gives one."""
+
+    profile_id: int
+    kind: str  # enter / exit
+    zone: str | None
+    time: float
+    since: float | None  # when the stay began
+    why: dict[str, Any] | None = None
+
+
+def evidence(ev: PresenceEvent) -> dict[str, Any] | None:
+    """The event's ``why`` (what the tracker heard and believed) as plain data, if the tracker gave one."""
+    why = getattr(ev, "why", None)
+    if why is None:
+        return None
+    if is_dataclass(why) and not isinstance(why, type):
+        return asdict(why)
+    if isinstance(why, dict):
+        return dict(why)
+    return {"detail": str(why)}
+
+
+class ZoneSwitches:
+    """The last few zone switches of enrolled profiles, in memory and bounded (written on the worker,
+    read on the loop through ``snapshot``). Anonymous identities never get here: they have no profile."""
+
+    def __init__(self, per_profile: int = SWITCHES_PER_PROFILE, profiles: int = SWITCH_PROFILES) -> None:
+        self._per, self._max = per_profile, profiles
+        self._by_profile: OrderedDict[int, deque[ZoneSwitch]] = OrderedDict()
+
+    def add(self, sw: ZoneSwitch) -> None:
+        q = self._by_profile.get(sw.profile_id)
+        if q is None:
+            q = self._by_profile[sw.profile_id] = deque(maxlen=self._per)
+            while len(self._by_profile) > self._max:
+                self._by_profile.popitem(last=False)
+        else:
+            self._by_profile.move_to_end(sw.profile_id)
+        q.append(sw)
+
+    def forget(self, profile_id: int) -> None:
+        self._by_profile.pop(profile_id, None)
+
+    def of(self, profile_id: int) -> list[ZoneSwitch]:
+        """One profile's switches, newest first (any thread: a copy taken under the GIL, tried again if the
+        worker changed it meanwhile)."""
+        for _ in range(10):
+            try:
+                return list(reversed(self._by_profile.get(profile_id, ())))
+            except RuntimeError:
+                continue
+        return []
+
+    def newest(self, n: int = SWITCHES_SHOWN) -> list[ZoneSwitch]:
+        """The newest ``n`` over every profile, newest first (any thread, as ``of``)."""
+        for _ in range(10):
+            try:
+                queues = list(self._by_profile.values())
+                every = [sw for q in queues for sw in list(q)]
+                break
+            except RuntimeError:
+                continue
+        else:
+            return []
+        every.sort(key=lambda sw: sw.time, reverse=True)
+        return every[:n]
 
 
 def log_outcome(o: Outcome, ev: EngineEvent) -> None:
@@ -76,9 +151,11 @@ class Pipeline:
     def __init__(self, settings: Settings, db: Database, campaigns: CampaignIndex,
                  identities: IdentityIndex, on_outcome: OutcomeHook | None = None,
                  guard: GuardSettings | None = None, segments: Sequence[Segment] = (),
-                 intake: TelemetryIntake | None = None, channels: Sequence[str] = CHANNELS) -> None:
+                 intake: TelemetryIntake | None = None, channels: Sequence[str] = CHANNELS,
+                 recorder: TraceRecorder | None = None) -> None:
         """``intake``: the MQTT intake when one runs: its counters join ``stats()``, and device rules send
-        commands and staff alerts through it. ``channels``: the ones configured, which can carry a send."""
+        commands and staff alerts through it. ``channels``: the ones configured, which can carry a send.
+        ``recorder``: every sighting presence observes is written to it (``[presence] record_dir``)."""
         self.settings = settings
         self.db = db
         self.store_id = settings.store.id  # written on every visit, stay and footfall row (figures per store)
@@ -109,6 +186,8 @@ class Pipeline:
         self.mqtt_stats: Callable[[], dict[str, Any]] | None = intake.stats if intake is not None else None
         self._last_offline_scan = float("-inf")
         self._last_purge = float("-inf")
+        self.recorder = recorder
+        self.switches = ZoneSwitches()
 
     # ------------------------------------------------------------ BLE
 
@@ -117,7 +196,10 @@ class Pipeline:
         frame, then one engine transaction for the drain's presence events."""
         batch = adverts if isinstance(adverts, list) else list(adverts)
         # The guard never reads presence, so the drain is admitted first, then observed in one call.
-        events = self.presence.observe_many(self.guard.sightings(parse_adverts(batch, self.parse_stats)))
+        sightings = self.guard.sightings(parse_adverts(batch, self.parse_stats))
+        if self.recorder is not None:  # one buffered write per drain; the tick flushes
+            self.recorder.write(sightings)
+        events = self.presence.observe_many(sightings)
         self.figures["adverts"] += len(batch)
         return self.handle_presence(events) if events else []
 
@@ -133,6 +215,8 @@ class Pipeline:
         """Sightings other receivers resolved (ESPresense nodes, the shop's app): the advert path
         from presence on. No guard: they carry no address, and unmapped ids never got this far."""
         batch = sightings if isinstance(sightings, list) else list(sightings)
+        if self.recorder is not None:
+            self.recorder.write(batch)
         events = self.presence.observe_many(batch)
         self.figures["remote_sightings"] += len(batch)
         return self.handle_presence(events) if events else []
@@ -151,6 +235,8 @@ class Pipeline:
             created += self.cart_events(now)
         self.flush_footfall()
         self.telemetry_timers(now)
+        if self.recorder is not None:
+            self.recorder.flush()
         return created
 
     def cart_events(self, now: float) -> list[int]:
@@ -165,6 +251,9 @@ class Pipeline:
         known = self.visits.per_profile(events, self.identities.beacon)
         if not known:
             return []
+        for ev, pid in known:
+            if ev.kind == "enter" or ev.kind == "exit":
+                self.switches.add(ZoneSwitch(pid, ev.kind, ev.zone, ev.time, ev.zone_since, evidence(ev)))
         points = self.settings.loyalty.points_per_visit
         judged = [EngineEvent(ev.kind, pid, ev.time,
                               f"visit:{ev.visit_since:.3f}" if ev.kind.startswith("visit")
@@ -186,6 +275,7 @@ class Pipeline:
         self.presence.tracks.pop(app_key(profile_id), None)
         self.visits.forget(profile_id)
         self.engine.forget_profile(profile_id)
+        self.switches.forget(profile_id)
 
     def profile_changed(self, profile_id: int, now: float) -> list[int]:
         """Attributes or consents changed: live segments are evaluated again (segment_entered may fire)."""
@@ -257,4 +347,12 @@ class Pipeline:
                 self.telemetry.purge(s, now)
                 if self.settings.privacy.presence_retention_days > 0:  # visits, zone stays, decisions
                     purge_presence(s, now - self.settings.privacy.presence_retention_days * 86400)
+            self.purge_recordings(now)
         return gone
+
+    def purge_recordings(self, now: float) -> None:
+        """Trace files past ``[privacy] presence_retention_days`` go, as the visits they show did."""
+        if self.recorder is not None:
+            gone = self.recorder.purge(now, self.settings.privacy.presence_retention_days)
+            if gone:
+                log.info("deleted %d trace file(s) past presence retention", len(gone))

@@ -29,15 +29,15 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from beacons.remote import AppReport, RemoteError, app_sightings, parse_espresense
+from beacons.remote import AppReport, RemoteError, app_key, app_sightings, parse_espresense
 from beacons.scanner import Scanner
 from beacons.types import Advertisement, Sighting
 from devices.mqtt import TelemetryIntake
 from devices.payloads import Rejected, TelemetryBatch
 from gateway.app.channels import build_channels, close_channels
-from gateway.app.config import Settings
+from gateway.app.config import ConfigError, Settings
 from gateway.app.metrics import db_state, gateway_families, readiness
-from gateway.app.pipeline import OutcomeHook, Pipeline, log_outcome
+from gateway.app.pipeline import OutcomeHook, Pipeline, ZoneSwitch, log_outcome
 from gateway.campaigns.model import CampaignIndex, load_campaigns, load_segments
 from gateway.clock import Clock, SystemClock
 from gateway.delivery.backoff import Backoff
@@ -47,6 +47,7 @@ from gateway.delivery.outbox import depths as outbox_depths
 from gateway.engine.engine import EngineEvent
 from gateway.engine.explain import dry_run
 from gateway.metrics import Histogram, render
+from gateway.presence.record import RecordError, TraceRecorder
 from gateway.profiles.devices import DeviceRegistry
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import GatewayService, Invalid, ServiceHooks, ServiceOptions
@@ -78,6 +79,24 @@ def _snapshot(tracks: dict[str, Any]) -> list[tuple[str, Any]]:
         except RuntimeError:
             continue
     return []
+
+
+def switch_view(sw: ZoneSwitch) -> dict[str, Any]:
+    """A zone switch as the API serves it (api/schemas.py ZoneSwitchOut)."""
+    return {"profile_id": sw.profile_id, "event": sw.kind, "zone": sw.zone, "time": sw.time, "since": sw.since,
+            "why": sw.why}
+
+
+def build_recorder(settings: Settings, identities: IdentityIndex) -> TraceRecorder | None:
+    """``[presence] record_dir`` (or ``run --record``): enrolled keys as they are, any other as a per-file
+    hash. A directory that cannot be written is a ConfigError now, before anything starts."""
+    directory = settings.presence.record_dir
+    if not directory:
+        return None
+    try:
+        return TraceRecorder(directory, known=lambda key: identities.beacon(key) is not None)
+    except RecordError as exc:
+        raise ConfigError(f"presence.record_dir: {exc}") from None
 
 
 def token_secret(settings: Settings) -> bytes:
@@ -135,10 +154,12 @@ class Runtime:
         self.campaigns = CampaignIndex(load_campaigns(settings.campaigns.dir))
         self.hub = StreamHub()
         d = settings.delivery
+        self.recorder = build_recorder(settings, self.identities)  # first: an unusable dir stops the start
         self.remote_channels = build_channels(settings, self.db, self.clock)  # webhook, Web Push, as enabled
         self.pipeline = Pipeline(settings, self.db, self.campaigns, self.identities, on_outcome,
                                  segments=load_segments(settings.campaigns.dir), intake=mqtt,
-                                 channels=(self.hub.name, *(c.name for c in self.remote_channels)))
+                                 channels=(self.hub.name, *(c.name for c in self.remote_channels)),
+                                 recorder=self.recorder)
         self.dispatcher = Dispatcher(self.db, [self.hub, *channels, *self.remote_channels],
                                      Backoff(d.backoff_base_s, d.backoff_max_s, jitter=d.jitter,
                                              max_attempts=d.max_attempts), concurrency=d.concurrency)
@@ -169,6 +190,7 @@ class Runtime:
         self._jobs: set[asyncio.Future[Any]] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self._dispatches: set[asyncio.Task[Any]] = set()
+        self._scrubs: set[asyncio.Future[Any]] = set()  # trace files being rewritten after an erasure
         self._server: _QuietServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.scanner_error: str | None = None
@@ -183,6 +205,7 @@ class Runtime:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.db.upgrade, self.settings.store.id)
         await self._run(self._load_state)
+        await self._run(self.pipeline.purge_recordings, self.clock.now())  # then hourly, with the tick's purge
         self._dispatch(await self._run(self._due_rule_timers))
         if self.serve_api:
             from api.app import create_app
@@ -198,6 +221,7 @@ class Runtime:
                                         auth_policy=AuthPolicy.from_settings(self.settings.api),
                                         report_sightings=self.report_sightings,
                                         ready=self.readiness, metrics=self.metrics_text, presence=self.presence_now,
+                                        presence_profile=self.presence_of,
                                         alarms=self.alarms, devices=self.devices))
             app.state.vapid_public_key = next(  # for GET /v1/me/push-subscriptions/vapid-public-key
                 (getattr(c, "public_key", None) for c in self.remote_channels if c.name == "webpush"), None)
@@ -295,6 +319,10 @@ class Runtime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await asyncio.to_thread(self._worker.shutdown, True)  # the job under way finishes; none is cut off
+        if self._scrubs:
+            await asyncio.gather(*self._scrubs, return_exceptions=True)
+        if self.recorder is not None:  # the worker is done: what it buffered goes to the file
+            self.recorder.close()
         await close_channels(self.remote_channels)
         self.db.dispose()
 
@@ -395,9 +423,44 @@ class Runtime:
 
         def forget() -> list[int]:
             self.pipeline.forget_profile(profile_id)
+            self._scrub_traces(profile_id)
             return []
 
         self._submit(f"forgetting profile {profile_id}", forget)
+
+    def _scrub_traces(self, profile_id: int) -> None:
+        """On the worker, after an erasure (or a link): no trace file keeps a key of the profile in clear.
+
+        Its beacon keys have left the identity index by now, so every clear key the index no longer knows
+        is rewritten as an anonymous alias, with the profile's app key; keys still enrolled (a link moved
+        them to the profile kept) stay. The current file is rewritten here, before the next drain writes to
+        it; the closed ones on another thread, so a long recording does not hold up the pipeline."""
+        recorder = self.recorder
+        if recorder is None:
+            return
+        mine, index = app_key(profile_id), self.identities
+
+        def gone(key: str) -> bool:
+            return key == mine if key.startswith("app:") else index.beacon(key) is None
+
+        closed = recorder.closed_files()
+        recorder.scrub_current(gone)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            recorder.scrub_closed(closed, gone)
+            return
+
+        def spawn() -> None:
+            job = loop.run_in_executor(None, recorder.scrub_closed, closed, gone)
+            self._scrubs.add(job)
+            job.add_done_callback(self._scrubbed)
+
+        loop.call_soon_threadsafe(spawn)
+
+    def _scrubbed(self, job: asyncio.Future[Any]) -> None:
+        self._scrubs.discard(job)
+        if not job.cancelled() and job.exception() is not None:
+            log.error("rewriting trace files after an erasure failed", exc_info=job.exception())
 
     async def _consume_telemetry(self) -> None:
         """What is queued, up to the intake's max_batch, is one batch: one transaction, then one round of
@@ -546,7 +609,7 @@ class Runtime:
     async def flush(self) -> None:
         """Wait for pending advert batches, pipeline jobs and dispatches (tests, shutdown)."""
         for _ in range(1000):
-            waiting: list[Any] = [*self._jobs, *self._dispatches]
+            waiting: list[Any] = [*self._jobs, *self._dispatches, *self._scrubs]
             if self._drainer is not None:
                 waiting.append(self._drainer)
             if not waiting and not self._drain_scheduled and not self._adverts:
@@ -590,7 +653,12 @@ class Runtime:
                 "anonymous": z["anonymous"], "total": len(z["profiles"]) + z["anonymous"]}
                for _, z in sorted(zones.items())]
         return {"at": self.clock.now(), "zones": out, "enrolled": sum(z["enrolled"] for z in out),
-                "anonymous": sum(z["anonymous"] for z in out)}
+                "anonymous": sum(z["anonymous"] for z in out),
+                "recent": [switch_view(sw) for sw in self.pipeline.switches.newest()]}
+
+    def presence_of(self, profile_id: int) -> list[dict[str, Any]]:
+        """One enrolled profile's last zone switches, newest first (memory only: empty after a restart)."""
+        return [switch_view(sw) for sw in self.pipeline.switches.of(profile_id)]
 
     def health(self) -> dict[str, Any]:
         state = db_state(self.db)

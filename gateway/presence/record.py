@@ -4,13 +4,21 @@ What a recording may hold is what presence data may: an identity the gateway doe
 enrolled, or a passer-by) is written only as a hash salted per file, so rows of one file still say
 "the same tag" while no file can be joined with another or with an address or raw id. Files older
 than the store's presence retention are deleted by ``purge``.
+
+Erasure: an enrolled key is written as is (a calibration walk's labels name it), so erasing its
+profile rewrites the files: ``scrub`` turns each of that key's rows into an anonymous alias, as if the
+tag had never been enrolled (the current file: its own salt, so later rows match; a closed file: a salt
+drawn for the rewrite and dropped). The rows stay, so a replay still counts the footfall.
 """
 
 from __future__ import annotations
 
 import calendar
+import csv
 import hashlib
 import os
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,6 +31,52 @@ HOUR_S = 3600.0
 PREFIX = "trace-"
 SUFFIX = ".csv"
 ANON = "anon-"  # the key of an unknown identity in a recording: ANON + 16 hex digits
+KEY_COLUMN = 2  # time,receiver,beacon,...
+
+
+class RecordError(ValueError):
+    """The recording directory cannot be used (not creatable, not writable): says which and why."""
+
+
+def salted(key: str, salt: bytes) -> str:
+    """The anonymous alias of ``key`` under one file's salt."""
+    return ANON + hashlib.blake2b(key.encode(), key=salt, digest_size=8).hexdigest()
+
+
+def scrub_file(path: Path, gone: Callable[[str], bool], alias: Callable[[str], str]) -> int:
+    """Rewrite ``path`` with ``alias(key)`` for every row whose key is ``gone``; the rows changed.
+
+    Written to a hidden temporary file beside it and renamed over it, so a crash leaves either the old
+    file or the new one. Rows it cannot read as CSV are copied unchanged; a file with nothing to change
+    is left untouched. A file deleted meanwhile (purged) is skipped.
+    """
+    tmp = path.with_name(f".{path.name}.scrub")
+    changed = 0
+    try:
+        with open(path, newline="", encoding="utf-8") as src, open(tmp, "w", newline="", encoding="utf-8") as dst:
+            out = csv.writer(dst, lineterminator="\n")
+            for n, row in enumerate(csv.reader(src)):
+                if n and len(row) > KEY_COLUMN and not row[KEY_COLUMN].startswith(ANON) and gone(row[KEY_COLUMN]):
+                    row[KEY_COLUMN] = alias(row[KEY_COLUMN])
+                    changed += 1
+                out.writerow(row)
+    except FileNotFoundError:
+        tmp.unlink(missing_ok=True)
+        return 0
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if changed:
+        os.replace(tmp, path)
+    else:
+        tmp.unlink()
+    return changed
+
+
+def _fresh_alias() -> Callable[[str], str]:
+    """Aliases under a salt drawn now and never kept: for rewriting a file whose own salt is gone."""
+    salt = os.urandom(16)
+    return lambda key: salted(key, salt)
 
 
 def hour_name(t: float) -> str:
@@ -31,44 +85,62 @@ def hour_name(t: float) -> str:
 
 
 class TraceRecorder:
-    """Appends sightings to the current hour's trace file; ``known(key)`` says which keys are kept as is."""
+    """Appends sightings to the current hour's trace file; ``known(key)`` says which keys are kept as is.
+
+    Writes are buffered: ``write`` takes a drain, ``flush`` (the runtime's tick, and ``close``) hands
+    them to the file. One thread writes (the pipeline's worker); ``scrub_closed`` may run on another.
+    """
 
     def __init__(self, directory: str | Path, known: Callable[[str], bool]) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.dir, prefix=".probe-"):
+                pass  # created and deleted: the directory takes new files
+        except OSError as exc:
+            raise RecordError(f"cannot record into {self.dir}: {exc.strerror or exc}") from None
         self._known = known
         self._hour = -1
         self._file: IO[str] | None = None
         self._writer: TraceWriter | None = None
         self._salt = b""
-        self._alias: dict[str, str] = {}
+        self._alias: dict[str, str] = {}  # unknown key -> its alias in this file (the hash is the cost)
+        self._files = threading.Lock()  # a file is either rewritten or purged, never both at once
 
-    def _open(self, hour: int) -> TraceWriter:
+    @property
+    def current(self) -> Path | None:
+        """The file being written, if one is open."""
+        return self.dir / hour_name(self._hour * HOUR_S) if self._file is not None else None
+
+    def _open(self, hour: int, salt: bytes | None = None) -> TraceWriter:
         self.close()
         path = self.dir / hour_name(hour * HOUR_S)
         fresh = not path.exists() or path.stat().st_size == 0
         self._file = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - held open for the hour
-        # A new salt per file, also when a restart appends to this hour's file: no alias survives a restart.
-        self._salt, self._alias, self._hour = os.urandom(16), {}, hour
+        if salt is None:  # a new salt per file, also when a restart appends to this hour's file
+            self._salt, self._alias = os.urandom(16), {}
+        self._hour = hour
         self._writer = TraceWriter(self._file, tx_power=True, header=fresh)
         return self._writer
 
     def _key(self, key: str) -> str:
+        if self._known(key):  # asked every time: a key erased or enrolled mid-hour is written as it is now
+            return key
         alias = self._alias.get(key)
         if alias is None:
-            alias = key if self._known(key) else ANON + hashlib.blake2b(
-                key.encode(), key=self._salt, digest_size=8).hexdigest()
-            self._alias[key] = alias
+            alias = self._alias[key] = salted(key, self._salt)
         return alias
 
     def write(self, sightings: Iterable[Sighting]) -> None:
-        """Sightings stamped in unix time; each lands in the file of its own hour."""
+        """Sightings stamped in unix time; each lands in the file of its own hour (buffered)."""
         for s in sightings:
             hour = int(s.time // HOUR_S)
             w = self._writer
             if w is None or hour > self._hour:  # a late sighting of the hour before stays in this file
                 w = self._open(hour)
             w.write(s._replace(key=self._key(s.key)))
+
+    def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
 
@@ -78,19 +150,52 @@ class TraceRecorder:
         self._file = self._writer = None
         self._hour = -1
 
+    def scrub_current(self, gone: Callable[[str], bool]) -> int:
+        """Erasure in the file being written (on the writing thread): ``gone`` keys become this file's
+        own alias, so the rows written from now on match them. The rows changed."""
+        path = self.current
+        if path is None:
+            return 0
+        hour = self._hour
+        self.close()
+        with self._files:
+            changed = scrub_file(path, gone, lambda key: salted(key, self._salt))
+        self._open(hour, salt=self._salt)
+        return changed
+
+    def closed_files(self) -> list[Path]:
+        """Every trace file but the one being written (read on the writing thread, for ``scrub_closed``)."""
+        current = self.current
+        return [p for p in sorted(self.dir.glob(f"{PREFIX}*{SUFFIX}")) if p != current]
+
+    def scrub_closed(self, files: Iterable[Path], gone: Callable[[str], bool]) -> int:
+        """Erasure in files no longer written (any thread): each rewritten with a salt of its own. The rows
+        changed."""
+        changed = 0
+        for path in files:
+            with self._files:
+                changed += scrub_file(path, gone, _fresh_alias())
+        return changed
+
+    def scrub(self, gone: Callable[[str], bool]) -> int:
+        """Every file, on the writing thread: ``scrub_current`` and ``scrub_closed``."""
+        closed = self.closed_files()
+        return self.scrub_current(gone) + self.scrub_closed(closed, gone)
+
     def purge(self, now: float, retention_days: float) -> list[Path]:
         """Delete the files whose hour ended more than ``retention_days`` before ``now`` (0: keep all)."""
         if retention_days <= 0:
             return []
         cutoff = now - retention_days * 86400.0
-        current = hour_name(self._hour * HOUR_S) if self._file is not None else None
+        current = self.current
         gone = []
         for path in sorted(self.dir.glob(f"{PREFIX}*{SUFFIX}")):
             try:
                 start = calendar.timegm(time.strptime(path.name[len(PREFIX):-len(SUFFIX)], "%Y%m%dT%H"))
             except ValueError:
                 continue  # not one of ours
-            if start + HOUR_S <= cutoff and path.name != current:
-                path.unlink()
+            if start + HOUR_S <= cutoff and path != current:
+                with self._files:
+                    path.unlink(missing_ok=True)
                 gone.append(path)
         return gone
