@@ -7,7 +7,8 @@ Per recording, three files in ``--out`` (default ``data/datasets``):
   changing half way between two positions in different zones;
 - ``<dataset>.toml``: the dataset's ``[[receivers]]`` as a site survey would set them without
   calibration: a receiver inside a zone gets one band for it reaching the zone's farthest corner,
-  no ``measured_power`` (the documented default applies), path loss exponent 2.
+  no ``measured_power`` (the documented default applies), path loss exponent 2, and its ``position``
+  from the dataset's metadata; the zones' polygons as ``[[zones]]`` (the floor plan).
 
 Zones are polygons drawn over the floor plans (``FLAT_ZONES``, ``HALL_ZONES``; docs/presence.md,
 "Real recordings", has the pictures this script also writes with ``--svg``):
@@ -184,17 +185,23 @@ def hall_recordings(root: Path) -> list[Recording]:
 
 
 def config_toml(receivers: dict[str, tuple[float, float]], zones: dict[str, Polygon], source: str) -> str:
-    """``[[receivers]]``: a band for the zone each receiver stands in, out to that zone's farthest corner."""
+    """``[[receivers]]``: a band for the zone each receiver stands in, out to that zone's farthest corner, and
+    the receiver's position from the dataset's metadata; ``[[zones]]``: the floor plan's polygons (the
+    tracker's adjacency: zones whose polygons touch)."""
     lines = [f"# Receivers of {source} (benchmarks/datasets.py). Uncalibrated: no measured_power, so",
              "# the default at 1 m applies (docs/presence.md); one band per receiver, for the zone it stands in.", ""]
     for rid, pos in receivers.items():
         zone = zone_of(pos, zones)
-        lines += ["[[receivers]]", f'id = "{rid}"', f"# position: x = {pos[0]}, y = {pos[1]} (m)"]
+        lines += ["[[receivers]]", f'id = "{rid}"', f"position = [{float(pos[0])}, {float(pos[1])}]  # metres"]
         if zone is None:
             lines += ["zones = []", ""]
             continue
         far = max(math.hypot(x - pos[0], y - pos[1]) for x, y in zones[zone])
         lines += [f'zones = [{{ name = "{zone}", max_m = {round(far, 1)} }}]', "path_loss_exponent = 2.0", ""]
+    lines += ["# The floor plan: zones drawn by us over the dataset's plan (docs/presence.md, \"The recordings\").", ""]
+    for name, poly in zones.items():
+        corners = ", ".join(f"[{round(x, 3)}, {round(y, 3)}]" for x, y in poly)
+        lines += ["[[zones]]", f'name = "{name}"', f"polygon = [{corners}]", ""]
     return "\n".join(lines)
 
 

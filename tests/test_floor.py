@@ -174,3 +174,47 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
 def test_bands_need_no_floor_plan() -> None:
     s = Settings(receivers=[ReceiverSettings("rx", [ZoneBand("anywhere", 3.0)])])
     assert s.zones == []
+
+
+# ---------------------------------------------------------------------------------------- where floor plans come from
+
+
+def test_the_scenario_settings_carry_the_floor_plan_and_receiver_positions() -> None:
+    from gateway.app.scenarios import apply_scenario
+    from simulators.scenario import load_scenario
+
+    sc = load_scenario(Path(__file__).resolve().parents[1] / "examples" / "store.yaml")
+    s = apply_scenario(Settings(), sc)
+    assert [z.name for z in s.zones] == ["entrance", "shoes", "apparel", "checkout"]
+    shoes = s.zones[1]
+    assert area(shoes.polygon) == pytest.approx(80.0)  # rect [8, 0, 18, 8]
+    assert zone_at(s.zones, (13.0, 4.0)) == "shoes" and zone_at(s.zones, (6.5, 10.0)) is None
+    assert {r.id: r.position for r in s.receivers}["rx-shoes"] == [13.0, 4.0]
+    # What it built passes the config's own checks, and each receiver stands in its own zone.
+    checked = Settings.model_validate({"zones": s.zones, "receivers": s.receivers})
+    assert all(zone_at(checked.zones, (r.position[0], r.position[1])) == r.zones[0].name
+               for r in checked.receivers if r.position is not None)
+    # The example store's zones stand 3 m and more apart: no zone adjoins another, every move is through an aisle.
+    assert adjacency(s.zones) == {z.name: frozenset() for z in s.zones}
+
+
+def test_the_datasets_configs_carry_the_rooms_and_the_anchors(tmp_path: Path) -> None:
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_datasets", root / "benchmarks" / "datasets.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_datasets", mod)
+    spec.loader.exec_module(mod)
+    receivers, _ = mod.receivers_of("flat", root / "tests" / "data" / "datasets")
+    path = tmp_path / "flat.toml"
+    path.write_text(mod.config_toml(receivers, mod.FLAT_ZONES, "kolakowski-flat"))
+    s = load_settings(path, environ={})
+    assert [z.name for z in s.zones] == list(mod.FLAT_ZONES)
+    assert {r.id: r.position for r in s.receivers} == {rid: list(pos) for rid, pos in receivers.items()}
+    adj = adjacency(s.zones)
+    assert adj is not None
+    assert adj["east"] == {"centre"}  # the east room opens only onto the centre
+    assert adj["centre"] == {"south", "south-east", "west", "east"}

@@ -7,20 +7,25 @@ or identity rules.
 from __future__ import annotations
 
 from gateway.app.config import Settings
-from gateway.presence.settings import ReceiverSettings, ZoneBand
+from gateway.presence.floor import rectangle
+from gateway.presence.settings import FloorZone, ReceiverSettings, ZoneBand
 from gateway.profiles.service import GatewayService, NewProfile
 from simulators.scenario import Scenario
 
 
 def apply_scenario(settings: Settings, scenario: Scenario) -> Settings:
+    """The store, its receivers (bands and positions) and its floor plan: each zone's rect as a ``[[zones]]``
+    polygon, so the tracker gets the same adjacency a hand-written gateway.toml would give it."""
     settings.store.id = scenario.store.id
     settings.store.name = scenario.store.name
     settings.store.timezone = scenario.store.timezone
     settings.receivers = [
         ReceiverSettings(id=r.id, zones=[ZoneBand(z.name, z.max_m) for z in r.zones],
-                         measured_power=r.measured_power, path_loss_exponent=r.path_loss_exponent)
+                         measured_power=r.measured_power, path_loss_exponent=r.path_loss_exponent,
+                         position=[float(r.position[0]), float(r.position[1])])
         for r in scenario.receivers
     ]
+    settings.zones = [FloorZone(z.name, rectangle(*z.rect)) for z in scenario.zones]
     return settings
 
 

@@ -1,0 +1,94 @@
+"""The simulated staff calibration walk: every zone visited, labels where the tag really was, seeded."""
+
+from __future__ import annotations
+
+import io
+import itertools
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from gateway.presence.floor import rectangle, zone_at
+from gateway.presence.settings import FloorZone
+from gateway.presence.traces import TraceReader, TraceWriter, read_labels, write_labels
+from simulators.scenario import Scenario, load_scenario
+from simulators.walk import STAFF_BEACON, calibration_walk
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store() -> Scenario:
+    return load_scenario(ROOT / "examples" / "store.yaml")
+
+
+def floor_of(sc: Scenario) -> list[FloorZone]:
+    return [FloorZone(z.name, rectangle(*z.rect)) for z in sc.zones]
+
+
+def test_the_walk_visits_every_zone_in_order_and_labels_only_where_the_tag_is(store: Scenario) -> None:
+    walk = calibration_walk(store, seed=3, start=500.0)
+    assert [lb.zone for lb in walk.labels] == [z.name for z in store.zones]
+    assert all(lb.beacon == walk.beacon == STAFF_BEACON.key for lb in walk.labels)
+    floor = floor_of(store)
+    for lb in walk.labels:
+        assert 20.0 * 0.9 <= lb.end - lb.start <= 40.0  # 20-40 s standing, less the tap's delay
+        t = lb.start
+        while t < lb.end:  # every 0.25 s of the label, the true position is in the labelled zone
+            pos = walk.path.position(t - 500.0)
+            assert pos is not None and zone_at(floor, pos) == lb.zone, (lb, t, pos)
+            t += 0.25
+    for a, b in itertools.pairwise(walk.labels):
+        assert a.end < b.start  # the walk between zones stays unlabelled
+
+
+def test_the_tag_moves_inside_each_zone(store: Scenario) -> None:
+    walk = calibration_walk(store, seed=3)
+    for lb in walk.labels:
+        spots = {walk.path.position(lb.start + k * 0.5) for k in range(int((lb.end - lb.start) * 2))}
+        xs = [p[0] for p in spots if p is not None]
+        assert max(xs) - min(xs) > 0.5, lb.zone  # browsing from shelf to shelf, not standing on one spot
+
+
+def test_the_trace_is_the_staff_tag_as_the_receivers_hear_it(store: Scenario) -> None:
+    walk = calibration_walk(store, seed=3, start=1000.0)
+    assert {s.key for s in walk.sightings} == {walk.beacon}
+    assert {s.receiver for s in walk.sightings} == {r.id for r in store.receivers}
+    assert all(a.time <= b.time for a, b in itertools.pairwise(walk.sightings))
+    assert walk.sightings[0].time >= 1000.0 and walk.sightings[-1].time <= 1000.0 + walk.path.end + 0.1
+    assert all(s.tx_power == store.radio.tx_power for s in walk.sightings)
+    # While the staff stands in a zone, its own receiver is the loudest most of the time.
+    own = {b.name: r.id for r in store.receivers for b in r.zones}
+    for lb in walk.labels:
+        times = sorted({s.time for s in walk.sightings if lb.start <= s.time < lb.end})
+        loudest = Counter(max((s for s in walk.sightings if s.time == t), key=lambda s: s.rssi).receiver
+                          for t in times)
+        assert loudest.most_common(1)[0][0] == own[lb.zone], (lb.zone, loudest)
+
+
+def test_same_seed_same_walk_other_seed_other_walk(store: Scenario) -> None:
+    a, b = calibration_walk(store, seed=5), calibration_walk(store, seed=5)
+    assert a.sightings == b.sightings and a.labels == b.labels
+    c = calibration_walk(store, seed=6)
+    assert c.labels != a.labels and c.sightings != a.sightings
+
+
+def test_the_walk_writes_the_files_gateway_calibrate_reads(store: Scenario) -> None:
+    walk = calibration_walk(store, seed=3)
+    trace, labels = io.StringIO(), io.StringIO()
+    TraceWriter(trace, tx_power=True).write_many(walk.sightings)
+    write_labels(labels, walk.labels)
+    reader = TraceReader(io.StringIO(trace.getvalue()), "walk.csv", receivers=[r.id for r in store.receivers])
+    assert list(reader) == walk.sightings and reader.errors.count == 0
+    back, errors = read_labels(io.StringIO(labels.getvalue()), "walk.labels.csv")
+    assert back == walk.labels and errors.count == 0
+
+
+def test_a_chosen_tour_and_its_mistakes(store: Scenario) -> None:
+    walk = calibration_walk(store, seed=3, zones=["checkout", "shoes", "checkout"], stand_s=(10.0, 10.0))
+    assert [lb.zone for lb in walk.labels] == ["checkout", "shoes", "checkout"]
+    with pytest.raises(KeyError, match="stockroom"):
+        calibration_walk(store, seed=3, zones=["entrance", "stockroom"])
+    with pytest.raises(ValueError, match="stand_s"):
+        calibration_walk(store, seed=3, stand_s=(30.0, 10.0))
