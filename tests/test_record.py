@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import calendar
+import dataclasses
+import json
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
-from beacons.types import Sighting
+import pytest
+
+from beacons.encode import ibeacon_payload
+from beacons.remote import AppReport, store_beacon_receiver
+from beacons.types import Advertisement, Sighting
+from gateway.app.cli import main as cli_main
+from gateway.app.config import Settings
+from gateway.app.runtime import Runtime
+from gateway.clock import VirtualClock
 from gateway.presence.record import ANON, TraceRecorder, hour_name
+from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.presence.traces import open_trace
+from gateway.presence.tracker import PresenceEvent
+from tests.fixtures import RuntimeFactory
+from tests.live_gateway import UUID, beacon, enrol, live_settings
 
 T0 = calendar.timegm((2026, 12, 7, 9, 59, 0, 0, 0, 0))  # 09:59 UTC
 KNOWN = "ibeacon:f7826da6-4fa2-4e98-8024-bc5b71e0893e:1:7"
@@ -64,3 +82,209 @@ def test_purge_deletes_files_past_retention_and_keeps_the_rest(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.csv", "trace-20261207T09.csv"]
     assert rec.purge(T0 + 1e9, retention_days=0) == []
     rec.close()
+
+
+# ---------------------------------------------------------------- the recorder in a running gateway
+
+LIVE_T0 = calendar.timegm((2026, 6, 1, 8, 30, 0, 0, 0, 0))  # 08:30 UTC
+STORE_BEACON = "ibeacon:f7826da6-4fa2-4e98-8024-bc5b71e0893e:9:9"  # the till's fixed beacon, the app ranges it
+ADDRESS = "06:AA:BB:CC:DD:EE"  # the unknown tag's address: never in a recording
+
+
+def two_zone_settings(tmp: Path, record: Path, retention_days: float = 395.0) -> Settings:
+    s = live_settings(tmp, campaigns="")
+    s.presence = dataclasses.replace(s.presence, record_dir=str(record))
+    s.privacy.presence_retention_days = retention_days
+    s.receivers = [ReceiverSettings(id="rx-a", zones=[ZoneBand("entrance", 3.0)], measured_power=-59),
+                   ReceiverSettings(id="rx-b", zones=[ZoneBand("shoes", 3.0)], measured_power=-59),
+                   ReceiverSettings(id=store_beacon_receiver(STORE_BEACON), zones=[ZoneBand("till", 3.0)],
+                                    measured_power=-59)]
+    return s
+
+
+def replay_config(tmp: Path, settings: Settings) -> Path:
+    """The same receivers and presence settings as a gateway.toml, for `gateway replay`."""
+    lines = [f"[presence]\nenter_hold_s = {settings.presence.enter_hold_s}\n"]
+    for r in settings.receivers:
+        zones = ", ".join(f'{{ name = "{z.name}", max_m = {z.max_m} }}' for z in r.zones)
+        lines.append(f'[[receivers]]\nid = "{r.id}"\nzones = [{zones}]\nmeasured_power = {r.measured_power}\n')
+    path = tmp / "replay.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def adverts(minor: int, address: str, t0: float, seconds: float, loud: str, quiet: str) -> list[Advertisement]:
+    """10 Hz adverts of beacon 1:<minor>, heard close by ``loud`` and far by ``quiet``."""
+    payload = ibeacon_payload(UUID, 1, minor)
+    out = []
+    for i in range(int(seconds * 10)):
+        t = t0 + i * 0.1
+        out += [Advertisement(address, -50, t, loud, payload), Advertisement(address, -88, t + 0.01, quiet, payload)]
+    return out
+
+
+async def feed(rt: Runtime, stream: list[Advertisement]) -> None:
+    """Adverts through the runtime's scanner door in quarter-second drains (as `gateway replay` drains)."""
+    stream = sorted(stream, key=lambda a: a.time)
+    while stream:
+        end = (stream[0].time // 0.25 + 1) * 0.25
+        n = next((i for i, a in enumerate(stream) if a.time >= end), len(stream))
+        rt.inject(stream[:n])
+        stream = stream[n:]
+        await rt.flush()
+
+
+def spy_events(rt: Runtime) -> list[PresenceEvent]:
+    """Every presence event the live pipeline handles (its own handle_presence, called through)."""
+    seen: list[PresenceEvent] = []
+    real = rt.pipeline.handle_presence
+
+    def handle(events: Sequence[PresenceEvent]) -> list[int]:
+        seen.extend(events)
+        return real(events)
+
+    rt.pipeline.handle_presence = handle  # type: ignore[method-assign]
+    return seen
+
+
+def replayed(capsys: pytest.CaptureFixture[str], trace: Path, config: Path) -> list[dict[str, Any]]:
+    assert cli_main(["replay", str(trace), "--config", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert "bad rows" not in err, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def enters(events: Iterable[tuple[str, str | None, float | None]]) -> list[tuple[str, str | None, float]]:
+    return sorted((key, zone, round(since or 0.0, 3)) for key, zone, since in events)
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    return VirtualClock(LIVE_T0)
+
+
+async def test_a_live_run_is_recorded_and_replay_reproduces_its_enters(
+        tmp_path: Path, runtime_factory: RuntimeFactory, clock: VirtualClock,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    record = tmp_path / "traces"
+    settings = two_zone_settings(tmp_path, record)
+    rt = await runtime_factory(settings)
+    pid, _ = enrol(rt, "alice", 1)
+    live = spy_events(rt)
+    t = LIVE_T0 + 1
+    await feed(rt, [*adverts(1, "02:00:00:00:00:01", t, 4, "rx-a", "rx-b"),
+                    *adverts(1, "02:00:00:00:00:01", t + 4, 4, "rx-b", "rx-a"),
+                    *adverts(900, ADDRESS, t + 1, 6, "rx-b", "rx-a")])
+    clock.set(t + 12)
+    rt.report_sightings(pid, [AppReport(STORE_BEACON, -50, time=t + 8 + i * 0.1) for i in range(40)])
+    await rt.flush()
+    await runtime_factory.stop(rt)  # stopping flushes the file
+
+    [trace] = sorted(record.iterdir())
+    assert trace.name == "trace-20260601T08.csv"
+    text = trace.read_text()
+    assert ADDRESS.lower() not in text.lower() and "aa:bb:cc" not in text.lower()
+    assert beacon(900) not in text  # the unknown tag only as an alias
+    assert beacon(1) in text and f"app:{pid}" in text  # enrolled identities as `gateway decode` names them
+    anon = {row.key for row in rows(trace) if row.key.startswith(ANON)}
+    assert len(anon) == 1  # one unknown tag: one alias in the file
+    [alias] = anon
+
+    events = replayed(capsys, trace, replay_config(tmp_path, settings))
+    alias_of = {beacon(1): beacon(1), f"app:{pid}": f"app:{pid}", beacon(900): alias}
+    live_enters = enters((alias_of[e.key], e.zone, e.zone_since) for e in live if e.kind == "enter")
+    assert {z for _, z, _ in live_enters} == {"entrance", "shoes", "till"}  # the walk made every kind of enter
+    assert enters((e["beacon"], e["zone"], e["since"]) for e in events if e["event"] == "enter") == live_enters
+
+
+async def test_files_rotate_at_the_hour_and_an_unknown_tag_has_another_alias_in_each(
+        tmp_path: Path, runtime_factory: RuntimeFactory, clock: VirtualClock) -> None:
+    record = tmp_path / "traces"
+    rt = await runtime_factory(two_zone_settings(tmp_path, record))
+    enrol(rt, "alice", 1)
+    top = LIVE_T0 + 1800.0  # 09:00:00
+    clock.set(top - 5)
+    await feed(rt, [*adverts(900, ADDRESS, top - 3, 2, "rx-a", "rx-b"), *adverts(1, "02:00:00:00:00:01", top - 3, 2,
+                                                                                 "rx-a", "rx-b")])
+    rt.tick()
+    await rt.flush()
+    first = record / "trace-20260601T08.csv"
+    assert rows(first), "the tick flushes what the drains buffered"
+    clock.set(top + 5)
+    await feed(rt, [*adverts(900, ADDRESS, top + 1, 2, "rx-b", "rx-a"), *adverts(1, "02:00:00:00:00:01", top + 1, 2,
+                                                                                 "rx-b", "rx-a")])
+    await runtime_factory.stop(rt)
+    second = record / "trace-20260601T09.csv"
+    assert sorted(p.name for p in record.iterdir()) == [first.name, second.name]
+    before, after = rows(first), rows(second)
+    assert all(r.time < top for r in before) and all(r.time >= top for r in after)
+    anon_before = {r.key for r in before if r.key.startswith(ANON)}
+    anon_after = {r.key for r in after if r.key.startswith(ANON)}
+    assert len(anon_before) == len(anon_after) == 1 and anon_before != anon_after  # unlinkable across files
+    assert beacon(1) in {r.key for r in before} & {r.key for r in after}  # the enrolled key in both
+    for path in (first, second):
+        assert ADDRESS.lower() not in path.read_text().lower() and beacon(900) not in path.read_text()
+
+
+async def test_trace_files_past_retention_go_at_start_and_with_the_hourly_purge(
+        tmp_path: Path, runtime_factory: RuntimeFactory, clock: VirtualClock) -> None:
+    record = tmp_path / "traces"
+    record.mkdir()
+    header = "time,receiver,beacon,rssi,tx_power\n"
+    old, edge, recent = (record / hour_name(LIVE_T0 - d * 86400) for d in (40, 29.5, 1))
+    for path in (old, edge, recent):
+        path.write_text(header)
+    rt = await runtime_factory(two_zone_settings(tmp_path, record, retention_days=30))
+    assert not old.exists() and edge.exists() and recent.exists()  # at start
+    clock.advance(86400)  # a day later the hourly purge (run by the tick) takes the next one
+    rt.tick()
+    await rt.flush()
+    assert not edge.exists() and recent.exists()
+
+
+async def test_erasure_leaves_no_key_of_the_profile_in_any_trace_file(
+        tmp_path: Path, runtime_factory: RuntimeFactory, clock: VirtualClock) -> None:
+    record = tmp_path / "traces"
+    rt = await runtime_factory(two_zone_settings(tmp_path, record))
+    alice, _ = enrol(rt, "alice", 1)
+    bob, _ = enrol(rt, "bob", 2)
+    top = LIVE_T0 + 1800.0
+    await feed(rt, [*adverts(1, "02:00:00:00:00:01", top - 3, 2, "rx-a", "rx-b"),
+                    *adverts(2, "02:00:00:00:00:02", top - 3, 2, "rx-a", "rx-b")])
+    clock.set(top + 2)
+    rt.report_sightings(alice, [AppReport(STORE_BEACON, -50, time=top + 1)])
+    await feed(rt, [*adverts(1, "02:00:00:00:00:01", top, 2, "rx-b", "rx-a"),
+                    *adverts(2, "02:00:00:00:00:02", top, 2, "rx-b", "rx-a")])
+    rt.tick()  # flushes the current file
+    await rt.flush()
+    counts = {p.name: len(rows(p)) for p in record.iterdir()}
+    assert len(counts) == 2
+
+    rt.service.erase_profile(alice)
+    await rt.flush()
+    await feed(rt, adverts(1, "02:00:00:00:00:01", top + 3, 1, "rx-b", "rx-a"))  # her tag, anonymous now
+    await runtime_factory.stop(rt)
+
+    for path in record.iterdir():
+        text = path.read_text()
+        assert beacon(1) not in text and f"app:{alice}" not in text, path.name
+        assert beacon(2) in text  # bob's rows untouched
+        assert not list(record.glob(".*"))  # no temporary file left behind
+    assert len(rows(record / "trace-20260601T08.csv")) == counts["trace-20260601T08.csv"]  # rows kept, anonymous
+    current = rows(record / "trace-20260601T09.csv")
+    aliases = {r.key for r in current if r.key.startswith(ANON) and r.receiver.startswith("rx")}
+    assert len(aliases) == 1  # in the file being written, rows before and after the erasure share one alias
+
+
+def test_run_with_an_unwritable_record_dir_exits_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(f'data_dir = "{tmp_path}"\n[database]\nurl = "sqlite:///{tmp_path}/gw.db"\n'
+                   '[api]\nport = 0\n[mqtt]\nenabled = false\n')
+    r = subprocess.run([sys.executable, "-m", "gateway.app.cli", "run", "--config", str(cfg), "--no-ble",
+                        "--record", str(tmp_path / "a-file" / "traces")], capture_output=True, text=True,
+                       timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    [line] = [ln for ln in r.stderr.splitlines() if "record_dir" in ln]
+    assert "a-file" in line
