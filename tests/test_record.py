@@ -247,7 +247,7 @@ async def test_erasure_leaves_no_key_of_the_profile_in_any_trace_file(
     record = tmp_path / "traces"
     rt = await runtime_factory(two_zone_settings(tmp_path, record))
     alice, _ = enrol(rt, "alice", 1)
-    bob, _ = enrol(rt, "bob", 2)
+    enrol(rt, "bob", 2)
     top = LIVE_T0 + 1800.0
     await feed(rt, [*adverts(1, "02:00:00:00:00:01", top - 3, 2, "rx-a", "rx-b"),
                     *adverts(2, "02:00:00:00:00:02", top - 3, 2, "rx-a", "rx-b")])
