@@ -252,12 +252,16 @@ def test_a_visit_runs_from_first_enter_to_final_exit_with_its_duration():
 
 def test_calibration_defaults_to_the_advertised_tx_power():
     rx = [ReceiverSettings("rx-a", [ZoneBand("near", 2.0), ZoneBand("far", 8.0)])]  # no measured power
-    t = PresenceTracker(PresenceSettings(), rx)
-    assert t.zone_for("rx-a", -72, -70) == "near"  # a weak beacon: -70 dBm at 1 m, so -72 is ~1.3 m
-    assert t.zone_for("rx-a", -72, None) == "far"  # unknown: the iBeacon default of -59 dBm at 1 m
-    calibrated = PresenceTracker(PresenceSettings(), [ReceiverSettings("rx-a", rx[0].zones, measured_power=-65,
-                                                                       path_loss_exponent=3.0)])
-    assert calibrated.zone_for("rx-a", -72, -59) == "near"  # the receiver's own calibration wins
+
+    def entered(t: PresenceTracker, tx_power: int | None) -> str | None:
+        """The zone a tag heard steadily at -72 dBm (advertising ``tx_power``) enters: what production reads."""
+        events = t.observe_many([Sighting(KEY, "rx-a", -72, T0 + i / 10, tx_power) for i in range(300)])
+        return next((e.zone for e in events if e.kind == "enter"), None)
+
+    assert entered(PresenceTracker(PresenceSettings(), rx), -70) == "near"  # -70 dBm at 1 m: -72 is ~1.3 m
+    assert entered(PresenceTracker(PresenceSettings(), rx), None) == "far"  # the iBeacon default of -59 dBm
+    calibrated = [ReceiverSettings("rx-a", rx[0].zones, measured_power=-65, path_loss_exponent=3.0)]
+    assert entered(PresenceTracker(PresenceSettings(), calibrated), -59) == "near"  # the receiver's own wins
 
 
 def test_the_ema_filter_is_still_available():
@@ -574,7 +578,7 @@ class _PlainStep(PresenceTracker):
                 llr[n] - top))
             z = sum(pred)
             tr.post = [v / z for v in pred]
-            tr.llr = [0.0] * (n + 1)
+            tr.evidence, tr.llr = llr, [0.0] * (n + 1)  # the evidence kept for a switch's ``why``
         return self._decide(key, tr, now)
 
 

@@ -148,7 +148,8 @@ def test_presence_real_on_the_excerpts_prints_figures_for_ours_and_each_baseline
         d = result[dataset]
         assert d["sightings"] > 0 and d["truth_zone_changes_per_hour"] > 0
         assert 0.0 <= d["ours"]["uncalibrated"]["zone_accuracy"] <= 1.0
-        assert d["ours"]["calibrated"]["zone_accuracy"] is None  # calibration does not exist yet
+        calibrated = d["ours"]["calibrated"]["zone_accuracy"]  # the hall excerpt has no calibration track
+        assert calibrated is None if dataset == "hall" else 0.0 <= calibrated <= 1.0
         assert {"altbeacon_running_average", "espresense_tukey", "loudest_receiver"} <= set(d["baselines"])
     held = result["flat"]["held_out"]  # the quick flat: one calibration session, the robot test held out
     assert held["calibrate_on"] == ["flat-calib1"] and held["score_on"] == ["flat-robot-test"]

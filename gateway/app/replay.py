@@ -12,13 +12,16 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from beacons.types import Sighting
 from gateway.app.config import load_settings
 from gateway.errors import ConfigError
+from gateway.presence import calibration as calibration_file
+from gateway.presence.calibration import Calibration
+from gateway.presence.floor import adjacency as floor_adjacency
 from gateway.presence.scoring import Event, baselines, replay, score_labels, steps
 from gateway.presence.settings import PresenceSettings, ReceiverSettings
 from gateway.presence.traces import Label, RowErrors, TraceError, open_trace, read_labels
@@ -37,13 +40,17 @@ class Replayed(NamedTuple):
     wall_s: float
 
 
+Adjacency = Mapping[str, Collection[str]]
+
+
 def track(sightings: Iterable[Sighting], settings: PresenceSettings, receivers: list[ReceiverSettings],
-          emit: Callable[[PresenceEvent, float], None]) -> None:
+          emit: Callable[[PresenceEvent, float], None], calibration: Calibration | None = None,
+          adjacency: Adjacency | None = None) -> None:
     """Every sighting through one tracker; ``emit(event, emitted_at)`` per event, in order.
 
     After the last sighting the clock runs on until every visit has ended, so the last exits come out.
     """
-    tracker = PresenceTracker(settings, receivers)
+    tracker = PresenceTracker(settings, receivers, calibration=calibration, adjacency=adjacency)
     observe_many, tick = tracker.observe_many, tracker.tick
     batch: list[Sighting] = []
     drain_end = next_tick = -math.inf
@@ -83,11 +90,15 @@ def event_json(e: PresenceEvent, emitted: float) -> str:
                            "since": None if e.zone_since is None else round(e.zone_since, 3)}
     if e.kind != "enter":
         out["dwell_s"] = round(e.dwell_s, 3)
+    if e.why is not None:
+        out["why"] = {"heard": dict(e.why.heard),
+                      "before": [[z, p] for z, p in e.why.before], "after": [[z, p] for z, p in e.why.after]}
     return json.dumps(out)
 
 
 def replay_events(trace: Path, settings: PresenceSettings, receivers: list[ReceiverSettings],
-                  on_event: Callable[[PresenceEvent, float], None] | None = None) -> Replayed:
+                  on_event: Callable[[PresenceEvent, float], None] | None = None,
+                  calibration: Calibration | None = None, adjacency: Adjacency | None = None) -> Replayed:
     """The tracker's enter / dwell / exit events over a trace file, and what reading it cost.
 
     Raises TraceError for an unreadable trace; bad rows are skipped and counted in ``errors``.
@@ -103,7 +114,7 @@ def replay_events(trace: Path, settings: PresenceSettings, receivers: list[Recei
     f, reader = open_trace(trace, [r.id for r in receivers])
     cpu, wall = time.process_time(), time.perf_counter()
     with f:
-        track(reader, settings, receivers, emit)
+        track(reader, settings, receivers, emit, calibration, adjacency)
     return Replayed(events, reader.rows, reader.errors, time.process_time() - cpu, time.perf_counter() - wall)
 
 
@@ -119,12 +130,13 @@ def baseline_events(trace: Path, settings: PresenceSettings,
 
 
 def run_replay(trace: Path, settings: PresenceSettings, receivers: list[ReceiverSettings],
-               labels: list[Label] | None, out: IO[str], err: IO[str]) -> dict[str, Any] | None:
+               labels: list[Label] | None, out: IO[str], err: IO[str], calibration: Calibration | None = None,
+               adjacency: Adjacency | None = None) -> dict[str, Any] | None:
     """Print the events (and with labels, the scores as the last line); returns the scores."""
     def show(e: PresenceEvent, at: float) -> None:
         out.write(event_json(e, at) + "\n")
 
-    run = replay_events(trace, settings, receivers, show)
+    run = replay_events(trace, settings, receivers, show, calibration, adjacency)
     if run.errors.count:
         print(f"gateway replay: {run.errors.count} bad rows skipped\n{run.errors.report()}", file=err)
     if labels is None:
@@ -133,6 +145,7 @@ def run_replay(trace: Path, settings: PresenceSettings, receivers: list[Receiver
         "ours": score_labels(run.events, labels, settings.exit_after_s),
         "baselines": {name: score_labels(events, labels, settings.exit_after_s)
                       for name, events in baseline_events(trace, settings, receivers).items()},
+        "calibrated": calibration is not None,
         "sightings": run.rows,
         "bad_rows": run.errors.count,
         "replay_cpu_s": round(run.cpu_s, 3),
@@ -145,7 +158,9 @@ def run_replay(trace: Path, settings: PresenceSettings, receivers: list[Receiver
 
 def main(trace: str, config: str, labels_path: str | None, out: IO[str] | None = None,
          err: IO[str] | None = None, *, calibration: str | None = None) -> int:
-    """The subcommand: 0 on success (bad rows only reported), 2 on a config or file that cannot be used."""
+    """The subcommand: 0 on success (bad rows only reported), 2 on a config or file that cannot be used.
+
+    ``calibration`` (``--calibration``) overrides the config's ``[presence] calibration``."""
     out, err = out or sys.stdout, err or sys.stderr
     try:
         settings = load_settings(config)
@@ -157,7 +172,10 @@ def main(trace: str, config: str, labels_path: str | None, out: IO[str] | None =
                 print(f"gateway replay: {lerr.count} bad label rows skipped\n{lerr.report()}", file=err)
         if not settings.receivers:
             raise ConfigError(f"{config}: no [[receivers]]: a trace's rows name configured receivers")
-        run_replay(Path(trace), settings.presence, list(settings.receivers), labels, out, err)
+        path = calibration or settings.presence.calibration or None
+        cal = calibration_file.load(path) if path else None
+        run_replay(Path(trace), settings.presence, list(settings.receivers), labels, out, err, cal,
+                   floor_adjacency(settings.zones))
     except (ConfigError, TraceError, OSError, UnicodeDecodeError) as exc:
         print(f"gateway replay: {exc}", file=err)
         return 2

@@ -28,7 +28,7 @@ from gateway.presence.traces import Label
 
 SAMPLE_S = 1.0  # signatures are sampled once per labelled second (time weighs, not the advert rate)
 SD_FLOOR_DB = 2.5  # a signature's sd is at least this: a short walk must not make a zone razor-thin
-MIN_SECONDS = 10  # a zone labelled for fewer seconds keeps the band model (the config's [[receivers]])
+MIN_SECONDS = 10  # a zone heard in fewer labelled seconds keeps the band model (the config's [[receivers]])
 MIN_HEARD = 5  # samples of a receiver in a zone before its Gaussian is learned (else: heard share only)
 PRIOR_STAYS = 1.0  # stays (and transits) the settings' zone_stay_s / transit_s weigh as, against the walk's
 DEFAULT_MEASURED_POWER = -59.0  # as the tracker: the RSSI at 1 m when neither receiver nor beacon says
@@ -97,6 +97,7 @@ class _Acc:
     """Per (state, receiver): samples heard, their sum and sum of squares, and seconds labelled."""
 
     seconds: int = 0
+    heard_any: int = 0  # of those, the seconds in which some receiver heard the identity
     heard: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0, 0.0]))
 
 
@@ -237,12 +238,13 @@ def learn(sightings: Iterable[Sighting], labels: Sequence[Label], receivers: Seq
             if lb is not None:
                 a = acc[lb.zone]
                 a.seconds += 1
-                for rid, lk in links[beacon].items():
-                    if now - lk.last <= live_s:
-                        h = a.heard[rid]
-                        h[0] += 1
-                        h[1] += lk.rssi
-                        h[2] += lk.rssi * lk.rssi
+                live = [(rid, lk) for rid, lk in links[beacon].items() if now - lk.last <= live_s]
+                a.heard_any += bool(live)
+                for rid, lk in live:
+                    h = a.heard[rid]
+                    h[0] += 1
+                    h[1] += lk.rssi
+                    h[2] += lk.rssi * lk.rssi
             now += SAMPLE_S
         clock[beacon] = now
 
@@ -281,16 +283,14 @@ def learn(sightings: Iterable[Sighting], labels: Sequence[Label], receivers: Seq
                 moves[runs[i + 2][0]].add(zone)  # type: ignore[index]
     polygons = {z.name: z for z in zones}
     zone_cals = []
-    names = [n for n in acc if n is not None]
-    for name in sorted(names, key=lambda n: (n not in polygons, n)):
+    kept = {n for n, a in acc.items() if n is not None and a.heard_any >= MIN_SECONDS}  # too short: the bands
+    for name in sorted(kept, key=lambda n: (n not in polygons, n)):
         a = acc[name]
-        if a.seconds < MIN_SECONDS:
-            continue
         st = stays.get(name, [])
         stay = (sum(st) + PRIOR_STAYS * settings.zone_stay_s) / (len(st) + PRIOR_STAYS)
-        zone_cals.append(ZoneCalibration(name, float(a.seconds), round(stay, 1), tuple(sorted(moves.get(name, ()))),
-                                         _signature(a, rx_ids)))
-    outside = _signature(acc[None], rx_ids) if acc[None].seconds >= MIN_SECONDS else ()
+        zone_cals.append(ZoneCalibration(name, float(a.seconds), round(stay, 1),
+                                         tuple(sorted(moves.get(name, set()) & kept)), _signature(a, rx_ids)))
+    outside = _signature(acc[None], rx_ids) if acc[None].heard_any >= MIN_SECONDS else ()
     transit = (sum(transits) + PRIOR_STAYS * settings.transit_s) / (len(transits) + PRIOR_STAYS)
     share = (direct + PRIOR_STAYS * settings.direct_share) / (ends + PRIOR_STAYS)
     cal_receivers = tuple(_fit_receiver(r, zone_cals, polygons) for r in receivers)

@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from beacons.types import Sighting
+from gateway.presence.calibration import Calibration, Signature
 from gateway.presence.model import rssi_at
 from gateway.presence.settings import PresenceSettings, ReceiverSettings
 
@@ -56,11 +57,24 @@ FIRST_LOOK_S = 0.1  # what the first advert of a link stands for
 MISSING_LLR = 3.0  # per look: a zone whose receivers have not heard the identity lately (nats)
 LLR_CLAMP = 8.0  # one look's log-likelihood ratios span at most +-this (nats): no single look decides
 NEAREST_M = 0.3  # the closest a carried tag gets to a receiver, for the innermost band's ring
+HEARD_RANGE = (0.05, 0.95)  # calibrated: a receiver's share of seconds heard, as used (no certainty either way)
+REFERENCE_SD_MIN = 8.0  # calibrated: the broad per-receiver reference density is at least this wide (dB)
+WHY_STATES = 3  # a switch's ``why`` shows this many likeliest states before and after
 # The tabulated log-likelihood ratios: filtered RSSI from X_MIN, X_RES steps per dB.
 X_MIN, X_MAX, X_RES = -140.0, 10.0, 4
 
 #: (enter threshold dBm, zone name), nearest band first
 Bands = tuple[tuple[float, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Why:
+    """Why the tracker switched: the receivers heard lately (filtered RSSI, loudest first), and the likeliest
+    states (a zone, or None for no zone) with their posterior before this step's evidence and after it."""
+
+    heard: tuple[tuple[str, float], ...]
+    before: tuple[tuple[str | None, float], ...]
+    after: tuple[tuple[str | None, float], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +86,7 @@ class PresenceEvent:
     zone_since: float | None = None  # when the current zone stay began (identifies the stay)
     visit_since: float | None = None  # when the visit began (identifies the visit)
     dwell_s: float = 0.0
+    why: Why | None = None  # on an enter or exit decided on evidence (not on silence)
 
 
 def _phi_diff(a: float, b: float) -> float:
@@ -82,6 +97,10 @@ def _phi_diff(a: float, b: float) -> float:
     if a < 0.0:
         return 0.5 * (math.erfc(-a * r) - math.erfc(-b * r))
     return 0.5 * (math.erf(a * r) - math.erf(b * r))
+
+
+def _log_normal(x: float, mean: float, sd: float) -> float:
+    return -0.5 * ((x - mean) / sd) ** 2 - math.log(sd) - 0.5 * math.log(2.0 * math.pi)
 
 
 def ring_log_likelihood(x: float, near_m: float, far_m: float, ref: float, exponent: float, sigma: float) -> float:
@@ -108,6 +127,7 @@ class _Model:
     tables: tuple[tuple[float, ...], ...]  # per band: clamped LLR (band vs outside) over the RSSI grid
     pairs: tuple[tuple[int, tuple[float, ...]], ...] = ()  # (state, table) per band: the hot loop's view
     cover: int = 0  # the states of its bands as a bit mask: which zones a link that hears the identity vouches for
+    # (calibrated: the receiver's own bit, and the missing-receiver penalty comes from the signatures)
 
 
 @dataclass(slots=True)
@@ -130,6 +150,7 @@ class _Track:
     last_seen: float = 0.0
     quiet: float = 0.0  # total time heard by no receiver at all (gaps beyond EVIDENCE_DT_MAX_S), cumulative
     quiet_stepped: float = 0.0  # ``quiet`` at the last step
+    evidence: list[float] = field(default_factory=list)  # the last step's evidence (for a switch's ``why``)
     zone: str | None = None
     state: int = -1  # the confirmed state: a zone index, or the "no zone" index
     zone_since: float = 0.0
@@ -148,7 +169,12 @@ class PresenceTracker:
         receivers: Iterable[ReceiverSettings],
         *,
         enter_samples: int = 2,
+        calibration: Calibration | None = None,
+        adjacency: Mapping[str, Collection[str]] | None = None,
     ) -> None:
+        """``calibration`` (``gateway calibrate``) replaces the bands' evidence by the zones' learned signatures
+        and the transition prior by the walk's; ``adjacency`` (zone -> the zones one may walk to directly)
+        confines direct moves to it. With neither, every zone may follow every other."""
         if settings.rssi_filter not in ("kalman", "ema"):
             raise ValueError(f"presence.rssi_filter: expected 'kalman' or 'ema', got {settings.rssi_filter!r}")
         self.settings = settings
@@ -161,6 +187,10 @@ class PresenceTracker:
             for z in r.zones:
                 if z.name not in names:
                     names.append(z.name)
+        self.calibration = calibration
+        for zc in calibration.zones if calibration is not None else ():
+            if zc.name not in names:  # a zone with no receiver of its own, told apart by its signature
+                names.append(zc.name)
         self.zones: tuple[str, ...] = tuple(names)
         self._none = len(names)  # the "no zone" state's index
         self._index = {n: i for i, n in enumerate(names)}
@@ -182,7 +212,15 @@ class PresenceTracker:
         # A zone none of the receivers hearing the identity names is unlikely (a loss likelihood): the zones
         # heard are an OR of the links' ``cover`` masks, and the zones missed by each mask are cached.
         self._all_zones = (1 << n) - 1
-        self._missed: dict[int, tuple[int, ...]] = {}
+        self._missed: dict[int, tuple[tuple[int, float], ...]] = {}
+        if calibration is not None:  # a link vouches for its receiver: the mask is over receivers
+            self._rx_bit = {rid: 1 << k for k, rid in enumerate(self.receivers)}
+            self._all_zones = (1 << len(self.receivers)) - 1
+            self._rx_cal = {rc.id: rc for rc in calibration.receivers}
+            self._sigs = self._signatures(calibration)
+        if calibration is not None or adjacency is not None:
+            self._graph = self._transitions(calibration, adjacency)
+            self._step = self._step_graph  # type: ignore[method-assign]
         self._out_share = 1.0 - settings.direct_share if n > 1 else 1.0  # of the stays that end, to no zone
         self._step_dt, self._step_terms = math.nan, (0.0, 0.0, 0.0, 0.0, 0.0)  # the last step's length and terms
         # Prior: heard at all means in the store; as likely in no zone as in some zone.
@@ -206,10 +244,22 @@ class PresenceTracker:
             return cached
         n = rx.path_loss_exponent
         bands = self._bands[rx.id]
+        if self.calibration is not None:
+            model = self._calibrated_model(rx, ref)
+        else:
+            tables = self._band_tables(bands, ref, n)
+            states = tuple(self._index[name] for _, name in bands)
+            model = _Model(tuple((rssi_at(max_m, ref, n), name) for max_m, name in bands), states, tuple(tables),
+                           tuple(zip(states, tables, strict=True)), sum(1 << i for i in set(states)))
+        self._models[(rx.id, ref)] = model
+        return model
+
+    def _band_tables(self, bands: list[tuple[float, str]], ref: float, n: float) -> list[tuple[float, ...]]:
+        """Per band, the clamped LLR of its ring against "outside" over the RSSI grid."""
         st = self.settings
         sigma = math.sqrt(st.shadowing_db ** 2 + 1.0)  # slow shadowing + what the filter leaves of the fast noise
         grid = [X_MIN + i / X_RES for i in range(int((X_MAX - X_MIN) * X_RES) + 1)]
-        tables = []
+        tables: list[tuple[float, ...]] = []
         if bands:
             widest = bands[-1][0]
             out = [ring_log_likelihood(x, widest, widest * max(st.outside_factor, 1.01), ref, n, sigma) for x in grid]
@@ -224,21 +274,74 @@ class PresenceTracker:
             floor_out = [max(o - b, -LLR_CLAMP) for o, b in zip(out, best, strict=True)]
             for r in rings:
                 tables.append(tuple(max(v - b, -LLR_CLAMP) - fo for v, b, fo in zip(r, best, floor_out, strict=True)))
-        states = tuple(self._index[name] for _, name in bands)
-        model = _Model(tuple((rssi_at(max_m, ref, n), name) for max_m, name in bands), states, tuple(tables),
-                       tuple(zip(states, tables, strict=True)), sum(1 << i for i in set(states)))
-        self._models[(rx.id, ref)] = model
-        return model
+        return tables
 
-    def zone_for(self, receiver: str, rssi: float, tx_power: int | None) -> str | None:
-        """The band ``receiver`` puts a (filtered) RSSI in; None outside every band."""
-        rx = self.receivers.get(receiver)
-        if rx is None:
-            return None
-        for thr, name in self._model(rx, self._ref(rx, tx_power)).bands:
-            if rssi >= thr:
-                return name
-        return None
+    def _signatures(self, cal: Calibration) -> dict[str, list[tuple[int, Signature]]]:
+        """Per receiver, the (state, signature) pairs of the calibration: its zones, and no zone when learned."""
+        out: dict[str, list[tuple[int, Signature]]] = {}
+        states = [(self._index[z.name], z.signature) for z in cal.zones]
+        if cal.outside:
+            states.append((self._none, cal.outside))
+        for state, signature in states:
+            for sg in signature:
+                if sg.receiver in self.receivers:
+                    out.setdefault(sg.receiver, []).append((state, sg))
+        return out
+
+    def _calibrated_model(self, rx: ReceiverSettings, ref: float) -> _Model:
+        """One table per state the calibration has a signature for at this receiver: the log-likelihood of
+        the filtered RSSI (and of being heard at all) against a broad reference density; zones the walk
+        missed keep their bands, with the fitted offset and exponent."""
+        rc = self._rx_cal.get(rx.id)
+        offset, n = (rc.offset_db, rc.exponent) if rc is not None else (0.0, rx.path_loss_exponent)
+        sigs = self._sigs.get(rx.id, [])
+        fitted = [(sg.mean, sg.sd) for _, sg in sigs if sg.mean is not None and sg.sd is not None]
+        if fitted:
+            centre = sum(m for m, _ in fitted) / len(fitted)
+            spread = math.sqrt(sum((m - centre) ** 2 + sd * sd for m, sd in fitted) / len(fitted))
+        else:
+            centre, spread = ref + offset - 20.0, REFERENCE_SD_MIN
+        ref_sd = max(spread, REFERENCE_SD_MIN)
+        lo, hi = HEARD_RANGE
+        grid = [X_MIN + i / X_RES for i in range(int((X_MAX - X_MIN) * X_RES) + 1)]
+        rows = []
+        for x in grid:
+            lref = _log_normal(x, centre, ref_sd)
+            ls = [math.log(min(max(sg.heard, lo), hi))
+                  + (lref if sg.mean is None or sg.sd is None else _log_normal(x, sg.mean, sg.sd)) for _, sg in sigs]
+            best = max(ls) if ls else lref
+            rows.append([min(max(max(v - best, -LLR_CLAMP) + best - lref, -LLR_CLAMP), LLR_CLAMP) for v in ls])
+        states = [state for state, _ in sigs]
+        tables = [tuple(row[k] for row in rows) for k in range(len(sigs))]
+        covered = {z.name for z in self.calibration.zones} if self.calibration is not None else set()
+        bands = [(m, name) for m, name in self._bands[rx.id] if name not in covered]
+        states += [self._index[name] for _, name in bands]
+        tables += self._band_tables(bands, ref + offset, n)
+        return _Model(tuple((rssi_at(max_m, ref + offset, n), name) for max_m, name in bands), tuple(states),
+                      tuple(tables), tuple(zip(states, tables, strict=True)), self._rx_bit[rx.id])
+
+    def _transitions(self, cal: Calibration | None,
+                     adjacency: Mapping[str, Collection[str]] | None) -> tuple[list[float], list[tuple[int, ...]],
+                                                                                float, float]:
+        """Per zone its mean stay and the zones it moves to directly (the adjacency given, and the moves
+        the calibration walk made, both ways), the mean transit and the direct share. A move nobody
+        listed still happens, through no zone."""
+        st, n = self.settings, self._none
+        stays = [st.zone_stay_s] * n
+        nbrs: list[set[int]] = [set() for _ in range(n)]
+        pairs: list[tuple[str, str]] = [(a, b) for a, bs in (adjacency or {}).items() for b in bs]
+        if cal is not None:
+            for zc in cal.zones:
+                stays[self._index[zc.name]] = zc.stay_s
+                pairs += [(zc.name, b) for b in zc.neighbours]
+        for a, b in pairs:
+            i, j = self._index.get(a), self._index.get(b)
+            if i is not None and j is not None and i != j:
+                nbrs[i].add(j)
+                nbrs[j].add(i)
+        transit = cal.transit_s if cal is not None else st.transit_s
+        direct = cal.direct_share if cal is not None else st.direct_share
+        return stays, [tuple(sorted(x)) for x in nbrs], transit, direct
 
     # ------------------------------------------------------------ sightings
 
@@ -390,11 +493,27 @@ class PresenceTracker:
 
     # ------------------------------------------------------------ the filter and the decisions
 
-    def _missed_zones(self, cover: int) -> tuple[int, ...]:
-        """The zones outside ``cover`` (a mask of zones some receiver hearing the identity names), cached."""
+    def _missed_zones(self, cover: int) -> tuple[tuple[int, float], ...]:
+        """The zones outside ``cover`` (a mask of zones some receiver hearing the identity names), each with
+        its loss per look, cached. Calibrated, ``cover`` is a mask of the receivers heard, and each silent
+        receiver costs each state -log(1 - its share heard there), less the most tolerant state's cost."""
         if len(self._missed) >= 1024:
             self._missed.clear()
-        missed = self._missed[cover] = tuple(i for i in range(self._none) if not cover >> i & 1)
+        if self.calibration is None:
+            missed = tuple((i, MISSING_LLR) for i in range(self._none) if not cover >> i & 1)
+        else:
+            cost = [0.0] * (self._none + 1)
+            lo, hi = HEARD_RANGE
+            for rid, sigs in self._sigs.items():
+                if cover & self._rx_bit[rid] or not sigs:
+                    continue
+                per = {state: min(-math.log(1.0 - min(max(sg.heard, lo), hi)), LLR_CLAMP) for state, sg in sigs}
+                least = min(per.values())
+                for i in range(self._none + 1):
+                    cost[i] += per.get(i, least)
+            least = min(cost)
+            missed = tuple((i, c - least) for i, c in enumerate(cost) if c > least)
+        self._missed[cover] = missed
         return missed
 
     def _step(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:
@@ -440,9 +559,9 @@ class PresenceTracker:
                 if missed is None:
                     missed = self._missed_zones(cover)
                 if missed:
-                    miss = MISSING_LLR * heard * self._look
-                    for i in missed:
-                        llr[i] -= miss
+                    look = self._look
+                    for i, w in missed:
+                        llr[i] -= w * heard * look
         top = max(llr)
         exp = math.exp
         # zone i: (p[i] (1 - leave) + arrive p[n] / n + leave direct (1 - p[n] - p[i]) / (n - 1)) e^(llr[i] - top)
@@ -459,13 +578,86 @@ class PresenceTracker:
         p[n] = (pn * keep_out + leave_out * total) * exp(llr[n] - top)
         z = sum(p)
         tr.post = post = [v / z for v in p]
-        tr.llr = [0.0] * (n + 1)
+        tr.evidence, tr.llr = llr, [0.0] * (n + 1)
         # _decide's usual outcome inline: the confirmed state holds (from no zone, no zone has reached
         # enter_posterior; from a zone, its posterior is above 1 - switch_posterior).
         cur = tr.state
         if max(post) < self._enter_at if cur == n else post[cur] > self._keep_above:
             return self._hold(key, tr, now)
         return self._decide(key, tr, now)
+
+    def _step_graph(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:
+        """The step with a calibration or a floor plan: per-zone stays, and direct moves only to a zone's
+        neighbours (O(edges)); the rest of a stay's end goes to no zone, from which any zone is reached."""
+        n = self._none
+        if not n:
+            tr.stepped = now
+            return self._decide(key, tr, now)
+        dt = now - tr.stepped
+        tr.stepped = now
+        p, llr = tr.post, tr.llr
+        quiet = tr.quiet
+        heard = dt - (quiet - tr.quiet_stepped)
+        tr.quiet_stepped = quiet
+        if heard > 0.0:  # as in _step: receivers not hearing the identity while others do
+            live = now - quiet - self._half_exit
+            cover = 0
+            for lk in tr.links.values():
+                if lk.last - lk.quiet >= live:
+                    cover |= lk.model.cover
+            if cover != self._all_zones:
+                missed = self._missed.get(cover)
+                if missed is None:
+                    missed = self._missed_zones(cover)
+                look = self._look
+                for i, w in missed:
+                    llr[i] -= w * heard * look
+        stays, nbrs, transit, direct = self._graph
+        expm1 = math.expm1
+        arrive = -expm1(-dt / transit)
+        pn = p[n]
+        new = [arrive * pn / n] * n + [pn * (1.0 - arrive)]
+        for i in range(n):
+            pi = p[i]
+            gone = pi * -expm1(-dt / stays[i])
+            new[i] += pi - gone
+            out = nbrs[i]
+            if out:
+                share = gone * direct / len(out)
+                for j in out:
+                    new[j] += share
+                new[n] += gone - gone * direct
+            else:
+                new[n] += gone
+        top = max(llr)
+        exp = math.exp
+        post = [v * exp(e - top) for v, e in zip(new, llr, strict=True)]
+        z = sum(post)
+        tr.post = [v / z for v in post]
+        tr.evidence, tr.llr = llr, [0.0] * (n + 1)
+        return self._decide(key, tr, now)
+
+    def _why(self, tr: _Track, now: float) -> Why:
+        """The receivers heard lately and the likeliest states before this step's evidence and after it."""
+        names: list[str | None] = [*self.zones, None]
+        after = tr.post
+        ev = tr.evidence
+        if len(ev) == len(after):
+            top = max(ev)
+            raw = [p * math.exp(min(top - e, 700.0)) for p, e in zip(after, ev, strict=True)]
+            z = sum(raw) or 1.0
+            before = [v / z for v in raw]
+        else:
+            before = list(after)
+
+        def top_states(post: list[float]) -> tuple[tuple[str | None, float], ...]:
+            order = sorted(range(len(post)), key=lambda i: -post[i])[:WHY_STATES]
+            return tuple((names[i], round(post[i], 4)) for i in order)
+
+        live = now - self._half_exit
+        heard = sorted(((rid, round(lk.rssi, 1)) for rid, lk in tr.links.items() if lk.last >= live),
+                       key=lambda h: -h[1])
+        return Why(tuple(heard), top_states(before), top_states(after))
 
     def _hold(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:
         """The confirmed state holds: no candidate, and a dwell event when one is due."""
@@ -490,9 +682,10 @@ class PresenceTracker:
         if tr.seen < self.enter_samples or now - tr.candidate_since < self.settings.enter_hold_s:
             return []
         events: list[PresenceEvent] = []
+        why = self._why(tr, now)
         if tr.zone is not None:
             events.append(PresenceEvent("exit", key, now, tr.zone, tr.zone_since, tr.visit_since,
-                                        now - tr.zone_since))
+                                        now - tr.zone_since, why))
             tr.zone = None
         tr.state, tr.candidate = best, -1
         if best != self._none:
@@ -501,7 +694,7 @@ class PresenceTracker:
                 tr.visit_since = now
                 events.append(PresenceEvent("visit_start", key, now, zone, now, now))
             tr.zone, tr.zone_since, tr.last_dwell = zone, now, now
-            events.append(PresenceEvent("enter", key, now, zone, now, tr.visit_since))
+            events.append(PresenceEvent("enter", key, now, zone, now, tr.visit_since, why=why))
         return events
 
     # ------------------------------------------------------------ time

@@ -1,0 +1,226 @@
+"""Calibration: zone signatures learned from a labelled walk, the TOML that keeps them, and the tracker,
+replay and `gateway calibrate` that use them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from beacons.types import Sighting
+from gateway.app.cli import main
+from gateway.errors import ConfigError
+from gateway.presence.calibration import Calibration, dumps, learn, load, parse, report, separations
+from gateway.presence.settings import PresenceSettings, ReceiverSettings, ZoneBand
+from gateway.presence.traces import Label, open_trace, read_labels
+from gateway.presence.tracker import PresenceTracker
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "data" / "datasets"  # excerpts of the public datasets (SOURCE.md, licences beside)
+
+# Two receivers 10 m apart; "middle" lies between them and has no receiver (no band) of its own.
+RECEIVERS = [ReceiverSettings("a", [ZoneBand("left", 3.0)], measured_power=-59),
+             ReceiverSettings("b", [ZoneBand("right", 3.0)], measured_power=-59)]
+MEANS = {"left": (-55, -80), "middle": (-68, -68), "right": (-80, -55)}  # (a, b) dBm per zone
+CONFIG = """
+[[receivers]]
+id = "a"
+measured_power = -59
+zones = [{ name = "left", max_m = 3.0 }]
+
+[[receivers]]
+id = "b"
+measured_power = -59
+zones = [{ name = "right", max_m = 3.0 }]
+"""
+
+
+def walk(route: list[tuple[str, float]], seed: int, key: str = "tag") -> tuple[list[Sighting], list[Label]]:
+    """A tag walking ``route`` (zone, seconds), heard by both receivers at 5 Hz with 4 dB of noise."""
+    rng = random.Random(seed)
+    sightings, labels, t0 = [], [], 0.0
+    for zone, seconds in route:
+        for i in range(int(seconds * 5)):
+            t = t0 + i / 5
+            for rx, mean in zip("ab", MEANS[zone], strict=True):
+                sightings.append(Sighting(key, rx, round(mean + rng.gauss(0, 4)), t, None))
+        labels.append(Label(key, t0, t0 + seconds, zone))
+        t0 += seconds
+    return sightings, labels
+
+
+ROUTE = [("left", 40.0), ("middle", 40.0), ("right", 40.0), ("middle", 30.0), ("left", 30.0)]
+
+
+@pytest.fixture(scope="module")
+def cal() -> Calibration:
+    sightings, labels = walk(ROUTE, seed=1)
+    return learn(sightings, labels, RECEIVERS, PresenceSettings())
+
+
+def zones_entered(tracker: PresenceTracker, sightings: list[Sighting]) -> list[str | None]:
+    return [e.zone for e in tracker.observe_many(sightings) if e.kind == "enter"]
+
+
+def test_a_zone_without_a_receiver_of_its_own_is_learned_and_told_apart(cal: Calibration) -> None:
+    assert [z.name for z in cal.zones] == ["left", "middle", "right"]
+    middle = {sg.receiver: sg for sg in cal.zone("middle").signature}  # type: ignore[union-attr]
+    assert middle["a"].mean == pytest.approx(-68, abs=2) and middle["b"].mean == pytest.approx(-68, abs=2)
+    assert set(cal.zone("middle").neighbours) == {"left", "right"}  # type: ignore[union-attr]
+    test, _ = walk([("left", 30.0), ("middle", 30.0), ("right", 30.0)], seed=2)  # another walk, other noise
+    assert zones_entered(PresenceTracker(PresenceSettings(), RECEIVERS, calibration=cal), test) == [
+        "left", "middle", "right"]
+    # Without calibration the tracker has no "middle" state at all: it can only say left or right.
+    assert "middle" not in zones_entered(PresenceTracker(PresenceSettings(), RECEIVERS), test)
+
+
+def test_learn_on_a_real_excerpt_finds_each_rooms_own_anchor_loudest(tmp_path: Path) -> None:
+    # The Kolakowski flat's robot test (first 600 rows; tests/data/datasets/SOURCE.md, CC BY 4.0), converted
+    # as the benchmark does; the rooms' anchors are those benchmarks/datasets.py puts in each room.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from datasets import build
+
+    files = build(FIXTURES, tmp_path)["flat-robot-test"]
+    from gateway.app.config import load_settings
+
+    settings = load_settings(files["config"])
+    with open(files["labels"], newline="") as f:
+        labels, _ = read_labels(f)
+    f, reader = open_trace(files["trace"])
+    with f:
+        cal = learn(reader, labels, list(settings.receivers), settings.presence)
+    assert {z.name for z in cal.zones} >= {"west", "centre", "east", "south"}
+    for z in cal.zones:
+        own = {b.name for r in settings.receivers for b in r.zones if b.name == z.name}
+        loudest = max((sg for sg in z.signature if sg.mean is not None), key=lambda sg: sg.mean or -999)
+        bands = {b.name for r in settings.receivers if r.id == loudest.receiver for b in r.zones}
+        if own and z.seconds >= 20:
+            assert z.name in bands, (z.name, loudest)
+    assert parse(dumps(cal)) == dataclasses.replace(cal, source=())
+
+
+def test_the_toml_round_trips_and_says_how_it_was_made(cal: Calibration) -> None:
+    text = dumps(dataclasses.replace(cal, source=("from walk.csv",)))
+    assert text.startswith("# Presence calibration") and "# from walk.csv" in text
+    assert '[zones."middle".signature]' in text and "heard = " in text
+    assert parse(text) == dataclasses.replace(cal, source=())  # the header is a comment; the rest comes back
+
+
+@pytest.mark.parametrize(("change", "key"), [
+    (('[zones."middle"]\nseconds', '[zones."middle"]\nsecs'), "zones.middle.seconds: missing"),
+    (("stay_s = ", "stay_s = -"), ".stay_s: must be positive"),
+    (('"b" = { mean', '"b" = { mean = "loud", x'), "signature.b.mean: expected a"),
+    (("transit_s = ", "transit_s = 0 #"), "transitions.transit_s: must be positive"),
+    (('neighbours = ["left", "right"]', 'neighbours = ["attic"]'), "'attic' is not a zone"),
+    (("[transitions]", "[transitions"), "line"),  # not TOML at all: tomllib says the line
+])
+def test_bad_toml_is_a_config_error_naming_the_file_and_key(tmp_path: Path, cal: Calibration,
+                                                            change: tuple[str, str], key: str) -> None:
+    path = tmp_path / "cal.toml"
+    text = dumps(cal)
+    assert change[0] in text
+    path.write_text(text.replace(change[0], change[1], 1))
+    with pytest.raises(ConfigError) as exc:
+        load(path)
+    assert str(path) in str(exc.value) and key in str(exc.value)
+
+
+def test_the_report_names_each_zones_nearest_neighbour(cal: Calibration) -> None:
+    apart = separations(cal)
+    assert apart["left"][0] == "middle" and apart["right"][0] == "middle"  # middle lies between them
+    assert apart["left"][1] > 1.0  # 13 dB apart on both receivers with sd about 3: well separated
+    text = report(cal)
+    assert all(z in text for z in ("left", "middle", "right")) and "receiver a" in text
+
+
+def test_tracker_without_calibration_is_unchanged_and_with_one_follows_the_walk(cal: Calibration) -> None:
+    test, _ = walk([("left", 30.0), ("right", 30.0)], seed=3)
+    plain, again = PresenceTracker(PresenceSettings(), RECEIVERS), PresenceTracker(
+        PresenceSettings(), RECEIVERS, calibration=None, adjacency=None)
+    a, b = plain.observe_many(test), again.observe_many(test)
+    assert a == b and [e.zone for e in a if e.kind == "enter"] == ["left", "right"]
+    assert plain.zones == ("left", "right")
+
+
+def test_adjacency_alone_confines_direct_moves() -> None:
+    """A floor plan where left and right do not touch: the move goes through no zone (left's posterior
+    flows to no zone first), and still ends in right."""
+    test, _ = walk([("left", 30.0), ("right", 30.0)], seed=4)
+    graph = PresenceTracker(PresenceSettings(), RECEIVERS, adjacency={"left": set(), "right": set()})
+    assert [e.zone for e in graph.observe_many(test) if e.kind == "enter"] == ["left", "right"]
+
+
+def test_why_is_on_enter_and_exit_with_receivers_and_posteriors(cal: Calibration) -> None:
+    test, _ = walk([("left", 30.0), ("right", 30.0)], seed=5)
+    events = PresenceTracker(PresenceSettings(), RECEIVERS, calibration=cal).observe_many(test)
+    switches = [e for e in events if e.kind in ("enter", "exit")]
+    assert switches and all(e.why is not None for e in switches)
+    enter_right = next(e for e in events if e.kind == "enter" and e.zone == "right")
+    assert enter_right.why is not None
+    assert enter_right.why.heard[0][0] == "b"  # the loudest receiver heard lately comes first
+    assert enter_right.why.after[0][0] == "right"  # and the posterior after the step puts right on top
+    assert all(e.why is None for e in events if e.kind == "dwell")
+
+
+def test_gateway_calibrate_then_replay_with_the_calibration(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            cal: Calibration) -> None:
+    from gateway.presence.traces import TraceWriter, write_labels
+
+    sightings, labels = walk(ROUTE, seed=6)
+    (tmp_path / "gw.toml").write_text(CONFIG)
+    with open(tmp_path / "walk.csv", "w", newline="") as f:
+        TraceWriter(f).write_many(sightings)
+    with open(tmp_path / "walk.labels.csv", "w", newline="") as f:
+        write_labels(f, labels)
+    with open(tmp_path / "walk.csv", "a") as f:
+        f.write("12.0,a,tag,loud\n")  # a bad row: counted with its line, never a traceback
+    out = tmp_path / "cal.toml"
+    assert main(["calibrate", str(tmp_path / "walk.csv"), "--labels", str(tmp_path / "walk.labels.csv"),
+                 "--config", str(tmp_path / "gw.toml"), "--out", str(out)]) == 0
+    printed, err = capsys.readouterr()
+    assert "middle" in printed and "1 bad rows" in err and "line" in err
+    assert [z.name for z in load(out).zones] == ["left", "middle", "right"]
+
+    test, test_labels = walk([("left", 30.0), ("middle", 30.0), ("right", 30.0)], seed=7)
+    with open(tmp_path / "test.csv", "w", newline="") as f:
+        TraceWriter(f).write_many(test)
+    with open(tmp_path / "test.labels.csv", "w", newline="") as f:
+        write_labels(f, test_labels)
+    assert main(["replay", str(tmp_path / "test.csv"), "--config", str(tmp_path / "gw.toml"), "--labels",
+                 str(tmp_path / "test.labels.csv"), "--calibration", str(out)]) == 0
+    lines = capsys.readouterr()[0].splitlines()
+    events = [json.loads(x) for x in lines[:-1]]
+    assert [e["zone"] for e in events if e["event"] == "enter"] == ["left", "middle", "right"]
+    assert all("why" in e for e in events if e["event"] == "enter")
+    scores = json.loads(lines[-1])
+    assert scores["calibrated"] is True and scores["ours"]["zone_accuracy"] > 0.9
+
+
+def test_gateway_calibrate_refuses_input_that_teaches_nothing(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "gw.toml").write_text(CONFIG)
+    (tmp_path / "t.csv").write_text("time,receiver,beacon,rssi\n0,a,tag,-60\n")
+    (tmp_path / "l.csv").write_text("beacon,start,end,zone\nother,0,60,left\n")
+    (tmp_path / "bad.csv").write_text("when,who\n")
+    args = ["--labels", str(tmp_path / "l.csv"), "--config", str(tmp_path / "gw.toml"), "--out", str(tmp_path / "o")]
+    assert main(["calibrate", str(tmp_path / "t.csv"), *args]) == 2
+    assert main(["calibrate", str(tmp_path / "bad.csv"), *args]) == 2
+    err = capsys.readouterr()[1].strip().splitlines()
+    assert len(err) == 2 and "nothing to learn" in err[0] and "line 1" in err[1]
+    assert not (tmp_path / "o").exists()
+
+
+def test_replay_with_a_bad_calibration_file_is_one_line_and_exit_2(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "gw.toml").write_text(CONFIG)
+    (tmp_path / "t.csv").write_text("time,receiver,beacon,rssi\n0,a,tag,-60\n")
+    (tmp_path / "cal.toml").write_text("[transitions]\ntransit_s = 'soon'\n")
+    assert main(["replay", str(tmp_path / "t.csv"), "--config", str(tmp_path / "gw.toml"),
+                 "--calibration", str(tmp_path / "cal.toml")]) == 2
+    err = capsys.readouterr()[1]
+    assert "cal.toml" in err and "transitions.transit_s" in err and len(err.strip().splitlines()) == 1
+
