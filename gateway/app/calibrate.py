@@ -27,8 +27,8 @@ def main(trace: str, *, labels: str, config: str, out: str, stdout: IO[str] | No
         settings = load_settings(config)
         if not settings.receivers:
             raise ConfigError(f"{config}: no [[receivers]]: a trace's rows name configured receivers")
-        with open(labels, newline="", encoding="utf-8") as f:
-            lbs, lerr = read_labels(f, labels)
+        with open(labels, newline="", encoding="utf-8") as lf:
+            lbs, lerr = read_labels(lf, labels)
         if lerr.count:
             print(f"gateway calibrate: {lerr.count} bad label rows skipped\n{lerr.report()}", file=se)
         if not lbs:
