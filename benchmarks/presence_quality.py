@@ -26,8 +26,16 @@ Figures (see docs/presence.md for the exact scoring rules):
   to the tracker's enter event for it (0 if already there; a stop never entered counts its whole
   length, and is also counted in ``missed_enters``).
 
-Usage: ``.venv/bin/python benchmarks/presence_quality.py [--quick] [--seed N]``; the last line
-printed is one JSON object.
+The calibrated run (``--calibrated``, or ``--seeds 3,5,7,11,23`` for several seeds; off by default, so
+the default output stays what it was): per seed, the store layout's floor plan (``[[zones]]`` from the
+zone rects: ``gateway/presence/floor.py``) as the tracker's adjacency, and a calibration learned
+(``gateway/presence/calibration.py``) from a simulated staff calibration walk (``simulators/walk.py``)
+with a different seed than the scored day, through the same radio (fast noise, path and body fading,
+loss bursts). It scores the tracker uncalibrated, with the adjacency only, and calibrated with the
+adjacency, beside both baselines, under ``"calibrated"`` in the JSON.
+
+Usage: ``.venv/bin/python benchmarks/presence_quality.py [--quick] [--seed N] [--calibrated]
+[--seeds 3,5,7]``; the last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from beacons.types import Sighting  # noqa: E402
+from gateway.presence.calibration import Calibration, learn  # noqa: E402
+from gateway.presence.floor import adjacency, rectangle  # noqa: E402
 from gateway.presence.scoring import (  # noqa: E402
     Event,
     WindowBaseline,
@@ -59,12 +69,13 @@ from gateway.presence.scoring import (  # noqa: E402
     state_at,
     timelines,
 )
-from gateway.presence.settings import PresenceSettings, ReceiverSettings, ZoneBand  # noqa: E402
+from gateway.presence.settings import FloorZone, PresenceSettings, ReceiverSettings, ZoneBand  # noqa: E402
 from gateway.presence.tracker import PresenceTracker  # noqa: E402
 from simulators.people import VisitPath, Walker  # noqa: E402
 from simulators.scenario import Receiver, Scenario, Zone, load_scenario  # noqa: E402
 from simulators.scenario import ZoneBand as SimBand  # noqa: E402
 from simulators.store_sim import StoreSimulator  # noqa: E402
+from simulators.walk import CalibrationWalk, calibration_walk  # noqa: E402
 
 START = 1_700_000_000.0
 STEP_S = 1.0  # the runtime ticks presence about once a second; so does this replay
@@ -234,8 +245,14 @@ class Recording(PresenceTracker):
 
 class Ours:
     def __init__(self, settings: PresenceSettings, receivers: list[ReceiverSettings], tx_power: int,
-                 record: bool = False) -> None:
-        self.t = Recording(settings, receivers) if record else PresenceTracker(settings, receivers)
+                 record: bool = False, calibration: Calibration | None = None,
+                 adjacency: dict[str, frozenset[str]] | None = None) -> None:
+        if record:
+            self.t: PresenceTracker = Recording(settings, receivers)
+        elif calibration is None and adjacency is None:
+            self.t = PresenceTracker(settings, receivers)
+        else:
+            self.t = PresenceTracker(settings, receivers, calibration=calibration, adjacency=adjacency)
         self.tx = tx_power
 
     def observe(self, key: str, rx: str, rssi: int, t: float) -> list[Event]:
@@ -466,6 +483,83 @@ def run_layout(label: str, sc: Scenario, args: argparse.Namespace, duration: flo
     return {"ours": ours, "baselines": baselines, "variants": results, **info}
 
 
+# ---------------------------------------------------------------------------------------
+# The calibrated run: floor plan + a calibration from a simulated staff walk
+
+WALK_SEED_OFFSET = 1000  # the walk's seed: never the scored day's
+WALK_ROUNDS = 2  # the staff walk goes round every zone this many times
+GOALS = {"enter_latency_p90_s": 3.0, "false_exits_per_person_hour": 0.5, "zone_accuracy": 0.95}
+
+
+def floor_plan(sc: Scenario) -> list[FloorZone]:
+    """The scenario's zone rects as ``[[zones]]`` polygons (what ``gateway demo`` writes)."""
+    return [FloorZone(z.name, rectangle(*z.rect)) for z in sc.zones]
+
+
+def positioned(sc: Scenario, receivers: list[ReceiverSettings]) -> list[ReceiverSettings]:
+    """The survey's receivers with their floor-plan positions (calibration fits path loss from them)."""
+    where = {r.id: [float(r.position[0]), float(r.position[1])] for r in sc.receivers}
+    return [dataclasses.replace(r, position=where[r.id]) for r in receivers]
+
+
+def staff_walk(sc: Scenario, seed: int, fading: str) -> tuple[CalibrationWalk, list[Sighting]]:
+    """The walk's sightings through the same radio as the day: the walk's adverts, then the bursts and slow
+    fades of ``build_trace`` (seeded by the walk's seed)."""
+    walk = calibration_walk(sc, seed=seed, start=START, zones=[z.name for z in sc.zones] * WALK_ROUNDS)
+    steps = build_trace(walk.simulator, walk.path.end + 1.0 - POST_S, seed, fading)
+    tx = sc.radio.tx_power
+    return walk, [Sighting(key, rx, rssi, t, tx) for _, rows in steps for key, rx, rssi, t in rows]
+
+
+def compact(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: result[k] for k in (*KEYS, "false_exits", "missed_enters", "stops")}
+
+
+def verdict(ours: dict[str, Any], baselines: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each goal met or not, and whether ours beats every baseline on each figure (higher accuracy,
+    fewer false exits, lower p90; a tie is not better)."""
+    met = {k: (ours[k] >= v if k == "zone_accuracy" else ours[k] <= v) for k, v in GOALS.items()}
+    better = {k: all((ours[k] > b[k]) if k == "zone_accuracy" else (ours[k] < b[k]) for b in baselines.values())
+              for k in KEYS}
+    return {"goals_met": met, "better_than_both_baselines": better}
+
+
+def run_calibrated(sc: Scenario, seed: int, args: argparse.Namespace, duration: float) -> dict[str, Any]:
+    """One seed's day scored uncalibrated, with the floor plan's adjacency, and calibrated (walk seed apart)."""
+    t0 = time.perf_counter()
+    sim = StoreSimulator(sc, start=START, seed=seed, duration_s=duration)
+    horizon = duration + 400.0
+    steps = build_trace(sim, horizon, seed, args.fading)
+    walkers = list(sim.walkers)
+    receivers = positioned(sc, receivers_of(sc))
+    settings = PresenceSettings()
+    exit_after = settings.exit_after_s
+    floor = floor_plan(sc)
+    adj = adjacency(floor)
+    walk_seed = seed + WALK_SEED_OFFSET
+    walk, walk_sightings = staff_walk(sc, walk_seed, args.fading)
+    cal = learn(walk_sightings, walk.labels, receivers, settings, floor)
+    runs: dict[str, dict[str, Any]] = {}
+    for name, with_adj, with_cal in (("uncalibrated", None, None), ("adjacency_only", adj, None),
+                                     ("calibrated", adj, cal)):
+        tracker = Ours(settings, receivers, sc.radio.tx_power, calibration=with_cal, adjacency=with_adj)
+        events, _ = replay(tracker, steps)
+        runs[name] = compact(score(events, walkers, exit_after, horizon))
+        print(f"[calibrated seed {seed}] {name:26s} {runs[name]}", file=sys.stderr)
+    baselines: dict[str, dict[str, Any]] = {}
+    for name, window, fn in (("altbeacon_running_average", 20.0, altbeacon_running_average),
+                             ("espresense_tukey", 15.0, espresense_tukey)):
+        events, _ = replay(WindowBaseline(window, fn, receivers, exit_after), steps)
+        baselines[name] = compact(score(events, walkers, exit_after, horizon))
+        print(f"[calibrated seed {seed}] {name:26s} {baselines[name]}", file=sys.stderr)
+    print(f"[calibrated seed {seed}] {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return {**runs, "baselines": baselines, **verdict(runs["calibrated"], baselines),
+            "walk": {"seed": walk_seed, "seconds": round(walk.path.end - walk.path.start, 1),
+                     "labelled_s": round(sum(lb.end - lb.start for lb in walk.labels), 1),
+                     "sightings": len(walk_sightings), "rounds": WALK_ROUNDS},
+            "adjacency": {k: sorted(v) for k, v in (adj or {}).items()}}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small run (a few seconds)")
@@ -478,8 +572,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "recording makes the replay slower")
     ap.add_argument("--variants", action="store_true",
                     help="also score the alternative filters and settings (docs/presence.md)")
+    ap.add_argument("--calibrated", action="store_true",
+                    help="also score the floor plan's adjacency and a calibration from a simulated staff walk "
+                         "(--seed's day; the walk has its own seed)")
+    ap.add_argument("--seeds", default=None, metavar="3,5,7",
+                    help="the calibrated run on each of these seeds (implies --calibrated)")
     args = ap.parse_args(argv)
     duration = args.duration or (300.0 if args.quick else 3600.0)
+    seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else []
+    if args.calibrated and not seeds:
+        seeds = [args.seed]
     store = run_layout("store", bench_scenario(args.quick), args, duration)
     dense = run_layout("dense", dense_scenario(args.quick), args, duration)
     ours = store["ours"]
@@ -492,6 +594,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "details": {"store": store, "dense": dense, "seed": args.seed, "duration_s": duration,
                     "quick": args.quick},
     }
+    if seeds:
+        sc = bench_scenario(args.quick)
+        out["calibrated"] = {str(seed): run_calibrated(sc, seed, args, duration) for seed in seeds}
     print(json.dumps(out))
     return out
 
