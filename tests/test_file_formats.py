@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs  # schemathesis's validator (a dev dependency through it)
 import pytest
 import yaml
 from fastapi.testclient import TestClient
@@ -229,7 +230,6 @@ def _descriptions(node: Any) -> int:
     ("scenario", [EXAMPLES / "store.yaml"]),
 ])
 def test_each_schema_has_a_title_descriptions_and_accepts_the_examples(name: str, files: list[Path]) -> None:
-    jsonschema_rs = pytest.importorskip("jsonschema_rs")
     schema = json.loads((ROOT / "docs/schemas" / f"{name}.schema.json").read_text())
     assert schema["title"] and schema["description"] and _descriptions(schema) >= 10
     validator = jsonschema_rs.validator_for(schema)
@@ -242,7 +242,6 @@ def test_each_schema_has_a_title_descriptions_and_accepts_the_examples(name: str
 
 
 def test_the_schema_flags_what_the_loader_refuses() -> None:
-    jsonschema_rs = pytest.importorskip("jsonschema_rs")
     validator = jsonschema_rs.validator_for(json.loads((ROOT / "docs/schemas/campaign.schema.json").read_text()))
     good = {"id": "x", "purpose": "offers", "trigger": {"type": "schedule", "at": "10:00", "days": ["mon"]},
             "action": {"title": "t", "body": "b"}}
