@@ -363,6 +363,28 @@ def or_empty(empty: Callable[[], Any]) -> BeforeValidator:
     return BeforeValidator(lambda value: value if value else empty())
 
 
+def repeated(ids: Iterable[str]) -> str | None:
+    """The first id given a second time, or None: a rule's or campaign's id names one thing in its directory."""
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            return i
+        seen.add(i)
+    return None
+
+
+def non_empty(text: str) -> BeforeValidator:
+    """A list written empty is refused with ``text`` (a visit with no stop, an ``all`` of nothing): it would mean
+    nothing, silently."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            fail(text)
+        return value
+
+    return BeforeValidator(check)
+
+
 class AtLeast:
     """``Annotated[float, AtLeast(0)]``: a finite number as written (not text, not true/false), at least this."""
 

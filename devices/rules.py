@@ -384,13 +384,18 @@ def _count(rule: Rule, st: RuleState, sample: Sample, ctx: _Ctx) -> None:
 
 def _clear(rule: Rule, st: RuleState, at: float, detail: str) -> Change:
     ch = Change("cleared", rule.id, at, st.active or rule.levels[-1].severity, st.value, st.count, detail)
+    _no_alarm(st)
+    return ch
+
+
+def _no_alarm(st: RuleState) -> None:
+    """The alarm is over (cleared, or resolved by a service): its count, clear timer, streaks and pending go too."""
     st.active = None
     st.raised_at = None
     st.count = 0
     st.clear_since = None
     st.streak.clear()
     st.pending.clear()
-    return ch
 
 
 def _raise(rule: Rule, st: RuleState, level: Level, at: float, value: float | None, detail: str) -> Change:
@@ -545,12 +550,7 @@ def reset_for_service(rule: Rule, state: RuleState, seq: int) -> RuleState:
     if not rule.service_resets:
         return st
     st.counters = {k: 0.0 for k in st.counters}
-    st.active = None
-    st.raised_at = None
-    st.count = 0
-    st.clear_since = None
-    st.streak.clear()
-    st.pending.clear()
+    _no_alarm(st)
     return st
 
 
@@ -590,40 +590,39 @@ def _value_for_op(value: Any, info: ValidationInfo) -> Any:
 Compared = Annotated[Any, AfterValidator(_value_for_op), WithJsonSchema(_NUMBERS)]
 
 
-class MetricLeaf(files.FileModel):
-    """Compares a metric of the reading."""
+class _Comparison(files.FileModel):
+    """What every comparing leaf ends with: ``op`` and the ``value`` it compares against (checked after op)."""
 
-    metric: Name = Field(description="The metric's name, as the device reports it.")
     op: Op
     value: Compared
 
 
-class RateLeaf(files.FileModel):
+class MetricLeaf(_Comparison):
+    """Compares a metric of the reading."""
+
+    metric: Name = Field(description="The metric's name, as the device reports it.")
+
+
+class RateLeaf(_Comparison):
     """Compares a metric's change per hour, measured over about ``window_s``."""
 
     rate: Name = Field(description="The metric whose rate of change is compared (per hour).")
     window_s: Annotated[float, files.AtLeast(1)] = Field(3600.0, description="Measured over about this long.")
-    op: Op
-    value: Compared
 
 
-class CounterLeaf(files.FileModel):
+class CounterLeaf(_Comparison):
     """Compares a counter declared under ``counters``."""
 
     counter: Name = Field(description="A counter's id, declared under counters.")
-    op: Op
-    value: Compared
 
 
-class PaceLeaf(files.FileModel):
+class PaceLeaf(_Comparison):
     """Compares a daily total with where it should be by now: total / (goal x share of the day gone)."""
 
     pace: Name = Field(description="The metric holding the day's total so far (steps...).")
     goal: Annotated[float, files.AtLeast(1e-9)] = Field(description="The day's goal.")
     from_: HHMM = Field("00:00", alias="from", description="When the day starts ('HH:MM', store time).")
     to: HHMM = Field("24:00", description="When the goal is due ('HH:MM', store time).")
-    op: Op
-    value: Compared
 
     @model_validator(mode="after")
     def _ordered(self) -> PaceLeaf:
@@ -670,22 +669,19 @@ class LocalTimeLeaf(files.FileModel):
     local_time: LocalTimeSpec
 
 
-def _conditions(value: Any) -> Any:
-    if isinstance(value, list) and not value:
-        files.fail("a non-empty list of conditions")
-    return value
+_CONDITIONS = files.non_empty("a non-empty list of conditions")
 
 
 class AllOf(files.FileModel):
     """Holds when every condition holds (and says nothing while one says nothing)."""
 
-    all: Annotated[list[RuleCondition], BeforeValidator(_conditions), Field(json_schema_extra={"minItems": 1})]
+    all: Annotated[list[RuleCondition], _CONDITIONS, Field(json_schema_extra={"minItems": 1})]
 
 
 class AnyOf(files.FileModel):
     """Holds when one condition holds."""
 
-    any: Annotated[list[RuleCondition], BeforeValidator(_conditions), Field(json_schema_extra={"minItems": 1})]
+    any: Annotated[list[RuleCondition], _CONDITIONS, Field(json_schema_extra={"minItems": 1})]
 
 
 class NotOf(files.FileModel):
@@ -935,9 +931,6 @@ def load_rules(directory: str | Path) -> list[Rule]:
             rules += [parse_rule(item, doc.source, doc, (i,)) for i, item in enumerate(doc.data)]
         else:
             rules.append(parse_rule(doc.data, doc.source, doc))
-    seen: set[str] = set()
-    for r in rules:
-        if r.id in seen:
-            raise RuleError(f"device rule id {r.id!r} is defined twice in {d}")
-        seen.add(r.id)
+    if (twice := files.repeated(r.id for r in rules)) is not None:
+        raise RuleError(f"device rule id {twice!r} is defined twice in {d}")
     return rules

@@ -301,17 +301,14 @@ class BeaconFile(files.LenientModel):
     minor: U16
 
 
-def _stops(value: Any) -> Any:
-    if isinstance(value, list) and not value:
-        files.fail("a visit needs at least one stop")
-    return value
+_STOPS = files.non_empty("a visit needs at least one stop")
 
 
 class VisitFile(files.LenientModel):
     """One trip to the store."""
 
     at: float = Field(ge=0, description="Seconds after the scenario start.")
-    route: Annotated[list[tuple[Text, Annotated[float, Field(gt=0)]]], BeforeValidator(_stops)] = Field(
+    route: Annotated[list[tuple[Text, Annotated[float, Field(gt=0)]]], _STOPS] = Field(
         description="[[zone, seconds], ...]: the zones walked through and the time spent in each.")
 
 

@@ -65,6 +65,19 @@ def test_a_payload_parses_the_same_warm_as_cold(payload: bytes) -> None:
     assert parsed(bytearray(payload)) == cold  # type: ignore[arg-type]  # mutable bytes: copied, same answer
 
 
+def _assert_warm_drain_parses_as_cold(adverts: list[Advertisement]) -> None:
+    """parse_adverts over the drain from empty caches gives the frames and counts of each advert parsed alone with
+    the caches cleared first (the one check the drain tests share)."""
+    cold, cold_stats = [], ParseStats()
+    for a in adverts:
+        clear_caches()
+        cold += [(a, f) for f in parse_advertisement(a, cold_stats)]
+    clear_caches()
+    warm_stats = ParseStats()
+    assert parse_adverts(adverts, warm_stats) == cold
+    assert warm_stats.as_dict() == cold_stats.as_dict()
+
+
 @FUZZ
 @given(st.lists(st.one_of(mutated_ibeacon(), ibeacon_like, st.binary(max_size=32)), min_size=1, max_size=6),
        st.booleans())
@@ -76,15 +89,7 @@ def test_a_drain_parses_as_its_adverts_do_cold(payloads: list[bytes], as_bleak: 
             return Advertisement("AA:BB:CC:DD:EE:FF", -60, 1.0, "rx", manufacturer_data={0x004C: data[9:]})
         return Advertisement("AA:BB:CC:DD:EE:FF", -60, 1.0, "rx", payload=data)
 
-    adverts = [advert(d) for d in payloads * 2]  # twice: the second half comes from the caches
-    cold, cold_stats = [], ParseStats()
-    for a in adverts:
-        clear_caches()
-        cold += [(a, f) for f in parse_advertisement(a, cold_stats)]
-    clear_caches()
-    warm_stats = ParseStats()
-    assert parse_adverts(adverts, warm_stats) == cold
-    assert warm_stats.as_dict() == cold_stats.as_dict()
+    _assert_warm_drain_parses_as_cold([advert(d) for d in payloads * 2])  # twice: the second half from the caches
 
 
 eddystone_data = st.one_of(
@@ -104,16 +109,8 @@ bleak_maps = st.tuples(
 @given(st.lists(bleak_maps, min_size=1, max_size=5))
 def test_bleak_dictionaries_from_the_caches_parse_as_cold(maps: list[tuple[dict, dict]]) -> None:
     """Frames and counts for bleak's dictionaries do not depend on what the caches hold."""
-    adverts = [Advertisement("AA:BB:CC:DD:EE:FF", -60, 1.0, "rx", manufacturer_data=m, service_data=sd)
-               for m, sd in maps * 2]
-    cold, cold_stats = [], ParseStats()
-    for a in adverts:
-        clear_caches()
-        cold += [(a, f) for f in parse_advertisement(a, cold_stats)]
-    clear_caches()
-    warm_stats = ParseStats()
-    assert parse_adverts(adverts, warm_stats) == cold
-    assert warm_stats.as_dict() == cold_stats.as_dict()
+    _assert_warm_drain_parses_as_cold([Advertisement("AA:BB:CC:DD:EE:FF", -60, 1.0, "rx", manufacturer_data=m,
+                                                     service_data=sd) for m, sd in maps * 2])
 
 
 def test_the_usual_raw_ibeacon_is_read_and_counted() -> None:

@@ -21,26 +21,19 @@ from gateway.storage.db import Database
 
 
 class Runtime(Protocol):
-    """What the families read of the runtime (``gateway.app.runtime.Runtime``): its public state, no more."""
+    """What the families read of the runtime (``gateway.app.runtime.Runtime``): its public state, read, never set."""
+
+    pipeline: Pipeline
+    dispatcher: Dispatcher
+    db: Database
+    hub: StreamHub
+    mqtt: TelemetryIntake | None
+    sightings: asyncio.Queue[Sighting]
+    adverts_dropped: int
+    advert_latency: Histogram
 
     @property
-    def pipeline(self) -> Pipeline: ...
-    @property
-    def dispatcher(self) -> Dispatcher: ...
-    @property
-    def db(self) -> Database: ...
-    @property
-    def hub(self) -> StreamHub: ...
-    @property
-    def mqtt(self) -> TelemetryIntake | None: ...
-    @property
-    def sightings(self) -> asyncio.Queue[Sighting]: ...
-    @property
-    def adverts_dropped(self) -> int: ...
-    @property
     def pending_adverts(self) -> int: ...
-    @property
-    def advert_latency(self) -> Histogram: ...
 
 
 def gateway_families(rt: Runtime, depths: Mapping[str, int]) -> list[Family | Histogram]:

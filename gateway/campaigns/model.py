@@ -311,11 +311,8 @@ def load_campaigns(directory: str | Path) -> list[Campaign]:
     for path in sorted(d.iterdir()):
         if path.suffix in (".yaml", ".yml", ".json") and path.name != SEGMENTS_FILE:
             campaigns.extend(load_campaign_file(path))
-    seen: set[str] = set()
-    for c in campaigns:
-        if c.id in seen:
-            raise CampaignError(f"campaign id {c.id!r} is defined twice in {d}")
-        seen.add(c.id)
+    if (twice := files.repeated(c.id for c in campaigns)) is not None:
+        raise CampaignError(f"campaign id {twice!r} is defined twice in {d}")
     return campaigns
 
 
