@@ -164,11 +164,85 @@ def role_anchor(args: argparse.Namespace) -> None:
     print(json.dumps({"connected_at": c.connected_at, "last_at": state["last"], "count": state["n"], "cpu_s": cpu}))
 
 
+def use_paho(api: str) -> None:
+    """Make the intake build the client ``api`` names: ``private``, the intake's own (buffered reads and one
+    write for a batch's PUBACKs, both on paho's private methods); ``public``, paho's client as it ships, every
+    PUBACK its own ``ack()``; ``reads`` and ``acks``, one of the two overrides alone."""
+    import paho.mqtt.client as mqtt
+
+    import devices.mqtt
+
+    ours = devices.mqtt._Client
+
+    class PublicAcks:
+        def ack_many(self, mids: list[int]) -> None:
+            for mid in mids:
+                self.ack(mid, 1)  # type: ignore[attr-defined]
+
+    class Public(PublicAcks, mqtt.Client):
+        pass
+
+    class ReadsOnly(PublicAcks, ours):  # type: ignore[misc,valid-type]
+        pass
+
+    class AcksOnly(mqtt.Client):
+        ack_many = ours.ack_many
+
+    devices.mqtt._Client = {"private": ours, "public": Public, "reads": ReadsOnly,  # type: ignore[misc,assignment]
+                            "acks": AcksOnly}[api]
+
+
+def role_intake(args: argparse.Namespace) -> None:
+    """The intake alone: each batch acknowledged as soon as it is taken (no storage), so its CPU is paho's
+    reads, the parsing and the acks."""
+    import asyncio
+
+    from devices.mqtt import MqttIntake, MqttSettings
+
+    use_paho(args.paho)
+
+    async def run() -> dict[str, Any]:
+        intake = MqttIntake(MqttSettings(port=args.port, client_id=args.client_id, store_id="s1",
+                                         topic_prefix=args.prefix, session_expiry=3600,
+                                         receive_maximum=args.window))
+        await intake.start()
+        cpu0 = time.process_time()
+        await intake.wait_connected(30)
+        acked, last = 0, 0.0
+        while acked < args.expect:
+            try:
+                batch = await asyncio.wait_for(intake.batches.get(), IDLE_S)
+            except TimeoutError:
+                break
+            acked += intake.ack(batch)
+            last = time.time()
+        cpu = time.process_time() - cpu0
+        connected_at = intake.last_connack_at
+        await intake.stop()
+        return {"last_at": last, "acked": acked, "accepted": intake.accepted, "cpu_s": cpu,
+                "connected_monotonic": connected_at}
+
+    print(json.dumps(_with_wall_connect(run)))
+
+
+def _with_wall_connect(run: Any) -> dict[str, Any]:
+    """Run the role; the intake notes its CONNACK on the monotonic clock: bring it to wall time."""
+    import asyncio
+
+    started = time.time()
+    monotonic0 = time.monotonic()
+    out: dict[str, Any] = asyncio.run(run())
+    out["connected_at"] = started + (out.pop("connected_monotonic") - monotonic0)
+    return out
+
+
 def role_worker(args: argparse.Namespace) -> None:
     import asyncio
     import logging
 
     from devices.mqtt import MqttIntake, MqttSettings
+
+    use_paho(args.paho)
     from gateway.app.config import Settings
     from gateway.app.runtime import Runtime
 
@@ -204,18 +278,12 @@ def role_worker(args: argparse.Namespace) -> None:
         connected_at = intake.last_connack_at  # the queued backlog flows from the CONNACK on, as for the anchor
         await rt.stop()
         t = rt.pipeline.telemetry.stats()
-        return {"connected_wall": times.get("connected_wall"), "last_at": times["last"], "acked": times["acks"],
+        return {"last_at": times["last"], "acked": times["acks"],
                 "ack_calls": times["calls"], "accepted": t["accepted"], "duplicates": t["duplicates"],
                 "dead_lettered": t["dead_lettered_total"], "connected_monotonic": connected_at, "cpu_s": cpu,
                 "telemetry_failures": rt.telemetry_failures}
 
-    started = time.time()
-    monotonic0 = time.monotonic()
-    out = asyncio.run(run())
-    # The intake notes its connect time on the monotonic clock; bring it to wall time for the parent.
-    out["connected_at"] = started + (out.pop("connected_monotonic") - monotonic0)
-    out.pop("connected_wall", None)
-    print(json.dumps(out))
+    print(json.dumps(_with_wall_connect(run)))
 
 
 # ------------------------------------------------------------------ the parent
@@ -337,22 +405,53 @@ def drop_created() -> None:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 
 
-def one_worker(broker: Broker, args: argparse.Namespace, work: Path, tag: str, bad_share: float) -> dict[str, Any]:
-    """One gateway worker drains a fresh backlog into a fresh database; its rate, costs and losses."""
+def one_worker(broker: Broker, args: argparse.Namespace, work: Path, tag: str, bad_share: float,
+               paho: str = "private", role: str = "worker") -> dict[str, Any]:
+    """One gateway worker drains a fresh backlog into a fresh database; its rate, costs and losses. With
+    ``role="intake"``, the intake alone (no database) on the same kind of backlog."""
     prefix, client_id = f"bench-{tag}", f"gw-{tag}"
-    url = fresh_db(args.db, work, tag.replace("-", "_"))
-    prepare_db(url, prefix, args.devices)
+    url = ""
+    if role == "worker":
+        url = fresh_db(args.db, work, tag.replace("-", "_"))
+        prepare_db(url, prefix, args.devices)
     for kind in ("telemetry", "status", "events"):
         make_session(client_id, broker.port, f"{prefix}/+/devices/+/{kind}")
     published, odd = backlog(broker.port, prefix, args.messages, args.devices, bad_share)
     b0 = broker.cpu_s()
-    w = result_of(spawn("--role", "worker", "--port", str(broker.port), "--client-id", client_id, "--prefix", prefix,
+    w = result_of(spawn("--role", role, "--port", str(broker.port), "--client-id", client_id, "--prefix", prefix,
                         "--db", url, "--data-dir", str(work), "--expect", str(published),
-                        "--window", str(args.window)), 1200)
+                        "--window", str(args.window), "--paho", paho), 1200)
     wall = w["last_at"] - w["connected_at"]
-    out = {**w, "odd": odd, "wall_s": wall, "rate": w["acked"] / wall, "cpu_per_msg": w["cpu_s"] / w["acked"],
-           "broker_cpu_per_msg": (broker.cpu_s() - b0) / w["acked"], "lost": published - odd - stored(url)}
-    print(f"one worker ({tag}, {odd} odd messages): {w}", file=sys.stderr)
+    lost = published - odd - (stored(url) if role == "worker" else w["acked"])
+    out = {"telemetry_failures": 0, **w, "odd": odd, "wall_s": wall, "rate": w["acked"] / wall,
+           "cpu_per_msg": w["cpu_s"] / w["acked"], "broker_cpu_per_msg": (broker.cpu_s() - b0) / w["acked"],
+           "lost": lost}
+    print(f"{role} ({tag}, paho {paho}, {odd} odd messages): {w}", file=sys.stderr)
+    return out
+
+
+PAHO_VARIANTS = {"intake": ("intake", "private"), "intake_public": ("intake", "public"),
+                 "intake_reads": ("intake", "reads"), "intake_acks": ("intake", "acks"),
+                 "clean": ("worker", "private"), "public": ("worker", "public")}
+"""--paho-api's runs: variant -> (role, paho client). ``clean`` is the one-worker run every report has."""
+
+
+def paho_api_figures(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each paho client's best rate, least CPU per message (of its rounds: the least disturbed) and their ratio
+    to the intake's own client, for the intake alone and for the whole worker."""
+    out: dict[str, Any] = {}
+    for variant, (role, api) in PAHO_VARIANTS.items():
+        rounds = runs[variant]
+        rate = max(x["rate"] for x in rounds)
+        cpu = min(x["cpu_per_msg"] for x in rounds)
+        base = runs["intake" if role == "intake" else "clean"]
+        out.setdefault(role, {})[api] = {
+            "msgs_per_s": round(rate, 1), "cpu_us_per_msg": round(cpu * 1e6, 1),
+            "wall_s": round(min(x["wall_s"] for x in rounds), 2),
+            "rate_ratio": round(rate / max(x["rate"] for x in base), 3),
+            "cpu_ratio": round(cpu / min(x["cpu_per_msg"] for x in base), 3),
+            "lost": max(x["lost"] for x in rounds),
+            "rounds_cpu_us_per_msg": [round(x["cpu_per_msg"] * 1e6, 1) for x in rounds]}
     return out
 
 
@@ -368,7 +467,12 @@ def main() -> None:
                     help="one-worker runs of each backlog, clean and odd alternating; the best of each is reported")
     ap.add_argument("--window", type=int, default=10000,
                     help="the broker's max_inflight_messages and the gateway's receive_maximum")
-    ap.add_argument("--role", choices=["anchor", "worker"], help=argparse.SUPPRESS)
+    ap.add_argument("--paho-api", action="store_true",
+                    help="also run the worker and the intake alone on paho's public API only (no private "
+                         "override), and the intake with each override alone, alternating in each round")
+    ap.add_argument("--role", choices=["anchor", "worker", "intake"], help=argparse.SUPPRESS)
+    ap.add_argument("--paho", choices=["private", "public", "reads", "acks"], default="private",
+                    help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--client-id", help=argparse.SUPPRESS)
     ap.add_argument("--prefix", help=argparse.SUPPRESS)
@@ -381,6 +485,9 @@ def main() -> None:
         return
     if args.role == "worker":
         role_worker(args)
+        return
+    if args.role == "intake":
+        role_intake(args)
         return
     if args.quick:
         args.messages, args.devices = 2000, 50
@@ -411,17 +518,21 @@ def main() -> None:
 
         # 2. one gateway worker; with --bad-share, also on the backlog with odd messages, the two alternating
         # (ABBA...) for --rounds rounds, so that a drift or a neighbour's load falls on both alike
-        runs: dict[str, list[dict[str, Any]]] = {"clean": [], "bad": []}
+        # With --paho-api, also the worker and the intake alone on paho's public API only, in the same rounds.
+        variants = ["clean", *(["bad"] if args.bad_share else []),
+                    *([v for v in PAHO_VARIANTS if v != "clean"] if args.paho_api else [])]
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         for r in range(args.rounds):
-            order = ("clean", "bad") if r % 2 == 0 else ("bad", "clean")
-            for variant in order if args.bad_share else ("clean",):
-                runs[variant].append(one_worker(broker, args, work, f"{variant}-{r}",
-                                                args.bad_share if variant == "bad" else 0.0))
+            for variant in variants if r % 2 == 0 else variants[::-1]:
+                role, paho = PAHO_VARIANTS.get(variant, ("worker", "private"))
+                runs[variant].append(one_worker(broker, args, work, f"{variant.replace('_', '-')}-{r}",
+                                                args.bad_share if variant == "bad" else 0.0, paho, role))
         w = max(runs["clean"], key=lambda x: x["rate"])  # the best round of each: the least disturbed
         ours_rate, lost, wall["one_worker"] = w["rate"], w["lost"], w["wall_s"]
         cpu["one_worker"], cpu["one_worker_broker"] = w["cpu_per_msg"], w["broker_cpu_per_msg"]
         failures["one_worker"] = sum(x["telemetry_failures"] for x in runs["clean"])
-        if runs["bad"]:
+        paho_api = {"paho_api": paho_api_figures(runs)} if args.paho_api else {}
+        if args.bad_share:
             wb = max(runs["bad"], key=lambda x: x["rate"])
             wall["one_worker_bad"] = wb["wall_s"]
             cpu["one_worker_bad"], cpu["one_worker_bad_broker"] = wb["cpu_per_msg"], wb["broker_cpu_per_msg"]
@@ -429,9 +540,9 @@ def main() -> None:
             bad = {"bad_share": args.bad_share, "bad_share_msgs_per_s": round(wb["rate"], 1),
                    "bad_share_ratio": round(wb["rate"] / ours_rate, 3), "bad_share_odd": wb["odd"],
                    "bad_share_dead_lettered": wb["dead_lettered"], "bad_share_lost": wb["lost"],
-                   "rounds": {v: [round(x["rate"], 1) for x in xs] for v, xs in runs.items()},
-                   "rounds_cpu_us_per_msg": {v: [round(x["cpu_per_msg"] * 1e6, 1) for x in xs]
-                                             for v, xs in runs.items()}}
+                   "rounds": {v: [round(x["rate"], 1) for x in runs[v]] for v in ("clean", "bad")},
+                   "rounds_cpu_us_per_msg": {v: [round(x["cpu_per_msg"] * 1e6, 1) for x in runs[v]]
+                                             for v in ("clean", "bad")}}
 
         # 3. two workers sharing one $share group and one database
         prefix = "bench-two"
@@ -465,7 +576,7 @@ def main() -> None:
         "messages": n, "devices": args.devices, "db": "postgresql" if args.db and not args.db.startswith("sqlite")
         else "sqlite", "duplicates": w["duplicates"], "dead_lettered": w["dead_lettered"],
         "mean_batch": round(w["acked"] / max(1, w["ack_calls"]), 1),
-        "worker_split": [r["acked"] for r in results], **bad, "telemetry_failures": failures,
+        "worker_split": [r["acked"] for r in results], **bad, **paho_api, "telemetry_failures": failures,
         "cpu_us_per_msg": {k: round(v * 1e6, 1) for k, v in cpu.items()},
         "wall_s": {k: round(v, 2) for k, v in wall.items()}}))
 
