@@ -16,6 +16,7 @@ from __future__ import annotations
 import calendar
 import csv
 import hashlib
+import operator
 import os
 import tempfile
 import threading
@@ -25,13 +26,21 @@ from pathlib import Path
 from typing import IO
 
 from beacons.types import Sighting
-from gateway.presence.traces import TraceWriter
+from gateway.presence.traces import TRACE_COLUMNS, TRACE_OPTIONAL
 
 HOUR_S = 3600.0
 PREFIX = "trace-"
 SUFFIX = ".csv"
 ANON = "anon-"  # the key of an unknown identity in a recording: ANON + 16 hex digits
 KEY_COLUMN = 2  # time,receiver,beacon,...
+HEADER = ",".join((*TRACE_COLUMNS, TRACE_OPTIONAL)) + "\n"
+_QUOTED = frozenset(',"\r\n')
+_TIME = operator.itemgetter(3)  # Sighting.time
+
+
+def csv_field(text: str) -> str:
+    """``text`` as one CSV field, quoted only if it must be (as the csv module's minimal quoting does)."""
+    return '"' + text.replace('"', '""') + '"' if _QUOTED.intersection(text) else text
 
 
 class RecordError(ValueError):
@@ -87,8 +96,10 @@ def hour_name(t: float) -> str:
 class TraceRecorder:
     """Appends sightings to the current hour's trace file; ``known(key)`` says which keys are kept as is.
 
-    Writes are buffered: ``write`` takes a drain, ``flush`` (the runtime's tick, and ``close``) hands
-    them to the file. One thread writes (the pipeline's worker); ``scrub_closed`` may run on another.
+    Writes are buffered: ``write`` formats a drain into one string for the file's buffer, ``flush`` (the
+    runtime's tick, and ``close``) hands it to the OS. What each key is written as is kept for the hour
+    (``known`` is asked once per key and file; ``scrub_current`` forgets the clear ones after an erasure).
+    One thread writes (the pipeline's worker); ``scrub_closed`` may run on another.
     """
 
     def __init__(self, directory: str | Path, known: Callable[[str], bool]) -> None:
@@ -101,10 +112,11 @@ class TraceRecorder:
             raise RecordError(f"cannot record into {self.dir}: {exc.strerror or exc}") from None
         self._known = known
         self._hour = -1
+        self._end = float("-inf")  # when the open file's hour ends
         self._file: IO[str] | None = None
-        self._writer: TraceWriter | None = None
         self._salt = b""
-        self._alias: dict[str, str] = {}  # unknown key -> its alias in this file (the hash is the cost)
+        self._alias: dict[str, str] = {}  # key -> the field written for it in this file
+        self._receivers: dict[str, str] = {}  # receiver id -> its CSV field
         self._files = threading.Lock()  # a file is either rewritten or purged, never both at once
 
     @property
@@ -112,33 +124,49 @@ class TraceRecorder:
         """The file being written, if one is open."""
         return self.dir / hour_name(self._hour * HOUR_S) if self._file is not None else None
 
-    def _open(self, hour: int, salt: bytes | None = None) -> TraceWriter:
+    def _open(self, hour: int, salt: bytes | None = None) -> IO[str]:
         self.close()
         path = self.dir / hour_name(hour * HOUR_S)
         fresh = not path.exists() or path.stat().st_size == 0
-        self._file = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - held open for the hour
+        f = self._file = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - held open for the hour
         if salt is None:  # a new salt per file, also when a restart appends to this hour's file
             self._salt, self._alias = os.urandom(16), {}
-        self._hour = hour
-        self._writer = TraceWriter(self._file, tx_power=True, header=fresh)
-        return self._writer
+        self._hour, self._end = hour, (hour + 1) * HOUR_S
+        if fresh:
+            f.write(HEADER)
+        return f
 
-    def _key(self, key: str) -> str:
-        if self._known(key):  # asked every time: a key erased or enrolled mid-hour is written as it is now
-            return key
-        alias = self._alias.get(key)
-        if alias is None:
-            alias = self._alias[key] = salted(key, self._salt)
-        return alias
+    def _field(self, key: str) -> str:
+        field = self._alias[key] = csv_field(key) if self._known(key) else salted(key, self._salt)
+        return field
+
+    def _receiver(self, receiver: str) -> str:
+        field = self._receivers[receiver] = csv_field(receiver)
+        return field
 
     def write(self, sightings: Iterable[Sighting]) -> None:
-        """Sightings stamped in unix time; each lands in the file of its own hour (buffered)."""
-        for s in sightings:
-            hour = int(s.time // HOUR_S)
-            w = self._writer
-            if w is None or hour > self._hour:  # a late sighting of the hour before stays in this file
-                w = self._open(hour)
-            w.write(s._replace(key=self._key(s.key)))
+        """Sightings stamped in unix time; each lands in the file of its own hour (a late sighting of the
+        hour before stays in the current file). One string per drain and file."""
+        batch = sightings if isinstance(sightings, list) else list(sightings)
+        if not batch:
+            return
+        f = self._file
+        if f is not None and max(map(_TIME, batch)) < self._end:  # the usual drain: all in the open file
+            f.write(self._lines(batch))
+            return
+        start = 0
+        for n, s in enumerate(batch):  # the drain crosses an hour (or nothing is open yet)
+            if f is None or s.time >= self._end:
+                if n > start and f is not None:
+                    f.write(self._lines(batch[start:n]))
+                f, start = self._open(int(s.time // HOUR_S)), n
+        assert f is not None
+        f.write(self._lines(batch[start:]))
+
+    def _lines(self, batch: list[Sighting]) -> str:
+        alias, receivers, field, receiver_field = self._alias.get, self._receivers.get, self._field, self._receiver
+        return "".join([f"{float(t)!r},{receivers(r) or receiver_field(r)},{alias(k) or field(k)},{rssi},"
+                        f"{'' if tx is None else tx}\n" for k, r, rssi, t, tx in batch])
 
     def flush(self) -> None:
         if self._file is not None:
@@ -147,8 +175,8 @@ class TraceRecorder:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-        self._file = self._writer = None
-        self._hour = -1
+        self._file = None
+        self._hour, self._end = -1, float("-inf")
 
     def scrub_current(self, gone: Callable[[str], bool]) -> int:
         """Erasure in the file being written (on the writing thread): ``gone`` keys become this file's
@@ -161,6 +189,7 @@ class TraceRecorder:
         with self._files:
             changed = scrub_file(path, gone, lambda key: salted(key, self._salt))
         self._open(hour, salt=self._salt)
+        self._alias = {k: v for k, v in self._alias.items() if v.startswith(ANON)}  # known ones asked again
         return changed
 
     def closed_files(self) -> list[Path]:
