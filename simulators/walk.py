@@ -6,7 +6,9 @@ dashboard's calibration walk makes them. The member of staff walks to a spot in 
 zone's name on arrival (a label starts, a moment after arriving: people tap after they stop), stays a
 while (``stand_s``), moving from shelf to shelf inside the zone as a shopper does, then taps "walking
 on" (the label ends) and walks along the floor to the next zone. The walks between zones are left
-unlabelled: on the dashboard they are "walking", which says nothing about where.
+unlabelled, or (``walking_labels``) labelled "no zone" from the "walking on" tap to the next arrival tap,
+as a dashboard that records its "walking" state would: those labels are the aisles, but also the last
+steps inside the zone just left and the first ones inside the next, before its tap.
 
 The tag is heard through the store simulator's own radio model (``simulators.store_sim``), with its own
 seeded streams: the same scenario and seed give the same walk, advert for advert, and nothing sleeps;
@@ -16,6 +18,7 @@ times are seconds of the simulator's virtual clock from ``start``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,13 +26,15 @@ from dataclasses import dataclass
 from beacons.types import Sighting
 from gateway.presence.traces import Label
 from simulators.people import VisitPath
-from simulators.scenario import BeaconSpec, Crowd, Person, RouteStop, Scenario, Visit
+from simulators.scenario import BeaconSpec, Crowd, Person, RouteStop, Scenario, Visit, Zone
 from simulators.store_sim import StoreSimulator
 
 #: The member of staff's own tag: no customer's, no crowd's (their UUIDs differ).
 STAFF_BEACON = BeaconSpec("5afe0000-ca1b-4a7e-9000-000000000001", 1, 1)
 STAND_S = (20.0, 40.0)  # time in each zone, from the arrival tap to the "walking on" tap
 TAP_DELAY_S = (0.5, 2.0)  # from stopping at the first spot to the tap
+AISLE_S = (10.0, 20.0)  # time standing in an aisle between two zones (``aisles``), labelled no zone
+AISLE = "\x00aisle-"  # the stand-in zones of aisle stops (a name no floor plan uses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,47 +48,109 @@ class CalibrationWalk:
     simulator: StoreSimulator  # the walk alone, for callers that add their own fading to its adverts
 
 
+def aisle_spot(scenario: Scenario, a: Zone, b: Zone) -> tuple[float, float, float, float] | None:
+    """A square of floor (up to 1 x 1 m) between zones ``a`` and ``b`` that lies in no zone and inside the store:
+    around the middle of the longest stretch of the straight line between their centres outside every zone,
+    if that stretch is 1 m or more. None when the zones leave no such aisle between them."""
+    ax, ay = (a.rect[0] + a.rect[2]) / 2, (a.rect[1] + a.rect[3]) / 2
+    bx, by = (b.rect[0] + b.rect[2]) / 2, (b.rect[1] + b.rect[3]) / 2
+    width, depth = scenario.store.size_m
+    steps = max(1, math.ceil(math.hypot(bx - ax, by - ay) / 0.1))
+
+    def free(x: float, y: float) -> bool:
+        in_store = width <= 0 or depth <= 0 or (0 <= x <= width and 0 <= y <= depth)
+        return in_store and not any(z.contains(x, y) for z in scenario.zones)
+
+    best: tuple[int, int] = (0, -1)
+    run_start: int | None = None
+    for k in range(steps + 2):
+        if k <= steps and free(ax + (bx - ax) * k / steps, ay + (by - ay) * k / steps):
+            run_start = k if run_start is None else run_start
+        elif run_start is not None:
+            if k - 1 - run_start > best[1] - best[0]:
+                best = (run_start, k - 1)
+            run_start = None
+    if (best[1] - best[0]) * math.hypot(bx - ax, by - ay) / steps < 1.0:
+        return None
+    u = (best[0] + best[1]) / 2 / steps
+    cx, cy = ax + (bx - ax) * u, ay + (by - ay) * u
+    gap = min(math.hypot(max(z.rect[0] - cx, 0.0, cx - z.rect[2]), max(z.rect[1] - cy, 0.0, cy - z.rect[3]))
+              for z in scenario.zones)
+    half = min(0.5, (gap - 0.1) / math.sqrt(2))
+    if half < 0.2:
+        return None
+    return (cx - half, cy - half, cx + half, cy + half)
+
+
 def staff_scenario(scenario: Scenario, *, seed: int, zones: Sequence[str] | None = None,
-                   stand_s: tuple[float, float] = STAND_S, beacon: BeaconSpec = STAFF_BEACON) -> Scenario:
+                   stand_s: tuple[float, float] = STAND_S, beacon: BeaconSpec = STAFF_BEACON,
+                   aisles: bool = False, aisle_s: tuple[float, float] = AISLE_S) -> Scenario:
     """The scenario with only the member of staff in it: one visit at 0 s through ``zones`` (default: every
-    zone, in the scenario's order), ``stand_s`` seconds in each (drawn from the seed)."""
+    zone, in the scenario's order), ``stand_s`` seconds in each (drawn from the seed); with ``aisles``, a stop
+    of ``aisle_s`` seconds in the aisle between each two zones that have one (``aisle_spot``), each added to
+    the scenario as a small zone named ``AISLE`` + a number (the walk labels it as no zone)."""
     names = [z.name for z in scenario.zones] if zones is None else list(zones)
     for name in names:
         scenario.zone(name)  # KeyError naming an unknown zone
-    if not 0 < stand_s[0] <= stand_s[1]:
-        raise ValueError(f"stand_s: expected (min, max) with 0 < min <= max, got {stand_s!r}")
+    for what, (lo, hi) in (("stand_s", stand_s), ("aisle_s", aisle_s)):
+        if not 0 < lo <= hi:
+            raise ValueError(f"{what}: expected (min, max) with 0 < min <= max, got {(lo, hi)!r}")
     rng = random.Random(f"{seed}/walk/stand")
-    route = tuple(RouteStop(name, rng.uniform(*stand_s)) for name in names)
-    staff = Person("calibration-walk", "Calibration walk", None, beacon, visits=(Visit(0.0, route),))
-    return dataclasses.replace(scenario, people=(staff,), crowd=Crowd(), devices=(), carts=())
+    route: list[RouteStop] = []
+    extra: list[Zone] = []
+    for k, name in enumerate(names):
+        if aisles and k:
+            spot = aisle_spot(scenario, scenario.zone(names[k - 1]), scenario.zone(name))
+            if spot is not None:
+                extra.append(Zone(f"{AISLE}{len(extra)}", spot))
+                route.append(RouteStop(extra[-1].name, rng.uniform(*aisle_s)))
+        route.append(RouteStop(name, rng.uniform(*stand_s)))
+    staff = Person("calibration-walk", "Calibration walk", None, beacon, visits=(Visit(0.0, tuple(route)),))
+    return dataclasses.replace(scenario, zones=(*scenario.zones, *extra), people=(staff,), crowd=Crowd(),
+                               devices=(), carts=())
 
 
-def dashboard_labels(path: VisitPath, key: str, *, seed: int,
-                     tap_delay_s: tuple[float, float] = TAP_DELAY_S, start: float = 0.0) -> list[Label]:
+def _zone(name: str | None) -> str | None:
+    return None if name is None or name.startswith(AISLE) else name
+
+
+def dashboard_labels(path: VisitPath, key: str, *, seed: int, tap_delay_s: tuple[float, float] = TAP_DELAY_S,
+                     start: float = 0.0, walking_labels: bool = False) -> list[Label]:
     """The labels the dashboard writes for a walk: per zone, from the arrival tap (``tap_delay_s`` after the
-    member of staff stops at the zone's first spot) to the "walking on" tap as they set off."""
+    member of staff stops at the zone's first spot) to the "walking on" tap as they set off; with
+    ``walking_labels``, "no zone" (None) from each "walking on" tap to the next arrival tap."""
     rng = random.Random(f"{seed}/walk/taps")
-    out = []
+    out: list[Label] = []
     for (begin, end), stop in zip(path.stops, path.route, strict=True):
-        tap = min(begin + rng.uniform(*tap_delay_s), (begin + end) / 2)
-        out.append(Label(key, round(start + tap, 3), round(start + end, 3), stop.zone))
+        tap = round(start + min(begin + rng.uniform(*tap_delay_s), (begin + end) / 2), 3)
+        if walking_labels and out:
+            if out[-1].zone is None:  # an aisle stop just before: one label of no zone
+                out[-1] = out[-1]._replace(end=tap)
+            else:
+                out.append(Label(key, out[-1].end, tap, None))
+        out.append(Label(key, tap, round(start + end, 3), _zone(stop.zone)))
     return out
 
 
 def calibration_walk(scenario: Scenario, *, seed: int, start: float = 0.0, zones: Sequence[str] | None = None,
                      stand_s: tuple[float, float] = STAND_S, tap_delay_s: tuple[float, float] = TAP_DELAY_S,
-                     beacon: BeaconSpec = STAFF_BEACON) -> CalibrationWalk:
+                     beacon: BeaconSpec = STAFF_BEACON, walking_labels: bool = False, aisles: bool = False,
+                     aisle_s: tuple[float, float] = AISLE_S) -> CalibrationWalk:
     """Walk ``scenario``'s floor (every zone, or ``zones`` in that order) and return its trace and labels.
 
     ``start`` is the virtual clock's reading when the walk begins: sightings and labels are in its seconds.
     """
-    staff = staff_scenario(scenario, seed=seed, zones=zones, stand_s=stand_s, beacon=beacon)
+    staff = staff_scenario(scenario, seed=seed, zones=zones, stand_s=stand_s, beacon=beacon, aisles=aisles,
+                           aisle_s=aisle_s)
     route_s = sum(stop.seconds for stop in staff.people[0].visits[0].route)
     sim = StoreSimulator(staff, start=start, seed=seed, duration_s=route_s + 1.0)
     (walker,) = sim.walkers
-    (path,) = walker.visits
+    (visit,) = walker.visits
+    path = VisitPath(visit.key, visit.number, visit.route,  # aisle stops are no zone of the floor plan
+                     [seg._replace(zone=_zone(seg.zone)) for seg in visit.segments], visit.stops, visit.address)
     tx = scenario.radio.tx_power
     sightings = [Sighting(walker.key, adv.receiver, adv.rssi, adv.time, tx)
                  for adv in sim.advertisements(start + path.start, start + path.end + 1.0)]
-    labels = dashboard_labels(path, walker.key, seed=seed, tap_delay_s=tap_delay_s, start=start)
+    labels = dashboard_labels(path, walker.key, seed=seed, tap_delay_s=tap_delay_s, start=start,
+                              walking_labels=walking_labels)
     return CalibrationWalk(walker.key, sightings, labels, path, sim)

@@ -92,3 +92,49 @@ def test_a_chosen_tour_and_its_mistakes(store: Scenario) -> None:
         calibration_walk(store, seed=3, zones=["entrance", "stockroom"])
     with pytest.raises(ValueError, match="stand_s"):
         calibration_walk(store, seed=3, stand_s=(30.0, 10.0))
+
+
+def test_walking_labels_fill_the_walks_between_zones_with_no_zone(store: Scenario) -> None:
+    plain = calibration_walk(store, seed=3)
+    walk = calibration_walk(store, seed=3, walking_labels=True)
+    assert walk.sightings == plain.sightings
+    assert [lb for lb in walk.labels if lb.zone is not None] == plain.labels
+    assert [lb.zone for lb in walk.labels] == ["entrance", None, "shoes", None, "apparel", None, "checkout"]
+    assert all(a.end == b.start for a, b in itertools.pairwise(walk.labels))  # one tap ends one, starts the next
+    floor = floor_of(store)
+    for lb in walk.labels[1::2]:  # mostly in the aisles: the walk leaves one zone and enters the next
+        samples = [walk.path.position(lb.start + k * 0.1) for k in range(int((lb.end - lb.start) * 10))]
+        outside = sum(zone_at(floor, p) is None for p in samples if p is not None)
+        assert outside >= 0.2 * len(samples), lb  # seed 3: 23-33 % of each walk; the rest inside zones
+
+
+def test_aisle_stops_stand_outside_every_zone_and_are_labelled_no_zone(store: Scenario) -> None:
+    walk = calibration_walk(store, seed=3, aisles=True, zones=["entrance", "shoes", "apparel", "checkout", "entrance"])
+    assert [lb.zone for lb in walk.labels] == ["entrance", None, "shoes", None, "apparel", None, "checkout", None,
+                                               "entrance"]
+    floor = floor_of(store)
+    for lb in walk.labels:
+        t = lb.start
+        while t < lb.end:
+            pos = walk.path.position(t)
+            assert pos is not None and zone_at(floor, pos) == lb.zone, (lb, t, pos)
+            assert walk.path.zone(t) == lb.zone  # the path's own ground truth says the same
+            t += 0.25
+    # The checkout -> entrance aisle is the store's central one, between shoes and apparel (y 8 to 12).
+    last_aisle = walk.labels[-2]
+    mid = walk.path.position((last_aisle.start + last_aisle.end) / 2)
+    assert mid is not None and 8.0 < mid[1] < 12.0 and 5.0 < mid[0] < 24.0
+
+
+def test_no_aisle_between_touching_zones() -> None:
+    from simulators.scenario import parse_scenario
+    from simulators.walk import aisle_spot
+
+    sc = parse_scenario({"store": {"id": "s", "size_m": [10, 4]},
+                         "zones": [{"name": "a", "rect": [0, 0, 4, 4]}, {"name": "b", "rect": [4, 0, 8, 4]},
+                                   {"name": "c", "rect": [9.5, 0, 10, 4]}]})
+    a, b, c = sc.zones
+    assert aisle_spot(sc, a, b) is None  # they share a wall
+    assert aisle_spot(sc, b, c) is not None  # 1.5 m between
+    x0, _, x1, _ = aisle_spot(sc, b, c) or (0.0, 0.0, 0.0, 0.0)
+    assert 8.0 < x0 < x1 < 9.5
