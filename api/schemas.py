@@ -472,20 +472,42 @@ class ZonePresence(BaseModel):
     total: int
 
 
+class HeardOut(BaseModel):
+    receiver: str = Field(description="A receiver id of [[receivers]] (beacon:<key> for a store beacon the app ranged)")
+    rssi: float = Field(description="Its filtered RSSI (dBm) for the identity")
+
+
+class StateOut(BaseModel):
+    zone: str | None = Field(description="A zone, or null: in no zone")
+    posterior: float = Field(ge=0, le=1)
+
+
+class WhyOut(BaseModel):
+    """What the tracker had when it switched: the receivers heard lately, loudest first, and its likeliest
+    states before this step's evidence and after it."""
+
+    heard: list[HeardOut]
+    before: list[StateOut]
+    after: list[StateOut]
+
+
 class ZoneSwitchOut(BaseModel):
     """An enrolled customer entered or left a zone, and what the tracker had heard when it decided."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "profile_id": 7, "event": "enter", "zone": "shoes", "time": 1780300812.5, "since": 1780300812.0,
-        "why": None}]})
+        "profile_id": 7, "event": "enter", "zone": "shoes", "time": 1780300812.5, "since": 1780300812.5,
+        "why": {"heard": [{"receiver": "hci0", "rssi": -61.2}, {"receiver": "esp-entrance", "rssi": -78.4}],
+                "before": [{"zone": "entrance", "posterior": 0.52}, {"zone": "shoes", "posterior": 0.45},
+                           {"zone": None, "posterior": 0.03}],
+                "after": [{"zone": "shoes", "posterior": 0.71}, {"zone": "entrance", "posterior": 0.27},
+                          {"zone": None, "posterior": 0.02}]}}]})
     profile_id: int
     event: str = Field(description="enter or exit")
     zone: str | None
     time: float = Field(description="When the gateway decided (epoch seconds)")
     since: float | None = Field(description="When the stay began: the enter's time, or the exited stay's start")
-    why: dict[str, Any] | None = Field(
-        default=None, description="The tracker's evidence for the switch (receivers heard, filtered RSSI, "
-                                  "posterior before and after), when it gives one")
+    why: WhyOut | None = Field(
+        default=None, description="The tracker's evidence for the switch; null for an exit on silence")
 
 
 class PresenceOut(BaseModel):

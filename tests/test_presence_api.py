@@ -27,6 +27,12 @@ async def test_enrolled_switches_are_served_with_the_counts_and_per_profile(tmp_
         [entered] = now.json()["recent"]
         assert (entered["profile_id"], entered["event"], entered["zone"]) == (pid, "enter", "shop")
         assert T0 <= entered["since"] <= entered["time"] <= T0 + 1
+        why = entered["why"]  # what the tracker heard and believed when it let her in
+        assert [h["receiver"] for h in why["heard"]] == ["rx"] and -60 < why["heard"][0]["rssi"] < -50
+        assert why["after"][0]["zone"] == "shop"
+        assert why["after"][0]["posterior"] >= rt.settings.presence.enter_posterior
+        shop_before = {st["zone"]: st["posterior"] for st in why["before"]}.get("shop", 0.0)
+        assert shop_before < why["after"][0]["posterior"]  # this step's evidence is what tipped it
         assert STRANGER not in now.text and ":900" not in now.text  # the unknown tag is only counted
 
         rt.clock.advance(30)  # silence past exit_after_s: she has left
@@ -36,6 +42,7 @@ async def test_enrolled_switches_are_served_with_the_counts_and_per_profile(tmp_
         assert mine.status_code == 200, mine.text
         assert [(s["event"], s["zone"]) for s in mine.json()] == [("exit", "shop"), ("enter", "shop")]
         assert mine.json()[0]["since"] == entered["since"]  # the exit names the stay it ends
+        assert mine.json()[0]["why"] is None  # left on silence: no evidence to show
         assert [s["event"] for s in (await c.get("/v1/presence", headers=ADMIN)).json()["recent"]] == ["exit",
                                                                                                        "enter"]
 

@@ -11,7 +11,7 @@ import logging
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -28,7 +28,7 @@ from gateway.app.config import ConfigError, Settings
 from gateway.campaigns.model import CHANNELS, Campaign, CampaignIndex, Segment
 from gateway.engine.engine import Engine, EngineEvent, FrequencyCap, Outcome
 from gateway.presence.record import TraceRecorder
-from gateway.presence.tracker import PresenceEvent, PresenceTracker
+from gateway.presence.tracker import PresenceEvent, PresenceTracker, Why
 from gateway.presence.visits import Visits
 from gateway.profiles import carts
 from gateway.profiles.identity import IdentityIndex
@@ -59,19 +59,7 @@ class ZoneSwitch:
     zone: str | None
     time: float
     since: float | None  # when the stay began
-    why: dict[str, Any] | None = None
-
-
-def evidence(ev: PresenceEvent) -> dict[str, Any] | None:
-    """The event's ``why`` (what the tracker heard and believed) as plain data, if the tracker gave one."""
-    why = getattr(ev, "why", None)
-    if why is None:
-        return None
-    if is_dataclass(why) and not isinstance(why, type):
-        return asdict(why)
-    if isinstance(why, dict):
-        return dict(why)
-    return {"detail": str(why)}
+    why: Why | None = None  # the tracker's evidence; None for an exit on silence
 
 
 class ZoneSwitches:
@@ -253,7 +241,7 @@ class Pipeline:
             return []
         for ev, pid in known:
             if ev.kind == "enter" or ev.kind == "exit":
-                self.switches.add(ZoneSwitch(pid, ev.kind, ev.zone, ev.time, ev.zone_since, evidence(ev)))
+                self.switches.add(ZoneSwitch(pid, ev.kind, ev.zone, ev.time, ev.zone_since, ev.why))
         points = self.settings.loyalty.points_per_visit
         judged = [EngineEvent(ev.kind, pid, ev.time,
                               f"visit:{ev.visit_since:.3f}" if ev.kind.startswith("visit")

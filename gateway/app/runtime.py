@@ -83,8 +83,12 @@ def _snapshot(tracks: dict[str, Any]) -> list[tuple[str, Any]]:
 
 def switch_view(sw: ZoneSwitch) -> dict[str, Any]:
     """A zone switch as the API serves it (api/schemas.py ZoneSwitchOut)."""
+    why = sw.why
     return {"profile_id": sw.profile_id, "event": sw.kind, "zone": sw.zone, "time": sw.time, "since": sw.since,
-            "why": sw.why}
+            "why": None if why is None else {
+                "heard": [{"receiver": rid, "rssi": rssi} for rid, rssi in why.heard],
+                "before": [{"zone": z, "posterior": p} for z, p in why.before],
+                "after": [{"zone": z, "posterior": p} for z, p in why.after]}}
 
 
 def build_recorder(settings: Settings, identities: IdentityIndex) -> TraceRecorder | None:
