@@ -487,7 +487,7 @@ def run_layout(label: str, sc: Scenario, args: argparse.Namespace, duration: flo
 # The calibrated run: floor plan + a calibration from a simulated staff walk
 
 WALK_SEED_OFFSET = 1000  # the walk's seed: never the scored day's
-WALK_ROUNDS = 2  # the staff walk goes round every zone this many times
+WALK_ROUNDS = 6  # the staff walk goes round every zone this many times (20-40 s each: about 14 min in all)
 GOALS = {"enter_latency_p90_s": 3.0, "false_exits_per_person_hour": 0.5, "zone_accuracy": 0.95}
 
 
@@ -502,10 +502,11 @@ def positioned(sc: Scenario, receivers: list[ReceiverSettings]) -> list[Receiver
     return [dataclasses.replace(r, position=where[r.id]) for r in receivers]
 
 
-def staff_walk(sc: Scenario, seed: int, fading: str) -> tuple[CalibrationWalk, list[Sighting]]:
+def staff_walk(sc: Scenario, seed: int, fading: str, rounds: int = WALK_ROUNDS,
+               aisles: bool = False) -> tuple[CalibrationWalk, list[Sighting]]:
     """The walk's sightings through the same radio as the day: the walk's adverts, then the bursts and slow
     fades of ``build_trace`` (seeded by the walk's seed)."""
-    walk = calibration_walk(sc, seed=seed, start=START, zones=[z.name for z in sc.zones] * WALK_ROUNDS)
+    walk = calibration_walk(sc, seed=seed, start=START, zones=[z.name for z in sc.zones] * rounds, aisles=aisles)
     steps = build_trace(walk.simulator, walk.path.end + 1.0 - POST_S, seed, fading)
     tx = sc.radio.tx_power
     return walk, [Sighting(key, rx, rssi, t, tx) for _, rows in steps for key, rx, rssi, t in rows]
@@ -537,7 +538,7 @@ def run_calibrated(sc: Scenario, seed: int, args: argparse.Namespace, duration: 
     floor = floor_plan(sc)
     adj = adjacency(floor)
     walk_seed = seed + WALK_SEED_OFFSET
-    walk, walk_sightings = staff_walk(sc, walk_seed, args.fading)
+    walk, walk_sightings = staff_walk(sc, walk_seed, args.fading, args.walk_rounds, args.walk_aisles)
     cal = learn(walk_sightings, walk.labels, receivers, settings, floor)
     runs: dict[str, dict[str, Any]] = {}
     for name, with_adj, with_cal in (("uncalibrated", None, None), ("adjacency_only", adj, None),
@@ -556,7 +557,7 @@ def run_calibrated(sc: Scenario, seed: int, args: argparse.Namespace, duration: 
     return {**runs, "baselines": baselines, **verdict(runs["calibrated"], baselines),
             "walk": {"seed": walk_seed, "seconds": round(walk.path.end - walk.path.start, 1),
                      "labelled_s": round(sum(lb.end - lb.start for lb in walk.labels), 1),
-                     "sightings": len(walk_sightings), "rounds": WALK_ROUNDS},
+                     "sightings": len(walk_sightings), "rounds": args.walk_rounds, "aisles": args.walk_aisles},
             "adjacency": {k: sorted(v) for k, v in (adj or {}).items()}}
 
 
@@ -577,6 +578,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "(--seed's day; the walk has its own seed)")
     ap.add_argument("--seeds", default=None, metavar="3,5,7",
                     help="the calibrated run on each of these seeds (implies --calibrated)")
+    ap.add_argument("--walk-rounds", type=int, default=WALK_ROUNDS, help="rounds of every zone the staff walk makes")
+    ap.add_argument("--walk-aisles", action="store_true",
+                    help="the staff walk also stands in the aisle between two zones (labelled no zone)")
     args = ap.parse_args(argv)
     duration = args.duration or (300.0 if args.quick else 3600.0)
     seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else []
