@@ -17,16 +17,29 @@ times are seconds of the simulator's virtual clock from ``start``.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from beacons.types import Sighting
-from gateway.presence.traces import Label
+from gateway.presence.traces import Label, TraceWriter, write_labels
 from simulators.people import VisitPath
-from simulators.scenario import BeaconSpec, Crowd, Person, RouteStop, Scenario, Visit, Zone
+from simulators.scenario import (
+    BeaconSpec,
+    Crowd,
+    Person,
+    RouteStop,
+    Scenario,
+    ScenarioError,
+    Visit,
+    Zone,
+    load_scenario,
+)
 from simulators.store_sim import StoreSimulator
 
 #: The member of staff's own tag: no customer's, no crowd's (their UUIDs differ).
@@ -154,3 +167,44 @@ def calibration_walk(scenario: Scenario, *, seed: int, start: float = 0.0, zones
     labels = dashboard_labels(path, walker.key, seed=seed, tap_delay_s=tap_delay_s, start=start,
                               walking_labels=walking_labels)
     return CalibrationWalk(walker.key, sightings, labels, path, sim)
+
+
+def write_walk(walk: CalibrationWalk, out: Path, name: str = "walk") -> tuple[Path, Path]:
+    """``<name>.trace.csv`` (with ``tx_power``) and ``<name>.labels.csv`` in ``out``: ``gateway calibrate``'s input."""
+    out.mkdir(parents=True, exist_ok=True)
+    trace, labels = out / f"{name}.trace.csv", out / f"{name}.labels.csv"
+    with open(trace, "w", newline="") as f:
+        TraceWriter(f, tx_power=True).write_many(walk.sightings)
+    with open(labels, "w", newline="") as f:
+        write_labels(f, walk.labels)
+    return trace, labels
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m simulators.walk SCENARIO --out DIR [--seed N] [--rounds N] [--aisles]``: write a walk's files."""
+    ap = argparse.ArgumentParser(prog="python -m simulators.walk", description=main.__doc__)
+    ap.add_argument("scenario", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1, help="how many times the walk goes round every zone")
+    ap.add_argument("--aisles", action="store_true", help="also stand in the aisle between two zones")
+    ap.add_argument("--walking-labels", action="store_true", help="label the walks between zones as no zone")
+    args = ap.parse_args(argv)
+    try:
+        sc = load_scenario(args.scenario)
+    except ScenarioError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.rounds < 1:
+        print(f"--rounds: expected 1 or more, got {args.rounds}", file=sys.stderr)
+        return 2
+    walk = calibration_walk(sc, seed=args.seed, zones=[z.name for z in sc.zones] * args.rounds, aisles=args.aisles,
+                            walking_labels=args.walking_labels)
+    trace, labels = write_walk(walk, args.out)
+    print(f"{trace}: {len(walk.sightings)} sightings; {labels}: {len(walk.labels)} labels "
+          f"({walk.path.end - walk.path.start:.0f} s walk)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -138,3 +138,49 @@ def test_no_aisle_between_touching_zones() -> None:
     assert aisle_spot(sc, b, c) is not None  # 1.5 m between
     x0, _, x1, _ = aisle_spot(sc, b, c) or (0.0, 0.0, 0.0, 0.0)
     assert 8.0 < x0 < x1 < 9.5
+
+
+def store_config(sc: Scenario) -> str:
+    """The example store's receivers and floor plan as gateway.toml (what `gateway demo` configures)."""
+    lines = []
+    for r in sc.receivers:
+        bands = ", ".join(f'{{ name = "{b.name}", max_m = {b.max_m} }}' for b in r.zones)
+        lines += ["[[receivers]]", f'id = "{r.id}"', f"position = [{r.position[0]}, {r.position[1]}]",
+                  f"zones = [{bands}]", f"measured_power = {round(r.measured_power + r.rssi_offset)}", ""]
+    for z in sc.zones:
+        x0, y0, x1, y1 = z.rect
+        corners = f"[[{x0}, {y0}], [{x1}, {y0}], [{x1}, {y1}], [{x0}, {y1}]]"
+        lines += ["[[zones]]", f'name = "{z.name}"', f"polygon = {corners}", ""]
+    return "\n".join(lines)
+
+
+def test_gateway_calibrate_learns_every_zone_from_the_walk_files(store: Scenario, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.app.cli import main as gateway
+    from gateway.presence.calibration import load
+    from simulators.walk import main as walk_main
+
+    assert walk_main([str(ROOT / "examples" / "store.yaml"), "--out", str(tmp_path), "--seed", "1",
+                      "--rounds", "2"]) == 0
+    config = tmp_path / "gateway.toml"
+    config.write_text(store_config(store))
+    out = tmp_path / "calibration.toml"
+    assert gateway(["calibrate", str(tmp_path / "walk.trace.csv"), "--labels", str(tmp_path / "walk.labels.csv"),
+                    "--config", str(config), "--out", str(out)]) == 0
+    cal = load(out)
+    assert {z.name for z in cal.zones} == {z.name for z in store.zones}
+    own = {b.name: r.id for r in store.receivers for b in r.zones}
+    for zc in cal.zones:  # standing in a zone, its own receiver is the one heard loudest
+        means = {sg.receiver: sg.mean for sg in zc.signature if sg.mean is not None}
+        assert max(means, key=means.__getitem__) == own[zc.name], zc
+    assert "bad" not in capsys.readouterr().err
+
+
+def test_the_walk_command_refuses_what_it_cannot_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from simulators.walk import main as walk_main
+
+    assert walk_main([str(tmp_path / "missing.yaml"), "--out", str(tmp_path)]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert walk_main([str(ROOT / "examples" / "store.yaml"), "--out", str(tmp_path), "--rounds", "0"]) == 2
+    assert "--rounds" in capsys.readouterr().err
+    assert not (tmp_path / "walk.trace.csv").exists()
