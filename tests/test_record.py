@@ -288,3 +288,32 @@ def test_run_with_an_unwritable_record_dir_exits_with_one_line(tmp_path: Path) -
     assert "Traceback" not in r.stderr
     [line] = [ln for ln in r.stderr.splitlines() if "record_dir" in ln]
     assert "a-file" in line
+
+
+def test_a_receiver_id_with_a_comma_or_quote_is_quoted_and_reads_back(tmp_path: Path) -> None:
+    rec = TraceRecorder(tmp_path, known=lambda k: True)
+    odd = 'till, "north"'
+    rec.write([Sighting(KNOWN, odd, -60, T0 + 1.5, -59), Sighting(KNOWN, "hci0", -61, T0 + 2.0)])
+    rec.close()
+    f, reader = open_trace(tmp_path / hour_name(T0), [odd, "hci0"])
+    with f:
+        got = list(reader)
+    assert reader.errors.count == 0
+    assert got == [Sighting(KNOWN, odd, -60, T0 + 1.5, -59), Sighting(KNOWN, "hci0", -61, T0 + 2.0, None)]
+
+
+def test_a_scrub_anonymises_only_the_gone_keys_and_later_rows_share_their_alias(tmp_path: Path) -> None:
+    enrolled = {KNOWN, "ibeacon:other:1:1"}
+    rec = TraceRecorder(tmp_path, known=enrolled.__contains__)
+    rec.write([Sighting(KNOWN, "hci0", -60, T0 - 3600), Sighting(KNOWN, "hci0", -60, T0),
+               Sighting("ibeacon:other:1:1", "hci0", -70, T0 + 1)])
+    enrolled.discard(KNOWN)  # erased: the identity index no longer knows it
+    assert rec.scrub(lambda k: k not in enrolled) == 2
+    rec.write([Sighting(KNOWN, "hci0", -61, T0 + 2)])  # heard again after the erasure: anonymous
+    rec.close()
+    old, now = rows(tmp_path / hour_name(T0 - 3600)), rows(tmp_path / hour_name(T0))
+    assert old[0].key.startswith(ANON)
+    assert [r.key for r in now][1] == "ibeacon:other:1:1"
+    assert now[0].key.startswith(ANON) and now[0].key == now[2].key  # one alias in the file, before and after
+    assert now[0].key != old[0].key  # and another in the closed file: still unlinkable across files
+    assert rec.scrub(lambda k: k not in enrolled) == 0  # nothing left to change; files left as they are
