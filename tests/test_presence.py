@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from beacons.types import Sighting
 from gateway.presence.model import distance_m
 from gateway.presence.settings import PresenceSettings, ReceiverSettings, ZoneBand
-from gateway.presence.tracker import MISSING_LLR, PresenceTracker
+from gateway.presence.tracker import LOUDEST_LLR, MISSING_LLR, X_MIN, X_RES, PresenceTracker
 
 T0 = 1_000_000.0
 KEY = "ibeacon:00000000-0000-0000-0000-000000000001:1:1"
@@ -561,6 +561,12 @@ class _PlainStep(PresenceTracker):
             tr.quiet_stepped = tr.quiet
             live = now - tr.quiet - st.exit_after_s / 2
             heard_by = {rid for rid, lk in tr.links.items() if lk.last - lk.quiet >= live}
+            # two or more receivers past their innermost band's saturation: the loudest one's zone gains
+            saturated = [lk for rid, lk in tr.links.items() if rid in heard_by and lk.model.nearest >= 0
+                         and lk.model.tables[0][int((lk.rssi - X_MIN) * X_RES + 0.5)] >= lk.model.plateau]
+            if len(saturated) > 1 and heard > 0.0:
+                loud = max(saturated, key=lambda lk: lk.rssi - lk.model.ref)  # the first of equals, as the loop
+                llr[loud.model.nearest] += LOUDEST_LLR * heard * (1.0 / st.fade_time_s)
             if len(heard_by) < len(self.receivers):
                 miss = MISSING_LLR * (heard if heard > 0.0 else 0.0) * (1.0 / st.fade_time_s)
                 for i, zone in enumerate(self.zones):

@@ -12,6 +12,7 @@ key on bad input), ``report`` says how well each zone stands apart from its near
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import tomllib
 from collections import defaultdict
@@ -31,9 +32,15 @@ SD_FLOOR_DB = 2.5  # a signature's sd is at least this: a short walk must not ma
 MIN_SECONDS = 10  # a zone heard in fewer labelled seconds keeps the band model (the config's [[receivers]])
 MIN_HEARD = 5  # samples of a receiver in a zone before its Gaussian is learned (else: heard share only)
 PRIOR_STAYS = 1.0  # stays (and transits) the settings' zone_stay_s / transit_s weigh as, against the walk's
+PRIOR_SECONDS = 30.0  # labelled seconds the even prior (half in no zone) weighs as, against the walk's share
 DEFAULT_MEASURED_POWER = -59.0  # as the tracker: the RSSI at 1 m when neither receiver nor beacon says
 GATE_SIGMAS, OUTLIER_CLAMP_DB = 2.5, 12.0  # the tracker's filter constants (gateway/presence/tracker.py)
 EXPONENT_RANGE = (1.2, 6.0)  # a fitted path-loss exponent is clamped to what indoor radio does
+# What ``learn`` tunes on the walk: how often a link gives an independent look, and how fast its filter follows.
+TUNE_GRID: tuple[tuple[tuple[str, float], ...], ...] = tuple(
+    (("fade_time_s", f), ("rssi_drift_db_s", d)) for f in (3.0, 1.5, 1.0, 0.5) for d in (1.5, 3.0))
+TUNABLE = frozenset(k for cand in TUNE_GRID for k, _ in cand)
+CHANGES_LIMIT = 1.5  # a tuned candidate may change zone at most this many times as often as the labels do
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,8 @@ class Calibration:
     outside: tuple[Signature, ...] = ()  # "no zone", when the walk had labelled seconds outside every zone
     transit_s: float = 5.0
     direct_share: float = 0.2
+    outside_share: float = 0.5  # of the labelled seconds, the share in no zone: the prior of someone first heard
+    tuned: tuple[tuple[str, float], ...] = ()  # [presence] settings chosen on the walk (leave one beacon out)
     source: tuple[str, ...] = ()  # how it was made (the TOML's header comment)
 
     def zone(self, name: str) -> ZoneCalibration | None:
@@ -211,13 +220,65 @@ def _fit_receiver(rx: ReceiverSettings, zones: Sequence[ZoneCalibration],
 
 
 def learn(sightings: Iterable[Sighting], labels: Sequence[Label], receivers: Sequence[ReceiverSettings],
-          settings: PresenceSettings, zones: Sequence[FloorZone] = ()) -> Calibration:
+          settings: PresenceSettings, zones: Sequence[FloorZone] = (), *, tune: bool = True) -> Calibration:
     """A calibration from a labelled walk: sightings in time order (as a trace has them), labels of any beacons.
 
     Each labelled second, every receiver whose link was heard in the last ``exit_after_s / 2`` (the
     tracker's notion of a live link) gives one sample of its filtered RSSI to the labelled state.
-    Sightings of unknown receivers or unlabelled beacons are ignored.
+    Sightings of unknown receivers or unlabelled beacons are ignored. With two or more labelled beacons
+    (walks) and ``tune``, the look time and the filter's drift are chosen from ``TUNE_GRID`` by leaving
+    one walk out at a time: learned on the others, replayed and scored on it (``tune_scores``).
     """
+    rows = list(sightings)
+    beacons = sorted({lb.beacon for lb in labels})
+    if not tune or len(beacons) < 2:
+        return _learn(rows, labels, receivers, settings, zones)
+    scores = tune_scores(rows, labels, receivers, settings, zones)
+    fit = [c for c, (_, changes, truth) in scores.items() if changes <= CHANGES_LIMIT * truth] or list(scores)
+    best = max(fit, key=lambda c: (scores[c][0], -scores[c][1]))
+    chosen = dataclasses.replace(settings, **dict(best))  # type: ignore[arg-type]
+    return dataclasses.replace(_learn(rows, labels, receivers, chosen, zones), tuned=best)
+
+
+def tune_scores(rows: Sequence[Sighting], labels: Sequence[Label], receivers: Sequence[ReceiverSettings],
+                settings: PresenceSettings, zones: Sequence[FloorZone] = ()) -> dict[
+                    tuple[tuple[str, float], ...], tuple[float, float, float]]:
+    """Per candidate of ``TUNE_GRID``: zone accuracy, zone changes per hour and the labels' changes per hour,
+    each walk scored by a tracker calibrated on the other walks only."""
+    from gateway.presence.floor import adjacency  # the tracker imports this module: imported when tuning
+    from gateway.presence.scoring import score_labels
+    from gateway.presence.tracker import PresenceTracker
+
+    beacons = sorted({lb.beacon for lb in labels})
+    out: dict[tuple[tuple[str, float], ...], tuple[float, float, float]] = {}
+    for cand in TUNE_GRID:
+        st = dataclasses.replace(settings, **dict(cand))  # type: ignore[arg-type]
+        events: list[tuple[str, str, str | None, float]] = []
+        for held in beacons:
+            cal = dataclasses.replace(_learn([s for s in rows if s.key != held],
+                                             [lb for lb in labels if lb.beacon != held], receivers, st, zones),
+                                      tuned=cand)
+            tracker = PresenceTracker(settings, receivers, calibration=cal, adjacency=adjacency(zones))
+            next_tick = -math.inf
+            for s in rows:
+                if s.key != held:
+                    continue
+                if next_tick == -math.inf:
+                    next_tick = math.floor(s.time) + 1.0
+                while s.time >= next_tick:
+                    events += [(e.kind, e.key, e.zone, next_tick) for e in tracker.tick(next_tick)]
+                    next_tick += 1.0
+                events += [(e.kind, e.key, e.zone, s.time) for e in tracker.observe(s)]
+        events = [e for e in events if e[0] in ("enter", "exit", "dwell")]
+        sc = score_labels(events, labels, settings.exit_after_s)
+        out[cand] = (sc["zone_accuracy"], sc["zone_changes_per_hour"], sc["truth_zone_changes_per_hour"])
+    return out
+
+
+def _learn(rows: Sequence[Sighting], labels: Sequence[Label], receivers: Sequence[ReceiverSettings],
+           settings: PresenceSettings, zones: Sequence[FloorZone]) -> Calibration:
+    """``learn`` without the tuning."""
+    sightings = rows
     rx_ids = [r.id for r in receivers]
     known = set(rx_ids)
     by_beacon: dict[str, list[Label]] = defaultdict(list)
@@ -293,10 +354,13 @@ def learn(sightings: Iterable[Sighting], labels: Sequence[Label], receivers: Seq
     outside = _signature(acc[None], rx_ids) if acc[None].heard_any >= MIN_SECONDS else ()
     transit = (sum(transits) + PRIOR_STAYS * settings.transit_s) / (len(transits) + PRIOR_STAYS)
     share = (direct + PRIOR_STAYS * settings.direct_share) / (ends + PRIOR_STAYS)
+    total = sum(a.seconds for a in acc.values())
+    out_share = (acc[None].seconds + 0.5 * PRIOR_SECONDS) / (total + PRIOR_SECONDS)
     cal_receivers = tuple(_fit_receiver(r, zone_cals, polygons) for r in receivers)
     source = (f"{used} sightings of {len(by_beacon)} beacons, {len(labels)} labels, "
               f"{sum(a.seconds for a in acc.values())} labelled seconds",)
-    return Calibration(cal_receivers, tuple(zone_cals), outside, round(transit, 1), round(share, 3), source)
+    return Calibration(cal_receivers, tuple(zone_cals), outside, round(transit, 1), round(share, 3),
+                       round(out_share, 4), source=source)
 
 
 # ---------------------------------------------------------------------------------------- TOML
@@ -321,7 +385,11 @@ def dumps(cal: Calibration) -> str:
              "#   per receiver the filtered RSSI's mean and sd (dBm) and the share of seconds it heard the tag.",
              "", "[transitions]", f"transit_s = {_num(cal.transit_s)}  # mean walk outside every zone",
              f"direct_share = {_num(cal.direct_share)}  # of zone stays that end, the share going straight to another",
+             f"outside_share = {_num(cal.outside_share)}  # of labelled time, the share in no zone (first-heard prior)",
              ""]
+    if cal.tuned:
+        lines += ["# Chosen on the walk (each walk scored by a calibration learned on the others): over [presence].",
+                  "[presence]", *(f"{k} = {_num(v)}" for k, v in cal.tuned), ""]
     for r in cal.receivers:
         lines += [f'[receivers."{r.id}"]', f"offset_db = {_num(r.offset_db)}", f"exponent = {_num(r.exponent)}",
                   f'fitted = "{r.fitted}"', ""]
@@ -390,6 +458,9 @@ def _parse(doc: dict[str, Any]) -> Calibration:
         raise ConfigError(f"transitions.transit_s: must be positive, got {transit!r}")
     if not 0 <= share <= 1:
         raise ConfigError(f"transitions.direct_share: must be in [0, 1], got {share!r}")
+    out_share = float(_get(tr, "outside_share", (int, float), "transitions"))
+    if not 0 < out_share < 1:
+        raise ConfigError(f"transitions.outside_share: must be in (0, 1), got {out_share!r}")
     receivers = []
     for rid, v in doc.get("receivers", {}).items():
         w = f"receivers.{rid}"
@@ -420,7 +491,18 @@ def _parse(doc: dict[str, Any]) -> Calibration:
                 raise ConfigError(f"zones.{z.name}.neighbours: {n!r} is not a zone of this file")
     outside = doc.get("outside", {})
     sig = _signatures(outside.get("signature"), "outside.signature") if isinstance(outside, dict) and outside else ()
-    return Calibration(tuple(receivers), tuple(zones), sig, transit, share, ())
+    pres = doc.get("presence", {})
+    if not isinstance(pres, dict):
+        raise ConfigError("presence: expected a table")
+    tuned = []
+    for k in pres:
+        if k not in TUNABLE:
+            raise ConfigError(f"presence.{k}: not a setting calibration tunes ({', '.join(sorted(TUNABLE))})")
+        v = float(_get(pres, k, (int, float), "presence"))
+        if not v > 0:
+            raise ConfigError(f"presence.{k}: must be positive, got {v!r}")
+        tuned.append((k, v))
+    return Calibration(tuple(receivers), tuple(zones), sig, transit, share, out_share, tuple(tuned), ())
 
 
 def load(path: str | Path) -> Calibration:

@@ -33,6 +33,7 @@ The model (docs/presence.md has the figures behind each default):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
@@ -58,6 +59,9 @@ MISSING_LLR = 3.0  # per look: a zone whose receivers have not heard the identit
 LLR_CLAMP = 8.0  # one look's log-likelihood ratios span at most +-this (nats): no single look decides
 NEAREST_M = 0.3  # the closest a carried tag gets to a receiver, for the innermost band's ring
 HEARD_RANGE = (0.05, 0.95)  # calibrated: a receiver's share of seconds heard, as used (no certainty either way)
+# Uncalibrated, per look: when two or more receivers heard read beyond where their innermost band's evidence
+# saturates, the loudest of them (against its 1 m reference) gives its zone this (the bands cannot rank them)
+LOUDEST_LLR = LLR_CLAMP
 REFERENCE_SD_MIN = 8.0  # calibrated: the broad per-receiver reference density is at least this wide (dB)
 WHY_STATES = 3  # a switch's ``why`` shows this many likeliest states before and after
 # The tabulated log-likelihood ratios: filtered RSSI from X_MIN, X_RES steps per dB.
@@ -128,6 +132,9 @@ class _Model:
     pairs: tuple[tuple[int, tuple[float, ...]], ...] = ()  # (state, table) per band: the hot loop's view
     cover: int = 0  # the states of its bands as a bit mask: which zones a link that hears the identity vouches for
     # (calibrated: the receiver's own bit, and the missing-receiver penalty comes from the signatures)
+    ref: float = 0.0  # the RSSI at 1 m it was built for
+    nearest: int = -1  # the state of its innermost band (-1: none)
+    plateau: float = math.inf  # its innermost band's highest evidence, minus a hair: where the band saturates
 
 
 @dataclass(slots=True)
@@ -175,6 +182,8 @@ class PresenceTracker:
         """``calibration`` (``gateway calibrate``) replaces the bands' evidence by the zones' learned signatures
         and the transition prior by the walk's; ``adjacency`` (zone -> the zones one may walk to directly)
         confines direct moves to it. With neither, every zone may follow every other."""
+        if calibration is not None and calibration.tuned:  # what the walk chose overrides [presence]
+            settings = dataclasses.replace(settings, **dict(calibration.tuned))  # type: ignore[arg-type]
         if settings.rssi_filter not in ("kalman", "ema"):
             raise ValueError(f"presence.rssi_filter: expected 'kalman' or 'ema', got {settings.rssi_filter!r}")
         self.settings = settings
@@ -194,6 +203,7 @@ class PresenceTracker:
         self.zones: tuple[str, ...] = tuple(names)
         self._none = len(names)  # the "no zone" state's index
         self._index = {n: i for i, n in enumerate(names)}
+        self._voters = Counter(z.name for r in self.receivers.values() for z in {b.name: b for b in r.zones}.values())
         self._models: dict[tuple[str, float], _Model] = {}
         self.enter_samples = enter_samples
         self.tracks: dict[str, _Track] = {}
@@ -225,6 +235,8 @@ class PresenceTracker:
         self._step_dt, self._step_terms = math.nan, (0.0, 0.0, 0.0, 0.0, 0.0)  # the last step's length and terms
         # Prior: heard at all means in the store; as likely in no zone as in some zone.
         self._prior = [0.5 / n] * n + [0.5] if n else [1.0]
+        if calibration is not None and n:  # the walk's share of time in no zone
+            self._prior = [(1.0 - calibration.outside_share) / n] * n + [calibration.outside_share]
         self._offset = 0.0  # added to every input time: the monotonic base (see the module docstring)
         self._high = -math.inf  # newest tick or sighting time, in the base
         self._last_step = 0.0
@@ -248,9 +260,14 @@ class PresenceTracker:
             model = self._calibrated_model(rx, ref)
         else:
             tables = self._band_tables(bands, ref, n)
+            # A zone several receivers name gets their mean vote, not their sum: receivers in one room see
+            # one walk (and one wrong reference power), so their evidence is not independent.
+            tables = [t if self._voters[name] == 1 else tuple(v / self._voters[name] for v in t)
+                      for t, (_, name) in zip(tables, bands, strict=True)]
             states = tuple(self._index[name] for _, name in bands)
             model = _Model(tuple((rssi_at(max_m, ref, n), name) for max_m, name in bands), states, tuple(tables),
-                           tuple(zip(states, tables, strict=True)), sum(1 << i for i in set(states)))
+                           tuple(zip(states, tables, strict=True)), sum(1 << i for i in set(states)), ref,
+                           states[0] if states else -1, max(tables[0]) - 1e-9 if tables else math.inf)
         self._models[(rx.id, ref)] = model
         return model
 
@@ -516,6 +533,33 @@ class PresenceTracker:
         self._missed[cover] = missed
         return missed
 
+    def _heard_evidence(self, tr: _Track, live: float, heard: float, llr: list[float]) -> None:
+        """What the receivers hearing the identity lately (links heard since ``live``, silence on every
+        receiver not counted) say over ``heard`` seconds: the zones none of them vouches for lose their loss
+        per look; and when two or more of them read past where their innermost band saturates (a tag louder
+        than the config's reference power saturates every band: the bands cannot rank them), the loudest
+        of those (against its 1 m reference) gives its band's zone ``LOUDEST_LLR`` per look."""
+        cover = 0
+        loudest: _Link | None = None
+        saturated = 0
+        for lk in tr.links.values():
+            if lk.last - lk.quiet >= live:
+                m = lk.model
+                cover |= m.cover
+                if m.nearest >= 0 and m.tables[0][int((lk.rssi - X_MIN) * X_RES + 0.5)] >= m.plateau:
+                    saturated += 1
+                    if loudest is None or lk.rssi - m.ref > loudest.rssi - loudest.model.ref:
+                        loudest = lk
+        look = self._look
+        if saturated > 1 and loudest is not None:
+            llr[loudest.model.nearest] += LOUDEST_LLR * heard * look
+        if cover != self._all_zones:  # when the zones heard cover all, no zone misses it
+            missed = self._missed.get(cover)
+            if missed is None:
+                missed = self._missed_zones(cover)
+            for i, w in missed:
+                llr[i] -= w * heard * look
+
     def _step(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:
         """Predict (sticky transitions over the elapsed time), weigh by the evidence, then decide.
 
@@ -549,19 +593,7 @@ class PresenceTracker:
         heard = dt - (quiet - tr.quiet_stepped)
         tr.quiet_stepped = quiet
         if heard > 0.0:  # else the miss is 0
-            live = now - quiet - self._half_exit
-            cover = 0
-            for lk in tr.links.values():
-                if lk.last - lk.quiet >= live:
-                    cover |= lk.model.cover
-            if cover != self._all_zones:  # when the zones heard cover all, no zone misses it
-                missed = self._missed.get(cover)
-                if missed is None:
-                    missed = self._missed_zones(cover)
-                if missed:
-                    look = self._look
-                    for i, w in missed:
-                        llr[i] -= w * heard * look
+            self._heard_evidence(tr, now - quiet - self._half_exit, heard, llr)
         top = max(llr)
         exp = math.exp
         # zone i: (p[i] (1 - leave) + arrive p[n] / n + leave direct (1 - p[n] - p[i]) / (n - 1)) e^(llr[i] - top)
@@ -599,19 +631,8 @@ class PresenceTracker:
         quiet = tr.quiet
         heard = dt - (quiet - tr.quiet_stepped)
         tr.quiet_stepped = quiet
-        if heard > 0.0:  # as in _step: receivers not hearing the identity while others do
-            live = now - quiet - self._half_exit
-            cover = 0
-            for lk in tr.links.values():
-                if lk.last - lk.quiet >= live:
-                    cover |= lk.model.cover
-            if cover != self._all_zones:
-                missed = self._missed.get(cover)
-                if missed is None:
-                    missed = self._missed_zones(cover)
-                look = self._look
-                for i, w in missed:
-                    llr[i] -= w * heard * look
+        if heard > 0.0:  # as in _step
+            self._heard_evidence(tr, now - quiet - self._half_exit, heard, llr)
         stays, nbrs, transit, direct = self._graph
         expm1 = math.expm1
         arrive = -expm1(-dt / transit)
