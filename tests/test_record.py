@@ -317,3 +317,32 @@ def test_a_scrub_anonymises_only_the_gone_keys_and_later_rows_share_their_alias(
     assert now[0].key.startswith(ANON) and now[0].key == now[2].key  # one alias in the file, before and after
     assert now[0].key != old[0].key  # and another in the closed file: still unlinkable across files
     assert rec.scrub(lambda k: k not in enrolled) == 0  # nothing left to change; files left as they are
+
+
+async def test_an_erasure_whose_rewrite_failed_is_finished_at_the_next_start(
+        tmp_path: Path, runtime_factory: RuntimeFactory, clock: VirtualClock) -> None:
+    record = tmp_path / "traces"
+    settings = two_zone_settings(tmp_path, record)
+    rt = await runtime_factory(settings)
+    alice, _ = enrol(rt, "alice", 1)
+    top = LIVE_T0 + 1800.0
+    await feed(rt, adverts(1, "02:00:00:00:00:01", top - 3, 2, "rx-a", "rx-b"))
+    clock.set(top + 2)
+    await feed(rt, adverts(1, "02:00:00:00:00:01", top, 1, "rx-b", "rx-a"))  # the 08:00 file is closed now
+    assert rt.recorder is not None
+
+    def crash(*_: object) -> int:  # the process dies while the closed files are rewritten
+        raise OSError("disk went away")
+
+    rt.recorder.scrub_closed = crash  # type: ignore[method-assign]
+    rt.service.erase_profile(alice)
+    await rt.flush()
+    await runtime_factory.stop(rt)
+    closed = record / "trace-20260601T08.csv"
+    assert beacon(1) in closed.read_text()  # not done yet
+    assert (record / ".scrub-pending").exists()
+
+    await runtime_factory.stop(await runtime_factory(settings))  # the next start finishes it before any input
+    for path in record.glob("trace-*.csv"):
+        assert beacon(1) not in path.read_text(), path.name
+    assert not (record / ".scrub-pending").exists()

@@ -209,6 +209,7 @@ class Runtime:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.db.upgrade, self.settings.store.id)
         await self._run(self._load_state)
+        await self._run(self._resume_scrub)  # before any input: an erasure a crash cut short is finished first
         await self._run(self.pipeline.purge_recordings, self.clock.now())  # then hourly, with the tick's purge
         self._dispatch(await self._run(self._due_rule_timers))
         if self.serve_api:
@@ -432,30 +433,68 @@ class Runtime:
 
         self._submit(f"forgetting profile {profile_id}", forget)
 
+    def _gone(self, app_keys: set[str]) -> Callable[[str], bool]:
+        """Which clear keys of a recording an erasure takes: those app keys, and every other key the identity
+        index no longer knows (only enrolled keys were written in clear)."""
+        index = self.identities
+
+        def gone(key: str) -> bool:
+            return key in app_keys if key.startswith("app:") else index.beacon(key) is None
+
+        return gone
+
+    def _resume_scrub(self) -> None:
+        """At start, on the worker: the rewrite of an erasure a crash cut short is done again, whole."""
+        recorder = self.recorder
+        keys = recorder.pending_scrub() if recorder is not None else None
+        if recorder is None or keys is None:
+            return
+        recorder.begin_scrub(())
+        ok = False
+        try:
+            changed = recorder.scrub(self._gone(keys))
+            ok = True
+        finally:
+            recorder.end_scrub(ok)
+        log.info("finished an interrupted erasure in the trace files (%d row(s) anonymised)", changed)
+
     def _scrub_traces(self, profile_id: int) -> None:
         """On the worker, after an erasure (or a link): no trace file keeps a key of the profile in clear.
 
         Its beacon keys have left the identity index by now, so every clear key the index no longer knows
         is rewritten as an anonymous alias, with the profile's app key; keys still enrolled (a link moved
         them to the profile kept) stay. The current file is rewritten here, before the next drain writes to
-        it; the closed ones on another thread, so a long recording does not hold up the pipeline."""
+        it; the closed ones on another thread, so a long recording does not hold up the pipeline. Noted in
+        the directory until done (``begin_scrub``), so a crash meanwhile is made good at the next start."""
         recorder = self.recorder
         if recorder is None:
             return
-        mine, index = app_key(profile_id), self.identities
-
-        def gone(key: str) -> bool:
-            return key == mine if key.startswith("app:") else index.beacon(key) is None
-
+        mine = app_key(profile_id)
+        gone = self._gone({mine})
+        recorder.begin_scrub([mine])
         closed = recorder.closed_files()
-        recorder.scrub_current(gone)
+        try:
+            recorder.scrub_current(gone)
+        except BaseException:
+            recorder.end_scrub(ok=False)
+            raise
+
+        def rest() -> int:
+            ok = False
+            try:
+                changed = recorder.scrub_closed(closed, gone)
+                ok = True
+                return changed
+            finally:
+                recorder.end_scrub(ok)
+
         loop = self._loop
         if loop is None or loop.is_closed():
-            recorder.scrub_closed(closed, gone)
+            rest()
             return
 
         def spawn() -> None:
-            job = loop.run_in_executor(None, recorder.scrub_closed, closed, gone)
+            job = loop.run_in_executor(None, rest)
             self._scrubs.add(job)
             job.add_done_callback(self._scrubbed)
 

@@ -33,6 +33,7 @@ PREFIX = "trace-"
 SUFFIX = ".csv"
 ANON = "anon-"  # the key of an unknown identity in a recording: ANON + 16 hex digits
 KEY_COLUMN = 2  # time,receiver,beacon,...
+PENDING = ".scrub-pending"  # app keys of erasures whose rewrite is under way; a start after a crash redoes it
 HEADER = ",".join((*TRACE_COLUMNS, TRACE_OPTIONAL)) + "\n"
 _QUOTED = frozenset(',"\r\n')
 _TIME = operator.itemgetter(3)  # Sighting.time
@@ -110,6 +111,10 @@ class TraceRecorder:
                 pass  # created and deleted: the directory takes new files
         except OSError as exc:
             raise RecordError(f"cannot record into {self.dir}: {exc.strerror or exc}") from None
+        for tmp in self.dir.glob(f".{PREFIX}*{SUFFIX}.scrub"):  # a rewrite a crash cut short: the file is intact
+            tmp.unlink(missing_ok=True)
+        self._scrubbing, self._scrub_failed = 0, False
+        self._pending = threading.Lock()
         self._known = known
         self._hour = -1
         self._end = float("-inf")  # when the open file's hour ends
@@ -205,6 +210,32 @@ class TraceRecorder:
             with self._files:
                 changed += scrub_file(path, gone, _fresh_alias())
         return changed
+
+    def begin_scrub(self, keys: Iterable[str]) -> None:
+        """An erasure's rewrite starts: ``keys`` (its app keys) are noted in the directory until every rewrite
+        under way has ended, so a start after a crash can redo it (``pending_scrub``)."""
+        with self._pending:
+            self._scrubbing += 1
+            with open(self.dir / PENDING, "a", encoding="utf-8") as f:
+                f.write("".join(k + "\n" for k in keys))
+                f.flush()
+                os.fsync(f.fileno())
+
+    def end_scrub(self, ok: bool = True) -> None:
+        """A rewrite ended; the note goes once all have, and none failed (a failed one is redone at start)."""
+        with self._pending:
+            self._scrubbing -= 1
+            self._scrub_failed = self._scrub_failed or not ok
+            if self._scrubbing <= 0 and not self._scrub_failed:
+                (self.dir / PENDING).unlink(missing_ok=True)
+
+    def pending_scrub(self) -> set[str] | None:
+        """The app keys of erasures whose rewrite a crash (or a failure) left unfinished; None: nothing to redo."""
+        try:
+            text = (self.dir / PENDING).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        return {line for line in text.splitlines() if line}
 
     def scrub(self, gone: Callable[[str], bool]) -> int:
         """Every file, on the writing thread: ``scrub_current`` and ``scrub_closed``."""
