@@ -581,23 +581,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--walk-rounds", type=int, default=WALK_ROUNDS, help="rounds of every zone the staff walk makes")
     ap.add_argument("--walk-aisles", action="store_true",
                     help="the staff walk also stands in the aisle between two zones (labelled no zone)")
+    ap.add_argument("--only-calibrated", action="store_true",
+                    help="skip the default runs (store and dense at --seed): only the calibrated one")
     args = ap.parse_args(argv)
     duration = args.duration or (300.0 if args.quick else 3600.0)
     seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else []
-    if args.calibrated and not seeds:
+    if (args.calibrated or args.only_calibrated) and not seeds:
         seeds = [args.seed]
-    store = run_layout("store", bench_scenario(args.quick), args, duration)
-    dense = run_layout("dense", dense_scenario(args.quick), args, duration)
-    ours = store["ours"]
-    out = {
-        **{k: ours[k] for k in KEYS},
-        "baselines": {name: {k: v[k] for k in KEYS} for name, v in store["baselines"].items()},
-        "dense": {"ours": {k: dense["ours"][k] for k in KEYS},
-                  "baselines": {name: {k: v[k] for k in KEYS} for name, v in dense["baselines"].items()}},
-        "observe_us_per_advert": ours["replay_us_per_advert"],
-        "details": {"store": store, "dense": dense, "seed": args.seed, "duration_s": duration,
-                    "quick": args.quick},
-    }
+    out: dict[str, Any] = {}
+    if not args.only_calibrated:
+        store = run_layout("store", bench_scenario(args.quick), args, duration)
+        dense = run_layout("dense", dense_scenario(args.quick), args, duration)
+        ours = store["ours"]
+        out = {
+            **{k: ours[k] for k in KEYS},
+            "baselines": {name: {k: v[k] for k in KEYS} for name, v in store["baselines"].items()},
+            "dense": {"ours": {k: dense["ours"][k] for k in KEYS},
+                      "baselines": {name: {k: v[k] for k in KEYS} for name, v in dense["baselines"].items()}},
+            "observe_us_per_advert": ours["replay_us_per_advert"],
+            "details": {"store": store, "dense": dense, "seed": args.seed, "duration_s": duration,
+                        "quick": args.quick},
+        }
     if seeds:
         sc = bench_scenario(args.quick)
         out["calibrated"] = {str(seed): run_calibrated(sc, seed, args, duration) for seed in seeds}
