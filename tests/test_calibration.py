@@ -224,3 +224,17 @@ def test_replay_with_a_bad_calibration_file_is_one_line_and_exit_2(tmp_path: Pat
     err = capsys.readouterr()[1]
     assert "cal.toml" in err and "transitions.transit_s" in err and len(err.strip().splitlines()) == 1
 
+
+
+def test_two_walks_tune_the_look_time_and_the_file_carries_it() -> None:
+    first, first_labels = walk(ROUTE, seed=8, key="walk-1")
+    second, second_labels = walk(list(reversed(ROUTE)), seed=9, key="walk-2")
+    rows = sorted(first + second, key=lambda s: s.time)
+    cal = learn(rows, first_labels + second_labels, RECEIVERS, PresenceSettings())
+    tuned = dict(cal.tuned)
+    assert set(tuned) == {"fade_time_s", "rssi_drift_db_s", "switch_posterior"}
+    text = dumps(cal)
+    assert "[presence]" in text and parse(text).tuned == cal.tuned
+    tracker = PresenceTracker(PresenceSettings(), RECEIVERS, calibration=cal)
+    assert tracker.settings.fade_time_s == tuned["fade_time_s"]  # the walk's choice over the config's
+    assert learn(rows, first_labels + second_labels, RECEIVERS, PresenceSettings(), tune=False).tuned == ()

@@ -614,3 +614,19 @@ def test_the_hmm_step_is_the_plain_formulas_bit_for_bit(layout: str):
         want += plain.observe_many(batch) + plain.tick(now)
         assert state(fast) == state(plain)
     assert got == want and {"enter", "exit", "dwell"} <= {e.kind for e in got}
+
+
+def test_a_tag_louder_than_the_configured_power_goes_to_the_loudest_receivers_zone():
+    """Every band saturates when the tag is louder than the config's reference (the real flat: 3-20 dB): the
+    zone with two receivers must not win on their summed evidence, and the loudest receiver's zone wins."""
+    rx = [ReceiverSettings("rx-a", [ZoneBand("a", 5.0)], measured_power=-59),
+          ReceiverSettings("rx-c1", [ZoneBand("c", 5.0)], measured_power=-59),
+          ReceiverSettings("rx-c2", [ZoneBand("c", 5.0)], measured_power=-59)]
+    t = PresenceTracker(PresenceSettings(), rx)
+    rng = random.Random(4)
+    sightings = []
+    for i in range(300):  # 30 s at 10 Hz: rx-a at -45 dBm, both of c's receivers at -54 (all "within 1 m")
+        for rid, mean in (("rx-a", -45), ("rx-c1", -54), ("rx-c2", -54)):
+            sightings.append(Sighting(KEY, rid, round(mean + rng.gauss(0, 2)), T0 + i / 10, None))
+    entered = [e.zone for e in t.observe_many(sightings) if e.kind == "enter"]
+    assert entered == ["a"]

@@ -38,7 +38,9 @@ GATE_SIGMAS, OUTLIER_CLAMP_DB = 2.5, 12.0  # the tracker's filter constants (gat
 EXPONENT_RANGE = (1.2, 6.0)  # a fitted path-loss exponent is clamped to what indoor radio does
 # What ``learn`` tunes on the walk: how often a link gives an independent look, and how fast its filter follows.
 TUNE_GRID: tuple[tuple[tuple[str, float], ...], ...] = tuple(
-    (("fade_time_s", f), ("rssi_drift_db_s", d)) for f in (3.0, 1.5, 1.0, 0.5) for d in (1.5, 3.0))
+    (("fade_time_s", f), ("rssi_drift_db_s", d), ("switch_posterior", w))
+    for f in (3.0, 1.5, 1.0, 0.5) for d in (1.5, 3.0) for w in (0.995, 0.98, 0.9))
+FILTER_KEYS = frozenset({"rssi_drift_db_s", "rssi_noise_db", "rssi_filter", "smoothing"})  # change signatures
 TUNABLE = frozenset(k for cand in TUNE_GRID for k, _ in cand)
 CHANGES_LIMIT = 1.5  # a tuned candidate may change zone at most this many times as often as the labels do
 
@@ -251,13 +253,16 @@ def tune_scores(rows: Sequence[Sighting], labels: Sequence[Label], receivers: Se
 
     beacons = sorted({lb.beacon for lb in labels})
     out: dict[tuple[tuple[str, float], ...], tuple[float, float, float]] = {}
+    learned: dict[tuple[object, ...], Calibration] = {}  # only the filter's settings change what is learned
     for cand in TUNE_GRID:
         st = dataclasses.replace(settings, **dict(cand))  # type: ignore[arg-type]
         events: list[tuple[str, str, str | None, float]] = []
         for held in beacons:
-            cal = dataclasses.replace(_learn([s for s in rows if s.key != held],
-                                             [lb for lb in labels if lb.beacon != held], receivers, st, zones),
-                                      tuned=cand)
+            key = (held, *(v for k, v in cand if k in FILTER_KEYS))
+            if key not in learned:
+                learned[key] = _learn([s for s in rows if s.key != held], [lb for lb in labels if lb.beacon != held],
+                                      receivers, st, zones)
+            cal = dataclasses.replace(learned[key], tuned=cand)
             tracker = PresenceTracker(settings, receivers, calibration=cal, adjacency=adjacency(zones))
             next_tick = -math.inf
             for s in rows:
