@@ -563,7 +563,7 @@ class _PlainStep(PresenceTracker):
             heard_by = {rid for rid, lk in tr.links.items() if lk.last - lk.quiet >= live}
             # two or more receivers past their innermost band's saturation: the loudest one's zone gains
             saturated = [lk for rid, lk in tr.links.items() if rid in heard_by and lk.model.nearest >= 0
-                         and lk.model.tables[0][int((lk.rssi - X_MIN) * X_RES + 0.5)] >= lk.model.plateau]
+                         and lk.model.tables[0][int((lk.rssi - X_MIN) * X_RES + 0.5)] >= max(lk.model.tables[0])]
             if len(saturated) > 1 and heard > 0.0:
                 loud = max(saturated, key=lambda lk: lk.rssi - lk.model.ref)  # the first of equals, as the loop
                 llr[loud.model.nearest] += LOUDEST_LLR * heard * (1.0 / st.fade_time_s)

@@ -103,6 +103,15 @@ def _phi_diff(a: float, b: float) -> float:
     return 0.5 * (math.erf(a * r) - math.erf(b * r))
 
 
+def _saturation(table: tuple[float, ...]) -> float:
+    """The lowest grid RSSI from which ``table`` stays at its maximum (inf if it never does to the grid's end)."""
+    top = max(table)
+    i = len(table)
+    while i and table[i - 1] >= top - 1e-9:
+        i -= 1
+    return X_MIN + i / X_RES - 0.5 / X_RES if i < len(table) else math.inf
+
+
 def _log_normal(x: float, mean: float, sd: float) -> float:
     return -0.5 * ((x - mean) / sd) ** 2 - math.log(sd) - 0.5 * math.log(2.0 * math.pi)
 
@@ -134,7 +143,7 @@ class _Model:
     # (calibrated: the receiver's own bit, and the missing-receiver penalty comes from the signatures)
     ref: float = 0.0  # the RSSI at 1 m it was built for
     nearest: int = -1  # the state of its innermost band (-1: none)
-    plateau: float = math.inf  # its innermost band's highest evidence, minus a hair: where the band saturates
+    saturates: float = math.inf  # the filtered RSSI from which its innermost band's evidence is at its ceiling
 
 
 @dataclass(slots=True)
@@ -267,7 +276,7 @@ class PresenceTracker:
             states = tuple(self._index[name] for _, name in bands)
             model = _Model(tuple((rssi_at(max_m, ref, n), name) for max_m, name in bands), states, tuple(tables),
                            tuple(zip(states, tables, strict=True)), sum(1 << i for i in set(states)), ref,
-                           states[0] if states else -1, max(tables[0]) - 1e-9 if tables else math.inf)
+                           states[0] if states else -1, _saturation(tables[0]) if tables else math.inf)
         self._models[(rx.id, ref)] = model
         return model
 
@@ -546,7 +555,7 @@ class PresenceTracker:
             if lk.last - lk.quiet >= live:
                 m = lk.model
                 cover |= m.cover
-                if m.nearest >= 0 and m.tables[0][int((lk.rssi - X_MIN) * X_RES + 0.5)] >= m.plateau:
+                if lk.rssi >= m.saturates:
                     saturated += 1
                     if loudest is None or lk.rssi - m.ref > loudest.rssi - loudest.model.ref:
                         loudest = lk
