@@ -32,11 +32,12 @@ from datasets import DEFAULT_ROOT, FLAT_ZONES, HALL_ZONES, build, receivers_of  
 
 from gateway.app.config import load_settings  # noqa: E402
 from gateway.app.replay import baseline_events, replay_events  # noqa: E402
-from gateway.presence.calibration import Calibration, learn, report  # noqa: E402
+from gateway.presence.calibration import Calibration, report  # noqa: E402
 from gateway.presence.floor import adjacency  # noqa: E402
 from gateway.presence.scoring import Event, NaiveBayesFingerprint, replay, score_labels, steps  # noqa: E402
 from gateway.presence.settings import FloorZone, ReceiverSettings  # noqa: E402
 from gateway.presence.traces import Label, open_trace, read_labels  # noqa: E402
+from gateway.presence.tuning import learn_tuned  # noqa: E402
 
 KEYS = ("zone_accuracy", "zone_changes_per_hour", "enter_latency_p90_s")
 # The split calibration will use: learn from these recordings, score on every other one.
@@ -98,7 +99,7 @@ def calibrate(files: dict[str, dict[str, str]], train: list[str], labels: dict[s
                     yield s._replace(key=f"{name}/{s.key}")
 
     lbs = [lb._replace(beacon=f"{n}/{lb.beacon}") for n in train for lb in labels[n]]
-    return learn(sightings(), lbs, receivers, settings, zones)
+    return learn_tuned(sightings(), lbs, receivers, settings, zones)
 
 
 def score_dataset(dataset: str, files: dict[str, dict[str, str]], root: Path = DEFAULT_ROOT) -> dict[str, Any]:

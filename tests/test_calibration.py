@@ -18,6 +18,7 @@ from gateway.presence.calibration import Calibration, dumps, learn, load, parse,
 from gateway.presence.settings import PresenceSettings, ReceiverSettings, ZoneBand
 from gateway.presence.traces import Label, open_trace, read_labels
 from gateway.presence.tracker import PresenceTracker
+from gateway.presence.tuning import learn_tuned
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "data" / "datasets"  # excerpts of the public datasets (SOURCE.md, licences beside)
@@ -230,11 +231,11 @@ def test_two_walks_tune_the_look_time_and_the_file_carries_it() -> None:
     first, first_labels = walk(ROUTE, seed=8, key="walk-1")
     second, second_labels = walk(list(reversed(ROUTE)), seed=9, key="walk-2")
     rows = sorted(first + second, key=lambda s: s.time)
-    cal = learn(rows, first_labels + second_labels, RECEIVERS, PresenceSettings())
+    cal = learn_tuned(rows, first_labels + second_labels, RECEIVERS, PresenceSettings())
     tuned = dict(cal.tuned)
     assert set(tuned) == {"fade_time_s", "rssi_drift_db_s", "switch_posterior"}
     text = dumps(cal)
     assert "[presence]" in text and parse(text).tuned == cal.tuned
     tracker = PresenceTracker(PresenceSettings(), RECEIVERS, calibration=cal)
     assert tracker.settings.fade_time_s == tuned["fade_time_s"]  # the walk's choice over the config's
-    assert learn(rows, first_labels + second_labels, RECEIVERS, PresenceSettings(), tune=False).tuned == ()
+    assert learn(rows, first_labels + second_labels, RECEIVERS, PresenceSettings()).tuned == ()  # learn: no tuning

@@ -15,8 +15,9 @@ from typing import IO
 
 from gateway.app.config import load_settings
 from gateway.errors import ConfigError
-from gateway.presence.calibration import MIN_SECONDS, dumps, learn, report
+from gateway.presence.calibration import MIN_SECONDS, dumps, report
 from gateway.presence.traces import TraceError, open_trace, read_labels
+from gateway.presence.tuning import learn_tuned
 
 
 def main(trace: str, *, labels: str, config: str, out: str, stdout: IO[str] | None = None,
@@ -36,7 +37,7 @@ def main(trace: str, *, labels: str, config: str, out: str, stdout: IO[str] | No
         receivers = list(settings.receivers)
         f, reader = open_trace(trace, [r.id for r in receivers])
         with f:
-            cal = learn(reader, lbs, receivers, settings.presence, settings.zones)
+            cal = learn_tuned(reader, lbs, receivers, settings.presence, settings.zones)
         if reader.errors.count:
             print(f"gateway calibrate: {reader.errors.count} bad rows skipped\n{reader.errors.report()}", file=se)
         if not cal.zones:

@@ -12,7 +12,6 @@ key on bad input), ``report`` says how well each zone stands apart from its near
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import math
 import tomllib
 from collections import defaultdict
@@ -36,13 +35,8 @@ PRIOR_SECONDS = 30.0  # labelled seconds the even prior (half in no zone) weighs
 DEFAULT_MEASURED_POWER = -59.0  # as the tracker: the RSSI at 1 m when neither receiver nor beacon says
 GATE_SIGMAS, OUTLIER_CLAMP_DB = 2.5, 12.0  # the tracker's filter constants (gateway/presence/tracker.py)
 EXPONENT_RANGE = (1.2, 6.0)  # a fitted path-loss exponent is clamped to what indoor radio does
-# What ``learn`` tunes on the walk: how often a link gives an independent look, and how fast its filter follows.
-TUNE_GRID: tuple[tuple[tuple[str, float], ...], ...] = tuple(
-    (("fade_time_s", f), ("rssi_drift_db_s", d), ("switch_posterior", w))
-    for f in (3.0, 1.5, 1.0, 0.5) for d in (1.5, 3.0) for w in (0.995, 0.98, 0.9))
-FILTER_KEYS = frozenset({"rssi_drift_db_s", "rssi_noise_db", "rssi_filter", "smoothing"})  # change signatures
-TUNABLE = frozenset(k for cand in TUNE_GRID for k, _ in cand)
-CHANGES_LIMIT = 1.5  # a tuned candidate may change zone at most this many times as often as the labels do
+# The [presence] settings a calibration may carry (chosen on the walk: gateway/presence/tuning.py).
+TUNABLE = frozenset({"fade_time_s", "rssi_drift_db_s", "switch_posterior"})
 
 
 @dataclass(frozen=True)
@@ -222,68 +216,14 @@ def _fit_receiver(rx: ReceiverSettings, zones: Sequence[ZoneCalibration],
 
 
 def learn(sightings: Iterable[Sighting], labels: Sequence[Label], receivers: Sequence[ReceiverSettings],
-          settings: PresenceSettings, zones: Sequence[FloorZone] = (), *, tune: bool = True) -> Calibration:
+          settings: PresenceSettings, zones: Sequence[FloorZone] = ()) -> Calibration:
     """A calibration from a labelled walk: sightings in time order (as a trace has them), labels of any beacons.
 
     Each labelled second, every receiver whose link was heard in the last ``exit_after_s / 2`` (the
     tracker's notion of a live link) gives one sample of its filtered RSSI to the labelled state.
-    Sightings of unknown receivers or unlabelled beacons are ignored. With two or more labelled beacons
-    (walks) and ``tune``, the look time and the filter's drift are chosen from ``TUNE_GRID`` by leaving
-    one walk out at a time: learned on the others, replayed and scored on it (``tune_scores``).
+    Sightings of unknown receivers or unlabelled beacons are ignored. ``gateway/presence/tuning.py``
+    (``learn_tuned``) also chooses the tracker's look time, drift and switch threshold on the walk.
     """
-    rows = list(sightings)
-    beacons = sorted({lb.beacon for lb in labels})
-    if not tune or len(beacons) < 2:
-        return _learn(rows, labels, receivers, settings, zones)
-    scores = tune_scores(rows, labels, receivers, settings, zones)
-    fit = [c for c, (_, changes, truth) in scores.items() if changes <= CHANGES_LIMIT * truth] or list(scores)
-    best = max(fit, key=lambda c: (scores[c][0], -scores[c][1]))
-    chosen = dataclasses.replace(settings, **dict(best))  # type: ignore[arg-type]
-    return dataclasses.replace(_learn(rows, labels, receivers, chosen, zones), tuned=best)
-
-
-def tune_scores(rows: Sequence[Sighting], labels: Sequence[Label], receivers: Sequence[ReceiverSettings],
-                settings: PresenceSettings, zones: Sequence[FloorZone] = ()) -> dict[
-                    tuple[tuple[str, float], ...], tuple[float, float, float]]:
-    """Per candidate of ``TUNE_GRID``: zone accuracy, zone changes per hour and the labels' changes per hour,
-    each walk scored by a tracker calibrated on the other walks only."""
-    from gateway.presence.floor import adjacency  # the tracker imports this module: imported when tuning
-    from gateway.presence.scoring import score_labels
-    from gateway.presence.tracker import PresenceTracker
-
-    beacons = sorted({lb.beacon for lb in labels})
-    out: dict[tuple[tuple[str, float], ...], tuple[float, float, float]] = {}
-    learned: dict[tuple[object, ...], Calibration] = {}  # only the filter's settings change what is learned
-    for cand in TUNE_GRID:
-        st = dataclasses.replace(settings, **dict(cand))  # type: ignore[arg-type]
-        events: list[tuple[str, str, str | None, float]] = []
-        for held in beacons:
-            key = (held, *(v for k, v in cand if k in FILTER_KEYS))
-            if key not in learned:
-                learned[key] = _learn([s for s in rows if s.key != held], [lb for lb in labels if lb.beacon != held],
-                                      receivers, st, zones)
-            cal = dataclasses.replace(learned[key], tuned=cand)
-            tracker = PresenceTracker(settings, receivers, calibration=cal, adjacency=adjacency(zones))
-            next_tick = -math.inf
-            for s in rows:
-                if s.key != held:
-                    continue
-                if next_tick == -math.inf:
-                    next_tick = math.floor(s.time) + 1.0
-                while s.time >= next_tick:
-                    events += [(e.kind, e.key, e.zone, next_tick) for e in tracker.tick(next_tick)]
-                    next_tick += 1.0
-                events += [(e.kind, e.key, e.zone, s.time) for e in tracker.observe(s)]
-        events = [e for e in events if e[0] in ("enter", "exit", "dwell")]
-        sc = score_labels(events, labels, settings.exit_after_s)
-        out[cand] = (sc["zone_accuracy"], sc["zone_changes_per_hour"], sc["truth_zone_changes_per_hour"])
-    return out
-
-
-def _learn(rows: Sequence[Sighting], labels: Sequence[Label], receivers: Sequence[ReceiverSettings],
-           settings: PresenceSettings, zones: Sequence[FloorZone]) -> Calibration:
-    """``learn`` without the tuning."""
-    sightings = rows
     rx_ids = [r.id for r in receivers]
     known = set(rx_ids)
     by_beacon: dict[str, list[Label]] = defaultdict(list)

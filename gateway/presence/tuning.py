@@ -1,0 +1,83 @@
+"""The tracker's settings chosen on the calibration walk itself, never on what is scored later.
+
+``learn_tuned`` learns a calibration (``calibration.learn``) and, with two or more labelled walks
+(beacons), picks from ``TUNE_GRID`` how often a link gives an independent look, how fast its filter
+follows and how low a zone's posterior must fall before the tracker leaves it: each candidate is scored
+by leaving one walk out at a time (learned on the others, replayed through the tracker, scored against
+its labels). The choice lands in the calibration's ``tuned`` ([presence] in its TOML), which the tracker
+applies over the config's. Apart from calibration.py because it runs the tracker, which reads calibrations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Sequence
+
+from beacons.types import Sighting
+from gateway.presence.calibration import Calibration, learn
+from gateway.presence.floor import adjacency
+from gateway.presence.scoring import Event, score_labels
+from gateway.presence.settings import FloorZone, PresenceSettings, ReceiverSettings
+from gateway.presence.traces import Label
+from gateway.presence.tracker import PresenceTracker
+
+Candidate = tuple[tuple[str, float], ...]
+TUNE_GRID: tuple[Candidate, ...] = tuple(
+    (("fade_time_s", f), ("rssi_drift_db_s", d), ("switch_posterior", w))
+    for f in (3.0, 1.5, 1.0, 0.5) for d in (1.5, 3.0) for w in (0.995, 0.98, 0.9))
+FILTER_KEYS = frozenset({"rssi_drift_db_s"})  # the settings that change what the walk teaches (the filter's)
+CHANGES_LIMIT = 1.5  # a candidate may change zone at most this many times as often as the labels do
+
+
+def learn_tuned(sightings: Iterable[Sighting], labels: Sequence[Label], receivers: Sequence[ReceiverSettings],
+                settings: PresenceSettings, zones: Sequence[FloorZone] = ()) -> Calibration:
+    """``learn``, and with two or more walks the best candidate of ``TUNE_GRID`` (zone accuracy, among those
+    changing zone at most ``CHANGES_LIMIT`` x as often as the labels; fewer changes break ties)."""
+    rows = list(sightings)
+    if len({lb.beacon for lb in labels}) < 2:
+        return learn(rows, labels, receivers, settings, zones)
+    scores = tune_scores(rows, labels, receivers, settings, zones)
+    fit = [c for c, (_, changes, truth) in scores.items() if changes <= CHANGES_LIMIT * truth] or list(scores)
+    best = max(fit, key=lambda c: (scores[c][0], -scores[c][1]))
+    chosen = dataclasses.replace(settings, **dict(best))  # type: ignore[arg-type]
+    return dataclasses.replace(learn(rows, labels, receivers, chosen, zones), tuned=best)
+
+
+def replay_walk(rows: Iterable[Sighting], tracker: PresenceTracker) -> list[Event]:
+    """Enter, dwell and exit events of sightings (time order) one by one, with a tick every second."""
+    events: list[Event] = []
+    next_tick = -math.inf
+    for s in rows:
+        if next_tick == -math.inf:
+            next_tick = math.floor(s.time) + 1.0
+        while s.time >= next_tick:
+            events += [(e.kind, e.key, e.zone, next_tick) for e in tracker.tick(next_tick)]
+            next_tick += 1.0
+        events += [(e.kind, e.key, e.zone, s.time) for e in tracker.observe(s)]
+    return [e for e in events if e[0] in ("enter", "exit", "dwell")]
+
+
+def tune_scores(rows: Sequence[Sighting], labels: Sequence[Label], receivers: Sequence[ReceiverSettings],
+                settings: PresenceSettings, zones: Sequence[FloorZone] = ()) -> dict[
+                    Candidate, tuple[float, float, float]]:
+    """Per candidate: zone accuracy, zone changes per hour and the labels' changes per hour, each walk
+    scored by a tracker calibrated on the other walks only."""
+    beacons = sorted({lb.beacon for lb in labels})
+    floor = adjacency(zones)
+    out: dict[Candidate, tuple[float, float, float]] = {}
+    learned: dict[tuple[object, ...], Calibration] = {}  # only the filter's settings change what is learned
+    for cand in TUNE_GRID:
+        st = dataclasses.replace(settings, **dict(cand))  # type: ignore[arg-type]
+        events: list[Event] = []
+        for held in beacons:
+            key = (held, *(v for k, v in cand if k in FILTER_KEYS))
+            if key not in learned:
+                learned[key] = learn([s for s in rows if s.key != held], [lb for lb in labels if lb.beacon != held],
+                                     receivers, st, zones)
+            tracker = PresenceTracker(settings, receivers, calibration=dataclasses.replace(learned[key], tuned=cand),
+                                      adjacency=floor)
+            events += replay_walk((s for s in rows if s.key == held), tracker)
+        sc = score_labels(events, labels, settings.exit_after_s)
+        out[cand] = (sc["zone_accuracy"], sc["zone_changes_per_hour"], sc["truth_zone_changes_per_hour"])
+    return out
