@@ -72,10 +72,10 @@ from gateway.presence.scoring import (  # noqa: E402
 from gateway.presence.settings import FloorZone, PresenceSettings, ReceiverSettings, ZoneBand  # noqa: E402
 from gateway.presence.tracker import PresenceTracker  # noqa: E402
 from simulators.people import VisitPath, Walker  # noqa: E402
-from simulators.scenario import Receiver, Scenario, Zone, load_scenario  # noqa: E402
+from simulators.scenario import BeaconSpec, Receiver, Scenario, Zone, load_scenario  # noqa: E402
 from simulators.scenario import ZoneBand as SimBand  # noqa: E402
 from simulators.store_sim import StoreSimulator  # noqa: E402
-from simulators.walk import CalibrationWalk, calibration_walk  # noqa: E402
+from simulators.walk import STAFF_BEACON, CalibrationWalk, calibration_walk  # noqa: E402
 
 START = 1_700_000_000.0
 STEP_S = 1.0  # the runtime ticks presence about once a second; so does this replay
@@ -487,7 +487,8 @@ def run_layout(label: str, sc: Scenario, args: argparse.Namespace, duration: flo
 # The calibrated run: floor plan + a calibration from a simulated staff walk
 
 WALK_SEED_OFFSET = 1000  # the walk's seed: never the scored day's
-WALK_ROUNDS = 6  # the staff walk goes round every zone this many times (20-40 s each: about 14 min in all)
+WALKS = 2  # staff walks, each its own tag: calibration tunes its settings leaving one walk out at a time
+WALK_ROUNDS = 3  # each goes round every zone this many times (20-40 s each: about 14 min for both)
 GOALS = {"enter_latency_p90_s": 3.0, "false_exits_per_person_hour": 0.5, "zone_accuracy": 0.95}
 
 
@@ -502,14 +503,29 @@ def positioned(sc: Scenario, receivers: list[ReceiverSettings]) -> list[Receiver
     return [dataclasses.replace(r, position=where[r.id]) for r in receivers]
 
 
-def staff_walk(sc: Scenario, seed: int, fading: str, rounds: int = WALK_ROUNDS,
-               aisles: bool = False) -> tuple[CalibrationWalk, list[Sighting]]:
+def staff_walk(sc: Scenario, seed: int, fading: str, rounds: int = WALK_ROUNDS, aisles: bool = False,
+               beacon: BeaconSpec = STAFF_BEACON) -> tuple[CalibrationWalk, list[Sighting]]:
     """The walk's sightings through the same radio as the day: the walk's adverts, then the bursts and slow
     fades of ``build_trace`` (seeded by the walk's seed)."""
-    walk = calibration_walk(sc, seed=seed, start=START, zones=[z.name for z in sc.zones] * rounds, aisles=aisles)
+    walk = calibration_walk(sc, seed=seed, start=START, zones=[z.name for z in sc.zones] * rounds, aisles=aisles,
+                            beacon=beacon)
     steps = build_trace(walk.simulator, walk.path.end + 1.0 - POST_S, seed, fading)
     tx = sc.radio.tx_power
     return walk, [Sighting(key, rx, rssi, t, tx) for _, rows in steps for key, rx, rssi, t in rows]
+
+
+def staff_walks(sc: Scenario, seed: int, args: argparse.Namespace) -> tuple[list[CalibrationWalk], list[Sighting]]:
+    """``--walks`` walks (each its own tag and seed, ``--walk-rounds`` rounds each), sightings merged in time
+    order: with two or more, calibration chooses its settings by leaving one walk out at a time."""
+    walks: list[CalibrationWalk] = []
+    sightings: list[Sighting] = []
+    for k in range(args.walks):
+        beacon = dataclasses.replace(STAFF_BEACON, minor=STAFF_BEACON.minor + k)
+        walk, rows = staff_walk(sc, seed + k, args.fading, args.walk_rounds, args.walk_aisles, beacon)
+        walks.append(walk)
+        sightings += rows
+    sightings.sort(key=lambda s: s.time)
+    return walks, sightings
 
 
 def compact(result: dict[str, Any]) -> dict[str, Any]:
@@ -538,8 +554,8 @@ def run_calibrated(sc: Scenario, seed: int, args: argparse.Namespace, duration: 
     floor = floor_plan(sc)
     adj = adjacency(floor)
     walk_seed = seed + WALK_SEED_OFFSET
-    walk, walk_sightings = staff_walk(sc, walk_seed, args.fading, args.walk_rounds, args.walk_aisles)
-    cal = learn(walk_sightings, walk.labels, receivers, settings, floor)
+    walks, walk_sightings = staff_walks(sc, walk_seed, args)
+    cal = learn(walk_sightings, [lb for w in walks for lb in w.labels], receivers, settings, floor)
     runs: dict[str, dict[str, Any]] = {}
     for name, with_adj, with_cal in (("uncalibrated", None, None), ("adjacency_only", adj, None),
                                      ("calibrated", adj, cal)):
@@ -555,8 +571,10 @@ def run_calibrated(sc: Scenario, seed: int, args: argparse.Namespace, duration: 
         print(f"[calibrated seed {seed}] {name:26s} {baselines[name]}", file=sys.stderr)
     print(f"[calibrated seed {seed}] {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return {**runs, "baselines": baselines, **verdict(runs["calibrated"], baselines),
-            "walk": {"seed": walk_seed, "seconds": round(walk.path.end - walk.path.start, 1),
-                     "labelled_s": round(sum(lb.end - lb.start for lb in walk.labels), 1),
+            "walk": {"seeds": [walk_seed + k for k in range(args.walks)], "walks": args.walks,
+                     "seconds": round(sum(w.path.end - w.path.start for w in walks), 1),
+                     "labelled_s": round(sum(lb.end - lb.start for w in walks for lb in w.labels), 1),
+                     "tuned": dict(cal.tuned),
                      "sightings": len(walk_sightings), "rounds": args.walk_rounds, "aisles": args.walk_aisles},
             "adjacency": {k: sorted(v) for k, v in (adj or {}).items()}}
 
@@ -578,9 +596,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "(--seed's day; the walk has its own seed)")
     ap.add_argument("--seeds", default=None, metavar="3,5,7",
                     help="the calibrated run on each of these seeds (implies --calibrated)")
-    ap.add_argument("--walk-rounds", type=int, default=WALK_ROUNDS, help="rounds of every zone the staff walk makes")
+    ap.add_argument("--walks", type=int, default=WALKS, help="staff walks, each with its own tag (calibration "
+                                                             "tunes its settings on two or more)")
+    ap.add_argument("--walk-rounds", type=int, default=WALK_ROUNDS, help="rounds of every zone each staff walk makes")
     ap.add_argument("--walk-aisles", action="store_true",
                     help="the staff walk also stands in the aisle between two zones (labelled no zone)")
+    ap.add_argument("--calibrated-layout", choices=("store", "dense"), default="store",
+                    help="the layout of the calibrated run")
     ap.add_argument("--only-calibrated", action="store_true",
                     help="skip the default runs (store and dense at --seed): only the calibrated one")
     args = ap.parse_args(argv)
@@ -603,8 +625,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "quick": args.quick},
         }
     if seeds:
-        sc = bench_scenario(args.quick)
+        sc = (dense_scenario if args.calibrated_layout == "dense" else bench_scenario)(args.quick)
         out["calibrated"] = {str(seed): run_calibrated(sc, seed, args, duration) for seed in seeds}
+        out["calibrated_layout"] = args.calibrated_layout
     print(json.dumps(out))
     return out
 

@@ -2,13 +2,14 @@
 
 This is what ``gateway calibrate`` learns from (docs/presence.md, "Calibration"): the trace of one tag
 (``time,receiver,beacon,rssi,tx_power``) and its labels (``beacon,start,end,zone``), made the way the
-dashboard's calibration walk makes them. The member of staff walks to a spot in each zone, taps the
-zone's name on arrival (a label starts, a moment after arriving: people tap after they stop), stays a
-while (``stand_s``), moving from shelf to shelf inside the zone as a shopper does, then taps "walking
-on" (the label ends) and walks along the floor to the next zone. The walks between zones are left
-unlabelled, or (``walking_labels``) labelled "no zone" from the "walking on" tap to the next arrival tap,
-as a dashboard that records its "walking" state would: those labels are the aisles, but also the last
-steps inside the zone just left and the first ones inside the next, before its tap.
+dashboard's calibration walk makes them. The member of staff walks into each zone and taps its name
+on arrival (a label starts, a moment after stepping in: ``tap_at="edge"``; or after stopping at the
+first spot, ``"spot"``), stays a while (``stand_s``), moving from shelf to shelf inside the zone as a
+shopper does, then taps "walking on" (the label ends) and walks along the floor to the next zone.
+The walks between zones are left unlabelled, or (``walking_labels``) labelled "no zone" from the
+"walking on" tap to the next arrival tap, as a dashboard that records its "walking" state would: those
+labels are the aisles, but also the last steps inside the zone just left and the first ones inside the
+next, before its tap.
 
 The tag is heard through the store simulator's own radio model (``simulators.store_sim``), with its own
 seeded streams: the same scenario and seed give the same walk, advert for advert, and nothing sleeps;
@@ -18,6 +19,7 @@ times are seconds of the simulator's virtual clock from ``start``.
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import math
 import random
@@ -127,15 +129,32 @@ def _zone(name: str | None) -> str | None:
     return None if name is None or name.startswith(AISLE) else name
 
 
+def arrivals(path: VisitPath) -> list[float]:
+    """When the walk steps into each stop's zone: the start of the run of segments in that zone that ends
+    at the stop (the stop's own start for the first one, already inside)."""
+    t0s = [seg.t0 for seg in path.segments]
+    out = []
+    for (begin, _), stop in zip(path.stops, path.route, strict=True):
+        i = bisect.bisect_right(t0s, begin) - 1
+        while i > 0 and path.segments[i - 1].zone == stop.zone:
+            i -= 1
+        out.append(min(begin, path.segments[i].t0))
+    return out
+
+
 def dashboard_labels(path: VisitPath, key: str, *, seed: int, tap_delay_s: tuple[float, float] = TAP_DELAY_S,
-                     start: float = 0.0, walking_labels: bool = False) -> list[Label]:
-    """The labels the dashboard writes for a walk: per zone, from the arrival tap (``tap_delay_s`` after the
-    member of staff stops at the zone's first spot) to the "walking on" tap as they set off; with
-    ``walking_labels``, "no zone" (None) from each "walking on" tap to the next arrival tap."""
+                     start: float = 0.0, walking_labels: bool = False, tap_at: str = "edge") -> list[Label]:
+    """The labels the dashboard writes for a walk: per zone, from the arrival tap to the "walking on" tap
+    as the member of staff sets off. The arrival tap comes ``tap_delay_s`` after stepping into the zone
+    (``tap_at="edge"``) or after stopping at its first spot (``"spot"``). With ``walking_labels``, "no
+    zone" (None) from each "walking on" tap to the next arrival tap. ``path`` still names aisle stops."""
+    if tap_at not in ("edge", "spot"):
+        raise ValueError(f"tap_at: expected edge or spot, got {tap_at!r}")
     rng = random.Random(f"{seed}/walk/taps")
+    entered = arrivals(path) if tap_at == "edge" else [begin for begin, _ in path.stops]
     out: list[Label] = []
-    for (begin, end), stop in zip(path.stops, path.route, strict=True):
-        tap = round(start + min(begin + rng.uniform(*tap_delay_s), (begin + end) / 2), 3)
+    for (begin, end), stop, arrival in zip(path.stops, path.route, entered, strict=True):
+        tap = round(start + min(arrival + rng.uniform(*tap_delay_s), (begin + end) / 2), 3)
         if walking_labels and out:
             if out[-1].zone is None:  # an aisle stop just before: one label of no zone
                 out[-1] = out[-1]._replace(end=tap)
@@ -148,7 +167,7 @@ def dashboard_labels(path: VisitPath, key: str, *, seed: int, tap_delay_s: tuple
 def calibration_walk(scenario: Scenario, *, seed: int, start: float = 0.0, zones: Sequence[str] | None = None,
                      stand_s: tuple[float, float] = STAND_S, tap_delay_s: tuple[float, float] = TAP_DELAY_S,
                      beacon: BeaconSpec = STAFF_BEACON, walking_labels: bool = False, aisles: bool = False,
-                     aisle_s: tuple[float, float] = AISLE_S) -> CalibrationWalk:
+                     aisle_s: tuple[float, float] = AISLE_S, tap_at: str = "edge") -> CalibrationWalk:
     """Walk ``scenario``'s floor (every zone, or ``zones`` in that order) and return its trace and labels.
 
     ``start`` is the virtual clock's reading when the walk begins: sightings and labels are in its seconds.
@@ -164,8 +183,8 @@ def calibration_walk(scenario: Scenario, *, seed: int, start: float = 0.0, zones
     tx = scenario.radio.tx_power
     sightings = [Sighting(walker.key, adv.receiver, adv.rssi, adv.time, tx)
                  for adv in sim.advertisements(start + path.start, start + path.end + 1.0)]
-    labels = dashboard_labels(path, walker.key, seed=seed, tap_delay_s=tap_delay_s, start=start,
-                              walking_labels=walking_labels)
+    labels = dashboard_labels(visit, walker.key, seed=seed, tap_delay_s=tap_delay_s, start=start,
+                              walking_labels=walking_labels, tap_at=tap_at)
     return CalibrationWalk(walker.key, sightings, labels, path, sim)
 
 

@@ -33,7 +33,9 @@ def test_the_walk_visits_every_zone_in_order_and_labels_only_where_the_tag_is(st
     assert all(lb.beacon == walk.beacon == STAFF_BEACON.key for lb in walk.labels)
     floor = floor_of(store)
     for lb in walk.labels:
-        assert 20.0 * 0.9 <= lb.end - lb.start <= 40.0  # 20-40 s standing, less the tap's delay
+        entered = walk.path.segment_at(lb.start - 500.0 - 2.0)  # 2 s before the tap: already inside, or walking
+        assert 18.0 <= lb.end - lb.start <= 40.0 + 15.0  # 20-40 s standing, less the tap's delay, and the walk in
+        assert entered is None or entered.zone in (lb.zone, None)
         t = lb.start
         while t < lb.end:  # every 0.25 s of the label, the true position is in the labelled zone
             pos = walk.path.position(t - 500.0)
@@ -184,3 +186,16 @@ def test_the_walk_command_refuses_what_it_cannot_use(tmp_path: Path, capsys: pyt
     assert walk_main([str(ROOT / "examples" / "store.yaml"), "--out", str(tmp_path), "--rounds", "0"]) == 2
     assert "--rounds" in capsys.readouterr().err
     assert not (tmp_path / "walk.trace.csv").exists()
+
+
+def test_the_arrival_tap_comes_as_the_staff_steps_in_or_once_they_stop(store: Scenario) -> None:
+    edge = calibration_walk(store, seed=4)
+    spot = calibration_walk(store, seed=4, tap_at="spot")
+    floor = floor_of(store)
+    for a, b in zip(edge.labels[1:], spot.labels[1:], strict=True):
+        assert a.zone == b.zone and a.end == b.end
+        assert a.start < b.start  # stepping in comes before reaching the first spot
+        before = edge.path.position(a.start - 2.5)  # the tap delay is 0.5-2 s: 2.5 s earlier, still outside
+        assert before is not None and zone_at(floor, before) != a.zone
+    with pytest.raises(ValueError, match="tap_at"):
+        calibration_walk(store, seed=4, tap_at="door")
