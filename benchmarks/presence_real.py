@@ -116,7 +116,8 @@ def score_dataset(dataset: str, files: dict[str, dict[str, str]], root: Path = D
         f = files[name]
         with open(f["labels"], newline="") as fh:
             labels[name], _ = read_labels(fh, f["labels"])
-        run = replay_events(Path(f["trace"]), settings.presence, receivers)
+        run = replay_events(Path(f["trace"]), settings.presence, receivers,
+                            adjacency=adjacency(settings.zones))  # as `gateway replay` does
         runs["ours"][name] = run.events
         rows, bad, cpu, wall = rows + run.rows, bad + run.errors.count, cpu + run.cpu_s, wall + run.wall_s
         for b, events in baseline_events(Path(f["trace"]), settings.presence, receivers).items():
