@@ -148,8 +148,22 @@ def test_tracker_without_calibration_is_unchanged_and_with_one_follows_the_walk(
 
 
 def test_adjacency_alone_confines_direct_moves() -> None:
-    """A floor plan where left and right do not touch: the move goes through no zone (left's posterior
-    flows to no zone first), and still ends in right."""
+    """A floor plan where left and right do not touch: one step from certainly-left moves nothing straight
+    to right (it all goes through no zone), where the plain prior moves direct_share of the stays that end;
+    a walk from left to right still ends in right."""
+    def one_step(tracker: PresenceTracker) -> list[float]:
+        tracker.observe(Sighting("tag", "a", -55, 0.0, None))
+        tr = tracker.tracks["tag"]
+        tr.post, tr.llr = [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]  # left, right, no zone; no evidence this step
+        tr.quiet = tr.quiet_stepped + 10.0  # the 10 s are silence: no receiver's evidence, only the prior
+        tracker._step("tag", tr, tr.stepped + 10.0)
+        return tr.post
+
+    apart = one_step(PresenceTracker(PresenceSettings(), RECEIVERS, adjacency={"left": set(), "right": set()}))
+    touching = one_step(PresenceTracker(PresenceSettings(), RECEIVERS, adjacency={"left": {"right"}}))
+    plain = one_step(PresenceTracker(PresenceSettings(), RECEIVERS))
+    assert apart[1] == 0.0 and apart[2] > 0.1  # 10 s of a 60 s mean stay end, all in no zone
+    assert touching[1] == pytest.approx(plain[1]) and touching[1] > 0.02  # direct_share 0.2 of them
     test, _ = walk([("left", 30.0), ("right", 30.0)], seed=4)
     graph = PresenceTracker(PresenceSettings(), RECEIVERS, adjacency={"left": set(), "right": set()})
     assert [e.zone for e in graph.observe_many(test) if e.kind == "enter"] == ["left", "right"]

@@ -212,7 +212,7 @@ class PresenceTracker:
         self.zones: tuple[str, ...] = tuple(names)
         self._none = len(names)  # the "no zone" state's index
         self._index = {n: i for i, n in enumerate(names)}
-        self._voters = Counter(z.name for r in self.receivers.values() for z in {b.name: b for b in r.zones}.values())
+        self._voters = Counter(name for r in self.receivers.values() for name in {z.name for z in r.zones})
         self._models: dict[tuple[str, float], _Model] = {}
         self.enter_samples = enter_samples
         self.tracks: dict[str, _Track] = {}
