@@ -29,10 +29,13 @@ Figures (see docs/presence.md for the exact scoring rules):
 The calibrated run (``--calibrated``, or ``--seeds 3,5,7,11,23`` for several seeds; off by default, so
 the default output stays what it was): per seed, the store layout's floor plan (``[[zones]]`` from the
 zone rects: ``gateway/presence/floor.py``) as the tracker's adjacency, and a calibration learned
-(``gateway/presence/calibration.py``) from a simulated staff calibration walk (``simulators/walk.py``)
-with a different seed than the scored day, through the same radio (fast noise, path and body fading,
-loss bursts). It scores the tracker uncalibrated, with the adjacency only, and calibrated with the
-adjacency, beside both baselines, under ``"calibrated"`` in the JSON.
+(``gateway/presence/calibration.py``, its settings tuned by ``tuning.py`` leaving one walk out) from
+simulated staff calibration walks (``simulators/walk.py``) with other seeds than the scored day's,
+through the same radio (fast noise, path and body fading, loss bursts). It scores the tracker
+uncalibrated, with the adjacency only, calibrated with the adjacency (``calibrated``: ``learn``, the
+default settings) and calibrated with the settings the walks chose (``calibrated_tuned``:
+``learn_tuned``), beside both baselines, under ``"calibrated"`` in the JSON, each calibrated run with
+its verdict against the goals and the baselines.
 
 Usage: ``.venv/bin/python benchmarks/presence_quality.py [--quick] [--seed N] [--calibrated]
 [--seeds 3,5,7]``; the last line printed is one JSON object.
@@ -71,6 +74,7 @@ from gateway.presence.scoring import (  # noqa: E402
 )
 from gateway.presence.settings import FloorZone, PresenceSettings, ReceiverSettings, ZoneBand  # noqa: E402
 from gateway.presence.tracker import PresenceTracker  # noqa: E402
+from gateway.presence.tuning import learn_tuned  # noqa: E402
 from simulators.people import VisitPath, Walker  # noqa: E402
 from simulators.scenario import BeaconSpec, Receiver, Scenario, Zone, load_scenario  # noqa: E402
 from simulators.scenario import ZoneBand as SimBand  # noqa: E402
@@ -555,10 +559,12 @@ def run_calibrated(sc: Scenario, seed: int, args: argparse.Namespace, duration: 
     adj = adjacency(floor)
     walk_seed = seed + WALK_SEED_OFFSET
     walks, walk_sightings = staff_walks(sc, walk_seed, args)
-    cal = learn(walk_sightings, [lb for w in walks for lb in w.labels], receivers, settings, floor)
+    walk_labels = [lb for w in walks for lb in w.labels]
+    cal = learn(walk_sightings, walk_labels, receivers, settings, floor)
+    tuned = learn_tuned(walk_sightings, walk_labels, receivers, settings, floor)
     runs: dict[str, dict[str, Any]] = {}
     for name, with_adj, with_cal in (("uncalibrated", None, None), ("adjacency_only", adj, None),
-                                     ("calibrated", adj, cal)):
+                                     ("calibrated", adj, cal), ("calibrated_tuned", adj, tuned)):
         tracker = Ours(settings, receivers, sc.radio.tx_power, calibration=with_cal, adjacency=with_adj)
         events, _ = replay(tracker, steps)
         runs[name] = compact(score(events, walkers, exit_after, horizon))
@@ -570,11 +576,12 @@ def run_calibrated(sc: Scenario, seed: int, args: argparse.Namespace, duration: 
         baselines[name] = compact(score(events, walkers, exit_after, horizon))
         print(f"[calibrated seed {seed}] {name:26s} {baselines[name]}", file=sys.stderr)
     print(f"[calibrated seed {seed}] {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return {**runs, "baselines": baselines, **verdict(runs["calibrated"], baselines),
+    verdicts = {name: verdict(runs[name], baselines) for name in ("calibrated", "calibrated_tuned")}
+    return {**runs, "baselines": baselines, "verdicts": verdicts,
             "walk": {"seeds": [walk_seed + k for k in range(args.walks)], "walks": args.walks,
                      "seconds": round(sum(w.path.end - w.path.start for w in walks), 1),
                      "labelled_s": round(sum(lb.end - lb.start for w in walks for lb in w.labels), 1),
-                     "tuned": dict(cal.tuned),
+                     "tuned": dict(tuned.tuned),
                      "sightings": len(walk_sightings), "rounds": args.walk_rounds, "aisles": args.walk_aisles},
             "adjacency": {k: sorted(v) for k, v in (adj or {}).items()}}
 
