@@ -269,9 +269,10 @@ class PresenceTracker:
             model = self._calibrated_model(rx, ref)
         else:
             tables = self._band_tables(bands, ref, n)
-            # A zone several receivers name gets their mean vote, not their sum: receivers in one room see
-            # one walk (and one wrong reference power), so their evidence is not independent.
-            tables = [t if self._voters[name] == 1 else tuple(v / self._voters[name] for v in t)
+            # A zone that k receivers name: together they vouch for it at most as one receiver can (each one's
+            # evidence for it is capped at LLR_CLAMP / k; evidence against it is not), so a room with two
+            # saturated receivers does not outvote a room with one (their readings are not independent).
+            tables = [t if self._voters[name] == 1 else tuple(min(v, LLR_CLAMP / self._voters[name]) for v in t)
                       for t, (_, name) in zip(tables, bands, strict=True)]
             states = tuple(self._index[name] for _, name in bands)
             model = _Model(tuple((rssi_at(max_m, ref, n), name) for max_m, name in bands), states, tuple(tables),
