@@ -32,13 +32,17 @@ CHANGES_LIMIT = 1.5  # a candidate may change zone at most this many times as of
 
 def learn_tuned(sightings: Iterable[Sighting], labels: Sequence[Label], receivers: Sequence[ReceiverSettings],
                 settings: PresenceSettings, zones: Sequence[FloorZone] = ()) -> Calibration:
-    """``learn``, and with two or more walks the best candidate of ``TUNE_GRID`` (zone accuracy, among those
-    changing zone at most ``CHANGES_LIMIT`` x as often as the labels; fewer changes break ties)."""
+    """``learn``, and with two or more walks the best candidate of ``TUNE_GRID`` and of the settings' own
+    values: the best zone accuracy among those changing zone at most ``CHANGES_LIMIT`` x as often as the
+    labels and exiting a labelled zone no more often than the settings' own values do (a walk is faster
+    than a shopper: a candidate that buys accuracy with false exits is not taken); fewer changes break ties."""
     rows = list(sightings)
     if len({lb.beacon for lb in labels}) < 2:
         return learn(rows, labels, receivers, settings, zones)
-    scores = tune_scores(rows, labels, receivers, settings, zones)
-    fit = [c for c, (_, changes, truth) in scores.items() if changes <= CHANGES_LIMIT * truth] or list(scores)
+    own = tuple((k, float(getattr(settings, k))) for k, _ in TUNE_GRID[0])
+    scores = tune_scores(rows, labels, receivers, settings, zones, (own, *TUNE_GRID))
+    fit = [c for c, (_, changes, truth, exits) in scores.items()
+           if changes <= CHANGES_LIMIT * truth and exits <= scores[own][3]] or [own]
     best = max(fit, key=lambda c: (scores[c][0], -scores[c][1]))
     chosen = dataclasses.replace(settings, **dict(best))  # type: ignore[arg-type]
     return dataclasses.replace(learn(rows, labels, receivers, chosen, zones), tuned=best)
@@ -59,15 +63,15 @@ def replay_walk(rows: Iterable[Sighting], tracker: PresenceTracker) -> list[Even
 
 
 def tune_scores(rows: Sequence[Sighting], labels: Sequence[Label], receivers: Sequence[ReceiverSettings],
-                settings: PresenceSettings, zones: Sequence[FloorZone] = ()) -> dict[
-                    Candidate, tuple[float, float, float]]:
-    """Per candidate: zone accuracy, zone changes per hour and the labels' changes per hour, each walk
-    scored by a tracker calibrated on the other walks only."""
+                settings: PresenceSettings, zones: Sequence[FloorZone] = (),
+                grid: Sequence[Candidate] = TUNE_GRID) -> dict[Candidate, tuple[float, float, float, float]]:
+    """Per candidate: zone accuracy, zone changes per hour, the labels' changes per hour and false exits per
+    person-hour, each walk scored by a tracker calibrated on the other walks only."""
     beacons = sorted({lb.beacon for lb in labels})
     floor = adjacency(zones)
-    out: dict[Candidate, tuple[float, float, float]] = {}
+    out: dict[Candidate, tuple[float, float, float, float]] = {}
     learned: dict[tuple[object, ...], Calibration] = {}  # only the filter's settings change what is learned
-    for cand in TUNE_GRID:
+    for cand in grid:
         st = dataclasses.replace(settings, **dict(cand))  # type: ignore[arg-type]
         events: list[Event] = []
         for held in beacons:
@@ -79,5 +83,6 @@ def tune_scores(rows: Sequence[Sighting], labels: Sequence[Label], receivers: Se
                                       adjacency=floor)
             events += replay_walk((s for s in rows if s.key == held), tracker)
         sc = score_labels(events, labels, settings.exit_after_s)
-        out[cand] = (sc["zone_accuracy"], sc["zone_changes_per_hour"], sc["truth_zone_changes_per_hour"])
+        out[cand] = (sc["zone_accuracy"], sc["zone_changes_per_hour"], sc["truth_zone_changes_per_hour"],
+                     sc["false_exits_per_person_hour"])
     return out
