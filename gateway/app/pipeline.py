@@ -28,6 +28,7 @@ from gateway.app.config import ConfigError, Settings
 from gateway.campaigns.model import CHANNELS, Campaign, CampaignIndex, Segment
 from gateway.engine.engine import Engine, EngineEvent, FrequencyCap, Outcome
 from gateway.presence.calibration import load as load_calibration
+from gateway.presence.floor import adjacency
 from gateway.presence.record import TraceRecorder
 from gateway.presence.tracker import PresenceEvent, PresenceTracker, Why
 from gateway.presence.visits import Visits
@@ -153,7 +154,8 @@ class Pipeline:
         # Floods, rotating addresses and passers-by stop here; enrolled identities skip the uuid rule.
         self.guard = Guard(guard, trusted=lambda key: identities.beacon(key) is not None)
         calibration = load_calibration(settings.presence.calibration) if settings.presence.calibration else None
-        self.presence = PresenceTracker(settings.presence, settings.receivers, calibration=calibration)
+        self.presence = PresenceTracker(settings.presence, settings.receivers, calibration=calibration,
+                                        adjacency=adjacency(settings.zones))  # [[zones]]: None without
         self.engine = Engine(campaigns, abandon_after_s=settings.carts.abandon_after_s,
                              timezone=settings.store.timezone,
                              caps=[FrequencyCap(c.window_s, c.max, tuple(c.purposes), c.channel or None)
