@@ -218,3 +218,36 @@ def test_the_datasets_configs_carry_the_rooms_and_the_anchors(tmp_path: Path) ->
     assert adj is not None
     assert adj["east"] == {"centre"}  # the east room opens only onto the centre
     assert adj["centre"] == {"south", "south-east", "west", "east"}
+
+
+def test_gateway_run_hands_the_floor_plan_to_the_tracker() -> None:
+    """The pipeline's tracker moves as one given the floor plan's adjacency does: two zones 2 m apart do not
+    adjoin, so the tag crosses through no zone, later than a tracker without a floor plan switches."""
+    from beacons.types import Sighting
+    from gateway.app.pipeline import Pipeline
+    from gateway.campaigns.model import CampaignIndex
+    from gateway.presence.tracker import PresenceTracker
+    from gateway.profiles.identity import IdentityIndex
+
+    t0 = 1_700_000_000.0
+    s = Settings()
+    s.receivers = [ReceiverSettings("rx-a", [ZoneBand("a", 3.0)], measured_power=-59, position=[1.5, 1.5]),
+                   ReceiverSettings("rx-b", [ZoneBand("b", 3.0)], measured_power=-59, position=[6.5, 1.5])]
+    s.zones = [rect_zone("a", 0, 0, 3, 3), rect_zone("b", 5, 0, 8, 3)]
+
+    def walk(tracker: PresenceTracker) -> list[tuple[float, str, str | None]]:
+        out = []
+        for i in range(600):  # 30 s by rx-a, then 30 s by rx-b, 10 adverts a second
+            t = t0 + i * 0.1
+            near, far = ("rx-a", "rx-b") if i < 300 else ("rx-b", "rx-a")
+            evs = tracker.observe_many([Sighting("tag", near, -60, t, -59), Sighting("tag", far, -75, t, -59)])
+            if i % 10 == 0:
+                evs += tracker.tick(t)
+            out += [(round(t, 1), e.kind, e.zone) for e in evs if e.kind in ("enter", "exit")]
+        return out
+
+    piped = walk(Pipeline(s, db=None, campaigns=CampaignIndex([]),  # type: ignore[arg-type]
+                          identities=IdentityIndex()).presence)
+    assert piped == walk(PresenceTracker(s.presence, s.receivers, adjacency=adjacency(s.zones)))
+    assert piped != walk(PresenceTracker(s.presence, s.receivers))
+    assert [(kind, zone) for _, kind, zone in piped] == [("enter", "a"), ("exit", "a"), ("enter", "b")]
