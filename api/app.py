@@ -12,6 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import conformance, idempotency, limits, openapi, write_timeout
+from api.dashboard import Dashboard
 from api.deps import ApiContext
 from api.problem import PROBLEM as PROBLEM  # where the tests and callers have always found it
 from api.problem import problem
@@ -44,7 +45,8 @@ log = logging.getLogger("api")
 RETRY_AFTER_S = 5  # what a 503 for a database outage tells the client to wait
 
 
-def create_app(ctx: ApiContext) -> FastAPI:
+def create_app(ctx: ApiContext, dashboard: Dashboard | None = None) -> FastAPI:
+    """``dashboard``: the staff pages under /dashboard (api/dashboard/), mounted when the runtime gives one."""
     app = FastAPI(title="Engagement gateway", version="0.1.0",
                   description="Profiles, carts and the customer notification stream of one store's gateway.")
     app.state.context = ctx
@@ -121,6 +123,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(notifications.router, prefix="/v1")
     app.include_router(deliveries.router, prefix="/v1")
     app.include_router(maintenance.router, prefix="/v1")
+    if dashboard is not None:
+        from api.dashboard.routes import install as install_dashboard
+
+        install_dashboard(app, dashboard)
     openapi.install(app)  # errors documented as problem+json, as the handlers above send them
     write_timeout.install(app, ctx.stream_write_timeout_s)  # outermost: it needs the server's own send
     return app

@@ -141,6 +141,10 @@ async def _run(args: argparse.Namespace) -> int:
     print(f"gateway running: API on http://{settings.api.host}:{settings.api.port} (docs at /docs)")
     if not settings.api.admin_key:
         print(f"admin key (generated, set [api] admin_key to keep one): {runtime.admin_key}")
+    if runtime.dashboard is not None:  # the host a browser can reach: loopback when bound to every address
+        host = "127.0.0.1" if settings.api.host in ("0.0.0.0", "::", "") else settings.api.host
+        print(f"dashboard (a one-time sign-in link): "
+              f"{runtime.dashboard.login_link(f'http://{host}:{settings.api.port}')}", flush=True)
     await stop.wait()
     await runtime.stop()
     return 0

@@ -99,6 +99,7 @@ async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yam
 
         print(f"API:    {base}   (docs at {base}/docs)")
         print(f"Admin key (send as X-API-Key): {runtime.admin_key}")
+        print(f"Dashboard (a one-time sign-in link): {runtime.dashboard.login_link(base)}")
         print(f"Watch {scenario.people[0].name}'s live stream:")
         print(f"  curl -N -H 'Authorization: Bearer {token}' {base}/v1/me/stream")
         print("Decisions follow, one line each. Ctrl-C stops.\n", flush=True)

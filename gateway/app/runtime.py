@@ -202,6 +202,7 @@ class Runtime:
         self.telemetry_failures = 0  # telemetry batches whose first commit failed (then retried)
         self.devices = DeviceRegistry(self.db, self.identities, self.clock, self.pipeline.telemetry.profiles)
         self.alarms = AlarmDesk(self.db, self.clock, self.pipeline.rules)
+        self.dashboard: Any = None  # api.dashboard.Dashboard once the API serves: its one-time login links
 
     # ------------------------------------------------------------ lifecycle
 
@@ -214,9 +215,13 @@ class Runtime:
         self._dispatch(await self._run(self._due_rule_timers))
         if self.serve_api:
             from api.app import create_app
+            from api.dashboard import Dashboard
             from api.deps import ApiContext
             from gateway.security.auth import AuthPolicy
 
+            self.dashboard = Dashboard(self.settings.zones, self.settings.receivers, self.settings.data_dir,
+                                       self.settings.presence.record_dir, heard=self.receivers_heard,
+                                       clock=self.clock)
             app = create_app(ApiContext(service=self.service, hub=self.hub, admin_key=self.admin_key,
                                         health=self.health, heartbeat_s=self.settings.api.heartbeat_s,
                                         stream_write_timeout_s=self.settings.api.stream_write_timeout_s,
@@ -227,7 +232,7 @@ class Runtime:
                                         report_sightings=self.report_sightings,
                                         ready=self.readiness, metrics=self.metrics_text, presence=self.presence_now,
                                         presence_profile=self.presence_of,
-                                        alarms=self.alarms, devices=self.devices))
+                                        alarms=self.alarms, devices=self.devices), self.dashboard)
             app.state.vapid_public_key = next(  # for GET /v1/me/push-subscriptions/vapid-public-key
                 (getattr(c, "public_key", None) for c in self.remote_channels if c.name == "webpush"), None)
             self._server = _QuietServer(app, self.settings.api.host, self.settings.api.port)
@@ -698,6 +703,18 @@ class Runtime:
         return {"at": self.clock.now(), "zones": out, "enrolled": sum(z["enrolled"] for z in out),
                 "anonymous": sum(z["anonymous"] for z in out),
                 "recent": [switch_view(sw) for sw in self.pipeline.switches.newest()]}
+
+    def receivers_heard(self, recent_s: float = 10.0) -> dict[str, dict[str, Any]]:
+        """Per receiver: its newest sample among the identities tracked now, and how many it heard in the last
+        ``recent_s`` (the dashboard's receiver table; read on the loop, as presence_now is)."""
+        heard: dict[str, dict[str, Any]] = {}
+        since = self.clock.now() - recent_s
+        for _, track in _snapshot(self.pipeline.presence.tracks):
+            for rid, link in list(track.links.items()):
+                h = heard.setdefault(rid, {"last": link.last, "tags": 0})
+                h["last"] = max(h["last"], link.last)
+                h["tags"] += link.last >= since
+        return heard
 
     def presence_of(self, profile_id: int) -> list[dict[str, Any]]:
         """One enrolled profile's last zone switches, newest first (memory only: empty after a restart)."""

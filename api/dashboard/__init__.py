@@ -1,0 +1,57 @@
+"""The staff dashboard: sign-in, the live store on its floor plan, the calibration walk.
+
+Server-rendered pages (Jinja2) with one small script for the live view; every asset ships in this
+package (static/, no CDN). The pages read the same services the API routes call (presence now, the
+figures); they hold no business rules. ``Dashboard`` is what the runtime hands the app: the floor plan,
+the receivers, where walks are kept, and the sign-in state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from api.dashboard.plan import Plan, plan, zone_names
+from api.dashboard.sessions import LoginTokens, Sessions
+from api.dashboard.walks import Walks
+from gateway.clock import Clock, SystemClock
+from gateway.presence.settings import FloorZone, ReceiverSettings
+
+Heard = Callable[[], dict[str, dict[str, Any]]]
+"""Per receiver id: ``{"last": newest sample time, "tags": identities it heard lately}`` (read on the loop)."""
+
+
+@dataclass
+class Dashboard:
+    zones: Sequence[FloorZone] = ()
+    receivers: Sequence[ReceiverSettings] = ()
+    data_dir: str | None = None
+    """Where the calibration walks are kept (``dashboard/walks.json``); None: in memory only."""
+    record_dir: str = ""
+    """Where ``gateway run --record`` writes traces (shown with the labels); empty: not recording."""
+    heard: Heard | None = None
+    clock: Clock = field(default_factory=SystemClock)
+    stream_every_s: float = 1.0
+    """How often the live stream looks at presence; it sends only what changed (and a heartbeat)."""
+    heartbeat_s: float = 15.0
+    tokens: LoginTokens = field(default_factory=LoginTokens)
+    sessions: Sessions = field(default_factory=Sessions)
+    walks: Walks = field(init=False)
+    plan: Plan = field(init=False)
+    zone_names: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.walks = Walks(Path(self.data_dir) / "dashboard" / "walks.json" if self.data_dir else None)
+        self.plan = plan(self.zones, self.receivers)
+        self.zone_names = zone_names(self.zones, self.receivers)
+
+    def login_link(self, base_url: str) -> str:
+        """A one-time sign-in link (as Jupyter prints one): it works once, within ``tokens.ttl_s``."""
+        token = self.tokens.issue(self.clock.now())
+        return f"{base_url.rstrip('/')}/dashboard/login?token={quote(token)}"
+
+
+__all__ = ["Dashboard"]
