@@ -46,8 +46,8 @@ from simulators.store_sim import StoreSimulator
 
 #: The member of staff's own tag: no customer's, no crowd's (their UUIDs differ).
 STAFF_BEACON = BeaconSpec("5afe0000-ca1b-4a7e-9000-000000000001", 1, 1)
-STAND_S = (20.0, 40.0)  # time in each zone, from the arrival tap to the "walking on" tap
-TAP_DELAY_S = (0.5, 2.0)  # from stopping at the first spot to the tap
+STAND_S = (20.0, 40.0)  # browsing in each zone, from reaching its first spot to setting off ("walking on")
+TAP_DELAY_S = (0.5, 2.0)  # from stepping into the zone (or stopping at its first spot) to the arrival tap
 AISLE_S = (10.0, 20.0)  # time standing in an aisle between two zones (``aisles``), labelled no zone
 AISLE = "\x00aisle-"  # the stand-in zones of aisle stops (a name no floor plan uses)
 
