@@ -492,7 +492,7 @@ def run_layout(label: str, sc: Scenario, args: argparse.Namespace, duration: flo
 
 WALK_SEED_OFFSET = 1000  # the walk's seed: never the scored day's
 WALKS = 2  # staff walks, each its own tag: calibration tunes its settings leaving one walk out at a time
-WALK_ROUNDS = 3  # each goes round every zone this many times (20-40 s each: about 14 min for both)
+WALK_ROUNDS = 3  # each goes round every zone this many times (20-40 s in each: about 8 min a walk)
 GOALS = {"enter_latency_p90_s": 3.0, "false_exits_per_person_hour": 0.5, "zone_accuracy": 0.95}
 
 
