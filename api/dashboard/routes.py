@@ -15,6 +15,7 @@ import json
 import logging
 import mimetypes
 import secrets
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ RECENT_S = 10.0  # a receiver that heard nobody for this long is shown as quiet
 
 _env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
                    trim_blocks=True, lstrip_blocks=True)
+_env.filters["clock"] = lambda t: time.strftime("%H:%M:%S", time.gmtime(t))  # the labels' times, readable (UTC)
 
 
 def _load_static() -> dict[str, tuple[bytes, bytes, str, str]]:

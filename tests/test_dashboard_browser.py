@@ -1,0 +1,203 @@
+"""The dashboard in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright; no browser
+download) against a real gateway: the runtime, uvicorn on a loopback port, SQLite, virtual time.
+
+One browser and one gateway for the module; each test gets its own browser context (its own cookies).
+Screenshots for docs/dashboard.md are written to docs/ as the tests pass through each page.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from api.dashboard.walks import labels_csv
+from gateway.presence.settings import FloorZone, ReceiverSettings, ZoneBand
+from gateway.presence.traces import Label, read_labels
+from tests.live_gateway import ADMIN_KEY, base_url, enrol, live_settings, running, walk_in
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 8000
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+TABLET = {"width": 1280, "height": 800}  # a 10" tablet in landscape
+
+pytestmark = [pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="needs Debian's chromium (make test "
+                                 "installs it)"),
+              pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
+playwright_api = pytest.importorskip("playwright.async_api")
+
+
+def store_settings(tmp: Path) -> Any:
+    s = live_settings(tmp)
+    s.zones = [FloorZone("shop", [[0, 0], [6, 0], [6, 4], [0, 4]]), FloorZone("till", [[6, 0], [9, 0], [9, 4], [6, 4]])]
+    s.receivers = [ReceiverSettings("rx", [ZoneBand("shop", 50.0)], measured_power=-59, position=[2.0, 2.0]),
+                   ReceiverSettings("rx2", [ZoneBand("till", 3.0)], measured_power=-59, position=[8.0, 2.0])]
+    return s
+
+
+class World:
+    def __init__(self, rt: Any, browser: Any, keys: dict[str, str]) -> None:
+        self.rt, self.browser, self.keys = rt, browser, keys
+        self.base = base_url(rt)
+
+    async def page(self) -> Any:
+        context = await self.browser.new_context(viewport=TABLET, accept_downloads=True)
+        context.set_default_timeout(TIMEOUT_MS)
+        return await context.new_page()
+
+    async def signed_in(self, key: str) -> Any:
+        page = await self.page()
+        await page.goto(f"{self.base}/dashboard")
+        await page.fill("#key", key)
+        async with page.expect_navigation():
+            await page.click("button:text-is('Sign in')")
+        return page
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+    tmp = tmp_path_factory.mktemp("dashboard")
+    async with running(store_settings(tmp)) as rt, playwright_api.async_playwright() as pw:
+        rt.dashboard.stream_every_s = 0.05  # the live stream looks often: the test waits less
+        keys = {}
+        async with httpx.AsyncClient(base_url=base_url(rt), headers={"X-API-Key": ADMIN_KEY}, timeout=10) as c:
+            for scope in ("read", "write"):
+                r = await c.post("/v1/keys", json={"name": f"tablet-{scope}", "scopes": [scope]})
+                assert r.status_code == 201, r.text
+                keys[scope] = r.json()["key"]
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True, timeout=20000)
+        try:
+            yield World(rt, browser, keys)
+        finally:
+            await browser.close()
+
+
+async def test_the_one_time_link_signs_in_once(world: World) -> None:
+    link = world.rt.dashboard.login_link(world.base)
+    page = await world.page()
+    await page.goto(link)
+    assert page.url == f"{world.base}/dashboard"  # redirected, the token out of the address bar
+    await page.wait_for_selector("h1:text('The store now')")
+    [cookie] = [c for c in await page.context.cookies() if c["name"] == "gw_dash"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/dashboard"
+    again = await world.page()
+    answer = await again.goto(link)
+    assert answer is not None and answer.status == 401
+    assert "already used or has expired" in await again.inner_text(".error")
+    assert not [c for c in await again.context.cookies() if c["name"] == "gw_dash"]
+    async with page.expect_navigation():
+        await page.click("button:text-is('Sign out')")
+    await page.wait_for_selector("#key")  # signed out: the form again, and the old cookie opens nothing
+    assert (await page.goto(f"{world.base}/dashboard/zones/shop")).status == 401  # type: ignore[union-attr]
+
+
+async def test_a_key_signs_in_and_a_wrong_key_is_refused(world: World) -> None:
+    page = await world.page()
+    await page.goto(f"{world.base}/dashboard")
+    await page.screenshot(path=str(DOCS / "dashboard-signin.png"))
+    await page.fill("#key", "gk_000000000000_" + "x" * 43)
+    async with page.expect_navigation() as nav:
+        await page.click("button:text-is('Sign in')")
+    assert (await nav.value).status == 401
+    assert "refused" in await page.inner_text(".error")
+    await page.fill("#key", world.keys["write"])
+    async with page.expect_navigation():
+        await page.click("button:text-is('Sign in')")
+    await page.wait_for_selector("h1:text('The store now')")
+
+
+async def test_a_person_walking_in_changes_the_open_pages_count(world: World) -> None:
+    rt = world.rt
+    pid, _ = enrol(rt, "alice", 1)
+    page = await world.signed_in(world.keys["read"])
+    await page.wait_for_selector("#state:text('live')")
+    assert await page.inner_text('[data-enrolled="shop"]') == "0"
+    await page.evaluate("window.notReloaded = true")
+    rt.inject([*walk_in(1, rt.clock.now()), *walk_in(900, rt.clock.now(), n=30, address="06:AA:BB:CC:DD:EE")])
+    await rt.flush()
+    await page.wait_for_selector('[data-enrolled="shop"]:text("1")')
+    # the stranger (30 adverts: past the guard's passer-by hold), counted apart
+    assert await page.inner_text('[data-anonymous="shop"]') == "1"
+    assert await page.text_content('[data-count="shop"]') == "1 + 1"  # on the plan
+    rt.clock.advance(5)  # the stranger's last advert was at +2.9 s
+    await page.wait_for_selector('[data-ago="rx"]:text-is("2.1 s ago")')
+    assert await page.inner_text('[data-tags="rx"]') == "2"
+    assert await page.evaluate("window.notReloaded") is True
+    assert "alice" not in (await page.content()).lower()  # counts only: nobody is drawn by default
+    async with httpx.AsyncClient(base_url=world.base, headers={"X-API-Key": ADMIN_KEY}, timeout=10) as c:
+        served = (await c.get("/v1/presence")).json()
+    assert {z["zone"]: (z["enrolled"], z["anonymous"]) for z in served["zones"]} == {"shop": (1, 1)}
+    await page.focus('g.zone[data-zone="shop"]')  # keyboard: a zone opens with Enter
+    await page.keyboard.press("Enter")
+    await page.wait_for_selector("#detail:not([hidden])")
+    await page.screenshot(path=str(DOCS / "dashboard-store.png"))
+    assert await page.inner_text("#detail-title") == "Zone shop today"
+    assert pid > 0
+
+
+async def test_a_read_key_has_no_buttons_that_change_and_its_post_is_refused(world: World) -> None:
+    page = await world.signed_in(world.keys["read"])
+    await page.goto(f"{world.base}/dashboard/calibrate")
+    assert await page.locator("main form, main button").count() == 0
+    assert "may only look" in await page.inner_text("main")
+    csrf = await page.get_attribute(".signout input[name=csrf]", "value")
+    status = await page.evaluate(POST, {"url": "/dashboard/calibrate/start", "body": f"csrf={csrf}&tag=ibeacon:r:1:1"})
+    assert status == 403
+    assert world.rt.dashboard.walks.of("ibeacon:r:1:1") is None
+
+
+POST = """async ({url, body}) => (await fetch(url, {method: "POST", body,
+    headers: {"Content-Type": "application/x-www-form-urlencoded"}, redirect: "manual"})).status"""
+
+
+async def test_a_post_without_the_csrf_token_or_from_elsewhere_is_refused(world: World) -> None:
+    page = await world.signed_in(world.keys["write"])
+    await page.goto(f"{world.base}/dashboard/calibrate")
+    assert await page.evaluate(POST, {"url": "/dashboard/calibrate/start", "body": "tag=ibeacon:c:1:1"}) == 403
+    assert await page.evaluate(POST, {"url": "/dashboard/calibrate/start",
+                                      "body": "csrf=guess&tag=ibeacon:c:1:1"}) == 403
+    [cookie] = [c for c in await page.context.cookies() if c["name"] == "gw_dash"]
+    csrf = await page.get_attribute("input[name=csrf]", "value")
+    async with httpx.AsyncClient(base_url=world.base, timeout=10, cookies={"gw_dash": cookie["value"]}) as c:
+        r = await c.post("/dashboard/calibrate/start", content=f"csrf={csrf}&tag=ibeacon:c:1:1",  # another site
+                         headers={"Origin": "http://evil.example", "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 403 and "Origin" in r.text
+    assert world.rt.dashboard.walks.of("ibeacon:c:1:1") is None
+
+
+async def test_the_walks_taps_give_the_labels_csv(world: World) -> None:
+    rt, tag = world.rt, "ibeacon:f7826da6-4fa2-4e98-8024-bc5b71e0893e:1:7"
+    page = await world.signed_in(world.keys["write"])
+    await page.goto(f"{world.base}/dashboard/calibrate")
+    await page.fill("#tag", tag)
+    t0 = rt.clock.now()
+
+    async def press(name: str, after_s: float) -> None:
+        rt.clock.advance(after_s)
+        async with page.expect_navigation():
+            await page.click(f"button:text-is('{name}')")
+
+    await press("Start", 0)
+    await press("shop", 5)
+    await press("till", 40)
+    await page.reload()  # a reload loses nothing: the taps are the server's
+    assert "2 tap(s)" in await page.inner_text("main")
+    await page.screenshot(path=str(DOCS / "dashboard-walk.png"))
+    await press("No zone", 20)
+    await press("Stop the walk", 10)
+    async with page.expect_download() as download:
+        await page.click("#download")
+    text = Path(await (await download.value).path()).read_text()
+    expected = [Label(tag, t0 + 5, t0 + 45, "shop"), Label(tag, t0 + 45, t0 + 65, "till"),
+                Label(tag, t0 + 65, t0 + 75, None)]
+    assert text == labels_csv(expected)
+    labels, errors = read_labels(text.splitlines())
+    assert labels == expected and errors.count == 0
+    assert "gateway calibrate" in await page.inner_text("#command")
