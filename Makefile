@@ -7,12 +7,12 @@ BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench ensure-mosquitto
+.PHONY: demo test lint bench ensure-mosquitto ensure-chromium
 
 demo: $(VENV)/.installed
 	$(BIN)/gateway demo $(ARGS)
 
-test: $(VENV)/.installed-dev ensure-mosquitto
+test: $(VENV)/.installed-dev ensure-mosquitto ensure-chromium
 	$(BIN)/pytest -q -n auto --dist worksteal $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
@@ -51,5 +51,18 @@ ensure-mosquitto:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
 	else \
 		echo "mosquitto is needed for the tests: sudo apt-get install mosquitto" >&2; \
+		exit 1; \
+	fi
+
+# The dashboard's browser tests drive Debian's Chromium through Playwright (never `playwright install`:
+# no browser download at test time).
+ensure-chromium:
+	@if test -x /usr/bin/chromium; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium (needed by the dashboard's browser tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "chromium is needed for the dashboard's browser tests: sudo apt-get install chromium" >&2; \
 		exit 1; \
 	fi

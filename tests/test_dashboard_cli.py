@@ -1,0 +1,56 @@
+"""`gateway run` prints a one-time dashboard link that signs in once; its token never reaches the logs."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "dashboard (a one-time sign-in link): "
+
+
+def test_run_prints_a_link_that_signs_in_once(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(f'data_dir = "{tmp_path}"\n[database]\nurl = "sqlite:///{tmp_path}/gw.db"\n'
+                   f'[api]\nhost = "127.0.0.1"\nport = {port}\n[mqtt]\nenabled = false\n[ble]\nenabled = false\n'
+                   f'[campaigns]\ndir = "{ROOT / "examples/campaigns"}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.app.cli", "run", "--config", str(cfg)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    found: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(PREFIX):
+                found.append(line[len(PREFIX):].strip())
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert seen.wait(30), "gateway run printed no dashboard link"  # a bound, not a timing claim
+        [link] = found
+        assert link.startswith(f"http://127.0.0.1:{port}/dashboard/login?token=")
+        first = httpx.get(link, timeout=10)
+        assert first.status_code == 303 and first.headers["location"] == "/dashboard"
+        cookie = first.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie and "path=/dashboard" in cookie
+        assert httpx.get(link, timeout=10).status_code == 401  # spent
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    token = link.split("token=")[1]
+    assert token not in err and "Traceback" not in err
