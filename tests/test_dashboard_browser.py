@@ -201,3 +201,20 @@ async def test_the_walks_taps_give_the_labels_csv(world: World) -> None:
     labels, errors = read_labels(text.splitlines())
     assert labels == expected and errors.count == 0
     assert "gateway calibrate" in await page.inner_text("#command")
+
+
+async def test_revoking_a_key_ends_its_sessions(world: World) -> None:
+    """Plain HTTP (the form's double-submit cookie and Origin, as a browser sends them); no page needed."""
+    async with httpx.AsyncClient(base_url=world.base, headers={"X-API-Key": ADMIN_KEY}, timeout=10) as admin:
+        made = (await admin.post("/v1/keys", json={"name": "soon-gone", "scopes": ["read"]})).json()
+    async with httpx.AsyncClient(base_url=world.base, timeout=10, headers={"Origin": world.base}) as c:
+        form = await c.get("/dashboard")
+        csrf = form.text.split('name="csrf" value="')[1].split('"')[0]
+        assert (await c.post("/dashboard/login", data={"key": made["key"]})).status_code == 403  # no token
+        signed = await c.post("/dashboard/login", data={"key": made["key"], "csrf": csrf})
+        assert signed.status_code == 303, signed.text
+        assert "The store now" in (await c.get("/dashboard")).text
+        async with httpx.AsyncClient(base_url=world.base, headers={"X-API-Key": ADMIN_KEY}, timeout=10) as admin:
+            assert (await admin.delete(f"/v1/keys/{made['id']}")).status_code in (200, 204)
+        assert 'id="key"' in (await c.get("/dashboard")).text  # back to the sign-in form
+        assert (await c.get("/dashboard/stream")).status_code == 401

@@ -16,12 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "dashboard (a one-time sign-in link): "
 
 
-def test_run_prints_a_link_that_signs_in_once(tmp_path: Path) -> None:
-    port = free_port()
+def run_config(tmp_path: Path, port: int) -> Path:
     cfg = tmp_path / "gw.toml"
     cfg.write_text(f'data_dir = "{tmp_path}"\n[database]\nurl = "sqlite:///{tmp_path}/gw.db"\n'
                    f'[api]\nhost = "127.0.0.1"\nport = {port}\n[mqtt]\nenabled = false\n[ble]\nenabled = false\n'
                    f'[campaigns]\ndir = "{ROOT / "examples/campaigns"}"\n')
+    return cfg
+
+
+def test_run_prints_a_link_that_signs_in_once(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = run_config(tmp_path, port)
     proc = subprocess.Popen([sys.executable, "-m", "gateway.app.cli", "run", "--config", str(cfg)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     found: list[str] = []
@@ -54,3 +59,14 @@ def test_run_prints_a_link_that_signs_in_once(tmp_path: Path) -> None:
     assert proc.returncode == 0, err[-2000:]
     token = link.split("token=")[1]
     assert token not in err and "Traceback" not in err
+
+
+def test_a_broken_walks_file_stops_run_with_one_line_naming_it(tmp_path: Path) -> None:
+    walks = tmp_path / "dashboard" / "walks.json"
+    walks.parent.mkdir()
+    walks.write_text('{"walks": [\n oops\n]}\n')
+    r = subprocess.run([sys.executable, "-m", "gateway.app.cli", "run", "--config", str(run_config(tmp_path, 0))],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"gateway run: {walks}:2: not JSON" in r.stderr
+    assert walks.read_text() == '{"walks": [\n oops\n]}\n'  # left as it was

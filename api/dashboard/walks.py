@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.errors import ConfigError
 from gateway.presence.traces import Label, write_labels
 
 MAX_TAG_LEN = 128
@@ -77,12 +78,12 @@ class Walks:
 
     @staticmethod
     def _load(path: Path) -> dict[str, Walk]:
-        """The walks file, or a ValueError naming the file and the line that is wrong."""
+        """The walks file, or a ConfigError (a ValueError) naming the file and the line that is wrong."""
         text = path.read_text(encoding="utf-8")
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{exc.lineno}: not JSON: {exc.msg}") from None
+            raise ConfigError(f"{path}:{exc.lineno}: not JSON: {exc.msg}") from None
         walks: dict[str, Walk] = {}
         for i, w in enumerate(raw.get("walks", []) if isinstance(raw, dict) else []):
             try:
@@ -90,7 +91,7 @@ class Walks:
                             [(float(t), str(z)) for t, z in w.get("taps", [])],
                             None if w.get("stopped") is None else float(w["stopped"]))
             except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{path}: walk {i + 1} (line {_line_of(text, i)}) is malformed: {exc}") from None
+                raise ConfigError(f"{path}: walk {i + 1} (line {_line_of(text, i)}) is malformed: {exc}") from None
             walks[walk.tag] = walk
         return walks
 

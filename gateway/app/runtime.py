@@ -202,7 +202,12 @@ class Runtime:
         self.telemetry_failures = 0  # telemetry batches whose first commit failed (then retried)
         self.devices = DeviceRegistry(self.db, self.identities, self.clock, self.pipeline.telemetry.profiles)
         self.alarms = AlarmDesk(self.db, self.clock, self.pipeline.rules)
-        self.dashboard: Any = None  # api.dashboard.Dashboard once the API serves: its one-time login links
+        self.dashboard: Any = None  # api.dashboard.Dashboard when the API serves: its one-time login links
+        if serve_api:  # here, not at start: a broken walks file is an error before anything starts
+            from api.dashboard import Dashboard
+
+            self.dashboard = Dashboard(settings.zones, settings.receivers, settings.data_dir,
+                                       settings.presence.record_dir, heard=self.receivers_heard, clock=self.clock)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -215,13 +220,9 @@ class Runtime:
         self._dispatch(await self._run(self._due_rule_timers))
         if self.serve_api:
             from api.app import create_app
-            from api.dashboard import Dashboard
             from api.deps import ApiContext
             from gateway.security.auth import AuthPolicy
 
-            self.dashboard = Dashboard(self.settings.zones, self.settings.receivers, self.settings.data_dir,
-                                       self.settings.presence.record_dir, heard=self.receivers_heard,
-                                       clock=self.clock)
             app = create_app(ApiContext(service=self.service, hub=self.hub, admin_key=self.admin_key,
                                         health=self.health, heartbeat_s=self.settings.api.heartbeat_s,
                                         stream_write_timeout_s=self.settings.api.stream_write_timeout_s,
