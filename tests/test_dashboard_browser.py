@@ -176,6 +176,13 @@ async def test_the_walks_taps_give_the_labels_csv(world: World) -> None:
     rt, tag = world.rt, "ibeacon:f7826da6-4fa2-4e98-8024-bc5b71e0893e:1:7"
     page = await world.signed_in(world.keys["write"])
     await page.goto(f"{world.base}/dashboard/calibrate")
+    await page.fill("#tag", "not,a,key")
+    async with page.expect_navigation():
+        await page.click("button:text-is('Start')")
+    assert "no commas" in await page.inner_text(".error")  # refused, said once, nothing started
+    assert rt.dashboard.walks.of("not,a,key") is None
+    await page.reload()
+    assert await page.locator(".error").count() == 0
     await page.fill("#tag", tag)
     t0 = rt.clock.now()
 

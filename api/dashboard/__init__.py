@@ -39,6 +39,8 @@ class Dashboard:
     heartbeat_s: float = 15.0
     tokens: LoginTokens = field(default_factory=LoginTokens)
     sessions: Sessions = field(default_factory=Sessions)
+    notes: dict[str, str] = field(default_factory=dict)
+    """A session's (by its id's hash) message for the next page it opens: a walk request that was refused."""
     walks: Walks = field(init=False)
     plan: Plan = field(init=False)
     zone_names: list[str] = field(init=False)

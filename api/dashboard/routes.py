@@ -26,7 +26,7 @@ from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from api.dashboard import Dashboard
-from api.dashboard.sessions import Session, same_token
+from api.dashboard.sessions import Session, digest, same_token
 from api.dashboard.walks import NO_ZONE, WalkError, labels_csv, walk_labels
 from api.deps import ApiContext, verify_admin
 from gateway.presence.record import hour_name as trace_file_of
@@ -304,7 +304,7 @@ async def zone_today(request: Request, zone: str) -> dict[str, Any]:
 
 
 @router.get("/calibrate")
-async def calibrate_page(request: Request, tag: str = "", error: str = "") -> Response:
+async def calibrate_page(request: Request, tag: str = "") -> Response:
     session = await _session_async(request)
     if session is None:
         return _login_page(request)
@@ -315,7 +315,8 @@ async def calibrate_page(request: Request, tag: str = "", error: str = "") -> Re
     return _page(request, "calibrate.html", session=session, can_change=_can_change(session), walk=walk,
                  walks=dash.walks.all(), labels=labels, zones=dash.zone_names, record_dir=dash.record_dir,
                  traces=traces,
-                 no_zone=NO_ZONE, error=error[:200], active="calibrate", now=dash.clock.now())
+                 no_zone=NO_ZONE, error=dash.notes.pop(digest(request.cookies.get(COOKIE) or ""), None),
+                 active="calibrate", now=dash.clock.now())
 
 
 def trace_files(start: float, stop: float) -> list[str]:
@@ -324,11 +325,8 @@ def trace_files(start: float, stop: float) -> list[str]:
     return [trace_file_of(hour * 3600.0) for hour in range(first, min(last, first + 24) + 1)]
 
 
-def _back(tag: str, error: str = "") -> Response:
-    to = f"{PATH}/calibrate?tag={quote(tag, safe='')}"
-    if error:
-        to += f"&error={quote(error, safe='')}"
-    return RedirectResponse(to, 303)
+def _back(tag: str) -> Response:
+    return RedirectResponse(f"{PATH}/calibrate?tag={quote(tag, safe='')}", 303)
 
 
 async def _walk_action(request: Request, action: str) -> Response:
@@ -346,7 +344,11 @@ async def _walk_action(request: Request, action: str) -> Response:
     except WalkError as exc:
         if request.headers.get("accept", "").startswith("application/json"):
             raise HTTPException(422, str(exc)) from None
-        return _back(tag.strip(), str(exc))
+        # Shown once by the page the redirect leads to; kept here, not in the URL, so no link can forge one.
+        if len(dash.notes) >= dash.sessions.max_sessions:  # unread ones of sessions long gone
+            dash.notes.clear()
+        dash.notes[digest(request.cookies.get(COOKIE) or "")] = str(exc)
+        return _back(tag.strip())
     return _back(walk.tag)
 
 
