@@ -134,3 +134,30 @@ def test_a_printed_login_link_is_masked_in_the_logs() -> None:
     assert link.startswith("http://127.0.0.1:8000/dashboard/login?token=")
     line = Redactor()(f'127.0.0.1:5000 - "GET /dashboard/login?token={token} HTTP/1.1" 303')
     assert token not in line and "token=***" in line
+
+
+async def test_the_live_stream_sends_changes_and_ends_when_the_gateway_stops(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.live_gateway import base_url, live_settings, running, walk_in
+
+    async with running(live_settings(tmp_path)) as rt:
+        rt.dashboard.stream_every_s = 0.05
+        base = base_url(rt)
+        async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+            assert (await c.get("/dashboard/stream")).status_code == 401  # no session, no stream
+            assert (await c.get(rt.dashboard.login_link(base))).status_code == 303
+            async with c.stream("GET", "/dashboard/stream") as stream:
+                assert stream.headers["content-type"].startswith("text/event-stream")
+                seen: list[dict[str, object]] = []
+                async for line in stream.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    seen.append(json.loads(line[6:]))
+                    if len(seen) == 1:  # the view as it is: nobody in; then someone walks in
+                        rt.inject(walk_in(1, rt.clock.now()))
+                        await rt.flush()
+                    else:
+                        rt.dashboard.close()  # what Runtime.stop does first: the stream ends, not the timeout
+                assert [v["anonymous"] for v in seen] == [0, 1]  # one event per change, nothing in between
+                assert rt.dashboard.closed

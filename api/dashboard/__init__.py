@@ -8,6 +8,8 @@ the receivers, where walks are kept, and the sign-in state.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,7 @@ class Dashboard:
     notes: dict[str, str] = field(default_factory=dict)
     """A session's (by its id's hash) message for the next page it opens: a walk request that was refused."""
     walks: Walks = field(init=False)
+    _closing: asyncio.Event | None = field(init=False, default=None)
     plan: Plan = field(init=False)
     zone_names: list[str] = field(init=False)
 
@@ -49,6 +52,24 @@ class Dashboard:
         self.walks = Walks(Path(self.data_dir) / "dashboard" / "walks.json" if self.data_dir else None)
         self.plan = plan(self.zones, self.receivers)
         self.zone_names = zone_names(self.zones, self.receivers)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing is not None and self._closing.is_set()
+
+    async def wait(self, seconds: float) -> None:
+        """A stream's pause between looks, cut short when the gateway stops (``close``)."""
+        if self._closing is None:
+            self._closing = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+
+    def close(self) -> None:
+        """The gateway is stopping: open streams end now, not at the server's graceful-shutdown timeout.
+        On the event loop."""
+        if self._closing is None:
+            self._closing = asyncio.Event()
+        self._closing.set()
 
     def login_link(self, base_url: str) -> str:
         """A one-time sign-in link (as Jupyter prints one): it works once, within ``tokens.ttl_s``."""

@@ -38,6 +38,7 @@ LOGIN_CSRF_COOKIE = "gw_dash_login"
 PATH = "/dashboard"
 MAX_FORM_BYTES = 4096
 CHANGE_SCOPES = ("write",)
+KEY_RECHECK_S = 60.0  # an open stream checks its session's key again this often
 RECENT_S = 10.0  # a receiver that heard nobody for this long is shown as quiet
 
 _env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]),
@@ -265,9 +266,13 @@ async def stream(request: Request) -> Response:
     raw = request.cookies.get(COOKIE)
 
     async def events() -> AsyncIterator[str]:
-        last, quiet = "", 0.0
+        last, quiet, unchecked = "", 0.0, 0.0
         yield "retry: 3000\n\n"
-        while dash.sessions.get(raw, dash.clock.now()) is not None:
+        while not dash.closed and dash.sessions.get(raw, dash.clock.now()) is not None:
+            if session.key is not None and unchecked >= KEY_RECHECK_S:  # a key revoked meanwhile ends it
+                unchecked = 0.0
+                if await _session_async(request) is None:
+                    break
             body = json.dumps(live_view(ctx, dash), separators=(",", ":"))
             if body != last:
                 last, quiet = body, 0.0
@@ -275,9 +280,11 @@ async def stream(request: Request) -> Response:
             elif quiet >= dash.heartbeat_s:
                 quiet = 0.0
                 yield ": heartbeat\n\n"
-            await asyncio.sleep(dash.stream_every_s)
+            await dash.wait(dash.stream_every_s)
             quiet += dash.stream_every_s
-        yield "event: signed-out\ndata: {}\n\n"
+            unchecked += dash.stream_every_s
+        if not dash.closed:
+            yield "event: signed-out\ndata: {}\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

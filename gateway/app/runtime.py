@@ -320,6 +320,8 @@ class Runtime:
             await self._flush_telemetry()  # committed and acked while we are still connected
             await self.mqtt.stop()
         self.hub.close_all()
+        if self.dashboard is not None:  # its live streams end with the customers'
+            self.dashboard.close()
         if self._server is not None:
             self._server.stop()
         for t in self._tasks:
