@@ -225,3 +225,21 @@ async def test_revoking_a_key_ends_its_sessions(world: World) -> None:
             assert (await admin.delete(f"/v1/keys/{made['id']}")).status_code in (200, 204)
         assert 'id="key"' in (await c.get("/dashboard")).text  # back to the sign-in form
         assert (await c.get("/dashboard/stream")).status_code == 401
+
+
+async def test_a_tablet_in_portrait_needs_no_sideways_scroll_and_tab_reaches_the_zones(world: World) -> None:
+    page = await world.signed_in(world.keys["write"])
+    await page.set_viewport_size({"width": 800, "height": 1280})  # a 10" tablet held upright
+    for path in ("/dashboard", "/dashboard/calibrate"):
+        await page.goto(f"{world.base}{path}")
+        assert await page.evaluate("document.scrollingElement.scrollWidth") <= 800, path
+    await page.goto(f"{world.base}/dashboard")
+    focused = []
+    for _ in range(12):  # skip link, nav, sign-out, then the plan's zones
+        await page.keyboard.press("Tab")
+        focused.append(await page.evaluate("document.activeElement.getAttribute('data-zone')"))
+        if focused[-1]:
+            break
+    assert focused[-1] == "shop", focused
+    await page.keyboard.press("Enter")
+    await page.wait_for_selector("#detail-title:text-is('Zone shop today')")

@@ -54,6 +54,8 @@
   const state = $("#state");
   const source = new EventSource("/dashboard/stream");
   source.addEventListener("live", (e) => { show(JSON.parse(e.data)); state.textContent = "live"; });
-  source.addEventListener("signed-out", () => { source.close(); window.location.reload(); });
+  let leaving = false; // a form (sign-out) is taking the page elsewhere: do not race it with a reload
+  document.addEventListener("submit", () => { leaving = true; source.close(); });
+  source.addEventListener("signed-out", () => { source.close(); if (!leaving) window.location.reload(); });
   source.onerror = () => { state.textContent = "reconnecting…"; };
 })();
