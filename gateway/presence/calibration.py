@@ -81,6 +81,9 @@ class Calibration:
     direct_share: float = 0.2
     outside_share: float = 0.5  # of the labelled seconds, the share in no zone: the prior of someone first heard
     tuned: tuple[tuple[str, float], ...] = ()  # [presence] settings chosen on the walk (leave one beacon out)
+    # How much the config's distance bands still count beside the signatures, per look (0: not at all;
+    # chosen on the walk with ``tuned``): a short walk's Gaussians overfit where the bands' geometry does not.
+    band_weight: float = 0.0
     source: tuple[str, ...] = ()  # how it was made (the TOML's header comment)
 
     def zone(self, name: str) -> ZoneCalibration | None:
@@ -335,6 +338,9 @@ def dumps(cal: Calibration) -> str:
     if cal.tuned:
         lines += ["# Chosen on the walk (each walk scored by a calibration learned on the others): over [presence].",
                   "[presence]", *(f"{k} = {_num(v)}" for k, v in cal.tuned), ""]
+    if cal.band_weight:
+        lines += ["# Chosen on the walk: the config's bands count this much per look beside the signatures.",
+                  "[model]", f"band_weight = {_num(cal.band_weight)}", ""]
     for r in cal.receivers:
         lines += [f'[receivers."{r.id}"]', f"offset_db = {_num(r.offset_db)}", f"exponent = {_num(r.exponent)}",
                   f'fitted = "{r.fitted}"', ""]
@@ -447,7 +453,17 @@ def _parse(doc: dict[str, Any]) -> Calibration:
         if not v > 0:
             raise ConfigError(f"presence.{k}: must be positive, got {v!r}")
         tuned.append((k, v))
-    return Calibration(tuple(receivers), tuple(zones), sig, transit, share, out_share, tuple(tuned), ())
+    model = doc.get("model", {})
+    if not isinstance(model, dict):
+        raise ConfigError("model: expected a table")
+    for k in model:
+        if k != "band_weight":
+            raise ConfigError(f"model.{k}: unknown key (known: band_weight)")
+    weight = float(_get(model, "band_weight", (int, float), "model")) if model else 0.0
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"model.band_weight: must be in [0, 1], got {weight!r}")
+    return Calibration(tuple(receivers), tuple(zones), sig, transit, share, out_share, tuple(tuned),
+                       band_weight=weight)
 
 
 def load(path: str | Path) -> Calibration:

@@ -318,7 +318,9 @@ class PresenceTracker:
     def _calibrated_model(self, rx: ReceiverSettings, ref: float) -> _Model:
         """One table per state the calibration has a signature for at this receiver: the log-likelihood of
         the filtered RSSI (and of being heard at all) against a broad reference density; zones the walk
-        missed keep their bands, with the fitted offset and exponent."""
+        missed keep their bands, with the fitted offset and exponent. With a ``band_weight``, the zones the
+        walk covered also keep their bands (the config's, unfitted) at that weight: a product of the two
+        models, so a signature learned from a few seconds cannot outvote the survey's geometry alone."""
         rc = self._rx_cal.get(rx.id)
         offset, n = (rc.offset_db, rc.exponent) if rc is not None else (0.0, rx.path_loss_exponent)
         sigs = self._sigs.get(rx.id, [])
@@ -344,6 +346,11 @@ class PresenceTracker:
         bands = [(m, name) for m, name in self._bands[rx.id] if name not in covered]
         states += [self._index[name] for _, name in bands]
         tables += self._band_tables(bands, ref + offset, n)
+        weight = self.calibration.band_weight if self.calibration is not None else 0.0
+        surveyed = [(m, name) for m, name in self._bands[rx.id] if name in covered]
+        if weight and surveyed:  # the config's bands as the site survey drew them, weighed beside the signatures
+            states += [self._index[name] for _, name in surveyed]
+            tables += [tuple(weight * v for v in t) for t in self._band_tables(surveyed, ref, rx.path_loss_exponent)]
         return _Model(tuple((rssi_at(max_m, ref + offset, n), name) for max_m, name in bands), tuple(states),
                       tuple(tables), tuple(zip(states, tables, strict=True)), self._rx_bit[rx.id])
 

@@ -4,8 +4,10 @@
 (beacons), picks from ``TUNE_GRID`` how often a link gives an independent look, how fast its filter
 follows and how low a zone's posterior must fall before the tracker leaves it: each candidate is scored
 by leaving one walk out at a time (learned on the others, replayed through the tracker, scored against
-its labels). The choice lands in the calibration's ``tuned`` ([presence] in its TOML), which the tracker
-applies over the config's. Apart from calibration.py because it runs the tracker, which reads calibrations.
+its labels), each with every ``BAND_WEIGHTS`` (how much the config's bands count beside the learned
+signatures). The choice lands in the calibration's ``tuned`` ([presence] in its TOML), which the tracker
+applies over the config's, and its ``band_weight`` ([model]). Apart from calibration.py because it runs
+the tracker, which reads calibrations.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ Candidate = tuple[tuple[str, float], ...]
 TUNE_GRID: tuple[Candidate, ...] = tuple(
     (("fade_time_s", f), ("rssi_drift_db_s", d), ("switch_posterior", w))
     for f in (3.0, 1.5, 1.0, 0.5) for d in (1.5, 3.0) for w in (0.995, 0.98, 0.9))
+BAND_WEIGHTS = (0.0, 0.25, 0.5)  # how much the config's bands count beside the signatures (Calibration.band_weight)
 FILTER_KEYS = frozenset({"rssi_drift_db_s"})  # the settings that change what the walk teaches (the filter's)
 CHANGES_LIMIT = 1.5  # a candidate may change zone at most this many times as often as the labels do
 
@@ -35,17 +38,19 @@ def learn_tuned(sightings: Iterable[Sighting], labels: Sequence[Label], receiver
     """``learn``, and with two or more walks the best candidate of ``TUNE_GRID`` and of the settings' own
     values: the best zone accuracy among those changing zone at most ``CHANGES_LIMIT`` x as often as the
     labels and exiting a labelled zone no more often than the settings' own values do (a walk is faster
-    than a shopper: a candidate that buys accuracy with false exits is not taken); fewer changes break ties."""
+    than a shopper: a candidate that buys accuracy with false exits is not taken); fewer changes break ties.
+    Each candidate is tried with every ``BAND_WEIGHTS`` (the settings' own values with weight 0 are the bar)."""
     rows = list(sightings)
     if len({lb.beacon for lb in labels}) < 2:
         return learn(rows, labels, receivers, settings, zones)
     own = tuple((k, float(getattr(settings, k))) for k, _ in TUNE_GRID[0])
-    scores = tune_scores(rows, labels, receivers, settings, zones, (own, *TUNE_GRID))
+    scores = tune_scores(rows, labels, receivers, settings, zones, (own, *TUNE_GRID), BAND_WEIGHTS)
+    bar = scores[(own, 0.0)][3]
     fit = [c for c, (_, changes, truth, exits) in scores.items()
-           if changes <= CHANGES_LIMIT * truth and exits <= scores[own][3]] or [own]
-    best = max(fit, key=lambda c: (scores[c][0], -scores[c][1]))
+           if changes <= CHANGES_LIMIT * truth and exits <= bar] or [(own, 0.0)]
+    best, weight = max(fit, key=lambda c: (scores[c][0], -scores[c][1]))
     chosen = dataclasses.replace(settings, **dict(best))  # type: ignore[arg-type]
-    return dataclasses.replace(learn(rows, labels, receivers, chosen, zones), tuned=best)
+    return dataclasses.replace(learn(rows, labels, receivers, chosen, zones), tuned=best, band_weight=weight)
 
 
 def replay_walk(rows: Iterable[Sighting], tracker: PresenceTracker) -> list[Event]:
@@ -64,25 +69,27 @@ def replay_walk(rows: Iterable[Sighting], tracker: PresenceTracker) -> list[Even
 
 def tune_scores(rows: Sequence[Sighting], labels: Sequence[Label], receivers: Sequence[ReceiverSettings],
                 settings: PresenceSettings, zones: Sequence[FloorZone] = (),
-                grid: Sequence[Candidate] = TUNE_GRID) -> dict[Candidate, tuple[float, float, float, float]]:
-    """Per candidate: zone accuracy, zone changes per hour, the labels' changes per hour and false exits per
-    person-hour, each walk scored by a tracker calibrated on the other walks only."""
+                grid: Sequence[Candidate] = TUNE_GRID, band_weights: Sequence[float] = (0.0,),
+                ) -> dict[tuple[Candidate, float], tuple[float, float, float, float]]:
+    """Per candidate and band weight: zone accuracy, zone changes per hour, the labels' changes per hour and
+    false exits per person-hour, each walk scored by a tracker calibrated on the other walks only."""
     beacons = sorted({lb.beacon for lb in labels})
     floor = adjacency(zones)
-    out: dict[Candidate, tuple[float, float, float, float]] = {}
+    out: dict[tuple[Candidate, float], tuple[float, float, float, float]] = {}
     learned: dict[tuple[object, ...], Calibration] = {}  # only the filter's settings change what is learned
     for cand in grid:
         st = dataclasses.replace(settings, **dict(cand))  # type: ignore[arg-type]
-        events: list[Event] = []
-        for held in beacons:
-            key = (held, *(v for k, v in cand if k in FILTER_KEYS))
-            if key not in learned:
-                learned[key] = learn([s for s in rows if s.key != held], [lb for lb in labels if lb.beacon != held],
-                                     receivers, st, zones)
-            tracker = PresenceTracker(settings, receivers, calibration=dataclasses.replace(learned[key], tuned=cand),
-                                      adjacency=floor)
-            events += replay_walk((s for s in rows if s.key == held), tracker)
-        sc = score_labels(events, labels, settings.exit_after_s)
-        out[cand] = (sc["zone_accuracy"], sc["zone_changes_per_hour"], sc["truth_zone_changes_per_hour"],
-                     sc["false_exits_per_person_hour"])
+        for weight in band_weights:
+            events: list[Event] = []
+            for held in beacons:
+                key = (held, *(v for k, v in cand if k in FILTER_KEYS))
+                if key not in learned:
+                    learned[key] = learn([s for s in rows if s.key != held],
+                                         [lb for lb in labels if lb.beacon != held], receivers, st, zones)
+                cal = dataclasses.replace(learned[key], tuned=cand, band_weight=weight)
+                tracker = PresenceTracker(settings, receivers, calibration=cal, adjacency=floor)
+                events += replay_walk((s for s in rows if s.key == held), tracker)
+            sc = score_labels(events, labels, settings.exit_after_s)
+            out[(cand, weight)] = (sc["zone_accuracy"], sc["zone_changes_per_hour"],
+                                   sc["truth_zone_changes_per_hour"], sc["false_exits_per_person_hour"])
     return out
