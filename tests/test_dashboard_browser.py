@@ -2,7 +2,8 @@
 download) against a real gateway: the runtime, uvicorn on a loopback port, SQLite, virtual time.
 
 One browser and one gateway for the module; each test gets its own browser context (its own cookies).
-Screenshots for docs/dashboard.md are written to docs/ as the tests pass through each page.
+The tests take screenshots as they pass through each page; ``DASHBOARD_SCREENSHOTS=docs`` puts them where
+docs/dashboard.md shows them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 8000
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+SHOTS_ENV = "DASHBOARD_SCREENSHOTS"
+"""A directory for the screenshots (``DASHBOARD_SCREENSHOTS=docs`` refreshes docs/dashboard.md's); unset: a
+temporary one, so a test run leaves the checkout as it was."""
 TABLET = {"width": 1280, "height": 800}  # a 10" tablet in landscape
 
 pytestmark = [pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="needs Debian's chromium (make test "
@@ -43,9 +46,12 @@ def store_settings(tmp: Path) -> Any:
 
 
 class World:
-    def __init__(self, rt: Any, browser: Any, keys: dict[str, str]) -> None:
-        self.rt, self.browser, self.keys = rt, browser, keys
+    def __init__(self, rt: Any, browser: Any, keys: dict[str, str], shots: Path) -> None:
+        self.rt, self.browser, self.keys, self.shots = rt, browser, keys, shots
         self.base = base_url(rt)
+
+    def shot(self, name: str) -> str:
+        return str(self.shots / name)
 
     async def page(self) -> Any:
         context = await self.browser.new_context(viewport=TABLET, accept_downloads=True)
@@ -74,7 +80,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
                 keys[scope] = r.json()["key"]
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True, timeout=20000)
         try:
-            yield World(rt, browser, keys)
+            yield World(rt, browser, keys, Path(os.environ.get(SHOTS_ENV) or tmp))
         finally:
             await browser.close()
 
@@ -101,7 +107,7 @@ async def test_the_one_time_link_signs_in_once(world: World) -> None:
 async def test_a_key_signs_in_and_a_wrong_key_is_refused(world: World) -> None:
     page = await world.page()
     await page.goto(f"{world.base}/dashboard")
-    await page.screenshot(path=str(DOCS / "dashboard-signin.png"))
+    await page.screenshot(path=world.shot("dashboard-signin.png"))
     await page.fill("#key", "gk_000000000000_" + "x" * 43)
     async with page.expect_navigation() as nav:
         await page.click("button:text-is('Sign in')")
@@ -137,7 +143,7 @@ async def test_a_person_walking_in_changes_the_open_pages_count(world: World) ->
     await page.focus('g.zone[data-zone="shop"]')  # keyboard: a zone opens with Enter
     await page.keyboard.press("Enter")
     await page.wait_for_selector("#detail:not([hidden])")
-    await page.screenshot(path=str(DOCS / "dashboard-store.png"))
+    await page.screenshot(path=world.shot("dashboard-store.png"))
     assert await page.inner_text("#detail-title") == "Zone shop today"
     assert pid > 0
 
@@ -196,7 +202,7 @@ async def test_the_walks_taps_give_the_labels_csv(world: World) -> None:
     await press("till", 40)
     await page.reload()  # a reload loses nothing: the taps are the server's
     assert "2 tap(s)" in await page.inner_text("main")
-    await page.screenshot(path=str(DOCS / "dashboard-walk.png"))
+    await page.screenshot(path=world.shot("dashboard-walk.png"))
     await press("No zone", 20)
     await press("Stop the walk", 10)
     async with page.expect_download() as download:
