@@ -16,10 +16,12 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from sqlalchemy import select
 
 from api.dashboard.walks import labels_csv
 from gateway.presence.settings import FloorZone, ReceiverSettings, ZoneBand
 from gateway.presence.traces import Label, read_labels
+from gateway.storage.models import Notification, Profile
 from tests.live_gateway import ADMIN_KEY, base_url, enrol, live_settings, running, walk_in
 
 CHROMIUM = "/usr/bin/chromium"
@@ -74,7 +76,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
         rt.dashboard.stream_every_s = 0.05  # the live stream looks often: the test waits less
         keys = {}
         async with httpx.AsyncClient(base_url=base_url(rt), headers={"X-API-Key": ADMIN_KEY}, timeout=10) as c:
-            for scope in ("read", "write"):
+            for scope in ("read", "write", "campaigns"):
                 r = await c.post("/v1/keys", json={"name": f"tablet-{scope}", "scopes": [scope]})
                 assert r.status_code == 201, r.text
                 keys[scope] = r.json()["key"]
@@ -249,3 +251,147 @@ async def test_a_tablet_in_portrait_needs_no_sideways_scroll_and_tab_reaches_the
     assert focused[-1] == "shop", focused
     await page.keyboard.press("Enter")
     await page.wait_for_selector("#detail-title:text-is('Zone shop today')")
+
+
+# ------------------------------------------------------------------ the decision feed and campaigns
+
+def api_campaign(cid: str, priority: int = 0, **extra: Any) -> dict[str, Any]:
+    return {"id": cid, "name": cid, "purpose": "offers", "trigger": {"type": "enter", "zone": "shop"},
+            "action": {"title": "Hello", "body": "A treat at the till."}, "priority": priority, **extra}
+
+
+async def put_campaign(world: World, definition: dict[str, Any]) -> None:
+    async with httpx.AsyncClient(base_url=world.base, headers={"X-API-Key": ADMIN_KEY}, timeout=10) as c:
+        r = await c.put(f"/v1/campaigns/{definition['id']}", json=definition)
+    assert r.status_code in (200, 201), r.text
+
+
+def sent_to(world: World, profile_id: int, campaign: str) -> int:
+    with world.rt.db.session() as s:
+        return len(s.scalars(select(Notification.id).where(Notification.profile_id == profile_id,
+                                                          Notification.campaign_id == campaign)).all())
+
+
+VIP = {"conditions": {"all": [{"fact": "loyalty.points", "op": "gte", "value": 100}]}}
+
+
+async def test_a_decision_appears_in_the_open_feed_with_its_reason(world: World) -> None:
+    rt = world.rt
+    await put_campaign(world, api_campaign("vip-only", **VIP))
+    pid, _ = enrol(rt, "Dana Smith", 11)
+    page = await world.signed_in(world.keys["read"])
+    await page.goto(f"{world.base}/dashboard/decisions")
+    await page.wait_for_selector("#state:text('live')")
+    await page.evaluate("window.notReloaded = true")
+    rt.inject(walk_in(11, rt.clock.now()))
+    await rt.flush()
+    mine = f'#feed tbody tr[data-key^="vip-only|{pid}|"]'
+    row = page.locator(mine)
+    await row.wait_for()
+    text = await row.inner_text()
+    assert "Dana" in text and "Smith" not in text and "a condition did not hold" in text
+    assert await row.locator("[data-reason]").inner_text() == "condition_false"
+    with rt.db.session() as s:  # what the engine saw: the points the visit left her with
+        points = s.scalar(select(Profile.points).where(Profile.id == pid))
+    assert f"loyalty.points gte 100 (was {points})" in text
+    assert await page.evaluate("window.notReloaded") is True  # live, over the stream
+    assert "02:00:00:00:00:0B" not in await page.content()  # never the tag's address
+    await page.screenshot(path=world.shot("dashboard-decisions.png"))
+    await page.reload()  # the table keeps them
+    assert await page.locator(mine).count() == 1
+    async with page.expect_navigation():
+        await page.locator(f"{mine} a").click()
+    assert "did not fire for Dana" in await page.inner_text("h1")
+    assert await page.inner_text("#conditions li.failed code") == "loyalty.points gte 100"
+    assert f"(was {points})" in await page.inner_text("#detail")
+    await page.screenshot(path=world.shot("dashboard-explain.png"), full_page=True)
+
+
+async def test_a_campaign_toggled_off_on_the_page_stops_firing(world: World) -> None:
+    rt = world.rt
+    await put_campaign(world, api_campaign("toggle-me", priority=10))
+    first, _ = enrol(rt, "Erin", 12)
+    rt.inject(walk_in(12, rt.clock.now()))
+    await rt.flush()
+    assert sent_to(world, first, "toggle-me") == 1  # on: it fires
+    page = await world.signed_in(world.keys["campaigns"])
+    await page.goto(f"{world.base}/dashboard/campaigns")
+    row = page.locator('tr[data-campaign="toggle-me"]')
+    assert await row.locator("[data-state]").inner_text() == "on"
+    assert int(await row.locator("[data-fired]").inner_text()) >= 1
+    assert "read-only" in await page.locator('tr[data-campaign="welcome"]').inner_text()  # a file's
+    async with page.expect_navigation():
+        await row.locator("button:text-is('Turn off')").click()
+    assert await row.locator("[data-state]").inner_text() == "off"
+    assert "toggle-me is off" in await page.inner_text(".notice")
+    await page.screenshot(path=world.shot("dashboard-campaigns.png"), full_page=True)
+    second, _ = enrol(rt, "Fay", 13)
+    rt.inject(walk_in(13, rt.clock.now()))
+    await rt.flush()
+    assert sent_to(world, second, "toggle-me") == 0  # off: the next qualifying event sends nothing
+    assert sent_to(world, second, "welcome") == 1  # and the event did qualify: the file's campaign fired
+
+
+async def test_a_read_key_cannot_toggle_a_campaign(world: World) -> None:
+    await put_campaign(world, api_campaign("kept-on"))
+    page = await world.signed_in(world.keys["read"])
+    await page.goto(f"{world.base}/dashboard/campaigns")
+    assert await page.locator('tr[data-campaign="kept-on"]').count() == 1
+    assert await page.locator("main form, main button").count() == 0
+    assert "may only look" in await page.inner_text("main")
+    csrf = await page.get_attribute(".signout input[name=csrf]", "value")
+    status = await page.evaluate(POST, {"url": "/dashboard/campaigns/kept-on/disable", "body": f"csrf={csrf}"})
+    assert status == 403
+    assert world.rt.service.get_campaign("kept-on")["definition"]["priority"] == 0
+    assert world.rt.service.get_campaign("kept-on")["definition"].get("enabled", True) is True
+
+
+async def test_a_yaml_error_is_shown_before_saving_naming_its_line(world: World) -> None:
+    await put_campaign(world, api_campaign("edit-me"))
+    page = await world.signed_in(world.keys["campaigns"])
+    await page.goto(f"{world.base}/dashboard/campaigns/edit-me")
+    text = await page.input_value("#yaml")
+    assert "type: enter" in text
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if "type: enter" in t)
+    await page.fill("#yaml", text.replace("type: enter", "type: entre"))
+    problem = page.locator("#problems li.error")
+    await problem.wait_for()
+    assert (await problem.inner_text()).startswith(f"line {line}: trigger")
+    await page.screenshot(path=world.shot("dashboard-campaign-yaml.png"), full_page=True)
+    assert world.rt.service.get_campaign("edit-me")["definition"]["trigger"]["type"] == "enter"  # not saved
+    async with page.expect_navigation() as nav:  # saving anyway is refused the same way
+        await page.click("#save")
+    assert (await nav.value).status == 422
+    assert (await page.inner_text("#problems")).startswith(f"line {line}:")
+    assert world.rt.service.get_campaign("edit-me")["definition"]["trigger"]["type"] == "enter"
+    await page.fill("#yaml", text.replace("priority: 0", "priority: 4"))
+    await page.wait_for_selector("#check-state:text('no problems found')")
+    async with page.expect_navigation():
+        await page.click("#save")
+    assert "Saved edit-me" in await page.inner_text(".notice")
+    assert world.rt.service.get_campaign("edit-me")["definition"]["priority"] == 4
+    await page.goto(f"{world.base}/dashboard/campaigns/welcome")  # a file's campaign: shown, not editable
+    assert "campaign.yaml" in await page.inner_text("#read-only")
+    assert await page.locator("#save").count() == 0 and await page.get_attribute("#yaml", "readonly") is not None
+
+
+async def test_a_dry_run_says_what_would_fire_and_why_not(world: World) -> None:
+    rt = world.rt
+    await put_campaign(world, api_campaign("vip-only", **VIP))
+    pid, _ = enrol(rt, "Gil", 14)
+    page = await world.signed_in(world.keys["read"])  # a dry run is a read
+    await page.goto(f"{world.base}/dashboard/campaigns/dry-run?q=Gil")
+    await page.select_option("#kind", "enter")
+    await page.select_option("#zone", "shop")
+    async with page.expect_navigation():
+        await page.click("button:text-is('Dry run')")
+    async with httpx.AsyncClient(base_url=world.base, headers={"X-API-Key": ADMIN_KEY}, timeout=10) as c:
+        api = (await c.post("/v1/decisions/dry-run", json={"profile_id": pid,
+                                                            "event": {"kind": "enter", "zone": "shop"}})).json()
+    shown = {await r.get_attribute("data-campaign"): await r.inner_text()
+             for r in await page.locator("#outcomes tbody tr").all()}
+    assert set(shown) == {o["campaign_id"] for o in api}
+    for o in api:
+        assert o["reason"] in shown[o["campaign_id"]]
+    assert "condition_false" in shown["vip-only"]
+    assert sent_to(world, pid, "vip-only") == 0 and sent_to(world, pid, "welcome") == 0  # nothing sent

@@ -1,4 +1,5 @@
-"""The staff dashboard: sign-in, the live store on its floor plan, the calibration walk.
+"""The staff dashboard: sign-in, the live store on its floor plan, the decision feed, campaigns, the
+calibration walk.
 
 Server-rendered pages (Jinja2) with one small script for the live view; every asset ships in this
 package (static/, no CDN). The pages read the same services the API routes call (presence now, the
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from api.dashboard.feed import DecisionFeed
 from api.dashboard.plan import Plan, plan, zone_names
 from api.dashboard.sessions import LoginTokens, Sessions
 from api.dashboard.walks import Walks
@@ -35,12 +37,15 @@ class Dashboard:
     record_dir: str = ""
     """Where ``gateway run --record`` writes traces (shown with the labels); empty: not recording."""
     heard: Heard | None = None
+    campaigns_dir: str | None = None
+    """Where the file campaigns are (shown read-only as written); None: their summary only."""
     clock: Clock = field(default_factory=SystemClock)
     stream_every_s: float = 1.0
     """How often the live stream looks at presence; it sends only what changed (and a heartbeat)."""
     heartbeat_s: float = 15.0
     tokens: LoginTokens = field(default_factory=LoginTokens)
     sessions: Sessions = field(default_factory=Sessions)
+    feed: DecisionFeed = field(default_factory=DecisionFeed)
     notes: dict[str, str] = field(default_factory=dict)
     """A session's (by its id's hash) message for the next page it opens: a walk request that was refused."""
     walks: Walks = field(init=False)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import mimetypes
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -24,11 +25,24 @@ from urllib.parse import parse_qs, quote, urlsplit
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from pydantic import ValidationError
 
 from api.dashboard import Dashboard
+from api.dashboard.campaigns import (
+    MAX_YAML_BYTES,
+    Problem,
+    as_yaml,
+    campaign_of,
+    campaign_rows,
+    check_yaml,
+    condition_rows,
+    file_definition,
+)
+from api.dashboard.feed import REASONS, first_name, first_names, item_row, view
 from api.dashboard.sessions import Session, digest, same_token
 from api.dashboard.walks import NO_ZONE, WalkError, labels_csv, walk_labels
 from api.deps import ApiContext, verify_admin
+from gateway.errors import Conflict, Invalid, NotFound
 from gateway.presence.record import hour_name as trace_file_of
 
 log = logging.getLogger("api.dashboard")
@@ -38,6 +52,7 @@ LOGIN_CSRF_COOKIE = "gw_dash_login"
 PATH = "/dashboard"
 MAX_FORM_BYTES = 4096
 CHANGE_SCOPES = ("write",)
+MAX_YAML_FORM = 3 * MAX_YAML_BYTES + 256  # a campaign's YAML, urlencoded (at worst three bytes a byte)
 KEY_RECHECK_S = 60.0  # an open stream checks its session's key again this often
 RECENT_S = 10.0  # a receiver that heard nobody for this long is shown as quiet
 
@@ -123,11 +138,11 @@ def _origin_ok(request: Request) -> bool:
     return origin == own
 
 
-async def _form(request: Request) -> dict[str, str]:
+async def _form(request: Request, max_bytes: int = MAX_FORM_BYTES) -> dict[str, str]:
     """A urlencoded form (the pages post nothing else), each field once; a bad body is a 400 naming why."""
     body = await request.body()
-    if len(body) > MAX_FORM_BYTES:
-        raise HTTPException(413, f"a dashboard form is at most {MAX_FORM_BYTES} bytes")
+    if len(body) > max_bytes:
+        raise HTTPException(413, f"a dashboard form is at most {max_bytes} bytes")
     try:
         fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=10)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -138,8 +153,8 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: vs[0] for k, vs in fields.items()}
 
 
-async def _changing(request: Request, *, scopes: tuple[str, ...] | None = CHANGE_SCOPES
-                    ) -> tuple[Session, dict[str, str]]:
+async def _changing(request: Request, *, scopes: tuple[str, ...] | None = CHANGE_SCOPES,
+                    max_bytes: int = MAX_FORM_BYTES) -> tuple[Session, dict[str, str]]:
     """A state-changing request's session and form: signed in (401), same origin and the session's CSRF
     token (403), and the key's scope (403). ``scopes`` None: any signed-in key (sign-out)."""
     session = await _session_async(request)
@@ -147,11 +162,11 @@ async def _changing(request: Request, *, scopes: tuple[str, ...] | None = CHANGE
         raise HTTPException(401, "sign in to the dashboard first")
     if not _origin_ok(request):
         raise HTTPException(403, "refused: the request did not come from this dashboard (Origin)")
-    form = await _form(request)
+    form = await _form(request, max_bytes)
     if not same_token(form.get("csrf") or request.headers.get("x-csrf-token"), session.csrf):
         raise HTTPException(403, "refused: the form's CSRF token is missing or wrong; reload the page")
     if scopes is not None and not session.principal.allows(scopes):
-        raise HTTPException(403, f"this key may only look (the walk needs one of: {', '.join(scopes)})")
+        raise HTTPException(403, f"this key may only look (this needs one of: {', '.join(scopes)})")
     return session, form
 
 
@@ -256,27 +271,44 @@ async def logout(request: Request) -> Response:
 
 
 @router.get("/stream")
-async def stream(request: Request) -> Response:
-    """One SSE stream per page: the live view whenever it changed (looked at every ``stream_every_s``),
-    a comment as heartbeat; it ends when the session does."""
+async def stream(request: Request, after: int | None = None) -> Response:
+    """One SSE stream per page: the store page's live view whenever it changed (looked at every
+    ``stream_every_s``), or, given ``after`` (the decision feed's page), each decision after that sequence
+    number as it is made; a comment as heartbeat; it ends when the session does."""
     session = await _session_async(request)
     if session is None:
         raise HTTPException(401, "sign in to the dashboard first")
     dash, ctx = dashboard_of(request), _ctx(request)
     raw = request.cookies.get(COOKIE)
 
+    async def decisions(seq: int) -> tuple[int, str | None]:
+        items = dash.feed.after(seq)
+        if not items:
+            return seq, None
+        names = await asyncio.to_thread(first_names, ctx.service.get_profile, (i.profile_id for i in items))
+        shown = [v for v in (view(item_row(i), names, ctx.service.timezone) for i in items) if v is not None]
+        body = json.dumps(shown, separators=(",", ":")) if shown else None
+        return items[-1].seq, body
+
     async def events() -> AsyncIterator[str]:
-        last, quiet, unchecked = "", 0.0, 0.0
+        last, quiet, unchecked, seq = "", 0.0, 0.0, after
         yield "retry: 3000\n\n"
         while not dash.closed and dash.sessions.get(raw, dash.clock.now()) is not None:
             if session.key is not None and unchecked >= KEY_RECHECK_S:  # a key revoked meanwhile ends it
                 unchecked = 0.0
                 if await _session_async(request) is None:
                     break
-            body = json.dumps(live_view(ctx, dash), separators=(",", ":"))
-            if body != last:
+            if seq is None:
+                body: str | None = json.dumps(live_view(ctx, dash), separators=(",", ":"))
+                event = "live"
+                if body == last:
+                    body = None
+            else:
+                seq, body = await decisions(seq)
+                event = "decisions"
+            if body is not None:
                 last, quiet = body, 0.0
-                yield f"event: live\ndata: {body}\n\n"
+                yield f"event: {event}\ndata: {body}\n\n"
             elif quiet >= dash.heartbeat_s:
                 quiet = 0.0
                 yield ": heartbeat\n\n"
@@ -305,6 +337,213 @@ async def zone_today(request: Request, zone: str) -> dict[str, Any]:
     return {"zone": zone, "day": figures.get("from"), "footfall": mine.get("footfall", 0),
             "unique_enrolled_visitors": mine.get("unique_enrolled_visitors", 0),
             "avg_dwell_s": mine.get("avg_dwell_s_all")}
+
+
+# ------------------------------------------------------------------ the decision feed
+
+FEED_SHOWN = 50  # decisions a page is drawn with (from the table); the stream adds the new ones on top
+
+
+def _feed_rows(ctx: ApiContext) -> list[dict[str, Any]]:
+    """The latest decisions from the table, named (off the loop)."""
+    rows = ctx.service.recent_decisions(FEED_SHOWN)
+    names = first_names(ctx.service.get_profile, (r["profile_id"] for r in rows))
+    return [v for v in (view(r, names, ctx.service.timezone) for r in rows) if v is not None]
+
+
+@router.get("/decisions")
+async def decisions_page(request: Request) -> Response:
+    session = await _session_async(request)
+    if session is None:
+        return _login_page(request)
+    dash, ctx = dashboard_of(request), _ctx(request)
+    start = dash.feed.start_for_page()  # before the table is read: nothing decided meanwhile is missed
+    rows = await asyncio.to_thread(_feed_rows, ctx)
+    return _page(request, "decisions.html", session=session, rows=rows, after=start, active="decisions")
+
+
+@router.get("/decisions/explain")
+async def explain_page(request: Request, profile: int, campaign: str, key: str) -> Response:
+    """Why one decision went as it did: the engine's recorded verdict (GatewayService.decisions, the service
+    behind GET /v1/profiles/{id}/decisions) beside the campaign's conditions as written."""
+    session = await _session_async(request)
+    if session is None:
+        return _login_page(request)
+    ctx = _ctx(request)
+
+    def load() -> tuple[dict[str, Any] | None, Any]:
+        try:
+            found = ctx.service.decisions(profile, campaign, 500)
+        except NotFound:
+            return None, None
+        row = next((r for r in found if r["event_key"] == key), None)
+        if row is None:
+            return None, None
+        names = first_names(ctx.service.get_profile, [profile])
+        shown = view({**row, "profile_id": profile}, names, ctx.service.timezone)
+        return shown, campaign_of(ctx.service, campaign)
+
+    decision, camp = await asyncio.to_thread(load)
+    if decision is None:
+        raise HTTPException(404, "no such decision recorded (its profile may have been erased)")
+    failing = decision["detail"] if decision["reason"] == "condition_false" else None
+    rows = condition_rows(camp.conditions if camp is not None else None, failing)
+    dry = {"profile": profile, "kind": decision["event"], "zone": decision.get("zone") or ""}
+    return _page(request, "explain.html", session=session, d=decision, campaign=camp, conditions=rows,
+                 dry=dry, active="decisions")
+
+
+# ------------------------------------------------------------------ campaigns
+
+CAMPAIGN_SCOPES = ("campaigns",)
+CAMPAIGN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def _campaign_id(cid: str) -> str:
+    if not CAMPAIGN_ID.match(cid):
+        raise HTTPException(404, "no such campaign")
+    return cid
+
+
+def _note(request: Request, text: str) -> None:
+    """A message the session's next page shows once (kept here, not in the URL)."""
+    dash = dashboard_of(request)
+    if len(dash.notes) >= dash.sessions.max_sessions:
+        dash.notes.clear()
+    dash.notes[digest(request.cookies.get(COOKIE) or "")] = text
+
+
+def _take_note(request: Request) -> str | None:
+    return dashboard_of(request).notes.pop(digest(request.cookies.get(COOKIE) or ""), None)
+
+
+@router.get("/campaigns")
+async def campaigns_page(request: Request) -> Response:
+    session = await _session_async(request)
+    if session is None:
+        return _login_page(request)
+    dash, ctx = dashboard_of(request), _ctx(request)
+    rows = await asyncio.to_thread(campaign_rows, ctx.service, dash.clock.now())
+    return _page(request, "campaigns.html", session=session, rows=rows, note=_take_note(request),
+                 can_edit=session.principal.allows(CAMPAIGN_SCOPES), active="campaigns")
+
+
+@router.get("/campaigns/dry-run")
+async def dry_run_page(request: Request, profile: int | None = None, kind: str = "", zone: str = "",
+                       dwell_s: str = "0", q: str = "") -> Response:
+    """Would this customer get it now, and if not, why: GatewayService.dry_run (the service behind
+    POST /v1/decisions/dry-run), a read that sends and stores nothing."""
+    session = await _session_async(request)
+    if session is None:
+        return _login_page(request)
+    dash, ctx = dashboard_of(request), _ctx(request)
+    from api.schemas import SyntheticEvent
+    from gateway.campaigns.model import TRIGGERS
+    from gateway.profiles.resources import list_profiles
+
+    error, outcomes = None, None
+    if profile is not None and kind:
+        try:
+            event = SyntheticEvent.model_validate({"kind": kind, "zone": zone or None, "dwell_s": float(dwell_s)})
+        except (ValidationError, ValueError) as exc:
+            error = f"the synthetic event is not valid: {_first_error(exc)}"
+        else:
+            try:
+                outcomes = await asyncio.to_thread(ctx.service.dry_run, profile, event.kind, event.zone,
+                                                   float(event.dwell_s), {})
+            except (NotFound, Invalid) as exc:
+                error = str(exc)
+    people, _ = await asyncio.to_thread(list_profiles, ctx.service, q=q.strip() or None, limit=50)
+    choices = [{"id": p["id"], "label": f"{first_name(p['name']) or 'customer'} · #{p['id']}"
+                + (f" · {p['external_id']}" if p["external_id"] else "")} for p in people]
+    return _page(request, "dryrun.html", session=session, choices=choices, triggers=TRIGGERS,
+                 zones=dash.zone_names, chosen={"profile": profile, "kind": kind, "zone": zone, "dwell_s": dwell_s,
+                                                "q": q}, outcomes=outcomes, error=error, reasons=REASONS,
+                 active="campaigns")
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        e = exc.errors()[0]
+        return f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+    return str(exc)
+
+
+async def _editor(request: Request, session: Session, cid: str, text: str | None = None,
+                  problems: list[Problem] | None = None, status: int = 200) -> Response:
+    dash, ctx = dashboard_of(request), _ctx(request)
+
+    def load() -> tuple[str, str | None]:
+        if cid in ctx.service.file_campaigns:
+            found = file_definition(dash.campaigns_dir, cid)
+            if found is None:
+                return as_yaml(ctx.service.get_campaign(cid)), "a campaign file"
+            return as_yaml(found[1]), found[0]
+        return as_yaml(ctx.service.get_campaign(cid)["definition"]), None
+
+    try:
+        shown, file = await asyncio.to_thread(load)
+    except NotFound:
+        raise HTTPException(404, f"no campaign {cid!r}") from None
+    return _page(request, "campaign.html", status, session=session, cid=cid, text=shown if text is None else text,
+                 file=file, problems=problems or [], note=_take_note(request),
+                 can_edit=file is None and session.principal.allows(CAMPAIGN_SCOPES), active="campaigns")
+
+
+@router.get("/campaigns/{cid}")
+async def campaign_page(request: Request, cid: str) -> Response:
+    session = await _session_async(request)
+    if session is None:
+        return _login_page(request)
+    return await _editor(request, session, _campaign_id(cid))
+
+
+@router.post("/campaigns/{cid}/check")
+async def campaign_check(request: Request, cid: str) -> dict[str, Any]:
+    """The YAML's problems by line, before anything is saved (the page asks as you type)."""
+    _, form = await _changing(request, scopes=CAMPAIGN_SCOPES, max_bytes=MAX_YAML_FORM)
+    _, found = check_yaml(form.get("yaml", ""), _campaign_id(cid))
+    return {"valid": not found, "problems": [{"line": p.line, "message": p.message} for p in found]}
+
+
+@router.post("/campaigns/{cid}/save")
+async def campaign_save(request: Request, cid: str) -> Response:
+    session, form = await _changing(request, scopes=CAMPAIGN_SCOPES, max_bytes=MAX_YAML_FORM)
+    cid, text = _campaign_id(cid), form.get("yaml", "")
+    ctx = _ctx(request)
+    if cid in ctx.service.file_campaigns:
+        raise HTTPException(409, f"campaign {cid!r} is defined in a file; edit the file instead")
+    definition, found = check_yaml(text, cid)
+    if definition is not None:
+        try:
+            await asyncio.to_thread(ctx.service.put_campaign, cid, definition)
+        except (Invalid, Conflict) as exc:
+            found = [Problem(None, str(exc))]
+    if found:  # nothing saved: the same text again, with its problems
+        return await _editor(request, session, cid, text, found, 422)
+    _note(request, f"Saved {cid}.")
+    return RedirectResponse(f"{PATH}/campaigns/{quote(cid, safe='')}", 303)
+
+
+async def _toggle(request: Request, cid: str, enabled: bool) -> Response:
+    await _changing(request, scopes=CAMPAIGN_SCOPES)
+    ctx = _ctx(request)
+    try:
+        await asyncio.to_thread(ctx.service.set_campaign_enabled, _campaign_id(cid), enabled)
+        _note(request, f"{cid} is {'on' if enabled else 'off'}.")
+    except (Conflict, NotFound, Invalid) as exc:
+        _note(request, str(exc))
+    return RedirectResponse(f"{PATH}/campaigns", 303)
+
+
+@router.post("/campaigns/{cid}/enable")
+async def campaign_enable(request: Request, cid: str) -> Response:
+    return await _toggle(request, cid, True)
+
+
+@router.post("/campaigns/{cid}/disable")
+async def campaign_disable(request: Request, cid: str) -> Response:
+    return await _toggle(request, cid, False)
 
 
 # ------------------------------------------------------------------ the calibration walk

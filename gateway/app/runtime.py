@@ -207,7 +207,9 @@ class Runtime:
             from api.dashboard import Dashboard
 
             self.dashboard = Dashboard(settings.zones, settings.receivers, settings.data_dir,
-                                       settings.presence.record_dir, heard=self.receivers_heard, clock=self.clock)
+                                       settings.presence.record_dir, heard=self.receivers_heard, clock=self.clock,
+                                       campaigns_dir=settings.campaigns.dir)
+            self.pipeline.on_outcome = self.dashboard.feed.hook(on_outcome)  # each decision to the feed too
 
     # ------------------------------------------------------------ lifecycle
 
@@ -433,6 +435,9 @@ class Runtime:
     def _profile_gone(self, profile_id: int) -> None:
         """From the API's worker threads, after an erasure or a link committed: the pipeline forgets the profile
         on the worker, where its state changes (before start, nothing else touches it: now)."""
+
+        if self.dashboard is not None:  # its decisions leave the staff's feed
+            self.dashboard.feed.forget(profile_id)
 
         def forget() -> list[int]:
             self.pipeline.forget_profile(profile_id)

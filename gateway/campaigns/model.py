@@ -168,9 +168,10 @@ def render(template: str, facts: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------- loading
 
-def parse_campaign(data: Any, source: str = "campaign") -> Campaign:
-    """A campaign from its definition (a file's item, an API body); CampaignError names each bad field."""
-    return _build(data, source)
+def parse_campaign(data: Any, source: str = "campaign", doc: files.Document | None = None) -> Campaign:
+    """A campaign from its definition (a file's item, an API body); CampaignError names each bad field
+    (and its line, given the ``doc`` the definition was read from)."""
+    return _build(data, source, doc)
 
 
 def _build(data: Any, source: str, doc: files.Document | None = None, at: files.Loc = ()) -> Campaign:

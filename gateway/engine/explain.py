@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gateway.campaigns.model import CampaignIndex
@@ -26,6 +26,28 @@ def why(session: Session, profile_id: int, campaign_id: str | None = None, limit
     rows = session.scalars(q.order_by(Decision.id.desc()).limit(limit))
     return [{"id": d.id, "at": d.at, "campaign": d.campaign_id, "event": d.event_kind, "event_key": d.event_key,
              "fired": d.fired, "reason": d.reason, "detail": d.detail, "variant": d.variant} for d in rows]
+
+
+def recent(session: Session, limit: int = 50, store: str | None = None) -> list[dict[str, Any]]:
+    """The store's most recent decisions for every profile, newest first (the staff's decision feed)."""
+    q = select(Decision)
+    if store is not None:
+        q = q.where(Decision.store_id == store)
+    rows = session.scalars(q.order_by(Decision.id.desc()).limit(limit))
+    return [{"id": d.id, "at": d.at, "profile_id": d.profile_id, "campaign": d.campaign_id, "event": d.event_kind,
+             "event_key": d.event_key, "fired": d.fired, "reason": d.reason, "detail": d.detail,
+             "variant": d.variant} for d in rows]
+
+
+def counts(session: Session, since: float, store: str | None = None) -> dict[str, dict[str, int]]:
+    """Per campaign, its decisions since ``since``: fired and suppressed (any other reason)."""
+    q = select(Decision.campaign_id, Decision.fired, func.count()).where(Decision.at >= since)
+    if store is not None:
+        q = q.where(Decision.store_id == store)
+    out: dict[str, dict[str, int]] = {}
+    for campaign, fired, n in session.execute(q.group_by(Decision.campaign_id, Decision.fired)):
+        out.setdefault(campaign, {"fired": 0, "suppressed": 0})["fired" if fired else "suppressed"] += int(n)
+    return out
 
 
 def dry_run(session: Session, event: EngineEvent, *, engine: Engine | None = None,

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 import gateway.delivery.outbox as outbox
 import gateway.security.auth as auth
+from devices.files import Document
 from gateway.campaigns.model import PURPOSES, Campaign, CampaignError, parse_campaign
 from gateway.clock import Clock
 from gateway.documents import DocumentError, check_document, servable
@@ -443,6 +444,20 @@ class GatewayService:
             self._profile(s, profile_id)
             return why(s, profile_id, campaign_id, limit)
 
+    def recent_decisions(self, limit: int = 50) -> list[dict[str, Any]]:
+        """This store's latest decisions for every profile, newest first (the dashboard's feed on a reload)."""
+        from gateway.engine.explain import recent
+
+        with self.db.session() as s:
+            return recent(s, limit, self.store_id)
+
+    def decision_counts(self, since: float) -> dict[str, dict[str, int]]:
+        """Per campaign, this store's decisions since ``since``: fired and suppressed."""
+        from gateway.engine.explain import counts
+
+        with self.db.session() as s:
+            return counts(s, since, self.store_id)
+
     def figures(self, day_from: str | None, day_to: str | None, timezone: str, *, zone: str | None = None,
                 campaign: str | None = None, store: str | None = None) -> dict[str, Any]:
         """Figures for local days ``day_from`` to ``day_to``: by default today, in the store's timezone (what
@@ -492,9 +507,10 @@ class GatewayService:
                     "definition": servable(r.definition, f"campaign {r.id} definition")}
 
     @staticmethod
-    def validate_campaign(definition: Mapping[str, Any]) -> Campaign:
+    def validate_campaign(definition: Mapping[str, Any], doc: Document | None = None) -> Campaign:
+        """``doc``: the YAML or JSON text it was read from, so each problem names its line."""
         try:
-            return parse_campaign(dict(definition), "campaign")
+            return parse_campaign(dict(definition), "campaign", doc)
         except (CampaignError, TypeError, ValueError, KeyError) as exc:
             raise Invalid(str(exc)) from None
 
