@@ -395,3 +395,12 @@ async def test_a_dry_run_says_what_would_fire_and_why_not(world: World) -> None:
         assert o["reason"] in shown[o["campaign_id"]]
     assert "condition_false" in shown["vip-only"]
     assert sent_to(world, pid, "vip-only") == 0 and sent_to(world, pid, "welcome") == 0  # nothing sent
+
+
+async def test_the_new_pages_need_no_sideways_scroll_on_an_upright_tablet(world: World) -> None:
+    page = await world.signed_in(world.keys["campaigns"])
+    await page.set_viewport_size({"width": 800, "height": 1280})
+    for path in ("/dashboard/decisions", "/dashboard/campaigns", "/dashboard/campaigns/welcome",
+                 "/dashboard/campaigns/dry-run"):
+        await page.goto(f"{world.base}{path}")
+        assert await page.evaluate("document.scrollingElement.scrollWidth") <= 800, path

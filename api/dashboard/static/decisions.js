@@ -20,7 +20,7 @@
     const out = cell(row, "");
     out.className = "outcome";
     const strong = document.createElement("strong"); strong.textContent = d.fired ? "fired" : d.reason_text;
-    const code = document.createElement("code"); code.dataset.reason = ""; code.textContent = d.reason;
+    const code = document.createElement("code"); code.dataset.reason = ""; code.textContent = d.reason; code.hidden = d.fired;
     out.append(strong, " ", code);
     if (d.detail) { const small = document.createElement("small"); small.textContent = d.detail; out.append(document.createElement("br"), small); }
     const a = document.createElement("a"); a.href = d.explain; a.textContent = "Explain";
