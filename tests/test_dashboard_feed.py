@@ -4,6 +4,9 @@ their lines; the recent decisions and the last 24 h's counts come from the decis
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from sqlalchemy import insert
 
 from api.dashboard.campaigns import Problem, check_yaml, condition_rows, problems_of
@@ -118,3 +121,31 @@ def test_recent_decisions_and_the_last_days_counts_come_from_the_table(service: 
     latest = service.recent_decisions(2)
     assert [(d["campaign"], d["at"]) for d in latest] == [("b", now - 40), ("a", now - 50)]
     assert latest[0]["profile_id"] == pid
+
+
+async def test_the_stream_sends_each_decision_once_and_an_erased_customer_leaves_the_feed(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.live_gateway import base_url, enrol, live_settings, running, walk_in
+
+    async with running(live_settings(tmp_path)) as rt:
+        rt.dashboard.stream_every_s = 0.05
+        base = base_url(rt)
+        pid, _ = enrol(rt, "Hana Ito", 21)
+        async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+            assert (await c.get("/dashboard/stream?after=0")).status_code == 401  # no session, no stream
+            assert (await c.get(rt.dashboard.login_link(base))).status_code == 303
+            sent: list[dict[str, object]] = []
+            async with c.stream("GET", f"/dashboard/stream?after={rt.dashboard.feed.last_seq}") as stream:
+                rt.inject(walk_in(21, rt.clock.now()))
+                await rt.flush()
+                async for line in stream.aiter_lines():
+                    if line.startswith("data: ") and line != "data: {}":
+                        sent += json.loads(line[6:])
+                        rt.dashboard.close()  # the first batch is enough: end the stream
+            assert [(d["customer"], d["campaign"], d["reason"]) for d in sent] == [("Hana", "welcome", "fired")]
+            assert "Hana" in (await c.get("/dashboard/decisions")).text  # drawn from the table
+            rt.service.erase_profile(pid)
+            assert rt.dashboard.feed.after(0) == []
+            page = await c.get("/dashboard/decisions")
+            assert "Hana" not in page.text  # nor from the table: her decisions went with her

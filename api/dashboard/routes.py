@@ -19,10 +19,10 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
@@ -42,6 +42,7 @@ from api.dashboard.feed import REASONS, first_name, first_names, item_row, view
 from api.dashboard.sessions import Session, digest, same_token
 from api.dashboard.walks import NO_ZONE, WalkError, labels_csv, walk_labels
 from api.deps import ApiContext, verify_admin
+from api.schemas import DB_ID_MAX
 from gateway.errors import Conflict, Invalid, NotFound
 from gateway.presence.record import hour_name as trace_file_of
 
@@ -363,7 +364,9 @@ async def decisions_page(request: Request) -> Response:
 
 
 @router.get("/decisions/explain")
-async def explain_page(request: Request, profile: int, campaign: str, key: str) -> Response:
+async def explain_page(request: Request, profile: Annotated[int, Query(ge=1, le=DB_ID_MAX)],
+                       campaign: Annotated[str, Query(max_length=128)],
+                       key: Annotated[str, Query(max_length=256)]) -> Response:
     """Why one decision went as it did: the engine's recorded verdict (GatewayService.decisions, the service
     behind GET /v1/profiles/{id}/decisions) beside the campaign's conditions as written."""
     session = await _session_async(request)
@@ -429,8 +432,11 @@ async def campaigns_page(request: Request) -> Response:
 
 
 @router.get("/campaigns/dry-run")
-async def dry_run_page(request: Request, profile: int | None = None, kind: str = "", zone: str = "",
-                       dwell_s: str = "0", q: str = "") -> Response:
+async def dry_run_page(request: Request, profile: Annotated[int | None, Query(ge=1, le=DB_ID_MAX)] = None,
+                       kind: Annotated[str, Query(max_length=32)] = "",
+                       zone: Annotated[str, Query(max_length=64)] = "",
+                       dwell_s: Annotated[str, Query(max_length=32)] = "0",
+                       q: Annotated[str, Query(max_length=128)] = "") -> Response:
     """Would this customer get it now, and if not, why: GatewayService.dry_run (the service behind
     POST /v1/decisions/dry-run), a read that sends and stores nothing."""
     session = await _session_async(request)
