@@ -404,3 +404,21 @@ async def test_the_new_pages_need_no_sideways_scroll_on_an_upright_tablet(world:
                  "/dashboard/campaigns/dry-run"):
         await page.goto(f"{world.base}{path}")
         assert await page.evaluate("document.scrollingElement.scrollWidth") <= 800, path
+
+
+async def test_a_new_campaign_starts_from_a_starter_and_exists_once_saved(world: World) -> None:
+    page = await world.signed_in(world.keys["campaigns"])
+    await page.goto(f"{world.base}/dashboard/campaigns")
+    await page.fill("#new-id", "brand-new")
+    async with page.expect_navigation():
+        await page.click("button:text-is('New campaign')")
+    assert "New campaign brand-new" in await page.inner_text("h1")
+    assert "brand-new" not in {c["id"] for c in world.rt.service.list_campaigns()}  # nothing yet
+    async with page.expect_navigation():
+        await page.click("#save")
+    assert "Saved brand-new" in await page.inner_text(".notice")
+    saved = world.rt.service.get_campaign("brand-new")["definition"]
+    assert saved["enabled"] is False and saved["trigger"] == {"type": "enter", "zone": "shop"}
+    read = await world.signed_in(world.keys["read"])  # a read key cannot start one
+    answer = await read.goto(f"{world.base}/dashboard/campaigns/not-there")
+    assert answer is not None and answer.status == 404

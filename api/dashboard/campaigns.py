@@ -71,6 +71,14 @@ def as_yaml(definition: Mapping[str, Any]) -> str:
     return yaml.safe_dump(dict(definition), sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
+def starter_yaml(campaign_id: str, zones: list[str]) -> str:
+    """What a new campaign's editor starts from: the fields every campaign needs, to be changed."""
+    trigger: dict[str, Any] = {"type": "enter", **({"zone": zones[0]} if zones else {})}
+    return as_yaml({"id": campaign_id, "name": campaign_id, "purpose": "offers", "trigger": trigger,
+                    "action": {"title": "Hello {profile.first_name}", "body": "Something useful, in a line."},
+                    "limits": {"cooldown_s": 86400}, "enabled": False})
+
+
 def file_definition(directory: str | None, campaign_id: str) -> tuple[str, dict[str, Any]] | None:
     """(file name, definition as written) of a campaign defined in the campaigns directory, if found."""
     if not directory or not Path(directory).is_dir():

@@ -37,6 +37,7 @@ from api.dashboard.campaigns import (
     check_yaml,
     condition_rows,
     file_definition,
+    starter_yaml,
 )
 from api.dashboard.feed import REASONS, first_name, first_names, item_row, view
 from api.dashboard.sessions import Session, digest, same_token
@@ -479,21 +480,41 @@ async def _editor(request: Request, session: Session, cid: str, text: str | None
                   problems: list[Problem] | None = None, status: int = 200) -> Response:
     dash, ctx = dashboard_of(request), _ctx(request)
 
-    def load() -> tuple[str, str | None]:
+    may_edit = session.principal.allows(CAMPAIGN_SCOPES)
+
+    def load() -> tuple[str, str | None, bool]:
         if cid in ctx.service.file_campaigns:
             found = file_definition(dash.campaigns_dir, cid)
             if found is None:
-                return as_yaml(ctx.service.get_campaign(cid)), "a campaign file"
-            return as_yaml(found[1]), found[0]
-        return as_yaml(ctx.service.get_campaign(cid)["definition"]), None
+                return as_yaml(ctx.service.get_campaign(cid)), "a campaign file", False
+            return as_yaml(found[1]), found[0], False
+        try:
+            return as_yaml(ctx.service.get_campaign(cid)["definition"]), None, False
+        except NotFound:
+            if not may_edit:
+                raise
+            return starter_yaml(cid, dash.zone_names), None, True  # a new one: saved by put_campaign
 
     try:
-        shown, file = await asyncio.to_thread(load)
+        shown, file, new = await asyncio.to_thread(load)
     except NotFound:
         raise HTTPException(404, f"no campaign {cid!r}") from None
     return _page(request, "campaign.html", status, session=session, cid=cid, text=shown if text is None else text,
-                 file=file, problems=problems or [], note=_take_note(request),
-                 can_edit=file is None and session.principal.allows(CAMPAIGN_SCOPES), active="campaigns")
+                 file=file, new=new, problems=problems or [], note=_take_note(request),
+                 can_edit=file is None and may_edit, active="campaigns")
+
+
+@router.get("/campaigns/new")
+async def campaign_new(request: Request, id: Annotated[str, Query(max_length=200)] = "") -> Response:
+    """The new campaign's id, then its editor (a starter YAML; nothing exists until it is saved)."""
+    session = await _session_async(request)
+    if session is None:
+        return _login_page(request)
+    cid = id.strip()
+    if not CAMPAIGN_ID.match(cid):
+        _note(request, "A campaign id is 1-128 letters, digits, '-', '_' or '.'.")
+        return RedirectResponse(f"{PATH}/campaigns", 303)
+    return RedirectResponse(f"{PATH}/campaigns/{quote(cid, safe='')}", 303)
 
 
 @router.get("/campaigns/{cid}")
