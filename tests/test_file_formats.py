@@ -17,7 +17,7 @@ import jsonschema_rs  # schemathesis's validator (a dev dependency through it)
 import pytest
 import yaml
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from api.app import create_app
@@ -280,6 +280,7 @@ def test_random_mappings_load_or_raise_the_formats_error(fmt: str, doc: dict[str
 @settings(max_examples=100, deadline=None)
 @given(text=st.text(alphabet=st.sampled_from(list("ab: -[]{},'\"\n#&*!1")), max_size=60), suffix=st.sampled_from(
     [".yaml", ".json"]))
+@example(text="[]", suffix=".yaml")  # an emptied file: refused, not loaded as no campaign
 def test_random_text_is_refused_with_a_campaign_error(tmp_path_factory: pytest.TempPathFactory, text: str,
                                                       suffix: str) -> None:
     path = tmp_path_factory.mktemp("fuzz") / f"c{suffix}"

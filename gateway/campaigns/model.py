@@ -300,6 +300,8 @@ def load_campaign_file(path: Path) -> list[Campaign]:
     """One campaign, or a list of them, from a YAML or JSON file."""
     doc = _read(path)
     if isinstance(doc.data, list):
+        if not doc.data:  # most likely a file emptied by mistake: say so rather than load nothing
+            raise CampaignError(f"{doc.source}: an empty list: a campaign file holds one campaign or a list of them")
         return [_build(item, doc.source, doc, (i,)) for i, item in enumerate(doc.data)]
     return [_build(doc.data, doc.source, doc)]
 
