@@ -44,25 +44,23 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 # The tests start their own Mosquitto from the binary (Debian puts it in /usr/sbin).
 # Installing the Debian package also starts a system broker on 1883; the tests don't use it.
 ensure-mosquitto:
-	@if command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; then \
-		:; \
-	elif [ "$$(id -u)" = 0 ]; then \
-		echo "installing mosquitto (needed by the tests)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
-	else \
-		echo "mosquitto is needed for the tests: sudo apt-get install mosquitto" >&2; \
-		exit 1; \
-	fi
+	$(call ensure_package,mosquitto,command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto,the tests)
 
 # The dashboard's browser tests drive Debian's Chromium through Playwright (never `playwright install`:
 # no browser download at test time).
 ensure-chromium:
-	@if test -x /usr/bin/chromium; then \
+	$(call ensure_package,chromium,test -x /usr/bin/chromium,the dashboard's browser tests)
+
+# $(call ensure_package,PACKAGE,CHECK,NEEDED BY): install a Debian package the tests need when CHECK fails
+# (as root; otherwise say how).
+define ensure_package
+	@if $(2); then \
 		:; \
 	elif [ "$$(id -u)" = 0 ]; then \
-		echo "installing chromium (needed by the dashboard's browser tests)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		echo "installing $(1) (needed by $(3))"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; \
 	else \
-		echo "chromium is needed for the dashboard's browser tests: sudo apt-get install chromium" >&2; \
+		echo "$(1) is needed by $(3): sudo apt-get install $(1)" >&2; \
 		exit 1; \
 	fi
+endef
