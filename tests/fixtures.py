@@ -139,3 +139,17 @@ async def runtime_factory(clock: VirtualClock) -> AsyncIterator[RuntimeFactory]:
         yield factory
     finally:
         await factory.stop_all()
+
+#: gateway.toml with two receivers 10 m apart, "left" at a and "right" at b (3 m bands): the presence
+#: tests' smallest floor (replay, calibration).
+TWO_RECEIVERS = """
+[[receivers]]
+id = "a"
+measured_power = -59
+zones = [{ name = "left", max_m = 3.0 }]
+
+[[receivers]]
+id = "b"
+measured_power = -59
+zones = [{ name = "right", max_m = 3.0 }]
+"""

@@ -19,6 +19,7 @@ from gateway.presence.settings import PresenceSettings, ReceiverSettings, ZoneBa
 from gateway.presence.traces import Label, open_trace, read_labels
 from gateway.presence.tracker import PresenceTracker
 from gateway.presence.tuning import BAND_WEIGHTS, learn_tuned
+from tests.fixtures import TWO_RECEIVERS as CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "data" / "datasets"  # excerpts of the public datasets (SOURCE.md, licences beside)
@@ -27,17 +28,6 @@ FIXTURES = ROOT / "tests" / "data" / "datasets"  # excerpts of the public datase
 RECEIVERS = [ReceiverSettings("a", [ZoneBand("left", 3.0)], measured_power=-59),
              ReceiverSettings("b", [ZoneBand("right", 3.0)], measured_power=-59)]
 MEANS = {"left": (-55, -80), "middle": (-68, -68), "right": (-80, -55)}  # (a, b) dBm per zone
-CONFIG = """
-[[receivers]]
-id = "a"
-measured_power = -59
-zones = [{ name = "left", max_m = 3.0 }]
-
-[[receivers]]
-id = "b"
-measured_power = -59
-zones = [{ name = "right", max_m = 3.0 }]
-"""
 
 
 def walk(route: list[tuple[str, float]], seed: int, key: str = "tag",

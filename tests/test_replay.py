@@ -12,20 +12,10 @@ import pytest
 from gateway.app.cli import main
 from gateway.presence.scoring import NaiveBayesFingerprint, replay, score_labels, steps
 from gateway.presence.traces import Label, open_trace
+from tests.fixtures import TWO_RECEIVERS as CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "data" / "datasets"
-CONFIG = """
-[[receivers]]
-id = "a"
-measured_power = -59
-zones = [{ name = "left", max_m = 3.0 }]
-
-[[receivers]]
-id = "b"
-measured_power = -59
-zones = [{ name = "right", max_m = 3.0 }]
-"""
 SILENT = """
 [[receivers]]
 id = "down"
