@@ -674,3 +674,4 @@ async def static(request: Request, name: str) -> Response:
 def install(app: FastAPI, dashboard: Dashboard) -> None:
     app.state.dashboard = dashboard
     app.include_router(router)
+    app.include_router(__import__("api.dashboard.devices", fromlist=["router"]).router)  # imports this module
