@@ -675,3 +675,6 @@ def install(app: FastAPI, dashboard: Dashboard) -> None:
     app.state.dashboard = dashboard
     app.include_router(router)
     app.include_router(__import__("api.dashboard.devices", fromlist=["router"]).router)  # imports this module
+    from api.dashboard.figures import router as figures_router  # it imports this module's helpers
+
+    app.include_router(figures_router)

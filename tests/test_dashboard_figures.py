@@ -1,0 +1,138 @@
+"""The figures page: its tables, charts and CSV from the figures of GET /v1/figures, and in a browser the
+chart, the table, the CSV and the API agreeing for the same range after a visit and a fired campaign."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from api.dashboard.figures import as_csv, chart, charts, evaluated_between, lift_interval, tables
+from tests.live_gateway import ADMIN_KEY, enrol, walk_in
+
+ARM = {"notified": 40, "converted_within_window": 10, "converted_rate": 25.0, "lift_vs_holdout": 15.0}
+
+
+def figures_of(campaigns: dict[str, Any], days: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The shape GET /v1/figures answers with (gateway.engine.figures.figures), the fields the page reads."""
+    return {"from": "2026-06-01", "to": "2026-06-01", "timezone": "UTC", "footfall": 5, "unique_visitors": 4,
+            "enrolled_visits": 3, "anonymous_visits": 2, "new_visits": 2, "returning_visits": 1,
+            "avg_visit_s": 80.0, "bounce_rate": 33.33,
+            "zones": {"shop": {"footfall": 4, "enrolled": 3, "anonymous": 1, "unique_enrolled_visitors": 2,
+                               "avg_dwell_s_all": 42.5}},
+            "notifications": {"campaigns": campaigns}, "days": days or []}
+
+
+def test_the_lift_interval_is_the_difference_of_two_proportions_with_its_standard_error() -> None:
+    low, high = lift_interval(10, 40, 10.0, 50) or (0.0, 0.0)
+    # Wald interval: (p1 - p0) +- 1.96 * sqrt(p1 q1 / n1 + p0 q0 / n0), p1 = 0.25 (n 40), p0 = 0.10 (n 50)
+    half = 1.959964 * math.sqrt(0.25 * 0.75 / 40 + 0.1 * 0.9 / 50)
+    assert (low, high) == (round(100 * (0.15 - half), 2), round(100 * (0.15 + half), 2))
+    assert low < 15.0 < high
+    assert lift_interval(10, 40, None, 0) is None  # no holdout: no interval, not a made-up one
+    assert lift_interval(0, 0, 10.0, 50) is None
+
+
+def test_a_funnel_row_joins_the_decisions_to_the_notifications_of_its_campaign() -> None:
+    note = {"notified": 3, "delivered": 2, "opened": 2, "clicked": 1, "redeemed": 1, "conversions": 1,
+            "experiment": {"holdout": {"profiles": 50, "conversion_rate": 10.0}, "variants": {"a": ARM}}}
+    decided = evaluated_between({"offer": {"fired": 5, "suppressed": 4}, "quiet": {"fired": 0, "suppressed": 2}},
+                                {"offer": {"fired": 1, "suppressed": 1}})
+    assert decided == {"offer": {"evaluated": 7, "fired": 4}, "quiet": {"evaluated": 2, "fired": 0}}
+    found = {t.name: t for t in tables(figures_of({"offer": note}), decided, None)}
+    assert found["funnel"].rows == [("offer", 7, 4, 3, 2, 2, 1, 1, 1), ("quiet", 2, 0, 0, 0, 0, 0, 0, 0)]
+    [arm] = found["experiments"].rows
+    assert arm[:8] == ("offer", "a", 40, 10, 25.0, 50, 10.0, 15.0)
+    assert (arm[8], arm[9]) == lift_interval(10, 40, 10.0, 50)
+    assert "hours" not in found  # a range of one day only has hours
+
+
+def test_the_charts_are_drawn_from_the_tables_cells_scaled_to_the_largest() -> None:
+    days = [{"day": d, "footfall": f, "enrolled_visits": f, "anonymous_visits": 0, "unique_enrolled_visitors": f,
+             "new_visits": f, "returning_visits": 0, "bounce_rate": None} for d, f in (("2026-06-01", 2),
+                                                                                      ("2026-06-02", 8))]
+    found = {t.name: t for t in tables(figures_of({}, days), {}, [0] * 9 + [3] + [0] * 14)}
+    drawn = charts(found)
+    [per_day] = drawn["days"]
+    assert [(b.label, b.value) for b in per_day.bars] == [("2026-06-01", 2.0), ("2026-06-02", 8.0)]
+    assert per_day.bars[1].width == 4 * per_day.bars[0].width  # widths in proportion
+    [hours] = drawn["hours"]
+    assert [b.label for b in hours.bars if b.value] == ["09:00"]
+    assert chart("t", "empty", [("a", None)]).bars[0].width == 0.0  # a missing figure draws as nothing
+
+
+def test_the_csv_is_the_table_with_an_empty_cell_for_a_missing_figure() -> None:
+    [totals] = [t for t in tables(figures_of({}), {}, None) if t.name == "totals"]
+    rows = list(csv.reader(io.StringIO(as_csv(totals))))
+    assert rows[0] == ["figure", "value"]
+    assert ["bounce rate (%)", "33.33"] in rows and len(rows) == len(totals.rows) + 1
+    no_bounce = figures_of({}) | {"bounce_rate": None}
+    [t] = [t for t in tables(no_bounce, {}, None) if t.name == "totals"]
+    assert ["bounce rate (%)", ""] in list(csv.reader(io.StringIO(as_csv(t))))
+
+
+# ------------------------------------------------------------------ in a browser, against a real gateway
+
+browser = pytest.importorskip("tests.test_dashboard_browser")
+World = browser.World
+world = browser.world  # the module's gateway and Chromium, launched and bounded as the other browser tests
+
+
+def cells(rows: list[list[str]]) -> list[list[str]]:
+    return [[c.strip() for c in r] for r in rows]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not browser.os.access(browser.CHROMIUM, browser.os.X_OK), reason="needs Debian's chromium")
+async def test_the_charts_tables_and_csv_agree_with_the_api_after_a_visit_and_a_fired_campaign(world: World
+                                                                                               ) -> None:
+    rt = world.rt
+    await browser.put_campaign(world, browser.api_campaign("fig-offer", priority=20))
+    pid, _ = enrol(rt, "Gail", 31)
+    rt.inject(walk_in(31, rt.clock.now()))
+    await rt.flush()
+    assert browser.sent_to(world, pid, "fig-offer") == 1  # the campaign fired
+    async with httpx.AsyncClient(base_url=world.base, headers={"X-API-Key": ADMIN_KEY}, timeout=10) as c:
+        api = (await c.get("/v1/figures")).json()
+    page = await world.signed_in(world.keys["read"])
+    await page.goto(f"{world.base}/dashboard/figures")
+    assert await page.input_value("#from") == api["from"]  # today, in store time
+
+    async def table(name: str) -> list[list[str]]:
+        return cells(await page.eval_on_selector_all(
+            f'table[data-table="{name}"] tbody tr', "rows => rows.map(r => [...r.cells].map(c => c.textContent))"))
+
+    days = await table("days")
+    [today] = api["days"]
+    assert days == [[today["day"], str(today["footfall"]), str(today["enrolled_visits"]),
+                     str(today["anonymous_visits"]), str(today["unique_enrolled_visitors"]), str(today["new_visits"]),
+                     str(today["returning_visits"]), "" if today["bounce_rate"] is None else str(today["bounce_rate"])]]
+    assert today["enrolled_visits"] >= 1
+    bar = page.locator(f'svg[data-chart="days"] g[data-label="{today["day"]}"]')
+    assert float(await bar.get_attribute("data-value") or "nan") == today["footfall"]
+    offer = api["notifications"]["campaigns"]["fig-offer"]
+    [row] = [r for r in await table("funnel") if r[0] == "fig-offer"]
+    assert row[3:] == [str(offer[k]) for k in ("notified", "delivered", "opened", "clicked", "redeemed",
+                                                "conversions")]
+    assert int(row[2]) >= 1 and int(row[1]) >= int(row[2])  # fired, and evaluated at least as often
+    funnel_bars = page.locator('svg[data-chart="funnel"][aria-label="Funnel of fig-offer"] g')
+    assert [await g.get_attribute("data-value") for g in await funnel_bars.all()] == \
+        [str(float(c)) for c in row[1:]]
+    zones = {r[0]: r for r in await table("zones")}
+    for zone, f in api["zones"].items():
+        assert zones[zone][1] == str(f["footfall"])
+    hours = await table("hours")
+    assert sum(int(r[1]) for r in hours) == api["enrolled_visits"]
+    await page.screenshot(path=world.shot("dashboard-figures.png"), full_page=True)
+    async with page.expect_download() as dl:
+        await page.click("a:text-is('Download funnel.csv')")
+    saved = Path(await (await dl.value).path())
+    got = list(csv.reader(io.StringIO(saved.read_text())))
+    assert got[0][0] == "campaign" and cells(got[1:]) == await table("funnel")
+    assert await page.locator("main form[method=post], main button:not([type=submit])").count() == 0
