@@ -136,3 +136,37 @@ async def test_the_charts_tables_and_csv_agree_with_the_api_after_a_visit_and_a_
     got = list(csv.reader(io.StringIO(saved.read_text())))
     assert got[0][0] == "campaign" and cells(got[1:]) == await table("funnel")
     assert await page.locator("main form[method=post], main button:not([type=submit])").count() == 0
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not browser.os.access(browser.CHROMIUM, browser.os.X_OK), reason="needs Debian's chromium")
+async def test_another_stores_figures_are_chosen_apart_and_a_bad_range_is_refused(world: World) -> None:
+    from gateway.storage.models import Visit
+
+    rt = world.rt
+    pid, _ = enrol(rt, "Hana", 32)
+    with rt.db.session() as s:  # a second store's gateway writing to the same database
+        s.add(Visit(profile_id=pid, started_at=rt.clock.now(), ended_at=rt.clock.now() + 30, zones=["shop"],
+                    store_id="store-elsewhere"))
+        s.commit()
+    async with httpx.AsyncClient(base_url=world.base, headers={"X-API-Key": ADMIN_KEY}, timeout=10) as c:
+        api = (await c.get("/v1/figures", params={"store": "store-elsewhere"})).json()
+    page = await world.signed_in(world.keys["read"])
+    await page.goto(f"{world.base}/dashboard/figures")
+    options = await page.eval_on_selector_all("#store option", "os => os.map(o => o.value)")
+    assert "store-elsewhere" in options and rt.service.store_id in options
+    async with page.expect_navigation():
+        await page.select_option("#store", "store-elsewhere")
+        await page.click("button:text-is('Show')")
+    assert "store=store-elsewhere" in page.url
+    footfall = page.locator('table[data-table="totals"] tr:has(th:text-is("footfall")) td')
+    assert await footfall.inner_text() == str(api["footfall"]) == "1"
+    answer = await page.goto(f"{world.base}/dashboard/figures?from=2026-06-02&to=2026-06-01")
+    assert answer is not None and answer.status == 422
+    assert "ends before it starts" in await page.inner_text(".error")
+    assert await page.locator("table[data-table]").count() == 0  # nothing shown for a range that is not one
+    csv_answer = await page.request.get(f"{world.base}/dashboard/figures/nope.csv")
+    assert csv_answer.status == 404
+    anonymous = await world.page()
+    assert (await anonymous.request.get(f"{world.base}/dashboard/figures/days.csv")).status == 401

@@ -140,7 +140,9 @@ def tables(fig: dict[str, Any], decided: dict[str, dict[str, int]], hours: list[
 
 def charts(by_name: dict[str, Table]) -> dict[str, list[Chart]]:
     """The charts drawn beside each table, from the table's own cells (so the two cannot disagree)."""
-    out: dict[str, list[Chart]] = {}
+    totals = dict((str(r[0]), r[1]) for r in by_name["totals"].rows)
+    out: dict[str, list[Chart]] = {"totals": [chart("totals", "New vs returning visits", [
+        ("new", _num(totals["new visits"])), ("returning", _num(totals["returning visits"]))])]}
     if "days" in by_name:
         out["days"] = [chart("days", "Footfall per day", [(str(r[0]), _num(r[1])) for r in by_name["days"].rows])]
     if "hours" in by_name:
