@@ -113,8 +113,6 @@ def health_view(health: dict[str, Any], ready: dict[str, Any] | None, metrics: s
     if ready is not None:
         components.update({k: v for k, v in ready.get("components", {}).items() if k != "db"})
     queues = [(labels.get("queue", "?"), int(v)) for labels, v in samples(metrics, "gateway_queue_depth")]
-    queues += [(f"outbox {labels.get('channel', '?')}", int(v))
-               for labels, v in samples(metrics, "gateway_outbox_pending")]
     counters = {name: int(sum(v for _, v in samples(metrics, name)))
                 for name in ("gateway_adverts_dropped_total", "gateway_database_outages_total",
                              "gateway_dead_letters_total", "gateway_remote_sightings_total")}
