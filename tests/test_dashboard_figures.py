@@ -170,3 +170,14 @@ async def test_another_stores_figures_are_chosen_apart_and_a_bad_range_is_refuse
     assert csv_answer.status == 404
     anonymous = await world.page()
     assert (await anonymous.request.get(f"{world.base}/dashboard/figures/days.csv")).status == 401
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not browser.os.access(browser.CHROMIUM, browser.os.X_OK), reason="needs Debian's chromium")
+async def test_the_figures_page_needs_no_sideways_scroll_on_an_upright_tablet(world: World) -> None:
+    page = await world.signed_in(world.keys["read"])
+    await page.set_viewport_size({"width": 800, "height": 1280})  # a 10" tablet held upright
+    await page.goto(f"{world.base}/dashboard/figures")
+    assert await page.locator('table[data-table="experiments"]').count() == 1  # the widest table is there
+    assert await page.evaluate("document.scrollingElement.scrollWidth") <= 800
