@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from api.dashboard.figures import as_csv, chart, charts, evaluated_between, lift_interval, tables
+from api.dashboard.figures import as_csv, chart, charts, evaluated_between, hour_edges, lift_interval, tables
 from tests.live_gateway import ADMIN_KEY, enrol, walk_in
 
 ARM = {"notified": 40, "converted_within_window": 10, "converted_rate": 25.0, "lift_vs_holdout": 15.0}
@@ -56,14 +56,25 @@ def test_the_charts_are_drawn_from_the_tables_cells_scaled_to_the_largest() -> N
     days = [{"day": d, "footfall": f, "enrolled_visits": f, "anonymous_visits": 0, "unique_enrolled_visitors": f,
              "new_visits": f, "returning_visits": 0, "bounce_rate": None} for d, f in (("2026-06-01", 2),
                                                                                       ("2026-06-02", 8))]
-    found = {t.name: t for t in tables(figures_of({}, days), {}, [0] * 9 + [3] + [0] * 14)}
+    hours = [(f"{h:02d}:00", 3 if h == 9 else 0) for h in range(24)]
+    found = {t.name: t for t in tables(figures_of({}, days), {}, hours)}
     drawn = charts(found)
     [per_day] = drawn["days"]
     assert [(b.label, b.value) for b in per_day.bars] == [("2026-06-01", 2.0), ("2026-06-02", 8.0)]
     assert per_day.bars[1].width == 4 * per_day.bars[0].width  # widths in proportion
-    [hours] = drawn["hours"]
-    assert [b.label for b in hours.bars if b.value] == ["09:00"]
+    [per_hour] = drawn["hours"]
+    assert [b.label for b in per_hour.bars if b.value] == ["09:00"]
     assert chart("t", "empty", [("a", None)]).bars[0].width == 0.0  # a missing figure draws as nothing
+
+
+def test_the_hours_of_a_day_the_clocks_change_are_labelled_as_the_shops_clock_shows() -> None:
+    # Europe/London: clocks go forward at 01:00 on 2026-03-29 and back at 02:00 on 2026-10-25 (UK law, last Sundays)
+    spring = hour_edges("2026-03-29", "Europe/London")
+    assert len(spring) == 23 and [h[0] for h in spring[:3]] == ["00:00", "02:00", "03:00"]
+    autumn = hour_edges("2026-10-25", "Europe/London")
+    assert len(autumn) == 25 and [h[0] for h in autumn[:3]] == ["00:00", "01:00", "01:00"]
+    assert all(b - a == 3600.0 for _, a, b in spring + autumn)
+    assert len(hour_edges("2026-06-01", "UTC")) == 24
 
 
 def test_the_csv_is_the_table_with_an_empty_cell_for_a_missing_figure() -> None:

@@ -94,7 +94,8 @@ def evaluated_between(since_start: dict[str, dict[str, int]], since_end: dict[st
     return out
 
 
-def tables(fig: dict[str, Any], decided: dict[str, dict[str, int]], hours: list[int] | None) -> list[Table]:
+def tables(fig: dict[str, Any], decided: dict[str, dict[str, int]], hours: list[tuple[str, int]] | None
+           ) -> list[Table]:
     """Every table of the page, from the figures as GET /v1/figures gives them; ``hours``: the enrolled
     visits starting in each local hour of a single-day range (None for a longer one)."""
     out = [Table("totals", "The range", ("figure", "value"), [
@@ -109,7 +110,7 @@ def tables(fig: dict[str, Any], decided: dict[str, dict[str, int]], hours: list[
                       for d in fig.get("days", [])]))
     if hours is not None:
         out.append(Table("hours", "Enrolled visits per hour", ("hour", "visits"),
-                         [(f"{h:02d}:00", n) for h, n in enumerate(hours)]))
+                         list(hours)))
     out.append(Table("zones", "Per zone", ("zone", "footfall", "enrolled", "anonymous", "unique enrolled",
                                            "average dwell (s)"),
                      [(z, f["footfall"], f["enrolled"], f["anonymous"], f["unique_enrolled_visitors"],
@@ -181,14 +182,24 @@ def stores_of(ctx: ApiContext) -> list[str]:
     return sorted(found | ({own} if own else set()))
 
 
-def hourly(ctx: ApiContext, day: str, store: str | None) -> list[int]:
-    """Enrolled visits starting in each local hour of ``day``: the engine's visit figures, an hour at a time."""
-    from gateway.engine.figures import day_bounds, visit_figures
+def hour_edges(day: str, timezone: str) -> list[tuple[str, float, float]]:
+    """Each local hour of ``day`` as (its local start "HH:MM", start, end): 23 or 25 of them on the days the
+    clocks change, each labelled with the time a clock in the shop showed."""
+    from gateway.engine.figures import day_bounds
 
-    start, end = day_bounds(day, ctx.service.timezone)
+    start, end = day_bounds(day, timezone)
+    tz = ZoneInfo(timezone)
     edges = [start + 3600.0 * h for h in range(round((end - start) / 3600.0))] + [end]
+    return [(dt.datetime.fromtimestamp(a, tz).strftime("%H:%M"), a, b) for a, b in itertools.pairwise(edges)]
+
+
+def hourly(ctx: ApiContext, day: str, store: str | None) -> list[tuple[str, int]]:
+    """Enrolled visits starting in each local hour of ``day``: the engine's visit figures, an hour at a time."""
+    from gateway.engine.figures import visit_figures
+
     with ctx.service.db.session() as s:
-        return [visit_figures(s, a, b, [], store=store)["enrolled_visits"] for a, b in itertools.pairwise(edges)]
+        return [(label, visit_figures(s, a, b, [], store=store)["enrolled_visits"])
+                for label, a, b in hour_edges(day, ctx.service.timezone)]
 
 
 def load(ctx: ApiContext, day_from: str | None, day_to: str | None, store: str | None) -> tuple[
