@@ -17,7 +17,17 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from api.dashboard.devices import CHART_H, CHART_PAD, CHART_W, age_text, alarm_rows, chart, health_view, samples
+from api.dashboard.devices import (
+    CHART_H,
+    CHART_PAD,
+    CHART_W,
+    age_text,
+    alarm_rows,
+    chart,
+    health_view,
+    live_alarms,
+    samples,
+)
 from tests.live_gateway import ADMIN_KEY, T0, base_url, running
 
 # ------------------------------------------------------------------ the pieces
@@ -36,6 +46,16 @@ def test_an_alarm_row_has_its_age_and_what_the_owner_did() -> None:
     rows = alarm_rows([_alarm(T0 - 125), _alarm(T0 - 10, ack=T0 - 5), _alarm(T0, ack=T0, booked=T0)], T0)
     assert [(r["age"], r["state"]) for r in rows] == [("2 min", "new"), ("10 s", "acknowledged"), ("0 s", "booked")]
     assert rows[0]["age_s"] == 125
+
+
+def test_the_live_list_carries_what_the_page_shows_and_changes_with_the_owner() -> None:
+    base = {"device_id": "fz", "name": "Freezer too warm", "rule": "r", "severity": "critical", "last_value": 3.5,
+            "detail": "temp 3.5 gt 0.0", "profile_id": 9, "count": 1}
+    new = alarm_rows([{**base, **_alarm(T0 - 60)}], T0)
+    acked = alarm_rows([{**base, **_alarm(T0 - 60, ack=T0)}], T0)
+    assert live_alarms(new) != live_alarms(acked)
+    assert live_alarms(new) == live_alarms(alarm_rows([{**base, **_alarm(T0 - 60)}], T0))
+    assert "profile_id" not in live_alarms(new) and '"age":"1 min"' in live_alarms(new)
 
 
 def _bucket(start: float, metric: str, mean: float | None) -> dict[str, Any]:
@@ -125,6 +145,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
     s.device_rules.dir = str(tmp / "rules")
     s.devices.profiles_dir = str(tmp / "no-profiles")
     async with running(s) as rt, async_playwright() as pw:
+        rt.dashboard.stream_every_s = 0.05  # the live stream looks often: the test waits less
         keys = {}
         async with httpx.AsyncClient(base_url=base_url(rt), headers={"X-API-Key": ADMIN_KEY}, timeout=10) as c:
             for scope in ("read", "write"):
@@ -165,12 +186,15 @@ POST = """async ({url, body}) => (await fetch(url, {method: "POST", body,
 
 @in_browser
 async def test_a_warm_reading_raises_an_alarm_the_page_shows_and_acks(world: Any) -> None:
-    _warm_freezer(world.rt, "fz-1", "ada")
-    [alarm] = await _api_alarms(world.rt, "fz-1")
-    assert alarm["status"] == "active" and alarm["severity"] == "critical" and alarm["acknowledged_at"] is None
     page = await world.signed_in(world.keys["write"])
     await page.goto(f"{world.base}/dashboard/devices")
+    await page.wait_for_function("document.getElementById('state').textContent === 'live'")
+    assert await page.locator("#alarms tr[data-alarm]").count() == 0
+    _warm_freezer(world.rt, "fz-1", "ada")  # while the page is open
+    [alarm] = await _api_alarms(world.rt, "fz-1")
+    assert alarm["status"] == "active" and alarm["severity"] == "critical" and alarm["acknowledged_at"] is None
     row = page.locator(f"#alarms tr[data-alarm='{alarm['id']}']")
+    await row.wait_for()  # drawn from the page's stream, without a reload
     assert await row.get_attribute("data-severity") == "critical"
     assert await row.locator("[data-state]").inner_text() == "new"
     await page.screenshot(path=world.shot("dashboard-alarms.png"), full_page=True)

@@ -9,17 +9,20 @@ own ``health``, ``readiness`` and metrics text. This module only lays them out (
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from api.dashboard.routes import (
+    COOKIE,
+    KEY_RECHECK_S,
     PATH,
     _can_change,
     _changing,
@@ -60,6 +63,16 @@ def alarm_rows(alarms: Sequence[dict[str, Any]], now: float) -> list[dict[str, A
     return [{**a, "age_s": max(0.0, now - a["created_at"]), "age": age_text(now - a["created_at"]),
              "state": "booked" if a["booked_at"] else "acknowledged" if a["acknowledged_at"] else "new"}
             for a in alarms]
+
+
+LIVE_FIELDS = ("id", "device_id", "name", "rule", "severity", "state", "age", "last_value", "detail",
+               "acknowledged_at", "booked_at")
+
+
+def live_alarms(rows: Sequence[dict[str, Any]]) -> str:
+    """What the open page is sent: the active alarms' visible fields; the same text means nothing changed
+    but their ages."""
+    return json.dumps([{k: r[k] for k in LIVE_FIELDS} for r in rows], separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,44 @@ async def devices_page(request: Request) -> Response:
     return _page(request, "devices.html", session=session, active="devices", note=_take_note(request),
                  alarms=None if alarms is None else alarm_rows(alarms, dash.clock.now()), devices=devices,
                  dead=dead, can_change=_can_change(session))
+
+
+@router.get("/devices/stream")
+async def alarms_stream(request: Request) -> Response:
+    """The devices page's one SSE stream: the active alarms whenever they change (the desk looked at every
+    ``stream_every_s``), a heartbeat comment otherwise; it ends when the session does."""
+    session = await _session_async(request)
+    if session is None:
+        raise HTTPException(401, "sign in to the dashboard first")
+    ctx, dash = _ctx(request), dashboard_of(request)
+    if ctx.alarms is None:
+        raise HTTPException(503, "device rules are not running on this gateway")
+    raw = request.cookies.get(COOKIE)
+
+    async def events() -> AsyncIterator[str]:
+        last, quiet, unchecked = "", 0.0, 0.0
+        yield "retry: 3000\n\n"
+        while not dash.closed and dash.sessions.get(raw, dash.clock.now()) is not None:
+            if session.key is not None and unchecked >= KEY_RECHECK_S:  # a key revoked meanwhile ends it
+                unchecked = 0.0
+                if await _session_async(request) is None:
+                    break
+            rows = alarm_rows(await asyncio.to_thread(ctx.alarms.list_alarms, "active", None, 200), dash.clock.now())
+            key = live_alarms([{**r, "age": ""} for r in rows])
+            if key != last:
+                last, quiet = key, 0.0
+                yield f"event: alarms\ndata: {live_alarms(rows)}\n\n"
+            elif quiet >= dash.heartbeat_s:
+                quiet = 0.0
+                yield ": heartbeat\n\n"
+            await dash.wait(dash.stream_every_s)
+            quiet += dash.stream_every_s
+            unchecked += dash.stream_every_s
+        if not dash.closed:
+            yield "event: signed-out\ndata: {}\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 @router.get("/devices/{device_id}")
