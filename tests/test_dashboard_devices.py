@@ -251,3 +251,12 @@ async def test_the_health_page_shows_what_health_says(world: Any) -> None:
     assert await page.locator("#queues tbody tr").count() >= 3  # adverts, readings, sightings at least
     assert await page.locator("#receivers tbody tr").count() == 2
     await page.screenshot(path=world.shot("dashboard-health.png"), full_page=True)
+
+
+@in_browser
+async def test_the_pages_need_no_sideways_scroll_on_an_upright_tablet(world: Any) -> None:
+    page = await world.signed_in(world.keys["write"])
+    await page.set_viewport_size({"width": 800, "height": 1280})  # a 10" tablet held upright
+    for path in ("/dashboard/devices", "/dashboard/devices/fz-1", "/dashboard/health"):
+        await page.goto(f"{world.base}{path}")
+        assert await page.evaluate("document.scrollingElement.scrollWidth") <= 800, path
