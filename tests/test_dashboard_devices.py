@@ -144,6 +144,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
     (tmp / "rules" / "freezer.yaml").write_text(RULE)
     s.device_rules.dir = str(tmp / "rules")
     s.devices.profiles_dir = str(tmp / "no-profiles")
+    s.devices.unknown_policy = "reject"  # an unregistered device's reading becomes a dead letter
     async with running(s) as rt, async_playwright() as pw:
         rt.dashboard.stream_every_s = 0.05  # the live stream looks often: the test waits less
         keys = {}
@@ -241,6 +242,10 @@ async def test_a_read_key_sees_alarms_without_buttons_and_its_post_is_refused(wo
 
 @in_browser
 async def test_the_health_page_shows_what_health_says(world: Any) -> None:
+    from devices.payloads import Reading
+
+    now = world.rt.clock.now()
+    world.rt.pipeline.ingest_readings([Reading("ghost-9", "s1", now, {"temp": 1.0})], now=now)  # refused
     async with httpx.AsyncClient(base_url=world.base, timeout=10) as c:
         health = (await c.get("/health")).json()
     page = await world.signed_in(world.keys["read"])
@@ -250,6 +255,14 @@ async def test_the_health_page_shows_what_health_says(world: Any) -> None:
         assert await page.inner_text(f"#components tr[data-component={name}] [data-state]") == str(state)
     assert await page.locator("#queues tbody tr").count() >= 3  # adverts, readings, sightings at least
     assert await page.locator("#receivers tbody tr").count() == 2
+    async with httpx.AsyncClient(base_url=world.base, headers={"X-API-Key": ADMIN_KEY}, timeout=10) as c:
+        [dead] = (await c.get("/v1/dead-letters", params={"device_id": "ghost-9"})).json()
+    for path in ("/dashboard/health", "/dashboard/devices"):
+        await page.goto(f"{world.base}{path}")
+        row = page.locator("#dead-letters tbody tr", has_text="ghost-9")
+        assert await row.locator("[data-reason]").inner_text() == dead["reason"] == "unknown_device"
+        assert dead["detail"] in await row.inner_text()
+    await page.goto(f"{world.base}/dashboard/health")
     await page.screenshot(path=world.shot("dashboard-health.png"), full_page=True)
 
 
