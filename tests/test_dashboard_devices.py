@@ -198,6 +198,9 @@ async def test_a_warm_reading_raises_an_alarm_the_page_shows_and_acks(world: Any
     await row.wait_for()  # drawn from the page's stream, without a reload
     assert await row.get_attribute("data-severity") == "critical"
     assert await row.locator("[data-state]").inner_text() == "new"
+    await page.reload()  # the devices table is drawn once, when the page is opened
+    await page.wait_for_function("document.getElementById('state').textContent === 'live'")
+    assert await page.locator("#devices a:text-is('fz-1')").count() == 1
     await page.screenshot(path=world.shot("dashboard-alarms.png"), full_page=True)
     async with page.expect_navigation():
         await row.locator("button:text-is('Acknowledge')").click()
