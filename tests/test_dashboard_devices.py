@@ -220,6 +220,8 @@ async def test_a_warm_reading_raises_an_alarm_the_page_shows_and_acks(world: Any
         await page.click("form.card button:text-is('Serviced')")
     assert "1 alarm(s) resolved" in await page.inner_text(".notice")
     assert (await _api_alarms(world.rt, "fz-1"))[0]["status"] == "resolved"
+    csrf = await page.get_attribute(".signout input[name=csrf]", "value")
+    assert await page.evaluate(POST, {"url": f"/dashboard/alarms/{alarm['id']}/ack", "body": f"csrf={csrf}"}) == 404
 
 
 @in_browser

@@ -41,6 +41,7 @@ from gateway.errors import Conflict, Invalid, NotFound
 router = APIRouter(prefix=PATH, include_in_schema=False)
 CHART_W, CHART_H, CHART_PAD = 600.0, 200.0, 8.0
 PERIODS = {"minute": 60.0, "hour": 3600.0}
+MAX_ACTIVE = 500  # active alarms the page lists and acts on
 SPAN_POINTS = 120  # buckets a chart shows: two hours of minutes, five days of hours
 DeviceId = Annotated[str, Path(min_length=1, max_length=128)]
 AlarmId = Annotated[int, Path(ge=1, le=DB_ID_MAX)]
@@ -142,7 +143,7 @@ async def devices_page(request: Request) -> Response:
     if session is None:
         return _login_page(request)
     ctx, dash = _ctx(request), dashboard_of(request)
-    alarms = await asyncio.to_thread(ctx.alarms.list_alarms, "active", None, 200) if ctx.alarms else None
+    alarms = await asyncio.to_thread(ctx.alarms.list_alarms, "active", None, MAX_ACTIVE) if ctx.alarms else None
     devices = await asyncio.to_thread(ctx.devices.list_devices, None, 200, 0) if ctx.devices else None
     dead = await asyncio.to_thread(ctx.devices.dead_letters, None, None, 50) if ctx.devices else None
     return _page(request, "devices.html", session=session, active="devices", note=_take_note(request),
@@ -170,7 +171,8 @@ async def alarms_stream(request: Request) -> Response:
                 unchecked = 0.0
                 if await _session_async(request) is None:
                     break
-            rows = alarm_rows(await asyncio.to_thread(ctx.alarms.list_alarms, "active", None, 200), dash.clock.now())
+            rows = alarm_rows(await asyncio.to_thread(ctx.alarms.list_alarms, "active", None, MAX_ACTIVE),
+                              dash.clock.now())
             key = live_alarms([{**r, "age": ""} for r in rows])
             if key != last:
                 last, quiet = key, 0.0
@@ -219,10 +221,10 @@ async def _alarm_action(request: Request, alarm_id: int, action: str) -> Respons
     ctx = _ctx(request)
     if ctx.alarms is None:
         raise HTTPException(503, "device rules are not running on this gateway")
-    found = await asyncio.to_thread(ctx.alarms.list_alarms, None, None, 500)
+    found = await asyncio.to_thread(ctx.alarms.list_alarms, "active", None, MAX_ACTIVE)
     alarm = next((a for a in found if a["id"] == alarm_id), None)
-    if alarm is None:
-        raise HTTPException(404, f"alarm {alarm_id} not found")
+    if alarm is None:  # the page offers these on active alarms only
+        raise HTTPException(404, f"no active alarm {alarm_id}")
     try:
         if action == "ack":
             await asyncio.to_thread(ctx.alarms.acknowledge, alarm["profile_id"], alarm_id)
