@@ -124,7 +124,7 @@ def create_app(ctx: ApiContext, dashboard: Dashboard | None = None) -> FastAPI:
     app.include_router(deliveries.router, prefix="/v1")
     app.include_router(maintenance.router, prefix="/v1")
     if dashboard is not None:
-        from api.dashboard.routes import install as install_dashboard
+        from api.dashboard.mount import install as install_dashboard
 
         install_dashboard(app, dashboard)
     openapi.install(app)  # errors documented as problem+json, as the handlers above send them

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
@@ -669,12 +669,3 @@ async def static(request: Request, name: str) -> Response:
         headers["Content-Encoding"] = "gzip"
         return Response(packed, media_type=media, headers=headers)
     return Response(plain, media_type=media, headers=headers)
-
-
-def install(app: FastAPI, dashboard: Dashboard) -> None:
-    app.state.dashboard = dashboard
-    app.include_router(router)
-    app.include_router(__import__("api.dashboard.devices", fromlist=["router"]).router)  # imports this module
-    from api.dashboard.figures import router as figures_router  # it imports this module's helpers
-
-    app.include_router(figures_router)

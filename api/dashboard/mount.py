@@ -1,0 +1,17 @@
+"""The dashboard's pages on the app: the core pages (routes.py) and the pages built on their helpers
+(devices.py, figures.py), which import routes.py, so that routes.py imports none of them back."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api.dashboard import Dashboard
+from api.dashboard.devices import router as devices_router
+from api.dashboard.figures import router as figures_router
+from api.dashboard.routes import router
+
+
+def install(app: FastAPI, dashboard: Dashboard) -> None:
+    app.state.dashboard = dashboard
+    for pages in (router, devices_router, figures_router):
+        app.include_router(pages)
