@@ -12,17 +12,15 @@ import asyncio
 import json
 import math
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
-from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from fastapi.responses import RedirectResponse, Response
 
 from api.dashboard.routes import (
-    COOKIE,
-    KEY_RECHECK_S,
     PATH,
     _can_change,
     _changing,
@@ -34,6 +32,7 @@ from api.dashboard.routes import (
     _take_note,
     dashboard_of,
     live_view,
+    session_stream,
 )
 from api.schemas import DB_ID_MAX
 from gateway.errors import Conflict, Invalid, NotFound
@@ -161,33 +160,19 @@ async def alarms_stream(request: Request) -> Response:
     ctx, dash = _ctx(request), dashboard_of(request)
     if ctx.alarms is None:
         raise HTTPException(503, "device rules are not running on this gateway")
-    raw = request.cookies.get(COOKIE)
+    last = ""
 
-    async def events() -> AsyncIterator[str]:
-        last, quiet, unchecked = "", 0.0, 0.0
-        yield "retry: 3000\n\n"
-        while not dash.closed and dash.sessions.get(raw, dash.clock.now()) is not None:
-            if session.key is not None and unchecked >= KEY_RECHECK_S:  # a key revoked meanwhile ends it
-                unchecked = 0.0
-                if await _session_async(request) is None:
-                    break
-            rows = alarm_rows(await asyncio.to_thread(ctx.alarms.list_alarms, "active", None, MAX_ACTIVE),
-                              dash.clock.now())
-            key = live_alarms([{**r, "age": ""} for r in rows])
-            if key != last:
-                last, quiet = key, 0.0
-                yield f"event: alarms\ndata: {live_alarms(rows)}\n\n"
-            elif quiet >= dash.heartbeat_s:
-                quiet = 0.0
-                yield ": heartbeat\n\n"
-            await dash.wait(dash.stream_every_s)
-            quiet += dash.stream_every_s
-            unchecked += dash.stream_every_s
-        if not dash.closed:
-            yield "event: signed-out\ndata: {}\n\n"
+    async def next_event() -> tuple[str, str] | None:
+        nonlocal last
+        rows = alarm_rows(await asyncio.to_thread(ctx.alarms.list_alarms, "active", None, MAX_ACTIVE),
+                          dash.clock.now())
+        key = live_alarms([{**r, "age": ""} for r in rows])  # the ages alone changing is no news
+        if key == last:
+            return None
+        last = key
+        return "alarms", live_alarms(rows)
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return session_stream(request, session, next_event)
 
 
 @router.get("/devices/{device_id}")

@@ -17,7 +17,7 @@ import mimetypes
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote, urlsplit
@@ -281,7 +281,6 @@ async def stream(request: Request, after: int | None = None) -> Response:
     if session is None:
         raise HTTPException(401, "sign in to the dashboard first")
     dash, ctx = dashboard_of(request), _ctx(request)
-    raw = request.cookies.get(COOKIE)
 
     async def decisions(seq: int) -> tuple[int, str | None]:
         items = dash.feed.after(seq)
@@ -292,25 +291,43 @@ async def stream(request: Request, after: int | None = None) -> Response:
         body = json.dumps(shown, separators=(",", ":")) if shown else None
         return items[-1].seq, body
 
+    seq = after
+    last = ""
+
+    async def next_event() -> tuple[str, str] | None:
+        nonlocal seq, last
+        if seq is None:
+            body = json.dumps(live_view(ctx, dash), separators=(",", ":"))
+            if body == last:
+                return None
+            last = body
+            return "live", body
+        seq, shown = await decisions(seq)
+        return None if shown is None else ("decisions", shown)
+
+    return session_stream(request, session, next_event)
+
+
+def session_stream(request: Request, session: Session, next_event: Callable[[], Awaitable[tuple[str, str] | None]]
+                   ) -> StreamingResponse:
+    """A page's one SSE stream: ``next_event()`` (an event name and its data, or None for nothing new) every
+    ``stream_every_s``, a heartbeat comment when quiet, and the end when the session does (signed out,
+    expired, its key revoked: checked again every ``KEY_RECHECK_S``) or the gateway stops."""
+    dash = dashboard_of(request)
+    raw = request.cookies.get(COOKIE)
+
     async def events() -> AsyncIterator[str]:
-        last, quiet, unchecked, seq = "", 0.0, 0.0, after
+        quiet, unchecked = 0.0, 0.0
         yield "retry: 3000\n\n"
         while not dash.closed and dash.sessions.get(raw, dash.clock.now()) is not None:
             if session.key is not None and unchecked >= KEY_RECHECK_S:  # a key revoked meanwhile ends it
                 unchecked = 0.0
                 if await _session_async(request) is None:
                     break
-            if seq is None:
-                body: str | None = json.dumps(live_view(ctx, dash), separators=(",", ":"))
-                event = "live"
-                if body == last:
-                    body = None
-            else:
-                seq, body = await decisions(seq)
-                event = "decisions"
-            if body is not None:
-                last, quiet = body, 0.0
-                yield f"event: {event}\ndata: {body}\n\n"
+            event = await next_event()
+            if event is not None:
+                quiet = 0.0
+                yield f"event: {event[0]}\ndata: {event[1]}\n\n"
             elif quiet >= dash.heartbeat_s:
                 quiet = 0.0
                 yield ": heartbeat\n\n"
