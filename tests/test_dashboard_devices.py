@@ -189,7 +189,7 @@ POST = """async ({url, body}) => (await fetch(url, {method: "POST", body,
 async def test_a_warm_reading_raises_an_alarm_the_page_shows_and_acks(world: Any) -> None:
     page = await world.signed_in(world.keys["write"])
     await page.goto(f"{world.base}/dashboard/devices")
-    await page.wait_for_function("document.getElementById('state').textContent === 'live'")
+    await page.wait_for_selector("#state:text('live')")  # a selector, not a string to eval (the CSP forbids it)
     assert await page.locator("#alarms tr[data-alarm]").count() == 0
     _warm_freezer(world.rt, "fz-1", "ada")  # while the page is open
     [alarm] = await _api_alarms(world.rt, "fz-1")
@@ -199,7 +199,7 @@ async def test_a_warm_reading_raises_an_alarm_the_page_shows_and_acks(world: Any
     assert await row.get_attribute("data-severity") == "critical"
     assert await row.locator("[data-state]").inner_text() == "new"
     await page.reload()  # the devices table is drawn once, when the page is opened
-    await page.wait_for_function("document.getElementById('state').textContent === 'live'")
+    await page.wait_for_selector("#state:text('live')")  # a selector, not a string to eval (the CSP forbids it)
     assert await page.locator("#devices a:text-is('fz-1')").count() == 1
     await page.screenshot(path=world.shot("dashboard-alarms.png"), full_page=True)
     async with page.expect_navigation():
