@@ -22,10 +22,10 @@ from fastapi.responses import RedirectResponse, Response
 
 from api.dashboard.routes import (
     PATH,
+    PageSession,
     _can_change,
     _changing,
     _ctx,
-    _login_page,
     _note,
     _page,
     _session_async,
@@ -137,10 +137,7 @@ def health_view(health: dict[str, Any], ready: dict[str, Any] | None, metrics: s
 
 
 @router.get("/devices")
-async def devices_page(request: Request) -> Response:
-    session = await _session_async(request)
-    if session is None:
-        return _login_page(request)
+async def devices_page(request: Request, session: PageSession) -> Response:
     ctx, dash = _ctx(request), dashboard_of(request)
     alarms = await asyncio.to_thread(ctx.alarms.list_alarms, "active", None, MAX_ACTIVE) if ctx.alarms else None
     devices = await asyncio.to_thread(ctx.devices.list_devices, None, 200, 0) if ctx.devices else None
@@ -176,12 +173,9 @@ async def alarms_stream(request: Request) -> Response:
 
 
 @router.get("/devices/{device_id}")
-async def device_page(request: Request, device_id: DeviceId,
+async def device_page(request: Request, session: PageSession, device_id: DeviceId,
                       period: Annotated[str, Query(pattern="^(minute|hour)$")] = "minute") -> Response:
     """A device's telemetry: per metric, a line of its rollups' means (SVG) and the same numbers as a table."""
-    session = await _session_async(request)
-    if session is None:
-        return _login_page(request)
     ctx, dash = _ctx(request), dashboard_of(request)
     if ctx.devices is None:
         raise HTTPException(503, "the device registry is not running")
@@ -249,11 +243,8 @@ async def device_service(request: Request, device_id: DeviceId) -> Response:
 
 
 @router.get("/health")
-async def health_page(request: Request) -> Response:
+async def health_page(request: Request, session: PageSession) -> Response:
     """The runtime's own health, readiness and metrics (the functions behind /health and /metrics)."""
-    session = await _session_async(request)
-    if session is None:
-        return _login_page(request)
     ctx, dash = _ctx(request), dashboard_of(request)
     health = await asyncio.to_thread(ctx.health)
     ready = await asyncio.to_thread(ctx.ready) if ctx.ready is not None else None

@@ -22,7 +22,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 from sqlalchemy import select, union
 
-from api.dashboard.routes import PATH, _ctx, _login_page, _page, _session_async, dashboard_of
+from api.dashboard.routes import PATH, PageSession, _ctx, _page, _session_async, dashboard_of
 from api.deps import ApiContext
 from gateway.errors import Invalid
 from gateway.storage.models import Decision, Visit
@@ -226,10 +226,8 @@ StoreQ = Annotated[str, Query(max_length=STORE_MAX)]
 
 
 @router.get("/figures")
-async def figures_page(request: Request, day_from: DateQ = None, day_to: ToQ = None, store: StoreQ = "") -> Response:
-    session = await _session_async(request)
-    if session is None:
-        return _login_page(request)
+async def figures_page(request: Request, session: PageSession, day_from: DateQ = None, day_to: ToQ = None,
+                       store: StoreQ = "") -> Response:
     ctx = _ctx(request)
     chosen = store.strip() or ctx.service.store_id
     first = day_from.isoformat() if day_from else None

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import ValidationError
@@ -127,6 +127,21 @@ async def _session_async(request: Request) -> Session | None:
     return await asyncio.to_thread(_session, request)
 
 
+class SignInFirst(Exception):
+    """A page asked for without a session: the app answers with the sign-in form (mount.py's handler)."""
+
+
+async def page_session(request: Request) -> Session:
+    """Every page's dependency: the signed-in session, or the sign-in form in the page's place."""
+    session = await _session_async(request)
+    if session is None:
+        raise SignInFirst
+    return session
+
+
+PageSession = Annotated[Session, Depends(page_session)]
+
+
 def _origin_ok(request: Request) -> bool:
     """A browser names the page a POST came from; it must be this server (scheme, host and port)."""
     own = f"{request.url.scheme}://{request.headers.get('host', '')}"
@@ -218,10 +233,7 @@ router = APIRouter(prefix=PATH, include_in_schema=False)
 
 
 @router.get("")
-async def home(request: Request) -> Response:
-    session = await _session_async(request)
-    if session is None:
-        return _login_page(request)
+async def home(request: Request, session: PageSession) -> Response:
     dash = dashboard_of(request)
     return _page(request, "store.html", session=session, plan=dash.plan, live=live_view(_ctx(request), dash),
                  can_change=_can_change(session), active="store")
@@ -371,10 +383,7 @@ def _feed_rows(ctx: ApiContext) -> list[dict[str, Any]]:
 
 
 @router.get("/decisions")
-async def decisions_page(request: Request) -> Response:
-    session = await _session_async(request)
-    if session is None:
-        return _login_page(request)
+async def decisions_page(request: Request, session: PageSession) -> Response:
     dash, ctx = dashboard_of(request), _ctx(request)
     start = dash.feed.start_for_page()  # before the table is read: nothing decided meanwhile is missed
     rows = await asyncio.to_thread(_feed_rows, ctx)
@@ -382,14 +391,11 @@ async def decisions_page(request: Request) -> Response:
 
 
 @router.get("/decisions/explain")
-async def explain_page(request: Request, profile: Annotated[int, Query(ge=1, le=DB_ID_MAX)],
+async def explain_page(request: Request, session: PageSession, profile: Annotated[int, Query(ge=1, le=DB_ID_MAX)],
                        campaign: Annotated[str, Query(max_length=128)],
                        key: Annotated[str, Query(max_length=256)]) -> Response:
     """Why one decision went as it did: the engine's recorded verdict (GatewayService.decisions, the service
     behind GET /v1/profiles/{id}/decisions) beside the campaign's conditions as written."""
-    session = await _session_async(request)
-    if session is None:
-        return _login_page(request)
     ctx = _ctx(request)
 
     def load() -> tuple[dict[str, Any] | None, Any]:
@@ -439,10 +445,7 @@ def _take_note(request: Request) -> str | None:
 
 
 @router.get("/campaigns")
-async def campaigns_page(request: Request) -> Response:
-    session = await _session_async(request)
-    if session is None:
-        return _login_page(request)
+async def campaigns_page(request: Request, session: PageSession) -> Response:
     dash, ctx = dashboard_of(request), _ctx(request)
     rows = await asyncio.to_thread(campaign_rows, ctx.service, dash.clock.now())
     return _page(request, "campaigns.html", session=session, rows=rows, note=_take_note(request),
@@ -450,16 +453,14 @@ async def campaigns_page(request: Request) -> Response:
 
 
 @router.get("/campaigns/dry-run")
-async def dry_run_page(request: Request, profile: Annotated[int | None, Query(ge=1, le=DB_ID_MAX)] = None,
+async def dry_run_page(request: Request, session: PageSession,
+                       profile: Annotated[int | None, Query(ge=1, le=DB_ID_MAX)] = None,
                        kind: Annotated[str, Query(max_length=32)] = "",
                        zone: Annotated[str, Query(max_length=64)] = "",
                        dwell_s: Annotated[str, Query(max_length=32)] = "0",
                        q: Annotated[str, Query(max_length=128)] = "") -> Response:
     """Would this customer get it now, and if not, why: GatewayService.dry_run (the service behind
     POST /v1/decisions/dry-run), a read that sends and stores nothing."""
-    session = await _session_async(request)
-    if session is None:
-        return _login_page(request)
     dash, ctx = dashboard_of(request), _ctx(request)
     from api.schemas import SyntheticEvent
     from gateway.campaigns.model import TRIGGERS
@@ -522,11 +523,9 @@ async def _editor(request: Request, session: Session, cid: str, text: str | None
 
 
 @router.get("/campaigns/new")
-async def campaign_new(request: Request, id: Annotated[str, Query(max_length=200)] = "") -> Response:
+async def campaign_new(request: Request, session: PageSession,
+                       id: Annotated[str, Query(max_length=200)] = "") -> Response:
     """The new campaign's id, then its editor (a starter YAML; nothing exists until it is saved)."""
-    session = await _session_async(request)
-    if session is None:
-        return _login_page(request)
     cid = id.strip()
     if not CAMPAIGN_ID.match(cid):
         _note(request, "A campaign id is 1-128 letters, digits, '-', '_' or '.'.")
@@ -535,10 +534,7 @@ async def campaign_new(request: Request, id: Annotated[str, Query(max_length=200
 
 
 @router.get("/campaigns/{cid}")
-async def campaign_page(request: Request, cid: str) -> Response:
-    session = await _session_async(request)
-    if session is None:
-        return _login_page(request)
+async def campaign_page(request: Request, session: PageSession, cid: str) -> Response:
     return await _editor(request, session, _campaign_id(cid))
 
 
@@ -594,10 +590,7 @@ async def campaign_disable(request: Request, cid: str) -> Response:
 
 
 @router.get("/calibrate")
-async def calibrate_page(request: Request, tag: str = "") -> Response:
-    session = await _session_async(request)
-    if session is None:
-        return _login_page(request)
+async def calibrate_page(request: Request, session: PageSession, tag: str = "") -> Response:
     dash = dashboard_of(request)
     walk = dash.walks.of(tag) if tag else next((w for w in dash.walks.all() if w.active), None)
     labels = walk_labels(walk) if walk is not None else []
