@@ -8,8 +8,9 @@ docs/dashboard.md shows them.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +70,16 @@ class World:
         return page
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
-    tmp = tmp_path_factory.mktemp("dashboard")
-    async with running(store_settings(tmp)) as rt, playwright_api.async_playwright() as pw:
-        rt.dashboard.stream_every_s = 0.05  # the live stream looks often: the test waits less
+@contextlib.asynccontextmanager
+async def open_world(settings: Any, tmp: Path, scopes: Sequence[str], name: str) -> AsyncIterator[World]:
+    """A live gateway whose dashboard streams look often (the tests wait less), an API key per scope, and one
+    headless Chromium: what each browser test module runs against."""
+    async with running(settings) as rt, playwright_api.async_playwright() as pw:
+        rt.dashboard.stream_every_s = 0.05
         keys = {}
         async with httpx.AsyncClient(base_url=base_url(rt), headers={"X-API-Key": ADMIN_KEY}, timeout=10) as c:
-            for scope in ("read", "write", "campaigns"):
-                r = await c.post("/v1/keys", json={"name": f"tablet-{scope}", "scopes": [scope]})
+            for scope in scopes:
+                r = await c.post("/v1/keys", json={"name": f"{name}-{scope}", "scopes": [scope]})
                 assert r.status_code == 201, r.text
                 keys[scope] = r.json()["key"]
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True, timeout=20000)
@@ -85,6 +87,13 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
             yield World(rt, browser, keys, Path(os.environ.get(SHOTS_ENV) or tmp))
         finally:
             await browser.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+    tmp = tmp_path_factory.mktemp("dashboard")
+    async with open_world(store_settings(tmp), tmp, ("read", "write", "campaigns"), "tablet") as w:
+        yield w
 
 
 async def test_the_one_time_link_signs_in_once(world: World) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,7 +27,7 @@ from api.dashboard.devices import (
     live_alarms,
     samples,
 )
-from tests.live_gateway import ADMIN_KEY, T0, base_url, running
+from tests.live_gateway import ADMIN_KEY, T0, base_url
 
 # ------------------------------------------------------------------ the pieces
 
@@ -134,9 +133,7 @@ actions: {prompt: false, staff: false}
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
     pytest.importorskip("playwright.async_api")
-    from playwright.async_api import async_playwright
-
-    from tests.test_dashboard_browser import ARGS, SHOTS_ENV, World, store_settings
+    from tests.test_dashboard_browser import open_world, store_settings
 
     tmp = tmp_path_factory.mktemp("dashboard-devices")
     s = store_settings(tmp)
@@ -145,19 +142,8 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
     s.device_rules.dir = str(tmp / "rules")
     s.devices.profiles_dir = str(tmp / "no-profiles")
     s.devices.unknown_policy = "reject"  # an unregistered device's reading becomes a dead letter
-    async with running(s) as rt, async_playwright() as pw:
-        rt.dashboard.stream_every_s = 0.05  # the live stream looks often: the test waits less
-        keys = {}
-        async with httpx.AsyncClient(base_url=base_url(rt), headers={"X-API-Key": ADMIN_KEY}, timeout=10) as c:
-            for scope in ("read", "write"):
-                r = await c.post("/v1/keys", json={"name": f"desk-{scope}", "scopes": [scope]})
-                assert r.status_code == 201, r.text
-                keys[scope] = r.json()["key"]
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True, timeout=20000)
-        try:
-            yield World(rt, browser, keys, Path(os.environ.get(SHOTS_ENV) or tmp))
-        finally:
-            await browser.close()
+    async with open_world(s, tmp, ("read", "write"), "desk") as w:
+        yield w
 
 
 def _warm_freezer(rt: Any, device: str, owner: str) -> int:
