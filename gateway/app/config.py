@@ -39,6 +39,7 @@ from gateway.delivery.webpush import WebPushSettings
 from gateway.errors import ConfigError
 from gateway.presence import floor
 from gateway.presence.settings import FloorZone, PresenceSettings, ReceiverSettings
+from gateway.storage.models import Purpose
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 """The repository's examples/, installed with the package (a link in the source tree)."""
@@ -257,6 +258,32 @@ class PrivacySettings:
 
 
 @dataclass
+class HomeAssistantSettings:
+    """Zone occupancy out to Home Assistant over the [mqtt] broker, with device-based discovery
+    (docs/home-assistant.md). Nothing about an individual goes out unless ``track_customers`` is on, and
+    then only for customers who consented to ``track_purpose``."""
+
+    enabled: bool = False
+    discovery_prefix: str = "homeassistant"  # Home Assistant's discovery prefix (its MQTT options)
+    node_id: str = ""  # the discovery topic's object id; empty: the store id, made fit ([a-zA-Z0-9_-])
+    track_customers: bool = False  # a device_tracker per consenting customer (their zone, or not_home)
+    track_purpose: str = "analytics"  # the consent a customer must have given to be tracked
+    min_interval_s: float = 1.0  # a zone's state goes out at most once per this (changes meanwhile coalesce)
+
+    def __post_init__(self) -> None:
+        p = self.discovery_prefix
+        if not p or p.startswith("/") or p.endswith("/") or any(c in p for c in "+#\x00"):
+            raise ConfigError(f"homeassistant.discovery_prefix: not a topic prefix, got {p!r}")
+        if self.node_id and re.fullmatch(r"[a-zA-Z0-9_-]+", self.node_id) is None:
+            raise ConfigError(f"homeassistant.node_id: only letters, digits, _ and - are allowed, got {self.node_id!r}")
+        if self.track_purpose not in set(Purpose):
+            raise ConfigError(f"homeassistant.track_purpose: expected one of {', '.join(Purpose)}, "
+                              f"got {self.track_purpose!r}")
+        if not self.min_interval_s >= 0:
+            raise ConfigError(f"homeassistant.min_interval_s: must not be negative, got {self.min_interval_s!r}")
+
+
+@dataclass
 class FigureSettings:
     bounce_s: float = 60.0  # a visit that saw at most one zone and lasted less than this is a bounce
 
@@ -288,6 +315,7 @@ class Settings(BaseSettings):
     interactions: InteractionSettings = Field(default_factory=InteractionSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     figures: FigureSettings = Field(default_factory=FigureSettings)
+    homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
     receivers: list[ReceiverSettings] = Field(default_factory=list)
     zones: list[FloorZone] = Field(default_factory=list)
