@@ -269,6 +269,7 @@ class HomeAssistantSettings:
     track_customers: bool = False  # a device_tracker per consenting customer (their zone, or not_home)
     track_purpose: str = "analytics"  # the consent a customer must have given to be tracked
     min_interval_s: float = 1.0  # a zone's state goes out at most once per this (changes meanwhile coalesce)
+    support_url: str = ""  # the discovery origin's support URL (Home Assistant logs it); empty: left out
 
     def __post_init__(self) -> None:
         p = self.discovery_prefix
@@ -281,6 +282,8 @@ class HomeAssistantSettings:
                               f"got {self.track_purpose!r}")
         if not self.min_interval_s >= 0:
             raise ConfigError(f"homeassistant.min_interval_s: must not be negative, got {self.min_interval_s!r}")
+        if self.support_url and not self.support_url.startswith(("http://", "https://")):
+            raise ConfigError(f"homeassistant.support_url: expected an http(s) URL, got {self.support_url!r}")
 
 
 @dataclass
