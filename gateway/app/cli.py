@@ -1,4 +1,4 @@
-"""The `gateway` command: demo, run, replay, simulate, decode, db upgrade."""
+"""The `gateway` command: demo, run, replay, simulate, decode, db upgrade / backup / restore."""
 
 from __future__ import annotations
 
@@ -231,6 +231,41 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_backup(args: argparse.Namespace) -> int:
+    """A consistent copy of the database while the gateway may run (docs: README, "Upgrading")."""
+    return _backup_or_restore(args, "db backup")
+
+
+def cmd_db_restore(args: argparse.Namespace) -> int:
+    """The database replaced by a backup (the gateway stopped); an older schema is upgraded."""
+    return _backup_or_restore(args, "db restore")
+
+
+def _backup_or_restore(args: argparse.Namespace, command: str) -> int:
+    from gateway.app.config import ConfigError, load_settings
+    from gateway.storage.backup import BackupError, backup, restore
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"gateway {command}: {exc}", file=sys.stderr)
+        return 2
+    url = args.url or settings.database.url
+    try:
+        if command == "db backup":
+            summary = backup(url, args.file)
+            print(f"backup written to {summary.path} ({summary.size_bytes / 1e6:.1f} MB, schema {summary.revision}):")
+        else:
+            summary = restore(url, args.file, store_id=settings.store.id)
+            upgraded = f", upgraded from {summary.upgraded_from}" if summary.upgraded_from else ""
+            print(f"restored {args.file} into {summary.path} (schema {summary.revision}{upgraded}):")
+    except BackupError as exc:
+        print(f"gateway {command}: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     import time
 
@@ -263,6 +298,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     finally:
         db.dispose()
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from gateway.app.doctor import main as doctor_main
+
+    return doctor_main(args.config, as_json=args.json, mosquitto_conf=args.mosquitto_conf)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,12 +367,29 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file differs")
     sc.set_defaults(func=cmd_schemas)
 
+    dr = sub.add_parser("doctor", help="check this machine for the gateway: one line per check, OK, WARN or FAIL "
+                                       "with the fix; exit 1 on any FAIL (docs/raspberry-pi.md)")
+    dr.add_argument("--config", default=None, help="gateway.toml (default: built-in settings)")
+    dr.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    dr.add_argument("--mosquitto-conf", default=None, metavar="FILE",
+                    help="the local broker's config (default /etc/mosquitto/mosquitto.conf and its include_dir)")
+    dr.set_defaults(func=cmd_doctor)
+
     db = sub.add_parser("db", help="database maintenance")
     dbs = db.add_subparsers(dest="db_command", required=True)
     up = dbs.add_parser("upgrade", help="apply schema migrations")
     up.add_argument("--config", default=None)
     up.add_argument("--url", default=None)
     up.set_defaults(func=cmd_db_upgrade)
+    bk = dbs.add_parser("backup", help="a consistent copy while the gateway runs (SQLite online backup, pg_dump)")
+    bk.add_argument("file", help="the backup file to write (replaced only once the new one checks out)")
+    rs = dbs.add_parser("restore", help="replace the database with a backup (stop the gateway first)")
+    rs.add_argument("file", help="a file from `gateway db backup`")
+    for b in (bk, rs):
+        b.add_argument("--config", default=None)
+        b.add_argument("--url", default=None, help="database URL (default: from the config)")
+    bk.set_defaults(func=cmd_db_backup)
+    rs.set_defaults(func=cmd_db_restore)
     cat = sub.add_parser("catalogue", help="the product catalogue (where each item is in the shop)")
     cats = cat.add_subparsers(dest="catalogue_command", required=True)
     imp = cats.add_parser("import", help="import a CSV: sku,name[,price,zone,aisle] with a header row")
