@@ -188,6 +188,8 @@ class Pipeline:
         frame, then one engine transaction for the drain's presence events."""
         batch = adverts if isinstance(adverts, list) else list(adverts)
         # The guard never reads presence, so the drain is admitted first, then observed in one call.
+        # Told of every batch of presence events, anonymous ones too, before the engine (Home Assistant's link).
+        self.presence_listeners: list[Callable[[Sequence[PresenceEvent]], None]] = []
         sightings = self.guard.sightings(parse_adverts(batch, self.parse_stats))
         if self.recorder is not None:  # one buffered write per drain; the tick flushes
             self.recorder.write(sightings)
@@ -251,6 +253,8 @@ class Pipeline:
                               f"visit:{ev.visit_since:.3f}" if ev.kind.startswith("visit")
                               else f"stay:{ev.zone}:{ev.zone_since:.3f}", ev.zone, ev.dwell_s,
                               points=points if ev.kind == "visit_start" else 0)
+        for listener in self.presence_listeners:
+            listener(events)
                   for ev, pid in known]
         with self.db.session() as s:
             self.visits.record(s.connection(), known)
