@@ -11,6 +11,7 @@ running gateway shows is the runtime's business: ``gateway/app/metrics.py``.
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,3 +152,31 @@ def hub_families(hub: Any) -> list[Family]:
     return [Family("gateway_stream_clients", "gauge", "Open SSE and WebSocket streams").add(hub.open_streams()),
             Family("gateway_stream_dropped_clients_total", "counter", "Streams cut off for falling behind")
             .add(hub.dropped_clients)]
+
+
+class RateWindow:
+    """Per-second rates of growing totals (e.g. adverts per receiver) over the last ``window_s``: samples of
+    the totals taken at the caller's times, so it needs no clock and a test can step it. Samples are kept
+    only as long as the window needs them."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, dict[str, int]]] = deque()
+        self._rates: dict[str, float] = {}
+
+    def sample(self, now: float, totals: Mapping[str, int]) -> None:
+        samples = self._samples
+        if samples and now < samples[-1][0]:
+            return  # time went backwards (a replayed trace's clock): keep what we have
+        samples.append((now, dict(totals)))
+        while len(samples) > 2 and samples[1][0] <= now - self.window_s:
+            samples.popleft()
+        t0, first = samples[0]
+        span = now - t0
+        self._rates = ({k: max(0, n - first.get(k, 0)) / span for k, n in samples[-1][1].items()}
+                       if span > 0 else {})
+
+    def rates(self) -> dict[str, float]:
+        """Each total's growth per second between the oldest and the newest sample (a new dict on each sample,
+        so a reader on another thread sees one sample's rates whole)."""
+        return self._rates

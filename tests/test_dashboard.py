@@ -3,6 +3,7 @@ the floor plan's drawing box, and that a printed link's token never reaches a lo
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from pathlib import Path
@@ -161,3 +162,22 @@ async def test_the_live_stream_sends_changes_and_ends_when_the_gateway_stops(tmp
                         rt.dashboard.close()  # what Runtime.stop does first: the stream ends, not the timeout
                 assert [v["anonymous"] for v in seen] == [0, 1]  # one event per change, nothing in between
                 assert rt.dashboard.closed
+
+
+async def test_open_pages_share_one_live_view_per_look() -> None:
+    """Twenty store pages streaming at once walk the tracked people once per look, not twenty times."""
+    ticks = [0.0]
+    dash = Dashboard(monotonic=lambda: ticks[0], stream_every_s=1.0)
+    computed: list[int] = []
+
+    async def compute() -> dict[str, int]:
+        computed.append(1)
+        await asyncio.sleep(0)  # the others ask while this one is computed: they wait for it
+        return {"enrolled": len(computed)}
+
+    views = await asyncio.gather(*(dash.shared(compute) for _ in range(20)))
+    assert len(computed) == 1 and set(views) == {'{"enrolled":1}'}
+    ticks[0] = 0.4  # within half a look: still the same view
+    assert await dash.shared(compute) == '{"enrolled":1}' and len(computed) == 1
+    ticks[0] = 0.5
+    assert await dash.shared(compute) == '{"enrolled":2}' and len(computed) == 2

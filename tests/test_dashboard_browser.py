@@ -8,6 +8,7 @@ docs/dashboard.md shows them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -146,6 +147,13 @@ async def test_a_person_walking_in_changes_the_open_pages_count(world: World) ->
     rt.clock.advance(5)  # the stranger's last advert was at +2.9 s
     await page.wait_for_selector('[data-ago="rx"]:text-is("2.1 s ago")')
     assert await page.inner_text('[data-tags="rx"]') == "2"
+    for _ in range(100):  # the pipeline's tick samples the receivers' totals at the clock's new time
+        if rt.receivers_heard()["rx"].get("adverts_per_s"):
+            break
+        await asyncio.sleep(0.05)
+    rate = rt.receivers_heard()["rx"]["adverts_per_s"]
+    assert rate >= 38 / 10  # these 38 adverts at least, over at most the 10 s window
+    await page.wait_for_selector(f'[data-rate="rx"]:text-is("{rate}")')
     assert await page.evaluate("window.notReloaded") is True
     assert "alice" not in (await page.content()).lower()  # counts only: nobody is drawn by default
     async with httpx.AsyncClient(base_url=world.base, headers={"X-API-Key": ADMIN_KEY}, timeout=10) as c:

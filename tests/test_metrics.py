@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from beacons.types import Advertisement
-from gateway.metrics import Family, Histogram, flatten_stats, metric_name, render, stats_families
+from gateway.metrics import Family, Histogram, RateWindow, flatten_stats, metric_name, render, stats_families
 from tests.live_gateway import T0, base_url, enrol, live_settings, running, walk_in
 from tests.sse import SseReader
 
@@ -56,6 +56,8 @@ async def test_metrics_after_real_traffic_count_what_happened(tmp_path: Path) ->
     m = parse(r.text)
 
     assert value(m, "gateway_adverts", "gateway_adverts_total") == len(adverts) + 1
+    # per receiver, every advert it heard (the malformed one too: the receiver's traffic, beacon or not)
+    assert value(m, "gateway_receiver_adverts", "gateway_receiver_adverts_total", receiver="rx") == len(adverts) + 1
     assert m["gateway_adverts"]["type"] == "counter"
     assert value(m, "gateway_readings", "gateway_readings_total") == 0
     assert value(m, "gateway_decisions", "gateway_decisions_total", reason="fired") == 1
@@ -108,3 +110,19 @@ def test_generic_stats_become_valid_families_whatever_their_keys() -> None:
     assert value(m, "gateway_parse_rejected_9lives", "gateway_parse_rejected_9lives_total") == 1
     assert value(m, "a", zone='s"1\n') == 1
     assert metric_name("9", "x y") == "_9_x_y"
+
+
+def test_rate_window_gives_each_totals_growth_per_second_over_its_window() -> None:
+    w = RateWindow(window_s=10.0)
+    assert w.rates() == {}
+    w.sample(100.0, {"rx-a": 0})
+    assert w.rates() == {}  # one sample: no span yet
+    w.sample(105.0, {"rx-a": 50, "rx-b": 10})  # a receiver that appears counts from zero
+    assert w.rates() == {"rx-a": 10.0, "rx-b": 2.0}
+    w.sample(110.0, {"rx-a": 150, "rx-b": 10})
+    assert w.rates() == {"rx-a": 15.0, "rx-b": 1.0}
+    w.sample(120.0, {"rx-a": 150, "rx-b": 10})  # silence: the window slides past the busy seconds
+    assert w.rates() == {"rx-a": 0.0, "rx-b": 0.0}
+    before = w.rates()
+    w.sample(119.0, {"rx-a": 999})  # a clock that went back is ignored
+    assert w.rates() == before

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,9 @@ class Dashboard:
     heard: Heard | None = None
     campaigns_dir: str | None = None
     """Where the file campaigns are (shown read-only as written); None: their summary only."""
+    names_purpose: str | None = None
+    """The consent purpose under which the store page names enrolled customers in their zones (first name
+    only); None, the default: it names nobody."""
     clock: Clock = field(default_factory=SystemClock)
     stream_every_s: float = 1.0
     """How often the live stream looks at presence; it sends only what changed (and a heartbeat)."""
@@ -48,7 +53,11 @@ class Dashboard:
     feed: DecisionFeed = field(default_factory=DecisionFeed)
     notes: dict[str, str] = field(default_factory=dict)
     """A session's (by its id's hash) message for the next page it opens: a walk request that was refused."""
+    monotonic: Callable[[], float] = time.monotonic
+    """How old the shared live view is (a real-time throttle, not the store's clock, which may be virtual)."""
     walks: Walks = field(init=False)
+    _live: tuple[float, str] | None = field(init=False, default=None)
+    _live_lock: asyncio.Lock | None = field(init=False, default=None)
     _closing: asyncio.Event | None = field(init=False, default=None)
     plan: Plan = field(init=False)
     zone_names: list[str] = field(init=False)
@@ -75,6 +84,17 @@ class Dashboard:
         if self._closing is None:
             self._closing = asyncio.Event()
         self._closing.set()
+
+    async def shared(self, compute: Callable[[], Awaitable[Any]]) -> str:
+        """The store's live view as JSON, computed at most twice per ``stream_every_s`` however many pages
+        stream it: each open page would otherwise walk every tracked person once a second itself."""
+        if self._live_lock is None:
+            self._live_lock = asyncio.Lock()
+        async with self._live_lock:  # the pages that ask meanwhile take the one being computed
+            now = self.monotonic()
+            if self._live is None or now - self._live[0] >= self.stream_every_s / 2:
+                self._live = (now, json.dumps(await compute(), separators=(",", ":")))
+            return self._live[1]
 
     def login_link(self, base_url: str) -> str:
         """A one-time sign-in link (as Jupyter prints one): it works once, within ``tokens.ttl_s``."""

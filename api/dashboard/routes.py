@@ -208,25 +208,42 @@ def _can_change(session: Session) -> bool:
     return session.principal.allows(CHANGE_SCOPES)
 
 
-def live_view(ctx: ApiContext, dash: Dashboard) -> dict[str, Any]:
+def live_view(ctx: ApiContext, dash: Dashboard, presence: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the live page shows, from the runtime's presence service (counts only: no one is named) and
     the receivers' last heard. On the event loop, where presence is read."""
     now = dash.clock.now()
     counts: dict[str, dict[str, int]] = {z: {"enrolled": 0, "anonymous": 0, "total": 0} for z in dash.zone_names}
     available = ctx.presence is not None
-    if ctx.presence is not None:
-        for z in ctx.presence()["zones"]:
+    if presence is None and ctx.presence is not None:
+        presence = ctx.presence()
+    if presence is not None:
+        for z in presence["zones"]:
             counts[z["zone"]] = {"enrolled": z["enrolled"], "anonymous": z["anonymous"], "total": z["total"]}
     heard = dash.heard() if dash.heard is not None else {}
     receivers = []
     for r in dash.receivers:
-        h = heard.get(r.id)
-        ago = None if h is None else max(0.0, round(now - h["last"], 1))
-        receivers.append({"id": r.id, "ago_s": ago, "tags": 0 if h is None else h["tags"],
-                          "quiet": ago is None or ago > RECENT_S})
+        h = heard.get(r.id) or {}
+        last = h.get("last")
+        ago = None if last is None else max(0.0, round(now - last, 1))
+        receivers.append({"id": r.id, "ago_s": ago, "tags": h.get("tags", 0),
+                          "adverts_per_s": h.get("adverts_per_s", 0.0), "quiet": ago is None or ago > RECENT_S})
     return {"presence": available, "zones": [{"zone": z, **c} for z, c in counts.items()],
             "enrolled": sum(c["enrolled"] for c in counts.values()),
             "anonymous": sum(c["anonymous"] for c in counts.values()), "receivers": receivers}
+
+
+async def store_view(ctx: ApiContext, dash: Dashboard) -> dict[str, Any]:
+    """The live view, and, when the shop turned it on (``[dashboard] show_customers``), per zone the first
+    names of the enrolled customers there who consented to ``show_purpose``; nobody else is named."""
+    presence = ctx.presence() if ctx.presence is not None else None
+    out = live_view(ctx, dash, presence)
+    if dash.names_purpose is not None:
+        zones = presence["zones"] if presence is not None else []
+        ids = {pid for z in zones for pid in z["profiles"]}
+        names = await asyncio.to_thread(ctx.service.consenting_names, ids, dash.names_purpose) if ids else {}
+        out["people"] = {z["zone"]: sorted(first_name(names[p]) or f"customer #{p}" for p in z["profiles"]
+                                           if p in names) for z in zones}
+    return out
 
 
 router = APIRouter(prefix=PATH, include_in_schema=False)
@@ -235,8 +252,8 @@ router = APIRouter(prefix=PATH, include_in_schema=False)
 @router.get("")
 async def home(request: Request, session: PageSession) -> Response:
     dash = dashboard_of(request)
-    return _page(request, "store.html", session=session, plan=dash.plan, live=live_view(_ctx(request), dash),
-                 can_change=_can_change(session), active="store")
+    return _page(request, "store.html", session=session, plan=dash.plan, live=await store_view(_ctx(request), dash),
+                 named=dash.names_purpose is not None, can_change=_can_change(session), active="store")
 
 
 @router.get("/login")
@@ -309,7 +326,7 @@ async def stream(request: Request, after: int | None = None) -> Response:
     async def next_event() -> tuple[str, str] | None:
         nonlocal seq, last
         if seq is None:
-            body = json.dumps(live_view(ctx, dash), separators=(",", ":"))
+            body = await dash.shared(lambda: store_view(ctx, dash))
             if body == last:
                 return None
             last = body

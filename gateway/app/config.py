@@ -253,6 +253,21 @@ class InteractionSettings:
 
 
 @dataclass
+class DashboardSettings:
+    """The staff dashboard (docs/dashboard.md). By default it counts people and names nobody; with
+    ``show_customers`` it also names, by first name, the enrolled customers in each zone who consented to
+    ``show_purpose`` (pick the purpose whose consent text covers being recognised by staff)."""
+
+    show_customers: bool = False
+    show_purpose: str = "analytics"
+
+    def __post_init__(self) -> None:
+        if self.show_purpose not in set(Purpose):
+            raise ConfigError(f"dashboard.show_purpose: expected one of {', '.join(Purpose)}, "
+                              f"got {self.show_purpose!r}")
+
+
+@dataclass
 class PrivacySettings:
     presence_retention_days: float = 395.0  # visits, zone stays and decisions older than this are purged (0: keep)
 
@@ -317,6 +332,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     interactions: InteractionSettings = Field(default_factory=InteractionSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     figures: FigureSettings = Field(default_factory=FigureSettings)
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
     remote: RemoteSettings = Field(default_factory=RemoteSettings)

@@ -49,6 +49,11 @@ def gateway_families(rt: Runtime, depths: Mapping[str, int]) -> list[Family | Hi
         Family("gateway_remote_sightings_total", "counter", "Sightings from remote receivers and the app")
         .add(figures.get("remote_sightings", 0)),
     ]
+    heard = Family("gateway_receiver_adverts_total", "counter",
+                   "Advertisements (and remote sightings) per receiver, beacon or not")
+    for receiver, n in sorted(list(pipeline.heard_by.items())):  # a copy: the worker thread adds receivers
+        heard.add(n, receiver=receiver)
+    fams.append(heard)
     decisions = Family("gateway_decisions_total", "counter", "Engine decisions by reason (fired or why not)")
     for reason, n in sorted(pipeline.engine.counts.items()):
         decisions.add(n, reason=reason)

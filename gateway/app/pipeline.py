@@ -8,6 +8,7 @@ worker thread. It returns the ids of the notifications it committed; dispatching
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -27,6 +28,7 @@ from devices.rules import load_rules
 from gateway.app.config import ConfigError, Settings
 from gateway.campaigns.model import CHANNELS, Campaign, CampaignIndex, Segment
 from gateway.engine.engine import Engine, EngineEvent, FrequencyCap, Outcome
+from gateway.metrics import RateWindow
 from gateway.presence.calibration import load as load_calibration
 from gateway.presence.floor import adjacency
 from gateway.presence.record import TraceRecorder
@@ -50,6 +52,8 @@ PURGE_EVERY_S = 3600.0  # how often telemetry retention runs
 SWITCHES_PER_PROFILE = 5  # zone switches (enter / exit) kept per enrolled profile, for GET /v1/presence
 SWITCH_PROFILES = 1000  # profiles whose switches are kept (the ones that switched last)
 SWITCHES_SHOWN = 20  # the newest switches, over all profiles, in GET /v1/presence
+RECEIVER_RATE_WINDOW_S = 10.0  # adverts per second per receiver: over this window
+RECEIVER_OF = operator.attrgetter("receiver")
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +169,10 @@ class Pipeline:
                              store_id=settings.store.id, channels=channels)
         self.on_outcome = on_outcome
         self.figures: Counter[str] = Counter()
+        # Adverts (and remote sightings) per receiver, and their rate over 10 s, sampled at each tick: the
+        # dashboard's and /metrics' traffic per receiver.
+        self.heard_by: Counter[str] = Counter()
+        self.heard_rates = RateWindow(RECEIVER_RATE_WINDOW_S)
         self.visits = Visits(settings.store.id, settings.store.timezone, self.figures)
         self._last_cart_scan = float("-inf")
         self.telemetry = build_telemetry_store(settings, identities)
@@ -180,6 +188,8 @@ class Pipeline:
         self._last_purge = float("-inf")
         self.recorder = recorder
         self.switches = ZoneSwitches()
+        # Told of every batch of presence events, anonymous ones too, before the engine (Home Assistant's link).
+        self.presence_listeners: list[Callable[[Sequence[PresenceEvent]], None]] = []
 
     # ------------------------------------------------------------ BLE
 
@@ -188,13 +198,12 @@ class Pipeline:
         frame, then one engine transaction for the drain's presence events."""
         batch = adverts if isinstance(adverts, list) else list(adverts)
         # The guard never reads presence, so the drain is admitted first, then observed in one call.
-        # Told of every batch of presence events, anonymous ones too, before the engine (Home Assistant's link).
-        self.presence_listeners: list[Callable[[Sequence[PresenceEvent]], None]] = []
         sightings = self.guard.sightings(parse_adverts(batch, self.parse_stats))
         if self.recorder is not None:  # one buffered write per drain; the tick flushes
             self.recorder.write(sightings)
         events = self.presence.observe_many(sightings)
         self.figures["adverts"] += len(batch)
+        self.heard_by.update(map(RECEIVER_OF, batch))
         return self.handle_presence(events) if events else []
 
     def stats(self) -> dict[str, Any]:
@@ -213,11 +222,13 @@ class Pipeline:
             self.recorder.write(batch)
         events = self.presence.observe_many(batch)
         self.figures["remote_sightings"] += len(batch)
+        self.heard_by.update(map(RECEIVER_OF, batch))
         return self.handle_presence(events) if events else []
 
     def tick(self, now: float) -> list[int]:
         """Timers: presence exits and visit ends, then delayed or held sends that are now due."""
         events = self.presence.tick(now)
+        self.heard_rates.sample(now, self.heard_by)
         created = self.handle_presence(events) if events else []
         with self.db.session() as s:
             created += self.rules.tick(s, now)  # device rules' due timers: for_s durations, did-not-recur clears
@@ -242,6 +253,8 @@ class Pipeline:
     def handle_presence(self, events: Sequence[PresenceEvent]) -> list[int]:
         """Profiles' events: their visits and stays written, then judged as one batch (the engine reads visit
         history as of each event's time). Unknown identities are footfall only."""
+        for listener in self.presence_listeners:
+            listener(events)
         known = self.visits.per_profile(events, self.identities.beacon)
         if not known:
             return []
@@ -253,8 +266,6 @@ class Pipeline:
                               f"visit:{ev.visit_since:.3f}" if ev.kind.startswith("visit")
                               else f"stay:{ev.zone}:{ev.zone_since:.3f}", ev.zone, ev.dwell_s,
                               points=points if ev.kind == "visit_start" else 0)
-        for listener in self.presence_listeners:
-            listener(events)
                   for ev, pid in known]
         with self.db.session() as s:
             self.visits.record(s.connection(), known)

@@ -208,7 +208,9 @@ class Runtime:
 
             self.dashboard = Dashboard(settings.zones, settings.receivers, settings.data_dir,
                                        settings.presence.record_dir, heard=self.receivers_heard, clock=self.clock,
-                                       campaigns_dir=settings.campaigns.dir)
+                                       campaigns_dir=settings.campaigns.dir,
+                                       names_purpose=(settings.dashboard.show_purpose
+                                                      if settings.dashboard.show_customers else None))
             self.pipeline.on_outcome = self.dashboard.feed.hook(on_outcome)  # each decision to the feed too
 
     # ------------------------------------------------------------ lifecycle
@@ -713,8 +715,9 @@ class Runtime:
                 "recent": [switch_view(sw) for sw in self.pipeline.switches.newest()]}
 
     def receivers_heard(self, recent_s: float = 10.0) -> dict[str, dict[str, Any]]:
-        """Per receiver: its newest sample among the identities tracked now, and how many it heard in the last
-        ``recent_s`` (the dashboard's receiver table; read on the loop, as presence_now is)."""
+        """Per receiver: its newest sample among the identities tracked now, how many it heard in the last
+        ``recent_s``, and its adverts (or remote sightings) per second over the pipeline's rate window, beacon
+        or not (the dashboard's receiver table; read on the loop, as presence_now is)."""
         heard: dict[str, dict[str, Any]] = {}
         since = self.clock.now() - recent_s
         for _, track in _snapshot(self.pipeline.presence.tracks):
@@ -722,6 +725,8 @@ class Runtime:
                 h = heard.setdefault(rid, {"last": link.last, "tags": 0})
                 h["last"] = max(h["last"], link.last)
                 h["tags"] += link.last >= since
+        for rid, rate in self.pipeline.heard_rates.rates().items():
+            heard.setdefault(rid, {"last": None, "tags": 0})["adverts_per_s"] = round(rate, 1)
         return heard
 
     def presence_of(self, profile_id: int) -> list[dict[str, Any]]:

@@ -451,6 +451,17 @@ class GatewayService:
         with self.db.session() as s:
             return recent(s, limit, self.store_id)
 
+    def consenting_names(self, profile_ids: Iterable[int], purpose: str) -> dict[int, str | None]:
+        """Of these profiles, the ones that granted ``purpose``, with their names (None: no name given): who the
+        dashboard may show by name. One query, off the event loop."""
+        ids = sorted(set(profile_ids))
+        if not ids:
+            return {}
+        with self.db.session() as s:
+            rows = s.execute(select(Profile.id, Profile.name).join(Consent, Consent.profile_id == Profile.id)
+                             .where(Profile.id.in_(ids), Consent.purpose == purpose, Consent.granted.is_(True)))
+            return {pid: name for pid, name in rows}
+
     def decision_counts(self, since: float) -> dict[str, dict[str, int]]:
         """Per campaign, this store's decisions since ``since``: fired and suppressed."""
         from gateway.engine.explain import counts

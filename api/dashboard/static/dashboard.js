@@ -14,6 +14,7 @@
       set(`[data-enrolled="${k}"]`, z.enrolled);
       set(`[data-anonymous="${k}"]`, z.anonymous);
       set(`[data-count="${k}"]`, z.total ? `${z.enrolled} + ${z.anonymous}` : "·");
+      if (live.people) set(`[data-people="${k}"]`, (live.people[z.zone] || []).join(", "));
       const g = $(`g.zone[data-zone="${k}"]`);
       if (g) {
         g.classList.toggle("busy", z.total > 0);
@@ -24,6 +25,7 @@
       const k = esc(r.id);
       set(`[data-ago="${k}"]`, r.ago_s === null ? "never" : `${r.ago_s} s ago`);
       set(`[data-tags="${k}"]`, r.tags);
+      set(`[data-rate="${k}"]`, r.adverts_per_s);
       const row = $(`tr[data-rx="${k}"]`); if (row) row.classList.toggle("quiet", r.quiet);
       const mark = $(`g.receiver[data-receiver="${k}"]`); if (mark) mark.classList.toggle("quiet", r.quiet);
     }
