@@ -26,16 +26,17 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import httpx
 
 from gateway.clock import Clock, SystemClock
 from gateway.delivery.backoff import Backoff
 from gateway.delivery.hub import Message, Outcome
 from gateway.storage.db import Database
 from gateway.storage.models import ChannelName, Profile, WebhookEndpoint
+
+if TYPE_CHECKING:  # httpx (with its CLI's rich and pygments) is imported once the channel is enabled
+    import httpx
 
 log = logging.getLogger("gateway.delivery.webhook")
 
@@ -202,6 +203,8 @@ class WebhookChannel:
         return outcome
 
     async def _post(self, url: str, notification_id: int, body: bytes, attempt: int) -> Attempt:
+        import httpx
+
         ts = int(self.clock.now())
         headers = {
             "Content-Type": "application/json",
@@ -239,6 +242,8 @@ class WebhookChannel:
         return Outcome.RETRY if WebhookChannel._transient(a) else Outcome.DEAD
 
     def _http(self) -> httpx.AsyncClient:
+        import httpx
+
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self.settings.timeout, transport=self._transport,
                                              follow_redirects=False)
