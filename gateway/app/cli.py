@@ -127,7 +127,9 @@ async def _run(args: argparse.Namespace) -> int:
     mqtt = None
     if settings.mqtt.enabled:
         mqtt = MqttIntake(settings_from_config(settings.mqtt, settings.store.id))
-    runtime = Runtime(settings, scanner=scanner, mqtt=mqtt)
+    from gateway.app.watchdog import Watchdog
+
+    runtime = Runtime(settings, scanner=scanner, mqtt=mqtt, watchdog=Watchdog.from_environ())  # systemd's, if any
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -410,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
         k.add_argument("--config", default=None)
         k.add_argument("--url", default=None, help="database URL (default: from the config)")
         k.set_defaults(func=cmd_keys)
+    from gateway.app.service import add_parser as add_service
+
+    add_service(sub)  # service install | uninstall
     return p
 
 

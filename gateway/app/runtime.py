@@ -38,6 +38,7 @@ from gateway.app.channels import build_channels, close_channels
 from gateway.app.config import ConfigError, Settings
 from gateway.app.metrics import db_state, gateway_families, readiness
 from gateway.app.pipeline import OutcomeHook, Pipeline, ZoneSwitch, log_outcome
+from gateway.app.watchdog import Watchdog
 from gateway.campaigns.model import CampaignIndex, load_campaigns, load_segments
 from gateway.clock import Clock, SystemClock
 from gateway.delivery.backoff import Backoff
@@ -146,8 +147,10 @@ class Runtime:
 
     def __init__(self, settings: Settings, *, clock: Clock | None = None, scanner: Scanner | None = None,
                  mqtt: TelemetryIntake | None = None, serve_api: bool = True, channels: Sequence[Channel] = (),
-                 on_outcome: OutcomeHook | None = log_outcome, tick_s: float = 0.5) -> None:
+                 on_outcome: OutcomeHook | None = log_outcome, tick_s: float = 0.5,
+                 watchdog: Watchdog | None = None) -> None:
         self.settings = settings
+        self.watchdog = watchdog  # systemd's (READY=1, the pings, STOPPING=1); None outside a notify unit
         self.clock = clock or SystemClock()
         self.scanner = scanner
         self.mqtt = mqtt
@@ -257,6 +260,8 @@ class Runtime:
             await self.scanner.start(self.on_advert)
         self._tasks.append(asyncio.create_task(self._ticker(), name="ticker"))
         self._tasks.append(asyncio.create_task(self._retrier(), name="retrier"))
+        if self.watchdog is not None:  # last: READY=1 means /health/ready answers 200
+            self.watchdog.start(self._loop, lambda: db_state(self.db), self.scanner)
 
     def _load_state(self) -> None:
         with self.db.session() as s:
@@ -317,6 +322,8 @@ class Runtime:
             log.error("%s failed", what, exc_info=error)
 
     async def stop(self) -> None:
+        if self.watchdog is not None:  # first: STOPPING=1, and no ping judges a runtime being taken apart
+            self.watchdog.stop()
         if self.scanner is not None:
             await self.scanner.stop()
         await self.flush()
