@@ -7,12 +7,12 @@ BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench ensure-mosquitto ensure-chromium
+.PHONY: demo test lint bench ensure-mosquitto ensure-chromium ensure-systemd
 
 demo: $(VENV)/.installed
 	$(BIN)/gateway demo $(ARGS)
 
-test: $(VENV)/.installed-dev ensure-mosquitto ensure-chromium
+test: $(VENV)/.installed-dev ensure-mosquitto ensure-chromium ensure-systemd
 	$(BIN)/pytest -q -n auto --dist worksteal $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
@@ -50,6 +50,11 @@ ensure-mosquitto:
 # no browser download at test time).
 ensure-chromium:
 	$(call ensure_package,chromium,test -x /usr/bin/chromium,the dashboard's browser tests)
+
+# The service tests check the unit `gateway service install` writes with `systemd-analyze verify` (offline:
+# no systemd needs to run, so a container will do).
+ensure-systemd:
+	$(call ensure_package,systemd,command -v systemd-analyze >/dev/null 2>&1,the service tests)
 
 # $(call ensure_package,PACKAGE,CHECK,NEEDED BY): install a Debian package the tests need when CHECK fails
 # (as root; otherwise say how).
