@@ -238,3 +238,11 @@ def test_a_postgresql_password_never_shows_in_an_error(tmp_path: Path) -> None:
         backup("postgresql+psycopg://shop:pg-s3cret-pw@127.0.0.1:1/gw?connect_timeout=1", tmp_path / "b.dump")
     assert "pg-s3cret-pw" not in str(err.value) and "127.0.0.1:1/gw" in str(err.value)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_heads_read_from_the_migration_files_are_alembics() -> None:
+    """Starts and readiness compare the database with these without importing Alembic; a restore too."""
+    from gateway.storage.backup import known_revisions
+    from gateway.storage.db import shipped_heads
+
+    assert shipped_heads() == frozenset(known_revisions()[1])

@@ -9,6 +9,7 @@ log line and answers readiness while it lasts.
 
 from __future__ import annotations
 
+import ast
 import functools
 import logging
 import shutil
@@ -20,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import Engine, create_engine, event, exc, inspect
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -134,9 +135,38 @@ def make_engine(url: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Engine:
     return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
+@functools.cache
+def shipped_heads() -> frozenset[str]:
+    """The migration heads this version ships, read from the migration files' ``revision`` and
+    ``down_revision`` lines: a start on a current schema then never imports Alembic (9 MB, 0.2 s)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                if node.targets[0].id == "revision":
+                    revisions.add(str(ast.literal_eval(node.value)))
+                elif node.targets[0].id == "down_revision":
+                    down = ast.literal_eval(node.value)
+                    parents.update([down] if isinstance(down, str) else down or ())
+    return frozenset(revisions - parents)
+
+
+def applied_revisions(conn: Any) -> set[str]:
+    """The revisions recorded in the database (empty before the first migration)."""
+    if not inspect(conn).has_table("alembic_version"):
+        return set()
+    return {str(r[0]) for r in conn.exec_driver_sql("SELECT version_num FROM alembic_version")}
+
+
 def upgrade(engine: Engine, revision: str = "heads", store_id: str | None = None) -> None:
     """Apply Alembic migrations; run at every start so a new version migrates itself. ``store_id``: the
     gateway's store, which rows older than the store columns are given (migration 0012)."""
+    if revision == "heads":
+        with engine.connect() as conn:
+            current = applied_revisions(conn) == shipped_heads()
+        if current:
+            return
     from alembic import command
     from alembic.config import Config
 
@@ -170,16 +200,12 @@ class Database:
     def schema_state(self) -> str:
         """``current`` when the database is at every migration head this version ships, else ``behind``
         (or ``unknown`` when it cannot be read): readiness, so traffic waits for an upgrade."""
-        from alembic.runtime.migration import MigrationContext
-        from alembic.script import ScriptDirectory
-
         try:
             with self.engine.connect() as conn:
-                applied = set(MigrationContext.configure(conn).get_current_heads())
+                applied = applied_revisions(conn)
         except Exception:
             return "unknown"
-        heads = set(ScriptDirectory(str(MIGRATIONS)).get_heads())
-        return "current" if applied == heads else "behind"
+        return "current" if applied == shipped_heads() else "behind"
 
     def probe(self) -> str:
         """Can a write start now? ``ok``, ``locked`` (another writer holds it past the probe's short wait),
