@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 from api.dashboard.feed import DecisionFeed
-from api.dashboard.plan import Plan, plan, zone_names
+from api.dashboard.plan import FloorImage, Plan, plan, zone_names
 from api.dashboard.sessions import LoginTokens, Sessions
 from api.dashboard.walks import Walks
 from gateway.clock import Clock, SystemClock
@@ -41,6 +41,8 @@ class Dashboard:
     heard: Heard | None = None
     campaigns_dir: str | None = None
     """Where the file campaigns are (shown read-only as written); None: their summary only."""
+    floor_image: FloorImage | None = None
+    """The picture drawn under the plan (``[dashboard] floor_image``), checked at start."""
     names_purpose: str | None = None
     """The consent purpose under which the store page names enrolled customers in their zones (first name
     only); None, the default: it names nobody."""
@@ -64,7 +66,8 @@ class Dashboard:
 
     def __post_init__(self) -> None:
         self.walks = Walks(Path(self.data_dir) / "dashboard" / "walks.json" if self.data_dir else None)
-        self.plan = plan(self.zones, self.receivers)
+        self.plan = plan(self.zones, self.receivers,
+                         self.floor_image.bounds if self.floor_image is not None else None)
         self.zone_names = zone_names(self.zones, self.receivers)
 
     @property

@@ -3,13 +3,69 @@ mapped into one SVG box (y flipped: the config's y grows away from the door, the
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from gateway.errors import ConfigError
 from gateway.presence.floor import centroid
 from gateway.presence.settings import FloorZone, ReceiverSettings
 
 PAD_M = 0.6  # room around the outline for the receivers' markers and labels
+MAX_IMAGE_BYTES = 5 << 20  # a floor plan's picture; a Pi serves it to every tablet that opens the page
+# Raster pictures only: an SVG opened at its own address could run script under the dashboard's origin.
+IMAGE_TYPES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
+
+
+@dataclass(frozen=True)
+class FloorImage:
+    """The picture under the plan (``[dashboard] floor_image``) and the rectangle of the floor it shows, in
+    the config's metres: ``(x0, y0, x1, y1)``, its lower-left and upper-right corners."""
+
+    body: bytes
+    media_type: str
+    bounds: tuple[float, float, float, float]
+
+    @property
+    def etag(self) -> str:
+        return hashlib.sha256(self.body).hexdigest()[:16]
+
+
+def load_floor_image(path: str, bounds: Sequence[float], zones: Sequence[FloorZone]) -> FloorImage:
+    """Read and check the picture once, at start: a wrong file is a ConfigError before anything runs.
+    Without ``bounds``, the picture spans the zones' outline."""
+    where = f"dashboard.floor_image ({path})"
+    try:
+        body = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot be read: {e.strerror or e}") from e
+    if len(body) > MAX_IMAGE_BYTES:
+        raise ConfigError(f"{where}: {len(body)} bytes, more than {MAX_IMAGE_BYTES}; make it smaller")
+    media = next((m for magic, m in IMAGE_TYPES if body.startswith(magic)), None)
+    if media is None:
+        raise ConfigError(f"{where}: not a PNG or JPEG picture")
+    if bounds:
+        if len(bounds) != 4 or not (bounds[2] > bounds[0] and bounds[3] > bounds[1]):
+            raise ConfigError(f"dashboard.floor_image_bounds: expected [x0, y0, x1, y1] with x1 > x0 and y1 > y0 "
+                              f"(metres), got {list(bounds)!r}")
+        box = (float(bounds[0]), float(bounds[1]), float(bounds[2]), float(bounds[3]))
+    else:
+        corners = [(float(p[0]), float(p[1])) for z in zones for p in z.polygon]
+        if not corners:
+            raise ConfigError("dashboard.floor_image_bounds: needed when the config has no [[zones]] polygons "
+                              "to place the picture on")
+        box = (min(x for x, _ in corners), min(y for _, y in corners),
+               max(x for x, _ in corners), max(y for _, y in corners))
+    return FloorImage(body, media, box)
+
+
+@dataclass(frozen=True)
+class ImageRect:
+    x: float
+    y: float
+    width: float
+    height: float
 
 
 @dataclass(frozen=True)
@@ -34,16 +90,23 @@ class Plan:
     receivers: list[ReceiverMark]
     unplaced: list[str]
     """Receivers without a position: listed in the table, not drawn."""
+    image: ImageRect | None = None
+    """Where the floor's picture goes, under the zones (``[dashboard] floor_image``)."""
 
     @property
     def empty(self) -> bool:
         return not self.zones and not self.receivers
 
 
-def plan(zones: Sequence[FloorZone], receivers: Sequence[ReceiverSettings]) -> Plan:
+def plan(zones: Sequence[FloorZone], receivers: Sequence[ReceiverSettings],
+         image: tuple[float, float, float, float] | None = None) -> Plan:
+    """``image``: the rectangle (x0, y0, x1, y1) the floor's picture covers, in metres; the plan's box
+    includes it."""
     points = [(float(p[0]), float(p[1])) for z in zones for p in z.polygon]
     placed = [r for r in receivers if r.position is not None and len(r.position) >= 2]
     points += [(float(r.position[0]), float(r.position[1])) for r in placed if r.position is not None]
+    if image is not None:
+        points += [(image[0], image[1]), (image[2], image[3])]
     if not points:
         return Plan("0 0 10 6", [], [], [r.id for r in receivers])
     x0, x1 = min(p[0] for p in points) - PAD_M, max(p[0] for p in points) + PAD_M
@@ -59,8 +122,12 @@ def plan(zones: Sequence[FloorZone], receivers: Sequence[ReceiverSettings]) -> P
         shapes.append(ZoneShape(z.name, " ".join(f"{x:g},{y:g}" for x, y in pts), cx, cy))
     marks = [ReceiverMark(r.id, *flip(float(r.position[0]), float(r.position[1])))
              for r in placed if r.position is not None]
+    rect = None
+    if image is not None:
+        left, top = flip(image[0], image[3])
+        rect = ImageRect(left, top, round(image[2] - image[0], 3), round(image[3] - image[1], 3))
     return Plan(f"0 0 {round(x1 - x0, 3):g} {round(y1 - y0, 3):g}", shapes, marks,
-                [r.id for r in receivers if r not in placed])
+                [r.id for r in receivers if r not in placed], rect)
 
 
 def zone_names(zones: Sequence[FloorZone], receivers: Sequence[ReceiverSettings]) -> list[str]:

@@ -253,6 +253,7 @@ router = APIRouter(prefix=PATH, include_in_schema=False)
 async def home(request: Request, session: PageSession) -> Response:
     dash = dashboard_of(request)
     return _page(request, "store.html", session=session, plan=dash.plan, live=await store_view(_ctx(request), dash),
+                 image_v=dash.floor_image.etag if dash.floor_image is not None else "",
                  named=dash.names_purpose is not None, can_change=_can_change(session), active="store")
 
 
@@ -368,6 +369,22 @@ def session_stream(request: Request, session: Session, next_event: Callable[[], 
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+@router.get("/floor-image")
+async def floor_image(request: Request) -> Response:
+    """The picture under the floor plan, to signed-in staff only (a shop's layout is not for the street)."""
+    if await _session_async(request) is None:
+        raise HTTPException(401, "sign in to the dashboard first")
+    image = dashboard_of(request).floor_image
+    if image is None:
+        raise HTTPException(404, "no floor image is configured ([dashboard] floor_image)")
+    etag = f'"{image.etag}"'
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff",
+               "Content-Security-Policy": "default-src 'none'"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    return Response(image.body, media_type=image.media_type, headers=headers)
 
 
 @router.get("/zones/{zone}")

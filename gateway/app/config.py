@@ -260,6 +260,8 @@ class DashboardSettings:
 
     show_customers: bool = False
     show_purpose: str = "analytics"
+    floor_image: str = ""  # a PNG or JPEG drawn under the floor plan; empty: none
+    floor_image_bounds: list[float] = field(default_factory=list)  # [x0, y0, x1, y1] metres; empty: the zones' box
 
     def __post_init__(self) -> None:
         if self.show_purpose not in set(Purpose):

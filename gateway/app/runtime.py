@@ -208,10 +208,14 @@ class Runtime:
         self.dashboard: Any = None  # api.dashboard.Dashboard when the API serves: its one-time login links
         if serve_api:  # here, not at start: a broken walks file is an error before anything starts
             from api.dashboard import Dashboard
+            from api.dashboard.plan import load_floor_image
 
+            ds = settings.dashboard
             self.dashboard = Dashboard(settings.zones, settings.receivers, settings.data_dir,
                                        settings.presence.record_dir, heard=self.receivers_heard, clock=self.clock,
                                        campaigns_dir=settings.campaigns.dir,
+                                       floor_image=(load_floor_image(ds.floor_image, ds.floor_image_bounds,
+                                                                     settings.zones) if ds.floor_image else None),
                                        names_purpose=(settings.dashboard.show_purpose
                                                       if settings.dashboard.show_customers else None))
             self.pipeline.on_outcome = self.dashboard.feed.hook(on_outcome)  # each decision to the feed too
