@@ -388,7 +388,10 @@ def uninstall(layout: Layout, *, purge: bool = False, purge_data: bool = False, 
         remove(layout.at(DATA_DIR), f"{DATA_DIR} (the database and everything the gateway kept)")
     elif layout.at(DATA_DIR).exists():
         plan.say(f"kept {DATA_DIR} (--purge-data removes it)")
-    plan.say(f"the user {layout.user} is kept (files elsewhere may carry its id): userdel {layout.user}")
+    if not had_unit and not any(layout.at(p).exists() for p in (CONFIG_DIR, DATA_DIR)):
+        plan.say(f"nothing of {NAME} is installed under {layout.root}")
+    if _entry(layout.at("/etc/passwd"), layout.user) is not None:
+        plan.say(f"the user {layout.user} is kept (files elsewhere may carry its id): userdel {layout.user}")
 
 
 # ---------------------------------------------------------------- the command
