@@ -36,6 +36,7 @@ from devices.mqtt import TelemetryIntake
 from devices.payloads import Rejected, TelemetryBatch
 from gateway.app.channels import build_channels, close_channels
 from gateway.app.config import ConfigError, Settings
+from gateway.app.homeassistant import HomeAssistantLink
 from gateway.app.metrics import db_state, gateway_families, readiness
 from gateway.app.pipeline import OutcomeHook, Pipeline, ZoneSwitch, log_outcome
 from gateway.app.watchdog import Watchdog
@@ -219,6 +220,12 @@ class Runtime:
                                        names_purpose=(settings.dashboard.show_purpose
                                                       if settings.dashboard.show_customers else None))
             self.pipeline.on_outcome = self.dashboard.feed.hook(on_outcome)  # each decision to the feed too
+        self.homeassistant: HomeAssistantLink | None = None  # [homeassistant]: occupancy out over MQTT
+        if settings.homeassistant.enabled and mqtt is not None:
+            self.homeassistant = HomeAssistantLink(settings, mqtt, self.clock, self.db,
+                                                   lambda: _snapshot(self.pipeline.presence.tracks),
+                                                   self.identities.beacon, self.pipeline.presence.zones)
+            self.pipeline.presence_listeners.append(self.homeassistant.presence_changed)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -257,6 +264,9 @@ class Runtime:
                 await asyncio.sleep(0.01)
         if self.mqtt is not None:
             self._subscribe_remote()
+            if self.homeassistant is not None:
+                self.mqtt.add_subscription(self.homeassistant.subscription())
+                self._tasks.append(asyncio.create_task(self.homeassistant.run(), name="homeassistant"))
             await self.mqtt.start(self._loop)
             self._tasks.append(asyncio.create_task(self._consume_telemetry(), name="telemetry"))
             self._tasks.append(asyncio.create_task(self._consume_sightings(), name="sightings"))
@@ -442,6 +452,8 @@ class Runtime:
         """From the API's worker threads: segments are re-evaluated on the loop, like any other input."""
         if self._loop is None:
             return
+        if self.homeassistant is not None:  # its consents may have changed
+            self.homeassistant.profile_changed(profile_id)
         self._submit(f"segment refresh for profile {profile_id}",
                      lambda: self.pipeline.profile_changed(profile_id, self.clock.now()))
 
@@ -451,6 +463,8 @@ class Runtime:
 
         if self.dashboard is not None:  # its decisions leave the staff's feed
             self.dashboard.feed.forget(profile_id)
+        if self.homeassistant is not None:  # its entity and retained state leave Home Assistant
+            self.homeassistant.profile_gone(profile_id)
 
         def forget() -> list[int]:
             self.pipeline.forget_profile(profile_id)
