@@ -238,6 +238,27 @@ def test_a_reachable_broker_is_ok_and_a_closed_port_fails(tmp_path, mosquitto):
     assert "systemctl enable --now mosquitto" in bad["broker"].fix
 
 
+def test_a_broker_refusing_our_credentials_fails_naming_them(tmp_path, tmp_path_factory, mosquitto):
+    from tests.conftest import MosquittoServer
+
+    strict = MosquittoServer(binary=mosquitto.binary, workdir=tmp_path_factory.mktemp("strict"),
+                             extra="allow_anonymous false")
+    strict.start()
+    try:
+        found = checks_of(config(tmp_path, mqtt=f'port = {strict.port}\nusername = "gw"\npassword = "hunter2"'),
+                          FakeMachine(tmp_path))
+    finally:
+        strict.stop()
+    assert found["broker"].status == "FAIL" and "the broker refused the connection" in found["broker"].detail
+    assert "username, password" in found["broker"].fix and "hunter2" not in found["broker"].line()
+
+
+def test_a_tls_broker_with_a_missing_ca_file_fails_in_one_line(tmp_path):
+    found = checks_of(config(tmp_path, mqtt=f'port = {free_port()}\ntls = true\nca_file = "{tmp_path}/none.pem"'),
+                      FakeMachine(tmp_path))
+    assert found["broker"].status == "FAIL" and "cannot connect" in found["broker"].detail
+
+
 def test_the_tests_own_broker_config_warns_that_persistence_is_off(tmp_path, mosquitto):
     found = checks_of(config(tmp_path, mqtt=f"port = {mosquitto.port}"), FakeMachine(tmp_path),
                       mosquitto_conf=str(mosquitto.config_file))
@@ -342,6 +363,16 @@ def test_a_world_readable_token_secret_fails_with_chmod_600(tmp_path):
                                    f"chmod 600 {secret}")
     secret.chmod(0o600)
     assert checks_of(config(tmp_path), FakeMachine(tmp_path))["token"].status == "OK"
+
+
+def test_a_config_holding_a_secret_readable_by_others_warns_with_chmod_600(tmp_path):
+    cfg = config(tmp_path, '[api]\nadmin_key = "a-long-admin-key"\n')
+    cfg.chmod(0o644)
+    found = checks_of(cfg, FakeMachine(tmp_path))
+    assert found["config"] == Check("config", "WARN", f"{cfg} holds secrets and has mode 0644", f"chmod 600 {cfg}")
+    assert "a-long-admin-key" not in found["config"].line()
+    cfg.chmod(0o600)
+    assert checks_of(cfg, FakeMachine(tmp_path))["config"].status == "OK"
 
 
 def test_an_unsynchronised_clock_warns(tmp_path):

@@ -268,10 +268,6 @@ def broker_facts(m: Any, timeout_s: float = BROKER_TIMEOUT_S) -> BrokerFacts:
                          client_id=f"gateway-doctor-{secrets.token_hex(4)}", protocol=version)
     if m.username:
         client.username_pw_set(m.username, m.password or None)
-    if m.tls:
-        client.tls_set(ca_certs=m.ca_file or None, certfile=m.client_cert or None, keyfile=m.client_key or None,
-                       cert_reqs=ssl.CERT_REQUIRED if m.tls_verify else ssl.CERT_NONE)
-        client.tls_insecure_set(not m.tls_verify)
     client.connect_timeout = timeout_s
     answered = threading.Event()
     result: dict[str, str] = {}
@@ -283,6 +279,10 @@ def broker_facts(m: Any, timeout_s: float = BROKER_TIMEOUT_S) -> BrokerFacts:
 
     client.on_connect = on_connect
     try:
+        if m.tls:  # a missing CA or key file is an OSError here: said like any other way of not connecting
+            client.tls_set(ca_certs=m.ca_file or None, certfile=m.client_cert or None,
+                           keyfile=m.client_key or None, cert_reqs=ssl.CERT_REQUIRED if m.tls_verify else ssl.CERT_NONE)
+            client.tls_insecure_set(not m.tls_verify)
         client.connect(m.host, int(m.port), keepalive=10)
     except (OSError, ValueError) as exc:
         return BrokerFacts(m.host, int(m.port), False, f"{type(exc).__name__}: {exc}")
@@ -457,7 +457,7 @@ def check_config(f: Facts) -> Check:
     if f.config_has_secrets and f.config_mode is not None and f.config_mode & 0o077:
         return Check("config", "WARN", f"{where} holds secrets and has mode {f.config_mode:04o}",
                      f"chmod 600 {f.config}")
-    return Check("config", "OK", f"{where} is valid")
+    return Check("config", "OK", f"{f.config} is valid" if f.config else "built-in defaults (no --config given)")
 
 
 def _experimental(f: Facts) -> tuple[bool, str]:
