@@ -19,7 +19,7 @@ store's zones, no BLE, no webhook or Web Push). Then:
 - ``rss_mb``: VmRSS at the end of that, ``hwm_mb``: VmHWM (the peak), both from /proc/PID/status.
 
     .venv/bin/python benchmarks/footprint.py [--people 1000] [--enrolled 600] [--devices 500] [--starts 3]
-        [--settle 20]
+        [--settle 20] [--quick]
 
 The last line printed is one JSON object: rss_mb, ready_s, first_ready_s, idle_rss_mb, enrolled_rss_mb,
 hwm_mb, ready_runs_s,
@@ -258,7 +258,10 @@ def main() -> None:
                     help="restarts timed to ready after the first start (their median is ready_s)")
     ap.add_argument("--settle", type=float, default=20.0, help="seconds fed once everyone is counted")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
+    ap.add_argument("--quick", action="store_true", help="100 people, 50 devices, one restart: a smoke run")
     args = ap.parse_args()
+    if args.quick:
+        args.people, args.enrolled, args.devices, args.starts, args.settle = 100, 60, 50, 1, 1.0
 
     tmp = Path(tempfile.mkdtemp(prefix="footprint-"))
     broker = Broker(tmp)
