@@ -454,3 +454,20 @@ def test_the_command_on_a_bad_config_fails_in_one_line_without_a_traceback(tmp_p
     r = doctor_cli("--config", str(cfg))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert any(line.startswith("FAIL  config") and "unknown setting(s) prot" in line for line in r.stdout.splitlines())
+
+
+def test_the_real_probe_answers_on_this_machine_without_raising():
+    """Whatever this machine has (here: no Bluetooth, no systemd), each answer has its shape and a reason."""
+    import re
+
+    probe = LinuxProbe()
+    version = probe.bluez_version()
+    assert version is None or re.fullmatch(r"\d+\.\d+", version)
+    assert all(re.fullmatch(r"hci\d+", a) for a in probe.adapters())
+    powered, why = probe.adapter_powered("hci0")
+    assert powered in (True, False) or why
+    uid, name, groups = probe.user()
+    assert uid == os.geteuid() and name and groups
+    assert probe.clock_synchronised() in (True, False, None)
+    free, total = probe.disk_usage(Path("."))
+    assert 0 <= free <= total
