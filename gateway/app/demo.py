@@ -12,6 +12,7 @@ import logging
 import shutil
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -28,8 +29,10 @@ from gateway.presence.settings import PresenceSettings
 from simulators.carts import cart_upserts
 from simulators.scenario import load_scenario
 from simulators.store_sim import StoreSimulator
-from simulators.virtual_radio import VirtualStore
 from simulators.wearables import MqttPublisher, TelemetryModel, run_realtime
+
+if TYPE_CHECKING:  # bumble and bleak's virtual controller (~11 MB): imported only for --radio virtual
+    from simulators.virtual_radio import VirtualStore
 
 log = logging.getLogger("gateway.app.demo")
 
@@ -67,6 +70,8 @@ async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yam
     sources: list[BleakSource] = []
     scanner: InjectionScanner | ScannerGroup
     if radio == "virtual":
+        from simulators.virtual_radio import VirtualStore
+
         virtual = VirtualStore(StoreSimulator(scenario, start=clock.now(), seed=seed, duration_s=8 * 3600),
                                clock=clock.now)
         sources = virtual.sources(clock=clock.now, retry=ble_retry())
