@@ -78,8 +78,8 @@ async def open_world(settings: Any, tmp: Path, scopes: Sequence[str], name: str)
         rt.dashboard.stream_every_s = 0.05
         keys = {}
         async with httpx.AsyncClient(base_url=base_url(rt), headers={"X-API-Key": ADMIN_KEY}, timeout=10) as c:
-            for scope in scopes:
-                r = await c.post("/v1/keys", json={"name": f"{name}-{scope}", "scopes": [scope]})
+            for scope in scopes:  # staff keys: each reads (the pages need it) and holds one more scope
+                r = await c.post("/v1/keys", json={"name": f"{name}-{scope}", "scopes": sorted({"read", scope})})
                 assert r.status_code == 201, r.text
                 keys[scope] = r.json()["key"]
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True, timeout=20000)

@@ -28,11 +28,11 @@ from api.dashboard.routes import (
     _ctx,
     _note,
     _page,
-    _session_async,
     _take_note,
     dashboard_of,
     live_view,
     session_stream,
+    viewer,
 )
 from api.schemas import DB_ID_MAX
 from gateway.errors import Conflict, Invalid, NotFound
@@ -151,9 +151,7 @@ async def devices_page(request: Request, session: PageSession) -> Response:
 async def alarms_stream(request: Request) -> Response:
     """The devices page's one SSE stream: the active alarms whenever they change (the desk looked at every
     ``stream_every_s``), a heartbeat comment otherwise; it ends when the session does."""
-    session = await _session_async(request)
-    if session is None:
-        raise HTTPException(401, "sign in to the dashboard first")
+    session = await viewer(request)
     ctx, dash = _ctx(request), dashboard_of(request)
     if ctx.alarms is None:
         raise HTTPException(503, "device rules are not running on this gateway")

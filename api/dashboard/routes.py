@@ -54,6 +54,8 @@ LOGIN_CSRF_COOKIE = "gw_dash_login"
 PATH = "/dashboard"
 MAX_FORM_BYTES = 4096
 CHANGE_SCOPES = ("write",)
+VIEW_SCOPES = ("read",)  # what the API's GET routes take: a page shows no more than its key may read there
+CAMPAIGN_VIEW_SCOPES = ("read", "campaigns")  # as GET /v1/campaigns: a campaigns key sees the campaign pages
 MAX_YAML_FORM = 3 * MAX_YAML_BYTES + 256  # a campaign's YAML, urlencoded (at worst three bytes a byte)
 KEY_RECHECK_S = 60.0  # an open stream checks its session's key again this often
 RECENT_S = 10.0  # a receiver that heard nobody for this long is shown as quiet
@@ -131,11 +133,33 @@ class SignInFirst(Exception):
     """A page asked for without a session: the app answers with the sign-in form (mount.py's handler)."""
 
 
+def view_scopes(path: str) -> tuple[str, ...]:
+    """The scopes a page (or its data) needs, as its API route would."""
+    return CAMPAIGN_VIEW_SCOPES if path.startswith(f"{PATH}/campaigns") else VIEW_SCOPES
+
+
+def _may_view(request: Request, session: Session) -> None:
+    wanted = view_scopes(request.url.path)
+    if not session.principal.allows(wanted):
+        raise HTTPException(403, f"this key may not see this page: it needs the {' or '.join(wanted)} scope")
+
+
 async def page_session(request: Request) -> Session:
-    """Every page's dependency: the signed-in session, or the sign-in form in the page's place."""
+    """Every page's dependency: the signed-in session, or the sign-in form in the page's place; a 403 when
+    the key's scopes would not read the same over the API."""
     session = await _session_async(request)
     if session is None:
         raise SignInFirst
+    _may_view(request, session)
+    return session
+
+
+async def viewer(request: Request) -> Session:
+    """The same check for a page's data (its stream, a CSV, a picture): 401 without a session, not a form."""
+    session = await _session_async(request)
+    if session is None:
+        raise HTTPException(401, "sign in to the dashboard first")
+    _may_view(request, session)
     return session
 
 
@@ -287,10 +311,14 @@ async def login_key(request: Request) -> Response:
     except HTTPException:
         log.info("dashboard: a sign-in with a key was refused")
         return _login_page(request, 401, "That key was refused: unknown, revoked or expired.")
+    if not principal.allows(CAMPAIGN_VIEW_SCOPES):  # privacy or admin-of-keys only: nothing here to see
+        log.info("dashboard: a sign-in with a key without read scope was refused")
+        return _login_page(request, 403, "That key cannot open the dashboard: it needs the read scope "
+                                         "(or campaigns, for the campaign pages).")
     dash = dashboard_of(request)
     raw, _ = dash.sessions.open(principal, dash.clock.now(), key=key)
     log.info("dashboard: %s signed in (scopes %s)", principal.id, ",".join(sorted(principal.scopes)))
-    return _signed_in(request, raw)
+    return _signed_in(request, raw, PATH if principal.allows(VIEW_SCOPES) else f"{PATH}/campaigns")
 
 
 @router.post("/logout")
@@ -307,9 +335,7 @@ async def stream(request: Request, after: int | None = None) -> Response:
     """One SSE stream per page: the store page's live view whenever it changed (looked at every
     ``stream_every_s``), or, given ``after`` (the decision feed's page), each decision after that sequence
     number as it is made; a comment as heartbeat; it ends when the session does."""
-    session = await _session_async(request)
-    if session is None:
-        raise HTTPException(401, "sign in to the dashboard first")
+    session = await viewer(request)
     dash, ctx = dashboard_of(request), _ctx(request)
 
     async def decisions(seq: int) -> tuple[int, str | None]:
@@ -374,8 +400,7 @@ def session_stream(request: Request, session: Session, next_event: Callable[[], 
 @router.get("/floor-image")
 async def floor_image(request: Request) -> Response:
     """The picture under the floor plan, to signed-in staff only (a shop's layout is not for the street)."""
-    if await _session_async(request) is None:
-        raise HTTPException(401, "sign in to the dashboard first")
+    await viewer(request)
     image = dashboard_of(request).floor_image
     if image is None:
         raise HTTPException(404, "no floor image is configured ([dashboard] floor_image)")
@@ -390,9 +415,7 @@ async def floor_image(request: Request) -> Response:
 @router.get("/zones/{zone}")
 async def zone_today(request: Request, zone: str) -> dict[str, Any]:
     """A zone's footfall and dwell today, from the figures service behind /v1/figures."""
-    session = await _session_async(request)
-    if session is None:
-        raise HTTPException(401, "sign in to the dashboard first")
+    await viewer(request)
     dash, ctx = dashboard_of(request), _ctx(request)
     if zone not in dash.zone_names:
         raise HTTPException(404, f"no zone {zone!r} on this floor plan")
@@ -687,9 +710,7 @@ async def walk_stop(request: Request) -> Response:
 @router.get("/calibrate/labels.csv")
 async def walk_labels_csv(request: Request, tag: str) -> Response:
     """The walk's labels as ``gateway calibrate --labels`` reads them (beacon,start,end,zone)."""
-    session = await _session_async(request)
-    if session is None:
-        raise HTTPException(401, "sign in to the dashboard first")
+    await viewer(request)
     walk = dashboard_of(request).walks.of(tag)
     if walk is None:
         raise HTTPException(404, f"no walk of {tag!r}")
