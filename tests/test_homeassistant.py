@@ -348,7 +348,7 @@ async def test_nothing_names_a_person_unless_tracked_with_consent(
     ha = Watcher(mqtt_client(mosquitto.host, mosquitto.port), f"{discovery}/#", f"{prefix}/#")
     alice = rt.service.create_profile(NewProfile(external_id="alice", name="Alice Liddell",
                                                  identifiers=[("beacon", beacon(7))],
-                                                 consents={"offers": True, "analytics": True}))["id"]
+                                                 consents={"offers": True, "presence_sharing": True}))["id"]
     clock.advance(2)
     rt.inject(walk_in(7, clock.now()))
     await rt.flush()
@@ -366,7 +366,7 @@ async def test_nothing_names_a_person_unless_tracked_with_consent(
     rt = await start(runtime_factory, settings, intake2)
     ha2 = Watcher(mqtt_client(mosquitto.host, mosquitto.port), f"{discovery}/#", f"{prefix}/#")
     bob = rt.service.create_profile(NewProfile(external_id="bob", name="Bob", identifiers=[("beacon", beacon(8))],
-                                               consents={"offers": True}))["id"]  # no analytics consent
+                                               consents={"offers": True, "analytics": True}))["id"]  # not this one
     clock.advance(2)
     rt.inject([*walk_in(7, clock.now()), *walk_in(8, clock.now())])
     await rt.flush()
@@ -387,6 +387,13 @@ async def test_nothing_names_a_person_unless_tracked_with_consent(
     clock.advance(settings.presence.exit_after_s + 5)
     rt.tick()
     await rt.flush()
+    assert await ha2.until(tracker["state_topic"], b"not_home")
+
+    rt.service.set_consents(alice, {"presence_sharing": False})  # withdrawn: her entity and state go
+    await ha2.until(tracker["state_topic"], b"")
+    await ha2.until(config_topic, lambda b: bool(b) and not trackers(b) and tracker["unique_id"] not in b.decode())
+    rt.service.set_consents(alice, {"presence_sharing": True})  # given again: back, under the same id
+    await ha2.until(config_topic, lambda b: bool(b) and [t["unique_id"] for t in trackers(b)] == [tracker["unique_id"]])
     assert await ha2.until(tracker["state_topic"], b"not_home")
 
     rt.service.erase_profile(alice)  # erasure: her entity leaves Home Assistant and her state the broker

@@ -50,7 +50,7 @@ BEFORE: list[tuple[type[StrEnum], list[str]]] = [
     (CartStatus, ["open", "checked_out"]),
     (AlarmStatus, ["active", "cleared", "resolved"]),
     (InteractionKind, ["delivered", "opened", "clicked", "redeemed", "dismissed"]),
-    (Purpose, ["offers", "cart_reminders", "maintenance", "health", "analytics"]),
+    (Purpose, ["offers", "cart_reminders", "maintenance", "health", "analytics", "presence_sharing"]),
     (ChannelName, ["sse", "webhook", "webpush"]),
     (IdentifierKind, ["beacon", "device", "app_install", "email_sha256"]),
     (DeviceStatus, ["online", "offline", "unknown", "quarantined"]),

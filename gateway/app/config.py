@@ -284,7 +284,7 @@ class HomeAssistantSettings:
     discovery_prefix: str = "homeassistant"  # Home Assistant's discovery prefix (its MQTT options)
     node_id: str = ""  # the discovery topic's object id; empty: the store id, made fit ([a-zA-Z0-9_-])
     track_customers: bool = False  # a device_tracker per consenting customer (their zone, or not_home)
-    track_purpose: str = "analytics"  # the consent a customer must have given to be tracked
+    track_purpose: str = "presence_sharing"  # the consent a customer must have given to be tracked
     min_interval_s: float = 1.0  # a zone's state goes out at most once per this (changes meanwhile coalesce)
     support_url: str = ""  # the discovery origin's support URL (Home Assistant logs it); empty: left out
 
