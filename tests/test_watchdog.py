@@ -16,11 +16,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from beacons.bleak_virtual import VirtualAir
 from beacons.scanner import BleakSource, InjectionScanner, ScannerGroup
 from gateway.app.ble import ble_retry
 from gateway.app.watchdog import (
@@ -34,8 +36,11 @@ from gateway.app.watchdog import (
     verdict,
     watchdog_period,
 )
+from gateway.delivery.backoff import Backoff
+from simulators.scenario import Radio, Receiver
+from simulators.virtual_radio import RadioPropagation
 from tests.conftest import free_port
-from tests.faults import sqlite_locked
+from tests.faults import postgresql_refusing, sqlite_locked
 from tests.fixtures import RuntimeFactory
 from tests.live_gateway import live_settings
 
@@ -230,3 +235,65 @@ async def test_a_blocked_event_loop_stops_the_pings_until_it_answers_again(tmp_p
     back = len(listener.messages)
     again = await asyncio.to_thread(listener.wait, lambda ms: count(ms[back:], "WATCHDOG=1") >= 2, "pings again")
     assert "WATCHDOG=1\nSTATUS=running" in again[back:]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_an_unreachable_postgresql_stops_the_pings_until_it_takes_connections_again(
+        tmp_path: Path, listener: Listener, runtime_factory: RuntimeFactory, db_url: str):
+    settings = live_settings(tmp_path)
+    settings.database.url = db_url
+    await runtime_factory(settings, watchdog=Watchdog(Notifier(listener.name), 0.4))
+    await asyncio.to_thread(listener.wait, lambda ms: count(ms, "WATCHDOG=1") >= 2, "pings")
+
+    refusing = postgresql_refusing(db_url)  # its open connections cut, new ones refused
+    await asyncio.to_thread(refusing.__enter__)
+    try:
+        seen = await asyncio.to_thread(listener.wait, lambda ms: not_fed(ms, "database down") > 0, "not fed")
+        start = len(seen)
+        await asyncio.to_thread(listener.wait, lambda ms: not_fed(ms[start:], "database down") >= 3, "more ticks")
+        assert count(listener.since(start), "WATCHDOG=1") == 0
+    finally:
+        await asyncio.to_thread(refusing.__exit__, None, None, None)
+    back = len(listener.messages)
+    again = await asyncio.to_thread(listener.wait, lambda ms: count(ms[back:], "WATCHDOG=1") >= 2, "pings again")
+    assert "WATCHDOG=1\nSTATUS=running" in again[back:]
+
+
+class HangingStop(asyncio.Event):
+    """What a bleak backend's stop() sometimes does on a wedged BlueZ: never return (until the test says)."""
+
+
+def hanging_backend(air: VirtualAir, hang: HangingStop) -> type:
+    base = air.backend()
+
+    async def stop(self: object) -> None:
+        await hang.wait()
+        await base.stop(self)  # type: ignore[arg-type]
+
+    return type("HangingVirtualScanner", (base,), {"stop": stop})
+
+
+async def test_a_scanner_whose_restart_hangs_stops_the_pings_until_it_scans_again(
+        tmp_path: Path, listener: Listener, runtime_factory: RuntimeFactory):
+    rx = Receiver(id="rx", position=(0.0, 0.0), zones=(), measured_power=-59, path_loss_exponent=2.0)
+    air = VirtualAir(RadioPropagation({"hci0": rx}, Radio(tx_power=-59, shadowing_sigma_db=0.0,
+                                                          advert_interval_s=0.05, loss=0.0), clock=time.time))
+    await air.add_adapter("hci0")
+    hang = HangingStop()
+    # The real BleakSource and bleak over bumble's virtual controller; only the adapter is virtual. Silence for
+    # 0.2 s makes its own watchdog restart the scan, and the restart's stop() hangs.
+    scanner = BleakSource("hci0", "active", backend=hanging_backend(air, hang), receiver="rx", watchdog_s=0.2,
+                          retry=Backoff(base_s=0.05, max_s=0.1, max_attempts=1_000_000))
+    try:
+        await runtime_factory(live_settings(tmp_path), scanner=scanner,
+                              watchdog=Watchdog(Notifier(listener.name), 0.4))
+        seen = await asyncio.to_thread(listener.wait, lambda ms: not_fed(ms, "scanner stuck (restarting)") > 0,
+                                       "a stuck scanner")
+        start = len(seen)
+        await asyncio.to_thread(listener.wait, lambda ms: not_fed(ms[start:], "scanner stuck") >= 3, "more ticks")
+        assert count(listener.since(start), "WATCHDOG=1") == 0
+    finally:
+        hang.set()
+    back = len(listener.messages)
+    again = await asyncio.to_thread(listener.wait, lambda ms: count(ms[back:], "WATCHDOG=1") >= 2, "pings again")
+    assert "WATCHDOG=1\nSTATUS=running" in again[back:]  # the restart went through: the scanner moved again
