@@ -217,6 +217,9 @@ def test_the_settings_refuse_what_home_assistant_cannot_take(tmp_path: Path) -> 
     toml.write_text('[homeassistant]\ndiscovery_prefix = "ha/#"\n')
     with pytest.raises(ConfigError, match=r"homeassistant\.discovery_prefix"):
         load_settings(toml, environ={})
+    toml.write_text('[mqtt]\nenabled = false\n\n[homeassistant]\nenabled = true\n')  # it would publish nothing
+    with pytest.raises(ConfigError, match=r"line 5: homeassistant\.enabled: needs \[mqtt\] enabled"):
+        load_settings(toml, environ={})
     s = load_settings(None, environ={"GATEWAY_HOMEASSISTANT_ENABLED": "true"})
     assert s.homeassistant.enabled and not s.homeassistant.track_customers  # off unless asked for
 

@@ -366,6 +366,15 @@ class Settings(BaseSettings):
                 for loc, message, value in found])
         return self
 
+    @model_validator(mode="after")
+    def _homeassistant_needs_mqtt(self) -> Settings:
+        """[homeassistant] publishes on the [mqtt] connection: on without it, nothing would go out, silently."""
+        if self.homeassistant.enabled and not self.mqtt.enabled:
+            raise ValidationError.from_exception_data("Settings", [InitErrorDetails(
+                type=PydanticCustomError("needs_mqtt", "needs [mqtt] enabled (it publishes on that connection)"),
+                loc=("homeassistant", "enabled"), input=True)])
+        return self
+
 
 # ---------------------------------------------------------------- lists and tables written as one string
 
