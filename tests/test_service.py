@@ -87,10 +87,11 @@ def unit_settings(text: str) -> dict[str, list[str]]:
     return out
 
 
-def install_into(root: Path, runner: FakeAccounts | None = None) -> tuple[FakeAccounts, str]:
+def install_into(root: Path, runner: FakeAccounts | None = None, user: str = "engagement-gateway",
+                 ) -> tuple[FakeAccounts, str]:
     runner = runner or FakeAccounts()
     out = io.StringIO()
-    install(Layout(root=root, prefix=Path(sys.prefix)), runner=runner, out=out)
+    install(Layout(root=root, user=user, prefix=Path(sys.prefix)), runner=runner, out=out)
     return runner, out.getvalue()
 
 
@@ -130,7 +131,8 @@ def test_install_writes_a_private_config_the_gateway_loads_a_data_dir_and_a_unit
     assert u["ExecStart"] == [f"{sys.prefix}/bin/gateway run --config {CONFIG}"]
     assert (u["Type"], u["NotifyAccess"], u["WatchdogSec"], u["Restart"]) == (["notify"], ["main"], ["30"], ["always"])
     assert u["After"] == u["Wants"] == ["bluetooth.target network-online.target"]
-    assert (u["User"], u["SupplementaryGroups"]) == (["engagement-gateway"], ["bluetooth"])
+    assert (u["User"], u["Group"], u["SupplementaryGroups"]) == (["engagement-gateway"], ["engagement-gateway"],
+                                                                  ["bluetooth"])
     assert u["StateDirectory"] == u["ConfigurationDirectory"] == ["engagement-gateway"]
     for key, value in (("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("ProtectHome", "yes"),
                        ("PrivateTmp", "yes"), ("StandardOutput", "journal")):
@@ -164,6 +166,19 @@ def test_a_second_install_keeps_the_shops_config_and_each_new_one_gets_its_own_s
     install_into(other)
     a, b = (load_settings(r / CONFIG.lstrip("/"), environ={}).api for r in (first, other))
     assert a.admin_key != b.admin_key and a.token_secret != b.token_secret
+
+
+@as_root
+def test_an_existing_user_keeps_its_own_primary_group(tmp_path: Path):
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "group").write_text("bluetooth:x:112:\nstaff:x:50:\n")
+    (etc / "passwd").write_text(f"shopbox:x:{UID}:50::/home/shopbox:/bin/sh\n")
+    runner, _ = install_into(tmp_path, user="shopbox")
+    assert [c[0] for c in runner.commands] == ["systemctl"]
+    u = unit_settings((tmp_path / UNIT_PATH.lstrip("/")).read_text())
+    assert (u["User"], u["Group"]) == (["shopbox"], ["staff"])
+    assert (tmp_path / CONFIG.lstrip("/")).stat().st_uid == UID
 
 
 def test_dry_run_writes_and_runs_nothing_and_prints_a_unit_systemd_accepts(tmp_path: Path):

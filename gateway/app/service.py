@@ -80,8 +80,9 @@ class Layout:
 # ---------------------------------------------------------------- what is written
 
 
-def unit_text(layout: Layout) -> str:
-    """The unit. Every hardening line keeps BlueZ over D-Bus, the API and MQTT working."""
+def unit_text(layout: Layout, group: str | None = None) -> str:
+    """The unit. Every hardening line keeps BlueZ over D-Bus, the API and MQTT working. ``group``: the user's
+    primary group (default: the user's name, as ``useradd --user-group`` makes it)."""
     exec_start = f"{layout.gateway} run --config {CONFIG}".replace("%", "%%")
     return f"""\
 # Written by `gateway service install`; rewritten by the next install. Local changes: systemctl edit {NAME}
@@ -103,7 +104,7 @@ RestartSec=5
 RestartPreventExitStatus=2
 TimeoutStopSec=30
 User={layout.user}
-Group={layout.user}
+Group={group or layout.user}
 SupplementaryGroups={BLUETOOTH_GROUP}
 StateDirectory={NAME}
 StateDirectoryMode=0750
@@ -238,6 +239,21 @@ def _booted(layout: Layout) -> bool:
     return not layout.scratch and Path("/run/systemd/system").is_dir()
 
 
+def _primary_group(layout: Layout) -> str | None:
+    """The name of the user's primary group, when the user exists (one made before us may have another)."""
+    user = _entry(layout.at("/etc/passwd"), layout.user)
+    if user is None or len(user) < 4:
+        return None
+    try:
+        for line in layout.at("/etc/group").read_text().splitlines():
+            fields = line.split(":")
+            if len(fields) > 2 and fields[2] == user[3]:
+                return fields[0]
+    except FileNotFoundError:
+        return None
+    return None
+
+
 def _systemctl(layout: Layout, *args: str) -> list[str]:
     return ["systemctl", f"--root={layout.root}", *args] if layout.scratch else ["systemctl", *args]
 
@@ -345,7 +361,7 @@ def install(layout: Layout, *, dry_run: bool = False, runner: Runner = run_comma
         shutil.copytree(_example_dir() / "device-profiles", profiles)
         plan.say(f"copied the example device profiles to {CONFIG_DIR}/device-profiles/")
     plan.mkdir(layout.at(DATA_DIR), DATA_DIR, 0o750, owned=True)
-    plan.write(layout.at(UNIT_PATH), UNIT_PATH, unit_text(layout), 0o644, owned=False)
+    plan.write(layout.at(UNIT_PATH), UNIT_PATH, unit_text(layout, _primary_group(layout)), 0o644, owned=False)
     if _booted(layout):
         plan.run(_systemctl(layout, "daemon-reload"))
     plan.run(_systemctl(layout, "enable", UNIT))  # works offline too (a chroot, an image)
