@@ -515,6 +515,7 @@ async def dry_run_page(request: Request, session: PageSession,
                        kind: Annotated[str, Query(max_length=32)] = "",
                        zone: Annotated[str, Query(max_length=64)] = "",
                        dwell_s: Annotated[str, Query(max_length=32)] = "0",
+                       facts: Annotated[str, Query(max_length=MAX_FACTS_TEXT)] = "",
                        q: Annotated[str, Query(max_length=128)] = "") -> Response:
     """Would this customer get it now, and if not, why: GatewayService.dry_run (the service behind
     POST /v1/decisions/dry-run), a read that sends and stores nothing."""
@@ -526,22 +527,46 @@ async def dry_run_page(request: Request, session: PageSession,
     error, outcomes = None, None
     if profile is not None and kind:
         try:
-            event = SyntheticEvent.model_validate({"kind": kind, "zone": zone or None, "dwell_s": float(dwell_s)})
+            extra = event_facts(facts)
+            event = SyntheticEvent.model_validate({"kind": kind, "zone": zone or None, "dwell_s": float(dwell_s),
+                                                   "facts": extra})
         except (ValidationError, ValueError) as exc:
             error = f"the synthetic event is not valid: {_first_error(exc)}"
         else:
             try:
                 outcomes = await asyncio.to_thread(ctx.service.dry_run, profile, event.kind, event.zone,
-                                                   float(event.dwell_s), {})
+                                                   float(event.dwell_s), dict(event.facts))
             except (NotFound, Invalid) as exc:
                 error = str(exc)
     people, _ = await asyncio.to_thread(list_profiles, ctx.service, q=q.strip() or None, limit=50)
     choices = [{"id": p["id"], "label": f"{first_name(p['name']) or 'customer'} · #{p['id']}"
                 + (f" · {p['external_id']}" if p["external_id"] else "")} for p in people]
     return _page(request, "dryrun.html", session=session, choices=choices, triggers=TRIGGERS,
-                 zones=dash.zone_names, chosen={"profile": profile, "kind": kind, "zone": zone, "dwell_s": dwell_s,
-                                                "q": q}, outcomes=outcomes, error=error, reasons=REASONS,
-                 active="campaigns")
+                 zones=dash.zone_names,
+                 chosen={"profile": profile, "kind": kind, "zone": zone, "dwell_s": dwell_s, "facts": facts, "q": q},
+                 outcomes=outcomes, error=error, reasons=REASONS, active="campaigns")
+
+
+MAX_FACTS_TEXT = 4096
+
+
+def event_facts(text: str) -> dict[str, Any]:
+    """The dry run's extra facts as the page takes them: YAML (or JSON, which is YAML) mapping names to what
+    the engine would read, e.g. ``device: {kind: ebike}`` and ``reading: {battery_pct: 12}``. A problem is a
+    ValueError naming its line."""
+    if not text.strip():
+        return {}
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ValueError(f"facts: {where}{getattr(exc, 'problem', None) or 'not YAML'}") from exc
+    if not isinstance(doc, dict) or not all(isinstance(k, str) for k in doc):
+        raise ValueError("facts: expected a mapping of names to values, e.g. reading: {battery_pct: 12}")
+    return doc
 
 
 def _first_error(exc: Exception) -> str:
@@ -630,6 +655,24 @@ async def _toggle(request: Request, cid: str, enabled: bool) -> Response:
         _note(request, f"{cid} is {'on' if enabled else 'off'}.")
     except (Conflict, NotFound, Invalid) as exc:
         _note(request, str(exc))
+    return RedirectResponse(f"{PATH}/campaigns", 303)
+
+
+@router.post("/campaigns/{cid}/delete")
+async def campaign_delete(request: Request, cid: str) -> Response:
+    """Delete an API campaign (``GatewayService.delete_campaign``, as ``DELETE /v1/campaigns/{id}``). The form
+    carries ``confirm`` = the campaign's id, typed or ticked on its page, so a stray tap deletes nothing."""
+    _, form = await _changing(request, scopes=CAMPAIGN_SCOPES)
+    cid = _campaign_id(cid)
+    if form.get("confirm") != cid:
+        _note(request, f"Not deleted: confirm by ticking the box beside Delete for {cid}.")
+        return RedirectResponse(f"{PATH}/campaigns/{quote(cid, safe='')}", 303)
+    try:
+        await asyncio.to_thread(_ctx(request).service.delete_campaign, cid)
+    except (Conflict, NotFound) as exc:
+        _note(request, str(exc))
+        return RedirectResponse(f"{PATH}/campaigns", 303)
+    _note(request, f"Deleted {cid}.")
     return RedirectResponse(f"{PATH}/campaigns", 303)
 
 
