@@ -224,7 +224,9 @@ class Watchdog:
             self._threads.append(t)
 
     def stop(self) -> None:
-        """STOPPING=1 first (systemd then expects the exit, not a ping), then the threads end."""
+        """STOPPING=1 first (systemd then expects the exit, not a ping), then the threads end. Once."""
+        if self._stop.is_set():
+            return
         self.notifier.send("STOPPING=1", "STATUS=stopping")
         self._stop.set()
         feeder = next((t for t in self._threads if t.name == "gateway-watchdog"), None)
