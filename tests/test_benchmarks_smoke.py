@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = [
     ("ble_pipeline.py", {"adverts_per_s", "anchor_adverts_per_s", "ratio", "adverts", "identities", "campaigns",
                          "profiles", "decisions", "notifications"}),
+    ("ha_occupancy.py", {"people", "zones", "cpu_us_per_step", "wall_us_per_step", "count_changes",
+                         "count_messages"}),
     ("footprint.py", {"rss_mb", "ready_s", "idle_rss_mb", "hwm_mb", "cpu_s", "rss_ok", "ready_ok"}),
     ("dashboard_load.py", {"first_load_bytes", "first_load_gzip_bytes", "budget_bytes", "ratio"}),
     ("notify_latency.py", {"p50_ms", "p99_ms", "people", "people_requested", "goal_p99_ms", "ratio"}),

@@ -372,6 +372,7 @@ class HomeAssistantLink:
         self._gone: list[int] = []
         self._gone_lock = threading.Lock()
         self._connects = 0
+        self._last_error: str | None = None
         self.published = 0
 
     def _previous(self) -> dict[str, dict[str, str]]:
@@ -452,10 +453,19 @@ class HomeAssistantLink:
                     announce = True
                 try:
                     await self._step(announce)
-                except Exception:
-                    log.exception("publishing occupancy to Home Assistant failed")
+                except Exception as exc:
+                    self._failed("publishing occupancy to Home Assistant", exc)
+                else:
+                    self._last_error = None
         finally:
             birth.cancel()
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        """Logged once per kind of failure, not once a second while it lasts."""
+        key = f"{what}: {type(exc).__name__}: {exc}"[:300]
+        if key != self._last_error:
+            self._last_error = key
+            log.warning("%s failed: %s: %s", what, type(exc).__name__, exc)
 
     def _connected(self) -> bool:
         state = getattr(self.intake, "state", None)
@@ -466,9 +476,15 @@ class HomeAssistantLink:
             return  # nothing goes out before the first connection, whose announcement says everything
         changed = False
         if self._customers_dirty and self.track_customers:
-            self._customers_dirty = False
-            customers = await asyncio.to_thread(consenting_customers, self.db, self.purpose, self.layout.node_id)
-            changed = self.publisher.set_customers(customers)
+            self._customers_dirty = False  # a change while reading sets it again
+            try:
+                customers = await asyncio.to_thread(consenting_customers, self.db, self.purpose,
+                                                    self.layout.node_id)
+            except Exception as exc:  # the database is down: counts go on; the customers are read again later
+                self._customers_dirty = True
+                self._failed("reading the consenting customers", exc)
+            else:
+                changed = self.publisher.set_customers(customers)
         with self._gone_lock:
             gone, self._gone = self._gone, []
         for pid in gone:
