@@ -218,6 +218,9 @@ class Watchdog:
         if self.period_s is None:
             return
         self.limits = Limits.for_period(self.period_s, scanner_limit_s(scanner))
+        log.info("systemd watchdog: a ping every %.1f s while the event loop (%.0f s), the database (%.0f s)%s answer",
+                 self.period_s / 2, self.limits.loop_s, self.limits.db_s,
+                 f" and the scanner ({self.limits.scanner_s:.0f} s)" if self._progress.at(now) is not None else "")
         for target, name in ((self._feed, "gateway-watchdog"), (self._probe_db, "gateway-watchdog-db")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
