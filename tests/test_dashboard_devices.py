@@ -254,6 +254,13 @@ async def test_the_health_page_shows_what_health_says(world: Any) -> None:
         assert await row.locator("[data-reason]").inner_text() == dead["reason"] == "unknown_device"
         assert dead["detail"] in await row.inner_text()
     await page.goto(f"{world.base}/dashboard/health")
+    await page.wait_for_selector("#state:text('live')")
+    await page.evaluate("window.notReloaded = true")
+    now = world.rt.clock.now()  # live: a newly refused message shows without a reload
+    world.rt.pipeline.ingest_readings([Reading("ghost-10", "s1", now, {"temp": 1.0})], now=now)
+    await page.wait_for_selector("#dead-letters tbody tr:has-text('ghost-10') [data-reason]")
+    assert await page.evaluate("window.notReloaded") is True
+    assert await page.inner_text("#components tr[data-component=db] [data-state]") == "ok"  # redrawn alike
     await page.screenshot(path=world.shot("dashboard-health.png"), full_page=True)
 
 

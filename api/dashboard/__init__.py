@@ -58,8 +58,8 @@ class Dashboard:
     monotonic: Callable[[], float] = time.monotonic
     """How old the shared live view is (a real-time throttle, not the store's clock, which may be virtual)."""
     walks: Walks = field(init=False)
-    _live: tuple[float, str] | None = field(init=False, default=None)
-    _live_lock: asyncio.Lock | None = field(init=False, default=None)
+    _live: dict[str, tuple[float, str]] = field(init=False, default_factory=dict)
+    _live_locks: dict[str, asyncio.Lock] = field(init=False, default_factory=dict)
     _closing: asyncio.Event | None = field(init=False, default=None)
     plan: Plan = field(init=False)
     zone_names: list[str] = field(init=False)
@@ -88,16 +88,17 @@ class Dashboard:
             self._closing = asyncio.Event()
         self._closing.set()
 
-    async def shared(self, compute: Callable[[], Awaitable[Any]]) -> str:
-        """The store's live view as JSON, computed at most twice per ``stream_every_s`` however many pages
-        stream it: each open page would otherwise walk every tracked person once a second itself."""
-        if self._live_lock is None:
-            self._live_lock = asyncio.Lock()
-        async with self._live_lock:  # the pages that ask meanwhile take the one being computed
+    async def shared(self, compute: Callable[[], Awaitable[Any]], view: str = "store") -> str:
+        """A live view (the store's, the health page's) as JSON, computed at most twice per ``stream_every_s``
+        however many pages stream it: each open page would otherwise walk every tracked person (or probe the
+        database) once a second itself."""
+        lock = self._live_locks.setdefault(view, asyncio.Lock())
+        async with lock:  # the pages that ask meanwhile take the one being computed
             now = self.monotonic()
-            if self._live is None or now - self._live[0] >= self.stream_every_s / 2:
-                self._live = (now, json.dumps(await compute(), separators=(",", ":")))
-            return self._live[1]
+            last = self._live.get(view)
+            if last is None or now - last[0] >= self.stream_every_s / 2:
+                last = self._live[view] = (now, json.dumps(await compute(), separators=(",", ":")))
+            return last[1]
 
     def login_link(self, base_url: str) -> str:
         """A one-time sign-in link (as Jupyter prints one): it works once, within ``tokens.ttl_s``."""

@@ -20,6 +20,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
+from api.dashboard import Dashboard
 from api.dashboard.routes import (
     PATH,
     PageSession,
@@ -34,6 +35,7 @@ from api.dashboard.routes import (
     session_stream,
     viewer,
 )
+from api.deps import ApiContext
 from api.schemas import DB_ID_MAX
 from gateway.errors import Conflict, Invalid, NotFound
 
@@ -240,13 +242,37 @@ async def device_service(request: Request, device_id: DeviceId) -> Response:
     return RedirectResponse(f"{PATH}/devices/{quote(device_id, safe='')}", 303)
 
 
-@router.get("/health")
-async def health_page(request: Request, session: PageSession) -> Response:
-    """The runtime's own health, readiness and metrics (the functions behind /health and /metrics)."""
-    ctx, dash = _ctx(request), dashboard_of(request)
+async def health_now(ctx: ApiContext, dash: Dashboard) -> dict[str, Any]:
+    """The health page's facts: the runtime's own health, readiness and metrics (the functions behind
+    /health and /metrics), the receivers, the newest dead letters."""
     health = await asyncio.to_thread(ctx.health)
     ready = await asyncio.to_thread(ctx.ready) if ctx.ready is not None else None
     metrics = await ctx.metrics() if ctx.metrics is not None else ""
     dead = await asyncio.to_thread(ctx.devices.dead_letters, None, None, 10) if ctx.devices else []
-    return _page(request, "health.html", session=session, active="health", view=health_view(health, ready, metrics),
-                 receivers=live_view(ctx, dash)["receivers"], dead=dead)
+    return {**health_view(health, ready, metrics), "receivers": live_view(ctx, dash)["receivers"], "dead": dead}
+
+
+@router.get("/health")
+async def health_page(request: Request, session: PageSession) -> Response:
+    now = await health_now(_ctx(request), dashboard_of(request))
+    return _page(request, "health.html", session=session, active="health", view=now, receivers=now["receivers"],
+                 dead=now["dead"])
+
+
+@router.get("/health/stream")
+async def health_stream(request: Request) -> Response:
+    """The health page's one SSE stream: its facts whenever they change (looked at every ``stream_every_s``,
+    one look shared by every open page), a heartbeat otherwise; it ends when the session does."""
+    session = await viewer(request)
+    ctx, dash = _ctx(request), dashboard_of(request)
+    last = ""
+
+    async def next_event() -> tuple[str, str] | None:
+        nonlocal last
+        body = await dash.shared(lambda: health_now(ctx, dash), "health")
+        if body == last:
+            return None
+        last = body
+        return "health", body
+
+    return session_stream(request, session, next_event)
