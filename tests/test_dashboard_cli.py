@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -59,6 +60,38 @@ def test_run_prints_a_link_that_signs_in_once(tmp_path: Path) -> None:
     assert proc.returncode == 0, err[-2000:]
     token = link.split("token=")[1]
     assert token not in err and "Traceback" not in err
+
+
+def test_under_systemd_the_journal_gets_no_sign_in_link(tmp_path: Path) -> None:
+    """systemd sets JOURNAL_STREAM when stdout is the journal, which keeps what it is given: a one-time link
+    printed there would be a token in the logs. The address alone goes out; staff sign in with a key."""
+    port = free_port()
+    cfg = run_config(tmp_path, port)
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.app.cli", "run", "--config", str(cfg)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "JOURNAL_STREAM": "8:12345"})
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("dashboard"):
+                seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert seen.wait(30), "gateway run printed no dashboard line"  # a bound, not a timing claim
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    printed = "".join(lines) + err
+    assert f"dashboard: http://127.0.0.1:{port}/dashboard (sign in with an admin API key)" in printed
+    assert "token=" not in printed and "one-time" not in printed
 
 
 def test_a_broken_walks_file_stops_run_with_one_line_naming_it(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -145,8 +146,11 @@ async def _run(args: argparse.Namespace) -> int:
         print(f"admin key (generated, set [api] admin_key to keep one): {runtime.admin_key}")
     if runtime.dashboard is not None:  # the host a browser can reach: loopback when bound to every address
         host = "127.0.0.1" if settings.api.host in ("0.0.0.0", "::", "") else settings.api.host
-        print(f"dashboard (a one-time sign-in link): "
-              f"{runtime.dashboard.login_link(f'http://{host}:{settings.api.port}')}", flush=True)
+        base = f"http://{host}:{settings.api.port}"
+        if os.environ.get("JOURNAL_STREAM"):  # stdout is systemd's journal: a sign-in link would be kept there
+            print(f"dashboard: {base}/dashboard (sign in with an admin API key)", flush=True)
+        else:
+            print(f"dashboard (a one-time sign-in link): {runtime.dashboard.login_link(base)}", flush=True)
     await stop.wait()
     await runtime.stop()
     return 0
