@@ -349,8 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ca = sub.add_parser("calibrate", help="learn receivers and zone signatures from a labelled walk: a TOML file "
                                           "for --calibration, and a report of how well each zone stands apart")
-    ca.add_argument("trace", help="the walk's trace CSV (time,receiver,beacon,rssi[,tx_power])")
-    ca.add_argument("--labels", required=True, help="beacon,start,end,zone: where the walker was")
+    ca.add_argument("trace", nargs="+", help="the walks' trace CSVs (time,receiver,beacon,rssi[,tx_power]); "
+                                             "several are joined one after the other, each walk its own identity")
+    ca.add_argument("--labels", required=True, action="append",
+                    help="beacon,start,end,zone: where the walker was; once per trace, in the traces' order")
     ca.add_argument("--config", required=True, help="gateway.toml with the [[receivers]] (and [[zones]])")
     ca.add_argument("--out", required=True, help="the calibration TOML to write")
     ca.set_defaults(func=cmd_calibrate)
