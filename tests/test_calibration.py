@@ -14,7 +14,17 @@ import pytest
 from beacons.types import Sighting
 from gateway.app.cli import main
 from gateway.errors import ConfigError
-from gateway.presence.calibration import Calibration, dumps, learn, load, parse, report, separations
+from gateway.presence.calibration import (
+    TUNABLE,
+    WINDOW_FLOOR_DBM,
+    Calibration,
+    dumps,
+    learn,
+    load,
+    parse,
+    report,
+    separations,
+)
 from gateway.presence.settings import PresenceSettings, ReceiverSettings, ZoneBand
 from gateway.presence.traces import Label, open_trace, read_labels
 from gateway.presence.tracker import PresenceTracker
@@ -240,7 +250,7 @@ def test_two_walks_tune_the_look_time_and_the_file_carries_it() -> None:
     rows = sorted(first + second, key=lambda s: s.time)
     cal = learn_tuned(rows, first_labels + second_labels, RECEIVERS, PresenceSettings())
     tuned = dict(cal.tuned)
-    assert set(tuned) == {"fade_time_s", "rssi_drift_db_s", "switch_posterior"}
+    assert {"fade_time_s", "rssi_drift_db_s", "switch_posterior"} <= set(tuned) <= TUNABLE
     text = dumps(cal)
     assert "[presence]" in text and parse(text).tuned == cal.tuned
     tracker = PresenceTracker(PresenceSettings(), RECEIVERS, calibration=cal)
@@ -302,3 +312,83 @@ def test_two_walks_choose_the_band_weight_among_the_candidates() -> None:
     cal = learn_tuned(rows, first_labels + second_labels, RECEIVERS, PresenceSettings())
     assert cal.band_weight in BAND_WEIGHTS
     assert parse(dumps(cal)).band_weight == cal.band_weight
+
+
+def test_windowed_means_are_learned_with_silence_as_the_floor_and_round_trip(tmp_path: Path) -> None:
+    # Receiver b never hears the tag in "left": its windowed reading there is the floor, learned as such.
+    rows, labels = walk(ROUTE, seed=3)
+    rows = [s for s in rows if not (s.receiver == "b" and any(lb.zone == "left" and lb.start <= s.time < lb.end
+                                                              for lb in labels))]
+    cal = learn(rows, labels, RECEIVERS, PresenceSettings())
+    left = {sg.receiver: sg for sg in cal.zone("left").windowed}  # type: ignore[union-attr]
+    right = {sg.receiver: sg for sg in cal.zone("right").windowed}  # type: ignore[union-attr]
+    assert left["b"].mean == pytest.approx(WINDOW_FLOOR_DBM, abs=3) and left["b"].heard < 0.2
+    assert right["b"].mean == pytest.approx(-55, abs=2) and right["b"].heard == 1.0
+    weighed = dataclasses.replace(cal, windowed_weight=6.0, sd_floor_db=4.0, source=())
+    text = dumps(weighed)
+    assert "windowed_weight = 6.0" in text and '[zones."left".windowed]' in text
+    assert parse(text) == weighed
+    path = tmp_path / "cal.toml"
+    path.write_text(text.replace("windowed_weight = 6.0", "windowed_weight = -1.0"))
+    with pytest.raises(ConfigError, match=r"model\.windowed_weight"):
+        load(path)
+    path.write_text(text.replace("sd_floor_db = 4.0", "sd_floor_db = 'wide'"))
+    with pytest.raises(ConfigError, match=r"model\.sd_floor_db"):
+        load(path)
+
+
+def test_the_windowed_evidence_alone_tells_the_zones_apart() -> None:
+    # The per-link signatures silenced (their looks made rare): the windowed means carry the decision.
+    rows, labels = walk(ROUTE, seed=4)
+    quiet = PresenceSettings(fade_time_s=1000.0, fade_db=1000.0)
+    cal = dataclasses.replace(learn(rows, labels, RECEIVERS, quiet), windowed_weight=6.0)
+    test, _ = walk([("left", 30.0), ("middle", 30.0), ("right", 30.0)], seed=5)
+    assert zones_entered(PresenceTracker(quiet, RECEIVERS, calibration=cal), test) == ["left", "middle", "right"]
+    silent = dataclasses.replace(cal, windowed_weight=0.0)  # without it, too little evidence to follow the walk
+    assert zones_entered(PresenceTracker(quiet, RECEIVERS, calibration=silent), test) != ["left", "middle", "right"]
+
+
+def test_exits_to_no_zone_can_need_more_evidence_than_moves() -> None:
+    # The tag walks left, then stands 8 s where both receivers hear it faintly (no zone), then walks right.
+    means = {**MEANS, "away": (-90, -90)}
+    rows, _ = walk([("left", 30.0), ("away", 8.0), ("right", 30.0)], seed=6, means=means)
+
+    def switches(exit_posterior: float) -> list[tuple[str, str | None, float]]:
+        tracker = PresenceTracker(PresenceSettings(exit_posterior=exit_posterior), RECEIVERS)
+        return [(e.kind, e.zone, e.time) for e in tracker.observe_many(rows) if e.kind in ("enter", "exit")]
+
+    loose, strict = switches(0.0), switches(1.0 - 1e-12)
+    assert [k[:2] for k in loose] == [k[:2] for k in strict] == [("enter", "left"), ("exit", "left"),
+                                                                  ("enter", "right")]
+    assert loose[1][2] < 38.0  # as switch_posterior: the exit while the tag stands in no zone
+    assert strict[1][2] >= 38.0 and strict[1][2] == strict[2][2]  # no exit on evidence: left is held until
+    # right takes over, and the move to right is as quick as ever
+    assert strict[2][2] - 38.0 < 5.0
+
+
+def test_gateway_calibrate_joins_several_walks_each_its_own_identity(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.presence.traces import TraceWriter, write_labels
+
+    (tmp_path / "gw.toml").write_text(CONFIG)
+    files = []
+    for k, (route, seed) in enumerate(((ROUTE, 8), (list(reversed(ROUTE)), 9))):
+        sightings, labels = walk(route, seed=seed)  # the same tag, the same clock: only the files tell them apart
+        trace, lab = tmp_path / f"walk{k}.csv", tmp_path / f"walk{k}.labels.csv"
+        with open(trace, "w", newline="") as f:
+            TraceWriter(f).write_many(sightings)
+        with open(lab, "w", newline="") as f:
+            write_labels(f, labels)
+        files.append((str(trace), str(lab)))
+    out = tmp_path / "cal.toml"
+    args = ["calibrate", files[0][0], files[1][0], "--labels", files[0][1], "--labels", files[1][1],
+            "--config", str(tmp_path / "gw.toml"), "--out", str(out)]
+    assert main(args) == 0
+    cal = load(out)
+    assert [z.name for z in cal.zones] == ["left", "middle", "right"]
+    assert cal.tuned  # two walks: tuned by leaving one out, which one tag in one file could not be
+    assert "walk0.csv, " in out.read_text() and "5 labels" not in out.read_text()
+    capsys.readouterr()
+    assert main([*args[:4], *args[6:]]) == 2  # two traces, one labels file
+    err = capsys.readouterr()[1].strip().splitlines()
+    assert len(err) == 1 and "one labels file per trace" in err[0]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import math
 import tomllib
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +35,13 @@ PRIOR_SECONDS = 30.0  # labelled seconds the even prior (half in no zone) weighs
 DEFAULT_MEASURED_POWER = -59.0  # as the tracker: the RSSI at 1 m when neither receiver nor beacon says
 GATE_SIGMAS, OUTLIER_CLAMP_DB = 2.5, 12.0  # the tracker's filter constants (gateway/presence/tracker.py)
 EXPONENT_RANGE = (1.2, 6.0)  # a fitted path-loss exponent is clamped to what indoor radio does
+# Windowed-mean evidence (the fingerprint's observation, ``Calibration.windowed_weight``): per receiver the mean
+# RSSI of its adverts of the last WINDOW_S, or WINDOW_FLOOR_DBM when it heard none, a Gaussian per state.
+WINDOW_S = 3.0
+WINDOW_FLOOR_DBM = -105.0
+WINDOW_SD_FLOOR_DB = 2.0
 # The [presence] settings a calibration may carry (chosen on the walk: gateway/presence/tuning.py).
-TUNABLE = frozenset({"fade_time_s", "rssi_drift_db_s", "switch_posterior"})
+TUNABLE = frozenset({"fade_time_s", "fade_db", "rssi_drift_db_s", "switch_posterior", "exit_posterior"})
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class ZoneCalibration:
     stay_s: float  # mean stay (the walk's, weighed with the settings' zone_stay_s)
     neighbours: tuple[str, ...]  # the zones the walk went to from this one, directly or through no zone
     signature: tuple[Signature, ...]
+    # per receiver the windowed mean RSSI's mean and sd (silence read as WINDOW_FLOOR_DBM), heard: share not silent
+    windowed: tuple[Signature, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,13 @@ class Calibration:
     # How much the config's distance bands still count beside the signatures, per look (0: not at all;
     # chosen on the walk with ``tuned``): a short walk's Gaussians overfit where the bands' geometry does not.
     band_weight: float = 0.0
+    # How much the windowed-mean evidence counts, in looks per second (0: not used; chosen on the walk):
+    # the joint reading of every receiver, silent ones included, against each state's ``windowed`` Gaussians.
+    windowed_weight: float = 0.0
+    outside_windowed: tuple[Signature, ...] = ()  # "no zone"'s windowed Gaussians, when learned
+    # The tracker widens every learned signature's sd to at least this (dB; 0: as learned, chosen on the walk):
+    # a walk's minutes in a zone see fewer spots and fades than shoppers standing anywhere in it.
+    sd_floor_db: float = 0.0
     source: tuple[str, ...] = ()  # how it was made (the TOML's header comment)
 
     def zone(self, name: str) -> ZoneCalibration | None:
@@ -107,6 +121,7 @@ class _Acc:
     seconds: int = 0
     heard_any: int = 0  # of those, the seconds in which some receiver heard the identity
     heard: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0, 0.0]))
+    windowed: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0.0, 0.0, 0.0, 0.0]))
 
 
 def _filter(link: _Filtered | None, rssi: float, t: float, st: PresenceSettings) -> _Filtered:
@@ -187,6 +202,18 @@ def _signature(acc: _Acc, receivers: Sequence[str]) -> tuple[Signature, ...]:
     return tuple(out)
 
 
+def _windowed(acc: _Acc, receivers: Sequence[str]) -> tuple[Signature, ...]:
+    out = []
+    for rid in receivers:
+        n, s, ss, heard = acc.windowed.get(rid, (0.0, 0.0, 0.0, 0.0))
+        if n < MIN_HEARD:
+            return ()
+        mean = s / n
+        sd = math.sqrt(max(ss / n - mean * mean, 0.0) * n / (n - 1))
+        out.append(Signature(rid, round(mean, 2), round(max(sd, WINDOW_SD_FLOOR_DB), 2), round(heard / n, 4)))
+    return tuple(out)
+
+
 def _fit_receiver(rx: ReceiverSettings, zones: Sequence[ZoneCalibration],
                   polygons: dict[str, FloorZone]) -> ReceiverCalibration:
     """Offset and exponent from the zones' mean RSSI at this receiver: against the distances from its
@@ -235,6 +262,7 @@ def learn(sightings: Iterable[Sighting], labels: Sequence[Label], receivers: Seq
     starts = {b: [lb.start for lb in lbs] for b, lbs in by_beacon.items()}
     acc: dict[str | None, _Acc] = defaultdict(_Acc)
     links: dict[str, dict[str, _Filtered]] = defaultdict(dict)
+    windows: dict[str, dict[str, deque[tuple[float, int]]]] = defaultdict(lambda: defaultdict(deque))
     clock: dict[str, float] = {b: lbs[0].start for b, lbs in by_beacon.items()}
     live_s = settings.exit_after_s / 2
     used = 0
@@ -254,6 +282,17 @@ def learn(sightings: Iterable[Sighting], labels: Sequence[Label], receivers: Seq
                     h[0] += 1
                     h[1] += lk.rssi
                     h[2] += lk.rssi * lk.rssi
+                wins = windows[beacon]
+                for rid in rx_ids:
+                    q = wins.get(rid)
+                    while q and q[0][0] < now - WINDOW_S:
+                        q.popleft()
+                    x = sum(v for _, v in q) / len(q) if q else WINDOW_FLOOR_DBM
+                    h = a.windowed[rid]
+                    h[0] += 1
+                    h[1] += x
+                    h[2] += x * x
+                    h[3] += bool(q)
             now += SAMPLE_S
         clock[beacon] = now
 
@@ -262,6 +301,10 @@ def learn(sightings: Iterable[Sighting], labels: Sequence[Label], receivers: Seq
             continue
         sample_until(s.key, s.time - 1e-9)
         links[s.key][s.receiver] = _filter(links[s.key].get(s.receiver), s.rssi, s.time, settings)
+        q = windows[s.key][s.receiver]
+        q.append((s.time, s.rssi))
+        while q[0][0] < s.time - WINDOW_S:  # later samples are all after this sighting
+            q.popleft()
         used += 1
     for beacon in by_beacon:
         sample_until(beacon, math.inf)
@@ -298,7 +341,8 @@ def learn(sightings: Iterable[Sighting], labels: Sequence[Label], receivers: Seq
         st = stays.get(name, [])
         stay = (sum(st) + PRIOR_STAYS * settings.zone_stay_s) / (len(st) + PRIOR_STAYS)
         zone_cals.append(ZoneCalibration(name, float(a.seconds), round(stay, 1),
-                                         tuple(sorted(moves.get(name, set()) & kept)), _signature(a, rx_ids)))
+                                         tuple(sorted(moves.get(name, set()) & kept)), _signature(a, rx_ids),
+                                         _windowed(a, rx_ids)))
     outside = _signature(acc[None], rx_ids) if acc[None].heard_any >= MIN_SECONDS else ()
     transit = (sum(transits) + PRIOR_STAYS * settings.transit_s) / (len(transits) + PRIOR_STAYS)
     share = (direct + PRIOR_STAYS * settings.direct_share) / (ends + PRIOR_STAYS)
@@ -307,8 +351,9 @@ def learn(sightings: Iterable[Sighting], labels: Sequence[Label], receivers: Seq
     cal_receivers = tuple(_fit_receiver(r, zone_cals, polygons) for r in receivers)
     source = (f"{used} sightings of {len(by_beacon)} beacons, {len(labels)} labels, "
               f"{sum(a.seconds for a in acc.values())} labelled seconds",)
+    outside_windowed = _windowed(acc[None], rx_ids) if acc[None].seconds >= MIN_SECONDS else ()
     return Calibration(cal_receivers, tuple(zone_cals), outside, round(transit, 1), round(share, 3),
-                       round(out_share, 4), source=source)
+                       round(out_share, 4), outside_windowed=outside_windowed, source=source)
 
 
 # ---------------------------------------------------------------------------------------- TOML
@@ -338,9 +383,12 @@ def dumps(cal: Calibration) -> str:
     if cal.tuned:
         lines += ["# Chosen on the walk (each walk scored by a calibration learned on the others): over [presence].",
                   "[presence]", *(f"{k} = {_num(v)}" for k, v in cal.tuned), ""]
-    if cal.band_weight:
-        lines += ["# Chosen on the walk: the config's bands count this much per look beside the signatures.",
-                  "[model]", f"band_weight = {_num(cal.band_weight)}", ""]
+    if cal.band_weight or cal.windowed_weight or cal.sd_floor_db:
+        lines += ["# Chosen on the walk: the config's bands count band_weight per look beside the signatures;",
+                  "# windowed_weight: looks per second of the receivers' windowed mean RSSI ([zones.<name>.windowed]);",
+                  "# sd_floor_db: every signature's sd is widened to at least this when used.",
+                  "[model]", f"band_weight = {_num(cal.band_weight)}", f"windowed_weight = {_num(cal.windowed_weight)}",
+                  f"sd_floor_db = {_num(cal.sd_floor_db)}", ""]
     for r in cal.receivers:
         lines += [f'[receivers."{r.id}"]', f"offset_db = {_num(r.offset_db)}", f"exponent = {_num(r.exponent)}",
                   f'fitted = "{r.fitted}"', ""]
@@ -348,9 +396,13 @@ def dumps(cal: Calibration) -> str:
         lines += [f'[zones."{z.name}"]', f"seconds = {_num(z.seconds)}", f"stay_s = {_num(z.stay_s)}",
                   "neighbours = [" + ", ".join(f'"{n}"' for n in z.neighbours) + "]",
                   f'[zones."{z.name}".signature]', *(_sig_toml(sg) for sg in z.signature), ""]
+        if z.windowed:
+            lines += [f'[zones."{z.name}".windowed]', *(_sig_toml(sg) for sg in z.windowed), ""]
     if cal.outside:
         lines += ["# No zone: the labelled seconds outside every zone.", "[outside.signature]",
                   *(_sig_toml(sg) for sg in cal.outside), ""]
+    if cal.outside_windowed:
+        lines += ["[outside.windowed]", *(_sig_toml(sg) for sg in cal.outside_windowed), ""]
     return "\n".join(lines)
 
 
@@ -365,7 +417,7 @@ def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: 
     return v
 
 
-def _signatures(table: Any, where: str) -> tuple[Signature, ...]:
+def _signatures(table: Any, where: str, need_mean: bool = False) -> tuple[Signature, ...]:
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table of receivers")
     out = []
@@ -377,7 +429,7 @@ def _signatures(table: Any, where: str) -> tuple[Signature, ...]:
         if not 0.0 <= heard <= 1.0:
             raise ConfigError(f"{w}.heard: must be in [0, 1], got {heard!r}")
         mean = sd = None
-        if "mean" in v or "sd" in v:
+        if "mean" in v or "sd" in v or need_mean:
             mean, sd = float(_get(v, "mean", (int, float), w)), float(_get(v, "sd", (int, float), w))
             if not sd > 0:
                 raise ConfigError(f"{w}.sd: must be positive, got {sd!r}")
@@ -433,15 +485,21 @@ def _parse(doc: dict[str, Any]) -> Calibration:
         neighbours = _get(v, "neighbours", list, w)
         if not all(isinstance(n, str) for n in neighbours):
             raise ConfigError(f"{w}.neighbours: expected zone names, got {neighbours!r}")
+        windowed = _signatures(v["windowed"], f"{w}.windowed", need_mean=True) if "windowed" in v else ()
         zones.append(ZoneCalibration(str(name), float(_get(v, "seconds", (int, float), w)), stay,
-                                     tuple(neighbours), _signatures(v.get("signature"), f"{w}.signature")))
+                                     tuple(neighbours), _signatures(v.get("signature"), f"{w}.signature"),
+                                     windowed))
     names = {z.name for z in zones}
     for z in zones:
         for n in z.neighbours:
             if n not in names:
                 raise ConfigError(f"zones.{z.name}.neighbours: {n!r} is not a zone of this file")
     outside = doc.get("outside", {})
-    sig = _signatures(outside.get("signature"), "outside.signature") if isinstance(outside, dict) and outside else ()
+    if not isinstance(outside, dict):
+        raise ConfigError("outside: expected a table")
+    sig = _signatures(outside.get("signature"), "outside.signature") if "signature" in outside else ()
+    out_windowed = (_signatures(outside["windowed"], "outside.windowed", need_mean=True)
+                    if "windowed" in outside else ())
     pres = doc.get("presence", {})
     if not isinstance(pres, dict):
         raise ConfigError("presence: expected a table")
@@ -457,13 +515,21 @@ def _parse(doc: dict[str, Any]) -> Calibration:
     if not isinstance(model, dict):
         raise ConfigError("model: expected a table")
     for k in model:
-        if k != "band_weight":
-            raise ConfigError(f"model.{k}: unknown key (known: band_weight)")
-    weight = float(_get(model, "band_weight", (int, float), "model")) if model else 0.0
+        if k not in ("band_weight", "windowed_weight", "sd_floor_db"):
+            raise ConfigError(f"model.{k}: unknown key (known: band_weight, windowed_weight, sd_floor_db)")
+    weight = float(_get(model, "band_weight", (int, float), "model")) if "band_weight" in model else 0.0
     if not 0.0 <= weight <= 1.0:
         raise ConfigError(f"model.band_weight: must be in [0, 1], got {weight!r}")
+    windowed_weight = (float(_get(model, "windowed_weight", (int, float), "model"))
+                       if "windowed_weight" in model else 0.0)
+    if not 0.0 <= windowed_weight <= 100.0:
+        raise ConfigError(f"model.windowed_weight: must be in [0, 100] looks per second, got {windowed_weight!r}")
+    sd_floor = float(_get(model, "sd_floor_db", (int, float), "model")) if "sd_floor_db" in model else 0.0
+    if not 0.0 <= sd_floor <= 30.0:
+        raise ConfigError(f"model.sd_floor_db: must be in [0, 30] dB, got {sd_floor!r}")
     return Calibration(tuple(receivers), tuple(zones), sig, transit, share, out_share, tuple(tuned),
-                       band_weight=weight)
+                       band_weight=weight, windowed_weight=windowed_weight, outside_windowed=out_windowed,
+                       sd_floor_db=sd_floor)
 
 
 def load(path: str | Path) -> Calibration:

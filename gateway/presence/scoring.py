@@ -274,10 +274,12 @@ def changes(line: tuple[list[float], list[str | None]] | None, t0: float, t1: fl
     return n
 
 
-def score_labels(events: list[Event], labels: Sequence[Label], exit_after_s: float) -> dict[str, Any]:
+def score_labels(events: list[Event], labels: Sequence[Label], exit_after_s: float,
+                 gaps_unknown: bool = False) -> dict[str, Any]:
     """Per-second zone accuracy, enter latency p50/p90, false exits per person-hour, zone changes per hour.
 
-    Seconds are scored from each beacon's first label to its last; a gap between labels is "in no zone".
+    Seconds are scored from each beacon's first label to its last; a gap between labels is "in no zone"
+    (``gaps_unknown``: not scored, as a calibration walk's unlabelled walks from zone to zone).
     After a true change the old zone still counts for ``SETTLE_S``; after the last label, the last zone
     counts until an exit on silence was due (``exit_after_s + SETTLE_S``).
     """
@@ -299,8 +301,9 @@ def score_labels(events: list[Event], labels: Sequence[Label], exit_after_s: flo
         while t < t1:
             allowed = {(at.zone if (at := _label_at(own, starts, t - k)) else None)
                        for k in range(int(SETTLE_S) + 1) if t - k >= t0}
-            ok += state_at(line, t) in allowed
-            total += 1
+            if not gaps_unknown or _label_at(own, starts, t) is not None:
+                ok += state_at(line, t) in allowed
+                total += 1
             t += 1
         prev: str | None = None
         for lb in own:

@@ -70,6 +70,9 @@ class PresenceSettings:
     direct_share: float = 0.2  # prior: share of zone stays that end straight in another zone
     enter_posterior: float = 0.6  # from no zone: enter a zone once its posterior reaches this
     switch_posterior: float = 0.995  # from a zone: move once its own posterior falls to 1 - this
+    # from a zone to no zone (an exit on evidence, not on silence): its own posterior must fall to 1 - this;
+    # 0: as switch_posterior. Exits can ask for more evidence than moves (a calibration may choose it).
+    exit_posterior: float = 0.0
     calibration: str = ""  # a file from `gateway calibrate` (learned receivers and zone signatures); empty: none
     record_dir: str = ""  # write every sighting to hourly trace files here (`gateway replay`); empty: off
 
@@ -82,7 +85,7 @@ class PresenceSettings:
         for name in ("shadowing_db", "fade_time_s", "fade_db", "zone_stay_s", "transit_s", "outside_factor"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"presence.{name}: must be positive, got {getattr(self, name)!r}")
-        for name in ("direct_share", "enter_posterior", "switch_posterior"):
+        for name in ("direct_share", "enter_posterior", "switch_posterior", "exit_posterior"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"presence.{name}: must be in [0, 1], got {getattr(self, name)!r}")
         for name in ("rssi_drift_db_s", "enter_hold_s"):

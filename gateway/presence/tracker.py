@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from beacons.types import Sighting
-from gateway.presence.calibration import Calibration, Signature
+from gateway.presence.calibration import WINDOW_FLOOR_DBM, WINDOW_S, Calibration, Signature
 from gateway.presence.model import rssi_at
 from gateway.presence.settings import PresenceSettings, ReceiverSettings
 
@@ -60,8 +60,11 @@ LLR_CLAMP = 8.0  # one look's log-likelihood ratios span at most +-this (nats): 
 NEAREST_M = 0.3  # the closest a carried tag gets to a receiver, for the innermost band's ring
 HEARD_RANGE = (0.05, 0.95)  # calibrated: a receiver's share of seconds heard, as used (no certainty either way)
 # Uncalibrated, per look: when two or more receivers heard read beyond where their innermost band's evidence
-# saturates, the loudest of them (against its 1 m reference) gives its zone this (the bands cannot rank them)
-LOUDEST_LLR = LLR_CLAMP
+# saturates, the loudest of them (against its 1 m reference) gives its zone this (the bands cannot rank them).
+# Three clamps' worth: on the recordings' calibration split (benchmarks/presence_real.py), accuracy rises with it
+# up to here and little beyond (8: flat 0.793 / hall 0.771; 16: 0.827 / 0.820; 24: 0.841 / 0.824; 32: 0.843 /
+# 0.824), while zone changes keep rising. Configs whose measured power is right never saturate two receivers.
+LOUDEST_LLR = 3 * LLR_CLAMP
 REFERENCE_SD_MIN = 8.0  # calibrated: the broad per-receiver reference density is at least this wide (dB)
 WHY_STATES = 3  # a switch's ``why`` shows this many likeliest states before and after
 # The tabulated log-likelihood ratios: filtered RSSI from X_MIN, X_RES steps per dB.
@@ -155,6 +158,8 @@ class _Link:
     last: float  # newest sample time
     model: _Model
     quiet: float = 0.0  # the track's ``quiet`` at that sample: silence on every receiver is not this link's
+    window: deque[tuple[float, int]] = field(default_factory=deque)  # calibrated, windowed: the last WINDOW_S
+    window_sum: float = 0.0  # ... and the sum of their RSSI
 
 
 @dataclass(slots=True)
@@ -225,6 +230,8 @@ class PresenceTracker:
         self._look = 1.0 / settings.fade_time_s
         self._stay_s, self._transit_s, self._direct = settings.zone_stay_s, settings.transit_s, settings.direct_share
         self._enter_at, self._keep_above = settings.enter_posterior, 1.0 - settings.switch_posterior
+        # to no zone: as far down at least (the inline hold in _step is then right for exits too)
+        self._keep_exit = min(self._keep_above, 1.0 - (settings.exit_posterior or settings.switch_posterior))
         self._per_db = settings.fade_time_s / getattr(settings, "fade_db", 1e9)  # s of look per dB moved
         self._half_exit = settings.exit_after_s / 2
         n = len(names)
@@ -237,6 +244,30 @@ class PresenceTracker:
             self._all_zones = (1 << len(self.receivers)) - 1
             self._rx_cal = {rc.id: rc for rc in calibration.receivers}
             self._sigs = self._signatures(calibration)
+        # Windowed-mean evidence: per state, per receiver (in self.receivers' order) mean, 1 / (2 var), log sd
+        self._windowed: list[tuple[int, list[tuple[float, float, float]]]] = []
+        self._windowed_weight = calibration.windowed_weight if calibration is not None else 0.0
+        if calibration is not None and self._windowed_weight:
+            rx_order = list(self.receivers)
+            classes = [(self._index[z.name], z.windowed) for z in calibration.zones]
+            classes.append((self._none, calibration.outside_windowed))
+            for state, sigs in classes:
+                by_rx = {sg.receiver: (sg.mean, sg.sd) for sg in sigs if sg.mean is not None and sg.sd}
+                if sigs and all(r in by_rx for r in rx_order):
+                    self._windowed.append((state, [(m, 0.5 / sd ** 2, math.log(sd))
+                                                   for m, sd in (by_rx[r] for r in rx_order)]))
+            # A state the walk did not teach gets a broad reference (per receiver: the taught states' centre and
+            # spread, at least REFERENCE_SD_MIN wide): the windowed readings then neither favour nor rule it out much.
+            self._windowed_ref: list[tuple[float, float, float]] = []
+            if self._windowed:
+                for k in range(len(rx_order)):
+                    ms = [model[k][0] for _, model in self._windowed]
+                    sds = [math.sqrt(0.5 / model[k][1]) for _, model in self._windowed]
+                    centre = sum(ms) / len(ms)
+                    sd = max(math.sqrt(sum((m - centre) ** 2 + v * v for m, v in zip(ms, sds, strict=True)) / len(ms)),
+                             REFERENCE_SD_MIN)
+                    self._windowed_ref.append((centre, 0.5 / sd ** 2, math.log(sd)))
+            self._unwindowed = [i for i in range(n + 1) if i not in {st for st, _ in self._windowed}]
         if calibration is not None or adjacency is not None:
             self._graph = self._transitions(calibration, adjacency)
             self._step = self._step_graph  # type: ignore[method-assign]
@@ -324,6 +355,10 @@ class PresenceTracker:
         rc = self._rx_cal.get(rx.id)
         offset, n = (rc.offset_db, rc.exponent) if rc is not None else (0.0, rx.path_loss_exponent)
         sigs = self._sigs.get(rx.id, [])
+        floor = self.calibration.sd_floor_db if self.calibration is not None else 0.0
+        if floor:
+            sigs = [(state, dataclasses.replace(sg, sd=max(sg.sd, floor)) if sg.sd is not None else sg)
+                    for state, sg in sigs]
         fitted = [(sg.mean, sg.sd) for _, sg in sigs if sg.mean is not None and sg.sd is not None]
         if fitted:
             centre = sum(m for m, _ in fitted) / len(fitted)
@@ -416,6 +451,7 @@ class PresenceTracker:
         gate = GATE_SIGMAS * GATE_SIGMAS
         reorder, dt_max, x_min, x_res, step_s = REORDER_S, EVIDENCE_DT_MAX_S, X_MIN, X_RES, STEP_S
         sqrt, copysign = math.sqrt, math.copysign
+        windowed = bool(self.calibration is not None and self._windowed)
         for s in sightings:
             key, rid, rssi, t, tx = s
             tr = tracks_get(key)
@@ -465,6 +501,9 @@ class PresenceTracker:
                 moved = est - before
                 look += (moved if moved > 0.0 else -moved) * per_db
             tr.seen += 1
+            if windowed:
+                link.window.append((t, rssi))
+                link.window_sum += rssi
             if look:
                 w = look * rate
                 i = int((link.rssi - x_min) * x_res + 0.5)
@@ -577,6 +616,40 @@ class PresenceTracker:
             for i, w in missed:
                 llr[i] -= w * heard * look
 
+    def _windowed_evidence(self, tr: _Track, now: float, heard: float, llr: list[float]) -> None:
+        """The fingerprint's observation: every receiver's mean RSSI over the last WINDOW_S (WINDOW_FLOOR_DBM
+        when silent) against each state's learned Gaussians, ``windowed_weight`` looks per second heard, each
+        state floored LLR_CLAMP below the likeliest (states without windowed Gaussians sit at the floor)."""
+        cut = now - WINDOW_S
+        xs = []
+        links = tr.links
+        for rid in self.receivers:
+            lk = links.get(rid)
+            if lk is None:
+                xs.append(WINDOW_FLOOR_DBM)
+                continue
+            q = lk.window
+            while q and q[0][0] < cut:
+                lk.window_sum -= q.popleft()[1]
+            total, k = lk.window_sum, len(q)
+            while k and q[k - 1][0] >= now:  # this instant's rows: the rest of them may still be on their way
+                k -= 1
+                total -= q[k][1]
+            xs.append(total / k if k else WINDOW_FLOOR_DBM)
+        ll = [-sum((x - m) * (x - m) * h + lsd for x, (m, h, lsd) in zip(xs, model, strict=True))
+              for _, model in self._windowed]
+        ref = -sum((x - m) * (x - m) * h + lsd for x, (m, h, lsd) in zip(xs, self._windowed_ref, strict=True))
+        top = max(*ll, ref) if self._unwindowed else max(ll)
+        w = heard * self._windowed_weight
+        for (state, _), v in zip(self._windowed, ll, strict=True):
+            d = v - top
+            llr[state] += w * (d if d > -LLR_CLAMP else -LLR_CLAMP)
+        if self._unwindowed:
+            d = ref - top
+            d = w * (d if d > -LLR_CLAMP else -LLR_CLAMP)
+            for state in self._unwindowed:
+                llr[state] += d
+
     def _step(self, key: str, tr: _Track, now: float) -> list[PresenceEvent]:
         """Predict (sticky transitions over the elapsed time), weigh by the evidence, then decide.
 
@@ -650,6 +723,8 @@ class PresenceTracker:
         tr.quiet_stepped = quiet
         if heard > 0.0:  # as in _step
             self._heard_evidence(tr, now - quiet - self._half_exit, heard, llr)
+            if self._windowed:
+                self._windowed_evidence(tr, now, heard, llr)
         stays, nbrs, transit, direct = self._graph
         expm1 = math.expm1
         arrive = -expm1(-dt / transit)
@@ -712,7 +787,10 @@ class PresenceTracker:
         best = post.index(top)  # the first likeliest state
         # From no zone: the best zone must reach enter_posterior. From a zone: its own posterior must fall
         # to 1 - switch_posterior, however the rest is split (between two equally loud neighbours, say).
-        stay = top < self._enter_at if cur == self._none else post[cur] > self._keep_above
+        if cur == self._none:
+            stay = top < self._enter_at
+        else:
+            stay = post[cur] > (self._keep_exit if best == self._none else self._keep_above)
         if best == cur or stay:
             return self._hold(key, tr, now)
         if tr.candidate != best:

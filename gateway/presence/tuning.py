@@ -29,8 +29,21 @@ TUNE_GRID: tuple[Candidate, ...] = tuple(
     (("fade_time_s", f), ("rssi_drift_db_s", d), ("switch_posterior", w))
     for f in (3.0, 1.5, 1.0, 0.5) for d in (1.5, 3.0) for w in (0.995, 0.98, 0.9))
 BAND_WEIGHTS = (0.0, 0.25, 0.5)  # how much the config's bands count beside the signatures (Calibration.band_weight)
+# The second round, around the first round's choice: the windowed-mean evidence (Calibration.windowed_weight,
+# looks per second; with it, the per-link signatures may step aside: fade_time_s 30 and fade_db 1000 make their
+# looks rare), and exits to no zone that need more evidence than moves (exit_posterior; 0: as switch_posterior).
+WINDOWED_WEIGHTS = (0.0, 3.0, 6.0, 12.0)
+QUIET_LINKS: Candidate = (("fade_time_s", 30.0), ("fade_db", 1000.0))
+EXIT_POSTERIORS = (0.0, 0.9999, 0.99999)
+SD_FLOORS = (0.0, 4.0, 6.0)  # Calibration.sd_floor_db
+# In a candidate, these are not [presence] settings but the calibration's own fields.
+WINDOWED, SD_FLOOR = "windowed_weight", "sd_floor_db"
+MODEL_KEYS = (WINDOWED, SD_FLOOR)
 FILTER_KEYS = frozenset({"rssi_drift_db_s"})  # the settings that change what the walk teaches (the filter's)
 CHANGES_LIMIT = 1.5  # a candidate may change zone at most this many times as often as the labels do
+# Round two also weighs flapping: accuracy minus this per labels' worth of changes beyond the labels' own (a walk
+# from zone to zone through an aisle is one change, not an exit and an enter; each extra one reaches campaigns).
+CHANGE_COST = 0.05
 
 
 def learn_tuned(sightings: Iterable[Sighting], labels: Sequence[Label], receivers: Sequence[ReceiverSettings],
@@ -46,11 +59,46 @@ def learn_tuned(sightings: Iterable[Sighting], labels: Sequence[Label], receiver
     own = tuple((k, float(getattr(settings, k))) for k, _ in TUNE_GRID[0])
     scores = tune_scores(rows, labels, receivers, settings, zones, (own, *TUNE_GRID), BAND_WEIGHTS)
     bar = scores[(own, 0.0)][3]
-    fit = [c for c, (_, changes, truth, exits) in scores.items()
-           if changes <= CHANGES_LIMIT * truth and exits <= bar] or [(own, 0.0)]
-    best, weight = max(fit, key=lambda c: (scores[c][0], -scores[c][1]))
-    chosen = dataclasses.replace(settings, **dict(best))  # type: ignore[arg-type]
-    return dataclasses.replace(learn(rows, labels, receivers, chosen, zones), tuned=best, band_weight=weight)
+
+    def pick(scores: dict[tuple[Candidate, float], tuple[float, float, float, float]],
+             default: tuple[Candidate, float], change_cost: float = 0.0) -> tuple[Candidate, float]:
+        fit = [c for c, (_, changes, truth, exits) in scores.items()
+               if changes <= CHANGES_LIMIT * truth and exits <= bar] or [default]
+
+        def merit(c: tuple[Candidate, float]) -> tuple[float, float]:
+            acc, changes, truth, _ = scores[c]
+            return acc - change_cost * max(0.0, changes / truth - 1.0) if truth else acc, -changes
+
+        return max(fit, key=merit)
+
+    best, weight = pick(scores, (own, 0.0))
+    # Round two: windowed evidence and exit hysteresis, each beside the first round's choice.
+    second: list[Candidate] = []
+    for ww in WINDOWED_WEIGHTS:
+        for ep in EXIT_POSTERIORS:
+            for floor in SD_FLOORS:
+                base = dict(best)
+                if ww:
+                    base.update(QUIET_LINKS)
+                    base[WINDOWED] = ww
+                if ep:
+                    base["exit_posterior"] = ep
+                if floor:
+                    base[SD_FLOOR] = floor
+                second.append(tuple(base.items()))
+    more = tune_scores(rows, labels, receivers, settings, zones, second, (weight,))
+    final, _ = pick(more, (best, weight), CHANGE_COST)
+    params, model = split(final)
+    chosen = dataclasses.replace(settings, **params)  # type: ignore[arg-type]
+    return dataclasses.replace(learn(rows, labels, receivers, chosen, zones), tuned=tuple(params.items()),
+                               band_weight=weight, windowed_weight=model.get(WINDOWED, 0.0),
+                               sd_floor_db=model.get(SD_FLOOR, 0.0))
+
+
+def split(cand: Candidate) -> tuple[dict[str, float], dict[str, float]]:
+    """A candidate's [presence] settings, and its calibration fields (``MODEL_KEYS``)."""
+    params = dict(cand)
+    return params, {k: params.pop(k) for k in MODEL_KEYS if k in params}
 
 
 def replay_walk(rows: Iterable[Sighting], tracker: PresenceTracker) -> list[Event]:
@@ -78,7 +126,8 @@ def tune_scores(rows: Sequence[Sighting], labels: Sequence[Label], receivers: Se
     out: dict[tuple[Candidate, float], tuple[float, float, float, float]] = {}
     learned: dict[tuple[object, ...], Calibration] = {}  # only the filter's settings change what is learned
     for cand in grid:
-        st = dataclasses.replace(settings, **dict(cand))  # type: ignore[arg-type]
+        params, model = split(cand)
+        st = dataclasses.replace(settings, **params)  # type: ignore[arg-type]
         for weight in band_weights:
             events: list[Event] = []
             for held in beacons:
@@ -86,10 +135,12 @@ def tune_scores(rows: Sequence[Sighting], labels: Sequence[Label], receivers: Se
                 if key not in learned:
                     learned[key] = learn([s for s in rows if s.key != held],
                                          [lb for lb in labels if lb.beacon != held], receivers, st, zones)
-                cal = dataclasses.replace(learned[key], tuned=cand, band_weight=weight)
+                cal = dataclasses.replace(learned[key], tuned=tuple(params.items()), band_weight=weight,
+                                          windowed_weight=model.get(WINDOWED, 0.0),
+                                          sd_floor_db=model.get(SD_FLOOR, 0.0))
                 tracker = PresenceTracker(settings, receivers, calibration=cal, adjacency=floor)
                 events += replay_walk((s for s in rows if s.key == held), tracker)
-            sc = score_labels(events, labels, settings.exit_after_s)
+            sc = score_labels(events, labels, settings.exit_after_s, gaps_unknown=True)
             out[(cand, weight)] = (sc["zone_accuracy"], sc["zone_changes_per_hour"],
                                    sc["truth_zone_changes_per_hour"], sc["false_exits_per_person_hour"])
     return out
