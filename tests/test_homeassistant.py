@@ -451,6 +451,37 @@ async def test_a_zone_removed_from_the_config_leaves_home_assistant(
     clear(mosquitto, config_topic, f"{prefix}/s1/presence/shop/count", f"{prefix}/s1/presence/shop/occupied")
 
 
+async def test_a_broker_that_forgot_everything_is_told_again(
+        tmp_path: Path, mosquitto: MosquittoServer, mqtt_client: Callable[..., PahoTestClient], clock: VirtualClock,
+        runtime_factory: RuntimeFactory, discovery: str) -> None:
+    """A broker restarted without persistence has lost every retained message: the reconnection brings the
+    discovery config and the states back, without waiting for Home Assistant to restart too."""
+    (tmp_path / "broker").mkdir()
+    broker = MosquittoServer(binary=mosquitto.binary, workdir=tmp_path / "broker")
+    broker.start()
+    try:
+        intake = new_intake(broker, clock)
+        rt = await start(runtime_factory, ha_settings(tmp_path, intake, discovery), intake)
+        prefix = intake.settings.topic_prefix
+        config_topic = f"{discovery}/device/s1/config"
+        first = Watcher(mqtt_client(broker.host, broker.port), f"{discovery}/#", f"{prefix}/#")
+        await first.until(config_topic, lambda b: bool(b))
+        broker.restart()  # the same port, nothing retained
+        for _ in range(150):  # a bounded wait: the intake reconnects within its reconnect delay (1 to 2 s)
+            if intake.connects >= 2 and intake.connected:
+                break
+            await asyncio.sleep(0.1)
+        assert intake.connects >= 2 and intake.connected, "the intake did not reconnect"
+        again = Watcher(mqtt_client(broker.host, broker.port), f"{discovery}/#", f"{prefix}/#")
+        config = json.loads(await again.until(config_topic, lambda b: bool(b), timeout=15))
+        assert check_device_config(config_topic, config) == []
+        kids = zone_ids(["Shoes:Kids"])["Shoes:Kids"]
+        assert await again.until(f"{prefix}/s1/presence/{kids}/count", b"0")
+        await runtime_factory.stop(rt)
+    finally:
+        broker.stop()
+
+
 def clear(broker: MosquittoServer, *topics: str) -> None:
     """Retained messages of a test leave the session's broker with it."""
     c = PahoTestClient(broker.host, broker.port)
