@@ -119,7 +119,7 @@ def test_a_backup_during_traffic_restores_every_row_committed_before_it_began(
         db.dispose()
     assert writer.error is None, writer.error
     assert len(during) >= len(before) + 10  # rows were committed while the backup ran
-    assert summary.revision == "0012"
+    assert summary.revision == "0013"
     assert len(before) <= summary.tables["profiles"] <= len(writer.committed)
     assert not (tmp_path / "gw.backup.tmp").exists()
 
@@ -174,7 +174,7 @@ def test_a_backup_from_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with sqlite3.connect(newer) as conn:  # as a later version would leave it
         conn.execute("UPDATE alembic_version SET version_num = '0099'")
     before = (tmp_path / "gw.db").read_bytes()
-    with pytest.raises(BackupError, match=r"revision 0099, newer than this version knows \(latest 0012\)"):
+    with pytest.raises(BackupError, match=r"revision 0099, newer than this version knows \(latest 0013\)"):
         restore(url, newer)
     assert (tmp_path / "gw.db").read_bytes() == before
 
@@ -190,7 +190,7 @@ def test_a_backup_from_an_older_schema_is_restored_then_upgraded(tmp_path: Path)
     backup(old_url, tmp_path / "old.backup")
     new_url = f"sqlite:///{tmp_path}/new.db"
     summary = restore(new_url, tmp_path / "old.backup", store_id="store-042")
-    assert (summary.upgraded_from, summary.revision) == ("0011", "0012")
+    assert (summary.upgraded_from, summary.revision) == ("0011", "0013")
     assert integrity(tmp_path / "new.db") == ["ok"]
     db = Database(new_url)
     try:
@@ -215,7 +215,7 @@ def test_the_commands_back_up_a_database_in_use_and_restore_only_once_it_is_clos
         s.execute(text("SELECT 1 FROM profiles")).all()
     r = gateway("backup", str(tmp_path / "b.backup"), "--url", url)
     assert r.returncode == 0, r.stderr
-    assert "schema 0012" in r.stdout
+    assert "schema 0013" in r.stdout
     assert [line.split() for line in r.stdout.splitlines() if line.split()[0] == "profiles"] == [["profiles", "5"]]
 
     enrolled(url, 2, prefix="late")  # committed after the backup: the restore takes them away

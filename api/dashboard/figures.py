@@ -12,7 +12,6 @@ import asyncio
 import csv
 import datetime as dt
 import io
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -44,11 +43,22 @@ class Table:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One segment of a stacked bar: its name, value, and where it is drawn."""
+    name: str
+    value: float
+    x: float
+    width: float
+
+
+@dataclass(frozen=True)
 class Bar:
     label: str
     value: float
     y: float
     width: float
+    parts: tuple[Part, ...] = ()
+    """A stacked bar's segments, left to right, adding up to ``value`` (none: one plain bar)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,23 @@ def chart(table: str, title: str, pairs: list[tuple[str, float | None]]) -> Char
     top = max((v for _, v in values), default=0.0) or 1.0
     span = CHART_W - LABEL_W - 60.0
     bars = [Bar(label, v, i * ROW_H, round(span * max(v, 0.0) / top, 1)) for i, (label, v) in enumerate(values)]
+    return Chart(table, title, bars, max(ROW_H, len(bars) * ROW_H))
+
+
+def stacked(table: str, title: str, names: tuple[str, ...], rows: list[tuple[str, tuple[float | None, ...]]]
+            ) -> Chart:
+    """Horizontal bars of segments (``names``, in order), each bar as long as their sum, scaled to the largest."""
+    values = [(label, [max(float(v or 0.0), 0.0) for v in parts]) for label, parts in rows]
+    top = max((sum(p) for _, p in values), default=0.0) or 1.0
+    span = CHART_W - LABEL_W - 60.0
+    bars = []
+    for i, (label, parts) in enumerate(values):
+        x, segs = LABEL_W, []
+        for name, v in zip(names, parts, strict=True):
+            w = round(span * v / top, 1)
+            segs.append(Part(name, v, x, w))
+            x += w
+        bars.append(Bar(label, sum(parts), i * ROW_H, round(x - LABEL_W, 1), tuple(segs)))
     return Chart(table, title, bars, max(ROW_H, len(bars) * ROW_H))
 
 
@@ -94,27 +121,28 @@ def evaluated_between(since_start: dict[str, dict[str, int]], since_end: dict[st
     return out
 
 
-def tables(fig: dict[str, Any], decided: dict[str, dict[str, int]], hours: list[tuple[str, int]] | None
-           ) -> list[Table]:
-    """Every table of the page, from the figures as GET /v1/figures gives them; ``hours``: the enrolled
-    visits starting in each local hour of a single-day range (None for a longer one)."""
+def tables(fig: dict[str, Any], decided: dict[str, dict[str, int]]) -> list[Table]:
+    """Every table of the page, from the figures as GET /v1/figures gives them (``hours`` only for a range
+    of one day)."""
     out = [Table("totals", "The range", ("figure", "value"), [
         ("footfall", fig["footfall"]), ("unique visitors", fig["unique_visitors"]),
         ("enrolled visits", fig["enrolled_visits"]), ("anonymous visits", fig["anonymous_visits"]),
         ("new visits", fig["new_visits"]), ("returning visits", fig["returning_visits"]),
-        ("average visit (s)", fig["avg_visit_s"]), ("bounce rate (%)", fig["bounce_rate"])])]
+        ("average visit (s)", fig["avg_visit_s"]), ("bounce rate, enrolled (%)", fig["bounce_rate"]),
+        ("bounce rate, everyone (%)", fig.get("bounce_rate_all"))])]
     out.append(Table("days", "Footfall per day", ("day", "footfall", "enrolled", "anonymous", "unique enrolled",
-                                                   "new", "returning", "bounce rate (%)"),
+                                                   "new", "returning", "bounce enrolled (%)", "bounce all (%)"),
                      [(d["day"], d["footfall"], d["enrolled_visits"], d["anonymous_visits"],
-                       d["unique_enrolled_visitors"], d["new_visits"], d["returning_visits"], d["bounce_rate"])
-                      for d in fig.get("days", [])]))
-    if hours is not None:
-        out.append(Table("hours", "Enrolled visits per hour", ("hour", "visits"),
-                         list(hours)))
+                       d["unique_enrolled_visitors"], d["new_visits"], d["returning_visits"], d["bounce_rate"],
+                       d.get("bounce_rate_all")) for d in fig.get("days", [])]))
+    if fig.get("hours") is not None:
+        out.append(Table("hours", "Footfall per hour", ("hour", "footfall", "enrolled", "anonymous"),
+                         [(h["hour"], h["footfall"], h["enrolled_visits"], h["anonymous_visits"])
+                          for h in fig["hours"]]))
     out.append(Table("zones", "Per zone", ("zone", "footfall", "enrolled", "anonymous", "unique enrolled",
-                                           "average dwell (s)"),
+                                           "average dwell (s)", "bounce rate (%)"),
                      [(z, f["footfall"], f["enrolled"], f["anonymous"], f["unique_enrolled_visitors"],
-                       f["avg_dwell_s_all"]) for z, f in fig["zones"].items()]))
+                       f["avg_dwell_s_all"], f.get("bounce_rate")) for z, f in fig["zones"].items()]))
     campaigns = fig["notifications"]["campaigns"]
     funnel: list[tuple[Cell, ...]] = []
     for cid in sorted(set(campaigns) | set(decided)):
@@ -147,11 +175,12 @@ def charts(by_name: dict[str, Table]) -> dict[str, list[Chart]]:
     if "days" in by_name:
         out["days"] = [chart("days", "Footfall per day", [(str(r[0]), _num(r[1])) for r in by_name["days"].rows])]
     if "hours" in by_name:
-        out["hours"] = [chart("hours", "Enrolled visits per hour", [(str(r[0]), _num(r[1]))
-                                                                     for r in by_name["hours"].rows])]
+        out["hours"] = [stacked("hours", "Footfall per hour, enrolled and anonymous", ("enrolled", "anonymous"),
+                                [(str(r[0]), (_num(r[2]), _num(r[3]))) for r in by_name["hours"].rows])]
     zones = by_name["zones"].rows
     out["zones"] = [chart("zones", "Footfall per zone", [(str(r[0]), _num(r[1])) for r in zones]),
-                    chart("zones", "Average dwell per zone (s)", [(str(r[0]), _num(r[5])) for r in zones])]
+                    chart("zones", "Average dwell per zone (s)", [(str(r[0]), _num(r[5])) for r in zones]),
+                    chart("zones", "Bounce rate per zone (%)", [(str(r[0]), _num(r[6])) for r in zones])]
     out["funnel"] = [chart("funnel", f"Funnel of {r[0]}", list(zip(FUNNEL, (_num(c) for c in r[1:]), strict=True)))
                      for r in by_name["funnel"].rows]
     out["experiments"] = [chart("experiments", "Conversion per arm (%)",
@@ -183,23 +212,10 @@ def stores_of(ctx: ApiContext) -> list[str]:
 
 
 def hour_edges(day: str, timezone: str) -> list[tuple[str, float, float]]:
-    """Each local hour of ``day`` as (its local start "HH:MM", start, end): 23 or 25 of them on the days the
-    clocks change, each labelled with the time a clock in the shop showed."""
-    from gateway.engine.figures import day_bounds
+    """The local hours of ``day``, as the figures count them (gateway.engine.figures.hour_edges)."""
+    from gateway.engine.figures import hour_edges as edges
 
-    start, end = day_bounds(day, timezone)
-    tz = ZoneInfo(timezone)
-    edges = [start + 3600.0 * h for h in range(round((end - start) / 3600.0))] + [end]
-    return [(dt.datetime.fromtimestamp(a, tz).strftime("%H:%M"), a, b) for a, b in itertools.pairwise(edges)]
-
-
-def hourly(ctx: ApiContext, day: str, store: str | None) -> list[tuple[str, int]]:
-    """Enrolled visits starting in each local hour of ``day``: the engine's visit figures, an hour at a time."""
-    from gateway.engine.figures import visit_figures
-
-    with ctx.service.db.session() as s:
-        return [(label, visit_figures(s, a, b, [], store=store)["enrolled_visits"])
-                for label, a, b in hour_edges(day, ctx.service.timezone)]
+    return edges(day, timezone)
 
 
 def load(ctx: ApiContext, day_from: str | None, day_to: str | None, store: str | None) -> tuple[
@@ -212,8 +228,7 @@ def load(ctx: ApiContext, day_from: str | None, day_to: str | None, store: str |
     _, end = day_bounds(fig["to"], ctx.service.timezone)
     own = store is None or store == ctx.service.store_id  # decision_counts counts this gateway's store
     decided = evaluated_between(ctx.service.decision_counts(start), ctx.service.decision_counts(end)) if own else {}
-    hours = hourly(ctx, fig["from"], store) if fig["from"] == fig["to"] else None
-    return fig, tables(fig, decided, hours)
+    return fig, tables(fig, decided)
 
 
 def _today(ctx: ApiContext, now: float) -> str:

@@ -173,7 +173,7 @@ class Pipeline:
         # dashboard's and /metrics' traffic per receiver.
         self.heard_by: Counter[str] = Counter()
         self.heard_rates = RateWindow(RECEIVER_RATE_WINDOW_S)
-        self.visits = Visits(settings.store.id, settings.store.timezone, self.figures)
+        self.visits = Visits(settings.store.id, settings.store.timezone, self.figures, settings.figures.bounce_s)
         self._last_cart_scan = float("-inf")
         self.telemetry = build_telemetry_store(settings, identities)
         # Device rules (alarms) see accepted telemetry in its transaction; prompts go through the engine.

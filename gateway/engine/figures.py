@@ -1,12 +1,21 @@
 """Engagement figures a marketer asks for, computed from the store's own tables.
 
-Footfall counts every visit (enrolled visits are rows; anonymous ones are daily counts with no
-identity). Dwell and bounce come from enrolled customers' zone stays. Delivery figures are over
-notifications actually released (not cancelled, expired or still scheduled).
+Footfall counts every visit (enrolled visits are rows; anonymous ones are counts per day and hour with no
+identity). Dwell comes from zone stays. Delivery figures are over notifications actually released (not
+cancelled, expired or still scheduled).
 
 Definitions (all rates in percent):
 - new visit: the profile's first visit ever; returning: any later one.
-- bounce rate: enrolled visits that saw at most one zone and lasted under ``bounce_s``.
+- bounce rate: enrolled visits that saw at most one zone and lasted under ``bounce_s`` / enrolled visits
+  that ended. ``bounce_rate_all`` adds the anonymous ones: (those + anonymous visits bounced) / (those +
+  anonymous visits that ended). The gateway judges an anonymous visit when it ends, by the same rule, and
+  counts it in the day it began; visits counted before migration 0013, or that began before the gateway
+  last started, were not judged and are in neither count.
+- zone bounce rate: the zone's stays that lasted under ``bounce_s`` / the zone's stays that ended (a stay is
+  one zone, so the "at most one zone" half of the rule always holds), enrolled stays and anonymous ones
+  together (anonymous ones judged, as above); enrolled stays by the time they began, anonymous ones by the
+  day they ended (as their footfall).
+- per hour (a one-day range): the visits beginning in each hour of the local day, enrolled + anonymous.
 - engagement rate: notifications with an open, click or redemption / notified.
 - CTR: notifications clicked / notifications delivered (acked by the app).
 - redemption rate: notifications redeemed / notified.
@@ -25,6 +34,7 @@ Definitions (all rates in percent):
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import statistics
 from collections import defaultdict
 from typing import Any
@@ -38,6 +48,7 @@ from gateway.storage.models import (
     Cart,
     Decision,
     FootfallCount,
+    FootfallHour,
     Interaction,
     InteractionKind,
     Notification,
@@ -60,6 +71,15 @@ def day_bounds(day: str, timezone: str) -> tuple[float, float]:
     return start.timestamp(), (start + dt.timedelta(days=1)).timestamp()
 
 
+def hour_edges(day: str, timezone: str) -> list[tuple[str, float, float]]:
+    """Each local hour of ``day`` as (its local start "HH:MM", start, end): 23 or 25 of them on the days the
+    clocks change, each labelled with the time a clock in the shop showed. The n-th is FootfallHour.hour n."""
+    start, end = day_bounds(day, timezone)
+    tz = ZoneInfo(timezone)
+    edges = [start + 3600.0 * h for h in range(round((end - start) / 3600.0))] + [end]
+    return [(dt.datetime.fromtimestamp(a, tz).strftime("%H:%M"), a, b) for a, b in itertools.pairwise(edges)]
+
+
 def _at(column: Any, store: str | None) -> list[ColumnElement[bool]]:
     """The condition that keeps one store's rows (none: every store's)."""
     return [] if store is None else [column == store]
@@ -79,8 +99,14 @@ def visit_figures(session: Session, start: float, end: float, days: list[str], b
         .where(Visit.profile_id.in_({v.profile_id for v in visits}), *_at(Visit.store_id, store))
         .group_by(Visit.profile_id)).all())
     new = sum(1 for v in visits if first_visit.get(v.profile_id) == v.started_at)
-    anonymous = session.scalar(select(func.coalesce(func.sum(FootfallCount.anonymous_visits), 0)).where(
-        FootfallCount.day.in_(days), FootfallCount.zone == "", *_at(FootfallCount.store_id, store))) or 0
+    anonymous = 0
+    judged, anon_bounced = 0, 0  # anonymous visits that ended (and were judged), and those that bounced
+    for n, e, b in session.execute(select(FootfallCount.anonymous_visits, FootfallCount.anonymous_ended,
+                                          FootfallCount.anonymous_bounces).where(
+            FootfallCount.day.in_(days), FootfallCount.zone == "", *_at(FootfallCount.store_id, store))):
+        anonymous += int(n or 0)
+        judged += int(e or 0)
+        anon_bounced += int(b or 0)
     bounced = sum(1 for v in visits if len(v.zones or []) <= 1 and v.ended_at is not None
                   and v.ended_at - v.started_at < bounce_s)
     stays = session.execute(select(ZoneStay.zone, ZoneStay.entered_at, ZoneStay.exited_at).where(
@@ -99,8 +125,29 @@ def visit_figures(session: Session, start: float, end: float, days: list[str], b
         "returning_visits": len(visits) - new,
         "avg_visit_s": round(sum(ended) / len(ended), 1) if ended else None,
         "avg_dwell_s_by_zone": {z: round(sum(d) / len(d), 1) for z, d in sorted(per_zone.items())},
-        "bounce_rate": _pct(bounced, len([v for v in visits if v.ended_at is not None])),
+        "bounce_rate": _pct(bounced, len(ended)),
+        "anonymous_bounces": anon_bounced,
+        "bounce_rate_all": _pct(bounced + anon_bounced, len(ended) + judged),
     }
+
+
+def hour_figures(session: Session, day: str, timezone: str, store: str | None = None) -> list[dict[str, Any]]:
+    """Footfall per local hour of ``day``: enrolled visits beginning in it and anonymous ones (counted in the
+    hour they began), one row per hour as the shop's clock showed it (``hour_edges``)."""
+    edges = hour_edges(day, timezone)
+    start, end = edges[0][1], edges[-1][2]
+    enrolled = [0] * len(edges)
+    for (t,) in session.execute(select(Visit.started_at).where(Visit.started_at >= start, Visit.started_at < end,
+                                                               *_at(Visit.store_id, store))):
+        enrolled[min(len(edges) - 1, int((t - start) // 3600))] += 1
+    anonymous = [0] * len(edges)
+    for h, n in session.execute(select(FootfallHour.hour, func.sum(FootfallHour.anonymous_visits)).where(
+            FootfallHour.day == day, FootfallHour.zone == "", *_at(FootfallHour.store_id, store))
+            .group_by(FootfallHour.hour)):
+        if 0 <= h < len(edges):
+            anonymous[h] += int(n or 0)
+    return [{"hour": label, "start": a, "footfall": enrolled[i] + anonymous[i], "enrolled_visits": enrolled[i],
+             "anonymous_visits": anonymous[i]} for i, (label, a, _) in enumerate(edges)]
 
 
 def attribute(session: Session, purchases: dict[int, list[float]], window_s: float) -> dict[int, int]:
@@ -200,26 +247,36 @@ def notification_figures(session: Session, start: float, end: float, conversion_
     return {"total": summarize(list(notes)), "campaigns": campaigns, "zones": zones}
 
 
-def zone_figures(session: Session, start: float, end: float, days: list[str], store: str | None = None
-                 ) -> dict[str, dict[str, Any]]:
-    """Per zone: footfall (enrolled stays + anonymous entries), unique enrolled visitors, average dwell."""
+def zone_figures(session: Session, start: float, end: float, days: list[str], store: str | None = None,
+                 bounce_s: float = 60.0) -> dict[str, dict[str, Any]]:
+    """Per zone: footfall (enrolled stays + anonymous entries), unique enrolled visitors, average dwell, and
+    bounce (stays under ``bounce_s`` over the stays that ended, enrolled and anonymous)."""
     stays = session.execute(select(ZoneStay.zone, ZoneStay.profile_id, ZoneStay.entered_at, ZoneStay.exited_at)
                             .where(ZoneStay.entered_at >= start, ZoneStay.entered_at < end,
                                    *_at(ZoneStay.store_id, store))).all()
-    anon = {z: (int(n or 0), float(d or 0.0)) for z, n, d in session.execute(
-        select(FootfallCount.zone, func.sum(FootfallCount.anonymous_visits), func.sum(FootfallCount.anonymous_dwell_s))
-        .where(FootfallCount.day.in_(days), FootfallCount.zone != "", *_at(FootfallCount.store_id, store))
-        .group_by(FootfallCount.zone))}
+    anon: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0, 0])  # visits, dwell, judged stays, bounces
+    for z, n, d, e, b in session.execute(
+            select(FootfallCount.zone, FootfallCount.anonymous_visits, FootfallCount.anonymous_dwell_s,
+                   FootfallCount.anonymous_ended, FootfallCount.anonymous_bounces)
+            .where(FootfallCount.day.in_(days), FootfallCount.zone != "", *_at(FootfallCount.store_id, store))):
+        acc = anon[z]
+        acc[0] += int(n or 0)
+        acc[1] += float(d or 0.0)
+        acc[2] += int(e or 0)  # 0 on rows counted before migration 0013: not judged
+        acc[3] += int(b or 0)
     out: dict[str, dict[str, Any]] = {}
     for zone in sorted({z.zone for z in stays} | set(anon)):
         mine = [z for z in stays if z.zone == zone]
         closed = [z.exited_at - z.entered_at for z in mine if z.exited_at is not None]
-        n_anon, dwell_anon = anon.get(zone, (0, 0.0))
-        out[zone] = {"footfall": len(mine) + n_anon, "enrolled": len(mine), "anonymous": n_anon,
+        n_anon, dwell_anon, judged, anon_bounces = anon.get(zone, (0, 0.0, 0, 0))
+        bounced = sum(1 for d in closed if d < bounce_s)
+        out[zone] = {"footfall": len(mine) + int(n_anon), "enrolled": len(mine), "anonymous": int(n_anon),
                      "unique_enrolled_visitors": len({z.profile_id for z in mine}),
                      "avg_dwell_s": round(sum(closed) / len(closed), 1) if closed else None,
                      "avg_dwell_s_all": (round((sum(closed) + dwell_anon) / (len(closed) + n_anon), 1)
-                                         if closed or n_anon else None)}
+                                         if closed or n_anon else None),
+                     "enrolled_bounces": bounced, "anonymous_bounces": int(anon_bounces),
+                     "bounce_rate": _pct(bounced + anon_bounces, len(closed) + judged)}
     return out
 
 
@@ -273,8 +330,9 @@ def figures(session: Session, day_from: str, day_to: str, timezone: str, *, boun
             conversion_window_s: float = 7 * 86400, zone: str | None = None, campaign: str | None = None,
             store: str | None = None, per_day: bool = True) -> dict[str, Any]:
     """Figures for the local days ``day_from`` .. ``day_to`` inclusive, in the store's timezone: the
-    range's totals, per zone, per campaign (with experiment arms), maintenance response, and per day; of the
-    rows ``store``'s gateway wrote (None: of every store sharing the database)."""
+    range's totals, per zone, per campaign (with experiment arms), maintenance response, per day, and for a
+    range of one day per hour (``hours``); of the rows ``store``'s gateway wrote (None: of every store sharing
+    the database)."""
     d0, d1 = dt.date.fromisoformat(day_from), dt.date.fromisoformat(day_to)
     if d1 < d0:
         raise ValueError("the range ends before it starts")
@@ -284,7 +342,7 @@ def figures(session: Session, day_from: str, day_to: str, timezone: str, *, boun
     start, _ = day_bounds(days[0], timezone)
     _, end = day_bounds(days[-1], timezone)
     visits = visit_figures(session, start, end, days, bounce_s, store)
-    zones = zone_figures(session, start, end, days, store)
+    zones = zone_figures(session, start, end, days, store, bounce_s)
     notes = notification_figures(session, start, end, conversion_window_s, store)
     if zone is not None:
         zones = {z: f for z, f in zones.items() if z == zone}
@@ -303,12 +361,15 @@ def figures(session: Session, day_from: str, day_to: str, timezone: str, *, boun
             v = visit_figures(session, a, b, [day], bounce_s, store)
             n = notification_figures(session, a, b, conversion_window_s, store)
             total = n["campaigns"].get(campaign) if campaign is not None else n["total"]
-            z = zone_figures(session, a, b, [day], store)
+            z = zone_figures(session, a, b, [day], store, bounce_s)
             rows.append({"day": day, **{k: v[k] for k in ("footfall", "enrolled_visits", "anonymous_visits",
                                                           "unique_enrolled_visitors", "new_visits",
-                                                          "returning_visits", "bounce_rate")},
+                                                          "returning_visits", "bounce_rate",
+                                                          "anonymous_bounces", "bounce_rate_all")},
                          "zones": {k: f for k, f in z.items() if zone is None or k == zone},
                          "notifications": total,
                          "notifications_by_zone": {k: f for k, f in n["zones"].items() if zone is None or k == zone}})
         out["days"] = rows
+    if len(days) == 1:
+        out["hours"] = hour_figures(session, days[0], timezone, store)
     return out

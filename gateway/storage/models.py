@@ -362,6 +362,28 @@ class FootfallCount(Base):
     zone: Mapped[str] = mapped_column(String(64), primary_key=True)  # "" for the store as a whole
     anonymous_visits: Mapped[int] = mapped_column(Integer, default=0)
     anonymous_dwell_s: Mapped[float] = mapped_column(Float, default=0.0)
+    # Of the stays (a zone's row) or visits (the store's, by the day they began) that ended and were judged
+    # (anonymous_ended), those under [figures] bounce_s having seen at most one zone. Rows counted before
+    # migration 0013 have 0 of both: not judged, so they are left out of bounce rates.
+    anonymous_ended: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    anonymous_bounces: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class FootfallHour(Base):
+    """Anonymous visits per store, local day, hour and zone: counts only, no identity and no address.
+
+    ``hour`` counts whole hours from the local day's midnight (0-23; 0-22 on the day the clocks go forward,
+    0-24 on the day they go back), so each of the day's hours, the repeated one too, has its own row. A zone's
+    visit counts in the hour it ended (as its daily row, so the hours add up to the day); the store's in the
+    hour it began."""
+
+    __tablename__ = "footfall_hours"
+
+    store_id: Mapped[str] = mapped_column(String(64), primary_key=True, server_default=DEFAULT_STORE_ID)
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)  # YYYY-MM-DD, store time
+    hour: Mapped[int] = mapped_column(Integer, primary_key=True)
+    zone: Mapped[str] = mapped_column(String(64), primary_key=True)  # "" for the store as a whole
+    anonymous_visits: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class CampaignRecord(Base):
