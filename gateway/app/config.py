@@ -259,7 +259,7 @@ class DashboardSettings:
     ``show_purpose`` (pick the purpose whose consent text covers being recognised by staff)."""
 
     show_customers: bool = False
-    show_purpose: str = "analytics"
+    show_purpose: str = "presence_sharing"
     floor_image: str = ""  # a PNG or JPEG drawn under the floor plan; empty: none
     floor_image_bounds: list[float] = field(default_factory=list)  # [x0, y0, x1, y1] metres; empty: the zones' box
 

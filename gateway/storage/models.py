@@ -47,7 +47,7 @@ class Purpose(StrEnum):
     MAINTENANCE = "maintenance"
     HEALTH = "health"  # wearable regime nudges
     ANALYTICS = "analytics"
-    PRESENCE_SHARING = "presence_sharing"  # their zone shown to the shop's home automation (docs/home-assistant.md)
+    PRESENCE_SHARING = "presence_sharing"  # their zone shown by name: to staff, to home automation
 
 
 class ChannelName(StrEnum):
