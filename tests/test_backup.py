@@ -19,12 +19,13 @@ from sqlalchemy.engine import make_url
 from gateway.clock import VirtualClock
 from gateway.profiles.service import NewProfile
 from gateway.storage.backup import BackupError, backup, restore
-from gateway.storage.db import Database, upgrade
+from gateway.storage.db import Database, shipped_heads, upgrade
 from tests.fixtures import make_service
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_780_300_800.0
 WAIT_S = 30.0  # bound on every wait for the writer thread
+HEAD = ",".join(sorted(shipped_heads()))  # this version's schema
 
 
 class Writer(threading.Thread):
@@ -166,33 +167,39 @@ def test_a_missing_corrupt_or_truncated_backup_is_refused_and_changes_nothing(tm
     assert sorted(p.name for p in tmp_path.iterdir() if "restore" in p.name) == []
 
 
-def test_a_backup_from_a_newer_schema_is_refused(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/gw.db"
-    enrolled(url, 2)
-    newer = tmp_path / "newer.backup"
-    backup(url, newer)
-    with sqlite3.connect(newer) as conn:  # as a later version would leave it
-        conn.execute("UPDATE alembic_version SET version_num = '0099'")
-    before = (tmp_path / "gw.db").read_bytes()
-    with pytest.raises(BackupError, match=r"revision 0099, newer than this version knows \(latest 0013\)"):
-        restore(url, newer)
-    assert (tmp_path / "gw.db").read_bytes() == before
+def test_a_backup_from_a_newer_schema_is_refused_and_changes_nothing(db_url: str, restore_url: str,
+                                                                      tmp_path: Path) -> None:
+    newer = Database(db_url)
+    newer.upgrade()
+    with newer.engine.begin() as conn:  # as a later version leaves it
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    newer.dispose()
+    backup(db_url, tmp_path / "newer.backup")
+    enrolled(restore_url, 2)  # the database a restore would replace
+    with pytest.raises(BackupError, match=rf"revision 0099, newer than this version knows \(latest {HEAD}\)"):
+        restore(restore_url, tmp_path / "newer.backup")
+    assert profile_ids(restore_url) == {1, 2}
+    target = Database(restore_url)
+    try:
+        assert target.schema_state() == "current"
+    finally:
+        target.dispose()
 
 
-def test_a_backup_from_an_older_schema_is_restored_then_upgraded(tmp_path: Path) -> None:
-    old_url = f"sqlite:///{tmp_path}/old.db"
-    old = Database(old_url)
+def test_a_backup_from_an_older_schema_is_restored_then_upgraded(db_url: str, restore_url: str,
+                                                                  tmp_path: Path) -> None:
+    old = Database(db_url)
     upgrade(old.engine, "0011")  # an older version's database, before stores had ids
     with old.engine.begin() as conn:
         conn.execute(text("INSERT INTO footfall_counts (day, zone, anonymous_visits, anonymous_dwell_s) "
                           "VALUES ('2026-06-01', 'shoes', 7, 420.0)"))
     old.dispose()
-    backup(old_url, tmp_path / "old.backup")
-    new_url = f"sqlite:///{tmp_path}/new.db"
-    summary = restore(new_url, tmp_path / "old.backup", store_id="store-042")
-    assert (summary.upgraded_from, summary.revision) == ("0011", "0013")
-    assert integrity(tmp_path / "new.db") == ["ok"]
-    db = Database(new_url)
+    backup(db_url, tmp_path / "old.backup")
+    summary = restore(restore_url, tmp_path / "old.backup", store_id="store-042")
+    assert (summary.upgraded_from, summary.revision) == ("0011", HEAD)
+    if restore_url.startswith("sqlite"):
+        assert integrity(Path(make_url(restore_url).database or "")) == ["ok"]
+    db = Database(restore_url)
     try:
         assert db.schema_state() == "current"
         with db.engine.connect() as conn:
