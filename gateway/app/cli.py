@@ -265,7 +265,7 @@ def _backup_or_restore(args: argparse.Namespace, command: str) -> int:
             summary = restore(url, args.file, store_id=settings.store.id)
             upgraded = f", upgraded from {summary.upgraded_from}" if summary.upgraded_from else ""
             print(f"restored {args.file} into {summary.path} (schema {summary.revision}{upgraded}):")
-    except BackupError as exc:
+    except (BackupError, OSError) as exc:
         print(f"gateway {command}: {exc}", file=sys.stderr)
         return 2
     print("\n".join(summary.lines()))

@@ -151,8 +151,12 @@ def _fsync(path: Path) -> None:
 
 def _copy_pages(src: sqlite3.Connection, path: Path, progress: Progress | None, pages: int) -> sqlite3.Connection:
     """``src`` copied into a new file at ``path`` (a rollback-journal database, one self-contained file)."""
-    path.unlink(missing_ok=True)
-    dst = sqlite3.connect(path, isolation_level=None)
+    try:
+        path.unlink(missing_ok=True)
+        dst = sqlite3.connect(path, isolation_level=None)
+        dst.execute("PRAGMA user_version").fetchone()  # opens the file: a directory we cannot write fails here
+    except (OSError, sqlite3.Error) as exc:
+        raise BackupError(f"{path}: cannot be written ({exc}); nothing was changed") from exc
     try:
         step = None if progress is None else (lambda _status, remaining, total: progress(remaining, total))
         # sleep only applies when a step finds the source busy; with the read transaction held it never is
@@ -221,7 +225,10 @@ def _sqlite_restore(path: Path, source: Path, store_id: str | None) -> Summary:
     except sqlite3.DatabaseError as exc:
         raise BackupError(f"{source}: not a SQLite backup ({exc}); nothing was changed") from exc
     behind = check_revision(revisions, str(source))
-    path.parent.mkdir(parents=True, exist_ok=True)  # a new box restored before its first start
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # a new box restored before its first start
+    except OSError as exc:
+        raise BackupError(f"{path.parent}: cannot be created ({exc.strerror}); nothing was changed") from exc
     _refuse_if_open(path)
     tmp = path.with_name(path.name + ".restore-tmp")
     try:
