@@ -161,6 +161,8 @@ def test_footfall_per_hour_and_bounce_per_zone_count_anonymous_and_enrolled_peop
     assert daily == {"": (3, 3, 1), "shoes": (3, 3, 1)}
     assert svc.figures(DAY2, None, TZ)["hours"][10]["footfall"] == 0  # another day: its own hours
     assert "hours" not in svc.figures(DAY1, DAY2, TZ)  # only a one-day range has hours
+    elsewhere = svc.figures(DAY1, None, TZ, store="store-elsewhere")  # another store's: none of these
+    assert sum(h["footfall"] for h in elsewhere["hours"]) == 0 and elsewhere["bounce_rate_all"] is None
 
 
 def test_a_day_counted_before_bounces_were_is_left_out_of_the_bounce_rate(

@@ -39,10 +39,12 @@ def figures(ctx: Context,
                 "Another store sharing the database (its [store] id); default: this gateway's. "
                 "A store with no rows gives empty figures"))] = None,
             ) -> dict[str, Any]:
-    """The store's figures for a range of local days, with a row per day: footfall, unique visitors,
-    new vs returning, dwell per zone, bounce, engagement, CTR, redemption, conversion, experiment arms
-    with lift against the holdout, and response time to maintenance prompts. Only the rows this store's
-    gateway wrote count, so stores sharing one database keep their figures apart."""
+    """The store's figures for a range of local days, with a row per day (``days``) and, for a one-day
+    range, per local hour (``hours``: footfall, enrolled and anonymous visits): footfall, unique visitors,
+    new vs returning, dwell and bounce per zone (``zones.<zone>.bounce_rate``), bounce of enrolled visits
+    (``bounce_rate``) and of everyone (``bounce_rate_all``), engagement, CTR, redemption, conversion,
+    experiment arms with lift against the holdout, and response time to maintenance prompts. Only the rows
+    this store's gateway wrote count, so stores sharing one database keep their figures apart."""
     return ctx.service.figures(day_from.isoformat() if day_from else None,
                                day_to.isoformat() if day_to else None, ctx.service.timezone, zone=zone,
                                campaign=campaign, store=store or ctx.service.store_id)
