@@ -115,14 +115,18 @@ def test_the_toml_round_trips_and_says_how_it_was_made(cal: Calibration) -> None
 
 
 @pytest.mark.parametrize(("change", "key"), [
-    (('[zones."middle"]\nseconds', '[zones."middle"]\nsecs'), "zones.middle.seconds: missing"),
-    (("stay_s = ", "stay_s = -"), ".stay_s: must be positive"),
-    (('"b" = { mean', '"b" = { mean = "loud", x'), "signature.b.mean: expected a"),
-    (("transit_s = ", "transit_s = 0 #"), "transitions.transit_s: must be positive"),
-    (('neighbours = ["left", "right"]', 'neighbours = ["attic"]'), "'attic' is not a zone"),
-    (("[transitions]", "[transitions"), "line"),  # not TOML at all: tomllib says the line
+    (('[zones."middle"]\nseconds', '[zones."middle"]\nsecs'), ":35: zones.middle.seconds: Field required"),
+    (('[zones."middle"]\nseconds', '[zones."middle"]\nsecs'), ":36: zones.middle.secs: unknown field (known: "),
+    (("stay_s = ", "stay_s = -"), ".stay_s: Input should be greater than 0"),
+    (('"b" = { mean', '"b" = { mean = "loud", x'), ":29: zones.left.signature.b.mean: Input should be a valid number"),
+    (("transit_s = ", "transit_s = 0 #"), ":9: transitions.transit_s: Input should be greater than 0"),
+    (("transit_s = ", "transit_s = '5' #"), ":9: transitions.transit_s: Input should be a valid number"),
+    (("heard = ", "heard = nan, x = "), "signature.a.heard: Input should be a finite number"),
+    (('neighbours = ["left", "right"]', 'neighbours = ["attic"]'), ":38: zones.middle.neighbours: 'attic' is not a"),
+    (("[transitions]", "[transitions"), "line 8"),  # not TOML at all: tomllib says the line
+    (("[transitions]", "[model]\nwindowed_weight = true\n[transitions]"), "model.windowed_weight: Input should be"),
 ])
-def test_bad_toml_is_a_config_error_naming_the_file_and_key(tmp_path: Path, cal: Calibration,
+def test_bad_toml_is_a_config_error_naming_the_file_the_line_and_the_key(tmp_path: Path, cal: Calibration,
                                                             change: tuple[str, str], key: str) -> None:
     path = tmp_path / "cal.toml"
     text = dumps(cal)
@@ -232,15 +236,18 @@ def test_gateway_calibrate_refuses_input_that_teaches_nothing(tmp_path: Path,
     assert not (tmp_path / "o").exists()
 
 
-def test_replay_with_a_bad_calibration_file_is_one_line_and_exit_2(tmp_path: Path,
+def test_replay_with_a_bad_calibration_file_names_each_problem_and_exits_2(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "gw.toml").write_text(CONFIG)
     (tmp_path / "t.csv").write_text("time,receiver,beacon,rssi\n0,a,tag,-60\n")
     (tmp_path / "cal.toml").write_text("[transitions]\ntransit_s = 'soon'\n")
     assert main(["replay", str(tmp_path / "t.csv"), "--config", str(tmp_path / "gw.toml"),
                  "--calibration", str(tmp_path / "cal.toml")]) == 2
-    err = capsys.readouterr()[1]
-    assert "cal.toml" in err and "transitions.transit_s" in err and len(err.strip().splitlines()) == 1
+    err = capsys.readouterr()[1].strip().splitlines()  # one line per problem, each with the file and line
+    assert err[0].startswith("gateway replay: ") and err[0].endswith(
+        "cal.toml:2: transitions.transit_s: Input should be a valid number")
+    assert [line.split("cal.toml:")[1] for line in err[1:]] == ["1: transitions.direct_share: Field required",
+                                                               "1: transitions.outside_share: Field required"]
 
 
 
@@ -392,3 +399,21 @@ def test_gateway_calibrate_joins_several_walks_each_its_own_identity(tmp_path: P
     assert main([*args[:4], *args[6:]]) == 2  # two traces, one labels file
     err = capsys.readouterr()[1].strip().splitlines()
     assert len(err) == 1 and "one labels file per trace" in err[0]
+
+
+def test_the_calibration_schema_accepts_what_calibrate_writes_and_flags_what_load_refuses(cal: Calibration) -> None:
+    import tomllib
+
+    import jsonschema_rs
+
+    schema = json.loads((ROOT / "docs/schemas/calibration.schema.json").read_text())
+    assert schema["title"] == "Presence calibration"
+    validator = jsonschema_rs.validator_for(schema)
+    text = dumps(dataclasses.replace(cal, band_weight=0.25, windowed_weight=3.0, tuned=(("exit_posterior", 0.9999),)))
+    assert not [e.message for e in validator.iter_errors(tomllib.loads(text))]
+    for old, new in (("band_weight = 0.25", "band_weight = 2.0"), ("[presence]\n", "[presence]\nsmoothing = 0.3\n"),
+                     ("transit_s = ", "transit_s = 0 #"), ("heard = ", "heard = '1', x = ")):
+        bad = text.replace(old, new, 1)
+        assert bad != text and not validator.is_valid(tomllib.loads(bad)), new
+        with pytest.raises(ConfigError):
+            parse(bad)

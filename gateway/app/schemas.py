@@ -18,6 +18,7 @@ from pydantic import TypeAdapter
 
 from devices.rules import RulesFile
 from gateway.campaigns.files import CampaignsFile, SegmentsFile
+from gateway.presence.calibration import CalibrationFile
 from simulators.scenario import ScenarioFile
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -28,6 +29,9 @@ FORMATS: dict[str, tuple[Any, str, str]] = {
     "device-rule": (RulesFile, "Device rule",
                     "A device-rules file: one rule or a list of them (docs/device-rules.md)."),
     "scenario": (ScenarioFile, "Scenario", "A simulated store for gateway demo and gateway simulate."),
+    "calibration": (CalibrationFile, "Presence calibration",
+                    "What gateway calibrate learned from labelled walks, for [presence] calibration "
+                    "(docs/presence.md)."),
 }
 
 

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 import tomllib
 from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated
+
+from pydantic import ConfigDict, Field, model_validator
 
 from beacons.types import Sighting
+from devices.files import Document, FileModel, Invalid, Problem, build, fail
 from gateway.errors import ConfigError
 from gateway.presence.model import rssi_at
 from gateway.presence.settings import FloorZone, PresenceSettings, ReceiverSettings
@@ -406,130 +410,154 @@ def dumps(cal: Calibration) -> str:
     return "\n".join(lines)
 
 
-def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in table:
-        raise ConfigError(f"{where}.{key}: missing")
-    v = table[key]
-    if not isinstance(v, kind) or isinstance(v, bool):
-        raise ConfigError(f"{where}.{key}: expected a {getattr(kind, '__name__', 'number')}, got {v!r}")
-    if isinstance(v, float) and not math.isfinite(v):
-        raise ConfigError(f"{where}.{key}: must be finite, got {v!r}")
-    return v
+Dbm = Annotated[float, Field(ge=-140.0, lt=20.0)]
 
 
-def _signatures(table: Any, where: str, need_mean: bool = False) -> tuple[Signature, ...]:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: expected a table of receivers")
-    out = []
-    for rid, v in table.items():
-        w = f"{where}.{rid}"
-        if not isinstance(v, dict):
-            raise ConfigError(f"{w}: expected {{ mean, sd, heard }}")
-        heard = float(_get(v, "heard", (int, float), w))
-        if not 0.0 <= heard <= 1.0:
-            raise ConfigError(f"{w}.heard: must be in [0, 1], got {heard!r}")
-        mean = sd = None
-        if "mean" in v or "sd" in v or need_mean:
-            mean, sd = float(_get(v, "mean", (int, float), w)), float(_get(v, "sd", (int, float), w))
-            if not sd > 0:
-                raise ConfigError(f"{w}.sd: must be positive, got {sd!r}")
-            if not -140 <= mean < 20:
-                raise ConfigError(f"{w}.mean: expected dBm in [-140, 20), got {mean!r}")
-        out.append(Signature(str(rid), mean, sd, heard))
-    return tuple(out)
+class _Strict(FileModel):
+    """Numbers as numbers (a quoted "5" is refused, as the hand-written parser did), finite ones."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+class SignatureEntry(_Strict):
+    """What one receiver hears of the tag in one state."""
+
+    mean: Dbm | None = Field(default=None, description="Mean RSSI (dBm): the filtered RSSI's, or the windowed mean's.")
+    sd: float | None = Field(default=None, gt=0.0, description="Its standard deviation (dB).")
+    heard: float = Field(ge=0.0, le=1.0, description="The share of labelled seconds in which the receiver heard it.")
+
+    @model_validator(mode="after")
+    def _both(self) -> SignatureEntry:
+        if (self.mean is None) != (self.sd is None):
+            fail("mean and sd go together (neither: the receiver was heard too rarely to fit one)")
+        return self
+
+
+class WindowedEntry(SignatureEntry):
+    """A receiver's windowed mean RSSI in one state (silence read as -105 dBm): mean and sd always."""
+
+    mean: Dbm = Field(description="Mean of the receiver's 3 s mean RSSI (dBm), silence counted as -105 dBm.")
+    sd: float = Field(gt=0.0, description="Its standard deviation (dB).")
+
+
+class TransitionsTable(_Strict):
+    """How people move, from the walk."""
+
+    transit_s: float = Field(gt=0.0, description="Mean walk outside every zone (s).")
+    direct_share: float = Field(ge=0.0, le=1.0, description="Of zone stays that end, the share going straight on.")
+    outside_share: float = Field(gt=0.0, lt=1.0, description="Of labelled time, the share in no zone.")
+
+
+class ReceiverEntry(_Strict):
+    """The log-distance model fitted to one receiver."""
+
+    offset_db: float = Field(description="Added to its measured power (or -59 dBm) at 1 m.")
+    exponent: float = Field(gt=0.0, description="Path-loss exponent.")
+    fitted: str = Field(default="none", description="positions, bands or none: what it was fitted against.")
+
+
+class ZoneEntry(_Strict):
+    """One zone's stay, neighbours and signatures."""
+
+    seconds: float = Field(ge=0.0, description="Labelled seconds it was learned from.")
+    stay_s: float = Field(gt=0.0, description="Mean stay (s).")
+    neighbours: list[str] = Field(description="The zones the walk went to from it.")
+    signature: dict[str, SignatureEntry] = Field(default_factory=dict, description="Per receiver: filtered RSSI.")
+    windowed: dict[str, WindowedEntry] = Field(default_factory=dict, description="Per receiver: windowed mean RSSI.")
+
+
+class OutsideTable(_Strict):
+    """No zone, when the walk had labelled seconds outside every zone."""
+
+    signature: dict[str, SignatureEntry] = Field(default_factory=dict, description="Per receiver: filtered RSSI.")
+    windowed: dict[str, WindowedEntry] = Field(default_factory=dict, description="Per receiver: windowed mean RSSI.")
+
+
+class TunedTable(_Strict):
+    """[presence] settings chosen on the walk; they override the config's when the calibration is used."""
+
+    fade_time_s: float | None = Field(default=None, gt=0.0, description="A link's look time (s).")
+    fade_db: float | None = Field(default=None, gt=0.0, description="One more look per this many dB moved.")
+    rssi_drift_db_s: float | None = Field(default=None, gt=0.0, description="Kalman drift (dB per sqrt(s)).")
+    switch_posterior: float | None = Field(default=None, gt=0.0, le=1.0, description="Leave a zone at 1 - this.")
+    exit_posterior: float | None = Field(default=None, gt=0.0, le=1.0, description="Leave to no zone at 1 - this.")
+
+
+class ModelTable(_Strict):
+    """How the tracker weighs what was learned."""
+
+    band_weight: float = Field(default=0.0, ge=0.0, le=1.0,
+                               description="The config's bands, per look, beside the signatures.")
+    windowed_weight: float = Field(default=0.0, ge=0.0, le=100.0, description="Looks per second of the windowed means.")
+    sd_floor_db: float = Field(default=0.0, ge=0.0, le=30.0,
+                               description="Every signature's sd widened to at least this (dB).")
+
+
+class CalibrationFile(_Strict):
+    """A calibration file as `gateway calibrate` writes it."""
+
+    transitions: TransitionsTable = Field(description="How people move, from the walk.")
+    receivers: dict[str, ReceiverEntry] = Field(default_factory=dict, description="Per receiver: its fitted model.")
+    zones: dict[str, ZoneEntry] = Field(default_factory=dict, description="Per zone: what the walk taught.")
+    outside: OutsideTable = Field(default=OutsideTable(), description="No zone's signatures.")
+    presence: TunedTable = Field(default=TunedTable(), description="Settings chosen on the walk.")
+    model: ModelTable = Field(default=ModelTable(), description="How the tracker weighs what was learned.")
+
+
+
+def _sigs(table: dict[str, SignatureEntry] | dict[str, WindowedEntry]) -> tuple[Signature, ...]:
+    return tuple(Signature(rid, v.mean, v.sd, v.heard) for rid, v in table.items())
+
+
+def _calibration(data: object) -> Calibration:
+    f = CalibrationFile.model_validate(data)
+    wrong = [Problem(("zones", name, "neighbours"), f"{n!r} is not a zone of this file")
+             for name, z in f.zones.items() for n in z.neighbours if n not in f.zones]
+    if wrong:
+        raise Invalid(*wrong)
+    tuned = tuple((k, v) for k, v in f.presence.model_dump().items() if v is not None)
+    return Calibration(
+        tuple(ReceiverCalibration(rid, r.offset_db, r.exponent, r.fitted) for rid, r in f.receivers.items()),
+        tuple(ZoneCalibration(name, z.seconds, z.stay_s, tuple(z.neighbours), _sigs(z.signature), _sigs(z.windowed))
+              for name, z in f.zones.items()),
+        _sigs(f.outside.signature), f.transitions.transit_s, f.transitions.direct_share,
+        f.transitions.outside_share, tuned, band_weight=f.model.band_weight, windowed_weight=f.model.windowed_weight,
+        outside_windowed=_sigs(f.outside.windowed), sd_floor_db=f.model.sd_floor_db)
+
+
+_HEADER = re.compile(r'^\s*\[([^\[\]]+)\]\s*(#.*)?$')
+_KEY = re.compile(r'^\s*("(?:[^"\\]|\\.)*"|[A-Za-z0-9_-]+)\s*=')
+
+
+def _toml_path(text: str) -> list[str | int]:
+    """A dotted TOML key (``zones."a b".signature``) as its parts."""
+    parts: list[str | int] = []
+    for m in re.finditer(r'"((?:[^"\\]|\\.)*)"|([A-Za-z0-9_-]+)', text):
+        parts.append(m.group(1) if m.group(1) is not None else m.group(2))
+    return parts
+
+
+def _lines(text: str) -> dict[tuple[str | int, ...], int]:
+    """Where each table and key starts (1-based), for a calibration file's error messages."""
+    out: dict[tuple[str | int, ...], int] = {}
+    table: tuple[str | int, ...] = ()
+    for n, line in enumerate(text.splitlines(), 1):
+        if (h := _HEADER.match(line)) is not None:
+            table = tuple(_toml_path(h.group(1)))
+            out.setdefault(table, n)
+        elif (k := _KEY.match(line)) is not None:
+            out.setdefault((*table, *_toml_path(k.group(1))), n)
+    return out
 
 
 def parse(text: str, source: str = "calibration") -> Calibration:
-    """The Calibration in a TOML text; ConfigError naming ``source`` and the line or key on bad input."""
+    """The Calibration in a TOML text; ConfigError naming ``source``, the line and the key on bad input."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    try:
-        return _parse(doc)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-
-
-def _parse(doc: dict[str, Any]) -> Calibration:
-    tr = doc.get("transitions", {})
-    if not isinstance(tr, dict):
-        raise ConfigError("transitions: expected a table")
-    transit = float(_get(tr, "transit_s", (int, float), "transitions"))
-    share = float(_get(tr, "direct_share", (int, float), "transitions"))
-    if not transit > 0:
-        raise ConfigError(f"transitions.transit_s: must be positive, got {transit!r}")
-    if not 0 <= share <= 1:
-        raise ConfigError(f"transitions.direct_share: must be in [0, 1], got {share!r}")
-    out_share = float(_get(tr, "outside_share", (int, float), "transitions"))
-    if not 0 < out_share < 1:
-        raise ConfigError(f"transitions.outside_share: must be in (0, 1), got {out_share!r}")
-    receivers = []
-    for rid, v in doc.get("receivers", {}).items():
-        w = f"receivers.{rid}"
-        if not isinstance(v, dict):
-            raise ConfigError(f"{w}: expected a table")
-        exponent = float(_get(v, "exponent", (int, float), w))
-        if not exponent > 0:
-            raise ConfigError(f"{w}.exponent: must be positive, got {exponent!r}")
-        receivers.append(ReceiverCalibration(str(rid), float(_get(v, "offset_db", (int, float), w)), exponent,
-                                             str(v.get("fitted", "none"))))
-    zones = []
-    for name, v in doc.get("zones", {}).items():
-        w = f"zones.{name}"
-        if not isinstance(v, dict):
-            raise ConfigError(f"{w}: expected a table")
-        stay = float(_get(v, "stay_s", (int, float), w))
-        if not stay > 0:
-            raise ConfigError(f"{w}.stay_s: must be positive, got {stay!r}")
-        neighbours = _get(v, "neighbours", list, w)
-        if not all(isinstance(n, str) for n in neighbours):
-            raise ConfigError(f"{w}.neighbours: expected zone names, got {neighbours!r}")
-        windowed = _signatures(v["windowed"], f"{w}.windowed", need_mean=True) if "windowed" in v else ()
-        zones.append(ZoneCalibration(str(name), float(_get(v, "seconds", (int, float), w)), stay,
-                                     tuple(neighbours), _signatures(v.get("signature"), f"{w}.signature"),
-                                     windowed))
-    names = {z.name for z in zones}
-    for z in zones:
-        for n in z.neighbours:
-            if n not in names:
-                raise ConfigError(f"zones.{z.name}.neighbours: {n!r} is not a zone of this file")
-    outside = doc.get("outside", {})
-    if not isinstance(outside, dict):
-        raise ConfigError("outside: expected a table")
-    sig = _signatures(outside.get("signature"), "outside.signature") if "signature" in outside else ()
-    out_windowed = (_signatures(outside["windowed"], "outside.windowed", need_mean=True)
-                    if "windowed" in outside else ())
-    pres = doc.get("presence", {})
-    if not isinstance(pres, dict):
-        raise ConfigError("presence: expected a table")
-    tuned = []
-    for k in pres:
-        if k not in TUNABLE:
-            raise ConfigError(f"presence.{k}: not a setting calibration tunes ({', '.join(sorted(TUNABLE))})")
-        v = float(_get(pres, k, (int, float), "presence"))
-        if not v > 0:
-            raise ConfigError(f"presence.{k}: must be positive, got {v!r}")
-        tuned.append((k, v))
-    model = doc.get("model", {})
-    if not isinstance(model, dict):
-        raise ConfigError("model: expected a table")
-    for k in model:
-        if k not in ("band_weight", "windowed_weight", "sd_floor_db"):
-            raise ConfigError(f"model.{k}: unknown key (known: band_weight, windowed_weight, sd_floor_db)")
-    weight = float(_get(model, "band_weight", (int, float), "model")) if "band_weight" in model else 0.0
-    if not 0.0 <= weight <= 1.0:
-        raise ConfigError(f"model.band_weight: must be in [0, 1], got {weight!r}")
-    windowed_weight = (float(_get(model, "windowed_weight", (int, float), "model"))
-                       if "windowed_weight" in model else 0.0)
-    if not 0.0 <= windowed_weight <= 100.0:
-        raise ConfigError(f"model.windowed_weight: must be in [0, 100] looks per second, got {windowed_weight!r}")
-    sd_floor = float(_get(model, "sd_floor_db", (int, float), "model")) if "sd_floor_db" in model else 0.0
-    if not 0.0 <= sd_floor <= 30.0:
-        raise ConfigError(f"model.sd_floor_db: must be in [0, 30] dB, got {sd_floor!r}")
-    return Calibration(tuple(receivers), tuple(zones), sig, transit, share, out_share, tuple(tuned),
-                       band_weight=weight, windowed_weight=windowed_weight, outside_windowed=out_windowed,
-                       sd_floor_db=sd_floor)
+    document = Document(doc, source, _lines(text))
+    return build(_calibration, doc, ConfigError, source, model=CalibrationFile, doc=document)
 
 
 def load(path: str | Path) -> Calibration:
