@@ -581,7 +581,8 @@ def run_calibrated(sc: Scenario, seed: int, args: argparse.Namespace, duration: 
             "walk": {"seeds": [walk_seed + k for k in range(args.walks)], "walks": args.walks,
                      "seconds": round(sum(w.path.end - w.path.start for w in walks), 1),
                      "labelled_s": round(sum(lb.end - lb.start for w in walks for lb in w.labels), 1),
-                     "tuned": dict(tuned.tuned),
+                     "tuned": dict(tuned.tuned), "band_weight": tuned.band_weight,
+                     "windowed_weight": tuned.windowed_weight, "sd_floor_db": tuned.sd_floor_db,
                      "sightings": len(walk_sightings), "rounds": args.walk_rounds, "aisles": args.walk_aisles},
             "adjacency": {k: sorted(v) for k, v in (adj or {}).items()}}
 

@@ -128,12 +128,16 @@ def score_dataset(dataset: str, files: dict[str, dict[str, str]], root: Path = D
     held = {who: pooled(r, labels, test, exit_after) for who, r in runs.items()} if train and test else {}
     calibrated: dict[str, Any] = dict.fromkeys(KEYS)
     cal_report = None
+    chosen: dict[str, Any] = {}
     if held:
         fp = fingerprint_events(files, train, test, labels, [r.id for r in receivers], exit_after)
         held["naive_bayes_fingerprint"] = pooled(fp, labels, test, exit_after)
         placed, zones = floor_of(dataset, root, receivers)
         cal = calibrate(files, train, labels, placed, settings.presence, zones)
         cal_report = report(cal)
+        chosen = {"tuned": dict(cal.tuned), "band_weight": cal.band_weight,
+                  "windowed_weight": cal.windowed_weight, "sd_floor_db": cal.sd_floor_db}
+        print(f"[{dataset}] chosen on the calibration split: {chosen}", file=sys.stderr)
         cal_runs = {n: replay_events(Path(files[n]["trace"]), settings.presence, placed, calibration=cal,
                                      adjacency=adjacency(settings.zones or zones)).events for n in test}
         held["ours_calibrated"] = pooled(cal_runs, labels, test, exit_after)
@@ -147,7 +151,7 @@ def score_dataset(dataset: str, files: dict[str, dict[str, str]], root: Path = D
         "truth_zone_changes_per_hour": ours["truth_zone_changes_per_hour"],
         "ours": {"uncalibrated": {k: ours[k] for k in KEYS}, "calibrated": calibrated},
         "baselines": {b: {k: s[k] for k in KEYS} for b, s in scored.items()},
-        "held_out": {"calibrate_on": train, "score_on": test,
+        "held_out": {"calibrate_on": train, "score_on": test, "chosen": chosen,
                      "truth_zone_changes_per_hour": held["ours"]["truth_zone_changes_per_hour"] if held else None,
                      **{who: {k: s[k] for k in KEYS} for who, s in held.items()}},
         "replay_cpu_s": round(cpu, 3),
