@@ -21,6 +21,9 @@ The model (docs/presence.md has the figures behind each default):
   reaches ``enter_posterior``; from a zone, the identity moves (to the likeliest other state: a zone,
   or no zone) once the zone's own posterior has fallen to ``1 - switch_posterior``, however the rest
   is split. Entering also needs ``enter_samples`` adverts and ``enter_hold_s``.
+- **Calibrated** (``gateway calibrate``): learned signatures replace the bands' evidence; optionally every
+  receiver's 3 s windowed mean RSSI (silence as a reading) against each state's Gaussians
+  (``windowed_weight``), exits to no zone held to ``exit_posterior``, signatures widened to ``sd_floor_db``.
 - **Distance**: log-distance path loss (``gateway/presence/model.py``), per-receiver calibration
   (measured power at 1 m, exponent), defaulting to the beacon's advertised tx power.
 - **Exit on silence**: ``exit_after_s`` without an advert (found by ``tick``: the tracker never looks

@@ -52,7 +52,10 @@ def learn_tuned(sightings: Iterable[Sighting], labels: Sequence[Label], receiver
     values: the best zone accuracy among those changing zone at most ``CHANGES_LIMIT`` x as often as the
     labels and exiting a labelled zone no more often than the settings' own values do (a walk is faster
     than a shopper: a candidate that buys accuracy with false exits is not taken); fewer changes break ties.
-    Each candidate is tried with every ``BAND_WEIGHTS`` (the settings' own values with weight 0 are the bar)."""
+    Each candidate is tried with every ``BAND_WEIGHTS`` (the settings' own values with weight 0 are the bar).
+    A second round tries, around that choice, the windowed evidence, exit hysteresis and an sd floor
+    (``WINDOWED_WEIGHTS`` x ``EXIT_POSTERIORS`` x ``SD_FLOORS``) under the same conditions, zone accuracy less
+    ``CHANGE_COST`` per labels' worth of extra zone changes. Walks are scored on their labelled time only."""
     rows = list(sightings)
     if len({lb.beacon for lb in labels}) < 2:
         return learn(rows, labels, receivers, settings, zones)
