@@ -130,6 +130,17 @@ def test_score_labels_counts_seconds_latency_false_exits_and_changes() -> None:
     assert s["zone_changes_per_hour"] == 360.0 and s["truth_zone_changes_per_hour"] == 180.0
 
 
+def test_a_walks_unlabelled_time_can_be_left_unscored() -> None:
+    # A staff walk: a, then 10 s walking to b, unlabelled; the tracker holds a until it reaches b.
+    labels = [Label("p", 0.0, 20.0, "a"), Label("p", 30.0, 50.0, "b")]
+    events = [("enter", "p", "a", 0.0), ("exit", "p", "a", 31.0), ("enter", "p", "b", 31.0)]
+    as_none = score_labels(events, labels, exit_after_s=10.0)
+    unknown = score_labels(events, labels, exit_after_s=10.0, gaps_unknown=True)
+    assert as_none["zone_accuracy"] == round(42 / 50, 4)  # 23-30 s: a held in "no zone" (past the 3 s grace)
+    assert unknown["zone_accuracy"] == round(39 / 40, 4)  # the labelled seconds only: 30 s, b not yet entered
+    assert unknown["false_exits"] == as_none["false_exits"] == 0
+
+
 def test_presence_real_on_the_excerpts_prints_figures_for_ours_and_each_baseline() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "presence_real.py"), "--root", str(FIXTURES),
                           "--quick"], capture_output=True, text=True, timeout=300, check=True)
