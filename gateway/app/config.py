@@ -304,6 +304,26 @@ class HomeAssistantSettings:
 
 
 @dataclass
+class IdentitySettings:
+    """Rotating identities (docs/identities.md): the key their secrets are encrypted with at rest, and the
+    shop app's rotating iBeacon."""
+
+    key_file: str = ""  # 32 bytes (raw, hex or base64); empty: generated once as <data_dir>/identities.key
+    app_uuid: str = "d0e7033a-1e52-423c-a694-c5474a38b74e"  # the app's iBeacon uuid; major/minor rotate
+    app_period_s: int = 900  # how long one app beacon window lasts (new secrets are issued with it)
+    rpa_cache_size: int = 65536  # addresses remembered (matched or not), in memory only
+
+    def __post_init__(self) -> None:
+        if re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", self.app_uuid.lower()) is None:
+            raise ConfigError(f"identities.app_uuid: not a uuid (8-4-4-4-12 hex digits), got {self.app_uuid!r}")
+        self.app_uuid = self.app_uuid.lower()
+        if not 60 <= self.app_period_s <= 86400:
+            raise ConfigError(f"identities.app_period_s: expected 60 to 86400 seconds, got {self.app_period_s!r}")
+        if self.rpa_cache_size < 16:
+            raise ConfigError(f"identities.rpa_cache_size: expected at least 16, got {self.rpa_cache_size!r}")
+
+
+@dataclass
 class FigureSettings:
     bounce_s: float = 60.0  # a visit that saw at most one zone and lasted less than this is a bounce
 
@@ -337,6 +357,7 @@ class Settings(BaseSettings):
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     figures: FigureSettings = Field(default_factory=FigureSettings)
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
+    identities: IdentitySettings = Field(default_factory=IdentitySettings)
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
     receivers: list[ReceiverSettings] = Field(default_factory=list)
     zones: list[FloorZone] = Field(default_factory=list)
