@@ -129,12 +129,18 @@ async def _run(args: argparse.Namespace) -> int:
     if settings.mqtt.enabled:
         mqtt = MqttIntake(settings_from_config(settings.mqtt, settings.store.id))
     from gateway.app.watchdog import Watchdog
+    from gateway.storage.lease import Lease
 
-    runtime = Runtime(settings, scanner=scanner, mqtt=mqtt, watchdog=Watchdog.from_environ())  # systemd's, if any
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # One active gateway per store: a second one on the same database waits here as standby.
+    lease = Lease(settings.database.url, settings.store.id)
+    if not await lease.acquire(stop, lambda: print(f"gateway standby: another gateway holds store "
+                                                   f"{settings.store.id}'s lease; waiting", flush=True)):
+        return 0
+    runtime = Runtime(settings, scanner=scanner, mqtt=mqtt, watchdog=Watchdog.from_environ())  # systemd's, if any
     try:
         await runtime.start()
     except ScannerUnavailable as exc:
@@ -151,8 +157,16 @@ async def _run(args: argparse.Namespace) -> int:
             print(f"dashboard: {base}/dashboard (sign in with an admin API key)", flush=True)
         else:
             print(f"dashboard (a one-time sign-in link): {runtime.dashboard.login_link(base)}", flush=True)
-    await stop.wait()
+    lost = asyncio.create_task(lease.watch())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((lost, stopping), return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
     await runtime.stop()
+    lease.release()
+    if lost.done():  # another gateway may hold the lease now: stop deciding, let the service manager restart us
+        print("gateway run: lost the store's lease (database connection); stopped", file=sys.stderr)
+        return 4
+    lost.cancel()
     return 0
 
 

@@ -1,0 +1,204 @@
+"""Two gateways for one store on one PostgreSQL: active/standby under the store's lease.
+
+Two real processes (tests/pair_gateway.py, which takes the lease as ``gateway run`` does): the first
+leads, the second waits as standby. An acking SSE client (the app) follows whichever one serves.
+kill -9 of the leader mid-stream: the standby takes the lease, recovers what was committed and not
+dispatched, and the client that resumes there with Last-Event-ID ends with every committed
+notification processed once, none received twice, all acked. kill -9 of the standby changes nothing
+for the client. "Exactly once" is what tests/test_crash_recovery.py defines; receipts are counted raw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import text
+
+from gateway.storage.lease import Lease
+from tests.conftest import _pg_connect, free_port
+from tests.sse import SseReader
+from tests.test_crash_recovery import KILL_AFTER, TAGS, AckingClient, Gateway
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PairGateway(Gateway):
+    """One of the pair: tests/pair_gateway.py on the shared database, its own port and data dir."""
+
+    def __init__(self, url: str, port: int, data_dir: Path) -> None:
+        import queue
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.errors = data_dir / f"gateway-{len(list(data_dir.glob('gateway-*.err')))}.err"
+        self._stderr = self.errors.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.pair_gateway", "--db-url", url, "--port", str(port),
+             "--data-dir", str(data_dir), "--beacons", str(TAGS)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self.port = port
+        self.lines = queue.Queue()
+        self.seen = []
+        assert self.proc.stdout is not None
+        threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
+
+
+@pytest.fixture
+def store_db(pg_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database that both gateways share."""
+    import secrets
+
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    name = f"gw_pair_{secrets.token_hex(6)}"
+    with _pg_connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with _pg_connect(pg_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def committed(url: str, profile_id: int) -> dict[int, str]:
+    with _pg_connect(url, autocommit=True) as conn:
+        return dict(conn.execute("SELECT id, status FROM notifications WHERE profile_id = %s", (profile_id,)))
+
+
+def check_exactly_once(app: AckingClient, final: dict[int, str]) -> None:
+    assert app.processed == set(final), (sorted(set(final) - app.processed), sorted(app.processed - set(final)))
+    duplicates = sorted(n for n in app.processed if app.receipts.count(n) > 1)
+    assert duplicates == [], f"delivered twice: {duplicates}"
+    assert app.unacked == set() and set(final.values()) == {"acked"}
+
+
+async def test_kill_9_of_the_leader_mid_stream_the_standby_takes_over_nothing_lost_nothing_twice(
+        store_db: str, tmp_path: Path) -> None:
+    leader = PairGateway(store_db, free_port(), tmp_path / "a")
+    standby: PairGateway | None = None
+    readers: list[SseReader] = []
+    try:
+        await leader.expect("LEADER")
+        _, pid_s, token = await leader.expect("READY")
+        pid = int(pid_s)
+        standby = PairGateway(store_db, free_port(), tmp_path / "b")
+        await standby.expect("STANDBY")
+        async with httpx.AsyncClient(timeout=5) as http:
+            http.base_url = f"http://127.0.0.1:{leader.port}"
+            app = AckingClient(http, token)
+            reader = await SseReader(http, f"/v1/me/stream?access_token={token}").start()
+            readers.append(reader)
+            assert reader.status == 200
+            acking = asyncio.create_task(app.consume(reader, lambda: False))  # until the stream ends
+            assert await reader.wait(lambda r: len(r.events) >= KILL_AFTER, timeout=30)
+            leader.kill9()  # mid-run: notifications are being committed and streamed
+            assert not leader.said("DONE"), "the leader finished before the kill: nothing was in flight"
+            at_kill = committed(store_db, pid)
+            await acking
+            assert 0 < len(at_kill) < TAGS
+            assert not standby.said("READY"), "the standby ran before the leader died"
+
+            await standby.expect("LEADER")  # the lease was freed with the killed process's session
+            await standby.expect("READY")
+            http.base_url = f"http://127.0.0.1:{standby.port}"  # the app fails over to the other address
+            for nid in sorted(app.unacked):
+                await app.ack(nid)
+            resumed = await SseReader(http, f"/v1/me/stream?access_token={token}",
+                                      {"Last-Event-ID": str(max(app.receipts))}).start()
+            readers.append(resumed)
+            assert resumed.status == 200
+            new = standby
+
+            def caught_up() -> bool:
+                return new.said("DONE") and set(committed(store_db, pid)) <= app.processed
+
+            await app.consume(resumed, caught_up)
+            for nid in sorted(app.unacked):
+                await app.ack(nid)
+    finally:
+        for r in readers:
+            await r.close()
+        leader.kill9()
+        if standby is not None:
+            standby.kill9()
+
+    final = committed(store_db, pid)
+    assert len(final) >= len(at_kill) + TAGS  # the new leader walked every tag in again
+    check_exactly_once(app, final)
+
+
+async def test_kill_9_of_the_standby_mid_stream_changes_nothing_for_the_client(
+        store_db: str, tmp_path: Path) -> None:
+    leader = PairGateway(store_db, free_port(), tmp_path / "a")
+    standby: PairGateway | None = None
+    third: PairGateway | None = None
+    readers: list[SseReader] = []
+    try:
+        await leader.expect("LEADER")
+        _, pid_s, token = await leader.expect("READY")
+        pid = int(pid_s)
+        standby = PairGateway(store_db, free_port(), tmp_path / "b")
+        await standby.expect("STANDBY")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{leader.port}", timeout=5) as http:
+            app = AckingClient(http, token)
+            reader = await SseReader(http, f"/v1/me/stream?access_token={token}").start()
+            readers.append(reader)
+            done = False
+
+            def caught_up() -> bool:
+                return done or (leader.said("DONE") and set(committed(store_db, pid)) <= app.processed)
+
+            acking = asyncio.create_task(app.consume(reader, caught_up))
+            assert await reader.wait(lambda r: len(r.events) >= KILL_AFTER, timeout=30)
+            standby.kill9()
+            await acking
+            done = True
+            for nid in sorted(app.unacked):
+                await app.ack(nid)
+        third = PairGateway(store_db, free_port(), tmp_path / "c")
+        await third.expect("STANDBY")  # the leader still holds the lease: a new standby waits
+    finally:
+        for r in readers:
+            await r.close()
+        for g in (leader, standby, third):
+            if g is not None:
+                g.kill9()
+    final = committed(store_db, pid)
+    assert len(final) == TAGS
+    check_exactly_once(app, final)
+
+
+def test_the_lease_is_one_holders_and_free_when_its_session_dies(store_db: str) -> None:
+    first, second = Lease(store_db, "store-1"), Lease(store_db, "store-1")
+    other_store = Lease(store_db, "store-2")
+    try:
+        assert first.try_acquire() and not second.try_acquire()
+        assert other_store.try_acquire()  # stores sharing one database do not wait for each other
+        assert first._conn is not None
+        holder = first._conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        with _pg_connect(store_db, autocommit=True) as conn:  # the holder's session ends, as under kill -9
+            conn.execute("SELECT pg_terminate_backend(%s)", (holder,))
+        assert not first.still_held()  # the holder notices and must stop
+        assert second.try_acquire()
+    finally:
+        for lease in (first, second, other_store):
+            lease.release()
+
+
+def test_on_sqlite_the_lease_is_a_lock_beside_the_database(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/gw.db"
+    first, second = Lease(url, "store-1"), Lease(url, "store-1")
+    try:
+        assert first.try_acquire() and not second.try_acquire()
+        first.release()  # a clean stop hands over at once
+        assert second.try_acquire() and second.still_held()
+    finally:
+        first.release()
+        second.release()
