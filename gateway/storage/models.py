@@ -139,6 +139,23 @@ class Identifier(Base):
     profile: Mapped[Profile] = relationship(back_populates="identifiers")
 
 
+class RotatingIdentity(Base):
+    """A rotating identity enrolled for a profile (gateway/profiles/rotating.py): ``kind`` is eid, irk or app;
+    ``secret`` is its key (Eddystone-EID identity key, IRK, the app's secret) encrypted with AES-GCM under
+    the ``[identities]`` key (nonce + ciphertext + tag). K, the period and the epoch are not secret."""
+
+    __tablename__ = "rotating_identities"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    profile_id: Mapped[int] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    secret: Mapped[bytes] = mapped_column(LargeBinary)
+    rotation_exponent: Mapped[int | None] = mapped_column(Integer, nullable=True)  # EID: K (2^K s per EID)
+    period_s: Mapped[int | None] = mapped_column(Integer, nullable=True)  # app: one beacon window
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0)  # EID: the beacon clock's 0 in Unix seconds
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class Consent(Base):
     __tablename__ = "consents"
 
