@@ -150,6 +150,9 @@ class RotatingIdentity(Base):
     profile_id: Mapped[int] = mapped_column(ForeignKey("profiles.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(8))
     secret: Mapped[bytes] = mapped_column(LargeBinary)
+    # HMAC-SHA256 of the key under a key derived from the [identities] key: the same key enrolled twice is
+    # refused without decrypting every row, and it says nothing without the key file.
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
     rotation_exponent: Mapped[int | None] = mapped_column(Integer, nullable=True)  # EID: K (2^K s per EID)
     period_s: Mapped[int | None] = mapped_column(Integer, nullable=True)  # app: one beacon window
     epoch: Mapped[int] = mapped_column(BigInteger, default=0)  # EID: the beacon clock's 0 in Unix seconds

@@ -21,12 +21,14 @@ def upgrade() -> None:
         sa.Column("profile_id", sa.Integer(), nullable=False),
         sa.Column("kind", sa.String(length=8), nullable=False),
         sa.Column("secret", sa.LargeBinary(), nullable=False),
+        sa.Column("fingerprint", sa.String(length=64), nullable=False),
         sa.Column("rotation_exponent", sa.Integer(), nullable=True),
         sa.Column("period_s", sa.Integer(), nullable=True),
         sa.Column("epoch", sa.BigInteger(), nullable=False),
         sa.Column("created_at", sa.Float(), nullable=False),
         sa.ForeignKeyConstraint(["profile_id"], ["profiles.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("fingerprint"),
     )
     op.create_index("ix_rotating_identities_profile_id", "rotating_identities", ["profile_id"])
 
