@@ -283,7 +283,26 @@ def role_worker(args: argparse.Namespace) -> None:
                 "dead_lettered": t["dead_lettered_total"], "connected_monotonic": connected_at, "cpu_s": cpu,
                 "telemetry_failures": rt.telemetry_failures}
 
-    print(json.dumps(_with_wall_connect(run)))
+    if not args.profile:
+        print(json.dumps(_with_wall_connect(run)))
+        return
+    import cProfile
+
+    profiles: list[tuple[str, cProfile.Profile]] = []
+    thread_run = threading.Thread.run
+
+    def profiled_run(self: threading.Thread) -> None:  # paho's network thread gets a profile of its own
+        prof = cProfile.Profile(time.thread_time)  # CPU, not wall: waits for the GIL or the socket are free
+        profiles.append((self.name, prof))
+        prof.runcall(thread_run, self)
+
+    threading.Thread.run = profiled_run  # type: ignore[method-assign]
+    main_prof = cProfile.Profile(time.thread_time)
+    out = main_prof.runcall(_with_wall_connect, run)
+    main_prof.dump_stats(f"{args.profile}.{args.client_id}.main")
+    for i, (name, prof) in enumerate(profiles):
+        prof.dump_stats(f"{args.profile}.{args.client_id}.{i}-{name}")
+    print(json.dumps(out))
 
 
 # ------------------------------------------------------------------ the parent
@@ -430,6 +449,57 @@ def one_worker(broker: Broker, args: argparse.Namespace, work: Path, tag: str, b
     return out
 
 
+def n_workers(broker: Broker, args: argparse.Namespace, work: Path, count: int, tag: str) -> dict[str, Any]:
+    """``count`` gateway workers on one ``$share`` group drain a fresh backlog into one fresh database: the
+    rate over the span from the first CONNACK to the last message, each worker's CPU per message and the
+    total CPU per message (every worker's CPU over every message), and what was lost."""
+    prefix = f"bench-{tag}"
+    url = fresh_db(args.db, work, tag.replace("-", "_"))
+    prepare_db(url, prefix, args.devices)
+    cids = [f"gw-{tag}-w{i + 1}" for i in range(count)]
+    for cid in cids:
+        for kind in ("telemetry", "status", "events"):
+            make_session(cid, broker.port, f"$share/bench/{prefix}/+/devices/+/{kind}")
+    published, _ = backlog(broker.port, prefix, args.messages, args.devices)
+    b0 = broker.cpu_s()
+    extra = ["--profile", f"{args.profile}.{tag}"] if args.profile else []
+    procs = [spawn("--role", "worker", "--port", str(broker.port), "--client-id", cid, "--prefix", prefix,
+                   "--db", url, "--data-dir", str(work), "--share-group", "bench",
+                   "--expect", str(published), "--window", str(args.window), *extra) for cid in cids]
+    results = [result_of(p, 1200) for p in procs]
+    acked = sum(r["acked"] for r in results)
+    span = max(r["last_at"] for r in results) - min(r["connected_at"] for r in results)
+    print(f"{count} worker(s) ({tag}): {results}", file=sys.stderr)
+    return {"results": results, "rate": acked / span, "wall_s": span, "acked": acked,
+            "cpu_per_msg": sum(r["cpu_s"] for r in results) / acked,
+            "per_worker_cpu_per_msg": [r["cpu_s"] / max(1, r["acked"]) for r in results],
+            "broker_cpu_per_msg": (broker.cpu_s() - b0) / acked, "lost": published - stored(url),
+            "split": [r["acked"] for r in results]}
+
+
+def workers_figures(runs: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+    """--workers' keys: per worker count the round with the least total CPU per message (the least disturbed),
+    its per-worker figures, and scaling_N = total CPU per message with N workers / with one."""
+    best = {n: min(rs, key=lambda x: x["cpu_per_msg"]) for n, rs in runs.items()}
+    out: dict[str, Any] = {
+        "cpu_us_per_msg_workers": {str(n): round(b["cpu_per_msg"] * 1e6, 1) for n, b in best.items()},
+        "cpu_us_per_msg_per_worker": {str(n): [round(c * 1e6, 1) for c in b["per_worker_cpu_per_msg"]]
+                                      for n, b in best.items()},
+        "broker_cpu_us_per_msg_workers": {str(n): round(b["broker_cpu_per_msg"] * 1e6, 1) for n, b in best.items()},
+        "msgs_per_s_workers": {str(n): round(b["rate"], 1) for n, b in best.items()},
+        "wall_s_workers": {str(n): round(b["wall_s"], 2) for n, b in best.items()},
+        "split_workers": {str(n): b["split"] for n, b in best.items()},
+        "lost_workers": {str(n): max(x["lost"] for x in rs) for n, rs in runs.items()},
+        "rounds_cpu_us_per_msg_workers": {str(n): [round(x["cpu_per_msg"] * 1e6, 1) for x in rs]
+                                          for n, rs in runs.items()},
+    }
+    if 1 in best:
+        for n, b in best.items():
+            if n != 1:
+                out[f"scaling_{n}"] = round(b["cpu_per_msg"] / best[1]["cpu_per_msg"], 3)
+    return out
+
+
 PAHO_VARIANTS = {"intake": ("intake", "private"), "intake_public": ("intake", "public"),
                  "intake_reads": ("intake", "reads"), "intake_acks": ("intake", "acks"),
                  "clean": ("worker", "private"), "public": ("worker", "public")}
@@ -470,6 +540,12 @@ def main() -> None:
     ap.add_argument("--paho-api", action="store_true",
                     help="also run the worker and the intake alone on paho's public API only (no private "
                          "override), and the intake with each override alone, alternating in each round")
+    ap.add_argument("--workers", default="",
+                    help="also N workers on one $share group and one database for each N of this list (e.g. "
+                         "1,2,4): CPU per message per worker and in total, and scaling_N against one worker")
+    ap.add_argument("--workers-only", action="store_true",
+                    help="with --workers: skip the anchor, the one-worker and two-worker runs")
+    ap.add_argument("--profile", default="", help="cProfile each worker into FILE.<tag>.<client id> (pstats)")
     ap.add_argument("--role", choices=["anchor", "worker", "intake"], help=argparse.SUPPRESS)
     ap.add_argument("--paho", choices=["private", "public", "reads", "acks"], default="private",
                     help=argparse.SUPPRESS)
@@ -496,6 +572,15 @@ def main() -> None:
         ap.error("--bad-share is a fraction: 0 <= F < 1")
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
+    try:
+        counts = sorted({int(x) for x in args.workers.split(",") if x.strip()})
+    except ValueError:
+        ap.error(f"--workers is a list of worker counts like 1,2,4, not {args.workers!r}")
+    if any(c < 1 for c in counts):
+        ap.error("--workers: every count must be at least 1")
+    if args.workers_only and not counts:
+        ap.error("--workers-only needs --workers")
+    worker_runs: dict[int, list[dict[str, Any]]] = {c: [] for c in counts}
     n = args.messages
     work = Path(tempfile.mkdtemp(prefix="telemetry-bench-"))
     broker = Broker(work, args.window)
@@ -504,71 +589,81 @@ def main() -> None:
     bad: dict[str, Any] = {}
     failures: dict[str, int] = {}  # batches that failed and were retried message by message
     try:
-        # 1. the anchor
-        prefix = "bench-anchor"
-        make_session("anchor", broker.port, f"{prefix}/+/devices/+/telemetry")
-        published, _ = backlog(broker.port, prefix, n, args.devices)
-        b0 = broker.cpu_s()
-        a = result_of(spawn("--role", "anchor", "--port", str(broker.port), "--client-id", "anchor",
-                            "--expect", str(published)), 600)
-        cpu["anchor"], cpu["anchor_broker"] = a["cpu_s"] / a["count"], (broker.cpu_s() - b0) / a["count"]
-        wall["anchor"] = a["last_at"] - a["connected_at"]
-        anchor_rate = a["count"] / wall["anchor"]
-        print(f"anchor: {a['count']} messages in {a['last_at'] - a['connected_at']:.2f} s", file=sys.stderr)
+        if args.workers:  # N workers on one $share group, each N in its rounds (order reversed every other round)
+            for r in range(args.rounds):
+                for count in counts if r % 2 == 0 else counts[::-1]:
+                    worker_runs[count].append(n_workers(broker, args, work, count, f"n{count}-{r}"))
+        if not args.workers_only:
+            # 1. the anchor
+            prefix = "bench-anchor"
+            make_session("anchor", broker.port, f"{prefix}/+/devices/+/telemetry")
+            published, _ = backlog(broker.port, prefix, n, args.devices)
+            b0 = broker.cpu_s()
+            a = result_of(spawn("--role", "anchor", "--port", str(broker.port), "--client-id", "anchor",
+                                "--expect", str(published)), 600)
+            cpu["anchor"], cpu["anchor_broker"] = a["cpu_s"] / a["count"], (broker.cpu_s() - b0) / a["count"]
+            wall["anchor"] = a["last_at"] - a["connected_at"]
+            anchor_rate = a["count"] / wall["anchor"]
+            print(f"anchor: {a['count']} messages in {a['last_at'] - a['connected_at']:.2f} s", file=sys.stderr)
 
-        # 2. one gateway worker; with --bad-share, also on the backlog with odd messages, the two alternating
-        # (ABBA...) for --rounds rounds, so that a drift or a neighbour's load falls on both alike
-        # With --paho-api, also the worker and the intake alone on paho's public API only, in the same rounds.
-        variants = ["clean", *(["bad"] if args.bad_share else []),
-                    *([v for v in PAHO_VARIANTS if v != "clean"] if args.paho_api else [])]
-        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-        for r in range(args.rounds):
-            for variant in variants if r % 2 == 0 else variants[::-1]:
-                role, paho = PAHO_VARIANTS.get(variant, ("worker", "private"))
-                runs[variant].append(one_worker(broker, args, work, f"{variant.replace('_', '-')}-{r}",
-                                                args.bad_share if variant == "bad" else 0.0, paho, role))
-        w = max(runs["clean"], key=lambda x: x["rate"])  # the best round of each: the least disturbed
-        ours_rate, lost, wall["one_worker"] = w["rate"], w["lost"], w["wall_s"]
-        cpu["one_worker"], cpu["one_worker_broker"] = w["cpu_per_msg"], w["broker_cpu_per_msg"]
-        failures["one_worker"] = sum(x["telemetry_failures"] for x in runs["clean"])
-        paho_api = {"paho_api": paho_api_figures(runs)} if args.paho_api else {}
-        if args.bad_share:
-            wb = max(runs["bad"], key=lambda x: x["rate"])
-            wall["one_worker_bad"] = wb["wall_s"]
-            cpu["one_worker_bad"], cpu["one_worker_bad_broker"] = wb["cpu_per_msg"], wb["broker_cpu_per_msg"]
-            failures["one_worker_bad"] = sum(x["telemetry_failures"] for x in runs["bad"])
-            bad = {"bad_share": args.bad_share, "bad_share_msgs_per_s": round(wb["rate"], 1),
-                   "bad_share_ratio": round(wb["rate"] / ours_rate, 3), "bad_share_odd": wb["odd"],
-                   "bad_share_dead_lettered": wb["dead_lettered"], "bad_share_lost": wb["lost"],
-                   "rounds": {v: [round(x["rate"], 1) for x in runs[v]] for v in ("clean", "bad")},
-                   "rounds_cpu_us_per_msg": {v: [round(x["cpu_per_msg"] * 1e6, 1) for x in runs[v]]
-                                             for v in ("clean", "bad")}}
+            # 2. one gateway worker; with --bad-share, also on the backlog with odd messages, the two alternating
+            # (ABBA...) for --rounds rounds, so that a drift or a neighbour's load falls on both alike
+            # With --paho-api, also the worker and the intake alone on paho's public API only, in the same rounds.
+            variants = ["clean", *(["bad"] if args.bad_share else []),
+                        *([v for v in PAHO_VARIANTS if v != "clean"] if args.paho_api else [])]
+            runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+            for r in range(args.rounds):
+                for variant in variants if r % 2 == 0 else variants[::-1]:
+                    role, paho = PAHO_VARIANTS.get(variant, ("worker", "private"))
+                    runs[variant].append(one_worker(broker, args, work, f"{variant.replace('_', '-')}-{r}",
+                                                    args.bad_share if variant == "bad" else 0.0, paho, role))
+            w = max(runs["clean"], key=lambda x: x["rate"])  # the best round of each: the least disturbed
+            ours_rate, lost, wall["one_worker"] = w["rate"], w["lost"], w["wall_s"]
+            cpu["one_worker"], cpu["one_worker_broker"] = w["cpu_per_msg"], w["broker_cpu_per_msg"]
+            failures["one_worker"] = sum(x["telemetry_failures"] for x in runs["clean"])
+            paho_api = {"paho_api": paho_api_figures(runs)} if args.paho_api else {}
+            if args.bad_share:
+                wb = max(runs["bad"], key=lambda x: x["rate"])
+                wall["one_worker_bad"] = wb["wall_s"]
+                cpu["one_worker_bad"], cpu["one_worker_bad_broker"] = wb["cpu_per_msg"], wb["broker_cpu_per_msg"]
+                failures["one_worker_bad"] = sum(x["telemetry_failures"] for x in runs["bad"])
+                bad = {"bad_share": args.bad_share, "bad_share_msgs_per_s": round(wb["rate"], 1),
+                       "bad_share_ratio": round(wb["rate"] / ours_rate, 3), "bad_share_odd": wb["odd"],
+                       "bad_share_dead_lettered": wb["dead_lettered"], "bad_share_lost": wb["lost"],
+                       "rounds": {v: [round(x["rate"], 1) for x in runs[v]] for v in ("clean", "bad")},
+                       "rounds_cpu_us_per_msg": {v: [round(x["cpu_per_msg"] * 1e6, 1) for x in runs[v]]
+                                                 for v in ("clean", "bad")}}
 
-        # 3. two workers sharing one $share group and one database
-        prefix = "bench-two"
-        url2 = fresh_db(args.db, work, "two")
-        prepare_db(url2, prefix, args.devices)
-        for cid in ("gw-w1", "gw-w2"):
-            for kind in ("telemetry", "status", "events"):
-                make_session(cid, broker.port, f"$share/bench/{prefix}/+/devices/+/{kind}")
-        published2, _ = backlog(broker.port, prefix, n, args.devices)
-        b0 = broker.cpu_s()
-        procs = [spawn("--role", "worker", "--port", str(broker.port), "--client-id", cid, "--prefix", prefix,
-                       "--db", url2, "--data-dir", str(work), "--share-group", "bench",
-                       "--expect", str(published2), "--window", str(args.window)) for cid in ("gw-w1", "gw-w2")]
-        results = [result_of(p, 1200) for p in procs]
-        span = wall["two_workers"] = max(r["last_at"] for r in results) - min(r["connected_at"] for r in results)
-        two_rate = sum(r["acked"] for r in results) / span
-        acked2 = sum(r["acked"] for r in results)
-        cpu["two_workers"] = sum(r["cpu_s"] for r in results) / acked2
-        cpu["two_workers_broker"] = (broker.cpu_s() - b0) / acked2
-        lost2 = published2 - stored(url2)
-        print(f"two workers: {results}", file=sys.stderr)
+            # 3. two workers sharing one $share group and one database
+            prefix = "bench-two"
+            url2 = fresh_db(args.db, work, "two")
+            prepare_db(url2, prefix, args.devices)
+            for cid in ("gw-w1", "gw-w2"):
+                for kind in ("telemetry", "status", "events"):
+                    make_session(cid, broker.port, f"$share/bench/{prefix}/+/devices/+/{kind}")
+            published2, _ = backlog(broker.port, prefix, n, args.devices)
+            b0 = broker.cpu_s()
+            procs = [spawn("--role", "worker", "--port", str(broker.port), "--client-id", cid, "--prefix", prefix,
+                           "--db", url2, "--data-dir", str(work), "--share-group", "bench",
+                           "--expect", str(published2), "--window", str(args.window)) for cid in ("gw-w1", "gw-w2")]
+            results = [result_of(p, 1200) for p in procs]
+            span = wall["two_workers"] = max(r["last_at"] for r in results) - min(r["connected_at"] for r in results)
+            two_rate = sum(r["acked"] for r in results) / span
+            acked2 = sum(r["acked"] for r in results)
+            cpu["two_workers"] = sum(r["cpu_s"] for r in results) / acked2
+            cpu["two_workers_broker"] = (broker.cpu_s() - b0) / acked2
+            lost2 = published2 - stored(url2)
+            print(f"two workers: {results}", file=sys.stderr)
     finally:
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)
         drop_created()
 
+    db_kind = "postgresql" if args.db and not args.db.startswith("sqlite") else "sqlite"
+    workers = workers_figures(worker_runs) if counts else {}
+    if args.workers_only:
+        print(json.dumps({"messages": n, "devices": args.devices, "db": db_kind, "rounds": args.rounds, **workers}))
+        return
     print(json.dumps({
         "msgs_per_s": round(ours_rate, 1), "anchor_msgs_per_s": round(anchor_rate, 1),
         "ratio": round(ours_rate / anchor_rate, 3), "two_workers_msgs_per_s": round(two_rate, 1),
@@ -578,7 +673,7 @@ def main() -> None:
         "mean_batch": round(w["acked"] / max(1, w["ack_calls"]), 1),
         "worker_split": [r["acked"] for r in results], **bad, **paho_api, "telemetry_failures": failures,
         "cpu_us_per_msg": {k: round(v * 1e6, 1) for k, v in cpu.items()},
-        "wall_s": {k: round(v, 2) for k, v in wall.items()}}))
+        "wall_s": {k: round(v, 2) for k, v in wall.items()}, **workers}))
 
 
 if __name__ == "__main__":

@@ -72,16 +72,22 @@ def _insert(session: Session, table: Any) -> Any:
 _ROLLUP_COLUMNS = "device_id, period, start, metric, count, sum, min, max, last, last_ts, profile_id"
 
 
-def _rollup_upsert(dialect: str) -> str:
-    """Add a batch's partial aggregates to the stored ones (one statement, executemany)."""
+def _rollup_conflict(dialect: str) -> str:
+    """Add a batch's partial aggregates to the stored ones."""
     t = "reading_rollups"
-    mark, lo, hi = ("%s", "LEAST", "GREATEST") if dialect == "postgresql" else ("?", "min", "max")
-    return (f"INSERT INTO {t} ({_ROLLUP_COLUMNS}) VALUES ({', '.join([mark] * 11)}) "
-            f"ON CONFLICT (device_id, period, start, metric) DO UPDATE SET "
+    lo, hi = ("LEAST", "GREATEST") if dialect == "postgresql" else ("min", "max")
+    return (f"ON CONFLICT (device_id, period, start, metric) DO UPDATE SET "
             f"count = {t}.count + excluded.count, sum = {t}.sum + excluded.sum, "
             f"min = {lo}({t}.min, excluded.min), max = {hi}({t}.max, excluded.max), "
             f"last = CASE WHEN excluded.last_ts >= {t}.last_ts THEN excluded.last ELSE {t}.last END, "
             f"last_ts = {hi}({t}.last_ts, excluded.last_ts), profile_id = excluded.profile_id")
+
+
+def _rollup_upsert(dialect: str) -> str:
+    """The upsert of one rollup row (one statement, executemany)."""
+    mark = "%s" if dialect == "postgresql" else "?"
+    return f"INSERT INTO reading_rollups ({_ROLLUP_COLUMNS}) VALUES ({', '.join([mark] * 11)}) " \
+        + _rollup_conflict(dialect)
 
 
 _DEVICES: Table = Device.__table__  # type: ignore[assignment]  # a declarative model's Table
@@ -105,6 +111,31 @@ def _readings_insert(dialect: str, rows: int) -> str:
         raise NotImplementedError(f"telemetry storage supports SQLite and PostgreSQL, not {dialect}")
     return (f"INSERT INTO readings (device_id, key, ts, metrics, received_at, profile_id) VALUES "
             f"{', '.join([row] * rows)} ON CONFLICT (device_id, key) DO NOTHING RETURNING device_id, key")
+
+
+# PostgreSQL: a batch is one statement whatever its size, its rows one JSON array of arrays (json.dumps is
+# C; the server takes the rows apart). An executemany is one statement per row on the wire, a multi-row
+# VALUES is re-parsed by the driver every time, and the driver's text arrays quote every element in Python:
+# each cost more per row than the rest of the pipeline.
+def _pg_rows(columns: str) -> str:
+    """``(r->>0)::type0, ...`` over ``json_array_elements(%s) AS r``: one JSON parameter, typed columns."""
+    cols = [c.strip().split(" ") for c in columns.split(",")]
+    picks = ", ".join(f"r->{i}" if t == "json" else f"(r->>{i})::{t}" for i, (_, t) in enumerate(cols))
+    return f"SELECT {picks} FROM json_array_elements(%s::json) AS r"
+
+
+_PG_READINGS = ("INSERT INTO readings (device_id, key, ts, metrics, received_at, profile_id) "
+                + _pg_rows("device_id varchar, key varchar, ts float8, metrics json, received_at float8, "
+                           "profile_id int")
+                + " ON CONFLICT (device_id, key) DO NOTHING RETURNING device_id, key")
+_PG_ROLLUPS = (f"INSERT INTO reading_rollups ({_ROLLUP_COLUMNS}) "
+               + _pg_rows("device_id varchar, period int, start float8, metric varchar, count int, sum float8, "
+                          "min float8, max float8, last float8, last_ts float8, profile_id int")
+               + " " + _rollup_conflict("postgresql"))
+_PG_DEVICES = ("UPDATE devices AS d SET state = u.state, last_seen = u.last_seen, online = u.online, "
+               "status_at = u.status_at, store_id = u.store_id FROM ("
+               + _pg_rows("id varchar, state json, last_seen float8, online bool, status_at float8, store_id varchar")
+               + ") AS u(id, state, last_seen, online, status_at, store_id) WHERE d.id = u.id")
 
 
 def _topic_of(batch: TelemetryBatch, item: Any, kind: str) -> str:
@@ -242,7 +273,14 @@ class TelemetryStore:
         conn = s.connection()
         stored: set[tuple[str, str]] = set()
         dumps = json.dumps  # what the JSON column would store; done here, the driver gets plain values
-        for i in range(0, len(unique), READINGS_PER_INSERT):
+        if conn.dialect.name == "postgresql":
+            rows = dumps([(r.device_id, r.key, r.time, r.metrics, now, known[r.device_id].profile_id)
+                          for r in unique])
+            stored.update((a, b) for a, b in conn.exec_driver_sql(_PG_READINGS, (rows,)))
+            chunks = range(0)
+        else:  # SQLite: multi-row INSERTs within its parameter limit
+            chunks = range(0, len(unique), READINGS_PER_INSERT)
+        for i in chunks:
             chunk = unique[i:i + READINGS_PER_INSERT]
             params: list[Any] = []
             for r in chunk:
@@ -281,8 +319,12 @@ class TelemetryStore:
             for name, value in row.items():  # the object matches the row after our UPDATE; not dirty
                 set_committed_value(d, name, value)
             updates.append({"k_id": device_id, **row})
-        if updates:
-            s.connection().execute(_UPDATE_DEVICE, updates)
+        if updates and conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(_PG_DEVICES, (json.dumps([
+                (u["k_id"], u["state"], u["last_seen"], u["online"], u["status_at"], u["store_id"])
+                for u in updates]),))
+        elif updates:
+            conn.execute(_UPDATE_DEVICE, updates)
         return fresh
 
     def _roll_up(self, s: Session, devices: dict[str, Device], fresh: Iterable[Reading]) -> None:
@@ -308,9 +350,12 @@ class TelemetryStore:
                     if value > a[7]:
                         a[7] = value
                     a[8], a[9] = value, t
-        rows = [tuple(row) for _, acc in folds for row in acc.values()]
         conn = s.connection()
-        conn.exec_driver_sql(_rollup_upsert(conn.dialect.name), rows)  # driver executemany: no per-row Core work
+        if conn.dialect.name == "postgresql":  # one statement, the rows one JSON parameter
+            conn.exec_driver_sql(_PG_ROLLUPS, (json.dumps([row for _, acc in folds for row in acc.values()]),))
+            return
+        conn.exec_driver_sql(_rollup_upsert(conn.dialect.name),  # driver executemany: no per-row Core work
+                             [tuple(row) for _, acc in folds for row in acc.values()])
 
     def _store_events(self, s: Session, batch: TelemetryBatch, devices: dict[str, Device | None],
                       dead: list[dict[str, Any]], now: float, tally: Counter[str]) -> None:
