@@ -33,6 +33,7 @@ from api.routers import (
     privacy,
     profiles,
     push,
+    rotating,
     sightings,
     ws,
 )
@@ -119,6 +120,7 @@ def create_app(ctx: ApiContext, dashboard: Dashboard | None = None) -> FastAPI:
     app.include_router(keys.router, prefix="/v1")
     app.include_router(devices.router, prefix="/v1")
     app.include_router(identifiers.router, prefix="/v1")
+    app.include_router(rotating.router, prefix="/v1")
     app.include_router(presence.router, prefix="/v1")
     app.include_router(notifications.router, prefix="/v1")
     app.include_router(deliveries.router, prefix="/v1")

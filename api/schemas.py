@@ -26,7 +26,7 @@ from devices.rules import SEVERITIES
 from gateway import health
 from gateway.campaigns.model import TRIGGERS
 from gateway.documents import DocumentError, check_document, text_problem
-from gateway.profiles import devices, identity
+from gateway.profiles import devices, identity, rotating
 from gateway.profiles.service import INTERACTIONS
 from gateway.storage import models
 
@@ -210,6 +210,52 @@ class ProfileUpdateIn(BaseModel):
 class LinkIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"profile_id": 7}]})
     profile_id: JsonInt = Field(ge=1, le=DB_ID_MAX, description="The profile merged into this one, then deleted")
+
+
+RotatingKind = Annotated[str, OneOf(rotating.KINDS)]
+
+
+class RotatingIn(BaseModel):
+    """One rotating identity for a profile: ``eid`` needs ``identity_key`` and ``k`` (``epoch`` defaults to 0:
+    the beacon counts Unix seconds); ``irk`` needs ``irk``; ``app`` needs nothing (the gateway issues it)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"kind": "app"},
+        {"kind": "eid", "identity_key": "e2c56db5dffb48d2b060d0f5a71096e0", "k": 10, "epoch": 1780000000},
+        {"kind": "irk", "irk": "ec0234a357c8ad05341010a60a397d9b"}]})
+    kind: RotatingKind
+    identity_key: str | None = Field(default=None, min_length=1, max_length=64, repr=False,
+                                     description="eid: the 16-byte identity key, 32 hex digits or base64")
+    k: Annotated[int, Field(ge=0, le=15), JSON_NUMBER] | None = Field(
+        default=None, description="eid: the rotation exponent (an EID lasts 2^k seconds)")
+    epoch: Annotated[int, Field(ge=0, le=2**40), JSON_NUMBER] | None = Field(
+        default=None, description="eid: the Unix second the beacon's clock counts from (its time 0)")
+    irk: str | None = Field(default=None, min_length=1, max_length=64, repr=False,
+                            description="irk: the identity resolving key, 32 hex digits (most significant "
+                                        "byte first, as the Core spec prints it) or base64")
+
+
+class RotatingOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"id": 3, "profile_id": 7, "kind": "eid", "created_at": 1780300800.0, "k": 10, "epoch": 1780000000}]})
+    id: int
+    profile_id: int
+    kind: str
+    created_at: float
+    k: int | None = None
+    epoch: int | None = None
+    period_s: int | None = None
+
+
+class RotatingIssued(RotatingOut):
+    """The enrolment's answer; for ``app`` the secret, shown this once (the gateway keeps it encrypted)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"id": 4, "profile_id": 7, "kind": "app", "created_at": 1780300800.0, "period_s": 900,
+         "uuid": "d0e7033a-1e52-423c-a694-c5474a38b74e",
+         "secret": "9f0c...64 hex digits"}]})
+    secret: str | None = Field(default=None, description="app: the 32-byte secret (hex); never shown again")
+    uuid: str | None = Field(default=None, description="app: the iBeacon uuid the app advertises")
 
 
 class TokenOut(BaseModel):

@@ -37,6 +37,7 @@ from gateway.presence.visits import Visits
 from gateway.profiles import carts
 from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.privacy import purge_presence
+from gateway.profiles.rotating import Resolver
 from gateway.storage.db import Database
 from gateway.storage.models import Device
 from gateway.telemetry.alarms import DeviceRules, mqtt_alert_sender
@@ -157,6 +158,9 @@ class Pipeline:
         self.parse_stats = ParseStats()
         # Floods, rotating addresses and passers-by stop here; enrolled identities skip the uuid rule.
         self.guard = Guard(guard, trusted=lambda key: identities.beacon(key) is not None)
+        # Rotating identities (EID, RPA, the app's beacon) become their profile's app key before the guard.
+        self.rotating = Resolver(identities, app_uuid=settings.identities.app_uuid,
+                                 rpa_cache_size=settings.identities.rpa_cache_size)
         calibration = load_calibration(settings.presence.calibration) if settings.presence.calibration else None
         self.presence = PresenceTracker(settings.presence, settings.receivers, calibration=calibration,
                                         adjacency=adjacency(settings.zones))  # [[zones]]: None without
@@ -198,7 +202,7 @@ class Pipeline:
         frame, then one engine transaction for the drain's presence events."""
         batch = adverts if isinstance(adverts, list) else list(adverts)
         # The guard never reads presence, so the drain is admitted first, then observed in one call.
-        sightings = self.guard.sightings(parse_adverts(batch, self.parse_stats))
+        sightings = self.guard.sightings(self.rotating.resolve(batch, parse_adverts(batch, self.parse_stats)))
         if self.recorder is not None:  # one buffered write per drain; the tick flushes
             self.recorder.write(sightings)
         events = self.presence.observe_many(sightings)
@@ -209,7 +213,8 @@ class Pipeline:
     def stats(self) -> dict[str, Any]:
         """Counters for /metrics: figures, the parser's accepts/rejects, the guard's and presence's drops."""
         out = {"figures": dict(self.figures), "parse": self.parse_stats.as_dict(), "guard": self.guard.stats(),
-               "presence": self.presence.stats(), "telemetry": self.telemetry.stats()}
+               "presence": self.presence.stats(), "telemetry": self.telemetry.stats(),
+               "rotating": self.rotating.stats()}
         if self.mqtt_stats is not None:
             out["mqtt"] = self.mqtt_stats()
         return out
@@ -227,6 +232,7 @@ class Pipeline:
 
     def tick(self, now: float) -> list[int]:
         """Timers: presence exits and visit ends, then delayed or held sends that are now due."""
+        self.rotating.refresh(now)
         events = self.presence.tick(now)
         self.heard_rates.sample(now, self.heard_by)
         created = self.handle_presence(events) if events else []
@@ -279,6 +285,7 @@ class Pipeline:
         """An erased profile (or one linked into another) leaves nothing keyed by its id in memory: no open
         visit or stay to write to, no identities to wait for, no occurrences judged (Engine.forget_profile),
         no presence track of its app. Its tags' tracks stay, anonymous now, as any unknown identity's."""
+        self.rotating.remove_profile(profile_id)
         self.presence.tracks.pop(app_key(profile_id), None)
         self.visits.forget(profile_id)
         self.engine.forget_profile(profile_id)

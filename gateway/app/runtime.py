@@ -52,6 +52,7 @@ from gateway.metrics import Histogram, render
 from gateway.presence.record import RecordError, TraceRecorder
 from gateway.profiles.devices import DeviceRegistry
 from gateway.profiles.identity import IdentityIndex
+from gateway.profiles.rotating import RotatingIdentities, SecretBox, load_key
 from gateway.profiles.service import GatewayService, Invalid, ServiceHooks, ServiceOptions
 from gateway.security.tokens import TokenSigner
 from gateway.storage.db import Database, describe, is_transient
@@ -189,6 +190,10 @@ class Runtime:
             ServiceHooks(on_campaigns_changed=self.reload_campaigns, dry_runner=runner,
                          on_profile_changed=self._profile_changed, on_profile_gone=self._profile_gone),
             file_campaigns=self.campaigns.by_id)
+        # Rotating identities: enrolled over the API, resolved by the pipeline (changes reach it on the worker).
+        self.service.rotating = RotatingIdentities(
+            self.db, SecretBox(load_key(settings.identities.key_file, settings.data_dir)), self.clock,
+            self.pipeline.rotating, period_s=settings.identities.app_period_s, apply=self._on_worker)
         self._adverts: list[Advertisement] = []
         self._drain_scheduled = False
         self._drainer: asyncio.Task[None] | None = None
@@ -280,6 +285,8 @@ class Runtime:
     def _load_state(self) -> None:
         with self.db.session() as s:
             self.identities.load(s)
+        if self.service.rotating is not None:  # after the index: the resolver allows its profiles' keys in it
+            self.service.rotating.load(self.clock.now())
         self._reload_campaigns_now()
 
     def _due_rule_timers(self) -> list[int]:
@@ -319,6 +326,15 @@ class Runtime:
             spawn()
         else:
             loop.call_soon_threadsafe(spawn)
+
+    def _on_worker(self, change: Callable[[], None]) -> None:
+        """A change of pipeline state from another thread (a rotating enrolment), queued behind the drains."""
+
+        def job() -> list[int]:
+            change()
+            return []
+
+        self._submit("rotating identity change", job)
 
     def _guarded(self, what: str, fn: Callable[..., list[int]], *args: Any) -> list[int]:
         """On the worker: a failing job loses its inputs but never the worker. A database outage is

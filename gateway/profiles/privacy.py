@@ -24,6 +24,7 @@ from gateway.storage.models import (
     Interaction,
     Notification,
     Profile,
+    RotatingIdentity,
     Visit,
     ZoneStay,
 )
@@ -53,13 +54,18 @@ def export_profile(session: Session, profile_id: int) -> dict[str, Any] | None:
                         ("visits", Visit), ("decisions", Decision), ("notifications", Notification),
                         ("devices", Device)):
         out[name] = [_row(r) for r in session.scalars(select(model).where(model.profile_id == profile_id))]
+    # Rotating identities without their keys: the export says what is enrolled, never the secret (encrypted
+    # or not), which would let its holder follow the customer.
+    out["rotating_identities"] = [{k: v for k, v in _row(r).items() if k not in ("secret", "fingerprint")}
+                                  for r in session.scalars(select(RotatingIdentity)
+                                                           .where(RotatingIdentity.profile_id == profile_id))]
     nids = [n["id"] for n in out["notifications"]]
     out["deliveries"] = [_row(r) for r in session.scalars(select(Delivery).where(Delivery.notification_id.in_(nids)))]
     out["interactions"] = [_row(r) for r in session.scalars(
         select(Interaction).where(Interaction.notification_id.in_(nids)))]
     # Tables added later that reference profiles (push subscriptions, ...) are exported too.
     known = {"profiles", "identifiers", "consents", "carts", "visits", "decisions", "notifications", "devices",
-             "deliveries", "interactions"}
+             "deliveries", "interactions", "rotating_identities"}
     for table in Base.metadata.sorted_tables:
         if table.name in known or "profile_id" not in table.c:
             continue

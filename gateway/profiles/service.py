@@ -10,7 +10,7 @@ import datetime as dt
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import func, select, update
@@ -43,6 +43,9 @@ from gateway.storage.models import (
     NotificationStatus,
     Profile,
 )
+
+if TYPE_CHECKING:
+    from gateway.profiles.rotating import RotatingIdentities
 
 # What the app reports; delivery is its ack, redemption is confirmed by staff.
 INTERACTIONS = (InteractionKind.OPENED, InteractionKind.CLICKED, InteractionKind.DISMISSED)
@@ -145,6 +148,8 @@ class GatewayService:
         self.store_id = options.store_id
         self.on_profile_changed = hooks.on_profile_changed
         self.on_profile_gone = hooks.on_profile_gone
+        self.rotating: RotatingIdentities | None = None
+        """Rotating identities' enrolment (gateway/profiles/rotating.py), when the owner runs a resolver."""
 
     # ------------------------------------------------------------ profiles
 
@@ -267,6 +272,9 @@ class GatewayService:
         self.identities.remove_profile(other_id)
         for kind, value in moved:
             self.identities.add(kind, value, keep_id)
+        if self.rotating is not None:  # the rows moved with the rest: the resolver holds them under keep_id
+            self.rotating.forget_profile(other_id)
+            self.rotating.reload_profile(keep_id)
         self._profile_gone(other_id)
         self._profile_changed(keep_id)
         return view
@@ -435,6 +443,8 @@ class GatewayService:
             if not erase_profile(s, profile_id):
                 raise NotFound(f"profile {profile_id} not found")
         self.identities.remove_profile(profile_id)
+        if self.rotating is not None:  # the keys went with the row; the resolver's table rows go now
+            self.rotating.forget_profile(profile_id)
         self._profile_gone(profile_id)
 
     def decisions(self, profile_id: int, campaign_id: str | None, limit: int) -> list[dict[str, Any]]:
