@@ -18,7 +18,7 @@ import paho.mqtt
 import paho.mqtt.client as mqtt
 import pytest
 
-from devices.mqtt import READ_BURST, _BufferedSocket, _Client
+from devices.mqtt import _NO_PROPERTIES, READ_BURST, _BufferedSocket, _Client
 
 PAHO = f"paho-mqtt {paho.mqtt.__version__}"
 WHAT_TO_DO = ("devices/mqtt.py's _Client overrides paho's private methods, tested on paho-mqtt 2.2: adapt "
@@ -32,8 +32,10 @@ PRIVATE_METHODS = {
     "_loop_rc_handle": ["self", "rc"],
     "_packet_queue": ["self", "command", "packet", "mid", "qos", "info"],
     "loop_read": ["self", "max_packets"],
+    "_handle_publish": ["self"],
+    "_handle_on_message": ["self", "message"],
 }
-PRIVATE_ATTRIBUTES = ("_sock", "_ssl", "_transport")
+PRIVATE_ATTRIBUTES = ("_sock", "_ssl", "_transport", "_in_packet", "_protocol", "_manual_ack", "_logger")
 CONNACK = b"\x20\x03\x00\x00\x00"  # MQTT 5: no session present, success, no properties
 
 
@@ -140,3 +142,28 @@ def test_nothing_is_acked_on_delivery_and_a_batch_of_acks_is_pubacks_in_order(
     acks = [read_packet(broker) for _ in mids]
     assert acks == [struct.pack("!BBH", 0x40, 2, mid) for mid in mids], (
         f"{PAHO}: ack_many's PUBACKs came out as {acks!r}. {WHAT_TO_DO}")
+
+
+def test_a_publish_without_properties_skips_paho_s_properties_and_one_with_them_keeps_them(
+    connected: tuple[_Client, socket.socket, list[int]],
+) -> None:
+    """The PUBLISH fast path: same topic, payload, mid and flags as paho's own; a packet that carries
+    properties (here a content type) takes paho's path and the message has them."""
+    client, broker, _ = connected
+    got: list[mqtt.MQTTMessage] = []
+    client.on_message = lambda c, u, message: got.append(message)
+    plain = publish_packet(b"s1/devices/d1/telemetry", 41, b'{"metrics": {"hr": 61}}')
+    flagged = bytes([0x32 | 0x08 | 0x01]) + publish_packet(b"t/x", 42, b"{}")[1:]  # dup and retain set
+    props = b"\x03" + struct.pack("!H", 16) + b"application/json"  # content type
+    body = struct.pack("!H", 3) + b"t/p" + struct.pack("!H", 43) + bytes([len(props)]) + props + b"{}"
+    with_props = bytes([0x32, len(body)]) + body
+    broker.sendall(CONNACK + plain + flagged + with_props)
+    for _ in range(20):
+        if len(got) == 3:
+            break
+        client.loop(timeout=0.05)
+    seen = [(m.topic, m.payload, m.mid, m.qos, m.dup, m.retain) for m in got]
+    assert seen == [("s1/devices/d1/telemetry", b'{"metrics": {"hr": 61}}', 41, 1, False, False),
+                    ("t/x", b"{}", 42, 1, True, True), ("t/p", b"{}", 43, 1, False, False)], f"{PAHO}: {seen}"
+    assert getattr(got[2].properties, "ContentType", None) == "application/json", f"{PAHO}. {WHAT_TO_DO}"
+    assert got[0].properties is got[1].properties is _NO_PROPERTIES  # the fast path took them
