@@ -26,7 +26,8 @@ Interface (what the enrolment, storage and pipeline code builds on)::
     RotatingTable(*, eid_slack_s=600, max_eid_windows=8)
         .build(entries, now) / .add(entry, now) / .refresh(now) -> int (windows recomputed)
         .lookup_eid(eid: bytes) -> I | None / .lookup_app(major, minor) -> I | None
-        .remove(ident) / .size_bytes() / len() / .collisions
+        .eid_offset(ident, eid) -> int | None   # seconds the heard EID's window is from the expected one
+        .remove(ident) / .size_bytes() / len() / .rows / .collisions
 
 ``I`` is whatever hashable id the caller uses (a rotating identity's row id). The functions validate
 their arguments and raise ValueError naming the field; the lookups never raise on what the radio hears.
@@ -396,11 +397,11 @@ class RotatingTable(Generic[I]):
     """Precomputed rotating identifiers around now: {eid bytes -> id} and {major << 16 | minor -> id}.
 
     Each app secret has its previous, current and next window in; each EID beacon the windows that
-    overlap its clock +- ``eid_slack_s`` (the drift the resolver tolerates; 600 s is four years of the
-    spec's 150 ppm, once the offset is known), at least the previous, current and next, at most
-    ``max_eid_windows``. ``refresh(now)`` moves them as windows pass, computing only the windows that
-    enter (a heap orders identities by when their next window starts, so a refresh with nothing due is
-    one comparison). A key two identities produce is resolved to neither (counted in ``collisions``)
+    overlap its clock +- ``eid_slack_s`` (the clock error the resolver tolerates; 600 s is 46 days of the
+    spec's worst-case 150 ppm drift), at least the previous, current and next, at most
+    ``max_eid_windows`` (the nearest, for small K). ``refresh(now)`` moves them as windows pass, computing
+    only the windows that enter (a heap orders identities by when their next window starts, so a refresh
+    with nothing due is one comparison). A key two identities produce is resolved to neither (counted in ``collisions``)
     until one leaves. Lookups are one dictionary hit and never raise.
     """
 
@@ -430,6 +431,7 @@ class RotatingTable(Generic[I]):
 
     def add(self, entry: EidEntry[I] | AppEntry[I], now: float) -> None:
         """Add (or replace) one identity with its windows around ``now``."""
+        self.now = now
         if entry.ident in self._slots:
             self.remove(entry.ident)
         slot = _Slot(entry)
@@ -466,6 +468,20 @@ class RotatingTable(Generic[I]):
     def lookup_app(self, major: int, minor: int) -> I | None:
         found = self._apps.get(major << 16 | minor)
         return None if found is _AMBIGUOUS else found
+
+    def eid_offset(self, ident: I, eid_value: bytes) -> int | None:
+        """How far from the window the beacon's clock should be in (per its epoch) ``eid_value`` is, in
+        seconds (a multiple of 2^K: 0 on time, +1024 one K = 10 window fast), or None if it is not one of
+        ``ident``'s EIDs in the table: a caller can follow a beacon's drift by moving its epoch."""
+        slot = self._slots.get(ident)
+        if slot is None or not isinstance(slot.entry, EidEntry):
+            return None
+        entry = slot.entry
+        expected = max(0, math.floor(self.now) - entry.epoch) >> entry.k
+        for window, key in slot.keys.items():
+            if key == eid_value:
+                return (window - expected) << entry.k
+        return None
 
     # -- figures
 

@@ -319,6 +319,16 @@ def test_table_resolves_eids_within_the_clock_slack() -> None:
     assert table.lookup_eid(b"") is None and table.lookup_app(0, 0) is None
 
 
+def test_eid_offset_tells_how_far_a_beacon_clock_has_drifted() -> None:
+    table, eids, _ = _table(n_eid=1, n_app=1)
+    entry = eids[0]
+    assert table.eid_offset("eid0", _eid_at(entry, NOW)) == 0
+    assert table.eid_offset("eid0", _eid_at(entry, NOW + 1024)) == 1024  # one K = 10 window fast
+    assert table.eid_offset("eid0", _eid_at(entry, NOW - 1024)) == -1024
+    assert table.eid_offset("eid0", b"\x00" * 8) is None
+    assert table.eid_offset("app0", b"\x00" * 8) is None and table.eid_offset("nobody", b"") is None
+
+
 def test_refresh_moves_windows_incrementally() -> None:
     table, eids, apps = _table(n_eid=10, n_app=10)
     rows = table.rows
