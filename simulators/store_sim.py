@@ -12,11 +12,14 @@ from __future__ import annotations
 import bisect
 import math
 import random
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
 from operator import attrgetter
 
 from beacons.encode import ibeacon_payload
+from beacons.rotating import app_beacon
 from beacons.types import Advertisement
-from simulators.people import Population, VisitPath, Walker
+from simulators.people import Population, VisitPath, Walker, random_address
 from simulators.radio import Link, RadioModel
 from simulators.scenario import Scenario
 
@@ -24,10 +27,23 @@ ADV_DELAY_MAX_S = 0.010  # BLE adds 0-10 ms of random delay to every advertising
 _TIME = attrgetter("time")
 
 
+@dataclass
+class AppBeacons:
+    """The shop app's rotating iBeacon on enrolled customers' phones: ``secrets`` maps a walker's key (its
+    person's beacon key) to the secret the gateway issued at enrolment. Such a phone advertises, in each
+    window of ``period_s``, the major/minor of that window from another random private address (phones
+    rotate theirs on the same 15 minutes), so nothing it sends repeats from one window to the next."""
+
+    uuid: str
+    period_s: int = 900
+    secrets: MutableMapping[str, bytes] = field(default_factory=dict)
+
+
 class _VisitAdverts:
     """Adverts of one visit, generated in time order on demand."""
 
     __slots__ = (
+        "_app",
         "_base",
         "_interval",
         "_jitter",
@@ -35,7 +51,11 @@ class _VisitAdverts:
         "_links",
         "_radio",
         "_seg",
+        "_sim",
         "_start",
+        "_tag",
+        "_walker",
+        "_window",
         "address",
         "adverts",
         "payload",
@@ -49,6 +69,11 @@ class _VisitAdverts:
         self.visit = visit
         self.address = visit.address
         self.payload = sim.payload_for(walker)
+        self._tag = tag
+        self._window = -1  # the app beacon's window the payload and address are for (unused for a tag)
+        self._app = sim.app if sim.app is not None and walker.key in sim.app.secrets else None
+        self._walker = walker
+        self._sim = sim
         self._radio = RadioModel.for_radio(radio, f"radio/{tag}")
         self._jitter = random.Random(f"jitter/{tag}").random
         self._links = sim._links
@@ -80,6 +105,10 @@ class _VisitAdverts:
             dt = t - s.t0
             x, y = s.x0 + s.vx * dt, s.y0 + s.vy * dt
             when = start + t + jitter() * ADV_DELAY_MAX_S
+            if self._app is not None and int(when // self._app.period_s) != self._window:
+                self._window = int(when // self._app.period_s)
+                payload = self.payload = self._sim.app_payload(self._walker, self._window)
+                address = self.address = window_address(self._tag, self._window)
             for rx_id, level in hear(x, y, links):
                 adverts.append(Advertisement(address, level, when, rx_id, payload))
                 times.append(when)
@@ -92,6 +121,12 @@ class _VisitAdverts:
         return self.adverts[bisect.bisect_left(self.times, t0):bisect.bisect_left(self.times, t1)]
 
 
+def window_address(tag: str, window: int) -> str:
+    """A phone's random private address for one window: drawn from the visit and the window, so it is the
+    same whenever the window is generated again and unrelated to any other window's."""
+    return random_address(random.Random(f"address/{tag}/{window}"))
+
+
 class StoreSimulator:
     """Walkers + radio model + receivers: adverts in, ground truth out.
 
@@ -99,8 +134,12 @@ class StoreSimulator:
     offsets from it); walkers are generated for ``duration_s`` seconds from ``seed``.
     """
 
-    def __init__(self, scenario: Scenario, *, start: float, seed: int = 0, duration_s: float) -> None:
+    def __init__(self, scenario: Scenario, *, start: float, seed: int = 0, duration_s: float,
+                 app: AppBeacons | None = None) -> None:
+        """``app``: enrolled customers whose phones advertise the app's rotating beacon (their secrets may be
+        added after construction, once the gateway issued them); the others keep their static tags."""
         self.scenario = scenario
+        self.app = app
         self.start = float(start)
         self.seed = seed
         self.duration_s = float(duration_s)
@@ -123,6 +162,18 @@ class StoreSimulator:
             p = ibeacon_payload(b.uuid, b.major, b.minor, self.scenario.radio.tx_power)
             self._payloads[walker.key] = p
         return p
+
+    def app_payload(self, walker: Walker, window: int) -> bytes:
+        """The app's iBeacon for ``window``, from the walker's secret (AppBeacons)."""
+        assert self.app is not None
+        major, minor = app_beacon(self.app.secrets[walker.key], window)
+        return ibeacon_payload(self.app.uuid, major, minor, self.scenario.radio.tx_power)
+
+    def payload_at(self, walker: Walker, when: float) -> bytes:
+        """What the walker advertises at epoch ``when``: the app beacon's window for a phone, else its tag."""
+        if self.app is not None and walker.key in self.app.secrets:
+            return self.app_payload(walker, int(when // self.app.period_s))
+        return self.payload_for(walker)
 
     def phase_for(self, walker: Walker) -> float:
         """Per-tag advertising phase, so tags do not all transmit on the same instant."""

@@ -105,7 +105,7 @@ class VirtualStore:
             if key in self._live or address.upper() in live_addresses:
                 continue  # already advertising (an address collision would be a second tag: skip it)
             self.propagation.place(address, _walker_position(walker, sim.start))
-            await self.air.add_beacon(sim.payload_for(walker), address=address, interval_s=interval)
+            await self.air.add_beacon(sim.payload_at(walker, now), address=address, interval_s=interval)
             self._live[key] = address.upper()
             live_addresses.add(address.upper())
 

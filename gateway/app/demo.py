@@ -23,12 +23,12 @@ from devices.mqtt import MqttSettings as IntakeSettings
 from gateway.app.ble import ble_retry
 from gateway.app.config import ApiSettings, CampaignSettings, DatabaseSettings, Settings, example
 from gateway.app.runtime import Runtime
-from gateway.app.scenarios import apply_scenario, enrol
+from gateway.app.scenarios import apply_scenario, enrol, enrol_apps
 from gateway.clock import SystemClock
 from gateway.presence.settings import PresenceSettings
 from simulators.carts import cart_upserts
 from simulators.scenario import load_scenario
-from simulators.store_sim import StoreSimulator
+from simulators.store_sim import AppBeacons, StoreSimulator
 from simulators.wearables import MqttPublisher, TelemetryModel, run_realtime
 
 if TYPE_CHECKING:  # bumble and bleak's virtual controller (~11 MB): imported only for --radio virtual
@@ -88,7 +88,13 @@ async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yam
             print(f"Radio:  virtual (bumble tags on a LocalLink, heard through bleak on "
                   f"{', '.join(f'{a} = {rx}' for rx, a in virtual.adapter_of.items())})")
         await runtime.start()
-        enrol(runtime.service, scenario)
+        # The customers carry the shop's app: its rotating beacon, no static identifier anyone could follow.
+        ids = enrol(runtime.service, scenario, static_beacons=False)
+        assert runtime.service.rotating is not None
+        app = AppBeacons(settings.identities.app_uuid, settings.identities.app_period_s,
+                         enrol_apps(runtime.service.rotating, scenario, ids))
+        if virtual is not None:
+            virtual.sim.app = app
         base = f"http://127.0.0.1:{port}"
         admin = {"X-API-Key": runtime.admin_key}
         now = runtime.clock.now()
@@ -97,7 +103,7 @@ async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yam
                 cart_id = body.pop("cart_id")
                 r = await client.put(f"/v1/carts/{cart_id}", json=body)
                 r.raise_for_status()
-            alice = runtime.service.identities.lookup("beacon", scenario.people[0].beacon.key)
+            alice = ids[scenario.people[0].id]
             r = await client.post(f"/v1/profiles/{alice}/tokens")
             r.raise_for_status()
             token = r.json()["token"]
@@ -110,7 +116,7 @@ async def run_demo(*, port: int = 8000, scenario_path: str = "examples/store.yam
         print("Decisions follow, one line each. Ctrl-C stops.\n", flush=True)
 
         sim = virtual.sim if virtual is not None else StoreSimulator(scenario, start=now, seed=seed,
-                                                                     duration_s=8 * 3600)
+                                                                     duration_s=8 * 3600, app=app)
         publisher = MqttPublisher("127.0.0.1", mqtt_port, protocol=broker.protocol)
         await asyncio.to_thread(publisher.connect)
         # The products' telemetry is the simulator's own real-time loop, over the same MQTT door.

@@ -9,6 +9,7 @@ from __future__ import annotations
 from gateway.app.config import Settings
 from gateway.presence.floor import rectangle
 from gateway.presence.settings import FloorZone, ReceiverSettings, ZoneBand
+from gateway.profiles.rotating import RotatingIdentities
 from gateway.profiles.service import GatewayService, NewProfile
 from simulators.scenario import Scenario
 
@@ -29,11 +30,12 @@ def apply_scenario(settings: Settings, scenario: Scenario) -> Settings:
     return settings
 
 
-def enrol(service: GatewayService, scenario: Scenario) -> dict[str, int]:
-    """Profiles (with beacon, email and consents), owned devices and the catalogue; returns person -> profile id."""
+def enrol(service: GatewayService, scenario: Scenario, *, static_beacons: bool = True) -> dict[str, int]:
+    """Profiles (with beacon, email and consents), owned devices and the catalogue; returns person -> profile id.
+    ``static_beacons=False``: no beacon identifier (the people get a rotating one, ``enrol_apps``)."""
     ids: dict[str, int] = {}
     for p in scenario.people:
-        identifiers = [("beacon", p.beacon.key)]
+        identifiers = [("beacon", p.beacon.key)] if static_beacons else []
         if p.email:
             identifiers.append(("email_sha256", p.email))
         view = service.create_profile(NewProfile(
@@ -45,3 +47,9 @@ def enrol(service: GatewayService, scenario: Scenario) -> dict[str, int]:
     service.upsert_catalogue({"sku": c.sku, "name": c.name, "price": c.price, "zone": c.zone, "aisle": c.aisle}
                              for c in scenario.catalogue)
     return ids
+
+
+def enrol_apps(rotating: RotatingIdentities, scenario: Scenario, ids: dict[str, int]) -> dict[str, bytes]:
+    """Each enrolled person's app gets its rotating beacon's secret (as the API's POST would hand it to the
+    app); returns walker key (the person's beacon key) -> secret, what the simulated phones advertise from."""
+    return {p.beacon.key: bytes.fromhex(rotating.enrol(ids[p.id], "app")["secret"]) for p in scenario.people}
