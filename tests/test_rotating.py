@@ -213,6 +213,43 @@ def test_an_enrolled_phone_is_recognised_whatever_address_it_uses() -> None:
     assert cache.aes_passes == before
 
 
+def test_resolve_many_gives_resolves_answers_batching_new_addresses() -> None:
+    irks = _irks(40)
+    phones = [_address(irks[i], bytes((0x40 | i, i, 7))) for i in (0, 13, 39)]
+    flood = [_random_rpa() for _ in range(300)]
+    drain = [*flood[:100], phones[1], "F0:81:94:0D:FB:AA", phones[0], "junk", *flood[100:], phones[2],
+             phones[1], flood[5]]
+    one: RpaCache[int] = RpaCache(irks)
+    many: RpaCache[int] = RpaCache(irks)
+    expected = [one.resolve(a, 5.0) for a in drain]
+    assert many.resolve_many(drain, 5.0) == expected
+    assert [expected[drain.index(p)] for p in phones] == [0, 13, 39]
+    assert many.misses == one.misses == 303  # each distinct resolvable address once
+    assert many.aes_passes == 303 * 40  # the batch tries every IRK on every new address
+    assert many.resolve_many(drain, 6.0) == expected
+    assert many.aes_passes == 303 * 40 and many.hits == len(drain) - 2  # the second time: hits only
+    assert many.resolve_many([], 7.0) == []
+    small: RpaCache[int] = RpaCache(irks)  # a drain with few new addresses takes resolve's path
+    assert small.resolve_many([phones[2], phones[2], flood[0]], 5.0) == [39, 39, None]
+
+
+@PROPS
+@given(st.lists(st.binary(min_size=16, max_size=16), min_size=1, max_size=6, unique=True),
+       st.lists(st.tuples(st.integers(0, 6), st.binary(min_size=3, max_size=3)), min_size=4, max_size=40))
+def test_resolve_many_agrees_with_rpa_matches(keys: list[bytes], picks: list[tuple[int, bytes]]) -> None:
+    """Index len(keys) or more stands for an address of no enrolled key."""
+    stranger = b"\xa5" * 16
+    drain = []
+    for which, prand in picks:
+        key = keys[which] if which < len(keys) else stranger
+        drain.append(_address(key, bytes((prand[0] & 0x3F | 0x40,)) + prand[1:]))
+    cache: RpaCache[int] = RpaCache(dict(enumerate(keys)))
+    got = cache.resolve_many(drain, 0.0)
+    for address, ident in zip(drain, got, strict=True):
+        matching = [i for i, key in enumerate(keys) if rpa_matches(key, address)]
+        assert ident == (matching[0] if matching else None)
+
+
 def test_addresses_that_are_not_resolvable_cost_nothing() -> None:
     cache: RpaCache[int] = RpaCache(_irks(3))
     for address in ("F0:81:94:0D:FB:AA", "00:11:22:33:44:55", "garbage", ""):
