@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from beacons import encode
+from beacons import encode, rotating
 from beacons import parse as parse_module
 from beacons.decode import DecodeError, decode_hex
 from beacons.parse import (
@@ -209,3 +209,18 @@ def test_eddystone_tlm_round_trip(voltage: int | None, temperature: float | None
 @given(st.binary(min_size=8, max_size=8), tx)
 def test_eddystone_eid_round_trip(eid: bytes, tx_power: int) -> None:
     assert parse_payload(encode.eddystone_eid_payload(eid, tx_power)) == [EddystoneEID(eid.hex(), tx_power)]
+
+
+@ROUND
+@given(st.binary(min_size=16, max_size=16), st.integers(0, 15), st.integers(0, 2**32 - 1), tx)
+def test_computed_eids_round_trip_through_every_parser_path(identity_key: bytes, k: int, time_s: int,
+                                                           tx_power: int) -> None:
+    """Whatever EID a beacon computes, the raw, bleak and service-data paths give the same frame and key."""
+    value = rotating.eid(identity_key, k, time_s)
+    expected = EddystoneEID(value.hex(), tx_power)
+    frame_bytes = encode.eddystone_eid_frame(value, tx_power)
+    assert parse_payload(encode.eddystone_eid_payload(value, tx_power)) == [expected]
+    assert parse_service_data(EDDYSTONE_SERVICE_UUID, frame_bytes) == expected
+    svc = {EDDYSTONE_SERVICE_UUID: frame_bytes}
+    assert parse_bleak(SimpleNamespace(manufacturer_data={}, service_data=svc)) == [expected]
+    assert expected.key == f"eddystone_eid:{value.hex()}"

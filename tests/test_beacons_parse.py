@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from bleak.backends.scanner import AdvertisementData
 
-from beacons import encode
+from beacons import encode, rotating
 from beacons.decode import DecodeError, decode_hex
 from beacons.parse import (
     EDDYSTONE_SERVICE_UUID,
@@ -332,6 +332,35 @@ def test_eddystone_eid_vector() -> None:
     assert frame == EddystoneEID(b"EID_test".hex(), -29)
     assert frame.key == "eddystone_eid:4549445f74657374"
     assert frame.as_dict() == {"format": "eddystone_eid", "eid": "4549445f74657374", "tx_power": -29}
+
+
+def test_a_rotating_eid_parses_to_a_new_opaque_key_each_window() -> None:
+    """An EID beacon's frames, computed as the spec says (beacons.rotating), through both parser paths and
+    their caches: each window's EID is its own key, and the key carries the 8 bytes the resolver looks up."""
+    ik = H("0102030405060708090a111213141516")  # RadiusNetworks/ephemeral_calc's key: EID a9b76a71c5f89290 at 0
+    keys = []
+    for t in (0, 1023, 1024, 2048, 0):
+        value = rotating.eid(ik, 10, t)
+        raw_frame, _ = only(encode.eddystone_eid_payload(value, -20))
+        svc = {EDDYSTONE_SERVICE_UUID: encode.eddystone_eid_frame(value, -20)}
+        bleak_frames = parse_bleak(SimpleNamespace(manufacturer_data={}, service_data=svc))
+        assert bleak_frames == [raw_frame] == [EddystoneEID(value.hex(), -20)]
+        assert isinstance(raw_frame, EddystoneEID)
+        assert bytes.fromhex(raw_frame.eid) == value and raw_frame.ref_power == -61
+        keys.append(raw_frame.key)
+    assert keys[0] == "eddystone_eid:a9b76a71c5f89290"
+    assert keys[0] == keys[1] == keys[4] and len({keys[0], keys[2], keys[3]}) == 3
+
+
+def test_a_parsed_eid_resolves_through_the_rotating_table() -> None:
+    ik, epoch, now = bytes(range(16)), 1_700_000_000, 1_765_000_000.0
+    table: rotating.RotatingTable[str] = rotating.RotatingTable()
+    table.build([rotating.EidEntry("beacon-7", ik, 12, epoch)], now)
+    heard = rotating.eid(ik, 12, int(now) - epoch)
+    (frame,) = parse_payload(encode.eddystone_eid_payload(heard, -18))
+    assert isinstance(frame, EddystoneEID)
+    assert table.lookup_eid(bytes.fromhex(frame.eid)) == "beacon-7"
+    assert table.lookup_eid(bytes.fromhex(EddystoneEID("00" * 8, -18).eid)) is None
 
 
 def test_eddystone_unknown_frame_vector() -> None:
