@@ -21,11 +21,11 @@ Interface (what the enrolment, storage and pipeline code builds on)::
     RpaCache(irks: Mapping[I, bytes] = {}, *, max_entries=65536, ttl_s=900.0)
         .resolve(address, now) -> I | None      # once per address per ttl; unknown addresses remembered
         .resolve_many(addresses, now) -> list[I | None]   # the same for a drain, new addresses batched per IRK
-        .add(ident, irk) / .remove(ident) / .aes_passes / .hits / .misses / len()
+        .add(ident, irk) / .remove(ident) / .size_bytes() / .aes_passes / .hits / .misses / len()
     EidEntry(ident, identity_key, k, epoch=0)    # beacon time = floor(unix now) - epoch
     AppEntry(ident, secret, period_s=900)
     RotatingTable(*, eid_slack_s=600, max_eid_windows=8)
-        .build(entries, now) / .add(entry, now) / .refresh(now) -> int (windows recomputed)
+        .build(entries, now) / .add(entry, now) / .refresh(now, max_windows=None) -> int (windows computed)
         .lookup_eid(eid: bytes) -> I | None / .lookup_app(major, minor) -> I | None
         .eid_offset(ident, eid) -> int | None   # seconds the heard EID's window is from the expected one
         .remove(ident) / .size_bytes() / len() / .rows / .collisions
@@ -234,6 +234,10 @@ def app_beacon(secret: bytes, window: int) -> tuple[int, int]:
     return digest[0] << 8 | digest[1], digest[2] << 8 | digest[3]
 
 
+_HMAC_STATE_BYTES = 800  # a keyed HMAC-SHA256 in OpenSSL, outside Python's heap (measured as resident memory)
+_AES_STATE_BYTES = 1100  # an AES-128 ECB context in OpenSSL, likewise
+
+
 def _app_mac(secret: bytes) -> Any:
     """The HMAC keyed once per secret; each window copies it (half the cost of keying again)."""
     return hmac.new(secret, None, hashlib.sha256)
@@ -297,6 +301,13 @@ class RpaCache(Generic[I]):
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def size_bytes(self) -> int:
+        """Memory held: the remembered answers and one AES context per IRK (an estimate, as the table's)."""
+        size = sys.getsizeof(self._entries) + sys.getsizeof(self._irks)
+        size += len(self._entries) * (sys.getsizeof("AA:BB:CC:DD:EE:FF") + sys.getsizeof((None, 0.0))
+                                      + sys.getsizeof(0.0))
+        return size + sum(sys.getsizeof(i) + sys.getsizeof(c) + _AES_STATE_BYTES for i, c in self._irks.items())
 
     def resolve(self, address: str, now: float) -> I | None:
         """The id whose IRK made ``address``, or None; AES only for an address not seen within ttl."""
@@ -455,7 +466,7 @@ _AMBIGUOUS: Any = _Ambiguous()  # a key two identities produce: resolved to neit
 class _Slot:
     """What the table holds for one identity: how to compute it, the windows it has in, their keys."""
 
-    __slots__ = ("app_mac", "entry", "first", "keys", "last", "temp", "temp_hi")
+    __slots__ = ("app_mac", "due", "entry", "first", "keys", "last", "temp", "temp_hi")
 
     def __init__(self, entry: EidEntry[Any] | AppEntry[Any]) -> None:
         self.entry = entry
@@ -465,6 +476,7 @@ class _Slot:
         self.temp: bytes = b""  # EID: the temporary key for time >> 16 == temp_hi
         self.temp_hi = -1
         self.app_mac: Any = _app_mac(entry.secret) if isinstance(entry, AppEntry) else None
+        self.due = 0  # the sequence number of this slot's one live heap entry
 
 
 class RotatingTable(Generic[I]):
@@ -522,16 +534,29 @@ class RotatingTable(Generic[I]):
             self._drop(table, key, ident)
         slot.keys.clear()
 
-    def refresh(self, now: float) -> int:
-        """Move every identity whose windows changed by ``now``; returns how many windows were computed."""
+    def refresh(self, now: float, max_windows: int | None = None) -> int:
+        """Move every identity whose windows changed by ``now``; returns how many windows were computed.
+
+        ``max_windows`` bounds one call's work: the identities left over stay due and the next call takes
+        them. The next window of every identity is already in the table when its window starts, so
+        spreading a window edge's work (every app secret moves at once) over a few calls costs no lookups.
+        """
         self.now = now
         due, computed = self._due, 0
         while due and due[0][0] <= now:
-            _, _, ident = heapq.heappop(due)
+            if max_windows is not None and computed >= max_windows:
+                break
+            _, seq, ident = heapq.heappop(due)
             slot = self._slots.get(ident)
-            if slot is not None:
+            if slot is not None and slot.due == seq:  # else removed, or replaced since it was pushed
                 computed += self._move(slot, now)
         return computed
+
+    @property
+    def pending(self) -> int:
+        """Identities whose windows are due to move (what a bounded ``refresh`` left), stale entries included."""
+        now = self.now
+        return sum(1 for until, _, _ in self._due if until <= now)
 
     # -- lookups (the hot path)
 
@@ -571,15 +596,17 @@ class RotatingTable(Generic[I]):
         return len(self._shared)
 
     def size_bytes(self) -> int:
-        """Memory the table holds: its dicts, keys, slots and heap (the entries' own secrets excluded,
-        since the caller holds those anyway; ids are counted once)."""
-        size = sys.getsizeof(self._eids) + sys.getsizeof(self._apps) + sys.getsizeof(self._slots)
-        size += sys.getsizeof(self._due) + sys.getsizeof(self._shared)
-        size += sum(sys.getsizeof(k) for k in self._eids) + sum(sys.getsizeof(k) for k in self._apps)
-        size += len(self._due) * (sys.getsizeof((0.0, 0, 0)) + 2 * sys.getsizeof(1.0))
+        """Memory the table holds: its dicts, keys, slots, heap and pre-keyed HMACs (the entries themselves
+        excluded: the caller holds those anyway). An estimate from ``sys.getsizeof`` plus OpenSSL's state,
+        which Python cannot see (``_HMAC_STATE_BYTES``)."""
+        size = sum(sys.getsizeof(d) for d in (self._eids, self._apps, self._slots, self._due, self._shared))
+        size += sum(map(sys.getsizeof, self._eids)) + sum(map(sys.getsizeof, self._apps))
+        size += len(self._due) * (sys.getsizeof((0.0, 0, 0)) + sys.getsizeof(1.0) + sys.getsizeof(1 << 40))
+        slot_size = sys.getsizeof(_Slot.__new__(_Slot))
         for ident, slot in self._slots.items():
-            size += sys.getsizeof(ident) + sys.getsizeof(slot) + sys.getsizeof(slot.keys)
-            size += sys.getsizeof(slot.temp) + (sys.getsizeof(slot.app_mac) if slot.app_mac is not None else 0)
+            size += sys.getsizeof(ident) + slot_size + sys.getsizeof(slot.keys) + sys.getsizeof(slot.temp)
+            if slot.app_mac is not None:
+                size += sys.getsizeof(slot.app_mac) + _HMAC_STATE_BYTES
         return size
 
     # -- internals
@@ -625,6 +652,7 @@ class RotatingTable(Generic[I]):
                 computed += 1
         slot.first, slot.last = first, last
         self._seq += 1
+        slot.due = self._seq
         heapq.heappush(self._due, (until, self._seq, ident))
         return computed
 

@@ -430,10 +430,38 @@ def test_readding_replaces() -> None:
     assert table.lookup_eid(eid(b"\x42" * 16, 10, int(NOW) - EPOCH)) == "eid0"
 
 
-def test_table_memory_is_small() -> None:
-    table, _, _ = _table(n_eid=500, n_app=500)
-    per_identity = table.size_bytes() / len(table)
-    assert per_identity < 2000  # under 20 MB for 10,000 identities with room to spare
+def test_table_memory_for_ten_thousand_identities_is_under_20_mb() -> None:
+    table, _, _ = _table(n_eid=5000, n_app=5000)
+    assert table.rows == 30000 - table.collisions
+    assert table.size_bytes() < 20_000_000
+    cache: RpaCache[int] = RpaCache(_irks(3334), max_entries=65536)
+    for _ in range(1000):
+        cache.resolve(_random_rpa(), 0.0)
+    assert cache.size_bytes() < 10_000_000
+
+
+def test_a_bounded_refresh_spreads_a_window_edge_without_missing_lookups() -> None:
+    table, _, apps = _table(n_eid=0, n_app=50)
+    w = app_window(NOW)
+    edge = (w + 1) * 900.0
+    done = table.refresh(edge, max_windows=10)
+    assert done == 10 and table.pending == 40
+    for entry in apps:  # the window that starts now was already in: nobody is missed meanwhile
+        assert table.lookup_app(*app_beacon(entry.secret, w + 1)) == entry.ident
+    while table.pending:
+        assert table.refresh(edge + 1, max_windows=10) <= 10
+    for entry in apps:
+        assert table.lookup_app(*app_beacon(entry.secret, w + 2)) == entry.ident
+        assert table.lookup_app(*app_beacon(entry.secret, w - 1)) is None
+
+
+def test_replacing_an_identity_leaves_no_stale_schedule() -> None:
+    table, eids, _ = _table(n_eid=1, n_app=1)
+    for _ in range(20):
+        table.add(eids[0], NOW)
+        table.add(AppEntry("app0", _secret(1000)), NOW)
+    assert table.refresh(NOW + 900 * 4) <= 2 * 4 + 2 * 4  # each identity moved once, not once per re-add
+    assert len(table._due) == 2
 
 
 @pytest.mark.parametrize(("make", "message"), [
