@@ -174,7 +174,7 @@ def parse_irk(text: str, *, byte_order: str = "auto") -> bytes:
     """An IRK as typed or exported, to the 16 bytes MSB-first that ``rpa_hash`` takes.
 
     Hex: 32 digits, with an optional ``0x`` and spaces, colons or dashes between bytes. Base64: 24
-    characters ending ``==`` (the form macOS Keychain and iOS tools export). An ``irk:`` prefix is
+    characters ending ``==``, the padding optional (the form macOS Keychain and iOS tools export). An ``irk:`` prefix is
     dropped. ``byte_order``: ``"auto"`` reads hex as MSB-first (how the Core spec, ESPresense and Home
     Assistant print it) and base64 as LSB-first (Apple stores the key in its over-the-air order, least
     significant byte first; Home Assistant reverses it too); ``"msb"`` or ``"lsb"`` force one order for
@@ -200,7 +200,7 @@ def parse_irk(text: str, *, byte_order: str = "auto") -> bytes:
         raw, lsb = bytes.fromhex(compact), byte_order == "lsb"
     else:
         try:
-            raw = base64.b64decode(value, validate=True)
+            raw = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)  # padding optional
         except (binascii.Error, ValueError):
             raise ValueError("irk: neither 32 hex digits nor valid base64") from None
         if len(raw) != 16:

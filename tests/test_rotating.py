@@ -151,6 +151,7 @@ def test_parse_irk_hex_is_msb_first_base64_lsb_first() -> None:
     # macOS Keychain / iOS export: base64 of the key as stored, least significant byte first.
     apple = base64.b64encode(lsb).decode()
     assert parse_irk(apple) == SPEC_IRK
+    assert parse_irk(apple.rstrip("=")) == SPEC_IRK
     assert rpa_matches(parse_irk(apple), SPEC_ADDRESS)
     # Forced orders: a little-endian hex dump (btsnoop, BlueZ), a big-endian base64.
     assert parse_irk(lsb.hex(), byte_order="lsb") == SPEC_IRK
@@ -475,3 +476,47 @@ def test_replacing_an_identity_leaves_no_stale_schedule() -> None:
 def test_entries_are_checked_when_made(make: Callable[[], object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_two_days_of_rotating_values_share_nothing_an_observer_could_link() -> None:
+    """What a scanner without keys records: two shop days (09:00-18:00, a sighting a minute) of 30 customers,
+    ten of each kind. No value repeats across windows or days, so nothing links a customer's two visits;
+    with the keys, every value of both days resolves to the same customer."""
+    eids = [EidEntry(f"e{i}", _secret(i)[:16], 10, EPOCH + 977 * i) for i in range(10)]
+    apps = [AppEntry(f"a{i}", _secret(100 + i)) for i in range(10)]
+    irks = {f"r{i}": _secret(200 + i)[:16] for i in range(10)}
+    day1 = 1_765_011_600  # a 09:00 UTC
+    days = (day1, day1 + 86400)
+    seen: dict[str, list[set[object]]] = {}  # customer -> per day, the values heard
+    windows: dict[object, set[tuple[int, int]]] = {}  # value -> the (day, window) it was heard in
+    resolved: dict[str, set[object]] = {}
+    cache: RpaCache[str] = RpaCache(irks)
+    table: RotatingTable[str] = RotatingTable()
+    for d, start in enumerate(days):
+        table.build([*eids, *apps], start)
+        for minute in range(9 * 60):
+            now = start + 60 * minute
+            table.refresh(now)
+            heard: list[tuple[str, object, object]] = []
+            for e in eids:
+                eid_value = _eid_at(e, now)
+                heard.append((e.ident, eid_value, table.lookup_eid(eid_value)))
+            for a in apps:
+                beacon = app_beacon(a.secret, app_window(now))
+                heard.append((a.ident, beacon, table.lookup_app(*beacon)))
+            for ident, irk in irks.items():  # a new address every 15 minutes, prand from the phone's RNG
+                seed = hashlib.sha256(f"{ident}{now // 900}".encode()).digest()
+                address = _address(irk, bytes((seed[0] & 0x3F | 0x40,)) + seed[1:3])
+                heard.append((ident, address, cache.resolve(address, now)))
+            for customer, value, who in heard:
+                seen.setdefault(customer, [set(), set()])[d].add(value)
+                windows.setdefault(value, set()).add((d, now // 900))
+                resolved.setdefault(customer, set()).add(who)
+    for ident, (first, second) in seen.items():
+        assert first and second and not first & second, ident  # nothing carried from one day to the next
+    for heard_value, when in windows.items():
+        assert len({d for d, _ in when}) == 1, heard_value  # each value on one day only,
+        span = max(w for _, w in when) - min(w for _, w in when)
+        assert span <= 2, heard_value  # and within one rotation (EID K = 10: 17 minutes, two 15-minute slots)
+    assert all(who == {ident} for ident, who in resolved.items())  # the keys link them all
+    assert len(resolved) == 30
