@@ -27,8 +27,16 @@ clean and the odd one-worker backlogs R times each, alternating (clean first, th
 reports the best round of each (``rounds`` and ``rounds_cpu_us_per_msg`` list them all): on a machine
 shared with other work, the least disturbed.
 
+``--workers 1,2,4`` adds, for each N, N workers on one ``$share`` group writing one fresh database (head
+office's shape: meant for ``--db`` PostgreSQL), R rounds in alternating order, the round with the least
+total CPU per message reported: ``cpu_us_per_msg_workers`` (every worker's CPU over every message, per N),
+``cpu_us_per_msg_per_worker`` (each worker's CPU over its own messages), ``scaling_N`` (the total with N
+workers over one worker's), ``lost_workers``, ``db_server_cpu_us_per_msg_workers`` (the local PostgreSQL
+server's CPU meanwhile, from /proc: what the workers moved to the server is counted too), msgs/s, wall and the
+split. ``--workers-only`` skips the other runs. ``--profile F`` writes a cProfile (CPU time) per worker thread.
+
     .venv/bin/python benchmarks/telemetry_ingest.py [--quick] [--messages N] [--devices D] [--db URL]
-        [--bad-share F] [--rounds R]
+        [--bad-share F] [--rounds R] [--workers 1,2,4 [--workers-only]] [--profile F]
 
 The last line printed is one JSON object: msgs_per_s, anchor_msgs_per_s, ratio, ratio_2_workers, lost, ...,
 ``cpu_us_per_msg``: CPU microseconds per message of each consumer process (both of its threads; summed
@@ -449,6 +457,23 @@ def one_worker(broker: Broker, args: argparse.Namespace, work: Path, tag: str, b
     return out
 
 
+def pg_server_cpu_s() -> float:
+    """The local PostgreSQL server's CPU so far (user + system), from /proc: its live processes, plus what the
+    postmaster reaped of ended ones (a connection's backend ends with it). 0 where there is none here; it
+    counts every client's queries, so it is only as clean as the machine is quiet."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if text[text.find("(") + 1:text.rfind(")")] != "postgres":
+            continue
+        f = text.rsplit(")", 1)[1].split()
+        ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def n_workers(broker: Broker, args: argparse.Namespace, work: Path, count: int, tag: str) -> dict[str, Any]:
     """``count`` gateway workers on one ``$share`` group drain a fresh backlog into one fresh database: the
     rate over the span from the first CONNACK to the last message, each worker's CPU per message and the
@@ -461,7 +486,7 @@ def n_workers(broker: Broker, args: argparse.Namespace, work: Path, count: int, 
         for kind in ("telemetry", "status", "events"):
             make_session(cid, broker.port, f"$share/bench/{prefix}/+/devices/+/{kind}")
     published, _ = backlog(broker.port, prefix, args.messages, args.devices)
-    b0 = broker.cpu_s()
+    b0, pg0 = broker.cpu_s(), pg_server_cpu_s()
     extra = ["--profile", f"{args.profile}.{tag}"] if args.profile else []
     procs = [spawn("--role", "worker", "--port", str(broker.port), "--client-id", cid, "--prefix", prefix,
                    "--db", url, "--data-dir", str(work), "--share-group", "bench",
@@ -473,7 +498,8 @@ def n_workers(broker: Broker, args: argparse.Namespace, work: Path, count: int, 
     return {"results": results, "rate": acked / span, "wall_s": span, "acked": acked,
             "cpu_per_msg": sum(r["cpu_s"] for r in results) / acked,
             "per_worker_cpu_per_msg": [r["cpu_s"] / max(1, r["acked"]) for r in results],
-            "broker_cpu_per_msg": (broker.cpu_s() - b0) / acked, "lost": published - stored(url),
+            "broker_cpu_per_msg": (broker.cpu_s() - b0) / acked,
+            "db_server_cpu_per_msg": (pg_server_cpu_s() - pg0) / acked, "lost": published - stored(url),
             "split": [r["acked"] for r in results]}
 
 
@@ -486,6 +512,8 @@ def workers_figures(runs: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
         "cpu_us_per_msg_per_worker": {str(n): [round(c * 1e6, 1) for c in b["per_worker_cpu_per_msg"]]
                                       for n, b in best.items()},
         "broker_cpu_us_per_msg_workers": {str(n): round(b["broker_cpu_per_msg"] * 1e6, 1) for n, b in best.items()},
+        "db_server_cpu_us_per_msg_workers": {str(n): round(b["db_server_cpu_per_msg"] * 1e6, 1)
+                                             for n, b in best.items()},
         "msgs_per_s_workers": {str(n): round(b["rate"], 1) for n, b in best.items()},
         "wall_s_workers": {str(n): round(b["wall_s"], 2) for n, b in best.items()},
         "split_workers": {str(n): b["split"] for n, b in best.items()},

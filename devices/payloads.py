@@ -165,12 +165,31 @@ def _strict_json(value: Any, depth: int = 0) -> bool:
     return False
 
 
+# What passed the text checks before: a fleet sends the same ids and metric names in every message, so each
+# is checked once (per process, up to KNOWN_MAX of each; then the sets start over). Only the intake's
+# thread parses, and a set's add is atomic anyway.
+KNOWN_MAX = 10_000  # a few MB at most
+_KNOWN_IDS: set[tuple[str, str]] = set()
+_KNOWN_NAMES: set[str] = set()
+
+
+def _remember(known: set[Any], value: Any) -> None:
+    if len(known) >= KNOWN_MAX:
+        known.clear()
+    known.add(value)
+
+
 def _check_ids(parts: TopicParts) -> None:
     """The topic's ids go into the registry: refuse here the ones its columns would refuse at commit."""
+    ids = (parts.store_id, parts.device_id)
+    if ids in _KNOWN_IDS:
+        return
     problem = ids_problem(parts)
-    if problem is not None:
-        which, why = problem
-        raise PayloadError(BAD_STORE_ID if which == "store_id" else BAD_DEVICE_ID, f"the topic's {which}: {why}")
+    if problem is None:
+        _remember(_KNOWN_IDS, ids)
+        return
+    which, why = problem
+    raise PayloadError(BAD_STORE_ID if which == "store_id" else BAD_DEVICE_ID, f"the topic's {which}: {why}")
 
 
 def _text(payload: bytes | bytearray) -> str:
@@ -259,9 +278,11 @@ def parse_telemetry(topic_parts: TopicParts, payload: bytes | bytearray, receive
         raise PayloadError(MISSING_METRICS, "'metrics' must be a non-empty object")
     metrics: dict[str, float] = {}
     for name, value in raw_metrics.items():
-        if not is_text(name, MAX_METRIC_NAME):
-            raise PayloadError(BAD_METRIC, f"metric name {name[:40]!r} must be text of 1-{MAX_METRIC_NAME} "
-                                           "characters without control characters")
+        if name not in _KNOWN_NAMES:
+            if not is_text(name, MAX_METRIC_NAME):
+                raise PayloadError(BAD_METRIC, f"metric name {name[:40]!r} must be text of 1-{MAX_METRIC_NAME} "
+                                               "characters without control characters")
+            _remember(_KNOWN_NAMES, name)
         number = _measurement(value)
         if number is None:
             raise PayloadError(BAD_METRIC, f"metric {name!r} is not a finite number within +-{MAX_MAGNITUDE:g}")
