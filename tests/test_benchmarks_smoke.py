@@ -25,6 +25,8 @@ BENCHMARKS = [
     ("notify_latency.py", {"p50_ms", "p99_ms", "people", "people_requested", "goal_p99_ms", "ratio"}),
     ("presence_quality.py", {"zone_accuracy", "false_exits_per_person_hour", "enter_latency_p90_s", "baselines"}),
     ("record_overhead.py", {"adverts", "us_per_advert_off", "us_per_advert_on", "overhead_pct", "recorded_rows"}),
+    ("rotating.py", {"adverts_per_s", "baseline_adverts_per_s", "ratio", "table_mb", "cpu_s", "wall_s",
+                     "baseline_cpu_s", "enrolled"}),
     ("sse_fanout.py", {"clients", "fanout_s", "received", "fired", "goal_fanout_s", "ratio"}),
     ("telemetry_ingest.py", {"msgs_per_s", "anchor_msgs_per_s", "ratio", "ratio_2_workers", "lost",
                              "lost_2_workers", "messages", "devices"}),

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from beacons.guard import Guard, GuardSettings
 from beacons.parse import ParseStats, parse_adverts
 from beacons.remote import app_key
-from beacons.types import Advertisement, Sighting
+from beacons.types import Advertisement, Frame, Sighting
 from devices.mqtt import TelemetryIntake
 from devices.payloads import Reading, TelemetryBatch
 from devices.profiles import load_profiles
@@ -202,13 +202,16 @@ class Pipeline:
         frame, then one engine transaction for the drain's presence events."""
         batch = adverts if isinstance(adverts, list) else list(adverts)
         # The guard never reads presence, so the drain is admitted first, then observed in one call.
-        sightings = self.guard.sightings(self.rotating.resolve(batch, parse_adverts(batch, self.parse_stats)))
+        sightings = self.guard.sightings(self.rotating.resolve(batch, self._parse))
         if self.recorder is not None:  # one buffered write per drain; the tick flushes
             self.recorder.write(sightings)
         events = self.presence.observe_many(sightings)
         self.figures["adverts"] += len(batch)
         self.heard_by.update(map(RECEIVER_OF, batch))
         return self.handle_presence(events) if events else []
+
+    def _parse(self, adverts: Sequence[Advertisement]) -> list[tuple[Advertisement, Frame]]:
+        return parse_adverts(adverts, self.parse_stats)
 
     def stats(self) -> dict[str, Any]:
         """Counters for /metrics: figures, the parser's accepts/rejects, the guard's and presence's drops."""

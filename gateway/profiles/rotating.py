@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -56,7 +57,8 @@ KEY_FILE = "identities.key"
 SECRET_BYTES = 32  # the app's secret
 _AAD = b"rotating-identity:"  # + kind: a row's ciphertext cannot be passed off as another kind's
 _RPA_ENTRY_BYTES = 200  # an address string (~90), its (id, expiry) tuple (~56 + 24) and the dict slot
-_ENTRY_BYTES = 250  # an Entry (slots) and its secret
+_ENTRY_BYTES = 250
+_IRK_BYTES = 200  # an encryptor and its dict slot  # an Entry (slots) and its secret
 _MEMO_MAX = 65536  # frame keys remembered between refreshes (rotating or not): a flood costs a clear
 
 
@@ -116,6 +118,118 @@ class SecretBox:
         return hmac.new(self._mac, kind.encode() + b":" + plain, hashlib.sha256).hexdigest()
 
 
+# ------------------------------------------------------------ resolvable private addresses, in drains
+
+
+_PAD13 = bytes(13)
+_BATCH_FROM = 4  # new addresses in one drain from which one AES call per IRK does them all
+
+
+class RpaDrains:
+    """Resolvable private addresses -> identity id, a drain at a time: ``proto.RpaCache``'s contract (each
+    address resolved once per ``ttl_s``, unknown ones remembered, bounded, the caller's now) with the new
+    addresses of a drain matched together, so a flood of random addresses costs one AES call per IRK per
+    drain, not per address. The matching is ``proto.rpa_hash``'s (ah() with the spec's byte order):
+    ``e(IRK, 0^13 | prand)``'s last three bytes against the address's hash half, for every address in one
+    ECB call, the 24-bit comparisons done at once on one integer."""
+
+    def __init__(self, *, max_entries: int = 65536, ttl_s: float = 900.0) -> None:
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self._keys: dict[int, Any] = {}  # ident -> an AES-128 ECB encryptor of its IRK
+        self.seen: dict[str, tuple[int | None, float]] = {}  # address -> (ident or None, until)
+        self.aes_calls = 0
+        self.resolved = 0  # addresses matched (hits excluded)
+
+    @property
+    def irk_count(self) -> int:
+        return len(self._keys)
+
+    def __len__(self) -> int:
+        return len(self.seen)
+
+    def add(self, ident: int, irk: bytes) -> None:
+        if len(irk) != 16:
+            raise ValueError("irk: expected 16 bytes")
+        self._keys[ident] = Cipher(algorithms.AES(irk), modes.ECB()).encryptor()  # one block at a time, as ah() says
+        self.seen = {a: v for a, v in self.seen.items() if v[0] is not None}  # misses may be this IRK's now
+
+    def remove(self, ident: int) -> None:
+        if self._keys.pop(ident, None) is not None:
+            self.seen = {a: v for a, v in self.seen.items() if v[0] != ident}
+
+    def resolve_many(self, addresses: Iterable[str], now: float) -> None:
+        """Match every address not known (or expired) and remember the answers until ``now + ttl_s``."""
+        raws: list[bytes] = []
+        names: list[str] = []
+        until = now + self.ttl_s
+        if len(self.seen) >= self.max_entries:
+            self._evict(now)
+        seen, taken = self.seen, set()
+        for address in addresses:
+            raw = _address(address)
+            if raw is None or raw[0] & 0xC0 != 0x40:  # not resolvable: remembered as nobody's, no AES
+                seen[address] = (None, until)
+            elif address not in taken:
+                taken.add(address)
+                raws.append(raw)
+                names.append(address)
+        if not raws:
+            return
+        found = self._match(raws)
+        if len(seen) + len(names) > self.max_entries:
+            self._evict(now)
+        for address, ident in zip(names, found, strict=True):
+            seen.pop(address, None)
+            seen[address] = (ident, until)
+            if ident is not None:
+                self.resolved += 1
+
+    def _match(self, raws: list[bytes]) -> list[int | None]:
+        n = len(raws)
+        found: list[int | None] = [None] * n
+        if n < _BATCH_FROM:
+            for i, raw in enumerate(raws):
+                block, want = _PAD13 + raw[:3], raw[3:]
+                for ident, enc in self._keys.items():
+                    if enc.update(block)[13:] == want:
+                        found[i] = ident
+                        break
+            self.aes_calls += n * len(self._keys)
+            return found
+        blocks = b"".join(_PAD13 + r[:3] for r in raws)
+        target = int.from_bytes(b"".join(_PAD13 + r[3:] for r in raws), "big")
+        field = sum(0xFFFFFF << (128 * j) for j in range(n))  # each block's last 3 bytes
+        tops = sum(1 << (128 * j + 24) for j in range(n))  # a field + 0xFFFFFF carries here unless it was 0
+        for ident, enc in self._keys.items():
+            z = (int.from_bytes(enc.update(blocks), "big") ^ target) & field
+            if (z + field) & tops != tops:  # some block's hash matched: which
+                for i in range(n):
+                    if found[i] is None and (z >> (128 * (n - 1 - i))) & 0xFFFFFF == 0:
+                        found[i] = ident
+        self.aes_calls += len(self._keys)
+        return found
+
+    def _evict(self, now: float) -> None:
+        """The expired answers go, or, when none is, the oldest eighth (amortised, as proto.RpaCache)."""
+        seen = self.seen
+        gone = [a for a, (_, until) in seen.items() if until <= now]
+        if not gone:
+            gone = [a for a, _ in zip(seen, range(max(1, self.max_entries // 8)), strict=False)]
+        for a in gone:
+            del seen[a]
+
+
+def _address(address: str) -> bytes | None:
+    """"AA:BB:CC:DD:EE:FF" as 6 bytes, most significant first; None when it is not one."""
+    if len(address) != 17:
+        return None
+    try:
+        return bytes.fromhex(address.replace(":", ""))
+    except ValueError:
+        return None
+
+
 # ------------------------------------------------------------ the resolver
 
 
@@ -144,7 +258,10 @@ class Resolved:
         return {"format": self.format, "key": self.key}
 
 
+Pair = tuple[Advertisement, Any]
 _PASS = object()  # a memo entry: not a rotating identity (or one nobody enrolled): the frame goes on as it is
+_NEW = object()  # an address the RPA cache does not know (yet)
+_GONE = object()  # an address resolved to an identity removed since
 
 
 class Resolver:
@@ -161,10 +278,11 @@ class Resolver:
         self.identities = identities
         self._entries: dict[int, Entry] = {}
         self._table: proto.RotatingTable[int] = proto.RotatingTable()
-        self._rpa: proto.RpaCache[int] = proto.RpaCache(max_entries=rpa_cache_size)
+        self._rpa = RpaDrains(max_entries=rpa_cache_size)
         self._memo: dict[str, Any] = {}
         self._frames: dict[int, Resolved] = {}  # profile id -> its frame (one per profile: one person)
-        self.figures: dict[str, int] = dict.fromkeys(("eid", "app", "rpa", "unknown_rotating", "unknown_rpa"), 0)
+        self._rpa_frames: dict[int, Any] = {}  # IRK identity id -> its profile's frame, for the hot path
+        self.figures: dict[str, int] = dict.fromkeys(("eid", "app", "rpa", "unknown_rotating"), 0)
 
     # ------------------------------------------------------------ the table
 
@@ -172,8 +290,11 @@ class Resolver:
         """Every enrolled identity (at start): the table built for the windows around ``now``."""
         self._entries = {e.id: e for e in entries}
         self._table.build([t for t in map(_table_entry, self._entries.values()) if t is not None], now)
-        self._rpa = proto.RpaCache({e.id: e.secret for e in self._entries.values() if e.kind == "irk"},
-                                   max_entries=self._rpa.max_entries, ttl_s=self._rpa.ttl_s)
+        self._rpa = RpaDrains(max_entries=self._rpa.max_entries, ttl_s=self._rpa.ttl_s)
+        self._rpa_frames.clear()
+        for e in self._entries.values():
+            if e.kind == "irk":
+                self._rpa.add(e.id, e.secret)
         self._memo.clear()
         for e in self._entries.values():
             self.identities.allow_app(e.profile_id)
@@ -195,6 +316,7 @@ class Resolver:
             return
         if e.kind == "irk":
             self._rpa.remove(identity_id)
+            self._rpa_frames.pop(identity_id, None)
         else:
             self._table.remove(identity_id)
         self._memo.clear()
@@ -215,7 +337,8 @@ class Resolver:
 
     def size_bytes(self) -> int:
         """The table's memory, the RPA cache's (about 200 bytes an address) and the memo's (frame keys)."""
-        return (self._table.size_bytes() + len(self._rpa) * _RPA_ENTRY_BYTES + sys.getsizeof(self._memo)
+        return (self._table.size_bytes() + len(self._rpa) * _RPA_ENTRY_BYTES + self._rpa.irk_count * _IRK_BYTES
+                + sys.getsizeof(self._memo)
                 + sys.getsizeof(self._entries) + len(self._entries) * _ENTRY_BYTES)
 
     def holds(self, profile_id: int) -> bool:
@@ -223,36 +346,77 @@ class Resolver:
 
     # ------------------------------------------------------------ the hot path
 
-    def resolve(self, batch: Sequence[Advertisement], pairs: list[tuple[Advertisement, Any]]
-                ) -> list[tuple[Advertisement, Any]]:
-        """``pairs`` (parse_adverts of ``batch``) with every rotating identity the gateway resolves replaced
-        by its profile's frame, and the frameless adverts of enrolled IRKs' addresses added, in order."""
+    def resolve(self, batch: Sequence[Advertisement], parse: Callable[[Sequence[Advertisement]], list[Pair]]
+                ) -> list[Pair]:
+        """The drain as (advert, frame) pairs, in order, for the guard: ``parse`` (parse_adverts) of it, with
+        every rotating identity the gateway resolves replaced by its profile's frame. An advert from an
+        address already resolved to an enrolled IRK is that profile whatever it carries, so it is not parsed;
+        a frameless advert from an address not known yet is matched with the drain's others, once."""
         if not self._entries:
-            return pairs
-        memo, get = self._memo, self._memo.get
-        out: list[tuple[Advertisement, Any]] = []
-        append = out.append
-        irks = self._rpa.irk_count > 0
-        j, n = 0, len(pairs)
-        for adv in batch if irks else ():
-            if j < n and pairs[j][0] is adv:
-                while j < n and pairs[j][0] is adv:
-                    frame = pairs[j][1]
-                    r = get(frame.key)
-                    if r is None:
-                        r = self._frame(frame)
-                    append((adv, frame if r is _PASS else r))
-                    j += 1
+            return parse(batch)
+        if not self._rpa.irk_count:
+            return self._swap(parse(batch))
+        seen = self._rpa.seen.get
+        frames = self._rpa_frames  # identity id -> its profile's frame
+        marks: list[Any] = []  # per advert: its profile's frame (by address), _NEW (address to match) or None
+        mark = marks.append
+        rest: list[Advertisement] = []  # the adverts to parse
+        keep = rest.append
+        by_address = 0
+        for adv in batch:
+            hit = seen(adv.address)
+            if hit is None or hit[1] <= adv.time:
+                mark(_NEW)
+                keep(adv)
+            elif hit[0] is None:
+                mark(None)
+                keep(adv)
             else:
-                r = self._address(adv.address, adv.time)
-                if r is not None:
-                    append((adv, r))
-        if not irks:
-            for adv, frame in pairs:
-                r = get(frame.key)
-                if r is None:
-                    r = self._frame(frame)
-                append((adv, frame if r is _PASS else r))
+                f = frames.get(hit[0])
+                mark(f if f is not None else self._by_identity(hit[0]))
+                by_address += 1
+        self.figures["rpa"] += by_address
+        pairs = self._swap(parse(rest)) if rest else []
+        if not by_address and len(pairs) == len(rest):  # every advert had one frame: nothing to merge
+            return pairs
+        out: list[Any] = []
+        append = out.append
+        pending: list[int] = []  # places in ``out`` of frameless adverts from addresses not known yet
+        j, n = 0, len(pairs)
+        for adv, m in zip(batch, marks, strict=True):
+            if m is None or m is _NEW:
+                if j < n and pairs[j][0] is adv:
+                    while j < n and pairs[j][0] is adv:
+                        append(pairs[j])
+                        j += 1
+                elif m is _NEW:  # no frame, an address not known yet: matched with the drain's others
+                    pending.append(len(out))
+                    append(adv)
+            elif m is not _GONE:
+                append((adv, m))
+        if pending:
+            self._rpa.resolve_many([out[i].address for i in pending], batch[-1].time)
+            for i in pending:
+                adv = out[i]
+                hit = seen(adv.address)
+                f = self._by_identity(hit[0]) if hit is not None and hit[0] is not None else _GONE
+                if f is not _GONE:
+                    self.figures["rpa"] += 1
+                out[i] = (adv, f) if f is not _GONE else None
+            out = [x for x in out if x is not None]
+        return out
+
+    def _swap(self, pairs: list[Pair]) -> list[Pair]:
+        """Each frame that is a rotating identity the gateway resolves replaced by its profile's frame."""
+        memo = self._memo
+        get = memo.get
+        out: list[Pair] = []
+        append = out.append
+        for adv, frame in pairs:
+            r = get(frame.key)
+            if r is None:
+                r = self._frame(frame)
+            append((adv, frame if r is _PASS else r))
         if len(memo) > _MEMO_MAX:
             memo.clear()
         return out
@@ -282,16 +446,13 @@ class Resolver:
         r = self._memo[key] = self._resolved(e.profile_id, frame.ref_power)
         return r
 
-    def _address(self, address: str, now: float) -> Resolved | None:
-        """A frameless advert: an RPA of an enrolled IRK, or nothing (counted, never kept beyond the cache)."""
-        ident = self._rpa.resolve(address, now)
-        if ident is None:
-            return None
+    def _by_identity(self, ident: int) -> Any:
+        """An address resolved to an IRK: its profile's frame (remembered), or _GONE when it was removed."""
         e = self._entries.get(ident)
         if e is None:
-            return None
-        self.figures["rpa"] += 1
-        return self._resolved(e.profile_id, None)
+            return _GONE
+        f = self._rpa_frames[ident] = self._resolved(e.profile_id, None)
+        return f
 
     def _resolved(self, profile_id: int, ref_power: int | None) -> Resolved:
         r = self._frames.get(profile_id)
@@ -300,7 +461,9 @@ class Resolver:
         return r
 
     def stats(self) -> dict[str, Any]:
-        return {**self.figures, "enrolled": len(self._entries), "table_bytes": self.size_bytes()}
+        return {**self.figures, "enrolled": len(self._entries), "table_bytes": self.size_bytes(),
+                "addresses_known": len(self._rpa), "addresses_resolved": self._rpa.resolved,
+                "aes_calls": self._rpa.aes_calls}
 
 
 def _table_entry(e: Entry) -> proto.EidEntry[int] | proto.AppEntry[int] | None:
