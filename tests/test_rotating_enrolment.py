@@ -155,8 +155,8 @@ def test_storage_both_engines_restart_and_link(any_db, clock, tmp_path):
     """On SQLite and PostgreSQL: enrolled, read back by a new resolver (a restart), moved by a link."""
     settings = Settings(data_dir=str(tmp_path))
     box = SecretBox(load_key(settings.identities.key_file, settings.data_dir))
-    identities = IdentityIndex()
-    service = make_service(any_db, clock, identities)
+    service = make_service(any_db, clock)
+    identities = service.identities
     resolver = Resolver(identities, app_uuid=settings.identities.app_uuid)
     rot = service.rotating = RotatingIdentities(any_db, box, clock, resolver)
     a = service.create_profile(NewProfile(external_id="a"))["id"]

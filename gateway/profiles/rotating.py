@@ -163,10 +163,11 @@ class RpaDrains:
         raws: list[bytes] = []
         names: list[str] = []
         until = now + self.ttl_s
-        if len(self.seen) >= self.max_entries:
-            self._evict(now)
         seen, taken = self.seen, set()
         for address in addresses:
+            hit = seen.get(address)
+            if hit is not None and hit[1] > now:
+                continue
             raw = _address(address)
             if raw is None or raw[0] & 0xC0 != 0x40:  # not resolvable: remembered as nobody's, no AES
                 seen[address] = (None, until)
@@ -174,28 +175,28 @@ class RpaDrains:
                 taken.add(address)
                 raws.append(raw)
                 names.append(address)
-        if not raws:
-            return
-        found = self._match(raws)
-        if len(seen) + len(names) > self.max_entries:
+        if raws:
+            for address, ident in zip(names, self._match(raws), strict=True):
+                seen.pop(address, None)  # re-inserted at the young end
+                seen[address] = (ident, until)
+                if ident is not None:
+                    self.resolved += 1
+        if len(seen) > self.max_entries:
             self._evict(now)
-        for address, ident in zip(names, found, strict=True):
-            seen.pop(address, None)
-            seen[address] = (ident, until)
-            if ident is not None:
-                self.resolved += 1
 
     def _match(self, raws: list[bytes]) -> list[int | None]:
         n = len(raws)
         found: list[int | None] = [None] * n
         if n < _BATCH_FROM:
+            calls = 0
             for i, raw in enumerate(raws):
                 block, want = _PAD13 + raw[:3], raw[3:]
                 for ident, enc in self._keys.items():
+                    calls += 1
                     if enc.update(block)[13:] == want:
                         found[i] = ident
                         break
-            self.aes_calls += n * len(self._keys)
+            self.aes_calls += calls
             return found
         blocks = b"".join(_PAD13 + r[:3] for r in raws)
         target = int.from_bytes(b"".join(_PAD13 + r[3:] for r in raws), "big")
@@ -211,13 +212,13 @@ class RpaDrains:
         return found
 
     def _evict(self, now: float) -> None:
-        """The expired answers go, or, when none is, the oldest eighth (amortised, as proto.RpaCache)."""
-        seen = self.seen
-        gone = [a for a, (_, until) in seen.items() if until <= now]
-        if not gone:
-            gone = [a for a, _ in zip(seen, range(max(1, self.max_entries // 8)), strict=False)]
-        for a in gone:
-            del seen[a]
+        """Over the bound: the expired answers go, then the oldest until an eighth of the room is free again
+        (amortised: not one per insert)."""
+        keep = self.max_entries - max(1, self.max_entries // 8)
+        seen = self.seen = {a: v for a, v in self.seen.items() if v[1] > now}
+        if len(seen) > keep:
+            for a in [a for a, _ in zip(seen, range(len(seen) - keep), strict=False)]:
+                del seen[a]
 
 
 def _address(address: str) -> bytes | None:
@@ -396,6 +397,7 @@ class Resolver:
                 append((adv, m))
         if pending:
             self._rpa.resolve_many([out[i].address for i in pending], batch[-1].time)
+            seen = self._rpa.seen.get  # an eviction may have replaced the table
             for i in pending:
                 adv = out[i]
                 hit = seen(adv.address)
