@@ -234,3 +234,11 @@ async def test_the_figures_page_needs_no_sideways_scroll_on_an_upright_tablet(wo
     await page.goto(f"{world.base}/dashboard/figures")
     assert await page.locator('table[data-table="experiments"]').count() == 1  # the widest table is there
     assert await page.evaluate("document.scrollingElement.scrollWidth") <= 800
+    # and no table is cut off: each fits its box, or its box scrolls sideways by itself
+    boxes = await page.evaluate("""[...document.querySelectorAll('.tablebox')].map(b => ({
+        fits: b.scrollWidth <= b.clientWidth + 1, scrolls: getComputedStyle(b).overflowX === 'auto'}))""")
+    assert boxes and all(b["fits"] or b["scrolls"] for b in boxes)
+    await page.set_viewport_size({"width": 1280, "height": 900})  # landscape: the wide tables go under their charts
+    for name in ("days", "funnel"):
+        box = page.locator(f'#fig-{name} .tablebox')
+        assert await box.evaluate("b => b.scrollWidth <= b.clientWidth + 1"), name
