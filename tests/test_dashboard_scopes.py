@@ -46,7 +46,8 @@ async def test_a_campaigns_key_sees_the_campaign_pages_and_nothing_else(tmp_path
             assert signed.status_code == 303 and signed.headers["location"] == "/dashboard/campaigns"
             assert (await c.get("/dashboard/campaigns")).status_code == 200  # ...is what the pages show
             for path in ("/dashboard", "/dashboard/figures", "/dashboard/devices", "/dashboard/decisions",
-                         "/dashboard/health", "/dashboard/stream", "/dashboard/zones/shop"):
+                         "/dashboard/health", "/dashboard/stream", "/dashboard/zones/shop",
+                         "/dashboard/figures/days.csv", "/dashboard/health/stream", "/dashboard/devices/stream"):
                 r = await c.get(path)
                 assert r.status_code == 403, path
                 assert "needs the read scope" in r.text, path

@@ -21,7 +21,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 from sqlalchemy import select, union
 
-from api.dashboard.routes import PATH, PageSession, _ctx, _page, _session_async, dashboard_of
+from api.dashboard.routes import PATH, PageSession, _ctx, _page, dashboard_of, viewer
 from api.deps import ApiContext
 from gateway.errors import Invalid
 from gateway.storage.models import Decision, Visit
@@ -265,9 +265,7 @@ async def figures_page(request: Request, session: PageSession, day_from: DateQ =
 async def figures_csv(request: Request, name: str, day_from: DateQ = None, day_to: ToQ = None,
                       store: StoreQ = "") -> Response:
     """One table of the page as CSV, for the same range and store."""
-    session = await _session_async(request)
-    if session is None:
-        raise HTTPException(401, "sign in to the dashboard first")
+    await viewer(request)
     ctx = _ctx(request)
     try:
         fig, found = await asyncio.to_thread(load, ctx, day_from.isoformat() if day_from else None,
