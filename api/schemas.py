@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -26,7 +26,7 @@ from devices.rules import SEVERITIES
 from gateway import health
 from gateway.campaigns.model import TRIGGERS
 from gateway.documents import DocumentError, check_document, text_problem
-from gateway.profiles import devices, identity, rotating
+from gateway.profiles import devices, identity
 from gateway.profiles.service import INTERACTIONS
 from gateway.storage import models
 
@@ -212,27 +212,46 @@ class LinkIn(BaseModel):
     profile_id: JsonInt = Field(ge=1, le=DB_ID_MAX, description="The profile merged into this one, then deleted")
 
 
-RotatingKind = Annotated[str, OneOf(rotating.KINDS)]
+_HEX16 = r"(?:[0-9A-Fa-f]{2}[:\- ]?){15}[0-9A-Fa-f]{2}"  # 16 bytes: 32 hex digits, bytes maybe separated
+_B64_16 = r"[A-Za-z0-9+/]{21}[AQgw](?:==)?"  # 16 bytes as base64, with or without its padding
+KEY16 = rf"^(?![0:\- ]*$)(?!A{{22}}(?:==)?$)(?:{_HEX16}|{_B64_16})$"
+"""16 key bytes, hex or base64, not all zeros (no device distributes such a key)."""
 
 
-class RotatingIn(BaseModel):
-    """One rotating identity for a profile: ``eid`` needs ``identity_key`` and ``k`` (``epoch`` defaults to 0:
-    the beacon counts Unix seconds); ``irk`` needs ``irk``; ``app`` needs nothing (the gateway issues it)."""
+class RotatingEidIn(BaseModel):
+    """An Eddystone-EID beacon: its identity key, K, and the Unix second its clock counts from."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"kind": "app"},
-        {"kind": "eid", "identity_key": "e2c56db5dffb48d2b060d0f5a71096e0", "k": 10, "epoch": 1780000000},
+    model_config = ConfigDict(extra="forbid", regex_engine="python-re", json_schema_extra={"examples": [
+        {"kind": "eid", "identity_key": "e2c56db5dffb48d2b060d0f5a71096e0", "k": 10, "epoch": 1780000000}]})
+    kind: Literal["eid"]
+    identity_key: str = Field(pattern=KEY16, repr=False,
+                              description="The 16-byte identity key, 32 hex digits or base64")
+    k: Annotated[int, Field(ge=0, le=15), JSON_NUMBER] = Field(
+        description="The rotation exponent: an EID lasts 2^k seconds")
+    epoch: Annotated[int, Field(ge=0, le=2**40), JSON_NUMBER] = Field(
+        default=0, description="The Unix second the beacon's clock counts from (its time 0)")
+
+
+class RotatingIrkIn(BaseModel):
+    """A phone or wearable by its identity resolving key."""
+
+    model_config = ConfigDict(extra="forbid", regex_engine="python-re", json_schema_extra={"examples": [
         {"kind": "irk", "irk": "ec0234a357c8ad05341010a60a397d9b"}]})
-    kind: RotatingKind
-    identity_key: str | None = Field(default=None, min_length=1, max_length=64, repr=False,
-                                     description="eid: the 16-byte identity key, 32 hex digits or base64")
-    k: Annotated[int, Field(ge=0, le=15), JSON_NUMBER] | None = Field(
-        default=None, description="eid: the rotation exponent (an EID lasts 2^k seconds)")
-    epoch: Annotated[int, Field(ge=0, le=2**40), JSON_NUMBER] | None = Field(
-        default=None, description="eid: the Unix second the beacon's clock counts from (its time 0)")
-    irk: str | None = Field(default=None, min_length=1, max_length=64, repr=False,
-                            description="irk: the identity resolving key, 32 hex digits (most significant "
-                                        "byte first, as the Core spec prints it) or base64")
+    kind: Literal["irk"]
+    irk: str = Field(pattern=KEY16, repr=False,
+                     description="The IRK: 32 hex digits, most significant byte first as the Core spec prints "
+                                 "it, or base64 (least significant byte first, as Apple exports it)")
+
+
+class RotatingAppIn(BaseModel):
+    """The shop's app: the gateway issues the secret its rotating iBeacon is derived from."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"kind": "app"}]})
+    kind: Literal["app"]
+
+
+RotatingIn = Annotated[RotatingEidIn | RotatingIrkIn | RotatingAppIn, Field(discriminator="kind")]
+"""One rotating identity for a profile; ``kind`` says which fields it has."""
 
 
 class RotatingOut(BaseModel):

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Path, Response, status
 
 from api.deps import Admin, Context
-from api.schemas import DB_ID_MAX, RotatingIn, RotatingIssued, RotatingOut
+from api.schemas import DB_ID_MAX, RotatingEidIn, RotatingIn, RotatingIrkIn, RotatingIssued, RotatingOut
 from gateway.profiles.rotating import RotatingIdentities
 
 router = APIRouter(prefix="/profiles/{profile_id}/rotating-identities", tags=["profiles"], dependencies=[Admin])
@@ -30,8 +30,12 @@ def _service(ctx: Context) -> RotatingIdentities:
 def enrol(profile_id: ProfileId, body: RotatingIn, ctx: Context) -> dict[str, Any]:
     """Enrol a rotating identity (201); a key already enrolled is 409. An ``app`` enrolment's answer holds
     the secret the app derives its beacon from: the only time it is shown."""
-    return _service(ctx).enrol(profile_id, body.kind, identity_key=body.identity_key, k=body.k, epoch=body.epoch,
-                               irk=body.irk)
+    svc = _service(ctx)
+    if isinstance(body, RotatingEidIn):
+        return svc.enrol(profile_id, "eid", identity_key=body.identity_key, k=body.k, epoch=body.epoch)
+    if isinstance(body, RotatingIrkIn):
+        return svc.enrol(profile_id, "irk", irk=body.irk)
+    return svc.enrol(profile_id, "app")
 
 
 @router.get("", response_model=list[RotatingOut], response_model_exclude_none=True)

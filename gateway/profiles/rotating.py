@@ -32,6 +32,8 @@ import secrets
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
+from operator import attrgetter, itemgetter, not_
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -261,8 +263,9 @@ class Resolved:
 
 Pair = tuple[Advertisement, Any]
 _PASS = object()  # a memo entry: not a rotating identity (or one nobody enrolled): the frame goes on as it is
-_NEW = object()  # an address the RPA cache does not know (yet)
 _GONE = object()  # an address resolved to an identity removed since
+_ADDRESS = attrgetter("address")
+_FIRST = itemgetter(0)
 
 
 class Resolver:
@@ -282,7 +285,7 @@ class Resolver:
         self._rpa = RpaDrains(max_entries=rpa_cache_size)
         self._memo: dict[str, Any] = {}
         self._frames: dict[int, Resolved] = {}  # profile id -> its frame (one per profile: one person)
-        self._rpa_frames: dict[int, Any] = {}  # IRK identity id -> its profile's frame, for the hot path
+        self._rpa_known: dict[str, Any] = {}  # address resolved to an enrolled IRK -> its profile's frame
         self.figures: dict[str, int] = dict.fromkeys(("eid", "app", "rpa", "unknown_rotating"), 0)
 
     # ------------------------------------------------------------ the table
@@ -292,7 +295,7 @@ class Resolver:
         self._entries = {e.id: e for e in entries}
         self._table.build([t for t in map(_table_entry, self._entries.values()) if t is not None], now)
         self._rpa = RpaDrains(max_entries=self._rpa.max_entries, ttl_s=self._rpa.ttl_s)
-        self._rpa_frames.clear()
+        self._rpa_known.clear()
         for e in self._entries.values():
             if e.kind == "irk":
                 self._rpa.add(e.id, e.secret)
@@ -317,7 +320,7 @@ class Resolver:
             return
         if e.kind == "irk":
             self._rpa.remove(identity_id)
-            self._rpa_frames.pop(identity_id, None)
+            self._rpa_known.clear()  # the other IRKs' addresses come back through the RPA cache
         else:
             self._table.remove(identity_id)
         self._memo.clear()
@@ -357,55 +360,32 @@ class Resolver:
             return parse(batch)
         if not self._rpa.irk_count:
             return self._swap(parse(batch))
+        known = self._rpa_known  # address -> its profile's frame: resolved to an enrolled IRK
+        marks = list(map(known.get, map(_ADDRESS, batch)))  # C-level passes: this runs for every advert
+        n_known = len(marks) - marks.count(None)
+        if n_known:
+            self.figures["rpa"] += n_known
+            rest = list(compress(batch, map(not_, marks)))
+            parsed = self._swap(parse(rest)) if rest else []
+            out: list[Any] = list(zip(compress(batch, marks), filter(None, marks), strict=True))
+            out += parsed
+        else:
+            rest = batch if isinstance(batch, list) else list(batch)
+            out = parsed = self._swap(parse(rest))
+        framed = set(map(id, map(_FIRST, parsed)))
         seen = self._rpa.seen.get
-        frames = self._rpa_frames  # identity id -> its profile's frame
-        marks: list[Any] = []  # per advert: its profile's frame (by address), _NEW (address to match) or None
-        mark = marks.append
-        rest: list[Advertisement] = []  # the adverts to parse
-        keep = rest.append
-        by_address = 0
-        for adv in batch:
-            hit = seen(adv.address)
-            if hit is None or hit[1] <= adv.time:
-                mark(_NEW)
-                keep(adv)
-            elif hit[0] is None:
-                mark(None)
-                keep(adv)
-            else:
-                f = frames.get(hit[0])
-                mark(f if f is not None else self._by_identity(hit[0]))
-                by_address += 1
-        self.figures["rpa"] += by_address
-        pairs = self._swap(parse(rest)) if rest else []
-        if not by_address and len(pairs) == len(rest):  # every advert had one frame: nothing to merge
-            return pairs
-        out: list[Any] = []
-        append = out.append
-        pending: list[int] = []  # places in ``out`` of frameless adverts from addresses not known yet
-        j, n = 0, len(pairs)
-        for adv, m in zip(batch, marks, strict=True):
-            if m is None or m is _NEW:
-                if j < n and pairs[j][0] is adv:
-                    while j < n and pairs[j][0] is adv:
-                        append(pairs[j])
-                        j += 1
-                elif m is _NEW:  # no frame, an address not known yet: matched with the drain's others
-                    pending.append(len(out))
-                    append(adv)
-            elif m is not _GONE:
-                append((adv, m))
-        if pending:
-            self._rpa.resolve_many([out[i].address for i in pending], batch[-1].time)
+        new = [adv for adv in rest if id(adv) not in framed
+               and ((hit := seen(adv.address)) is None or hit[1] <= adv.time)]
+        if new:
+            self._rpa.resolve_many([adv.address for adv in new], batch[-1].time)
             seen = self._rpa.seen.get  # an eviction may have replaced the table
-            for i in pending:
-                adv = out[i]
+            for adv in new:
                 hit = seen(adv.address)
-                f = self._by_identity(hit[0]) if hit is not None and hit[0] is not None else _GONE
-                if f is not _GONE:
-                    self.figures["rpa"] += 1
-                out[i] = (adv, f) if f is not _GONE else None
-            out = [x for x in out if x is not None]
+                if hit is not None and hit[0] is not None:
+                    f = self._by_identity(hit[0], adv.address)
+                    if f is not _GONE:
+                        self.figures["rpa"] += 1
+                        out.append((adv, f))
         return out
 
     def _swap(self, pairs: list[Pair]) -> list[Pair]:
@@ -448,12 +428,16 @@ class Resolver:
         r = self._memo[key] = self._resolved(e.profile_id, frame.ref_power)
         return r
 
-    def _by_identity(self, ident: int) -> Any:
-        """An address resolved to an IRK: its profile's frame (remembered), or _GONE when it was removed."""
+    def _by_identity(self, ident: int, address: str) -> Any:
+        """An address resolved to an IRK: its profile's frame (remembered for the address), or _GONE when the
+        identity was removed since."""
         e = self._entries.get(ident)
         if e is None:
             return _GONE
-        f = self._rpa_frames[ident] = self._resolved(e.profile_id, None)
+        known = self._rpa_known
+        if len(known) >= self._rpa.max_entries:
+            known.clear()  # addresses come back through the RPA cache, which has its own bound
+        f = known[address] = self._resolved(e.profile_id, None)
         return f
 
     def _resolved(self, profile_id: int, ref_power: int | None) -> Resolved:
@@ -514,16 +498,14 @@ def view(row: RotatingIdentity) -> dict[str, Any]:
 
 
 def _identity_key(text: str | None) -> bytes:
+    """An EID identity key as typed: the forms ``parse_irk`` reads (hex, maybe separated, or base64), taken
+    in the order given (an identity key has no over-the-air byte order)."""
     if not text:
         raise Invalid("identity_key: required for an eid (16 bytes, as 32 hex digits or base64)")
-    t = text.strip()
     try:
-        key = bytes.fromhex(t) if len(t) == 32 else base64.b64decode(t, validate=True)
-    except (ValueError, binascii.Error):
-        key = b""
-    if len(key) != 16:
-        raise Invalid("identity_key: expected 16 bytes, as 32 hex digits or base64")
-    return key
+        return proto.parse_irk(text, byte_order="msb")
+    except ValueError as exc:
+        raise Invalid("identity_key" + str(exc).removeprefix("irk")) from None
 
 
 Apply = Callable[[Callable[[], None]], None]
