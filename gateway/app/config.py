@@ -324,6 +324,16 @@ class IdentitySettings:
 
 
 @dataclass
+class HqSettings:
+    """Store and head office (docs/scale-out.md)."""
+
+    uplink: bool = False  # publish this store's events upward (<prefix>/<store>/hq/v1/<kind>) over [mqtt]'s broker
+    interval_s: float = 5.0  # how often the uplink looks for new rows
+    batch: int = 500  # rows per kind per uplink cycle at most
+    client_id: str = "hq"  # gateway hq: its persistent session's client id on the central broker
+
+
+@dataclass
 class FigureSettings:
     bounce_s: float = 60.0  # a visit that saw at most one zone and lasted less than this is a bounce
 
@@ -356,6 +366,7 @@ class Settings(BaseSettings):
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     figures: FigureSettings = Field(default_factory=FigureSettings)
+    hq: HqSettings = Field(default_factory=HqSettings)
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
     identities: IdentitySettings = Field(default_factory=IdentitySettings)
     remote: RemoteSettings = Field(default_factory=RemoteSettings)

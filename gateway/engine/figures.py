@@ -22,7 +22,8 @@ Definitions (all rates in percent):
 - per zone: the delivery figures of the notifications whose triggering event was in that zone
   (enter, dwell, exit, visit start at the entrance); telemetry and schedule sends have no zone.
 - store: every figure counts only the rows the store's gateway wrote (``store_id``), so stores sharing one
-  database keep theirs apart; ``store=None`` counts every store. A visit is new when it is the profile's
+  database keep theirs apart; ``store=None`` (or ``*``) counts every store, ``"a,b"`` those stores (head
+  office's database holds every store's rows: docs/scale-out.md). A visit is new when it is the profile's
   first at that store. A purchase is credited to the last notification its buyer got at any store (so it
   counts once across stores); a device alarm belongs to the store whose gateway prompted it.
 - conversion: notifications credited with a purchase / notified. A purchase (a cart's checkout
@@ -80,9 +81,17 @@ def hour_edges(day: str, timezone: str) -> list[tuple[str, float, float]]:
     return [(dt.datetime.fromtimestamp(a, tz).strftime("%H:%M"), a, b) for a, b in itertools.pairwise(edges)]
 
 
+def stores(store: str | None) -> list[str] | None:
+    """``store=`` as given: one id, several separated by commas, or None / ``*`` for every store."""
+    if store is None or store.strip() == "*":
+        return None
+    return [s for s in (p.strip() for p in store.split(",")) if s] or None
+
+
 def _at(column: Any, store: str | None) -> list[ColumnElement[bool]]:
-    """The condition that keeps one store's rows (none: every store's)."""
-    return [] if store is None else [column == store]
+    """The condition that keeps the rows of ``store`` (one, several or every one: ``stores``)."""
+    named = stores(store)
+    return [] if named is None else [column == named[0]] if len(named) == 1 else [column.in_(named)]
 
 
 def _pct(num: float, den: float) -> float | None:
@@ -293,8 +302,8 @@ def maintenance_figures(session: Session, start: float, end: float, store: str |
                                     Alarm.notification_id)
                              .where(Alarm.prompted_at.is_not(None), Alarm.prompted_at >= start,
                                     Alarm.prompted_at < end,
-                                    *([] if store is None else [Alarm.notification_id.in_(
-                                        select(Notification.id).where(Notification.store_id == store))]))):
+                                    *([] if stores(store) is None else [Alarm.notification_id.in_(
+                                        select(Notification.id).where(*_at(Notification.store_id, store)))]))):
         prompts += 1
         if a.notification_id is not None:
             tied.add(a.notification_id)
