@@ -352,10 +352,16 @@ class Resolver:
 
     def resolve(self, batch: Sequence[Advertisement], parse: Callable[[Sequence[Advertisement]], list[Pair]]
                 ) -> list[Pair]:
-        """The drain as (advert, frame) pairs, in order, for the guard: ``parse`` (parse_adverts) of it, with
-        every rotating identity the gateway resolves replaced by its profile's frame. An advert from an
-        address already resolved to an enrolled IRK is that profile whatever it carries, so it is not parsed;
-        a frameless advert from an address not known yet is matched with the drain's others, once."""
+        """The drain as (advert, frame) pairs for the guard: ``parse`` (parse_adverts) of it, with every
+        rotating identity the gateway resolves replaced by its profile's frame. An advert from an address
+        already resolved to an enrolled IRK is that profile whatever it carries, so it is not parsed; a
+        frameless advert from an address not known yet is matched with the drain's others, once.
+
+        Each source stays in time order (the adverts resolved by address, then the parsed ones, then those
+        matched now), so every identity's sightings are in order unless one profile is heard both by an RPA
+        and by a frame within one drain: then they are out of order by at most the drain's span, which the
+        tracker's reorder allowance (2 s) absorbs for any drain shorter than that (the runtime's hold what
+        arrived while the worker was busy)."""
         if not self._entries:
             return parse(batch)
         if not self._rpa.irk_count:
