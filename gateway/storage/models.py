@@ -639,3 +639,37 @@ class IdHighWater(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[int] = mapped_column(Integer)
+
+
+class HqUplinkMark(Base):
+    """A store's uplink: per kind of upward event, the last row id read and acknowledged by the broker
+    (gateway/hq/uplink.py); advanced only after PUBACK, so nothing is lost across restarts or outages."""
+
+    __tablename__ = "hq_uplink_marks"
+
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    last_id: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class HqUplinkOpen(Base):
+    """A row the uplink read while still open (a visit not ended yet...): published once it settles."""
+
+    __tablename__ = "hq_uplink_open"
+
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    row_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class HqEvent(Base):
+    """Head office's ledger: every upward event applied, once, by its id (gateway/hq/consumer.py). ``row_id``
+    is the row it became here; an event whose parent has not arrived yet waits with its ``payload``."""
+
+    __tablename__ = "hq_events"
+
+    event_id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    store_id: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    row_id: Mapped[int | None] = mapped_column(Integer)
+    received_at: Mapped[float] = mapped_column(Float)
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # set while waiting for its parent

@@ -1,0 +1,100 @@
+"""Upward events: the topic layout and the versioned JSON schema (pure: rows in, dicts out, and back).
+
+Topic: ``<prefix>/<store>/hq/v1/<kind>``. Body (schema version 1)::
+
+    {"v": 1, "id": "<store>:<kind>:<key>", "store": "<store>", "kind": "<kind>", "data": {...}}
+
+``id`` is stable for one fact (a row id, or a footfall row's key), so head office keeps each event once
+whatever the redeliveries. ``data`` holds the row's columns as the store has them (times in Unix seconds);
+profiles travel as the store's own id only (no names, no identifiers).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+VERSION = 1
+KINDS = ("visit", "zone_stay", "decision", "notification", "interaction", "footfall_day", "footfall_hour")
+MAX_BODY = 64 * 1024
+
+
+class EventError(ValueError):
+    """An upward event that does not follow the schema; the message names the field."""
+
+
+def topic(prefix: str, store: str, kind: str) -> str:
+    return f"{prefix}/{store}/hq/v{VERSION}/{kind}"
+
+
+def subscription(prefix: str) -> str:
+    """Head office's filter: every store's events of this schema version."""
+    return f"{prefix}/+/hq/v{VERSION}/#"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: str
+    store: str
+    kind: str
+    data: dict[str, Any]
+
+    def body(self) -> bytes:
+        return json.dumps({"v": VERSION, "id": self.id, "store": self.store, "kind": self.kind, "data": self.data},
+                          separators=(",", ":"), sort_keys=True).encode()
+
+
+def event(store: str, kind: str, key: str | int, data: dict[str, Any]) -> Event:
+    return Event(f"{store}:{kind}:{key}", store, kind, data)
+
+
+_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "visit": {"id": (int,), "profile_id": (int,), "started_at": (float, int), "ended_at": (float, int, type(None)),
+              "zones": (list,)},
+    "zone_stay": {"id": (int,), "profile_id": (int,), "visit_id": (int, type(None)), "zone": (str,),
+                  "entered_at": (float, int), "exited_at": (float, int, type(None))},
+    "decision": {"id": (int,), "at": (float, int), "profile_id": (int,), "campaign_id": (str,),
+                 "event_kind": (str,), "event_key": (str,), "fired": (bool,), "reason": (str,),
+                 "detail": (str, type(None)), "variant": (str, type(None))},
+    "notification": {"id": (int,), "profile_id": (int,), "campaign_id": (str,), "purpose": (str,),
+                     "dedup_key": (str,), "created_at": (float, int), "status": (str,),
+                     "deliver_at": (float, int, type(None)), "variant": (str, type(None)), "data": (dict,)},
+    "interaction": {"id": (int,), "notification_id": (int,), "kind": (str,), "at": (float, int)},
+    "footfall_day": {"day": (str,), "zone": (str,), "anonymous_visits": (int,), "anonymous_dwell_s": (float, int),
+                     "anonymous_ended": (int,), "anonymous_bounces": (int,)},
+    "footfall_hour": {"day": (str,), "hour": (int,), "zone": (str,), "anonymous_visits": (int,)},
+}
+
+
+def parse(topic_name: str, payload: bytes) -> Event:
+    """One message back into an Event, checked against the schema; EventError names what is wrong."""
+    if len(payload) > MAX_BODY:
+        raise EventError(f"body: {len(payload)} bytes, at most {MAX_BODY}")
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EventError(f"body: not JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise EventError("body: expected an object")
+    if body.get("v") != VERSION:
+        raise EventError(f"v: expected {VERSION}, got {body.get('v')!r}")
+    for key in ("id", "store", "kind"):
+        if not isinstance(body.get(key), str) or not body[key]:
+            raise EventError(f"{key}: expected a non-empty string")
+    kind, store = body["kind"], body["store"]
+    if kind not in _FIELDS:
+        raise EventError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    parts = topic_name.split("/")
+    if len(parts) < 4 or parts[-1] != kind or parts[-4] != store:
+        raise EventError(f"topic {topic_name!r} does not match store {store!r} and kind {kind!r}")
+    if not body["id"].startswith(f"{store}:{kind}:"):
+        raise EventError(f"id: expected to begin with {store}:{kind}:")
+    data = body.get("data")
+    if not isinstance(data, dict):
+        raise EventError("data: expected an object")
+    for name, types in _FIELDS[kind].items():
+        value = data.get(name)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise EventError(f"data.{name}: expected {' or '.join(t.__name__ for t in types)}, got {value!r}")
+    return Event(body["id"], store, kind, data)
