@@ -435,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.app.service import add_parser as add_service
 
     add_service(sub)  # service install | uninstall
+    from gateway.app.hq import add_parser as add_hq
+
+    add_hq(sub)  # hq: head office's consumer and API
     return p
 
 
