@@ -32,8 +32,6 @@ import secrets
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import compress
-from operator import attrgetter, itemgetter, not_
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -264,8 +262,6 @@ class Resolved:
 Pair = tuple[Advertisement, Any]
 _PASS = object()  # a memo entry: not a rotating identity (or one nobody enrolled): the frame goes on as it is
 _GONE = object()  # an address resolved to an identity removed since
-_ADDRESS = attrgetter("address")
-_FIRST = itemgetter(0)
 
 
 class Resolver:
@@ -367,18 +363,18 @@ class Resolver:
         if not self._rpa.irk_count:
             return self._swap(parse(batch))
         known = self._rpa_known  # address -> its profile's frame: resolved to an enrolled IRK
-        marks = list(map(known.get, map(_ADDRESS, batch)))  # C-level passes: this runs for every advert
+        marks = list(map(known.get, [adv.address for adv in batch]))
         n_known = len(marks) - marks.count(None)
         if n_known:
             self.figures["rpa"] += n_known
-            rest = list(compress(batch, map(not_, marks)))
+            rest = [adv for adv, m in zip(batch, marks, strict=True) if m is None]
             parsed = self._swap(parse(rest)) if rest else []
-            out: list[Any] = list(zip(compress(batch, marks), filter(None, marks), strict=True))
+            out: list[Any] = [(adv, m) for adv, m in zip(batch, marks, strict=True) if m is not None]
             out += parsed
         else:
             rest = batch if isinstance(batch, list) else list(batch)
             out = parsed = self._swap(parse(rest))
-        framed = set(map(id, map(_FIRST, parsed)))
+        framed = {id(adv) for adv, _ in parsed}
         seen = self._rpa.seen.get
         new = [adv for adv in rest if id(adv) not in framed
                and ((hit := seen(adv.address)) is None or hit[1] <= adv.time)]
