@@ -206,3 +206,20 @@ def test_key_file_forms_and_errors(tmp_path):
     assert load_key("", str(tmp_path / "data")) == generated
     with pytest.raises(ConfigError, match="app_uuid"):
         IdentitySettings(app_uuid="not-a-uuid")
+
+
+async def test_a_restart_resolves_what_was_enrolled_before_it(tmp_path, clock, runtime_factory):
+    """The keys come back from the database (decrypted with the key file kept in the data dir)."""
+    settings = settings_for(tmp_path)
+    rt = await runtime_factory(settings)
+    pid = rt.service.create_profile(NewProfile(external_id="ines"))["id"]
+    assert rt.service.rotating is not None
+    secret = bytes.fromhex(rt.service.rotating.enrol(pid, "app")["secret"])
+    await runtime_factory.stop(rt)
+
+    rt = await runtime_factory(settings)
+    major, minor = proto.app_beacon(secret, proto.app_window(clock.now()))
+    rt.inject(adverts("4A:00:00:00:00:09", ibeacon_payload(settings.identities.app_uuid, major, minor), clock.now()))
+    await rt.flush()
+    assert app_key(pid) in rt.pipeline.presence.tracks
+    assert rt.pipeline.rotating.figures["app"] == 1
