@@ -61,6 +61,8 @@ async def serve(settings: Any, *, api: bool = True) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if not await asyncio.to_thread(consumer.subscribed.wait, 30.0):  # the API only once the session is there
+        log.warning("hq: not subscribed to the central broker yet (%s:%s); serving meanwhile", m.host, m.port)
     server = _api(settings, db) if api else None
     task = asyncio.create_task(server.serve()) if server is not None else None
     print(f"gateway hq: consuming {m.topic_prefix}/+/hq/v1/# from {m.host}:{m.port}"

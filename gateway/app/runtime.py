@@ -176,6 +176,7 @@ class Runtime:
                                         "From an advertisement's arrival to the commit of the notifications it caused")
         self._batch_t0 = 0.0
         self.admin_key = settings.api.admin_key or secrets.token_urlsafe(24)
+        self.uplink: Any = None  # gateway.hq.uplink.UplinkThread when [hq] uplink: the store's events upward
         engine = self.pipeline.engine
 
         def runner(session: Session, event: EngineEvent) -> list[dict[str, Any]]:
@@ -275,6 +276,15 @@ class Runtime:
             await self.mqtt.start(self._loop)
             self._tasks.append(asyncio.create_task(self._consume_telemetry(), name="telemetry"))
             self._tasks.append(asyncio.create_task(self._consume_sightings(), name="sightings"))
+        if self.settings.hq.uplink and self.settings.mqtt.enabled:  # a stage apart: it reads rows, never calls in
+            from gateway.hq.uplink import Uplink, UplinkThread
+
+            m, store, hq = self.settings.mqtt, self.settings.store.id, self.settings.hq
+            self.uplink = UplinkThread(lambda publish: Uplink(self.db, store, m.topic_prefix, publish,
+                                                              batch=hq.batch, now=self.clock.now),
+                                       m.host, m.port, f"gateway-{store}-uplink", hq.interval_s, m.username,
+                                       m.password)
+            self.uplink.start()
         if self.scanner is not None:
             await self.scanner.start(self.on_advert)
         self._tasks.append(asyncio.create_task(self._ticker(), name="ticker"))
@@ -360,6 +370,8 @@ class Runtime:
         if self.mqtt is not None:
             await self._flush_telemetry()  # committed and acked while we are still connected
             await self.mqtt.stop()
+        if self.uplink is not None:
+            await asyncio.to_thread(self.uplink.stop)
         self.hub.close_all()
         if self.dashboard is not None:  # its live streams end with the customers'
             self.dashboard.close()
