@@ -202,3 +202,51 @@ def test_on_sqlite_the_lease_is_a_lock_beside_the_database(tmp_path: Path) -> No
     finally:
         first.release()
         second.release()
+
+
+class GatewayRun(Gateway):
+    """``gateway run --config F --no-ble``, the command a shop's service runs; stdout read by a thread."""
+
+    def __init__(self, config: Path, data_dir: Path) -> None:
+        import queue
+
+        self.errors = data_dir / "run.err"
+        self._stderr = self.errors.open("w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway.app.cli", "run", "--config", str(config),
+                                      "--no-ble"], cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self.lines = queue.Queue()
+        self.seen = []
+        assert self.proc.stdout is not None
+        threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
+
+
+def run_config(tmp_path: Path, url: str, name: str, port: int) -> Path:
+    data = tmp_path / name
+    data.mkdir()
+    cfg = data / "gw.toml"
+    cfg.write_text(f'data_dir = "{data}"\n[database]\nurl = "{url}"\n[api]\nport = {port}\n'
+                   'admin_key = "pair-admin-key-0123456789"\n[mqtt]\nenabled = false\n'
+                   f'[campaigns]\ndir = "{ROOT / "examples/campaigns"}"\n')
+    return cfg
+
+
+async def test_two_gateway_runs_one_waits_as_standby_and_serves_once_the_leader_is_killed(
+        store_db: str, tmp_path: Path) -> None:
+    ports = free_port(), free_port()
+    first = GatewayRun(run_config(tmp_path, store_db, "a", ports[0]), tmp_path / "a")
+    second: GatewayRun | None = None
+    try:
+        await first.expect("gateway running")
+        second = GatewayRun(run_config(tmp_path, store_db, "b", ports[1]), tmp_path / "b")
+        await second.expect("gateway standby")
+        async with httpx.AsyncClient(timeout=5) as http:
+            assert (await http.get(f"http://127.0.0.1:{ports[0]}/health/ready")).status_code == 200
+            with pytest.raises(httpx.ConnectError):  # the standby runs nothing, not even its API
+                await http.get(f"http://127.0.0.1:{ports[1]}/health/ready")
+            first.kill9()
+            await second.expect("gateway running")  # the lease went with the killed process's session
+            assert (await http.get(f"http://127.0.0.1:{ports[1]}/health/ready")).status_code == 200
+    finally:
+        first.kill9()
+        if second is not None:
+            second.kill9()
