@@ -140,10 +140,34 @@ def hq_db(pg_url: str) -> Iterator[Database]:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples/mosquitto-bridge.conf"
+# The example's lines that name its site: here a loopback broker, no TLS, no accounts, a quick retry.
+SITE = {"listener": None, "allow_anonymous": None, "password_file": None, "remote_username": None,
+        "remote_password": None, "bridge_cafile": None, "restart_timeout": "1"}
+
+
+def bridge_config(store: str, central: MosquittoServer, workdir: Path) -> str:
+    """examples/mosquitto-bridge.conf as a store broker runs it, with this test's addresses and paths."""
+    site = {**SITE, "address": f"{central.host}:{central.port}", "remote_clientid": f"bridge-{store}",
+            "connection": f"hq-{store}", "persistence_location": f"{workdir}/"}
+    lines = []
+    for line in EXAMPLE.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        if key in site:
+            if site[key] is None:
+                continue
+            value = str(site[key])
+        lines.append(f"{key} {value}")
+    assert "cleansession false" in lines and f"topic {PREFIX}/+/hq/# out 1" in lines
+    return "\n".join(lines)
+
+
 @pytest.fixture
 def brokers(tmp_path: Path) -> Iterator[tuple[MosquittoServer, list[MosquittoServer]]]:
     """A central broker (persistent, so head office's session outlives its restart) and two store brokers
-    bridged to it with examples/mosquitto-bridge.conf's settings."""
+    bridged to it by examples/mosquitto-bridge.conf."""
     binary = _mosquitto_binary()
     (tmp_path / "central").mkdir()
     central = MosquittoServer(binary=binary, workdir=tmp_path / "central",
@@ -153,11 +177,8 @@ def brokers(tmp_path: Path) -> Iterator[tuple[MosquittoServer, list[MosquittoSer
     stores = []
     for sid in ("a", "b"):
         (tmp_path / sid).mkdir()
-        broker = MosquittoServer(binary=binary, workdir=tmp_path / sid, extra="\n".join([
-            f"persistence true\npersistence_location {tmp_path / sid}/",
-            f"connection hq-{sid}", f"address {central.host}:{central.port}", f"remote_clientid bridge-{sid}",
-            "cleansession false", "bridge_protocol_version mqttv50", f"topic {PREFIX}/+/hq/# out 1",
-            "restart_timeout 1", "try_private true"]))
+        broker = MosquittoServer(binary=binary, workdir=tmp_path / sid, extra=bridge_config(
+            sid, central, tmp_path / sid))
         broker.start()
         stores.append(broker)
     try:

@@ -27,7 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from gateway.hq.events import Event, EventError, parse, subscription
-from gateway.storage.db import Database
+from gateway.storage.db import Database, describe, is_transient
 from gateway.storage.models import (
     Decision,
     FootfallCount,
@@ -233,6 +233,37 @@ class HqConsumer:
                 batch.append(more)
             self._handle(batch)
 
+    def _commit(self, events: list[Event]) -> int:
+        """The batch in one transaction; while the database is away, again (nothing is acked meanwhile: a
+        crash redelivers). An event the database refuses for its data is written alone, and one that still
+        fails is logged with its id, counted and dropped, so it cannot hold back every store's events."""
+        pause = threading.Event()
+        delay = 0.5
+        while True:
+            try:
+                with self.db.session() as s:
+                    return self.applier.apply(s, events, self._now())
+            except Exception as exc:
+                self.applier.forget_cache()
+                if not is_transient(exc):
+                    break
+                log.warning("hq: the database is away (%s); %d event(s) wait", describe(exc), len(events))
+                pause.wait(delay)
+                delay = min(delay * 2, 10.0)
+        new = 0
+        for e in events:
+            try:
+                with self.db.session() as s:
+                    new += self.applier.apply(s, [e], self._now())
+            except Exception as exc:
+                self.applier.forget_cache()
+                if is_transient(exc):
+                    return new + self._commit([e])
+                self.stats.rejected += 1
+                self.stats.rejects["unwritable"] = self.stats.rejects.get("unwritable", 0) + 1
+                log.warning("hq: dropped event %s: the database refused it (%s)", e.id, describe(exc))
+        return new
+
     def _handle(self, batch: list[tuple[int, int, str, bytes]]) -> None:
         events: list[Event] = []
         for _, _, t, payload in batch:
@@ -243,15 +274,7 @@ class HqConsumer:
                 reason = str(exc).split(":", 1)[0]
                 self.stats.rejects[reason] = self.stats.rejects.get(reason, 0) + 1
                 log.warning("hq: dropped an event on %s: %s", t, exc)
-        while True:
-            try:
-                with self.db.session() as s:
-                    new = self.applier.apply(s, events, self._now())
-                break
-            except Exception:  # the database is away: nothing acked, try again (a crash redelivers anyway)
-                self.applier.forget_cache()
-                log.exception("hq: a batch of %d event(s) failed to commit; trying again", len(events))
-                threading.Event().wait(1.0)
+        new = self._commit(events)
         self.stats.received += len(batch)
         self.stats.applied += new
         self.stats.duplicates += len(events) - new - sum(1 for e in events if e.kind.startswith("footfall"))
