@@ -36,3 +36,12 @@ class VirtualClock:
         if t < self._now:
             raise ValueError("a virtual clock does not run backwards")
         self._now = float(t)
+
+
+class SteppingClock(VirtualClock):
+    """A virtual clock whose wall time can also be stepped, back or forward, as NTP steps a Pi's clock
+    that booted without one. ``advance`` is time really passing; ``step`` only moves the reading."""
+
+    def step(self, seconds: float) -> float:
+        self._now += seconds
+        return self._now

@@ -244,7 +244,7 @@ class Pipeline:
             created += self.engine.release_due(s, now)
             for campaign, audience in self.engine.schedule_audiences(s, now):  # each audience as one batch
                 created += self._decide_many(s, audience, [campaign])
-        if now - self._last_cart_scan >= CART_SCAN_S:
+        if not 0 <= now - self._last_cart_scan < CART_SCAN_S:  # due, or the clock stepped back past the last scan
             self._last_cart_scan = now
             created += self.cart_events(now)
         self.flush_footfall()
@@ -354,11 +354,11 @@ class Pipeline:
         """Devices gone silent past their profile's missed intervals go offline; retention purges.
         Returns the ids of devices that went offline now."""
         gone: list[str] = []
-        if now - self._last_offline_scan >= OFFLINE_SCAN_S:
+        if not 0 <= now - self._last_offline_scan < OFFLINE_SCAN_S:  # (a step back: now, not in an hour)
             self._last_offline_scan = now
             with self.db.session() as s:
                 gone = self.telemetry.sweep_offline(s, now)
-        if now - self._last_purge >= PURGE_EVERY_S:
+        if not 0 <= now - self._last_purge < PURGE_EVERY_S:
             self._last_purge = now
             with self.db.session() as s:
                 self.telemetry.purge(s, now)

@@ -514,7 +514,7 @@ class Engine:
 
         The outbox is asked only when a send this engine scheduled may be due, or every RELEASE_RESCAN_S
         (sends scheduled by another process), not on every tick."""
-        if now < self._release_from and now < self._release_scan + RELEASE_RESCAN_S:
+        if now < self._release_from and self._release_scan <= now < self._release_scan + RELEASE_RESCAN_S:
             return []
         self._release_scan = now
         first = stored.first_scheduled(session)

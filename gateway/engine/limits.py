@@ -26,10 +26,12 @@ class FrequencyCap:
 
 
 def nearest_within(history: Iterable[SendRow], campaign_id: str, at: float, window_s: float) -> float | None:
-    """The campaign's send nearest to ``at`` less than ``window_s`` away on either side (a cooldown's
-    blocker), or None."""
-    lo, hi = at - window_s, at + window_s
-    near = [t for cid, t, _, _, _ in history if cid == campaign_id and lo < t < hi]
+    """The campaign's send nearest to ``at`` that blocks it (a cooldown's blocker), or None: one less than
+    ``window_s`` before it, or any at or after it. A later one is either still due (delayed, held) or was
+    sent before the wall clock stepped back; either way the customer has it, so it blocks until the clock
+    is past it: a step back can lengthen a cooldown by up to the step, never shorten it."""
+    lo = at - window_s
+    near = [t for cid, t, _, _, _ in history if cid == campaign_id and lo < t]
     return min(near, key=lambda x: abs(at - x)) if near else None
 
 

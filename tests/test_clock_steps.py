@@ -1,0 +1,129 @@
+"""The wall clock steps an hour back or forward under a running gateway (NTP on a Pi that booted without a
+clock, or with fake-hwclock's stale time), and what the customer sees stays right.
+
+A real Runtime on SQLite with a SteppingClock: sightings at the clock's time go through presence, the
+engine and the outbox; ticks run the timers. What must hold:
+
+- a cooldown holds across a step back: the send made before it does not look an hour "in the future"
+  and so out of reach (a customer who leaves and comes back is not sent the same offer twice);
+- the interval timers (cart abandonment, device offline sweep, telemetry purge) keep running after a step
+  back instead of waiting an hour for the clock to catch up with their last run;
+- a step forward releases each delayed send once, never twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from beacons.types import Sighting
+from gateway.app.config import Settings
+from gateway.app.runtime import Runtime
+from gateway.clock import SteppingClock
+from gateway.presence.settings import ReceiverSettings, ZoneBand
+from gateway.presence.tracker import PresenceEvent
+from gateway.profiles.service import NewProfile
+from gateway.storage.models import Decision, Notification
+from tests.fixtures import RuntimeFactory, runtime_settings
+
+T0 = 1_780_300_800.0  # 2026-06-01 08:00 UTC
+KEY = "ibeacon:f7826da6-4fa2-4e98-8024-bc5b71e0893e:1:1"
+HOUR = 3600.0
+
+
+@pytest.fixture
+def clock() -> SteppingClock:
+    return SteppingClock(T0)
+
+
+def settings(tmp_path: Path, campaigns: dict[str, str]) -> Settings:
+    s = runtime_settings(tmp_path)
+    d = tmp_path / "campaigns"
+    d.mkdir()
+    for name, text in campaigns.items():
+        (d / f"{name}.yaml").write_text(text)
+    s.campaigns.dir = str(d)
+    s.receivers = [ReceiverSettings("rx", [ZoneBand("a", 5.0)], measured_power=-59)]
+    s.presence.enter_hold_s = 0.0
+    s.presence.fade_time_s = 0.05
+    s.presence.exit_after_s = 10.0
+    s.presence.visit_end_after_s = 60.0
+    s.engine.caps = []
+    return s
+
+
+def enrol(rt: Runtime, consent: str = "offers") -> int:
+    return int(rt.service.create_profile(NewProfile(external_id="ann", identifiers=[("beacon", KEY)],
+                                                    consents={consent: True}))["id"])
+
+
+def walk(rt: Runtime, clock: SteppingClock, seconds: float, heard: bool) -> None:
+    """``seconds`` of real time in 0.25 s steps: the tag heard (or not) at the clock's time, a tick a second."""
+    for i in range(int(seconds * 4)):
+        clock.advance(0.25)
+        if heard:
+            rt.pipeline.ingest_sightings([Sighting(KEY, "rx", -55, clock.now(), None)])
+        if i % 4 == 3:
+            rt.pipeline.tick(clock.now())
+
+
+def decisions(rt: Runtime, campaign: str) -> list[str]:
+    with rt.db.session() as s:
+        return [d.reason for d in s.scalars(select(Decision).where(Decision.campaign_id == campaign)
+                                            .order_by(Decision.id))]
+
+
+async def test_a_cooldown_holds_when_the_clock_steps_back_between_two_visits(
+        tmp_path: Path, clock: SteppingClock, runtime_factory: RuntimeFactory) -> None:
+    rt = await runtime_factory(settings(tmp_path, {"hello": (
+        "id: hello\npurpose: offers\ntrigger: {type: enter, zone: a}\naction: {title: t, body: b}\n"
+        "limits: {cooldown_s: 1800}\n")}), serve_api=False)
+    enrol(rt)
+    walk(rt, clock, 5, heard=True)
+    assert decisions(rt, "hello") == ["fired"]
+    walk(rt, clock, 120, heard=False)  # she leaves: exit, then the visit ends; nobody is tracked
+    assert not rt.pipeline.presence.tracks
+    clock.step(-HOUR)  # NTP: the clock was an hour fast
+    walk(rt, clock, 600, heard=False)
+    walk(rt, clock, 5, heard=True)  # back after 12 minutes of real time: inside the 30 min cooldown
+    assert decisions(rt, "hello") == ["fired", "cooldown"]
+    # The send stays "ahead" on the stepped clock until the clock catches up: a step back can lengthen a
+    # cooldown by up to the step, never shorten it.
+    walk(rt, clock, 120, heard=False)
+    walk(rt, clock, 1800, heard=False)
+    walk(rt, clock, 5, heard=True)
+    assert decisions(rt, "hello")[-1] == "cooldown"
+    walk(rt, clock, 120, heard=False)
+    walk(rt, clock, 1800 + 900, heard=False)  # the clock is now past the first send's time plus the cooldown
+    walk(rt, clock, 5, heard=True)
+    assert decisions(rt, "hello")[-1] == "fired"
+
+async def test_cart_abandonment_runs_on_time_after_the_clock_steps_back(
+        tmp_path: Path, clock: SteppingClock, runtime_factory: RuntimeFactory) -> None:
+    s = settings(tmp_path, {"cart": ("id: cart\npurpose: cart_reminders\ntrigger: {type: cart_abandoned}\n"
+                                     "action: {title: t, body: b}\n")})
+    s.carts.abandon_after_s = 600.0
+    rt = await runtime_factory(s, serve_api=False)
+    pid = enrol(rt, "cart_reminders")
+    walk(rt, clock, 10, heard=False)  # the scans have run at the old time
+    clock.step(-HOUR)
+    rt.service.upsert_cart("c1", profile_id=pid, external_id=None, items=[{"sku": "x", "qty": 1}], updated_at=None)
+    walk(rt, clock, 600 + 30, heard=False)  # abandoned after 600 s; the scan runs every 5 s of clock time
+    assert decisions(rt, "cart") == ["fired"]
+
+
+async def test_a_step_forward_releases_each_delayed_send_once(
+        tmp_path: Path, clock: SteppingClock, runtime_factory: RuntimeFactory) -> None:
+    rt = await runtime_factory(settings(tmp_path, {"later": (
+        "id: later\npurpose: offers\ntrigger: {type: enter, zone: a}\naction: {title: t, body: b, delay_s: 300}\n")}),
+        serve_api=False)
+    pid = enrol(rt)
+    rt.pipeline.handle_presence([PresenceEvent("enter", KEY, T0, "a", T0, T0)])
+    clock.step(HOUR)
+    released = rt.pipeline.tick(clock.now()) + rt.pipeline.tick(clock.now() + 1)
+    walk(rt, clock, 10, heard=False)
+    with rt.db.session() as s:
+        (n,) = s.scalars(select(Notification).where(Notification.profile_id == pid)).all()
+        assert released == [n.id] and n.status == "pending"
