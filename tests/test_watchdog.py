@@ -297,3 +297,30 @@ async def test_a_scanner_whose_restart_hangs_stops_the_pings_until_it_scans_agai
     back = len(listener.messages)
     again = await asyncio.to_thread(listener.wait, lambda ms: count(ms[back:], "WATCHDOG=1") >= 2, "pings again")
     assert "WATCHDOG=1\nSTATUS=running" in again[back:]  # the restart went through: the scanner moved again
+
+
+def test_a_standby_says_so_to_systemd_and_is_ready_only_once_it_holds_the_lease(tmp_path: Path, listener: Listener):
+    """The unit's start has no time limit (TimeoutStartSec=infinity) because a standby waits for the store's
+    lease before READY=1; `systemctl status` shows why it waits."""
+    from gateway.storage.lease import Lease
+
+    cfg = run_config(tmp_path)
+    held = Lease(f"sqlite:///{tmp_path}/gw.db", "store-001")  # another gateway of the store, this process
+    assert held.try_acquire()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "WATCHDOG_"))}
+    env.update(NOTIFY_SOCKET=listener.name, WATCHDOG_USEC="400000")
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.app.cli", "run", "--config", str(cfg), "--no-ble"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = listener.wait(lambda ms: any(m.startswith("STATUS=standby:") for m in ms), "a standby status")
+        assert not count(seen, "READY=1")
+        held.release()  # the other gateway went: this one takes over and only now says it is ready
+        listener.wait(lambda ms: count(ms, "READY=1") == 1, "READY=1 after the lease")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        held.release()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]

@@ -137,10 +137,17 @@ async def _run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     # One active gateway per store: a second one on the same database waits here as standby.
     lease = Lease(settings.database.url, settings.store.id)
-    if not await lease.acquire(stop, lambda: print(f"gateway standby: another gateway holds store "
-                                                   f"{settings.store.id}'s lease; waiting", flush=True)):
+    watchdog = Watchdog.from_environ()  # systemd's, if any
+
+    def standby() -> None:
+        said = f"another gateway holds store {settings.store.id}'s lease; waiting"
+        print(f"gateway standby: {said}", flush=True)
+        if watchdog is not None:  # `systemctl status` shows it while the unit is still starting
+            watchdog.notifier.send(f"STATUS=standby: {said}")
+
+    if not await lease.acquire(stop, standby):
         return 0
-    runtime = Runtime(settings, scanner=scanner, mqtt=mqtt, watchdog=Watchdog.from_environ())  # systemd's, if any
+    runtime = Runtime(settings, scanner=scanner, mqtt=mqtt, watchdog=watchdog)
     try:
         await runtime.start()
     except ScannerUnavailable as exc:

@@ -102,6 +102,9 @@ Restart=always
 RestartSec=5
 # 2: the config is wrong; a restart cannot fix it (`systemctl status` shows the line naming the key).
 RestartPreventExitStatus=2
+# A second gateway on the same database waits as standby for the store's lease before it says READY=1
+# (STATUS= says so): its start has no time limit. 4: it held the lease and lost it; restarted, it waits again.
+TimeoutStartSec=infinity
 TimeoutStopSec=30
 User={layout.user}
 Group={group or layout.user}
