@@ -27,6 +27,7 @@ BENCHMARKS = [
     ("record_overhead.py", {"adverts", "us_per_advert_off", "us_per_advert_on", "overhead_pct", "recorded_rows"}),
     ("rotating.py", {"adverts_per_s", "baseline_adverts_per_s", "ratio", "table_mb", "cpu_s", "wall_s",
                      "baseline_cpu_s", "enrolled"}),
+    ("soak.py", {"rss_mb", "rss_growth_pct", "tables", "tables_max", "figures", "figures_match", "cpu_s", "wall_s"}),
     ("sse_fanout.py", {"clients", "fanout_s", "received", "fired", "goal_fanout_s", "ratio"}),
     ("telemetry_ingest.py", {"msgs_per_s", "anchor_msgs_per_s", "ratio", "ratio_2_workers", "lost",
                              "lost_2_workers", "messages", "devices"}),
