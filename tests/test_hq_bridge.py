@@ -3,7 +3,8 @@ notifications, interactions and footfall into their own SQLite; each store's upl
 store's Mosquitto, which bridges them (cleansession false, MQTT 5, QoS 1 out) to a central Mosquitto;
 head office's consumer writes them into a fresh PostgreSQL. Head office's figures per store equal each
 store's own, across stores they add up, and every event is there once: after a consumer restart mid-stream,
-a republish of everything, and an hour of WAN down (the central broker stopped) while the stores go on."""
+a republish of everything, and an hour of WAN down (the central broker stopped) while the stores go on; a
+customer erased at a store is erased at head office too."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from gateway.campaigns.model import CampaignIndex, parse_campaign
 from gateway.clock import VirtualClock
 from gateway.engine.figures import figures
 from gateway.hq.consumer import HqConsumer
+from gateway.hq.events import event, topic
 from gateway.hq.uplink import Uplink, UplinkThread
 from gateway.presence.tracker import PresenceEvent
 from gateway.profiles.service import GatewayService, NewProfile, ServiceOptions
@@ -36,6 +38,7 @@ from gateway.storage.models import (
     HqUplinkOpen,
     Interaction,
     Notification,
+    Profile,
     Visit,
     ZoneStay,
 )
@@ -265,6 +268,27 @@ def test_head_office_gets_each_event_once_and_the_same_figures_through_bridges_r
                                                              for s in own)
     assert [h["footfall"] for h in both["hours"]] == [x + y for x, y in zip(
         [h["footfall"] for h in own["a"]["hours"]], [h["footfall"] for h in own["b"]["hours"]], strict=True)]
+
+    # Alice is erased at store a: her rows go there (the database's cascades) and, after an uplink cycle, at
+    # head office too; a late redelivery of one of her events brings nothing back.
+    with a.db.session() as s:
+        v = s.scalars(select(Visit).order_by(Visit.id).limit(1)).one()
+        # One of her events still on its way when she is erased (an id head office has not seen yet).
+        alice, late = v.profile_id, event("a", "visit", 10**6, {"id": 10**6, "profile_id": v.profile_id,
+                                                               "started_at": v.started_at, "ended_at": v.ended_at,
+                                                               "zones": list(v.zones)})
+    a.svc.erase_profile(alice)
+    assert a.link.uplink.run_once() >= 1
+    assert wait_until(lambda: hq_counts(hq_db, "a") == a.counts()), (hq_counts(hq_db, "a"), a.counts())
+    with hq_db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Profile).where(Profile.external_id == f"a:{alice}")) == 0
+    received = hq.stats.received
+    a.link.uplink.publish(topic(PREFIX, "a", "visit"), late.body()).wait_for_publish(WAIT_S)
+    assert wait_until(lambda: hq.stats.received > received)
+    assert hq_counts(hq_db, "a") == a.counts()
+    with hq_db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Profile).where(Profile.external_id == f"a:{alice}")) == 0
+        assert figures(s, DAY, DAY, TZ, store="a") == a.figures()
     hq.stop()
     for st in (a, b):
         st.link.stop()

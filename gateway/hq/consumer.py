@@ -6,7 +6,8 @@ row, into the same tables a store uses, with the store's id, so the figures work
 ids become head office's own (a store's profile ``p`` is head office's profile ``<store>:<p>``); a stay's
 visit and an interaction's notification are found through the ledger. An interaction that arrives before
 its notification waits in the ledger with its payload and is written when the notification comes.
-Footfall counters keep the larger count (they only grow), so a republished row changes nothing.
+Footfall counters keep the larger count (they only grow), so a republished row changes nothing. An
+``erasure`` removes the store's profile and, by the database's cascades, every row of it.
 
 ``HqConsumer`` is the MQTT side, as the store's telemetry intake (devices/mqtt.py): one paho connection,
 a persistent session (MQTT 5, ``clean_start`` false, a session expiry), QoS 1, ``manual_ack``: a message
@@ -22,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -75,11 +76,20 @@ class Applier:
         """The event's row; False (and its payload kept in the ledger) when its parent has not come yet."""
         d = e.data
         row: Any
+        if e.kind == "erasure":  # the profile's rows go (the database cascades); its ledger ids stay, so
+            key = f"{e.store}:{d['profile_id']}"  # a late or redelivered event of it is still dropped
+            s.execute(delete(Profile).where(Profile.external_id == key))
+            self._profiles.pop(key, None)
+            return True
+        if "profile_id" in d and self._row_exists(s, f"{e.store}:erasure:{d['profile_id']}"):
+            return True  # an event of a profile erased at the store, arriving late: nothing of it is kept
         if e.kind == "interaction":
             parent = self._row(s, f"{e.store}:notification:{d['notification_id']}")
             if parent is None:
                 s.execute(update(HqEvent).where(HqEvent.event_id == e.id).values(payload=d))
                 return False
+            if s.get(Notification, parent) is None:  # its profile was erased since: nothing of it is kept
+                return True
             row = Interaction(notification_id=parent, kind=d["kind"], at=d["at"])
         else:
             pid = self._profile(s, e.store, d["profile_id"], now=float(d.get("at") or d.get("created_at")
@@ -111,6 +121,10 @@ class Applier:
         for h in s.scalars(select(HqEvent).where(HqEvent.row_id.is_(None), HqEvent.payload.is_not(None))).all():
             assert h.payload is not None
             self._write(s, Event(h.event_id, h.store_id, h.kind, dict(h.payload)))
+
+    @staticmethod
+    def _row_exists(s: Session, event_id: str) -> bool:
+        return s.scalar(select(HqEvent.event_id).where(HqEvent.event_id == event_id)) is not None
 
     @staticmethod
     def _row(s: Session, event_id: str) -> int | None:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 VERSION = 1
-KINDS = ("visit", "zone_stay", "decision", "notification", "interaction", "footfall_day", "footfall_hour")
+KINDS = ("visit", "zone_stay", "decision", "notification", "interaction", "footfall_day", "footfall_hour",
+         "erasure")
 MAX_BODY = 64 * 1024
 
 
@@ -64,6 +65,7 @@ _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "footfall_day": {"day": (str,), "zone": (str,), "anonymous_visits": (int,), "anonymous_dwell_s": (float, int),
                      "anonymous_ended": (int,), "anonymous_bounces": (int,)},
     "footfall_hour": {"day": (str,), "hour": (int,), "zone": (str,), "anonymous_visits": (int,)},
+    "erasure": {"profile_id": (int,)},  # the store's profile is gone: head office removes its rows
 }
 
 

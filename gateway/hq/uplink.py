@@ -9,7 +9,8 @@ it covers, so a restart, a broker outage or a WAN outage (the bridge queues) los
 acknowledged is read and published again, and head office keeps each event once by its id. A row is
 published once settled (a visit or stay once ended, a notification once out of ``scheduled``); a row read
 while still open is noted in ``hq_uplink_open`` (in the same transaction as the mark) and published when it
-settles. Footfall counts are counters per (day, zone): the rows of the mark's day and later are
+settles. A profile whose rows went up and that is gone since (erased, or merged into another) goes up
+as an ``erasure``. Footfall counts are counters per (day, zone): the rows of the mark's day and later are
 republished when they change, and head office keeps the larger count.
 """
 
@@ -33,9 +34,11 @@ from gateway.storage.models import (
     FootfallHour,
     HqUplinkMark,
     HqUplinkOpen,
+    HqUplinkProfile,
     Interaction,
     Notification,
     NotificationStatus,
+    Profile,
     Visit,
     ZoneStay,
 )
@@ -160,7 +163,12 @@ class Uplink:
                 plans.append((k, rows[-1].id if rows else mark, settled_now, opened, events))
             footfall_mark = marks.get(FOOTFALL, 0)
             foot = self._footfall(s, footfall_mark)
-        if not self._send([e for *_, events in plans for e in events] + [e for _, e in foot]):
+            known = set(s.scalars(select(HqUplinkProfile.profile_id)))
+            gone = sorted(s.scalars(select(HqUplinkProfile.profile_id).where(
+                HqUplinkProfile.profile_id.not_in(select(Profile.id)))))
+        erasures = [event(self.store_id, "erasure", pid, {"profile_id": pid}) for pid in gone]
+        profiles = {e.data["profile_id"] for *_, events in plans for e in events if "profile_id" in e.data} - known
+        if not self._send([e for *_, events in plans for e in events] + [e for _, e in foot] + erasures):
             self.stats.unacknowledged += 1
             return 0
         n = len(foot)
@@ -173,6 +181,10 @@ class Uplink:
                 self._set_mark(s, k.name, top, now)
                 self.stats.marks[k.name] = top
                 n += len(events)
+            s.add_all(HqUplinkProfile(profile_id=pid) for pid in sorted(profiles))
+            if gone:
+                s.execute(delete(HqUplinkProfile).where(HqUplinkProfile.profile_id.in_(gone)))
+            n += len(erasures)
             for key, e in foot:
                 self._footfall_sent[key] = tuple(sorted(e.data.items()))
             if foot:

@@ -673,3 +673,12 @@ class HqEvent(Base):
     row_id: Mapped[int | None] = mapped_column(Integer)
     received_at: Mapped[float] = mapped_column(Float)
     payload: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # set while waiting for its parent
+
+
+class HqUplinkProfile(Base):
+    """A profile whose rows the uplink has published: once it is gone (erased, or merged into another),
+    an erasure goes upward and head office removes its rows too."""
+
+    __tablename__ = "hq_uplink_profiles"
+
+    profile_id: Mapped[int] = mapped_column(Integer, primary_key=True)
