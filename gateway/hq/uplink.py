@@ -189,7 +189,11 @@ class Uplink:
                 self._footfall_sent[key] = tuple(sorted(e.data.items()))
             if foot:
                 newest = max(dt.date.fromisoformat(e.data["day"]).toordinal() for _, e in foot)
-                self._set_mark(s, FOOTFALL, max(footfall_mark, newest - 1), now)
+                kept = max(footfall_mark, newest - 1)
+                self._set_mark(s, FOOTFALL, kept, now)
+                since = dt.date.fromordinal(kept).isoformat()
+                for key in [k for k in self._footfall_sent if k[1] < since]:  # bounded: the days still republished
+                    del self._footfall_sent[key]
         self.stats.published += n
         return n
 
