@@ -114,6 +114,8 @@ def sizes(stages: dict[str, Any]) -> dict[str, int]:
                 continue
             if isinstance(value, SIZED):
                 out[f"{prefix}.{name}"] = len(value)
+                if isinstance(value, dict) and value and all(isinstance(v, SIZED) for v in list(value.values())[:50]):
+                    out[f"{prefix}.{name}[*]"] = sum(len(v) for v in list(value.values()))  # what they hold
             elif depth and hasattr(value, "__dict__") and type(value).__module__.split(".")[0] in (
                     "gateway", "beacons", "devices") and not callable(value):
                 walk(f"{prefix}.{name}", value, depth - 1)
