@@ -270,6 +270,7 @@ class Runtime:
                 await asyncio.sleep(0.01)
         if self.mqtt is not None:
             self._subscribe_remote()
+            self._subscribe_hq_sends()
             if self.homeassistant is not None:
                 self.mqtt.add_subscription(self.homeassistant.subscription())
                 self._tasks.append(asyncio.create_task(self.homeassistant.run(), name="homeassistant"))
@@ -451,6 +452,33 @@ class Runtime:
         parse = functools.partial(parse_espresense, prefix=r.espresense_prefix, rooms=dict(r.rooms))
         self.mqtt.add_subscription(ExtraSubscription("espresense", f"{r.espresense_prefix}/devices/#", parse,
                                                      self.sightings, (RemoteError,)))
+
+    def _subscribe_hq_sends(self) -> None:
+        """[hq] uplink: other stores' sends, from head office, join the engine's send history (cross-store
+        cooldowns and caps; gateway/hq/downlink.py)."""
+        if not self.settings.hq.uplink or self.mqtt is None:
+            return
+        from devices.mqtt import ExtraSubscription
+        from gateway.hq.downlink import parse_send, record_sends, sends_topic
+        from gateway.hq.events import EventError
+
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.mqtt.add_subscription(ExtraSubscription("hq-sends", sends_topic(self.settings.mqtt.topic_prefix),
+                                                     parse_send, queue, (EventError,)))
+
+        def record(batch: list[Any]) -> list[int]:
+            with self.db.session() as s:
+                record_sends(s, self.settings.store.id, batch)
+            return []
+
+        async def consume() -> None:
+            while True:
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                await self._run(self._guarded, f"head office's sends, {len(batch)}", record, batch)
+
+        self._tasks.append(asyncio.create_task(consume(), name="hq-sends"))
 
     async def _consume_sightings(self) -> None:
         queue = self.sightings

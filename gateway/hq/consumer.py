@@ -27,6 +27,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from gateway.hq.downlink import Send, sends_topic
 from gateway.hq.events import Event, EventError, parse, subscription
 from gateway.storage.db import Database, describe, is_transient
 from gateway.storage.models import (
@@ -293,6 +294,12 @@ class HqConsumer:
         self.stats.applied += new
         self.stats.duplicates += len(events) - new - sum(1 for e in events if e.kind.startswith("footfall"))
         self.stats.batches += 1
+        for e in events:  # cross-store limits: every store hears of a send (again on a redelivery: idempotent)
+            customer = e.data.get("customer") if e.kind == "notification" else None
+            if isinstance(customer, str) and customer and e.data.get("status") != "scheduled":
+                send = Send(e.id, e.store, customer, e.data["campaign_id"], e.data["purpose"],
+                            float(e.data["deliver_at"] or e.data["created_at"]))
+                self._client.publish(sends_topic(self.prefix), send.body(), qos=1)
         for mid, qos, _, _ in batch:  # after the commit: persist before acknowledge
             if qos > 0:
                 self._client.ack(mid, qos)

@@ -160,6 +160,12 @@ class Uplink:
                         opened.append(r.id)
                     else:
                         events.append(event(self.store_id, k.name, r.id, k.data(r)))
+                if k.name == "notification" and events:  # the customer the stores share, for cross-store limits
+                    pids = {e.data["profile_id"] for e in events}
+                    shared = {pid: ext for pid, ext in s.execute(
+                        select(Profile.id, Profile.external_id).where(Profile.id.in_(pids)))}
+                    for e in events:
+                        e.data["customer"] = shared.get(e.data["profile_id"])
                 plans.append((k, rows[-1].id if rows else mark, settled_now, opened, events))
             footfall_mark = marks.get(FOOTFALL, 0)
             foot = self._footfall(s, footfall_mark)
