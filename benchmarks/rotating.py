@@ -61,7 +61,7 @@ UNKNOWN_RPA_EVERY_S = 900
 START_S = 5  # the stream's first seconds: every device is new to the gateway (a start), timed apart
 APP_UUID = Settings().identities.app_uuid
 STATIC_UUID = "5a1e0000-4c0d-9e57-0000-000000000b1e"
-FRAMELESS = b"\x02\x01\x1a\x0b\xff\x06\x00\x01\x09\x20\x02\x5e\x11\x22\x33\x44"  # flags + a vendor's data
+FRAMELESS = b"\x02\x01\x1a\x0c\xff\x06\x00\x01\x09\x20\x02\x5e\x11\x22\x33\x44"  # flags + a vendor's data
 
 
 def _rpa(irk: bytes, rng: random.Random) -> str:
