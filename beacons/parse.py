@@ -36,6 +36,7 @@ __all__ = [
     "MAX_PAYLOAD",
     "MalformedAD",
     "ParseStats",
+    "Parsed",
     "iter_ad_structures",
     "parse_ad_structure",
     "parse_advertisement",
@@ -101,7 +102,18 @@ class _Recent(dict[bytes, Any]):
         self.old = {}
 
 
-_PAYLOAD_CACHE = _Recent(_CACHE_MAX)  # raw advertising data -> its one identity frame
+class _NoFrame:
+    """The payload cache's answer for raw data that is well formed and holds no beacon at all (a phone's
+    other adverts, a vendor's data): what the walk would say (``not_a_beacon``) without walking again."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<no frame>"
+
+
+NO_FRAME: Any = _NoFrame()
+_PAYLOAD_CACHE = _Recent(_CACHE_MAX)  # raw advertising data -> its one identity frame, or NO_FRAME
 _IBEACON_CACHE = _Recent(_CACHE_MAX)  # Apple manufacturer data (the one entry of an advert) -> IBeacon
 _EDDYSTONE_CACHE = _Recent(_CACHE_MAX)  # Eddystone service data (the one entry of an advert) -> identity frame
 _UUID_CACHE = _Recent(_CACHE_MAX)
@@ -362,6 +374,8 @@ def _walk(payload: bytes, stats: ParseStats | None) -> list[Frame]:
         i = end
     if len(frames) == 1 and not reasons and frames[0].key is not None:
         _PAYLOAD_CACHE.put(payload, frames[0])  # TLM churns; identity frames repeat
+    elif not frames and not reasons:
+        _PAYLOAD_CACHE.put(payload, NO_FRAME)  # so do a phone's frameless adverts
     return _finish(frames, reasons, stats)
 
 
@@ -430,13 +444,27 @@ def _as_bytes(payload: Any) -> Any:
     return bytes(payload) if isinstance(payload, bytearray | memoryview) else payload
 
 
-def parse_adverts(adverts: Iterable[Advertisement], stats: ParseStats | None = None
-                  ) -> list[tuple[Advertisement, Frame]]:
+class Parsed(list[tuple[Advertisement, Frame]]):
+    """``parse_adverts``' answer: the (advert, frame) pairs, and in ``frameless`` the adverts that gave no
+    frame, in order (the rotating resolver's input for addresses: no second pass over the drain to find them)."""
+
+    __slots__ = ("frameless",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frameless: list[Advertisement] = []
+
+
+def parse_adverts(adverts: Iterable[Advertisement], stats: ParseStats | None = None) -> Parsed:
     """A scanner drain: (advert, frame) for every frame found, in order, each advert counted in ``stats``
-    (its frames by format, or why it gave none). An advert seen before (a beacon's raw bytes, or bleak's
-    one-entry dictionary) is one cache lookup; the rest are walked or read entry by entry."""
-    out: list[tuple[Advertisement, Frame]] = []
+    (its frames by format, or why it gave none); the adverts without a frame in ``.frameless``. An advert
+    seen before (a beacon's raw bytes, with or without a frame, or bleak's one-entry dictionary) is one cache
+    lookup; the rest are walked or read entry by entry."""
+    out = Parsed()
     append = out.append
+    frameless = out.frameless.append
+    no_frame = NO_FRAME
+    n_no_frame = 0
     ibeacons, eddystones, payloads = _IBEACON_CACHE, _EDDYSTONE_CACHE, _PAYLOAD_CACHE
     apple, eddystone = APPLE_COMPANY_ID, EDDYSTONE_SERVICE_UUID
     accepted = stats._accepted if stats is not None else None
@@ -448,8 +476,15 @@ def parse_adverts(adverts: Iterable[Advertisement], stats: ParseStats | None = N
                 payload = _as_bytes(payload)
             frame = payloads[payload]
             if frame is None:
-                for frame in _walk(payload, stats):
+                found = _walk(payload, stats)
+                for frame in found:
                     append((adv, frame))
+                if not found:
+                    frameless(adv)
+                continue
+            if frame is no_frame:
+                n_no_frame += 1
+                frameless(adv)
                 continue
         else:
             mfr, svc = adv.manufacturer_data, adv.service_data
@@ -464,12 +499,19 @@ def parse_adverts(adverts: Iterable[Advertisement], stats: ParseStats | None = N
             else:
                 frame = None
             if frame is None:
-                for frame in _maps(mfr, svc, stats):
+                found = _maps(mfr, svc, stats)
+                for frame in found:
                     append((adv, frame))
+                if not found:
+                    frameless(adv)
                 continue
         if accepted is not None:
             accepted[frame.format] += 1
         append((adv, frame))
-    if accepted is not None and n_ibeacons:
-        accepted["ibeacon"] += n_ibeacons
+    if stats is not None:
+        if n_ibeacons:
+            stats._accepted["ibeacon"] += n_ibeacons
+        if n_no_frame:
+            rejected = stats._rejected
+            rejected["not_a_beacon"] = rejected.get("not_a_beacon", 0) + n_no_frame
     return out
