@@ -21,7 +21,7 @@ from gateway.app.scenarios import apply_scenario, enrol, enrol_apps
 from gateway.campaigns.model import CampaignIndex
 from gateway.clock import VirtualClock
 from gateway.profiles.identity import IdentityIndex
-from gateway.profiles.rotating import RotatingIdentities, RpaDrains, SecretBox
+from gateway.profiles.rotating import RotatingIdentities, SecretBox
 from gateway.storage.models import RotatingIdentity
 from simulators.scenario import parse_scenario
 from simulators.store_sim import AppBeacons, StoreSimulator
@@ -123,12 +123,11 @@ def test_two_days_nothing_links_without_the_keys_and_the_gateway_counts_returnin
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 40])
-def test_rpa_drains_agree_with_the_spec_function_one_aes_call_per_irk_for_a_batch(n):
+def test_rpa_drains_agree_with_the_spec_function_known_addresses_cost_nothing_again(n):
+    """The resolver's RPA cache, a drain at a time: each address resolved as ah() says, once."""
     rng = random.Random(n)
     irks = {i: rng.randbytes(16) for i in range(1, 51)}
-    cache = RpaDrains(max_entries=1000)
-    for i, irk in irks.items():
-        cache.add(i, irk)
+    cache: proto.RpaCache[int] = proto.RpaCache(irks, max_entries=1000)
 
     def rpa(irk: bytes) -> str:
         prand = bytes([0x40 | rng.getrandbits(6), rng.getrandbits(8), rng.getrandbits(8)])
@@ -138,28 +137,23 @@ def test_rpa_drains_agree_with_the_spec_function_one_aes_call_per_irk_for_a_batc
     mine = [rpa(irks[o]) for o in owners]
     strangers = [rpa(rng.randbytes(16)) for _ in range(n)]
     static = "C1:22:33:44:55:66"  # random static: never resolvable, no AES spent on it
-    cache.resolve_many(mine + strangers + [static], 100.0)
-    assert [cache.seen[a][0] for a in mine] == owners
-    assert all(cache.seen[a][0] is None for a in strangers) and cache.seen[static][0] is None
+    got = cache.resolve_many(mine + strangers + [static], 100.0)
+    assert got == owners + [None] * (n + 1)
     for a, o in zip(mine, owners, strict=True):
         assert proto.rpa_matches(irks[o], a)
-    calls = cache.aes_calls
-    if 2 * n >= 4:  # a batch: one call per IRK for all of them
-        assert calls == len(irks)
-    else:  # one by one: a stranger costs every IRK, an enrolled phone's address up to its own
-        assert n * len(irks) < calls <= 2 * n * len(irks)
-    cache.resolve_many(mine, 101.0)  # known: nothing computed again
-    assert cache.aes_calls == calls
+    passes = cache.aes_passes
+    assert n * len(irks) < passes <= 2 * n * len(irks)  # a stranger costs every IRK, a phone up to its own
+    assert cache.resolve_many(mine, 101.0) == owners  # known: nothing computed again
+    assert cache.aes_passes == passes
     cache.remove(owners[0])
-    assert mine[0] not in cache.seen
+    assert cache.resolve_many(mine[:1], 102.0) == [None]
 
 
 def test_rpa_drains_stay_bounded_under_a_flood():
-    cache = RpaDrains(max_entries=64)
-    cache.add(1, bytes(range(16)))
+    cache: proto.RpaCache[int] = proto.RpaCache({1: bytes(range(16))}, max_entries=64)
     rng = random.Random(3)
     for second in range(50):
         flood = [":".join(f"{b:02X}" for b in bytes([0x40 | rng.getrandbits(6)]) + rng.randbytes(5))
                  for _ in range(20)]
-        cache.resolve_many(flood, float(second))
+        assert cache.resolve_many(flood, float(second)) == [None] * 20
         assert len(cache) <= 64

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -56,9 +55,8 @@ KINDS = ("eid", "irk", "app")
 KEY_FILE = "identities.key"
 SECRET_BYTES = 32  # the app's secret
 _AAD = b"rotating-identity:"  # + kind: a row's ciphertext cannot be passed off as another kind's
-_RPA_ENTRY_BYTES = 200  # an address string (~90), its (id, expiry) tuple (~56 + 24) and the dict slot
-_ENTRY_BYTES = 250
-_IRK_BYTES = 200  # an encryptor and its dict slot  # an Entry (slots) and its secret
+_ENTRY_BYTES = 250  # an Entry (slots) and its secret
+_ADDRESS_BYTES = 100  # an address string in the resolver's own by-address dicts, and its slot
 _MEMO_MAX = 65536  # frame keys remembered between refreshes (rotating or not): a flood costs a clear
 
 
@@ -118,119 +116,6 @@ class SecretBox:
         return hmac.new(self._mac, kind.encode() + b":" + plain, hashlib.sha256).hexdigest()
 
 
-# ------------------------------------------------------------ resolvable private addresses, in drains
-
-
-_PAD13 = bytes(13)
-_BATCH_FROM = 4  # new addresses in one drain from which one AES call per IRK does them all
-
-
-class RpaDrains:
-    """Resolvable private addresses -> identity id, a drain at a time: ``proto.RpaCache``'s contract (each
-    address resolved once per ``ttl_s``, unknown ones remembered, bounded, the caller's now) with the new
-    addresses of a drain matched together, so a flood of random addresses costs one AES call per IRK per
-    drain, not per address. The matching is ``proto.rpa_hash``'s (ah() with the spec's byte order):
-    ``e(IRK, 0^13 | prand)``'s last three bytes against the address's hash half, for every address in one
-    ECB call, the 24-bit comparisons done at once on one integer."""
-
-    def __init__(self, *, max_entries: int = 65536, ttl_s: float = 900.0) -> None:
-        self.max_entries = max_entries
-        self.ttl_s = ttl_s
-        self._keys: dict[int, Any] = {}  # ident -> an AES-128 ECB encryptor of its IRK
-        self.seen: dict[str, tuple[int | None, float]] = {}  # address -> (ident or None, until)
-        self.aes_calls = 0
-        self.resolved = 0  # addresses matched (hits excluded)
-
-    @property
-    def irk_count(self) -> int:
-        return len(self._keys)
-
-    def __len__(self) -> int:
-        return len(self.seen)
-
-    def add(self, ident: int, irk: bytes) -> None:
-        if len(irk) != 16:
-            raise ValueError("irk: expected 16 bytes")
-        self._keys[ident] = Cipher(algorithms.AES(irk), modes.ECB()).encryptor()  # one block at a time, as ah() says
-        self.seen = {a: v for a, v in self.seen.items() if v[0] is not None}  # misses may be this IRK's now
-
-    def remove(self, ident: int) -> None:
-        if self._keys.pop(ident, None) is not None:
-            self.seen = {a: v for a, v in self.seen.items() if v[0] != ident}
-
-    def resolve_many(self, addresses: Iterable[str], now: float) -> None:
-        """Match every address not known (or expired) and remember the answers until ``now + ttl_s``."""
-        raws: list[bytes] = []
-        names: list[str] = []
-        until = now + self.ttl_s
-        seen, taken = self.seen, set()
-        for address in addresses:
-            hit = seen.get(address)
-            if hit is not None and hit[1] > now:
-                continue
-            raw = _address(address)
-            if raw is None or raw[0] & 0xC0 != 0x40:  # not resolvable: remembered as nobody's, no AES
-                seen[address] = (None, until)
-            elif address not in taken:
-                taken.add(address)
-                raws.append(raw)
-                names.append(address)
-        if raws:
-            for address, ident in zip(names, self._match(raws), strict=True):
-                seen.pop(address, None)  # re-inserted at the young end
-                seen[address] = (ident, until)
-                if ident is not None:
-                    self.resolved += 1
-        if len(seen) > self.max_entries:
-            self._evict(now)
-
-    def _match(self, raws: list[bytes]) -> list[int | None]:
-        n = len(raws)
-        found: list[int | None] = [None] * n
-        if n < _BATCH_FROM:
-            calls = 0
-            for i, raw in enumerate(raws):
-                block, want = _PAD13 + raw[:3], raw[3:]
-                for ident, enc in self._keys.items():
-                    calls += 1
-                    if enc.update(block)[13:] == want:
-                        found[i] = ident
-                        break
-            self.aes_calls += calls
-            return found
-        blocks = b"".join(_PAD13 + r[:3] for r in raws)
-        target = int.from_bytes(b"".join(_PAD13 + r[3:] for r in raws), "big")
-        field = sum(0xFFFFFF << (128 * j) for j in range(n))  # each block's last 3 bytes
-        tops = sum(1 << (128 * j + 24) for j in range(n))  # a field + 0xFFFFFF carries here unless it was 0
-        for ident, enc in self._keys.items():
-            z = (int.from_bytes(enc.update(blocks), "big") ^ target) & field
-            if (z + field) & tops != tops:  # some block's hash matched: which
-                for i in range(n):
-                    if found[i] is None and (z >> (128 * (n - 1 - i))) & 0xFFFFFF == 0:
-                        found[i] = ident
-        self.aes_calls += len(self._keys)
-        return found
-
-    def _evict(self, now: float) -> None:
-        """Over the bound: the expired answers go, then the oldest until an eighth of the room is free again
-        (amortised: not one per insert)."""
-        keep = self.max_entries - max(1, self.max_entries // 8)
-        seen = self.seen = {a: v for a, v in self.seen.items() if v[1] > now}
-        if len(seen) > keep:
-            for a in [a for a, _ in zip(seen, range(len(seen) - keep), strict=False)]:
-                del seen[a]
-
-
-def _address(address: str) -> bytes | None:
-    """"AA:BB:CC:DD:EE:FF" as 6 bytes, most significant first; None when it is not one."""
-    if len(address) != 17:
-        return None
-    try:
-        return bytes.fromhex(address.replace(":", ""))
-    except ValueError:
-        return None
-
-
 # ------------------------------------------------------------ the resolver
 
 
@@ -278,10 +163,16 @@ class Resolver:
         self.identities = identities
         self._entries: dict[int, Entry] = {}
         self._table: proto.RotatingTable[int] = proto.RotatingTable()
-        self._rpa = RpaDrains(max_entries=rpa_cache_size)
+        self._rpa: proto.RpaCache[int] = proto.RpaCache(max_entries=rpa_cache_size)
         self._memo: dict[str, Any] = {}
         self._frames: dict[int, Resolved] = {}  # profile id -> its frame (one per profile: one person)
-        self._rpa_known: dict[str, Any] = {}  # address resolved to an enrolled IRK -> its profile's frame
+        # In front of the RPA cache, for the hot path: an address resolved to an enrolled IRK -> its profile's
+        # frame, and the addresses that matched none (or are not resolvable). Both cleared at the cache's bound
+        # (their addresses come back through the cache), the second when an IRK is enrolled, the first when one
+        # is removed.
+        self._rpa_known: dict[str, Any] = {}
+        self._nobody: set[str] = set()
+        self._matched = 0  # addresses matched to an enrolled IRK
         self.figures: dict[str, int] = dict.fromkeys(("eid", "app", "rpa", "unknown_rotating"), 0)
 
     # ------------------------------------------------------------ the table
@@ -290,11 +181,10 @@ class Resolver:
         """Every enrolled identity (at start): the table built for the windows around ``now``."""
         self._entries = {e.id: e for e in entries}
         self._table.build([t for t in map(_table_entry, self._entries.values()) if t is not None], now)
-        self._rpa = RpaDrains(max_entries=self._rpa.max_entries, ttl_s=self._rpa.ttl_s)
+        self._rpa = proto.RpaCache({e.id: e.secret for e in self._entries.values() if e.kind == "irk"},
+                                   max_entries=self._rpa.max_entries, ttl_s=self._rpa.ttl_s)
         self._rpa_known.clear()
-        for e in self._entries.values():
-            if e.kind == "irk":
-                self._rpa.add(e.id, e.secret)
+        self._nobody.clear()
         self._memo.clear()
         for e in self._entries.values():
             self.identities.allow_app(e.profile_id)
@@ -305,6 +195,8 @@ class Resolver:
         t = _table_entry(entry)
         if t is None:
             self._rpa.add(entry.id, entry.secret)
+            self._nobody.clear()  # an address that matched nobody may be this IRK's
+            self._rpa_known.clear()  # a replaced IRK's addresses may be nobody's now
         else:
             self._table.add(t, now)
         self._memo.clear()
@@ -337,8 +229,9 @@ class Resolver:
 
     def size_bytes(self) -> int:
         """The table's memory, the RPA cache's (about 200 bytes an address) and the memo's (frame keys)."""
-        return (self._table.size_bytes() + len(self._rpa) * _RPA_ENTRY_BYTES + self._rpa.irk_count * _IRK_BYTES
-                + sys.getsizeof(self._memo)
+        return (self._table.size_bytes() + self._rpa.size_bytes() + sys.getsizeof(self._memo)
+                + sys.getsizeof(self._rpa_known) + sys.getsizeof(self._nobody)
+                + (len(self._rpa_known) + len(self._nobody)) * _ADDRESS_BYTES
                 + sys.getsizeof(self._entries) + len(self._entries) * _ENTRY_BYTES)
 
     def holds(self, profile_id: int) -> bool:
@@ -351,7 +244,8 @@ class Resolver:
         """The drain as (advert, frame) pairs for the guard: ``parse`` (parse_adverts) of it, with every
         rotating identity the gateway resolves replaced by its profile's frame. An advert from an address
         already resolved to an enrolled IRK is that profile whatever it carries, so it is not parsed; a
-        frameless advert from an address not known yet is matched with the drain's others, once.
+        frameless advert (the parser's ``frameless``) from an address not known yet is matched with the
+        drain's others, once (``RpaCache.resolve_many``).
 
         Each source stays in time order (the adverts resolved by address, then the parsed ones, then those
         matched now), so every identity's sightings are in order unless one profile is heard both by an RPA
@@ -362,7 +256,7 @@ class Resolver:
             return parse(batch)
         if not self._rpa.irk_count:
             return self._swap(parse(batch))
-        known = self._rpa_known  # address -> its profile's frame: resolved to an enrolled IRK
+        known = self._rpa_known
         marks = list(map(known.get, [adv.address for adv in batch]))
         n_known = len(marks) - marks.count(None)
         if n_known:
@@ -374,36 +268,42 @@ class Resolver:
         else:
             rest = batch if isinstance(batch, list) else list(batch)
             out = parsed = self._swap(parse(rest))
-        framed = {id(adv) for adv, _ in parsed}
-        seen = self._rpa.seen.get
-        new = [adv for adv in rest if id(adv) not in framed
-               and ((hit := seen(adv.address)) is None or hit[1] <= adv.time)]
+        frameless = getattr(parsed, "frameless", None)
+        if frameless is None:  # a parser that does not say: the adverts that gave no pair
+            framed = {id(adv) for adv, _ in parsed}
+            frameless = [adv for adv in rest if id(adv) not in framed]
+        nobody = self._nobody
+        new = [adv for adv in frameless if adv.address not in nobody]
         if new:
-            self._rpa.resolve_many([adv.address for adv in new], batch[-1].time)
-            seen = self._rpa.seen.get  # an eviction may have replaced the table
-            for adv in new:
-                hit = seen(adv.address)
-                if hit is not None and hit[0] is not None:
-                    f = self._by_identity(hit[0], adv.address)
-                    if f is not _GONE:
-                        self.figures["rpa"] += 1
-                        out.append((adv, f))
+            idents = self._rpa.resolve_many([adv.address for adv in new], batch[-1].time)
+            if len(nobody) + len(new) > self._rpa.max_entries:
+                nobody.clear()  # addresses come back through the RPA cache, which has its own bound
+            for adv, ident in zip(new, idents, strict=True):
+                address = adv.address
+                first = address not in known
+                f = _GONE if ident is None else self._by_identity(ident, address)
+                if f is _GONE:
+                    nobody.add(address)
+                else:
+                    self.figures["rpa"] += 1
+                    self._matched += first
+                    out.append((adv, f))
         return out
 
     def _swap(self, pairs: list[Pair]) -> list[Pair]:
-        """Each frame that is a rotating identity the gateway resolves replaced by its profile's frame."""
+        """Each frame that is a rotating identity the gateway resolves replaced by its profile's frame, in
+        place (the parser's list, with its ``frameless``, is the resolver's to keep)."""
         memo = self._memo
         get = memo.get
-        out: list[Pair] = []
-        append = out.append
-        for adv, frame in pairs:
+        for i, (adv, frame) in enumerate(pairs):
             r = get(frame.key)
             if r is None:
                 r = self._frame(frame)
-            append((adv, frame if r is _PASS else r))
+            if r is not _PASS:
+                pairs[i] = (adv, r)
         if len(memo) > _MEMO_MAX:
             memo.clear()
-        return out
+        return pairs
 
     def _frame(self, frame: Any) -> Any:
         """A frame the memo does not know: an EID or an app beacon looked up in the table, else passed on."""
@@ -450,8 +350,8 @@ class Resolver:
 
     def stats(self) -> dict[str, Any]:
         return {**self.figures, "enrolled": len(self._entries), "table_bytes": self.size_bytes(),
-                "addresses_known": len(self._rpa), "addresses_resolved": self._rpa.resolved,
-                "aes_calls": self._rpa.aes_calls}
+                "addresses_known": len(self._rpa), "addresses_resolved": self._matched,
+                "aes_passes": self._rpa.aes_passes}
 
 
 def _table_entry(e: Entry) -> proto.EidEntry[int] | proto.AppEntry[int] | None:
