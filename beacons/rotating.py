@@ -627,7 +627,10 @@ class RotatingTable(Generic[I]):
         if hi - lo + 1 > self.max_eid_windows:  # small K: the windows nearest now
             half = self.max_eid_windows // 2
             lo = max(0, cur - half)
-            hi = lo + self.max_eid_windows - 1
+            hi = min(lo + self.max_eid_windows - 1, ((1 << 32) - 1) >> entry.k)
+            if 2 * self.eid_slack_s // size >= self.max_eid_windows:
+                # The slack spans more windows than are kept at any t: the set moves with cur alone.
+                return lo, hi, float((max(0, t) // size + 1) * size + entry.epoch)
         hi = min(hi, ((1 << 32) - 1) >> entry.k)
         # The set changes when t + slack enters a new window or t - slack leaves one, or cur moves on.
         nxt = min(((t + self.eid_slack_s) // size + 1) * size - self.eid_slack_s,

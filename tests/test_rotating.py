@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import os
+import random
 from collections.abc import Callable
 
 import pytest
@@ -520,3 +521,21 @@ def test_two_days_of_rotating_values_share_nothing_an_observer_could_link() -> N
         assert span <= 2, heard_value  # and within one rotation (EID K = 10: 17 minutes, two 15-minute slots)
     assert all(who == {ident} for ident, who in resolved.items())  # the keys link them all
     assert len(resolved) == 30
+
+
+@pytest.mark.parametrize("slack", [0, 7, 100, 600])
+def test_refresh_holds_what_a_fresh_build_would_for_every_k(slack: int) -> None:
+    """The incremental refresh (each identity woken only when its window set changes) never lags a build."""
+    rng = random.Random(slack)
+    entries: list[EidEntry[int] | AppEntry[int]] = [
+        EidEntry(i, rng.randbytes(16), k, epoch=rng.randrange(10**6)) for i, k in enumerate([0, 1, 3, 5, 8, 10, 15])]
+    entries += [AppEntry(100 + i, rng.randbytes(32), 60) for i in range(3)]
+    table: RotatingTable[int] = RotatingTable(eid_slack_s=slack)
+    now = NOW + 0.5
+    table.build(entries, now)
+    for _ in range(400):
+        now += rng.choice([0.3, 1.0, 7.0, 33.0])
+        table.refresh(now)
+        fresh: RotatingTable[int] = RotatingTable(eid_slack_s=slack)
+        fresh.build(entries, now)
+        assert table._eids == fresh._eids and table._apps == fresh._apps
