@@ -42,6 +42,7 @@ from gateway.storage.models import (
     ReadingRecord,
     ReadingRollup,
     RevokedToken,
+    RotatingIdentity,
     RuleStateRecord,
     SegmentMembership,
     TokenGeneration,
@@ -177,6 +178,9 @@ def _everything(service: GatewayService, db: Database, clock: VirtualClock, who:
         s.add(PushSubscription(profile_id=pid, endpoint=f"https://push.example.com/send/{who}",
                                p256dh="B" * 87, auth="A" * 22, created_at=T0))
         s.add(SegmentMembership(profile_id=pid, segment_id="frequent", entered_at=T0))
+        # A rotating identity: its encrypted key is the customer's (whoever holds it can follow them).
+        s.add(RotatingIdentity(profile_id=pid, kind="app", secret=b"sealed-" + who.encode(),
+                               fingerprint=f"{who:0>64}"[-64:], period_s=900, created_at=T0))
         # Auth: a logged-out app token, a "revoke all", a kept answer to one of their POSTs.
         s.add(RevokedToken(jti=f"jti-{who}", profile_id=pid, expires_at=T0 + 3600, revoked_at=T0))
         s.add(TokenGeneration(profile_id=pid, generation=1, updated_at=T0))
