@@ -25,7 +25,8 @@ Interface (what the enrolment, storage and pipeline code builds on)::
     EidEntry(ident, identity_key, k, epoch=0)    # beacon time = floor(unix now) - epoch
     AppEntry(ident, secret, period_s=900)
     RotatingTable(*, eid_slack_s=600, max_eid_windows=8)
-        .build(entries, now) / .add(entry, now) / .refresh(now, max_windows=None) -> int (windows computed)
+        .build(entries, now) / .add(entry, now) / .refresh(now, max_windows=None, changed=None) -> int (windows
+            computed; ``changed`` gets the keys that entered or left)
         .lookup_eid(eid: bytes) -> I | None / .lookup_app(major, minor) -> I | None
         .eid_offset(ident, eid) -> int | None   # seconds the heard EID's window is from the expected one
         .remove(ident) / .size_bytes() / len() / .rows / .collisions
@@ -504,6 +505,7 @@ class RotatingTable(Generic[I]):
         self._slots: dict[I, _Slot] = {}
         self._due: list[tuple[float, int, I]] = []  # (when the next window starts, tiebreak, id)
         self._seq = 0
+        self._changed: list[Any] | None = None  # refresh's ``changed``, while it runs
         self.now = 0.0
 
     # -- building
@@ -534,22 +536,28 @@ class RotatingTable(Generic[I]):
             self._drop(table, key, ident)
         slot.keys.clear()
 
-    def refresh(self, now: float, max_windows: int | None = None) -> int:
+    def refresh(self, now: float, max_windows: int | None = None, changed: list[Any] | None = None) -> int:
         """Move every identity whose windows changed by ``now``; returns how many windows were computed.
 
         ``max_windows`` bounds one call's work: the identities left over stay due and the next call takes
         them. The next window of every identity is already in the table when its window starts, so
         spreading a window edge's work (every app secret moves at once) over a few calls costs no lookups.
+        ``changed``, when given, receives every key that entered or left (an EID's bytes, an app beacon's
+        ``major << 16 | minor``): a caller's memo of lookups can forget just those.
         """
         self.now = now
+        self._changed = changed
         due, computed = self._due, 0
-        while due and due[0][0] <= now:
-            if max_windows is not None and computed >= max_windows:
-                break
-            _, seq, ident = heapq.heappop(due)
-            slot = self._slots.get(ident)
-            if slot is not None and slot.due == seq:  # else removed, or replaced since it was pushed
-                computed += self._move(slot, now)
+        try:
+            while due and due[0][0] <= now:
+                if max_windows is not None and computed >= max_windows:
+                    break
+                _, seq, ident = heapq.heappop(due)
+                slot = self._slots.get(ident)
+                if slot is not None and slot.due == seq:  # else removed, or replaced since it was pushed
+                    computed += self._move(slot, now)
+        finally:
+            self._changed = None
         return computed
 
     @property
@@ -644,8 +652,12 @@ class RotatingTable(Generic[I]):
         first, last, until = self._windows(slot, now)
         table: dict[Any, I] = self._eids if isinstance(entry, EidEntry) else self._apps
         keys = slot.keys
+        changed = self._changed
         for w in [w for w in keys if w < first or w > last]:
-            self._drop(table, keys.pop(w), ident)
+            key = keys.pop(w)
+            self._drop(table, key, ident)
+            if changed is not None:
+                changed.append(key)
         computed = 0
         for w in range(first, last + 1):
             if w not in keys:
@@ -653,6 +665,8 @@ class RotatingTable(Generic[I]):
                 keys[w] = key
                 self._put(table, key, ident)
                 computed += 1
+                if changed is not None:
+                    changed.append(key)
         slot.first, slot.last = first, last
         self._seq += 1
         slot.due = self._seq

@@ -223,3 +223,31 @@ async def test_a_restart_resolves_what_was_enrolled_before_it(tmp_path, clock, r
     await rt.flush()
     assert app_key(pid) in rt.pipeline.presence.tracks
     assert rt.pipeline.rotating.figures["app"] == 1
+
+
+def test_the_resolvers_memo_follows_the_windows_as_they_move() -> None:
+    """An identifier answered once is answered from the memo; when its window leaves the table it stops
+    resolving, and one heard before its window entered resolves once it has (the memo forgets just those)."""
+    from beacons.parse import parse_adverts
+    from gateway.profiles.rotating import Entry
+
+    resolver = Resolver(IdentityIndex(), app_uuid=Settings().identities.app_uuid)
+    secret = bytes(range(32))
+    k = 5  # a new EID every 32 s; the table keeps the 8 windows nearest now
+    resolver.load([Entry(1, 7, "eid", IDENTITY_KEY, k=k, epoch=0), Entry(2, 8, "app", secret, period_s=60),
+                   Entry(3, 9, "app", bytes(range(1, 33)), period_s=60)], T0)
+
+    def keys(payload: bytes, t: float) -> list[str]:
+        return [f.key for _, f in resolver.resolve(adverts("C1:00:00:00:00:01", payload, t, 1), parse_adverts)]
+
+    now_eid = eddystone_eid_payload(proto.eid(IDENTITY_KEY, k, int(T0)), -20)
+    later_eid = eddystone_eid_payload(proto.eid(IDENTITY_KEY, k, int(T0) + 32 * 6), -20)
+    w = proto.app_window(T0, 60)
+    app_now = ibeacon_payload(Settings().identities.app_uuid, *proto.app_beacon(secret, w), -59)
+    app_later = ibeacon_payload(Settings().identities.app_uuid, *proto.app_beacon(secret, w + 2), -59)
+    assert keys(now_eid, T0) == [app_key(7)] and keys(app_now, T0) == [app_key(8)]
+    assert keys(later_eid, T0) != [app_key(7)] and keys(app_later, T0) != [app_key(8)]  # not in yet: unknown
+    t = T0 + 32 * 6
+    resolver.refresh(t)
+    assert keys(later_eid, t) == [app_key(7)] and keys(app_later, t) == [app_key(8)]
+    assert keys(now_eid, t) != [app_key(7)] and keys(app_now, t) != [app_key(8)]  # left the table: no longer

@@ -220,9 +220,19 @@ class Resolver:
         self._frames.pop(profile_id, None)
 
     def refresh(self, now: float) -> None:
-        """The tick: windows that moved are computed afresh (the table's own incremental refresh)."""
-        if self._table.refresh(now):
-            self._memo.clear()
+        """The tick: windows that moved are computed afresh (the table's own incremental refresh), and the
+        memo forgets the frame keys of the identifiers that entered or left, the rest staying answered."""
+        changed: list[Any] = []
+        if not self._table.refresh(now, changed=changed) and not changed:
+            return
+        memo = self._memo
+        if len(changed) >= len(memo):
+            memo.clear()
+            return
+        app = f"ibeacon:{self.app_uuid}:"
+        pop = memo.pop
+        for key in changed:
+            pop(f"eddystone_eid:{key.hex()}" if type(key) is bytes else f"{app}{key >> 16}:{key & 0xFFFF}", None)
 
     def __len__(self) -> int:
         return len(self._entries)
