@@ -267,16 +267,21 @@ class Resolver:
         if not self._rpa.irk_count:
             return self._swap(parse(batch))
         known = self._rpa_known
-        marks = list(map(known.get, [adv.address for adv in batch]))
-        n_known = len(marks) - marks.count(None)
-        if n_known:
-            self.figures["rpa"] += n_known
-            rest = [adv for adv, m in zip(batch, marks, strict=True) if m is None]
+        get = known.get
+        rest: list[Advertisement] = []
+        out: list[Any] = []
+        to_parse, resolved = rest.append, out.append
+        for adv in batch:  # one loop: measured cheaper than a map and two comprehensions over the drain
+            m = get(adv.address)
+            if m is None:
+                to_parse(adv)
+            else:
+                resolved((adv, m))
+        if out:
+            self.figures["rpa"] += len(out)
             parsed = self._swap(parse(rest)) if rest else []
-            out: list[Any] = [(adv, m) for adv, m in zip(batch, marks, strict=True) if m is not None]
             out += parsed
         else:
-            rest = batch if isinstance(batch, list) else list(batch)
             out = parsed = self._swap(parse(rest))
         frameless = getattr(parsed, "frameless", None)
         if frameless is None:  # a parser that does not say: the adverts that gave no pair
