@@ -16,15 +16,24 @@ class SystemClock:
     def now(self) -> float:
         return time.time()
 
+    def monotonic(self) -> float:
+        """Seconds that really passed (never stepped): set against ``now`` it shows a wall clock step."""
+        return time.monotonic()
+
 
 class VirtualClock:
     """A clock that only moves when told to."""
 
     def __init__(self, start: float = 1_767_261_600.0) -> None:  # 2026-01-01 10:00 UTC
         self._now = float(start)
+        self._stepped = 0.0
 
     def now(self) -> float:
         return self._now
+
+    def monotonic(self) -> float:
+        """Time that really passed: the virtual time itself, less any ``step`` of a SteppingClock."""
+        return self._now - self._stepped
 
     def advance(self, seconds: float) -> float:
         if seconds < 0:
@@ -44,4 +53,5 @@ class SteppingClock(VirtualClock):
 
     def step(self, seconds: float) -> float:
         self._now += seconds
+        self._stepped += seconds
         return self._now

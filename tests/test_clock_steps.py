@@ -25,7 +25,7 @@ from gateway.clock import SteppingClock
 from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.presence.tracker import PresenceEvent
 from gateway.profiles.service import NewProfile
-from gateway.storage.models import Decision, Notification
+from gateway.storage.models import Decision, Notification, Visit
 from tests.fixtures import RuntimeFactory, runtime_settings
 
 T0 = 1_780_300_800.0  # 2026-06-01 08:00 UTC
@@ -127,3 +127,33 @@ async def test_a_step_forward_releases_each_delayed_send_once(
     with rt.db.session() as s:
         (n,) = s.scalars(select(Notification).where(Notification.profile_id == pid)).all()
         assert released == [n.id] and n.status == "pending"
+
+
+async def live_walk(rt: Runtime, clock: SteppingClock, seconds: float, heard: bool) -> None:
+    """As ``walk``, with the Runtime's own tick (which compares the wall clock with monotonic time)."""
+    for i in range(int(seconds * 4)):
+        clock.advance(0.25)
+        if heard:
+            rt.pipeline.ingest_sightings([Sighting(KEY, "rx", -55, clock.now(), None)])
+        if i % 4 == 3:
+            rt.tick()
+            await rt.flush()
+
+
+async def test_a_step_forward_while_she_shops_is_not_a_visit_ended_and_begun_again(
+        tmp_path: Path, clock: SteppingClock, runtime_factory: RuntimeFactory) -> None:
+    rt = await runtime_factory(settings(tmp_path, {"hi": (
+        "id: hi\npurpose: offers\ntrigger: {type: visit_start}\naction: {title: t, body: b}\n")}), serve_api=False)
+    enrol(rt)
+    await live_walk(rt, clock, 20, heard=True)
+    clock.step(HOUR)  # NTP: the clock was an hour slow; the next tick comes before her next advert
+    rt.tick()
+    await rt.flush()
+    await live_walk(rt, clock, 20, heard=True)
+    await live_walk(rt, clock, 120, heard=False)  # she leaves: one visit ends
+    with rt.db.session() as s:
+        visits = s.scalars(select(Visit)).all()
+    assert len(visits) == 1 and decisions(rt, "hi") == ["fired"]
+    assert rt.pipeline.presence.clock_steps == 1
+    ended = visits[0].ended_at
+    assert ended is not None and 35 <= ended - visits[0].started_at <= 45  # her 40 s in the shop, not an hour more

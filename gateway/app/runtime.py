@@ -60,6 +60,7 @@ from gateway.telemetry.alarms import AlarmDesk
 
 log = logging.getLogger("gateway")
 WORKER_NAME = "gateway-pipeline"
+WALL_STEP_S = 10.0  # the wall clock outrunning monotonic time by more than this between two ticks is a step
 RELOAD_WAIT_S = 30.0  # an API edit of a campaign waits this long for the worker to take it (a stalled database)
 MAX_PENDING_ADVERTS = 100_000  # about 10 s of a full shop (1,000 tags at 10 Hz) waiting for a stalled database
 TELEMETRY_RETRY = Backoff(base_s=0.1, max_s=5.0, jitter=0.2, max_attempts=1_000_000)
@@ -198,6 +199,7 @@ class Runtime:
         self._adverts: list[Advertisement] = []
         self._drain_scheduled = False
         self._drainer: asyncio.Task[None] | None = None
+        self._last_tick: tuple[float, float] | None = None  # (wall, monotonic) at the last tick
         self.adverts_dropped = 0  # arrived while MAX_PENDING_ADVERTS were already waiting for the worker
         # The one thread that runs the pipeline: its state (presence, engine caches) is never shared.
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=WORKER_NAME)
@@ -721,14 +723,32 @@ class Runtime:
 
     def tick(self) -> None:
         """Presence timers (exits, visit ends) at the clock's now, queued on the worker (``flush`` waits)."""
-        now = self.clock.now()
-        self._submit("tick", self.pipeline.tick, now)
+        now, stepped = self._tick_time()
+        self._submit("tick", self._tick_job, now, stepped)
 
     async def _ticker(self) -> None:
         """One tick at a time: a tick held up by the database is not followed by a pile of others."""
         while True:
             await asyncio.sleep(self.tick_s)
-            self._dispatch(await self._run(self._guarded, "tick", self.pipeline.tick, self.clock.now()))
+            now, stepped = self._tick_time()
+            self._dispatch(await self._run(self._guarded, "tick", self._tick_job, now, stepped))
+
+    def _tick_time(self) -> tuple[float, float]:
+        """The clock's now, and how far the wall clock was stepped forward since the last tick (the wall
+        moved on more than monotonic time did: NTP on a Pi that booted without a clock), or 0."""
+        now = self.clock.now()
+        mono = getattr(self.clock, "monotonic", self.clock.now)()
+        last, self._last_tick = self._last_tick, (now, mono)
+        if last is None:
+            return now, 0.0
+        jump = (now - last[0]) - (mono - last[1])
+        return now, jump if jump > WALL_STEP_S else 0.0
+
+    def _tick_job(self, now: float, stepped: float) -> list[int]:
+        if stepped:
+            log.warning("the wall clock stepped forward %.0f s; presence keeps its own time across it", stepped)
+            self.pipeline.presence.wall_stepped(stepped)
+        return self.pipeline.tick(now)
 
     async def _retrier(self) -> None:
         """Due retries come from the database, so they survive a restart; so do notifications a crash

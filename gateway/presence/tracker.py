@@ -31,7 +31,9 @@ The model (docs/presence.md has the figures behind each default):
 - **Time**: the tracker keeps its own monotonic time base. A ``tick`` more than ``REORDER_S`` before
   the newest tick or sighting is a clock step back (NTP on a Pi without an RTC): it is counted in ``clock_steps``
   and the base shifts by the step, so silence keeps counting and nobody is frozen in a zone. Event
-  times are in that base; it returns to the caller's clock once no identity is tracked.
+  times are in that base; it returns to the caller's clock once no identity is tracked. A step forward
+  looks like silence from here, so the runtime, which sees it against monotonic time, says so
+  (``wall_stepped``) and the base shifts back by the step.
 """
 
 from __future__ import annotations
@@ -854,6 +856,16 @@ class PresenceTracker:
         for key in gone:
             del self.tracks[key]
         return events
+
+    def wall_stepped(self, seconds: float) -> None:
+        """The caller's clock was stepped forward by ``seconds`` (the runtime saw it against monotonic time):
+        the base moves back by as much, so the step is not silence, and nobody in the shop exits, ends a
+        visit and comes back as a new one. (A step back needs no telling: ``tick`` sees it.)"""
+        if seconds <= 0 or not self.tracks:
+            return
+        self.clock_steps += 1
+        self._offset -= seconds
+        self._last_step = seconds
 
     def stats(self) -> dict[str, Any]:
         """Counters for operations: drops by reason, clock steps, identities tracked and in a zone."""
