@@ -13,7 +13,8 @@ What the shop relies on after each of those power cuts:
 
 Real parts: the suite's Mosquitto, a gateway subprocess (tests/power_gateway.py: Runtime, uvicorn,
 intake), a paho publisher with a persistent session, an httpx client. Each round is bounded (the kill
-comes a few hundred milliseconds after the gateway is ready), so fifty rounds take well under a minute.
+comes within 0.2 s of the run's first answered write, while both writers keep going), so fifty rounds
+take about half a minute on an idle machine.
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ class ApiWriter(threading.Thread):
             else:
                 self.errors.append(f"{r.status_code} {r.text[:200]}")
 
+    def answered_more_than(self, n: int) -> bool:
+        return len(self.acked) > n
+
     def close(self) -> None:
         self.stopped.set()
         self.join(5)
@@ -224,7 +228,6 @@ def test_fifty_power_cuts_during_writes_keep_the_database_sound_and_lose_nothing
     publisher.start()
     writer.start()
     gateway = Gateway(args, tmp_path / "gateway.err")
-    cut_mid_write = 0
     started = time.monotonic()
     try:
         for n in range(ROUNDS):
@@ -236,7 +239,8 @@ def test_fifty_power_cuts_during_writes_keep_the_database_sound_and_lose_nothing
             posted = len(writer.acked)
             publisher.running.set()
             writer.running.set()
-            time.sleep(rng.uniform(0.15, 0.45))  # writes in flight for a moment, then the power goes
+            wait_until(functools.partial(writer.answered_more_than, posted), 20, f"round {n}: an answered write")
+            time.sleep(rng.uniform(0.0, 0.2))  # writes in flight (the writer never pauses), then the power goes
             gateway.kill9()
             writer.running.clear()
             publisher.running.clear()
@@ -245,7 +249,6 @@ def test_fifty_power_cuts_during_writes_keep_the_database_sound_and_lose_nothing
             lost = writer.acked - profiles
             assert not lost, f"round {n}: answered 201 but not in the database: {sorted(lost)}"
             assert len(seqs) == len(set(seqs)), f"round {n}: a reading stored twice"
-            cut_mid_write += len(writer.acked) > posted
         gateway.start()  # the last run drains what the broker kept
         wait_until(lambda: publisher.acked() <= set(read_db(db)[2]), 30, "every acknowledged reading stored")
         verdict, profiles, seqs = read_db(db)
@@ -258,4 +261,3 @@ def test_fifty_power_cuts_during_writes_keep_the_database_sound_and_lose_nothing
     assert writer.acked <= profiles
     assert sorted(seqs) == sorted(set(seqs)) and publisher.acked() <= set(seqs)
     assert len(publisher.acked()) > ROUNDS and len(writer.acked) > ROUNDS, writer.errors[:3]  # real work in every run
-    assert cut_mid_write >= ROUNDS // 2, f"only {cut_mid_write} of {ROUNDS} cuts came while the API wrote"
