@@ -36,8 +36,9 @@ async def signed_in(rt: Any) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def person(rt: Any, name: str, minor: int, **consents: bool) -> int:
-    return int(rt.service.create_profile(NewProfile(external_id=name, name=name, identifiers=[("beacon", beacon(minor))],
-                                                    consents={"offers": True, **consents}))["id"])
+    made = rt.service.create_profile(NewProfile(external_id=name, name=name, identifiers=[("beacon", beacon(minor))],
+                                                consents={"offers": True, **consents}))
+    return int(made["id"])
 
 
 def lives(reader: SseReader) -> list[dict[str, Any]]:
