@@ -59,6 +59,29 @@ def settings_for(db: str, port: int, data_dir: str, beacons: int) -> Settings:
     return s
 
 
+async def walk_in(rt: Runtime, scanner: InjectionScanner, beacons: int, who: str) -> None:
+    """The customer enrolled once (a restart finds her), ``READY <profile id> <token>``, and once her stream
+    has a listener, her tags walked into the shop one after another; ``DONE`` after the last."""
+    found = rt.identities.beacon(beacon_key(0))
+    if found is None:
+        tags = [("beacon", beacon_key(i)) for i in range(beacons)]
+        found = rt.service.create_profile(NewProfile(external_id=who, name=f"{who.title()} Test", identifiers=tags,
+                                                     consents={"offers": True}))["id"]
+    print(f"READY {found} {rt.service.issue_token(found)[0]}", flush=True)
+    for _ in range(3000):  # bounded: the test connects within seconds
+        if rt.hub.listeners(found):
+            break
+        await asyncio.sleep(0.01)
+    payloads = [ibeacon_payload(UUID, 1, i) for i in range(beacons)]
+    for step in range(beacons + ADVERTS_PER_TAG):
+        now = time.time()
+        scanner.inject(Advertisement(f"02:00:00:00:{i >> 8:02X}:{i & 255:02X}", -55, now, f"rx-{i}", payloads[i])
+                       for i in range(max(0, step - ADVERTS_PER_TAG + 1), min(step + 1, beacons)))
+        await asyncio.sleep(STEP_S)
+    await rt.flush()
+    print("DONE", flush=True)
+
+
 async def main(args: argparse.Namespace) -> None:
     camp = Path(args.data_dir) / "campaigns"
     camp.mkdir(parents=True, exist_ok=True)
@@ -67,25 +90,7 @@ async def main(args: argparse.Namespace) -> None:
     rt = Runtime(settings_for(args.db, args.port, args.data_dir, args.beacons), scanner=scanner, on_outcome=None,
                  tick_s=0.2)
     await rt.start()
-    found = rt.identities.beacon(beacon_key(0))
-    if found is None:
-        tags = [("beacon", beacon_key(i)) for i in range(args.beacons)]
-        found = rt.service.create_profile(NewProfile(external_id="crash", name="Crash Test", identifiers=tags,
-                                                     consents={"offers": True}))["id"]
-    pid = found
-    print(f"READY {pid} {rt.service.issue_token(pid)[0]}", flush=True)
-    for _ in range(3000):  # bounded: the test connects within seconds
-        if rt.hub.listeners(pid):
-            break
-        await asyncio.sleep(0.01)
-    payloads = [ibeacon_payload(UUID, 1, i) for i in range(args.beacons)]
-    for step in range(args.beacons + ADVERTS_PER_TAG):
-        now = time.time()
-        scanner.inject(Advertisement(f"02:00:00:00:{i >> 8:02X}:{i & 255:02X}", -55, now, f"rx-{i}", payloads[i])
-                       for i in range(max(0, step - ADVERTS_PER_TAG + 1), min(step + 1, args.beacons)))
-        await asyncio.sleep(STEP_S)
-    await rt.flush()
-    print("DONE", flush=True)
+    await walk_in(rt, scanner, args.beacons, "crash")
     await asyncio.Event().wait()  # serve until killed
 
 

@@ -13,15 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 
-from beacons.encode import ibeacon_payload
 from beacons.scanner import InjectionScanner
-from beacons.types import Advertisement
 from gateway.app.runtime import Runtime
-from gateway.profiles.service import NewProfile
 from gateway.storage.lease import Lease
-from tests.crash_gateway import ADVERTS_PER_TAG, CAMPAIGN, STEP_S, UUID, beacon_key, settings_for
+from tests.crash_gateway import CAMPAIGN, settings_for, walk_in
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -38,24 +34,7 @@ async def main(args: argparse.Namespace) -> None:
     scanner = InjectionScanner()
     rt = Runtime(settings, scanner=scanner, on_outcome=None, tick_s=0.2)
     await rt.start()
-    found = rt.identities.beacon(beacon_key(0))
-    if found is None:
-        tags = [("beacon", beacon_key(i)) for i in range(args.beacons)]
-        found = rt.service.create_profile(NewProfile(external_id="pair", name="Pair Test", identifiers=tags,
-                                                     consents={"offers": True}))["id"]
-    print(f"READY {found} {rt.service.issue_token(found)[0]}", flush=True)
-    for _ in range(3000):  # bounded: the client connects within seconds
-        if rt.hub.listeners(found):
-            break
-        await asyncio.sleep(0.01)
-    payloads = [ibeacon_payload(UUID, 1, i) for i in range(args.beacons)]
-    for step in range(args.beacons + ADVERTS_PER_TAG):
-        now = time.time()
-        scanner.inject(Advertisement(f"02:00:00:00:{i >> 8:02X}:{i & 255:02X}", -55, now, f"rx-{i}", payloads[i])
-                       for i in range(max(0, step - ADVERTS_PER_TAG + 1), min(step + 1, args.beacons)))
-        await asyncio.sleep(STEP_S)
-    await rt.flush()
-    print("DONE", flush=True)
+    await walk_in(rt, scanner, args.beacons, "pair")
     await lease.watch()  # serve until killed (or the lease is lost)
     await rt.stop()
 
