@@ -8,6 +8,7 @@ and are always bounded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -272,11 +273,18 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path}/gw.db"
         return
 
+    with fresh_pg_database(request.getfixturevalue("pg_url"), "gw_test") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def fresh_pg_database(base: str, prefix: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database on ``base``'s server, its URL yielded, dropped afterwards (forced:
+    a killed process's sessions may linger)."""
     from psycopg import sql
     from sqlalchemy.engine import make_url
 
-    base = request.getfixturevalue("pg_url")
-    name = f"gw_test_{secrets.token_hex(6)}"
+    name = f"{prefix}_{secrets.token_hex(6)}"
     with _pg_connect(base, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:

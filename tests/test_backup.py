@@ -4,7 +4,6 @@ use are refused with nothing changed; an older schema is brought current."""
 
 from __future__ import annotations
 
-import secrets
 import sqlite3
 import subprocess
 import sys
@@ -70,19 +69,10 @@ def restore_url(db_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> 
     if db_url.startswith("sqlite"):
         yield f"sqlite:///{tmp_path}/restored/gw.db"
         return
-    from psycopg import sql
+    from tests.conftest import fresh_pg_database
 
-    from tests.conftest import _pg_connect
-
-    base = request.getfixturevalue("pg_url")
-    name = f"gw_restore_{secrets.token_hex(6)}"
-    with _pg_connect(base, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield make_url(base).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with _pg_connect(base, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with fresh_pg_database(request.getfixturevalue("pg_url"), "gw_restore") as url:
+        yield url
 
 
 def profile_ids(url: str) -> set[int]:

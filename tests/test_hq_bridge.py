@@ -18,7 +18,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import delete, func, select
-from sqlalchemy.engine import make_url
 
 from gateway.app.config import Settings, StoreSettings
 from gateway.app.pipeline import Pipeline
@@ -42,7 +41,7 @@ from gateway.storage.models import (
     Visit,
     ZoneStay,
 )
-from tests.conftest import MosquittoServer, _mosquitto_binary, _pg_connect
+from tests.conftest import MosquittoServer, _mosquitto_binary, fresh_pg_database
 from tests.fixtures import make_service, migrated_copy
 
 TZ = "Europe/Paris"
@@ -128,19 +127,13 @@ def hq_counts(db: Database, store: str) -> dict[str, int]:
 @pytest.fixture
 def hq_db(pg_url: str) -> Iterator[Database]:
     """Head office's PostgreSQL: a fresh database per test, migrated."""
-    from psycopg import sql
-
-    name = f"gw_hq_{secrets.token_hex(6)}"
-    with _pg_connect(pg_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    database = Database(make_url(pg_url).set(database=name).render_as_string(hide_password=False))
-    database.upgrade()
-    try:
-        yield database
-    finally:
-        database.dispose()
-        with _pg_connect(pg_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with fresh_pg_database(pg_url, "gw_hq") as url:
+        database = Database(url)
+        database.upgrade()
+        try:
+            yield database
+        finally:
+            database.dispose()
 
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples/mosquitto-bridge.conf"

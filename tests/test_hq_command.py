@@ -17,7 +17,6 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
 from gateway.app.config import (
     CampaignSettings,
@@ -29,7 +28,7 @@ from gateway.app.config import (
 )
 from gateway.presence.tracker import PresenceEvent
 from gateway.profiles.service import NewProfile
-from tests.conftest import MosquittoServer, _pg_connect, free_port, wait_for_port
+from tests.conftest import MosquittoServer, free_port, fresh_pg_database, wait_for_port
 from tests.fixtures import RuntimeFactory
 
 TZ = "Europe/Paris"
@@ -45,18 +44,8 @@ def tag(name: str) -> str:
 
 @pytest.fixture
 def hq_url(pg_url: str) -> Iterator[str]:
-    import secrets
-
-    from psycopg import sql
-
-    name = f"gw_hqcmd_{secrets.token_hex(6)}"
-    with _pg_connect(pg_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with _pg_connect(pg_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with fresh_pg_database(pg_url, "gw_hqcmd") as url:
+        yield url
 
 
 async def test_gateway_hq_serves_a_stores_figures_as_the_store_counts_them(

@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import text
 
 from gateway.storage.lease import Lease
-from tests.conftest import _pg_connect, free_port
+from tests.conftest import _pg_connect, free_port, fresh_pg_database
 from tests.sse import SseReader
 from tests.test_crash_recovery import KILL_AFTER, TAGS, AckingClient, Gateway
 
@@ -52,19 +52,8 @@ class PairGateway(Gateway):
 @pytest.fixture
 def store_db(pg_url: str) -> Iterator[str]:
     """A fresh PostgreSQL database that both gateways share."""
-    import secrets
-
-    from psycopg import sql
-    from sqlalchemy.engine import make_url
-
-    name = f"gw_pair_{secrets.token_hex(6)}"
-    with _pg_connect(pg_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with _pg_connect(pg_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with fresh_pg_database(pg_url, "gw_pair") as url:
+        yield url
 
 
 def committed(url: str, profile_id: int) -> dict[int, str]:
