@@ -43,18 +43,14 @@ sys.path.insert(0, str(ROOT))
 from devices.payloads import Reading  # noqa: E402
 from gateway.app.config import Settings  # noqa: E402
 from gateway.app.pipeline import Pipeline  # noqa: E402
-from gateway.app.scenarios import apply_scenario, enrol  # noqa: E402
-from gateway.app.simulate import opening_time  # noqa: E402
+from gateway.app.scenarios import apply_scenario  # noqa: E402
+from gateway.app.simulate import open_store, opening_time  # noqa: E402
 from gateway.campaigns.model import CampaignIndex, load_campaigns, load_segments  # noqa: E402
 from gateway.clock import VirtualClock  # noqa: E402
 from gateway.engine.figures import figures as day_figures  # noqa: E402
-from gateway.profiles.identity import IdentityIndex  # noqa: E402
-from gateway.profiles.service import GatewayService  # noqa: E402
-from gateway.security.tokens import TokenSigner  # noqa: E402
 from gateway.storage.db import Database  # noqa: E402
 from gateway.storage.models import Decision, Notification  # noqa: E402
 from gateway.storage.models import Visit as VisitRecord  # noqa: E402
-from simulators.carts import cart_upserts  # noqa: E402
 from simulators.scenario import Scenario, Visit, load_scenario  # noqa: E402
 from simulators.store_sim import StoreSimulator  # noqa: E402
 from simulators.wearables import TelemetryModel  # noqa: E402
@@ -137,13 +133,7 @@ def run(hours: float, people: int, devices: int, interval_s: float, step_s: floa
     with tempfile.TemporaryDirectory(prefix="gateway-soak-") as tmp:
         db = Database(f"sqlite:///{Path(tmp) / 'soak.db'}")
         try:
-            db.upgrade(settings.store.id)
-            identities = IdentityIndex()
-            service = GatewayService(db, identities, clock, TokenSigner(b"soak-only-secret-0123456789abcdef"))
-            enrol(service, scenario)
-            for body in cart_upserts(scenario, start):
-                service.upsert_cart(body["cart_id"], profile_id=None, external_id=body["profile_external_id"],
-                                    items=body["items"], updated_at=body["updated_at"])
+            identities = open_store(db, settings, scenario, clock, start)
             outcomes = 0
 
             def on_outcome(*_: Any) -> None:

@@ -70,6 +70,21 @@ def opening_time(scenario: Scenario, day: dt.date) -> float:
     return dt.datetime.combine(day, dt.time(hh, mm), ZoneInfo(scenario.store.timezone)).timestamp()
 
 
+def open_store(db: Database, settings: Settings, scenario: Scenario, clock: VirtualClock, start: float
+               ) -> IdentityIndex:
+    """The scenario's store in a fresh database: migrated, its customers enrolled, their online carts as the
+    shop's site would have sent them by ``start`` (a simulated day's and the soak's common start); the
+    identity index that knows them."""
+    db.upgrade(settings.store.id)
+    identities = IdentityIndex()
+    service = GatewayService(db, identities, clock, TokenSigner(b"simulation-only-secret-0123456789"))
+    enrol(service, scenario)
+    for body in cart_upserts(scenario, start):
+        service.upsert_cart(body["cart_id"], profile_id=None, external_id=body["profile_external_id"],
+                            items=body["items"], updated_at=body["updated_at"])
+    return identities
+
+
 def parse_duration(text: str) -> float:
     """'8h', '90m', '45s', '1h30m' or plain seconds."""
     text = text.strip().lower()
@@ -107,13 +122,7 @@ def simulate(scenario: Scenario, duration_s: float, *, campaigns_dir: str, seed:
         db_url = f"sqlite:///{Path(tmp.name) / 'sim.db'}"
     db = Database(db_url)
     try:
-        db.upgrade(settings.store.id)
-        identities = IdentityIndex()
-        service = GatewayService(db, identities, clock, TokenSigner(b"simulation-only-secret-0123456789"))
-        enrol(service, scenario)
-        for body in cart_upserts(scenario, start):
-            service.upsert_cart(body["cart_id"], profile_id=None, external_id=body["profile_external_id"],
-                                items=body["items"], updated_at=body["updated_at"])
+        identities = open_store(db, settings, scenario, clock, start)
         summary = Summary(duration_s)
 
         def on_outcome(o: Outcome, ev: EngineEvent) -> None:
