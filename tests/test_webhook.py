@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ from gateway.delivery.webhook import (
     verify_signature,
 )
 from gateway.storage.db import Database
-from gateway.storage.models import Base, Delivery, Notification, Profile
+from gateway.storage.models import Delivery, Notification, Profile
 from tests.conftest import free_port
 
 T0 = 1_767_261_600.0
@@ -85,25 +85,6 @@ async def receiver(clock: VirtualClock) -> AsyncIterator[Receiver]:
         yield rec
     finally:
         await runner.cleanup()
-
-
-def _database(url: str, migrate: bool = True) -> Database:
-    """Migrated (``db_url`` tests: the migration on both engines), or the models' schema (fast, SQLite)."""
-    db = Database(url)
-    if migrate:
-        db.upgrade()
-    else:
-        Base.metadata.create_all(db.engine)
-    return db
-
-
-@pytest.fixture
-def db(tmp_path: Any) -> Iterator[Database]:
-    database = _database(f"sqlite:///{tmp_path}/wh.db", migrate=False)
-    try:
-        yield database
-    finally:
-        database.dispose()
 
 
 class Sleeps:
@@ -279,33 +260,30 @@ async def test_connection_refused_and_timeouts_are_retried(db: Database, clock: 
 
 
 async def test_repeated_410_disables_the_url_and_a_restart_remembers(
-        db_url: str, clock: VirtualClock, receiver: Receiver) -> None:
-    db = _database(db_url)
+        any_db: Database, clock: VirtualClock, receiver: Receiver) -> None:
+    db = any_db
+    receiver.script = [410, 200, 410, 410, 410]
+    pid, msg = _notify(db)
+    ch = _channel(db, clock, [receiver.url], disable_after_gone=3)
     try:
-        receiver.script = [410, 200, 410, 410, 410]
-        pid, msg = _notify(db)
-        ch = _channel(db, clock, [receiver.url], disable_after_gone=3)
-        try:
-            assert await ch.deliver(pid, msg) == "gone"
-            assert await ch.deliver(pid, msg) == "delivered"  # a success resets the count
-            assert [await ch.deliver(pid, msg) for _ in range(3)] == ["gone", "gone", "gone"]
-        finally:
-            await ch.aclose()
-        assert len(receiver.got) == 5
-        state = endpoint_states(db)[receiver.url]
-        assert state["disabled"] and state["consecutive_gone"] == 3 and state["last_status"] == 410
-
-        restarted = _channel(db, clock, [receiver.url], disable_after_gone=3)  # a new process, same db
-        try:
-            assert await restarted.deliver(pid, msg) == "dead"
-            assert len(receiver.got) == 5  # nothing was sent to the disabled URL
-            assert enable_endpoint(db, receiver.url) is True
-            assert await restarted.deliver(pid, msg) == "delivered"
-        finally:
-            await restarted.aclose()
-        assert len(receiver.got) == 6
+        assert await ch.deliver(pid, msg) == "gone"
+        assert await ch.deliver(pid, msg) == "delivered"  # a success resets the count
+        assert [await ch.deliver(pid, msg) for _ in range(3)] == ["gone", "gone", "gone"]
     finally:
-        db.dispose()
+        await ch.aclose()
+    assert len(receiver.got) == 5
+    state = endpoint_states(db)[receiver.url]
+    assert state["disabled"] and state["consecutive_gone"] == 3 and state["last_status"] == 410
+
+    restarted = _channel(db, clock, [receiver.url], disable_after_gone=3)  # a new process, same db
+    try:
+        assert await restarted.deliver(pid, msg) == "dead"
+        assert len(receiver.got) == 5  # nothing was sent to the disabled URL
+        assert enable_endpoint(db, receiver.url) is True
+        assert await restarted.deliver(pid, msg) == "delivered"
+    finally:
+        await restarted.aclose()
+    assert len(receiver.got) == 6
 
 
 async def test_the_dispatcher_records_webhook_deliveries_and_marks_the_notification_sent(
@@ -350,7 +328,7 @@ def test_the_runtime_adds_the_webhook_channel_when_enabled(tmp_path: Any) -> Non
 
 
 async def test_a_disabled_url_is_re_enabled_over_the_api_and_its_dead_letters_are_delivered(
-        db_url: str, clock: VirtualClock, receiver: Receiver) -> None:
+        any_db: Database, clock: VirtualClock, receiver: Receiver) -> None:
     """Three 410s disable the URL and a fourth notification dies unsent; the brand fixes its endpoint,
     staff re-enable it over the API, and the retry loop delivers all four, each once."""
     from fastapi.testclient import TestClient
@@ -360,7 +338,7 @@ async def test_a_disabled_url_is_re_enabled_over_the_api_and_its_dead_letters_ar
     from gateway.delivery.hub import StreamHub
     from tests.fixtures import make_service
 
-    db = _database(db_url)
+    db = any_db
     ch = _channel(db, clock, [receiver.url], disable_after_gone=3, max_attempts=1)
     try:
         receiver.script = [410, 410, 410]

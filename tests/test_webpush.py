@@ -55,7 +55,7 @@ from gateway.delivery.webpush import (
 )
 from gateway.profiles.service import NewProfile, ServiceOptions
 from gateway.storage.db import Database
-from gateway.storage.models import Base, Notification, Profile, PushSubscription
+from gateway.storage.models import Notification, Profile, PushSubscription
 from tests.fixtures import make_service
 
 T0 = 1_767_261_600.0
@@ -189,25 +189,6 @@ async def push_service(vapid_dir: Path) -> AsyncIterator[PushService]:
         await runner.cleanup()
 
 
-def _database(url: str, migrate: bool = True) -> Database:
-    """Migrated (``db_url`` tests: the migration on both engines), or the models' schema (fast, SQLite)."""
-    db = Database(url)
-    if migrate:
-        db.upgrade()
-    else:
-        Base.metadata.create_all(db.engine)
-    return db
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = _database(f"sqlite:///{tmp_path}/wp.db", migrate=False)
-    try:
-        yield database
-    finally:
-        database.dispose()
-
-
 SETTINGS = WebPushSettings(enabled=True, subject=SUBJECT, ttl_s=3600, urgency="normal", timeout=5.0)
 
 
@@ -311,31 +292,28 @@ def test_a_payload_too_big_for_one_record_drops_its_data_and_stays_json() -> Non
 
 
 async def test_404_and_410_prune_the_subscription_the_others_get_it_and_erasure_removes_all(
-        db_url: str, vapid_dir: Path, push_service: PushService) -> None:
-    db = _database(db_url)
+        any_db: Database, vapid_dir: Path, push_service: PushService) -> None:
+    db = any_db
+    alice = _profile(db, "alice")
+    for token in ("laptop", "old-phone", "old-tablet"):
+        _subscribe(db, alice, push_service.browser(token))
+    push_service.status = {"old-phone": [410], "old-tablet": [404]}
+    ch = _channel(db, vapid_dir)
     try:
-        alice = _profile(db, "alice")
-        for token in ("laptop", "old-phone", "old-tablet"):
-            _subscribe(db, alice, push_service.browser(token))
-        push_service.status = {"old-phone": [410], "old-tablet": [404]}
-        ch = _channel(db, vapid_dir)
-        try:
-            assert await ch.deliver(alice, _notify(db, alice, {})) == "delivered"
-            assert _endpoints(db) == {f"{push_service.origin}/push/laptop"}
-            push_service.status = {"laptop": [410]}
-            assert await ch.deliver(alice, _notify(db, alice, {}, key="k2")) == "gone"
-            assert _endpoints(db) == set()
-            assert await ch.deliver(alice, _notify(db, alice, {}, key="k3")) == "no_listener"
-        finally:
-            await ch.aclose()
-        assert sorted(p.token for p in push_service.pushes) == ["laptop", "laptop", "old-phone", "old-tablet"]
-
-        _subscribe(db, alice, push_service.browser("new-laptop"))  # erasure takes the subscriptions along
-        with db.session() as s:
-            s.execute(delete(Profile).where(Profile.id == alice))
+        assert await ch.deliver(alice, _notify(db, alice, {})) == "delivered"
+        assert _endpoints(db) == {f"{push_service.origin}/push/laptop"}
+        push_service.status = {"laptop": [410]}
+        assert await ch.deliver(alice, _notify(db, alice, {}, key="k2")) == "gone"
         assert _endpoints(db) == set()
+        assert await ch.deliver(alice, _notify(db, alice, {}, key="k3")) == "no_listener"
     finally:
-        db.dispose()
+        await ch.aclose()
+    assert sorted(p.token for p in push_service.pushes) == ["laptop", "laptop", "old-phone", "old-tablet"]
+
+    _subscribe(db, alice, push_service.browser("new-laptop"))  # erasure takes the subscriptions along
+    with db.session() as s:
+        s.execute(delete(Profile).where(Profile.id == alice))
+    assert _endpoints(db) == set()
 
 
 async def test_a_5xx_is_retried_later_and_keeps_the_subscription(
