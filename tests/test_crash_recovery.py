@@ -29,6 +29,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -130,6 +131,31 @@ class AckingClient:
                 return
         raise AssertionError(f"client timed out with {len(self.processed)} processed")
 
+    async def resume(self, token: str, caught_up: Callable[[], bool]) -> SseReader:
+        """After a failover: re-send the acks that died, resume the stream from the last id received, handle
+        events until ``caught_up()``, ack what is left. The caller closes the reader it returns."""
+        for nid in sorted(self.unacked):
+            await self.ack(nid)
+        resumed = await SseReader(self.http, f"/v1/me/stream?access_token={token}",
+                                  {"Last-Event-ID": str(max(self.receipts))}).start()
+        assert resumed.status == 200
+        try:
+            await self.consume(resumed, caught_up)
+            for nid in sorted(self.unacked):
+                await self.ack(nid)
+        except BaseException:
+            await resumed.close()
+            raise
+        return resumed
+
+    def check_exactly_once(self, final: dict[int, str]) -> None:
+        """Every notification committed at the end processed, none received twice, all acked."""
+        assert self.processed == set(final), (sorted(set(final) - self.processed),
+                                              sorted(self.processed - set(final)))
+        duplicates = sorted(n for n in self.processed if self.receipts.count(n) > 1)
+        assert duplicates == [], f"delivered twice: {duplicates}"
+        assert self.unacked == set() and set(final.values()) == {"acked"}
+
 
 def committed(db: Path, profile_id: int) -> dict[int, str]:
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
@@ -159,20 +185,11 @@ async def test_kill_9_during_dispatch_then_restart_loses_nothing_and_sends_nothi
 
             second = Gateway(db, port, tmp_path)  # same database, same port
             await second.expect("READY")
-            for nid in sorted(app.unacked):
-                await app.ack(nid)
-            last = max(app.receipts)
-            resumed = await SseReader(http, f"/v1/me/stream?access_token={token}",
-                                      {"Last-Event-ID": str(last)}).start()
-            readers.append(resumed)
-            assert resumed.status == 200
 
             def caught_up() -> bool:
                 return second is not None and second.said("DONE") and set(committed(db, pid)) <= app.processed
 
-            await app.consume(resumed, caught_up)
-            for nid in sorted(app.unacked):
-                await app.ack(nid)
+            readers.append(await app.resume(token, caught_up))
     finally:
         for r in readers:
             await r.close()
@@ -182,7 +199,4 @@ async def test_kill_9_during_dispatch_then_restart_loses_nothing_and_sends_nothi
 
     final = committed(db, pid)
     assert len(final) >= len(at_kill) + TAGS  # the second run walked every tag in again
-    assert app.processed == set(final), (sorted(set(final) - app.processed), sorted(app.processed - set(final)))
-    duplicates = sorted(n for n in app.processed if app.receipts.count(n) > 1)
-    assert duplicates == [], f"delivered twice: {duplicates}"
-    assert app.unacked == set() and set(final.values()) == {"acked"}
+    app.check_exactly_once(final)

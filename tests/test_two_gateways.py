@@ -61,13 +61,6 @@ def committed(url: str, profile_id: int) -> dict[int, str]:
         return dict(conn.execute("SELECT id, status FROM notifications WHERE profile_id = %s", (profile_id,)))
 
 
-def check_exactly_once(app: AckingClient, final: dict[int, str]) -> None:
-    assert app.processed == set(final), (sorted(set(final) - app.processed), sorted(app.processed - set(final)))
-    duplicates = sorted(n for n in app.processed if app.receipts.count(n) > 1)
-    assert duplicates == [], f"delivered twice: {duplicates}"
-    assert app.unacked == set() and set(final.values()) == {"acked"}
-
-
 async def test_kill_9_of_the_leader_mid_stream_the_standby_takes_over_nothing_lost_nothing_twice(
         store_db: str, tmp_path: Path) -> None:
     leader = PairGateway(store_db, free_port(), tmp_path / "a")
@@ -97,20 +90,12 @@ async def test_kill_9_of_the_leader_mid_stream_the_standby_takes_over_nothing_lo
             await standby.expect("LEADER")  # the lease was freed with the killed process's session
             await standby.expect("READY")
             http.base_url = f"http://127.0.0.1:{standby.port}"  # the app fails over to the other address
-            for nid in sorted(app.unacked):
-                await app.ack(nid)
-            resumed = await SseReader(http, f"/v1/me/stream?access_token={token}",
-                                      {"Last-Event-ID": str(max(app.receipts))}).start()
-            readers.append(resumed)
-            assert resumed.status == 200
             new = standby
 
             def caught_up() -> bool:
                 return new.said("DONE") and set(committed(store_db, pid)) <= app.processed
 
-            await app.consume(resumed, caught_up)
-            for nid in sorted(app.unacked):
-                await app.ack(nid)
+            readers.append(await app.resume(token, caught_up))
     finally:
         for r in readers:
             await r.close()
@@ -120,7 +105,7 @@ async def test_kill_9_of_the_leader_mid_stream_the_standby_takes_over_nothing_lo
 
     final = committed(store_db, pid)
     assert len(final) >= len(at_kill) + TAGS  # the new leader walked every tag in again
-    check_exactly_once(app, final)
+    app.check_exactly_once(final)
 
 
 async def test_kill_9_of_the_standby_mid_stream_changes_nothing_for_the_client(
@@ -161,7 +146,7 @@ async def test_kill_9_of_the_standby_mid_stream_changes_nothing_for_the_client(
                 g.kill9()
     final = committed(store_db, pid)
     assert len(final) == TAGS
-    check_exactly_once(app, final)
+    app.check_exactly_once(final)
 
 
 def test_the_lease_is_one_holders_and_free_when_its_session_dies(store_db: str) -> None:
