@@ -16,10 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from starlette.routing import WebSocketRoute
 
 from api.app import PROBLEM, create_app
 from api.deps import ApiContext
@@ -32,11 +30,10 @@ from gateway.storage.db import Database
 from gateway.storage.models import Base, Cart, CatalogItem, Interaction, Notification
 from tests.conftest import free_port
 from tests.fixtures import make_service, migrated_copy
+from tests.test_authz_matrix import HTTP_ROUTES, PUBLIC_PATHS, ROUTES, audience
 
 T0 = 1_767_261_600.0
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
-DOC_PATHS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-PUBLIC_PATHS = {"/health", "/health/live", "/health/ready", "/metrics"}  # operations: no data, no key
 ALICE_BEACON = "ibeacon:8f3c0a52-6d1e-4b7a-9c2d-5e4f3a2b1c00:100:1"
 
 
@@ -47,39 +44,6 @@ def _health_of(db: Database) -> Any:
         return {"status": "ok" if ok else "degraded",
                 "components": {"db": "ok" if ok else "down", "mqtt": "disabled", "scanner": "disabled"}}
     return health
-
-
-def _route_table(app: FastAPI) -> list[tuple[str, str]]:
-    """(method, path) for every route but the docs; WebSocket routes get the method 'WEBSOCKET'."""
-    try:  # FastAPI >= 0.137 keeps included routers unflattened in app.routes
-        from fastapi.routing import iter_route_contexts
-    except ImportError:  # pragma: no cover - older FastAPI: app.routes is already flat
-        routes: list[Any] = list(app.routes)
-    else:
-        routes = list(iter_route_contexts(app.routes))
-    out: list[tuple[str, str]] = []
-    for route in routes:
-        path = getattr(route, "path", None)
-        assert path, f"a route without a path: {route!r}; teach _route_table about it"
-        if path in DOC_PATHS:
-            continue
-        if isinstance(getattr(route, "original_route", route), WebSocketRoute):
-            out.append(("WEBSOCKET", path))
-            continue
-        for method in sorted((getattr(route, "methods", None) or {"GET"}) - {"HEAD", "OPTIONS"}):
-            out.append((method, path))
-    return out
-
-
-# The routes as the app declares them, known at collection time so each case is its own test.
-ROUTES = _route_table(create_app(ApiContext(service=None, hub=StreamHub(), admin_key="x",  # type: ignore[arg-type]
-                                            health=dict)))
-
-
-def _audience(path: str) -> str:
-    if path in PUBLIC_PATHS:
-        return "public"
-    return "customer" if path.startswith("/v1/me/") else "admin"
 
 
 # ------------------------------------------------------------------ fixtures
@@ -212,14 +176,13 @@ def _sample(world: World, method: str, path: str) -> tuple[str, Any, bool]:
 def test_the_route_table_is_what_this_file_expects() -> None:
     # A check on the discovery itself, so the matrix below cannot silently cover nothing.
     assert ("GET", "/health") in ROUTES and ("GET", "/v1/me/stream") in ROUTES
-    assert {_audience(p) for _, p in ROUTES} == {"public", "admin", "customer"}
+    assert {audience(p) for _, p in ROUTES} == {"public", "admin", "customer"}
     assert len(ROUTES) >= 10
 
 
 # The full matrix (every route against every kind of credential and scope, and the WebSocket) is
 # tests/test_authz_matrix.py; here, every way an app token can be wrong, on every customer route.
-HTTP_ROUTES = [r for r in ROUTES if r[0] != "WEBSOCKET"]
-CUSTOMER_ROUTES = [r for r in HTTP_ROUTES if _audience(r[1]) == "customer"]
+CUSTOMER_ROUTES = [r for r in HTTP_ROUTES if audience(r[1]) == "customer"]
 
 
 def _bad_token(world: World, kind: str) -> str:
