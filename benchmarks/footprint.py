@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,44 +48,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _mosquitto import Broker, free_port  # noqa: E402  (the benchmarks' own Mosquitto)
+
 ADMIN_KEY = "footprint-admin-key-0123456789abcdef"
 GOAL_RSS_MB = 120.0
 GOAL_READY_S = 2.0
 ROOMS = ("entrance", "shoes", "apparel", "checkout")
 UUID = "f7826da6-4fa2-4e98-8024-bc5b71e0893e"
 WAIT_S = 180.0  # bound on every wait for the gateway
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Broker:
-    """A Mosquitto of our own that queues without limit (nothing published here is dropped)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        "max_queued_messages 0\nmax_queued_bytes 0\n")
-        self.log = (workdir / "mosquitto.log").open("ab")
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("mosquitto did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(5)
-        self.log.close()
 
 
 def config(tmp: Path, api_port: int, mqtt_port: int) -> Path:

@@ -55,7 +55,6 @@ import os
 import random
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -67,49 +66,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _mosquitto import Broker  # noqa: E402  (the benchmarks' own Mosquitto)
+
 T0 = 1_767_261_600.0
 IDLE_S = 3.0  # a consumer that got nothing for this long (after its first message) is done
-
-
-# ------------------------------------------------------------------ the broker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Broker:
-    def __init__(self, workdir: Path, window: int) -> None:
-        self.port = free_port()
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        f"max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages {window}\n")
-        self.log = (workdir / "mosquitto.log").open("ab")
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("mosquitto did not start")
-
-    def cpu_s(self) -> float:
-        """The broker's CPU time so far (user + system), from /proc; 0 where there is none."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(5)
-        self.log.close()
 
 
 # ------------------------------------------------------------------ roles (each in its own process)
