@@ -554,6 +554,24 @@ def reset_for_service(rule: Rule, state: RuleState, seq: int) -> RuleState:
     return st
 
 
+def wall_stepped(state: RuleState, cutoff: float, seconds: float) -> RuleState:
+    """The state with every time stamped by ``cutoff`` moved on by ``seconds``: the wall clock stepped
+    forward by that much after it, and a condition that held for 30 s before the step has held for 30 s,
+    not an hour (a ``for`` timer would fire at once, a "did not recur" clear too, a rate would flatten)."""
+    def on(t: float) -> float:
+        return t + seconds if t <= cutoff else t
+
+    def opt(t: float | None) -> float | None:
+        return None if t is None else on(t)
+
+    st = state.copy()
+    st.pending = {k: on(t) for k, t in st.pending.items()}
+    st.last = {k: [on(p[0]), *p[1:]] for k, p in st.last.items()}
+    st.rates = {k: [[on(p[0]), *p[1:]] for p in points] for k, points in st.rates.items()}
+    st.raised_at, st.last_true_at, st.clear_since = opt(st.raised_at), opt(st.last_true_at), opt(st.clear_since)
+    return st
+
+
 # ---------------------------------------------------------------- parsing: the file format
 
 def _hhmm_text(value: str) -> str:

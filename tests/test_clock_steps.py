@@ -8,24 +8,35 @@ engine and the outbox; ticks run the timers. What must hold:
   and so out of reach (a customer who leaves and comes back is not sent the same offer twice);
 - the interval timers (cart abandonment, device offline sweep, telemetry purge) keep running after a step
   back instead of waiting an hour for the clock to catch up with their last run;
-- a step forward releases each delayed send once, never twice.
+- a step forward releases each delayed send once, never twice;
+- a step forward is not silence: devices reporting over MQTT stay online, a device rule's ``for`` timer
+  counts the time that really passed, an open cart is not abandoned at once; a device that really
+  stops still goes offline after its allowance of real time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from beacons.types import Sighting
+from devices.mqtt import MqttIntake
+from devices.mqtt import MqttSettings as IntakeSettings
+from devices.topics import telemetry_topic
 from gateway.app.config import Settings
 from gateway.app.runtime import Runtime
 from gateway.clock import SteppingClock
 from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.presence.tracker import PresenceEvent
 from gateway.profiles.service import NewProfile
-from gateway.storage.models import Decision, Notification, Visit
+from gateway.storage.models import Alarm, Cart, Decision, Notification, Visit
+from tests.conftest import MosquittoServer, PahoTestClient
 from tests.fixtures import RuntimeFactory, runtime_settings
 
 T0 = 1_780_300_800.0  # 2026-06-01 08:00 UTC
@@ -157,3 +168,104 @@ async def test_a_step_forward_while_she_shops_is_not_a_visit_ended_and_begun_aga
     assert rt.pipeline.presence.clock_steps == 1
     ended = visits[0].ended_at
     assert ended is not None and 35 <= ended - visits[0].started_at <= 45  # her 40 s in the shop, not an hour more
+
+
+SENSOR = "id: sensor\nreporting_interval_s: 30\noffline_after_intervals: 3\nmetrics: {temp: {unit: C}}\n"  # 90 s
+WARM = ("id: warm\nname: Freezer too warm\nmatch: {kind: sensor}\n"
+        "create: {severity: warning, when: {metric: temp, op: gt, value: -12}, for_s: 300}\n"
+        "clear: {when: {metric: temp, op: lt, value: -16}}\nactions: {prompt: true, staff: false}\n")
+ALARM = ("id: warm\npurpose: maintenance\ntrigger: {type: alarm}\n"
+         "action: {title: t, body: \"{device.id} is warm\"}\n")
+
+
+async def test_a_step_forward_takes_no_device_offline_and_starts_no_alarm_over_mqtt(
+        tmp_path: Path, clock: SteppingClock, runtime_factory: RuntimeFactory, mosquitto: MosquittoServer,
+        mqtt_client: Callable[..., PahoTestClient]) -> None:
+    s = settings(tmp_path, {"warm": ALARM})
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "sensor.yaml").write_text(SENSOR)
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "warm.yaml").write_text(WARM)
+    s.devices.profiles_dir, s.device_rules.dir = str(tmp_path / "profiles"), str(tmp_path / "rules")
+    s.store.id = "s1"
+    intake = MqttIntake(IntakeSettings(host=mosquitto.host, port=mosquitto.port, client_id=f"gw-{secrets.token_hex(4)}",
+                                       store_id="s1", topic_prefix=f"t{secrets.token_hex(4)}", session_expiry=60),
+                        clock=clock.now)  # readings without "ts" are stamped by the gateway's clock, as in a shop
+    s.mqtt.topic_prefix = intake.settings.topic_prefix
+    rt = await runtime_factory(s, mqtt=intake, serve_api=False)
+    assert await intake.wait_connected(10), intake.last_error
+    pid = int(rt.service.create_profile(NewProfile(external_id="ann", consents={"maintenance": True}))["id"])
+    for d in ("steady", "warm", "dies"):
+        rt.service.register_device(d, "sensor", pid)
+    devices = mqtt_client(mosquitto.host, mosquitto.port)
+    sent = 0
+
+    async def run(until_s: float) -> None:
+        """Real time to ``until_s`` since the start, a tick a second; each device still alive reports
+        every 30 s (no "ts": the gateway stamps it), committed before time moves on."""
+        nonlocal sent
+        while clock.monotonic() - T0 < until_s:
+            clock.advance(1.0)
+            r = round(clock.monotonic() - T0)
+            if r % 30 == 0:
+                for d in ("steady", "warm") + (("dies",) if r <= 120 else ()):
+                    temp = -10.0 if d == "warm" and r >= 90 else -20.0  # "warm" holds over -12 from 90 s on
+                    devices.publish_wait(telemetry_topic("s1", d, intake.settings.topic_prefix),
+                                         json.dumps({"metrics": {"temp": temp}}))
+                    sent += 1
+                for _ in range(500):
+                    if rt.pipeline.telemetry.counts["accepted"] >= sent:
+                        break
+                    await asyncio.sleep(0.01)
+                assert rt.pipeline.telemetry.counts["accepted"] == sent
+            rt.tick()
+            await rt.flush()
+
+    def status() -> dict[str, str]:
+        return {d["id"]: str(d["status"]) for d in rt.devices.list_devices()}
+
+    def alarms() -> list[Alarm]:
+        with rt.db.session() as s:
+            return list(s.scalars(select(Alarm)))
+
+    await run(150)
+    assert status() == {"steady": "online", "warm": "online", "dies": "online"}
+    clock.step(HOUR)  # NTP: the Pi's clock was an hour slow
+    await run(151)  # the first tick after the step: an hour since every device's last reading, on the clock
+    assert status() == {"steady": "online", "warm": "online", "dies": "online"}
+    await run(200)  # "dies" last reported at 120 s: 80 s of its 90 s allowance have passed
+    assert status() == {"steady": "online", "warm": "online", "dies": "online"}
+    assert rt.pipeline.telemetry.counts["went_offline"] == 0  # none went offline and came back either
+    assert alarms() == [] and decisions(rt, "warm") == []
+    await run(215)  # 95 s of silence, measured in time that passed (the sweep runs every 5 s)
+    assert status() == {"steady": "online", "warm": "online", "dies": "offline"}
+    await run(385)  # "warm" has held over -12 for 295 s of real time (from 90 s): not yet its 300 s
+    assert alarms() == [] and decisions(rt, "warm") == []
+    await run(395)
+    (a,) = alarms()
+    assert (a.device_id, a.status) == ("warm", "active")
+    assert a.created_at == pytest.approx(T0 + HOUR + 390)  # the for timer fired at 90 s + 300 s, on the new clock
+    assert decisions(rt, "warm") == ["fired"]
+    with rt.db.session() as se:
+        assert [n.profile_id for n in se.scalars(select(Notification))] == [pid]
+    assert rt.pipeline.telemetry.counts["went_offline"] == 1
+    assert status() == {"steady": "online", "warm": "online", "dies": "offline"}
+
+
+async def test_a_cart_touched_just_before_a_step_forward_is_not_abandoned_at_once(
+        tmp_path: Path, clock: SteppingClock, runtime_factory: RuntimeFactory) -> None:
+    s = settings(tmp_path, {"cart": ("id: cart\npurpose: cart_reminders\ntrigger: {type: cart_abandoned}\n"
+                                     "action: {title: t, body: b}\n")})
+    s.carts.abandon_after_s = 1800.0
+    rt = await runtime_factory(s, serve_api=False)
+    pid = enrol(rt, "cart_reminders")
+    rt.service.upsert_cart("c1", profile_id=pid, external_id=None, items=[{"sku": "x", "qty": 1}], updated_at=None)
+    await live_walk(rt, clock, 300, heard=False)  # touched 5 minutes before the step (stamped by the gateway)
+    clock.step(HOUR)
+    await live_walk(rt, clock, 1490, heard=False)  # 1790 s since the touch, in time that passed
+    assert decisions(rt, "cart") == []
+    await live_walk(rt, clock, 20, heard=False)
+    assert decisions(rt, "cart") == ["fired"]
+    with rt.db.session() as se:
+        cart = se.get(Cart, "c1")
+        assert cart is not None and cart.abandoned_at is not None

@@ -253,6 +253,20 @@ class Pipeline:
             self.recorder.flush()
         return created
 
+    def wall_stepped(self, now: float, seconds: float) -> None:
+        """The wall clock was stepped forward by ``seconds`` just before ``now`` (the Runtime saw it against
+        monotonic time). What is stamped before the step moves on by it, in one transaction: the online
+        devices' last readings (the step is not silence: nobody goes offline for it), the device rules'
+        timers (a ``for`` duration is not an hour older), open carts' last changes (not abandoned at once).
+        A device that really went quiet is still offline after its allowance of real time."""
+        cutoff = now - seconds
+        with self.db.session() as s:
+            devices = self.telemetry.wall_stepped(s, cutoff, seconds)
+            states = self.rules.wall_stepped(s, cutoff, seconds)
+            open_carts = carts.wall_stepped(s, cutoff, seconds)
+        log.info("wall clock step of %.0f s: moved on %d device(s), %d rule state(s), %d open cart(s)",
+                 seconds, devices, states, open_carts)
+
     def cart_events(self, now: float) -> list[int]:
         """Raise each cart's lifecycle events once: abandoned (idle past the limit) and purchase."""
         with self.db.session() as s:  # each kind judged as one batch (a cart's facts never read another's marks)

@@ -199,7 +199,8 @@ class Runtime:
         self._adverts: list[Advertisement] = []
         self._drain_scheduled = False
         self._drainer: asyncio.Task[None] | None = None
-        self._last_tick: tuple[float, float] | None = None  # (wall, monotonic) at the last tick
+        self._last_tick: tuple[float, float] | None = None  # (wall, monotonic) at the worker's last look
+        self._untold_step = 0.0  # a forward wall clock step the pipeline's rows are yet to move on by
         self.adverts_dropped = 0  # arrived while MAX_PENDING_ADVERTS were already waiting for the worker
         # The one thread that runs the pipeline: its state (presence, engine caches) is never shared.
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=WORKER_NAME)
@@ -640,7 +641,7 @@ class Runtime:
     def _commit_telemetry_job(self, batch: TelemetryBatch) -> list[int] | None:
         """On the worker: the batch's notification ids, or None if it must wait (nothing acknowledged)."""
         try:
-            ids = self.pipeline.ingest_readings(batch=batch, now=self.clock.now())
+            ids = self.pipeline.ingest_readings(batch=batch, now=self._now())
         except Exception as error:
             if is_transient(error):
                 self.db.outage.failed(error)
@@ -723,32 +724,36 @@ class Runtime:
 
     def tick(self) -> None:
         """Presence timers (exits, visit ends) at the clock's now, queued on the worker (``flush`` waits)."""
-        now, stepped = self._tick_time()
-        self._submit("tick", self._tick_job, now, stepped)
+        self._submit("tick", self._tick_job)
 
     async def _ticker(self) -> None:
         """One tick at a time: a tick held up by the database is not followed by a pile of others."""
         while True:
             await asyncio.sleep(self.tick_s)
-            now, stepped = self._tick_time()
-            self._dispatch(await self._run(self._guarded, "tick", self._tick_job, now, stepped))
+            self._dispatch(await self._run(self._guarded, "tick", self._tick_job))
 
-    def _tick_time(self) -> tuple[float, float]:
-        """The clock's now, and how far the wall clock was stepped forward since the last tick (the wall
-        moved on more than monotonic time did: NTP on a Pi that booted without a clock), or 0."""
+    def _now(self) -> float:
+        """On the worker: the clock's now, after telling the pipeline of a forward step of the wall clock
+        since the last look (the wall moved on more than monotonic time did: NTP on a Pi that booted
+        without a clock). Ticks and telemetry commits both look, so no reading is judged across an
+        untold step. A step that could not be told (the database down) is told with the next job."""
         now = self.clock.now()
         mono = getattr(self.clock, "monotonic", self.clock.now)()
         last, self._last_tick = self._last_tick, (now, mono)
-        if last is None:
-            return now, 0.0
-        jump = (now - last[0]) - (mono - last[1])
-        return now, jump if jump > WALL_STEP_S else 0.0
+        if last is not None:
+            jump = (now - last[0]) - (mono - last[1])
+            if jump > WALL_STEP_S:
+                log.warning("the wall clock stepped forward %.0f s; presence, device silence, rule timers and "
+                            "carts keep their own time across it", jump)
+                self.pipeline.presence.wall_stepped(jump)
+                self._untold_step += jump
+        if self._untold_step:
+            self.pipeline.wall_stepped(now, self._untold_step)  # raises on an outage: kept for the next job
+            self._untold_step = 0.0
+        return now
 
-    def _tick_job(self, now: float, stepped: float) -> list[int]:
-        if stepped:
-            log.warning("the wall clock stepped forward %.0f s; presence keeps its own time across it", stepped)
-            self.pipeline.presence.wall_stepped(stepped)
-        return self.pipeline.tick(now)
+    def _tick_job(self) -> list[int]:
+        return self.pipeline.tick(self._now())
 
     async def _retrier(self) -> None:
         """Due retries come from the database, so they survive a restart; so do notifications a crash

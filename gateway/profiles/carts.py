@@ -6,7 +6,7 @@ transaction that judges it, so a rolled-back try raises it again.
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import CursorResult, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from gateway.engine.engine import EngineEvent
@@ -35,3 +35,15 @@ def purchased(session: Session, now: float) -> list[EngineEvent]:
         cart.purchase_handled_at = now
         events.append(EngineEvent("purchase", cart.profile_id, now, f"purchase:{cart.id}"))
     return events
+
+
+def wall_stepped(session: Session, cutoff: float, seconds: float) -> int:
+    """The wall clock stepped forward by ``seconds``; ``cutoff`` is the latest time stamped before it. Open
+    carts not yet abandoned whose last change is stamped by then move on by the step, so a cart touched
+    5 minutes before the step is not an hour idle at once. (Stamps before a step are the gateway's, or the
+    shop's when it agreed with the gateway within 5 minutes: ``upsert_cart`` refuses later ones.)"""
+    result = session.execute(update(Cart).where(Cart.status == CartStatus.OPEN, Cart.abandoned_at.is_(None),
+                                                Cart.updated_at <= cutoff)
+                             .values(updated_at=Cart.updated_at + seconds)
+                             .execution_options(synchronize_session=False))
+    return result.rowcount if isinstance(result, CursorResult) else 0

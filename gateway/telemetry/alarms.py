@@ -38,6 +38,7 @@ from devices.rules import (
     observe_into,
     reset_for_service,
     sample_from_metrics,
+    wall_stepped,
 )
 from gateway.clock import Clock
 from gateway.engine.engine import EngineEvent
@@ -252,6 +253,25 @@ class DeviceRules:
         self._earliest_due = -math.inf if len(rows) == DUE_BATCH else (
             s.scalar(select(func.min(RuleStateRecord.due_at))) or math.inf)
         return created
+
+    def wall_stepped(self, s: Session, cutoff: float, seconds: float) -> int:
+        """The wall clock stepped forward by ``seconds`` after ``cutoff``: every rule state's times by then
+        move on by the step, so ``for`` durations and "did not recur" clears count time that really passed.
+        Returns the states changed."""
+        if not self.rules:
+            return 0
+        n = 0
+        for row in s.scalars(select(RuleStateRecord)):
+            rule = self.by_id.get(row.rule_id)
+            if rule is None:
+                continue
+            st = wall_stepped(RuleState.from_dict(row.state), cutoff, seconds)
+            data = st.as_dict()
+            if data != row.state:
+                row.state, row.due_at = data, next_due(rule, st)
+                n += 1
+        self._earliest_due = -math.inf  # timers moved: the next tick asks the database
+        return n
 
     # ------------------------------------------------------------ state and alarms
 

@@ -392,6 +392,14 @@ class TelemetryStore:
         self._count_on_commit(s, Counter(went_offline=len(gone)))
         return gone
 
+    def wall_stepped(self, s: Session, cutoff: float, seconds: float) -> int:
+        """The wall clock stepped forward by ``seconds``; ``cutoff`` is the latest time stamped before it.
+        Online devices last seen by then move on by the step (their last reading's time on the corrected
+        clock), so the sweep counts their silence in time that really passed, not the step. Returns how many."""
+        result = s.execute(update(Device).where(Device.online.is_(True), Device.last_seen <= cutoff)
+                           .values(last_seen=Device.last_seen + seconds).execution_options(synchronize_session=False))
+        return result.rowcount if isinstance(result, CursorResult) else 0
+
     def purge(self, s: Session, now: float) -> int:
         """Retention: raw readings, minute and hour rollups and dead letters past their age."""
         st = self.settings
