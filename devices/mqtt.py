@@ -485,12 +485,7 @@ class MqttIntake:
             )
         client.enable_logger(_paho_log)
         client.suppress_exceptions = True  # a bug in a callback must not end the network thread
-        if s.username is not None:
-            client.username_pw_set(s.username, s.password)
-        if s.tls:
-            client.tls_set(ca_certs=s.ca_file, certfile=s.client_cert, keyfile=s.client_key,
-                           cert_reqs=ssl.CERT_REQUIRED if s.ca_cert_reqs else ssl.CERT_NONE)
-            client.tls_insecure_set(not s.ca_cert_reqs)
+        secure_client(client, s)
         client.reconnect_delay_set(s.reconnect_min_delay, s.reconnect_max_delay)
         client.will_set(self._status_topic, OFFLINE, qos=1, retain=True)
         client.on_socket_open = self._on_socket_open
@@ -710,6 +705,20 @@ class MqttIntake:
     def _clear_connected_event(self) -> None:
         if self._connected_event is not None:
             self._connected_event.clear()
+
+
+def secure_client(client: mqtt.Client, s: MqttSettings) -> None:
+    """Credentials and TLS from ``s`` (``[mqtt]``'s username, password, tls, ca_file, tls_verify,
+    client_cert, client_key) on a paho client before it connects: the one place every connection the
+    gateway makes to a broker gets them (the intake, the store's uplink, head office's consumer, the
+    doctor), so none goes in the clear, or unverified, when another would not. A missing or unreadable
+    CA or key file raises ``OSError`` here, before any connection."""
+    if s.username:
+        client.username_pw_set(s.username, s.password or None)
+    if s.tls:
+        client.tls_set(ca_certs=s.ca_file, certfile=s.client_cert, keyfile=s.client_key,
+                       cert_reqs=ssl.CERT_REQUIRED if s.ca_cert_reqs else ssl.CERT_NONE)
+        client.tls_insecure_set(not s.ca_cert_reqs)
 
 
 def settings_from_config(m: Any, store_id: str) -> MqttSettings:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
-import ipaddress
 import json
 import logging
 import secrets
@@ -27,6 +25,7 @@ from devices.mqtt import BAD_TOPIC, INTERNAL_ERROR, MqttIntake, MqttSettings
 from devices.payloads import BAD_METRIC, BAD_STATUS, MISSING_METRICS, NOT_JSON, NOT_OBJECT, Reading, TelemetryBatch
 from devices.topics import device_topic
 from tests.conftest import MosquittoServer, PahoTestClient, _mosquitto_binary, free_port
+from tests.fixtures import self_signed_ca
 
 ClientFactory = Callable[..., PahoTestClient]
 
@@ -422,46 +421,12 @@ async def test_username_and_password_from_config(own_broker: Callable[[str], Mos
         await right.stop()
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1, made with `cryptography`."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("test ca")).issuer_name(name("test ca"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    for p in paths:
-        p.chmod(0o644)
-    return paths
-
-
 async def test_tls_with_a_verified_broker_certificate(
     own_broker: Callable[[str], MosquittoServer], tmp_path: Path
 ) -> None:
-    ca, cert, key = _self_signed(tmp_path)
+    ca, cert, key = self_signed_ca(tmp_path)
     broker = own_broker(f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\nuser root")
-    other_ca, _, _ = _self_signed(tmp_path / "..")  # a CA that did not sign the broker's certificate
+    other_ca, _, _ = self_signed_ca(tmp_path / "..")  # a CA that did not sign the broker's certificate
 
     good = MqttIntake(settings_for(broker, tls=True, ca_file=str(ca)))
     await good.start()

@@ -259,15 +259,13 @@ class BrokerFacts:
 
 def broker_facts(m: Any, timeout_s: float = BROKER_TIMEOUT_S) -> BrokerFacts:
     """Connect to [mqtt]'s broker as the gateway would (protocol, credentials, TLS) and wait for the CONNACK."""
-    import ssl
-
     import paho.mqtt.client as mqtt
+
+    from devices.mqtt import secure_client, settings_from_config
 
     version = mqtt.MQTTv5 if str(m.protocol) == "5" else mqtt.MQTTv311
     client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                          client_id=f"gateway-doctor-{secrets.token_hex(4)}", protocol=version)
-    if m.username:
-        client.username_pw_set(m.username, m.password or None)
     client.connect_timeout = timeout_s
     answered = threading.Event()
     result: dict[str, str] = {}
@@ -279,10 +277,9 @@ def broker_facts(m: Any, timeout_s: float = BROKER_TIMEOUT_S) -> BrokerFacts:
 
     client.on_connect = on_connect
     try:
-        if m.tls:  # a missing CA or key file is an OSError here: said like any other way of not connecting
-            client.tls_set(ca_certs=m.ca_file or None, certfile=m.client_cert or None,
-                           keyfile=m.client_key or None, cert_reqs=ssl.CERT_REQUIRED if m.tls_verify else ssl.CERT_NONE)
-            client.tls_insecure_set(not m.tls_verify)
+        # Credentials and TLS as the intake sets them; a missing CA or key file is an OSError here: said
+        # like any other way of not connecting.
+        secure_client(client, settings_from_config(m, "doctor"))
         client.connect(m.host, int(m.port), keepalive=10)
     except (OSError, ValueError) as exc:
         return BrokerFacts(m.host, int(m.port), False, f"{type(exc).__name__}: {exc}")

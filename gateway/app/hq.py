@@ -48,14 +48,15 @@ def cmd_hq(args: argparse.Namespace) -> int:
 
 async def serve(settings: Any, *, api: bool = True) -> int:
     """Consume until SIGINT / SIGTERM; the API on [api] host and port meanwhile."""
+    from devices.mqtt import settings_from_config
     from gateway.hq.consumer import HqConsumer
     from gateway.storage.db import Database
 
     db = Database(settings.database.url)
     await asyncio.to_thread(db.upgrade, settings.store.id)
     m = settings.mqtt
-    consumer = HqConsumer(db, m.host, m.port, m.topic_prefix, settings.hq.client_id, username=m.username,
-                          password=m.password)
+    consumer = HqConsumer(db, m.host, m.port, m.topic_prefix, settings.hq.client_id,
+                          broker=settings_from_config(m, settings.store.id))  # credentials, TLS
     consumer.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

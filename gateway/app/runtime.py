@@ -281,13 +281,14 @@ class Runtime:
             self._tasks.append(asyncio.create_task(self._consume_telemetry(), name="telemetry"))
             self._tasks.append(asyncio.create_task(self._consume_sightings(), name="sightings"))
         if self.settings.hq.uplink and self.settings.mqtt.enabled:  # a stage apart: it reads rows, never calls in
+            from devices.mqtt import settings_from_config
             from gateway.hq.uplink import Uplink, UplinkThread
 
             m, store, hq = self.settings.mqtt, self.settings.store.id, self.settings.hq
             self.uplink = UplinkThread(lambda publish: Uplink(self.db, store, m.topic_prefix, publish,
                                                               batch=hq.batch, now=self.clock.now),
-                                       m.host, m.port, f"gateway-{store}-uplink", hq.interval_s, m.username,
-                                       m.password)
+                                       m.host, m.port, f"gateway-{store}-uplink", hq.interval_s,
+                                       broker=settings_from_config(m, store))  # credentials, TLS
             self.uplink.start()
         if self.scanner is not None:
             await self.scanner.start(self.on_advert)
