@@ -17,8 +17,10 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+import yaml
 from sqlalchemy import delete, func, select
 
+from devices.payloads import Reading
 from gateway.app.config import Settings, StoreSettings
 from gateway.app.pipeline import Pipeline
 from gateway.campaigns.model import CampaignIndex, parse_campaign
@@ -26,21 +28,26 @@ from gateway.clock import VirtualClock
 from gateway.engine.figures import figures
 from gateway.hq.consumer import HqConsumer
 from gateway.hq.events import event, topic
-from gateway.hq.uplink import Uplink, UplinkThread
+from gateway.hq.uplink import Uplink, UplinkThread, _alarm, _cart, _notification
 from gateway.presence.tracker import PresenceEvent
 from gateway.profiles.service import GatewayService, NewProfile, ServiceOptions
 from gateway.storage.db import Database
 from gateway.storage.models import (
+    Alarm,
+    Cart,
     Decision,
+    Device,
     HqEvent,
     HqUplinkMark,
     HqUplinkOpen,
     Interaction,
     Notification,
     Profile,
+    ReadingRollup,
     Visit,
     ZoneStay,
 )
+from gateway.telemetry.alarms import AlarmDesk
 from tests.conftest import MosquittoServer, _mosquitto_binary, fresh_pg_database
 from tests.fixtures import make_service, migrated_copy
 
@@ -48,6 +55,7 @@ TZ = "Europe/Paris"
 DAY = "2026-06-01"
 PREFIX = "stores"
 WAIT_S = 20.0
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def at(hour: int, minute: int, second: int = 0) -> float:
@@ -71,21 +79,31 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_S) -> bool:
 class Store:
     """One store: its database, service, pipeline (an enter-shoes offer) and uplink on its own broker."""
 
-    def __init__(self, store_id: str, db: Database, broker: MosquittoServer, clock: VirtualClock) -> None:
+    def __init__(self, store_id: str, db: Database, broker: MosquittoServer, clock: VirtualClock, *,
+                 devices: bool = False) -> None:
+        """``devices``: the example e-bike profile and rules, and their owner's prompt campaign, too."""
         self.id, self.db, self.clock = store_id, db, clock
         self.svc: GatewayService = make_service(db, clock, options=ServiceOptions(timezone=TZ, store_id=store_id))
         offer = parse_campaign({"id": "shoes-offer", "purpose": "offers", "trigger": {"type": "enter", "zone": "shoes"},
                                 "action": {"title": "10 % off", "body": "today"}})
-        self.pipeline = Pipeline(Settings(store=StoreSettings(id=store_id, timezone=TZ)), db, CampaignIndex([offer]),
-                                 self.svc.identities)
+        settings = Settings(store=StoreSettings(id=store_id, timezone=TZ))
+        campaigns = [offer]
+        if devices:
+            settings.device_rules.dir = str(EXAMPLES / "device-rules")
+            settings.devices.profiles_dir = str(EXAMPLES / "device-profiles")
+            campaigns.append(parse_campaign(yaml.safe_load((EXAMPLES / "campaigns/ebike-chain-service.yaml")
+                                                           .read_text())))
+        self.pipeline = Pipeline(settings, db, CampaignIndex(campaigns), self.svc.identities)
         self.link = UplinkThread(lambda publish: Uplink(db, store_id, PREFIX, publish, now=clock.now),
                                  broker.host, broker.port, f"uplink-{store_id}-{secrets.token_hex(3)}")
         self.link.connect()
         assert self.link.wait_connected(WAIT_S)
 
-    def enrol(self, name: str) -> None:
-        self.svc.create_profile(NewProfile(external_id=f"{self.id}-{name}", consents={"offers": True},
-                                           identifiers=[("beacon", tag(name))]))
+    def enrol(self, name: str) -> int:
+        pid: int = self.svc.create_profile(NewProfile(
+            external_id=f"{self.id}-{name}", consents={"offers": True, "maintenance": True},
+            identifiers=[("beacon", tag(name))]))["id"]
+        return pid
 
     def walk(self, name: str, zones: list[tuple[str, float]], start: float) -> None:
         """One visit through the pipeline (as test_figures_zones walks them), then a tick's footfall flush."""
@@ -136,7 +154,7 @@ def hq_db(pg_url: str) -> Iterator[Database]:
             database.dispose()
 
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples/mosquitto-bridge.conf"
+EXAMPLE = EXAMPLES / "mosquitto-bridge.conf"
 # The example's lines that name its site: here a loopback broker, no TLS, no accounts, a quick retry.
 SITE = {"listener": None, "allow_anonymous": None, "password_file": None, "remote_username": None,
         "remote_password": None, "bridge_cafile": None, "restart_timeout": "1"}
@@ -286,3 +304,171 @@ def test_head_office_gets_each_event_once_and_the_same_figures_through_bridges_r
     for st in (a, b):
         st.link.stop()
         st.db.dispose()
+
+
+def rollups(db: Database, prefix: str = "") -> dict[tuple[str, float, str], tuple[int, float, float, float]]:
+    """The hourly rollups per device (the store's id: head office's without ``prefix``) and metric."""
+    with db.session() as s:
+        return {(r.device_id.removeprefix(prefix), r.start, r.metric): (r.count, r.sum, r.min, r.max)
+                for r in s.scalars(select(ReadingRollup).where(ReadingRollup.period == 3600))}
+
+
+def alarms(db: Database) -> list[tuple[Any, ...]]:
+    with db.session() as s:
+        return sorted((a.rule_id, a.status, a.severity, a.count, a.created_at, a.updated_at, a.cleared_at,
+                       a.prompted_at, a.acknowledged_at, a.booked_at, a.resolved_at, a.notification_id is not None)
+                      for a in s.scalars(select(Alarm)))
+
+
+def carts(db: Database, prefix: str = "") -> dict[str, tuple[Any, ...]]:
+    with db.session() as s:
+        return {c.id.removeprefix(prefix): (c.status, c.updated_at, c.abandoned_at, c.checked_out_at,
+                                            c.purchase_handled_at,
+                                            [(i["sku"], i["quantity"], i["price"]) for i in c.items])
+                for c in s.scalars(select(Cart))}
+
+
+def statuses(db: Database, store: str) -> list[tuple[str, float, str]]:
+    with db.session() as s:
+        rows = s.execute(select(Notification.campaign_id, Notification.created_at, Notification.status)
+                         .where(Notification.store_id == store))
+        return sorted((c, t, st) for c, t, st in rows)
+
+
+def devices(db: Database, prefix: str = "") -> dict[str, tuple[Any, ...]]:
+    with db.session() as s:
+        owners = {pid: ext for pid, ext in s.execute(select(Profile.id, Profile.external_id))}
+        return {d.id.removeprefix(prefix): (d.kind, d.firmware, d.registered_at, d.profile_id is not None,
+                                            owners.get(d.profile_id or 0) if prefix else None)
+                for d in s.scalars(select(Device))}
+
+
+def test_head_office_gets_devices_hourly_rollups_alarms_carts_and_later_statuses_as_the_store_has_them(
+        tmp_path: Path, migrated_sqlite: Path, hq_db: Database,
+        brokers: tuple[MosquittoServer, list[MosquittoServer]]) -> None:
+    central, (broker_a, _) = brokers
+    clock = VirtualClock(at(9, 0))
+    a = Store("a", migrated_copy(migrated_sqlite, tmp_path / "a.db"), broker_a, clock, devices=True)
+    alice, bob = a.enrol("alice"), a.enrol("bob")
+    a.svc.register_device("bike-alice", "ebike", alice)
+    a.svc.register_device("bike-bob", "ebike", bob)
+    a.svc.register_device("bike-spare", "ebike", None)
+    desk = AlarmDesk(a.db, clock, a.pipeline.rules)
+    hq = HqConsumer(hq_db, central.host, central.port, PREFIX, "hq-devices-test", now=clock.now)
+    hq.start()
+    assert hq.subscribed.wait(WAIT_S)
+
+    def ride(start: float, steps: int, first: int = 0) -> None:
+        """Every bike reports every 5 minutes; Alice rides 25 km between readings, Bob 2, the spare none."""
+        for i in range(first, first + steps):
+            t = start + 300 * (i - first)
+            clock.set(max(clock.now(), t))
+            a.pipeline.ingest_readings([
+                Reading("bike-alice", "a", t, {"chain_km": 2000.0 + 25 * i, "battery_pct": 80.0 - i * 0.1}),
+                Reading("bike-bob", "a", t, {"chain_km": 500.0 + 2 * i, "battery_pct": 90.0}),
+                Reading("bike-spare", "a", t, {"chain_km": 100.0, "battery_pct": 50.0 + i % 3})], now=t)
+
+    def same() -> bool:
+        return (rollups(hq_db, "a:") == rollups(a.db) and alarms(hq_db) == alarms(a.db)
+                and carts(hq_db, "a:") == carts(a.db) and statuses(hq_db, "a") == statuses(a.db, "a"))
+
+    # 09:00-10:00 of readings; at 10:02 the hour is over but within its grace: nothing of it goes up yet.
+    ride(at(9, 0), 12)
+    a.svc.upsert_cart("c-alice", profile_id=alice, external_id=None, updated_at=clock.now(),
+                      items=[{"sku": "run-42", "name": "Runner 42 (typed by the shop)", "quantity": 1, "price": 80.0}])
+    a.svc.upsert_cart("c-bob", profile_id=bob, external_id=None, updated_at=clock.now(),
+                      items=[{"sku": "sock-1", "quantity": 2, "price": 4.5}])
+    clock.set(at(10, 2))
+    a.link.uplink.run_once()
+    assert wait_until(lambda: devices(hq_db, "a:").keys() == {"bike-alice", "bike-bob", "bike-spare"}
+                      and set(carts(hq_db, "a:")) == {"c-alice", "c-bob"})
+    assert rollups(hq_db, "a:") == {}
+    assert devices(hq_db, "a:")["bike-alice"][4] == f"a:{alice}"  # the owner: head office's profile of hers
+    clock.set(at(10, 6))
+    a.link.uplink.run_once()
+    assert wait_until(lambda: rollups(hq_db, "a:") == rollups(a.db) != {})
+
+    # Alice walks into shoes and gets the offer; she rides on until her chain is due (1000 km), is prompted,
+    # acknowledges, and buys her cart; Bob's is abandoned. The spare's buffered 09:xx readings come late.
+    a.walk("alice", [("shoes", 120)], at(10, 10))
+    ride(at(10, 15), 30, first=12)
+    with a.db.session() as s:
+        (alarm_id,) = s.scalars(select(Alarm.id)).all()  # Alice's chain: prompted
+        offer_id = s.scalar(select(Notification.id).where(Notification.campaign_id == "shoes-offer"))
+    assert offer_id is not None
+    a.link.uplink.run_once()
+    clock.set(at(12, 50))
+    desk.acknowledge(alice, alarm_id)
+    a.svc.ack(alice, offer_id)  # the app confirms the offer: its status goes on after it went up
+    a.svc.upsert_cart("c-alice", profile_id=alice, external_id=None, updated_at=clock.now(), status="checked_out",
+                      items=[{"sku": "run-42", "name": "Runner 42", "quantity": 1, "price": 80.0}])
+    a.pipeline.cart_events(clock.now())  # Alice's purchase handled; Bob's idle cart abandoned
+    a.pipeline.ingest_readings([Reading("bike-spare", "a", at(9, 2, 30), {"chain_km": 100.0, "battery_pct": 51.0})],
+                               now=clock.now())
+    a.link.uplink.run_once()
+    clock.set(at(13, 10))
+    desk.record_service("bike-alice", "new chain")  # resolved
+    ride(at(13, 10), 1, first=42)
+    clock.set(at(14, 10))
+    a.link.uplink.run_once()
+    assert wait_until(same), (alarms(hq_db), alarms(a.db), carts(hq_db, "a:"), carts(a.db))
+
+    own = a.figures()
+    assert own["notifications"]["total"]["conversions"] == 1 and own["notifications"]["total"]["delivered"] >= 1
+    assert own["maintenance"]["prompts"] == 1 and own["maintenance"]["resolved"] == 1
+    (store_alarm,) = alarms(a.db)
+    assert store_alarm[1] == "resolved" and store_alarm[8] is not None  # acknowledged, then resolved
+    assert {c[2] is not None for c in carts(a.db).values()} == {True, False}  # one abandoned, one bought
+    with hq_db.session() as s:
+        assert figures(s, DAY, DAY, TZ, store="a") == own
+        items = s.scalars(select(Cart.items).where(Cart.id == "a:c-alice")).one()
+    assert items == [{"sku": "run-42", "quantity": 1, "price": 80.0}]  # no text the feed or customer typed
+    assert rollups(hq_db, "a:")[("bike-spare", at(9, 0), "battery_pct")][0] == 13  # the late reading counted
+
+    # Everything republished from scratch changes nothing; so does a redelivered older version of each.
+    before = (rollups(hq_db), alarms(hq_db), carts(hq_db), statuses(hq_db, "a"), devices(hq_db, "a:"))
+    with a.db.session() as s:
+        s.execute(delete(HqUplinkMark))
+        s.execute(delete(HqUplinkOpen))
+    received = hq.stats.received
+    again = Uplink(a.db, "a", PREFIX, a.link.uplink.publish, now=clock.now)
+    republished = again.run_once()
+    assert republished >= 3 + len(before[0]) + 1 + 2
+    assert wait_until(lambda: hq.stats.received >= received + republished)
+    assert (rollups(hq_db), alarms(hq_db), carts(hq_db), statuses(hq_db, "a"), devices(hq_db, "a:")) == before
+    with a.db.session() as s:
+        alarm = s.get(Alarm, alarm_id)
+        cart = s.get(Cart, "c-alice")
+        note = s.get(Notification, offer_id)
+        assert alarm is not None and cart is not None and note is not None
+        older = [event("a", "alarm", alarm_id, {**_alarm(alarm), "status": "active", "resolved_at": None,
+                                                 "acknowledged_at": None}),
+                 event("a", "cart", "c-alice", {**_cart(cart), "status": "open", "checked_out_at": None,
+                                                 "purchase_handled_at": None}),
+                 event("a", "notification", offer_id, {**_notification(note), "status": "pending",
+                                                       "customer": None}),
+                 event("a", "reading_hour", "bike-spare:x:battery_pct", {
+                     "device_id": "bike-spare", "start": at(9, 0), "metric": "battery_pct", "count": 12, "sum": 0.0,
+                     "min": 0.0, "max": 0.0, "last": 0.0, "last_ts": at(9, 55), "profile_id": None})]
+    received = hq.stats.received
+    for e in older:
+        a.link.uplink.publish(topic(PREFIX, "a", e.kind), e.body()).wait_for_publish(WAIT_S)
+    assert wait_until(lambda: hq.stats.received >= received + len(older))
+    assert (rollups(hq_db), alarms(hq_db), carts(hq_db), statuses(hq_db, "a"), devices(hq_db, "a:")) == before
+
+    # Alice is erased at the store: her cart, alarm and her bike's rollups go at head office too; her bike
+    # stays, without an owner, as at the store; a late event of her cart brings nothing back.
+    a.svc.erase_profile(alice)
+    a.link.uplink.run_once()
+    assert wait_until(lambda: carts(hq_db, "a:") == carts(a.db) and alarms(hq_db) == alarms(a.db) == [])
+    assert rollups(hq_db, "a:") == rollups(a.db) and not any(k[0] == "bike-alice" for k in rollups(a.db))
+    assert devices(hq_db, "a:")["bike-alice"][3] is False
+    received = hq.stats.received
+    a.link.uplink.publish(topic(PREFIX, "a", "cart"), older[1].body()).wait_for_publish(WAIT_S)
+    assert wait_until(lambda: hq.stats.received > received)
+    assert carts(hq_db, "a:") == carts(a.db)
+    with hq_db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Profile).where(Profile.external_id == f"a:{alice}")) == 0
+    hq.stop()
+    a.link.stop()
+    a.db.dispose()

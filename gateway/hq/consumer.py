@@ -6,8 +6,15 @@ row, into the same tables a store uses, with the store's id, so the figures work
 ids become head office's own (a store's profile ``p`` is head office's profile ``<store>:<p>``); a stay's
 visit and an interaction's notification are found through the ledger. An interaction that arrives before
 its notification waits in the ledger with its payload and is written when the notification comes.
-Footfall counters keep the larger count (they only grow), so a republished row changes nothing. An
-``erasure`` removes the store's profile and, by the database's cascades, every row of it.
+Footfall counters and hourly rollups keep the larger count (they only grow), so a republished row changes
+nothing. Rows that change at the store come again under the same id: an alarm, a cart or a notification's
+status is taken only when it is later in its kind's order (gateway/hq/events.py), so a redelivered older
+version changes nothing; a device's row is the store's latest (it has no order: last write wins, and the
+uplink sends each change once more whenever it differs). Devices and carts keep the store's id with the
+store's in front (``<store>:<id>``: ids of two stores may collide). An ``erasure`` removes the store's
+profile and, by the database's cascades, every row of it (carts, alarms, rollups; devices lose their owner).
+The store-profile -> profile map is an LRU of ``PROFILE_CACHE`` entries (a miss reads the database), so
+months of customers do not grow it without bound.
 
 ``HqConsumer`` is the MQTT side, as the store's telemetry intake (devices/mqtt.py): one paho connection,
 a persistent session (MQTT 5, ``clean_start`` false, a session expiry), QoS 1, ``manual_ack``: a message
@@ -16,36 +23,67 @@ is acknowledged only after the transaction that holds it has committed, so a cra
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from gateway.hq.downlink import Send, sends_topic
-from gateway.hq.events import Event, EventError, parse, subscription
+from gateway.hq.events import (
+    NOTIFICATION_ORDER,
+    Event,
+    EventError,
+    alarm_version,
+    cart_version,
+    parse,
+    subscription,
+)
 from gateway.storage.db import Database, describe, is_transient
 from gateway.storage.models import (
+    Alarm,
+    Cart,
     Decision,
+    Device,
     FootfallCount,
     FootfallHour,
     HqEvent,
     Interaction,
     Notification,
     Profile,
+    ReadingRollup,
     Visit,
     ZoneStay,
 )
 
-if TYPE_CHECKING:
-    from devices.mqtt import MqttSettings
-
 log = logging.getLogger("gateway.hq")
+
+PROFILE_CACHE = 10_000  # store profiles whose head-office id is kept in memory (the most recently used)
+_ALARM_FIELDS = ("rule_id", "name", "severity", "status", "created_at", "updated_at", "count", "last_value",
+                 "cleared_at", "prompted_at", "acknowledged_at", "booked_at", "booked_for", "resolved_at")
+_CART_TIMES = ("updated_at", "abandoned_at", "checked_out_at", "purchase_handled_at")
+_DEVICE_FIELDS = ("kind", "device_profile", "firmware", "registered_at")
+
+
+def hq_key(store: str, key: str) -> str:
+    """Head office's id of a store's device or cart: ``<store>:<id>``; one too long for the column (128)
+    becomes ``<store>:#`` and a digest of it, the same every time."""
+    whole = f"{store}:{key}"
+    return whole if len(whole) <= 128 else f"{store}:#{hashlib.sha256(key.encode()).hexdigest()[:40]}"
+
+
+def _when(d: dict[str, Any]) -> float:
+    for name in ("at", "created_at", "started_at", "entered_at", "updated_at", "start", "registered_at"):
+        if isinstance(d.get(name), int | float):
+            return float(d[name])
+    return 0.0
 
 
 def _insert(s: Session, model: Any) -> Any:
@@ -55,22 +93,29 @@ def _insert(s: Session, model: Any) -> Any:
 class Applier:
     """Writes events into head office's database; keeps the store-profile -> profile map it has made."""
 
-    def __init__(self) -> None:
-        self._profiles: dict[str, int] = {}
+    def __init__(self, max_profiles: int = PROFILE_CACHE) -> None:
+        self._profiles: OrderedDict[str, int] = OrderedDict()
+        self.max_profiles = max_profiles
 
     def apply(self, s: Session, events: Sequence[Event], now: float) -> int:
-        """Every event of the batch, in order, in the caller's transaction; returns how many were new."""
+        """Every event of the batch, in order, in the caller's transaction; returns how many wrote or
+        changed something."""
         new = 0
         for e in events:
             if e.kind.startswith("footfall"):
                 self._footfall(s, e)
                 continue
+            if e.kind in ("device", "cart", "reading_hour"):  # keyed by the store's own key: no ledger
+                new += self._keyed(s, e)
+                continue
             taken = s.execute(_insert(s, HqEvent).values(event_id=e.id, store_id=e.store, kind=e.kind,
                                                          received_at=now)
                               .on_conflict_do_nothing(index_elements=["event_id"])
                               .returning(HqEvent.event_id)).first()
-            if taken is None:
-                continue  # seen before: a redelivery or a republish
+            if taken is None:  # seen before: a redelivery, a republish, or a later version of a row that changes
+                if e.kind in ("alarm", "notification"):
+                    new += self._later(s, e)
+                continue
             new += 1
             self._write(s, e)
         self._parked(s)
@@ -87,7 +132,10 @@ class Applier:
             return True
         if "profile_id" in d and self._row_exists(s, f"{e.store}:erasure:{d['profile_id']}"):
             return True  # an event of a profile erased at the store, arriving late: nothing of it is kept
-        if e.kind == "interaction":
+        if e.kind == "alarm":
+            row = Alarm()
+            self._alarm(s, e, row)
+        elif e.kind == "interaction":
             parent = self._row(s, f"{e.store}:notification:{d['notification_id']}")
             if parent is None:
                 s.execute(update(HqEvent).where(HqEvent.event_id == e.id).values(payload=d))
@@ -96,9 +144,7 @@ class Applier:
                 return True
             row = Interaction(notification_id=parent, kind=d["kind"], at=d["at"])
         else:
-            pid = self._profile(s, e.store, d["profile_id"], now=float(d.get("at") or d.get("created_at")
-                                                                         or d.get("started_at")
-                                                                         or d.get("entered_at") or 0.0))
+            pid = self._profile(s, e.store, d["profile_id"], now=_when(d))
             if e.kind == "visit":
                 row = Visit(profile_id=pid, started_at=d["started_at"], ended_at=d["ended_at"],
                             zones=d["zones"], store_id=e.store)
@@ -120,6 +166,98 @@ class Applier:
         s.execute(update(HqEvent).where(HqEvent.event_id == e.id).values(row_id=row.id, payload=None))
         return True
 
+    def _erased(self, s: Session, e: Event) -> bool:
+        pid = e.data.get("profile_id")
+        return pid is not None and self._row_exists(s, f"{e.store}:erasure:{pid}")
+
+    def _owner(self, s: Session, e: Event) -> int | None:
+        """The head-office profile of the row's store profile; None when it has none (or it was erased)."""
+        pid = e.data.get("profile_id")
+        if pid is None or self._erased(s, e):
+            return None
+        return self._profile(s, e.store, pid, now=_when(e.data))
+
+    @staticmethod
+    def _device(s: Session, store: str, device_id: str) -> str:
+        """Head office's row of a store's device, made bare if its own event has not come yet (rows refer to it)."""
+        key = hq_key(store, device_id)
+        if s.get(Device, key) is None:
+            s.add(Device(id=key, store_id=store, state={}))
+            s.flush()
+        return key
+
+    def _alarm(self, s: Session, e: Event, row: Alarm) -> None:
+        d = e.data
+        row.device_id = self._device(s, e.store, d["device_id"])
+        row.profile_id = self._owner(s, e)
+        for name in _ALARM_FIELDS:
+            setattr(row, name, d[name])
+        prompt = d["notification_id"]  # the store's notification: head office's own id, through the ledger
+        row.notification_id = self._row(s, f"{e.store}:notification:{prompt}") if prompt is not None else None
+
+    def _later(self, s: Session, e: Event) -> int:
+        """An alarm or notification seen before: its row takes this version if it is later; 1 if it did."""
+        if self._erased(s, e):
+            return 0
+        rid = self._row(s, e.id)
+        if e.kind == "notification":
+            n = s.get(Notification, rid) if rid is not None else None
+            if n is None or NOTIFICATION_ORDER.get(e.data["status"], -1) <= NOTIFICATION_ORDER.get(n.status, -1):
+                return 0
+            n.status, n.deliver_at = e.data["status"], e.data["deliver_at"]
+            return 1
+        a = s.get(Alarm, rid) if rid is not None else None
+        if a is None:  # its row went (a merge at the store dropped its old owner's): written again
+            return int(self._write(s, e))
+        if alarm_version(e.data) <= alarm_version({n: getattr(a, n) for n in _ALARM_FIELDS}):
+            return 0
+        self._alarm(s, e, a)
+        return 1
+
+    def _keyed(self, s: Session, e: Event) -> int:
+        """A device, a cart or an hour's rollup, under its store key; 1 if it wrote or changed the row."""
+        d = e.data
+        if e.kind == "device":
+            key = hq_key(e.store, d["id"])
+            values = {**{n: d[n] for n in _DEVICE_FIELDS}, "profile_id": self._owner(s, e)}
+            dev = s.get(Device, key)
+            if dev is None:
+                dev = Device(id=key, store_id=e.store, state={})
+                s.add(dev)
+            elif all(getattr(dev, n) == v for n, v in values.items()):
+                return 0
+            for n, v in values.items():
+                setattr(dev, n, v)
+            s.flush()
+            return 1
+        if self._erased(s, e):
+            return 0  # a row of a profile erased at the store, arriving late: nothing of it is kept
+        if e.kind == "cart":
+            key = hq_key(e.store, d["id"])
+            cart = s.get(Cart, key)
+            if cart is not None and cart_version(d) <= cart_version({n: getattr(cart, n) for n in (
+                    "status", *_CART_TIMES)}):
+                return 0
+            if cart is None:
+                cart = Cart(id=key)
+                s.add(cart)
+            cart.profile_id = self._profile(s, e.store, d["profile_id"], now=_when(d))
+            cart.status = d["status"]
+            cart.items = [{"sku": i["sku"], "quantity": i["qty"], "price": i["price"]} for i in d["items"]]
+            for n in _CART_TIMES:
+                setattr(cart, n, d[n])
+            s.flush()
+            return 1
+        device = self._device(s, e.store, d["device_id"])
+        cols = ("count", "sum", "min", "max", "last", "last_ts")
+        stmt = _insert(s, ReadingRollup).values(device_id=device, period=3600, start=d["start"], metric=d["metric"],
+                                                profile_id=self._owner(s, e), **{c: d[c] for c in cols})
+        done = s.execute(stmt.on_conflict_do_update(
+            index_elements=["device_id", "period", "start", "metric"],
+            set_={c: getattr(stmt.excluded, c) for c in (*cols, "profile_id")},
+            where=ReadingRollup.count < stmt.excluded.count))  # the larger count: counts only grow
+        return int(getattr(done, "rowcount", 0) or 0)
+
     def _parked(self, s: Session) -> None:
         """Events that waited for a parent which may have come in this batch."""
         for h in s.scalars(select(HqEvent).where(HqEvent.row_id.is_(None), HqEvent.payload.is_not(None))).all():
@@ -137,14 +275,18 @@ class Applier:
     def _profile(self, s: Session, store: str, store_pid: int, now: float) -> int:
         key = f"{store}:{store_pid}"
         pid = self._profiles.get(key)
+        if pid is not None:
+            self._profiles.move_to_end(key)
+            return pid
+        pid = s.scalar(select(Profile.id).where(Profile.external_id == key))
         if pid is None:
-            pid = s.scalar(select(Profile.id).where(Profile.external_id == key))
-            if pid is None:
-                p = Profile(external_id=key, attributes={}, created_at=now)
-                s.add(p)
-                s.flush()
-                pid = p.id
-            self._profiles[key] = pid
+            p = Profile(external_id=key, attributes={}, created_at=now)
+            s.add(p)
+            s.flush()
+            pid = p.id
+        self._profiles[key] = pid
+        while len(self._profiles) > self.max_profiles:  # the least recently used goes; a miss reads it again
+            self._profiles.popitem(last=False)
         return pid
 
     def forget_cache(self) -> None:
@@ -185,7 +327,7 @@ class HqConsumer:
     """Subscribes to every store's events on the central broker and writes them, acking after commit."""
 
     def __init__(self, db: Database, host: str, port: int, prefix: str, client_id: str, *,
-                 session_expiry: int = 7 * 86400, max_batch: int = 1000, broker: MqttSettings | None = None,
+                 session_expiry: int = 7 * 86400, max_batch: int = 1000, username: str = "", password: str = "",
                  now: Callable[[], float] | None = None) -> None:
         import time
 
@@ -196,10 +338,8 @@ class HqConsumer:
         self._max_batch = max_batch
         self._client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                    protocol=mqtt.MQTTv5, manual_ack=True)
-        if broker is not None:  # [mqtt]'s credentials and TLS, set as the store's intake sets them
-            from devices.mqtt import secure_client
-
-            secure_client(self._client, broker)
+        if username:
+            self._client.username_pw_set(username, password or None)
         self._client.reconnect_delay_set(1, 30)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message

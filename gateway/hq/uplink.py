@@ -12,6 +12,14 @@ while still open is noted in ``hq_uplink_open`` (in the same transaction as the 
 settles. A profile whose rows went up and that is gone since (erased, or merged into another) goes up
 as an ``erasure``. Footfall counts are counters per (day, zone): the rows of the mark's day and later are
 republished when they change, and head office keeps the larger count.
+
+Rows that change after they went up are found by a bounded scan and a fingerprint in memory of what went up
+(republishing everything in scope after a restart is harmless: head office keeps the later version):
+devices (every device: a registry, one row each), notifications' later status, alarms and carts (those
+whose store-clock times fall within ``CHANGE_WINDOW_S``: the active alarms and any touched, abandoned or
+bought cart), and the hourly rollups, found through the readings' ids (mark ``reading_hour``: the last
+reading whose hour is over and went up; an hour goes up ``HOUR_GRACE_S`` after it ends, and again
+whenever a late reading changes it). The fingerprints change only after PUBACK, as the marks do.
 """
 
 from __future__ import annotations
@@ -21,15 +29,19 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, delete, select
+from sqlalchemy import ColumnElement, delete, or_, select, tuple_
 from sqlalchemy.orm import Session
 
 from gateway.hq.events import Event, event, topic
 from gateway.storage.db import Database
 from gateway.storage.models import (
+    Alarm,
+    AlarmStatus,
+    Cart,
     Decision,
+    Device,
     FootfallCount,
     FootfallHour,
     HqUplinkMark,
@@ -39,17 +51,21 @@ from gateway.storage.models import (
     Notification,
     NotificationStatus,
     Profile,
+    ReadingRecord,
+    ReadingRollup,
     Visit,
     ZoneStay,
 )
-
-if TYPE_CHECKING:
-    from devices.mqtt import MqttSettings
 
 log = logging.getLogger("gateway.hq")
 
 STALE_OPEN_S = 86400.0  # a visit or stay open this long (a crash left it) no longer holds the mark back
 FOOTFALL = "footfall"  # the mark of both footfall tables: the ordinal of the oldest day still republished
+READING_HOUR = "reading_hour"  # the mark of the hourly rollups: the last reading id whose hour went up
+CHANGE_WINDOW_S = 7 * 86400.0  # notifications, alarms, carts changed within this go up again
+HOUR_GRACE_S = 300.0  # an hour's rollup goes up this long after the hour ends (readings a little late)
+READINGS_SCAN = 20_000  # readings read per cycle to find the hours they changed
+CHANGED = ("device", "notification", "alarm", "cart", "reading_hour")  # the kinds fingerprinted in memory
 
 
 class Delivery(Protocol):
@@ -86,6 +102,46 @@ def _notification(n: Notification) -> dict[str, Any]:
 
 def _interaction(i: Interaction) -> dict[str, Any]:
     return {"id": i.id, "notification_id": i.notification_id, "kind": i.kind, "at": i.at}
+
+
+def _device(d: Device) -> dict[str, Any]:
+    return {"id": d.id, "kind": d.kind, "device_profile": d.device_profile, "profile_id": d.profile_id,
+            "firmware": d.firmware, "registered_at": d.registered_at}
+
+
+def _alarm(a: Alarm) -> dict[str, Any]:
+    """The lifecycle, not the texts (``detail``, ``clear_reason``) nor the service's note."""
+    return {"id": a.id, "device_id": a.device_id, "profile_id": a.profile_id, "rule_id": a.rule_id, "name": a.name,
+            "severity": a.severity, "status": str(a.status), "created_at": a.created_at, "updated_at": a.updated_at,
+            "count": a.count, "last_value": a.last_value, "cleared_at": a.cleared_at, "prompted_at": a.prompted_at,
+            "notification_id": a.notification_id, "acknowledged_at": a.acknowledged_at, "booked_at": a.booked_at,
+            "booked_for": a.booked_for, "resolved_at": a.resolved_at}
+
+
+def _number(v: Any) -> float | int | None:
+    return v if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _cart(c: Cart) -> dict[str, Any]:
+    """Status, times and items as sku, quantity and price: nothing a customer or a feed typed (names)."""
+    items = [{"sku": str(i.get("sku", "")), "qty": _number(i.get("quantity", 1)) or 1, "price": _number(i.get("price"))}
+             for i in (c.items or []) if isinstance(i, dict)]
+    return {"id": c.id, "profile_id": c.profile_id, "status": str(c.status), "items": items,
+            "updated_at": c.updated_at, "abandoned_at": c.abandoned_at, "checked_out_at": c.checked_out_at,
+            "purchase_handled_at": c.purchase_handled_at}
+
+
+def _rollup(r: ReadingRollup) -> dict[str, Any]:
+    return {"device_id": r.device_id, "start": r.start, "metric": r.metric, "count": r.count, "sum": r.sum,
+            "min": r.min, "max": r.max, "last": r.last, "last_ts": r.last_ts, "profile_id": r.profile_id}
+
+
+def _print(data: dict[str, Any]) -> tuple[Any, ...]:
+    """A row's fingerprint: what went up, to tell whether it changed since."""
+    return tuple(sorted((k, repr(v)) for k, v in data.items()))
+
+
+Scan = dict[Any, tuple[Any, ...]]  # a kind's rows in scope now, by key: their fingerprints
 
 
 @dataclass(frozen=True)
@@ -129,6 +185,8 @@ class Uplink:
         self.batch, self.ack_timeout_s = batch, ack_timeout_s
         self._now = now
         self._footfall_sent: dict[tuple[str, str, int | None, str], tuple[Any, ...]] = {}
+        # What went up of the rows that change later, by kind and key: bounded by each kind's scan.
+        self._sent: dict[str, dict[Any, tuple[Any, ...]]] = {k: {} for k in CHANGED}
         self.stats = UplinkStats()
 
     def run_once(self) -> int:
@@ -172,15 +230,26 @@ class Uplink:
                 plans.append((k, rows[-1].id if rows else mark, settled_now, opened, events))
             footfall_mark = marks.get(FOOTFALL, 0)
             foot = self._footfall(s, footfall_mark)
+            scans: dict[str, Scan] = {}
+            devices = self._devices(s, scans)
+            _, top_note, settled_note, opened_note, main_notes = next(p for p in plans if p[0].name == "notification")
+            later = self._statuses(s, top_note, {e.data["id"] for e in main_notes}, now, scans)
+            still_open = (noted.get("notification", set()) - set(settled_note)) | set(opened_note)
+            alarms = self._alarms(s, top_note, still_open, now, scans)
+            carts = self._carts(s, now, scans)
+            hour_top, hours = self._hours(s, marks.get(READING_HOUR, 0), now, scans)
             known = set(s.scalars(select(HqUplinkProfile.profile_id)))
             gone = sorted(s.scalars(select(HqUplinkProfile.profile_id).where(
                 HqUplinkProfile.profile_id.not_in(select(Profile.id)))))
         erasures = [event(self.store_id, "erasure", pid, {"profile_id": pid}) for pid in gone]
-        profiles = {e.data["profile_id"] for *_, events in plans for e in events if "profile_id" in e.data} - known
-        if not self._send([e for *_, events in plans for e in events] + [e for _, e in foot] + erasures):
+        changed = [*later, *alarms, *carts, *hours]
+        # Devices first (the rows of theirs follow), erasures last (nothing of an erased profile after them).
+        out = devices + [e for *_, events in plans for e in events] + changed + [e for _, e in foot]
+        profiles = {pid for e in out if isinstance(pid := e.data.get("profile_id"), int)} - known - set(gone)
+        if not self._send(out + erasures):
             self.stats.unacknowledged += 1
             return 0
-        n = len(foot)
+        n = len(foot) + len(devices) + len(changed)
         with self.db.session() as s:
             for k, top, settled_now, opened, events in plans:
                 if settled_now:
@@ -196,6 +265,9 @@ class Uplink:
             n += len(erasures)
             for key, e in foot:
                 self._footfall_sent[key] = tuple(sorted(e.data.items()))
+            self._remember(scans, main_notes)
+            self._set_mark(s, READING_HOUR, hour_top, now)
+            self.stats.marks[READING_HOUR] = hour_top
             if foot:
                 newest = max(dt.date.fromisoformat(e.data["day"]).toordinal() for _, e in foot)
                 kept = max(footfall_mark, newest - 1)
@@ -221,6 +293,108 @@ class Uplink:
             out.append((("hour", h.day, h.hour, h.zone),
                         event(self.store_id, "footfall_hour", f"{h.day}:{h.hour}:{h.zone}", data)))
         return [(k, e) for k, e in out if self._footfall_sent.get(k) != tuple(sorted(e.data.items()))]
+
+    def _devices(self, s: Session, scans: dict[str, Scan]) -> list[Event]:
+        """Every device of the database whose row differs from what went up (new, or its owner changed...)."""
+        scan = scans["device"] = {}
+        out = []
+        for d in s.scalars(select(Device)):
+            data = _device(d)
+            scan[d.id] = _print(data)
+            if self._sent["device"].get(d.id) != scan[d.id]:
+                out.append(event(self.store_id, "device", d.id, data))
+        return out
+
+    def _statuses(self, s: Session, top: int, main: set[int], now: float, scans: dict[str, Scan]) -> list[Event]:
+        """Notifications already up (at or below the mark, out of ``scheduled``, of the window) whose status
+        changed since they went up; after a restart, all of them once."""
+        rows = s.execute(select(Notification.id, Notification.status).where(
+            Notification.store_id == self.store_id, Notification.created_at >= now - CHANGE_WINDOW_S,
+            Notification.id <= top, Notification.status != NotificationStatus.SCHEDULED)).all()
+        scan = scans["notification"] = {nid: (status,) for nid, status in rows}
+        stale = [nid for nid in scan if nid not in main and self._sent["notification"].get(nid) != scan[nid]]
+        out = []
+        for i in range(0, len(stale), 500):
+            notes = list(s.scalars(select(Notification).where(Notification.id.in_(stale[i:i + 500]))))
+            shared = {pid: ext for pid, ext in s.execute(select(Profile.id, Profile.external_id).where(
+                Profile.id.in_({n.profile_id for n in notes})))}
+            for n in notes:
+                scan[n.id] = (n.status,)
+                data = {**_notification(n), "customer": shared.get(n.profile_id)}
+                out.append(event(self.store_id, "notification", n.id, data))
+        return out
+
+    def _alarms(self, s: Session, top_note: int, open_notes: set[int], now: float,
+                scans: dict[str, Scan]) -> list[Event]:
+        """Alarms active or touched within the window (by the store's clock: prompted, acknowledged, booked,
+        resolved...) that differ from what went up. One whose prompt has not gone up yet waits for it, so
+        head office can tie the two (the maintenance figures count a store's alarms by their prompt)."""
+        since = now - CHANGE_WINDOW_S
+        rows = s.scalars(select(Alarm).where(or_(
+            Alarm.status == AlarmStatus.ACTIVE, Alarm.created_at >= since, Alarm.updated_at >= since,
+            Alarm.acknowledged_at >= since, Alarm.booked_at >= since, Alarm.resolved_at >= since))).all()
+        scan = scans["alarm"] = {}
+        out = []
+        for a in rows:
+            if a.notification_id is not None and (a.notification_id > top_note or a.notification_id in open_notes):
+                continue  # its prompt is not up yet: a later cycle
+            data = _alarm(a)
+            scan[a.id] = _print(data)
+            if self._sent["alarm"].get(a.id) != scan[a.id]:
+                out.append(event(self.store_id, "alarm", a.id, data))
+        return out
+
+    def _carts(self, s: Session, now: float, scans: dict[str, Scan]) -> list[Event]:
+        """Carts touched, abandoned, checked out or bought within the window that differ from what went up
+        (a feed's touch with an old ``updated_at`` is found when the cart is abandoned or bought)."""
+        since = now - CHANGE_WINDOW_S
+        rows = s.scalars(select(Cart).where(or_(
+            Cart.updated_at >= since, Cart.abandoned_at >= since, Cart.checked_out_at >= since,
+            Cart.purchase_handled_at >= since))).all()
+        scan = scans["cart"] = {}
+        out = []
+        for c in rows:
+            data = _cart(c)
+            scan[c.id] = _print(data)
+            if self._sent["cart"].get(c.id) != scan[c.id]:
+                out.append(event(self.store_id, "cart", c.id, data))
+        return out
+
+    def _hours(self, s: Session, mark: int, now: float, scans: dict[str, Scan]) -> tuple[int, list[Event]]:
+        """The hourly rollups of the hours the readings above the mark fall in, once each hour is over (and
+        its grace): each that differs from what went up. The new mark stops before the first reading of an
+        hour not over yet, so the readings after it are read again (and their hours found in the map)."""
+        rows = s.execute(select(ReadingRecord.id, ReadingRecord.device_id, ReadingRecord.ts).where(
+            ReadingRecord.id > mark).order_by(ReadingRecord.id).limit(READINGS_SCAN)).all()
+        top, held, touched = mark, False, set()
+        for rid, device_id, ts in rows:
+            start = float(int(ts // 3600) * 3600)
+            if start + 3600 + HOUR_GRACE_S > now:
+                held = True
+                continue
+            touched.add((device_id, start))
+            if not held:
+                top = rid
+        scan = scans["reading_hour"] = {}
+        out = []
+        pairs = sorted(touched)
+        for i in range(0, len(pairs), 300):
+            for r in s.scalars(select(ReadingRollup).where(
+                    ReadingRollup.period == 3600,
+                    tuple_(ReadingRollup.device_id, ReadingRollup.start).in_(pairs[i:i + 300]))):
+                data = _rollup(r)
+                key = (r.device_id, r.start, r.metric)
+                scan[key] = _print(data)
+                if self._sent["reading_hour"].get(key) != scan[key]:
+                    out.append(event(self.store_id, "reading_hour", f"{r.device_id}:{int(r.start)}:{r.metric}", data))
+        return top, out
+
+    def _remember(self, scans: dict[str, Scan], main_notes: list[Event]) -> None:
+        """After PUBACK: each kind's map becomes its scan's (what is in scope now, all of it up), so it holds
+        what its scan covers and no more."""
+        self._sent.update(scans)
+        for e in main_notes:  # the ones that went up by the mark this cycle
+            self._sent["notification"][e.data["id"]] = (e.data["status"],)
 
     def _send(self, events: Sequence[Event]) -> bool:
         """Every event published; True once the broker acknowledged them all within the timeout."""
@@ -250,15 +424,13 @@ class UplinkThread:
     """The uplink on its own thread with its own paho connection to the store's broker (QoS 1)."""
 
     def __init__(self, uplink_of: Callable[[Publish], Uplink], host: str, port: int, client_id: str,
-                 interval_s: float = 5.0, broker: MqttSettings | None = None) -> None:
+                 interval_s: float = 5.0, username: str = "", password: str = "") -> None:
         import paho.mqtt.client as mqtt
 
         self._client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                    protocol=mqtt.MQTTv5)
-        if broker is not None:  # [mqtt]'s credentials and TLS, set as the intake sets them
-            from devices.mqtt import secure_client
-
-            secure_client(self._client, broker)
+        if username:
+            self._client.username_pw_set(username, password or None)
         self._client.reconnect_delay_set(1, 30)
         self._host, self._port, self.interval_s = host, port, interval_s
         self.uplink = uplink_of(self._publish)
