@@ -1,18 +1,21 @@
 """The upward events' schema and head office's handling of bad ones: a message that does not follow
 schema version 1 is named by its field, dropped, counted and acknowledged (it never will parse), writes
-nothing, and holds back none of the good events around it; a duplicate writes nothing."""
+nothing, and holds back none of the good events around it; a duplicate writes nothing. Head office's map
+of store profiles stays within its bound."""
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
-from gateway.hq.consumer import HqConsumer
-from gateway.hq.events import EventError, event, parse, topic
+from gateway.hq.consumer import Applier, HqConsumer
+from gateway.hq.events import EventError, alarm_version, cart_version, event, parse, topic
 from gateway.storage.db import Database
 from gateway.storage.models import Decision, HqEvent, Profile
 from tests.conftest import MosquittoServer, PahoTestClient
@@ -41,6 +44,55 @@ def test_a_bad_event_is_named_by_its_field(mangle: Callable[[bytes], bytes], nam
     assert parse(t, body).id == "s1:decision:3"
     with pytest.raises(EventError, match=named.replace(".", r"\.")):
         parse(t, mangle(body))
+
+
+DEVICE: dict[str, Any] = {"id": "bike-1", "kind": "ebike", "device_profile": None, "profile_id": 7,
+                          "firmware": "1.2", "registered_at": 1780300800.0}
+HOUR: dict[str, Any] = {"device_id": "bike-1", "start": 1780300800.0, "metric": "chain_km", "count": 12,
+                        "sum": 24000.0, "min": 1990.0, "max": 2010.0, "last": 2010.0, "last_ts": 1780304100.0,
+                        "profile_id": 7}
+ALARM: dict[str, Any] = {
+    "id": 4, "device_id": "bike-1", "profile_id": 7, "rule_id": "ebike-chain-service", "name": "Chain due",
+    "severity": "warning", "status": "active", "created_at": 1780300800.0, "updated_at": 1780300800.0,
+    "count": 1, "last_value": None, "cleared_at": None, "prompted_at": 1780300800.0, "notification_id": 9,
+    "acknowledged_at": None, "booked_at": None, "booked_for": None, "resolved_at": None}
+CART: dict[str, Any] = {
+    "id": "c-1", "profile_id": 7, "status": "open", "items": [{"sku": "run-42", "qty": 1, "price": 80.0}],
+    "updated_at": 1780300800.0, "abandoned_at": None, "checked_out_at": None, "purchase_handled_at": None}
+
+
+@pytest.mark.parametrize("kind, data, named", [
+    ("device", {**DEVICE, "profile_id": "7"}, "data.profile_id"),
+    ("device", {**DEVICE, "registered_at": "yesterday"}, "data.registered_at: expected float or int or NoneType"),
+    ("reading_hour", {**HOUR, "count": 12.5}, "data.count"),
+    ("reading_hour", {**HOUR, "metric": None}, "data.metric"),
+    ("alarm", {**ALARM, "acknowledged_at": "soon"}, "data.acknowledged_at"),
+    ("alarm", {**ALARM, "count": True}, "data.count"),
+    ("cart", {**CART, "items": [{"sku": "run-42", "qty": "one", "price": 80.0}]}, "data.items[0].qty"),
+    ("cart", {**CART, "items": ["run-42"]}, "data.items[0]: expected an object"),
+    ("cart", {**CART, "items": [{"qty": 1, "price": None}]}, "data.items[0].sku"),
+])
+def test_the_new_kinds_name_the_field_that_is_wrong(kind: str, data: dict[str, Any], named: str) -> None:
+    good_data = {"device": DEVICE, "reading_hour": HOUR, "alarm": ALARM, "cart": CART}[kind]
+    assert parse(topic("chain", "s1", kind), event("s1", kind, "k", good_data).body()).data == good_data
+    with pytest.raises(EventError, match=re.escape(named)):
+        parse(topic("chain", "s1", kind), event("s1", kind, "k", data).body())
+
+
+def test_versions_order_an_alarms_and_a_carts_lifecycle() -> None:
+    steps = [ALARM, {**ALARM, "updated_at": 1780301000.0, "count": 2},
+             {**ALARM, "updated_at": 1780301000.0, "count": 2, "acknowledged_at": 1780302000.0},
+             {**ALARM, "updated_at": 1780301000.0, "count": 2, "acknowledged_at": 1780302000.0,
+              "booked_at": 1780302100.0},
+             {**ALARM, "status": "resolved", "updated_at": 1780300900.0, "count": 2, "resolved_at": 1780400000.0}]
+    assert [alarm_version(a) for a in steps] == sorted(alarm_version(a) for a in steps)
+    assert len({alarm_version(a) for a in steps}) == len(steps)
+    carts = [CART, {**CART, "abandoned_at": 1780302600.0}, {**CART, "updated_at": 1780303000.0},
+             {**CART, "status": "checked_out", "updated_at": 1780290000.0, "checked_out_at": 1780290000.0},
+             {**CART, "status": "checked_out", "updated_at": 1780290000.0, "checked_out_at": 1780290000.0,
+              "purchase_handled_at": 1780303005.0}]
+    assert [cart_version(c) for c in carts] == sorted(cart_version(c) for c in carts)
+    assert len({cart_version(c) for c in carts}) == len(carts)
 
 
 def test_an_event_on_another_stores_topic_is_refused() -> None:
@@ -77,3 +129,21 @@ def test_head_office_drops_bad_events_and_keeps_good_ones_once(
             assert s.scalars(select(Profile.external_id)).all() == ["s1:7"]  # the store's profile 7, once
     finally:
         hq.stop()
+
+
+def test_head_office_keeps_at_most_its_bound_of_store_profiles_in_memory_and_reads_a_miss_back(
+        hq_db: Database) -> None:  # noqa: F811
+    applier = Applier(max_profiles=3)
+    for pid in range(1, 8):  # seven customers of store s1
+        with hq_db.session() as s:
+            applier.apply(s, [event("s1", "decision", pid, {**DECISION, "id": pid, "profile_id": pid})], 1780300800.0)
+        assert len(applier._profiles) <= 3
+    assert list(applier._profiles) == ["s1:5", "s1:6", "s1:7"]  # the most recently used
+    with hq_db.session() as s:  # profile 1 was dropped from the map: read from the database, not made again
+        applier.apply(s, [event("s1", "decision", 100, {**DECISION, "id": 100, "profile_id": 1})], 1780300900.0)
+    with hq_db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Profile)) == 7
+        one = s.scalar(select(Profile.id).where(Profile.external_id == "s1:1"))
+        owners = s.scalars(select(Decision.profile_id).order_by(Decision.id)).all()
+        assert len(owners) == 8 and owners[0] == owners[-1] == one
+    assert len(applier._profiles) == 3 and list(applier._profiles)[-1] == "s1:1"
