@@ -28,7 +28,7 @@ from gateway.presence.calibration import (
 from gateway.presence.settings import PresenceSettings, ReceiverSettings, ZoneBand
 from gateway.presence.traces import Label, open_trace, read_labels
 from gateway.presence.tracker import PresenceTracker
-from gateway.presence.tuning import BAND_WEIGHTS, learn_tuned
+from gateway.presence.tuning import BAND_WEIGHTS, learn_tuned, tune_scores
 from tests.fixtures import TWO_RECEIVERS as CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,6 +263,22 @@ def test_two_walks_tune_the_look_time_and_the_file_carries_it() -> None:
     tracker = PresenceTracker(PresenceSettings(), RECEIVERS, calibration=cal)
     assert tracker.settings.fade_time_s == tuned["fade_time_s"]  # the walk's choice over the config's
     assert learn(rows, first_labels + second_labels, RECEIVERS, PresenceSettings()).tuned == ()  # learn: no tuning
+
+
+def test_leaving_a_walk_out_scores_it_only_where_the_other_walks_taught_the_zone() -> None:
+    # Walk 1 goes through "middle" (no receiver of its own), walk 2 never does: the fold that leaves walk 1
+    # out was taught no "middle", so it cannot say how well a model knows that zone (the calibration used
+    # later, taught by both, does). Walk 1's 70 s in "middle" are then not scored, each of its stretches in
+    # taught zones scored on its own.
+    first, first_labels = walk(ROUTE, seed=8, key="walk-1")
+    second, second_labels = walk([("left", 40.0), ("right", 40.0), ("left", 40.0)], seed=9, key="walk-2")
+    rows = sorted(first + second, key=lambda s: s.time)
+    labels = first_labels + second_labels
+    own = ((("fade_time_s", 3.0), ("rssi_drift_db_s", 1.5), ("switch_posterior", 0.995)),)
+    taught = tune_scores(rows, labels, RECEIVERS, PresenceSettings(), grid=own)[(own[0], 0.0)]
+    every = tune_scores(rows, labels, RECEIVERS, PresenceSettings(), grid=own, taught_only=False)[(own[0], 0.0)]
+    assert every[0] < 0.8 and taught[0] > 0.9  # untaught, "middle" is read as another state
+    assert taught[2] != every[2]  # the labels' changes: walk 1 scored as three stretches
 
 
 def _accuracy(tracker: PresenceTracker, sightings: list[Sighting], labels: list[Label]) -> float:

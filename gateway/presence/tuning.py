@@ -98,6 +98,18 @@ def learn_tuned(sightings: Iterable[Sighting], labels: Sequence[Label], receiver
                                sd_floor_db=model.get(SD_FLOOR, 0.0))
 
 
+def _taught_parts(labels: Sequence[Label], taught: set[str]) -> list[list[Label]]:
+    """A walk's labels in time order, cut at every label of an untaught zone: the runs of labels in taught
+    zones (or no zone) that remain, each to be scored as its own walk."""
+    parts: list[list[Label]] = [[]]
+    for lb in sorted(labels, key=lambda lb: lb.start):
+        if lb.zone is None or lb.zone in taught:
+            parts[-1].append(lb)
+        elif parts[-1]:
+            parts.append([])
+    return [p for p in parts if p]
+
+
 def split(cand: Candidate) -> tuple[dict[str, float], dict[str, float]]:
     """A candidate's [presence] settings, and its calibration fields (``MODEL_KEYS``)."""
     params = dict(cand)
@@ -121,11 +133,18 @@ def replay_walk(rows: Iterable[Sighting], tracker: PresenceTracker) -> list[Even
 def tune_scores(rows: Sequence[Sighting], labels: Sequence[Label], receivers: Sequence[ReceiverSettings],
                 settings: PresenceSettings, zones: Sequence[FloorZone] = (),
                 grid: Sequence[Candidate] = TUNE_GRID, band_weights: Sequence[float] = (0.0,),
-                ) -> dict[tuple[Candidate, float], tuple[float, float, float, float]]:
+                taught_only: bool = True) -> dict[tuple[Candidate, float], tuple[float, float, float, float]]:
     """Per candidate and band weight: zone accuracy, zone changes per hour, the labels' changes per hour and
-    false exits per person-hour, each walk scored by a tracker calibrated on the other walks only."""
-    beacons = sorted({lb.beacon for lb in labels})
+    false exits per person-hour, each walk scored by a tracker calibrated on the other walks only.
+
+    ``taught_only``: a walk is scored only on its labelled stretches in zones the fold's training taught (and
+    in no zone), each stretch on its own, the whole walk still replayed, by a tracker that does not know the
+    zones only the held-out walk taught: a fold whose training never entered a room cannot say how well a
+    model knows that room (with one walk per room, leaving it out would otherwise rank models by how they fail
+    on rooms nobody walked, which the calibration scored later, taught by every walk, never meets)."""
+    walked_zones = {lb.zone for lb in labels if lb.zone is not None}
     floor = adjacency(zones)
+    beacons = sorted({lb.beacon for lb in labels})
     out: dict[tuple[Candidate, float], tuple[float, float, float, float]] = {}
     learned: dict[tuple[object, ...], Calibration] = {}  # only the filter's settings change what is learned
     for cand in grid:
@@ -133,6 +152,7 @@ def tune_scores(rows: Sequence[Sighting], labels: Sequence[Label], receivers: Se
         st = dataclasses.replace(settings, **params)  # type: ignore[arg-type]
         for weight in band_weights:
             events: list[Event] = []
+            scored: list[Label] = []
             for held in beacons:
                 key = (held, *(v for k, v in cand if k in FILTER_KEYS))
                 if key not in learned:
@@ -141,9 +161,22 @@ def tune_scores(rows: Sequence[Sighting], labels: Sequence[Label], receivers: Se
                 cal = dataclasses.replace(learned[key], tuned=tuple(params.items()), band_weight=weight,
                                           windowed_weight=model.get(WINDOWED, 0.0),
                                           sd_floor_db=model.get(SD_FLOOR, 0.0))
-                tracker = PresenceTracker(settings, receivers, calibration=cal, adjacency=floor)
-                events += replay_walk((s for s in rows if s.key == held), tracker)
-            sc = score_labels(events, labels, settings.exit_after_s, gaps_unknown=True)
+                taught = {z.name for z in learned[key].zones}
+                own = [lb for lb in labels if lb.beacon == held]
+                fold = receivers
+                if taught_only:  # the zones only the held-out walk taught are not the fold's to know either
+                    fold = [dataclasses.replace(r, zones=[b for b in r.zones if b.name not in walked_zones - taught])
+                            for r in receivers]
+                tracker = PresenceTracker(settings, fold, calibration=cal, adjacency=floor)
+                walked = replay_walk((s for s in rows if s.key == held), tracker)
+                if not taught_only:
+                    events += walked
+                    scored += own
+                    continue
+                pieces = _taught_parts(own, taught)
+                scored += [lb._replace(beacon=f"{held}#{k}") for k, piece in enumerate(pieces) for lb in piece]
+                events += [(kind, f"{held}#{k}", zone, t) for k in range(len(pieces)) for kind, _, zone, t in walked]
+            sc = score_labels(events, scored, settings.exit_after_s, gaps_unknown=True)
             out[(cand, weight)] = (sc["zone_accuracy"], sc["zone_changes_per_hour"],
                                    sc["truth_zone_changes_per_hour"], sc["false_exits_per_person_hour"])
     return out
