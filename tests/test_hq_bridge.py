@@ -288,11 +288,20 @@ def test_head_office_gets_each_event_once_and_the_same_figures_through_bridges_r
         alice, late = v.profile_id, event("a", "visit", 10**6, {"id": 10**6, "profile_id": v.profile_id,
                                                                "started_at": v.started_at, "ended_at": v.ended_at,
                                                                "zones": list(v.zones)})
+    # Her online cart and her watch's hour of readings went up too (head office: a:<id>, of her profile there).
+    a.svc.upsert_cart("cart-alice", profile_id=alice, external_id=None, updated_at=clock_a.now(),
+                      items=[{"sku": "run-42", "quantity": 1, "price": 80.0}])
+    a.svc.register_device("watch-alice", "fitness_watch", alice)
+    a.pipeline.ingest_readings([Reading("watch-alice", "a", at(11, 30), {"heart_rate": 80.0})], now=at(13, 0))
+    assert a.link.uplink.run_once() >= 3
+    assert wait_until(lambda: carts(hq_db, "a:").keys() == {"cart-alice"} and len(rollups(hq_db)) == 1)
     a.svc.erase_profile(alice)
     assert a.link.uplink.run_once() >= 1
     assert wait_until(lambda: hq_counts(hq_db, "a") == a.counts()), (hq_counts(hq_db, "a"), a.counts())
     with hq_db.session() as s:
         assert s.scalar(select(func.count()).select_from(Profile).where(Profile.external_id == f"a:{alice}")) == 0
+    assert carts(hq_db) == {} and rollups(hq_db) == {}  # gone with her, by the cascades
+    assert wait_until(lambda: devices(hq_db, "a:")["watch-alice"][3] is False)  # the watch stays, unowned
     received = hq.stats.received
     a.link.uplink.publish(topic(PREFIX, "a", "visit"), late.body()).wait_for_publish(WAIT_S)
     assert wait_until(lambda: hq.stats.received > received)
