@@ -5,7 +5,8 @@ A real Runtime on SQLite with a SteppingClock: sightings at the clock's time go 
 engine and the outbox; ticks run the timers. What must hold:
 
 - a cooldown holds across a step back: the send made before it does not look an hour "in the future"
-  and so out of reach (a customer who leaves and comes back is not sent the same offer twice);
+  and so out of reach (a customer who leaves and comes back is not sent the same offer twice), and so
+  does a frequency cap when the step back is longer than its window;
 - the interval timers (cart abandonment, device offline sweep, telemetry purge) keep running after a step
   back instead of waiting an hour for the clock to catch up with their last run;
 - a step forward releases each delayed send once, never twice;
@@ -29,7 +30,7 @@ from beacons.types import Sighting
 from devices.mqtt import MqttIntake
 from devices.mqtt import MqttSettings as IntakeSettings
 from devices.topics import telemetry_topic
-from gateway.app.config import Settings
+from gateway.app.config import CapSettings, Settings
 from gateway.app.runtime import Runtime
 from gateway.clock import SteppingClock
 from gateway.presence.settings import ReceiverSettings, ZoneBand
@@ -110,6 +111,22 @@ async def test_a_cooldown_holds_when_the_clock_steps_back_between_two_visits(
     walk(rt, clock, 1800 + 900, heard=False)  # the clock is now past the first send's time plus the cooldown
     walk(rt, clock, 5, heard=True)
     assert decisions(rt, "hello")[-1] == "fired"
+
+async def test_a_frequency_cap_holds_when_the_clock_steps_back_further_than_its_window(
+        tmp_path: Path, clock: SteppingClock, runtime_factory: RuntimeFactory) -> None:
+    s = settings(tmp_path, {"hello": ("id: hello\npurpose: offers\ntrigger: {type: enter, zone: a}\n"
+                                      "action: {title: t, body: b}\n")})  # no cooldown: only the cap
+    s.engine.caps = [CapSettings(window_s=600.0, max=1)]
+    rt = await runtime_factory(s, serve_api=False)
+    enrol(rt)
+    walk(rt, clock, 5, heard=True)
+    assert decisions(rt, "hello") == ["fired"]
+    walk(rt, clock, 120, heard=False)  # she leaves: the visit ends
+    clock.step(-HOUR)  # further back than the cap's 10 minutes
+    walk(rt, clock, 120, heard=False)
+    walk(rt, clock, 5, heard=True)  # back 4 minutes of real time after her offer: inside the cap's window
+    assert decisions(rt, "hello") == ["fired", "capped"]
+
 
 async def test_cart_abandonment_runs_on_time_after_the_clock_steps_back(
         tmp_path: Path, clock: SteppingClock, runtime_factory: RuntimeFactory) -> None:

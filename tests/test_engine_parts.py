@@ -26,8 +26,9 @@ DAY = 86400.0
 
 # ---------------------------------------------------------------- limits, pure
 
-def row(cid: str, at: float, purpose: str = "offers", channels: list[str] | None = None) -> tuple[Any, ...]:
-    return (cid, at, purpose, {"channels": channels} if channels else {}, 1)
+def row(cid: str, at: float, purpose: str = "offers", channels: list[str] | None = None,
+        out: bool = False) -> tuple[Any, ...]:
+    return (cid, at, purpose, {"channels": channels} if channels else {}, 1, out)
 
 
 def test_a_cooldown_finds_the_nearest_send_of_its_campaign_on_either_side() -> None:
@@ -51,6 +52,18 @@ def test_a_full_cap_stops_a_send_and_a_full_channel_cap_only_leaves_its_channel_
     assert capped(service, 30.0, everywhere, [row("m", 20.0, purpose="maintenance")], everywhere) == (
         everywhere, None)  # a purpose the cap does not count
     assert capped([], 0.0, (), [], everywhere) == ((), "none of its channels is configured")
+
+
+def test_a_cap_counts_a_send_gone_out_later_than_now_as_now_and_a_scheduled_one_at_its_own_time() -> None:
+    everywhere = ("sse",)
+    cap = [FrequencyCap(window_s=3600, max=1)]
+    # Gone out, two hours "ahead": sent before the clock stepped back two hours. It counts now.
+    assert capped(cap, 1000.0, everywhere, [row("x", 1000.0 + 7200, out=True)], everywhere)[1] == (
+        "1 sent within 3600 s, cap 1")
+    # Scheduled for tomorrow morning (held for quiet hours): it does not use up today's cap.
+    assert capped(cap, 1000.0, everywhere, [row("x", 1000.0 + 36000, out=False)], everywhere) == (everywhere, None)
+    # Gone out before the window: the cap is free again.
+    assert capped(cap, 1000.0, everywhere, [row("x", 1000.0 - 3600, out=True)], everywhere) == (everywhere, None)
 
 
 def test_a_limit_of_zero_is_no_limit() -> None:

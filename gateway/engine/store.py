@@ -61,7 +61,7 @@ _PROFILES_OF = select(Profile.id, Profile.external_id, Profile.name, Profile.att
 _CONSENTS_OF = select(Consent.profile_id, Consent.purpose).where(
     Consent.profile_id.in_(bindparam("ids", expanding=True)), Consent.granted.is_(True))
 _SENDS_OF = select(Notification.profile_id, Notification.campaign_id, _sent_at, Notification.purpose,
-                   Notification.data, Notification.id).where(
+                   Notification.data, Notification.id, Notification.status != SCHEDULED).where(
     Notification.profile_id.in_(bindparam("ids", expanding=True)), Notification.status.not_in(NOT_SENT),
     _sent_at > bindparam("lo")).order_by(Notification.id)
 _DEDUP_KEYS = select(Notification.dedup_key).where(Notification.dedup_key.in_(bindparam("keys", expanding=True)))
@@ -191,8 +191,9 @@ class EngineStore:
             self._profiles.update((r[0], ProfileRow(*r)) for r in self.conn.execute(_PROFILES_OF, {"ids": chunk}))
             for pid, purpose in self.conn.execute(_CONSENTS_OF, {"ids": chunk}):
                 self._consents.setdefault(pid, set()).add(purpose)
-            for pid, cid, at, purpose, data, nid in self.conn.execute(_SENDS_OF, {"ids": chunk, "lo": history_from}):
-                self._history[pid].append((cid, at, purpose, data, nid))
+            for pid, cid, at, purpose, data, nid, out in self.conn.execute(_SENDS_OF,
+                                                                           {"ids": chunk, "lo": history_from}):
+                self._history[pid].append((cid, at, purpose, data, nid, bool(out)))
 
     def profile(self, profile_id: int) -> ProfileRow | None:
         """The profile's columns (None: erased), read with the batch or now."""
@@ -216,7 +217,8 @@ class EngineStore:
         ones (the checks filter by their own windows)."""
         if self._history_from.get(profile_id, math.inf) > since:
             self.write_sends()
-            self._history[profile_id] = [(cid, at, purpose, data, nid) for _, cid, at, purpose, data, nid in
+            self._history[profile_id] = [(cid, at, purpose, data, nid, bool(out))
+                                         for _, cid, at, purpose, data, nid, out in
                                          self.conn.execute(_SENDS_OF, {"ids": [profile_id], "lo": since})]
             self._history_from[profile_id] = since
         return self._history[profile_id]
@@ -315,7 +317,8 @@ class EngineStore:
         self._keys.add(row["dedup_key"])
         self._asked.add(row["dedup_key"])
         if pid in self._history:
-            self._history[pid].append((row["campaign_id"], sent_at, row["purpose"], row["data"], None))
+            self._history[pid].append((row["campaign_id"], sent_at, row["purpose"], row["data"], None,
+                                       row["status"] != SCHEDULED))
 
     def decided(self, rows: Iterable[tuple[Any, ...]]) -> None:
         """Decisions (values in DECISION_COLUMNS order), written with the batch's others."""
