@@ -30,7 +30,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -62,6 +62,9 @@ from gateway.storage.models import (
     Visit,
     ZoneStay,
 )
+
+if TYPE_CHECKING:
+    from devices.mqtt import MqttSettings
 
 log = logging.getLogger("gateway.hq")
 
@@ -327,7 +330,7 @@ class HqConsumer:
     """Subscribes to every store's events on the central broker and writes them, acking after commit."""
 
     def __init__(self, db: Database, host: str, port: int, prefix: str, client_id: str, *,
-                 session_expiry: int = 7 * 86400, max_batch: int = 1000, username: str = "", password: str = "",
+                 session_expiry: int = 7 * 86400, max_batch: int = 1000, broker: MqttSettings | None = None,
                  now: Callable[[], float] | None = None) -> None:
         import time
 
@@ -338,8 +341,10 @@ class HqConsumer:
         self._max_batch = max_batch
         self._client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                    protocol=mqtt.MQTTv5, manual_ack=True)
-        if username:
-            self._client.username_pw_set(username, password or None)
+        if broker is not None:  # [mqtt]'s credentials and TLS, set as the store's intake sets them
+            from devices.mqtt import secure_client
+
+            secure_client(self._client, broker)
         self._client.reconnect_delay_set(1, 30)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message

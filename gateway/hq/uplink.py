@@ -29,7 +29,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import ColumnElement, delete, or_, select, tuple_
 from sqlalchemy.orm import Session
@@ -56,6 +56,9 @@ from gateway.storage.models import (
     Visit,
     ZoneStay,
 )
+
+if TYPE_CHECKING:
+    from devices.mqtt import MqttSettings
 
 log = logging.getLogger("gateway.hq")
 
@@ -424,13 +427,15 @@ class UplinkThread:
     """The uplink on its own thread with its own paho connection to the store's broker (QoS 1)."""
 
     def __init__(self, uplink_of: Callable[[Publish], Uplink], host: str, port: int, client_id: str,
-                 interval_s: float = 5.0, username: str = "", password: str = "") -> None:
+                 interval_s: float = 5.0, broker: MqttSettings | None = None) -> None:
         import paho.mqtt.client as mqtt
 
         self._client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                    protocol=mqtt.MQTTv5)
-        if username:
-            self._client.username_pw_set(username, password or None)
+        if broker is not None:  # [mqtt]'s credentials and TLS, set as the intake sets them
+            from devices.mqtt import secure_client
+
+            secure_client(self._client, broker)
         self._client.reconnect_delay_set(1, 30)
         self._host, self._port, self.interval_s = host, port, interval_s
         self.uplink = uplink_of(self._publish)
