@@ -554,12 +554,13 @@ def reset_for_service(rule: Rule, state: RuleState, seq: int) -> RuleState:
     return st
 
 
-def wall_stepped(state: RuleState, cutoff: float, seconds: float) -> RuleState:
-    """The state with every time stamped by ``cutoff`` moved on by ``seconds``: the wall clock stepped
-    forward by that much after it, and a condition that held for 30 s before the step has held for 30 s,
-    not an hour (a ``for`` timer would fire at once, a "did not recur" clear too, a rate would flatten)."""
+def wall_stepped(state: RuleState, after: float, upto: float, by: float) -> RuleState:
+    """The state with every time in (``after``, ``upto``] moved by ``by``: the wall clock stepped by that
+    much after them, and a condition that held for 30 s before the step has held for 30 s, not an hour
+    more (a ``for`` timer would fire at once, a "did not recur" clear too, a rate would flatten) nor an
+    hour less (after a step back, the timer would fire an hour late)."""
     def on(t: float) -> float:
-        return t + seconds if t <= cutoff else t
+        return t + by if after < t <= upto else t
 
     def opt(t: float | None) -> float | None:
         return None if t is None else on(t)

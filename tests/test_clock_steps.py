@@ -10,9 +10,9 @@ engine and the outbox; ticks run the timers. What must hold:
 - the interval timers (cart abandonment, device offline sweep, telemetry purge) keep running after a step
   back instead of waiting an hour for the clock to catch up with their last run;
 - a step forward releases each delayed send once, never twice;
-- a step forward is not silence: devices reporting over MQTT stay online, a device rule's ``for`` timer
-  counts the time that really passed, an open cart is not abandoned at once; a device that really
-  stops still goes offline after its allowance of real time.
+- a step either way is neither silence nor time: devices reporting over MQTT stay online, a device
+  rule's ``for`` timer counts the time that really passed, an open cart is abandoned on time; a device
+  that really stops goes offline after its allowance of real time, not an hour late.
 """
 
 from __future__ import annotations
@@ -195,9 +195,12 @@ ALARM = ("id: warm\npurpose: maintenance\ntrigger: {type: alarm}\n"
          "action: {title: t, body: \"{device.id} is warm\"}\n")
 
 
-async def test_a_step_forward_takes_no_device_offline_and_starts_no_alarm_over_mqtt(
+@pytest.mark.parametrize("step", [HOUR, -HOUR], ids=["forward", "back"])
+async def test_a_step_takes_no_device_offline_and_times_alarms_and_silence_in_real_time_over_mqtt(
         tmp_path: Path, clock: SteppingClock, runtime_factory: RuntimeFactory, mosquitto: MosquittoServer,
-        mqtt_client: Callable[..., PahoTestClient]) -> None:
+        mqtt_client: Callable[..., PahoTestClient], step: float) -> None:
+    """Forward, before the fix: every device offline at the first tick after the step, the 300 s timer
+    fired at once. Back: the device that stopped stayed online, and the timer waited, an hour more."""
     s = settings(tmp_path, {"warm": ALARM})
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "sensor.yaml").write_text(SENSOR)
@@ -247,7 +250,7 @@ async def test_a_step_forward_takes_no_device_offline_and_starts_no_alarm_over_m
 
     await run(150)
     assert status() == {"steady": "online", "warm": "online", "dies": "online"}
-    clock.step(HOUR)  # NTP: the Pi's clock was an hour slow
+    clock.step(step)  # NTP: the Pi's clock was an hour slow (or fast)
     await run(151)  # the first tick after the step: an hour since every device's last reading, on the clock
     assert status() == {"steady": "online", "warm": "online", "dies": "online"}
     await run(200)  # "dies" last reported at 120 s: 80 s of its 90 s allowance have passed
@@ -261,7 +264,7 @@ async def test_a_step_forward_takes_no_device_offline_and_starts_no_alarm_over_m
     await run(395)
     (a,) = alarms()
     assert (a.device_id, a.status) == ("warm", "active")
-    assert a.created_at == pytest.approx(T0 + HOUR + 390)  # the for timer fired at 90 s + 300 s, on the new clock
+    assert a.created_at == pytest.approx(T0 + step + 390)  # the for timer fired at 90 s + 300 s, on the new clock
     assert decisions(rt, "warm") == ["fired"]
     with rt.db.session() as se:
         assert [n.profile_id for n in se.scalars(select(Notification))] == [pid]
@@ -269,8 +272,10 @@ async def test_a_step_forward_takes_no_device_offline_and_starts_no_alarm_over_m
     assert status() == {"steady": "online", "warm": "online", "dies": "offline"}
 
 
-async def test_a_cart_touched_just_before_a_step_forward_is_not_abandoned_at_once(
-        tmp_path: Path, clock: SteppingClock, runtime_factory: RuntimeFactory) -> None:
+@pytest.mark.parametrize("step", [HOUR, -HOUR], ids=["forward", "back"])
+async def test_a_cart_touched_just_before_a_step_is_abandoned_on_time(
+        tmp_path: Path, clock: SteppingClock, runtime_factory: RuntimeFactory, step: float) -> None:
+    """Before the fix: abandoned at once after a step forward, an hour late after a step back."""
     s = settings(tmp_path, {"cart": ("id: cart\npurpose: cart_reminders\ntrigger: {type: cart_abandoned}\n"
                                      "action: {title: t, body: b}\n")})
     s.carts.abandon_after_s = 1800.0
@@ -278,7 +283,7 @@ async def test_a_cart_touched_just_before_a_step_forward_is_not_abandoned_at_onc
     pid = enrol(rt, "cart_reminders")
     rt.service.upsert_cart("c1", profile_id=pid, external_id=None, items=[{"sku": "x", "qty": 1}], updated_at=None)
     await live_walk(rt, clock, 300, heard=False)  # touched 5 minutes before the step (stamped by the gateway)
-    clock.step(HOUR)
+    clock.step(step)
     await live_walk(rt, clock, 1490, heard=False)  # 1790 s since the touch, in time that passed
     assert decisions(rt, "cart") == []
     await live_walk(rt, clock, 20, heard=False)

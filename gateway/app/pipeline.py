@@ -8,6 +8,7 @@ worker thread. It returns the ids of the notifications it committed; dispatching
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import time
 from collections import Counter, OrderedDict, deque
@@ -254,17 +255,20 @@ class Pipeline:
         return created
 
     def wall_stepped(self, now: float, seconds: float) -> None:
-        """The wall clock was stepped forward by ``seconds`` just before ``now`` (the Runtime saw it against
-        monotonic time). What is stamped before the step moves on by it, in one transaction: the online
-        devices' last readings (the step is not silence: nobody goes offline for it), the device rules'
-        timers (a ``for`` duration is not an hour older), open carts' last changes (not abandoned at once).
-        A device that really went quiet is still offline after its allowance of real time."""
-        cutoff = now - seconds
+        """The wall clock was stepped by ``seconds`` (forward, or back if negative) just before ``now`` (the
+        Runtime saw it against monotonic time). What is stamped before the step moves by it, in one
+        transaction: the online devices' last readings (a step forward is not silence: nobody goes offline
+        for it), the device rules' timers (a ``for`` duration is not an hour older), open carts' last changes
+        (not abandoned at once). A device that really went quiet is still offline after its allowance of
+        real time. Forward: every stamp up to ``now - seconds`` (the latest before the step) moves. Back:
+        only stamps later than ``now`` (ahead of the corrected clock, so made before the step) move; one at
+        or before it may be a device's or the shop's own right clock, and stays."""
+        after, upto = (-math.inf, now - seconds) if seconds > 0 else (now, now - seconds)
         with self.db.session() as s:
-            devices = self.telemetry.wall_stepped(s, cutoff, seconds)
-            states = self.rules.wall_stepped(s, cutoff, seconds)
-            open_carts = carts.wall_stepped(s, cutoff, seconds)
-        log.info("wall clock step of %.0f s: moved on %d device(s), %d rule state(s), %d open cart(s)",
+            devices = self.telemetry.wall_stepped(s, after, upto, seconds)
+            states = self.rules.wall_stepped(s, after, upto, seconds)
+            open_carts = carts.wall_stepped(s, after, upto, seconds)
+        log.info("wall clock step of %+.0f s: moved %d device(s), %d rule state(s), %d open cart(s)",
                  seconds, devices, states, open_carts)
 
     def cart_events(self, now: float) -> list[int]:

@@ -60,7 +60,7 @@ from gateway.telemetry.alarms import AlarmDesk
 
 log = logging.getLogger("gateway")
 WORKER_NAME = "gateway-pipeline"
-WALL_STEP_S = 10.0  # the wall clock outrunning monotonic time by more than this between two ticks is a step
+WALL_STEP_S = 10.0  # the wall clock running ahead of (or behind) monotonic time by more than this is a step
 RELOAD_WAIT_S = 30.0  # an API edit of a campaign waits this long for the worker to take it (a stalled database)
 MAX_PENDING_ADVERTS = 100_000  # about 10 s of a full shop (1,000 tags at 10 Hz) waiting for a stalled database
 TELEMETRY_RETRY = Backoff(base_s=0.1, max_s=5.0, jitter=0.2, max_attempts=1_000_000)
@@ -734,8 +734,8 @@ class Runtime:
             self._dispatch(await self._run(self._guarded, "tick", self._tick_job))
 
     def _now(self) -> float:
-        """On the worker: the clock's now, after telling the pipeline of a forward step of the wall clock
-        since the last look (the wall moved on more than monotonic time did: NTP on a Pi that booted
+        """On the worker: the clock's now, after telling the pipeline of a step of the wall clock since the
+        last look (the wall moved on more, or less, than monotonic time did: NTP on a Pi that booted
         without a clock). Ticks and telemetry commits both look, so no reading is judged across an
         untold step. A step that could not be told (the database down) is told with the next job."""
         now = self.clock.now()
@@ -743,10 +743,10 @@ class Runtime:
         last, self._last_tick = self._last_tick, (now, mono)
         if last is not None:
             jump = (now - last[0]) - (mono - last[1])
-            if jump > WALL_STEP_S:
-                log.warning("the wall clock stepped forward %.0f s; presence, device silence, rule timers and "
-                            "carts keep their own time across it", jump)
-                self.pipeline.presence.wall_stepped(jump)
+            if abs(jump) > WALL_STEP_S:
+                log.warning("the wall clock stepped %s %.0f s; presence, device silence, rule timers and "
+                            "carts keep their own time across it", "forward" if jump > 0 else "back", abs(jump))
+                self.pipeline.presence.wall_stepped(jump)  # a step back it sees for itself: ignored there
                 self._untold_step += jump
         if self._untold_step:
             self.pipeline.wall_stepped(now, self._untold_step)  # raises on an outage: kept for the next job

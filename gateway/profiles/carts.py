@@ -6,6 +6,8 @@ transaction that judges it, so a rolled-back try raises it again.
 
 from __future__ import annotations
 
+import math
+
 from sqlalchemy import CursorResult, bindparam, select, update
 from sqlalchemy.orm import Session
 
@@ -37,13 +39,15 @@ def purchased(session: Session, now: float) -> list[EngineEvent]:
     return events
 
 
-def wall_stepped(session: Session, cutoff: float, seconds: float) -> int:
-    """The wall clock stepped forward by ``seconds``; ``cutoff`` is the latest time stamped before it. Open
-    carts not yet abandoned whose last change is stamped by then move on by the step, so a cart touched
-    5 minutes before the step is not an hour idle at once. (Stamps before a step are the gateway's, or the
-    shop's when it agreed with the gateway within 5 minutes: ``upsert_cart`` refuses later ones.)"""
-    result = session.execute(update(Cart).where(Cart.status == CartStatus.OPEN, Cart.abandoned_at.is_(None),
-                                                Cart.updated_at <= cutoff)
-                             .values(updated_at=Cart.updated_at + seconds)
+def wall_stepped(session: Session, after: float, upto: float, by: float) -> int:
+    """The wall clock stepped by ``by``: open carts not yet abandoned whose last change is stamped in
+    (``after``, ``upto``], on the clock as it was, move by the step, so a cart touched 5 minutes before a
+    step forward is not an hour idle at once, nor abandoned an hour late after a step back. (Stamps before a
+    step are the gateway's, or the shop's when it agreed with the gateway within 5 minutes: ``upsert_cart``
+    refuses later ones.)"""
+    moved = [Cart.status == CartStatus.OPEN, Cart.abandoned_at.is_(None), Cart.updated_at <= upto]
+    if after > -math.inf:
+        moved.append(Cart.updated_at > after)
+    result = session.execute(update(Cart).where(*moved).values(updated_at=Cart.updated_at + by)
                              .execution_options(synchronize_session=False))
     return result.rowcount if isinstance(result, CursorResult) else 0

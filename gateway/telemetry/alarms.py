@@ -254,10 +254,10 @@ class DeviceRules:
             s.scalar(select(func.min(RuleStateRecord.due_at))) or math.inf)
         return created
 
-    def wall_stepped(self, s: Session, cutoff: float, seconds: float) -> int:
-        """The wall clock stepped forward by ``seconds`` after ``cutoff``: every rule state's times by then
-        move on by the step, so ``for`` durations and "did not recur" clears count time that really passed.
-        Returns the states changed."""
+    def wall_stepped(self, s: Session, after: float, upto: float, by: float) -> int:
+        """The wall clock stepped by ``by``: every rule state's times in (``after``, ``upto``] move by the
+        step, so ``for`` durations and "did not recur" clears count time that really passed. Returns the
+        states changed."""
         if not self.rules:
             return 0
         n = 0
@@ -265,7 +265,7 @@ class DeviceRules:
             rule = self.by_id.get(row.rule_id)
             if rule is None:
                 continue
-            st = wall_stepped(RuleState.from_dict(row.state), cutoff, seconds)
+            st = wall_stepped(RuleState.from_dict(row.state), after, upto, by)
             data = st.as_dict()
             if data != row.state:
                 row.state, row.due_at = data, next_due(rule, st)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -392,12 +393,16 @@ class TelemetryStore:
         self._count_on_commit(s, Counter(went_offline=len(gone)))
         return gone
 
-    def wall_stepped(self, s: Session, cutoff: float, seconds: float) -> int:
-        """The wall clock stepped forward by ``seconds``; ``cutoff`` is the latest time stamped before it.
-        Online devices last seen by then move on by the step (their last reading's time on the corrected
-        clock), so the sweep counts their silence in time that really passed, not the step. Returns how many."""
-        result = s.execute(update(Device).where(Device.online.is_(True), Device.last_seen <= cutoff)
-                           .values(last_seen=Device.last_seen + seconds).execution_options(synchronize_session=False))
+    def wall_stepped(self, s: Session, after: float, upto: float, by: float) -> int:
+        """The wall clock stepped by ``by``: online devices last seen in (``after``, ``upto``], on the clock as
+        it was, move by the step (their last reading's time on the corrected clock), so the sweep counts their
+        silence in time that really passed, not the step forward (nor an hour less after a step back).
+        Returns how many."""
+        moved = [Device.online.is_(True), Device.last_seen <= upto]
+        if after > -math.inf:
+            moved.append(Device.last_seen > after)
+        result = s.execute(update(Device).where(*moved).values(last_seen=Device.last_seen + by)
+                           .execution_options(synchronize_session=False))
         return result.rowcount if isinstance(result, CursorResult) else 0
 
     def purge(self, s: Session, now: float) -> int:
