@@ -465,12 +465,26 @@ def test_head_office_gets_devices_hourly_rollups_alarms_carts_and_later_statuses
     assert wait_until(lambda: hq.stats.received >= received + len(older))
     assert (rollups(hq_db), alarms(hq_db), carts(hq_db), statuses(hq_db, "a"), devices(hq_db, "a:")) == before
 
+    # Bob's profile is merged into Alice's (the same customer): his cart, bike and its rollups move to her. At
+    # head office his profile goes (an erasure) and what moved comes back under hers.
+    a.svc.link_profiles(alice, bob)
+    a.link.uplink.run_once()
+    assert wait_until(lambda: carts(hq_db, "a:") == carts(a.db) and rollups(hq_db, "a:") == rollups(a.db)
+                      and devices(hq_db, "a:")["bike-bob"][4] == f"a:{alice}"), (carts(hq_db, "a:"), carts(a.db))
+    with hq_db.session() as s:
+        assert s.scalar(select(Profile.external_id).join(Cart, Cart.profile_id == Profile.id)
+                        .where(Cart.id == "a:c-bob")) == f"a:{alice}"
+        assert s.scalar(select(func.count()).select_from(Profile).where(Profile.external_id == f"a:{bob}")) == 0
+        assert s.scalar(select(func.count()).select_from(ReadingRollup).join(
+            Profile, Profile.id == ReadingRollup.profile_id).where(Profile.external_id == f"a:{alice}")) == sum(
+            1 for k in rollups(a.db) if k[0] in ("bike-alice", "bike-bob"))
+
     # Alice is erased at the store: her cart, alarm and her bike's rollups go at head office too; her bike
     # stays, without an owner, as at the store; a late event of her cart brings nothing back.
     a.svc.erase_profile(alice)
     a.link.uplink.run_once()
     assert wait_until(lambda: carts(hq_db, "a:") == carts(a.db) and alarms(hq_db) == alarms(a.db) == [])
-    assert rollups(hq_db, "a:") == rollups(a.db) and not any(k[0] == "bike-alice" for k in rollups(a.db))
+    assert rollups(hq_db, "a:") == rollups(a.db) and not any(k[0] in ("bike-alice", "bike-bob") for k in rollups(a.db))
     assert devices(hq_db, "a:")["bike-alice"][3] is False
     received = hq.stats.received
     a.link.uplink.publish(topic(PREFIX, "a", "cart"), older[1].body()).wait_for_publish(WAIT_S)

@@ -234,22 +234,23 @@ class Uplink:
             footfall_mark = marks.get(FOOTFALL, 0)
             foot = self._footfall(s, footfall_mark)
             scans: dict[str, Scan] = {}
-            devices = self._devices(s, scans)
+            devices, moved = self._devices(s, scans)
             _, top_note, settled_note, opened_note, main_notes = next(p for p in plans if p[0].name == "notification")
             later = self._statuses(s, top_note, {e.data["id"] for e in main_notes}, now, scans)
             still_open = (noted.get("notification", set()) - set(settled_note)) | set(opened_note)
             alarms = self._alarms(s, top_note, still_open, now, scans)
             carts = self._carts(s, now, scans)
-            hour_top, hours = self._hours(s, marks.get(READING_HOUR, 0), now, scans)
+            hour_top, hours = self._hours(s, marks.get(READING_HOUR, 0), now, scans, moved)
             known = set(s.scalars(select(HqUplinkProfile.profile_id)))
             gone = sorted(s.scalars(select(HqUplinkProfile.profile_id).where(
                 HqUplinkProfile.profile_id.not_in(select(Profile.id)))))
         erasures = [event(self.store_id, "erasure", pid, {"profile_id": pid}) for pid in gone]
         changed = [*later, *alarms, *carts, *hours]
-        # Devices first (the rows of theirs follow), erasures last (nothing of an erased profile after them).
+        # Erasures first: a profile merged into another is gone, and the rows that moved to the survivor
+        # (its alarms and carts, changed) follow under their new owner. Devices next: rows refer to them.
         out = devices + [e for *_, events in plans for e in events] + changed + [e for _, e in foot]
         profiles = {pid for e in out if isinstance(pid := e.data.get("profile_id"), int)} - known - set(gone)
-        if not self._send(out + erasures):
+        if not self._send(erasures + out):
             self.stats.unacknowledged += 1
             return 0
         n = len(foot) + len(devices) + len(changed)
@@ -297,16 +298,20 @@ class Uplink:
                         event(self.store_id, "footfall_hour", f"{h.day}:{h.hour}:{h.zone}", data)))
         return [(k, e) for k, e in out if self._footfall_sent.get(k) != tuple(sorted(e.data.items()))]
 
-    def _devices(self, s: Session, scans: dict[str, Scan]) -> list[Event]:
-        """Every device of the database whose row differs from what went up (new, or its owner changed...)."""
+    def _devices(self, s: Session, scans: dict[str, Scan]) -> tuple[list[Event], set[str]]:
+        """Every device of the database whose row differs from what went up (new, or its owner changed...),
+        and those of them whose owner changed since it went up (a merge moves its rollups to the survivor)."""
         scan = scans["device"] = {}
-        out = []
+        out, moved = [], set()
         for d in s.scalars(select(Device)):
             data = _device(d)
             scan[d.id] = _print(data)
-            if self._sent["device"].get(d.id) != scan[d.id]:
+            before = self._sent["device"].get(d.id)
+            if before != scan[d.id]:
                 out.append(event(self.store_id, "device", d.id, data))
-        return out
+                if before is not None and dict(before).get("profile_id") != repr(d.profile_id):
+                    moved.add(d.id)
+        return out, moved
 
     def _statuses(self, s: Session, top: int, main: set[int], now: float, scans: dict[str, Scan]) -> list[Event]:
         """Notifications already up (at or below the mark, out of ``scheduled``, of the window) whose status
@@ -363,10 +368,13 @@ class Uplink:
                 out.append(event(self.store_id, "cart", c.id, data))
         return out
 
-    def _hours(self, s: Session, mark: int, now: float, scans: dict[str, Scan]) -> tuple[int, list[Event]]:
+    def _hours(self, s: Session, mark: int, now: float, scans: dict[str, Scan],
+               moved: set[str]) -> tuple[int, list[Event]]:
         """The hourly rollups of the hours the readings above the mark fall in, once each hour is over (and
         its grace): each that differs from what went up. The new mark stops before the first reading of an
-        hour not over yet, so the readings after it are read again (and their hours found in the map)."""
+        hour not over yet, so the readings after it are read again (and their hours found in the map).
+        Every hour of a device whose owner changed goes up again (a merge moved them to the survivor, and
+        head office dropped them with the merged profile)."""
         rows = s.execute(select(ReadingRecord.id, ReadingRecord.device_id, ReadingRecord.ts).where(
             ReadingRecord.id > mark).order_by(ReadingRecord.id).limit(READINGS_SCAN)).all()
         top, held, touched = mark, False, set()
@@ -381,14 +389,19 @@ class Uplink:
         scan = scans["reading_hour"] = {}
         out = []
         pairs = sorted(touched)
-        for i in range(0, len(pairs), 300):
-            for r in s.scalars(select(ReadingRollup).where(
-                    ReadingRollup.period == 3600,
-                    tuple_(ReadingRollup.device_id, ReadingRollup.start).in_(pairs[i:i + 300]))):
+        queries = [select(ReadingRollup).where(
+            ReadingRollup.period == 3600, tuple_(ReadingRollup.device_id, ReadingRollup.start).in_(pairs[i:i + 300]))
+            for i in range(0, len(pairs), 300)]
+        queries += [select(ReadingRollup).where(ReadingRollup.period == 3600, ReadingRollup.device_id == d)
+                    for d in sorted(moved)]
+        for q in queries:
+            for r in s.scalars(q):
                 data = _rollup(r)
                 key = (r.device_id, r.start, r.metric)
+                if key in scan:
+                    continue  # both an hour the readings touched and one of a moved device
                 scan[key] = _print(data)
-                if self._sent["reading_hour"].get(key) != scan[key]:
+                if r.device_id in moved or self._sent["reading_hour"].get(key) != scan[key]:
                     out.append(event(self.store_id, "reading_hour", f"{r.device_id}:{int(r.start)}:{r.metric}", data))
         return top, out
 

@@ -90,6 +90,11 @@ def purge_presence(session: Session, before: float) -> dict[str, int]:
             "decisions": decisions.rowcount}  # type: ignore[attr-defined]
 
 
+# Not the profile's rows: the profiles themselves, and the uplink's note of whose rows went up to head office
+# (kept under the merged id, so head office hears that profile is gone and drops its copy of it).
+NOT_MOVED = ("profiles", "hq_uplink_profiles")
+
+
 def merge_into(session: Session, keep: Profile, other: Profile) -> None:
     """Move every row of ``other`` to ``keep`` (explicit linking), then delete ``other``.
 
@@ -100,7 +105,7 @@ def merge_into(session: Session, keep: Profile, other: Profile) -> None:
     attributes = {**(other.attributes or {}), **(keep.attributes or {})}
     keep_id, other_id = keep.id, other.id
     for table in Base.metadata.sorted_tables:
-        if table.name == "profiles" or "profile_id" not in table.c:
+        if table.name in NOT_MOVED or "profile_id" not in table.c:
             continue
         col = table.c.profile_id
         if col.primary_key:
