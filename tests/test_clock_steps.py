@@ -31,12 +31,16 @@ from devices.mqtt import MqttIntake
 from devices.mqtt import MqttSettings as IntakeSettings
 from devices.topics import telemetry_topic
 from gateway.app.config import CapSettings, Settings
+from gateway.app.pipeline import Pipeline
 from gateway.app.runtime import Runtime
+from gateway.campaigns.model import CampaignIndex
 from gateway.clock import SteppingClock
 from gateway.presence.settings import ReceiverSettings, ZoneBand
 from gateway.presence.tracker import PresenceEvent
+from gateway.profiles.identity import IdentityIndex
 from gateway.profiles.service import NewProfile
-from gateway.storage.models import Alarm, Cart, Decision, Notification, Visit
+from gateway.storage.db import Database
+from gateway.storage.models import Alarm, Cart, Decision, Device, Notification, Profile, RuleStateRecord, Visit
 from tests.conftest import MosquittoServer, PahoTestClient
 from tests.fixtures import RuntimeFactory, runtime_settings
 
@@ -291,3 +295,44 @@ async def test_a_cart_touched_just_before_a_step_is_abandoned_on_time(
     with rt.db.session() as se:
         cart = se.get(Cart, "c1")
         assert cart is not None and cart.abandoned_at is not None
+
+
+@pytest.mark.parametrize("step", [HOUR, -HOUR], ids=["forward", "back"])
+def test_a_step_moves_only_the_stamps_made_before_it_on_either_database(
+        tmp_path: Path, db_url: str, step: float) -> None:
+    """``Pipeline.wall_stepped`` on SQLite and PostgreSQL: the stamps before the step move by it; a fresh
+    stamp of a clock of its own (already right), an offline device, an abandoned cart stay."""
+    s = runtime_settings(tmp_path)
+    s.database.url = db_url
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "warm.yaml").write_text(WARM)
+    s.device_rules.dir = str(tmp_path / "rules")
+    db = Database(db_url)
+    try:
+        db.upgrade()
+        now = T0 + step + 100  # the step came 10 s after the last stamp of the old clock (T0 + 90)
+        own = T0 + step + 50  # a device's own clock, right all along: 50 s ago
+        with db.session() as se:
+            ann = Profile(external_id="ann", created_at=T0)
+            se.add(ann)
+            se.flush()
+            se.add_all([Device(id="gw-stamped", kind="sensor", state={}, online=True, last_seen=T0 + 90),
+                        Device(id="own-clock", kind="sensor", state={}, online=True, last_seen=own),
+                        Device(id="offline", kind="sensor", state={}, online=False, last_seen=T0 + 90)])
+            se.flush()
+            se.add_all([Cart(id="open", profile_id=ann.id, items=[], updated_at=T0 + 60),
+                        Cart(id="done", profile_id=ann.id, items=[], updated_at=T0 + 60, abandoned_at=T0 + 80),
+                        RuleStateRecord(device_id="gw-stamped", rule_id="warm", state={
+                            "pending": {"warning": T0 + 30}, "streak": {"warning": 2}}, due_at=T0 + 330,
+                            updated_at=T0 + 90)])
+        pipeline = Pipeline(s, db, CampaignIndex([]), IdentityIndex())
+        pipeline.wall_stepped(now, step)
+        with db.session() as se:
+            seen = {d.id: d.last_seen for d in se.scalars(select(Device))}
+            carts_at = {c.id: c.updated_at for c in se.scalars(select(Cart))}
+            (st,) = se.scalars(select(RuleStateRecord)).all()
+        assert seen == {"gw-stamped": T0 + 90 + step, "own-clock": own, "offline": T0 + 90}
+        assert carts_at == {"open": T0 + 60 + step, "done": T0 + 60}
+        assert st.state["pending"] == {"warning": T0 + 30 + step} and st.due_at == T0 + 330 + step
+    finally:
+        db.dispose()
