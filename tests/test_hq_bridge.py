@@ -4,7 +4,9 @@ store's Mosquitto, which bridges them (cleansession false, MQTT 5, QoS 1 out) to
 head office's consumer writes them into a fresh PostgreSQL. Head office's figures per store equal each
 store's own, across stores they add up, and every event is there once: after a consumer restart mid-stream,
 a republish of everything, and an hour of WAN down (the central broker stopped) while the stores go on; a
-customer erased at a store is erased at head office too."""
+customer erased at a store is erased at head office too. The rows that change (devices, hourly rollups,
+alarms, carts, a notification's later status) reach head office as the store has them, each version once,
+and wait in the store while its broker does not acknowledge."""
 
 from __future__ import annotations
 
@@ -495,3 +497,57 @@ def test_head_office_gets_devices_hourly_rollups_alarms_carts_and_later_statuses
     hq.stop()
     a.link.stop()
     a.db.dispose()
+
+
+def test_the_rows_that_change_wait_in_the_store_while_its_broker_does_not_acknowledge(
+        tmp_path: Path, migrated_sqlite: Path, mosquitto: MosquittoServer) -> None:
+    """Persist before acknowledge for the new kinds: a cycle the broker does not acknowledge moves no mark
+    and no fingerprint, so the next one sends the same rows; one acknowledged sends each once."""
+    clock = VirtualClock(at(9, 0))
+    a = Store("a", migrated_copy(migrated_sqlite, tmp_path / "a.db"), mosquitto, clock, devices=True)
+    dana = a.enrol("dana")
+    a.svc.register_device("bike-dana", "ebike", dana)
+    for i in range(12):
+        a.pipeline.ingest_readings([Reading("bike-dana", "a", at(9, 5 * i), {"chain_km": 10.0 * i})], now=at(9, 5 * i))
+    clock.set(at(10, 6))
+    a.svc.upsert_cart("c-dana", profile_id=dana, external_id=None, updated_at=at(9, 30),
+                      items=[{"sku": "run-42", "quantity": 1, "price": 80.0}])
+    sent: list[str] = []
+
+    def refused(t: str, body: bytes) -> Any:
+        sent.append(t.rsplit("/", 1)[1])
+        return _Refused()
+
+    def recorded(t: str, body: bytes) -> Any:
+        sent.append(t.rsplit("/", 1)[1])
+        return a.link.uplink.publish(t, body)
+
+    up = Uplink(a.db, "a", PREFIX, refused, now=clock.now, ack_timeout_s=0.1)
+    for _ in range(2):  # the broker away twice: the same rows offered each time, nothing marked
+        sent.clear()
+        assert up.run_once() == 0
+        assert sorted(set(sent)) == ["cart", "device", "reading_hour"] and sent.count("reading_hour") == 1
+        with a.db.session() as s:
+            assert s.get(HqUplinkMark, "reading_hour") is None
+    assert up.stats.unacknowledged == 2
+    up.publish = recorded  # the broker is back
+    sent.clear()
+    assert up.run_once() > 0
+    assert sorted(sent) == ["cart", "device", "reading_hour"]  # the hour once, chain_km (its only metric)
+    with a.db.session() as s:
+        mark = s.get(HqUplinkMark, "reading_hour")
+        assert mark is not None and mark.last_id == 12
+    sent.clear()
+    assert up.run_once() == 0 and sent == []  # acknowledged: nothing changed, nothing sent again
+    a.link.stop()
+    a.db.dispose()
+
+
+class _Refused:
+    """A publish the broker never acknowledges (the store's broker is away)."""
+
+    def is_published(self) -> bool:
+        return False
+
+    def wait_for_publish(self, timeout: float | None = None) -> None:
+        return None
