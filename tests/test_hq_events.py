@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from gateway.hq.consumer import Applier, HqConsumer
+from gateway.hq.consumer import Applier, HqConsumer, hq_key
 from gateway.hq.events import EventError, alarm_version, cart_version, event, parse, topic
 from gateway.storage.db import Database
-from gateway.storage.models import Decision, HqEvent, Profile
+from gateway.storage.models import Decision, Device, HqEvent, Profile, ReadingRollup
 from tests.conftest import MosquittoServer, PahoTestClient
 from tests.test_hq_bridge import hq_db  # noqa: F401  # the fixture: a fresh PostgreSQL for head office
 
@@ -147,3 +147,17 @@ def test_head_office_keeps_at_most_its_bound_of_store_profiles_in_memory_and_rea
         owners = s.scalars(select(Decision.profile_id).order_by(Decision.id)).all()
         assert len(owners) == 8 and owners[0] == owners[-1] == one
     assert len(applier._profiles) == 3 and list(applier._profiles)[-1] == "s1:1"
+
+
+def test_a_device_id_too_long_for_head_offices_column_gets_one_stable_digest_id(hq_db: Database) -> None:  # noqa: F811
+    long_id = "bike-" + "x" * 123  # 128 characters: the store's limit, too long once "s1:" is put in front
+    applier = Applier()
+    with hq_db.session() as s:
+        applier.apply(s, [event("s1", "reading_hour", "k", {**HOUR, "device_id": long_id}),
+                          event("s1", "device", long_id, {**DEVICE, "id": long_id})], 1780300800.0)
+    with hq_db.session() as s:
+        (dev,) = s.scalars(select(Device)).all()
+        assert dev.id == hq_key("s1", long_id) and dev.id.startswith("s1:#") and len(dev.id) <= 128
+        assert (dev.kind, dev.firmware, dev.store_id) == ("ebike", "1.2", "s1")  # the bare row filled in
+        assert s.scalars(select(ReadingRollup.device_id)).all() == [dev.id]
+    assert hq_key("s1", "bike-1") == "s1:bike-1"
