@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from gateway.hq.consumer import Applier, HqConsumer, hq_key
 from gateway.hq.events import EventError, alarm_version, cart_version, event, parse, topic
 from gateway.storage.db import Database
-from gateway.storage.models import Decision, Device, HqEvent, Profile, ReadingRollup
+from gateway.storage.models import Cart, Decision, Device, HqEvent, Profile, ReadingRollup
 from tests.conftest import MosquittoServer, PahoTestClient
 from tests.test_hq_bridge import hq_db  # noqa: F401  # the fixture: a fresh PostgreSQL for head office
 
@@ -161,3 +161,16 @@ def test_a_device_id_too_long_for_head_offices_column_gets_one_stable_digest_id(
         assert (dev.kind, dev.firmware, dev.store_id) == ("ebike", "1.2", "s1")  # the bare row filled in
         assert s.scalars(select(ReadingRollup.device_id)).all() == [dev.id]
     assert hq_key("s1", "bike-1") == "s1:bike-1"
+
+
+def test_a_merge_in_one_batch_brings_the_moved_cart_back_under_the_survivor(hq_db: Database) -> None:  # noqa: F811
+    """The store merged profile 7 into 8: 7's erasure, then its cart under 8 (a profile head office has not
+    seen yet), in the batch that also holds the cart's earlier event."""
+    applier = Applier()
+    with hq_db.session() as s:
+        applier.apply(s, [event("s1", "cart", "c-1", CART), event("s1", "erasure", 7, {"profile_id": 7}),
+                          event("s1", "cart", "c-1", {**CART, "profile_id": 8})], 1780300800.0)
+    with hq_db.session() as s:
+        owner = s.scalar(select(Profile.external_id).join(Cart, Cart.profile_id == Profile.id)
+                         .where(Cart.id == "s1:c-1"))
+        assert owner == "s1:8" and s.scalar(select(func.count()).select_from(Profile)) == 1

@@ -131,6 +131,7 @@ class Applier:
         if e.kind == "erasure":  # the profile's rows go (the database cascades); its ledger ids stay, so
             key = f"{e.store}:{d['profile_id']}"  # a late or redelivered event of it is still dropped
             s.execute(delete(Profile).where(Profile.external_id == key))
+            s.expunge_all()  # rows of it read earlier in this batch are gone: none is updated as if it were there
             self._profiles.pop(key, None)
             return True
         if "profile_id" in d and self._row_exists(s, f"{e.store}:erasure:{d['profile_id']}"):
@@ -241,10 +242,11 @@ class Applier:
             if cart is not None and cart_version(d) <= cart_version({n: getattr(cart, n) for n in (
                     "status", *_CART_TIMES)}):
                 return 0
+            pid = self._profile(s, e.store, d["profile_id"], now=_when(d))  # before the row: it may flush
             if cart is None:
-                cart = Cart(id=key)
+                cart = Cart(id=key, profile_id=pid)
                 s.add(cart)
-            cart.profile_id = self._profile(s, e.store, d["profile_id"], now=_when(d))
+            cart.profile_id = pid
             cart.status = d["status"]
             cart.items = [{"sku": i["sku"], "quantity": i["qty"], "price": i["price"]} for i in d["items"]]
             for n in _CART_TIMES:
