@@ -92,8 +92,8 @@ def test_learn_on_a_real_excerpt_finds_each_rooms_own_anchor_loudest(tmp_path: P
     from gateway.app.config import load_settings
 
     settings = load_settings(files["config"])
-    with open(files["labels"], newline="") as f:
-        labels, _ = read_labels(f)
+    with open(files["labels"], newline="") as fh:
+        labels, _ = read_labels(fh)
     f, reader = open_trace(files["trace"])
     with f:
         cal = learn(reader, labels, list(settings.receivers), settings.presence)
