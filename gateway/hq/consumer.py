@@ -82,6 +82,24 @@ def hq_key(store: str, key: str) -> str:
     return whole if len(whole) <= 128 else f"{store}:#{hashlib.sha256(key.encode()).hexdigest()[:40]}"
 
 
+_ROLLUP = ("count", "sum", "min", "max", "last", "last_ts")
+_UPSERTS: dict[str, Any] = {}
+
+
+def _rollup_upsert(dialect: str) -> Any:
+    """An hour's rollup, inserted or taking the larger count (counts only grow); returns a row if it wrote.
+    Built once per dialect: a statement made per event costs more than the database's work."""
+    stmt = _UPSERTS.get(dialect)
+    if stmt is None:
+        table: Any = ReadingRollup.__table__
+        ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+        stmt = _UPSERTS[dialect] = ins.on_conflict_do_update(
+            index_elements=["device_id", "period", "start", "metric"],
+            set_={c: ins.excluded[c] for c in (*_ROLLUP, "profile_id")},
+            where=table.c.count < ins.excluded.count).returning(table.c.count)
+    return stmt
+
+
 def _when(d: dict[str, Any]) -> float:
     for name in ("at", "created_at", "started_at", "entered_at", "updated_at", "start", "registered_at"):
         if isinstance(d.get(name), int | float):
@@ -99,11 +117,18 @@ class Applier:
     def __init__(self, max_profiles: int = PROFILE_CACHE) -> None:
         self._profiles: OrderedDict[str, int] = OrderedDict()
         self.max_profiles = max_profiles
+        self._devices: OrderedDict[str, None] = OrderedDict()  # head-office device rows known to exist
+        self._asked: set[str] = set()  # the batch's erasure ids looked up, and those found (or applied since)
+        self._gone: set[str] = set()
 
     def apply(self, s: Session, events: Sequence[Event], now: float) -> int:
         """Every event of the batch, in order, in the caller's transaction; returns how many wrote or
         changed something."""
         new = 0
+        # The batch's profiles erased at their store, read at once (each event asks; a batch holds up to 1,000).
+        self._asked = {f"{e.store}:erasure:{pid}" for e in events if isinstance(pid := e.data.get("profile_id"), int)}
+        self._gone = set(s.scalars(select(HqEvent.event_id).where(HqEvent.event_id.in_(sorted(self._asked))))
+                         ) if self._asked else set()
         for e in events:
             if e.kind.startswith("footfall"):
                 self._footfall(s, e)
@@ -130,11 +155,13 @@ class Applier:
         row: Any
         if e.kind == "erasure":  # the profile's rows go (the database cascades); its ledger ids stay, so
             key = f"{e.store}:{d['profile_id']}"  # a late or redelivered event of it is still dropped
+            self._asked.add(e.id)
+            self._gone.add(e.id)
             s.execute(delete(Profile).where(Profile.external_id == key))
             s.expunge_all()  # rows of it read earlier in this batch are gone: none is updated as if it were there
             self._profiles.pop(key, None)
             return True
-        if "profile_id" in d and self._row_exists(s, f"{e.store}:erasure:{d['profile_id']}"):
+        if self._erased(s, e):
             return True  # an event of a profile erased at the store, arriving late: nothing of it is kept
         if e.kind == "alarm":
             row = Alarm()
@@ -172,7 +199,10 @@ class Applier:
 
     def _erased(self, s: Session, e: Event) -> bool:
         pid = e.data.get("profile_id")
-        return pid is not None and self._row_exists(s, f"{e.store}:erasure:{pid}")
+        if not isinstance(pid, int):
+            return False
+        key = f"{e.store}:erasure:{pid}"
+        return key in self._gone if key in self._asked else self._row_exists(s, key)
 
     def _owner(self, s: Session, e: Event) -> int | None:
         """The head-office profile of the row's store profile; None when it has none (or it was erased)."""
@@ -181,13 +211,19 @@ class Applier:
             return None
         return self._profile(s, e.store, pid, now=_when(e.data))
 
-    @staticmethod
-    def _device(s: Session, store: str, device_id: str) -> str:
-        """Head office's row of a store's device, made bare if its own event has not come yet (rows refer to it)."""
+    def _device(self, s: Session, store: str, device_id: str) -> str:
+        """Head office's row of a store's device, made bare if its own event has not come yet (rows refer to it).
+        The ones known to be there are remembered (an LRU as the profiles'): a device's rollups come in dozens."""
         key = hq_key(store, device_id)
+        if key in self._devices:
+            self._devices.move_to_end(key)
+            return key
         if s.get(Device, key) is None:
             s.add(Device(id=key, store_id=store, state={}))
             s.flush()
+        self._devices[key] = None
+        while len(self._devices) > self.max_profiles:
+            self._devices.popitem(last=False)
         return key
 
     def _alarm(self, s: Session, e: Event, row: Alarm) -> None:
@@ -253,15 +289,9 @@ class Applier:
                 setattr(cart, n, d[n])
             s.flush()
             return 1
-        device = self._device(s, e.store, d["device_id"])
-        cols = ("count", "sum", "min", "max", "last", "last_ts")
-        stmt = _insert(s, ReadingRollup).values(device_id=device, period=3600, start=d["start"], metric=d["metric"],
-                                                profile_id=self._owner(s, e), **{c: d[c] for c in cols})
-        done = s.execute(stmt.on_conflict_do_update(
-            index_elements=["device_id", "period", "start", "metric"],
-            set_={c: getattr(stmt.excluded, c) for c in (*cols, "profile_id")},
-            where=ReadingRollup.count < stmt.excluded.count))  # the larger count: counts only grow
-        return int(getattr(done, "rowcount", 0) or 0)
+        row = {"device_id": self._device(s, e.store, d["device_id"]), "period": 3600, "start": d["start"],
+               "metric": d["metric"], "profile_id": self._owner(s, e), **{c: d[c] for c in _ROLLUP}}
+        return int(s.connection().execute(_rollup_upsert(s.get_bind().dialect.name), row).first() is not None)
 
     def _parked(self, s: Session) -> None:
         """Events that waited for a parent which may have come in this batch."""
@@ -295,8 +325,9 @@ class Applier:
         return pid
 
     def forget_cache(self) -> None:
-        """After a rolled-back transaction the map may name profiles that were never committed."""
+        """After a rolled-back transaction the maps may name profiles or devices that were never committed."""
         self._profiles.clear()
+        self._devices.clear()
 
     @staticmethod
     def _footfall(s: Session, e: Event) -> None:
