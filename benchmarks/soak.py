@@ -43,6 +43,7 @@ import os
 import random
 import resource
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -128,6 +129,17 @@ def deep_kb(obj: Any) -> float:
         elif isinstance(o, list | tuple | set | frozenset | collections.deque):
             stack.extend(o)
     return round(total / 1e3, 1)
+
+
+def uplink_tables_kb(uplink: hq_uplink.Uplink) -> dict[str, float]:
+    """The uplink's tables (its container attributes, and those of a dict of them) by what they hold."""
+    out: dict[str, float] = {}
+    for name, v in vars(uplink).items():
+        if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+            out.update({f"{name}[{k}]": deep_kb(x) for k, x in v.items()})
+        elif isinstance(v, SIZED):
+            out[name] = deep_kb(v)
+    return out
 
 
 def scaled(base: Scenario, people: int, devices: int, interval_s: float, hours: float, seed: int) -> Scenario:
@@ -462,7 +474,7 @@ def run(hours: float, people: int, devices: int, interval_s: float, step_s: floa
         tables: list[dict[str, int]] = []
         hq_rss: list[float] = []
         hq_tables: list[dict[str, int]] = []
-        uplink_kb: list[dict[str, float]] = []  # the uplink's tables by what they hold: its share of the store's RSS
+        uplink_kb: list[dict[str, float]] = []  # the uplink's tables by what they hold, at hour 1 and the end
         t, end = start, start + duration
         next_hour, next_readings, last_readings = start + 3600.0, start + 10.0, start
         next_uplink = start + UPLINK_EVERY_S
@@ -489,11 +501,13 @@ def run(hours: float, people: int, devices: int, interval_s: float, step_s: floa
                 at_hq = hq.stats()
                 hq_rss.append(round(hq.rss_mb(), 2))
                 hq_tables.append(at_hq["tables"])
-                uplink_kb.append({name: deep_kb(v) for name, v in vars(uplink).items() if isinstance(v, SIZED)})
+                if len(rss) == 1:  # walked at the first hour and the end only: the walk's own garbage would show
+                    uplink_kb.append(uplink_tables_kb(uplink))  # in the next hour's RSS
                 next_hour += 3600.0
                 print(f"hour {len(rss)}: rss {rss[-1]} MB, tracks {len(pipeline.presence.tracks)}; "
                       f"uplink {uplink.stats.published} published; hq rss {hq_rss[-1]} MB, ledger {at_hq['ledger']}",
                       file=sys.stderr, flush=True)
+        uplink_kb.append(uplink_tables_kb(uplink))
         clock.set(end + settings.presence.visit_end_after_s + 1)  # everyone still inside times out
         pipeline.tick(clock.now())
         pipeline.flush_footfall()
@@ -580,6 +594,7 @@ def main() -> None:
     parser.add_argument("--hq-consumer", default=None, metavar="URL", help=argparse.SUPPRESS)  # the child's side
     parser.add_argument("--hq-port", type=int, default=0, help=argparse.SUPPRESS)
     a = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: the broker, consumer and database go too
     if a.hq_consumer:
         consume(a.hq_consumer, a.hq_port)
         return
