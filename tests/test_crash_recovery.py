@@ -55,6 +55,7 @@ class Gateway:
             cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
+        self._expected = 0  # seen[:_expected] were looked at by ``expect``
         assert self.proc.stdout is not None
         threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
 
@@ -66,6 +67,11 @@ class Gateway:
         """The first line starting with ``word`` (bounded wait), split in words."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        while self._expected < len(self.seen):  # lines ``said`` read meanwhile count too
+            line = self.seen[self._expected]
+            self._expected += 1
+            if line.startswith(word):
+                return line.split()
         while loop.time() < deadline:
             if self.proc.poll() is not None and self.lines.empty():
                 break
@@ -74,6 +80,7 @@ class Gateway:
             except queue.Empty:
                 continue
             self.seen.append(line)
+            self._expected = len(self.seen)
             if line.startswith(word):
                 return line.split()
         raise AssertionError(f"gateway did not print {word} (exit {self.proc.poll()}, saw {self.seen}); "

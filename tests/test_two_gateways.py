@@ -45,6 +45,7 @@ class PairGateway(Gateway):
         self.port = port
         self.lines = queue.Queue()
         self.seen = []
+        self._expected = 0
         assert self.proc.stdout is not None
         threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
 
@@ -190,6 +191,7 @@ class GatewayRun(Gateway):
                                       "--no-ble"], cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
         self.lines = queue.Queue()
         self.seen = []
+        self._expected = 0
         assert self.proc.stdout is not None
         threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
 
