@@ -50,6 +50,9 @@ STAND_S = (20.0, 40.0)  # browsing in each zone, from reaching its first spot to
 TAP_DELAY_S = (0.5, 2.0)  # from stepping into the zone (or stopping at its first spot) to the arrival tap
 AISLE_S = (10.0, 20.0)  # time standing in an aisle between two zones (``aisles``), labelled no zone
 AISLE = "\x00aisle-"  # the stand-in zones of aisle stops (a name no floor plan uses)
+WAIT_S = (20.0, 30.0)  # "tap the zone and wait": standing still just inside the zone before browsing it (``wait_s``)
+WAIT_INSIDE_M = 1.0  # ... this far inside the edge one walked in by
+WAIT = "\x00wait-"  # the stand-in zones of waits: WAIT + number + ":" + the zone waited in
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,20 +100,55 @@ def aisle_spot(scenario: Scenario, a: Zone, b: Zone) -> tuple[float, float, floa
     return (cx - half, cy - half, cx + half, cy + half)
 
 
+def wait_spot(a: Zone | None, b: Zone, inside_m: float = WAIT_INSIDE_M) -> tuple[float, float, float, float]:
+    """A 0.2 x 0.2 m square of zone ``b``, ``inside_m`` in from the edge one crosses walking in from ``a``'s
+    centre to ``b``'s (``b``'s centre when there is no ``a``, or it is ``b``): where a member of staff who
+    taps the zone on stepping in and waits there stands."""
+    x0, y0, x1, y1 = b.rect
+    bx, by = (x0 + x1) / 2, (y0 + y1) / 2
+    cx, cy = bx, by
+    if a is not None and a.name != b.name:
+        ax, ay = (a.rect[0] + a.rect[2]) / 2, (a.rect[1] + a.rect[3]) / 2
+        length = math.hypot(bx - ax, by - ay)
+        clip = _clip_line(ax, ay, bx - ax, by - ay, b.rect)
+        if length > 0 and clip is not None:
+            u = min(clip[0] + inside_m / length, 1.0)
+            cx, cy = ax + (bx - ax) * u, ay + (by - ay) * u
+    return (cx - 0.1, cy - 0.1, cx + 0.1, cy + 0.1)
+
+
+def _clip_line(x: float, y: float, dx: float, dy: float, rect: tuple[float, float, float, float]) -> (
+        tuple[float, float] | None):
+    """The parameter range [u0, u1] of (x, y) + u (dx, dy), u in [0, 1], inside ``rect`` (None: it misses)."""
+    u0, u1 = 0.0, 1.0
+    for p, q in ((-dx, x - rect[0]), (dx, rect[2] - x), (-dy, y - rect[1]), (dy, rect[3] - y)):
+        if p == 0:
+            if q < 0:
+                return None
+            continue
+        r = q / p
+        u0, u1 = (max(u0, r), u1) if p < 0 else (u0, min(u1, r))
+    return (u0, u1) if u0 < u1 else None
+
+
 def staff_scenario(scenario: Scenario, *, seed: int, zones: Sequence[str] | None = None,
                    stand_s: tuple[float, float] = STAND_S, beacon: BeaconSpec = STAFF_BEACON,
-                   aisles: bool = False, aisle_s: tuple[float, float] = AISLE_S) -> Scenario:
+                   aisles: bool = False, aisle_s: tuple[float, float] = AISLE_S,
+                   wait_s: tuple[float, float] | None = None) -> Scenario:
     """The scenario with only the member of staff in it: one visit at 0 s through ``zones`` (default: every
     zone, in the scenario's order), ``stand_s`` seconds in each (drawn from the seed); with ``aisles``, a stop
     of ``aisle_s`` seconds in the aisle between each two zones that have one (``aisle_spot``), each added to
-    the scenario as a small zone named ``AISLE`` + a number (the walk labels it as no zone)."""
+    the scenario as a small zone named ``AISLE`` + a number (the walk labels it as no zone); with ``wait_s``,
+    first a wait of that long in each zone, standing just inside the edge walked in by (``wait_spot``), each
+    spot added as a small zone named ``WAIT`` + a number + ":" + the zone (the walk labels it as that zone)."""
     names = [z.name for z in scenario.zones] if zones is None else list(zones)
     for name in names:
         scenario.zone(name)  # KeyError naming an unknown zone
-    for what, (lo, hi) in (("stand_s", stand_s), ("aisle_s", aisle_s)):
+    for what, (lo, hi) in (("stand_s", stand_s), ("aisle_s", aisle_s), ("wait_s", wait_s or (1.0, 1.0))):
         if not 0 < lo <= hi:
             raise ValueError(f"{what}: expected (min, max) with 0 < min <= max, got {(lo, hi)!r}")
     rng = random.Random(f"{seed}/walk/stand")
+    waits = random.Random(f"{seed}/walk/wait")  # its own stream: the stays are those of a walk without waits
     route: list[RouteStop] = []
     extra: list[Zone] = []
     for k, name in enumerate(names):
@@ -119,6 +157,10 @@ def staff_scenario(scenario: Scenario, *, seed: int, zones: Sequence[str] | None
             if spot is not None:
                 extra.append(Zone(f"{AISLE}{len(extra)}", spot))
                 route.append(RouteStop(extra[-1].name, rng.uniform(*aisle_s)))
+        if wait_s is not None:
+            came_from = scenario.zone(names[k - 1]) if len(names) > 1 else None
+            extra.append(Zone(f"{WAIT}{len(extra)}:{name}", wait_spot(came_from, scenario.zone(name))))
+            route.append(RouteStop(extra[-1].name, waits.uniform(*wait_s)))
         route.append(RouteStop(name, rng.uniform(*stand_s)))
     staff = Person("calibration-walk", "Calibration walk", None, beacon, visits=(Visit(0.0, tuple(route)),))
     return dataclasses.replace(scenario, zones=(*scenario.zones, *extra), people=(staff,), crowd=Crowd(),
@@ -126,6 +168,9 @@ def staff_scenario(scenario: Scenario, *, seed: int, zones: Sequence[str] | None
 
 
 def _zone(name: str | None) -> str | None:
+    """The floor plan's zone of a stop's zone name: aisle stops are no zone, waits their zone."""
+    if name is not None and name.startswith(WAIT):
+        return name.partition(":")[2]
     return None if name is None or name.startswith(AISLE) else name
 
 
@@ -136,7 +181,7 @@ def arrivals(path: VisitPath) -> list[float]:
     out = []
     for (begin, _), stop in zip(path.stops, path.route, strict=True):
         i = bisect.bisect_right(t0s, begin) - 1
-        while i > 0 and path.segments[i - 1].zone == stop.zone:
+        while i > 0 and _zone(path.segments[i - 1].zone) == _zone(stop.zone):
             i -= 1
         out.append(min(begin, path.segments[i].t0))
     return out
@@ -153,8 +198,14 @@ def dashboard_labels(path: VisitPath, key: str, *, seed: int, tap_delay_s: tuple
     rng = random.Random(f"{seed}/walk/taps")
     entered = arrivals(path) if tap_at == "edge" else [begin for begin, _ in path.stops]
     out: list[Label] = []
+    waited = False
     for (begin, end), stop, arrival in zip(path.stops, path.route, entered, strict=True):
         tap = round(start + min(arrival + rng.uniform(*tap_delay_s), (begin + end) / 2), 3)
+        if waited:  # a wait and the browse after it: one tap, one label
+            out[-1] = out[-1]._replace(end=round(start + end, 3))
+            waited = False
+            continue
+        waited = stop.zone.startswith(WAIT)
         if walking_labels and out:
             if out[-1].zone is None:  # an aisle stop just before: one label of no zone
                 out[-1] = out[-1]._replace(end=tap)
@@ -167,13 +218,14 @@ def dashboard_labels(path: VisitPath, key: str, *, seed: int, tap_delay_s: tuple
 def calibration_walk(scenario: Scenario, *, seed: int, start: float = 0.0, zones: Sequence[str] | None = None,
                      stand_s: tuple[float, float] = STAND_S, tap_delay_s: tuple[float, float] = TAP_DELAY_S,
                      beacon: BeaconSpec = STAFF_BEACON, walking_labels: bool = False, aisles: bool = False,
-                     aisle_s: tuple[float, float] = AISLE_S, tap_at: str = "edge") -> CalibrationWalk:
+                     aisle_s: tuple[float, float] = AISLE_S, tap_at: str = "edge",
+                     wait_s: tuple[float, float] | None = None) -> CalibrationWalk:
     """Walk ``scenario``'s floor (every zone, or ``zones`` in that order) and return its trace and labels.
 
     ``start`` is the virtual clock's reading when the walk begins: sightings and labels are in its seconds.
     """
     staff = staff_scenario(scenario, seed=seed, zones=zones, stand_s=stand_s, beacon=beacon, aisles=aisles,
-                           aisle_s=aisle_s)
+                           aisle_s=aisle_s, wait_s=wait_s)
     route_s = sum(stop.seconds for stop in staff.people[0].visits[0].route)
     sim = StoreSimulator(staff, start=start, seed=seed, duration_s=route_s + 1.0)
     (walker,) = sim.walkers

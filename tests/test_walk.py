@@ -199,3 +199,25 @@ def test_the_arrival_tap_comes_as_the_staff_steps_in_or_once_they_stop(store: Sc
         assert before is not None and zone_at(floor, before) != a.zone
     with pytest.raises(ValueError, match="tap_at"):
         calibration_walk(store, seed=4, tap_at="door")
+
+
+def test_tap_and_wait_stands_just_inside_each_zone_then_browses_it_under_one_label(store: Scenario) -> None:
+    walk = calibration_walk(store, seed=3, wait_s=(20.0, 30.0))
+    assert [lb.zone for lb in walk.labels] == [z.name for z in store.zones]  # one tap per zone, the wait in it
+    plain = calibration_walk(store, seed=3)
+    floor = floor_of(store)
+    for lb, before in zip(walk.labels, plain.labels, strict=True):
+        assert lb.end - lb.start >= (before.end - before.start) + 20.0 - 5.0  # the wait comes on top of the browse
+        t = lb.start
+        while t < lb.end:
+            pos = walk.path.position(t)
+            assert pos is not None and zone_at(floor, pos) == lb.zone, (lb, t, pos)
+            t += 0.25
+        # The wait: from the tap, 20 s or more within a step of one spot, about 1 m inside the zone's edge.
+        spots = [walk.path.position(lb.start + 2.0 + k * 0.5) for k in range(36)]
+        xs, ys = [p[0] for p in spots if p], [p[1] for p in spots if p]
+        assert max(xs) - min(xs) < 0.3 and max(ys) - min(ys) < 0.3, lb.zone
+        assert lb.zone is not None
+        x0, y0, x1, y1 = store.zone(lb.zone).rect
+        inside = min(xs[0] - x0, x1 - xs[0], ys[0] - y0, y1 - ys[0])
+        assert 0.5 < inside < 1.6, (lb.zone, inside)
