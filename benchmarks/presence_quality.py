@@ -35,7 +35,8 @@ through the same radio (fast noise, path and body fading, loss bursts). It score
 uncalibrated, with the adjacency only, calibrated with the adjacency (``calibrated``: ``learn``, the
 default settings) and calibrated with the settings the walks chose (``calibrated_tuned``:
 ``learn_tuned``), beside both baselines, under ``"calibrated"`` in the JSON, each calibrated run with
-its verdict against the goals and the baselines.
+its verdict against the goals and the baselines. ``--calibrated-layout edges`` runs it on the same store with
+8 more receivers, one 1 m inside each zone edge that faces another zone (``edges_scenario``).
 
 Usage: ``.venv/bin/python benchmarks/presence_quality.py [--quick] [--seed N] [--calibrated]
 [--seeds 3,5,7] [--walk-wait 20,30]``; the last line printed is one JSON object.
@@ -142,6 +143,29 @@ def dense_scenario(quick: bool) -> Scenario:
                                       rssi_offset=(-2.0, 0.0, 2.0)[(row + col) % 3]))
     crowd = dataclasses.replace(base.crowd, route_zones=tuple(n for line in names for n in line))
     return dataclasses.replace(base, zones=tuple(zones), receivers=tuple(receivers), crowd=crowd)
+
+
+EDGE_INSIDE_M = 1.0  # ``edges_scenario``: how far inside a zone's edge its extra receiver stands
+
+
+def edges_scenario(quick: bool) -> Scenario:
+    """The benchmark store with one more receiver in each zone per edge that faces another zone across an aisle
+    (the edge's middle, ``EDGE_INSIDE_M`` inside; the store's 4 receivers become 12): where shoppers stand when
+    the centre receivers cannot tell two zones apart. Each names its own zone, banded like the others."""
+    base = bench_scenario(quick)
+    extra: list[Receiver] = []
+    for z in base.zones:
+        x0, y0, x1, y1 = z.rect
+        mx, my, d = (x0 + x1) / 2, (y0 + y1) / 2, EDGE_INSIDE_M
+        beyond = (  # per side: is another zone beyond it (overlapping its span), and where its receiver stands
+            (any(o.rect[2] <= x0 and o.rect[1] < y1 and o.rect[3] > y0 for o in base.zones), (x0 + d, my)),
+            (any(o.rect[0] >= x1 and o.rect[1] < y1 and o.rect[3] > y0 for o in base.zones), (x1 - d, my)),
+            (any(o.rect[3] <= y0 and o.rect[0] < x1 and o.rect[2] > x0 for o in base.zones), (mx, y0 + d)),
+            (any(o.rect[1] >= y1 and o.rect[0] < x1 and o.rect[2] > x0 for o in base.zones), (mx, y1 - d)),
+        )
+        extra += [Receiver(f"rx-{z.name}-edge{k}", pos, (SimBand(z.name, 4.0),), measured_power=base.radio.tx_power)
+                  for k, (faces, pos) in enumerate(beyond) if faces]
+    return dataclasses.replace(base, receivers=(*base.receivers, *extra))
 
 
 def burst_windows(key: str, seed: int, t0: float, t1: float) -> list[tuple[float, float]]:
@@ -627,8 +651,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="the staff walk also stands in the aisle between two zones (labelled no zone)")
     ap.add_argument("--walk-wait", type=_span, default=WALK_WAIT_S, metavar="20,30",
                     help="seconds each staff walk stands just inside a zone before browsing it (default 0: no wait)")
-    ap.add_argument("--calibrated-layout", choices=("store", "dense"), default="store",
-                    help="the layout of the calibrated run")
+    ap.add_argument("--calibrated-layout", choices=("store", "dense", "edges"), default="store",
+                    help="the layout of the calibrated run (edges: the store with 8 more receivers at the zones' "
+                         "edges that face another zone)")
     ap.add_argument("--only-calibrated", action="store_true",
                     help="skip the default runs (store and dense at --seed): only the calibrated one")
     args = ap.parse_args(argv)
@@ -651,7 +676,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "quick": args.quick},
         }
     if seeds:
-        sc = (dense_scenario if args.calibrated_layout == "dense" else bench_scenario)(args.quick)
+        sc = {"dense": dense_scenario, "edges": edges_scenario}.get(args.calibrated_layout, bench_scenario)(args.quick)
         out["calibrated"] = {str(seed): run_calibrated(sc, seed, args, duration) for seed in seeds}
         out["calibrated_layout"] = args.calibrated_layout
     print(json.dumps(out))
