@@ -12,7 +12,8 @@ Head office is attached as production runs it: the store's uplink (gateway/hq/up
 connection, QoS 1) publishes to a Mosquitto this script starts, one cycle every virtual minute on the
 soak's clock; head office's ``HqConsumer`` runs in a process of its own (this script with
 ``--hq-consumer``, as ``gateway hq`` runs it) into ``--hq-db`` (default: a fresh database on the local
-PostgreSQL when one answers, else a SQLite file in a temporary directory). Every virtual hour that
+PostgreSQL, ``$GATEWAY_SOAK_POSTGRES_URL`` or postgres@127.0.0.1:5432, when one answers, else a SQLite
+file in a temporary directory). Every virtual hour that
 process's RSS (/proc/<pid>/status) and its in-memory tables (it reports them over a pipe) are sampled too;
 the uplink's tables are in the store's walk.
 
