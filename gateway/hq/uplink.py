@@ -68,6 +68,7 @@ FOOTFALL = "footfall"  # the mark of both footfall tables: the ordinal of the ol
 READING_HOUR = "reading_hour"  # the mark of the hourly rollups: the last reading id whose hour went up
 CHANGE_WINDOW_S = 7 * 86400.0  # notifications, alarms, carts changed within this go up again
 HOUR_GRACE_S = 300.0  # an hour's rollup goes up this long after the hour ends (readings a little late)
+ALARM_REFRESH_S = 3600.0  # an active alarm's count and last value go up again at most this often
 READINGS_SCAN = 20_000  # readings read per cycle to find the hours they changed
 CHANGED = ("device", "notification", "alarm", "cart", "reading_hour")  # the kinds fingerprinted in memory
 
@@ -146,6 +147,17 @@ def _print(data: dict[str, Any]) -> tuple[Any, ...]:
     the owner in clear (a device's change of owner moves its rollups)."""
     body = repr(sorted((k, repr(v)) for k, v in data.items())).encode()
     return (("profile_id", repr(data.get("profile_id"))), ("digest", hashlib.blake2b(body, digest_size=16).digest()))
+
+
+def _alarm_version(data: dict[str, Any]) -> dict[str, Any]:
+    """What makes an alarm worth sending again: its lifecycle, and its running figures (``count``,
+    ``last_value``, ``updated_at``: every reading of an active alarm's device moves them) at most once per
+    ``ALARM_REFRESH_S`` of its own time. Sent on every change, a day's active alarms were two thirds of
+    all the store's upward events (the soak); head office's count lags by at most that, and is exact
+    once the alarm clears or is resolved."""
+    running = ("count", "last_value", "updated_at")
+    return {**{k: v for k, v in data.items() if k not in running},
+            "refresh": int(data["updated_at"] // ALARM_REFRESH_S) if data["updated_at"] is not None else None}
 
 
 Scan = dict[Any, tuple[Any, ...]]  # a kind's rows in scope now, by key: their fingerprints
@@ -351,7 +363,7 @@ class Uplink:
             if a.notification_id is not None and (a.notification_id > top_note or a.notification_id in open_notes):
                 continue  # its prompt is not up yet: a later cycle
             data = _alarm(a)
-            scan[a.id] = _print(data)
+            scan[a.id] = _print(_alarm_version(data))
             if self._sent["alarm"].get(a.id) != scan[a.id]:
                 out.append(event(self.store_id, "alarm", a.id, data))
         return out
