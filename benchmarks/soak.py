@@ -61,11 +61,10 @@ sys.path.insert(0, str(ROOT))
 
 from _mosquitto import Broker  # noqa: E402  (the benchmarks' own Mosquitto)
 
-from devices.payloads import Reading  # noqa: E402
 from gateway.app.config import Settings  # noqa: E402
 from gateway.app.pipeline import Pipeline  # noqa: E402
 from gateway.app.scenarios import apply_scenario  # noqa: E402
-from gateway.app.simulate import open_store, opening_time  # noqa: E402
+from gateway.app.simulate import open_store, opening_time, run_steps  # noqa: E402
 from gateway.campaigns.model import CampaignIndex, load_campaigns, load_segments  # noqa: E402
 from gateway.clock import VirtualClock  # noqa: E402
 from gateway.engine.figures import figures as day_figures  # noqa: E402
@@ -476,25 +475,13 @@ def run(hours: float, people: int, devices: int, interval_s: float, step_s: floa
         hq_rss: list[float] = []
         hq_tables: list[dict[str, int]] = []
         uplink_kb: list[dict[str, float]] = []  # the uplink's tables by what they hold, at hour 1 and the end
-        t, end = start, start + duration
-        next_hour, next_readings, last_readings = start + 3600.0, start + 10.0, start
-        next_uplink = start + UPLINK_EVERY_S
-        readings_every = max(step_s, 10.0)
-        while t < end:
-            t1 = min(t + step_s, end)
-            pipeline.ingest_adverts(sim.advertisements(t, t1))
-            clock.set(t1)
-            if t1 >= next_readings or t1 >= end:
-                rows = telemetry.readings(last_readings, t1)
-                pipeline.ingest_readings(Reading(device_id=d, store_id=scenario.store.id, time=ts, metrics=m)
-                                         for d, ts, m in rows)
-                last_readings, next_readings = t1, t1 + readings_every
-            pipeline.tick(t1)
-            if t1 >= next_uplink:
+        end = start + duration
+        next_hour, next_uplink = start + 3600.0, start + UPLINK_EVERY_S
+        for t in run_steps(pipeline, sim, telemetry, clock, scenario.store.id, start, end, step_s):
+            if t >= next_uplink:
                 customers.act()
                 uplink_cycle(uplink)
                 next_uplink += UPLINK_EVERY_S
-            t = t1
             if t >= next_hour or t >= end:
                 gc.collect()
                 rss.append(round(rss_mb(), 2))

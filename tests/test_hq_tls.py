@@ -8,8 +8,7 @@ told not to verify (``tls_verify = false``), so the refusal is the verification.
 from __future__ import annotations
 
 import secrets
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,19 +23,13 @@ from gateway.storage.db import Database
 from gateway.storage.models import Decision
 from tests.conftest import MosquittoServer, _mosquitto_binary
 from tests.fixtures import make_service, self_signed_ca
-from tests.test_hq_bridge import hq_db  # noqa: F401  # the fixture: a fresh PostgreSQL for head office
+from tests.test_hq_bridge import (
+    hq_db,  # noqa: F401  # the fixture: a fresh PostgreSQL for head office
+    wait_until,
+)
 
 T0 = 1_780_300_800.0  # 2026-06-01 08:00 UTC
 PREFIX = "stores"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    pause = threading.Event()
-    for _ in range(int(timeout * 20)):
-        if predicate():
-            return True
-        pause.wait(0.05)
-    return predicate()
 
 
 @pytest.fixture

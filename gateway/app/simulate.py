@@ -9,7 +9,7 @@ import datetime as dt
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -85,6 +85,28 @@ def open_store(db: Database, settings: Settings, scenario: Scenario, clock: Virt
     return identities
 
 
+def run_steps(pipeline: Pipeline, sim: StoreSimulator, telemetry: TelemetryModel, clock: VirtualClock,
+              store_id: str, start: float, end: float, step_s: float) -> Iterator[float]:
+    """The simulated day through the pipeline, a step at a time: each step's adverts, the readings every
+    10 s of virtual time (or every step, if longer), then the tick; yields each step's end, so a caller
+    (the soak) does its own work between steps."""
+    t = start
+    readings_every = max(step_s, 10.0)
+    next_readings, last_readings = start + readings_every, start
+    while t < end:
+        t1 = min(t + step_s, end)
+        pipeline.ingest_adverts(sim.advertisements(t, t1))
+        clock.set(t1)
+        if t1 >= next_readings or t1 >= end:
+            rows = telemetry.readings(last_readings, t1)
+            pipeline.ingest_readings(Reading(device_id=d, store_id=store_id, time=ts, metrics=m)
+                                     for d, ts, m in rows)
+            last_readings, next_readings = t1, t1 + readings_every
+        pipeline.tick(t1)
+        t = t1
+        yield t
+
+
 def parse_duration(text: str) -> float:
     """'8h', '90m', '45s', '1h30m' or plain seconds."""
     text = text.strip().lower()
@@ -136,23 +158,8 @@ def simulate(scenario: Scenario, duration_s: float, *, campaigns_dir: str, seed:
                             segments=load_segments(campaigns_dir))
         sim = StoreSimulator(scenario, start=start, seed=seed, duration_s=duration_s)
         telemetry = TelemetryModel(scenario, start=start, seed=seed)
-        store_id = scenario.store.id
         end = start + duration_s
-        t = start
-        readings_every = max(step_s, 10.0)
-        next_readings = start + readings_every
-        last_readings = start
-        while t < end:
-            t1 = min(t + step_s, end)
-            pipeline.ingest_adverts(sim.advertisements(t, t1))
-            clock.set(t1)
-            if t1 >= next_readings or t1 >= end:
-                rows = telemetry.readings(last_readings, t1)
-                pipeline.ingest_readings(Reading(device_id=d, store_id=store_id, time=ts, metrics=m)
-                                         for d, ts, m in rows)
-                last_readings, next_readings = t1, t1 + readings_every
-            pipeline.tick(t1)
-            t = t1
+        for t in run_steps(pipeline, sim, telemetry, clock, scenario.store.id, start, end, step_s):
             if progress is not None:
                 progress((t - start) / duration_s)
         # Let everyone still inside time out, so visits end and figures are complete.
