@@ -336,3 +336,76 @@ def test_a_step_moves_only_the_stamps_made_before_it_on_either_database(
         assert st.state["pending"] == {"warning": T0 + 30 + step} and st.due_at == T0 + 330 + step
     finally:
         db.dispose()
+
+
+async def test_quiet_hours_follow_the_corrected_clock_and_a_held_send_goes_once(
+        tmp_path: Path, clock: SteppingClock, runtime_factory: RuntimeFactory) -> None:
+    """The Pi booted an hour slow (07:30 on its clock, 08:30 in the shop) under quiet hours until 08:00: an
+    offer is held; NTP steps the clock forward and the held offer goes at the next tick, once; an offer after
+    the step goes at once; a step back into the quiet hours holds the next one again."""
+    rt = await runtime_factory(settings(tmp_path, {"quiet": (
+        "id: quiet\npurpose: offers\ntrigger: {type: enter, zone: a}\naction: {title: t, body: b}\n"
+        "limits: {quiet_hours: {start: '21:00', end: '08:00'}}\n")}), serve_api=False)
+    people = {}
+    for name in ("ann", "bea", "cat"):
+        key = f"ibeacon:f7826da6-4fa2-4e98-8024-bc5b71e0893e:2:{len(people) + 1}"
+        people[name] = (key, int(rt.service.create_profile(NewProfile(
+            external_id=name, identifiers=[("beacon", key)], consents={"offers": True}))["id"]))
+
+    def enters(name: str) -> Notification:
+        key, pid = people[name]
+        t = clock.now()
+        rt.pipeline.handle_presence([PresenceEvent("enter", key, t, "a", t, t)])
+        with rt.db.session() as s:
+            (n,) = s.scalars(select(Notification).where(Notification.profile_id == pid)).all()
+            s.expunge(n)
+            return n
+
+    def status(n: Notification) -> str:
+        with rt.db.session() as s:
+            row = s.get(Notification, n.id)
+            assert row is not None
+            return row.status
+
+    clock.step(-1800)  # 07:30 on the Pi's clock
+    ann = enters("ann")
+    assert ann.status == "scheduled" and ann.deliver_at == T0  # held until 08:00
+    assert rt.pipeline.tick(clock.now()) == []
+    clock.step(HOUR)  # NTP: 08:30
+    released = rt.pipeline.tick(clock.now()) + rt.pipeline.tick(clock.now() + 1)
+    walk(rt, clock, 10, heard=False)
+    assert released == [ann.id] and status(ann) != "scheduled"
+    bea = enters("bea")  # after the step: outside quiet hours, not held
+    assert bea.status != "scheduled" and bea.deliver_at in (None, bea.created_at)
+    clock.step(-HOUR)  # back to 07:30: quiet again
+    cat = enters("cat")
+    assert cat.status == "scheduled" and cat.deliver_at == T0
+    walk(rt, clock, 10, heard=False)
+    assert status(cat) == "scheduled" and status(ann) != "scheduled"  # nothing released twice or early
+
+
+@pytest.mark.parametrize("step", [HOUR, -HOUR], ids=["forward", "back"])
+async def test_the_days_figures_count_each_visit_once_across_a_step(
+        tmp_path: Path, clock: SteppingClock, runtime_factory: RuntimeFactory, step: float) -> None:
+    """Two visits of 40 s, the clock stepped between them: the day's figures (what ``/v1/figures`` serves)
+    count two visits of about 40 s and one offer, as the rows say: no visit doubled, none an hour long."""
+    from gateway.engine.figures import figures
+
+    rt = await runtime_factory(settings(tmp_path, {"hi": (
+        "id: hi\npurpose: offers\ntrigger: {type: visit_start}\naction: {title: t, body: b}\n"
+        "limits: {cooldown_s: 7200}\n")}), serve_api=False)
+    enrol(rt)
+    await live_walk(rt, clock, 40, heard=True)
+    await live_walk(rt, clock, 120, heard=False)  # she leaves: the visit ends
+    clock.step(step)
+    await live_walk(rt, clock, 300, heard=False)
+    await live_walk(rt, clock, 40, heard=True)  # back five minutes later
+    await live_walk(rt, clock, 120, heard=False)
+    with rt.db.session() as s:
+        f = figures(s, "2026-06-01", "2026-06-01", "UTC", bounce_s=rt.settings.figures.bounce_s,
+                    store=rt.settings.store.id, conversion_window_s=3600)
+        visits = s.scalars(select(Visit).order_by(Visit.id)).all()
+    assert len(visits) == 2 and f["enrolled_visits"] == 2 and f["returning_visits"] == 1
+    assert all(v.ended_at is not None and 35 <= v.ended_at - v.started_at <= 45 for v in visits)
+    assert f["avg_visit_s"] is not None and 35 <= f["avg_visit_s"] <= 45
+    assert f["notifications"]["total"]["notified"] == 1 and decisions(rt, "hi") == ["fired", "cooldown"]
