@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from gateway.hq.downlink import Send, sends_topic
@@ -46,7 +45,7 @@ from gateway.hq.events import (
     parse,
     subscription,
 )
-from gateway.storage.db import Database, describe, is_transient
+from gateway.storage.db import Database, describe, is_transient, upsert_insert
 from gateway.storage.models import (
     Alarm,
     Cart,
@@ -92,7 +91,7 @@ def _rollup_upsert(dialect: str) -> Any:
     stmt = _UPSERTS.get(dialect)
     if stmt is None:
         table: Any = ReadingRollup.__table__
-        ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+        ins = upsert_insert(dialect, table)
         stmt = _UPSERTS[dialect] = ins.on_conflict_do_update(
             index_elements=["device_id", "period", "start", "metric"],
             set_={c: ins.excluded[c] for c in (*_ROLLUP, "profile_id")},
@@ -105,10 +104,6 @@ def _when(d: dict[str, Any]) -> float:
         if isinstance(d.get(name), int | float):
             return float(d[name])
     return 0.0
-
-
-def _insert(s: Session, model: Any) -> Any:
-    return (postgresql.insert if s.get_bind().dialect.name == "postgresql" else sqlite.insert)(model)
 
 
 class Applier:
@@ -136,7 +131,7 @@ class Applier:
             if e.kind in ("device", "cart", "reading_hour"):  # keyed by the store's own key: no ledger
                 new += self._keyed(s, e)
                 continue
-            taken = s.execute(_insert(s, HqEvent).values(event_id=e.id, store_id=e.store, kind=e.kind,
+            taken = s.execute(upsert_insert(s, HqEvent).values(event_id=e.id, store_id=e.store, kind=e.kind,
                                                          received_at=now)
                               .on_conflict_do_nothing(index_elements=["event_id"])
                               .returning(HqEvent.event_id)).first()
@@ -334,13 +329,13 @@ class Applier:
         d = e.data
         if e.kind == "footfall_day":
             cols: tuple[str, ...] = ("anonymous_visits", "anonymous_dwell_s", "anonymous_ended", "anonymous_bounces")
-            stmt = _insert(s, FootfallCount).values(store_id=e.store, day=d["day"], zone=d["zone"],
+            stmt = upsert_insert(s, FootfallCount).values(store_id=e.store, day=d["day"], zone=d["zone"],
                                                     **{c: d[c] for c in cols})
             keys = ["store_id", "day", "zone"]
             model: Any = FootfallCount
         else:
             cols = ("anonymous_visits",)
-            stmt = _insert(s, FootfallHour).values(store_id=e.store, day=d["day"], hour=d["hour"], zone=d["zone"],
+            stmt = upsert_insert(s, FootfallHour).values(store_id=e.store, day=d["day"], hour=d["hour"], zone=d["zone"],
                                                    anonymous_visits=d["anonymous_visits"])
             keys = ["store_id", "day", "hour", "zone"]
             model = FootfallHour

@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from gateway.hq.events import MAX_BODY, VERSION, EventError
+from gateway.storage.db import upsert_insert
 from gateway.storage.models import Notification, NotificationStatus, Profile
 
 
@@ -69,13 +68,12 @@ def record_sends(s: Session, store_id: str, sends: Sequence[Send]) -> int:
         return 0
     known = {ext: pid for ext, pid in s.execute(select(Profile.external_id, Profile.id).where(
         Profile.external_id.in_({x.customer for x in theirs})))}
-    insert: Any = postgresql.insert if s.get_bind().dialect.name == "postgresql" else sqlite.insert
     new = 0
     for x in theirs:
         pid = known.get(x.customer)
         if pid is None:
             continue
-        done = s.execute(insert(Notification).values(
+        done = s.execute(upsert_insert(s, Notification).values(
             profile_id=pid, campaign_id=x.campaign_id, purpose=x.purpose, dedup_key=f"hq:{x.id}", title="", body="",
             data={"store": x.store}, created_at=x.at, status=NotificationStatus.ACKED, acked_at=x.at,
             store_id=x.store).on_conflict_do_nothing(index_elements=["dedup_key"]).returning(Notification.id)).first()

@@ -16,9 +16,9 @@ from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Dialect, Engine, Table, bindparam, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway.presence.tracker import PresenceEvent
+from gateway.storage.db import upsert_insert
 from gateway.storage.models import FootfallCount, FootfallHour, Visit, ZoneStay
 
 _VISITS = cast(Table, Visit.__table__)
@@ -47,15 +47,12 @@ def _footfall_upsert(dialect: Dialect, table: str = "footfall_counts") -> Any:
     name = dialect.name
     stmt = _FOOTFALL_UPSERTS.get((name, table))
     if stmt is None:
-        if name not in ("postgresql", "sqlite"):
-            raise NotImplementedError(f"storage supports SQLite and PostgreSQL, not {name}")
-        make = postgresql.insert if name == "postgresql" else sqlite.insert
         if table == "footfall_hours":
-            ins = make(_HOURS)
+            ins = upsert_insert(name, _HOURS)
             stmt = ins.on_conflict_do_update(index_elements=["store_id", "day", "hour", "zone"], set_={
                 "anonymous_visits": _HOURS.c.anonymous_visits + ins.excluded.anonymous_visits})
         else:
-            ins = make(_FOOTFALL)
+            ins = upsert_insert(name, _FOOTFALL)
             stmt = ins.on_conflict_do_update(index_elements=["store_id", "day", "zone"], set_={
                 "anonymous_visits": _FOOTFALL.c.anonymous_visits + ins.excluded.anonymous_visits,
                 "anonymous_dwell_s": _FOOTFALL.c.anonymous_dwell_s + ins.excluded.anonymous_dwell_s,

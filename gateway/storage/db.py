@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, exc, inspect
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -245,3 +246,14 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def upsert_insert(on: Session | str, table: Any) -> Any:
+    """An INSERT that can take ON CONFLICT, for the session's (or the named) dialect: SQLite and PostgreSQL
+    spell the clause alike in SQLAlchemy, but each has its own insert construct."""
+    name = on if isinstance(on, str) else on.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"storage supports SQLite and PostgreSQL, not {name}")

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import CursorResult, Table, bindparam, delete, event, inspect, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import set_committed_value
 
 from devices.payloads import LinkState, Reading, TelemetryBatch
 from devices.profiles import ProfileSet, validate
 from devices.topics import escape_text
+from gateway.storage.db import upsert_insert
 from gateway.storage.models import DeadLetter, Device, DeviceEventRecord, ReadingRecord, ReadingRollup
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,6 @@ class TelemetrySettings:
     minute_retention_s: float = 7 * 86400.0
     hour_retention_s: float = 400 * 86400.0
     dead_letter_retention_s: float = 14 * 86400.0
-
-
-def _insert(session: Session, table: Any) -> Any:
-    """INSERT with ON CONFLICT for the session's dialect (both spell it the same in SQLAlchemy)."""
-    name = session.get_bind().dialect.name
-    if name == "postgresql":
-        return postgresql.insert(table)
-    if name == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"telemetry storage supports SQLite and PostgreSQL, not {name}")
 
 
 _ROLLUP_COLUMNS = "device_id, period, start, metric, count, sum, min, max, last, last_ts, profile_id"
@@ -206,7 +196,7 @@ class TelemetryStore:
                 d.firmware = st.firmware
         self._store_events(s, batch, devices, dead, now, tally)
         if dead:
-            s.connection().execute(_insert(s, DeadLetter), dead)
+            s.connection().execute(upsert_insert(s, DeadLetter), dead)
         self._count_on_commit(s, tally, Counter(row["reason"] for row in dead))
         return fresh
 
@@ -372,7 +362,8 @@ class TelemetryStore:
                          "received_at": now, "profile_id": d.profile_id})
         if rows:
             s.flush()
-            stmt = _insert(s, DeviceEventRecord).on_conflict_do_nothing(index_elements=["device_id", "ts", "type"])
+            stmt = upsert_insert(s, DeviceEventRecord).on_conflict_do_nothing(
+                index_elements=["device_id", "ts", "type"])
             stored = len(s.execute(stmt.returning(DeviceEventRecord.id), rows).all())
             tally["events"] += stored
             tally["duplicates"] += len(rows) - stored
