@@ -6,12 +6,11 @@ transaction that judges it, so a rolled-back try raises it again.
 
 from __future__ import annotations
 
-import math
-
-from sqlalchemy import CursorResult, bindparam, select, update
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from gateway.engine.engine import EngineEvent
+from gateway.storage.db import shift_stamps
 from gateway.storage.models import Cart, CartStatus
 
 SCAN_LIMIT = 500  # carts per kind per scan: a backlog is worked off over the next scans
@@ -45,9 +44,5 @@ def wall_stepped(session: Session, after: float, upto: float, by: float) -> int:
     step forward is not an hour idle at once, nor abandoned an hour late after a step back. (Stamps before a
     step are the gateway's, or the shop's when it agreed with the gateway within 5 minutes: ``upsert_cart``
     refuses later ones.)"""
-    moved = [Cart.status == CartStatus.OPEN, Cart.abandoned_at.is_(None), Cart.updated_at <= upto]
-    if after > -math.inf:
-        moved.append(Cart.updated_at > after)
-    result = session.execute(update(Cart).where(*moved).values(updated_at=Cart.updated_at + by)
-                             .execution_options(synchronize_session=False))
-    return result.rowcount if isinstance(result, CursorResult) else 0
+    return shift_stamps(session, Cart.updated_at, after, upto, by, Cart.status == CartStatus.OPEN,
+                        Cart.abandoned_at.is_(None))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import functools
 import logging
+import math
 import shutil
 import sqlite3
 import threading
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, exc, inspect
+from sqlalchemy import CursorResult, Engine, create_engine, event, exc, inspect, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -257,3 +258,14 @@ def upsert_insert(on: Session | str, table: Any) -> Any:
     if name == "sqlite":
         return sqlite.insert(table)
     raise NotImplementedError(f"storage supports SQLite and PostgreSQL, not {name}")
+
+
+def shift_stamps(session: Session, column: Any, after: float, upto: float, by: float, *where: Any) -> int:
+    """Move ``column`` by ``by`` on the rows (of ``where``) stamped in (``after``, ``upto``]: what a wall-clock
+    step leaves stamped on the clock as it was. Returns how many rows moved."""
+    moved = [*where, column <= upto]
+    if after > -math.inf:
+        moved.append(column > after)
+    result = session.execute(update(column.class_).where(*moved).values({column.key: column + by})
+                             .execution_options(synchronize_session=False))
+    return result.rowcount if isinstance(result, CursorResult) else 0

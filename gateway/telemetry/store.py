@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from devices.payloads import LinkState, Reading, TelemetryBatch
 from devices.profiles import ProfileSet, validate
 from devices.topics import escape_text
-from gateway.storage.db import upsert_insert
+from gateway.storage.db import shift_stamps, upsert_insert
 from gateway.storage.models import DeadLetter, Device, DeviceEventRecord, ReadingRecord, ReadingRollup
 
 log = logging.getLogger(__name__)
@@ -389,12 +388,7 @@ class TelemetryStore:
         it was, move by the step (their last reading's time on the corrected clock), so the sweep counts their
         silence in time that really passed, not the step forward (nor an hour less after a step back).
         Returns how many."""
-        moved = [Device.online.is_(True), Device.last_seen <= upto]
-        if after > -math.inf:
-            moved.append(Device.last_seen > after)
-        result = s.execute(update(Device).where(*moved).values(last_seen=Device.last_seen + by)
-                           .execution_options(synchronize_session=False))
-        return result.rowcount if isinstance(result, CursorResult) else 0
+        return shift_stamps(s, Device.last_seen, after, upto, by, Device.online.is_(True))
 
     def purge(self, s: Session, now: float) -> int:
         """Retention: raw readings, minute and hour rollups and dead letters past their age."""
